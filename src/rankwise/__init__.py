@@ -1,0 +1,33 @@
+"""rankwise: low-rank and sparse structure for memory-cheap training and fine-tuning."""
+
+from .adapters import REGISTRY, adapt, adapter_layers, get_method
+from .adapters.ops import (
+    adapters_disabled,
+    disable_adapters,
+    enable_adapters,
+    merge,
+    merge_and_unload,
+    summary,
+    unload,
+    unmerge,
+)
+from .io import load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "adapt",
+    "adapter_layers",
+    "adapters_disabled",
+    "disable_adapters",
+    "enable_adapters",
+    "get_method",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "save_adapter",
+    "summary",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,189 @@
+"""AdapterLayer: a frozen base ``nn.Linear`` plus a trainable delta ΔW.
+
+``y = W₀x + b + ΔW·dropout(x)``. A subclass defines ``delta_weight()`` (dense ΔW, used to merge)
+and, when ΔW is a rank-r product, ``factors()`` returning ``(B, A, scale)`` so that the forward
+computes ``scale · B(A x)`` without forming ΔW and PEFT export writes ``B, A`` directly.
+
+Some initializations (PiSSA, OLoRA, LoRA-GA) move part of W₀ into the adapter: the frozen base
+then holds ``W₀ − base_offset()``. ``base_offset()`` returns that part so that unloading, PEFT
+export and re-loading can always recover the untouched W₀.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def allowed(field: str, value: Any, choices: tuple) -> None:
+    """Raise a ValueError naming ``field`` and the allowed ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(choices)}")
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter shares. Subclasses add their own and extend ``validate``."""
+
+    r: int = 8
+    dropout: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} must be a positive integer (the adapter rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class AdapterLayer(nn.Module):
+    """Frozen ``base_layer`` + trainable delta. Subclasses set ``method`` and build their tensors."""
+
+    method: ClassVar[str] = "adapter"
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"base_layer must be nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.config = config
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- what subclasses define
+    @classmethod
+    def needs_grad(cls, config: AdapterConfig) -> bool:
+        """Whether initialization needs an estimated full gradient of W₀ (``ctx.grad``)."""
+        return False
+
+    @classmethod
+    def build_shared(cls, config: AdapterConfig, layers: list[nn.Linear]) -> Any:
+        """Tensors shared by all adapted layers (e.g. VeRA's random bases), passed as ``ctx.extra["shared"]``."""
+        return None
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW with the base weight's shape (out, in)."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, scale)`` with ΔW = scale·B·A when the delta is a low-rank product, else None."""
+        return None
+
+    def base_offset(self) -> torch.Tensor | None:
+        """The part of the original W₀ that initialization moved out of the frozen base (or None)."""
+        return None
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW·x, through the low-rank factors when there are some."""
+        f = self.factors()
+        if f is not None:
+            b, a, scale = f
+            return F.linear(F.linear(x, a), b) * scale
+        return F.linear(x, self.delta_weight())
+
+    # ----------------------------------------------------------------- shared behaviour
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (so code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        if not self.enabled:  # the original base model: give back what init moved out of W₀
+            offset = self.base_offset()
+            return out if offset is None else out + F.linear(x, offset.to(out.dtype))
+        return out + self.delta_forward(self.dropout(x)).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (``W ← W + ΔW``); the forward then skips the delta."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (``W ← W − ΔW``), exact up to floating-point rounding of the add."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def original_weight(self) -> torch.Tensor:
+        """W₀ as it was before adaptation (undoing a merge and any initialization offset)."""
+        w = self.base_layer.weight.detach().clone()
+        if self.merged:
+            w -= self.delta_weight().to(w.dtype)
+        offset = self.base_offset()
+        if offset is not None:
+            w += offset.to(w.dtype)
+        return w
+
+    @torch.no_grad()
+    def unload(self) -> nn.Linear:
+        """Return the base ``nn.Linear`` holding the original W₀ (the adapter is dropped)."""
+        self.base_layer.weight.copy_(self.original_weight())
+        self.merged = False
+        return self.base_layer
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """Return the base ``nn.Linear`` with ΔW folded in (the adapter is dropped)."""
+        self.merge()
+        return self.base_layer
+
+    def trainable_count(self) -> int:
+        """Expected number of trainable parameters for this layer (checked against the real count)."""
+        raise NotImplementedError
+
+    def after_load(self) -> None:
+        """Hook run after tensors were loaded from a checkpoint (e.g. re-apply a base offset)."""
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}"
+
+
+def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``nn.Linear``'s default init, U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with a=√5)."""
+    bound = 1.0 / math.sqrt(t.shape[1])
+    with torch.no_grad():
+        return t.uniform_(-bound, bound, generator=generator)
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the layer ``name`` (stable across runs and processes)."""
+    import zlib
+
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return g

@@ -1,0 +1,144 @@
+"""Method registry (name -> config class, layer class, defaults) and ``adapt()``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..targets import Targets, find_targets, replace_module
+from .base import AdapterConfig, AdapterLayer
+from .gradients import estimate_gradients
+from .init import InitContext
+
+FAMILIES = ("adapter", "adapter-init", "training-dynamics")
+EXPORTS = ("lora", "dora", "none")  # what export_peft writes for a method
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered adapter method: a layer class, its config class and config defaults."""
+
+    name: str
+    family: str
+    paper: str
+    config_cls: type[AdapterConfig]
+    layer_cls: type[AdapterLayer]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    export: str = "lora"
+    summary: str = ""
+
+    def make_config(self, **kwargs: Any) -> AdapterConfig:
+        known = self.config_cls.field_names()
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method '{self.name}'; allowed options: {known}"
+            )
+        return self.config_cls(**{**self.defaults, **kwargs})
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.family not in FAMILIES:
+        raise ValueError(f"family={spec.family!r}; choose one of {list(FAMILIES)}")
+    if spec.export not in EXPORTS:
+        raise ValueError(f"export={spec.export!r}; choose one of {list(EXPORTS)}")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+@dataclass
+class AdapterState:
+    """What ``adapt`` did to a model; stored as ``model.rankwise_adapter``."""
+
+    method: str
+    config: AdapterConfig
+    layers: list[str]
+    trainable_modules: list[str]
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def _trainable_module_names(model: nn.Module, trainable: str | Iterable[str] | None) -> list[str]:
+    """Modules trained in full next to the adapters. "auto": a classification head, if any."""
+    if trainable is None:
+        return []
+    if trainable == "auto":
+        names = ("classifier", "score")
+        return [n for n, _ in model.named_children() if n in names]
+    wanted = [trainable] if isinstance(trainable, str) else list(trainable)
+    found = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in wanted)]
+    if not found:
+        raise ValueError(f"trainable={wanted!r} matched no module of the model")
+    return found
+
+
+def adapt(
+    model: nn.Module,
+    method: str,
+    targets: Targets = "all-linear",
+    *,
+    init_data: Iterable | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    init_batches: int = 8,
+    trainable: str | Iterable[str] | None = "auto",
+    _skip_init: bool = False,
+    **config: Any,
+) -> nn.Module:
+    """Inject ``method`` adapters into ``model`` in place, freeze everything else, return ``model``.
+
+    ``targets``: ``"all-linear"`` (output heads excluded), a full-match regex, or a list of name
+    suffixes. ``init_data``: batches for data-driven inits (LoRA-GA, LoRA-SB); ``loss_fn(model,
+    batch)`` defaults to ``model(**batch).loss``. ``trainable``: modules trained in full beside the
+    adapters ("auto" = the classification head ``classifier``/``score`` when the model has one).
+    """
+    if getattr(model, "rankwise_adapter", None) is not None:
+        raise ValueError("model already has rankwise adapters; call rw.unload(model) first")
+    spec = get_method(method)
+    cfg = spec.make_config(**config)
+    found = find_targets(model, targets)
+    for name, lin in found:
+        limit = min(lin.in_features, lin.out_features)
+        if cfg.r > limit:
+            raise ValueError(
+                f"r={cfg.r} is larger than min(in_features, out_features)={limit} of '{name}'; "
+                f"choose r <= {limit}"
+            )
+    trainable_names = _trainable_module_names(model, trainable)
+    names = [n for n, _ in found]
+
+    grads: dict[str, torch.Tensor] = {}
+    if spec.layer_cls.needs_grad(cfg) and not _skip_init:
+        if init_data is None:
+            raise ValueError(
+                f"method '{method}' initializes from gradients and needs init_data "
+                "(an iterable of batches, e.g. a DataLoader)"
+            )
+        grads = estimate_gradients(model, names, init_data, loss_fn=loss_fn, max_batches=init_batches)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    shared = spec.layer_cls.build_shared(cfg, [lin for _, lin in found])
+    for name, lin in found:
+        ctx = InitContext(name=name, grad=grads.pop(name, None), skip=_skip_init, extra={"shared": shared})
+        replace_module(model, name, spec.layer_cls(lin, cfg, ctx))
+    for name in trainable_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.rankwise_adapter = AdapterState(method, cfg, names, trainable_names)
+    return model
+

@@ -1,0 +1,100 @@
+"""Which modules to touch: name suffixes, a regex, or ``"all-linear"``; and module replacement.
+
+Target conventions (the same as PEFT's ``target_modules``):
+
+* ``"all-linear"``: every ``nn.Linear`` except the output head(s);
+* a ``str``: a regular expression that must match the *full* module name;
+* a list/tuple of ``str``: a module matches when its name equals an entry or ends with ``"." + entry``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+# Names used by Hugging Face task heads; "all-linear" never adapts them.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+
+Targets = str | Sequence[str]
+
+
+def head_module_names(model: nn.Module) -> set[str]:
+    """Full names of output-head modules: the output embeddings plus known task heads."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            names.add(name)
+        if name.split(".")[-1] in HEAD_NAMES or name.split(".")[0] in HEAD_NAMES:
+            names.add(name)
+    return names
+
+
+def _under_head(name: str, heads: set[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def name_matches(name: str, targets: Targets) -> bool:
+    """Whether module ``name`` is selected by ``targets`` (regex string or suffix list)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linear]]:
+    """Return ``(name, module)`` for every module selected by ``targets``.
+
+    Raises ``ValueError`` when nothing matches, or when a matched module is not an ``nn.Linear``.
+    """
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        heads = head_module_names(model)
+        found = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not _under_head(n, heads)
+        ]
+        if not found:
+            raise ValueError("targets='all-linear' matched no nn.Linear module outside the output head")
+        return found
+    if not isinstance(targets, str | list | tuple) or (
+        not isinstance(targets, str) and not all(isinstance(t, str) for t in targets)
+    ):
+        raise ValueError(
+            f"targets must be 'all-linear', a regex string or a list of name suffixes, got {targets!r}"
+        )
+    found = []
+    for name, module in model.named_modules():
+        if not name or not name_matches(name, targets):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"targets={targets!r} matched module '{name}' of type {type(module).__name__}; "
+                "only nn.Linear modules can be adapted"
+            )
+        found.append((name, module))
+    if not found:
+        examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
+        raise ValueError(
+            f"targets={targets!r} matched no module; Linear modules look like {examples} "
+            "(use 'all-linear', a list of name suffixes, or a full-match regex)"
+        )
+    return found
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Return (parent module, attribute name) for the dotted module ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule ``name`` with ``new``; return the old module."""
+    parent, child = get_submodule_parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
