@@ -89,9 +89,17 @@ class AdapterLayer(nn.Module):
         """``(B, A, scale)`` with ΔW = scale·B·A when the delta is a low-rank product, else None."""
         return None
 
+    def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B₀, A₀, s)`` when initialization moved s·B₀·A₀ out of the frozen base (PiSSA, OLoRA, ...)."""
+        return None
+
     def base_offset(self) -> torch.Tensor | None:
         """The part of the original W₀ that initialization moved out of the frozen base (or None)."""
-        return None
+        f = self.base_offset_factors()
+        if f is None:
+            return None
+        b0, a0, s = f
+        return (b0.float() @ a0.float()) * s
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW·x, through the low-rank factors when there are some."""

@@ -88,10 +88,8 @@ class LoRALayer(AdapterLayer):
             w = self.base_layer.weight
             w.sub_(self.base_offset().to(w.dtype))
 
-    def base_offset(self) -> torch.Tensor | None:
-        if not self.moves_base:
-            return None
-        return (self.init_B.float() @ self.init_A.float()) * self.scale
+    def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        return (self.init_B, self.init_A, self.scale) if self.moves_base else None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_B, self.lora_A, self.scale
