@@ -55,6 +55,8 @@ class AdapterLayer(nn.Module):
     """Frozen ``base_layer`` + trainable delta. Subclasses set ``method`` and build their tensors."""
 
     method: ClassVar[str] = "adapter"
+    # Whether the adapted model's output equals the base model's right after initialization.
+    identity_at_init: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
         super().__init__()

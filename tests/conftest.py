@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random BERT / Llama models and dict batches for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 100
+
+
+def make_tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=num_labels, max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def cls_batches(n: int = 4, batch: int = 4, seq: int = 12, seed: int = 0, num_labels: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1, VOCAB, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, num_labels, (batch,), generator=g),
+        }
+        for _ in range(n)
+    ]
+
+
+def lm_batches(n: int = 4, batch: int = 4, seq: int = 12, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+MODEL_KINDS = {
+    "bert": (make_tiny_bert, cls_batches, lambda out: out.logits),
+    "llama": (make_tiny_llama, lm_batches, lambda out: out.logits),
+}
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_tiny_bert()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
