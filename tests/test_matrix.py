@@ -1,0 +1,96 @@
+"""The generic matrix: every registered adapter method on a tiny BERT and a tiny Llama.
+
+Checks the trainable set and parameter-count formula, the initial-output property, save/load round
+trip, merge == unmerged forward, and that unmerge restores the frozen base.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rankwise as rw
+
+from .conftest import MODEL_KINDS
+
+METHODS = sorted(rw.REGISTRY)
+RANK = 4
+
+
+def _adapt(kind: str, method: str, seed: int = 0):
+    make, batches, logits = MODEL_KINDS[kind]
+    model = make(seed)
+    data = batches()
+    init_data = data if rw.get_method(method).layer_cls.needs_grad(rw.get_method(method).make_config(r=RANK)) else None
+    rw.adapt(model, method, r=RANK, init_data=init_data)
+    return model, data, logits
+
+
+def _randomize(model, seed: int = 1) -> None:
+    """Give every trainable adapter tensor a non-trivial value so ΔW ≠ 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in rw.adapter_layers(model):
+            for name, p in layer.named_parameters():
+                if p.requires_grad and not name.startswith("base_layer."):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_set_and_count(kind, method):
+    model, _, _ = _adapt(kind, method)
+    layers = rw.adapter_layers(model)
+    assert layers
+    adapter_params = {id(p) for _, l in layers for n, p in l.named_parameters() if not n.startswith("base_layer.")}
+    head = set(model.rankwise_adapter.trainable_modules)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert id(p) in adapter_params or name.split(".")[0] in head, name
+    for _, layer in layers:
+        assert not layer.base_layer.weight.requires_grad
+        n = sum(p.numel() for k, p in layer.named_parameters() if p.requires_grad and not k.startswith("base_layer."))
+        assert n == layer.trainable_count()
+    assert rw.summary(model).per_method[layers[0][1].method] == sum(l.trainable_count() for _, l in layers)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_initial_output(kind, method):
+    make, _, _ = MODEL_KINDS[kind]
+    model, data, logits = _adapt(kind, method)
+    base = make(0)
+    same = torch.allclose(logits(model(**data[0])), logits(base(**data[0])), atol=1e-4)
+    assert same == rw.adapter_layers(model)[0][1].identity_at_init
+    with rw.adapters_disabled(model):
+        assert torch.allclose(logits(model(**data[0])), logits(base(**data[0])), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(kind, method, tmp_path):
+    make, _, _ = MODEL_KINDS[kind]
+    model, data, logits = _adapt(kind, method)
+    _randomize(model)
+    expected = logits(model(**data[1]))
+    rw.save_adapter(model, tmp_path / "adapter")
+    fresh = rw.load_adapter(make(0), tmp_path / "adapter")
+    assert torch.allclose(logits(fresh(**data[1])), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_unmerge(kind, method):
+    model, data, logits = _adapt(kind, method)
+    frozen = {n: l.base_layer.weight.detach().clone() for n, l in rw.adapter_layers(model)}
+    _randomize(model)
+    expected = logits(model(**data[2]))
+    rw.merge(model)
+    assert torch.allclose(logits(model(**data[2])), expected, atol=1e-4)
+    rw.unmerge(model)
+    for name, layer in rw.adapter_layers(model):
+        assert torch.allclose(layer.base_layer.weight, frozen[name], atol=1e-5)
+    assert torch.allclose(logits(model(**data[2])), expected, atol=1e-5)
+    plain = rw.merge_and_unload(model)
+    assert not rw.adapter_layers(plain)
+    assert torch.allclose(logits(plain(**data[2])), expected, atol=1e-4)
