@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import low_rank_linear
+
 
 def allowed(field: str, value: Any, choices: tuple) -> None:
     """Raise a ValueError naming ``field`` and the allowed ``choices`` unless ``value`` is one of them."""
@@ -122,6 +124,10 @@ class AdapterLayer(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self.merged:
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x)
         if self.merged:
             return out
@@ -129,6 +135,17 @@ class AdapterLayer(nn.Module):
             offset = self.base_offset()
             return out if offset is None else out + F.linear(x, offset.to(out.dtype))
         return out + self.delta_forward(self.dropout(x)).to(out.dtype)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Base GEMM + low-rank delta in one autograd node (``kernels.low_rank_linear``), when possible."""
+        f = self.factors()
+        w, bias = self.base_layer.weight, self.base_layer.bias
+        if f is None or w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
+            return None
+        b, a, scale = f
+        if a.dtype != w.dtype:
+            return None
+        return low_rank_linear(x, self.dropout(x), w, bias, a, b, scale)
 
     @torch.no_grad()
     def merge(self) -> None:
