@@ -12,6 +12,7 @@ from .adapters.ops import (
     unmerge,
 )
 from .io import load_adapter, save_adapter
+from .peft_io import export_peft, import_peft
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,9 @@ __all__ = [
     "adapters_disabled",
     "disable_adapters",
     "enable_adapters",
+    "export_peft",
     "get_method",
+    "import_peft",
     "load_adapter",
     "merge",
     "merge_and_unload",

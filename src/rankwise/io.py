@@ -99,6 +99,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "config": state.config.to_dict(),
         "layers": state.layers,
         "trainable_modules": state.trainable_modules,
+        "overrides": state.overrides,
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
     }
     with atomic_directory(path) as tmp:
@@ -119,6 +120,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         config["method"],
         targets=list(config["layers"]),
         trainable=config["trainable_modules"] or None,
+        overrides=config.get("overrides") or None,
         _skip_init=True,
         **config["config"],
     )

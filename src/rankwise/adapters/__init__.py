@@ -1,6 +1,12 @@
 """Adapters: a frozen base layer plus a trainable delta. Importing this package registers every method."""
 
 from . import lora  # noqa: F401  (registers lora, rslora and the LoRA-shaped inits)
+from . import lora_inits  # noqa: F401  (pissa, olora, lora_ga, loraplus)
+from . import core  # noqa: F401  (lora_xs, lora_sb, loldu, svfit)
+from . import dora  # noqa: F401
+from . import vera  # noqa: F401
+from . import randlora  # noqa: F401
+from . import bone  # noqa: F401
 from .base import AdapterConfig, AdapterLayer
 from .registry import REGISTRY, MethodSpec, adapt, adapter_layers, get_method, register
 

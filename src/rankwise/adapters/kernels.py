@@ -32,7 +32,8 @@ class _LowRankLinear(torch.autograd.Function):
         s = ctx.scale
         g = grad_out.reshape(-1, grad_out.shape[-1])
         g_xa = (g @ lora_b).mul_(s)  # N×r
-        grad_b = (g.t() @ xa).mul_(s) if lora_b.requires_grad else None
+        # (xaᵀ g)ᵀ: on CPU much faster than gᵀ xa for a tall-skinny xa
+        grad_b = (xa.t() @ g).t().mul_(s) if lora_b.requires_grad else None
         grad_a = g_xa.t() @ xd2 if lora_a.requires_grad else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0]:

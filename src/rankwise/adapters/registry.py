@@ -67,6 +67,7 @@ class AdapterState:
     config: AdapterConfig
     layers: list[str]
     trainable_modules: list[str]
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer config fields
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -96,6 +97,7 @@ def adapt(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     init_batches: int = 8,
     trainable: str | Iterable[str] | None = "auto",
+    overrides: dict[str, dict[str, Any]] | None = None,
     _skip_init: bool = False,
     **config: Any,
 ) -> nn.Module:
@@ -105,24 +107,42 @@ def adapt(
     suffixes. ``init_data``: batches for data-driven inits (LoRA-GA, LoRA-SB); ``loss_fn(model,
     batch)`` defaults to ``model(**batch).loss``. ``trainable``: modules trained in full beside the
     adapters ("auto" = the classification head ``classifier``/``score`` when the model has one).
+    ``overrides``: ``{full layer name: {field: value}}`` config fields for single layers (e.g. a
+    per-layer rank ``{"encoder.layer.0.attention.self.query": {"r": 16}}``); shared tensors
+    (``build_shared``) are still built from the global config.
     """
     if getattr(model, "rankwise_adapter", None) is not None:
         raise ValueError("model already has rankwise adapters; call rw.unload(model) first")
     spec = get_method(method)
     cfg = spec.make_config(**config)
     found = find_targets(model, targets)
+    if overrides is not None and (
+        not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values())
+    ):
+        raise ValueError(f"overrides={overrides!r} must be a dict {{layer name: {{config field: value}}}}")
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    unknown_layers = sorted(set(overrides) - {n for n, _ in found})
+    if unknown_layers:
+        raise ValueError(
+            f"overrides name layer(s) {unknown_layers[:5]} that are not adapted; "
+            f"allowed keys are the adapted layer names, e.g. {[n for n, _ in found][:4]}"
+        )
+    layer_cfgs = {
+        n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found
+    }
     for name, lin in found:
         limit = min(lin.in_features, lin.out_features)
-        if cfg.r > limit:
+        r = layer_cfgs[name].r
+        if r > limit:
             raise ValueError(
-                f"r={cfg.r} is larger than min(in_features, out_features)={limit} of '{name}'; "
+                f"r={r} is larger than min(in_features, out_features)={limit} of '{name}'; "
                 f"choose r <= {limit}"
             )
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found]
 
     grads: dict[str, torch.Tensor] = {}
-    if spec.layer_cls.needs_grad(cfg) and not _skip_init:
+    if any(spec.layer_cls.needs_grad(c) for c in layer_cfgs.values()) and not _skip_init:
         if init_data is None:
             raise ValueError(
                 f"method '{method}' initializes from gradients and needs init_data "
@@ -134,11 +154,13 @@ def adapt(
         p.requires_grad_(False)
     shared = spec.layer_cls.build_shared(cfg, [lin for _, lin in found])
     for name, lin in found:
-        ctx = InitContext(name=name, grad=grads.pop(name, None), skip=_skip_init, extra={"shared": shared})
-        replace_module(model, name, spec.layer_cls(lin, cfg, ctx))
+        ctx = InitContext(
+            name=name, grad=grads.pop(name, None), skip=_skip_init, extra={"shared": shared}, config=layer_cfgs[name]
+        )
+        replace_module(model, name, spec.layer_cls(lin, layer_cfgs[name], ctx))
     for name in trainable_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    model.rankwise_adapter = AdapterState(method, cfg, names, trainable_names)
+    model.rankwise_adapter = AdapterState(method, cfg, names, trainable_names, overrides)
     return model
 

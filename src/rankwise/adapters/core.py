@@ -1,0 +1,307 @@
+"""Core-matrix adapters: ΔW = s·B·C·A with frozen B (out × r), A (r × in) and a trainable core C.
+
+One layer class (``CoreLayer``); each method is that layer plus an initialization function:
+
+* ``lora_xs`` — LoRA-XS (Bałazy et al. 2024, arXiv 2405.17604, Sec. 3): B = U_r, A = S_r V_rᵀ from
+  the truncated SVD of W₀; full r×r core R ~ N(0, σ²), σ = 1e-5 as in the official code (so the
+  output equals the base up to that noise). No base offset.
+* ``lora_sb`` — LoRA-SB (Ponkshe et al. 2024, arXiv 2411.19557, Sec. 4 and official code): the
+  first full fine-tuning update is estimated as ΔW₁ = −η·sign(Ḡ) (one Adam step; ``update="sgd"``:
+  −η·Ḡ); its truncated SVD U_r S_r V_rᵀ gives B = U_r, R = S_r / s, A = V_rᵀ, so at init s·B·R·A is
+  the best rank-r approximation of ΔW₁. The base is *not* offset: the model starts at W₀ + [ΔW₁]_r,
+  as in the paper (W = W₀ + sBRA) and the official code.
+* ``loldu`` — LoLDU (Shi et al. 2024, arXiv 2410.13618, Sec. 3 / Fig. 3 and official code): LDU with
+  partial pivoting W₀ = P·L·D·U; B = P·L_r (unit lower-triangular L_r), A = U_r (unit
+  upper-triangular), trainable diagonal z initialised to D_r, fixed scale σ = α/r (official default
+  α = 1; the official ``get_loldu_params`` trains z only, so r parameters per layer);
+  W_res = W₀ − σ·P·L_r·diag(D_r)·U_r, so the output equals the base at init.
+* ``svfit`` — SVFit (Sun et al. 2024, arXiv 2409.05926, Sec. III): W₀ = W_r + W_e with W_r =
+  U_r diag(σ) V_rᵀ; the top-r singular values σ are trainable (initialised to the true ones), U_r,
+  V_r and W_e are frozen. ``energy=0.99`` picks r per layer as the smallest rank with
+  Σ_{i≤r} σᵢ² ≥ 0.99·Σσᵢ² (the paper's "over 99% of the matrix's information").
+
+All four are low-rank products, so ``factors()`` returns (P·B·C, A, s) and PEFT export is direct;
+inits that moved s·B·C₀·A out of W₀ (LoLDU, SVFit) keep C₀ in the ``core_init`` buffer and declare
+it through ``base_offset_factors``. B, A (and LoLDU's row permutation) are persistent buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterConfig, AdapterLayer, allowed, layer_generator
+from .init import InitContext, energy_rank, ldu, truncated_svd
+from .registry import MethodSpec, register
+
+
+def _positive(field: str, value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{field}={value!r} must be a positive number ({what})")
+
+
+# ---------------------------------------------------------------------- configs
+@dataclass
+class CoreConfig(AdapterConfig):
+    """Options shared by the core-matrix methods; ``init_name`` says which init the method uses."""
+
+    init_name: ClassVar[str] = ""
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+    def rank(self, weight: torch.Tensor) -> int:
+        """The adapter rank for this (fp32, original) weight: ``r`` unless a rule picks it per layer."""
+        return self.r
+
+
+@dataclass
+class LoRAXSConfig(CoreConfig):
+    """LoRA-XS: s = α/r (``alpha=None``: α = r, s = 1); the r×r core starts ~ N(0, init_std²)."""
+
+    init_name: ClassVar[str] = "lora_xs"
+    alpha: float | None = None
+    init_std: float = 1e-5
+
+    def validate(self) -> None:
+        super().validate()
+        if self.alpha is not None:
+            _positive("alpha", self.alpha, "or None for alpha = r")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, int | float) or self.init_std < 0:
+            raise ValueError(f"init_std={self.init_std!r} must be a number >= 0 (std of the initial core)")
+
+    @property
+    def scale(self) -> float:
+        return float(self.r if self.alpha is None else self.alpha) / self.r
+
+
+@dataclass
+class LoRASBConfig(CoreConfig):
+    """LoRA-SB: ΔW₁ = −init_lr·sign(G) (``update="adam"``, official code) or −init_lr·G (``"sgd"``)."""
+
+    init_name: ClassVar[str] = "lora_sb"
+    init_lr: float = 1e-3
+    update: str = "adam"
+
+    def validate(self) -> None:
+        super().validate()
+        _positive("init_lr", self.init_lr, "the learning rate of the estimated first update")
+        allowed("update", self.update, ("adam", "sgd"))
+
+
+@dataclass
+class LoLDUConfig(CoreConfig):
+    """LoLDU: fixed scale σ = α/r on P·L_r·diag(z)·U_r (official code's default α = 1)."""
+
+    init_name: ClassVar[str] = "loldu"
+    alpha: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        _positive("alpha", self.alpha, "LoLDU's scale is alpha / r")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.r
+
+
+@dataclass
+class SVFitConfig(CoreConfig):
+    """SVFit: ``energy=None`` trains the top ``r`` singular values; ``energy=e`` ignores ``r`` and
+    takes, per layer, the smallest rank whose singular values keep a share ≥ e of Σσ²."""
+
+    init_name: ClassVar[str] = "svfit"
+    energy: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.energy is not None and (
+            isinstance(self.energy, bool) or not isinstance(self.energy, int | float) or not 0 < self.energy <= 1
+        ):
+            raise ValueError(f"energy={self.energy!r} must be in (0, 1] (or None to use r)")
+
+    def rank(self, weight: torch.Tensor) -> int:
+        if self.energy is None:
+            return self.r
+        return energy_rank(torch.linalg.svdvals(weight), float(self.energy))
+
+
+# ---------------------------------------------------------------------- inits
+@dataclass
+class CoreFactors:
+    """B (out × r), core (r × r, or r for a diagonal core), A (r × in), and an optional row
+    permutation ``row_perm`` applied to B (P·B == B[row_perm])."""
+
+    left: torch.Tensor
+    core: torch.Tensor
+    right: torch.Tensor
+    row_perm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CoreInit:
+    fn: Callable[[torch.Tensor, CoreConfig, InitContext], CoreFactors]
+    diagonal: bool  # the trainable core is a vector (diag(C)) instead of an r×r matrix
+    moves_base: bool  # the init took s·B·C₀·A out of the frozen base
+    needs_grad: bool = False
+    permuted: bool = False  # B carries a row permutation (LoLDU's P)
+    identity: bool = True  # the adapted model starts equal to the base
+
+
+def lora_xs_init(weight: torch.Tensor, config: LoRAXSConfig, ctx: InitContext) -> CoreFactors:
+    """LoRA-XS (arXiv 2405.17604, Sec. 3): B = U_r, A = S_r V_rᵀ, R ~ N(0, init_std²)."""
+    u, s, vh = truncated_svd(weight, config.r)
+    noise = torch.randn(config.r, config.r, generator=layer_generator(config.seed, ctx.name))
+    return CoreFactors(u, noise.to(weight.device) * config.init_std, s[:, None] * vh)
+
+
+def lora_sb_init(weight: torch.Tensor, config: LoRASBConfig, ctx: InitContext) -> CoreFactors:
+    """LoRA-SB (arXiv 2411.19557, Sec. 4): ΔW₁ = −η·A(Ḡ) ≈ U S Vᵀ; B = U_r, R = S_r/s, A = V_rᵀ."""
+    if ctx.grad is None:
+        raise ValueError("method 'lora_sb' needs the estimated gradient (pass init_data to rw.adapt)")
+    grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
+    step = torch.sign(grad) if config.update == "adam" else grad
+    u, s, vh = truncated_svd(-config.init_lr * step, config.r)
+    return CoreFactors(u, torch.diag(s) / config.scale, vh)
+
+
+def loldu_init(weight: torch.Tensor, config: LoLDUConfig, ctx: InitContext) -> CoreFactors:
+    """LoLDU (arXiv 2410.13618, Sec. 3): W₀ = P L D U; B = P·L_r, z = D_r (trainable), A = U_r."""
+    perm, lower, d, upper = ldu(weight, config.r)
+    return CoreFactors(lower, d, upper, row_perm=perm)
+
+
+def svfit_init(weight: torch.Tensor, config: SVFitConfig, ctx: InitContext) -> CoreFactors:
+    """SVFit (arXiv 2409.05926, Sec. III): W_r = U_r diag(σ_r) V_rᵀ with σ_r trainable."""
+    u, s, vh = truncated_svd(weight, config.rank(weight))
+    return CoreFactors(u, s, vh)
+
+
+CORE_INITS: dict[str, CoreInit] = {
+    "lora_xs": CoreInit(lora_xs_init, diagonal=False, moves_base=False),
+    "lora_sb": CoreInit(lora_sb_init, diagonal=False, moves_base=False, needs_grad=True, identity=False),
+    "loldu": CoreInit(loldu_init, diagonal=True, moves_base=True, permuted=True),
+    "svfit": CoreInit(svfit_init, diagonal=True, moves_base=True),
+}
+
+
+# ---------------------------------------------------------------------- the layer
+class CoreLayer(AdapterLayer):
+    """``y = W x + s·(P·B)·C·(A x)``; frozen buffers ``frozen_B``, ``frozen_A`` (and ``row_perm``),
+    trainable ``core`` (r×r, or r for a diagonal core)."""
+
+    method = "core"
+
+    @classmethod
+    def needs_grad(cls, config: CoreConfig) -> bool:
+        return CORE_INITS[config.init_name].needs_grad
+
+    def __init__(self, base_layer: nn.Linear, config: CoreConfig, ctx: InitContext) -> None:
+        super().__init__(base_layer, config)
+        spec = CORE_INITS[config.init_name]
+        self.method = config.init_name
+        self.identity_at_init = spec.identity
+        self.diagonal, self.moves_base = spec.diagonal, spec.moves_base
+        self.scale = config.scale
+        dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        weight = base_layer.weight.detach().float()
+        if ctx.skip:  # shapes only; the tensors come from a checkpoint
+            r = config.rank(weight)
+            f = CoreFactors(
+                torch.zeros(self.out_features, r),
+                torch.zeros(r) if spec.diagonal else torch.zeros(r, r),
+                torch.zeros(r, self.in_features),
+                torch.arange(self.out_features) if spec.permuted else None,
+            )
+        else:
+            f = spec.fn(weight, config, ctx)
+        self.r = f.core.shape[0]
+        self.register_buffer("frozen_B", f.left.to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("frozen_A", f.right.to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("row_perm", None if f.row_perm is None else f.row_perm.to(device=device, dtype=torch.long))
+        self.core = nn.Parameter(f.core.to(device=device, dtype=dtype).clone())
+        if self.moves_base:
+            self.register_buffer("core_init", f.core.to(device=device, dtype=dtype).clone())
+            if not ctx.skip:
+                self.after_load()
+
+    def _left_times(self, core: torch.Tensor) -> torch.Tensor:
+        """(P·B)·C as an out × r matrix."""
+        left = self.frozen_B if self.row_perm is None else self.frozen_B[self.row_perm]
+        return left * core if self.diagonal else left @ core
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self._left_times(self.core), self.frozen_A, self.scale
+
+    def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        return (self._left_times(self.core_init), self.frozen_A, self.scale) if self.moves_base else None
+
+    def delta_weight(self) -> torch.Tensor:
+        b, a, s = self.factors()
+        return (b @ a) * s
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """Remove s·B·C₀·A from the frozen base (LoLDU, SVFit), so the model starts equal to W₀."""
+        if self.moves_base:
+            w = self.base_layer.weight
+            w.sub_(self.base_offset().to(w.dtype))
+
+    def trainable_count(self) -> int:
+        return self.r if self.diagonal else self.r * self.r
+
+    def extra_repr(self) -> str:
+        core = "diag" if self.diagonal else "full"
+        return (
+            f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"core={core}, scale={self.scale:g}"
+        )
+
+
+register(
+    MethodSpec(
+        "lora_xs",
+        "adapter",
+        "Bałazy et al. 2024, LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters",
+        LoRAXSConfig,
+        CoreLayer,
+        summary="ΔW = s·U_r·R·S_r·V_rᵀ, frozen SVD factors of W₀, r×r trainable R",
+    )
+)
+register(
+    MethodSpec(
+        "lora_sb",
+        "adapter-init",
+        "Ponkshe et al. 2024, Initialization using Update Approximation is a Silver Bullet for "
+        "Extremely Efficient Low-Rank Fine-Tuning",
+        LoRASBConfig,
+        CoreLayer,
+        summary="B·R·A = best rank-r approx. of the estimated first update (needs init_data); r×r trainable R",
+    )
+)
+register(
+    MethodSpec(
+        "loldu",
+        "adapter-init",
+        "Shi et al. 2024, LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for "
+        "Parameter-Efficient Fine-Tuning",
+        LoLDUConfig,
+        CoreLayer,
+        summary="W₀ = P·L·D·U; frozen L_r, U_r, trainable diagonal (r per layer), base offset",
+    )
+)
+register(
+    MethodSpec(
+        "svfit",
+        "adapter-init",
+        "Sun et al. 2024, SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
+        SVFitConfig,
+        CoreLayer,
+        summary="trainable top-r singular values of W₀ (energy=0.99: per-layer r), frozen U_r, V_r",
+    )
+)

@@ -1,0 +1,180 @@
+"""DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024).
+
+The adapted weight is split into a trainable magnitude and a LoRA-updated direction (paper Eq. 5):
+
+    W′ = m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖_c ,    m initialised to ‖W₀‖_c
+
+where ‖·‖_c is the norm of each output row of the (out × in) weight (PEFT's ``torch.linalg.norm(W,
+dim=1)``; the paper's "column" of the (in × out) matrix). Following Sec. 4.3 of the paper the norm is
+treated as a constant in backward (detached), so gradients reach m, A and B only through the
+numerator. The magnitude scaling makes ΔW = W′ − W₀ full rank, so there are no ``factors()``; the
+layer keeps the ``lora_A``/``lora_B``/``magnitude`` names that PEFT's DoRA format needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .init import InitContext
+from .lora import LoRAConfig, LoRALayer
+from .registry import MethodSpec, register
+
+
+@torch.no_grad()
+def row_norm(weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row (length ``out``), without gradient (DoRA Sec. 4.3)."""
+    return torch.linalg.vector_norm(torch.addmm(weight, lora_b, lora_a, alpha=scale), dim=1)
+
+
+class _DoRALinear(torch.autograd.Function):
+    """``y = V_g x + b`` with V_g = g ⊙ (W + s·B·A), g = m / ‖W + s·B·A‖_c (norm constant), W, b frozen.
+
+    One GEMM with the rescaled merged weight instead of a base GEMM, a LoRA path and elementwise
+    rescaling of the (N × out) output. Saves x and the output y (N × out); backward rebuilds V_g (an
+    out·in·r product, cheap next to the N·out·in GEMMs) instead of keeping it, and forms exactly
+    the gradients DoRA needs:
+
+        g_x = ∂y·V_g,   g_B = s·g ⊙ (∂yᵀ (x Aᵀ)),   g_A = s·(∂y (g ⊙ B))ᵀ x,   g_m = Σ_N ∂y ⊙ h / m
+
+    with h = y − b = V_g x (the last one because V x = h / g and g_m = Σ_N ∂y ⊙ V x / ‖·‖_c); rows
+    with m = 0 fall back to recomputing V x for those rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        v = torch.addmm(weight, lora_b, lora_a, alpha=scale)
+        norm = torch.linalg.vector_norm(v, dim=1)
+        g = magnitude / norm
+        v.mul_(g.unsqueeze(1))
+        out = torch.addmm(bias, x2, v.t()) if bias is not None else x2 @ v.t()
+        ctx.save_for_backward(x2, out, bias, weight, lora_a, lora_b, magnitude, g, norm)
+        ctx.scale, ctx.shape = scale, shape
+        return out.reshape(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, y, bias, weight, lora_a, lora_b, magnitude, g, norm = ctx.saved_tensors
+        s = ctx.scale
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[0]:
+            v = torch.addmm(weight, lora_b, lora_a, alpha=s).mul_(g.unsqueeze(1))
+            grad_x = (gy @ v).reshape(ctx.shape)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            xa = x2 @ lora_a.t()
+            if ctx.needs_input_grad[4]:  # (xaᵀ ∂y)ᵀ: a much faster GEMM layout than ∂yᵀ xa
+                grad_b = (xa.t() @ gy).mul_(g * s).t().contiguous()
+            if ctx.needs_input_grad[3]:
+                gb_t = (lora_b * (g * s).unsqueeze(1)).t().contiguous()
+                grad_a = (gy @ gb_t.t()).t() @ x2
+        if ctx.needs_input_grad[5]:
+            # h = y − b, so Σ_N ∂y ⊙ h = Σ_N ∂y ⊙ y − b ⊙ Σ_N ∂y (the bias stays inside the GEMM)
+            grad_m = (gy * y).sum(0)
+            if bias is not None:
+                grad_m.sub_(bias * gy.sum(0))
+            grad_m.div_(magnitude)
+            zero = magnitude == 0
+            if zero.any():  # h carries no information there: recompute V x for those rows
+                v_rows = torch.addmm(weight[zero], lora_b[zero], lora_a, alpha=s)
+                grad_m[zero] = (gy[:, zero] * (x2 @ v_rows.t())).sum(0) / norm[zero]
+        return grad_x, None, None, grad_a, grad_b, grad_m, None
+
+
+class DoRALayer(LoRALayer):
+    """LoRA direction (``lora_A``, ``lora_B``, scale s) plus a trainable ``magnitude`` (out,)."""
+
+    method = "dora"
+
+    def __init__(self, base_layer: nn.Linear, config: LoRAConfig, ctx: InitContext) -> None:
+        super().__init__(base_layer, config, ctx)
+        w = self.base_layer.weight
+        self.magnitude = nn.Parameter(torch.ones(self.out_features, dtype=w.dtype, device=w.device))
+        # ‖W₀ + sBA‖ at merge time: unmerge needs it, it cannot be recomputed from the merged weight
+        self.register_buffer("merge_norm", None, persistent=False)
+        if not ctx.skip:
+            with torch.no_grad():
+                self.magnitude.copy_(row_norm(w, self.lora_B, self.lora_A, self.scale))
+
+    def factors(self) -> None:
+        return None
+
+    # ------------------------------------------------------------------ weights
+    def _norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return row_norm(weight, self.lora_B.to(weight.dtype), self.lora_A.to(weight.dtype), self.scale)
+
+    @torch.no_grad()
+    def frozen_weight(self) -> torch.Tensor:
+        """The W₀ of the DoRA formula (the frozen base), recovered from the merged weight if merged."""
+        w = self.base_layer.weight
+        if not self.merged:
+            return w
+        lora = (self.lora_B @ self.lora_A).to(w.dtype) * self.scale
+        return w * (self.merge_norm / self.magnitude).to(w.dtype).unsqueeze(1) - lora
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = m/‖W₀+sBA‖ ⊙ (W₀+sBA) − W₀ (the whole merged weight minus the frozen base)."""
+        w0 = self.frozen_weight()
+        v = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scale)
+        norm = self.merge_norm if self.merged else self._norm(w0)
+        return v * (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) - w0
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← m/‖W₀+sBA‖ ⊙ (W₀+sBA); the norm is kept (non-persistent) so that unmerge can invert it."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        norm = self._norm(w)
+        v = torch.addmm(w, self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=self.scale)
+        w.copy_(v * (self.magnitude.to(w.dtype) / norm).unsqueeze(1))
+        self.merge_norm = norm
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W₀ = W′ · ‖W₀+sBA‖/m − sBA (PEFT's ``DoraLinearVariant.unmerge``)."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self.frozen_weight())
+        self.merged = False
+        self.merge_norm = None
+
+    def trainable_count(self) -> int:
+        return self.config.r * (self.in_features + self.out_features) + self.out_features
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return super().forward(x)
+        w, bias = self.base_layer.weight, self.base_layer.bias
+        dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
+        if not dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
+            a, b, m = self.lora_A, self.lora_B, self.magnitude
+            if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype:
+                return _DoRALinear.apply(x, w, bias, a, b, m, self.scale)
+        norm = self._norm(w)
+        # general path (adapter dropout, mixed dtypes): PEFT's form
+        # y = W x + b + (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / n
+        x_d = self.dropout(x).to(self.lora_A.dtype)
+        g = self.magnitude / norm.to(self.magnitude.dtype)
+        base_d = F.linear(x_d, w.to(x_d.dtype))
+        lora = F.linear(F.linear(x_d, self.lora_A), self.lora_B) * self.scale
+        out = self.base_layer(x)
+        return out + ((g - 1) * base_d + g * lora).to(out.dtype)
+
+
+register(
+    MethodSpec(
+        "dora",
+        "adapter",
+        "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation",
+        LoRAConfig,
+        DoRALayer,
+        export="dora",
+        summary="W′ = m ⊙ (W₀+sBA)/‖W₀+sBA‖_c, m = ‖W₀‖_c at init, norm detached",
+    )
+)

@@ -1,0 +1,75 @@
+"""LoRA-shaped methods that reuse ``LoRALayer`` unchanged: three initializations (the math lives in
+``adapters.init``) and one optimizer recipe.
+
+* ``pissa``  — PiSSA (Meng et al. 2024): principal singular part of W₀ as the trainable factors.
+* ``olora``  — OLoRA (Büyükakyüz 2024): QR of W₀, orthonormal B.
+* ``lora_ga`` — LoRA-GA (Wang et al. 2024): factors from the SVD of the estimated full gradient,
+  stable scale ζ = d_out^{1/4}/√γ (``stable_gamma``).
+* ``loraplus`` — LoRA+ (Hayou et al. 2024): plain LoRA trained with lr_B = λ·lr_A; the recipe is
+  ``rankwise.optim.loraplus_groups(model, lr, ratio=λ)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .lora import LoRAConfig, LoRALayer
+from .registry import MethodSpec, register
+
+
+@dataclass
+class LoRAGAConfig(LoRAConfig):
+    """LoRA options plus LoRA-GA's γ of the stable scale ζ = d_out^{1/4}/√γ (paper default 16)."""
+
+    stable_gamma: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        gamma = self.stable_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or gamma <= 0:
+            raise ValueError(f"stable_gamma={gamma!r} must be a positive number (γ of LoRA-GA's stable scale)")
+
+
+register(
+    MethodSpec(
+        "pissa",
+        "adapter-init",
+        "Meng et al. 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
+        LoRAConfig,
+        LoRALayer,
+        defaults={"init": "pissa"},
+        summary="B·A = top-r SVD part of W₀, base keeps the residual; init_iters=k for randomized SVD",
+    )
+)
+register(
+    MethodSpec(
+        "olora",
+        "adapter-init",
+        "Büyükakyüz 2024, OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models",
+        LoRAConfig,
+        LoRALayer,
+        defaults={"init": "olora"},
+        summary="B, A = first r columns / rows of the QR of W₀, base offset by −s·B·A",
+    )
+)
+register(
+    MethodSpec(
+        "lora_ga",
+        "adapter-init",
+        "Wang et al. 2024, LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
+        LoRAGAConfig,
+        LoRALayer,
+        defaults={"init": "lora_ga"},
+        summary="A₀, B₀ from the SVD of the estimated gradient (needs init_data), stable scale, base offset",
+    )
+)
+register(
+    MethodSpec(
+        "loraplus",
+        "training-dynamics",
+        "Hayou et al. 2024, LoRA+: Efficient Low Rank Adaptation of Large Models",
+        LoRAConfig,
+        LoRALayer,
+        summary="plain LoRA; train with rankwise.optim.loraplus_groups(model, lr, ratio=16): lr_B = ratio·lr_A",
+    )
+)

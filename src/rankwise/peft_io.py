@@ -1,0 +1,370 @@
+"""Hugging Face PEFT interop: write a rankwise adapter as a PEFT LoRA/DoRA directory, and read one.
+
+The on-disk layout is the one ``peft`` 0.21.2 writes with ``PeftModel.save_pretrained``:
+``adapter_config.json`` (a ``LoraConfig``) and ``adapter_model.safetensors`` with the keys
+``base_model.model.<module>.lora_A.weight`` (r×in), ``...lora_B.weight`` (out×r),
+``...lora_magnitude_vector`` (out,) for DoRA, and ``base_model.model.<module>.<param>`` for the
+``modules_to_save`` (e.g. a classification head). PEFT's LoRA forward is
+``y = W₀x + b + scaling·B(Ax)`` with ``scaling = α/r`` (LoRA, Hu et al. 2021, Eq. 3 and Sec. 4.1)
+or ``α/√r`` (``use_rslora``, Kalajdzievski 2023), and its DoRA forward is
+``y = (m/‖W₀ + scaling·BA‖_row) ⊙ (W₀ + scaling·BA)x + b`` (Liu et al. 2024, Eq. 5; PEFT
+``tuners/lora/layer.py`` and ``variants.py``). ``peft`` itself is not imported here.
+
+Export convention: every adapter layer with factors ``(B, A, s)`` is written as ``lora_B = B``,
+``lora_A = A`` with a per-layer ``α`` such that PEFT's ``scaling`` equals ``s``; ranks and alphas
+that differ from the most common one go to ``rank_pattern`` / ``alpha_pattern``. A layer whose
+initialization moved ``s₀·B₀A₀`` out of the frozen base (PiSSA, OLoRA, LoRA-GA) has the delta
+``s·BA − s₀·B₀A₀`` relative to the untouched W₀, written at rank 2r as
+``lora_B = [B, −(s₀/s)·B₀]``, ``lora_A = [A; A₀]``, so PEFT loads it onto the original base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters.base import AdapterLayer
+from .adapters.registry import REGISTRY, adapt, adapter_layers, get_method
+from .io import atomic_directory, save_tensors, write_json
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+TASK_TYPES = {  # model class name suffix -> PEFT task_type
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForCausalLM": "CAUSAL_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+# PEFT LoraConfig options that change the forward in a way rankwise's lora/rslora/dora do not.
+UNSUPPORTED_OPTIONS = (
+    "fan_in_fan_out", "lora_bias", "use_qalora", "velora_config", "alora_invocation_tokens",
+    "monteclora_config", "layer_replication", "target_parameters", "use_bdlora", "arrow_config",
+    "kasa_config", "trainable_token_indices", "megatron_config",
+)
+# init_lora_weights values after which the saved A, B apply to the untouched base weight.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+# ---------------------------------------------------------------------------------------- export
+def _tidy(x: float) -> float | int:
+    """Drop float noise from a computed alpha (16.000000000000004 -> 16) when it is below 1e-12."""
+    y = float(f"{x:.12g}")
+    y = y if abs(y - x) <= 1e-12 * abs(x) else x
+    return int(y) if y == int(y) else y
+
+
+def _export_pair(layer: AdapterLayer, name: str, dora: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(lora_B, lora_A, scaling)``: ``scaling·lora_B·lora_A`` is the delta relative to the original W₀
+    (LoRA export), or the direction update added to W₀ before DoRA's row normalization (DoRA export,
+    where the layer holds ``lora_B``, ``lora_A``, ``scale`` and ``magnitude`` as PEFT's DoRA does)."""
+    if dora:
+        missing = [a for a in ("lora_A", "lora_B", "scale", "magnitude") if not hasattr(layer, a)]
+        if missing:
+            raise ValueError(f"layer '{name}' ({layer.method}) lacks {missing} needed by PEFT's DoRA format")
+        f = (layer.lora_B, layer.lora_A, layer.scale)
+    else:
+        f = layer.factors()
+    if f is None:
+        raise ValueError(
+            f"layer '{name}' ({layer.method}) has no low-rank factors, so it cannot be written as a "
+            "PEFT LoRA pair; use rw.merge / rw.save_adapter instead"
+        )
+    b, a, s = f
+    s = float(s)
+    if s == 0.0:
+        raise ValueError(f"layer '{name}' has scale 0; PEFT cannot represent it with lora_alpha > 0")
+    off = layer.base_offset_factors()
+    if off is not None:  # ΔW relative to W₀ = s·B·A − s₀·B₀·A₀ (rank 2r)
+        b0, a0, s0 = off
+        b = torch.cat([b, b0.to(b.dtype) * (-float(s0) / s)], dim=1)
+        a = torch.cat([a, a0.to(a.dtype)], dim=0)
+    return b.detach(), a.detach(), s
+
+
+def _original_module_names(model: nn.Module) -> list[str]:
+    """Module names as PEFT sees the un-adapted model: adapter internals (base_layer, ...) are hidden."""
+    adapted = [n for n, _ in adapter_layers(model)]
+    return [
+        n for n, _ in model.named_modules()
+        if n and not any(n.startswith(a + ".") for a in adapted)
+    ]
+
+
+def _target_modules(model: nn.Module, layers: list[str], saved: list[str]) -> list[str]:
+    """Shortest name suffixes that select exactly ``layers`` under PEFT's rules, else the full names."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    candidates = [
+        n for n in _original_module_names(model)
+        if not any(n == m or n.startswith(m + ".") for m in saved)
+    ]
+    hit = {n for n in candidates if any(n == t or n.endswith("." + t) for t in suffixes)}
+    return suffixes if hit == set(layers) else sorted(layers)
+
+
+def _task_type(model: nn.Module, saved_modules: list[str]) -> str | None:
+    """PEFT task_type from the model class. Task heads other than causal LM make PEFT expect the
+    head's weights among ``modules_to_save``; without a trained head, no task_type is declared."""
+    cls = type(model).__name__
+    task = next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), None)
+    return task if task == "CAUSAL_LM" or saved_modules else None
+
+
+def export_peft(
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write the model's adapters as a PEFT LoRA (or DoRA) directory that ``PeftModel.from_pretrained``
+    loads onto the original base model and reproduces the rankwise outputs.
+
+    ΔW_PEFT = scaling·lora_B·lora_A with scaling = α_l/r_l (α_l/√r_l with use_rslora) = the layer's s.
+    Raises ``ValueError`` for methods whose delta is not a low-rank product (``export="none"``).
+    """
+    state = getattr(model, "rankwise_adapter", None)
+    if state is None:
+        raise ValueError("model has no rankwise adapters (call rw.adapt or rw.load_adapter first)")
+    spec = get_method(state.method)
+    if spec.export == "none":
+        raise ValueError(
+            f"method '{state.method}' cannot be exported to PEFT (its delta is not a LoRA pair); "
+            "use rw.merge / rw.merge_and_unload or rw.save_adapter instead"
+        )
+    use_rslora = bool(getattr(state.config, "use_rslora", False))
+    saved = list(state.trainable_modules)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float | int] = {}
+    layers = adapter_layers(model)
+    for name, layer in layers:
+        inside = [m for m in saved if name.startswith(m + ".")]
+        if inside:
+            raise ValueError(
+                f"trainable module '{inside[0]}' contains the adapted layer '{name}'; PEFT cannot "
+                "hold both (adapt with trainable= modules that contain no adapted layer)"
+            )
+        b, a, s = _export_pair(layer, name, dora=spec.export == "dora")
+        r = a.shape[0]
+        ranks[name] = r
+        alphas[name] = _tidy(s * (math.sqrt(r) if use_rslora else r))
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+        if spec.export == "dora":
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach()
+    for name in saved:
+        for key, t in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = t
+
+    (r, lora_alpha), _ = Counter((ranks[n], alphas[n]) for n, _ in layers).most_common(1)[0]
+    name_or_path = base_model_name_or_path
+    if name_or_path is None:
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model, saved),
+        "base_model_name_or_path": name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": float(getattr(state.config, "dropout", 0.0)),
+        "use_rslora": use_rslora,
+        "use_dora": spec.export == "dora",
+        "target_modules": _target_modules(model, [n for n, _ in layers], saved),
+        "modules_to_save": saved or None,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != lora_alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    with atomic_directory(path) as tmp:
+        write_json(tmp / PEFT_CONFIG, config)
+        save_tensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------- import
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key k with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_config(cfg: dict[str, Any]) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(
+            f"peft_type={cfg.get('peft_type')!r} is not supported; import_peft reads peft_type 'LORA' "
+            "(plain LoRA, rsLoRA via use_rslora, DoRA via use_dora)"
+        )
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"bias={cfg.get('bias')!r} is not supported; allowed: 'none'")
+    for option in UNSUPPORTED_OPTIONS:
+        if cfg.get(option):
+            raise ValueError(f"{option}={cfg[option]!r} is not supported by import_peft; allowed: unset/False")
+    init = cfg.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        raise ValueError(
+            f"init_lora_weights={init!r} is not supported: PEFT changes the base weights on load for it; "
+            f"allowed: {list(PLAIN_INITS)} (convert the adapter with PEFT's "
+            "path_initial_model_for_weight_conversion first)"
+        )
+
+
+def _split_keys(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``{layer: {"lora_A"|"lora_B"|"magnitude": t}}`` and the remaining (modules_to_save) tensors."""
+    parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{PEFT_WEIGHTS}: key '{key}' does not start with '{PREFIX}'")
+        key = key[len(PREFIX):]
+        if ".lora_embedding_" in key or (".lora_" in key and not any(key.endswith(p) for p in parts)):
+            raise ValueError(
+                f"target_modules: tensor '{key}' is not a LoRA pair of an nn.Linear; "
+                "import_peft supports lora_A/lora_B (+ lora_magnitude_vector) of nn.Linear layers only"
+            )
+        for suffix, part in parts.items():
+            if key.endswith(suffix):
+                layers.setdefault(key[: -len(suffix)], {})[part] = t
+                break
+        else:
+            rest[key] = t
+    return layers, rest
+
+
+def _saved_modules(model: nn.Module, wanted: list[str] | None, layers: list[str]) -> list[str]:
+    """Top-most modules whose name ends with an entry of ``modules_to_save`` (PEFT's rule)."""
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if not name or not any(name.endswith(w) for w in wanted or []):
+            continue
+        if any(name.startswith(f + ".") for f in found):
+            continue
+        if any(lay == name or lay.startswith(name + ".") for lay in layers):
+            raise ValueError(f"modules_to_save entry matches '{name}', which also holds LoRA layers")
+        found.append(name)
+    return found
+
+
+def _match_saved_tensors(
+    model: nn.Module, saved: list[str], rest: dict[str, torch.Tensor], wanted: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pair every non-LoRA tensor of the file with the modules_to_save tensor it restores."""
+    pairs, left = [], dict(rest)
+    for name in saved:
+        for key, target in model.get_submodule(name).state_dict().items():
+            t = left.pop(f"{name}.{key}", None)
+            if t is not None:
+                if t.shape != target.shape:
+                    raise ValueError(f"modules_to_save: '{name}.{key}' has shape {tuple(t.shape)}, "
+                                     f"the model {tuple(target.shape)}")
+                pairs.append((target, t))
+    if left:
+        raise ValueError(
+            f"modules_to_save: {PEFT_WEIGHTS} has tensors {sorted(left)[:5]} of no module listed in "
+            f"modules_to_save={wanted!r}"
+        )
+    return pairs
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA / rsLoRA / DoRA directory onto ``model`` (the original base) as rankwise
+    ``lora`` / ``rslora`` / ``dora`` adapters; per-layer ranks and alphas become ``overrides``.
+
+    Scale per layer: s = α_l/r_l (α_l/√r_l with use_rslora), as PEFT's ``LoraLayer.update_layer``.
+    """
+    if getattr(model, "rankwise_adapter", None) is not None:
+        raise ValueError("model already has rankwise adapters; import_peft needs the plain base model")
+    path = Path(path)
+    cfg_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: not a PEFT adapter directory")
+    if not weights_file.is_file():
+        raise ValueError(
+            f"{weights_file} not found; import_peft reads {PEFT_WEIGHTS} only "
+            "(re-save the adapter with safe_serialization=True)"
+        )
+    cfg = json.loads(cfg_file.read_text())
+    _check_config(cfg)
+    use_dora, use_rslora = bool(cfg.get("use_dora")), bool(cfg.get("use_rslora"))
+    method = "dora" if use_dora else ("rslora" if use_rslora else "lora")
+    if method not in REGISTRY:
+        raise ValueError("use_dora=True needs the rankwise method 'dora', which is not registered")
+    spec = get_method(method)
+
+    layers, rest = _split_keys(load_file(str(weights_file)))
+    if not layers:
+        raise ValueError(f"{weights_file} holds no lora_A/lora_B tensors")
+    modules = dict(model.named_modules())
+    r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    per_layer: dict[str, dict[str, Any]] = {}
+    for name, parts in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"target_modules: the adapter has layer '{name}', which the model does not have")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear only"
+            )
+        missing = {"lora_A", "lora_B"} - set(parts) | ({"magnitude"} - set(parts) if use_dora else set())
+        if missing:
+            raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(missing)}")
+        if "magnitude" in parts and not use_dora:
+            raise ValueError(f"use_dora=False but layer '{name}' has a lora_magnitude_vector")
+        r = int(parts["lora_A"].shape[0])
+        shapes = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r),
+                  "magnitude": (module.out_features,)}
+        for part, t in parts.items():
+            if tuple(t.shape) != shapes[part]:
+                raise ValueError(
+                    f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}, "
+                    f"expected {shapes[part]} for this model"
+                )
+        expected = _pattern_value(rank_pattern, name, r0)
+        if r != expected:
+            raise ValueError(
+                f"rank_pattern / r: layer '{name}' has rank {r} in the weights but the config gives {expected}"
+            )
+        per_layer[name] = {"r": r, "alpha": _pattern_value(alpha_pattern, name, alpha0)}
+
+    (r, alpha), _ = Counter((v["r"], v["alpha"]) for v in per_layer.values()).most_common(1)[0]
+    overrides = {n: v for n, v in per_layer.items() if (v["r"], v["alpha"]) != (r, alpha)}
+    options: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0))}
+    if use_rslora or "use_rslora" in spec.config_cls.field_names():
+        options["use_rslora"] = use_rslora
+    saved = _saved_modules(model, cfg.get("modules_to_save"), list(layers))
+    head_tensors = _match_saved_tensors(model, saved, rest, cfg.get("modules_to_save"))
+    exact = "|".join(re.escape(n) for n in sorted(layers))  # full-match regex: exactly these layers
+    adapt(
+        model, method, targets=exact, trainable=saved or None,
+        overrides=overrides or None, _skip_init=True, **options,
+    )
+
+    with torch.no_grad():
+        for name, parts in layers.items():
+            layer = model.get_submodule(name)
+            layer.lora_A.copy_(parts["lora_A"])
+            layer.lora_B.copy_(parts["lora_B"])
+            if use_dora:
+                layer.magnitude.copy_(parts["magnitude"])
+        for target, t in head_tensors:
+            target.copy_(t)
+    for _, layer in adapter_layers(model):
+        layer.after_load()
+    return model
