@@ -1,0 +1,54 @@
+"""LoRA+ (Hayou, Ghosh & Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024).
+
+Plain LoRA trained with two learning rates, η_B = λ·η_A (paper Sec. 3: efficient feature learning
+in the infinite-width limit needs η_A = Θ(n⁻¹), η_B = Θ(1); in practice a fixed ratio λ, 2⁴
+recommended, as in PEFT's ``create_loraplus_optimizer``). ``loraplus_groups`` returns torch param
+groups: every trainable parameter whose name ends in ``lora_B`` (the B factor of LoRA-shaped
+adapters) gets ``lr·ratio``; every other trainable parameter (``lora_A``, magnitudes, heads, ...)
+gets ``lr``. Unlike PEFT, 1-D parameters (biases, norms) stay at ``lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+
+def _check_number(field: str, value: object, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field}={value!r} must be a finite number")
+    if positive and value <= 0:
+        raise ValueError(f"{field}={value!r} must be > 0")
+    if not positive and value < 0:
+        raise ValueError(f"{field}={value!r} must be >= 0")
+    return float(value)
+
+
+def loraplus_groups(
+    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Param groups for any ``torch.optim`` optimizer: ``lora_B`` params at ``lr·ratio``, the rest at ``lr``.
+
+    ``ratio`` is LoRA+'s λ = η_B/η_A; ``weight_decay`` is set on both groups. Raises ValueError when
+    the model has no trainable parameter named ``...lora_B``.
+    """
+    lr = _check_number("lr", lr, positive=True)
+    ratio = _check_number("ratio", ratio, positive=True)
+    weight_decay = _check_number("weight_decay", weight_decay, positive=False)
+    b_params, other_params, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (b_params if name.endswith("lora_B") else other_params).append(p)
+    if not b_params:
+        raise ValueError(
+            "model has no trainable parameter named '...lora_B': LoRA+ needs a LoRA-shaped adapter "
+            "(e.g. rw.adapt(model, 'loraplus'))"
+        )
+    groups = [{"params": b_params, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_B"}]
+    if other_params:
+        groups.insert(0, {"params": other_params, "lr": lr, "weight_decay": weight_decay, "name": "lora_A+other"})
+    return groups
