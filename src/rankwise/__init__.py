@@ -11,6 +11,7 @@ from .adapters.ops import (
     unload,
     unmerge,
 )
+from . import optim
 from .io import load_adapter, save_adapter
 from .peft_io import export_peft, import_peft
 

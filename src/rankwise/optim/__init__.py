@@ -1,5 +1,35 @@
 """Optimizers and optimizer recipes (plain ``torch.optim`` param groups and optimizers)."""
 
 from .loraplus import loraplus_groups
+from .apollo import APOLLO, APOLLOMini
+from .dct import DCTGaLore
+from .factory import OPTIMIZERS, make
+from .fira import Fira
+from .flora import Flora
+from .frugal import FRUGAL
+from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .gradnormlorp import GradNormLoRP
+from .groups import param_groups
+from .osd import OnlineSubspaceDescent
+from .projected import ProjectedOptimizer
+from .q_galore import QGaLoreAdamW
 
-__all__ = ["loraplus_groups"]
+__all__ = [
+    "loraplus_groups",
+    "APOLLO",
+    "APOLLOMini",
+    "DCTGaLore",
+    "FRUGAL",
+    "Fira",
+    "Flora",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "GradNormLoRP",
+    "OPTIMIZERS",
+    "OnlineSubspaceDescent",
+    "ProjectedOptimizer",
+    "QGaLoreAdamW",
+    "make",
+    "param_groups",
+]

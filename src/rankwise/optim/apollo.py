@@ -1,0 +1,89 @@
+"""APOLLO and APOLLO-Mini (Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance").
+
+Per projected W ∈ R^{m×n}: a random projection P with N(0, 1/r) entries, regenerated from a seed every
+T steps (no SVD), gives R = PᵀG (or G·Pᵀ); AdamW moments are kept only for R and yield N. The
+channel-wise scaling factors sⱼ = ‖Nⱼ‖/‖Rⱼ‖ (one per un-projected channel; or one for the whole
+tensor) are applied to the *raw* gradient: W ← W − lr·c·√α·NL(G ⊙ s), NL = Fira's norm-growth
+limiter (γ = 1.01). APOLLO-Mini: rank 1 with tensor-wise scaling (and α = 128 by default).
+
+Seeds and RNG use follow apollo-torch so that results match it: parameter k (counted from 1 over all
+groups) starts its seed chain at ``seed + k`` (``seed=0`` default), the matrix for seed s is
+``randn(shape, generator=Generator(device).manual_seed(s)) / √r`` and each refresh advances the chain
+with ``advance_seed``. The scale α enters as √α, as in apollo-torch.
+State bytes per m×n matrix (right side, fp32): 4·2·m·r + 4 (limiter) + the int seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .projected import ProjectedOptimizer
+
+_PROJ_ALIASES = {"random": "gaussian", "svd": "svd", "gaussian": "gaussian"}
+
+
+class APOLLO(ProjectedOptimizer):
+    """APOLLO-AdamW. ``scale_type``: ``'channel'`` (default) or ``'tensor'``; ``limiter_gamma=None`` disables NL.
+
+    Group keys of apollo-torch are accepted too: ``proj`` ('random' | 'svd'), ``scale_type``,
+    ``update_proj_gap``, ``proj_type``.
+    """
+
+    _forced_rank: int | None = None
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        update_gap: int = 200,
+        scale: float = 1.0,
+        proj_side: str = "std",
+        scale_type: str = "channel",
+        projector: str = "gaussian",
+        limiter_gamma: float | None = 1.01,
+        scale_front: bool = False,
+        seed: int = 0,
+        **options: Any,
+    ):
+        if scale_type not in ("channel", "tensor"):
+            raise ValueError(f"scale_type={scale_type!r}; allowed: ['channel', 'tensor']")
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=_PROJ_ALIASES.get(projector, projector),
+            inner=options.pop("inner", "adamw"), residual=f"apollo_{scale_type}", seed=seed,
+            limiter_gamma=limiter_gamma, scale_front=scale_front, **options,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        if "proj" in group:
+            proj = group.pop("proj")
+            if proj not in _PROJ_ALIASES:
+                raise ValueError(f"proj={proj!r}; allowed: {list(_PROJ_ALIASES)}")
+            group["projector"] = _PROJ_ALIASES[proj]
+        if "scale_type" in group:
+            st = group.pop("scale_type")
+            if st not in ("channel", "tensor"):
+                raise ValueError(f"scale_type={st!r}; allowed: ['channel', 'tensor']")
+            group["residual"] = f"apollo_{st}"
+        if self._forced_rank is not None and "rank" in group:
+            group["rank"] = self._forced_rank
+        super().add_param_group(group)
+
+
+class APOLLOMini(APOLLO):
+    """APOLLO-Mini: rank 1 (forced on every projected group), tensor-wise scaling, α = 128."""
+
+    _forced_rank = 1
+
+    def __init__(self, params, lr: float = 1e-3, scale: float = 128.0, **kwargs: Any):
+        if kwargs.pop("scale_type", "tensor") != "tensor":
+            raise ValueError("APOLLOMini always uses scale_type='tensor'; use APOLLO for channel-wise scaling")
+        super().__init__(params, lr=lr, scale=scale, scale_type="tensor", **kwargs)

@@ -1,0 +1,133 @@
+"""FRUGAL (Zmushko et al. 2024, "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for
+Scalable Training", gradient splitting).
+
+The gradient of each projected matrix is split into a low-dimensional part, updated by a stateful
+optimizer (AdamW), and the rest, updated by a state-free rule: signSGD (default) or SGD, or nothing
+(``inactive_update_rule='no'``). The subspace is re-chosen every T steps by a *selector*:
+
+* ``'svd'`` — GaLore's top singular vectors (``GaloreAdamW`` in the official code);
+* ``'randk'`` — random columns/rows (``CoordAdamW``);
+* ``'block'`` — whole parameter tensors, ``round(density·#tensors)`` of them active, chosen at random
+  (``block_order='random'``) or in ascending order (BAdam-style, ``BlockAdamW``); inactive tensors keep
+  no state at all.
+
+``density`` ρ sets the subspace size: r = round(ρ·dim) of the projected side for svd/randk (if
+``density`` is None the group's ``rank`` is used; the block selector then uses ρ = 0.25). With
+``reset_statistics=True`` (the paper's default) the Adam moments are reset at every re-selection. Coordinates outside the subspace move by exactly
+−lr·α·s·sign(g) (s = ``inactive_lr_scale``). With ``inactive_update_rule='no'`` and
+``reset_statistics=False`` the svd selector is GaLore.
+State bytes per m×n matrix (svd/randk, right side, fp32): 4·2·m·r (+ P: 4·r·n for svd; 8·r for randk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .inner import get_inner
+from .projected import ProjectedOptimizer
+from .projectors import Projector, next_proj_seed
+
+SELECTORS = {"svd": "svd", "randk": "coords", "block": "blocks"}
+RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": "none"}
+
+
+class FRUGAL(ProjectedOptimizer):
+    """FRUGAL with AdamW as the state-full optimizer."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        update_gap: int = 200,
+        density: float | None = 0.25,
+        selector: str = "svd",
+        inactive_update_rule: str = "sign_sgd",
+        inactive_lr_scale: float = 1.0,
+        reset_statistics: bool = True,
+        block_order: str = "random",
+        proj_side: str = "std",
+        scale: float = 1.0,
+        seed: int = 0,
+        **options: Any,
+    ):
+        if selector not in SELECTORS:
+            raise ValueError(f"selector={selector!r}; allowed: {list(SELECTORS)}")
+        if inactive_update_rule not in RULES:
+            raise ValueError(f"inactive_update_rule={inactive_update_rule!r}; allowed: {list(RULES)}")
+        if density is not None and not (isinstance(density, int | float) and 0.0 < density <= 1.0):
+            raise ValueError(f"density={density!r} must be None or in (0, 1]")
+        if block_order not in ("random", "ascending"):
+            raise ValueError(f"block_order={block_order!r}; allowed: ['random', 'ascending']")
+        if not (isinstance(inactive_lr_scale, int | float) and inactive_lr_scale >= 0):
+            raise ValueError(f"inactive_lr_scale={inactive_lr_scale!r} must be a number >= 0")
+        self.density, self.selector = density, selector
+        self.reset_statistics, self.block_order = bool(reset_statistics), block_order
+        self.inactive_update_rule = inactive_update_rule
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=SELECTORS[selector],
+            inner="adamw", residual=RULES[inactive_update_rule], seed=seed,
+            inactive_lr_scale=float(inactive_lr_scale), **options,
+        )
+
+    # -------------------------------------------------------------- svd / randk: density → rank
+
+    def _rank_for(self, p: torch.Tensor, group: dict[str, Any], side: str) -> int:
+        if self.density is None:
+            return int(group["rank"])
+        dim = p.shape[0] if side == "left" else p.shape[1]
+        return min(dim, max(1, round(self.density * dim)))
+
+    def _after_refresh(self, p, group, state, proj: Projector, first: bool) -> None:
+        if self.reset_statistics and not first:
+            get_inner(group["inner"]).reset(state)
+
+    # -------------------------------------------------------------- block: whole tensors
+
+    def _begin_group(self, group: dict[str, Any]) -> None:
+        if self.selector != "block":
+            return
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            return
+        head = self.state[params[0]]
+        step = int(head.get("step", 0))
+        if "active" in head and step % int(group["update_gap"]) != 0:
+            return
+        density = 0.25 if self.density is None else self.density
+        k = round(density * len(params))
+        if self.block_order == "random":
+            seed = next_proj_seed(head)
+            head["proj_seed"] = seed
+            gen = torch.Generator().manual_seed(seed)
+            chosen = set(torch.randperm(len(params), generator=gen)[:k].tolist())
+        else:
+            start = int(head.get("block_next", 0))
+            chosen = {(start + i) % len(params) for i in range(k)}
+            head["block_next"] = (start + k) % len(params)
+        inner = get_inner(group["inner"])
+        for i, p in enumerate(params):
+            st = self.state[p]
+            inner.reset(st)  # the official BlockOptimizer re-initialises every tensor at each switch
+            st["active"] = int(i in chosen)
+            st.setdefault("step", 0)
+
+    def _projected_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if self.selector != "block":
+            return super()._projected_step(p, group, state)
+        G, lr = p.grad, group["lr"]
+        if state.get("active", 0):
+            N, c = get_inner(group["inner"]).update(G, state, group, p)
+            p.add_(N, alpha=-lr * c * group["scale"])
+        elif self.inactive_update_rule != "no":
+            step = G.sign() if self.inactive_update_rule == "sign_sgd" else G
+            p.add_(step, alpha=-lr * group["scale"] * group["inactive_lr_scale"])
+        state["step"] = int(state.get("step", 0)) + 1
+        self._decay(p, group)

@@ -1,0 +1,44 @@
+"""``param_groups``: split a model into a projected group (2-D Linear weights) and a plain group (the rest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..targets import Targets, find_targets
+
+
+def param_groups(
+    model: nn.Module, targets: Targets = "all-linear", rank: int = 128, **group_opts: Any
+) -> list[dict[str, Any]]:
+    """Param groups for a projected optimizer.
+
+    The weights of the ``nn.Linear`` modules selected by ``targets`` (``"all-linear"`` skips output
+    heads; a regex or a list of name suffixes otherwise, see ``rankwise.targets``) that require grad
+    form the projected group ``{"params": [...], "rank": rank, **group_opts}``; every other trainable
+    parameter (embeddings, norms, biases, heads) goes into a plain group without ``rank``. A weight
+    shared with a non-target module (tied embeddings) stays plain.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be an int >= 1")
+    projected, seen = [], set()
+    for _, module in find_targets(model, targets):
+        w = module.weight
+        if w.requires_grad and w.dim() == 2 and id(w) not in seen:
+            projected.append(w)
+            seen.add(id(w))
+    if not projected:
+        raise ValueError(f"targets={targets!r} selected no trainable 2-D Linear weight")
+    too_small = [tuple(w.shape) for w in projected if rank > min(w.shape)]
+    if too_small:
+        raise ValueError(f"rank={rank} is larger than min(m, n) of selected weights with shapes {too_small[:4]}")
+    plain, seen_all = [], set(seen)
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen_all:
+            plain.append(p)
+            seen_all.add(id(p))
+    groups: list[dict[str, Any]] = [{"params": projected, "rank": rank, **group_opts}]
+    if plain:
+        groups.append({"params": plain})
+    return groups

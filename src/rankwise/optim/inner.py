@@ -1,0 +1,251 @@
+"""Inner updates: the optimizer that runs on the (projected) gradient R and returns a direction N.
+
+``update(R, state, group, p) -> (N, c)``: the engine applies ``p -= lr · c · back(N)``. Keeping the
+bias-correction factor ``c`` outside N reproduces galore-torch / apollo-torch / Fira numerics exactly
+(they compute N = m/(√v + ε) and fold √(1−β₂ᵗ)/(1−β₁ᵗ) into the step size). Moments live in the
+per-parameter state under the keys in ``state_keys`` and have R's shape (r×n or m×r).
+
+* ``adamw`` — Adam moments (Kingma & Ba 2015) with decoupled weight decay applied by the engine
+  (Loshchilov & Hutter 2019), transformers/galore-torch numerics (ε added to √v before bias correction).
+* ``adamw8bit`` — the same update with both moments stored blockwise-quantized to 8 bits (256-element
+  blocks, absmax scales, dynamic codebook; Dettmers et al. 2022). Tensors smaller than
+  ``min_8bit_size`` (4096) keep fp32 moments, as bitsandbytes does.
+* ``adafactor`` — factored second moment (row/column EMAs) with β₂ₜ = 1 − t^decay_rate, update clipping
+  and optional first moment (Shazeer & Stern 2018, Alg. 4/5). ``lr`` is explicit (no relative step);
+  with ``scale_parameter`` the step is scaled by max(ε₂, RMS(W)).
+* ``lion`` — sign of an interpolated momentum (Chen et al. 2023, "Symbolic Discovery of Optimization
+  Algorithms", Alg. 2), used by Online Subspace Descent's Lion variant.
+
+``transition(state, T, side)`` carries the moments into a new basis when the subspace changes
+(``reproject_moments=True``), with T = B_newᵀ·B_old (r×r). First moment: M ← T·M (GaLore's
+P_newᵀ P_old M). Second moment: LDAdam's projection-aware rule (Robert et al., ICLR 2025,
+"LDAdam: Adaptive Optimization from Low-Dimensional Gradient Statistics", projection-aware update):
+v̂ ← |(T∘T)(v̂ − m̂²) + (T·m̂)²| on the bias-corrected moments, i.e. the variance of each old coordinate
+is propagated through T as for independent coordinates and the mean is rotated exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import quant
+
+INNERS = ("adamw", "adamw8bit", "adafactor", "lion")
+State = dict[str, Any]
+
+
+def _rotate(x: torch.Tensor, T: torch.Tensor, side: str) -> torch.Tensor:
+    """Apply the change of basis T to the r-dim coordinate axis of x (rows for left, columns for right)."""
+    return T @ x if side == "left" else x @ T.t()
+
+
+def ldadam_transition(
+    m: torch.Tensor, v: torch.Tensor, T: torch.Tensor, side: str, t: int, betas: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (m, v) after a basis change T (LDAdam rule, see module docstring); ``t`` = steps taken so far."""
+    b1, b2 = betas
+    bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+    m_hat, v_hat = m / bc1, v / bc2
+    T = T.to(m.dtype)
+    var = _rotate(v_hat - m_hat * m_hat, T * T, side)
+    m_rot = _rotate(m_hat, T, side)
+    v_new = (var + m_rot * m_rot).abs_() * bc2
+    return m_rot * bc1, v_new
+
+
+class Inner:
+    name = "base"
+    state_keys: tuple[str, ...] = ()
+    supports_transition = True
+
+    def update(self, g: torch.Tensor, state: State, group: dict, p: torch.Tensor) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError  # pragma: no cover
+
+    def reset(self, state: State) -> None:
+        """Forget the moments (FRUGAL's ``reset_statistics``); the bias-correction clock restarts."""
+        for k in (*self.state_keys, "inner_step"):
+            state.pop(k, None)
+
+    def transition(self, state: State, T: torch.Tensor, side: str, group: dict) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+
+def _tick(state: State) -> int:
+    state["inner_step"] = t = int(state.get("inner_step", 0)) + 1
+    return t
+
+
+def _adam_factor(group: dict, t: int) -> float:
+    if not group.get("correct_bias", True):
+        return 1.0
+    b1, b2 = group["betas"]
+    return math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+
+
+class AdamW(Inner):
+    """m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², N = m/(√v + ε), c = √(1−β₂ᵗ)/(1−β₁ᵗ)."""
+
+    name = "adamw"
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def update(self, g, state, group, p):
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        b1, b2 = group["betas"]
+        t = _tick(state)
+        m.mul_(b1).add_(g, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        return m / v.sqrt().add_(group["eps"]), _adam_factor(group, t)
+
+    def transition(self, state, T, side, group):
+        t = int(state.get("inner_step", 0))
+        if t == 0 or "exp_avg" not in state:
+            return
+        state["exp_avg"], state["exp_avg_sq"] = ldadam_transition(
+            state["exp_avg"], state["exp_avg_sq"], T, side, t, group["betas"]
+        )
+
+
+class AdamW8bit(Inner):
+    """AdamW with both moments stored as blockwise 8-bit codes + fp32 absmax per block.
+
+    State: ``exp_avg_q``/``exp_avg_absmax`` (signed map) and ``exp_avg_sq_q``/``exp_avg_sq_absmax``
+    (unsigned map). Each step dequantizes, updates in fp32, computes N, and requantizes; the weight is
+    never copied.
+    """
+
+    name = "adamw8bit"
+    state_keys = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax", "exp_avg", "exp_avg_sq")
+    _fp32 = AdamW()
+
+    @staticmethod
+    def _small(g: torch.Tensor, group: dict) -> bool:
+        return g.numel() < int(group.get("min_8bit_size", 4096))
+
+    def _load(self, g: torch.Tensor, state: State, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if "exp_avg_q" not in state:
+            return torch.zeros_like(g, dtype=torch.float32), torch.zeros_like(g, dtype=torch.float32)
+        m = quant.dequantize_blockwise(state["exp_avg_q"], state["exp_avg_absmax"], True, g.shape, block)
+        v = quant.dequantize_blockwise(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False, g.shape, block)
+        return m, v
+
+    def _store(self, m: torch.Tensor, v: torch.Tensor, state: State, block: int) -> None:
+        state["exp_avg_q"], state["exp_avg_absmax"] = quant.quantize_blockwise(m, True, block)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quant.quantize_blockwise(v, False, block)
+
+    def update(self, g, state, group, p):
+        if self._small(g, group):
+            return self._fp32.update(g, state, group, p)
+        block = int(group.get("quant_block", 256))
+        m, v = self._load(g, state, block)
+        b1, b2 = group["betas"]
+        t = _tick(state)
+        gf = g.float()
+        m.mul_(b1).add_(gf, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(gf, gf, value=1.0 - b2)
+        N = (m / v.sqrt().add_(group["eps"])).to(g.dtype)
+        self._store(m, v, state, block)
+        return N, _adam_factor(group, t)
+
+    def transition(self, state, T, side, group):
+        t = int(state.get("inner_step", 0))
+        if t == 0:
+            return
+        if "exp_avg" in state:  # small tensor, fp32 moments
+            return self._fp32.transition(state, T, side, group)
+        if "exp_avg_q" not in state:
+            return
+        block = int(group.get("quant_block", 256))
+        numel = state["exp_avg_q"].numel()
+        r = T.shape[0]
+        shape = (r, numel // r) if side == "left" else (numel // r, r)
+        m, v = self._load(torch.empty(shape, device=T.device), state, block)
+        m, v = ldadam_transition(m, v, T.float(), side, t, group["betas"])
+        self._store(m, v, state, block)
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square ‖x‖₂/√numel."""
+    return x.norm(2) / (x.numel() ** 0.5)
+
+
+def adafactor_precondition(g: torch.Tensor, state: State, t: int, decay_rate: float, eps1: float) -> torch.Tensor:
+    """Adafactor's second-moment normalisation of g (Shazeer & Stern 2018, Alg. 4): V̂ = R Cᵀ/(1ᵀR), u = g/√V̂.
+
+    β₂ₜ = 1 − t^decay_rate; for 2-D g only the row/column EMAs ``exp_avg_sq_row``/``exp_avg_sq_col``
+    are stored (m + n floats), else the full ``exp_avg_sq``. Returns a new tensor u.
+    """
+    beta2t = 1.0 - math.pow(t, decay_rate)
+    sq = g * g + eps1
+    if g.dim() == 2:
+        if "exp_avg_sq_row" not in state:
+            state["exp_avg_sq_row"] = g.new_zeros(g.shape[0])
+            state["exp_avg_sq_col"] = g.new_zeros(g.shape[1])
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        return r_factor * col.unsqueeze(-2).rsqrt() * g
+    if "exp_avg_sq" not in state:
+        state["exp_avg_sq"] = torch.zeros_like(g)
+    v = state["exp_avg_sq"]
+    v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+    return v.rsqrt() * g
+
+
+class Adafactor(Inner):
+    """Factored second moment (Shazeer & Stern 2018), explicit lr, optional β₁; N is the clipped update."""
+
+    name = "adafactor"
+    state_keys = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
+    supports_transition = False
+
+    def update(self, g, state, group, p):
+        eps1, eps2 = group.get("adafactor_eps", (1e-30, 1e-3))
+        t = _tick(state)
+        u = adafactor_precondition(g, state, t, group.get("decay_rate", -0.8), eps1)
+        u.div_((rms(u) / group.get("clip_threshold", 1.0)).clamp_(min=1.0))
+        beta1 = group.get("beta1")
+        if beta1:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(g)
+            u = state["exp_avg"].mul_(beta1).add_(u, alpha=1.0 - beta1).clone()
+        if group.get("scale_parameter", False):
+            u.mul_(rms(p.detach().float()).clamp(min=eps2).to(u.dtype))
+        return u, 1.0
+
+
+class Lion(Inner):
+    """N = sign(β₁m + (1−β₁)g); then m ← β₂m + (1−β₂)g (Chen et al. 2023)."""
+
+    name = "lion"
+    state_keys = ("exp_avg",)
+
+    def update(self, g, state, group, p):
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g)
+        m = state["exp_avg"]
+        b1, b2 = group["betas"]
+        _tick(state)
+        N = (m * b1 + g * (1.0 - b1)).sign_()
+        m.mul_(b2).add_(g, alpha=1.0 - b2)
+        return N, 1.0
+
+    def transition(self, state, T, side, group):
+        if "exp_avg" in state:
+            state["exp_avg"] = _rotate(state["exp_avg"], T.to(state["exp_avg"].dtype), side)
+
+
+_CLASSES: dict[str, Inner] = {"adamw": AdamW(), "adamw8bit": AdamW8bit(), "adafactor": Adafactor(), "lion": Lion()}
+
+
+def get_inner(name: str) -> Inner:
+    """The inner update ``name`` (one of ``INNERS``); stateless, shared."""
+    if name not in _CLASSES:
+        raise ValueError(f"inner={name!r}; allowed: {list(INNERS)}")
+    return _CLASSES[name]

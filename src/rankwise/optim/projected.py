@@ -1,0 +1,295 @@
+"""The projected-optimizer engine: one code path for GaLore, Q-GaLore, Fira, FRUGAL, APOLLO, DCT, OSD, ...
+
+A ``ProjectedOptimizer`` is a plain ``torch.optim.Optimizer``. Param groups that carry ``rank`` are
+*projected*: for each 2-D parameter with gradient G (m×n), each step
+
+1. the projector refreshes its subspace when due (every ``update_gap`` steps, counted from step 0 as
+   in galore-torch; ``online`` projectors move every step instead),
+2. R = proj(G) (r×n or m×r) and the inner update (AdamW, 8-bit AdamW, Adafactor, Lion) gives
+   (N, c) with all moments in R's shape,
+3. the residual rule applies the update, with G − back(R) dropped / Fira-scaled / sign-SGD /
+   APOLLO-scaled (see ``residual.py``),
+4. decoupled weight decay W ← W − lr·λ·W (after the update, as galore-torch / apollo-torch).
+
+Groups without ``rank`` use the inner update on the full gradient (embeddings, norms, biases, heads).
+Per-group keys: ``rank``, ``update_gap`` (alias ``update_proj_gap``), ``scale``, ``proj_side``
+(alias ``proj_type``; std / reverse_std / left / right), ``projector``, ``inner``, ``residual``,
+``reproject_moments`` and the options in ``OPTION_KEYS``.
+
+**Non-2-D parameters in a projected group raise ValueError** (put them in a group without ``rank``;
+``rankwise.optim.param_groups`` does this for you). All state is tensors / ints / floats, so
+``state_dict()`` round-trips through ``torch.save`` + ``torch.load(weights_only=True)``; integer and
+packed tensors keep their dtype through ``load_state_dict`` (torch's default casts them to the
+parameter dtype, which this class undoes).
+
+``reproject_moments=True`` carries the inner moments into the new basis at each refresh (first moment
+M ← P_newᵀP_old·M, second moment by LDAdam's projection-aware rule; see ``inner.py``). Default off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .inner import INNERS, get_inner
+from .projectors import PROJECTORS, SIDES, Projector, make_projector, resolve_side
+from .residual import RESIDUALS, get_residual
+
+# Options a group may carry besides the core keys (all plain numbers / strings / tuples).
+OPTION_KEYS = (
+    "oversample", "power_iters",            # rsvd
+    "dct_norm",                             # dct: p of the column-score norm (1 as the official code)
+    "quant_group_size",                     # svd_int4
+    "proj_lr", "osd_init", "proj_weight_decay",  # online (OSD)
+    "limiter_gamma", "scale_front",         # fira / apollo norm-growth limiter
+    "inactive_lr_scale",                    # frugal
+    "quant_block", "min_8bit_size",         # adamw8bit
+    "adafactor_eps", "decay_rate", "clip_threshold", "beta1", "scale_parameter",  # adafactor
+)
+_PROJECTOR_OPTS = ("oversample", "power_iters", "dct_norm", "quant_group_size", "proj_lr", "osd_init",
+                   "proj_weight_decay", "update_gap")
+
+
+def _number(field: str, value: Any, low: float | None = None, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        bound = "" if low is None else (f" > {low}" if strict else f" >= {low}")
+        raise ValueError(f"{field}={value!r} must be a finite number{bound}")
+
+
+def _choice(field: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{field}={value!r}; allowed: {list(choices)}")
+
+
+class ProjectedOptimizer(Optimizer):
+    """Memory-efficient optimizer with low-rank (or subspace) projected state; see the module docstring.
+
+    A parameter that is not 2-D inside a group with ``rank`` raises ValueError at construction (it is
+    not silently routed to the plain rule); ``rank`` > min(m, n) raises too.
+
+    Args:
+        params: parameters or param groups; groups with ``rank`` are projected.
+        lr, betas, eps, weight_decay, correct_bias: the inner AdamW hyper-parameters (galore-torch numerics).
+        update_gap: refresh period T of the projector (steps).
+        scale: α, multiplies the projected-back update.
+        proj_side: ``std`` | ``reverse_std`` | ``left`` | ``right`` (galore-torch's ``proj_type``).
+        projector, inner, residual: strategy names (``PROJECTORS``, ``INNERS``, ``RESIDUALS``).
+        reproject_moments: carry moments into the new basis at each refresh.
+        seed: base of the per-parameter seeds (parameter k, counted from 1 over all groups, gets seed + k,
+            the same numbering as apollo-torch).
+        **options: extra keys from ``OPTION_KEYS``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        update_gap: int = 200,
+        scale: float = 1.0,
+        proj_side: str = "std",
+        projector: str = "svd",
+        inner: str = "adamw",
+        residual: str = "none",
+        reproject_moments: bool = False,
+        seed: int = 0,
+        **options: Any,
+    ):
+        unknown = sorted(set(options) - set(OPTION_KEYS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; allowed: {list(OPTION_KEYS)}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} must be an int")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector, inner=inner,
+            residual=residual, reproject_moments=reproject_moments, **options,
+        )
+        self._seed_base = seed
+        self._param_count = 0
+        self._projectors: dict[torch.Tensor, Projector] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups, validation, seeds
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        if "update_proj_gap" in group:  # galore-torch spelling
+            group.setdefault("update_gap", group.pop("update_proj_gap"))
+        if "proj_type" in group:
+            group.setdefault("proj_side", group.pop("proj_type"))
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            self._param_count += 1
+            if p.requires_grad and "seed" not in self.state[p]:
+                self.state[p]["seed"] = self._seed_base + self._param_count
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _number("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+        )):
+            raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
+        _number("eps", group["eps"], 0.0)
+        _number("weight_decay", group["weight_decay"], 0.0)
+        _choice("projector", group["projector"], PROJECTORS)
+        _choice("inner", group["inner"], INNERS)
+        _choice("residual", group["residual"], RESIDUALS)
+        if group["reproject_moments"] and not get_inner(group["inner"]).supports_transition:
+            raise ValueError(
+                f"reproject_moments=True is not supported with inner={group['inner']!r}; "
+                "use 'adamw', 'adamw8bit' or 'lion'"
+            )
+        if "rank" not in group:
+            return
+        rank, gap = group["rank"], group["update_gap"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank={rank!r} must be an int >= 1")
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+            raise ValueError(f"update_gap={gap!r} must be an int > 0")
+        _choice("proj_side", group["proj_side"], SIDES)
+        _number("scale", group["scale"], 0.0, strict=True)
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"a projected group (with rank) got a parameter of shape {tuple(p.shape)}; only 2-D "
+                    "parameters can be projected, put the others in a group without 'rank' "
+                    "(rankwise.optim.param_groups does this)"
+                )
+            if rank > min(p.shape):
+                raise ValueError(
+                    f"rank={rank} is larger than min(m, n)={min(p.shape)} for a parameter of shape {tuple(p.shape)}"
+                )
+
+    # ------------------------------------------------------------------ projectors
+
+    def _rank_for(self, p: torch.Tensor, group: dict[str, Any], side: str) -> int:
+        return int(group["rank"])
+
+    def _projector_for(self, p: torch.Tensor, group: dict[str, Any]) -> Projector:
+        side = resolve_side(group["proj_side"], p.shape)
+        rank = self._rank_for(p, group, side)
+        key = (group["projector"], rank, side)
+        proj = self._projectors.get(p)
+        if proj is None or (proj.name, proj.rank, proj.side) != key:
+            opts = {k: group[k] for k in _PROJECTOR_OPTS if k in group}
+            proj = make_projector(group["projector"], rank, side, tuple(p.shape), opts, p.device, p.dtype)
+            self._projectors[p] = proj
+        return proj
+
+    def _refresh_due(self, proj: Projector, group: dict[str, Any], state: dict[str, Any], step: int) -> bool:
+        if not proj.has_basis(state):
+            return True
+        return proj.periodic and step % int(group["update_gap"]) == 0
+
+    def _refresh(
+        self, p: torch.Tensor, G: torch.Tensor, group: dict[str, Any], state: dict[str, Any], proj: Projector
+    ) -> None:
+        first = not proj.has_basis(state)
+        old = None if first or not group["reproject_moments"] else proj.basis(state)
+        proj.compute(G, state)
+        if old is not None:
+            T = proj.basis(state).t() @ old
+            get_inner(group["inner"]).transition(state, T, proj.side, group)
+        self._after_refresh(p, group, state, proj, first)
+
+    def _after_refresh(
+        self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], proj: Projector, first: bool
+    ) -> None:
+        """Hook for named optimizers (FRUGAL resets statistics, Q-GaLore adapts the gap)."""
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            projected = "rank" in group
+            if projected:
+                self._begin_group(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if "seed" not in state:
+                    self._param_count += 1
+                    state["seed"] = self._seed_base + self._param_count
+                if projected:
+                    self._projected_step(p, group, state)
+                else:
+                    self._plain_step(p, group, state)
+        return loss
+
+    @staticmethod
+    def _decay(p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Decoupled weight decay after the update (galore-torch / apollo-torch order): W ← W − lr·λ·W."""
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def _begin_group(self, group: dict[str, Any]) -> None:
+        """Hook called once per projected group before its parameters (FRUGAL's block selection)."""
+
+    def _plain_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        N, c = get_inner(group["inner"]).update(p.grad, state, group, p)
+        state["step"] = int(state.get("step", 0)) + 1
+        p.add_(N, alpha=-group["lr"] * c)
+        self._decay(p, group)
+
+    def _projected_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        G = p.grad
+        step = int(state.get("step", 0))
+        proj = self._projector_for(p, group)
+        if self._refresh_due(proj, group, state, step):
+            self._refresh(p, G, group, state, proj)
+        R = proj.project(G, state)
+        N, c = get_inner(group["inner"]).update(R, state, group, p)
+        state["step"] = step + 1
+        get_residual(group["residual"]).apply(p, G, R, N, proj, state, group, c)
+        proj.post_update(G, state)
+        self._decay(p, group)
+
+    # ------------------------------------------------------------------ state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, then restore tensors whose dtype torch cast (int indices, packed codes, seeds)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in saved.items():
+            p = params[idx]
+            for key, value in st.items():
+                if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(p.device)
+        self._projectors.clear()
+
+    def state_bytes(self) -> int:
+        """Exact optimizer-state size: the sum of ``nbytes`` over every state tensor."""
+        return sum(
+            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if torch.is_tensor(v)
+        )
+
+    def projector(self, p: torch.Tensor) -> Projector:
+        """The projector object of parameter ``p`` (for inspection: ``.matrix(opt.state[p])``)."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]) and "rank" in group:
+                return self._projector_for(p, group)
+        raise ValueError("parameter is not in a projected group of this optimizer")

@@ -1,0 +1,465 @@
+"""Subspace strategies for projected optimizers: find a rank-r basis, project a gradient, project back.
+
+Every projector is a small object built per parameter from ``(rank, side, shape, opts)``; **all of
+its state lives in the optimizer's per-parameter state dict as plain tensors / ints** (so
+``optimizer.state_dict()`` is complete and loads with ``torch.load(weights_only=True)``). Derived
+dense matrices (regenerated Gaussian, DCT columns, dequantized INT4) are cached on the object only.
+
+Sides follow galore-torch's ``proj_type``: for G ∈ R^{m×n}, a *left* projector keeps P ∈ R^{m×r}
+and R = PᵀG (r×n), back = P·N; a *right* projector keeps P ∈ R^{r×n} and R = G·Pᵀ (m×r),
+back = N·P. ``std`` projects the smaller side (right when m ≥ n, left otherwise), ``reverse_std``
+the larger one.
+
+Strategies (``PROJECTORS``):
+
+* ``svd`` — top-r singular vectors of G (GaLore, Zhao et al. 2024, Alg. 2 "Adam with GaLore");
+* ``rsvd`` — the same subspace from a randomized range finder with power iterations (Halko,
+  Martinsson & Tropp 2011, Alg. 4.4), warm-started from the previous basis;
+* ``gaussian`` — P with i.i.d. N(0, 1/r) entries regenerated bit-exactly from an int seed (APOLLO,
+  Zhu et al. 2024; Flora, Hao et al. 2024); only the seed is stored;
+* ``dct`` — r columns of the orthonormal DCT-II matrix D picked by the largest ‖Dᵀ G‖ column/row
+  norms (Modoranu et al. 2025, "SVD-Free Low-Rank Adaptive Gradient Optimization", dynamic column selection); only the
+  int index tensor is stored;
+* ``svd_int4`` — the ``svd`` basis stored as packed INT4 with per-group scales (Q-GaLore, Zhang et
+  al. 2024);
+* ``coords`` — r random coordinates (columns or rows) (FRUGAL, Zmushko et al. 2024, RandK);
+* ``blocks`` — a contiguous block of r columns/rows that moves cyclically at each refresh (BAdam-style
+  block coordinate selection inside the matrix);
+* ``online`` — P updated every step by one AdamW step on the online-PCA loss ‖Ĝ − proj_P(Ĝ)‖²,
+  Ĝ = G/‖G‖ (Online Subspace Descent, Liang et al. 2024); initialised without SVD by default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import quant
+
+SIDES = ("std", "reverse_std", "left", "right")
+PROJECTORS = ("svd", "rsvd", "gaussian", "dct", "svd_int4", "coords", "blocks", "online")
+
+State = dict[str, Any]
+
+
+def resolve_side(proj_side: str, shape: torch.Size | tuple[int, ...]) -> str:
+    """``'left'`` or ``'right'`` for a gradient of ``shape`` under galore-torch's ``proj_type`` rule."""
+    if proj_side not in SIDES:
+        raise ValueError(f"proj_side={proj_side!r}; allowed: {list(SIDES)}")
+    m, n = int(shape[0]), int(shape[1])
+    if proj_side == "std":
+        return "right" if m >= n else "left"
+    if proj_side == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_side
+
+
+def advance_seed(seed: int, steps: int = 15) -> int:
+    """Next seed of a seed chain: the last of ``steps`` int64 draws from a generator seeded with ``seed``.
+
+    The same chain rule as apollo-torch / flora-opt (so APOLLO's random projections match apollo-torch).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (steps,), generator=gen)[-1])
+
+
+def seeded_gaussian(shape: tuple[int, int], seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, 1) tensor regenerated bit-exactly from ``seed`` on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+def next_proj_seed(state: State) -> int:
+    """The seed chain per parameter: first refresh uses ``state['seed']``, each later one advances it."""
+    prev = state.get("proj_seed")
+    return int(state.get("seed", 0)) if prev is None else advance_seed(prev)
+
+
+def _bump(state: State) -> None:
+    state["proj_version"] = int(state.get("proj_version", 0)) + 1
+
+
+class Projector:
+    """Base class. Subclasses implement ``compute`` and either ``matrix`` (dense) or project/back."""
+
+    name = "base"
+    periodic = True  # refreshed every ``update_gap`` steps (``online`` refreshes itself every step)
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        rank: int,
+        side: str,
+        shape: tuple[int, int],
+        opts: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.rank, self.side, self.shape = int(rank), side, (int(shape[0]), int(shape[1]))
+        self.opts = dict(opts or {})
+        self.device, self.dtype = torch.device(device), dtype
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def dim(self) -> int:
+        """Length of the projected side (m for left, n for right)."""
+        return self.shape[0] if self.side == "left" else self.shape[1]
+
+    def has_basis(self, state: State) -> bool:
+        return "proj_version" in state
+
+    def compute(self, G: torch.Tensor, state: State) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matrix(self, state: State) -> torch.Tensor:  # pragma: no cover - abstract
+        """Dense P: m×r (left) or r×n (right)."""
+        raise NotImplementedError
+
+    def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
+        P = self.matrix(state)
+        return P.t() @ G if self.side == "left" else G @ P.t()
+
+    def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
+        P = self.matrix(state)
+        return P @ N if self.side == "left" else N @ P
+
+    def basis(self, state: State) -> torch.Tensor:
+        """Basis as columns (dim×r), used to carry moments across a subspace change."""
+        P = self.matrix(state)
+        return P if self.side == "left" else P.t()
+
+    def post_update(self, G: torch.Tensor, state: State) -> None:
+        """Called after the parameter update (online projectors move P here)."""
+
+    def _cached(self, state: State, build) -> torch.Tensor:
+        version = int(state["proj_version"])
+        if self._cache is None or self._cache[0] != version:
+            self._cache = (version, build())
+        return self._cache[1]
+
+
+# ----------------------------------------------------------------------------- SVD family
+
+
+def _float(G: torch.Tensor) -> torch.Tensor:
+    return G if G.dtype == torch.float32 or G.dtype == torch.float64 else G.float()
+
+
+def svd_basis(G: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """GaLore's projector: U[:, :r] (left, m×r) or Vh[:r] (right, r×n) of the exact SVD of G."""
+    U, _, Vh = torch.linalg.svd(_float(G), full_matrices=False)
+    P = U[:, :rank] if side == "left" else Vh[:rank, :]
+    return P.to(G.dtype).contiguous()
+
+
+def randomized_left_basis(
+    A: torch.Tensor,
+    rank: int,
+    oversample: int = 8,
+    power_iters: int = 2,
+    start: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Approximate top-``rank`` left singular vectors of A (m×n) by a randomized range finder.
+
+    Halko et al. 2011, Alg. 4.4: Y = A·Ω, Q = qr(Y), then ``power_iters`` rounds of Q ← qr(A·qr(AᵀQ)),
+    and an exact SVD of the small (k×n) matrix QᵀA. ``start`` (m×r, the previous basis) replaces r of
+    the k random test directions, which makes consecutive refreshes a warm-started subspace iteration.
+    """
+    m, n = A.shape
+    k = min(rank + oversample, m, n)
+    n_rand = k if start is None else k - start.shape[1]
+    cols = []
+    if start is not None:
+        cols.append(start.to(A.dtype))
+    if n_rand > 0:
+        omega = torch.randn((n, n_rand), generator=generator, device=A.device, dtype=A.dtype)
+        cols.append(A @ omega)
+    Y = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    Q = torch.linalg.qr(Y).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(A.t() @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    Ub, _, _ = torch.linalg.svd(Q.t() @ A, full_matrices=False)
+    return Q @ Ub[:, :rank]
+
+
+class SVDProjector(Projector):
+    """Exact SVD basis (GaLore). State: ``P``."""
+
+    name = "svd"
+    state_keys = ("P", "proj_version")
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        state["P"] = svd_basis(G, self.rank, self.side)
+        _bump(state)
+
+    def matrix(self, state: State) -> torch.Tensor:
+        return state["P"]
+
+
+class RandomizedSVDProjector(Projector):
+    """Randomized SVD basis, warm-started from the previous P. State: ``P``, ``proj_seed``."""
+
+    name = "rsvd"
+    state_keys = ("P", "proj_seed", "proj_version")
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        seed = next_proj_seed(state)
+        gen = torch.Generator(device=G.device).manual_seed(seed)
+        A = _float(G) if self.side == "left" else _float(G).t()
+        prev = state.get("P")
+        start = None if prev is None else (prev if self.side == "left" else prev.t()).float()
+        U = randomized_left_basis(
+            A, self.rank, int(self.opts.get("oversample", 8)), int(self.opts.get("power_iters", 2)), start, gen
+        )
+        state["P"] = (U if self.side == "left" else U.t()).to(G.dtype).contiguous()
+        state["proj_seed"] = seed
+        _bump(state)
+
+    def matrix(self, state: State) -> torch.Tensor:
+        return state["P"]
+
+
+class Int4SVDProjector(Projector):
+    """Exact SVD basis kept as packed INT4 (Q-GaLore). State: ``P_q`` (uint8), ``P_scale``, ``P_zero``.
+
+    Also keeps ``P_first`` (the leading singular vector, float) for Q-GaLore's lazy refresh test.
+    """
+
+    name = "svd_int4"
+    state_keys = ("P_q", "P_scale", "P_zero", "P_first", "proj_version")
+
+    @property
+    def group(self) -> int:
+        return int(self.opts.get("quant_group_size", 256))
+
+    def _shape(self) -> tuple[int, int]:
+        return (self.shape[0], self.rank) if self.side == "left" else (self.rank, self.shape[1])
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        P = svd_basis(G, self.rank, self.side).float()
+        state["P_first"] = (P[:, 0] if self.side == "left" else P[0, :]).clone()
+        state["P_q"], state["P_scale"], state["P_zero"] = quant.quantize_int4(P, self.group)
+        _bump(state)
+
+    def matrix(self, state: State) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            P = quant.dequantize_int4(state["P_q"], state["P_scale"], state["P_zero"], self._shape(), self.group)
+            return P.to(self.dtype)
+
+        return self._cached(state, build)
+
+
+# ----------------------------------------------------------------------------- seeded random
+
+
+class GaussianProjector(Projector):
+    """P with N(0, 1/r) entries from a seed (APOLLO / Flora). State: ``proj_seed`` (an int) only."""
+
+    name = "gaussian"
+    state_keys = ("proj_seed", "proj_version")
+
+    def _shape(self) -> tuple[int, int]:
+        return (self.shape[0], self.rank) if self.side == "left" else (self.rank, self.shape[1])
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        state["proj_seed"] = next_proj_seed(state)
+        _bump(state)
+
+    def regenerate(self, seed: int) -> torch.Tensor:
+        """The projection matrix for ``seed``, bit-exact (apollo-torch's ``stable_randn(shape, seed) / sqrt(r)``)."""
+        return seeded_gaussian(self._shape(), seed, self.device, self.dtype) / math.sqrt(self.rank)
+
+    def matrix(self, state: State) -> torch.Tensor:
+        return self._cached(state, lambda: self.regenerate(int(state["proj_seed"])))
+
+
+# ----------------------------------------------------------------------------- DCT
+
+
+_DCT_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def dct_matrix(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II basis as columns: Q[t, k] = c_k·cos(π k (2t+1) / (2N)), c_0 = √(1/N), c_k = √(2/N).
+
+    Qᵀx is the orthonormal DCT-II of x; QᵀQ = I. Computed once per size and cached (shared by layers).
+    """
+    key = (int(size), str(device), dtype)
+    if key not in _DCT_CACHE:
+        t = torch.arange(size, dtype=torch.float64).unsqueeze(1)
+        k = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+        Q = torch.cos(math.pi * k * (2 * t + 1) / (2 * size)) * math.sqrt(2.0 / size)
+        Q[:, 0] = math.sqrt(1.0 / size)
+        _DCT_CACHE[key] = Q.to(device=device, dtype=dtype)
+    return _DCT_CACHE[key]
+
+
+def dct_scores(G: torch.Tensor, side: str, norm: float = 1.0) -> torch.Tensor:
+    """Alignment of every DCT basis vector with G: ‖G·Q[:, k]‖_p (right) or ‖Q[:, k]ᵀ·G‖_p (left)."""
+    if side == "right":
+        return torch.linalg.vector_norm(_float(G) @ dct_matrix(G.shape[1], G.device), ord=norm, dim=0)
+    return torch.linalg.vector_norm(dct_matrix(G.shape[0], G.device).t() @ _float(G), ord=norm, dim=1)
+
+
+class DCTProjector(Projector):
+    """Top-r DCT-II columns by alignment with G (one matmul + top-k). State: ``idx`` (int64, length r)."""
+
+    name = "dct"
+    state_keys = ("idx", "proj_version")
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        scores = dct_scores(G, self.side, float(self.opts.get("dct_norm", 1.0)))
+        state["idx"] = torch.topk(scores, self.rank, sorted=True).indices.sort().values
+        _bump(state)
+
+    def matrix(self, state: State) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            idx = state["idx"]
+            cols = dct_matrix(self.dim, idx.device, self.dtype).index_select(1, idx)
+            return cols.contiguous() if self.side == "left" else cols.t().contiguous()
+
+        return self._cached(state, build)
+
+
+# ----------------------------------------------------------------------------- coordinates / blocks
+
+
+class CoordinateProjector(Projector):
+    """r coordinates (columns for right, rows for left): random (``coords``) or a cyclic block (``blocks``).
+
+    State: ``idx`` (int64, sorted) and ``proj_seed`` (the seed the random draw came from).
+    """
+
+    name = "coords"
+    state_keys = ("idx", "proj_seed", "proj_version")
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        dim = self.dim
+        if self.name == "blocks":
+            start = 0 if "idx" not in state else (int(state["block_start"]) + self.rank) % dim
+            state["block_start"] = start
+            idx = (start + torch.arange(self.rank, device=G.device)) % dim
+        else:
+            seed = next_proj_seed(state)
+            gen = torch.Generator(device=G.device).manual_seed(seed)
+            idx = torch.randperm(dim, generator=gen, device=G.device)[: self.rank]
+            state["proj_seed"] = seed
+        state["idx"] = idx.sort().values
+        _bump(state)
+
+    def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
+        return G.index_select(0 if self.side == "left" else 1, state["idx"])
+
+    def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
+        out = N.new_zeros(self.shape)
+        return out.index_copy_(0 if self.side == "left" else 1, state["idx"], N)
+
+    def basis(self, state: State) -> torch.Tensor:
+        idx = state["idx"]
+        E = torch.zeros(self.dim, self.rank, device=idx.device, dtype=self.dtype)
+        E[idx, torch.arange(self.rank, device=idx.device)] = 1.0
+        return E
+
+
+class BlockProjector(CoordinateProjector):
+    """Contiguous block of r columns/rows, advanced by r (cyclically) at each refresh. State adds ``block_start``."""
+
+    name = "blocks"
+    state_keys = ("idx", "block_start", "proj_version")
+
+
+# ----------------------------------------------------------------------------- online PCA (OSD)
+
+
+def online_pca_grad(P: torch.Tensor, G: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, ∂loss/∂P) for the online-PCA loss L = ‖Ĝ − proj_P(Ĝ)‖²_F with Ĝ = G/‖G‖_F.
+
+    Right side (P r×n): proj = Ĝ PᵀP, E = ĜPᵀP − Ĝ, ∂L/∂P = 2[(E Pᵀ)ᵀ Ĝ + (Ĝ Pᵀ)ᵀ E]. The left side
+    (P m×r, proj = PPᵀĜ) is the right side applied to (Gᵀ, Pᵀ).
+    """
+    if side == "left":
+        loss, grad = online_pca_grad(P.t(), G.t(), "right")
+        return loss, grad.t()
+    Gh = G / torch.linalg.vector_norm(G).clamp_min(1e-30)
+    A = Gh @ P.t()
+    E = A @ P - Gh
+    grad = 2.0 * ((E @ P.t()).t() @ Gh + A.t() @ E)
+    return (E * E).sum(), grad
+
+
+class OnlineProjector(Projector):
+    """Online Subspace Descent: P moves by one AdamW step on the online-PCA loss after every update.
+
+    Initialised from a seeded Gaussian orthonormalised by QR (no SVD; ``osd_init='svd'`` reproduces
+    the official code's SVD start). The PCA step size is ``proj_lr`` (default 1/update_gap, as in the
+    official code); AdamW uses β=(0.9, 0.999), ε=1e-8 and weight decay ``proj_weight_decay`` (0.01,
+    torch's AdamW default used by the official code). State: ``P``, ``P_exp_avg``, ``P_exp_avg_sq``,
+    ``P_step``.
+    """
+
+    name = "online"
+    periodic = False
+    state_keys = ("P", "P_exp_avg", "P_exp_avg_sq", "P_step", "proj_seed", "proj_version")
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        if self.opts.get("osd_init", "random") == "svd":
+            P = svd_basis(G, self.rank, self.side)
+        else:
+            seed = next_proj_seed(state)
+            state["proj_seed"] = seed
+            gauss = seeded_gaussian((self.dim, self.rank), seed, G.device, torch.float32)
+            Q = torch.linalg.qr(gauss).Q
+            P = (Q if self.side == "left" else Q.t()).to(G.dtype).contiguous()
+        state["P"] = P
+        state["P_exp_avg"] = torch.zeros_like(P)
+        state["P_exp_avg_sq"] = torch.zeros_like(P)
+        state["P_step"] = 0
+        _bump(state)
+
+    def matrix(self, state: State) -> torch.Tensor:
+        return state["P"]
+
+    def post_update(self, G: torch.Tensor, state: State) -> None:
+        P = state["P"]
+        _, grad = online_pca_grad(P.float(), _float(G), self.side)
+        lr = float(self.opts.get("proj_lr", 1.0 / float(self.opts.get("update_gap", 200))))
+        wd = float(self.opts.get("proj_weight_decay", 0.01))
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        state["P_step"] = t = int(state["P_step"]) + 1
+        m, v = state["P_exp_avg"], state["P_exp_avg_sq"]
+        P.mul_(1.0 - lr * wd)
+        m.mul_(b1).add_(grad, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        denom = (v.sqrt() / math.sqrt(1.0 - b2**t)).add_(eps)
+        P.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+
+
+_CLASSES: dict[str, type[Projector]] = {
+    "svd": SVDProjector,
+    "rsvd": RandomizedSVDProjector,
+    "gaussian": GaussianProjector,
+    "dct": DCTProjector,
+    "svd_int4": Int4SVDProjector,
+    "coords": CoordinateProjector,
+    "blocks": BlockProjector,
+    "online": OnlineProjector,
+}
+
+
+def make_projector(
+    name: str,
+    rank: int,
+    side: str,
+    shape: tuple[int, int],
+    opts: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Projector:
+    """Build the projector ``name`` (one of ``PROJECTORS``) for a gradient of ``shape`` on ``device``/``dtype``."""
+    if name not in _CLASSES:
+        raise ValueError(f"projector={name!r}; allowed: {list(PROJECTORS)}")
+    return _CLASSES[name](rank, side, shape, opts, device, dtype)

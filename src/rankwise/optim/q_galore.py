@@ -1,0 +1,112 @@
+"""Q-GaLore (Zhang et al. 2024, "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive
+Low-Rank Gradients").
+
+GaLore with the projection matrix stored in INT4 (packed two per byte, asymmetric min-max
+per group of 256, dequantized when used), 8-bit Adam moments by default, and the *lazy
+layer-adaptive* subspace refresh: at each refresh the cosine similarity between the leading singular
+vector of the new and the previous projector is pushed into a queue of length k (``queue_size``, 5);
+once the queue is full and its mean is ≥ ``cos_threshold`` (0.4), that layer's refresh interval is
+multiplied by ``gamma_proj`` (2, as in the official code: intervals T, 2T, 4T, ... so the per-layer SVD
+count stops growing linearly); ``gamma_proj=None`` stops refreshing that layer altogether.
+
+INT8 weights with stochastic rounding (F_SR) are available as ``weight_quant=True``: after
+each update every projected weight is re-quantized to INT8 (asymmetric, groups of ``weight_group_size``)
+with unbiased stochastic rounding and stored back dequantized, i.e. the weights live on the INT8 grid
+(simulated storage, as the official ``*_simulate`` path; a true int8 weight tensor would need a custom
+layer, which is not implemented).
+State bytes per m×n matrix (right side, 8-bit moments, m·r ≥ 4096): 2·m·r + 8·⌈m·r/256⌉ (moments)
++ ⌈r·n/2⌉ + 8·⌈r·n/256⌉ (INT4 P, scales, zeros) + 4·n (leading vector) + 4·queue_size + ints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import quant
+from .projected import ProjectedOptimizer
+from .projectors import Projector, advance_seed
+
+
+class QGaLoreAdamW(ProjectedOptimizer):
+    """Q-GaLore: INT4 projector + lazy layer-adaptive refresh (+ optional SR-quantized INT8 weights)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_side: str = "std",
+        inner: str = "adamw8bit",
+        quant_group_size: int = 256,
+        cos_threshold: float = 0.4,
+        gamma_proj: float | None = 2.0,
+        queue_size: int = 5,
+        weight_quant: bool = False,
+        weight_group_size: int = 256,
+        seed: int = 0,
+        **options: Any,
+    ):
+        if not (isinstance(cos_threshold, int | float) and -1.0 <= cos_threshold <= 1.0):
+            raise ValueError(f"cos_threshold={cos_threshold!r} must be in [-1, 1]")
+        if gamma_proj is not None and not (isinstance(gamma_proj, int | float) and gamma_proj >= 1.0):
+            raise ValueError(f"gamma_proj={gamma_proj!r} must be None (freeze) or a number >= 1")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size={queue_size!r} must be an int >= 1")
+        for name, value in (("quant_group_size", quant_group_size), ("weight_group_size", weight_group_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+                raise ValueError(f"{name}={value!r} must be an even int >= 2")
+        self.cos_threshold, self.gamma_proj, self.queue_size = float(cos_threshold), gamma_proj, queue_size
+        self.weight_quant, self.weight_group_size = bool(weight_quant), weight_group_size
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+            update_gap=update_gap, scale=scale, proj_side=proj_side, projector="svd_int4", inner=inner,
+            residual="none", seed=seed, quant_group_size=quant_group_size, **options,
+        )
+
+    def _refresh_due(self, proj: Projector, group: dict[str, Any], state: dict[str, Any], step: int) -> bool:
+        if not proj.has_basis(state):
+            return True
+        gap = int(state.get("gap", group["update_gap"]))
+        return gap > 0 and step % gap == 0  # gap 0 = frozen
+
+    def _refresh(self, p, G, group, state, proj) -> None:
+        prev = state.get("P_first")
+        prev = None if prev is None else prev.clone()
+        super()._refresh(p, G, group, state, proj)
+        state["svd_count"] = int(state.get("svd_count", 0)) + 1
+        state.setdefault("gap", int(group["update_gap"]))
+        if prev is None:
+            return
+        k = self.queue_size
+        queue = state.get("cos_queue")
+        if queue is None:
+            queue = torch.zeros(k, dtype=torch.float32)
+        count = int(state.get("cos_count", 0))
+        cos = F.cosine_similarity(prev.float(), state["P_first"].float(), dim=0).cpu()
+        if count == k:
+            queue = torch.cat([queue[1:], cos.reshape(1)])
+        else:
+            queue = queue.clone()
+            queue[count] = cos
+            count += 1
+        state["cos_queue"], state["cos_count"] = queue, count
+        if count == k and float(queue.mean()) >= self.cos_threshold:
+            state["gap"] = 0 if self.gamma_proj is None else int(state["gap"] * self.gamma_proj)
+
+    def _projected_step(self, p, group, state) -> None:
+        super()._projected_step(p, group, state)
+        if self.weight_quant:
+            seed = advance_seed(state.get("wq_seed", state["seed"]))
+            state["wq_seed"] = seed
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+            q, s, z = quant.quantize_int8_stochastic(p.detach(), self.weight_group_size, gen)
+            p.copy_(quant.dequantize_int8(q, s, z, p.shape, self.weight_group_size).to(p.dtype))

@@ -1,0 +1,166 @@
+"""Quantization helpers for projected optimizers (one job: turn float tensors into small codes and back).
+
+* **8-bit blockwise moments** (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
+  a tensor is cut into blocks of ``block`` elements; each block is divided by its absmax
+  and every value is mapped to the nearest entry of a fixed 256-entry *dynamic* codebook whose levels
+  are spaced geometrically (so small moments keep their relative precision). ``quantize_blockwise``
+  returns ``(codes uint8, absmax float32)``.
+* **INT4 groups** (Q-GaLore, Zhang et al. 2024: projection matrices stored in INT4 with
+  asymmetric min-max quantization per group of 256): ``quantize_int4`` returns two 4-bit codes
+  packed into each uint8, plus a per-group scale and zero point.
+* **Stochastic rounding** (Q-GaLore's F_SR operator): ``stochastic_round(x)`` rounds up with
+  probability ``x - floor(x)``, so ``E[F_SR(x)] = x``; ``quantize_int8_stochastic`` uses it for INT8
+  weights with asymmetric per-group min-max scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ----------------------------------------------------------------------------- 8-bit dynamic codes
+
+_CODE_CACHE: dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _levels(signed: bool) -> torch.Tensor:
+    """The 256-entry codebook on [-1, 1] (signed) or [0, 1] (unsigned), sorted ascending."""
+    if signed:
+        pos = torch.logspace(-6.0, 0.0, 127, dtype=torch.float64)  # 127 magnitudes, 1e-6 .. 1
+        code = torch.cat([-pos.flip(0), torch.zeros(1, dtype=torch.float64), pos])  # 255 entries
+        code = torch.cat([code, torch.ones(1, dtype=torch.float64)])  # pad to 256 (duplicate 1.0)
+    else:
+        pos = torch.logspace(-12.0, 0.0, 255, dtype=torch.float64)  # 255 magnitudes, 1e-12 .. 1
+        code = torch.cat([torch.zeros(1, dtype=torch.float64), pos])
+    return code
+
+
+def _thresholds(code: torch.Tensor) -> torch.Tensor:
+    """Decision boundaries between consecutive code values (geometric mean inside a sign, else midpoint)."""
+    a, b = code[:-1], code[1:]
+    same_sign = (a * b) > 0
+    geo = torch.sign(a) * torch.sqrt((a * b).clamp_min(0))
+    return torch.where(same_sign, geo, (a + b) / 2)
+
+
+def dynamic_code(signed: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(code, thresholds)`` float32 tensors for the signed (first moment) or unsigned (second moment) map."""
+    key = (signed, str(device))
+    if key not in _CODE_CACHE:
+        code = _levels(signed)
+        _CODE_CACHE[key] = (code.float().to(device), _thresholds(code).float().to(device))
+    return _CODE_CACHE[key]
+
+
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block), pad
+
+
+def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise dynamic 8-bit quantization: ``x ≈ code[q] · absmax[block]``.
+
+    Returns ``(q, absmax)``: ``q`` uint8 with ``x.numel()`` entries (flat), ``absmax`` float32 with one
+    entry per block of ``block`` elements.
+    """
+    if block <= 0:
+        raise ValueError(f"block={block!r} must be a positive int")
+    code, thr = dynamic_code(signed, x.device)
+    blocks, _ = _blocks(x.float(), block)
+    absmax = blocks.abs().amax(dim=1)
+    normed = blocks / absmax.clamp_min(1e-30).unsqueeze(1)
+    q = torch.searchsorted(thr, normed.contiguous()).to(torch.uint8)
+    return q.reshape(-1)[: x.numel()], absmax
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, signed: bool, shape: torch.Size | tuple[int, ...], block: int = 256
+) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise``: float32 tensor of ``shape``."""
+    code, _ = dynamic_code(signed, q.device)
+    numel = q.numel()
+    vals, _ = _blocks(code[q.long()], block)
+    vals = vals * absmax.unsqueeze(1)
+    return vals.reshape(-1)[:numel].view(shape)
+
+
+# ----------------------------------------------------------------------------- INT4 packed groups
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack a flat uint8 tensor of values in [0, 15] two per byte (low nibble first)."""
+    flat = q.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``: flat uint8 tensor of ``numel`` values in [0, 15]."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack([low, high], dim=1).reshape(-1)[:numel]
+
+
+def _group_minmax(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Asymmetric per-group min-max parameters (Q-GaLore's ``_quantize``): returns groups, scale, zero, pad."""
+    if group <= 0:
+        raise ValueError(f"group_size={group!r} must be a positive int")
+    g, pad = _blocks(x.float(), group)
+    if pad:  # pad with the group's own first value so padding never widens the range
+        last = x.reshape(-1)[-(group - pad) :].float()
+        g[-1, group - pad :] = last[0]
+    qmax = 2**bits - 1
+    lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-5) / qmax
+    zero = (-torch.round(lo / scale)).clamp_(0, qmax)
+    return g, scale, zero, pad
+
+
+def quantize_int4(x: torch.Tensor, group: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT4 asymmetric group quantization ``x ≈ scale·(q − zero)``; returns ``(packed uint8, scale, zero)``."""
+    g, scale, zero, _ = _group_minmax(x, group, 4)
+    q = torch.clamp(torch.round(g / scale) + zero, 0, 15).to(torch.uint8)
+    return pack_int4(q.reshape(-1)[: x.numel()]), scale.reshape(-1), zero.reshape(-1)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: torch.Size | tuple[int, ...], group: int = 256
+) -> torch.Tensor:
+    """Inverse of ``quantize_int4``: float32 tensor of ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    q, _ = _blocks(unpack_int4(packed, numel).float(), group)
+    return ((q - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(-1)[:numel].view(shape)
+
+
+# ----------------------------------------------------------------------------- stochastic rounding
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """F_SR(x): ``ceil(x)`` with probability ``x − floor(x)``, else ``floor(x)``; unbiased, E[F_SR(x)] = x."""
+    low = torch.floor(x)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return low + (u < (x - low)).to(x.dtype)
+
+
+def quantize_int8_stochastic(
+    w: torch.Tensor, group: int = 256, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT8 asymmetric per-group quantization with stochastic rounding: ``(q uint8 flat, scale, zero)``."""
+    g, scale, zero, _ = _group_minmax(w, group, 8)
+    q = torch.clamp(stochastic_round(g / scale, generator) + zero, 0, 255).to(torch.uint8)
+    return q.reshape(-1)[: w.numel()], scale.reshape(-1), zero.reshape(-1)
+
+
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: torch.Size | tuple[int, ...], group: int = 256
+) -> torch.Tensor:
+    """Inverse of ``quantize_int8_stochastic``: float32 tensor of ``shape``."""
+    g, _ = _blocks(q.float(), group)
+    numel = q.numel()
+    return ((g - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(-1)[:numel].view(shape)

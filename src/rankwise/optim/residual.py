@@ -1,0 +1,131 @@
+"""Residual rules: what a projected optimizer does with the gradient outside the subspace, G − back(R).
+
+Each rule performs the parameter update for one projected matrix (the engine adds weight decay
+afterwards). Notation: G the full gradient, R = proj(G), N the inner direction for R, c the inner
+step factor (Adam bias correction), α = ``scale``, lr the group learning rate.
+
+* ``none`` — GaLore (Zhao et al. 2024, Alg. 2): W ← W − lr·c·α·back(N); the residual is dropped.
+* ``fira`` — Fira (Chen et al. 2024, norm-based scaling + norm-growth limiter):
+  W ← W − lr·c·[α·back(N) + φ ⊙ (G − back(R))] with the column-wise scaling φ = ‖N‖/‖R‖ taken over
+  the projected axis (one factor per un-projected channel), and the norm-growth limiter on the
+  residual term: if ‖Sₜ‖/‖Sₜ₋₁‖ > γ then Sₜ ← Sₜ·γ‖Sₜ₋₁‖/‖Sₜ‖, γ = ``limiter_gamma`` (1.01).
+  (The official code subtracts α·PPᵀG; this follows the paper's G − PR; the two agree for α = 1.)
+* ``sgd`` / ``sign_sgd`` — FRUGAL (Zmushko et al. 2024, gradient splitting): the subspace part as
+  GaLore, and the state-free rule on the rest, W ← W − lr·α·s·(G − back(R)) or
+  W ← W − lr·α·s·sign(G − back(R)), s = ``inactive_lr_scale``.
+* ``apollo_channel`` / ``apollo_tensor`` — APOLLO (Zhu et al. 2024): the low-rank direction is
+  only used to estimate scaling factors s = ‖N‖/‖R‖ per channel (or for the whole tensor) and the
+  raw gradient is applied, W ← W − lr·c·√α·NL(G ⊙ s), NL = Fira's norm-growth limiter (on by default,
+  ``limiter_gamma``), √α as in apollo-torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .projectors import Projector
+
+RESIDUALS = ("none", "fira", "sgd", "sign_sgd", "apollo_channel", "apollo_tensor")
+State = dict[str, Any]
+
+
+def limit_norm_growth(x: torch.Tensor, state: State, gamma: float | None, key: str = "limiter_norm") -> torch.Tensor:
+    """Fira's norm-growth limiter: cap ‖xₜ‖ at γ·‖xₜ₋₁‖ (the stored, already-limited previous norm)."""
+    if not gamma:
+        return x
+    norm = torch.linalg.vector_norm(x)
+    if key in state:
+        limiter = torch.clamp(norm / (state[key] + 1e-8), min=gamma) / gamma
+        x = x / limiter
+        state[key] = norm / limiter
+    else:
+        state[key] = norm
+    return x
+
+
+def channel_scale(N: torch.Tensor, R: torch.Tensor, side: str, tensorwise: bool = False) -> torch.Tensor:
+    """‖N‖/‖R‖ per un-projected channel (rows of G for a right projector, columns for left), or tensor-wise."""
+    if tensorwise:
+        return torch.linalg.vector_norm(N) / (torch.linalg.vector_norm(R) + 1e-8)
+    dim = 0 if side == "left" else 1
+    s = torch.linalg.vector_norm(N, dim=dim) / (torch.linalg.vector_norm(R, dim=dim) + 1e-8)
+    return s.unsqueeze(0) if side == "left" else s.unsqueeze(1)
+
+
+class Residual:
+    name = "base"
+
+    def apply(
+        self, p: torch.Tensor, G: torch.Tensor, R: torch.Tensor, N: torch.Tensor,
+        proj: Projector, state: State, group: dict, c: float,
+    ) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+
+class Drop(Residual):
+    name = "none"
+
+    def apply(self, p, G, R, N, proj, state, group, c):
+        p.add_(proj.back(N, state).mul_(group["scale"]), alpha=-group["lr"] * c)
+
+
+class FiraResidual(Residual):
+    name = "fira"
+
+    def apply(self, p, G, R, N, proj, state, group, c):
+        phi = channel_scale(N, R, proj.side)
+        resid = (G - proj.back(R, state)) * phi
+        resid = limit_norm_growth(resid, state, group.get("limiter_gamma", 1.01))
+        update = proj.back(N, state).mul_(group["scale"]).add_(resid)
+        p.add_(update, alpha=-group["lr"] * c)
+
+
+class StateFree(Residual):
+    """FRUGAL's state-free update of the complement (``sgd`` or ``sign_sgd``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def apply(self, p, G, R, N, proj, state, group, c):
+        scale = group["scale"]
+        p.add_(proj.back(N, state).mul_(scale), alpha=-group["lr"] * c)
+        resid = G - proj.back(R, state)
+        if self.name == "sign_sgd":
+            resid = resid.sign_()
+        p.add_(resid, alpha=-group["lr"] * scale * group.get("inactive_lr_scale", 1.0))
+
+
+class ApolloScaling(Residual):
+    def __init__(self, name: str):
+        self.name = name
+
+    def apply(self, p, G, R, N, proj, state, group, c):
+        s = channel_scale(N, R, proj.side, tensorwise=self.name == "apollo_tensor")
+        update = G * s
+        root = math.sqrt(group["scale"])
+        if group.get("scale_front", False):
+            update.mul_(root)
+        update = limit_norm_growth(update, state, group.get("limiter_gamma", 1.01))
+        if not group.get("scale_front", False):
+            update.mul_(root)
+        p.add_(update, alpha=-group["lr"] * c)
+
+
+_RULES: dict[str, Residual] = {
+    "none": Drop(),
+    "fira": FiraResidual(),
+    "sgd": StateFree("sgd"),
+    "sign_sgd": StateFree("sign_sgd"),
+    "apollo_channel": ApolloScaling("apollo_channel"),
+    "apollo_tensor": ApolloScaling("apollo_tensor"),
+}
+
+
+def get_residual(name: str) -> Residual:
+    """The residual rule ``name`` (one of ``RESIDUALS``)."""
+    if name not in _RULES:
+        raise ValueError(f"residual={name!r}; allowed: {list(RESIDUALS)}")
+    return _RULES[name]
