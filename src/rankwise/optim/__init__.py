@@ -1,5 +1,7 @@
 """Optimizers and optimizer recipes (plain ``torch.optim`` param groups and optimizers)."""
 
+from .blocks import LISA, BAdam, OwLore, outlier_ratios, transformer_blocks
+from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .loraplus import loraplus_groups
 from .apollo import APOLLO, APOLLOMini
 from .dct import DCTGaLore
@@ -15,6 +17,14 @@ from .projected import ProjectedOptimizer
 from .q_galore import QGaLoreAdamW
 
 __all__ = [
+    "BAdam",
+    "GradBytesTracker",
+    "LISA",
+    "LayerwiseOptimizer",
+    "OwLore",
+    "layerwise",
+    "outlier_ratios",
+    "transformer_blocks",
     "loraplus_groups",
     "APOLLO",
     "APOLLOMini",

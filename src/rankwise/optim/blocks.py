@@ -1,0 +1,681 @@
+"""Block and layer sampling optimizers: BAdam, LISA and OwLore.
+
+All three train the *full* parameters of a model while only a few transformer layers are awake at a
+time. Awake parameters have ``requires_grad=True``; every other parameter has ``requires_grad=False``,
+so autograd computes, stores and (under DDP) all-reduces no gradient for it, and only awake
+parameters own optimizer state. That is where the memory goes down.
+
+* **BAdam** (Luo, Yu & Li 2024, "BAdam: A Memory Efficient Full Parameter Optimization Method for
+  Large Language Models", Alg. 1): block coordinate descent. The parameters are partitioned into D
+  blocks, one per transformer layer; the active block runs K Adam steps with fresh moments, then the
+  next block (ascending, descending, or a random permutation per block-epoch) takes over.
+* **LISA** (Pan et al. 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language
+  Model Fine-Tuning", Alg. 1): AdamW on the embedding and the head at every step plus γ middle layers
+  drawn without replacement (uniformly by default), redrawn every K steps.
+* **OwLore** (Li, Yin, Gao & Liu 2024, "OwLore: Outlier-weighed Layerwise Sampled Low-Rank
+  Projection for Memory-Efficient LLM Fine-tuning", Sec. 3): LISA whose layer probabilities are the
+  layerwise outlier ratios of OWL (p_ℓ = D_ℓ / Σ D), and whose sampled layers' matrices are updated
+  with GaLore's low-rank projected Adam.
+
+Our own code, written from the papers and the authors' reference code (github.com/Ledzy/BAdam
+``BlockOptimizer``; LMFlow's ``LISATrainer``; github.com/pixeli99/OwLore ``finetuner.py``). Each
+optimizer is a ``torch.optim.Optimizer`` whose ``param_groups`` hold every parameter it may train (so
+LR schedulers work unchanged) and whose ``state_dict`` is complete: per-parameter state plus the
+sampler (global step, awake blocks, remaining order, generator state as a uint8 tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+__all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios", "transformer_blocks"]
+
+EMBEDDING = "embedding"
+HEAD = "head"
+ORDERS = ("ascending", "descending", "random")
+
+
+# --------------------------------------------------------------------------------------------------
+# transformer layer discovery
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+def _layer_list(model: nn.Module, layers: str | None) -> tuple[str, nn.Module]:
+    if layers is not None:
+        if not isinstance(layers, str):
+            raise ValueError(f"layers={layers!r} must be the dotted name of the layer list, e.g. 'model.layers'")
+        try:
+            found = model.get_submodule(layers)
+        except AttributeError as err:
+            raise ValueError(f"layers={layers!r} is not a submodule of {type(model).__name__}") from err
+        if not isinstance(found, nn.ModuleList | nn.Sequential) or len(found) == 0:
+            raise ValueError(f"layers={layers!r} must name a non-empty nn.ModuleList, got {type(found).__name__}")
+        return layers, found
+    best: tuple[int, str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > 0 and (best is None or size > best[0]):
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            f"found no repeated transformer layers in {type(model).__name__} (an nn.ModuleList of at "
+            "least 2 modules of one type); pass layers='<dotted name>', e.g. layers='model.layers'"
+        )
+    return best[1], best[2]
+
+
+class _ParamView(nn.Module):
+    """Holds references to parameters whose owning module also contains the layer list."""
+
+    def __init__(self, named: Sequence[tuple[str, nn.Parameter]]):
+        super().__init__()
+        for name, param in named:
+            self.register_parameter(name.replace(".", "__"), param)
+
+
+def _group_module(model: nn.Module, names: list[str], layers_name: str) -> nn.Module:
+    """A view (not attached to ``model``) over the modules owning the parameters ``names``."""
+    params = dict(model.named_parameters())
+    owners: list[str] = []
+    loose: list[tuple[str, nn.Parameter]] = []
+    for name in names:
+        owner = name.rpartition(".")[0]
+        contains_layers = owner == "" or layers_name.startswith(owner + ".")
+        if contains_layers:
+            loose.append((name, params[name]))
+        elif owner not in owners and not any(owner.startswith(o + ".") for o in owners):
+            owners.append(owner)
+    members: list[nn.Module] = [model.get_submodule(o) for o in owners]
+    if loose:
+        members.append(_ParamView(loose))
+    return nn.ModuleList(members)
+
+
+def transformer_blocks(model: nn.Module, layers: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The model cut into ``[("embedding", ·), (<layer name>, layer) ..., ("head", ·)]``.
+
+    The repeated layers are the ``nn.ModuleList`` of same-type modules holding the most parameters
+    (``model.layers``, ``bert.encoder.layer``, ``transformer.h``; or pass ``layers=`` explicitly).
+    Every other parameter goes to ``"embedding"`` when it is registered before the first layer and to
+    ``"head"`` otherwise (final norm, LM head, pooler, classifier). Those two groups are
+    ``nn.ModuleList`` views over their owning modules (tied weights appear once, in the embedding);
+    a group without parameters is left out. DDP / DataParallel wrappers are looked through.
+    """
+    model = _unwrap(model)
+    layers_name, layer_list = _layer_list(model, layers)
+    in_layers = {id(p) for p in layer_list.parameters()}
+    before: list[str] = []
+    after: list[str] = []
+    seen_layer = False
+    for name, param in model.named_parameters():
+        if id(param) in in_layers:
+            seen_layer = True
+        else:
+            (after if seen_layer else before).append(name)
+    blocks: list[tuple[str, nn.Module]] = []
+    if before:
+        blocks.append((EMBEDDING, _group_module(model, before, layers_name)))
+    blocks.extend((f"{layers_name}.{i}", layer) for i, layer in enumerate(layer_list))
+    if after:
+        blocks.append((HEAD, _group_module(model, after, layers_name)))
+    return blocks
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _number(field: str, value: object, *, low: float, strict: bool = False, high: float | None = None) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        if high is not None:
+            bound += f" and < {high}"
+        raise ValueError(f"{field}={value!r} must be a finite number {bound}")
+    return float(value)
+
+
+def _integer(field: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field}={value!r} must be an integer >= {low}")
+    return value
+
+
+def _betas(value: object) -> tuple[float, float]:
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ValueError(f"betas={value!r} must be a pair (beta1, beta2) with 0 <= beta < 1")
+    return (_number("betas[0]", value[0], low=0.0, high=1.0), _number("betas[1]", value[1], low=0.0, high=1.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# shared machinery
+
+
+class _SampledBlocks(Optimizer):
+    """An optimizer that keeps a few 'units' (layers / blocks) awake and swaps them every K steps.
+
+    Subclasses define the units (lists of parameters), the parameters that are always awake, how
+    the next selection is drawn (``_next``), which state survives a swap (``_kept_on_switch``) and
+    the inner optimizer run on the awake parameters (``_make_inner``). The inner optimizer's
+    ``state`` *is* ``self.state``, so ``state_dict()`` holds exactly the awake parameters' state.
+    """
+
+    _synced = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(
+        self,
+        units: list[list[nn.Parameter]],
+        always: list[nn.Parameter],
+        frozen: list[nn.Parameter],
+        extra_groups: list[dict[str, Any]],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        switch_every: int,
+        seed: int,
+    ):
+        lr = _number("lr", lr, low=0.0, strict=True)
+        betas = _betas(betas)
+        eps = _number("eps", eps, low=0.0)
+        weight_decay = _number("weight_decay", weight_decay, low=0.0)
+        self.switch_every = _integer("switch_every", switch_every, low=1)
+        seed = _integer("seed", seed, low=0)
+        # parameters frozen before the optimizer was built stay frozen (e.g. a base model under adapters)
+        units = [[p for p in unit if p.requires_grad] for unit in units]
+        always = [p for p in always if p.requires_grad]
+        self._units = units
+        self._always = always
+        candidates: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for p in [q for unit in units for q in unit] + always:
+            if id(p) not in seen:
+                seen.add(id(p))
+                candidates.append(p)
+        self._candidates = candidates
+        special = {id(p) for g in extra_groups for p in g["params"]}
+        # no weight decay on biases and norm weights (1-D), as the HF Trainer groups LISA/OwLore use
+        decay = [p for p in candidates if p.ndim >= 2 and id(p) not in special]
+        no_decay = [p for p in candidates if p.ndim < 2 and id(p) not in special]
+        groups = [dict(g) for g in extra_groups]
+        if decay:
+            groups.append({"params": decay, "weight_decay": weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        for p in frozen:
+            if id(p) not in seen:
+                p.requires_grad_(False)
+                p.grad = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self.global_step = 0
+        self._current: list[int] = []
+        self._inner: Optimizer | None = None
+        self._inner_groups: list[int] = []
+        self._activate(self._first(), keep=set())
+
+    # ---- what subclasses provide
+    def _first(self) -> list[int]:
+        raise NotImplementedError
+
+    def _next(self) -> list[int]:
+        raise NotImplementedError
+
+    def _kept_on_switch(self) -> set[int]:
+        """ids of parameters whose optimizer state survives a swap."""
+        return set()
+
+    def _make_inner(self, groups: list[dict[str, Any]]) -> Optimizer:
+        return torch.optim.AdamW(groups)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---- swapping
+    def _awake_ids(self, selection: list[int]) -> set[int]:
+        return {id(p) for p in self._always} | {id(p) for i in selection for p in self._units[i]}
+
+    def _activate(self, selection: list[int], keep: set[int] | None) -> None:
+        """Wake the units in ``selection``; drop optimizer state of parameters not in ``keep``
+        (``keep=None`` keeps all state, used after loading a checkpoint)."""
+        awake = self._awake_ids(selection)
+        for p in self._candidates:
+            on = id(p) in awake
+            p.requires_grad_(on)
+            if not on:
+                p.grad = None
+        if keep is not None:
+            for p in list(self.state):
+                if id(p) not in keep:
+                    del self.state[p]
+        inner_groups, index = [], []
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if id(p) in awake]
+            if params:
+                inner_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+                index.append(i)
+        self._current = list(selection)
+        self._inner = self._make_inner(inner_groups)
+        for p, st in self._inner.state.items():  # whatever the inner optimizer set up at construction
+            for key, value in st.items():
+                self.state[p].setdefault(key, value)
+        self._inner.state = self.state
+        self._inner_groups = index
+
+    def _switch(self) -> None:
+        self._activate(self._next(), keep=self._kept_on_switch())
+
+    @property
+    def awake_parameters(self) -> list[nn.Parameter]:
+        """Parameters updated by the next ``step()`` (the others have ``requires_grad=False``)."""
+        awake = self._awake_ids(self._current)
+        return [p for p in self._candidates if id(p) in awake]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One inner step on the awake parameters; swap the awake units after every K-th step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        assert self._inner is not None
+        for inner_group, i in zip(self._inner.param_groups, self._inner_groups, strict=True):
+            for key in self._synced:
+                if key in self.param_groups[i]:
+                    inner_group[key] = self.param_groups[i][key]
+        self._inner.step()
+        self.global_step += 1
+        if self.global_step % self.switch_every == 0:
+            self._switch()
+        return loss
+
+    # ---- checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Torch's optimizer state dict plus ``"sampler"``: step, awake units, order, RNG state."""
+        out = super().state_dict()
+        out["sampler"] = {
+            "global_step": self.global_step,
+            "current": list(self._current),
+            "rng": self._generator.get_state(),
+            **self._extra_state(),
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        if "sampler" not in state_dict:
+            raise ValueError(
+                f"state_dict has no 'sampler' entry; it was not saved by {type(self).__name__}.state_dict()"
+            )
+        sampler = state_dict.pop("sampler")
+        current = [int(i) for i in sampler["current"]]
+        if any(not 0 <= i < len(self._units) for i in current):
+            raise ValueError(f"state_dict['sampler']['current']={current} does not fit {len(self._units)} blocks")
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype: undo it for integer / packed state
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, saved in state_dict["state"].items():
+            for key, value in saved.items():
+                if torch.is_tensor(value) and self.state[params[index]][key].dtype != value.dtype:
+                    self.state[params[index]][key] = value.to(params[index].device)
+        self.global_step = int(sampler["global_step"])
+        self._generator.set_state(sampler["rng"])
+        self._load_extra_state(sampler)
+        self._activate(current, keep=None)
+
+
+def _named_blocks(model: nn.Module, layers: str | None) -> tuple[list[str], list[list[nn.Parameter]]]:
+    blocks = transformer_blocks(model, layers)
+    return [name for name, _ in blocks], [list(module.parameters()) for _, module in blocks]
+
+
+def _prefixed(model: nn.Module, prefixes: Sequence[str], field: str) -> list[nn.Parameter]:
+    if isinstance(prefixes, str) or not all(isinstance(x, str) for x in prefixes):
+        raise ValueError(f"{field}={prefixes!r} must be a list of parameter-name prefixes")
+    found = []
+    for prefix in prefixes:
+        match = [p for n, p in _unwrap(model).named_parameters() if n.startswith(prefix)]
+        if not match:
+            raise ValueError(f"{field}: prefix {prefix!r} matches no parameter of the model")
+        found.extend(match)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# BAdam
+
+
+class BAdam(_SampledBlocks):
+    """BAdam: block coordinate descent with Adam (Luo, Yu & Li 2024, Alg. 1 "BAdam").
+
+    The parameters are partitioned into D blocks, one per transformer layer (plus the embedding and
+    the head as extra blocks when ``include_embedding`` / ``include_head``; both are frozen by
+    default, as in the official ``BlockOptimizer``). At any time exactly one block is trainable and
+    owns AdamW state; after every ``switch_every`` (K) steps the state is dropped and the next block
+    in ``order`` becomes active: ``"ascending"`` (input to output), ``"descending"``, or
+    ``"random"`` (a fresh random permutation of the D blocks per block-epoch, "random reshuffling").
+    ``always_active`` lists parameter-name prefixes trained at every step (e.g. a freshly initialized
+    classifier, the official ``active_modules``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        switch_every: int = 50,
+        order: str = "random",
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        include_embedding: bool = False,
+        include_head: bool = False,
+        always_active: Sequence[str] = (),
+        start_block: int | None = None,
+        seed: int = 0,
+        layers: str | None = None,
+    ):
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not allowed; choose one of {list(ORDERS)}")
+        names, params = _named_blocks(model, layers)
+        keep = [
+            i for i, n in enumerate(names)
+            if (n != EMBEDDING or include_embedding) and (n != HEAD or include_head)
+            and any(p.requires_grad for p in params[i])
+        ]
+        if not keep:
+            raise ValueError("BAdam found no block with a trainable parameter")
+        self.block_names = [names[i] for i in keep]
+        self.order = order
+        if start_block is not None:
+            if order == "random":
+                raise ValueError("start_block is only allowed with order='ascending' or 'descending'")
+            _integer("start_block", start_block, low=0)
+            if start_block >= len(keep):
+                raise ValueError(f"start_block={start_block} must be < the number of blocks ({len(keep)})")
+        self._start = start_block
+        self._pending: list[int] = []  # the rest of the current random permutation
+        always = _prefixed(model, always_active, "always_active")
+        units = [params[i] for i in keep]
+        super().__init__(
+            units, always, list(_unwrap(model).parameters()), [],
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every, seed=seed,
+        )
+
+    def _permutation(self) -> list[int]:
+        return torch.randperm(len(self._units), generator=self._generator).tolist()
+
+    def _first(self) -> list[int]:
+        if self.order == "ascending":
+            return [self._start or 0]
+        if self.order == "descending":
+            return [len(self._units) - 1 if self._start is None else self._start]
+        self._pending = self._permutation()
+        return [self._pending.pop(0)]
+
+    def _next(self) -> list[int]:
+        (i,) = self._current
+        if self.order == "ascending":
+            return [(i + 1) % len(self._units)]
+        if self.order == "descending":
+            return [(i - 1) % len(self._units)]
+        if not self._pending:
+            self._pending = self._permutation()
+        return [self._pending.pop(0)]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"pending": torch.tensor(self._pending, dtype=torch.long)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._pending = [int(i) for i in state["pending"]]
+
+    @property
+    def active_block(self) -> int:
+        """Index (into ``block_names``) of the block the next ``step()`` updates."""
+        return self._current[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# LISA
+
+
+class LISA(_SampledBlocks):
+    """LISA: layerwise importance sampled AdamW (Pan et al. 2024, Alg. 1).
+
+    The embedding and the head (every parameter outside the transformer layers: embeddings, final
+    norm, LM head / classifier) are trained at every step. Of the N_L middle layers, γ = ``n_layers``
+    are drawn without replacement with probabilities ``probs`` (uniform, p_ℓ = γ/N_L inclusion, by
+    default) at step 0 and every K = ``switch_every`` steps; only they are unfrozen in between. As in
+    LMFlow's ``LISATrainer``, the optimizer is rebuilt at each redraw: the AdamW state of the
+    embedding and head is kept, the state of the middle layers is dropped (also for a layer drawn
+    again). ``seed`` drives a private generator; use the same seed on every DDP rank.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        n_layers: int = 2,
+        switch_every: int = 20,
+        *,
+        probs: Sequence[float] | torch.Tensor | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        layers: str | None = None,
+    ):
+        names, params = _named_blocks(model, layers)
+        body = [i for i, n in enumerate(names) if n not in (EMBEDDING, HEAD)]
+        self.layer_names = [names[i] for i in body]
+        n_body = len(body)
+        self.n_layers = _integer("n_layers", n_layers, low=1)
+        if probs is None:
+            weights = torch.ones(n_body, dtype=torch.float64)
+        else:
+            weights = torch.as_tensor(probs, dtype=torch.float64).flatten()
+            if weights.numel() != n_body or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise ValueError(f"probs must hold {n_body} finite non-negative numbers (one per layer), got {probs!r}")
+        if int((weights > 0).sum()) < self.n_layers:
+            raise ValueError(
+                f"n_layers={n_layers} must be <= the number of layers with non-zero probability "
+                f"({int((weights > 0).sum())} of {n_body})"
+            )
+        self.probs = weights / weights.sum()
+        always = [p for i, n in enumerate(names) if n in (EMBEDDING, HEAD) for p in params[i]]
+        units = [params[i] for i in body]
+        super().__init__(
+            units, always, [], self._special_groups(units),
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every, seed=seed,
+        )
+
+    def _special_groups(self, units: list[list[nn.Parameter]]) -> list[dict[str, Any]]:
+        """Param groups with their own options (OwLore's projected matrices); none for LISA."""
+        return []
+
+    def _draw(self) -> list[int]:
+        picked = torch.multinomial(self.probs, self.n_layers, replacement=False, generator=self._generator)
+        return sorted(picked.tolist())
+
+    def _first(self) -> list[int]:
+        return self._draw()
+
+    def _next(self) -> list[int]:
+        return self._draw()
+
+    def _kept_on_switch(self) -> set[int]:
+        return {id(p) for p in self._always}
+
+    @property
+    def active_layers(self) -> list[int]:
+        """Indices (into ``layer_names``) of the middle layers the next ``step()`` updates."""
+        return list(self._current)
+
+
+# --------------------------------------------------------------------------------------------------
+# OwLore: outlier ratios + low-rank projected Adam
+
+
+def _batch_forward(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, tuple | list):
+        model(*batch)
+    else:
+        model(batch)
+
+
+@torch.no_grad()
+def outlier_ratios(
+    model: nn.Module,
+    threshold: float = 13.0,
+    calibration: Iterable[Any] | None = None,
+    *,
+    layers: str | None = None,
+    max_batches: int | None = None,
+) -> torch.Tensor:
+    """Layerwise outlier ratio D_ℓ of OWL (Yin et al. 2024, Sec. 3.2), as OwLore uses it (Sec. 3).
+
+    For every linear weight W of layer ℓ, A_ij = |W_ij|·‖X_j‖₂ (Wanda's score; X_j = input feature j
+    over the calibration tokens); D_ℓ = #{A_ij > M·mean(A_ℓ)} / #A_ℓ, the mean taken over all linear
+    weights of the layer together, M = ``threshold`` (13 in OwLore's released ratios). Without
+    ``calibration`` the weight-only score A_ij = |W_ij| is used (‖X_j‖ taken as constant). Returns a
+    float64 tensor with one ratio in [0, 1] per transformer layer.
+    """
+    threshold = _number("threshold", threshold, low=0.0, strict=True)
+    if max_batches is not None:
+        _integer("max_batches", max_batches, low=1)
+    model = _unwrap(model)
+    _, layer_list = _layer_list(model, layers)
+    linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layer_list]
+    if any(not group for group in linears):
+        raise ValueError("every transformer layer must contain at least one nn.Linear to measure outliers")
+    norms: dict[int, torch.Tensor] = {}
+    if calibration is not None:
+        squares: dict[int, torch.Tensor] = {}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, module.in_features).double()
+            squares[id(module)] = squares.get(id(module), 0) + (x * x).sum(0)
+
+        handles = [m.register_forward_pre_hook(record) for group in linears for m in group]
+        was_training = model.training
+        model.eval()
+        try:
+            seen = 0
+            for batch in calibration:
+                _batch_forward(model, batch)
+                seen += 1
+                if max_batches is not None and seen >= max_batches:
+                    break
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        if not squares:
+            raise ValueError("calibration produced no batch; pass a non-empty iterable of model inputs")
+        norms = {k: v.sqrt() for k, v in squares.items()}
+    ratios = []
+    for group in linears:
+        scores = []
+        for m in group:
+            score = m.weight.detach().abs().double()
+            if calibration is not None:
+                if id(m) not in norms:
+                    raise ValueError("a Linear of the transformer layers received no input during calibration")
+                score = score * norms[id(m)].to(score.device)[None, :]
+            scores.append(score.flatten())
+        flat = torch.cat(scores)
+        ratios.append((flat > threshold * flat.mean()).double().mean())
+    return torch.stack(ratios).cpu()
+
+
+class OwLore(LISA):
+    """OwLore: outlier-weighed layerwise sampling + low-rank projected Adam (Li et al. 2024, Sec. 3).
+
+    Layer ℓ is drawn with probability p_ℓ = D_ℓ / Σ_k D_k, D_ℓ its outlier ratio
+    (:func:`outlier_ratios`; pass ``calibration`` batches for the paper's |W|·‖X‖ score, otherwise
+    the weight-only |W| score is used, or pass precomputed ``ratios``). γ = ``n_layers`` layers are
+    drawn without replacement every K = ``switch_every`` steps; the embedding and head are always
+    trained. Every ``nn.Linear`` weight of a sampled layer is updated by GaLore
+    (:class:`rankwise.optim.GaLoreAdamW`, galore-torch numerics, ``proj_side='std'``) at ``rank``:
+    Adam state r×n (m < n) or m×r, projector refreshed every ``update_gap`` steps, update scaled by
+    ``scale``; all other trained parameters get the same Adam unprojected, as the official code
+    passes every parameter to ``GaLoreAdamW``. Defaults follow the released scripts (γ=5, K=50,
+    r=256, gap 100, scale 1, M=13, ε=1e-6). Sampled-layer state is dropped at each redraw, as in
+    LISA.
+    """
+
+    _synced = ("lr", "betas", "eps", "weight_decay", "rank", "update_gap", "scale")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        rank: int = 256,
+        n_layers: int = 5,
+        switch_every: int = 50,
+        *,
+        update_gap: int = 100,
+        scale: float = 1.0,
+        outlier_threshold: float = 13.0,
+        calibration: Iterable[Any] | None = None,
+        ratios: Sequence[float] | torch.Tensor | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        layers: str | None = None,
+    ):
+        self.rank = _integer("rank", rank, low=1)
+        gap = _integer("update_gap", update_gap, low=1)
+        scale = _number("scale", scale, low=0.0, strict=True)
+        _, layer_list = _layer_list(_unwrap(model), layers)
+        matrices = [m.weight for layer in layer_list for m in layer.modules() if isinstance(m, nn.Linear)]
+        smallest = min(min(w.shape) for w in matrices) if matrices else rank
+        if rank > smallest:
+            raise ValueError(f"rank={rank} is larger than the smallest layer matrix dimension ({smallest})")
+        if ratios is None:
+            ratios = outlier_ratios(model, outlier_threshold, calibration, layers=layers)
+        self.ratios = torch.as_tensor(ratios, dtype=torch.float64).flatten()
+        if float(self.ratios.sum()) <= 0:
+            raise ValueError(
+                f"no layer has outliers at outlier_threshold={outlier_threshold}: every ratio is 0; "
+                "lower outlier_threshold or pass calibration data / ratios"
+            )
+        self._matrices = {id(w) for w in matrices}
+        self._projection = {"rank": self.rank, "update_gap": gap, "scale": scale, "proj_side": "std"}
+        super().__init__(
+            model, lr, n_layers, switch_every, probs=self.ratios, betas=betas, eps=eps,
+            weight_decay=weight_decay, seed=seed, layers=layers,
+        )
+
+    def _special_groups(self, units: list[list[nn.Parameter]]) -> list[dict[str, Any]]:
+        params = [p for unit in units for p in unit if id(p) in self._matrices]
+        return [{"params": params, **self._projection}] if params else []
+
+    def _make_inner(self, groups: list[dict[str, Any]]) -> Optimizer:
+        from .galore import GaLoreAdamW  # the shared projected engine
+
+        return GaLoreAdamW(groups)
