@@ -8,6 +8,9 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 VOCAB = 100
 
+# Tiny models run fastest on one thread (and a 2-core CI box stays responsive for subprocess tests).
+torch.set_num_threads(1)
+
 
 def make_tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
