@@ -14,6 +14,8 @@ from .adapters.ops import (
 from . import optim
 from .io import load_adapter, save_adapter
 from .peft_io import export_peft, import_peft
+from . import sparse
+from .sparse import sparsify
 
 __version__ = "0.1.0"
 

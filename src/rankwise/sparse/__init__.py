@@ -1,0 +1,29 @@
+"""Low-rank and sparse structure for training from scratch.
+
+Structured layers (``layers``): :class:`FactorizedLinear` (W = U V) and :class:`SparseLowRankLinear`
+(W = s·B A + S on a fixed support). Methods, applied with :func:`sparsify`:
+
+* ``sltrain`` — SLTrain's sparse + low-rank parameterization (no controller);
+* ``sst`` — Sparse Spectral Training, :class:`SST` controller;
+* ``trp`` — Trained Rank Pruning, :class:`TRP` controller and :func:`decompose`;
+* ``maestro`` — LoD ordered low-rank layers, :class:`Maestro` helper and :func:`truncate`;
+* ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`.
+
+Controllers are plain objects with a ``step()`` to call after ``optimizer.step()``.
+"""
+
+from .api import SPARSE_METHODS, SparseMethod, SparseState, densify, sparse_summary, sparsify
+from .layers import FactorizedLinear, SparseLowRankLinear, random_support
+from .maestro import Maestro, MaestroLinear, truncate
+from .relora import ReLoRA, prepare_relora, relora_schedule
+from .sltrain import SLTrainConfig, sltrain_layer
+from .sst import SST, SpectralLinear, sample_active, sampling_probabilities
+from .trp import TRP, TRPLinear, decompose, nuclear_subgradient
+
+__all__ = [
+    "SPARSE_METHODS", "SST", "TRP", "FactorizedLinear", "Maestro", "MaestroLinear", "ReLoRA",
+    "SLTrainConfig", "SparseLowRankLinear", "SparseMethod", "SparseState", "SpectralLinear",
+    "TRPLinear", "decompose", "densify", "nuclear_subgradient", "prepare_relora", "random_support",
+    "relora_schedule", "sample_active", "sampling_probabilities", "sltrain_layer", "sparse_summary",
+    "sparsify", "truncate",
+]

@@ -1,0 +1,180 @@
+"""``rw.sparsify(model, method, targets, **config)``: swap target ``nn.Linear`` layers for structured
+ones (SLTrain, SST, TRP, Maestro) or set up ReLoRA's LoRA factors; ``rw.sparse.densify`` merges
+everything back into plain ``nn.Linear`` layers for export.
+
+Methods and their options (``SPARSE_METHODS``):
+
+* ``sltrain`` — ``rank``, ``density``, ``alpha``, ``seed``, ``kernel``; no controller needed.
+* ``sst`` — ``rank`` (active singular vectors), ``seed``, ``uniform_mix``; then :class:`SST`.
+* ``trp`` — no options; then :class:`TRP` and finally :func:`~rankwise.sparse.trp.decompose`.
+* ``maestro`` — ``rank`` (initial inner rank, default full); then :class:`Maestro`.
+* ``relora`` — ``rank``, ``alpha``, ``dropout``, ``seed``, ``train_rest``; then :class:`ReLoRA`
+  and :func:`relora_schedule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.base import allowed, layer_generator
+from ..adapters.ops import merge_and_unload
+from ..targets import Targets, find_targets, replace_module
+from .layers import FactorizedLinear, SparseLowRankLinear, check_rank
+from .maestro import MaestroLinear
+from .relora import prepare_relora
+from .sltrain import SLTrainConfig, sltrain_layer
+from .sst import SpectralLinear
+from .trp import TRPLinear
+
+
+@dataclass(frozen=True)
+class SparseMethod:
+    """A registered structured-training method: how to build it and which options it takes."""
+
+    name: str
+    paper: str
+    summary: str
+    options: dict[str, Any]  # option -> default
+    controller: str  # the class/function to use after sparsify ("" when none is needed)
+
+
+@dataclass
+class SparseState:
+    """What ``sparsify`` did; stored as ``model.rankwise_sparse``."""
+
+    method: str
+    config: dict[str, Any]
+    layers: list[str] = field(default_factory=list)
+
+
+SPARSE_METHODS: dict[str, SparseMethod] = {
+    "sltrain": SparseMethod(
+        "sltrain", "Han et al. 2024, SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
+        "W = (α/r)·B·A + S, S on a fixed uniformly random support of ⌊δ·m·n⌋ entries",
+        {f: getattr(SLTrainConfig, f) for f in ("rank", "density", "alpha", "seed", "kernel")}, "",
+    ),
+    "sst": SparseMethod(
+        "sst", "Zhao et al. 2024, Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks",
+        "W = U·diag(Σ)·Vᵀ; all Σ every step, r Σ-sampled singular vectors per iteration, periodic re-SVD",
+        {"rank": 64, "seed": 0, "uniform_mix": 0.5}, "SST",
+    ),
+    "trp": SparseMethod(
+        "trp", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
+        "periodic energy-criterion SVD truncation + nuclear-norm sub-gradient U·Vᵀ",
+        {}, "TRP",
+    ),
+    "maestro": SparseMethod(
+        "maestro", "Horváth et al. 2024, Maestro: Uncovering Low-Rank Structures via Trainable Decomposition",
+        "W = U·Vᵀ with ordered dropout over (layer, rank) and hierarchical group lasso",
+        {"rank": None}, "Maestro",
+    ),
+    "relora": SparseMethod(
+        "relora", "Lialin et al. 2023, Stack More Layers Differently: High-Rank Training Through Low-Rank Updates",
+        "LoRA with merge-and-restart every T steps, optimizer-state pruning, jagged cosine LR",
+        {"rank": 128, "alpha": 32.0, "dropout": 0.0, "seed": 0, "train_rest": True}, "ReLoRA",
+    ),
+}
+
+
+def _options(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    allowed("method", method, tuple(SPARSE_METHODS))
+    spec = SPARSE_METHODS[method]
+    unknown = sorted(set(config) - set(spec.options))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for sparse method '{method}'; allowed options: {sorted(spec.options)}"
+        )
+    return {**spec.options, **config}
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer")
+
+
+def _builders(method: str, opts: dict[str, Any]) -> Callable[[str, nn.Linear], nn.Module]:
+    if method == "sltrain":
+        cfg = SLTrainConfig(**opts)
+        return lambda name, lin: sltrain_layer(lin, cfg, name)
+    if method == "sst":
+        _check_int("seed", opts["seed"])
+        mix = opts["uniform_mix"]
+        if isinstance(mix, bool) or not isinstance(mix, int | float) or not 0.0 <= mix <= 1.0:
+            raise ValueError(f"uniform_mix={mix!r} must be a number in [0, 1]")
+        return lambda name, lin: SpectralLinear.from_linear(
+            lin, opts["rank"], layer_generator(opts["seed"], name), float(mix)
+        )
+    if method == "trp":
+        return lambda name, lin: TRPLinear.from_linear(lin)
+    return lambda name, lin: MaestroLinear.from_linear(lin, opts["rank"])
+
+
+def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **config: Any) -> nn.Module:
+    """Restructure ``targets`` of ``model`` in place for ``method`` and return ``model``.
+
+    ``targets``: ``"all-linear"`` (output heads excluded), a full-match regex or name suffixes; a
+    matched module that is not ``nn.Linear`` is a ValueError. Options per method: ``SPARSE_METHODS``.
+    """
+    opts = _options(method, config)
+    if getattr(model, "rankwise_sparse", None) is not None:
+        raise ValueError("model is already sparsified; call rw.sparse.densify(model) first")
+    if method == "relora":
+        for name, lin in find_targets(model, targets):
+            check_rank(opts["rank"], lin.out_features, lin.in_features, where=name)
+        prepare_relora(model, opts["rank"], targets, alpha=opts["alpha"], dropout=opts["dropout"],
+                       seed=opts["seed"], train_rest=opts["train_rest"])
+        names = list(model.rankwise_adapter.layers)
+    else:
+        found = find_targets(model, targets)
+        if method in ("sltrain", "sst") or (method == "maestro" and opts["rank"] is not None):
+            for name, lin in found:  # validate every layer before touching any
+                check_rank(opts["rank"], lin.out_features, lin.in_features, where=name)
+        build = _builders(method, opts)
+        with torch.no_grad():
+            for name, lin in found:
+                replace_module(model, name, build(name, lin))
+        names = [n for n, _ in found]
+    model.rankwise_sparse = SparseState(method, dict(opts), names)
+    return model
+
+
+STRUCTURED = (FactorizedLinear, SparseLowRankLinear, SpectralLinear, TRPLinear)
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> nn.Module:
+    """Merge every structured layer back into a plain ``nn.Linear`` (and ReLoRA's LoRA into W)."""
+    state = getattr(model, "rankwise_sparse", None)
+    if state is not None and state.method == "relora":
+        merge_and_unload(model)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, STRUCTURED)]:
+        if isinstance(module, TRPLinear):
+            lin = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                            device=module.weight.device, dtype=module.weight.dtype)
+            lin.weight, lin.bias = module.weight, module.bias
+        else:
+            lin = module.to_linear()
+        replace_module(model, name, lin)
+    model.rankwise_sparse = None
+    return model
+
+
+def sparse_summary(model: nn.Module) -> dict[str, Any]:
+    """Method, config, trainable / total parameter counts and per-layer structure of a sparsified model."""
+    state = getattr(model, "rankwise_sparse", None)
+    params = {id(p): p for p in model.parameters()}.values()
+    return {
+        "method": None if state is None else state.method,
+        "config": None if state is None else state.config,
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params),
+        "layers": {n: m.extra_repr() for n, m in model.named_modules() if isinstance(m, STRUCTURED)},
+    }
+
+
+__all__ = ["SPARSE_METHODS", "STRUCTURED", "SparseMethod", "SparseState", "densify", "sparse_summary", "sparsify"]

@@ -1,0 +1,219 @@
+"""ReLoRA (Lialin et al. 2023, "Stack More Layers Differently: High-Rank Training Through Low-Rank
+Updates", ICLR 2024).
+
+Training procedure (§3, Alg. 1): LoRA factors on every target linear layer, all other parameters
+(embeddings, norms, head, biases) trained in full; every ``T`` steps merge ``W ← W + s·B A``,
+re-initialize A (Kaiming-uniform) and B = 0, and partially reset the optimizer state of A and B
+(magnitude pruning of 99-99.9% of each moment tensor); the learning rate follows a *jagged*
+cosine schedule that re-warms from 0 after every merge. Each segment adds a rank ≤ r update, so
+``W_T − W_0 = Σ_k s·B_k A_k`` reaches rank up to ``K·r``. A short full-rank warm start precedes
+ReLoRA in the paper: train the dense model first, then call :func:`prepare_relora`.
+
+Usage with a plain loop::
+
+    model = rw.sparsify(model, "relora", rank=64)          # LoRA on targets, rest trainable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = relora_schedule(opt, total_steps=N, warmup_steps=50, restart_every=T, restart_warmup_steps=20)
+    relora = ReLoRA(model, opt, merge_every=T)
+    for batch in data:
+        model(**batch).loss.backward(); opt.step(); sched.step(); relora.step(); opt.zero_grad()
+
+The adapters are ``rankwise`` LoRA layers (``rw.adapt(model, "lora")``); after merges the frozen
+base weights hold the accumulated updates, so save the full ``model.state_dict()`` (or
+``rw.merge_and_unload``), not ``rw.save_adapter``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..adapters.base import allowed, kaiming_uniform_, layer_generator
+from ..adapters.lora import LoRALayer
+from ..adapters.registry import adapt, adapter_layers
+from ..targets import Targets
+from .layers import check_fraction
+
+RESETS = ("prune", "random", "zero")
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def prepare_relora(
+    model: nn.Module,
+    rank: int = 128,
+    targets: Targets = "all-linear",
+    *,
+    alpha: float | None = 32.0,
+    dropout: float = 0.0,
+    seed: int = 0,
+    train_rest: bool = True,
+) -> nn.Module:
+    """Put LoRA (A Kaiming, B = 0) on ``targets`` and, with ``train_rest``, unfreeze every other
+    parameter as the ReLoRA reference does (only the target weights are frozen)."""
+    adapt(model, "lora", targets=targets, r=rank, alpha=alpha, dropout=dropout, seed=seed, trainable=None)
+    if train_rest:
+        frozen = {id(layer.base_layer.weight) for _, layer in adapter_layers(model)}
+        for p in model.parameters():
+            if id(p) not in frozen:
+                p.requires_grad_(True)
+    return model
+
+
+def relora_lr_lambda(
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    restart_every: int,
+    restart_warmup_steps: int,
+    min_lr_ratio: float,
+) -> float:
+    """Jagged cosine multiplier: linear warmup, one cosine decay from 1 to ``min_lr_ratio`` over the
+    run, and after every restart (multiples of ``restart_every``) a linear re-warm from 0 up to the
+    cosine value reached at the end of the re-warm (ReLoRA §3, Fig. 2)."""
+
+    def cosine(s: int) -> float:
+        progress = min(1.0, max(0.0, (s - warmup_steps) / max(1, total_steps - warmup_steps)))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    into = step % restart_every
+    if step >= restart_every and into < restart_warmup_steps:
+        return into / restart_warmup_steps * cosine(step - into + restart_warmup_steps)
+    return cosine(step)
+
+
+def relora_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    restart_every: int,
+    restart_warmup_steps: int,
+    min_lr_ratio: float = 0.1,
+) -> LambdaLR:
+    """The jagged cosine schedule as a ``LambdaLR``; ``restart_every`` must equal ReLoRA's ``merge_every``."""
+    _positive_int("total_steps", total_steps)
+    _positive_int("restart_every", restart_every)
+    _positive_int("warmup_steps", warmup_steps, 0)
+    _positive_int("restart_warmup_steps", restart_warmup_steps)
+    if warmup_steps > restart_every:
+        raise ValueError(f"warmup_steps={warmup_steps} must be <= restart_every={restart_every}")
+    if restart_warmup_steps >= restart_every:
+        raise ValueError(
+            f"restart_warmup_steps={restart_warmup_steps} must be < restart_every={restart_every}"
+        )
+    check_fraction("min_lr_ratio", min_lr_ratio)
+    fn = partial(
+        relora_lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, restart_every=restart_every,
+        restart_warmup_steps=restart_warmup_steps, min_lr_ratio=min_lr_ratio,
+    )
+    return LambdaLR(optimizer, fn)
+
+
+@torch.no_grad()
+def magnitude_prune_(t: torch.Tensor, ratio: float) -> None:
+    """Zero the ``ratio`` fraction of entries of ``t`` with the smallest magnitude (in place)."""
+    if ratio >= 1.0:
+        t.zero_()
+        return
+    k = int(ratio * t.numel())
+    if k == 0:
+        return
+    threshold = t.abs().flatten().float().kthvalue(k).values
+    t.mul_((t.abs().float() > threshold).to(t.dtype))
+
+
+@torch.no_grad()
+def random_prune_(t: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> None:
+    """Zero each entry of ``t`` independently with probability ``ratio`` (in place)."""
+    keep = torch.rand(t.shape, generator=generator) >= ratio
+    t.mul_(keep.to(device=t.device, dtype=t.dtype))
+
+
+class ReLoRA:
+    """Merge-and-restart controller: call :meth:`step` after every ``optimizer.step()``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        merge_every: int,
+        reset: str = "prune",
+        prune_ratio: float = 0.999,
+        seed: int = 0,
+    ) -> None:
+        self.merge_every = _positive_int("merge_every", merge_every)
+        allowed("reset", reset, RESETS)
+        self.prune_ratio = check_fraction("prune_ratio", prune_ratio)
+        self.reset, self.seed = reset, seed
+        self.model, self.optimizer = model, optimizer
+        self.layers: list[tuple[str, LoRALayer]] = [
+            (n, m) for n, m in adapter_layers(model) if isinstance(m, LoRALayer)
+        ]
+        if not self.layers:
+            raise ValueError("model has no LoRA layers; call prepare_relora(model, ...) (or rw.sparsify(model, 'relora')) first")
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.lora_params = [p for _, m in self.layers for p in (m.lora_A, m.lora_B)]
+        if not all(id(p) in in_opt for p in self.lora_params):
+            raise ValueError("optimizer must hold every LoRA A/B parameter of the model (build it after prepare_relora)")
+        self.steps = 0
+        self.merges = 0
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def step(self) -> bool:
+        """Count one optimizer step; every ``merge_every`` steps merge, re-init and reset. True if merged."""
+        self.steps += 1
+        if self.steps % self.merge_every:
+            return False
+        self.merge_and_reinit()
+        self.reset_optimizer_state()
+        return True
+
+    @torch.no_grad()
+    def merge_and_reinit(self) -> None:
+        """``W ← W + s·B A``; then A ← Kaiming-uniform (fresh draw), B ← 0, so the output is unchanged."""
+        self.merges += 1
+        for name, layer in self.layers:
+            w = layer.base_layer.weight
+            w.add_(layer.delta_weight().to(w.dtype))
+            kaiming_uniform_(layer.lora_A, generator=layer_generator(self.seed + self.merges, name))
+            layer.lora_B.zero_()
+
+    @torch.no_grad()
+    def reset_optimizer_state(self, params: Sequence[torch.Tensor] | None = None) -> None:
+        """Prune (magnitude or random, ``prune_ratio``) or zero every tensor state of the LoRA factors."""
+        for p in self.lora_params if params is None else params:
+            for value in self.optimizer.state.get(p, {}).values():
+                if not torch.is_tensor(value) or value.shape != p.shape:
+                    continue  # step counters and scalars stay
+                if self.reset == "zero":
+                    value.zero_()
+                elif self.reset == "prune":
+                    magnitude_prune_(value, self.prune_ratio)
+                else:
+                    random_prune_(value, self.prune_ratio, self._generator)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "merges": self.merges}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps, self.merges = int(state["steps"]), int(state["merges"])
+
+
+def lora_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    """The LoRA A and B parameters of ``model`` (what ReLoRA resets)."""
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, LoRALayer):
+            yield layer.lora_A
+            yield layer.lora_B
