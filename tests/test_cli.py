@@ -244,3 +244,29 @@ def test_train_causal_lm_on_a_local_model_dir(tmp_path, capsys):
     assert record["run"]["task"] == "causal-lm"
     m = record["metrics"]
     assert m["tokens"] > 0 and m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6)
+
+
+@needs_assets
+@pytest.mark.parametrize("optimizer", ["galore", "apollo", "badam"])
+def test_train_full_parameters_with_a_memory_efficient_optimizer(tmp_path, capsys, optimizer):
+    """`--method none --optimizer NAME --rank R` trains all weights with a rankwise.optim optimizer,
+    keeping less optimizer state than AdamW."""
+    from rankwise.models import load_model, tiny_llama
+
+    _, tok = load_model("minilm-l6", task="base")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(vocab_size=tok.vocab_size, hidden=64, intermediate=128, seed=0).save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    states = {}
+    for name in ("adamw", optimizer):
+        out = tmp_path / name
+        extra = ["--optimizer-option", "switch_every=2"] if name == "badam" else (
+            ["--rank", "4", "--update-gap", "2"] if name != "adamw" else [])
+        code, _, err = run_cli(capsys, "train", "--model", str(model_dir), "--data", "stdlib-code", "--method", "none",
+                               "--optimizer", name, *extra, "--output", str(out), "--max-steps", "3",
+                               "--max-length", "32", "--train-limit", "2", "--test-limit", "1", "--no-progress")
+        assert code == 0, err
+        record = json.loads((out / "metrics.json").read_text())
+        assert math.isfinite(record["metrics"]["loss"])
+        states[name] = record["result"]["optimizer_state_bytes"]
+    assert 0 < states[optimizer] < states["adamw"]

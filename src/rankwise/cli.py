@@ -116,6 +116,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "schedule": "linear",
     "max_grad_norm": 1.0,
     "optimizer": "adamw",
+    "rank": None,  # projected optimizers: subspace rank
+    "update_gap": None,  # projected optimizers: steps between subspace refreshes
+    "scale": None,  # projected optimizers: update scale
+    "optimizer_options": {},
     "eval_every": 0,
     "checkpoint_every": 0,
     "seed": 0,
@@ -168,6 +172,17 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def _key_values(items: list[str] | None, flag: str, example: str) -> dict[str, Any]:
+    """``["k=v", ...]`` from a repeatable flag as a dict with parsed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"{flag} {item!r} must look like KEY=VALUE (e.g. {flag} {example})")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v)
+    return out
+
+
 def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults < YAML file < flags (only flags given on the command line count)."""
     cfg = {**TRAIN_DEFAULTS, "options": {}}
@@ -178,18 +193,19 @@ def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg.update(y)
     options = dict(cfg["options"])
     for key, value in given.items():
-        if key in ("config", "command", "func", "option"):
+        if key in ("config", "command", "func", "option", "optimizer_option"):
             continue
         if key in OPTION_KEYS:
             options[key] = value
         elif key in TRAIN_DEFAULTS:
             cfg[key] = value
-    for item in given.get("option") or []:
-        if "=" not in item:
-            raise UsageError(f"--option {item!r} must look like KEY=VALUE (e.g. --option init_iters=2)")
-        k, v = item.split("=", 1)
-        options[k.strip()] = _parse_value(v)
+    options.update(_key_values(given.get("option"), "--option", "init_iters=2"))
     cfg["options"] = options
+    cfg["optimizer_options"] = {
+        **cfg["optimizer_options"],
+        **_key_values(given.get("optimizer_option"), "--optimizer-option", "switch_every=50"),
+        **{k: cfg[k] for k in ("rank", "update_gap", "scale") if cfg[k] is not None},
+    }
     cfg["targets"] = parse_targets(cfg["targets"])
     if cfg["lr"] is None:
         cfg["lr"] = DEFAULT_LR.get(cfg["method"], ADAPTER_LR)
@@ -287,6 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr=float(cfg["lr"]), epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
             max_length=cfg["max_length"], weight_decay=float(cfg["weight_decay"]), warmup_steps=cfg["warmup_steps"],
             schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
+            optimizer_kwargs=dict(cfg["optimizer_options"]),
             eval_every=cfg["eval_every"], checkpoint_every=cfg["checkpoint_every"], output_dir=cfg["output"],
             seed=cfg["seed"], device=cfg["device"], progress=bool(cfg["progress"]),
         )
@@ -439,7 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps [default: 0]")
     g.add_argument("--schedule", help="constant, linear or cosine [default: linear]")
     g.add_argument("--max-grad-norm", type=_float_or_none, help="gradient clipping norm, 'none' = off [default: 1.0]")
-    g.add_argument("--optimizer", help="optimizer name [default: adamw]")
+    g.add_argument("--optimizer", help="adamw, or a memory-efficient optimizer from rankwise.optim: galore, "
+                   "galore_adafactor, galore_8bit, q_galore, fira, frugal, apollo, apollo_mini, gradnormlorp, "
+                   "flora_opt, osd, dct_proj, badam, lisa, owlore [default: adamw]")
+    g.add_argument("--rank", type=int, help="projected optimizers: subspace rank [default: 128]")
+    g.add_argument("--update-gap", type=int, help="projected optimizers: steps between subspace refreshes")
+    g.add_argument("--scale", type=float, help="projected optimizers: scale of the projected update")
+    g.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
+                   help="any other optimizer argument, repeatable (e.g. --optimizer-option switch_every=50)")
     g.add_argument("--seed", type=int, help="seed for data order, init and dropout [default: 0]")
     g.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N [default: auto]")
     g = p.add_argument_group("data, evaluation and output")

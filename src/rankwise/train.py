@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader
 
 from .adapters.base import allowed
 from .io import atomic_directory, save_tensors, write_json
+from .optim.factory import NAMES as OPTIMIZER_NAMES
+from .optim.factory import make as make_optimizer
 
 SCHEDULES = ("constant", "linear", "cosine")
 TASKS = ("auto", "classification", "lm")
@@ -178,8 +180,21 @@ def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, **cfg.optimizer_kwargs)
 
 
+def _rankwise_optimizer(name: str) -> Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]:
+    """Factory for a ``rankwise.optim.make`` optimizer; ``cfg.optimizer_kwargs`` go to its class
+    (``rank``, ``update_gap``, ``scale``, ``targets``, ``switch_every``, ...)."""
+
+    def build(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return make_optimizer(name, model, **{"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.optimizer_kwargs})
+
+    return build
+
+
 #: name -> factory(model, cfg). The one place where optimizers are added (see ``register_optimizer``).
-OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {"adamw": _adamw}
+OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    **{name: _rankwise_optimizer(name) for name in OPTIMIZER_NAMES if name != "adamw"},
+}
 
 
 def register_optimizer(name: str, factory: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]) -> None:

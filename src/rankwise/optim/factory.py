@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .apollo import APOLLO, APOLLOMini
+from .blocks import LISA, BAdam, OwLore
 from .dct import DCTGaLore
 from .fira import Fira
 from .flora import Flora
@@ -34,6 +35,9 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "dct_proj": DCTGaLore,
     "adamw": torch.optim.AdamW,
 }
+#: Block/layer samplers: they decide themselves which parameters train, so they take the model.
+SAMPLERS: dict[str, type[torch.optim.Optimizer]] = {"badam": BAdam, "lisa": LISA, "owlore": OwLore}
+NAMES = sorted([*OPTIMIZERS, *SAMPLERS])
 
 
 def make(
@@ -47,9 +51,14 @@ def make(
     (``targets`` default ``"all-linear"``, ``rank`` default 128; ``apollo_mini`` uses rank 1). Given
     parameters or groups, they are passed through unchanged (``rank``/``targets`` are then rejected).
     ``'adamw'`` is ``torch.optim.AdamW`` on every trainable parameter (the full-state baseline).
+    ``'badam'``, ``'lisa'``, ``'owlore'`` (``SAMPLERS``) take the model and their own keyword arguments.
     """
+    if name in SAMPLERS:
+        if not isinstance(model_or_params, nn.Module):
+            raise ValueError(f"optimizer {name!r} samples transformer layers and needs the model, not parameters")
+        return SAMPLERS[name](model_or_params, **kwargs)
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {name!r}; known: {NAMES}")
     cls = OPTIMIZERS[name]
     grouping = {k: kwargs.pop(k) for k in ("targets", "rank") if k in kwargs}
     if isinstance(model_or_params, nn.Module):
