@@ -70,6 +70,25 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
+@torch.no_grad()
+def max_output_diff_vs_peft(base, kind: str, r: int, batch) -> float:
+    """Max |logits| difference between PEFT and rankwise given the same adapter weights (eval mode)."""
+    theirs = build(f"peft-{kind}", base, r).eval()
+    ours = build(f"rankwise-{kind}", base, r).eval()
+    g = torch.Generator().manual_seed(0)
+    for p in theirs.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    mine = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.requires_grad:
+            key = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+            key = key.replace(".default.weight", "").replace("lora_magnitude_vector", "magnitude")
+            mine[key].copy_(p)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return (theirs(**inputs).logits - ours(**inputs).logits).abs().max().item()
+
+
 def state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
@@ -83,7 +102,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--configs", default="peft-lora,rankwise-lora,peft-dora,rankwise-dora,full-ft,head-only")
     ap.add_argument("--out", default=str(RESULTS / "adapter_step_time"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     base, tok = load_model("minilm-l6", task="seq-cls", num_labels=5)
@@ -132,6 +154,9 @@ def main() -> None:
         if ours and theirs:
             ours["ratio_vs_peft"] = ours["median_s_per_step"] / theirs["median_s_per_step"]
             ours["activation_ratio_vs_peft"] = ours["saved_activation_bytes"] / theirs["saved_activation_bytes"]
+    for kind in ("lora", "dora"):
+        if f"rankwise-{kind}" in rows:
+            rows[f"rankwise-{kind}"]["max_output_diff_vs_peft"] = max_output_diff_vs_peft(base, kind, args.r, batch)
     result = {
         "setup": {
             "model": "minilm-l6 (all-MiniLM-L6-v2), sequence classification, 5 labels",
@@ -151,13 +176,14 @@ def main() -> None:
         f"MiniLM-L6 seq-cls, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
         f"{args.rounds} interleaved rounds x {args.steps} steps, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.\n",
-        "| config | median s/step | min | max | ratio vs PEFT | trainable params | optimizer state | saved activations |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | median s/step | min | max | ratio vs PEFT | max output diff vs PEFT | trainable params | optimizer state | saved activations |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in rows.items():
         ratio = f"{r['ratio_vs_peft']:.3f}" if "ratio_vs_peft" in r else ""
+        diff = f"{r['max_output_diff_vs_peft']:.1e}" if "max_output_diff_vs_peft" in r else ""
         lines.append(
-            f"| {n} | {r['median_s_per_step']:.3f} | {r['min_s_per_step']:.3f} | {r['max_s_per_step']:.3f} | {ratio} | "
+            f"| {n} | {r['median_s_per_step']:.3f} | {r['min_s_per_step']:.3f} | {r['max_s_per_step']:.3f} | {ratio} | {diff} | "
             f"{r['trainable_params']:,} | {r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['saved_activation_bytes'] / 2**20:.1f} MiB |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
