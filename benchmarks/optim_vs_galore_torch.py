@@ -124,8 +124,8 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     """Projector computation alone on the 56 gradients of the last step, interleaved ``reps`` rounds.
 
     galore-torch's ``GaLoreProjector.get_orthogonal_matrix`` (full SVD) against rankwise's ``svd`` and
-    ``rsvd`` projectors (warm-started from the basis the run left, as at a real refresh) with 2 (default),
-    1 and 0 power iterations. Quality: energy of G captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖²
+    ``rsvd`` projectors (warm-started from the basis the run left, as at a real refresh) with 2, 1 (default)
+    and 0 power iterations. Quality: energy of G captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖²
     (1 = as good as the exact top-r subspace), mean and minimum over the matrices.
     """
     from galore_torch.galore_projector import GaLoreProjector
@@ -134,8 +134,8 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
 
     sides = [resolve_side("std", g.shape) for g in grads]
     variants: dict[str, Any] = {"galore-torch svd": None, "rankwise svd": ("svd", {}),
-                                "rankwise rsvd (power_iters=2, default)": ("rsvd", {"power_iters": 2}),
-                                "rankwise rsvd (power_iters=1)": ("rsvd", {"power_iters": 1}),
+                                "rankwise rsvd (power_iters=2)": ("rsvd", {"power_iters": 2}),
+                                "rankwise rsvd (power_iters=1, default)": ("rsvd", {"power_iters": 1}),
                                 "rankwise rsvd (power_iters=0)": ("rsvd", {"power_iters": 0})}
     times: dict[str, list[float]] = {k: [] for k in variants}
     bases: dict[str, list[torch.Tensor]] = {}

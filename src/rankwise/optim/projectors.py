@@ -164,9 +164,11 @@ def randomized_left_basis(
 ) -> torch.Tensor:
     """Approximate top-``rank`` left singular vectors of A (m×n) by a randomized range finder.
 
-    Halko et al. 2011, Alg. 4.4: Y = A·Ω, Q = qr(Y), then ``power_iters`` rounds of Q ← qr(A·qr(AᵀQ)),
-    and an exact SVD of the small (k×n) matrix QᵀA. ``start`` (m×r, the previous basis) replaces r of
-    the k random test directions, which makes consecutive refreshes a warm-started subspace iteration.
+    Halko et al. 2011, Alg. 4.3 with re-orthonormalization once per round: Y = A·Ω, Q = qr(Y), then
+    ``power_iters`` rounds of Q ← qr(A·(AᵀQ)); the left singular vectors of the small B = QᵀA (k×n) come
+    from ``eigh`` of the k×k Gram matrix B·Bᵀ in float64 (its eigenvectors are B's left singular
+    vectors), which is much cheaper than an SVD of B. ``start`` (m×r, the previous basis) replaces r
+    of the k random test directions, which makes consecutive refreshes a warm-started subspace iteration.
     """
     m, n = A.shape
     k = min(rank + oversample, m, n)
@@ -180,10 +182,11 @@ def randomized_left_basis(
     Y = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
     Q = torch.linalg.qr(Y).Q
     for _ in range(power_iters):
-        Q = torch.linalg.qr(A.t() @ Q).Q
-        Q = torch.linalg.qr(A @ Q).Q
-    Ub, _, _ = torch.linalg.svd(Q.t() @ A, full_matrices=False)
-    return Q @ Ub[:, :rank]
+        Q = torch.linalg.qr(A @ (A.t() @ Q)).Q
+    B = Q.t() @ A
+    _, vecs = torch.linalg.eigh((B @ B.t()).double())  # ascending eigenvalues
+    Ub = vecs.flip(1)[:, :rank].to(A.dtype)
+    return Q @ Ub
 
 
 class SVDProjector(Projector):
@@ -213,7 +216,7 @@ class RandomizedSVDProjector(Projector):
         prev = state.get("P")
         start = None if prev is None else (prev if self.side == "left" else prev.t()).float()
         U = randomized_left_basis(
-            A, self.rank, int(self.opts.get("oversample", 8)), int(self.opts.get("power_iters", 2)), start, gen
+            A, self.rank, int(self.opts.get("oversample", 8)), int(self.opts.get("power_iters", 1)), start, gen
         )
         state["P"] = (U if self.side == "left" else U.t()).to(G.dtype).contiguous()
         state["proj_seed"] = seed
