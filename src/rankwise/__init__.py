@@ -11,11 +11,13 @@ from .adapters.ops import (
     unload,
     unmerge,
 )
-from . import optim
 from .io import load_adapter, save_adapter
+from . import optim
 from .peft_io import export_peft, import_peft
 from . import sparse
 from .sparse import sparsify
+from . import compress as compression
+from .compress import compress
 
 __version__ = "0.1.0"
 

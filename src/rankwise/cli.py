@@ -509,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    from .compress.cli import add_parser as add_compress_parser
+    from .compress.cli import run as run_compress
+
+    add_compress_parser(sub).set_defaults(func=run_compress)
     return parser
 
 

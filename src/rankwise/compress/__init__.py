@@ -1,0 +1,35 @@
+"""Compression of pretrained models: low-rank factorization (SVD baseline, WeLore, LoRD, PELA),
+structured pruning guided by LoRA (LoRAPrune) and sparse-plus-low-rank tuning (DSEE).
+
+``rw.compress(model, method, ratio=0.5)`` is the entry point; importing this package also registers
+the ``dsee`` adapter method.
+"""
+
+from . import dsee  # noqa: F401  (registers the "dsee" adapter)
+from .api import (
+    COMPRESS_METHODS,
+    CompressMethod,
+    CompressState,
+    compress,
+    compressed_state,
+    load_compressed,
+    recover,
+    save_compressed,
+)
+from .dsee import DSEEConfig, DSEELayer, dsee_finetune, dsee_prune, dsee_support
+from .evaluate import eval_blocks, evaluate_corpora, perplexity
+from .factorized import FactorizedLinear, densify, factorized_layers
+from .loraprune import cubic_sparsity, find_blocks, loraprune, loraprune_recover
+from .pela import pela_distill, pela_losses, weight_perturbation
+from .rank import rank_fraction_ranks, uniform_ratio_rank, welore_ranks
+from .svd import SVDCache, thin_svd
+from .welore import welore_finetune_params, welore_plan
+
+__all__ = [
+    "COMPRESS_METHODS", "CompressMethod", "CompressState", "DSEEConfig", "DSEELayer", "FactorizedLinear",
+    "SVDCache", "compress", "compressed_state", "cubic_sparsity", "densify", "dsee_finetune", "dsee_prune",
+    "dsee_support", "eval_blocks", "evaluate_corpora", "factorized_layers", "find_blocks", "load_compressed",
+    "loraprune", "loraprune_recover", "pela_distill", "pela_losses", "perplexity", "rank_fraction_ranks",
+    "recover", "save_compressed", "thin_svd", "uniform_ratio_rank", "weight_perturbation",
+    "welore_finetune_params", "welore_plan", "welore_ranks",
+]

@@ -1,0 +1,354 @@
+"""``rw.compress(model, method, ratio=...)``, recovery fine-tuning, and the compressed-model format.
+
+``ratio`` is the kept fraction of the *targeted weight-matrix entries* (biases, embeddings and
+norms are never compressed and not counted). What "kept" means per method:
+
+* ``svd``, ``lord``, ``pela``, ``welore`` — a factorized matrix keeps ``r·(out + in)`` weights, a
+  dense one ``out·in``;
+* ``loraprune`` — the weights outside pruned heads/channels (pruned ones are exact zeros in the
+  dense-shaped matrices; the targets are every block's attention and MLP linears);
+* ``dsee`` — the non-zero weights after magnitude pruning.
+
+Compressed-model format (``save_compressed``): a directory with the Hugging Face ``config.json``,
+``model.safetensors`` (the full state dict, factor pairs as ``<layer>.U`` / ``<layer>.V``),
+``rankwise_compressed.json`` (method, ratio, per-layer ranks, architecture class) and, if given,
+the tokenizer. ``load_compressed`` rebuilds the architecture from the config, swaps in the
+factorized layers and loads the tensors (strict), without any hub access.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters.ops import merge_and_unload
+from ..adapters.registry import adapt
+from ..io import atomic_directory, save_tensors, write_json
+from ..targets import Targets, find_targets, replace_module
+from .dsee import DSEEConfig, dsee_finetune
+from .evaluate import LossFn, batch_stream, loss_of, move_batch
+from .factorized import empty_factorized, factorized_layers
+from .loraprune import LoRAPruneConfig, find_blocks, loraprune, loraprune_recover
+from .lord import lord_compress
+from .pela import PELAConfig, pela_compress, pela_distill
+from .rank import check_ratio
+from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
+from .welore import welore_compress, welore_finetune_params
+
+ONE_SHOT = ("svd", "welore", "lord")
+COMPRESSED_CONFIG = "rankwise_compressed.json"
+COMPRESSED_WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CompressMethod:
+    name: str
+    paper: str
+    summary: str
+    needs_data: bool
+
+
+COMPRESS_METHODS: dict[str, CompressMethod] = {
+    m.name: m
+    for m in (
+        CompressMethod("svd", "Eckart & Young 1936 (truncated SVD baseline)",
+                       "every matrix → rank keeping `ratio` of its weights, two SVD factors", False),
+        CompressMethod("welore", "Jaiswal et al. 2024, From GaLore to WeLore",
+                       "heavy-tail rank per matrix from normalized singular values; LRCs factorized, N-LRCs dense", False),
+        CompressMethod("lord", "Kaushal et al. 2023, LORD: Low Rank Decomposition of Monolingual Code LLMs",
+                       "same rank fraction for every matrix, trainable truncated-SVD factor pairs", False),
+        CompressMethod("pela", "Guo et al. 2024, PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
+                       "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg.", False),
+        CompressMethod("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
+                       "iterative head/channel pruning from LoRA weights and gradients during LoRA fine-tuning", True),
+        CompressMethod("dsee", "Chen et al. 2023, DSEE: Dually Sparsity-embedded Efficient Tuning",
+                       "ΔW = BA + S on a fixed support, then magnitude-pruned sparse final weights", True),
+    )
+}
+
+
+@dataclass
+class CompressState:
+    """What ``compress`` did; stored as ``model.rankwise_compress``."""
+
+    method: str
+    ratio: float
+    targets: list[str]
+    ranks: dict[str, int | None] = field(default_factory=dict)  # factorized layers; None = kept dense
+    weights_before: int = 0  # targeted weight entries before
+    weights_after: int = 0  # ... after (factor entries, unpruned or non-zero entries)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.weights_after / max(self.weights_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (in-memory extras such as ``_prune_state`` and per-step histories are left out)."""
+        details = {k: v for k, v in self.details.items() if not k.startswith("_") and k not in ("history", "distill")}
+        return {"method": self.method, "ratio": self.ratio, "targets": list(self.targets), "ranks": dict(self.ranks),
+                "weights_before": self.weights_before, "weights_after": self.weights_after,
+                "kept_fraction": self.kept_fraction, "details": json.loads(json.dumps(details, default=str))}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressState:
+        keys = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in keys})
+
+
+def compressed_state(model: nn.Module) -> CompressState:
+    state = getattr(model, "rankwise_compress", None)
+    if state is None:
+        raise ValueError("model was not compressed with rw.compress")
+    return state
+
+
+def _weights(model: nn.Module, names: Iterable[str]) -> int:
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel()
+        else:  # FactorizedLinear
+            total += module.U.numel() + module.V.numel()
+    return total
+
+
+def _check_config(method: str, config: dict[str, Any], allowed_keys: Iterable[str]) -> None:
+    unknown = sorted(set(config) - set(allowed_keys))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method '{method}'; allowed options: {sorted(allowed_keys)}")
+
+
+def compress(
+    model: nn.Module,
+    method: str,
+    ratio: float = 0.5,
+    targets: Targets = "all-linear",
+    *,
+    data: Iterable | None = None,
+    steps: int = 0,
+    loss_fn: LossFn | None = None,
+    cache: SVDCache | None = None,
+    progress: bool = False,
+    **config: Any,
+) -> nn.Module:
+    """Compress ``model`` in place with ``method`` so the targeted weights keep ``ratio`` of their
+    entries; returns ``model`` (with ``model.rankwise_compress`` describing the result).
+
+    ``svd``/``lord``/``welore``/``pela`` are data-free one-shot factorizations (``rank=`` fixes one
+    rank for ``svd``/``lord``/``pela``; ``min_reduction=`` for ``welore``); ``pela`` with ``data`` and
+    ``steps > 0`` then runs its distillation stage (options of :class:`~.pela.PELAConfig`).
+    ``loraprune`` needs ``data`` and ``steps`` (options of :class:`~.loraprune.LoRAPruneConfig`);
+    ``dsee`` trains ``steps`` steps on ``data`` (``steps=0``: prune at once; adapter options of
+    :class:`~.dsee.DSEEConfig` plus ``lr`` and ``prune_at``). ``cache`` reuses SVDs across calls.
+    """
+    ratio = check_ratio(ratio)
+    if method not in COMPRESS_METHODS:
+        raise ValueError(f"method={method!r} is not allowed; choose one of {sorted(COMPRESS_METHODS)}")
+    if getattr(model, "rankwise_compress", None) is not None:
+        raise ValueError("model is already compressed (model.rankwise_compress is set)")
+    if getattr(model, "rankwise_adapter", None) is not None:
+        raise ValueError("model has rankwise adapters; merge or unload them (rw.merge_and_unload) before compressing")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    if method in ONE_SHOT and steps:
+        raise ValueError(f"method '{method}' is one-shot and data-free: steps must be 0 (use recover() to fine-tune)")
+    if steps > 0 and data is None:
+        raise ValueError(f"method '{method}' trains for steps={steps} and needs data=... (an iterable of batches)")
+    cache = cache if cache is not None else SVDCache()
+
+    if method == "loraprune":
+        state = _compress_loraprune(model, ratio, targets, data, steps, loss_fn, progress, config)
+    elif method == "dsee":
+        state = _compress_dsee(model, ratio, targets, data, steps, loss_fn, progress, config)
+    else:
+        found = find_targets(model, targets)
+        names = [n for n, _ in found]
+        before = _weights(model, names)
+        details: dict[str, Any] = {}
+        if method == "svd":
+            _check_config(method, config, ("rank",))
+            ranks = factorize_layers(model, svd_ranks(shapes_of(found), ratio, config.get("rank")), cache, progress)
+        elif method == "welore":
+            _check_config(method, config, ("min_reduction",))
+            plan, ranks = welore_compress(model, ratio, targets, cache, progress, **config)
+            details = {"threshold": plan.threshold, "lrc": plan.lrc, "nlrc": plan.nlrc, "reductions": plan.reductions}
+        elif method == "lord":
+            _check_config(method, config, ("rank",))
+            ranks = lord_compress(model, ratio, targets, cache, progress, **config)
+        else:  # pela
+            _check_config(method, config, PELAConfig.__dataclass_fields__)
+            cfg = PELAConfig(**config)
+            teacher = copy.deepcopy(model) if (steps > 0 and data is not None) else None
+            ranks = pela_compress(model, ratio, targets, cache, progress, rank=cfg.rank)
+            if teacher is not None:
+                kw = {k: v for k, v in asdict(cfg).items() if k != "rank"}
+                details["distill"] = pela_distill(model, teacher, data, steps, progress=progress, **kw)
+                del teacher
+        ranks = {n: ranks.get(n) for n in names}
+        state = CompressState(method, ratio, names, ranks, before, _weights(model, names), details)
+    model.rankwise_compress = state
+    return model
+
+
+def _compress_loraprune(
+    model: nn.Module, ratio: float, targets: Targets, data: Iterable | None, steps: int,
+    loss_fn: LossFn | None, progress: bool, config: dict[str, Any],
+) -> CompressState:
+    if not (isinstance(targets, str) and targets == "all-linear"):
+        raise ValueError(
+            "targets must be 'all-linear' for loraprune: it prunes whole heads and MLP channels of every block"
+        )
+    _check_config("loraprune", config, [*LoRAPruneConfig.__dataclass_fields__, "trainable", "on_target"])
+    if data is None or steps < 1:
+        raise ValueError("loraprune needs data=... and steps >= 1: importance comes from LoRA gradients while training")
+    names = [n for b in find_blocks(model) for n in b.names]
+    before = _weights(model, names)
+    prune_state, history = loraprune(model, data, ratio, steps, loss_fn=loss_fn, progress=progress, **config)
+    after = round(prune_state.kept_fraction() * before)
+    details = {**prune_state.to_dict(), "history": history}
+    state = CompressState("loraprune", ratio, names, {}, before, after, details)
+    state.details["_prune_state"] = prune_state  # kept in memory for recover(); not serialized
+    return state
+
+
+def _compress_dsee(
+    model: nn.Module, ratio: float, targets: Targets, data: Iterable | None, steps: int,
+    loss_fn: LossFn | None, progress: bool, config: dict[str, Any],
+) -> CompressState:
+    train_keys = ("lr", "prune_at", "trainable")
+    _check_config("dsee", config, [*DSEEConfig.field_names(), *train_keys])
+    adapter_cfg = {k: v for k, v in config.items() if k not in train_keys}
+    if steps > 0 and data is None:
+        raise ValueError("dsee with steps > 0 needs data=...")
+    adapt(model, "dsee", targets=targets, trainable=config.get("trainable", "auto"), **adapter_cfg)
+    names = list(model.rankwise_adapter.layers)
+    before = sum(model.get_submodule(n).base_layer.weight.numel() for n in names)
+    history = dsee_finetune(model, data or [], steps, 1.0 - ratio, config.get("prune_at", 0.5),
+                            config.get("lr", 1e-3), loss_fn, progress)
+    merge_and_unload(model)
+    after = sum(int(model.get_submodule(n).weight.count_nonzero()) for n in names)
+    nnz = DSEEConfig(**adapter_cfg).nnz
+    return CompressState("dsee", ratio, names, {}, before, after, {"nnz": nnz, "history": history})
+
+
+# ----------------------------------------------------------------------------------- recovery
+def recover(
+    model: nn.Module,
+    data: Iterable,
+    steps: int,
+    lr: float = 1e-4,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+    **config: Any,
+) -> list[dict]:
+    """A short recovery fine-tune with the method's own trainable part: the factor pairs (``svd``,
+    ``lord``, ``pela``), the LRC factors only (``welore``), or LoRA under the fixed pruning masks
+    (``loraprune``; LoRA options in ``config``). Everything else stays frozen and bit-identical; the
+    previous ``requires_grad`` flags are restored afterwards."""
+    state = compressed_state(model)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a positive integer")
+    if state.method == "dsee":
+        raise ValueError("dsee recovers during its own fine-tuning; pass steps=... to rw.compress instead")
+    if state.method == "loraprune":
+        prune_state = state.details.get("_prune_state")
+        if prune_state is None:
+            raise ValueError("the pruning masks of this loraprune model are not in memory (recover right after compress)")
+        return loraprune_recover(model, prune_state, data, steps, loss_fn, progress=progress, lr=lr, **config)
+    if config:
+        raise ValueError(f"unknown option(s) {sorted(config)} for recovering a '{state.method}' model")
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    if state.method == "welore":
+        params = welore_finetune_params(model, freeze_others=True)
+    else:
+        params = [p for _, layer in factorized_layers(model) for p in layer.parameters()]
+        keep = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    if not params:
+        raise ValueError("the compressed model has no factorized layer to train")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    history = []
+    model.train()
+    try:
+        for step, batch in enumerate(tqdm(batch_stream(data, steps), total=steps, desc="recover", disable=not progress, leave=False)):
+            loss = loss_of(model, move_batch(batch, device), loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append({"step": step, "loss": loss.item()})
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    return history
+
+
+# ----------------------------------------------------------------------------------- save / load
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write a compressed model (see the module docstring for the format) atomically to ``path``."""
+    state = compressed_state(model)
+    info = {
+        "format": "rankwise-compressed",
+        "version": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "factorized": {
+            name: {"rank": layer.rank, "in_features": layer.in_features, "out_features": layer.out_features,
+                   "bias": layer.bias is not None}
+            for name, layer in factorized_layers(model)
+        },
+        "state": state.to_dict(),
+    }
+    with atomic_directory(path) as tmp:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise ValueError("save_compressed needs a Hugging Face model (model.config)")
+        config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        save_tensors(model.state_dict(), tmp / COMPRESSED_WEIGHTS)
+        write_json(tmp / COMPRESSED_CONFIG, info)
+    return Path(path)
+
+
+def load_compressed(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save_compressed` (offline; strict state-dict load)."""
+    import transformers
+
+    path = Path(path)
+    info_file = path / COMPRESSED_CONFIG
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{info_file} not found: not a rankwise compressed-model directory")
+    info = json.loads(info_file.read_text())
+    if info.get("format") != "rankwise-compressed":
+        raise ValueError(f"{info_file} is not a rankwise compressed-model file")
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    cls = getattr(transformers, info["architecture"], None)
+    if cls is None:
+        raise ValueError(f"unknown architecture {info['architecture']!r} in {info_file}")
+    model = cls(config)
+    for name, spec in info["factorized"].items():
+        old = model.get_submodule(name)
+        layer = empty_factorized(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"],
+                                 old.weight.device, old.weight.dtype)
+        replace_module(model, name, layer)
+    tensors = load_file(str(path / COMPRESSED_WEIGHTS))
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    model.rankwise_compress = CompressState.from_dict(info["state"])
+    return model

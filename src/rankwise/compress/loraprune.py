@@ -1,0 +1,468 @@
+"""LoRAPrune — Zhang et al. 2024, "LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning"
+(ACL Findings 2024, arXiv 2305.18403; official code github.com/aim-uofa/LoRAPrune).
+
+Structured, iterative pruning of attention heads and MLP channels *during* LoRA fine-tuning, with
+importance estimated from LoRA alone — the gradient of the frozen W₀ is never computed:
+
+* LoRA-guided gradient estimate (Sec. 3.2, Eq. 7–8; official ``compute_sensitivity``): one SGD step on
+  the factors changes ``BA`` by ``(B − G_B)(A − G_A) − BA``, so ``Ĝ = G_B A + B G_A − G_B G_A``.
+* Element importance ``Î = |Ĝ ⊙ (W₀ + s·BA)|`` (first-order Taylor); a unit's importance sums Î
+  over its rows (q/k/v, gate/up: output channels) or columns (o, down: input channels), each
+  module's vector L2-normalized, summed over the modules of the group, and smoothed across steps
+  with a moving average ``Ī ← β Ī + (1 − β) I`` (Eq. 10, β = 0.9).
+* Iterative schedule (official ``schedule_sparsity_ratio``, the cubic schedule of Zhu & Gupta
+  2017): sparsity 0 during the warm-up fraction, ``s_f (1 − (1 − (t − t₀)/(t₁ − t₀))³)`` in between,
+  ``s_f`` from ``t₁ = T(1 − cooldown)`` on; every ``prune_every`` steps (and at ``t₁``) the
+  least-important units of every block are masked. Pruned units stay pruned.
+
+Units: a *query head* (its q rows and o_proj columns; with grouped-query attention the k/v rows of
+a key-value head go too once all its query heads are pruned; with plain multi-head attention a head
+is q, k, v rows + o columns as in the official code) and an *MLP channel* (gate/up rows and down
+column; BERT: intermediate row and output column). Pruned units are **zeroed, not removed**: the
+final model has the original dense shapes with whole rows/columns exactly 0, and LoRA stays a
+standard, mergeable LoRA. Every block gets the same weight sparsity: heads are pruned at the
+block's unit fraction (rounded down) and the channel count makes up the rest of the block's budget,
+so the kept fraction lands on ``ratio`` within one head's weights. Differences from the official
+code: the final sparsity is always applied (the official trainer skips pruning once the schedule
+equals the target), and grouped-query attention is handled as above (the official code assumes
+multi-head attention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters.lora import LoRALayer
+from ..adapters.ops import merge_and_unload
+from ..adapters.registry import adapt
+from .evaluate import LossFn, batch_stream, loss_of, move_batch
+
+LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "mlp_out": ("mlp.gate_proj", "mlp.up_proj"), "mlp_in": ("mlp.down_proj",)}
+BERT = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+        "o": "attention.output.dense", "mlp_out": ("intermediate.dense",), "mlp_in": ("output.dense",)}
+STYLES = {"llama": LLAMA, "bert": BERT}
+
+
+# ------------------------------------------------------------------------------------- structure
+@dataclass
+class Block:
+    """One transformer block's prunable linears (full module names) and its head layout."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp_out: tuple[str, ...]  # output-channel side of the MLP (gate, up / intermediate)
+    mlp_in: tuple[str, ...]  # input-channel side (down / output)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    channels: int
+    head_weights: int = 0  # weights freed by pruning one query head (q rows + o columns)
+    kv_weights: int = 0  # weights freed by pruning one key-value head (k rows + v rows)
+    channel_weights: int = 0  # weights freed by pruning one MLP channel
+    total: int = 0  # all weights of the block's prunable linears
+
+    @property
+    def group(self) -> int:
+        """Query heads per key-value head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.q, self.k, self.v, self.o, *self.mlp_out, *self.mlp_in)
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """Every Llama-style (``self_attn.{q,k,v,o}_proj`` + ``mlp.{gate,up,down}_proj``) or BERT-style
+    (``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
+    ``output.dense``) block. ValueError when the model has none or the head layout is inconsistent."""
+    modules = dict(model.named_modules())
+    found = [
+        (style, name[: -len(style["q"])])
+        for style in STYLES.values()
+        for name in modules
+        if name == style["q"] or name.endswith("." + style["q"])
+    ]
+    if not found:
+        raise ValueError(
+            "LoRAPrune found no Llama-style (self_attn.q_proj, ..., mlp.down_proj) or BERT-style "
+            "(attention.self.query, ..., output.dense) transformer block in the model"
+        )
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError("LoRAPrune needs model.config.num_attention_heads to find the attention heads")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    blocks = []
+    for style, prefix in found:
+        members = {key: prefix + style[key] for key in ("q", "k", "v", "o")}
+        mlp_out = tuple(prefix + n for n in style["mlp_out"])
+        mlp_in = tuple(prefix + n for n in style["mlp_in"])
+        lin = {}
+        for full in (*members.values(), *mlp_out, *mlp_in):
+            module = modules.get(full)
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"LoRAPrune expects '{full}' to be an nn.Linear, got {type(module).__name__}")
+            lin[full] = module
+        q, k, o = lin[members["q"]], lin[members["k"]], lin[members["o"]]
+        head_dim = getattr(cfg, "head_dim", None) or q.out_features // heads
+        if q.out_features != heads * head_dim or k.out_features != kv_heads * head_dim or heads % kv_heads:
+            raise ValueError(
+                f"head layout of '{prefix}' does not match the config ({heads} heads, {kv_heads} kv heads, "
+                f"head_dim {head_dim})"
+            )
+        channels = lin[mlp_out[0]].out_features
+        block = Block(**members, mlp_out=mlp_out, mlp_in=mlp_in, heads=heads, kv_heads=kv_heads,
+                      head_dim=head_dim, channels=channels)
+        block.head_weights = head_dim * (q.in_features + o.out_features)
+        block.kv_weights = head_dim * (k.in_features + lin[members["v"]].in_features)
+        block.channel_weights = sum(lin[n].in_features for n in mlp_out) + sum(lin[n].out_features for n in mlp_in)
+        block.total = sum(m.weight.numel() for m in lin.values())
+        blocks.append(block)
+    return blocks
+
+
+# ------------------------------------------------------------------------------------- schedule
+def cubic_sparsity(step: int, total_steps: int, final: float, warmup: float = 0.1, cooldown: float = 0.1) -> float:
+    """Zhu & Gupta's cubic schedule as in the official trainer: 0 until ``t₀ = warmup·T``, the final
+    value from ``t₁ = T(1 − cooldown)`` on (at the latest the last step), ``s_f(1 − (1 − (t−t₀)/(t₁−t₀))³)``
+    in between."""
+    t0 = warmup * total_steps
+    t1 = min(total_steps * (1.0 - cooldown), total_steps - 1)
+    if step >= t1:
+        return final
+    if step <= t0:
+        return 0.0
+    coeff = 1.0 - (step - t0) / (t1 - t0)
+    return final * (1.0 - coeff**3)
+
+
+def first_final_step(total_steps: int, cooldown: float) -> int:
+    """The step at which :func:`cubic_sparsity` first returns the final sparsity."""
+    return math.ceil(min(total_steps * (1.0 - cooldown), total_steps - 1))
+
+
+# ------------------------------------------------------------------------------------- state
+@dataclass
+class BlockState:
+    """Pruned units of one block and their smoothed importance."""
+
+    heads: set[int] = field(default_factory=set)
+    channels: set[int] = field(default_factory=set)
+    head_importance: torch.Tensor | None = None
+    channel_importance: torch.Tensor | None = None
+
+    def pruned_kv(self, block: Block) -> list[int]:
+        g = block.group
+        return [j for j in range(block.kv_heads) if all(j * g + i in self.heads for i in range(g))]
+
+    def pruned_weights(self, block: Block) -> int:
+        return (len(self.heads) * block.head_weights + len(self.pruned_kv(block)) * block.kv_weights
+                + len(self.channels) * block.channel_weights)
+
+
+@dataclass
+class LoRAPruneState:
+    blocks: list[Block]
+    units: list[BlockState]
+
+    @property
+    def total(self) -> int:
+        return sum(b.total for b in self.blocks)
+
+    def kept_fraction(self) -> float:
+        return 1.0 - sum(u.pruned_weights(b) for b, u in zip(self.blocks, self.units, strict=True)) / self.total
+
+    def row_masks(self) -> dict[str, torch.Tensor]:
+        """Per module: a bool keep-mask over output rows (q, k, v, gate/up) or input columns (o, down)."""
+        masks = {}
+        for block, units in zip(self.blocks, self.units, strict=True):
+            d = block.head_dim
+            head_keep = torch.ones(block.heads, dtype=torch.bool)
+            head_keep[list(units.heads)] = False
+            kv_keep = torch.ones(block.kv_heads, dtype=torch.bool)
+            kv_keep[units.pruned_kv(block)] = False
+            chan_keep = torch.ones(block.channels, dtype=torch.bool)
+            chan_keep[list(units.channels)] = False
+            masks[block.q] = head_keep.repeat_interleave(d)
+            masks[block.o] = head_keep.repeat_interleave(d)
+            masks[block.k] = kv_keep.repeat_interleave(d)
+            masks[block.v] = kv_keep.repeat_interleave(d)
+            for n in (*block.mlp_out, *block.mlp_in):
+                masks[n] = chan_keep
+        return masks
+
+    def to_dict(self) -> dict:
+        return {
+            "kept_fraction": self.kept_fraction(),
+            "blocks": [
+                {"q": b.q, "pruned_heads": sorted(u.heads), "pruned_kv_heads": u.pruned_kv(b),
+                 "pruned_channels": len(u.channels), "heads": b.heads, "channels": b.channels}
+                for b, u in zip(self.blocks, self.units, strict=True)
+            ],
+        }
+
+
+def _input_side(block: Block, name: str) -> bool:
+    return name == block.o or name in block.mlp_in
+
+
+# ------------------------------------------------------------------------------------- importance
+@torch.no_grad()
+def lora_importance(layer: LoRALayer, input_side: bool) -> torch.Tensor:
+    """Per-row (or per-column, ``input_side``) sum of ``|Ĝ ⊙ (W₀ + s·BA)|`` with the LoRA-guided
+    ``Ĝ = G_B A + B G_A − G_B G_A``; reads only LoRA gradients (W₀ has none)."""
+    a, b = layer.lora_A, layer.lora_B
+    if a.grad is None or b.grad is None:
+        raise ValueError("LoRA factors have no gradient; call loss.backward() before estimating importance")
+    ga, gb = a.grad.float(), b.grad.float()
+    af, bf = a.detach().float(), b.detach().float()
+    g_hat = gb @ af + bf @ ga - gb @ ga
+    weight = layer.base_layer.weight.float() + layer.scale * (bf @ af)
+    imp = (g_hat * weight).abs()
+    return imp.sum(0) if input_side else imp.sum(1)
+
+
+def _normalized(v: torch.Tensor) -> torch.Tensor:
+    return v / (torch.linalg.vector_norm(v) + 1e-8)
+
+
+@torch.no_grad()
+def block_importance(model: nn.Module, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's (head, channel) importance of one block: each module's per-unit vector is
+    L2-normalized and the vectors of a group are summed (k/v per key-value head, shared evenly by
+    its query heads)."""
+    def imp(name: str) -> torch.Tensor:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoRALayer):
+            raise ValueError(f"'{name}' carries no LoRA adapter")
+        return lora_importance(layer, _input_side(block, name))
+
+    d, g = block.head_dim, block.group
+    heads = _normalized(imp(block.q).view(block.heads, d).sum(1)) + _normalized(imp(block.o).view(block.heads, d).sum(1))
+    kv = _normalized(imp(block.k).view(block.kv_heads, d).sum(1)) + _normalized(imp(block.v).view(block.kv_heads, d).sum(1))
+    heads = heads + kv.repeat_interleave(g) / g
+    channels = sum(_normalized(imp(n)) for n in (*block.mlp_out, *block.mlp_in))
+    return heads, channels
+
+
+def update_importance(model: nn.Module, state: LoRAPruneState, beta: float) -> None:
+    """``Ī ← β Ī + (1 − β) I`` for every block (skipped when this step's importance is not finite)."""
+    fresh = [block_importance(model, b) for b in state.blocks]
+    if any(not (torch.isfinite(h).all() and torch.isfinite(c).all()) for h, c in fresh):
+        return
+    for units, (h, c) in zip(state.units, fresh, strict=True):
+        units.head_importance = (1 - beta) * h if units.head_importance is None else beta * units.head_importance + (1 - beta) * h
+        units.channel_importance = (
+            (1 - beta) * c if units.channel_importance is None else beta * units.channel_importance + (1 - beta) * c
+        )
+
+
+def _least_important(importance: torch.Tensor | None, pruned: set[int], count: int, size: int) -> set[int]:
+    """``pruned`` plus the lowest-importance other units, up to ``count`` units in total."""
+    extra = count - len(pruned)
+    if extra <= 0:
+        return set(pruned)
+    scores = importance.clone() if importance is not None else torch.zeros(size)
+    order = [int(i) for i in torch.argsort(scores, stable=True) if int(i) not in pruned]
+    return set(pruned) | set(order[:extra])
+
+
+def prune_to(state: LoRAPruneState, sparsity: float) -> None:
+    """Grow every block's pruned set to weight sparsity ``sparsity``: heads at the block's unit
+    fraction (rounded down, at least one head kept), then MLP channels up to the block's budget
+    (rounded up, at least one channel kept). Pruned units are never revived."""
+    for block, units in zip(state.blocks, state.units, strict=True):
+        budget = sparsity * block.total
+        prunable = block.heads * block.head_weights + block.channels * block.channel_weights
+        unit_fraction = min(1.0, budget / prunable)
+        n_heads = min(block.heads - 1, math.floor(block.heads * unit_fraction + 1e-9))
+        units.heads = _least_important(units.head_importance, units.heads, n_heads, block.heads)
+        freed = len(units.heads) * block.head_weights + len(units.pruned_kv(block)) * block.kv_weights
+        n_chan = min(block.channels - 1, max(0, math.ceil((budget - freed) / block.channel_weights - 1e-9)))
+        units.channels = _least_important(units.channel_importance, units.channels, n_chan, block.channels)
+
+
+# ------------------------------------------------------------------------------------- masks
+class _Masks:
+    """Forward hooks that zero pruned output rows / input columns of the LoRA-adapted modules."""
+
+    def __init__(self, model: nn.Module, state: LoRAPruneState) -> None:
+        self.model, self.state, self.handles = model, state, []
+        self.masks: dict[str, torch.Tensor] = {}
+        self.input_side = {n: _input_side(b, n) for b in state.blocks for n in b.names}
+        self.refresh()
+        for name, side in self.input_side.items():
+            module = model.get_submodule(name)
+            if side:
+                self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+            else:
+                self.handles.append(module.register_forward_hook(self._post(name)))
+
+    def refresh(self) -> None:
+        device = next(self.model.parameters()).device
+        self.masks = {n: m.to(device) for n, m in self.state.row_masks().items()}
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            return (args[0] * self.masks[name].to(args[0].dtype), *args[1:])
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, output):
+            return output * self.masks[name].to(output.dtype)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def apply_masks_to_weights(model: nn.Module, state: LoRAPruneState) -> None:
+    """Zero the pruned rows (and bias entries) / columns of the plain ``nn.Linear`` weights."""
+    for name, keep in state.row_masks().items():
+        lin = model.get_submodule(name)
+        drop = (~keep).to(lin.weight.device)
+        if any(_input_side(b, name) for b in state.blocks if name in b.names):
+            lin.weight[:, drop] = 0
+        else:
+            lin.weight[drop] = 0
+            if lin.bias is not None:
+                lin.bias[drop] = 0
+
+
+# ------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoRAPruneConfig:
+    """LoRA (``r``, ``alpha``, ``dropout``), optimizer (``lr``), schedule (``prune_every``,
+    ``warmup``, ``cooldown`` as fractions of the steps), importance smoothing ``beta``."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lr: float = 1e-4
+    prune_every: int = 10
+    warmup: float = 0.1
+    cooldown: float = 0.1
+    beta: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r={self.r!r} must be a positive integer")
+        if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every < 1:
+            raise ValueError(f"prune_every={self.prune_every!r} must be a positive integer")
+        for name in ("warmup", "cooldown", "beta"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+        if self.warmup + self.cooldown >= 1.0:
+            raise ValueError(f"warmup + cooldown = {self.warmup + self.cooldown} must be < 1")
+        if not isinstance(self.lr, int | float) or self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
+            raise ValueError(f"alpha={self.alpha!r} must be > 0")
+
+
+def _train(
+    model: nn.Module,
+    state: LoRAPruneState,
+    data: Iterable,
+    steps: int,
+    cfg: LoRAPruneConfig,
+    final_sparsity: float | None,
+    loss_fn: LossFn | None,
+    trainable: str | Iterable[str] | None,
+    on_target: Callable[[nn.Module, int], None] | None,
+    progress: bool,
+) -> list[dict]:
+    names = [n for b in state.blocks for n in b.names]
+    adapt(model, "lora", targets=names, r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout, trainable=trainable)
+    masks = _Masks(model, state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    reached = final_sparsity is None
+    history = []
+    model.train()
+    try:
+        stream = batch_stream(data, steps)
+        for step, batch in enumerate(tqdm(stream, total=steps, desc="loraprune", disable=not progress, leave=False)):
+            loss = loss_of(model, move_batch(batch, device), loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            target = None
+            if final_sparsity is not None:
+                update_importance(model, state, cfg.beta)
+                target = cubic_sparsity(step, steps, final_sparsity, cfg.warmup, cfg.cooldown)
+                if target > 0 and (step % cfg.prune_every == 0 or target >= final_sparsity):
+                    prune_to(state, target)
+                    masks.refresh()
+            opt.step()
+            history.append({"step": step, "loss": loss.item(), "target_sparsity": target,
+                            "kept_fraction": state.kept_fraction()})
+            if not reached and target is not None and target >= final_sparsity:
+                reached = True
+                if on_target is not None:
+                    model.eval()
+                    on_target(model, step)
+                    model.train()
+    finally:
+        masks.remove()
+    model.eval()
+    merge_and_unload(model)
+    apply_masks_to_weights(model, state)
+    return history
+
+
+def loraprune(
+    model: nn.Module,
+    data: Iterable,
+    ratio: float,
+    steps: int,
+    loss_fn: LossFn | None = None,
+    trainable: str | Iterable[str] | None = "auto",
+    on_target: Callable[[nn.Module, int], None] | None = None,
+    progress: bool = False,
+    **config: object,
+) -> tuple[LoRAPruneState, list[dict]]:
+    """Fine-tune LoRA on all block linears for ``steps`` steps while pruning heads and channels on
+    the cubic schedule until the blocks keep ``ratio`` of their weights; then merge LoRA and zero
+    the pruned rows/columns (in place: ``model`` ends as a plain dense-shaped model).
+    ``on_target(model, step)`` runs once, right after the final sparsity is reached."""
+    from .rank import check_ratio
+
+    ratio = check_ratio(ratio)
+    cfg = LoRAPruneConfig(**config)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a positive integer: LoRAPrune estimates importance while training")
+    blocks = find_blocks(model)
+    state = LoRAPruneState(blocks, [BlockState() for _ in blocks])
+    history = _train(model, state, data, steps, cfg, 1.0 - ratio, loss_fn, trainable, on_target, progress)
+    return state, history
+
+
+def loraprune_recover(
+    model: nn.Module,
+    state: LoRAPruneState,
+    data: Iterable,
+    steps: int,
+    loss_fn: LossFn | None = None,
+    trainable: str | Iterable[str] | None = "auto",
+    progress: bool = False,
+    **config: object,
+) -> list[dict]:
+    """More LoRA fine-tuning of a pruned model with its masks fixed, then merge and re-zero."""
+    cfg = LoRAPruneConfig(**config)
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} must be >= 1")
+    return _train(model, state, data, steps, cfg, None, loss_fn, trainable, None, progress)
