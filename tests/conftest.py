@@ -9,6 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 VOCAB = 100
 
 # Tiny models run fastest on one thread (and a 2-core CI box stays responsive for subprocess tests).
+# This holds for every test module; subprocess workers set it themselves.
 torch.set_num_threads(1)
 
 

@@ -19,14 +19,6 @@ HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("gt_all_mini
 needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="MiniLM / BBC asset packages not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny runs are fastest single-threaded (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))

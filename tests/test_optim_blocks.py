@@ -21,14 +21,6 @@ from .conftest import make_tiny_bert, make_tiny_llama
 from .ddp_worker import N_LAYERS, make_batches, make_model, make_optimizer, params_of, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and ~50x faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 K = 2
 
 

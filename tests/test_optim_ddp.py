@@ -27,14 +27,6 @@ import rankwise.optim as rwo
 from .ddp_worker import make_batches, make_model, make_optimizer, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and ~50x faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 STEPS = 6
 ENGINE = ["galore", "fira", "apollo"]
 

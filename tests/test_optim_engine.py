@@ -16,7 +16,6 @@ from rankwise.optim import quant
 from rankwise.optim.projected import ProjectedOptimizer
 from tests.conftest import make_tiny_bert
 
-torch.set_num_threads(1)
 
 
 def _lowrank_plus_noise(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:

@@ -18,14 +18,6 @@ from rankwise.optim import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .ddp_worker import make_batches, make_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and ~50x faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def adamw(groups):
     return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)

@@ -15,7 +15,6 @@ from rankwise.optim.gradnormlorp import weight_norm_grads
 from rankwise.optim.residual import channel_scale
 from tests.conftest import lm_batches, make_tiny_llama
 
-torch.set_num_threads(1)
 
 
 def _grads(shape, n, seed=0, lowrank=None, dtype=torch.float32):

@@ -13,7 +13,6 @@ import rankwise as rw
 galore_torch = pytest.importorskip("galore_torch")
 apollo_torch = pytest.importorskip("apollo_torch")
 
-torch.set_num_threads(1)
 STEPS = 20
 
 

@@ -84,7 +84,6 @@ def resume_all(directory: str) -> None:
 
 
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
-    torch.set_num_threads(1)
     straight = {}
     for cid, name, kwargs in CONFIGS:
         model, opt = build(name, kwargs)

@@ -14,15 +14,6 @@ from rankwise.sparse.layers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on a busy 2-core host, LAPACK's threaded SVD on
-    64×32 matrices can stall for ~0.3 s, so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def dense_reference(layer: SparseLowRankLinear) -> torch.Tensor:
     """s·B A + scatter(S) written out by hand."""

@@ -25,14 +25,6 @@ from rankwise.train import (
 VOCAB, SEQ = 50, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def dropout_bert(seed: int = 0) -> BertForSequenceClassification:
     """Tiny BERT with dropout on, so the RNG state matters for the training trajectory."""
