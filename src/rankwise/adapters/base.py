@@ -158,19 +158,22 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge`` (``W ← W − ΔW``), exact up to floating-point rounding of the add."""
+        """Undo ``merge``: the base weight goes back to ``frozen_weight()``."""
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.sub_(self.delta_weight().to(w.dtype))
+        self.base_layer.weight.copy_(self.frozen_weight())
         self.merged = False
+
+    def frozen_weight(self) -> torch.Tensor:
+        """The frozen base weight, recovered from the merged weight when merged (``W − ΔW`` for an
+        additive delta, exact up to rounding; methods whose merge is not additive override this)."""
+        w = self.base_layer.weight
+        return w - self.delta_weight().to(w.dtype) if self.merged else w
 
     @torch.no_grad()
     def original_weight(self) -> torch.Tensor:
         """W₀ as it was before adaptation (undoing a merge and any initialization offset)."""
-        w = self.base_layer.weight.detach().clone()
-        if self.merged:
-            w -= self.delta_weight().to(w.dtype)
+        w = self.frozen_weight().detach().clone()
         offset = self.base_offset()
         if offset is not None:
             w += offset.to(w.dtype)

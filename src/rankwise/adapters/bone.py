@@ -81,7 +81,8 @@ class BoneLayer(AdapterLayer):
 
     @torch.no_grad()
     def frozen_weight(self) -> torch.Tensor:
-        """W₀ (the base weight), recovered from the merged weight by the blockwise inverse if merged."""
+        """W₀ (the base weight), recovered from the merged weight by the blockwise inverse if merged:
+        W₀ = blockwise (W′ − b)(I + b)⁻¹, exact up to rounding while I + b_a is invertible."""
         w = self.base_layer.weight
         return bone_inverse(w, self.bone_block) if self.merged else w
 
@@ -98,14 +99,6 @@ class BoneLayer(AdapterLayer):
             return F.linear(x, w + bone_delta(w, self.bone_block.to(w.dtype)), bias)
         out = self.base_layer(x)
         return out + F.linear(self.dropout(x), self.delta_weight()).to(out.dtype)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W₀ = blockwise (W′ − b)(I + b)⁻¹ (exact up to rounding while I + b_a is invertible)."""
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self.frozen_weight())
-        self.merged = False
 
     def trainable_count(self) -> int:
         return self.out_features * self.config.r

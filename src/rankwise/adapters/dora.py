@@ -136,11 +136,8 @@ class DoRALayer(LoRALayer):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W₀ = W′ · ‖W₀+sBA‖/m − sBA (PEFT's ``DoraLinearVariant.unmerge``)."""
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self.frozen_weight())
-        self.merged = False
+        """W₀ = W′ · ‖W₀+sBA‖/m − sBA (PEFT's ``DoraLinearVariant.unmerge``), via ``frozen_weight``."""
+        super().unmerge()
         self.merge_norm = None
 
     def trainable_count(self) -> int:
