@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -46,6 +45,8 @@ import rankwise as rw
 from rankwise.data.datasets import lm_blocks, load_text
 from rankwise.models.loaders import ensure_smollm2_cache
 from rankwise.optim.projectors import resolve_side
+
+from optim_pretrain import warmup_cosine  # the same warmup + cosine-to-floor schedule
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB = 32000
@@ -171,16 +172,6 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     return {"matrices": len(grads), "rounds": reps, "variants": result}
 
 
-def warmup_cosine(total: int, warmup: int, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> float:
     model.eval()
@@ -229,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = copy.deepcopy(base)
         model.train()
         opt = build(kind, model, args)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, max(1, args.steps // 10)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, max(1, args.steps // 10), floor=0.1))
         runs[kind] = {"model": model, "opt": opt, "sched": sched, "step": 0, "loss": [], "opt_s": [], "fb_s": []}
     print(f"LLaMA-60M: {n_params / 1e6:.1f}M params, {args.steps} steps x {args.batch} x {args.seq}, rank {args.rank}, "
           f"update_gap {args.update_gap}, lr {args.lr}, threads {args.threads}, projector {args.projector}", flush=True)
