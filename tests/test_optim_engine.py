@@ -79,19 +79,39 @@ def test_randomized_svd_finds_the_svd_subspace_and_warm_starts():
     G = _lowrank_plus_noise(64, 48, 6)
     exact = pj.svd_basis(G, 6, "left")
     gen = torch.Generator().manual_seed(0)
-    approx = pj.randomized_left_basis(G, 6, oversample=4, power_iters=2, generator=gen)
+    approx, projected = pj.randomized_left_basis(G, 6, oversample=4, power_iters=2, generator=gen)
     assert _subspace_error(exact, approx) < 1e-3
+    torch.testing.assert_close(projected, approx.t() @ G, rtol=1e-5, atol=1e-5)  # UᵀA comes for free
     # warm start from the exact basis with no extra random direction and no power iteration stays exact
-    warm = pj.randomized_left_basis(G, 6, oversample=0, power_iters=0, start=exact)
+    warm, _ = pj.randomized_left_basis(G, 6, oversample=0, power_iters=0, start=exact)
     assert _subspace_error(exact, warm) < 1e-4
+    # a bfloat16 sketch finds the same subspace; the Rayleigh-Ritz step keeps U orthonormal in float32
+    low, low_projected = pj.randomized_left_basis(G, 6, oversample=4, power_iters=2, generator=gen,
+                                                  power_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and _subspace_error(exact, low) < 1e-2
+    torch.testing.assert_close(low.t() @ low, torch.eye(6), rtol=0, atol=1e-5)
+    torch.testing.assert_close(low_projected, low.t() @ G, rtol=1e-5, atol=1e-5)
+    # one power round from a perturbed previous basis moves towards the SVD subspace
+    rough = torch.linalg.qr(exact + 0.3 * torch.randn(64, 6, generator=gen)).Q
+    better, _ = pj.randomized_left_basis(G, 6, oversample=2, power_iters=1, start=rough, generator=gen)
+    assert _subspace_error(exact, better) < 0.1 * _subspace_error(exact, rough)
     # projector keeps a seed chain and reuses the previous basis
-    proj = pj.make_projector("rsvd", 6, "right", (64, 48))
+    proj = pj.make_projector("rsvd", 6, "right", (64, 48), {"power_dtype": "float32"})
     state = {"seed": 1}
-    proj.compute(G, state)
+    projected = proj.compute(G, state)
+    torch.testing.assert_close(projected, proj.project(G, state), rtol=1e-5, atol=1e-5)
     first_seed = state["proj_seed"]
     proj.compute(G, state)
     assert state["proj_seed"] == pj.advance_seed(first_seed)
     assert _subspace_error(pj.svd_basis(G, 6, "right").t(), state["P"].t()) < 1e-3
+
+
+def test_rsvd_power_dtype_auto_follows_the_hardware():
+    cpu = torch.device("cpu")
+    assert pj.power_dtype("float32", cpu) is None
+    assert pj.power_dtype("bfloat16", cpu) is torch.bfloat16
+    native = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert pj.power_dtype("auto", cpu) is (torch.bfloat16 if native else None)
 
 
 def test_gaussian_projector_stores_only_a_seed_and_regenerates_bit_exactly():
@@ -250,6 +270,7 @@ def _w(m=8, n=6):
         ({"bogus": 1}, {"rank": 2}, "unknown option"),
         ({"inner": "adafactor", "reproject_moments": True}, {"rank": 2}, "reproject_moments"),
         ({"lr": -1.0}, {"rank": 2}, "lr"),
+        ({"projector": "rsvd", "power_dtype": "float16"}, {"rank": 2}, "power_dtype='float16'.*bfloat16"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_parameter(kwargs, group, match):

@@ -23,6 +23,15 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return out.loss
 
 
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for dicts, ``model(*batch)`` for tuples/lists, ``model(batch)`` otherwise."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    return model(batch)
+
+
 def estimate_gradients(
     model: nn.Module,
     names: list[str],

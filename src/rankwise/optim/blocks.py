@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..adapters.gradients import call_model
+
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios", "transformer_blocks"]
 
 EMBEDDING = "embedding"
@@ -537,15 +539,6 @@ class LISA(_SampledBlocks):
 # OwLore: outlier ratios + low-rank projected Adam
 
 
-def _batch_forward(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, tuple | list):
-        model(*batch)
-    else:
-        model(batch)
-
-
 @torch.no_grad()
 def outlier_ratios(
     model: nn.Module,
@@ -585,7 +578,7 @@ def outlier_ratios(
         try:
             seen = 0
             for batch in calibration:
-                _batch_forward(model, batch)
+                call_model(model, batch)
                 seen += 1
                 if max_batches is not None and seen >= max_batches:
                     break

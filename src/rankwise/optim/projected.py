@@ -36,12 +36,12 @@ import torch
 from torch.optim import Optimizer
 
 from .inner import INNERS, get_inner
-from .projectors import PROJECTORS, SIDES, Projector, make_projector, resolve_side
+from .projectors import POWER_DTYPES, PROJECTORS, SIDES, Projector, make_projector, resolve_side
 from .residual import RESIDUALS, get_residual
 
 # Options a group may carry besides the core keys (all plain numbers / strings / tuples).
 OPTION_KEYS = (
-    "oversample", "power_iters",            # rsvd
+    "oversample", "power_iters", "power_dtype",  # rsvd
     "dct_norm",                             # dct: p of the column-score norm (1 as the official code)
     "quant_group_size",                     # svd_int4
     "proj_lr", "osd_init", "proj_weight_decay",  # online (OSD)
@@ -50,7 +50,7 @@ OPTION_KEYS = (
     "quant_block", "min_8bit_size",         # adamw8bit
     "adafactor_eps", "decay_rate", "clip_threshold", "beta1", "scale_parameter",  # adafactor
 )
-_PROJECTOR_OPTS = ("oversample", "power_iters", "dct_norm", "quant_group_size", "proj_lr", "osd_init",
+_PROJECTOR_OPTS = ("oversample", "power_iters", "power_dtype", "dct_norm", "quant_group_size", "proj_lr", "osd_init",
                    "proj_weight_decay", "update_gap")
 
 
@@ -149,6 +149,8 @@ class ProjectedOptimizer(Optimizer):
         _choice("projector", group["projector"], PROJECTORS)
         _choice("inner", group["inner"], INNERS)
         _choice("residual", group["residual"], RESIDUALS)
+        if "power_dtype" in group:
+            _choice("power_dtype", group["power_dtype"], POWER_DTYPES)
         if group["reproject_moments"] and not get_inner(group["inner"]).supports_transition:
             raise ValueError(
                 f"reproject_moments=True is not supported with inner={group['inner']!r}; "
@@ -198,14 +200,17 @@ class ProjectedOptimizer(Optimizer):
 
     def _refresh(
         self, p: torch.Tensor, G: torch.Tensor, group: dict[str, Any], state: dict[str, Any], proj: Projector
-    ) -> None:
+    ) -> torch.Tensor | None:
+        """New basis from G (carrying the moments over if asked); returns project(G) if the projector
+        produced it on the way (see :meth:`Projector.compute`)."""
         first = not proj.has_basis(state)
         old = None if first or not group["reproject_moments"] else proj.basis(state)
-        proj.compute(G, state)
+        projected = proj.compute(G, state)
         if old is not None:
             T = proj.basis(state).t() @ old
             get_inner(group["inner"]).transition(state, T, proj.side, group)
         self._after_refresh(p, group, state, proj, first)
+        return projected
 
     def _after_refresh(
         self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], proj: Projector, first: bool
@@ -258,9 +263,9 @@ class ProjectedOptimizer(Optimizer):
         G = p.grad
         step = int(state.get("step", 0))
         proj = self._projector_for(p, group)
-        if self._refresh_due(proj, group, state, step):
-            self._refresh(p, G, group, state, proj)
-        R = proj.project(G, state)
+        R = self._refresh(p, G, group, state, proj) if self._refresh_due(proj, group, state, step) else None
+        if R is None:
+            R = proj.project(G, state)
         N, c = get_inner(group["inner"]).update(R, state, group, p)
         state["step"] = step + 1
         get_residual(group["residual"]).apply(p, G, R, N, proj, state, group, c)

@@ -110,7 +110,8 @@ class Projector:
     def has_basis(self, state: State) -> bool:
         return "proj_version" in state
 
-    def compute(self, G: torch.Tensor, state: State) -> None:  # pragma: no cover - abstract
+    def compute(self, G: torch.Tensor, state: State) -> torch.Tensor | None:  # pragma: no cover - abstract
+        """Refresh the basis from G; return ``project(G)`` when it falls out of the computation, else None."""
         raise NotImplementedError
 
     def matrix(self, state: State) -> torch.Tensor:  # pragma: no cover - abstract
@@ -158,35 +159,41 @@ def randomized_left_basis(
     A: torch.Tensor,
     rank: int,
     oversample: int = 8,
-    power_iters: int = 2,
+    power_iters: int = 1,
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Approximate top-``rank`` left singular vectors of A (m×n) by a randomized range finder.
+    power_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate top-``rank`` left singular vectors U (m×r) of A (m×n), and UᵀA (r×n) with them.
 
-    Halko et al. 2011, Alg. 4.3 with re-orthonormalization once per round: Y = A·Ω, Q = qr(Y), then
-    ``power_iters`` rounds of Q ← qr(A·(AᵀQ)); the left singular vectors of the small B = QᵀA (k×n) come
-    from ``eigh`` of the k×k Gram matrix B·Bᵀ in float64 (its eigenvectors are B's left singular
-    vectors), which is much cheaper than an SVD of B. ``start`` (m×r, the previous basis) replaces r
-    of the k random test directions, which makes consecutive refreshes a warm-started subspace iteration.
+    Subspace iteration with a Rayleigh-Ritz step (Halko et al. 2011, Alg. 4.3/5.1): an orthonormal
+    start Q (m×k, k = rank + oversample), ``power_iters`` rounds of Q ← qr(A·(AᵀQ)), then B = QᵀA and
+    the top-r eigenvectors W of the k×k Gram B·Bᵀ (float64 ``eigh``; they are B's left singular
+    vectors), U = Q·W. UᵀA = WᵀB comes for free, which saves the caller one projection of A.
+    Cold start: Q = qr(A·Ω) for a Gaussian Ω (n×k). Warm start: ``start`` (m×r', the previous
+    orthonormal basis) plus k − r' Gaussian columns orthonormalized against it, so consecutive
+    refreshes continue one subspace iteration at the cost of ``power_iters`` extra passes over A.
     """
     m, n = A.shape
     k = min(rank + oversample, m, n)
-    n_rand = k if start is None else k - start.shape[1]
-    cols = []
-    if start is not None:
-        cols.append(start.to(A.dtype))
-    if n_rand > 0:
-        omega = torch.randn((n, n_rand), generator=generator, device=A.device, dtype=A.dtype)
-        cols.append(A @ omega)
-    Y = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
-    Q = torch.linalg.qr(Y).Q
+    if start is None:
+        omega = torch.randn((n, k), generator=generator, device=A.device, dtype=A.dtype)
+        Q = torch.linalg.qr(A @ omega).Q
+    else:
+        Q = start.to(A.dtype)
+        extra = k - Q.shape[1]
+        if extra > 0:
+            R = torch.randn((m, extra), generator=generator, device=A.device, dtype=A.dtype)
+            R = R - Q @ (Q.t() @ R)
+            Q = torch.cat([Q, torch.linalg.qr(R).Q], dim=1)
+    Ap = A if power_dtype is None or power_iters == 0 else A.to(power_dtype)
     for _ in range(power_iters):
-        Q = torch.linalg.qr(A @ (A.t() @ Q)).Q
+        Qp = Q.to(Ap.dtype)
+        Q = torch.linalg.qr((Ap @ (Ap.t() @ Qp)).to(A.dtype)).Q
     B = Q.t() @ A
     _, vecs = torch.linalg.eigh((B @ B.t()).double())  # ascending eigenvalues
-    Ub = vecs.flip(1)[:, :rank].to(A.dtype)
-    return Q @ Ub
+    W = vecs[:, -rank:].flip(1).to(A.dtype)
+    return Q @ W, W.t() @ B
 
 
 class SVDProjector(Projector):
@@ -203,24 +210,42 @@ class SVDProjector(Projector):
         return state["P"]
 
 
+POWER_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def power_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """dtype of the range finder's power iterations (None = the float32 of A). ``auto`` picks bfloat16
+    where matmuls have native bf16 support (CUDA with bf16, CPUs with AVX-512), else float32: the
+    sketch only has to find the subspace, the Rayleigh-Ritz step and the projection stay in float32."""
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512" else None
+
+
 class RandomizedSVDProjector(Projector):
     """Randomized SVD basis, warm-started from the previous P. State: ``P``, ``proj_seed``."""
 
     name = "rsvd"
     state_keys = ("P", "proj_seed", "proj_version")
 
-    def compute(self, G: torch.Tensor, state: State) -> None:
+    def compute(self, G: torch.Tensor, state: State) -> torch.Tensor:
         seed = next_proj_seed(state)
         gen = torch.Generator(device=G.device).manual_seed(seed)
         A = _float(G) if self.side == "left" else _float(G).t()
         prev = state.get("P")
         start = None if prev is None else (prev if self.side == "left" else prev.t()).float()
-        U = randomized_left_basis(
-            A, self.rank, int(self.opts.get("oversample", 8)), int(self.opts.get("power_iters", 1)), start, gen
+        U, UtA = randomized_left_basis(
+            A, self.rank, int(self.opts.get("oversample", 8)), int(self.opts.get("power_iters", 1)), start, gen,
+            power_dtype(self.opts.get("power_dtype", "auto"), G.device),
         )
         state["P"] = (U if self.side == "left" else U.t()).to(G.dtype).contiguous()
         state["proj_seed"] = seed
         _bump(state)
+        return (UtA if self.side == "left" else UtA.t()).to(G.dtype).contiguous()
 
     def matrix(self, state: State) -> torch.Tensor:
         return state["P"]

@@ -78,14 +78,19 @@ class QGaLoreAdamW(ProjectedOptimizer):
         gap = int(state.get("gap", group["update_gap"]))
         return gap > 0 and step % gap == 0  # gap 0 = frozen
 
-    def _refresh(self, p, G, group, state, proj) -> None:
+    def _refresh(self, p, G, group, state, proj) -> torch.Tensor | None:
         prev = state.get("P_first")
         prev = None if prev is None else prev.clone()
-        super()._refresh(p, G, group, state, proj)
+        projected = super()._refresh(p, G, group, state, proj)
         state["svd_count"] = int(state.get("svd_count", 0)) + 1
         state.setdefault("gap", int(group["update_gap"]))
-        if prev is None:
-            return
+        if prev is not None:
+            self._track_similarity(state, prev)
+        return projected
+
+    def _track_similarity(self, state: dict[str, Any], prev: torch.Tensor) -> None:
+        """Queue the cosine similarity of the new and previous projector's first vector; freeze or
+        widen the gap once the queue's mean passes ``cos_threshold`` (Q-GaLore's lazy refresh)."""
         k = self.queue_size
         queue = state.get("cos_queue")
         if queue is None:
