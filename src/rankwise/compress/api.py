@@ -5,15 +5,19 @@ norms are never compressed and not counted). What "kept" means per method:
 
 * ``svd``, ``lord``, ``pela``, ``welore`` — a factorized matrix keeps ``r·(out + in)`` weights, a
   dense one ``out·in``;
-* ``loraprune`` — the weights outside pruned heads/channels (pruned ones are exact zeros in the
-  dense-shaped matrices; the targets are every block's attention and MLP linears);
-* ``dsee`` — the non-zero weights after magnitude pruning.
+* ``loraprune`` — the weights of the shrunk matrices: pruned heads/channels are physically removed
+  (smaller ``nn.Linear`` layers, fewer heads; the targets are every block's attention and MLP linears);
+* ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
+  is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
+  non-zero fraction of the targeted weights).
 
 Compressed-model format (``save_compressed``): a directory with the Hugging Face ``config.json``,
 ``model.safetensors`` (the full state dict, factor pairs as ``<layer>.U`` / ``<layer>.V``),
-``rankwise_compressed.json`` (method, ratio, per-layer ranks, architecture class) and, if given,
-the tokenizer. ``load_compressed`` rebuilds the architecture from the config, swaps in the
-factorized layers and loads the tensors (strict), without any hub access.
+``rankwise_compressed.json`` (method, ratio, per-layer ranks, architecture class; for ``loraprune``
+the ``resized`` layout: each shrunk linear's in/out features and bias, each attention / MLP module's
+kept head counts and sizes) and, if given, the tokenizer. ``load_compressed`` rebuilds the
+architecture from the config, applies the resized layout, swaps in the factorized layers and loads
+the tensors (strict), without any hub access.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..targets import Targets, find_targets, replace_module
 from .dsee import DSEEConfig, dsee_finetune
 from .evaluate import LossFn, batch_stream, loss_of, move_batch
 from .factorized import empty_factorized, factorized_layers
-from .loraprune import LoRAPruneConfig, find_blocks, loraprune, loraprune_recover
+from .loraprune import LoRAPruneConfig, apply_layout, find_blocks, loraprune, loraprune_recover
 from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
 from .rank import check_ratio
@@ -48,7 +52,7 @@ from .welore import welore_compress, welore_finetune_params
 ONE_SHOT = ("svd", "welore", "lord")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ COMPRESS_METHODS: dict[str, CompressMethod] = {
         CompressMethod("welore", "Jaiswal et al. 2024, From GaLore to WeLore",
                        "heavy-tail rank per matrix from normalized singular values; LRCs factorized, N-LRCs dense", False),
         CompressMethod("lord", "Kaushal et al. 2023, LORD: Low Rank Decomposition of Monolingual Code LLMs",
-                       "same rank fraction for every matrix, trainable truncated-SVD factor pairs", False),
+                       "same rank fraction for every matrix; trainable truncated-SVD factor pairs, or "
+                       "output-covariance factors with data=", False),
         CompressMethod("pela", "Guo et al. 2024, PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
                        "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg.", False),
         CompressMethod("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
@@ -87,19 +92,21 @@ class CompressState:
     targets: list[str]
     ranks: dict[str, int | None] = field(default_factory=dict)  # factorized layers; None = kept dense
     weights_before: int = 0  # targeted weight entries before
-    weights_after: int = 0  # ... after (factor entries, unpruned or non-zero entries)
+    weights_after: int = 0  # ... after (factor entries, kept entries of shrunk matrices, or non-zero entries)
     details: dict[str, Any] = field(default_factory=dict)
+    resized: dict[str, Any] = field(default_factory=dict)  # loraprune: remove_pruned_units' layout (shapes, heads)
 
     @property
     def kept_fraction(self) -> float:
         return self.weights_after / max(self.weights_before, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary (in-memory extras such as ``_prune_state`` and per-step histories are left out)."""
+        """JSON-friendly summary (in-memory extras such as per-step histories are left out)."""
         details = {k: v for k, v in self.details.items() if not k.startswith("_") and k not in ("history", "distill")}
         return {"method": self.method, "ratio": self.ratio, "targets": list(self.targets), "ranks": dict(self.ranks),
                 "weights_before": self.weights_before, "weights_after": self.weights_after,
-                "kept_fraction": self.kept_fraction, "details": json.loads(json.dumps(details, default=str))}
+                "kept_fraction": self.kept_fraction, "details": json.loads(json.dumps(details, default=str)),
+                "resized": self.resized}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressState:
@@ -147,10 +154,12 @@ def compress(
     """Compress ``model`` in place with ``method`` so the targeted weights keep ``ratio`` of their
     entries; returns ``model`` (with ``model.rankwise_compress`` describing the result).
 
-    ``svd``/``lord``/``welore``/``pela`` are data-free one-shot factorizations (``rank=`` fixes one
-    rank for ``svd``/``lord``/``pela``; ``min_reduction=`` for ``welore``); ``pela`` with ``data`` and
+    ``svd``/``lord``/``welore``/``pela`` are one-shot factorizations (``rank=`` fixes one rank for
+    ``svd``/``lord``/``pela``; ``min_reduction=`` for ``welore``); ``lord`` with ``data`` (and
+    ``steps=0``) decomposes the layer outputs on those batches instead of the weights; ``pela`` with ``data`` and
     ``steps > 0`` then runs its distillation stage (options of :class:`~.pela.PELAConfig`).
-    ``loraprune`` needs ``data`` and ``steps`` (options of :class:`~.loraprune.LoRAPruneConfig`);
+    ``loraprune`` needs ``data`` and ``steps`` (options of :class:`~.loraprune.LoRAPruneConfig`) and
+    returns a physically smaller model (pruned heads and channels removed);
     ``dsee`` trains ``steps`` steps on ``data`` (``steps=0``: prune at once; adapter options of
     :class:`~.dsee.DSEEConfig` plus ``lr`` and ``prune_at``). ``cache`` reuses SVDs across calls.
     """
@@ -164,7 +173,8 @@ def compress(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an integer >= 0")
     if method in ONE_SHOT and steps:
-        raise ValueError(f"method '{method}' is one-shot and data-free: steps must be 0 (use recover() to fine-tune)")
+        note = " (data=... makes lord data-aware)" if method == "lord" else ""
+        raise ValueError(f"method '{method}' is one-shot: steps must be 0{note}; use recover() to fine-tune")
     if steps > 0 and data is None:
         raise ValueError(f"method '{method}' trains for steps={steps} and needs data=... (an iterable of batches)")
     cache = cache if cache is not None else SVDCache()
@@ -187,7 +197,8 @@ def compress(
             details = {"threshold": plan.threshold, "lrc": plan.lrc, "nlrc": plan.nlrc, "reductions": plan.reductions}
         elif method == "lord":
             _check_config(method, config, ("rank",))
-            ranks = lord_compress(model, ratio, targets, cache, progress, **config)
+            ranks = lord_compress(model, ratio, targets, cache, progress, calibration=data, **config)
+            details = {"decomposition": "output-covariance" if data is not None else "svd"}
         else:  # pela
             _check_config(method, config, PELAConfig.__dataclass_fields__)
             cfg = PELAConfig(**config)
@@ -216,12 +227,9 @@ def _compress_loraprune(
         raise ValueError("loraprune needs data=... and steps >= 1: importance comes from LoRA gradients while training")
     names = [n for b in find_blocks(model) for n in b.names]
     before = _weights(model, names)
-    prune_state, history = loraprune(model, data, ratio, steps, loss_fn=loss_fn, progress=progress, **config)
-    after = round(prune_state.kept_fraction() * before)
+    prune_state, history, layout = loraprune(model, data, ratio, steps, loss_fn=loss_fn, progress=progress, **config)
     details = {**prune_state.to_dict(), "history": history}
-    state = CompressState("loraprune", ratio, names, {}, before, after, details)
-    state.details["_prune_state"] = prune_state  # kept in memory for recover(); not serialized
-    return state
+    return CompressState("loraprune", ratio, names, {}, before, _weights(model, names), details, layout)
 
 
 def _compress_dsee(
@@ -255,19 +263,18 @@ def recover(
     **config: Any,
 ) -> list[dict]:
     """A short recovery fine-tune with the method's own trainable part: the factor pairs (``svd``,
-    ``lord``, ``pela``), the LRC factors only (``welore``), or LoRA under the fixed pruning masks
-    (``loraprune``; LoRA options in ``config``). Everything else stays frozen and bit-identical; the
-    previous ``requires_grad`` flags are restored afterwards."""
+    ``lord``, ``pela``) or the LRC factors only (``welore``) — everything else stays frozen and
+    bit-identical and the previous ``requires_grad`` flags are restored afterwards — or, for
+    ``loraprune``, LoRA on the shrunk block linears, merged at the end (LoRA options in ``config``;
+    works on a loaded model too: the pruned units no longer exist, so no masks are needed)."""
     state = compressed_state(model)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be a positive integer")
     if state.method == "dsee":
         raise ValueError("dsee recovers during its own fine-tuning; pass steps=... to rw.compress instead")
     if state.method == "loraprune":
-        prune_state = state.details.get("_prune_state")
-        if prune_state is None:
-            raise ValueError("the pruning masks of this loraprune model are not in memory (recover right after compress)")
-        return loraprune_recover(model, prune_state, data, steps, loss_fn, progress=progress, lr=lr, **config)
+        _check_config("loraprune recovery", config, ("r", "alpha", "dropout", "trainable"))
+        return loraprune_recover(model, state.targets, data, steps, loss_fn, progress=progress, lr=lr, **config)
     if config:
         raise ValueError(f"unknown option(s) {sorted(config)} for recovering a '{state.method}' model")
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -342,6 +349,8 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     if cls is None:
         raise ValueError(f"unknown architecture {info['architecture']!r} in {info_file}")
     model = cls(config)
+    state = CompressState.from_dict(info["state"])
+    apply_layout(model, state.resized)
     for name, spec in info["factorized"].items():
         old = model.get_submodule(name)
         layer = empty_factorized(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"],
@@ -350,5 +359,5 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     tensors = load_file(str(path / COMPRESSED_WEIGHTS))
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    model.rankwise_compress = CompressState.from_dict(info["state"])
+    model.rankwise_compress = state
     return model

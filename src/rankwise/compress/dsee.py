@@ -10,14 +10,27 @@ Two sparsities (Sec. 3):
    ``L = rank-k SVD of (W₀ − S)``, ``S = top-nnz entries of |W₀ − L|``) and take the support of S.
    ``support="random"`` is the paper's random-support ablation. S₂ and B start at 0, so the adapted
    model starts equal to the pretrained one.
-2. *Sparse final weights*: global magnitude pruning of the effective weights ``W₀ + ΔW`` over all
-   adapted matrices (official ``prune.global_unstructured(L1Unstructured)``), then further tuning
-   of B, A, S₂ under the mask; the merged weight is ``M ⊙ (W₀ + ΔW)``, exactly 0 where pruned.
+2. *Sparse final weights*, then further tuning of B, A, S₂ under the mask; the merged weight is
+   ``M ⊙ (W₀ + ΔW)``, exactly 0 where pruned. Two patterns (``structure``):
+
+   * ``"unstructured"``: global magnitude pruning of the effective weights ``W₀ + ΔW`` over all
+     adapted matrices (official ``prune.global_unstructured(L1Unstructured)``);
+   * ``"heads"``: the structured variant (official ``run_glue_prune_with_WAB_heads.py``): in every
+     attention block the ``round(sparsity·heads)`` heads of least importance are removed. A head's
+     importance is the ℓ1 norm of the weight *update* over the head's slice of the attention
+     projections, ``Σ |ΔW|`` over its q/k/v rows and o columns (official ``prune_mode=ABS``, the
+     one its scripts use; the official code adapts only q and v, so only those terms appear there);
+     ``head_score="weight_update"`` adds ``Σ |W₀|`` over the same slices (official ``WABS``). With
+     grouped-query attention a key-value head's k/v terms are shared equally by its query heads.
+     Pruned heads are *zeroed, not removed* (the dense shapes are kept): the head's q rows and
+     o columns are exactly 0, and its k/v rows too (with grouped-query attention: once every query
+     head of the key-value group is pruned). q/k/v bias entries are left (with the o columns at 0
+     they have no effect). Needs DSEE adapters on q, k, v and o of every attention block (e.g.
+     ``targets="all-linear"``) so that the head masks live in the adapters' keep-masks.
 
 Pruning zeroes W₀ in place at the pruned positions (the keep-mask is a persistent buffer, so
 ``load_adapter`` re-applies it); ``unload`` after pruning gives the pruned base. The delta is not a
-low-rank product (the sparse term), so it merges but does not export to PEFT. Only unstructured
-final sparsity is implemented (the paper also prunes heads).
+low-rank product (the sparse term), so it merges but does not export to PEFT.
 """
 
 from __future__ import annotations
@@ -34,25 +47,33 @@ from ..adapters.base import AdapterConfig, AdapterLayer, allowed, kaiming_unifor
 from ..adapters.init import InitContext, truncated_svd
 from ..adapters.registry import MethodSpec, adapter_layers, register
 from .evaluate import LossFn, batch_stream, loss_of, move_batch
+from .loraprune import BERT, LLAMA
 
 SUPPORTS = ("decomposition", "random")
+STRUCTURES = ("unstructured", "heads")
+HEAD_SCORES = ("update", "weight_update")
 
 
 @dataclass
 class DSEEConfig(AdapterConfig):
     """``alpha`` (scale α/r on BA + S₂; None = r), ``nnz`` (non-zeros of S₂ per matrix), ``support``
-    ("decomposition" of W₀ or "random"), ``support_rank`` (rank of L in W₀ ≈ L + S; None = r) and
-    ``support_iters`` (alternations)."""
+    ("decomposition" of W₀ or "random"), ``support_rank`` (rank of L in W₀ ≈ L + S; None = r),
+    ``support_iters`` (alternations), ``structure`` of the final sparsity ("unstructured" or
+    "heads") and ``head_score`` ("update": Σ|ΔW| of a head, or "weight_update": Σ|W₀| + Σ|ΔW|)."""
 
     alpha: float | None = None
     nnz: int = 64
     support: str = "decomposition"
     support_rank: int | None = None
     support_iters: int = 3
+    structure: str = "unstructured"
+    head_score: str = "update"
 
     def validate(self) -> None:
         super().validate()
         allowed("support", self.support, SUPPORTS)
+        allowed("structure", self.structure, STRUCTURES)
+        allowed("head_score", self.head_score, HEAD_SCORES)
         if isinstance(self.nnz, bool) or not isinstance(self.nnz, int) or self.nnz < 0:
             raise ValueError(f"nnz={self.nnz!r} must be an integer >= 0 (non-zeros of the sparse update)")
         if self.alpha is not None and not (isinstance(self.alpha, int | float) and self.alpha > 0):
@@ -192,14 +213,22 @@ def dsee_layers(model: nn.Module) -> list[tuple[str, DSEELayer]]:
     return layers
 
 
-@torch.no_grad()
-def dsee_prune(model: nn.Module, sparsity: float) -> int:
-    """Global magnitude pruning of the effective weights ``W₀ + ΔW`` of every DSEE layer: the
-    ``round(sparsity·N)`` smallest-magnitude entries (N = all adapted weights) are masked. Returns
-    the number pruned."""
+def _check_sparsity(sparsity: float) -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1)")
+
+
+@torch.no_grad()
+def dsee_prune(model: nn.Module, sparsity: float) -> int:
+    """Prune the effective weights ``W₀ + ΔW`` of the DSEE layers with the adapters' ``structure``:
+    ``"unstructured"`` masks the ``round(sparsity·N)`` smallest-magnitude entries (N = all adapted
+    weights) and returns that count; ``"heads"`` removes ``round(sparsity·heads)`` heads per
+    attention block (:func:`prune_heads`) and returns the number of heads pruned."""
+    _check_sparsity(sparsity)
     layers = dsee_layers(model)
+    config = layers[0][1].config
+    if config.structure == "heads":
+        return prune_heads(model, sparsity, config.head_score)
     effective = [layer.base_layer.weight.float() + layer.delta_weight().float() for _, layer in layers]
     magnitudes = torch.cat([(w.abs().flatten()) for w in effective])
     count = round(sparsity * magnitudes.numel())
@@ -214,6 +243,108 @@ def dsee_prune(model: nn.Module, sparsity: float) -> int:
     return count
 
 
+# ------------------------------------------------------------------------------ structured: heads
+@dataclass(frozen=True)
+class AttentionBlock:
+    """The DSEE layers on one attention block's q/k/v/o projections and its head layout."""
+
+    prefix: str
+    q: DSEELayer
+    k: DSEELayer
+    v: DSEELayer
+    o: DSEELayer
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per key-value head."""
+        return self.heads // self.kv_heads
+
+
+def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
+    """Every Llama-style (``self_attn.{q,k,v,o}_proj``) or BERT-style (``attention.self.{query,key,
+    value}``, ``attention.output.dense``) attention block; ValueError when there is none, when one
+    of its projections has no DSEE adapter, or when the head layout does not match the config."""
+    layers = dict(dsee_layers(model))
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError("structure='heads' needs model.config.num_attention_heads to find the attention heads")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    blocks = []
+    for style in (LLAMA, BERT):
+        for name, _ in model.named_modules():
+            if not (name == style["q"] or name.endswith("." + style["q"])):
+                continue
+            prefix = name[: -len(style["q"])]
+            members = {}
+            for key in ("q", "k", "v", "o"):
+                full = prefix + style[key]
+                if full not in layers:
+                    raise ValueError(
+                        f"structure='heads' needs DSEE adapters on q, k, v and o of every attention block; "
+                        f"'{full}' has none (adapt with targets='all-linear' or list all four projections)"
+                    )
+                members[key] = layers[full]
+            head_dim = getattr(cfg, "head_dim", None) or members["q"].out_features // heads
+            if (members["q"].out_features != heads * head_dim or members["o"].in_features != heads * head_dim
+                    or members["k"].out_features != kv_heads * head_dim or heads % kv_heads):
+                raise ValueError(f"head layout of '{prefix}' does not match the config ({heads} heads, "
+                                 f"{kv_heads} kv heads, head_dim {head_dim})")
+            blocks.append(AttentionBlock(prefix, **members, heads=heads, kv_heads=kv_heads, head_dim=head_dim))
+    if not blocks:
+        raise ValueError("structure='heads' found no Llama-style (self_attn.q_proj, ...) or BERT-style "
+                         "(attention.self.query, ...) attention block in the model")
+    return blocks
+
+
+def _l1(layer: DSEELayer, dim: int, head_score: str) -> torch.Tensor:
+    """``Σ |ΔW|`` (plus ``Σ |W₀|`` for "weight_update") along ``dim`` (1: per row, 0: per column)."""
+    magnitude = layer.delta_weight().float().abs()
+    if head_score == "weight_update":
+        magnitude = magnitude + layer.base_layer.weight.float().abs()
+    return magnitude.sum(dim)
+
+
+@torch.no_grad()
+def head_importance(block: AttentionBlock, head_score: str = "update") -> torch.Tensor:
+    """Per query head: the ℓ1 norm of the update over its q rows and o columns, plus its equal share
+    (``1/group``) of its key-value head's k and v rows (DSEE's structured criterion, module docstring)."""
+    allowed("head_score", head_score, HEAD_SCORES)
+    d = block.head_dim
+    q = _l1(block.q, 1, head_score).view(block.heads, d).sum(1)
+    o = _l1(block.o, 0, head_score).view(block.heads, d).sum(1)
+    kv = (_l1(block.k, 1, head_score) + _l1(block.v, 1, head_score)).view(block.kv_heads, d).sum(1)
+    return q + o + kv.repeat_interleave(block.group) / block.group
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, sparsity: float, head_score: str = "update") -> int:
+    """In every attention block, zero the ``round(sparsity·heads)`` heads of least
+    :func:`head_importance` (q rows, o columns, and k/v rows of fully pruned key-value groups) via
+    the DSEE keep-masks. Returns the number of heads pruned over all blocks."""
+    _check_sparsity(sparsity)
+    allowed("head_score", head_score, HEAD_SCORES)
+    pruned = 0
+    for block in attention_blocks(model):
+        count = round(sparsity * block.heads)
+        if count == 0:
+            continue
+        keep = torch.ones(block.heads, dtype=torch.bool)
+        keep[head_importance(block, head_score).argsort(stable=True)[:count].cpu()] = False
+        kv_keep = keep.view(block.kv_heads, block.group).any(1)
+        q_rows = keep.repeat_interleave(block.head_dim).to(block.q.keep_mask.device)
+        kv_rows = kv_keep.repeat_interleave(block.head_dim).to(block.k.keep_mask.device)
+        block.q.set_mask(block.q.keep_mask & q_rows[:, None])
+        block.k.set_mask(block.k.keep_mask & kv_rows[:, None])
+        block.v.set_mask(block.v.keep_mask & kv_rows[:, None])
+        block.o.set_mask(block.o.keep_mask & q_rows.to(block.o.keep_mask.device)[None, :])
+        pruned += count
+    return pruned
+
+
 def dsee_finetune(
     model: nn.Module,
     data: Iterable,
@@ -225,8 +356,9 @@ def dsee_finetune(
     progress: bool = False,
 ) -> list[dict]:
     """Train the DSEE update for ``steps`` AdamW steps; after ``round(prune_at·steps)`` steps prune
-    the effective weights to ``sparsity`` and keep tuning under the mask (with ``steps=0`` it just
-    prunes). Returns per-step losses."""
+    with :func:`dsee_prune` at ``sparsity`` (of the weights, or of each block's heads for
+    ``structure="heads"``) and keep tuning under the mask (with ``steps=0`` it just prunes).
+    Returns per-step losses."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an integer >= 0")
     if not 0.0 <= prune_at <= 1.0:

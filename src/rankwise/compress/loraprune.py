@@ -18,14 +18,18 @@ importance estimated from LoRA alone — the gradient of the frozen W₀ is neve
 Units: a *query head* (its q rows and o_proj columns; with grouped-query attention the k/v rows of
 a key-value head go too once all its query heads are pruned; with plain multi-head attention a head
 is q, k, v rows + o columns as in the official code) and an *MLP channel* (gate/up rows and down
-column; BERT: intermediate row and output column). Pruned units are **zeroed, not removed**: the
-final model has the original dense shapes with whole rows/columns exactly 0, and LoRA stays a
-standard, mergeable LoRA. Every block gets the same weight sparsity: heads are pruned at the
-block's unit fraction (rounded down) and the channel count makes up the rest of the block's budget,
-so the kept fraction lands on ``ratio`` within one head's weights. Differences from the official
-code: the final sparsity is always applied (the official trainer skips pruning once the schedule
-equals the target), and grouped-query attention is handled as above (the official code assumes
-multi-head attention).
+column; BERT: intermediate row and output column). During the schedule pruned units are masked
+(forward hooks), so LoRA stays a standard, mergeable LoRA; at the end LoRA is merged and the pruned
+rows/columns are **removed** (:func:`remove_pruned_units`): the model gets smaller ``nn.Linear``
+layers and fewer heads, with exactly the outputs of the masked model. Every block gets the same
+weight sparsity: heads are pruned at the block's unit fraction (rounded down) and the channel count
+makes up the rest of the block's budget (capped before the final step so it never overshoots it),
+so the final kept fraction lands on ``ratio``, at most one channel's weights below it.
+Differences from the official code: the final sparsity is always applied (the official trainer
+skips pruning once the schedule equals the target), the channel count makes up for the rounding of
+the head count (the official code prunes the same unit fraction of both), and grouped-query
+attention (which the official code does not handle) is pruned so every surviving key-value group
+keeps the same number of query heads (see :func:`grow_heads`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 from ..adapters.lora import LoRALayer
 from ..adapters.ops import merge_and_unload
 from ..adapters.registry import adapt
+from ..targets import replace_module
 from .evaluate import LossFn, batch_stream, loss_of, move_batch
 
 LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -276,19 +281,112 @@ def _least_important(importance: torch.Tensor | None, pruned: set[int], count: i
     return set(pruned) | set(order[:extra])
 
 
-def prune_to(state: LoRAPruneState, sparsity: float) -> None:
-    """Grow every block's pruned set to weight sparsity ``sparsity``: heads at the block's unit
-    fraction (rounded down, at least one head kept), then MLP channels up to the block's budget
-    (rounded up, at least one channel kept). Pruned units are never revived."""
+def kept_per_group(block: Block, heads: set[int]) -> int:
+    """Query heads kept by every surviving key-value group of ``block`` when ``heads`` are pruned.
+    ValueError when no query head is left or the surviving groups keep different numbers (then
+    ``repeat_kv`` cannot map the kept query heads to their key-value heads)."""
+    g = block.group
+    kept = {sum(j * g + i not in heads for i in range(g)) for j in range(block.kv_heads)} - {0}
+    if not kept:
+        raise ValueError(f"every query head of '{block.q}' is pruned; at least one must be kept")
+    if len(kept) > 1:
+        raise ValueError(
+            f"the key-value groups of '{block.q}' keep different numbers of query heads {sorted(kept)}; "
+            "grouped-query attention needs the same number in every surviving group"
+        )
+    return kept.pop()
+
+
+def _uniform_candidate(
+    block: Block, pruned: set[int], drop_groups: int, per_group: int, score: list[float]
+) -> set[int]:
+    """The cheapest superset of the uniform ``pruned`` with ``drop_groups`` more whole key-value
+    groups removed and ``per_group`` query heads pruned in every other surviving group: a surviving
+    group either loses its least important kept heads (cost: their importance) or all of them, and
+    the groups where removing costs the least extra are removed."""
+    g = block.group
+    kept = {j: sorted((h for h in range(j * g, (j + 1) * g) if h not in pruned), key=lambda h: (score[h], h))
+            for j in range(block.kv_heads)}
+    alive = [j for j in kept if kept[j]]
+    partial = {j: kept[j][: per_group - (g - len(kept[j]))] for j in alive}
+    extra = {j: sum(score[h] for h in kept[j]) - sum(score[h] for h in partial[j]) for j in alive}
+    dropped = set(sorted(alive, key=lambda j: (extra[j], j))[:drop_groups])
+    out = set(pruned)
+    for j in alive:
+        out.update(kept[j] if j in dropped else partial[j])
+    return out
+
+
+def grow_heads(block: Block, units: BlockState, count: int) -> set[int]:
+    """``units.heads`` grown to as many pruned query heads as possible, at most ``count``, such that
+    every surviving key-value group keeps the same number of query heads — so the shrunk attention
+    is still standard grouped-query attention (query head i uses key-value head ``i // kept_per_group``)
+    and a whole group's k/v rows go once its last query head goes. The reachable layouts are
+    ``r`` whole groups removed and ``p`` heads pruned in each of the others (``r·g + (kv − r)·p``
+    heads, at least one head kept); among those pruning the most heads, the one whose newly pruned
+    heads have the least summed smoothed importance wins. With multi-head attention (one query head
+    per group) this is exactly the ``count`` least important heads."""
+    g, kv = block.group, block.kv_heads
+    importance = units.head_importance if units.head_importance is not None else torch.zeros(block.heads)
+    score = [float(x) for x in importance]
+    removed = kv - len({h // g for h in range(block.heads) if h not in units.heads})
+    pruned_per_group = g - kept_per_group(block, units.heads)
+    best, best_key = set(units.heads), (len(units.heads), 0.0)
+    for r in range(removed, kv):
+        for p in range(pruned_per_group, g):
+            n = r * g + (kv - r) * p
+            if n > count:
+                break
+            candidate = _uniform_candidate(block, units.heads, r - removed, p, score)
+            key = (n, -sum(score[h] for h in candidate - units.heads))
+            if key > best_key:
+                best, best_key = candidate, key
+    return best
+
+
+def _head_budget(block: Block, sparsity: float) -> tuple[float, int]:
+    """(weights to free, query heads to prune) at ``sparsity``: heads at the block's unit fraction
+    ``budget / (heads·head_weights + channels·channel_weights)``, rounded down, at least one kept."""
+    budget = sparsity * block.total
+    prunable = block.heads * block.head_weights + block.channels * block.channel_weights
+    unit_fraction = min(1.0, budget / prunable)
+    return budget, min(block.heads - 1, math.floor(block.heads * unit_fraction + 1e-9))
+
+
+def _most_freed_by_heads(block: Block, count: int) -> int:
+    """The most weights any uniform head layout (see :func:`grow_heads`) with at most ``count``
+    pruned query heads frees (q rows + o columns, k/v rows of removed groups)."""
+    g, kv = block.group, block.kv_heads
+    return max(
+        n * block.head_weights + r * block.kv_weights
+        for r in range(kv) for p in range(g) if (n := r * g + (kv - r) * p) <= count
+    )
+
+
+def _channels_for(block: Block, budget: float, freed: int) -> int:
+    """MLP channels that free the rest of ``budget`` (rounded up)."""
+    return max(0, math.ceil((budget - freed) / block.channel_weights - 1e-9))
+
+
+def prune_to(state: LoRAPruneState, sparsity: float, final: float) -> None:
+    """Grow every block's pruned set to weight sparsity ``sparsity`` (of the schedule ending at
+    ``final``): heads at the block's unit fraction (rounded down, at least one head kept, key-value
+    groups kept uniform by :func:`grow_heads`), then MLP channels up to the block's budget (rounded
+    up, at least one channel kept). Before the final sparsity the channel count is capped at the
+    least the final step can need (its budget minus the most any final head layout frees), so the
+    channels pruned to make up for coarse head steps never overshoot the final target: the final
+    kept fraction lands within one channel's weights below ``1 − final``. Pruned units are never
+    revived."""
     for block, units in zip(state.blocks, state.units, strict=True):
-        budget = sparsity * block.total
-        prunable = block.heads * block.head_weights + block.channels * block.channel_weights
-        unit_fraction = min(1.0, budget / prunable)
-        n_heads = min(block.heads - 1, math.floor(block.heads * unit_fraction + 1e-9))
-        units.heads = _least_important(units.head_importance, units.heads, n_heads, block.heads)
+        budget, n_heads = _head_budget(block, sparsity)
+        units.heads = grow_heads(block, units, n_heads)
         freed = len(units.heads) * block.head_weights + len(units.pruned_kv(block)) * block.kv_weights
-        n_chan = min(block.channels - 1, max(0, math.ceil((budget - freed) / block.channel_weights - 1e-9)))
-        units.channels = _least_important(units.channel_importance, units.channels, n_chan, block.channels)
+        n_chan = _channels_for(block, budget, freed)
+        if sparsity < final:
+            final_budget, final_heads = _head_budget(block, final)
+            n_chan = min(n_chan, _channels_for(block, final_budget, _most_freed_by_heads(block, final_heads)))
+        units.channels = _least_important(units.channel_importance, units.channels,
+                                          min(block.channels - 1, n_chan), block.channels)
 
 
 # ------------------------------------------------------------------------------------- masks
@@ -327,18 +425,89 @@ class _Masks:
         self.handles = []
 
 
+# ------------------------------------------------------------------------------------- removal
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _sliced_linear(lin: nn.Linear, keep: torch.Tensor, input_side: bool) -> nn.Linear:
+    """A new ``nn.Linear`` (same dtype, device, ``requires_grad``) with only the kept input columns
+    (``input_side``; bias unchanged) or the kept output rows and bias entries."""
+    if not isinstance(lin, nn.Linear):
+        raise ValueError(f"expected an nn.Linear (merge LoRA first), got {type(lin).__name__}")
+    idx = torch.nonzero(keep).flatten().to(lin.weight.device)
+    weight = lin.weight.index_select(1 if input_side else 0, idx)
+    bias = lin.bias if (lin.bias is None or input_side) else lin.bias.index_select(0, idx)
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    out.weight.copy_(weight)
+    out.weight.requires_grad_(lin.weight.requires_grad)
+    if bias is not None:
+        out.bias.copy_(bias)
+        out.bias.requires_grad_(lin.bias.requires_grad)
+    return out
+
+
+def _head_attributes(block: Block, units: BlockState) -> dict[str, int]:
+    """The head-count attributes of transformers' attention modules for the kept heads:
+    ``num_key_value_groups`` (Llama's ``repeat_kv`` factor), ``num_attention_heads`` and
+    ``all_head_size`` (BERT)."""
+    heads = block.heads - len(units.heads)
+    return {"num_key_value_groups": kept_per_group(block, units.heads), "num_attention_heads": heads,
+            "all_head_size": heads * block.head_dim}
+
+
 @torch.no_grad()
-def apply_masks_to_weights(model: nn.Module, state: LoRAPruneState) -> None:
-    """Zero the pruned rows (and bias entries) / columns of the plain ``nn.Linear`` weights."""
-    for name, keep in state.row_masks().items():
-        lin = model.get_submodule(name)
-        drop = (~keep).to(lin.weight.device)
-        if any(_input_side(b, name) for b in state.blocks if name in b.names):
-            lin.weight[:, drop] = 0
-        else:
-            lin.weight[drop] = 0
-            if lin.bias is not None:
-                lin.bias[drop] = 0
+def remove_pruned_units(model: nn.Module, state: LoRAPruneState) -> dict[str, dict]:
+    """Physically remove the pruned heads and channels from a model whose LoRA is merged: every
+    block linear is replaced by a smaller ``nn.Linear`` holding only the kept output rows (q/k/v,
+    gate/up, intermediate; with their bias entries) or input columns (o, down, output), and the
+    attention / MLP modules get the kept head counts (``num_key_value_groups``,
+    ``num_attention_heads``, ``all_head_size``, ``intermediate_size``, where the module has them).
+    transformers reshapes with ``(*input_shape, -1, head_dim)``, so the forward then equals the
+    masked model's exactly (a masked head's o columns are zero, so it contributes nothing).
+
+    Grouped-query attention stays standard because :func:`grow_heads` keeps the same number ``m``
+    of query heads in every surviving key-value group: the kept query heads, in order, come in runs
+    of ``m`` per kept key-value head, so ``repeat_kv`` by ``m`` maps them right, and no k/v row is
+    duplicated (the parameter count drops by exactly the pruned weights plus their bias entries).
+    Returns the layout ``{"linears": {name: {"in_features", "out_features", "bias"}},
+    "attributes": {module: {attribute: value}}}`` that :func:`apply_layout` rebuilds."""
+    sizes: dict[str, dict[str, int]] = {}
+    for block, units in zip(state.blocks, state.units, strict=True):  # validate every block before changing any
+        if len(units.channels) >= block.channels:
+            raise ValueError(f"every MLP channel of the block at '{block.q}' is pruned; at least one must be kept")
+        sizes[_parent(block.q)] = _head_attributes(block, units)
+        sizes[_parent(block.mlp_out[0])] = {"intermediate_size": block.channels - len(units.channels)}
+    linears, attributes = {}, {}
+    masks = state.row_masks()
+    for block in state.blocks:
+        for name in block.names:
+            new = _sliced_linear(model.get_submodule(name), masks[name], _input_side(block, name))
+            replace_module(model, name, new)
+            linears[name] = {"in_features": new.in_features, "out_features": new.out_features,
+                             "bias": new.bias is not None}
+    for module_name, attrs in sizes.items():
+        module = model.get_submodule(module_name)
+        present = {k: v for k, v in attrs.items() if hasattr(module, k)}
+        for key, value in present.items():
+            setattr(module, key, value)
+        if present:
+            attributes[module_name] = present
+    return {"linears": linears, "attributes": attributes}
+
+
+def apply_layout(model: nn.Module, layout: dict[str, dict]) -> None:
+    """Give a freshly built model the shapes recorded by :func:`remove_pruned_units`: new (untrained)
+    ``nn.Linear`` layers of the recorded sizes and the recorded attention / MLP attributes, ready
+    for a strict ``load_state_dict``."""
+    for name, spec in layout.get("linears", {}).items():
+        old = model.get_submodule(name)
+        replace_module(model, name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                                              device=old.weight.device, dtype=old.weight.dtype))
+    for name, attrs in layout.get("attributes", {}).items():
+        module = model.get_submodule(name)
+        for key, value in attrs.items():
+            setattr(module, key, value)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -373,54 +542,81 @@ class LoRAPruneConfig:
             raise ValueError(f"alpha={self.alpha!r} must be > 0")
 
 
-def _train(
+def _train_lora(
+    model: nn.Module,
+    data: Iterable,
+    steps: int,
+    lr: float,
+    loss_fn: LossFn | None,
+    progress: bool,
+    desc: str,
+    after_backward: Callable[[int], dict] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """AdamW on the trainable parameters for ``steps`` steps; ``after_backward(step)`` runs between
+    backward and the optimizer step and returns extra history fields, ``after_step(step)`` after it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    history = []
+    model.train()
+    try:
+        stream = batch_stream(data, steps)
+        for step, batch in enumerate(tqdm(stream, total=steps, desc=desc, disable=not progress, leave=False)):
+            loss = loss_of(model, move_batch(batch, device), loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            extra = after_backward(step) if after_backward is not None else {}
+            opt.step()
+            history.append({"step": step, "loss": loss.item(), **extra})
+            if after_step is not None:
+                after_step(step)
+    finally:
+        model.eval()
+    return history
+
+
+def _prune_while_training(
     model: nn.Module,
     state: LoRAPruneState,
     data: Iterable,
     steps: int,
     cfg: LoRAPruneConfig,
-    final_sparsity: float | None,
+    final_sparsity: float,
     loss_fn: LossFn | None,
     trainable: str | Iterable[str] | None,
     on_target: Callable[[nn.Module, int], None] | None,
     progress: bool,
 ) -> list[dict]:
+    """LoRA on every block linear, trained under the pruning masks while the cubic schedule grows
+    them; then LoRA is merged (the model is plain but still dense-shaped)."""
     names = [n for b in state.blocks for n in b.names]
     adapt(model, "lora", targets=names, r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout, trainable=trainable)
     masks = _Masks(model, state)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    device = next(model.parameters()).device
-    reached = final_sparsity is None
-    history = []
-    model.train()
+    reached = False
+
+    def schedule(step: int) -> dict:
+        update_importance(model, state, cfg.beta)
+        target = cubic_sparsity(step, steps, final_sparsity, cfg.warmup, cfg.cooldown)
+        if target > 0 and (step % cfg.prune_every == 0 or target >= final_sparsity):
+            prune_to(state, target, final_sparsity)
+            masks.refresh()
+        return {"target_sparsity": target, "kept_fraction": state.kept_fraction()}
+
+    def target_reached(step: int) -> None:
+        nonlocal reached
+        if not reached and cubic_sparsity(step, steps, final_sparsity, cfg.warmup, cfg.cooldown) >= final_sparsity:
+            reached = True
+            if on_target is not None:
+                model.eval()
+                on_target(model, step)
+                model.train()
+
     try:
-        stream = batch_stream(data, steps)
-        for step, batch in enumerate(tqdm(stream, total=steps, desc="loraprune", disable=not progress, leave=False)):
-            loss = loss_of(model, move_batch(batch, device), loss_fn)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            target = None
-            if final_sparsity is not None:
-                update_importance(model, state, cfg.beta)
-                target = cubic_sparsity(step, steps, final_sparsity, cfg.warmup, cfg.cooldown)
-                if target > 0 and (step % cfg.prune_every == 0 or target >= final_sparsity):
-                    prune_to(state, target)
-                    masks.refresh()
-            opt.step()
-            history.append({"step": step, "loss": loss.item(), "target_sparsity": target,
-                            "kept_fraction": state.kept_fraction()})
-            if not reached and target is not None and target >= final_sparsity:
-                reached = True
-                if on_target is not None:
-                    model.eval()
-                    on_target(model, step)
-                    model.train()
+        history = _train_lora(model, data, steps, cfg.lr, loss_fn, progress, "loraprune", schedule, target_reached)
     finally:
         masks.remove()
-    model.eval()
     merge_and_unload(model)
-    apply_masks_to_weights(model, state)
     return history
 
 
@@ -434,11 +630,13 @@ def loraprune(
     on_target: Callable[[nn.Module, int], None] | None = None,
     progress: bool = False,
     **config: object,
-) -> tuple[LoRAPruneState, list[dict]]:
+) -> tuple[LoRAPruneState, list[dict], dict[str, dict]]:
     """Fine-tune LoRA on all block linears for ``steps`` steps while pruning heads and channels on
-    the cubic schedule until the blocks keep ``ratio`` of their weights; then merge LoRA and zero
-    the pruned rows/columns (in place: ``model`` ends as a plain dense-shaped model).
-    ``on_target(model, step)`` runs once, right after the final sparsity is reached."""
+    the cubic schedule until the blocks keep ``ratio`` of their weights; then merge LoRA and remove
+    the pruned units (in place: ``model`` ends as a plain, physically smaller model).
+    ``on_target(model, step)`` runs once, right after the final sparsity is reached (on the masked
+    LoRA model). Returns the pruning state, the per-step history and the layout of
+    :func:`remove_pruned_units`."""
     from .rank import check_ratio
 
     ratio = check_ratio(ratio)
@@ -447,13 +645,15 @@ def loraprune(
         raise ValueError(f"steps={steps!r} must be a positive integer: LoRAPrune estimates importance while training")
     blocks = find_blocks(model)
     state = LoRAPruneState(blocks, [BlockState() for _ in blocks])
-    history = _train(model, state, data, steps, cfg, 1.0 - ratio, loss_fn, trainable, on_target, progress)
-    return state, history
+    history = _prune_while_training(model, state, data, steps, cfg, 1.0 - ratio, loss_fn, trainable, on_target,
+                                    progress)
+    layout = remove_pruned_units(model, state)
+    return state, history, layout
 
 
 def loraprune_recover(
     model: nn.Module,
-    state: LoRAPruneState,
+    targets: Iterable[str],
     data: Iterable,
     steps: int,
     loss_fn: LossFn | None = None,
@@ -461,8 +661,14 @@ def loraprune_recover(
     progress: bool = False,
     **config: object,
 ) -> list[dict]:
-    """More LoRA fine-tuning of a pruned model with its masks fixed, then merge and re-zero."""
+    """More LoRA fine-tuning of a pruned (already shrunk) model on the linears ``targets``, then
+    merge: no masks are needed because the pruned units no longer exist. LoRA options (``r``,
+    ``alpha``, ``dropout``, ``lr``) as in :class:`LoRAPruneConfig`."""
     cfg = LoRAPruneConfig(**config)
-    if steps < 1:
-        raise ValueError(f"steps={steps!r} must be >= 1")
-    return _train(model, state, data, steps, cfg, None, loss_fn, trainable, None, progress)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a positive integer")
+    adapt(model, "lora", targets=list(targets), r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout,
+          trainable=trainable)
+    history = _train_lora(model, data, steps, cfg.lr, loss_fn, progress, "loraprune recover")
+    merge_and_unload(model)
+    return history

@@ -1,0 +1,185 @@
+"""LoRAPrune removes the pruned heads and channels physically: the shrunk model computes exactly what
+the zeroed (or masked) dense model computes, holds exactly the kept weights, keeps grouped-query
+attention standard, and round-trips through save_compressed / load_compressed."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise as rw
+from rankwise.compress import find_blocks, load_compressed, recover, save_compressed
+from rankwise.compress.loraprune import (
+    Block,
+    BlockState,
+    LoRAPruneState,
+    grow_heads,
+    kept_per_group,
+    remove_pruned_units,
+)
+
+from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _state(model: nn.Module, heads: list[set[int]], channels: list[set[int]]) -> LoRAPruneState:
+    blocks = find_blocks(model)
+    return LoRAPruneState(blocks, [BlockState(h, c) for h, c in zip(heads, channels, strict=True)])
+
+
+def _input_side(state: LoRAPruneState) -> set[str]:
+    return {n for b in state.blocks for n in (b.o, *b.mlp_in)}
+
+
+@torch.no_grad()
+def _zero_pruned(model: nn.Module, state: LoRAPruneState) -> None:
+    """The dense reference: pruned output rows (and their bias) / input columns set to 0."""
+    for name, keep in state.row_masks().items():
+        lin = model.get_submodule(name)
+        if name in _input_side(state):
+            lin.weight[:, ~keep] = 0
+        else:
+            lin.weight[~keep] = 0
+            if lin.bias is not None:
+                lin.bias[~keep] = 0
+
+
+def _pruned_bias_entries(model: nn.Module, state: LoRAPruneState) -> int:
+    return sum(int((~keep).sum()) for name, keep in state.row_masks().items()
+               if name not in _input_side(state) and model.get_submodule(name).bias is not None)
+
+
+# layer 0: a whole key-value group goes (heads 2, 3 → kv head 1); layer 1: one query head of every group
+LLAMA_HEADS = [{2, 3}, {0, 2}]
+BERT_HEADS = [{1}, {0, 2, 3}]
+
+
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("bert", "sdpa"), ("bert", "eager")])
+def test_shrunk_model_equals_zeroed_dense_model(kind, attn):
+    make, batches, heads = {"llama": (make_tiny_llama, lm_batches, LLAMA_HEADS),
+                            "bert": (make_tiny_bert, cls_batches, BERT_HEADS)}[kind]
+    dense = make(0)
+    dense.set_attn_implementation(attn)
+    if kind == "bert":  # BERT's biases start at 0; make them matter
+        with torch.no_grad():
+            for p in dense.parameters():
+                if p.ndim == 1:
+                    p.normal_(0, 0.1)
+    rng = random.Random(0)
+    state = _state(dense, heads, [set(rng.sample(range(64), 20)), set(rng.sample(range(64), 45))])
+    _zero_pruned(dense, state)
+    shrunk = copy.deepcopy(dense)
+    layout = remove_pruned_units(shrunk, state)
+    batch = batches(1, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=1e-5)
+    # exactly the pruned weights (state accounting) and the pruned rows' bias entries are gone
+    pruned = sum(u.pruned_weights(b) for b, u in zip(state.blocks, state.units))
+    assert _params(dense) - _params(shrunk) == pruned + _pruned_bias_entries(dense, state)
+    if kind == "llama":
+        assert layout["attributes"]["model.layers.0.self_attn"] == {"num_key_value_groups": 2}
+        assert layout["attributes"]["model.layers.1.self_attn"] == {"num_key_value_groups": 1}
+        assert shrunk.model.layers[0].self_attn.k_proj.out_features == 8  # one of two kv heads left
+        assert shrunk.model.layers[1].self_attn.k_proj.out_features == 16  # both kv heads still used
+    else:
+        assert layout["attributes"]["bert.encoder.layer.1.attention.self"] == {"num_attention_heads": 1,
+                                                                                "all_head_size": 8}
+
+
+def test_shrink_refuses_layouts_it_cannot_represent():
+    model = make_tiny_llama(0)
+    with pytest.raises(ValueError, match="keep different numbers of query heads"):
+        remove_pruned_units(model, _state(model, [{0}, set()], [set(), set()]))  # groups keep 1 and 2 heads
+    with pytest.raises(ValueError, match="at least one must be kept"):
+        remove_pruned_units(model, _state(model, [{0, 1, 2, 3}, set()], [set(), set()]))
+    with pytest.raises(ValueError, match="every MLP channel"):
+        remove_pruned_units(model, _state(model, [set(), set()], [set(range(64)), set()]))
+    assert model.model.layers[0].self_attn.q_proj.out_features == 32  # nothing was changed
+    state = _state(model, [{0, 1}, set()], [set(), set()])
+    rw.adapt(model, "lora", targets=["q_proj"], r=2)
+    with pytest.raises(ValueError, match="merge LoRA first"):
+        remove_pruned_units(model, state)
+
+
+def _uniform_supersets(block: Block, pruned: set[int]):
+    """Every pruned-head set ⊇ ``pruned`` whose surviving key-value groups keep equal head counts."""
+    for size in range(len(pruned), block.heads):
+        for extra in itertools.combinations(sorted(set(range(block.heads)) - pruned), size - len(pruned)):
+            cand = pruned | set(extra)
+            try:
+                kept_per_group(block, cand)
+            except ValueError:
+                continue
+            yield cand
+
+
+@pytest.mark.parametrize("heads,kv", [(6, 2), (9, 3), (8, 4), (4, 4)])
+def test_grow_heads_is_the_cheapest_uniform_superset(heads, kv):
+    """Against brute force, from every state of a growing schedule and for every larger head count:
+    the pruned heads only grow, every surviving key-value group keeps the same number of query
+    heads, as many heads as allowed are pruned, and no other such superset has less newly pruned
+    importance (multi-head attention: simply the least important heads)."""
+    block = Block("q", "k", "v", "o", (), (), heads=heads, kv_heads=kv, head_dim=1, channels=1)
+    imp = torch.rand(heads, generator=torch.Generator().manual_seed(1))
+    units = BlockState(head_importance=imp)
+    for step_count in range(heads):
+        for count in range(len(units.heads), heads):
+            new = grow_heads(block, units, count)
+            options = [c for c in _uniform_supersets(block, units.heads) if len(c) <= count]
+            most = max(len(c) for c in options)
+            cost = min(float(imp[sorted(c - units.heads)].sum()) for c in options if len(c) == most)
+            assert new >= units.heads and len(new) == most
+            kept_per_group(block, new)
+            assert float(imp[sorted(new - units.heads)].sum()) == pytest.approx(cost)
+            if kv == heads:
+                assert new == units.heads | set(torch.argsort(imp).tolist()[: count])
+        units.heads = grow_heads(block, units, step_count)
+
+
+@pytest.mark.parametrize("make,batches", [(make_tiny_llama, lm_batches), (make_tiny_bert, cls_batches)])
+def test_compress_ends_with_the_masked_model_physically_smaller(make, batches, tmp_path):
+    """End to end: the target sparsity is reached on the last step, so the masked LoRA model seen by
+    ``on_target`` has the final weights; the merged, shrunk model must compute the same outputs with
+    exactly the kept weights, and save / load must reproduce it bit for bit."""
+    model = make(0)
+    n_before = _params(model)
+    batch = batches(1, seed=5)[0]
+    seen = {}
+
+    def on_target(m, step):
+        with torch.no_grad():
+            seen["step"], seen["logits"] = step, m(**batch).logits.clone()
+
+    rw.compress(model, "loraprune", ratio=0.5, data=batches(3), steps=6, prune_every=1, warmup=0.0, cooldown=0.0,
+                lr=1e-2, on_target=on_target)
+    state = model.rankwise_compress
+    assert seen["step"] == 5
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.testing.assert_close(logits, seen["logits"], atol=1e-5, rtol=1e-5)
+    assert state.kept_fraction == pytest.approx(state.details["kept_fraction"])
+    assert state.weights_after == sum(model.get_submodule(n).weight.numel() for n in state.targets)
+    bias_rows = 0
+    if make is make_tiny_bert:  # q, k, v and intermediate bias entries of the pruned heads / channels go too
+        bias_rows = sum(3 * 8 * len(b["pruned_heads"]) + b["pruned_channels"] for b in state.details["blocks"])
+    assert n_before - _params(model) == state.weights_before - state.weights_after + bias_rows
+
+    save_compressed(model, tmp_path / "m")
+    info = json.loads((tmp_path / "m" / "rankwise_compressed.json").read_text())
+    assert set(info["state"]["resized"]["linears"]) == set(state.targets)
+    loaded = load_compressed(tmp_path / "m")
+    assert {n: p.shape for n, p in loaded.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)
+    assert loaded.rankwise_compress.resized == state.resized
+    # a loaded model recovers too (no pruning masks needed)
+    assert len(recover(loaded, batches(1), steps=1, lr=1e-3)) == 1
