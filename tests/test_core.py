@@ -9,7 +9,7 @@ from torch import nn
 import rankwise as rw
 from rankwise.targets import find_targets
 
-from .conftest import cls_batches, make_tiny_bert, make_tiny_llama
+from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 def test_all_linear_excludes_output_heads():
@@ -149,3 +149,26 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         rw.save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapters_train_under_bf16_autocast(method):
+    """Mixed precision: under CPU bf16 autocast the fused kernels step aside, the forward runs and the
+    adapter gradients stay close to the fp32 ones."""
+    batch = lm_batches(1)[0]
+
+    def grads(autocast: bool) -> list[torch.Tensor]:
+        model = make_tiny_llama(0)
+        rw.adapt(model, method, targets="all-linear", r=4, seed=0)
+        with torch.no_grad():  # non-zero B so every factor gets a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 0.1 * want.norm() + 1e-6

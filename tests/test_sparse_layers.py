@@ -88,6 +88,29 @@ def test_kernels_match_dense_formula_forward_and_backward(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_kernels_train_under_bf16_autocast(kernel):
+    """Mixed precision (the pre-training benchmark's setting): bf16 activations in, fp32 parameter
+    gradients out, close to the fp32 gradients."""
+    torch.manual_seed(4)
+    idx = random_support(24, 32, 0.1, torch.Generator().manual_seed(0))
+    layer = SparseLowRankLinear(32, 24, 4, idx, bias=True, kernel=kernel)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(3, 7, 32)
+    params = [layer.B, layer.A, layer.values, layer.bias]
+    exact = torch.autograd.grad(layer(x).square().mean(), params)
+    x_bf16 = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(x_bf16).float().square().mean()
+    grads = torch.autograd.grad(loss, [x_bf16, *params])
+    assert grads[0].dtype == torch.bfloat16
+    for got, want in zip(grads[1:], exact, strict=True):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 0.05 * want.norm()
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
 def test_no_dense_weight_is_stored_or_saved_for_backward(kernel):
     m, n = 48, 40
     layer = SparseLowRankLinear(n, m, 4, random_support(m, n, 0.05), kernel=kernel)

@@ -137,10 +137,13 @@ class AdapterLayer(nn.Module):
         return out + self.delta_forward(self.dropout(x)).to(out.dtype)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Base GEMM + low-rank delta in one autograd node (``kernels.low_rank_linear``), when possible."""
+        """Base GEMM + low-rank delta in one autograd node (``kernels.low_rank_linear``), when possible
+        (not under autocast: the plain path lets autocast pick each matmul's dtype)."""
         f = self.factors()
         w, bias = self.base_layer.weight, self.base_layer.bias
         if f is None or w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
             return None
         b, a, scale = f
         if a.dtype != w.dtype:

@@ -151,10 +151,10 @@ class DoRALayer(LoRALayer):
         dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
         if not dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
             a, b, m = self.lora_A, self.lora_B, self.magnitude
-            if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype:
+            if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
                 return _DoRALinear.apply(x, w, bias, a, b, m, self.scale)
         norm = self._norm(w)
-        # general path (adapter dropout, mixed dtypes): PEFT's form
+        # general path (adapter dropout, mixed dtypes, autocast): PEFT's form
         # y = W x + b + (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / n
         x_d = self.dropout(x).to(self.lora_A.dtype)
         g = self.magnitude / norm.to(self.magnitude.dtype)

@@ -200,14 +200,14 @@ class _DenseKernel(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, b, a, values, index = ctx.saved_tensors
         s = ctx.scale
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(b.dtype)  # under autocast grad_out may be bf16
         grad_x = grad_b = grad_a = grad_v = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = _DenseKernel._weight(b, a, values, index, s)
-            grad_x = (g @ w).reshape(x.shape)
+            grad_x = (g @ w).reshape(x.shape).to(x.dtype)
             del w
         if any(ctx.needs_input_grad[1:4]):
-            gw = g.t() @ x.reshape(-1, x.shape[-1])  # ∂L/∂W, out×in
+            gw = g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)  # ∂L/∂W, out×in
             if ctx.needs_input_grad[1]:
                 grad_b = (gw @ a.t()).mul_(s)
             if ctx.needs_input_grad[2]:
@@ -225,21 +225,22 @@ class _SparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, crow, col, crow_t, col_t, perm_t, shape):
         s = _csr(crow, col, values, shape)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = (s @ x2.t()).t()
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # CSR matmul in the values' dtype (no bf16 CSR on CPU)
+            out = (s @ x2.t()).t()
         ctx.save_for_backward(x2, values, crow, col, crow_t, col_t, perm_t)
-        ctx.shape, ctx.x_shape = shape, x.shape
+        ctx.shape, ctx.x_shape, ctx.x_dtype = shape, x.shape, x.dtype
         return out.reshape(*x.shape[:-1], shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, values, crow, col, crow_t, col_t, perm_t = ctx.saved_tensors
         m, n = ctx.shape
-        g = grad_out.reshape(-1, m)
+        g = grad_out.reshape(-1, m).to(values.dtype)
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             st = _csr(crow_t, col_t, values[perm_t], (n, m))
-            grad_x = (st @ g.t()).t().reshape(ctx.x_shape)
+            grad_x = (st @ g.t()).t().reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             pattern = _csr(crow, col, torch.zeros_like(values), (m, n))
             grad_v = torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x2.to(g.dtype), beta=0.0).values()

@@ -55,15 +55,16 @@ class _EnhancedSpectral(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a = x2 @ vh.t()  # N×r
         ctx.save_for_backward(x2, a, u, s, vh)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return ((a * s) @ u.t()).reshape(*x.shape[:-1], u.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, a, u, s, vh = ctx.saved_tensors
-        g = grad_out.reshape(-1, u.shape[0])
+        x2, a = x2.to(u.dtype), a.to(u.dtype)  # under autocast the activations are bf16; gradients in u's dtype
+        g = grad_out.reshape(-1, u.shape[0]).to(u.dtype)
         b = g @ u  # N×r
-        grad_x = ((b * s) @ vh).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_x = ((b * s) @ vh).reshape(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_u = g.t() @ a if ctx.needs_input_grad[1] else None  # (∂L/∂W) V_I
         grad_s = (a * b).sum(0) if ctx.needs_input_grad[2] else None  # U_iᵀ (∂L/∂W) V_i
         grad_vh = b.t() @ x2 if ctx.needs_input_grad[3] else None  # ((∂L/∂W)ᵀ U_I)ᵀ
