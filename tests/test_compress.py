@@ -552,6 +552,9 @@ def test_cli_on_tiny_model(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["after"]["perplexity"]) == {"bbc", "stdlib-code"}
     assert report["after"]["kept_fraction"] <= 0.8
+    targeted = 2 * (4 * 32 * 32 - 2 * 32 * 16 + 3 * 32 * 64)  # q, o (32x32), k, v (16x32), gate, up, down per block
+    assert report["before"]["targeted_weights"] == targeted
+    assert abs(report["after"]["targeted_weights"] / targeted - report["after"]["kept_fraction"]) < 1e-4
     assert (tmp_path / "out" / "report.md").read_text().startswith("# rankwise compress")
     loaded = load_compressed(tmp_path / "out" / "model")
     assert loaded.rankwise_compress.method == "welore"

@@ -58,7 +58,7 @@ def _train_loader(tokenizer: Any, block_size: int, batch_size: int, seed: int, s
     return lm_loader(lm_blocks(docs, tokenizer, block_size), batch_size=batch_size, shuffle=True, seed=seed)
 
 
-def _measure(model, tokenizer, blocks, args, targets_before: int | None = None) -> dict[str, Any]:
+def _measure(model, tokenizer, blocks, args) -> dict[str, Any]:
     t0 = time.perf_counter()
     ppl = evaluate_corpora(model, tokenizer, batch_size=args.batch_size, blocks=blocks, progress=not args.no_progress)
     state = getattr(model, "rankwise_compress", None)
@@ -66,8 +66,6 @@ def _measure(model, tokenizer, blocks, args, targets_before: int | None = None) 
     if state is not None:
         out["targeted_weights"] = state.weights_after
         out["kept_fraction"] = round(state.kept_fraction, 4)
-    elif targets_before is not None:
-        out["targeted_weights"] = targets_before
     return out
 
 
@@ -113,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     compress(model, args.method, args.ratio, data=loader, steps=steps, progress=progress, **config)
     seconds = time.perf_counter() - t0
+    before["targeted_weights"] = model.rankwise_compress.weights_before
     after = _measure(model, tokenizer, blocks, args)
     after["compress_seconds"] = round(seconds, 1)
     print(f"compressed ({seconds:.0f}s): {after['parameters']:,} parameters, kept {after.get('kept_fraction')} "
