@@ -185,6 +185,26 @@ def test_blockwise_8bit_roundtrip_keeps_relative_precision():
         assert rel.max() < 0.06  # geometric codebook: ≤ ~5.6% relative error per value
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_index_is_the_nearest_level_search(signed):
+    """The O(1) geometric code equals a binary search over the thresholds (random values, tiny
+    magnitudes down to the zero code, the codebook itself), except within float rounding of a threshold."""
+    code, thr = quant.dynamic_code(signed)
+    g = torch.Generator().manual_seed(0)
+    sign = (torch.randint(0, 2, (50_000,), generator=g) * 2 - 1) if signed else 1
+    values = torch.cat([
+        (torch.rand(50_000, generator=g) * 2 - 1) if signed else torch.rand(50_000, generator=g),
+        sign * (torch.randn(50_000, generator=g) * 4).exp() * 1e-8,
+        code, torch.zeros(1),
+    ]).clamp(-1.0 if signed else 0.0, 1.0)
+    near = ((values.unsqueeze(1) - thr).abs() <= 1e-5 * thr.abs()).any(1)
+    assert near.float().mean() < 0.01
+    got, want = quant.code_index(values, signed), torch.searchsorted(thr, values)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got[~near].long(), want[~near])
+    assert (got[near].long() - want[near]).abs().max() <= 1
+
+
 def test_int4_pack_roundtrip_and_error():
     q = torch.randint(0, 16, (37,), dtype=torch.uint8)
     packed = quant.pack_int4(q)

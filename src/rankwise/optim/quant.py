@@ -59,6 +59,25 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     return flat.view(-1, block), pad
 
 
+# (index of the smallest positive level, of the largest, log10 of the smallest magnitude, decades spanned)
+_GEOMETRIC = {True: (128, 254, -6.0, 6.0), False: (1, 255, -12.0, 12.0)}
+
+
+def code_index(normed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Nearest-level code (uint8) of values in [-1, 1], as ``searchsorted(thresholds, normed)`` but in
+    O(1) per element: the non-zero levels are geometric and the thresholds between same-sign levels
+    are their geometric means, so the level is ``round`` of ``log10|x|`` on the level grid; below half
+    the smallest level a value maps to the zero code (the threshold there is the arithmetic midpoint).
+    Values within float rounding of a threshold may land on either neighbour."""
+    first, last, low, decades = _GEOMETRIC[signed]
+    steps = last - first
+    magnitude = normed.abs()
+    k = ((magnitude.clamp_min(1e-30).log10() - low) * (steps / decades)).round_().clamp_(0, steps)
+    idx = torch.where(normed < 0, (first - 2) - k, first + k) if signed else first + k
+    tiny = 0.5 * 10.0**low  # midpoint between the zero code and the smallest magnitude
+    return torch.where(magnitude <= tiny, float(first - 1), idx).to(torch.uint8)
+
+
 def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise dynamic 8-bit quantization: ``x ≈ code[q] · absmax[block]``.
 
@@ -71,7 +90,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple
     blocks, _ = _blocks(x.float(), block)
     absmax = blocks.abs().amax(dim=1)
     normed = blocks / absmax.clamp_min(1e-30).unsqueeze(1)
-    q = torch.searchsorted(thr, normed.contiguous()).to(torch.uint8)
+    q = code_index(normed, signed)
     return q.reshape(-1)[: x.numel()], absmax
 
 
