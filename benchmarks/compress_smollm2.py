@@ -1,11 +1,12 @@
 """Held-out perplexity of compressed SmolLM2-135M against the kept-weight ratio.
 
-Methods ``svd`` (uniform truncated SVD, the baseline), ``welore``, ``lord`` and ``loraprune`` at
+Methods ``svd`` (uniform truncated SVD, the baseline), ``welore``, ``lord`` (and ``lord-data``, its
+data-aware variant calibrated on the first ``--prune-steps`` training batches) and ``loraprune`` at
 ratios 0.9 / 0.7 / 0.5 of the targeted weights (every attention and MLP linear of the 30 blocks,
 106.2M of the 134.5M parameters; embeddings are tied and untouched). Each configuration is measured
 right after compression and after a short recovery fine-tune with the method's own trainable part:
-the factor pairs (svd, lord), the LRC factors only (welore), LoRA r=8 under the fixed pruning masks
-(loraprune). LoRAPrune is not one-shot: its pruning schedule itself fine-tunes LoRA for
+the factor pairs (svd, lord), the LRC factors only (welore), LoRA r=8 on the shrunk model, merged
+(loraprune: its pruned heads and channels are physically removed). LoRAPrune is not one-shot: its pruning schedule itself fine-tunes LoRA for
 ``--prune-steps`` steps before the "compressed" measurement.
 
 Held-out data: the first ``--eval-blocks`` 128-token blocks of the BBC News and stdlib-code test
@@ -18,6 +19,7 @@ other load had dropped) and 3 pruning runs of 16 steps: about 20 minutes. The co
 because the cores were shared with other jobs; use ``--threads 1`` on a shared machine.
 
     python benchmarks/compress_smollm2.py --threads 1   # writes benchmarks/results/compress_smollm2.{json,md,png}
+    python benchmarks/compress_smollm2.py --threads 1 --methods lord-data --extend   # add rows to the committed result
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from rankwise.data import lm_blocks, load_text
 from rankwise.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("svd", "welore", "lord", "loraprune")
-RECOVERY = {"svd": "factor pairs", "welore": "LRC factors only", "lord": "factor pairs",
-            "loraprune": "LoRA r=8 under the pruning masks"}
+METHODS = ("svd", "welore", "lord", "lord-data", "loraprune")
+DEFAULT_METHODS = ("svd", "welore", "lord", "loraprune")
+RECOVERY = {"svd": "factor pairs", "welore": "LRC factors only", "lord": "factor pairs", "lord-data": "factor pairs",
+            "loraprune": "LoRA r=8 on the shrunk model, merged"}
 
 
 def train_batches(tokenizer, n: int, batch_size: int, block_size: int, seed: int) -> list[dict]:
@@ -70,6 +73,8 @@ def run_one(base, method: str, ratio: float, args, cache: SVDCache, batches: lis
     if method == "loraprune":
         rw.compress(model, "loraprune", ratio=ratio, data=batches[: args.prune_steps], steps=args.prune_steps,
                     lr=args.lora_lr, r=8, alpha=16.0, prune_every=2, warmup=0.1, cooldown=0.0)
+    elif method == "lord-data":
+        rw.compress(model, "lord", ratio=ratio, data=batches[: args.prune_steps], cache=cache)
     else:
         rw.compress(model, method, ratio=ratio, cache=cache)
     compress_s = time.perf_counter() - t0
@@ -103,13 +108,15 @@ def markdown(result: dict) -> str:
         "of each test split). `kept` = kept fraction of the targeted weights (all attention + MLP linears, "
         f"{result['targeted_weights']:,} weights). Recovery: {result['config']['recover_steps']} steps at "
         f"{result['config']['train_batch']}x128 with the method's own trainable part "
-        "(svd, lord: factor pairs; welore: LRC factors only; loraprune: LoRA under the masks; LoRAPrune's "
-        f"pruning schedule itself trains LoRA for {result['config']['prune_steps']} steps). "
+        "(svd, lord, lord-data: factor pairs; welore: LRC factors only; loraprune: LoRA on the shrunk model, "
+        f"merged; LoRAPrune's pruning schedule itself trains LoRA for {result['config']['prune_steps']} steps, "
+        f"and lord-data is calibrated on those {result['config']['prune_steps']} batches). "
         "`vs svd` compares the geometric mean of the two perplexities with the SVD baseline at the same "
         "ratio and stage.",
         "",
-        "| method | ratio | kept | ppl BBC | ppl code | vs svd | ppl BBC (recovered) | ppl code (recovered) | vs svd (recovered) |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+        "| method | ratio | kept | parameters | ppl BBC | ppl code | vs svd | ppl BBC (recovered) | ppl code (recovered) "
+        "| vs svd (recovered) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         ref = svd.get(r["ratio"])
@@ -119,7 +126,7 @@ def markdown(result: dict) -> str:
             return "beats" if geo_mean(r[key]) < geo_mean(ref[key]) else "worse"
         rec = r.get("ppl_recovered", {})
         lines.append(
-            f"| {r['method']} | {r['ratio']} | {r['kept_fraction']:.3f} | {r['ppl']['bbc']:.4g} | "
+            f"| {r['method']} | {r['ratio']} | {r['kept_fraction']:.3f} | {r['parameters'] / 1e6:.1f}M | {r['ppl']['bbc']:.4g} | "
             f"{r['ppl']['stdlib-code']:.4g} | {verdict('ppl')} | {rec.get('bbc', float('nan')):.4g} | "
             f"{rec.get('stdlib-code', float('nan')):.4g} | {verdict('ppl_recovered')} |"
         )
@@ -160,7 +167,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    parser.add_argument("--extend", action="store_true",
+                        help="add these methods' rows to the existing result file (same settings) instead of replacing it")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.7, 0.5])
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--eval-batch", type=int, default=8)
@@ -195,14 +204,25 @@ def main() -> None:
         row = run_one(base, method, ratio, args, cache, batches, blocks)
         rows.append(row)
         tqdm.write(json.dumps(row))
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "extend"}
+    wall = round(time.perf_counter() - start, 1)
+    if args.extend:
+        old = json.loads((args.out / f"{args.name}.json").read_text())
+        for key in ("ratios", "eval_blocks", "train_batch", "prune_steps", "recover_steps", "factor_lr", "lora_lr", "seed"):
+            if old["config"][key] != config[key]:
+                raise SystemExit(f"--extend: {key} differs from the existing result ({old['config'][key]} vs {config[key]})")
+        rows = [r for r in old["rows"] if r["method"] not in args.methods] + rows
+        config["methods"] = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        wall += old["wall_seconds"]
+    rows.sort(key=lambda r: (-r["ratio"], METHODS.index(r["method"])))
     result = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        "config": config,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "base": base_row,
         "targeted_weights": targeted,
         "recovery": RECOVERY,
         "rows": rows,
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": wall,
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
     }
     args.out.mkdir(parents=True, exist_ok=True)
