@@ -259,6 +259,21 @@ def sst_layer(seed: int = 0, rank: int = 3) -> tuple[nn.Module, SpectralLinear]:
     return model, model[0]
 
 
+def test_sst_trains_under_bf16_autocast():
+    """Mixed precision: bf16 activations in, fp32 gradients of Σ and the active vectors out, close to fp32's."""
+    model, layer = sst_layer()
+    x = torch.randn(16, 10)
+    params = [layer.sigma, layer.u_active, layer.vh_active, layer.bias]
+    exact = torch.autograd.grad(model(x).square().mean(), params)
+    x_bf16 = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x_bf16).float().square().mean()
+    grads = torch.autograd.grad(loss, [x_bf16, *params])
+    assert grads[0].dtype == torch.bfloat16
+    for got, want in zip(grads[1:], exact, strict=True):
+        assert got.dtype == torch.float32 and (got - want).norm() <= 0.05 * want.norm()
+
+
 def test_sst_all_sigma_every_step_only_sampled_vectors():
     model, layer = sst_layer()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
