@@ -558,6 +558,16 @@ def test_cli_on_tiny_model(tmp_path):
     assert (tmp_path / "out" / "report.md").read_text().startswith("# rankwise compress")
     loaded = load_compressed(tmp_path / "out" / "model")
     assert loaded.rankwise_compress.method == "welore"
+    # data-aware LoRD only when asked for, and only for lord
+    base = ["compress", "--model", str(tmp_path / "tiny"), "--ratio", "0.8", "--eval-blocks", "1", "--block-size", "32",
+            "--no-progress", "--no-save"]
+    args = parser.parse_args([*base, "--method", "lord", "--calibration-batches", "1", "--recover-steps", "1",
+                              "--output", str(tmp_path / "lord")])
+    assert cli.run(args) == 0
+    lord_report = json.loads((tmp_path / "lord" / "report.json").read_text())
+    assert lord_report["calibration_batches"] == 1 and lord_report["details"]["decomposition"] == "output-covariance"
+    with pytest.raises(ValueError, match="--calibration-batches=1 needs --method lord"):
+        cli.run(parser.parse_args([*base, "--method", "svd", "--calibration-batches", "1"]))
 
 
 @pytest.mark.slow

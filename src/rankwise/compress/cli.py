@@ -11,6 +11,7 @@ compression (and after the optional recovery fine-tune), writes ``report.json`` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of the method itself (loraprune: pruning schedule; dsee; pela distillation)")
     p.add_argument("--recover-steps", type=int, default=0, help="recovery fine-tuning steps after compression")
+    p.add_argument("--calibration-batches", type=int, default=0,
+                   help="lord only: decompose the layer outputs on this many training batches (data-aware LoRD) "
+                        "instead of the weights (0, the default: data-free truncated SVD)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the method's training and the recovery")
     p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per corpus")
     p.add_argument("--block-size", type=int, default=128)
@@ -100,16 +104,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"before: {before['parameters']:,} parameters, perplexity {before['perplexity']}")
 
     steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.method, 0)
-    needs_data = (args.method in TRAINING_METHODS and steps > 0) or args.recover_steps > 0
-    loader = (_train_loader(tokenizer, args.block_size, args.train_batch_size, args.seed, steps + args.recover_steps)
-              if needs_data else None)
+    if args.calibration_batches < 0 or (args.calibration_batches and args.method != "lord"):
+        raise ValueError(f"--calibration-batches={args.calibration_batches} needs --method lord and a count >= 0")
+    trains = args.method in TRAINING_METHODS and steps > 0
+    needed = steps + args.recover_steps + args.calibration_batches
+    loader = _train_loader(tokenizer, args.block_size, args.train_batch_size, args.seed, needed) if needed else None
+    data = loader if trains else (list(itertools.islice(loader, args.calibration_batches))
+                                  if args.calibration_batches else None)
     config: dict[str, Any] = {}
     if args.rank is not None:
         config["rank"] = args.rank
     if args.method in TRAINING_METHODS and steps > 0:
         config["lr"] = args.lr
     t0 = time.perf_counter()
-    compress(model, args.method, args.ratio, data=loader, steps=steps, progress=progress, **config)
+    compress(model, args.method, args.ratio, data=data, steps=steps, progress=progress, **config)
     seconds = time.perf_counter() - t0
     before["targeted_weights"] = model.rankwise_compress.weights_before
     after = _measure(model, tokenizer, blocks, args)
@@ -131,9 +139,10 @@ def run(args: argparse.Namespace) -> int:
     state = model.rankwise_compress
     report = {
         "model": args.model, "method": args.method, "ratio": args.ratio, "rank": args.rank, "steps": steps,
+        "calibration_batches": args.calibration_batches,
         "recover_steps": args.recover_steps, "lr": args.lr, "eval_blocks": args.eval_blocks,
         "block_size": args.block_size, "before": before, "after": after, "recovered": recovered,
-        "ranks": state.ranks, "saved_to": saved,
+        "ranks": state.ranks, "details": state.to_dict()["details"], "saved_to": saved,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", json.loads(json.dumps(report, default=str)))
