@@ -19,8 +19,9 @@ from .api import (
 from .dsee import DSEEConfig, DSEELayer, attention_blocks, dsee_finetune, dsee_prune, dsee_support, prune_heads
 from .evaluate import eval_blocks, evaluate_corpora, perplexity
 from .factorized import FactorizedLinear, densify, factorized_layers
-from .loraprune import apply_layout, cubic_sparsity, find_blocks, loraprune, loraprune_recover, remove_pruned_units
+from .loraprune import cubic_sparsity, find_blocks, loraprune, loraprune_recover, remove_pruned_units
 from .lord import output_grams
+from .resize import apply_layout, sliced_linear
 from .pela import pela_distill, pela_losses, weight_perturbation
 from .rank import rank_fraction_ranks, uniform_ratio_rank, welore_ranks
 from .svd import SVDCache, thin_svd
@@ -32,6 +33,6 @@ __all__ = [
     "dsee_finetune", "dsee_prune", "dsee_support", "eval_blocks", "evaluate_corpora", "factorized_layers",
     "find_blocks", "load_compressed", "loraprune", "loraprune_recover", "output_grams", "pela_distill",
     "pela_losses", "perplexity", "prune_heads", "rank_fraction_ranks", "recover", "remove_pruned_units",
-    "save_compressed", "thin_svd", "uniform_ratio_rank", "weight_perturbation", "welore_finetune_params",
+    "save_compressed", "sliced_linear", "thin_svd", "uniform_ratio_rank", "weight_perturbation", "welore_finetune_params",
     "welore_plan", "welore_ranks",
 ]

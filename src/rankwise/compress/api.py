@@ -42,10 +42,11 @@ from ..targets import Targets, find_targets, replace_module
 from .dsee import DSEEConfig, dsee_finetune
 from .evaluate import LossFn, batch_stream, loss_of, move_batch
 from .factorized import empty_factorized, factorized_layers
-from .loraprune import LoRAPruneConfig, apply_layout, find_blocks, loraprune, loraprune_recover
+from .loraprune import LoRAPruneConfig, find_blocks, loraprune, loraprune_recover
 from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
 from .rank import check_ratio
+from .resize import apply_layout
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 

@@ -47,6 +47,7 @@ from ..adapters.ops import merge_and_unload
 from ..adapters.registry import adapt
 from ..targets import replace_module
 from .evaluate import LossFn, batch_stream, loss_of, move_batch
+from .resize import sliced_linear
 
 LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
          "mlp_out": ("mlp.gate_proj", "mlp.up_proj"), "mlp_in": ("mlp.down_proj",)}
@@ -430,23 +431,6 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _sliced_linear(lin: nn.Linear, keep: torch.Tensor, input_side: bool) -> nn.Linear:
-    """A new ``nn.Linear`` (same dtype, device, ``requires_grad``) with only the kept input columns
-    (``input_side``; bias unchanged) or the kept output rows and bias entries."""
-    if not isinstance(lin, nn.Linear):
-        raise ValueError(f"expected an nn.Linear (merge LoRA first), got {type(lin).__name__}")
-    idx = torch.nonzero(keep).flatten().to(lin.weight.device)
-    weight = lin.weight.index_select(1 if input_side else 0, idx)
-    bias = lin.bias if (lin.bias is None or input_side) else lin.bias.index_select(0, idx)
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    out.weight.copy_(weight)
-    out.weight.requires_grad_(lin.weight.requires_grad)
-    if bias is not None:
-        out.bias.copy_(bias)
-        out.bias.requires_grad_(lin.bias.requires_grad)
-    return out
-
-
 def _head_attributes(block: Block, units: BlockState) -> dict[str, int]:
     """The head-count attributes of transformers' attention modules for the kept heads:
     ``num_key_value_groups`` (Llama's ``repeat_kv`` factor), ``num_attention_heads`` and
@@ -471,7 +455,7 @@ def remove_pruned_units(model: nn.Module, state: LoRAPruneState) -> dict[str, di
     of ``m`` per kept key-value head, so ``repeat_kv`` by ``m`` maps them right, and no k/v row is
     duplicated (the parameter count drops by exactly the pruned weights plus their bias entries).
     Returns the layout ``{"linears": {name: {"in_features", "out_features", "bias"}},
-    "attributes": {module: {attribute: value}}}`` that :func:`apply_layout` rebuilds."""
+    "attributes": {module: {attribute: value}}}`` that :func:`.resize.apply_layout` rebuilds."""
     sizes: dict[str, dict[str, int]] = {}
     for block, units in zip(state.blocks, state.units, strict=True):  # validate every block before changing any
         if len(units.channels) >= block.channels:
@@ -482,7 +466,7 @@ def remove_pruned_units(model: nn.Module, state: LoRAPruneState) -> dict[str, di
     masks = state.row_masks()
     for block in state.blocks:
         for name in block.names:
-            new = _sliced_linear(model.get_submodule(name), masks[name], _input_side(block, name))
+            new = sliced_linear(model.get_submodule(name), masks[name], _input_side(block, name))
             replace_module(model, name, new)
             linears[name] = {"in_features": new.in_features, "out_features": new.out_features,
                              "bias": new.bias is not None}
@@ -494,20 +478,6 @@ def remove_pruned_units(model: nn.Module, state: LoRAPruneState) -> dict[str, di
         if present:
             attributes[module_name] = present
     return {"linears": linears, "attributes": attributes}
-
-
-def apply_layout(model: nn.Module, layout: dict[str, dict]) -> None:
-    """Give a freshly built model the shapes recorded by :func:`remove_pruned_units`: new (untrained)
-    ``nn.Linear`` layers of the recorded sizes and the recorded attention / MLP attributes, ready
-    for a strict ``load_state_dict``."""
-    for name, spec in layout.get("linears", {}).items():
-        old = model.get_submodule(name)
-        replace_module(model, name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
-                                              device=old.weight.device, dtype=old.weight.dtype))
-    for name, attrs in layout.get("attributes", {}).items():
-        module = model.get_submodule(name)
-        for key, value in attrs.items():
-            setattr(module, key, value)
 
 
 # ------------------------------------------------------------------------------------- the loop
