@@ -47,7 +47,7 @@ from ..adapters.base import AdapterConfig, AdapterLayer, allowed, kaiming_unifor
 from ..adapters.init import InitContext, truncated_svd
 from ..adapters.registry import MethodSpec, adapter_layers, register
 from .evaluate import LossFn, batch_stream, loss_of, move_batch
-from .loraprune import BERT, LLAMA
+from .loraprune import attention_layout, check_head_layout
 
 SUPPORTS = ("decomposition", "random")
 STRUCTURES = ("unstructured", "heads")
@@ -268,35 +268,21 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     value}``, ``attention.output.dense``) attention block; ValueError when there is none, when one
     of its projections has no DSEE adapter, or when the head layout does not match the config."""
     layers = dict(dsee_layers(model))
-    cfg = getattr(model, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    if heads is None:
-        raise ValueError("structure='heads' needs model.config.num_attention_heads to find the attention heads")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    layout = attention_layout(model, "structure='heads'", "Llama-style (self_attn.q_proj, ...) or BERT-style "
+                              "(attention.self.query, ...) attention block")
     blocks = []
-    for style in (LLAMA, BERT):
-        for name, _ in model.named_modules():
-            if not (name == style["q"] or name.endswith("." + style["q"])):
-                continue
-            prefix = name[: -len(style["q"])]
-            members = {}
-            for key in ("q", "k", "v", "o"):
-                full = prefix + style[key]
-                if full not in layers:
-                    raise ValueError(
-                        f"structure='heads' needs DSEE adapters on q, k, v and o of every attention block; "
-                        f"'{full}' has none (adapt with targets='all-linear' or list all four projections)"
-                    )
-                members[key] = layers[full]
-            head_dim = getattr(cfg, "head_dim", None) or members["q"].out_features // heads
-            if (members["q"].out_features != heads * head_dim or members["o"].in_features != heads * head_dim
-                    or members["k"].out_features != kv_heads * head_dim or heads % kv_heads):
-                raise ValueError(f"head layout of '{prefix}' does not match the config ({heads} heads, "
-                                 f"{kv_heads} kv heads, head_dim {head_dim})")
-            blocks.append(AttentionBlock(prefix, **members, heads=heads, kv_heads=kv_heads, head_dim=head_dim))
-    if not blocks:
-        raise ValueError("structure='heads' found no Llama-style (self_attn.q_proj, ...) or BERT-style "
-                         "(attention.self.query, ...) attention block in the model")
+    for style, prefix, heads, kv_heads, cfg_head_dim in layout:
+        members = {}
+        for key in ("q", "k", "v", "o"):
+            full = prefix + style[key]
+            if full not in layers:
+                raise ValueError(
+                    f"structure='heads' needs DSEE adapters on q, k, v and o of every attention block; "
+                    f"'{full}' has none (adapt with targets='all-linear' or list all four projections)"
+                )
+            members[key] = layers[full]
+        head_dim = check_head_layout(prefix, members["q"], members["k"], members["o"], heads, kv_heads, cfg_head_dim)
+        blocks.append(AttentionBlock(prefix, **members, heads=heads, kv_heads=kv_heads, head_dim=head_dim))
     return blocks
 
 

@@ -86,29 +86,47 @@ class Block:
         return (self.q, self.k, self.v, self.o, *self.mlp_out, *self.mlp_in)
 
 
+def attention_layout(model: nn.Module, who: str, what: str) -> list[tuple[dict, str, int, int, int | None]]:
+    """``(style, prefix, heads, kv_heads, config head_dim)`` of every Llama- or BERT-style block of
+    ``model``, found by its query projection; heads from ``model.config``. ``who`` / ``what`` name
+    the caller and the structure it looks for in the errors (none found, no head count)."""
+    found = [
+        (style, name[: -len(style["q"])])
+        for style in STYLES.values()
+        for name, _ in model.named_modules()
+        if name == style["q"] or name.endswith("." + style["q"])
+    ]
+    if not found:
+        raise ValueError(f"{who} found no {what} in the model")
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError(f"{who} needs model.config.num_attention_heads to find the attention heads")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return [(style, prefix, heads, kv_heads, getattr(cfg, "head_dim", None)) for style, prefix in found]
+
+
+def check_head_layout(prefix: str, q: nn.Module, k: nn.Module, o: nn.Module, heads: int, kv_heads: int,
+                      head_dim: int | None) -> int:
+    """The head dimension (the config's, else q's rows per head); ValueError when the q/k/o shapes
+    do not split into ``heads`` / ``kv_heads`` heads of that size."""
+    head_dim = head_dim or q.out_features // heads
+    if (q.out_features != heads * head_dim or o.in_features != heads * head_dim
+            or k.out_features != kv_heads * head_dim or heads % kv_heads):
+        raise ValueError(f"head layout of '{prefix}' does not match the config ({heads} heads, {kv_heads} kv heads, "
+                         f"head_dim {head_dim})")
+    return head_dim
+
+
 def find_blocks(model: nn.Module) -> list[Block]:
     """Every Llama-style (``self_attn.{q,k,v,o}_proj`` + ``mlp.{gate,up,down}_proj``) or BERT-style
     (``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
     ``output.dense``) block. ValueError when the model has none or the head layout is inconsistent."""
     modules = dict(model.named_modules())
-    found = [
-        (style, name[: -len(style["q"])])
-        for style in STYLES.values()
-        for name in modules
-        if name == style["q"] or name.endswith("." + style["q"])
-    ]
-    if not found:
-        raise ValueError(
-            "LoRAPrune found no Llama-style (self_attn.q_proj, ..., mlp.down_proj) or BERT-style "
-            "(attention.self.query, ..., output.dense) transformer block in the model"
-        )
-    cfg = getattr(model, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    if heads is None:
-        raise ValueError("LoRAPrune needs model.config.num_attention_heads to find the attention heads")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    layout = attention_layout(model, "LoRAPrune", "Llama-style (self_attn.q_proj, ..., mlp.down_proj) or BERT-style "
+                              "(attention.self.query, ..., output.dense) transformer block")
     blocks = []
-    for style, prefix in found:
+    for style, prefix, heads, kv_heads, cfg_head_dim in layout:
         members = {key: prefix + style[key] for key in ("q", "k", "v", "o")}
         mlp_out = tuple(prefix + n for n in style["mlp_out"])
         mlp_in = tuple(prefix + n for n in style["mlp_in"])
@@ -119,12 +137,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
                 raise ValueError(f"LoRAPrune expects '{full}' to be an nn.Linear, got {type(module).__name__}")
             lin[full] = module
         q, k, o = lin[members["q"]], lin[members["k"]], lin[members["o"]]
-        head_dim = getattr(cfg, "head_dim", None) or q.out_features // heads
-        if q.out_features != heads * head_dim or k.out_features != kv_heads * head_dim or heads % kv_heads:
-            raise ValueError(
-                f"head layout of '{prefix}' does not match the config ({heads} heads, {kv_heads} kv heads, "
-                f"head_dim {head_dim})"
-            )
+        head_dim = check_head_layout(prefix, q, k, o, heads, kv_heads, cfg_head_dim)
         channels = lin[mlp_out[0]].out_features
         block = Block(**members, mlp_out=mlp_out, mlp_in=mlp_in, heads=heads, kv_heads=kv_heads,
                       head_dim=head_dim, channels=channels)
