@@ -20,18 +20,19 @@ import torch
 # ----------------------------------------------------------------------------- 8-bit dynamic codes
 
 _CODE_CACHE: dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
+# The non-zero magnitudes of each codebook: (log10 of the smallest, how many), geometric up to 1.
+_GRID = {True: (-6.0, 127), False: (-12.0, 255)}
 
 
 def _levels(signed: bool) -> torch.Tensor:
-    """The 256-entry codebook on [-1, 1] (signed) or [0, 1] (unsigned), sorted ascending."""
+    """The 256-entry codebook on [-1, 1] (signed) or [0, 1] (unsigned), sorted ascending: signed =
+    −magnitudes, 0, +magnitudes, and a duplicate 1.0 as padding; unsigned = 0, magnitudes."""
+    low, count = _GRID[signed]
+    pos = torch.logspace(low, 0.0, count, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
     if signed:
-        pos = torch.logspace(-6.0, 0.0, 127, dtype=torch.float64)  # 127 magnitudes, 1e-6 .. 1
-        code = torch.cat([-pos.flip(0), torch.zeros(1, dtype=torch.float64), pos])  # 255 entries
-        code = torch.cat([code, torch.ones(1, dtype=torch.float64)])  # pad to 256 (duplicate 1.0)
-    else:
-        pos = torch.logspace(-12.0, 0.0, 255, dtype=torch.float64)  # 255 magnitudes, 1e-12 .. 1
-        code = torch.cat([torch.zeros(1, dtype=torch.float64), pos])
-    return code
+        return torch.cat([-pos.flip(0), zero, pos, torch.ones(1, dtype=torch.float64)])
+    return torch.cat([zero, pos])
 
 
 def _thresholds(code: torch.Tensor) -> torch.Tensor:
@@ -59,20 +60,17 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     return flat.view(-1, block), pad
 
 
-# (index of the smallest positive level, of the largest, log10 of the smallest magnitude, decades spanned)
-_GEOMETRIC = {True: (128, 254, -6.0, 6.0), False: (1, 255, -12.0, 12.0)}
-
-
 def code_index(normed: torch.Tensor, signed: bool) -> torch.Tensor:
     """Nearest-level code (uint8) of values in [-1, 1], as ``searchsorted(thresholds, normed)`` but in
     O(1) per element: the non-zero levels are geometric and the thresholds between same-sign levels
     are their geometric means, so the level is ``round`` of ``log10|x|`` on the level grid; below half
     the smallest level a value maps to the zero code (the threshold there is the arithmetic midpoint).
     Values within float rounding of a threshold may land on either neighbour."""
-    first, last, low, decades = _GEOMETRIC[signed]
-    steps = last - first
+    low, count = _GRID[signed]
+    first = count + 1 if signed else 1  # code index of the smallest positive magnitude
+    steps = count - 1
     magnitude = normed.abs()
-    k = ((magnitude.clamp_min(1e-30).log10() - low) * (steps / decades)).round_().clamp_(0, steps)
+    k = ((magnitude.clamp_min(1e-30).log10() - low) * (steps / -low)).round_().clamp_(0, steps)
     idx = torch.where(normed < 0, (first - 2) - k, first + k) if signed else first + k
     tiny = 0.5 * 10.0**low  # midpoint between the zero code and the smallest magnitude
     return torch.where(magnitude <= tiny, float(first - 1), idx).to(torch.uint8)
@@ -86,7 +84,6 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple
     """
     if block <= 0:
         raise ValueError(f"block={block!r} must be a positive int")
-    code, thr = dynamic_code(signed, x.device)
     blocks, _ = _blocks(x.float(), block)
     absmax = blocks.abs().amax(dim=1)
     normed = blocks / absmax.clamp_min(1e-30).unsqueeze(1)
