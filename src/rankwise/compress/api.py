@@ -30,17 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters.ops import merge_and_unload
 from ..adapters.registry import adapt
 from ..io import atomic_directory, save_tensors, write_json
 from ..targets import Targets, find_targets, replace_module
 from .dsee import DSEEConfig, dsee_finetune
-from .evaluate import LossFn, batch_stream, loss_of, move_batch
+from .evaluate import LossFn, train_steps
 from .factorized import empty_factorized, factorized_layers
 from .loraprune import LoRAPruneConfig, find_blocks, loraprune, loraprune_recover
 from .lord import lord_compress
@@ -288,23 +286,12 @@ def recover(
             p.requires_grad_(id(p) in keep)
     if not params:
         raise ValueError("the compressed model has no factorized layer to train")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(model.parameters()).device
-    history = []
-    model.train()
     try:
-        for step, batch in enumerate(tqdm(batch_stream(data, steps), total=steps, desc="recover", disable=not progress, leave=False)):
-            loss = loss_of(model, move_batch(batch, device), loss_fn)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append({"step": step, "loss": loss.item()})
+        return train_steps(model, params, data, steps, lr, loss_fn, progress, "recover")
     finally:
-        model.eval()
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = None
-    return history
 
 
 # ----------------------------------------------------------------------------------- save / load

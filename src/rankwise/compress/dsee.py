@@ -41,12 +41,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters.base import AdapterConfig, AdapterLayer, allowed, kaiming_uniform_, layer_generator
 from ..adapters.init import InitContext, truncated_svd
 from ..adapters.registry import MethodSpec, adapter_layers, register
-from .evaluate import LossFn, batch_stream, loss_of, move_batch
+from .evaluate import LossFn, train_steps
 from .loraprune import attention_layout, check_head_layout
 
 SUPPORTS = ("decomposition", "random")
@@ -350,21 +349,16 @@ def dsee_finetune(
     if not 0.0 <= prune_at <= 1.0:
         raise ValueError(f"prune_at={prune_at!r} must be in [0, 1]")
     dsee_layers(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params and steps else None
     prune_step = round(prune_at * steps)
-    device = next(model.parameters()).device
-    history: list[dict] = []
-    model.train()
-    for step, batch in enumerate(tqdm(batch_stream(data, steps), total=steps, desc="dsee", disable=not progress, leave=False)):
-        if step == prune_step:
-            dsee_prune(model, sparsity)
-        loss = loss_of(model, move_batch(batch, device), loss_fn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append({"step": step, "loss": loss.item(), "pruned": step >= prune_step})
-    if prune_step >= steps:
+    if prune_step == 0:  # before the first step (or at once when steps == 0)
         dsee_prune(model, sparsity)
-    model.eval()
-    return history
+    if steps == 0:
+        return []
+
+    def prune_after(step: int) -> None:
+        if step + 1 == prune_step:
+            dsee_prune(model, sparsity)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return train_steps(model, params, data, steps, lr, loss_fn, progress, "dsee",
+                       lambda step: {"pruned": step >= prune_step}, prune_after)

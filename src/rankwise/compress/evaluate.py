@@ -50,6 +50,42 @@ def loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> torc
     return (loss_fn or default_loss)(model, batch)
 
 
+def train_steps(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    data: Iterable,
+    steps: int,
+    lr: float,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+    desc: str = "train",
+    after_backward: Callable[[int], dict] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """``steps`` AdamW steps (no weight decay) on ``params`` over ``data`` (restarted when it runs
+    out), the model in train mode and back in eval mode after. ``after_backward(step)`` runs between
+    backward and the optimizer step and returns extra history fields; ``after_step(step)`` runs after
+    it. Returns ``[{"step", "loss", **extra}]``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    history = []
+    model.train()
+    try:
+        stream = batch_stream(data, steps)
+        for step, batch in enumerate(tqdm(stream, total=steps, desc=desc, disable=not progress, leave=False)):
+            loss = loss_of(model, move_batch(batch, device), loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            extra = after_backward(step) if after_backward is not None else {}
+            opt.step()
+            history.append({"step": step, "loss": loss.item(), **extra})
+            if after_step is not None:
+                after_step(step)
+    finally:
+        model.eval()
+    return history
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
     """``exp`` of the mean next-token NLL of a causal LM over ``blocks`` [n, T] (labels = inputs)."""

@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters.lora import LoRALayer
 from ..adapters.ops import merge_and_unload
 from ..adapters.registry import adapt
 from ..targets import replace_module
-from .evaluate import LossFn, batch_stream, loss_of, move_batch
+from .evaluate import LossFn, train_steps
 from .resize import sliced_linear
 
 LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -525,40 +524,6 @@ class LoRAPruneConfig:
             raise ValueError(f"alpha={self.alpha!r} must be > 0")
 
 
-def _train_lora(
-    model: nn.Module,
-    data: Iterable,
-    steps: int,
-    lr: float,
-    loss_fn: LossFn | None,
-    progress: bool,
-    desc: str,
-    after_backward: Callable[[int], dict] | None = None,
-    after_step: Callable[[int], None] | None = None,
-) -> list[dict]:
-    """AdamW on the trainable parameters for ``steps`` steps; ``after_backward(step)`` runs between
-    backward and the optimizer step and returns extra history fields, ``after_step(step)`` after it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(model.parameters()).device
-    history = []
-    model.train()
-    try:
-        stream = batch_stream(data, steps)
-        for step, batch in enumerate(tqdm(stream, total=steps, desc=desc, disable=not progress, leave=False)):
-            loss = loss_of(model, move_batch(batch, device), loss_fn)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            extra = after_backward(step) if after_backward is not None else {}
-            opt.step()
-            history.append({"step": step, "loss": loss.item(), **extra})
-            if after_step is not None:
-                after_step(step)
-    finally:
-        model.eval()
-    return history
-
-
 def _prune_while_training(
     model: nn.Module,
     state: LoRAPruneState,
@@ -596,7 +561,9 @@ def _prune_while_training(
                 model.train()
 
     try:
-        history = _train_lora(model, data, steps, cfg.lr, loss_fn, progress, "loraprune", schedule, target_reached)
+        params = [p for p in model.parameters() if p.requires_grad]
+        history = train_steps(model, params, data, steps, cfg.lr, loss_fn, progress, "loraprune", schedule,
+                              target_reached)
     finally:
         masks.remove()
     merge_and_unload(model)
@@ -652,6 +619,7 @@ def loraprune_recover(
         raise ValueError(f"steps={steps!r} must be a positive integer")
     adapt(model, "lora", targets=list(targets), r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout,
           trainable=trainable)
-    history = _train_lora(model, data, steps, cfg.lr, loss_fn, progress, "loraprune recover")
+    params = [p for p in model.parameters() if p.requires_grad]
+    history = train_steps(model, params, data, steps, cfg.lr, loss_fn, progress, "loraprune recover")
     merge_and_unload(model)
     return history
