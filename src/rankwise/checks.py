@@ -1,0 +1,99 @@
+"""Argument checks shared by every package: each raises a ``ValueError`` that names the parameter and
+says what is allowed, and returns the value (converted where that is safe: ``number`` gives a float).
+
+Messages read ``"<name>=<value!r> must be ..."`` (or ``"... is not allowed; choose one of [...]"``) so
+the CLI can print them as one line. Booleans are never accepted as numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["choice", "fraction", "integer", "is_number", "number", "rank"]
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    options = list(choices)
+    if value not in options:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {options}")
+    return value
+
+
+def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"> {low}" if low_open else f">= {low}")
+    if high is not None:
+        parts.append(f"< {high}" if high_open else f"<= {high}")
+    return " and ".join(parts)
+
+
+def number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> Any:
+    """``float(value)`` for a finite number within the bounds (``low_open``/``high_open`` exclude the
+    bound itself); ``optional=True`` also lets ``None`` through."""
+    if value is None and optional:
+        return None
+    ok = is_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        bound = _bounds(low, high, low_open, high_open)
+        tail = f" {bound}" if bound else ""
+        none = " or None" if optional else ""
+        raise ValueError(f"{name}={value!r} must be a finite number{tail}{none}")
+    return float(value)
+
+
+def integer(
+    name: str, value: Any, low: int | None = None, high: int | None = None, *, optional: bool = False
+) -> Any:
+    """``value`` for an int (not a bool) in ``[low, high]``; ``optional=True`` also lets ``None`` through."""
+    if value is None and optional:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, int)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = _bounds(low, high, False, False)
+        tail = f" {bound}" if bound else ""
+        none = " or None" if optional else ""
+        raise ValueError(f"{name}={value!r} must be an integer{tail}{none}")
+    return value
+
+
+def fraction(name: str, value: Any, *, allow_zero: bool = False, allow_one: bool = True) -> float:
+    """``float(value)`` for a number in (0, 1] (``allow_zero``: [0, 1]; ``allow_one=False``: < 1)."""
+    ok = is_number(value) and (value >= 0 if allow_zero else value > 0) and (value <= 1 if allow_one else value < 1)
+    if not ok:
+        interval = ("[" if allow_zero else "(") + "0, 1" + ("]" if allow_one else ")")
+        raise ValueError(f"{name}={value!r} must be a number in {interval}")
+    return float(value)
+
+
+def rank(name: str, value: Any, limit: int | None = None, where: str = "") -> int:
+    """``value`` for an integer rank in ``[1, limit]``; the message names the layer ``where`` it failed."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    if limit is not None and value > limit:
+        at = f" of '{where}'" if where else ""
+        raise ValueError(f"{name}={value} is larger than min(out_features, in_features)={limit}{at}; "
+                         f"choose {name} <= {limit}")
+    return value
