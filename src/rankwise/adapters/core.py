@@ -276,7 +276,7 @@ register(
 register(
     MethodSpec(
         "lora_sb",
-        "adapter-init",
+        "init",
         "Ponkshe et al. 2024, Initialization using Update Approximation is a Silver Bullet for "
         "Extremely Efficient Low-Rank Fine-Tuning",
         LoRASBConfig,
@@ -287,7 +287,7 @@ register(
 register(
     MethodSpec(
         "loldu",
-        "adapter-init",
+        "init",
         "Shi et al. 2024, LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for "
         "Parameter-Efficient Fine-Tuning",
         LoLDUConfig,
@@ -298,7 +298,7 @@ register(
 register(
     MethodSpec(
         "svfit",
-        "adapter-init",
+        "init",
         "Sun et al. 2024, SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
         SVFitConfig,
         CoreLayer,

@@ -33,7 +33,7 @@ class LoRAGAConfig(LoRAConfig):
 register(
     MethodSpec(
         "pissa",
-        "adapter-init",
+        "init",
         "Meng et al. 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
         LoRAConfig,
         LoRALayer,
@@ -44,7 +44,7 @@ register(
 register(
     MethodSpec(
         "olora",
-        "adapter-init",
+        "init",
         "Büyükakyüz 2024, OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models",
         LoRAConfig,
         LoRALayer,
@@ -55,7 +55,7 @@ register(
 register(
     MethodSpec(
         "lora_ga",
-        "adapter-init",
+        "init",
         "Wang et al. 2024, LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
         LoRAGAConfig,
         LoRALayer,

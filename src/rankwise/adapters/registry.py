@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import importlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import catalogue, checks
 from ..targets import Targets, find_targets, replace_module
 from .base import AdapterConfig, AdapterLayer
 from .gradients import estimate_gradients
 from .init import InitContext
 
-FAMILIES = ("adapter", "adapter-init", "training-dynamics")
 EXPORTS = ("lora", "dora", "none")  # what export_peft writes for a method
+_CATALOGUE_EXPORTS = {"lora": "peft-lora", "dora": "peft-dora", "none": "merge"}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One registered adapter method: a layer class, its config class and config defaults."""
+    """One adapter method, as the adapter package registers it in the catalogue: its family, paper
+    and one-line mechanism (``summary``), a layer class, its config class and config defaults.
+    ``api`` is the method's entry point: ``"adapt"``, or ``"compress"`` for a method whose adapter
+    layer is one stage of a compression pipeline (DSEE)."""
 
     name: str
     family: str
@@ -30,6 +35,7 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     export: str = "lora"
     summary: str = ""
+    api: str = "adapt"
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         known = self.config_cls.field_names()
@@ -41,15 +47,26 @@ class MethodSpec:
         return self.config_cls(**{**self.defaults, **kwargs})
 
 
-REGISTRY: dict[str, MethodSpec] = {}
+#: Every method that injects adapter layers: a view of the catalogue (name -> MethodSpec).
+REGISTRY: Mapping[str, MethodSpec] = catalogue.View(lambda r: isinstance(r.spec, MethodSpec), lambda r: r.spec)
+
+
+def _builder(spec: MethodSpec) -> Callable[..., Any]:
+    """``build(model, **options)``: ``rw.adapt``, or ``rw.compress`` (imported when called: compress
+    itself imports this package)."""
+    if spec.api == "adapt":
+        return lambda model, **options: adapt(model, spec.name, **options)
+    return lambda model, **options: importlib.import_module("rankwise.compress").compress(model, spec.name, **options)
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    if spec.family not in FAMILIES:
-        raise ValueError(f"family={spec.family!r}; choose one of {list(FAMILIES)}")
-    if spec.export not in EXPORTS:
-        raise ValueError(f"export={spec.export!r}; choose one of {list(EXPORTS)}")
-    REGISTRY[spec.name] = spec
+    """Add ``spec`` to the method catalogue (the one list of methods)."""
+    checks.choice("export", spec.export, EXPORTS)
+    checks.choice("api", spec.api, ("adapt", "compress"))
+    catalogue.register(catalogue.MethodRecord(
+        spec.name, spec.family, spec.paper, spec.summary, api=spec.api, config=spec.config_cls,
+        builder=_builder(spec), exports=_CATALOGUE_EXPORTS[spec.export], spec=spec,
+    ))
     return spec
 
 

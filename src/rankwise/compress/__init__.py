@@ -8,7 +8,6 @@ the ``dsee`` adapter method.
 from . import dsee  # noqa: F401  (registers the "dsee" adapter)
 from .api import (
     COMPRESS_METHODS,
-    CompressMethod,
     CompressState,
     compress,
     compressed_state,
@@ -28,7 +27,7 @@ from .svd import SVDCache, thin_svd
 from .welore import welore_finetune_params, welore_plan
 
 __all__ = [
-    "COMPRESS_METHODS", "CompressMethod", "CompressState", "DSEEConfig", "DSEELayer", "FactorizedLinear",
+    "COMPRESS_METHODS", "CompressState", "DSEEConfig", "DSEELayer", "FactorizedLinear",
     "SVDCache", "apply_layout", "attention_blocks", "compress", "compressed_state", "cubic_sparsity", "densify",
     "dsee_finetune", "dsee_prune", "dsee_support", "eval_blocks", "evaluate_corpora", "factorized_layers",
     "find_blocks", "load_compressed", "loraprune", "loraprune_recover", "output_grams", "pela_distill",

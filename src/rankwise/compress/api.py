@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import nn
 
+from .. import catalogue
 from ..adapters.ops import merge_and_unload
 from ..adapters.registry import adapt
 from ..io import atomic_directory, save_tensors, write_json
@@ -54,32 +55,28 @@ COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
 
 
-@dataclass(frozen=True)
-class CompressMethod:
-    name: str
-    paper: str
-    summary: str
-    needs_data: bool
+_METHODS = (
+    # (name, paper, one-line mechanism); DSEE is registered by the adapter package (its adapter layer)
+    ("svd", "Eckart & Young 1936 (truncated SVD baseline)",
+     "every matrix → rank keeping `ratio` of its weights, two SVD factors"),
+    ("welore", "Jaiswal et al. 2024, From GaLore to WeLore",
+     "heavy-tail rank per matrix from normalized singular values; LRCs factorized, N-LRCs dense"),
+    ("lord", "Kaushal et al. 2023, LORD: Low Rank Decomposition of Monolingual Code LLMs",
+     "same rank fraction for every matrix; trainable truncated-SVD factor pairs, or output-covariance factors "
+     "with data="),
+    ("pela", "Guo et al. 2024, PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
+     "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg."),
+    ("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
+     "iterative head/channel pruning from LoRA weights and gradients during LoRA fine-tuning"),
+)
+for _name, _paper, _mechanism in _METHODS:
+    catalogue.register(catalogue.MethodRecord(
+        _name, "compression", _paper, _mechanism, api="compress", exports="compressed",
+        builder=lambda model, _name=_name, **options: compress(model, _name, **options),
+    ))
 
-
-COMPRESS_METHODS: dict[str, CompressMethod] = {
-    m.name: m
-    for m in (
-        CompressMethod("svd", "Eckart & Young 1936 (truncated SVD baseline)",
-                       "every matrix → rank keeping `ratio` of its weights, two SVD factors", False),
-        CompressMethod("welore", "Jaiswal et al. 2024, From GaLore to WeLore",
-                       "heavy-tail rank per matrix from normalized singular values; LRCs factorized, N-LRCs dense", False),
-        CompressMethod("lord", "Kaushal et al. 2023, LORD: Low Rank Decomposition of Monolingual Code LLMs",
-                       "same rank fraction for every matrix; trainable truncated-SVD factor pairs, or "
-                       "output-covariance factors with data=", False),
-        CompressMethod("pela", "Guo et al. 2024, PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
-                       "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg.", False),
-        CompressMethod("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
-                       "iterative head/channel pruning from LoRA weights and gradients during LoRA fine-tuning", True),
-        CompressMethod("dsee", "Chen et al. 2023, DSEE: Dually Sparsity-embedded Efficient Tuning",
-                       "ΔW = BA + S on a fixed support, then magnitude-pruned sparse final weights", True),
-    )
-}
+#: Every compression method (name -> catalogue record), DSEE included: a view of the catalogue.
+COMPRESS_METHODS: Mapping[str, catalogue.MethodRecord] = catalogue.View(lambda r: r.api == "compress", lambda r: r)
 
 
 @dataclass

@@ -195,12 +195,13 @@ class DSEELayer(AdapterLayer):
 register(
     MethodSpec(
         "dsee",
-        "adapter",
+        "sparse+low-rank",
         "Chen et al. 2023, DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language Models",
         DSEEConfig,
         DSEELayer,
         export="none",
         summary="ΔW = s·(BA + S) with S on a fixed support from W₀ ≈ L + S; magnitude-pruned final weights",
+        api="compress",
     )
 )
 

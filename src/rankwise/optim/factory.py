@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from .. import catalogue
 
 from .apollo import APOLLO, APOLLOMini
 from .blocks import LISA, BAdam, OwLore
@@ -20,23 +22,62 @@ from .groups import param_groups
 from .osd import OnlineSubspaceDescent
 from .q_galore import QGaLoreAdamW
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "galore": GaLoreAdamW,
-    "galore_adafactor": GaLoreAdafactor,
-    "galore_8bit": GaLoreAdamW8bit,
-    "q_galore": QGaLoreAdamW,
-    "fira": Fira,
-    "frugal": FRUGAL,
-    "apollo": APOLLO,
-    "apollo_mini": APOLLOMini,
-    "gradnormlorp": GradNormLoRP,
-    "flora_opt": Flora,
-    "osd": OnlineSubspaceDescent,
-    "dct_proj": DCTGaLore,
-    "adamw": torch.optim.AdamW,
-}
+_METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
+    # (name, family, class, paper, one-line mechanism)
+    ("galore", "optimizer", GaLoreAdamW, "Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+     "AdamW on PᵀG with P the top-r left singular vectors of G, refreshed every T steps; update P·N·α"),
+    ("galore_adafactor", "optimizer", GaLoreAdafactor, "Zhao et al. 2024, GaLore (Adafactor variant)",
+     "GaLore's projection with Adafactor (factored second moment) in the subspace"),
+    ("galore_8bit", "optimizer", GaLoreAdamW8bit, "Zhao et al. 2024, GaLore (8-bit Adam variant)",
+     "GaLore's projection with 8-bit blockwise-quantized Adam moments"),
+    ("q_galore", "optimizer", QGaLoreAdamW, "Zhang et al. 2024, Q-GaLore: Quantized GaLore with INT4 Projection and "
+     "Layer-Adaptive Low-Rank Gradients", "INT4 projector, lazy refresh when successive subspaces agree, INT8 weights "
+     "with stochastic rounding"),
+    ("fira", "optimizer", Fira, "Chen et al. 2024, Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank "
+     "Constraint?", "GaLore plus the residual G − PPᵀG scaled by the subspace's Adam/SGD norm ratio, with a "
+     "norm-growth limiter"),
+    ("frugal", "optimizer", FRUGAL, "Zmushko et al. 2024, FRUGAL: Memory-Efficient Optimization by Reducing State "
+     "Overhead for Scalable Training", "state-full AdamW in a subspace, state-free signSGD on the rest"),
+    ("apollo", "optimizer", APOLLO, "Zhu et al. 2024, APOLLO: SGD-like Memory, AdamW-level Performance",
+     "AdamW moments of a random projection give channel-wise scaling factors for the raw gradient"),
+    ("apollo_mini", "optimizer", APOLLOMini, "Zhu et al. 2024, APOLLO (APOLLO-Mini)",
+     "APOLLO at rank 1 with one tensor-wise scaling factor"),
+    ("gradnormlorp", "optimizer", GradNormLoRP, "Huang et al. 2024, Gradient Weight-normalized Low-rank Projection "
+     "for Efficient LLM Training", "weight-normalized W = m·V/‖V‖ with GaLore-style projected updates"),
+    ("flora_opt", "optimizer", Flora, "Hao et al. 2024, Flora: Low-Rank Adapters Are Secretly Gradient Compressors",
+     "momentum compressed by seeded random projections, resampled (and transferred) every T steps"),
+    ("osd", "optimizer", OnlineSubspaceDescent, "Liang et al. 2024, Memory-Efficient LLM Training with Online "
+     "Subspace Descent", "the projection P is updated by online PCA (a gradient step on ‖G − PPᵀG‖²) "
+     "instead of SVD"),
+    ("dct_proj", "optimizer", DCTGaLore, "Modoranu et al. 2025, SVD-Free Low-Rank Adaptive Gradient Optimization for "
+     "Large Language Models", "the subspace is the r DCT columns best aligned with G (no SVD)"),
+    ("adamw", "optimizer", torch.optim.AdamW, "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
+     "full-state AdamW on every trainable parameter (the baseline)"),
+    ("badam", "sampler", BAdam, "Luo et al. 2024, BAdam: A Memory Efficient Full Parameter Optimization Method for "
+     "Large Language Models", "block coordinate descent: Adam on one block of layers at a time, switched every K steps"),
+    ("lisa", "sampler", LISA, "Pan et al. 2024, LISA: Layerwise Importance Sampling for Memory-Efficient Large "
+     "Language Model Fine-Tuning", "embedding and head always train; γ uniformly sampled middle layers every K steps"),
+    ("owlore", "sampler", OwLore, "Li et al. 2024, OwLore: Outlier-weighed Layerwise Sampled Low-Rank Projection",
+     "layers sampled by their share of outlier weights, trained with GaLore-projected updates"),
+]
+
+
+def _register(name: str, family: str, cls: type[torch.optim.Optimizer], paper: str, mechanism: str) -> None:
+    catalogue.register(catalogue.MethodRecord(
+        name, family, paper, mechanism, api="optim", config=cls,
+        builder=lambda model, **kwargs: make(name, model, **kwargs),
+    ))
+
+
+for _method in _METHODS:
+    _register(*_method)
+
+#: Optimizers taking parameters or groups (name -> class): a view of the catalogue.
+OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = catalogue.View(
+    lambda r: r.api == "optim" and r.family == "optimizer", lambda r: r.config)
 #: Block/layer samplers: they decide themselves which parameters train, so they take the model.
-SAMPLERS: dict[str, type[torch.optim.Optimizer]] = {"badam": BAdam, "lisa": LISA, "owlore": OwLore}
+SAMPLERS: Mapping[str, type[torch.optim.Optimizer]] = catalogue.View(
+    lambda r: r.api == "optim" and r.family == "sampler", lambda r: r.config)
 NAMES = sorted([*OPTIMIZERS, *SAMPLERS])
 
 

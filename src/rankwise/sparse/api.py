@@ -14,13 +14,14 @@ Methods and their options (``SPARSE_METHODS``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import catalogue
 from ..adapters.base import allowed, layer_generator
 from ..adapters.ops import merge_and_unload
 from ..targets import Targets, find_targets, replace_module
@@ -34,9 +35,11 @@ from .trp import TRPLinear
 
 @dataclass(frozen=True)
 class SparseMethod:
-    """A registered structured-training method: how to build it and which options it takes."""
+    """A structured-training method as this package registers it in the catalogue: how to build it
+    and which options it takes."""
 
     name: str
+    family: str
     paper: str
     summary: str
     options: dict[str, Any]  # option -> default
@@ -52,33 +55,42 @@ class SparseState:
     layers: list[str] = field(default_factory=list)
 
 
-SPARSE_METHODS: dict[str, SparseMethod] = {
-    "sltrain": SparseMethod(
-        "sltrain", "Han et al. 2024, SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
+_METHODS = (
+    SparseMethod(
+        "sltrain", "sparse+low-rank", "Han et al. 2024, SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
         "W = (α/r)·B·A + S, S on a fixed uniformly random support of ⌊δ·m·n⌋ entries",
         {f: getattr(SLTrainConfig, f) for f in ("rank", "density", "alpha", "seed", "kernel")}, "",
     ),
-    "sst": SparseMethod(
-        "sst", "Zhao et al. 2024, Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks",
+    SparseMethod(
+        "sst", "from-scratch", "Zhao et al. 2024, Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks",
         "W = U·diag(Σ)·Vᵀ; all Σ every step, r Σ-sampled singular vectors per iteration, periodic re-SVD",
         {"rank": 64, "seed": 0, "uniform_mix": 0.5}, "SST",
     ),
-    "trp": SparseMethod(
-        "trp", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
+    SparseMethod(
+        "trp", "from-scratch", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
         "periodic energy-criterion SVD truncation + nuclear-norm sub-gradient U·Vᵀ",
         {}, "TRP",
     ),
-    "maestro": SparseMethod(
-        "maestro", "Horváth et al. 2024, Maestro: Uncovering Low-Rank Structures via Trainable Decomposition",
+    SparseMethod(
+        "maestro", "from-scratch", "Horváth et al. 2024, Maestro: Uncovering Low-Rank Structures via Trainable Decomposition",
         "W = U·Vᵀ with ordered dropout over (layer, rank) and hierarchical group lasso",
         {"rank": None}, "Maestro",
     ),
-    "relora": SparseMethod(
-        "relora", "Lialin et al. 2023, Stack More Layers Differently: High-Rank Training Through Low-Rank Updates",
+    SparseMethod(
+        "relora", "from-scratch", "Lialin et al. 2023, Stack More Layers Differently: High-Rank Training Through Low-Rank Updates",
         "LoRA with merge-and-restart every T steps, optimizer-state pruning, jagged cosine LR",
         {"rank": 128, "alpha": 32.0, "dropout": 0.0, "seed": 0, "train_rest": True}, "ReLoRA",
     ),
-}
+)
+for _spec in _METHODS:
+    catalogue.register(catalogue.MethodRecord(
+        _spec.name, _spec.family, _spec.paper, _spec.summary, api="sparsify", options=dict(_spec.options),
+        builder=lambda model, _name=_spec.name, **options: sparsify(model, _name, **options), exports="model",
+        spec=_spec,
+    ))
+
+#: name -> SparseMethod: a view of the catalogue.
+SPARSE_METHODS: Mapping[str, SparseMethod] = catalogue.View(lambda r: r.api == "sparsify", lambda r: r.spec)
 
 
 def _options(method: str, config: dict[str, Any]) -> dict[str, Any]:
