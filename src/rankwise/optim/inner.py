@@ -33,7 +33,6 @@ import torch
 
 from . import quant
 
-INNERS = ("adamw", "adamw8bit", "adafactor", "lion")
 State = dict[str, Any]
 
 
@@ -59,6 +58,7 @@ def ldadam_transition(
 class Inner:
     name = "base"
     state_keys: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()  # the group keys this update reads besides lr, betas, eps, correct_bias
     supports_transition = True
 
     def update(self, g: torch.Tensor, state: State, group: dict, p: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -120,6 +120,7 @@ class AdamW8bit(Inner):
     """
 
     name = "adamw8bit"
+    options = ("quant_block", "min_8bit_size")
     state_keys = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax", "exp_avg", "exp_avg_sq")
     _fp32 = AdamW()
 
@@ -202,6 +203,7 @@ class Adafactor(Inner):
     """Factored second moment (Shazeer & Stern 2018), explicit lr, optional β₁; N is the clipped update."""
 
     name = "adafactor"
+    options = ("adafactor_eps", "decay_rate", "clip_threshold", "beta1", "scale_parameter")
     state_keys = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
     supports_transition = False
 
@@ -241,7 +243,11 @@ class Lion(Inner):
             state["exp_avg"] = _rotate(state["exp_avg"], T.to(state["exp_avg"].dtype), side)
 
 
-_CLASSES: dict[str, Inner] = {"adamw": AdamW(), "adamw8bit": AdamW8bit(), "adafactor": Adafactor(), "lion": Lion()}
+_CLASSES: dict[str, Inner] = {inner.name: inner for inner in (AdamW(), AdamW8bit(), Adafactor(), Lion())}
+#: The inner-update names.
+INNERS = tuple(_CLASSES)
+#: Every option some inner update reads.
+INNER_OPTIONS = tuple(sorted({o for inner in _CLASSES.values() for o in inner.options}))
 
 
 def get_inner(name: str) -> Inner:

@@ -35,23 +35,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .inner import INNERS, get_inner
-from .projectors import POWER_DTYPES, PROJECTORS, SIDES, Projector, make_projector, resolve_side
-from .residual import RESIDUALS, get_residual
-
-# Options a group may carry besides the core keys (all plain numbers / strings / tuples).
-OPTION_KEYS = (
-    "oversample", "power_iters", "power_dtype",  # rsvd
-    "dct_norm",                             # dct: p of the column-score norm (1 as the official code)
-    "quant_group_size",                     # svd_int4
-    "proj_lr", "osd_init", "proj_weight_decay",  # online (OSD)
-    "limiter_gamma", "scale_front",         # fira / apollo norm-growth limiter
-    "inactive_lr_scale",                    # frugal
-    "quant_block", "min_8bit_size",         # adamw8bit
-    "adafactor_eps", "decay_rate", "clip_threshold", "beta1", "scale_parameter",  # adafactor
+from .inner import INNER_OPTIONS, INNERS, get_inner
+from .projectors import (
+    POWER_DTYPES, PROJECTOR_OPTIONS, PROJECTORS, SIDES, Projector, make_projector, projector_options, resolve_side,
 )
-_PROJECTOR_OPTS = ("oversample", "power_iters", "power_dtype", "dct_norm", "quant_group_size", "proj_lr", "osd_init",
-                   "proj_weight_decay", "update_gap")
+from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
+
+#: Options a group may carry besides the core keys: what the strategies declare they read
+#: (``update_gap`` is a core key that the ``online`` projector also reads).
+OPTION_KEYS = tuple(sorted({*PROJECTOR_OPTIONS, *INNER_OPTIONS, *RESIDUAL_OPTIONS} - {"update_gap"}))
 
 
 def _number(field: str, value: Any, low: float | None = None, strict: bool = False) -> None:
@@ -188,7 +180,7 @@ class ProjectedOptimizer(Optimizer):
         key = (group["projector"], rank, side)
         proj = self._projectors.get(p)
         if proj is None or (proj.name, proj.rank, proj.side) != key:
-            opts = {k: group[k] for k in _PROJECTOR_OPTS if k in group}
+            opts = {k: group[k] for k in projector_options(group["projector"]) if k in group}
             proj = make_projector(group["projector"], rank, side, tuple(p.shape), opts, p.device, p.dtype)
             self._projectors[p] = proj
         return proj

@@ -39,7 +39,6 @@ import torch
 from . import quant
 
 SIDES = ("std", "reverse_std", "left", "right")
-PROJECTORS = ("svd", "rsvd", "gaussian", "dct", "svd_int4", "coords", "blocks", "online")
 
 State = dict[str, Any]
 
@@ -81,12 +80,22 @@ def _bump(state: State) -> None:
     state["proj_version"] = int(state.get("proj_version", 0)) + 1
 
 
+_CLASSES: dict[str, type[Projector]] = {}
+
+
+def _register(cls: type[Projector]) -> type[Projector]:
+    """Add a projector class under its ``name``: a new strategy is one decorated class."""
+    _CLASSES[cls.name] = cls
+    return cls
+
+
 class Projector:
     """Base class. Subclasses implement ``compute`` and either ``matrix`` (dense) or project/back."""
 
     name = "base"
     periodic = True  # refreshed every ``update_gap`` steps (``online`` refreshes itself every step)
     state_keys: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()  # the group keys this strategy reads (passed to it as ``opts``)
 
     def __init__(
         self,
@@ -196,6 +205,7 @@ def randomized_left_basis(
     return Q @ W, W.t() @ B
 
 
+@_register
 class SVDProjector(Projector):
     """Exact SVD basis (GaLore). State: ``P``."""
 
@@ -226,10 +236,12 @@ def power_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
+@_register
 class RandomizedSVDProjector(Projector):
     """Randomized SVD basis, warm-started from the previous P. State: ``P``, ``proj_seed``."""
 
     name = "rsvd"
+    options = ("oversample", "power_iters", "power_dtype")
     state_keys = ("P", "proj_seed", "proj_version")
 
     def compute(self, G: torch.Tensor, state: State) -> torch.Tensor:
@@ -251,6 +263,7 @@ class RandomizedSVDProjector(Projector):
         return state["P"]
 
 
+@_register
 class Int4SVDProjector(Projector):
     """Exact SVD basis kept as packed INT4 (Q-GaLore). State: ``P_q`` (uint8), ``P_scale``, ``P_zero``.
 
@@ -258,6 +271,7 @@ class Int4SVDProjector(Projector):
     """
 
     name = "svd_int4"
+    options = ("quant_group_size",)
     state_keys = ("P_q", "P_scale", "P_zero", "P_first", "proj_version")
 
     @property
@@ -284,6 +298,7 @@ class Int4SVDProjector(Projector):
 # ----------------------------------------------------------------------------- seeded random
 
 
+@_register
 class GaussianProjector(Projector):
     """P with N(0, 1/r) entries from a seed (APOLLO / Flora). State: ``proj_seed`` (an int) only."""
 
@@ -333,10 +348,12 @@ def dct_scores(G: torch.Tensor, side: str, norm: float = 1.0) -> torch.Tensor:
     return torch.linalg.vector_norm(dct_matrix(G.shape[0], G.device).t() @ _float(G), ord=norm, dim=1)
 
 
+@_register
 class DCTProjector(Projector):
     """Top-r DCT-II columns by alignment with G (one matmul + top-k). State: ``idx`` (int64, length r)."""
 
     name = "dct"
+    options = ("dct_norm",)
     state_keys = ("idx", "proj_version")
 
     def compute(self, G: torch.Tensor, state: State) -> None:
@@ -356,6 +373,7 @@ class DCTProjector(Projector):
 # ----------------------------------------------------------------------------- coordinates / blocks
 
 
+@_register
 class CoordinateProjector(Projector):
     """r coordinates (columns for right, rows for left): random (``coords``) or a cyclic block (``blocks``).
 
@@ -393,6 +411,7 @@ class CoordinateProjector(Projector):
         return E
 
 
+@_register
 class BlockProjector(CoordinateProjector):
     """Contiguous block of r columns/rows, advanced by r (cyclically) at each refresh. State adds ``block_start``."""
 
@@ -419,6 +438,7 @@ def online_pca_grad(P: torch.Tensor, G: torch.Tensor, side: str) -> tuple[torch.
     return (E * E).sum(), grad
 
 
+@_register
 class OnlineProjector(Projector):
     """Online Subspace Descent: P moves by one AdamW step on the online-PCA loss after every update.
 
@@ -430,6 +450,7 @@ class OnlineProjector(Projector):
     """
 
     name = "online"
+    options = ("proj_lr", "osd_init", "proj_weight_decay", "update_gap")
     periodic = False
     state_keys = ("P", "P_exp_avg", "P_exp_avg_sq", "P_step", "proj_seed", "proj_version")
 
@@ -466,16 +487,10 @@ class OnlineProjector(Projector):
         P.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
 
 
-_CLASSES: dict[str, type[Projector]] = {
-    "svd": SVDProjector,
-    "rsvd": RandomizedSVDProjector,
-    "gaussian": GaussianProjector,
-    "dct": DCTProjector,
-    "svd_int4": Int4SVDProjector,
-    "coords": CoordinateProjector,
-    "blocks": BlockProjector,
-    "online": OnlineProjector,
-}
+#: The strategy names, in registration order.
+PROJECTORS = tuple(_CLASSES)
+#: Every option some projector reads.
+PROJECTOR_OPTIONS = tuple(sorted({o for cls in _CLASSES.values() for o in cls.options}))
 
 
 def make_projector(
@@ -491,3 +506,8 @@ def make_projector(
     if name not in _CLASSES:
         raise ValueError(f"projector={name!r}; allowed: {list(PROJECTORS)}")
     return _CLASSES[name](rank, side, shape, opts, device, dtype)
+
+
+def projector_options(name: str) -> tuple[str, ...]:
+    """The group keys the projector ``name`` reads."""
+    return _CLASSES[name].options

@@ -28,7 +28,6 @@ import torch
 
 from .projectors import Projector
 
-RESIDUALS = ("none", "fira", "sgd", "sign_sgd", "apollo_channel", "apollo_tensor")
 State = dict[str, Any]
 
 
@@ -57,6 +56,7 @@ def channel_scale(N: torch.Tensor, R: torch.Tensor, side: str, tensorwise: bool 
 
 class Residual:
     name = "base"
+    options: tuple[str, ...] = ()  # the group keys this rule reads besides lr and scale
 
     def apply(
         self, p: torch.Tensor, G: torch.Tensor, R: torch.Tensor, N: torch.Tensor,
@@ -74,6 +74,7 @@ class Drop(Residual):
 
 class FiraResidual(Residual):
     name = "fira"
+    options = ("limiter_gamma",)
 
     def apply(self, p, G, R, N, proj, state, group, c):
         phi = channel_scale(N, R, proj.side)
@@ -85,6 +86,8 @@ class FiraResidual(Residual):
 
 class StateFree(Residual):
     """FRUGAL's state-free update of the complement (``sgd`` or ``sign_sgd``)."""
+
+    options = ("inactive_lr_scale",)
 
     def __init__(self, name: str):
         self.name = name
@@ -99,6 +102,10 @@ class StateFree(Residual):
 
 
 class ApolloScaling(Residual):
+    """APOLLO's channel-wise (or tensor-wise) scaling of the raw gradient."""
+
+    options = ("limiter_gamma", "scale_front")
+
     def __init__(self, name: str):
         self.name = name
 
@@ -114,14 +121,14 @@ class ApolloScaling(Residual):
         p.add_(update, alpha=-group["lr"] * c)
 
 
-_RULES: dict[str, Residual] = {
-    "none": Drop(),
-    "fira": FiraResidual(),
-    "sgd": StateFree("sgd"),
-    "sign_sgd": StateFree("sign_sgd"),
-    "apollo_channel": ApolloScaling("apollo_channel"),
-    "apollo_tensor": ApolloScaling("apollo_tensor"),
-}
+_RULES: dict[str, Residual] = {rule.name: rule for rule in (
+    Drop(), FiraResidual(), StateFree("sgd"), StateFree("sign_sgd"), ApolloScaling("apollo_channel"),
+    ApolloScaling("apollo_tensor"),
+)}
+#: The residual-rule names.
+RESIDUALS = tuple(_RULES)
+#: Every option some residual rule reads.
+RESIDUAL_OPTIONS = tuple(sorted({o for rule in _RULES.values() for o in rule.options}))
 
 
 def get_residual(name: str) -> Residual:
