@@ -55,9 +55,9 @@ def make_optimizer(method: str, model: torch.nn.Module) -> torch.optim.Optimizer
             model, lr=1e-2, rank=4, n_layers=2, switch_every=2, update_gap=3,
             ratios=[0.1, 0.2, 0.3, 0.4], seed=3,
         )
-    if hasattr(rwo, "make"):  # the projected engine (GaLore, Fira, APOLLO, ...)
-        return rwo.make(method, model, rank=4, lr=1e-2)
-    raise ValueError(f"unknown method {method!r}")
+    if method in rwo.factory.SAMPLERS:  # any other catalogued sampler, with its defaults
+        return rwo.make(method, model, lr=1e-2)
+    return rwo.make(method, model, rank=4, lr=1e-2)  # the projected engine (GaLore, Fira, APOLLO, ...)
 
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict]) -> None:

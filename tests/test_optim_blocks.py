@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rankwise import catalogue
 from rankwise.optim import LISA, BAdam, OwLore, outlier_ratios, transformer_blocks
 
 from .conftest import make_tiny_bert, make_tiny_llama
@@ -395,7 +396,7 @@ def test_owlore_refuses_layers_without_outliers():
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("method", ["badam", "lisa", "owlore"])
+@pytest.mark.parametrize("method", [r.name for r in catalogue.records(family="sampler", status="done")])
 def test_state_dict_round_trip_in_process(method, tmp_path):
     model = make_model()
     opt = make_optimizer(method, model)

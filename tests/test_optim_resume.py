@@ -14,29 +14,28 @@ import torch
 from torch import nn
 
 import rankwise as rw
+from rankwise import catalogue
 
 N_STEPS, K_STEPS, GAP = 7, 4, 3
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIGS: list[tuple[str, str, dict]] = [
-    ("galore", "galore", {}),
+#: Per-optimizer settings for this tiny model; every catalogued optimizer is resumed (the ones not named
+#: here with their defaults), plus the variants listed.
+SETTINGS: dict[str, dict] = {
+    "galore_adafactor": {"beta1": 0.9},
+    "galore_8bit": {"min_8bit_size": 64},
+    "q_galore": {"min_8bit_size": 64, "weight_quant": True, "queue_size": 1, "cos_threshold": -1.0},
+    "osd": {"proj_lr": 0.05},
+}
+VARIANTS: list[tuple[str, str, dict]] = [
     ("galore_rsvd_reproject", "galore", {"projector": "rsvd", "reproject_moments": True}),
-    ("galore_adafactor", "galore_adafactor", {"beta1": 0.9}),
-    ("galore_8bit", "galore_8bit", {"min_8bit_size": 64}),
-    ("q_galore", "q_galore", {"min_8bit_size": 64, "weight_quant": True, "queue_size": 1, "cos_threshold": -1.0}),
-    ("fira", "fira", {}),
-    ("frugal_svd", "frugal", {}),
     ("frugal_randk", "frugal", {"selector": "randk"}),
     ("frugal_block", "frugal", {"selector": "block", "density": 0.5}),
-    ("apollo", "apollo", {}),
-    ("apollo_mini", "apollo_mini", {}),
-    ("gradnormlorp", "gradnormlorp", {}),
-    ("flora_opt", "flora_opt", {}),
-    ("osd", "osd", {"proj_lr": 0.05}),
     ("osd_lion", "osd", {"inner": "lion"}),
-    ("dct_proj", "dct_proj", {}),
-    ("adamw", "adamw", {}),
 ]
+CONFIGS: list[tuple[str, str, dict]] = [
+    (r.name, r.name, SETTINGS.get(r.name, {})) for r in catalogue.records(family="optimizer", status="done")
+] + VARIANTS
 
 
 class TinyLM(nn.Module):
