@@ -11,7 +11,6 @@ export and re-loading can always recover the untouched W₀.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -205,18 +204,3 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}"
 
-
-def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``nn.Linear``'s default init, U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with a=√5)."""
-    bound = 1.0 / math.sqrt(t.shape[1])
-    with torch.no_grad():
-        return t.uniform_(-bound, bound, generator=generator)
-
-
-def layer_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and the layer ``name`` (stable across runs and processes)."""
-    import zlib
-
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    return g

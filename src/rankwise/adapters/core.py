@@ -34,8 +34,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer, allowed, layer_generator
-from .init import InitContext, energy_rank, ldu, truncated_svd
+from ..linalg import energy_rank, truncated_svd
+from ..rng import layer_generator
+from .base import AdapterConfig, AdapterLayer, allowed
+from .init import InitContext, ldu
 from .registry import MethodSpec, register
 
 

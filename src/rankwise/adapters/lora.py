@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer, allowed, kaiming_uniform_, layer_generator
+from ..rng import kaiming_uniform_, layer_generator
+from .base import AdapterConfig, AdapterLayer, allowed
 from .init import INITS, InitContext
 from .registry import MethodSpec, register
 

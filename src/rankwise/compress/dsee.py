@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import AdapterConfig, AdapterLayer, allowed, kaiming_uniform_, layer_generator
-from ..adapters.init import InitContext, truncated_svd
+from ..adapters.base import AdapterConfig, AdapterLayer, allowed
+from ..adapters.init import InitContext
 from ..adapters.registry import MethodSpec, adapter_layers, register
+from ..linalg import truncated_svd
+from ..rng import kaiming_uniform_, layer_generator
 from .evaluate import LossFn, train_steps
 from .loraprune import attention_layout, check_head_layout
 

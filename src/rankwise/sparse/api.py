@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.base import allowed, layer_generator
+from ..adapters.base import allowed
 from ..adapters.ops import merge_and_unload
+from ..rng import layer_generator
 from ..targets import Targets, find_targets, replace_module
 from .layers import FactorizedLinear, SparseLowRankLinear, check_rank
 from .maestro import MaestroLinear

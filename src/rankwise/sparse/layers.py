@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import balanced_svd_factors, svd_precision
+
 KERNELS = ("sparse", "dense")
 
 
@@ -69,19 +71,6 @@ def check_linear(module: Any, name: str = "linear") -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name} must be an nn.Linear, got {type(module).__name__}")
     return module
-
-
-def svd_precision(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, in fp32 unless it already is fp32/fp64 (LAPACK needs one of those)."""
-    t = t.detach()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def balanced_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U_r √Σ_r, √Σ_r V_rᵀ)`` from the exact SVD of ``weight``: the best rank-r product."""
-    u, s, vh = torch.linalg.svd(svd_precision(weight), full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 def _copy_bias(linear: nn.Linear, bias: nn.Parameter | None) -> None:

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..adapters.base import allowed, kaiming_uniform_, layer_generator
+from ..adapters.base import allowed
 from ..adapters.lora import LoRALayer
 from ..adapters.registry import adapt, adapter_layers
+from ..rng import kaiming_uniform_, layer_generator
 from ..targets import Targets
 from .layers import check_fraction
 

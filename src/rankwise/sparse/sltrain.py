@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters.base import allowed, kaiming_uniform_, layer_generator
+from ..adapters.base import allowed
+from ..rng import kaiming_uniform_, layer_generator
 from .layers import KERNELS, SparseLowRankLinear, check_fraction, check_rank, random_support
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import check_linear, check_rank, svd_precision
+from ..linalg import svd_precision
+from .layers import check_linear, check_rank
 
 
 def sampling_probabilities(sigma: torch.Tensor, uniform_mix: float = 0.5) -> torch.Tensor:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.init import energy_rank
+from ..linalg import energy_rank, svd_precision
 from ..targets import replace_module
-from .layers import FactorizedLinear, check_fraction, check_linear, svd_precision
+from .layers import FactorizedLinear, check_fraction, check_linear
 
 
 class _AddToGrad(torch.autograd.Function):
