@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..adapters.gradients import call_model
+from ..batches import call_model
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios", "transformer_blocks"]
 
