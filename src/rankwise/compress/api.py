@@ -36,11 +36,12 @@ from torch import nn
 from ..adapters.ops import merge_and_unload
 from ..adapters.registry import adapt
 from ..io import atomic_directory, save_tensors, write_json
+from ..layout import find_blocks
 from ..targets import Targets, find_targets, replace_module
 from .dsee import DSEEConfig, dsee_finetune
 from .evaluate import LossFn, train_steps
 from .factorized import empty_factorized, factorized_layers
-from .loraprune import LoRAPruneConfig, find_blocks, loraprune, loraprune_recover
+from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
 from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
 from .rank import check_ratio
@@ -224,7 +225,7 @@ def _compress_loraprune(
     _check_config("loraprune", config, [*LoRAPruneConfig.__dataclass_fields__, "trainable", "on_target"])
     if data is None or steps < 1:
         raise ValueError("loraprune needs data=... and steps >= 1: importance comes from LoRA gradients while training")
-    names = [n for b in find_blocks(model) for n in b.names]
+    names = [n for b in find_blocks(model, "LoRAPrune") for n in b.names]
     before = _weights(model, names)
     prune_state, history, layout = loraprune(model, data, ratio, steps, loss_fn=loss_fn, progress=progress, **config)
     details = {**prune_state.to_dict(), "history": history}

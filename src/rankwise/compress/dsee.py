@@ -45,10 +45,10 @@ from torch import nn
 from ..adapters.base import AdapterConfig, AdapterLayer, allowed
 from ..adapters.init import InitContext
 from ..adapters.registry import MethodSpec, adapter_layers, register
+from ..layout import attention_layout, check_head_layout
 from ..linalg import truncated_svd
 from ..rng import kaiming_uniform_, layer_generator
 from .evaluate import LossFn, train_steps
-from .loraprune import attention_layout, check_head_layout
 
 SUPPORTS = ("decomposition", "random")
 STRUCTURES = ("unstructured", "heads")

@@ -35,108 +35,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..batches import call_model
+from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
 
-__all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios", "transformer_blocks"]
+__all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
 
-EMBEDDING = "embedding"
-HEAD = "head"
 ORDERS = ("ascending", "descending", "random")
-
-
-# --------------------------------------------------------------------------------------------------
-# transformer layer discovery
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
-
-
-def _layer_list(model: nn.Module, layers: str | None) -> tuple[str, nn.Module]:
-    if layers is not None:
-        if not isinstance(layers, str):
-            raise ValueError(f"layers={layers!r} must be the dotted name of the layer list, e.g. 'model.layers'")
-        try:
-            found = model.get_submodule(layers)
-        except AttributeError as err:
-            raise ValueError(f"layers={layers!r} is not a submodule of {type(model).__name__}") from err
-        if not isinstance(found, nn.ModuleList | nn.Sequential) or len(found) == 0:
-            raise ValueError(f"layers={layers!r} must name a non-empty nn.ModuleList, got {type(found).__name__}")
-        return layers, found
-    best: tuple[int, str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if size > 0 and (best is None or size > best[0]):
-            best = (size, name, module)
-    if best is None:
-        raise ValueError(
-            f"found no repeated transformer layers in {type(model).__name__} (an nn.ModuleList of at "
-            "least 2 modules of one type); pass layers='<dotted name>', e.g. layers='model.layers'"
-        )
-    return best[1], best[2]
-
-
-class _ParamView(nn.Module):
-    """Holds references to parameters whose owning module also contains the layer list."""
-
-    def __init__(self, named: Sequence[tuple[str, nn.Parameter]]):
-        super().__init__()
-        for name, param in named:
-            self.register_parameter(name.replace(".", "__"), param)
-
-
-def _group_module(model: nn.Module, names: list[str], layers_name: str) -> nn.Module:
-    """A view (not attached to ``model``) over the modules owning the parameters ``names``."""
-    params = dict(model.named_parameters())
-    owners: list[str] = []
-    loose: list[tuple[str, nn.Parameter]] = []
-    for name in names:
-        owner = name.rpartition(".")[0]
-        contains_layers = owner == "" or layers_name.startswith(owner + ".")
-        if contains_layers:
-            loose.append((name, params[name]))
-        elif owner not in owners and not any(owner.startswith(o + ".") for o in owners):
-            owners.append(owner)
-    members: list[nn.Module] = [model.get_submodule(o) for o in owners]
-    if loose:
-        members.append(_ParamView(loose))
-    return nn.ModuleList(members)
-
-
-def transformer_blocks(model: nn.Module, layers: str | None = None) -> list[tuple[str, nn.Module]]:
-    """The model cut into ``[("embedding", ·), (<layer name>, layer) ..., ("head", ·)]``.
-
-    The repeated layers are the ``nn.ModuleList`` of same-type modules holding the most parameters
-    (``model.layers``, ``bert.encoder.layer``, ``transformer.h``; or pass ``layers=`` explicitly).
-    Every other parameter goes to ``"embedding"`` when it is registered before the first layer and to
-    ``"head"`` otherwise (final norm, LM head, pooler, classifier). Those two groups are
-    ``nn.ModuleList`` views over their owning modules (tied weights appear once, in the embedding);
-    a group without parameters is left out. DDP / DataParallel wrappers are looked through.
-    """
-    model = _unwrap(model)
-    layers_name, layer_list = _layer_list(model, layers)
-    in_layers = {id(p) for p in layer_list.parameters()}
-    before: list[str] = []
-    after: list[str] = []
-    seen_layer = False
-    for name, param in model.named_parameters():
-        if id(param) in in_layers:
-            seen_layer = True
-        else:
-            (after if seen_layer else before).append(name)
-    blocks: list[tuple[str, nn.Module]] = []
-    if before:
-        blocks.append((EMBEDDING, _group_module(model, before, layers_name)))
-    blocks.extend((f"{layers_name}.{i}", layer) for i, layer in enumerate(layer_list))
-    if after:
-        blocks.append((HEAD, _group_module(model, after, layers_name)))
-    return blocks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +260,7 @@ def _prefixed(model: nn.Module, prefixes: Sequence[str], field: str) -> list[nn.
         raise ValueError(f"{field}={prefixes!r} must be a list of parameter-name prefixes")
     found = []
     for prefix in prefixes:
-        match = [p for n, p in _unwrap(model).named_parameters() if n.startswith(prefix)]
+        match = [p for n, p in unwrap(model).named_parameters() if n.startswith(prefix)]
         if not match:
             raise ValueError(f"{field}: prefix {prefix!r} matches no parameter of the model")
         found.extend(match)
@@ -421,7 +324,7 @@ class BAdam(_SampledBlocks):
         always = _prefixed(model, always_active, "always_active")
         units = [params[i] for i in keep]
         super().__init__(
-            units, always, list(_unwrap(model).parameters()), [],
+            units, always, list(unwrap(model).parameters()), [],
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every, seed=seed,
         )
 
@@ -559,9 +462,9 @@ def outlier_ratios(
     threshold = _number("threshold", threshold, low=0.0, strict=True)
     if max_batches is not None:
         _integer("max_batches", max_batches, low=1)
-    model = _unwrap(model)
-    _, layer_list = _layer_list(model, layers)
-    linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layer_list]
+    model = unwrap(model)
+    _, repeated = layer_list(model, layers)
+    linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in repeated]
     if any(not group for group in linears):
         raise ValueError("every transformer layer must contain at least one nn.Linear to measure outliers")
     norms: dict[int, torch.Tensor] = {}
@@ -644,8 +547,8 @@ class OwLore(LISA):
         self.rank = _integer("rank", rank, low=1)
         gap = _integer("update_gap", update_gap, low=1)
         scale = _number("scale", scale, low=0.0, strict=True)
-        _, layer_list = _layer_list(_unwrap(model), layers)
-        matrices = [m.weight for layer in layer_list for m in layer.modules() if isinstance(m, nn.Linear)]
+        _, repeated = layer_list(unwrap(model), layers)
+        matrices = [m.weight for layer in repeated for m in layer.modules() if isinstance(m, nn.Linear)]
         smallest = min(min(w.shape) for w in matrices) if matrices else rank
         if rank > smallest:
             raise ValueError(f"rank={rank} is larger than the smallest layer matrix dimension ({smallest})")
