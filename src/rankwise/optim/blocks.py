@@ -26,7 +26,6 @@ sampler (global step, awake blocks, remaining order, generator state as a uint8 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,38 +34,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..batches import call_model
+from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
 
 ORDERS = ("ascending", "descending", "random")
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _number(field: str, value: object, *, low: float, strict: bool = False, high: float | None = None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    ok = ok and (value > low if strict else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        if high is not None:
-            bound += f" and < {high}"
-        raise ValueError(f"{field}={value!r} must be a finite number {bound}")
-    return float(value)
-
-
-def _integer(field: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{field}={value!r} must be an integer >= {low}")
-    return value
-
-
-def _betas(value: object) -> tuple[float, float]:
-    if not isinstance(value, tuple | list) or len(value) != 2:
-        raise ValueError(f"betas={value!r} must be a pair (beta1, beta2) with 0 <= beta < 1")
-    return (_number("betas[0]", value[0], low=0.0, high=1.0), _number("betas[1]", value[1], low=0.0, high=1.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,12 +71,12 @@ class _SampledBlocks(Optimizer):
         switch_every: int,
         seed: int,
     ):
-        lr = _number("lr", lr, low=0.0, strict=True)
-        betas = _betas(betas)
-        eps = _number("eps", eps, low=0.0)
-        weight_decay = _number("weight_decay", weight_decay, low=0.0)
-        self.switch_every = _integer("switch_every", switch_every, low=1)
-        seed = _integer("seed", seed, low=0)
+        lr = number("lr", lr, 0.0, low_open=True)
+        betas = beta_pair("betas", betas)
+        eps = number("eps", eps, 0.0)
+        weight_decay = number("weight_decay", weight_decay, 0.0)
+        self.switch_every = integer("switch_every", switch_every, 1)
+        seed = integer("seed", seed, 0)
         # parameters frozen before the optimizer was built stay frozen (e.g. a base model under adapters)
         units = [[p for p in unit if p.requires_grad] for unit in units]
         always = [p for p in always if p.requires_grad]
@@ -301,8 +274,7 @@ class BAdam(_SampledBlocks):
         seed: int = 0,
         layers: str | None = None,
     ):
-        if order not in ORDERS:
-            raise ValueError(f"order={order!r} is not allowed; choose one of {list(ORDERS)}")
+        choice("order", order, ORDERS)
         names, params = _named_blocks(model, layers)
         keep = [
             i for i, n in enumerate(names)
@@ -316,7 +288,7 @@ class BAdam(_SampledBlocks):
         if start_block is not None:
             if order == "random":
                 raise ValueError("start_block is only allowed with order='ascending' or 'descending'")
-            _integer("start_block", start_block, low=0)
+            integer("start_block", start_block, 0)
             if start_block >= len(keep):
                 raise ValueError(f"start_block={start_block} must be < the number of blocks ({len(keep)})")
         self._start = start_block
@@ -395,7 +367,7 @@ class LISA(_SampledBlocks):
         body = [i for i, n in enumerate(names) if n not in (EMBEDDING, HEAD)]
         self.layer_names = [names[i] for i in body]
         n_body = len(body)
-        self.n_layers = _integer("n_layers", n_layers, low=1)
+        self.n_layers = integer("n_layers", n_layers, 1)
         if probs is None:
             weights = torch.ones(n_body, dtype=torch.float64)
         else:
@@ -459,9 +431,8 @@ def outlier_ratios(
     ``calibration`` the weight-only score A_ij = |W_ij| is used (‖X_j‖ taken as constant). Returns a
     float64 tensor with one ratio in [0, 1] per transformer layer.
     """
-    threshold = _number("threshold", threshold, low=0.0, strict=True)
-    if max_batches is not None:
-        _integer("max_batches", max_batches, low=1)
+    threshold = number("threshold", threshold, 0.0, low_open=True)
+    integer("max_batches", max_batches, 1, optional=True)
     model = unwrap(model)
     _, repeated = layer_list(model, layers)
     linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in repeated]
@@ -544,9 +515,9 @@ class OwLore(LISA):
         seed: int = 0,
         layers: str | None = None,
     ):
-        self.rank = _integer("rank", rank, low=1)
-        gap = _integer("update_gap", update_gap, low=1)
-        scale = _number("scale", scale, low=0.0, strict=True)
+        self.rank = integer("rank", rank, 1)
+        gap = integer("update_gap", update_gap, 1)
+        scale = number("scale", scale, 0.0, low_open=True)
         _, repeated = layer_list(unwrap(model), layers)
         matrices = [m.weight for layer in repeated for m in layer.modules() if isinstance(m, nn.Linear)]
         smallest = min(min(w.shape) for w in matrices) if matrices else rank

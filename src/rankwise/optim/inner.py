@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from . import quant
 
 INNERS = ("adamw", "adamw8bit", "adafactor", "lion")
@@ -246,6 +247,4 @@ _CLASSES: dict[str, Inner] = {"adamw": AdamW(), "adamw8bit": AdamW8bit(), "adafa
 
 def get_inner(name: str) -> Inner:
     """The inner update ``name`` (one of ``INNERS``); stateless, shared."""
-    if name not in _CLASSES:
-        raise ValueError(f"inner={name!r}; allowed: {list(INNERS)}")
-    return _CLASSES[name]
+    return _CLASSES[choice("inner", name, INNERS)]

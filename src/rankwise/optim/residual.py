@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from .projectors import Projector
 
 RESIDUALS = ("none", "fira", "sgd", "sign_sgd", "apollo_channel", "apollo_tensor")
@@ -126,6 +127,4 @@ _RULES: dict[str, Residual] = {
 
 def get_residual(name: str) -> Residual:
     """The residual rule ``name`` (one of ``RESIDUALS``)."""
-    if name not in _RULES:
-        raise ValueError(f"residual={name!r}; allowed: {list(RESIDUALS)}")
-    return _RULES[name]
+    return _RULES[choice("residual", name, RESIDUALS)]
