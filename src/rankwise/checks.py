@@ -2,8 +2,8 @@
 says what is allowed, and returns the value (converted where that is safe: ``number`` gives a float).
 
 Messages read ``"<name>=<value!r> must be ..."`` (or ``"... is not allowed; choose one of [...]"``) so
-the CLI can print them as one line; ``what=`` words the allowed values where a package has its own
-phrasing (``"a positive number"``). Booleans are never accepted as numbers.
+the CLI can print them as one line; ``what=`` words the allowed values where a caller has its own
+phrasing (``what="in [0, 1)"``). Booleans are never accepted as numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["beta_pair", "choice", "fraction", "integer", "is_number", "number", "rank"]
+__all__ = ["beta_pair", "choice", "fraction", "integer", "is_number", "non_negative", "number", "positive", "rank"]
 
 
 def is_number(value: Any) -> bool:
@@ -66,6 +66,16 @@ def number(
         bound = _bounds(low, high, low_open, high_open)
         raise _fail(name, value, what or ("a finite number " + bound).strip(), optional)
     return float(value)
+
+
+def positive(name: str, value: Any, *, optional: bool = False) -> Any:
+    """``float(value)`` for a finite number > 0 (``optional=True``: or ``None``)."""
+    return number(name, value, 0.0, low_open=True, optional=optional, what="a positive number")
+
+
+def non_negative(name: str, value: Any) -> float:
+    """``float(value)`` for a finite number >= 0."""
+    return number(name, value, 0.0, what="a number >= 0")
 
 
 def integer(

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import choice, fraction, rank
 from .kernels import low_rank_linear
 
 
-def allowed(field: str, value: Any, choices: tuple) -> None:
-    """Raise a ValueError naming ``field`` and the allowed ``choices`` unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(choices)}")
+# train.py (owned elsewhere) still imports ``allowed``; it goes once train.py calls checks.choice.
+allowed = choice
 
 
 @dataclass
@@ -36,10 +35,8 @@ class AdapterConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be a positive integer (the adapter rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        rank("r", self.r)
+        fraction("dropout", self.dropout, allow_zero=True, allow_one=False, what="in [0, 1)")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..checks import choice, fraction, number
+from ..checks import choice, fraction, non_negative
 from .inner import get_inner
 from .projected import ProjectedOptimizer
 from .projectors import Projector, next_proj_seed
@@ -62,7 +62,7 @@ class FRUGAL(ProjectedOptimizer):
         choice("inactive_update_rule", inactive_update_rule, RULES)
         fraction("density", density, optional=True)
         choice("block_order", block_order, ("random", "ascending"))
-        number("inactive_lr_scale", inactive_lr_scale, 0.0)
+        non_negative("inactive_lr_scale", inactive_lr_scale)
         self.density, self.selector = density, selector
         self.reset_statistics, self.block_order = bool(reset_statistics), block_order
         self.inactive_update_rule = inactive_update_rule
