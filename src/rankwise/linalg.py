@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import fraction
+
 __all__ = ["balanced_svd_factors", "energy_rank", "randomized_svd", "svd_precision", "truncated_svd"]
 
 
@@ -57,8 +59,7 @@ def balanced_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor,
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest k with Σ_{i≤k} σᵢ² ≥ energy · Σ σᵢ² (the share of ‖W‖_F² kept by the top-k part)."""
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy={energy!r} must be in (0, 1]")
+    fraction("energy", energy, what="in (0, 1]")
     power = singular_values.double() ** 2
     total = float(power.sum())
     if total == 0.0:

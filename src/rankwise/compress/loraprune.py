@@ -43,6 +43,7 @@ from torch import nn
 
 from ..adapters.lora import LoRALayer
 from ..adapters.ops import merge_and_unload
+from .. import checks
 from ..adapters.registry import adapt
 from ..layout import Block, find_blocks
 from ..targets import replace_module
@@ -410,20 +411,14 @@ class LoRAPruneConfig:
     beta: float = 0.9
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r={self.r!r} must be a positive integer")
-        if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every < 1:
-            raise ValueError(f"prune_every={self.prune_every!r} must be a positive integer")
+        checks.rank("r", self.r)
+        checks.integer("prune_every", self.prune_every, 1)
         for name in ("warmup", "cooldown", "beta"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+            checks.fraction(name, getattr(self, name), allow_zero=True, allow_one=False)
         if self.warmup + self.cooldown >= 1.0:
             raise ValueError(f"warmup + cooldown = {self.warmup + self.cooldown} must be < 1")
-        if not isinstance(self.lr, int | float) or self.lr <= 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r} must be > 0")
+        checks.positive("lr", self.lr)
+        checks.positive("alpha", self.alpha)
 
 
 def _prune_while_training(
@@ -489,12 +484,9 @@ def loraprune(
     ``on_target(model, step)`` runs once, right after the final sparsity is reached (on the masked
     LoRA model). Returns the pruning state, the per-step history and the layout of
     :func:`remove_pruned_units`."""
-    from .rank import check_ratio
-
-    ratio = check_ratio(ratio)
+    ratio = checks.fraction("ratio", ratio)
     cfg = LoRAPruneConfig(**config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer: LoRAPrune estimates importance while training")
+    checks.integer("steps", steps, 1)  # LoRAPrune estimates importance while training
     blocks = find_blocks(model, "LoRAPrune")
     state = LoRAPruneState(blocks, [BlockState() for _ in blocks])
     history = _prune_while_training(model, state, data, steps, cfg, 1.0 - ratio, loss_fn, trainable, on_target,
@@ -517,8 +509,7 @@ def loraprune_recover(
     merge: no masks are needed because the pruned units no longer exist. LoRA options (``r``,
     ``alpha``, ``dropout``, ``lr``) as in :class:`LoRAPruneConfig`."""
     cfg = LoRAPruneConfig(**config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
+    checks.integer("steps", steps, 1)
     adapt(model, "lora", targets=list(targets), r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout,
           trainable=trainable)
     params = [p for p in model.parameters() if p.requires_grad]
