@@ -33,8 +33,7 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import nn
 
-from ..adapters.ops import merge_and_unload
-from ..adapters.registry import adapt
+from ..adapters import adapt, merge_and_unload
 from ..checks import choice, fraction, integer
 from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks

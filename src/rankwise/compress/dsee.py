@@ -42,9 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import AdapterConfig, AdapterLayer
-from ..adapters.init import InitContext
-from ..adapters.registry import MethodSpec, adapter_layers, register
+from ..adapters import AdapterConfig, AdapterLayer, InitContext, MethodSpec, adapter_layers, register
 from ..checks import choice, fraction, integer, positive
 from ..layout import attention_layout, check_head_layout
 from ..linalg import truncated_svd

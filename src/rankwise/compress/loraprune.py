@@ -41,10 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters.lora import LoRALayer
-from ..adapters.ops import merge_and_unload
 from .. import checks
-from ..adapters.registry import adapt
+from ..adapters import LoRALayer, adapt, merge_and_unload
 from ..layout import Block, find_blocks
 from ..targets import replace_module
 from .evaluate import LossFn, train_steps

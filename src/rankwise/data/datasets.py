@@ -430,8 +430,7 @@ def classification_loader(ds: TextClassification, tokenizer: Any, batch_size: in
 def lm_blocks(texts: Sequence[str], tokenizer: Any, block_size: int = 128) -> torch.Tensor:
     """Tokenize ``texts``, join them with an EOS (or SEP) token after each document and
     chop into a LongTensor ``[n_blocks, block_size]`` (the remainder is dropped)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    integer("block_size", block_size, 1)
     ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
                     verbose=False)["input_ids"] if texts else []
     sep = getattr(tokenizer, "eos_token_id", None)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..adapters.ops import merge_and_unload
+from ..adapters import merge_and_unload
 from ..rng import layer_generator
 from ..targets import Targets, find_targets, replace_module
 from .layers import FactorizedLinear, SparseLowRankLinear

@@ -34,8 +34,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .. import checks
-from ..adapters.lora import LoRALayer
-from ..adapters.registry import adapt, adapter_layers
+from ..adapters import LoRALayer, adapt, adapter_layers
 from ..rng import kaiming_uniform_, layer_generator
 from ..targets import Targets
 
