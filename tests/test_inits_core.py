@@ -13,7 +13,8 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.adapters.gradients import estimate_gradients
-from rankwise.adapters.init import energy_rank, ldu, randomized_svd, truncated_svd
+from rankwise.adapters.init import ldu
+from rankwise.linalg import energy_rank, randomized_svd, truncated_svd
 from rankwise.optim import loraplus_groups
 from rankwise.targets import find_targets
 

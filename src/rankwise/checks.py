@@ -2,7 +2,8 @@
 says what is allowed, and returns the value (converted where that is safe: ``number`` gives a float).
 
 Messages read ``"<name>=<value!r> must be ..."`` (or ``"... is not allowed; choose one of [...]"``) so
-the CLI can print them as one line. Booleans are never accepted as numbers.
+the CLI can print them as one line; ``what=`` words the allowed values where a caller has its own
+phrasing (``what="in [0, 1)"``). Booleans are never accepted as numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["choice", "fraction", "integer", "is_number", "number", "rank"]
+__all__ = ["beta_pair", "choice", "fraction", "integer", "is_number", "non_negative", "number", "positive", "rank"]
 
 
 def is_number(value: Any) -> bool:
@@ -36,6 +37,11 @@ def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bo
     return " and ".join(parts)
 
 
+def _fail(name: str, value: Any, what: str, optional: bool) -> ValueError:
+    none = " or None" if optional else ""
+    return ValueError(f"{name}={value!r} must be {what}{none}")
+
+
 def number(
     name: str,
     value: Any,
@@ -45,6 +51,7 @@ def number(
     low_open: bool = False,
     high_open: bool = False,
     optional: bool = False,
+    what: str | None = None,
 ) -> Any:
     """``float(value)`` for a finite number within the bounds (``low_open``/``high_open`` exclude the
     bound itself); ``optional=True`` also lets ``None`` through."""
@@ -57,14 +64,28 @@ def number(
         ok = value < high if high_open else value <= high
     if not ok:
         bound = _bounds(low, high, low_open, high_open)
-        tail = f" {bound}" if bound else ""
-        none = " or None" if optional else ""
-        raise ValueError(f"{name}={value!r} must be a finite number{tail}{none}")
+        raise _fail(name, value, what or ("a finite number " + bound).strip(), optional)
     return float(value)
 
 
+def positive(name: str, value: Any, *, optional: bool = False) -> Any:
+    """``float(value)`` for a finite number > 0 (``optional=True``: or ``None``)."""
+    return number(name, value, 0.0, low_open=True, optional=optional, what="a positive number")
+
+
+def non_negative(name: str, value: Any) -> float:
+    """``float(value)`` for a finite number >= 0."""
+    return number(name, value, 0.0, what="a number >= 0")
+
+
 def integer(
-    name: str, value: Any, low: int | None = None, high: int | None = None, *, optional: bool = False
+    name: str,
+    value: Any,
+    low: int | None = None,
+    high: int | None = None,
+    *,
+    optional: bool = False,
+    what: str | None = None,
 ) -> Any:
     """``value`` for an int (not a bool) in ``[low, high]``; ``optional=True`` also lets ``None`` through."""
     if value is None and optional:
@@ -73,19 +94,37 @@ def integer(
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
         bound = _bounds(low, high, False, False)
-        tail = f" {bound}" if bound else ""
-        none = " or None" if optional else ""
-        raise ValueError(f"{name}={value!r} must be an integer{tail}{none}")
+        raise _fail(name, value, what or ("an integer " + bound).strip(), optional)
     return value
 
 
-def fraction(name: str, value: Any, *, allow_zero: bool = False, allow_one: bool = True) -> float:
-    """``float(value)`` for a number in (0, 1] (``allow_zero``: [0, 1]; ``allow_one=False``: < 1)."""
+def fraction(
+    name: str,
+    value: Any,
+    *,
+    allow_zero: bool = False,
+    allow_one: bool = True,
+    optional: bool = False,
+    what: str | None = None,
+) -> Any:
+    """``float(value)`` for a number in (0, 1] (``allow_zero``: [0, 1]; ``allow_one=False``: < 1);
+    ``optional=True`` also lets ``None`` through."""
+    if value is None and optional:
+        return None
     ok = is_number(value) and (value >= 0 if allow_zero else value > 0) and (value <= 1 if allow_one else value < 1)
     if not ok:
         interval = ("[" if allow_zero else "(") + "0, 1" + ("]" if allow_one else ")")
-        raise ValueError(f"{name}={value!r} must be a number in {interval}")
+        raise _fail(name, value, what or f"a number in {interval}", optional)
     return float(value)
+
+
+def beta_pair(name: str, value: Any) -> tuple[float, float]:
+    """``(β₁, β₂)`` as floats for a pair of numbers in [0, 1) (Adam-style moment decay rates); the
+    message names the element that fails (``betas[1]``)."""
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ValueError(f"{name}={value!r} must be a pair (beta1, beta2) with 0 <= beta < 1")
+    return (number(f"{name}[0]", value[0], 0.0, 1.0, high_open=True),
+            number(f"{name}[1]", value[1], 0.0, 1.0, high_open=True))
 
 
 def rank(name: str, value: Any, limit: int | None = None, where: str = "") -> int:

@@ -14,24 +14,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .layout import head_module_names
+
 ALL_LINEAR = "all-linear"
-# Names used by Hugging Face task heads; "all-linear" never adapts them.
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 Targets = str | Sequence[str]
-
-
-def head_module_names(model: nn.Module) -> set[str]:
-    """Full names of output-head modules: the output embeddings plus known task heads."""
-    names: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if out is not None and module is out:
-            names.add(name)
-        if name.split(".")[-1] in HEAD_NAMES or name.split(".")[0] in HEAD_NAMES:
-            names.add(name)
-    return names
 
 
 def _under_head(name: str, heads: set[str]) -> bool:

@@ -1,4 +1,6 @@
-"""Adapters: a frozen base layer plus a trainable delta. Importing this package registers every method."""
+"""Adapters: a frozen base layer plus a trainable delta. Importing this package registers every method.
+
+The names below are the package's public API; the other packages (sparse, compress) use only them."""
 
 from . import lora  # noqa: F401  (registers lora, rslora and the LoRA-shaped inits)
 from . import lora_inits  # noqa: F401  (pissa, olora, lora_ga, loraplus)
@@ -8,6 +10,12 @@ from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
 from .base import AdapterConfig, AdapterLayer
+from .init import InitContext
+from .lora import LoRALayer
+from .ops import merge_and_unload
 from .registry import REGISTRY, MethodSpec, adapt, adapter_layers, get_method, register
 
-__all__ = ["AdapterConfig", "AdapterLayer", "MethodSpec", "REGISTRY", "adapt", "adapter_layers", "get_method", "register"]
+__all__ = [
+    "AdapterConfig", "AdapterLayer", "InitContext", "LoRALayer", "MethodSpec", "REGISTRY", "adapt", "adapter_layers",
+    "get_method", "merge_and_unload", "register",
+]

@@ -11,7 +11,6 @@ export and re-loading can always recover the untouched W₀.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -19,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import choice, fraction, rank
 from .kernels import low_rank_linear
 
 
-def allowed(field: str, value: Any, choices: tuple) -> None:
-    """Raise a ValueError naming ``field`` and the allowed ``choices`` unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(choices)}")
+# train.py (owned elsewhere) still imports ``allowed``; it goes once train.py calls checks.choice.
+allowed = choice
 
 
 @dataclass
@@ -37,10 +35,8 @@ class AdapterConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be a positive integer (the adapter rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        rank("r", self.r)
+        fraction("dropout", self.dropout, allow_zero=True, allow_one=False, what="in [0, 1)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,18 +201,3 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}"
 
-
-def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``nn.Linear``'s default init, U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with a=√5)."""
-    bound = 1.0 / math.sqrt(t.shape[1])
-    with torch.no_grad():
-        return t.uniform_(-bound, bound, generator=generator)
-
-
-def layer_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and the layer ``name`` (stable across runs and processes)."""
-    import zlib
-
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    return g

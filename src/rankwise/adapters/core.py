@@ -34,14 +34,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer, allowed, layer_generator
-from .init import InitContext, energy_rank, ldu, truncated_svd
+from ..checks import choice, fraction, non_negative, positive
+from ..linalg import energy_rank, truncated_svd
+from ..rng import layer_generator
+from .base import AdapterConfig, AdapterLayer
+from .init import InitContext, ldu
 from .registry import MethodSpec, register
-
-
-def _positive(field: str, value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{field}={value!r} must be a positive number ({what})")
 
 
 # ---------------------------------------------------------------------- configs
@@ -70,10 +68,8 @@ class LoRAXSConfig(CoreConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.alpha is not None:
-            _positive("alpha", self.alpha, "or None for alpha = r")
-        if isinstance(self.init_std, bool) or not isinstance(self.init_std, int | float) or self.init_std < 0:
-            raise ValueError(f"init_std={self.init_std!r} must be a number >= 0 (std of the initial core)")
+        positive("alpha", self.alpha, optional=True)
+        non_negative("init_std", self.init_std)
 
     @property
     def scale(self) -> float:
@@ -90,8 +86,8 @@ class LoRASBConfig(CoreConfig):
 
     def validate(self) -> None:
         super().validate()
-        _positive("init_lr", self.init_lr, "the learning rate of the estimated first update")
-        allowed("update", self.update, ("adam", "sgd"))
+        positive("init_lr", self.init_lr)
+        choice("update", self.update, ("adam", "sgd"))
 
 
 @dataclass
@@ -103,7 +99,7 @@ class LoLDUConfig(CoreConfig):
 
     def validate(self) -> None:
         super().validate()
-        _positive("alpha", self.alpha, "LoLDU's scale is alpha / r")
+        positive("alpha", self.alpha)
 
     @property
     def scale(self) -> float:
@@ -120,10 +116,7 @@ class SVFitConfig(CoreConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.energy is not None and (
-            isinstance(self.energy, bool) or not isinstance(self.energy, int | float) or not 0 < self.energy <= 1
-        ):
-            raise ValueError(f"energy={self.energy!r} must be in (0, 1] (or None to use r)")
+        fraction("energy", self.energy, optional=True, what="in (0, 1]")
 
     def rank(self, weight: torch.Tensor) -> int:
         if self.energy is None:

@@ -5,38 +5,19 @@ Used by data-driven initializations (LoRA-GA, LoRA-SB): G ≈ (1/n) Σ_b ∇_W L
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch).loss`` for Hugging Face models fed dict batches with labels."""
-    if not isinstance(batch, dict):
-        raise ValueError("init_data batches must be dicts for the default loss; pass loss_fn=... otherwise")
-    device = next(model.parameters()).device
-    out = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    if getattr(out, "loss", None) is None:
-        raise ValueError("model(**batch) returned no loss: include 'labels' in the batches or pass loss_fn")
-    return out.loss
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for dicts, ``model(*batch)`` for tuples/lists, ``model(batch)`` otherwise."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple | list):
-        return model(*batch)
-    return model(batch)
+from ..batches import LossFn, default_loss
 
 
 def estimate_gradients(
     model: nn.Module,
     names: list[str],
     data: Iterable,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     max_batches: int = 8,
 ) -> dict[str, torch.Tensor]:
     """Mean gradient (fp32) of ``module.weight`` for each module name, over at most ``max_batches``."""

@@ -7,8 +7,8 @@ the adapted model starts equal to the base model. ``ctx.config`` is the layer's 
 an init is called by hand): inits read their own options from it (``init_iters``, ``stable_gamma``).
 
 Registered here: ``pissa`` (Meng et al. 2024), ``olora`` (Büyükakyüz 2024), ``lora_ga`` (Wang et
-al. 2024). The decompositions they share (exact / randomized truncated SVD, LDU, the energy rank
-rule) are plain functions too; the core-matrix methods in ``core.py`` use them.
+al. 2024). Their truncated SVDs come from :mod:`rankwise.linalg`; the LDU decomposition, which the
+core-matrix methods in ``core.py`` use, is a plain function here too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .base import layer_generator
+from ..linalg import truncated_svd
+from ..rng import layer_generator
 
 
 @dataclass
@@ -43,55 +44,12 @@ class Init:
     needs_grad: bool = False
 
 
-# ---------------------------------------------------------------------- shared decompositions
+# ---------------------------------------------------------------------- shared helpers
 def context_generator(ctx: InitContext) -> torch.Generator:
     """``ctx.generator``, else a generator seeded from the config's seed and the layer name."""
     if ctx.generator is not None:
         return ctx.generator
     return layer_generator(int(getattr(ctx.config, "seed", 0)), ctx.name)
-
-
-def randomized_svd(
-    w: torch.Tensor, r: int, iters: int, generator: torch.Generator, oversample: int = 10
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r SVD ``(U_r, S_r, Vh_r)`` by randomized subspace iteration (Halko, Martinsson & Tropp
-    2011, "Finding Structure with Randomness", Alg. 4.4 + 5.1): a Gaussian range finder with
-    ``r + oversample`` columns, ``iters`` power iterations re-orthonormalized by QR, then the exact
-    SVD of the small projected matrix Qᵀ W."""
-    if iters < 1:
-        raise ValueError(f"iters={iters!r} must be >= 1 for the randomized SVD (0 means exact SVD)")
-    m, n = w.shape
-    q = min(r + oversample, m, n)
-    omega = torch.randn(n, q, generator=generator, dtype=w.dtype).to(w.device)
-    basis, _ = torch.linalg.qr(w @ omega)
-    for _ in range(iters):
-        z, _ = torch.linalg.qr(w.T @ basis)
-        basis, _ = torch.linalg.qr(w @ z)
-    u_small, s, vh = torch.linalg.svd(basis.T @ w, full_matrices=False)
-    return (basis @ u_small)[:, :r], s[:r], vh[:r]
-
-
-def truncated_svd(
-    w: torch.Tensor, r: int, iters: int = 0, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets of ``w``: exact (``iters=0``, LAPACK) or randomized (``iters≥1``)."""
-    if iters == 0:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :r], s[:r], vh[:r]
-    return randomized_svd(w, r, iters, generator if generator is not None else torch.Generator().manual_seed(0))
-
-
-def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest k with Σ_{i≤k} σᵢ² ≥ energy · Σ σᵢ² (the share of ‖W‖_F² kept by the top-k part)."""
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy={energy!r} must be in (0, 1]")
-    power = singular_values.double() ** 2
-    total = float(power.sum())
-    if total == 0.0:
-        return 1
-    cumulative = torch.cumsum(power, 0) / total
-    hits = torch.nonzero(cumulative >= energy - 1e-12)
-    return int(hits[0]) + 1 if len(hits) else len(singular_values)
 
 
 def ldu(w: torch.Tensor, r: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

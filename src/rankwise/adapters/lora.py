@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer, allowed, kaiming_uniform_, layer_generator
+from ..checks import choice, integer, positive
+from ..rng import kaiming_uniform_, layer_generator
+from .base import AdapterConfig, AdapterLayer
 from .init import INITS, InitContext
 from .registry import MethodSpec, register
 
@@ -30,11 +32,9 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        allowed("init", self.init, tuple(INITS))
-        if self.alpha is not None and not (isinstance(self.alpha, int | float) and self.alpha > 0):
-            raise ValueError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = r)")
-        if not isinstance(self.init_iters, int) or self.init_iters < 0:
-            raise ValueError(f"init_iters={self.init_iters!r} must be an integer >= 0")
+        choice("init", self.init, INITS)
+        positive("alpha", self.alpha, optional=True)
+        integer("init_iters", self.init_iters, 0)
 
     @property
     def scale(self) -> float:

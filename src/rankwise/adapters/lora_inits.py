@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import positive
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, register
 
@@ -25,9 +26,7 @@ class LoRAGAConfig(LoRAConfig):
 
     def validate(self) -> None:
         super().validate()
-        gamma = self.stable_gamma
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or gamma <= 0:
-            raise ValueError(f"stable_gamma={gamma!r} must be a positive number (γ of LoRA-GA's stable scale)")
+        positive("stable_gamma", self.stable_gamma)
 
 
 register(

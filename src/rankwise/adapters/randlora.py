@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer, allowed
+from ..checks import choice, positive
+from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
 from .registry import MethodSpec, register
 
@@ -48,11 +49,8 @@ class RandLoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        allowed("sparse", self.sparse, SPARSITY)
-        if self.alpha is not None and (
-            isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0
-        ):
-            raise ValueError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = 20·r)")
+        choice("sparse", self.sparse, SPARSITY)
+        positive("alpha", self.alpha, optional=True)
 
     @property
     def scale(self) -> float:
@@ -76,7 +74,7 @@ def randlora_bases(
     seed: int, r: int, max_dim: int, min_dim: int, sparse: str = "none"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared fp32 bases A (r × min_dim) and B (max_dim × n × r), a pure function of the arguments."""
-    allowed("sparse", sparse, SPARSITY)
+    choice("sparse", sparse, SPARSITY)
     n = num_bases(min_dim, r)
     g = torch.Generator(device="cpu").manual_seed(seed)
     if sparse == "none":
@@ -160,7 +158,7 @@ class RandLoRALayer(AdapterLayer):
 
     def _dense_is_cheaper(self, x: torch.Tensor) -> bool:
         if self.route != "auto":
-            allowed("route", self.route, ROUTES)
+            choice("route", self.route, ROUTES)
             return self.route == "dense"
         tokens = x.numel() // self.in_features
         width = self.config.r * self.n

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import catalogue, checks
+from ..layout import CLASSIFIER_NAMES
 from ..targets import Targets, find_targets, replace_module
 from .base import AdapterConfig, AdapterLayer
 from .gradients import estimate_gradients
@@ -96,8 +97,7 @@ def _trainable_module_names(model: nn.Module, trainable: str | Iterable[str] | N
     if trainable is None:
         return []
     if trainable == "auto":
-        names = ("classifier", "score")
-        return [n for n, _ in model.named_children() if n in names]
+        return [n for n, _ in model.named_children() if n in CLASSIFIER_NAMES]
     wanted = [trainable] if isinstance(trainable, str) else list(trainable)
     found = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in wanted)]
     if not found:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import positive
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
 from .registry import MethodSpec, register
@@ -33,8 +34,7 @@ class VeRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, int | float) or not self.d_initial > 0:
-            raise ValueError(f"d_initial={self.d_initial!r} must be a positive number (initial value of d)")
+        positive("d_initial", self.d_initial)
 
 
 def kaiming_fan_in_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

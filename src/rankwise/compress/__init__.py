@@ -5,6 +5,7 @@ structured pruning guided by LoRA (LoRAPrune) and sparse-plus-low-rank tuning (D
 the ``dsee`` adapter method.
 """
 
+from ..layout import find_blocks
 from . import dsee  # noqa: F401  (registers the "dsee" adapter)
 from .api import (
     COMPRESS_METHODS,
@@ -18,7 +19,7 @@ from .api import (
 from .dsee import DSEEConfig, DSEELayer, attention_blocks, dsee_finetune, dsee_prune, dsee_support, prune_heads
 from .evaluate import eval_blocks, evaluate_corpora, perplexity
 from .factorized import FactorizedLinear, densify, factorized_layers
-from .loraprune import cubic_sparsity, find_blocks, loraprune, loraprune_recover, remove_pruned_units
+from .loraprune import cubic_sparsity, loraprune, loraprune_recover, remove_pruned_units
 from .lord import output_grams
 from .resize import apply_layout, sliced_linear
 from .pela import pela_distill, pela_losses, weight_perturbation

@@ -34,17 +34,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import catalogue
-from ..adapters.ops import merge_and_unload
-from ..adapters.registry import adapt
+from ..adapters import adapt, merge_and_unload
+from ..checks import choice, fraction, integer
 from ..io import atomic_directory, save_tensors, write_json
+from ..layout import find_blocks
 from ..targets import Targets, find_targets, replace_module
 from .dsee import DSEEConfig, dsee_finetune
 from .evaluate import LossFn, train_steps
 from .factorized import empty_factorized, factorized_layers
-from .loraprune import LoRAPruneConfig, find_blocks, loraprune, loraprune_recover
+from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
 from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
-from .rank import check_ratio
 from .resize import apply_layout
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
@@ -159,15 +159,13 @@ def compress(
     ``dsee`` trains ``steps`` steps on ``data`` (``steps=0``: prune at once; adapter options of
     :class:`~.dsee.DSEEConfig` plus ``lr`` and ``prune_at``). ``cache`` reuses SVDs across calls.
     """
-    ratio = check_ratio(ratio)
-    if method not in COMPRESS_METHODS:
-        raise ValueError(f"method={method!r} is not allowed; choose one of {sorted(COMPRESS_METHODS)}")
+    ratio = fraction("ratio", ratio)
+    choice("method", method, sorted(COMPRESS_METHODS))
     if getattr(model, "rankwise_compress", None) is not None:
         raise ValueError("model is already compressed (model.rankwise_compress is set)")
     if getattr(model, "rankwise_adapter", None) is not None:
         raise ValueError("model has rankwise adapters; merge or unload them (rw.merge_and_unload) before compressing")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    integer("steps", steps, 0)
     if method in ONE_SHOT and steps:
         note = " (data=... makes lord data-aware)" if method == "lord" else ""
         raise ValueError(f"method '{method}' is one-shot: steps must be 0{note}; use recover() to fine-tune")
@@ -221,7 +219,7 @@ def _compress_loraprune(
     _check_config("loraprune", config, [*LoRAPruneConfig.__dataclass_fields__, "trainable", "on_target"])
     if data is None or steps < 1:
         raise ValueError("loraprune needs data=... and steps >= 1: importance comes from LoRA gradients while training")
-    names = [n for b in find_blocks(model) for n in b.names]
+    names = [n for b in find_blocks(model, "LoRAPrune") for n in b.names]
     before = _weights(model, names)
     prune_state, history, layout = loraprune(model, data, ratio, steps, loss_fn=loss_fn, progress=progress, **config)
     details = {**prune_state.to_dict(), "history": history}
@@ -264,8 +262,7 @@ def recover(
     ``loraprune``, LoRA on the shrunk block linears, merged at the end (LoRA options in ``config``;
     works on a loaded model too: the pruned units no longer exist, so no masks are needed)."""
     state = compressed_state(model)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
+    integer("steps", steps, 1)
     if state.method == "dsee":
         raise ValueError("dsee recovers during its own fine-tuning; pass steps=... to rw.compress instead")
     if state.method == "loraprune":

@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import AdapterConfig, AdapterLayer, allowed, kaiming_uniform_, layer_generator
-from ..adapters.init import InitContext, truncated_svd
-from ..adapters.registry import MethodSpec, adapter_layers, register
+from ..adapters import AdapterConfig, AdapterLayer, InitContext, MethodSpec, adapter_layers, register
+from ..checks import choice, fraction, integer, positive
+from ..layout import attention_layout, check_head_layout
+from ..linalg import truncated_svd
+from ..rng import kaiming_uniform_, layer_generator
 from .evaluate import LossFn, train_steps
-from .loraprune import attention_layout, check_head_layout
 
 SUPPORTS = ("decomposition", "random")
 STRUCTURES = ("unstructured", "heads")
@@ -70,17 +71,13 @@ class DSEEConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        allowed("support", self.support, SUPPORTS)
-        allowed("structure", self.structure, STRUCTURES)
-        allowed("head_score", self.head_score, HEAD_SCORES)
-        if isinstance(self.nnz, bool) or not isinstance(self.nnz, int) or self.nnz < 0:
-            raise ValueError(f"nnz={self.nnz!r} must be an integer >= 0 (non-zeros of the sparse update)")
-        if self.alpha is not None and not (isinstance(self.alpha, int | float) and self.alpha > 0):
-            raise ValueError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = r)")
-        if self.support_rank is not None and (not isinstance(self.support_rank, int) or self.support_rank < 1):
-            raise ValueError(f"support_rank={self.support_rank!r} must be a positive integer or None")
-        if not isinstance(self.support_iters, int) or self.support_iters < 1:
-            raise ValueError(f"support_iters={self.support_iters!r} must be an integer >= 1")
+        choice("support", self.support, SUPPORTS)
+        choice("structure", self.structure, STRUCTURES)
+        choice("head_score", self.head_score, HEAD_SCORES)
+        integer("nnz", self.nnz, 0)
+        positive("alpha", self.alpha, optional=True)
+        integer("support_rank", self.support_rank, 1, optional=True)
+        integer("support_iters", self.support_iters, 1)
 
     @property
     def scale(self) -> float:
@@ -100,7 +97,7 @@ def dsee_support(
 
     ``decomposition``: alternate ``L ← rank-k SVD(W − S)``, ``S ← top-nnz(|W − L|)`` (S starts at 0)
     and return the support of S; ``random``: ``nnz`` positions uniformly without replacement."""
-    allowed("support", support, SUPPORTS)
+    choice("support", support, SUPPORTS)
     numel = weight.numel()
     if nnz > numel:
         raise ValueError(f"nnz={nnz} exceeds the {numel} entries of a {tuple(weight.shape)} weight")
@@ -213,18 +210,13 @@ def dsee_layers(model: nn.Module) -> list[tuple[str, DSEELayer]]:
     return layers
 
 
-def _check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1)")
-
-
 @torch.no_grad()
 def dsee_prune(model: nn.Module, sparsity: float) -> int:
     """Prune the effective weights ``W₀ + ΔW`` of the DSEE layers with the adapters' ``structure``:
     ``"unstructured"`` masks the ``round(sparsity·N)`` smallest-magnitude entries (N = all adapted
     weights) and returns that count; ``"heads"`` removes ``round(sparsity·heads)`` heads per
     attention block (:func:`prune_heads`) and returns the number of heads pruned."""
-    _check_sparsity(sparsity)
+    fraction("sparsity", sparsity, allow_zero=True, allow_one=False)
     layers = dsee_layers(model)
     config = layers[0][1].config
     if config.structure == "heads":
@@ -298,7 +290,7 @@ def _l1(layer: DSEELayer, dim: int, head_score: str) -> torch.Tensor:
 def head_importance(block: AttentionBlock, head_score: str = "update") -> torch.Tensor:
     """Per query head: the ℓ1 norm of the update over its q rows and o columns, plus its equal share
     (``1/group``) of its key-value head's k and v rows (DSEE's structured criterion, module docstring)."""
-    allowed("head_score", head_score, HEAD_SCORES)
+    choice("head_score", head_score, HEAD_SCORES)
     d = block.head_dim
     q = _l1(block.q, 1, head_score).view(block.heads, d).sum(1)
     o = _l1(block.o, 0, head_score).view(block.heads, d).sum(1)
@@ -311,8 +303,8 @@ def prune_heads(model: nn.Module, sparsity: float, head_score: str = "update") -
     """In every attention block, zero the ``round(sparsity·heads)`` heads of least
     :func:`head_importance` (q rows, o columns, and k/v rows of fully pruned key-value groups) via
     the DSEE keep-masks. Returns the number of heads pruned over all blocks."""
-    _check_sparsity(sparsity)
-    allowed("head_score", head_score, HEAD_SCORES)
+    fraction("sparsity", sparsity, allow_zero=True, allow_one=False)
+    choice("head_score", head_score, HEAD_SCORES)
     pruned = 0
     for block in attention_blocks(model):
         count = round(sparsity * block.heads)
@@ -345,10 +337,8 @@ def dsee_finetune(
     with :func:`dsee_prune` at ``sparsity`` (of the weights, or of each block's heads for
     ``structure="heads"``) and keep tuning under the mask (with ``steps=0`` it just prunes).
     Returns per-step losses."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r} must be an integer >= 0")
-    if not 0.0 <= prune_at <= 1.0:
-        raise ValueError(f"prune_at={prune_at!r} must be in [0, 1]")
+    integer("steps", steps, 0)
+    fraction("prune_at", prune_at, allow_zero=True)
     dsee_layers(model)
     prune_step = round(prune_at * steps)
     if prune_step == 0:  # before the first step (or at once when steps == 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sparse.layers import FactorizedLinear
+from ..sparse import FactorizedLinear
 from ..targets import replace_module
 
 __all__ = ["FactorizedLinear", "densify", "empty_factorized", "factorized_from_factors", "factorized_layers"]

@@ -41,111 +41,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters.lora import LoRALayer
-from ..adapters.ops import merge_and_unload
-from ..adapters.registry import adapt
+from .. import checks
+from ..adapters import LoRALayer, adapt, merge_and_unload
+from ..layout import Block, find_blocks
 from ..targets import replace_module
 from .evaluate import LossFn, train_steps
 from .resize import sliced_linear
-
-LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "mlp_out": ("mlp.gate_proj", "mlp.up_proj"), "mlp_in": ("mlp.down_proj",)}
-BERT = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-        "o": "attention.output.dense", "mlp_out": ("intermediate.dense",), "mlp_in": ("output.dense",)}
-STYLES = {"llama": LLAMA, "bert": BERT}
-
-
-# ------------------------------------------------------------------------------------- structure
-@dataclass
-class Block:
-    """One transformer block's prunable linears (full module names) and its head layout."""
-
-    q: str
-    k: str
-    v: str
-    o: str
-    mlp_out: tuple[str, ...]  # output-channel side of the MLP (gate, up / intermediate)
-    mlp_in: tuple[str, ...]  # input-channel side (down / output)
-    heads: int
-    kv_heads: int
-    head_dim: int
-    channels: int
-    head_weights: int = 0  # weights freed by pruning one query head (q rows + o columns)
-    kv_weights: int = 0  # weights freed by pruning one key-value head (k rows + v rows)
-    channel_weights: int = 0  # weights freed by pruning one MLP channel
-    total: int = 0  # all weights of the block's prunable linears
-
-    @property
-    def group(self) -> int:
-        """Query heads per key-value head."""
-        return self.heads // self.kv_heads
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.q, self.k, self.v, self.o, *self.mlp_out, *self.mlp_in)
-
-
-def attention_layout(model: nn.Module, who: str, what: str) -> list[tuple[dict, str, int, int, int | None]]:
-    """``(style, prefix, heads, kv_heads, config head_dim)`` of every Llama- or BERT-style block of
-    ``model``, found by its query projection; heads from ``model.config``. ``who`` / ``what`` name
-    the caller and the structure it looks for in the errors (none found, no head count)."""
-    found = [
-        (style, name[: -len(style["q"])])
-        for style in STYLES.values()
-        for name, _ in model.named_modules()
-        if name == style["q"] or name.endswith("." + style["q"])
-    ]
-    if not found:
-        raise ValueError(f"{who} found no {what} in the model")
-    cfg = getattr(model, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    if heads is None:
-        raise ValueError(f"{who} needs model.config.num_attention_heads to find the attention heads")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    return [(style, prefix, heads, kv_heads, getattr(cfg, "head_dim", None)) for style, prefix in found]
-
-
-def check_head_layout(prefix: str, q: nn.Module, k: nn.Module, o: nn.Module, heads: int, kv_heads: int,
-                      head_dim: int | None) -> int:
-    """The head dimension (the config's, else q's rows per head); ValueError when the q/k/o shapes
-    do not split into ``heads`` / ``kv_heads`` heads of that size."""
-    head_dim = head_dim or q.out_features // heads
-    if (q.out_features != heads * head_dim or o.in_features != heads * head_dim
-            or k.out_features != kv_heads * head_dim or heads % kv_heads):
-        raise ValueError(f"head layout of '{prefix}' does not match the config ({heads} heads, {kv_heads} kv heads, "
-                         f"head_dim {head_dim})")
-    return head_dim
-
-
-def find_blocks(model: nn.Module) -> list[Block]:
-    """Every Llama-style (``self_attn.{q,k,v,o}_proj`` + ``mlp.{gate,up,down}_proj``) or BERT-style
-    (``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
-    ``output.dense``) block. ValueError when the model has none or the head layout is inconsistent."""
-    modules = dict(model.named_modules())
-    layout = attention_layout(model, "LoRAPrune", "Llama-style (self_attn.q_proj, ..., mlp.down_proj) or BERT-style "
-                              "(attention.self.query, ..., output.dense) transformer block")
-    blocks = []
-    for style, prefix, heads, kv_heads, cfg_head_dim in layout:
-        members = {key: prefix + style[key] for key in ("q", "k", "v", "o")}
-        mlp_out = tuple(prefix + n for n in style["mlp_out"])
-        mlp_in = tuple(prefix + n for n in style["mlp_in"])
-        lin = {}
-        for full in (*members.values(), *mlp_out, *mlp_in):
-            module = modules.get(full)
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"LoRAPrune expects '{full}' to be an nn.Linear, got {type(module).__name__}")
-            lin[full] = module
-        q, k, o = lin[members["q"]], lin[members["k"]], lin[members["o"]]
-        head_dim = check_head_layout(prefix, q, k, o, heads, kv_heads, cfg_head_dim)
-        channels = lin[mlp_out[0]].out_features
-        block = Block(**members, mlp_out=mlp_out, mlp_in=mlp_in, heads=heads, kv_heads=kv_heads,
-                      head_dim=head_dim, channels=channels)
-        block.head_weights = head_dim * (q.in_features + o.out_features)
-        block.kv_weights = head_dim * (k.in_features + lin[members["v"]].in_features)
-        block.channel_weights = sum(lin[n].in_features for n in mlp_out) + sum(lin[n].out_features for n in mlp_in)
-        block.total = sum(m.weight.numel() for m in lin.values())
-        blocks.append(block)
-    return blocks
 
 
 # ------------------------------------------------------------------------------------- schedule
@@ -508,20 +409,14 @@ class LoRAPruneConfig:
     beta: float = 0.9
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r={self.r!r} must be a positive integer")
-        if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every < 1:
-            raise ValueError(f"prune_every={self.prune_every!r} must be a positive integer")
+        checks.rank("r", self.r)
+        checks.integer("prune_every", self.prune_every, 1)
         for name in ("warmup", "cooldown", "beta"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+            checks.fraction(name, getattr(self, name), allow_zero=True, allow_one=False)
         if self.warmup + self.cooldown >= 1.0:
             raise ValueError(f"warmup + cooldown = {self.warmup + self.cooldown} must be < 1")
-        if not isinstance(self.lr, int | float) or self.lr <= 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r} must be > 0")
+        checks.positive("lr", self.lr)
+        checks.positive("alpha", self.alpha)
 
 
 def _prune_while_training(
@@ -587,13 +482,10 @@ def loraprune(
     ``on_target(model, step)`` runs once, right after the final sparsity is reached (on the masked
     LoRA model). Returns the pruning state, the per-step history and the layout of
     :func:`remove_pruned_units`."""
-    from .rank import check_ratio
-
-    ratio = check_ratio(ratio)
+    ratio = checks.fraction("ratio", ratio)
     cfg = LoRAPruneConfig(**config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer: LoRAPrune estimates importance while training")
-    blocks = find_blocks(model)
+    checks.integer("steps", steps, 1)  # LoRAPrune estimates importance while training
+    blocks = find_blocks(model, "LoRAPrune")
     state = LoRAPruneState(blocks, [BlockState() for _ in blocks])
     history = _prune_while_training(model, state, data, steps, cfg, 1.0 - ratio, loss_fn, trainable, on_target,
                                     progress)
@@ -615,8 +507,7 @@ def loraprune_recover(
     merge: no masks are needed because the pruned units no longer exist. LoRA options (``r``,
     ``alpha``, ``dropout``, ``lr``) as in :class:`LoRAPruneConfig`."""
     cfg = LoRAPruneConfig(**config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
+    checks.integer("steps", steps, 1)
     adapt(model, "lora", targets=list(targets), r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout,
           trainable=trainable)
     params = [p for p in model.parameters() if p.requires_grad]

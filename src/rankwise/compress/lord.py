@@ -30,16 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.gradients import call_model
-from ..sparse.layers import check_rank
+from .. import checks
+from ..batches import call_model, move_batch
 from ..targets import Targets, replace_module
-from .evaluate import move_batch
 from .factorized import factorized_from_factors
 from .rank import rank_fraction_ranks
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks, target_linears
@@ -52,8 +50,7 @@ class LoRDConfig:
     rank: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank={self.rank!r} must be a positive integer or None")
+        checks.integer("rank", self.rank, 1, optional=True)
 
 
 @torch.no_grad()
@@ -98,7 +95,7 @@ def output_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple
     principal directions (least ‖W X − U V X‖_F over rank-r maps)."""
     if gram.shape != (weight.shape[0], weight.shape[0]):
         raise ValueError(f"gram {tuple(gram.shape)} must be (out×out) for a weight of shape {tuple(weight.shape)}")
-    check_rank(rank, *weight.shape)
+    checks.rank("rank", rank, min(weight.shape))
     _, vectors = torch.linalg.eigh(gram.double())  # ascending eigenvalues
     top = vectors[:, -rank:].flip(1)
     up = top.to(torch.float32)
@@ -112,7 +109,7 @@ def factorize_from_outputs(
     """Replace each module ``name`` by the :class:`FactorizedLinear` with its data-aware factors."""
     for name, rank in tqdm(ranks.items(), desc="factorizing", disable=not progress, leave=False):
         lin = model.get_submodule(name)
-        check_rank(rank, lin.out_features, lin.in_features, where=name)
+        checks.rank("rank", rank, min(lin.out_features, lin.in_features), where=name)
         up, down = output_factors(lin.weight, grams[name], rank)
         replace_module(model, name, factorized_from_factors(up, down, lin.bias, dtype=lin.weight.dtype))
 

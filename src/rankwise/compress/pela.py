@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.base import allowed
+from ..checks import choice, integer, non_negative, positive
 from ..targets import Targets
 from .evaluate import batch_stream, move_batch
 from .factorized import FactorizedLinear, factorized_layers
@@ -51,13 +51,11 @@ class PELAConfig:
     trainable: str = "all"
 
     def __post_init__(self) -> None:
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank={self.rank!r} must be a positive integer or None")
-        for name in ("lr", "kd_alpha", "kd_beta", "wpr_weight", "wpr_eps", "task_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name}={value!r} must be a number >= 0" + (" (and > 0)" if name == "lr" else ""))
-        allowed("trainable", self.trainable, TRAINABLE)
+        integer("rank", self.rank, 1, optional=True)
+        positive("lr", self.lr)
+        for name in ("kd_alpha", "kd_beta", "wpr_weight", "wpr_eps", "task_weight"):
+            non_negative(name, getattr(self, name))
+        choice("trainable", self.trainable, TRAINABLE)
 
 
 def pela_compress(
@@ -144,8 +142,7 @@ def pela_distill(
     """Stage 2: ``steps`` AdamW steps on the PELA objective. The teacher is put in eval mode with
     every parameter frozen (it stays bit-identical); ``trainable="factors"`` trains only the
     factorized layers' parameters. Returns the per-step loss components."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    integer("steps", steps, 0)
     PELAConfig(lr=lr, kd_alpha=kd_alpha, kd_beta=kd_beta, wpr_weight=wpr_weight,
                wpr_eps=wpr_eps, task_weight=task_weight, trainable=trainable)
     if student is teacher:

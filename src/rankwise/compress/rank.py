@@ -23,14 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import fraction
+
 Shape = tuple[int, int]  # (out_features, in_features)
-
-
-def check_ratio(ratio: object) -> float:
-    """``ratio`` as a float in (0, 1], else a ValueError naming ``ratio``."""
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio={ratio!r} must be a number in (0, 1] (the kept fraction of the targeted weights)")
-    return float(ratio)
 
 
 def factor_count(shape: Shape, rank: int) -> int:
@@ -46,7 +41,7 @@ def saves_weights(shape: Shape, rank: int) -> bool:
 def uniform_ratio_rank(shape: Shape, ratio: float) -> int:
     """``max(1, ⌊ratio·out·in/(out+in)⌋)``: the rank whose factors keep ``ratio`` of the matrix's weights."""
     out_f, in_f = shape
-    return max(1, math.floor(check_ratio(ratio) * out_f * in_f / (out_f + in_f)))
+    return max(1, math.floor(fraction("ratio", ratio) * out_f * in_f / (out_f + in_f)))
 
 
 def uniform_ranks(shapes: Mapping[str, Shape], ratio: float) -> dict[str, int]:
@@ -78,7 +73,7 @@ def rank_fraction_ranks(shapes: Mapping[str, Shape], ratio: float, tol: float = 
     """LoRD: keep the same fraction κ of every matrix's rank, ``r = ⌊κ·min(out, in)⌋``; κ is the
     largest value whose kept weights fit ``ratio`` (bisection; kept weights grow with κ). Matrices
     whose factors would not be smaller stay dense (``None``)."""
-    ratio = check_ratio(ratio)
+    ratio = fraction("ratio", ratio)
     budget = ratio * total_weights(shapes)
     if kept_weights(shapes, _fraction_ranks(shapes, 1.0)) <= budget:
         return _fraction_ranks(shapes, 1.0)  # nothing needs factorizing (ratio = 1)
@@ -153,11 +148,10 @@ def welore_ranks(
     Deterministic and data-free: only the singular values enter. Kept weights never increase with τ,
     so the search is a bisection over the finite set of candidate thresholds (just above each
     distinct normalized singular value)."""
-    ratio = check_ratio(ratio)
+    ratio = fraction("ratio", ratio)
     if set(spectra) != set(shapes):
         raise ValueError("spectra and shapes must name the same matrices")
-    if not 0.0 <= min_reduction < 1.0:
-        raise ValueError(f"min_reduction={min_reduction!r} must be in [0, 1)")
+    fraction("min_reduction", min_reduction, allow_zero=True, allow_one=False)
     budget = ratio * total_weights(shapes)
     values = torch.unique(torch.cat([normalized_spectrum(s) for s in spectra.values()]))
     # τ = nextafter(v, +inf) drops exactly the values ≤ v; τ = 0 drops nothing.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..sparse.layers import check_rank
+from .. import checks
 from ..targets import Targets, find_targets, replace_module
 from .factorized import factorized_from_factors
 from .rank import Shape, uniform_ranks
@@ -127,7 +127,7 @@ def factorize_layers(
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"module '{name}' is a {type(lin).__name__}; only nn.Linear can be factorized")
-        check_rank(rank, lin.out_features, lin.in_features, where=name)
+        checks.rank("rank", rank, min(lin.out_features, lin.in_features), where=name)
         up, down = cache.get(name, lin.weight).factors(rank)
         replace_module(model, name, factorized_from_factors(up, down, lin.bias, dtype=lin.weight.dtype))
     return chosen
@@ -138,5 +138,5 @@ def svd_ranks(shapes: dict[str, Shape], ratio: float, rank: int | None = None) -
     if rank is None:
         return uniform_ranks(shapes, ratio)
     for name, shape in shapes.items():
-        check_rank(rank, *shape, where=name)
+        checks.rank("rank", rank, min(shape), where=name)
     return {name: rank for name in shapes}

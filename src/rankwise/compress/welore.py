@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..checks import fraction
 from ..targets import Targets
 from .factorized import FactorizedLinear
 from .rank import WeLorePlan, welore_ranks
@@ -34,10 +35,7 @@ class WeLoreConfig:
     min_reduction: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_reduction, bool) or not isinstance(self.min_reduction, int | float) or not (
-            0.0 <= self.min_reduction < 1.0
-        ):
-            raise ValueError(f"min_reduction={self.min_reduction!r} must be a number in [0, 1)")
+        fraction("min_reduction", self.min_reduction, allow_zero=True, allow_one=False)
 
 
 def welore_plan(

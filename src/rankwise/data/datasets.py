@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from ..checks import choice, fraction, integer
+
 # --------------------------------------------------------------------------- assets
 
 #: pip pins of the asset packages, by import name.
@@ -198,26 +200,6 @@ STDLIB_FILES: tuple[str, ...] = (
 )
 
 
-def _choice_error(param: str, value: Any, allowed: Sequence[str]) -> ValueError:
-    opts = ", ".join(repr(a) for a in allowed)
-    return ValueError(f"unknown {param} {value!r}; allowed values for `{param}`: {opts}")
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise _choice_error("split", split, SPLITS)
-
-
-def _check_fraction(test_fraction: float) -> None:
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be None or a non-negative int, got {limit!r}")
-
-
 # --------------------------------------------------------------------------- raw readers
 
 def _read_text_file(path: Path) -> str:
@@ -319,7 +301,7 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int,
 
     Items with equal ``groups`` keys (e.g. duplicate texts) always land in the same split.
     """
-    _check_fraction(test_fraction)
+    fraction("test_fraction", test_fraction, allow_one=False)
     keys = list(range(len(labels))) if groups is None else list(groups)
     rng = random.Random(f"rankwise-split-{seed}")
     train: list[int] = []
@@ -360,11 +342,10 @@ def load_classification(name: str, split: str = "train", seed: int = 0,
     ``limit`` of them (a deterministic subset).
     """
     allowed = [n for n, d in DATASETS.items() if d.kind == "classification"]
-    if name not in allowed:
-        raise _choice_error("name", name, allowed)
-    _check_split(split)
-    _check_fraction(test_fraction)
-    _check_limit(limit)
+    choice("`name`", name, allowed)
+    choice("`split`", split, SPLITS)
+    fraction("test_fraction", test_fraction, allow_one=False)
+    integer("limit", limit, 0, optional=True)
     if name == "bbc":
         texts, labels = _bbc_raw()
         tr, te = stratified_split(labels, test_fraction, seed, groups=texts)
@@ -388,11 +369,10 @@ def load_text(name: str, split: str = "train", seed: int = 0, test_fraction: flo
     stdlib files are split by file with the seed. ``limit`` caps the number of documents.
     """
     allowed = list(DATASETS) + list(COMBINED_TEXT)
-    if name not in allowed:
-        raise _choice_error("name", name, allowed)
-    _check_split(split)
-    _check_fraction(test_fraction)
-    _check_limit(limit)
+    choice("`name`", name, allowed)
+    choice("`split`", split, SPLITS)
+    fraction("test_fraction", test_fraction, allow_one=False)
+    integer("limit", limit, 0, optional=True)
     if name in COMBINED_TEXT:
         docs = [d for part in COMBINED_TEXT[name] for d in load_text(part, split, seed, test_fraction)]
     elif DATASETS[name].kind == "classification":
@@ -450,8 +430,7 @@ def classification_loader(ds: TextClassification, tokenizer: Any, batch_size: in
 def lm_blocks(texts: Sequence[str], tokenizer: Any, block_size: int = 128) -> torch.Tensor:
     """Tokenize ``texts``, join them with an EOS (or SEP) token after each document and
     chop into a LongTensor ``[n_blocks, block_size]`` (the remainder is dropped)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    integer("block_size", block_size, 1)
     ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
                     verbose=False)["input_ids"] if texts else []
     sep = getattr(tokenizer, "eos_token_id", None)

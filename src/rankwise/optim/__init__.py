@@ -1,6 +1,7 @@
 """Optimizers and optimizer recipes (plain ``torch.optim`` param groups and optimizers)."""
 
-from .blocks import LISA, BAdam, OwLore, outlier_ratios, transformer_blocks
+from ..layout import transformer_blocks
+from .blocks import LISA, BAdam, OwLore, outlier_ratios
 from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .loraplus import loraplus_groups
 from .apollo import APOLLO, APOLLOMini

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from .projected import ProjectedOptimizer
 
 _PROJ_ALIASES = {"random": "gaussian", "svd": "svd", "gaussian": "gaussian"}
+SCALE_TYPES = ("channel", "tensor")
 
 
 class APOLLO(ProjectedOptimizer):
@@ -52,8 +54,7 @@ class APOLLO(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if scale_type not in ("channel", "tensor"):
-            raise ValueError(f"scale_type={scale_type!r}; allowed: ['channel', 'tensor']")
+        choice("scale_type", scale_type, SCALE_TYPES)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             update_gap=update_gap, scale=scale, proj_side=proj_side, projector=_PROJ_ALIASES.get(projector, projector),
@@ -64,15 +65,9 @@ class APOLLO(ProjectedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
         if "proj" in group:
-            proj = group.pop("proj")
-            if proj not in _PROJ_ALIASES:
-                raise ValueError(f"proj={proj!r}; allowed: {list(_PROJ_ALIASES)}")
-            group["projector"] = _PROJ_ALIASES[proj]
+            group["projector"] = _PROJ_ALIASES[choice("proj", group.pop("proj"), _PROJ_ALIASES)]
         if "scale_type" in group:
-            st = group.pop("scale_type")
-            if st not in ("channel", "tensor"):
-                raise ValueError(f"scale_type={st!r}; allowed: ['channel', 'tensor']")
-            group["residual"] = f"apollo_{st}"
+            group["residual"] = f"apollo_{choice('scale_type', group.pop('scale_type'), SCALE_TYPES)}"
         if self._forced_rank is not None and "rank" in group:
             group["rank"] = self._forced_rank
         super().add_param_group(group)

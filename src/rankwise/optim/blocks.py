@@ -26,7 +26,6 @@ sampler (global step, awake blocks, remaining order, generator state as a uint8 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,136 +33,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..adapters.gradients import call_model
+from ..batches import call_model
+from ..checks import beta_pair, choice, integer, number
+from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
 
-__all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios", "transformer_blocks"]
+__all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
 
-EMBEDDING = "embedding"
-HEAD = "head"
 ORDERS = ("ascending", "descending", "random")
-
-
-# --------------------------------------------------------------------------------------------------
-# transformer layer discovery
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
-
-
-def _layer_list(model: nn.Module, layers: str | None) -> tuple[str, nn.Module]:
-    if layers is not None:
-        if not isinstance(layers, str):
-            raise ValueError(f"layers={layers!r} must be the dotted name of the layer list, e.g. 'model.layers'")
-        try:
-            found = model.get_submodule(layers)
-        except AttributeError as err:
-            raise ValueError(f"layers={layers!r} is not a submodule of {type(model).__name__}") from err
-        if not isinstance(found, nn.ModuleList | nn.Sequential) or len(found) == 0:
-            raise ValueError(f"layers={layers!r} must name a non-empty nn.ModuleList, got {type(found).__name__}")
-        return layers, found
-    best: tuple[int, str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if size > 0 and (best is None or size > best[0]):
-            best = (size, name, module)
-    if best is None:
-        raise ValueError(
-            f"found no repeated transformer layers in {type(model).__name__} (an nn.ModuleList of at "
-            "least 2 modules of one type); pass layers='<dotted name>', e.g. layers='model.layers'"
-        )
-    return best[1], best[2]
-
-
-class _ParamView(nn.Module):
-    """Holds references to parameters whose owning module also contains the layer list."""
-
-    def __init__(self, named: Sequence[tuple[str, nn.Parameter]]):
-        super().__init__()
-        for name, param in named:
-            self.register_parameter(name.replace(".", "__"), param)
-
-
-def _group_module(model: nn.Module, names: list[str], layers_name: str) -> nn.Module:
-    """A view (not attached to ``model``) over the modules owning the parameters ``names``."""
-    params = dict(model.named_parameters())
-    owners: list[str] = []
-    loose: list[tuple[str, nn.Parameter]] = []
-    for name in names:
-        owner = name.rpartition(".")[0]
-        contains_layers = owner == "" or layers_name.startswith(owner + ".")
-        if contains_layers:
-            loose.append((name, params[name]))
-        elif owner not in owners and not any(owner.startswith(o + ".") for o in owners):
-            owners.append(owner)
-    members: list[nn.Module] = [model.get_submodule(o) for o in owners]
-    if loose:
-        members.append(_ParamView(loose))
-    return nn.ModuleList(members)
-
-
-def transformer_blocks(model: nn.Module, layers: str | None = None) -> list[tuple[str, nn.Module]]:
-    """The model cut into ``[("embedding", ·), (<layer name>, layer) ..., ("head", ·)]``.
-
-    The repeated layers are the ``nn.ModuleList`` of same-type modules holding the most parameters
-    (``model.layers``, ``bert.encoder.layer``, ``transformer.h``; or pass ``layers=`` explicitly).
-    Every other parameter goes to ``"embedding"`` when it is registered before the first layer and to
-    ``"head"`` otherwise (final norm, LM head, pooler, classifier). Those two groups are
-    ``nn.ModuleList`` views over their owning modules (tied weights appear once, in the embedding);
-    a group without parameters is left out. DDP / DataParallel wrappers are looked through.
-    """
-    model = _unwrap(model)
-    layers_name, layer_list = _layer_list(model, layers)
-    in_layers = {id(p) for p in layer_list.parameters()}
-    before: list[str] = []
-    after: list[str] = []
-    seen_layer = False
-    for name, param in model.named_parameters():
-        if id(param) in in_layers:
-            seen_layer = True
-        else:
-            (after if seen_layer else before).append(name)
-    blocks: list[tuple[str, nn.Module]] = []
-    if before:
-        blocks.append((EMBEDDING, _group_module(model, before, layers_name)))
-    blocks.extend((f"{layers_name}.{i}", layer) for i, layer in enumerate(layer_list))
-    if after:
-        blocks.append((HEAD, _group_module(model, after, layers_name)))
-    return blocks
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _number(field: str, value: object, *, low: float, strict: bool = False, high: float | None = None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    ok = ok and (value > low if strict else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        if high is not None:
-            bound += f" and < {high}"
-        raise ValueError(f"{field}={value!r} must be a finite number {bound}")
-    return float(value)
-
-
-def _integer(field: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{field}={value!r} must be an integer >= {low}")
-    return value
-
-
-def _betas(value: object) -> tuple[float, float]:
-    if not isinstance(value, tuple | list) or len(value) != 2:
-        raise ValueError(f"betas={value!r} must be a pair (beta1, beta2) with 0 <= beta < 1")
-    return (_number("betas[0]", value[0], low=0.0, high=1.0), _number("betas[1]", value[1], low=0.0, high=1.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,12 +71,12 @@ class _SampledBlocks(Optimizer):
         switch_every: int,
         seed: int,
     ):
-        lr = _number("lr", lr, low=0.0, strict=True)
-        betas = _betas(betas)
-        eps = _number("eps", eps, low=0.0)
-        weight_decay = _number("weight_decay", weight_decay, low=0.0)
-        self.switch_every = _integer("switch_every", switch_every, low=1)
-        seed = _integer("seed", seed, low=0)
+        lr = number("lr", lr, 0.0, low_open=True)
+        betas = beta_pair("betas", betas)
+        eps = number("eps", eps, 0.0)
+        weight_decay = number("weight_decay", weight_decay, 0.0)
+        self.switch_every = integer("switch_every", switch_every, 1)
+        seed = integer("seed", seed, 0)
         # parameters frozen before the optimizer was built stay frozen (e.g. a base model under adapters)
         units = [[p for p in unit if p.requires_grad] for unit in units]
         always = [p for p in always if p.requires_grad]
@@ -357,7 +233,7 @@ def _prefixed(model: nn.Module, prefixes: Sequence[str], field: str) -> list[nn.
         raise ValueError(f"{field}={prefixes!r} must be a list of parameter-name prefixes")
     found = []
     for prefix in prefixes:
-        match = [p for n, p in _unwrap(model).named_parameters() if n.startswith(prefix)]
+        match = [p for n, p in unwrap(model).named_parameters() if n.startswith(prefix)]
         if not match:
             raise ValueError(f"{field}: prefix {prefix!r} matches no parameter of the model")
         found.extend(match)
@@ -398,8 +274,7 @@ class BAdam(_SampledBlocks):
         seed: int = 0,
         layers: str | None = None,
     ):
-        if order not in ORDERS:
-            raise ValueError(f"order={order!r} is not allowed; choose one of {list(ORDERS)}")
+        choice("order", order, ORDERS)
         names, params = _named_blocks(model, layers)
         keep = [
             i for i, n in enumerate(names)
@@ -413,7 +288,7 @@ class BAdam(_SampledBlocks):
         if start_block is not None:
             if order == "random":
                 raise ValueError("start_block is only allowed with order='ascending' or 'descending'")
-            _integer("start_block", start_block, low=0)
+            integer("start_block", start_block, 0)
             if start_block >= len(keep):
                 raise ValueError(f"start_block={start_block} must be < the number of blocks ({len(keep)})")
         self._start = start_block
@@ -421,7 +296,7 @@ class BAdam(_SampledBlocks):
         always = _prefixed(model, always_active, "always_active")
         units = [params[i] for i in keep]
         super().__init__(
-            units, always, list(_unwrap(model).parameters()), [],
+            units, always, list(unwrap(model).parameters()), [],
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every, seed=seed,
         )
 
@@ -492,7 +367,7 @@ class LISA(_SampledBlocks):
         body = [i for i, n in enumerate(names) if n not in (EMBEDDING, HEAD)]
         self.layer_names = [names[i] for i in body]
         n_body = len(body)
-        self.n_layers = _integer("n_layers", n_layers, low=1)
+        self.n_layers = integer("n_layers", n_layers, 1)
         if probs is None:
             weights = torch.ones(n_body, dtype=torch.float64)
         else:
@@ -556,12 +431,11 @@ def outlier_ratios(
     ``calibration`` the weight-only score A_ij = |W_ij| is used (‖X_j‖ taken as constant). Returns a
     float64 tensor with one ratio in [0, 1] per transformer layer.
     """
-    threshold = _number("threshold", threshold, low=0.0, strict=True)
-    if max_batches is not None:
-        _integer("max_batches", max_batches, low=1)
-    model = _unwrap(model)
-    _, layer_list = _layer_list(model, layers)
-    linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layer_list]
+    threshold = number("threshold", threshold, 0.0, low_open=True)
+    integer("max_batches", max_batches, 1, optional=True)
+    model = unwrap(model)
+    _, repeated = layer_list(model, layers)
+    linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in repeated]
     if any(not group for group in linears):
         raise ValueError("every transformer layer must contain at least one nn.Linear to measure outliers")
     norms: dict[int, torch.Tensor] = {}
@@ -641,11 +515,11 @@ class OwLore(LISA):
         seed: int = 0,
         layers: str | None = None,
     ):
-        self.rank = _integer("rank", rank, low=1)
-        gap = _integer("update_gap", update_gap, low=1)
-        scale = _number("scale", scale, low=0.0, strict=True)
-        _, layer_list = _layer_list(_unwrap(model), layers)
-        matrices = [m.weight for layer in layer_list for m in layer.modules() if isinstance(m, nn.Linear)]
+        self.rank = integer("rank", rank, 1)
+        gap = integer("update_gap", update_gap, 1)
+        scale = number("scale", scale, 0.0, low_open=True)
+        _, repeated = layer_list(unwrap(model), layers)
+        matrices = [m.weight for layer in repeated for m in layer.modules() if isinstance(m, nn.Linear)]
         smallest = min(min(w.shape) for w in matrices) if matrices else rank
         if rank > smallest:
             raise ValueError(f"rank={rank} is larger than the smallest layer matrix dimension ({smallest})")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from .projected import ProjectedOptimizer
 
 
@@ -37,8 +38,7 @@ class DCTGaLore(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if dct_norm not in (1, 1.0, 2, 2.0):
-            raise ValueError(f"dct_norm={dct_norm!r}; allowed: [1, 2]")
+        choice("dct_norm", dct_norm, (1, 2))
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             update_gap=update_gap, scale=scale, proj_side=proj_side, projector="dct",

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..checks import number
 from .projected import ProjectedOptimizer
 
 
@@ -37,8 +38,7 @@ class Fira(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if limiter_gamma is not None and not (isinstance(limiter_gamma, int | float) and limiter_gamma >= 1.0):
-            raise ValueError(f"limiter_gamma={limiter_gamma!r} must be None or a number >= 1")
+        number("limiter_gamma", limiter_gamma, 1.0, optional=True)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector,

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..checks import fraction
 from .inner import adafactor_precondition, rms
 from .projected import ProjectedOptimizer
 
@@ -46,8 +47,7 @@ class Flora(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if not (isinstance(beta1, int | float) and 0.0 < beta1 < 1.0):
-            raise ValueError(f"beta1={beta1!r} must be in (0, 1): Flora compresses the momentum")
+        fraction("beta1", beta1, allow_one=False)  # not 0: Flora compresses the momentum
         super().__init__(
             params, lr=lr, weight_decay=weight_decay, update_gap=update_gap, proj_side=proj_side,
             projector="gaussian", inner="adafactor", residual="none", seed=seed, beta1=beta1,

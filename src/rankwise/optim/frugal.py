@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice, fraction, non_negative
 from .inner import get_inner
 from .projected import ProjectedOptimizer
 from .projectors import Projector, next_proj_seed
@@ -57,16 +58,11 @@ class FRUGAL(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if selector not in SELECTORS:
-            raise ValueError(f"selector={selector!r}; allowed: {list(SELECTORS)}")
-        if inactive_update_rule not in RULES:
-            raise ValueError(f"inactive_update_rule={inactive_update_rule!r}; allowed: {list(RULES)}")
-        if density is not None and not (isinstance(density, int | float) and 0.0 < density <= 1.0):
-            raise ValueError(f"density={density!r} must be None or in (0, 1]")
-        if block_order not in ("random", "ascending"):
-            raise ValueError(f"block_order={block_order!r}; allowed: ['random', 'ascending']")
-        if not (isinstance(inactive_lr_scale, int | float) and inactive_lr_scale >= 0):
-            raise ValueError(f"inactive_lr_scale={inactive_lr_scale!r} must be a number >= 0")
+        choice("selector", selector, SELECTORS)
+        choice("inactive_update_rule", inactive_update_rule, RULES)
+        fraction("density", density, optional=True)
+        choice("block_order", block_order, ("random", "ascending"))
+        non_negative("inactive_lr_scale", inactive_lr_scale)
         self.density, self.selector = density, selector
         self.reset_statistics, self.block_order = bool(reset_statistics), block_order
         self.inactive_update_rule = inactive_update_rule

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..checks import fraction
 from .projected import ProjectedOptimizer
 
 
@@ -77,8 +78,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"beta1={beta1!r} must be None or in [0, 1)")
+        fraction("beta1", beta1, allow_zero=True, allow_one=False, optional=True)
         super().__init__(
             params, lr=lr, weight_decay=weight_decay, update_gap=update_gap, scale=scale, proj_side=proj_side,
             projector=projector, inner="adafactor", residual="none", seed=seed, beta1=beta1,

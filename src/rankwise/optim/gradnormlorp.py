@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from .inner import get_inner
 from .projected import ProjectedOptimizer
 
@@ -55,8 +56,7 @@ class GradNormLoRP(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if inner not in ("adamw", "adamw8bit"):
-            raise ValueError(f"inner={inner!r}; allowed: ['adamw', 'adamw8bit']")
+        choice("inner", inner, ("adamw", "adamw8bit"))
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector, inner=inner,

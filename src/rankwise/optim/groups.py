@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import integer
 from ..targets import Targets, find_targets
 
 
@@ -20,8 +21,7 @@ def param_groups(
     parameter (embeddings, norms, biases, heads) goes into a plain group without ``rank``. A weight
     shared with a non-target module (tied embeddings) stays plain.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be an int >= 1")
+    integer("rank", rank, 1)
     projected, seen = [], set()
     for _, module in find_targets(model, targets):
         w = module.weight

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from . import quant
 
 State = dict[str, Any]
@@ -252,6 +253,4 @@ INNER_OPTIONS = tuple(sorted({o for inner in _CLASSES.values() for o in inner.op
 
 def get_inner(name: str) -> Inner:
     """The inner update ``name`` (one of ``INNERS``); stateless, shared."""
-    if name not in _CLASSES:
-        raise ValueError(f"inner={name!r}; allowed: {list(INNERS)}")
-    return _CLASSES[name]
+    return _CLASSES[choice("inner", name, INNERS)]

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..checks import integer
+
 __all__ = ["GradBytesTracker", "LayerwiseOptimizer", "layerwise"]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
@@ -60,8 +62,7 @@ class LayerwiseOptimizer(Optimizer):
     ):
         if not callable(optimizer_factory):
             raise ValueError("optimizer_factory must be callable: list of one param group -> torch Optimizer")
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ValueError(f"accumulate={accumulate!r} must be an integer >= 1")
+        integer("accumulate", accumulate, 1)
         self._factory = optimizer_factory
         self.accumulate = accumulate
         self._optimizers: dict[torch.Tensor, Optimizer] = {}

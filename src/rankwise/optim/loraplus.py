@@ -10,20 +10,11 @@ gets ``lr``. Unlike PEFT, 1-D parameters (biases, norms) stay at ``lr``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
 
-
-def _check_number(field: str, value: object, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{field}={value!r} must be a finite number")
-    if positive and value <= 0:
-        raise ValueError(f"{field}={value!r} must be > 0")
-    if not positive and value < 0:
-        raise ValueError(f"{field}={value!r} must be >= 0")
-    return float(value)
+from ..checks import number
 
 
 def loraplus_groups(
@@ -34,9 +25,9 @@ def loraplus_groups(
     ``ratio`` is LoRA+'s λ = η_B/η_A; ``weight_decay`` is set on both groups. Raises ValueError when
     the model has no trainable parameter named ``...lora_B``.
     """
-    lr = _check_number("lr", lr, positive=True)
-    ratio = _check_number("ratio", ratio, positive=True)
-    weight_decay = _check_number("weight_decay", weight_decay, positive=False)
+    lr = number("lr", lr, 0.0, low_open=True, what="> 0 and finite")
+    ratio = number("ratio", ratio, 0.0, low_open=True, what="> 0 and finite")
+    weight_decay = number("weight_decay", weight_decay, 0.0, what=">= 0 and finite")
     b_params, other_params, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:

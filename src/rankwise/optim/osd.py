@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice, number
 from .projected import ProjectedOptimizer
 
 
@@ -39,12 +40,9 @@ class OnlineSubspaceDescent(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if inner not in ("adamw", "lion"):
-            raise ValueError(f"inner={inner!r}; allowed: ['adamw', 'lion']")
-        if osd_init not in ("random", "svd"):
-            raise ValueError(f"osd_init={osd_init!r}; allowed: ['random', 'svd']")
-        if proj_lr is not None and not (isinstance(proj_lr, int | float) and proj_lr > 0):
-            raise ValueError(f"proj_lr={proj_lr!r} must be None or a number > 0")
+        choice("inner", inner, ("adamw", "lion"))
+        choice("osd_init", osd_init, ("random", "svd"))
+        number("proj_lr", proj_lr, 0.0, low_open=True, optional=True)
         if betas is None:
             betas = (0.9, 0.99) if inner == "lion" else (0.9, 0.999)
         extra = {} if proj_lr is None else {"proj_lr": float(proj_lr)}

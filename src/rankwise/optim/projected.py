@@ -28,13 +28,13 @@ M ← P_newᵀP_old·M, second moment by LDAdam's projection-aware rule; see ``i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from ..checks import beta_pair, choice, integer, number
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
     POWER_DTYPES, PROJECTOR_OPTIONS, PROJECTORS, SIDES, Projector, make_projector, projector_options, resolve_side,
@@ -44,21 +44,6 @@ from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
 #: Options a group may carry besides the core keys: what the strategies declare they read
 #: (``update_gap`` is a core key that the ``online`` projector also reads).
 OPTION_KEYS = tuple(sorted({*PROJECTOR_OPTIONS, *INNER_OPTIONS, *RESIDUAL_OPTIONS} - {"update_gap"}))
-
-
-def _number(field: str, value: Any, low: float | None = None, strict: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if strict else value >= low
-    if not ok:
-        bound = "" if low is None else (f" > {low}" if strict else f" >= {low}")
-        raise ValueError(f"{field}={value!r} must be a finite number{bound}")
-
-
-def _choice(field: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{field}={value!r}; allowed: {list(choices)}")
 
 
 class ProjectedOptimizer(Optimizer):
@@ -101,8 +86,7 @@ class ProjectedOptimizer(Optimizer):
         unknown = sorted(set(options) - set(OPTION_KEYS))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; allowed: {list(OPTION_KEYS)}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} must be an int")
+        integer("seed", seed)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector, inner=inner,
@@ -130,19 +114,15 @@ class ProjectedOptimizer(Optimizer):
                 self.state[p]["seed"] = self._seed_base + self._param_count
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _number("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
-        )):
-            raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-        _number("eps", group["eps"], 0.0)
-        _number("weight_decay", group["weight_decay"], 0.0)
-        _choice("projector", group["projector"], PROJECTORS)
-        _choice("inner", group["inner"], INNERS)
-        _choice("residual", group["residual"], RESIDUALS)
+        number("lr", group["lr"], 0.0)
+        beta_pair("betas", group["betas"])
+        number("eps", group["eps"], 0.0)
+        number("weight_decay", group["weight_decay"], 0.0)
+        choice("projector", group["projector"], PROJECTORS)
+        choice("inner", group["inner"], INNERS)
+        choice("residual", group["residual"], RESIDUALS)
         if "power_dtype" in group:
-            _choice("power_dtype", group["power_dtype"], POWER_DTYPES)
+            choice("power_dtype", group["power_dtype"], POWER_DTYPES)
         if group["reproject_moments"] and not get_inner(group["inner"]).supports_transition:
             raise ValueError(
                 f"reproject_moments=True is not supported with inner={group['inner']!r}; "
@@ -150,13 +130,10 @@ class ProjectedOptimizer(Optimizer):
             )
         if "rank" not in group:
             return
-        rank, gap = group["rank"], group["update_gap"]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank={rank!r} must be an int >= 1")
-        if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-            raise ValueError(f"update_gap={gap!r} must be an int > 0")
-        _choice("proj_side", group["proj_side"], SIDES)
-        _number("scale", group["scale"], 0.0, strict=True)
+        rank = integer("rank", group["rank"], 1)
+        integer("update_gap", group["update_gap"], 1)
+        choice("proj_side", group["proj_side"], SIDES)
+        number("scale", group["scale"], 0.0, low_open=True)
         for p in group["params"]:
             if p.dim() != 2:
                 raise ValueError(

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from . import quant
 
 SIDES = ("std", "reverse_std", "left", "right")
@@ -45,8 +46,7 @@ State = dict[str, Any]
 
 def resolve_side(proj_side: str, shape: torch.Size | tuple[int, ...]) -> str:
     """``'left'`` or ``'right'`` for a gradient of ``shape`` under galore-torch's ``proj_type`` rule."""
-    if proj_side not in SIDES:
-        raise ValueError(f"proj_side={proj_side!r}; allowed: {list(SIDES)}")
+    choice("proj_side", proj_side, SIDES)
     m, n = int(shape[0]), int(shape[1])
     if proj_side == "std":
         return "right" if m >= n else "left"
@@ -503,9 +503,7 @@ def make_projector(
     dtype: torch.dtype = torch.float32,
 ) -> Projector:
     """Build the projector ``name`` (one of ``PROJECTORS``) for a gradient of ``shape`` on ``device``/``dtype``."""
-    if name not in _CLASSES:
-        raise ValueError(f"projector={name!r}; allowed: {list(PROJECTORS)}")
-    return _CLASSES[name](rank, side, shape, opts, device, dtype)
+    return _CLASSES[choice("projector", name, PROJECTORS)](rank, side, shape, opts, device, dtype)
 
 
 def projector_options(name: str) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checks import integer, number
 from . import quant
 from .projected import ProjectedOptimizer
 from .projectors import Projector, advance_seed
@@ -55,15 +56,13 @@ class QGaLoreAdamW(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        if not (isinstance(cos_threshold, int | float) and -1.0 <= cos_threshold <= 1.0):
-            raise ValueError(f"cos_threshold={cos_threshold!r} must be in [-1, 1]")
-        if gamma_proj is not None and not (isinstance(gamma_proj, int | float) and gamma_proj >= 1.0):
-            raise ValueError(f"gamma_proj={gamma_proj!r} must be None (freeze) or a number >= 1")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size={queue_size!r} must be an int >= 1")
+        number("cos_threshold", cos_threshold, -1.0, 1.0)
+        number("gamma_proj", gamma_proj, 1.0, optional=True)  # None freezes the projection
+        integer("queue_size", queue_size, 1)
+        even = "an even integer >= 2"
         for name, value in (("quant_group_size", quant_group_size), ("weight_group_size", weight_group_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
-                raise ValueError(f"{name}={value!r} must be an even int >= 2")
+            if integer(name, value, 2, what=even) % 2:
+                raise ValueError(f"{name}={value!r} must be {even}")
         self.cos_threshold, self.gamma_proj, self.queue_size = float(cos_threshold), gamma_proj, queue_size
         self.weight_quant, self.weight_group_size = bool(weight_quant), weight_group_size
         super().__init__(

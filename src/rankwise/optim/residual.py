@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..checks import choice
 from .projectors import Projector
 
 State = dict[str, Any]
@@ -133,6 +134,4 @@ RESIDUAL_OPTIONS = tuple(sorted({o for rule in _RULES.values() for o in rule.opt
 
 def get_residual(name: str) -> Residual:
     """The residual rule ``name`` (one of ``RESIDUALS``)."""
-    if name not in _RULES:
-        raise ValueError(f"residual={name!r}; allowed: {list(RESIDUALS)}")
-    return _RULES[name]
+    return _RULES[choice("residual", name, RESIDUALS)]

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import catalogue
-from ..adapters.base import allowed, layer_generator
-from ..adapters.ops import merge_and_unload
+from .. import catalogue, checks
+from ..adapters import merge_and_unload
+from ..rng import layer_generator
 from ..targets import Targets, find_targets, replace_module
-from .layers import FactorizedLinear, SparseLowRankLinear, check_rank
+from .layers import FactorizedLinear, SparseLowRankLinear
 from .maestro import MaestroLinear
 from .relora import prepare_relora
 from .sltrain import SLTrainConfig, sltrain_layer
@@ -94,7 +94,7 @@ SPARSE_METHODS: Mapping[str, SparseMethod] = catalogue.View(lambda r: r.api == "
 
 
 def _options(method: str, config: dict[str, Any]) -> dict[str, Any]:
-    allowed("method", method, tuple(SPARSE_METHODS))
+    checks.choice("method", method, SPARSE_METHODS)
     spec = SPARSE_METHODS[method]
     unknown = sorted(set(config) - set(spec.options))
     if unknown:
@@ -104,22 +104,15 @@ def _options(method: str, config: dict[str, Any]) -> dict[str, Any]:
     return {**spec.options, **config}
 
 
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an integer")
-
-
 def _builders(method: str, opts: dict[str, Any]) -> Callable[[str, nn.Linear], nn.Module]:
     if method == "sltrain":
         cfg = SLTrainConfig(**opts)
         return lambda name, lin: sltrain_layer(lin, cfg, name)
     if method == "sst":
-        _check_int("seed", opts["seed"])
-        mix = opts["uniform_mix"]
-        if isinstance(mix, bool) or not isinstance(mix, int | float) or not 0.0 <= mix <= 1.0:
-            raise ValueError(f"uniform_mix={mix!r} must be a number in [0, 1]")
+        checks.integer("seed", opts["seed"])
+        mix = checks.fraction("uniform_mix", opts["uniform_mix"], allow_zero=True)
         return lambda name, lin: SpectralLinear.from_linear(
-            lin, opts["rank"], layer_generator(opts["seed"], name), float(mix)
+            lin, opts["rank"], layer_generator(opts["seed"], name), mix
         )
     if method == "trp":
         return lambda name, lin: TRPLinear.from_linear(lin)
@@ -137,7 +130,7 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
         raise ValueError("model is already sparsified; call rw.sparse.densify(model) first")
     if method == "relora":
         for name, lin in find_targets(model, targets):
-            check_rank(opts["rank"], lin.out_features, lin.in_features, where=name)
+            checks.rank("rank", opts["rank"], min(lin.out_features, lin.in_features), where=name)
         prepare_relora(model, opts["rank"], targets, alpha=opts["alpha"], dropout=opts["dropout"],
                        seed=opts["seed"], train_rest=opts["train_rest"])
         names = list(model.rankwise_adapter.layers)
@@ -145,7 +138,7 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
         found = find_targets(model, targets)
         if method in ("sltrain", "sst") or (method == "maestro" and opts["rank"] is not None):
             for name, lin in found:  # validate every layer before touching any
-                check_rank(opts["rank"], lin.out_features, lin.in_features, where=name)
+                checks.rank("rank", opts["rank"], min(lin.out_features, lin.in_features), where=name)
         build = _builders(method, opts)
         with torch.no_grad():
             for name, lin in found:

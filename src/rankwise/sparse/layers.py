@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
+from ..linalg import balanced_svd_factors, svd_precision
+
 KERNELS = ("sparse", "dense")
 
 
@@ -44,44 +47,11 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-# ---------------------------------------------------------------------------- validation helpers
-def check_fraction(name: str, value: Any) -> float:
-    """``value`` as a float in (0, 1], else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
-    return float(value)
-
-
-def check_rank(rank: Any, out_features: int, in_features: int, where: str = "", name: str = "rank") -> int:
-    """``rank`` as an int in [1, min(out, in)], else a ValueError naming ``name`` and the limit."""
-    limit = min(out_features, in_features)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{name}={rank!r} must be a positive integer")
-    if rank > limit:
-        at = f" of '{where}'" if where else ""
-        raise ValueError(
-            f"{name}={rank} is larger than min(out_features, in_features)={limit}{at}; choose {name} <= {limit}"
-        )
-    return rank
-
-
+# ---------------------------------------------------------------------------- validation
 def check_linear(module: Any, name: str = "linear") -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name} must be an nn.Linear, got {type(module).__name__}")
     return module
-
-
-def svd_precision(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, in fp32 unless it already is fp32/fp64 (LAPACK needs one of those)."""
-    t = t.detach()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def balanced_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U_r √Σ_r, √Σ_r V_rᵀ)`` from the exact SVD of ``weight``: the best rank-r product."""
-    u, s, vh = torch.linalg.svd(svd_precision(weight), full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 def _copy_bias(linear: nn.Linear, bias: nn.Parameter | None) -> None:
@@ -105,7 +75,7 @@ class FactorizedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.rank = check_rank(rank, out_features, in_features)
+        self.rank = checks.rank("rank", rank, min(out_features, in_features))
         kw = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
@@ -128,7 +98,7 @@ class FactorizedLinear(nn.Module):
         """Truncated SVD of ``linear.weight`` with the √σ split; ``rank=None`` keeps full rank (exact)."""
         check_linear(linear)
         w = linear.weight
-        rank = min(w.shape) if rank is None else check_rank(rank, *w.shape)
+        rank = min(w.shape) if rank is None else checks.rank("rank", rank, min(w.shape))
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
                     device=w.device, dtype=w.dtype)
         u, v = balanced_svd_factors(w, rank)
@@ -172,7 +142,7 @@ def random_support(
     out_features: int, in_features: int, density: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Sorted flat indices of a support drawn uniformly at random without replacement (SLTrain §3.2)."""
-    check_fraction("density", density)
+    checks.fraction("density", density)
     nnz = support_size(out_features, in_features, density)
     perm = torch.randperm(out_features * in_features, generator=generator)
     return perm[:nnz].sort().values
@@ -278,10 +248,9 @@ class SparseLowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel={kernel!r} is not allowed; choose one of {list(KERNELS)}")
+        checks.choice("kernel", kernel, KERNELS)
         self.in_features, self.out_features = in_features, out_features
-        self.rank = check_rank(rank, out_features, in_features)
+        self.rank = checks.rank("rank", rank, min(out_features, in_features))
         index = torch.as_tensor(index, dtype=torch.long, device=device)
         if index.dim() != 1 or index.numel() == 0:
             raise ValueError("index must be a non-empty 1-D tensor of flat indices")
@@ -329,7 +298,7 @@ class SparseLowRankLinear(nn.Module):
         """L + S split of a dense layer: ``s·BA`` = balanced rank-r SVD part, S = the residual on a
         uniformly random support of ⌊δ·m·n⌋ entries (or on ``index``)."""
         check_linear(linear)
-        density = check_fraction("density", density)
+        density = checks.fraction("density", density)
         w = linear.weight
         if index is None:
             index = random_support(linear.out_features, linear.in_features, density, generator)

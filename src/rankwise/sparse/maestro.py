@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from ..targets import replace_module
-from .layers import FactorizedLinear, check_linear, check_rank
+from .layers import FactorizedLinear, check_linear
 
 
 class MaestroLinear(FactorizedLinear):
@@ -50,7 +51,7 @@ class MaestroLinear(FactorizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int | None = None) -> MaestroLinear:
         check_linear(linear)
-        rank = None if rank is None else check_rank(rank, linear.out_features, linear.in_features)
+        rank = None if rank is None else checks.rank("rank", rank, min(linear.out_features, linear.in_features))
         base = FactorizedLinear.from_linear(linear, rank)
         layer = cls(linear.in_features, linear.out_features, base.rank, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
@@ -129,11 +130,9 @@ class Maestro:
         shrink_every: int = 0,
         seed: int = 0,
     ) -> None:
-        for name, value in (("lasso", lasso), ("shrink_threshold", shrink_threshold)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a number >= 0")
-        if isinstance(shrink_every, bool) or not isinstance(shrink_every, int) or shrink_every < 0:
-            raise ValueError(f"shrink_every={shrink_every!r} must be an integer >= 0 (0 = never)")
+        checks.non_negative("lasso", lasso)
+        checks.non_negative("shrink_threshold", shrink_threshold)
+        checks.integer("shrink_every", shrink_every, 0)  # 0 = never
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MaestroLinear)]
         if not self.layers:
             raise ValueError("model has no MaestroLinear layers; call rw.sparsify(model, 'maestro') first")
@@ -192,7 +191,7 @@ def truncate(model: nn.Module, ranks: int | dict[str, int]) -> dict[str, int]:
     done = {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MaestroLinear)]:
         k = ranks if isinstance(ranks, int) else ranks.get(name, layer.kept)
-        k = min(check_rank(k, layer.out_features, layer.in_features, where=name), layer.kept)
+        k = min(checks.rank("rank", k, min(layer.out_features, layer.in_features), where=name), layer.kept)
         replace_module(model, name, layer.to_factorized(k))
         done[name] = k
     return done

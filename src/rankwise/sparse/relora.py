@@ -33,19 +33,12 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..adapters.base import allowed, kaiming_uniform_, layer_generator
-from ..adapters.lora import LoRALayer
-from ..adapters.registry import adapt, adapter_layers
+from .. import checks
+from ..adapters import LoRALayer, adapt, adapter_layers
+from ..rng import kaiming_uniform_, layer_generator
 from ..targets import Targets
-from .layers import check_fraction
 
 RESETS = ("prune", "random", "zero")
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return value
 
 
 def prepare_relora(
@@ -103,17 +96,17 @@ def relora_schedule(
     min_lr_ratio: float = 0.1,
 ) -> LambdaLR:
     """The jagged cosine schedule as a ``LambdaLR``; ``restart_every`` must equal ReLoRA's ``merge_every``."""
-    _positive_int("total_steps", total_steps)
-    _positive_int("restart_every", restart_every)
-    _positive_int("warmup_steps", warmup_steps, 0)
-    _positive_int("restart_warmup_steps", restart_warmup_steps)
+    checks.integer("total_steps", total_steps, 1)
+    checks.integer("restart_every", restart_every, 1)
+    checks.integer("warmup_steps", warmup_steps, 0)
+    checks.integer("restart_warmup_steps", restart_warmup_steps, 1)
     if warmup_steps > restart_every:
         raise ValueError(f"warmup_steps={warmup_steps} must be <= restart_every={restart_every}")
     if restart_warmup_steps >= restart_every:
         raise ValueError(
             f"restart_warmup_steps={restart_warmup_steps} must be < restart_every={restart_every}"
         )
-    check_fraction("min_lr_ratio", min_lr_ratio)
+    checks.fraction("min_lr_ratio", min_lr_ratio)
     fn = partial(
         relora_lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, restart_every=restart_every,
         restart_warmup_steps=restart_warmup_steps, min_lr_ratio=min_lr_ratio,
@@ -153,9 +146,9 @@ class ReLoRA:
         prune_ratio: float = 0.999,
         seed: int = 0,
     ) -> None:
-        self.merge_every = _positive_int("merge_every", merge_every)
-        allowed("reset", reset, RESETS)
-        self.prune_ratio = check_fraction("prune_ratio", prune_ratio)
+        self.merge_every = checks.integer("merge_every", merge_every, 1)
+        checks.choice("reset", reset, RESETS)
+        self.prune_ratio = checks.fraction("prune_ratio", prune_ratio)
         self.reset, self.seed = reset, seed
         self.model, self.optimizer = model, optimizer
         self.layers: list[tuple[str, LoRALayer]] = [

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters.base import allowed, kaiming_uniform_, layer_generator
-from .layers import KERNELS, SparseLowRankLinear, check_fraction, check_rank, random_support
+from .. import checks
+from ..rng import kaiming_uniform_, layer_generator
+from .layers import KERNELS, SparseLowRankLinear, random_support
 
 
 @dataclass
@@ -30,12 +31,10 @@ class SLTrainConfig:
     kernel: str = "sparse"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank={self.rank!r} must be a positive integer")
-        check_fraction("density", self.density)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r} must be a positive number")
-        allowed("kernel", self.kernel, KERNELS)
+        checks.rank("rank", self.rank)
+        checks.fraction("density", self.density)
+        checks.positive("alpha", self.alpha)
+        checks.choice("kernel", self.kernel, KERNELS)
 
     @property
     def scale(self) -> float:
@@ -45,7 +44,7 @@ class SLTrainConfig:
 @torch.no_grad()
 def sltrain_layer(linear: nn.Linear, config: SLTrainConfig, name: str = "") -> SparseLowRankLinear:
     """A from-scratch SLTrain layer with the shape (and bias) of ``linear``; its weight is discarded."""
-    check_rank(config.rank, linear.out_features, linear.in_features, where=name)
+    checks.rank("rank", config.rank, min(linear.out_features, linear.in_features), where=name)
     g = layer_generator(config.seed, name)
     index = random_support(linear.out_features, linear.in_features, config.density, generator=g)
     w = linear.weight

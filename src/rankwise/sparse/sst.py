@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import check_linear, check_rank, svd_precision
+from .. import checks
+from ..linalg import svd_precision
+from .layers import check_linear
 
 
 def sampling_probabilities(sigma: torch.Tensor, uniform_mix: float = 0.5) -> torch.Tensor:
@@ -90,7 +92,7 @@ class SpectralLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.rank = check_rank(rank, out_features, in_features)
+        self.rank = checks.rank("rank", rank, min(out_features, in_features))
         m = min(in_features, out_features)
         kw = {"device": device, "dtype": dtype}
         self.register_buffer("U", torch.zeros(out_features, m, **kw))
@@ -222,14 +224,9 @@ class SST:
         uniform_mix: float = 0.5,
         seed: int = 0,
     ) -> None:
-        if isinstance(iteration_steps, bool) or not isinstance(iteration_steps, int) or iteration_steps < 1:
-            raise ValueError(f"iteration_steps={iteration_steps!r} must be a positive integer")
-        if iterations_per_round is not None and (
-            isinstance(iterations_per_round, bool) or not isinstance(iterations_per_round, int) or iterations_per_round < 1
-        ):
-            raise ValueError(f"iterations_per_round={iterations_per_round!r} must be a positive integer or None")
-        if isinstance(uniform_mix, bool) or not isinstance(uniform_mix, int | float) or not 0.0 <= uniform_mix <= 1.0:
-            raise ValueError(f"uniform_mix={uniform_mix!r} must be a number in [0, 1]")
+        checks.integer("iteration_steps", iteration_steps, 1)
+        checks.integer("iterations_per_round", iterations_per_round, 1, optional=True)
+        checks.fraction("uniform_mix", uniform_mix, allow_zero=True)
         self.layers = [m for m in model.modules() if isinstance(m, SpectralLinear)]
         if not self.layers:
             raise ValueError("model has no SpectralLinear layers; call rw.sparsify(model, 'sst', rank=...) first")

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.init import energy_rank
+from .. import checks
+from ..linalg import energy_rank, svd_precision
 from ..targets import replace_module
-from .layers import FactorizedLinear, check_fraction, check_linear, svd_precision
+from .layers import FactorizedLinear, check_linear
 
 
 class _AddToGrad(torch.autograd.Function):
@@ -96,11 +97,9 @@ class TRP:
     """TRP controller: truncation + nuclear sub-gradient every ``period`` steps (step 0 included)."""
 
     def __init__(self, model: nn.Module, energy: float = 0.9, period: int = 1, nuclear_weight: float = 0.0) -> None:
-        self.energy = check_fraction("energy", energy)
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period={period!r} must be a positive integer")
-        if isinstance(nuclear_weight, bool) or not isinstance(nuclear_weight, int | float) or nuclear_weight < 0:
-            raise ValueError(f"nuclear_weight={nuclear_weight!r} must be a number >= 0")
+        self.energy = checks.fraction("energy", energy)
+        checks.integer("period", period, 1, what="a positive integer")
+        checks.non_negative("nuclear_weight", nuclear_weight)
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, TRPLinear)]
         if not self.layers:
             raise ValueError("model has no TRPLinear layers; call rw.sparsify(model, 'trp') first")
@@ -131,9 +130,8 @@ def decomposition_rank(weight: torch.Tensor, threshold: float = 1e-2, energy: fl
     reference code uses for TRP-trained nets), or the energy criterion when ``energy`` is given."""
     s = torch.linalg.svdvals(svd_precision(weight))
     if energy is not None:
-        return energy_rank(s, check_fraction("energy", energy))
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold={threshold!r} must be a number in [0, 1)")
+        return energy_rank(s, checks.fraction("energy", energy))
+    checks.fraction("threshold", threshold, allow_zero=True, allow_one=False)
     return max(1, int((s >= threshold * s[0]).sum()))
 
 
