@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rankwise as rw
-from rankwise.adapters.init import INITS, Init
+from rankwise.adapters.init import INITS, Factors, Init
 from rankwise.adapters.lora import LoRAConfig, LoRALayer
 from rankwise import catalogue
 from rankwise.adapters.registry import REGISTRY, MethodSpec, register
@@ -158,11 +158,12 @@ def test_export_per_layer_ranks_use_rank_and_alpha_pattern(tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-4, rtol=0)
 
 
-def _svd_offset_init(weight, r, scale, ctx):
+def _svd_offset_init(weight, ctx):
     """A PiSSA-like base-moving init (top-r SVD, s·B₀A₀ = W's top-r part), local to these tests."""
+    r = ctx.r
     u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = (sv[:r] / scale).sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r]
+    root = (sv[:r] / ctx.scale).sqrt()
+    return Factors(u[:, :r] * root, root[:, None] * vh[:r])
 
 
 @pytest.mark.parametrize("method", WITH_INIT)

@@ -1,6 +1,7 @@
 """Core-matrix adapters: ΔW = s·B·C·A with frozen B (out × r), A (r × in) and a trainable core C.
 
-One layer class (``CoreLayer``); each method is that layer plus an initialization function:
+One layer class (``CoreLayer``); each method is that layer plus its initialization function (the
+``INITS`` of ``init.py``, the one init contract):
 
 * ``lora_xs`` — LoRA-XS (Bałazy et al. 2024, arXiv 2405.17604, Sec. 3): B = U_r, A = S_r V_rᵀ from
   the truncated SVD of W₀; full r×r core R ~ N(0, σ²), σ = 1e-5 as in the official code (so the
@@ -27,18 +28,16 @@ it through ``base_offset_factors``. B, A (and LoLDU's row permutation) are persi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..checks import choice, fraction, non_negative, positive
-from ..linalg import energy_rank, truncated_svd
-from ..rng import layer_generator
+from ..linalg import energy_rank
 from .base import AdapterConfig, AdapterLayer
-from .init import InitContext, ldu
+from .init import INITS, Factors, InitContext
 from .registry import MethodSpec, register
 
 
@@ -124,65 +123,6 @@ class SVFitConfig(CoreConfig):
         return energy_rank(torch.linalg.svdvals(weight), float(self.energy))
 
 
-# ---------------------------------------------------------------------- inits
-@dataclass
-class CoreFactors:
-    """B (out × r), core (r × r, or r for a diagonal core), A (r × in), and an optional row
-    permutation ``row_perm`` applied to B (P·B == B[row_perm])."""
-
-    left: torch.Tensor
-    core: torch.Tensor
-    right: torch.Tensor
-    row_perm: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class CoreInit:
-    fn: Callable[[torch.Tensor, CoreConfig, InitContext], CoreFactors]
-    diagonal: bool  # the trainable core is a vector (diag(C)) instead of an r×r matrix
-    moves_base: bool  # the init took s·B·C₀·A out of the frozen base
-    needs_grad: bool = False
-    permuted: bool = False  # B carries a row permutation (LoLDU's P)
-    identity: bool = True  # the adapted model starts equal to the base
-
-
-def lora_xs_init(weight: torch.Tensor, config: LoRAXSConfig, ctx: InitContext) -> CoreFactors:
-    """LoRA-XS (arXiv 2405.17604, Sec. 3): B = U_r, A = S_r V_rᵀ, R ~ N(0, init_std²)."""
-    u, s, vh = truncated_svd(weight, config.r)
-    noise = torch.randn(config.r, config.r, generator=layer_generator(config.seed, ctx.name))
-    return CoreFactors(u, noise.to(weight.device) * config.init_std, s[:, None] * vh)
-
-
-def lora_sb_init(weight: torch.Tensor, config: LoRASBConfig, ctx: InitContext) -> CoreFactors:
-    """LoRA-SB (arXiv 2411.19557, Sec. 4): ΔW₁ = −η·A(Ḡ) ≈ U S Vᵀ; B = U_r, R = S_r/s, A = V_rᵀ."""
-    if ctx.grad is None:
-        raise ValueError("method 'lora_sb' needs the estimated gradient (pass init_data to rw.adapt)")
-    grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
-    step = torch.sign(grad) if config.update == "adam" else grad
-    u, s, vh = truncated_svd(-config.init_lr * step, config.r)
-    return CoreFactors(u, torch.diag(s) / config.scale, vh)
-
-
-def loldu_init(weight: torch.Tensor, config: LoLDUConfig, ctx: InitContext) -> CoreFactors:
-    """LoLDU (arXiv 2410.13618, Sec. 3): W₀ = P L D U; B = P·L_r, z = D_r (trainable), A = U_r."""
-    perm, lower, d, upper = ldu(weight, config.r)
-    return CoreFactors(lower, d, upper, row_perm=perm)
-
-
-def svfit_init(weight: torch.Tensor, config: SVFitConfig, ctx: InitContext) -> CoreFactors:
-    """SVFit (arXiv 2409.05926, Sec. III): W_r = U_r diag(σ_r) V_rᵀ with σ_r trainable."""
-    u, s, vh = truncated_svd(weight, config.rank(weight))
-    return CoreFactors(u, s, vh)
-
-
-CORE_INITS: dict[str, CoreInit] = {
-    "lora_xs": CoreInit(lora_xs_init, diagonal=False, moves_base=False),
-    "lora_sb": CoreInit(lora_sb_init, diagonal=False, moves_base=False, needs_grad=True, identity=False),
-    "loldu": CoreInit(loldu_init, diagonal=True, moves_base=True, permuted=True),
-    "svfit": CoreInit(svfit_init, diagonal=True, moves_base=True),
-}
-
-
 # ---------------------------------------------------------------------- the layer
 class CoreLayer(AdapterLayer):
     """``y = W x + s·(P·B)·C·(A x)``; frozen buffers ``frozen_B``, ``frozen_A`` (and ``row_perm``),
@@ -192,27 +132,27 @@ class CoreLayer(AdapterLayer):
 
     @classmethod
     def needs_grad(cls, config: CoreConfig) -> bool:
-        return CORE_INITS[config.init_name].needs_grad
+        return INITS[config.init_name].needs_grad
 
     def __init__(self, base_layer: nn.Linear, config: CoreConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        spec = CORE_INITS[config.init_name]
+        spec = INITS[config.init_name]
         self.method = config.init_name
         self.identity_at_init = spec.identity
-        self.diagonal, self.moves_base = spec.diagonal, spec.moves_base
+        self.diagonal, self.moves_base = spec.core == "diagonal", spec.moves_base
         self.scale = config.scale
         dtype, device = base_layer.weight.dtype, base_layer.weight.device
         weight = base_layer.weight.detach().float()
+        r = config.rank(weight)
         if ctx.skip:  # shapes only; the tensors come from a checkpoint
-            r = config.rank(weight)
-            f = CoreFactors(
+            f = Factors(
                 torch.zeros(self.out_features, r),
-                torch.zeros(r) if spec.diagonal else torch.zeros(r, r),
                 torch.zeros(r, self.in_features),
+                torch.zeros(r) if self.diagonal else torch.zeros(r, r),
                 torch.arange(self.out_features) if spec.permuted else None,
             )
         else:
-            f = spec.fn(weight, config, ctx)
+            f = spec.fn(weight, replace(ctx, config=config, r=r, scale=self.scale))
         self.r = f.core.shape[0]
         self.register_buffer("frozen_B", f.left.to(device=device, dtype=dtype).contiguous())
         self.register_buffer("frozen_A", f.right.to(device=device, dtype=dtype).contiguous())

@@ -1,14 +1,18 @@
-"""Initializations of LoRA-shaped factors: pure functions of the weight (and, for data-driven
-inits, of an estimated full gradient).
+"""Initializations of adapter factors: pure functions of the weight (and, for data-driven inits, of
+an estimated full gradient), one contract for every adapter that has factors.
 
-Each init is ``fn(weight, r, scale, ctx) -> (B, A)`` with ``weight`` the fp32 W₀ (out × in).
-``moves_base=True`` means the init takes s·B·A out of the frozen base (W_base = W₀ − s·B·A) so that
-the adapted model starts equal to the base model. ``ctx.config`` is the layer's config (None when
-an init is called by hand): inits read their own options from it (``init_iters``, ``stable_gamma``).
+Each init is ``fn(weight, ctx) -> Factors`` with ``weight`` the fp32 W₀ (out × in) and ``ctx`` the
+layer's :class:`InitContext` (its name, config, rank ``r``, scale ``s``, estimated gradient). The
+factors give ΔW₀ = s·(P·B)·C·A: ``B`` (out × r), ``A`` (r × in), an optional core ``C`` (r×r, or r
+for a diagonal core) and an optional row permutation P. ``Init`` states what the layer needs to know
+without running the init: the core's shape, whether the init takes s·(P·B)·C·A out of the frozen
+base (``moves_base``: W_base = W₀ − ΔW₀, so the adapted model starts equal to W₀), whether it needs
+an estimated gradient, and whether the adapted model starts equal to the base.
 
-Registered here: ``pissa`` (Meng et al. 2024), ``olora`` (Büyükakyüz 2024), ``lora_ga`` (Wang et
-al. 2024). Their truncated SVDs come from :mod:`rankwise.linalg`; the LDU decomposition, which the
-core-matrix methods in ``core.py`` use, is a plain function here too.
+LoRA-shaped inits (no core; ``init=`` of the LoRA layer): ``pissa`` (Meng et al. 2024), ``olora``
+(Büyükakyüz 2024), ``lora_ga`` (Wang et al. 2024). Core-matrix inits (the ``CoreLayer`` methods of
+``core.py``): ``lora_xs`` (Bałazy et al. 2024), ``lora_sb`` (Ponkshe et al. 2024), ``loldu`` (Shi et
+al. 2024), ``svfit`` (Sun et al. 2024). Truncated SVDs come from :mod:`rankwise.linalg`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from ..rng import layer_generator
 @dataclass
 class InitContext:
     """What an init may need beyond the weight: the layer name, an estimated gradient, a generator,
-    and the layer's config (set by ``adapt``; None when an init is called directly)."""
+    the layer's config (set by ``adapt``; None when an init is called directly), and the rank and
+    scale the layer chose (set by the layer before it calls the init)."""
 
     name: str = ""
     grad: torch.Tensor | None = None
@@ -35,13 +40,35 @@ class InitContext:
     generator: torch.Generator | None = None
     extra: dict = field(default_factory=dict)
     config: Any = None
+    r: int = 0
+    scale: float = 1.0
+
+
+@dataclass
+class Factors:
+    """ΔW₀ = s·(P·B)·C·A: ``left`` B (out × r), ``right`` A (r × in), ``core`` C (r×r, r for a
+    diagonal core, None for none) and ``row_perm`` (P·B == B[row_perm], None for no permutation)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    core: torch.Tensor | None = None
+    row_perm: torch.Tensor | None = None
+
+
+CORES = ("none", "full", "diagonal")
 
 
 @dataclass(frozen=True)
 class Init:
-    fn: Callable[[torch.Tensor, int, float, InitContext], tuple[torch.Tensor, torch.Tensor]] | None
-    moves_base: bool
-    needs_grad: bool = False
+    """One initialization: ``fn(weight, ctx) -> Factors`` (None: the layer's own default init) and
+    what the layer must know before running it."""
+
+    fn: Callable[[torch.Tensor, InitContext], Factors] | None
+    moves_base: bool = False  # the init took s·(P·B)·C·A out of the frozen base
+    needs_grad: bool = False  # needs the estimated full gradient (init_data)
+    core: str = "none"  # shape of the trainable core: "none" (ΔW = s·B·A), "full" (r×r) or "diagonal" (r)
+    permuted: bool = False  # B carries a row permutation (LoLDU's P)
+    identity: bool = True  # the adapted model starts equal to the base
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -68,25 +95,25 @@ def ldu(w: torch.Tensor, r: int | None = None) -> tuple[torch.Tensor, torch.Tens
 
 
 # ---------------------------------------------------------------------- LoRA-shaped inits
-def pissa_init(weight: torch.Tensor, r: int, scale: float, ctx: InitContext) -> tuple[torch.Tensor, torch.Tensor]:
+def pissa_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     """PiSSA (Meng et al. 2024, arXiv 2404.02948, Sec. 3): W₀ = U S Vᵀ; B = U_r (S_r/s)^{1/2},
     A = (S_r/s)^{1/2} V_rᵀ so s·B·A = U_r S_r V_rᵀ (the principal part); W_res = W₀ − s·B·A.
     Same factors as PEFT's ``pissa_init``; ``init_iters=k`` uses a randomized SVD (Sec. 4.4)."""
     iters = int(getattr(ctx.config, "init_iters", 0))
-    u, s, vh = truncated_svd(weight, r, iters, context_generator(ctx) if iters else None)
-    root = torch.sqrt(s / scale)
-    return u * root, root[:, None] * vh
+    u, s, vh = truncated_svd(weight, ctx.r, iters, context_generator(ctx) if iters else None)
+    root = torch.sqrt(s / ctx.scale)
+    return Factors(u * root, root[:, None] * vh)
 
 
-def olora_init(weight: torch.Tensor, r: int, scale: float, ctx: InitContext) -> tuple[torch.Tensor, torch.Tensor]:
+def olora_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     """OLoRA (Büyükakyüz 2024, arXiv 2406.01775, Sec. 3): W₀ = QR (reduced QR of the out × in
     weight); B = Q[:, :r] (orthonormal columns, BᵀB = I_r), A = R[:r, :]; W_base = W₀ − s·B·A.
     As PEFT's ``olora_init``: no division by the scale."""
     q, rr = torch.linalg.qr(weight)
-    return q[:, :r], rr[:r, :]
+    return Factors(q[:, : ctx.r], rr[: ctx.r, :])
 
 
-def lora_ga_init(weight: torch.Tensor, r: int, scale: float, ctx: InitContext) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_ga_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     """LoRA-GA (Wang et al. 2024, arXiv 2407.05000, Sec. 3.2 Thm 3.1 and Sec. 3.3 Thm 3.2): from
     the SVD G = U S Vᵀ of the estimated full gradient, A₀ = ζ·V[:, :r]ᵀ, B₀ = ζ·U[:, r:2r] with the
     stable scale ζ = d_out^{1/4}/√γ; W_base = W₀ − s·B₀A₀. Then the first LoRA step
@@ -95,6 +122,7 @@ def lora_ga_init(weight: torch.Tensor, r: int, scale: float, ctx: InitContext) -
     (it folds S into B and scales only B), so there is no PEFT parity for this init."""
     if ctx.grad is None:
         raise ValueError("init='lora_ga' needs the estimated gradient (pass init_data to rw.adapt)")
+    r = ctx.r
     out_features, in_features = weight.shape
     if 2 * r > min(out_features, in_features):
         raise ValueError(
@@ -106,16 +134,52 @@ def lora_ga_init(weight: torch.Tensor, r: int, scale: float, ctx: InitContext) -
     grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
     u, _, vh = truncated_svd(grad, 2 * r, iters, context_generator(ctx) if iters else None)
     zeta = out_features**0.25 / math.sqrt(gamma)
-    return zeta * u[:, r : 2 * r], zeta * vh[:r]
+    return Factors(zeta * u[:, r : 2 * r], zeta * vh[:r])
 
 
-def _default(weight: torch.Tensor, r: int, scale: float, ctx: InitContext):
-    raise AssertionError("the default init is done by the layer itself")
+# ---------------------------------------------------------------------- core-matrix inits
+def lora_xs_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LoRA-XS (arXiv 2405.17604, Sec. 3): B = U_r, A = S_r V_rᵀ, R ~ N(0, init_std²)."""
+    u, s, vh = truncated_svd(weight, ctx.r)
+    noise = torch.randn(ctx.r, ctx.r, generator=context_generator(ctx))
+    return Factors(u, s[:, None] * vh, core=noise.to(weight.device) * ctx.config.init_std)
 
 
+def lora_sb_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LoRA-SB (arXiv 2411.19557, Sec. 4): ΔW₁ = −η·A(Ḡ) ≈ U S Vᵀ; B = U_r, R = S_r/s, A = V_rᵀ."""
+    if ctx.grad is None:
+        raise ValueError("method 'lora_sb' needs the estimated gradient (pass init_data to rw.adapt)")
+    grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
+    step = torch.sign(grad) if ctx.config.update == "adam" else grad
+    u, s, vh = truncated_svd(-ctx.config.init_lr * step, ctx.r)
+    return Factors(u, vh, core=torch.diag(s) / ctx.scale)
+
+
+def loldu_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LoLDU (arXiv 2410.13618, Sec. 3): W₀ = P L D U; B = P·L_r, z = D_r (trainable), A = U_r."""
+    perm, lower, d, upper = ldu(weight, ctx.r)
+    return Factors(lower, upper, core=d, row_perm=perm)
+
+
+def svfit_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """SVFit (arXiv 2409.05926, Sec. III): W_r = U_r diag(σ_r) V_rᵀ with σ_r trainable."""
+    u, s, vh = truncated_svd(weight, ctx.r)
+    return Factors(u, vh, core=s)
+
+
+#: Every initialization by name ("default": the layer's own, e.g. LoRA's A ~ U(±1/√k), B = 0).
 INITS: dict[str, Init] = {
-    "default": Init(_default, moves_base=False),
+    "default": Init(None),
     "pissa": Init(pissa_init, moves_base=True),
     "olora": Init(olora_init, moves_base=True),
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
+    "lora_xs": Init(lora_xs_init, core="full"),
+    "lora_sb": Init(lora_sb_init, needs_grad=True, core="full", identity=False),
+    "loldu": Init(loldu_init, moves_base=True, core="diagonal", permuted=True),
+    "svfit": Init(svfit_init, moves_base=True, core="diagonal"),
 }
+
+
+def lora_inits() -> list[str]:
+    """The inits of LoRA-shaped factors (no core): the values ``LoRAConfig.init`` accepts."""
+    return [name for name, init in INITS.items() if init.core == "none"]

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from ..checks import choice, integer, positive
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterConfig, AdapterLayer
-from .init import INITS, InitContext
+from .init import INITS, InitContext, lora_inits
 from .registry import MethodSpec, register
 
 
@@ -32,7 +32,7 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        choice("init", self.init, INITS)
+        choice("init", self.init, lora_inits())
         positive("alpha", self.alpha, optional=True)
         integer("init_iters", self.init_iters, 0)
 
@@ -73,7 +73,8 @@ class LoRALayer(AdapterLayer):
             kaiming_uniform_(self.lora_A, generator=layer_generator(cfg.seed, ctx.name))
             return
         w = self.base_layer.weight.detach().float()
-        b, a = INITS[cfg.init].fn(w, cfg.r, self.scale, ctx)
+        f = INITS[cfg.init].fn(w, replace(ctx, config=cfg, r=cfg.r, scale=self.scale))
+        b, a = f.left, f.right
         self.lora_B.copy_(b)
         self.lora_A.copy_(a)
         if self.moves_base:
