@@ -2,15 +2,15 @@
 
 The names below are the package's public API; the other packages (sparse, compress) use only them."""
 
-from . import (
-    bone,  # noqa: F401
-    core,  # noqa: F401  (lora_xs, lora_sb, loldu, svfit)
-    dora,  # noqa: F401
-    lora,  # noqa: F401  (registers lora, rslora and the LoRA-shaped inits)
-    lora_inits,  # noqa: F401  (pissa, olora, lora_ga, loraplus)
-    randlora,  # noqa: F401
-    vera,  # noqa: F401
-)
+# isort: off  (the import order is the catalogue's order: LoRA first, then its inits, then the others)
+from . import lora  # noqa: F401  (registers lora, rslora and the LoRA-shaped inits)
+from . import lora_inits  # noqa: F401  (pissa, olora, lora_ga, loraplus)
+from . import core  # noqa: F401  (lora_xs, lora_sb, loldu, svfit)
+from . import dora  # noqa: F401
+from . import vera  # noqa: F401
+from . import randlora  # noqa: F401
+from . import bone  # noqa: F401
+# isort: on
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
 from .lora import LoRALayer
