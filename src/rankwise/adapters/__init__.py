@@ -2,7 +2,8 @@
 
 The names below are the package's public API; the other packages (sparse, compress) use only them."""
 
-# isort: off  (the import order is the catalogue's order: LoRA first, then its inits, then the others)
+# The import order is the catalogue's order: LoRA first, then its inits, then the others.
+# isort: off
 from . import lora  # noqa: F401  (registers lora, rslora and the LoRA-shaped inits)
 from . import lora_inits  # noqa: F401  (pissa, olora, lora_ga, loraplus)
 from . import core  # noqa: F401  (lora_xs, lora_sb, loldu, svfit)
