@@ -293,11 +293,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_names(cfg)
     from torch.utils.data import DataLoader
 
-    from .demo import _quiet_transformers
+    from .models import quiet_transformers
     from .io import save_adapter, save_tensors, write_json
     from .train import TrainConfig, prepare_model, train
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tcfg = TrainConfig(
             lr=float(cfg["lr"]), epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
