@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import rankwise as rw
 from rankwise.cli import build_parser, main

@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import compress, demo, methods, train
+from . import compress, demo, export, merge, methods, train
 from .common import Formatter, Parser, run_command
 
 #: The subcommand modules, in the order ``rankwise --help`` lists them.
-COMMANDS = (methods, train, demo, compress)
+COMMANDS = (methods, train, demo, compress, export, merge)
 EPILOG = """\
 examples:
   rankwise methods                                  # every registered adapter method
@@ -23,6 +23,8 @@ examples:
   rankwise train run.yaml --lr 2e-3                 # a YAML run, one value overridden
   rankwise demo                                     # head-only vs full FT vs adapters (~5 min CPU)
   rankwise compress --method welore --ratio 0.5     # compress SmolLM2, perplexity report
+  rankwise export runs/lora --output peft/lora      # a trained adapter as a PEFT LoRA directory
+  rankwise merge runs/lora --output merged/lora     # the adapter folded into a HF model directory
 'rankwise COMMAND --help' explains each command."""
 
 

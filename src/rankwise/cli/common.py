@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
@@ -155,3 +156,29 @@ def key_aliases() -> dict[str, str]:
     """Old flag spellings as config keys (``r`` -> ``rank``, ``steps`` -> ``max_steps``, ...)."""
     return {alias.lstrip("-").replace("-", "_"): flag.dest for flag in FLAGS.values() for alias in flag.aliases}
 
+
+# ----------------------------------------------------------------------------- output
+def check_output_dir(output: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Fail before any work when ``output`` cannot take a new directory: it is a file, a non-empty
+    directory (unless ``overwrite``), ``source`` or a directory holding it, or its parent is not writable."""
+    import tempfile
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {str(out)!r} exists and is not a directory")
+    if source is not None:
+        src = Path(source).resolve()
+        if out.resolve() == src or out.resolve() in src.parents:
+            raise UsageError(f"--output {str(out)!r} holds the input {str(source)!r}; choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rankwise-check.", dir=parent))
+    except OSError as e:
+        raise UsageError(f"--output {str(out)!r} is not writable: {e.strerror} ({str(parent)!r})") from None
+    return out

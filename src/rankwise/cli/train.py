@@ -14,7 +14,8 @@ from .train_config import check_config, resolve_train_config
 
 DESCRIPTION = """\
 Fine-tune a model on a packaged dataset and write metrics.json plus the trained
-adapter (rankwise format, rw.load_adapter) into --output.
+adapter (rankwise format: rw.load_adapter, 'rankwise export', 'rankwise merge') into
+--output.
 
 Settings come from defaults < a YAML file (first argument) < flags. YAML keys are the
 flag names (dashes or underscores, old spellings such as r too); method options go under
