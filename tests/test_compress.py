@@ -539,7 +539,7 @@ def _smollm2_available() -> bool:
 def test_cli_on_tiny_model(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rankwise.compress import cli
+    from rankwise.cli import compress as cli
     from rankwise.models import smollm2_cache_path
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_cache_path()), local_files_only=True)

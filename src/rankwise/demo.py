@@ -165,13 +165,6 @@ def _cpu_time() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def run_demo(
     settings: DemoSettings | None = None,
     methods: Sequence[str] | None = None,
@@ -185,7 +178,7 @@ def run_demo(
     ``lrs`` overrides the learning rate of entries by label (e.g. ``{"lora": 3e-3}``).
     """
     from .data import classification_loader, load_classification
-    from .models import load_model
+    from .models import load_model, quiet_transformers
 
     settings = settings or DemoSettings()
     settings.validate()
@@ -195,7 +188,7 @@ def run_demo(
     if unknown:
         raise ValueError(f"lrs names {unknown}, which are not among the selected methods {[e.label for e in entries]}")
     entries = [replace(e, lr=float(lrs[e.label])) if e.label in lrs else e for e in entries]
-    _quiet_transformers()
+    quiet_transformers()
     t0 = time.perf_counter()
     train_ds = load_classification(settings.data, "train", seed=settings.seed, limit=settings.train_limit)
     test_ds = load_classification(settings.data, "test", seed=settings.seed, limit=settings.test_limit)

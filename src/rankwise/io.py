@@ -88,6 +88,12 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _base_model_name(model: nn.Module) -> str | None:
+    """The name or directory the base model was loaded from (a directory as an absolute path)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return os.path.abspath(name) if name and os.path.isdir(name) else name
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``rankwise_adapter.json`` + ``rankwise_adapter.safetensors`` to ``path`` atomically."""
     state = getattr(model, "rankwise_adapter", None)
@@ -100,7 +106,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "layers": state.layers,
         "trainable_modules": state.trainable_modules,
         "overrides": state.overrides,
-        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "base_model": _base_model_name(model),
     }
     with atomic_directory(path) as tmp:
         write_json(tmp / ADAPTER_CONFIG, config)

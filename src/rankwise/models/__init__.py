@@ -12,6 +12,7 @@ from .loaders import (
     ensure_smollm2_cache,
     llama_config,
     load_model,
+    quiet_transformers,
     resolve_model_name,
     smollm2_cache_path,
     tiny_bert,
@@ -21,5 +22,5 @@ from .loaders import (
 __all__ = [
     "ALIASES", "LLAMA_SIZES", "MODELS", "TASKS", "MissingAssetError", "ModelInfo", "cache_dir",
     "count_parameters", "ensure_smollm2_cache", "llama_config", "load_model",
-    "resolve_model_name", "smollm2_cache_path", "tiny_bert", "tiny_llama",
+    "quiet_transformers", "resolve_model_name", "smollm2_cache_path", "tiny_bert", "tiny_llama",
 ]

@@ -223,6 +223,14 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
     return model, tokenizer
 
 
+def quiet_transformers() -> None:
+    """Show only errors from ``transformers`` (no load reports, warnings or download progress bars)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 # --------------------------------------------------------------------------- tiny / scratch models
 
 def _from_config(config: Any, task: str, seed: int | None) -> PreTrainedModel:
@@ -296,6 +304,6 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 __all__ = [
     "ALIASES", "LLAMA_SIZES", "MODELS", "TASKS", "MissingAssetError", "ModelInfo", "cache_dir",
-    "count_parameters", "ensure_smollm2_cache", "llama_config", "load_model",
+    "count_parameters", "ensure_smollm2_cache", "llama_config", "load_model", "quiet_transformers",
     "resolve_model_name", "smollm2_cache_path", "tiny_bert", "tiny_llama",
 ]

@@ -1,0 +1,219 @@
+"""``rankwise train``: fine-tune a packaged (or local) model with an adapter, full fine-tuning or the head
+only, and write ``metrics.json`` plus what was trained into ``--output``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import Formatter, UsageError, add_flag, text_loader
+from .train_config import check_config, resolve_train_config
+
+DESCRIPTION = """\
+Fine-tune a model on a packaged dataset and write metrics.json plus the trained
+adapter (rankwise format: rw.load_adapter, 'rankwise export', 'rankwise merge') into
+--output.
+
+Settings come from defaults < a YAML file (first argument) < flags. YAML keys are the
+flag names (dashes or underscores, old spellings such as r too); method options go under
+'options:' or, for alpha, init and dropout, at the top level.
+
+--method: any adapter in 'rankwise methods', 'none' (full fine-tuning) or 'head'
+(train only the classification head). --rank is the adapter's rank r for adapter methods
+and the projected optimizer's subspace rank for --method none / head (with an adapter
+method, set the optimizer's rank with --optimizer-option rank=R). Other method options:
+--alpha, --init, --dropout, or --option KEY=VALUE for any field of the method's config."""
+EPILOG = """\
+examples:
+  rankwise train                                    # minilm-l6 + bbc + lora, 1 epoch
+  rankwise train --method dora --rank 16 --lr 2e-3 --max-steps 200
+  rankwise train --method lora --init pissa --targets query,value
+  rankwise train --method none --lr 5e-5            # full fine-tuning
+  rankwise train --method none --optimizer galore --rank 128 --update-gap 200
+  rankwise train --method head --lr 5e-3            # head only
+  rankwise train --model smollm2 --data stdlib-code --method lora --max-length 256
+  rankwise train run.yaml --seed 1 --checkpoint-every 50 --output runs/a
+  rankwise train run.yaml --output runs/a --resume  # continue from the newest checkpoint
+
+run.yaml:
+  model: minilm-l6
+  data: bbc
+  method: lora
+  rank: 8
+  alpha: 16
+  lr: 2.0e-3
+  max_steps: 300
+  options: {init: pissa}"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train`` to the ``rankwise`` subcommands."""
+    p = subparsers.add_parser(
+        "train", help="fine-tune a packaged model with an adapter, full FT or head-only", formatter_class=Formatter,
+        argument_default=argparse.SUPPRESS, description=DESCRIPTION, epilog=EPILOG,
+    )
+    p.add_argument("config", nargs="?", help="YAML run file (flags override its values)")
+    g = p.add_argument_group("what to train")
+    add_flag(g, "model", "minilm-l6 (alias minilm), smollm2-135m (alias smollm2), scratch-20m, scratch-60m or a "
+                         "local HF model dir [default: minilm-l6]")
+    g.add_argument("--data", help="bbc, drug-reviews (classification); stdlib-code, bbc+stdlib-code (LM text) "
+                                  "[default: bbc]")
+    g.add_argument("--task", help="auto (seq-cls for labelled data when the model supports it), seq-cls, "
+                                  "causal-lm [default: auto]")
+    add_flag(g, "method", "adapter name, 'none' = full fine-tuning, 'head' = head only [default: lora]")
+    g.add_argument("--targets", help="all-linear, comma-separated module-name suffixes (query,value) or "
+                                     "re:<full-match regex> [default: all-linear]")
+    add_flag(g, "rank", "adapter methods: the adapter rank r [default: the method's]; --method none/head: the "
+                        "projected optimizer's subspace rank [default: 128]")
+    g.add_argument("--alpha", type=float, help="adapter scaling alpha (LoRA-family)")
+    g.add_argument("--init", help="adapter initialization (LoRA: default, pissa, olora, lora_ga, ...)")
+    g.add_argument("--dropout", type=float, help="dropout on the adapter input")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any other method option, repeatable (e.g. --option init_iters=2)")
+    g = p.add_argument_group("optimization")
+    add_flag(g, "lr", "learning rate [default: 1e-3 adapters, 5e-5 none, 5e-3 head]")
+    g.add_argument("--epochs", type=int, help="passes over the training data [default: 1]")
+    add_flag(g, "max_steps", "optimizer steps (overrides --epochs)")
+    add_flag(g, "batch_size", "examples (or LM blocks) per step [default: 8]")
+    add_flag(g, "max_length", "tokens per example / LM block [default: 128]")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices [default: 0]")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps [default: 0]")
+    g.add_argument("--schedule", help="constant, linear or cosine [default: linear]")
+    g.add_argument("--max-grad-norm", type=_float_or_none, help="gradient clipping norm, 'none' = off [default: 1.0]")
+    g.add_argument("--optimizer", help="adamw, or a memory-efficient optimizer from rankwise.optim: galore, "
+                   "galore_adafactor, galore_8bit, q_galore, fira, frugal, apollo, apollo_mini, gradnormlorp, "
+                   "flora_opt, osd, dct_proj, badam, lisa, owlore [default: adamw]")
+    g.add_argument("--update-gap", type=int, help="projected optimizers: steps between subspace refreshes")
+    g.add_argument("--scale", type=float, help="projected optimizers: scale of the projected update")
+    g.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
+                   help="any other optimizer argument, repeatable (e.g. --optimizer-option switch_every=50)")
+    add_flag(g, "seed", "seed for data order, init and dropout [default: 0]")
+    add_flag(g, "device", "auto (cuda if available), cpu, cuda, cuda:N [default: auto]")
+    g = p.add_argument_group("data, evaluation and output")
+    g.add_argument("--train-limit", type=int, help="use only the first N training examples/documents")
+    g.add_argument("--test-limit", type=int, help="evaluate on the first N test examples/documents")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps (0 = only at the end) [default: 0]")
+    g.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps under OUTPUT/checkpoints")
+    add_flag(g, "output", "output directory [default: runs/<method>]")
+    g.add_argument("--resume", nargs="?", const=True,
+                   help="continue from the newest checkpoint under --output (or under the given directory)")
+    add_flag(g, "progress", "no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _float_or_none(text: str) -> float | None:
+    if text.lower() in ("none", "null", "off", "0"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _resolve_task(cfg: dict[str, Any]) -> str:
+    from ..data.datasets import DATASETS
+    from ..models import MODELS, resolve_model_name
+
+    if cfg["task"] != "auto":
+        return cfg["task"]
+    info = DATASETS.get(cfg["data"])
+    classification = info is not None and info.kind == "classification"
+    if classification and not os.path.isdir(str(cfg["model"])):
+        return "seq-cls" if "seq-cls" in MODELS[resolve_model_name(cfg["model"])].tasks else "causal-lm"
+    return "seq-cls" if classification else "causal-lm"
+
+
+def _build(cfg: dict[str, Any], task: str):
+    """(model, tokenizer, train loader, eval loader) for the run."""
+    from .. import data
+    from ..models import load_model
+
+    seed = cfg["seed"]
+    if task == "seq-cls":
+        if data.DATASETS.get(cfg["data"]) is None or data.DATASETS[cfg["data"]].kind != "classification":
+            raise UsageError(f"dataset {cfg['data']!r} has no labels; use --task causal-lm")
+        train_ds = data.load_classification(cfg["data"], "train", seed=seed, limit=cfg["train_limit"])
+        test_ds = data.load_classification(cfg["data"], "test", seed=seed, limit=cfg["test_limit"])
+        import torch
+
+        torch.manual_seed(seed)  # the new classification head
+        model, tok = load_model(cfg["model"], task="seq-cls", num_labels=train_ds.num_labels)
+        train_loader = data.classification_loader(train_ds, tok, cfg["batch_size"], cfg["max_length"], True, seed)
+        eval_loader = data.classification_loader(test_ds, tok, max(32, cfg["batch_size"]), cfg["max_length"], False)
+    else:
+        model, tok = load_model(cfg["model"], task="causal-lm")
+        common = {"tokenizer": tok, "max_length": cfg["max_length"], "batch_size": cfg["batch_size"], "seed": seed}
+        train_loader = text_loader(cfg["data"], "train", limit=cfg["train_limit"], shuffle=True, **common)
+        eval_loader = text_loader(cfg["data"], "test", limit=cfg["test_limit"], shuffle=False, **common)
+    return model, tok, train_loader, eval_loader
+
+
+def _train_config(cfg: dict[str, Any]):
+    from ..train import TrainConfig
+
+    try:
+        return TrainConfig(
+            lr=float(cfg["lr"]), epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
+            max_length=cfg["max_length"], weight_decay=float(cfg["weight_decay"]), warmup_steps=cfg["warmup_steps"],
+            schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
+            optimizer_kwargs=dict(cfg["optimizer_options"]),
+            eval_every=cfg["eval_every"], checkpoint_every=cfg["checkpoint_every"], output_dir=cfg["output"],
+            seed=cfg["seed"], device=cfg["device"], progress=bool(cfg["progress"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _save(model: Any, tok: Any, method: str, out: Path) -> Path:
+    """Write what was trained: the whole model (none), the head's tensors (head) or the adapter."""
+    from ..io import save_adapter, save_tensors
+    from ..train import FULL_FINETUNE, HEAD_ONLY
+
+    if method == FULL_FINETUNE:
+        model.save_pretrained(str(out / "model"))
+        tok.save_pretrained(str(out / "model"))
+        return out / "model"
+    if method == HEAD_ONLY:
+        save_tensors({n: p for n, p in model.named_parameters() if p.requires_grad}, out / "head.safetensors")
+        return out / "head.safetensors"
+    return save_adapter(model, out / "adapter")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``train`` subcommand; returns the exit status."""
+    cfg = resolve_train_config(args)
+    check_config(cfg)
+    from torch.utils.data import DataLoader
+
+    from ..io import write_json
+    from ..models import quiet_transformers
+    from ..train import prepare_model, train
+
+    quiet_transformers()
+    tcfg = _train_config(cfg)
+    task = _resolve_task(cfg)
+    model, tok, train_loader, eval_loader = _build(cfg, task)
+    init_loader = DataLoader(train_loader.dataset, batch_size=cfg["batch_size"], collate_fn=train_loader.collate_fn)
+    prepare_model(model, cfg["method"], targets=cfg["targets"], init_data=init_loader, **cfg["options"])
+    resume = cfg["output"] if cfg["resume"] is True else cfg["resume"]
+    print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "
+          f"{len(train_loader.dataset)} train, {len(eval_loader.dataset)} eval items -> {cfg['output']}",
+          file=sys.stderr)
+    result = train(model, train_loader, eval_loader, tcfg, resume_from=resume)
+
+    out = Path(cfg["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    saved = _save(model, tok, cfg["method"], out)
+    record = {"run": {**cfg, "task": task}, "metrics": result.metrics, "result": result.to_dict(),
+              "saved": str(saved)}
+    write_json(out / "metrics.json", record)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    print(f"{cfg['method']}: {shown}; trainable {result.trainable_params:,} / {result.total_params:,}; "
+          f"optimizer state {result.optimizer_state_bytes:,} B; {result.wall_time_s:.1f} s")
+    print(f"wrote {out / 'metrics.json'} and {saved}")
+    return 0
+

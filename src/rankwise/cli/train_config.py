@@ -1,0 +1,210 @@
+"""The settings of a ``rankwise train`` run: defaults < a YAML file < command-line flags, checked
+before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..train import FULL_FINETUNE, HEAD_ONLY
+from .common import UsageError, coerce_number, key_aliases, key_values, parse_targets
+
+#: Every key a run config (YAML file or flags) may set, with its default.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "model": "minilm-l6",
+    "data": "bbc",
+    "task": "auto",
+    "method": "lora",
+    "targets": "all-linear",
+    "options": {},
+    "lr": None,  # None: 5e-5 for full fine-tuning, 5e-3 for head-only, 1e-3 for adapters
+    "epochs": 1,
+    "max_steps": None,
+    "batch_size": 8,
+    "max_length": 128,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "schedule": "linear",
+    "max_grad_norm": 1.0,
+    "optimizer": "adamw",
+    "rank": None,  # adapter methods: the adapter's r; none/head: the projected optimizer's subspace rank
+    "update_gap": None,  # projected optimizers: steps between subspace refreshes
+    "scale": None,  # projected optimizers: update scale
+    "optimizer_options": {},
+    "eval_every": 0,
+    "checkpoint_every": 0,
+    "seed": 0,
+    "device": "auto",
+    "train_limit": None,
+    "test_limit": None,
+    "output": None,  # None: runs/<method>
+    "resume": None,
+    "progress": True,
+}
+#: Method options accepted at the top level of a YAML file and as their own flags (the adapter rank is
+#: ``rank``, alias ``r``: see ``_route``).
+OPTION_KEYS = ("alpha", "init", "dropout")
+#: Optimizer settings with their own flags; they apply to projected optimizers only.
+PROJECTED_KEYS = ("rank", "update_gap", "scale")
+DEFAULT_LR = {FULL_FINETUNE: 5e-5, HEAD_ONLY: 5e-3}
+ADAPTER_LR = 1e-3
+TASK_NAMES = ("auto", "seq-cls", "causal-lm")
+#: Values kept as written in YAML (paths and names are never numbers).
+VERBATIM_KEYS = ("model", "data", "output", "resume")
+
+
+def projected_optimizers() -> list[str]:
+    """Optimizers with a subspace rank (``rankwise.optim.OPTIMIZERS`` except plain AdamW)."""
+    from ..optim import OPTIMIZERS
+
+    return [name for name in OPTIMIZERS if name != "adamw"]
+
+
+def _yaml_key(key: Any, where: str) -> str:
+    """A YAML key as a settings key: dashes as underscores, old flag spellings (``r``, ``steps``,
+    ``block_size``) as the current ones."""
+    k = str(key).replace("-", "_")
+    k = key_aliases().get(k, k)
+    if k not in TRAIN_DEFAULTS and k not in OPTION_KEYS and k != "options":
+        allowed = sorted([*TRAIN_DEFAULTS, *OPTION_KEYS, *key_aliases()])
+        raise UsageError(f"config file {where!r}: unknown key {key!r}; allowed keys: {allowed}")
+    return k
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run YAML: the flag names as keys (``-`` or ``_``; old spellings such as ``r`` too),
+    method options under ``options`` or (for alpha, init, dropout) at the top level."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(p)!r} must hold a mapping of settings, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in data.items():
+        k = _yaml_key(key, str(p))
+        value = value if k in VERBATIM_KEYS else coerce_number(value)
+        if k == "options":
+            if not isinstance(value, dict):
+                raise UsageError(f"config file: 'options' must be a mapping of method options, got {value!r}")
+            options.update({str(ok): coerce_number(ov) for ok, ov in value.items()})
+        elif k in out or k in options:
+            raise UsageError(f"config file {str(p)!r}: {key!r} sets {k!r} a second time; keep one of them")
+        elif k in OPTION_KEYS:
+            options[k] = value
+        else:
+            out[k] = value
+    if options:
+        out["options"] = options
+    return out
+
+
+def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, shaped like a YAML layer (method options under ``options``)."""
+    given = vars(args)
+    layer = {k: v for k, v in given.items() if k in TRAIN_DEFAULTS}
+    options = {k: given[k] for k in OPTION_KEYS if k in given}
+    options.update(key_values(given.get("option"), "--option", "init_iters=2"))
+    layer["options"] = options
+    layer["optimizer_options"] = key_values(given.get("optimizer_option"), "--optimizer-option", "switch_every=50")
+    return layer
+
+
+def _route(layer: dict[str, Any], method: str) -> None:
+    """Move a layer's optimizer flags into its ``optimizer_options`` and its ``rank`` to where it applies:
+    the adapter's ``r`` for adapter methods, the optimizer's subspace ``rank`` for ``none`` / ``head``.
+    One layer giving the rank twice with two values is an error."""
+    optimizer_options = dict(layer.get("optimizer_options") or {})
+    optimizer_options.update({k: layer[k] for k in ("update_gap", "scale") if layer.get(k) is not None})
+    options = dict(layer.get("options") or {})
+    rank = layer.get("rank")
+    if rank is not None:
+        if method in (FULL_FINETUNE, HEAD_ONLY):
+            target, key, other = optimizer_options, "rank", "optimizer option rank"
+        else:
+            target, key, other = options, "r", "method option r"
+        if target.get(key, rank) != rank:
+            raise UsageError(f"the rank is given twice: rank {rank} and {other}={target[key]}; keep one")
+        target[key] = rank
+    layer["options"], layer["optimizer_options"] = options, optimizer_options
+
+
+def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < YAML file < flags (only flags given on the command line count)."""
+    config = getattr(args, "config", None)
+    layers = [load_yaml_config(config) if config else {}, _flag_layer(args)]
+    method = next((layer["method"] for layer in reversed(layers) if "method" in layer), TRAIN_DEFAULTS["method"])
+    cfg: dict[str, Any] = {**TRAIN_DEFAULTS, "options": {}, "optimizer_options": {}}
+    for layer in layers:
+        _route(layer, method)
+        cfg["options"].update(layer.pop("options"))
+        cfg["optimizer_options"].update(layer.pop("optimizer_options"))
+        cfg.update(layer)
+    cfg["targets"] = parse_targets(cfg["targets"])
+    if os.path.isdir(str(cfg["model"])):  # recorded with the run and the adapter: export/merge find it
+        cfg["model"] = os.path.abspath(cfg["model"])
+    if cfg["lr"] is None:
+        cfg["lr"] = DEFAULT_LR.get(cfg["method"], ADAPTER_LR)
+    if cfg["output"] is None:
+        cfg["output"] = str(Path("runs") / str(cfg["method"]))
+    return cfg
+
+
+def _check_optimizer_options(cfg: dict[str, Any]) -> None:
+    projected = projected_optimizers()
+    given = [k for k in PROJECTED_KEYS if k in cfg["optimizer_options"]]
+    if not given or cfg["optimizer"] in projected:
+        return
+    if "rank" in given:
+        raise UsageError(
+            f"--rank {cfg['optimizer_options']['rank']}: ranks apply only to adapter methods (their r) and to "
+            f"the projected optimizers ({', '.join(projected)}); --method {cfg['method']} trains with "
+            f"--optimizer {cfg['optimizer']}, which has no rank"
+        )
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    raise UsageError(f"{flags} apply only to the projected optimizers ({', '.join(projected)}), "
+                     f"not to --optimizer {cfg['optimizer']}")
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Fail fast (before loading anything heavy) on an unknown method, model, dataset or task, and on
+    options or optimizer settings that do not apply to the method or the optimizer."""
+    from ..adapters.registry import REGISTRY
+    from ..data.datasets import COMBINED_TEXT, DATASETS
+    from ..models import resolve_model_name
+
+    method = cfg["method"]
+    if method not in (FULL_FINETUNE, HEAD_ONLY) and method not in REGISTRY:
+        raise UsageError(
+            f"unknown method {method!r}; choose 'none' (full fine-tuning), 'head' (head only) or one of "
+            f"{sorted(REGISTRY)} (see 'rankwise methods')"
+        )
+    if method in (FULL_FINETUNE, HEAD_ONLY) and cfg["options"]:
+        raise UsageError(
+            f"method options {sorted(cfg['options'])} apply only to adapter methods, not {method!r}; for "
+            "the optimizer's subspace rank use --rank R, for other optimizer arguments --optimizer-option KEY=VALUE"
+        )
+    _check_optimizer_options(cfg)
+    if method in REGISTRY:
+        try:
+            REGISTRY[method].make_config(**cfg["options"])
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    if not os.path.isdir(str(cfg["model"])):
+        try:
+            resolve_model_name(str(cfg["model"]))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if cfg["data"] not in DATASETS and cfg["data"] not in COMBINED_TEXT:
+        known = sorted([*DATASETS, *COMBINED_TEXT])
+        raise UsageError(f"unknown dataset {cfg['data']!r}; choose one of {known}")
+    if cfg["task"] not in TASK_NAMES:
+        raise UsageError(f"--task {cfg['task']!r}; choose one of {list(TASK_NAMES)}")
