@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import rankwise as rw
+from rankwise import catalogue
 from rankwise.cli import build_parser, main
 from rankwise.cli.common import parse_targets
 from rankwise.cli.train_config import TRAIN_DEFAULTS, resolve_train_config
@@ -28,28 +29,29 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # ----------------------------------------------------------------------------- methods
-def test_methods_lists_every_registered_method(capsys):
+def test_methods_lists_every_catalogued_method(capsys):
     code, out, _ = run_cli(capsys, "methods", "--format", "json")
     assert code == 0
     rows = json.loads(out)
-    assert [r["name"] for r in rows] == list(rw.REGISTRY)
-    for r in rows:
-        spec = rw.REGISTRY[r["name"]]
-        assert (r["family"], r["export"], r["paper"], r["summary"]) == (spec.family, spec.export, spec.paper,
-                                                                         spec.summary)
-        assert r["status"]
+    done = catalogue.records(status="done")
+    assert rows == [r.row() for r in done]
+    assert {r["api"] for r in rows} == {"adapt", "optim", "sparsify", "compress"}
     code, out, _ = run_cli(capsys, "methods")
-    assert code == 0 and all(name in out for name in rw.REGISTRY)
-    assert out.splitlines()[0].split()[:4] == ["name", "family", "status", "export"]
+    assert code == 0 and all(r.name in out for r in done)
+    assert out.splitlines()[0].split()[:5] == ["name", "family", "status", "api", "exports"]
+    code, out, _ = run_cli(capsys, "methods", "--status", "all", "--format", "json")
+    assert len(json.loads(out)) == len(catalogue.records()) > len(done)
 
 
 def test_methods_markdown_and_family_filter(capsys):
-    code, out, _ = run_cli(capsys, "methods", "--format", "markdown", "--family", "adapter")
+    code, out, _ = run_cli(capsys, "methods", "--format", "markdown", "--family", "optimizer")
     assert code == 0 and out.startswith("| name | family |")
     listed = {line.split("|")[1].strip() for line in out.splitlines()[2:] if line.startswith("|")}
-    assert listed == {n for n, s in rw.REGISTRY.items() if s.family == "adapter"}
+    assert listed == {r.name for r in catalogue.records("optimizer", "done")} and "galore" in listed
     code, _, err = run_cli(capsys, "methods", "--family", "nope")
-    assert code == 2 and "adapter-init" in err
+    assert code == 2 and "'rank-allocation'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "methods", "--status", "maybe")
+    assert code == 2 and "'planned'" in err
 
 
 # ----------------------------------------------------------------------------- errors

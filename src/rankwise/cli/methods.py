@@ -1,4 +1,4 @@
-"""``rankwise methods``: list every registered adapter method (text, Markdown or JSON)."""
+"""``rankwise methods``: the method catalogue as a table, Markdown or JSON."""
 
 from __future__ import annotations
 
@@ -9,61 +9,80 @@ from typing import Any
 
 from .common import Formatter, UsageError
 
-FORMATS = ("text", "markdown", "json")
+FORMATS = ("table", "markdown", "json")
+FORMAT_ALIASES = {"text": "table"}
+STATUSES = ("done", "planned", "all")
+FAMILY_ALIASES = {"adapter-init": "init"}
 EPILOG = """\
 examples:
-  rankwise methods
-  rankwise methods --family adapter-init
+  rankwise methods                              # every implemented method
+  rankwise methods --family optimizer           # one family
+  rankwise methods --status all                 # with the catalogue's planned methods
   rankwise methods --format markdown > METHODS.md
   rankwise methods --format json"""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``methods`` to the ``rankwise`` subcommands."""
+    from ..catalogue import FAMILIES
+
     p = subparsers.add_parser(
-        "methods", help="list every registered adapter method", formatter_class=Formatter, epilog=EPILOG,
-        description="List every adapter method in rankwise.REGISTRY: name, family, status, PEFT export "
-                    "format, a one-line summary and the paper.",
+        "methods", help="list the methods of every family (adapters, optimizers, sparse, compression, ...)",
+        formatter_class=Formatter, epilog=EPILOG,
+        description="List the method catalogue: name, family, status (done, or planned in the project's "
+                    "catalogue), entry point (adapt, optim, sparsify, compress), what the result exports to, "
+                    "the one-line mechanism and the paper.",
     )
-    p.add_argument("--family", default=None, help="only this family: adapter, adapter-init or training-dynamics")
-    p.add_argument("--format", choices=FORMATS, default="text",
-                   help="text (an aligned table, long cells cut), markdown (full cells) or json [default: text]")
+    p.add_argument("--family", default=None, help=f"only this family: {', '.join(FAMILIES)}")
+    p.add_argument("--status", default="done", help="done (implemented, the default), planned or all")
+    p.add_argument("--format", default="table",
+                   help="table (aligned, long cells cut), markdown (full cells) or json [default: table]")
     p.set_defaults(func=run)
     return p
 
 
-def method_rows(family: str | None = None) -> list[dict[str, Any]]:
-    """One row per registered method (of ``family`` when given)."""
-    from ..adapters.registry import REGISTRY
+def method_rows(family: str | None = None, status: str = "done") -> list[dict[str, Any]]:
+    """One row per catalogued method (of ``family`` and ``status`` when given; ``status="all"``: both)."""
+    from ..catalogue import records
 
-    return [
-        {"name": name, "family": spec.family, "status": getattr(spec, "status", "implemented"),
-         "export": spec.export, "summary": spec.summary, "paper": spec.paper}
-        for name, spec in REGISTRY.items() if family is None or spec.family == family
-    ]
+    return [r.row() for r in records(family, None if status == "all" else status)]
 
 
 def _cut(n: int) -> Callable[[str], str]:
     return lambda v: v if len(v) <= n else v[: n - 1] + "…"
 
 
+def _check(args: argparse.Namespace) -> tuple[str | None, str, str]:
+    from ..catalogue import FAMILIES
+
+    family = FAMILY_ALIASES.get(args.family, args.family)
+    if family is not None and family not in FAMILIES:
+        raise UsageError(f"--family {args.family!r} is not a family; choose one of {list(FAMILIES)}")
+    if args.status not in STATUSES:
+        raise UsageError(f"--status {args.status!r}; choose one of {list(STATUSES)}")
+    fmt = FORMAT_ALIASES.get(args.format, args.format)
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {args.format!r}; choose one of {list(FORMATS)}")
+    return family, args.status, fmt
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the method table; returns the exit status."""
-    from ..adapters.registry import FAMILIES
     from ..report import Column, markdown_table, text_table
 
-    if args.family is not None and args.family not in FAMILIES:
-        raise UsageError(f"--family {args.family!r} is not a family; choose one of {list(FAMILIES)}")
-    rows = method_rows(args.family)
-    if args.format == "json":
+    family, status, fmt = _check(args)
+    rows = method_rows(family, status)
+    if fmt == "json":
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
-    text = args.format == "text"
+    table = fmt == "table"
     cols = [Column("name", "name", align="<"), Column("family", "family", align="<"),
-            Column("status", "status", align="<"), Column("export", "export", align="<"),
-            Column("summary", "summary", _cut(64) if text else str, align="<"),
-            Column("paper", "paper", _cut(60) if text else str, align="<")]
-    print(text_table(rows, cols) if text else markdown_table(rows, cols))
-    if text:
-        print(f"\n{len(rows)} methods. 'rankwise methods --format markdown' shows full summaries and papers.")
+            Column("status", "status", align="<"), Column("api", "api", align="<"),
+            Column("exports", "exports", align="<"),
+            Column("mechanism", "mechanism", _cut(60) if table else str, align="<"),
+            Column("paper", "paper", _cut(50) if table else str, align="<")]
+    print(text_table(rows, cols) if table else markdown_table(rows, cols))
+    if table:
+        more = "" if status != "done" else f"; {len(method_rows(family, 'planned'))} more planned (--status all)"
+        print(f"\n{len(rows)} methods{more}. 'rankwise methods --format markdown' shows full mechanisms and papers.")
     return 0
