@@ -32,11 +32,14 @@ from .sltrain import SLTrainConfig, sltrain_layer
 from .sst import SpectralLinear
 from .trp import TRPLinear
 
+Apply = Callable[[nn.Module, Targets, dict[str, Any]], list[str]]
+
 
 @dataclass(frozen=True)
 class SparseMethod:
-    """A structured-training method as this package registers it in the catalogue: how to build it
-    and which options it takes."""
+    """A structured-training method as this package registers it in the catalogue: its options
+    (with defaults), the controller to use after ``sparsify``, and ``apply(model, targets, options)``
+    that restructures the model and returns the changed layer names."""
 
     name: str
     family: str
@@ -44,6 +47,7 @@ class SparseMethod:
     summary: str
     options: dict[str, Any]  # option -> default
     controller: str  # the class/function to use after sparsify ("" when none is needed)
+    apply: Apply
 
 
 @dataclass
@@ -55,31 +59,71 @@ class SparseState:
     layers: list[str] = field(default_factory=list)
 
 
+def swap_layers(build: Callable[[str, nn.Linear], nn.Module]) -> Apply:
+    """``apply`` for the methods that replace each target ``nn.Linear`` by ``build(name, linear)``."""
+
+    def apply(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+        found = find_targets(model, targets)
+        with torch.no_grad():
+            for name, lin in found:
+                replace_module(model, name, build(name, lin))
+        return [n for n, _ in found]
+
+    return apply
+
+
+def _sltrain(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+    cfg = SLTrainConfig(**opts)
+    return swap_layers(lambda name, lin: sltrain_layer(lin, cfg, name))(model, targets, opts)
+
+
+def _sst(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+    seed = checks.integer("seed", opts["seed"])
+    mix = checks.fraction("uniform_mix", opts["uniform_mix"], allow_zero=True)
+    return swap_layers(
+        lambda name, lin: SpectralLinear.from_linear(lin, opts["rank"], layer_generator(seed, name), mix)
+    )(model, targets, opts)
+
+
+def _maestro(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+    return swap_layers(lambda name, lin: MaestroLinear.from_linear(lin, opts["rank"]))(model, targets, opts)
+
+
+def _relora(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+    prepare_relora(model, opts["rank"], targets, alpha=opts["alpha"], dropout=opts["dropout"], seed=opts["seed"],
+                   train_rest=opts["train_rest"])
+    return list(model.rankwise_adapter.layers)
+
+
 _METHODS = (
     SparseMethod(
-        "sltrain", "sparse+low-rank", "Han et al. 2024, SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
+        "sltrain", "sparse+low-rank",
+        "Han et al. 2024, SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
         "W = (α/r)·B·A + S, S on a fixed uniformly random support of ⌊δ·m·n⌋ entries",
-        {f: getattr(SLTrainConfig, f) for f in ("rank", "density", "alpha", "seed", "kernel")}, "",
+        {f: getattr(SLTrainConfig, f) for f in ("rank", "density", "alpha", "seed", "kernel")}, "", _sltrain,
     ),
     SparseMethod(
-        "sst", "from-scratch", "Zhao et al. 2024, Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks",
+        "sst", "from-scratch",
+        "Zhao et al. 2024, Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks",
         "W = U·diag(Σ)·Vᵀ; all Σ every step, r Σ-sampled singular vectors per iteration, periodic re-SVD",
-        {"rank": 64, "seed": 0, "uniform_mix": 0.5}, "SST",
+        {"rank": 64, "seed": 0, "uniform_mix": 0.5}, "SST", _sst,
     ),
     SparseMethod(
         "trp", "from-scratch", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
         "periodic energy-criterion SVD truncation + nuclear-norm sub-gradient U·Vᵀ",
-        {}, "TRP",
+        {}, "TRP", swap_layers(lambda name, lin: TRPLinear.from_linear(lin)),
     ),
     SparseMethod(
-        "maestro", "from-scratch", "Horváth et al. 2024, Maestro: Uncovering Low-Rank Structures via Trainable Decomposition",
+        "maestro", "from-scratch",
+        "Horváth et al. 2024, Maestro: Uncovering Low-Rank Structures via Trainable Decomposition",
         "W = U·Vᵀ with ordered dropout over (layer, rank) and hierarchical group lasso",
-        {"rank": None}, "Maestro",
+        {"rank": None}, "Maestro", _maestro,
     ),
     SparseMethod(
-        "relora", "from-scratch", "Lialin et al. 2023, Stack More Layers Differently: High-Rank Training Through Low-Rank Updates",
+        "relora", "from-scratch",
+        "Lialin et al. 2023, Stack More Layers Differently: High-Rank Training Through Low-Rank Updates",
         "LoRA with merge-and-restart every T steps, optimizer-state pruning, jagged cosine LR",
-        {"rank": 128, "alpha": 32.0, "dropout": 0.0, "seed": 0, "train_rest": True}, "ReLoRA",
+        {"rank": 128, "alpha": 32.0, "dropout": 0.0, "seed": 0, "train_rest": True}, "ReLoRA", _relora,
     ),
 )
 for _spec in _METHODS:
@@ -104,21 +148,6 @@ def _options(method: str, config: dict[str, Any]) -> dict[str, Any]:
     return {**spec.options, **config}
 
 
-def _builders(method: str, opts: dict[str, Any]) -> Callable[[str, nn.Linear], nn.Module]:
-    if method == "sltrain":
-        cfg = SLTrainConfig(**opts)
-        return lambda name, lin: sltrain_layer(lin, cfg, name)
-    if method == "sst":
-        checks.integer("seed", opts["seed"])
-        mix = checks.fraction("uniform_mix", opts["uniform_mix"], allow_zero=True)
-        return lambda name, lin: SpectralLinear.from_linear(
-            lin, opts["rank"], layer_generator(opts["seed"], name), mix
-        )
-    if method == "trp":
-        return lambda name, lin: TRPLinear.from_linear(lin)
-    return lambda name, lin: MaestroLinear.from_linear(lin, opts["rank"])
-
-
 def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **config: Any) -> nn.Module:
     """Restructure ``targets`` of ``model`` in place for ``method`` and return ``model``.
 
@@ -128,22 +157,10 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
     opts = _options(method, config)
     if getattr(model, "rankwise_sparse", None) is not None:
         raise ValueError("model is already sparsified; call rw.sparse.densify(model) first")
-    if method == "relora":
-        for name, lin in find_targets(model, targets):
+    if opts.get("rank") is not None:
+        for name, lin in find_targets(model, targets):  # validate every layer before touching any
             checks.rank("rank", opts["rank"], min(lin.out_features, lin.in_features), where=name)
-        prepare_relora(model, opts["rank"], targets, alpha=opts["alpha"], dropout=opts["dropout"],
-                       seed=opts["seed"], train_rest=opts["train_rest"])
-        names = list(model.rankwise_adapter.layers)
-    else:
-        found = find_targets(model, targets)
-        if method in ("sltrain", "sst") or (method == "maestro" and opts["rank"] is not None):
-            for name, lin in found:  # validate every layer before touching any
-                checks.rank("rank", opts["rank"], min(lin.out_features, lin.in_features), where=name)
-        build = _builders(method, opts)
-        with torch.no_grad():
-            for name, lin in found:
-                replace_module(model, name, build(name, lin))
-        names = [n for n, _ in found]
+    names = SPARSE_METHODS[method].apply(model, targets, opts)
     model.rankwise_sparse = SparseState(method, dict(opts), names)
     return model
 
