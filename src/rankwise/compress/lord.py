@@ -37,9 +37,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.gradients import call_model
+from ..batches import move_batch
 from ..sparse.layers import check_rank
 from ..targets import Targets, replace_module
-from .evaluate import move_batch
 from .factorized import factorized_from_factors
 from .rank import rank_fraction_ranks
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks, target_linears
