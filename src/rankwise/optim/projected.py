@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ..memory import optimizer_state_bytes
 from .inner import INNERS, get_inner
 from .projectors import POWER_DTYPES, PROJECTORS, SIDES, Projector, make_projector, resolve_side
 from .residual import RESIDUALS, get_residual
@@ -288,9 +289,7 @@ class ProjectedOptimizer(Optimizer):
 
     def state_bytes(self) -> int:
         """Exact optimizer-state size: the sum of ``nbytes`` over every state tensor."""
-        return sum(
-            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if torch.is_tensor(v)
-        )
+        return optimizer_state_bytes(self)
 
     def projector(self, p: torch.Tensor) -> Projector:
         """The projector object of parameter ``p`` (for inspection: ``.matrix(opt.state[p])``)."""
