@@ -20,7 +20,7 @@ are saved with every checkpoint and restored on resume.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +103,8 @@ class RankController(Callback):
     A controller defines ``step()``, its action after one optimizer step, for users who write their
     own loop; in the loop, :meth:`on_step_end` calls it.
     """
+
+    step: Callable[[], Any]  # each controller's action after one optimizer step
 
     def on_step_end(self, state: TrainState) -> None:
         self.step()

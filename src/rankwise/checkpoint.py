@@ -140,10 +140,10 @@ def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], lo
     return Path(path)
 
 
-def _number(path: Path) -> int | None:
-    """N of a ``checkpoint-N`` directory name (None for other names)."""
+def _number(path: Path) -> int:
+    """N of a ``checkpoint-N`` directory name (-1 for other names)."""
     tail = path.name[len(CHECKPOINT_PREFIX):]
-    return int(tail) if tail.isdigit() else None
+    return int(tail) if tail.isdigit() else -1
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -154,7 +154,7 @@ def find_checkpoint(path: str | Path) -> Path:
     for root in (path, path / "checkpoints"):
         found = sorted(
             (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()),
-            key=lambda p: -1 if _number(p) is None else _number(p),
+            key=_number,
         )
         if found:
             return found[-1]
@@ -170,6 +170,6 @@ def prune_checkpoints(root: Path, keep: int | None) -> None:
     """Delete all but the ``keep`` newest ``checkpoint-N`` directories under ``root`` (None: keep all)."""
     if keep is None:
         return
-    ckpts = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) is not None), key=_number)
+    ckpts = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) >= 0), key=_number)
     for old in ckpts[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

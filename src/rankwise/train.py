@@ -18,7 +18,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,9 @@ def prepare_model(
 # ----------------------------------------------------------------------------- optimizers
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: matrices get ``weight_decay``, vectors/biases/norms none."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -349,7 +351,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- the loop
 def _total_steps(loader: Iterable, cfg: TrainConfig) -> tuple[int, int | None]:
     """(optimizer steps of the run, batches per epoch or None for loaders without len())."""
-    per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    per_epoch = len(loader) if isinstance(loader, Sized) else None
     if cfg.max_steps is not None:
         total = cfg.max_steps
     elif per_epoch:
@@ -494,11 +496,11 @@ class _Loop:
                 self.bar.set_postfix(loss=f"{state.loss:.4f}")
         if self.eval_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
                 and state.step < state.total_steps:
-            self._evaluate(cfg.eval_max_batches)
+            self._evaluate(self.eval_loader, cfg.eval_max_batches)
         if self.per_epoch is not None and state.batch_in_epoch >= self.per_epoch:
             self._next_epoch()
         if self.ckpt_root is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-            self._checkpoint()
+            self._checkpoint(self.ckpt_root)
 
     def _next_epoch(self) -> None:
         """Epoch done: the next one starts from the RNG and loader states as they are now."""
@@ -507,8 +509,8 @@ class _Loop:
         self._mark_epoch_start()
 
     # ---- evaluation, checkpoints, end
-    def _evaluate(self, max_batches: int | None) -> dict[str, float]:
-        metrics = evaluate(self.state.model, self.eval_loader, self.cfg.task, max_batches)
+    def _evaluate(self, loader: Iterable[dict[str, Any]], max_batches: int | None) -> dict[str, float]:
+        metrics = evaluate(self.state.model, loader, self.cfg.task, max_batches)
         self.evals.append({"step": self.state.step, **metrics})
         call(self.callbacks, "on_evaluate", self.state, metrics)
         return metrics
@@ -516,20 +518,20 @@ class _Loop:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, root: Path) -> None:
         rng = {"epoch_start": self.epoch_rng, "now": rng_state(self.device)}
-        path = save_checkpoint(self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.state.step}", self.state, rng,
+        path = save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.state.step}", self.state, rng,
                                self.epoch_gens, self.history, self.evals, self.elapsed(), self.callbacks)
-        prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+        prune_checkpoints(root, self.cfg.keep_checkpoints)
         call(self.callbacks, "on_save", self.state, path)
 
     def finish(self) -> dict[str, float]:
         """Final checkpoint and evaluation, ``on_train_end``; returns the final metrics."""
         cfg, state = self.cfg, self.state
         if self.ckpt_root is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every != 0:
-            self._checkpoint()  # the final state, so resuming a finished run is a no-op
+            self._checkpoint(self.ckpt_root)  # the final state, so resuming a finished run is a no-op
         if self.eval_loader is not None:
-            metrics = self._evaluate(None)
+            metrics = self._evaluate(self.eval_loader, None)
         else:
             tail = self.history[-10:]
             metrics = {"train_loss": sum(h["loss"] for h in tail) / max(1, len(tail))}
