@@ -23,6 +23,7 @@ import torch
 
 import rankwise as rw
 from rankwise.data import classification_loader, load_classification
+from rankwise.memory import count_params, optimizer_state_bytes
 from rankwise.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,10 +90,6 @@ def max_output_diff_vs_peft(base, kind: str, r: int, batch) -> float:
     return (theirs(**inputs).logits - ours(**inputs).logits).abs().max().item()
 
 
-def state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
@@ -121,6 +118,8 @@ def main() -> None:
         models[n] = m
         opts[n] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
+    # Not rankwise.train.train: for a fair timing the configurations take turns, a few steps each,
+    # round by round (the order flips every round), so every one sees the same machine load.
     def step(n):
         loss = models[n](**batch).loss
         loss.backward()
@@ -145,8 +144,8 @@ def main() -> None:
             "median_s_per_step": statistics.median(times[n]),
             "min_s_per_step": min(times[n]),
             "max_s_per_step": max(times[n]),
-            "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
-            "optimizer_state_bytes": state_bytes(opts[n]),
+            "trainable_params": count_params(m)[0],
+            "optimizer_state_bytes": optimizer_state_bytes(opts[n]),
             "saved_activation_bytes": saved_activation_bytes(m, batch),
         }
     for kind in ("lora", "dora"):
@@ -172,7 +171,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"# Adapter training step: rankwise vs PEFT\n",
+        "# Adapter training step: rankwise vs PEFT\n",
         f"MiniLM-L6 seq-cls, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
         f"{args.rounds} interleaved rounds x {args.steps} steps, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.\n",

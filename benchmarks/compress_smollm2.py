@@ -40,6 +40,7 @@ import rankwise as rw
 from rankwise.compress import SVDCache, eval_blocks, evaluate_corpora, recover
 from rankwise.compress.evaluate import EVAL_CORPORA
 from rankwise.data import lm_blocks, load_text
+from rankwise.memory import total_params
 from rankwise.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,7 +81,7 @@ def run_one(base, method: str, ratio: float, args, cache: SVDCache, batches: lis
     compress_s = time.perf_counter() - t0
     state = model.rankwise_compress
     row = {"method": method, "ratio": ratio, "kept_fraction": state.kept_fraction,
-           "targeted_weights": state.weights_after, "parameters": rw.compression.evaluate.weight_count(model),
+           "targeted_weights": state.weights_after, "parameters": total_params(model),
            "compress_seconds": round(compress_s, 1)}
     row["ppl"] = evaluate_corpora(model, None, batch_size=args.eval_batch, blocks=blocks)
     if args.recover_steps > 0:
@@ -193,7 +194,7 @@ def main() -> None:
     base, tok = load_model("smollm2-135m")
     blocks = {c: eval_blocks(tok, c, args.eval_blocks, 128) for c in EVAL_CORPORA}
     batches = train_batches(tok, args.prune_steps + args.recover_steps, args.train_batch, 128, args.seed)
-    base_row = {"parameters": rw.compression.evaluate.weight_count(base),
+    base_row = {"parameters": total_params(base),
                 "ppl": evaluate_corpora(base, None, batch_size=args.eval_batch, blocks=blocks)}
     targeted = sum(m.weight.numel() for _, m in rw.compression.api.find_targets(base, "all-linear"))
     print(f"base: {base_row}")

@@ -44,9 +44,12 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import rankwise as rw
+from rankwise.compress.evaluate import block_batches
 from rankwise.data.datasets import lm_blocks, load_text
+from rankwise.memory import tensor_bytes, total_params
 from rankwise.models.loaders import ensure_smollm2_cache
 from rankwise.optim.projectors import power_dtype, resolve_side
+from rankwise.train import evaluate
 
 from pretrain import warmup_cosine  # the same warmup + cosine-to-floor schedule
 
@@ -98,12 +101,12 @@ def state_split(kind: str, opt: torch.optim.Optimizer) -> dict[str, int]:
         for key, v in st.items():
             if kind == "galore-torch" and key == "projector":
                 om = v.ortho_matrix
-                projector += sum(t.numel() * t.element_size() for t in (om if isinstance(om, list) else [om]))
+                projector += sum(tensor_bytes(t) for t in (om if isinstance(om, list) else [om]))
             elif torch.is_tensor(v):
                 if key in ("P",):
-                    projector += v.numel() * v.element_size()
+                    projector += tensor_bytes(v)
                 else:
-                    moments += v.numel() * v.element_size()
+                    moments += tensor_bytes(v)
     if kind != "galore-torch":
         assert moments + projector == opt.state_bytes()
     return {"moments": moments, "projector": projector, "total": moments + projector}
@@ -119,7 +122,7 @@ def formula(model: torch.nn.Module, rank: int) -> dict[str, int]:
         moments += 8 * rank * k
         projector += 4 * rank * d
     moments += sum(8 * p.numel() for p in plain)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = total_params(model)
     return {"moments": moments, "projector": projector, "total": moments + projector, "adamw": 8 * n_params}
 
 
@@ -176,13 +179,9 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     return {"matrices": len(grads), "rounds": reps, "variants": result}
 
 
-@torch.no_grad()
 def heldout_loss(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> float:
-    model.eval()
-    losses = [float(model(input_ids=blocks[i:i + batch], labels=blocks[i:i + batch]).loss)
-              for i in range(0, len(blocks), batch)]
-    model.train()
-    return sum(losses) / len(losses)
+    """Mean next-token NLL over the held-out blocks (token-weighted, :func:`rankwise.train.evaluate`)."""
+    return evaluate(model, block_batches(blocks, batch), task="lm")["loss"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     base = LlamaForCausalLM(galore_60m())
-    n_params = sum(p.numel() for p in base.parameters())
+    n_params = total_params(base)
     kinds = ["rankwise", "galore-torch"] + (["rankwise-svd"] if args.control else [])
     runs: dict[str, dict[str, Any]] = {}
     for kind in kinds:
@@ -229,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"LLaMA-60M: {n_params / 1e6:.1f}M params, {args.steps} steps x {args.batch} x {args.seq}, rank {args.rank}, "
           f"update_gap {args.update_gap}, lr {args.lr}, threads {args.threads}, projector {args.projector}", flush=True)
 
+    # Not rankwise.train.train: for a fair timing the optimizers take turns in chunks of steps (the
+    # order flips every chunk), and the optimizer step alone is timed inside the step.
     def run_chunk(kind: str, n: int) -> None:
         r = runs[kind]
         for _ in range(n):

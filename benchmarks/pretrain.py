@@ -41,7 +41,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,9 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import rankwise as rw
+from rankwise.compress import perplexity
 from rankwise.data.datasets import lm_blocks, load_text
+from rankwise.memory import count_params, optimizer_state_bytes, total_params
 from rankwise.models.loaders import ensure_smollm2_cache, llama_config
 from rankwise.optim.projectors import resolve_side
 from rankwise.sparse import SST, TRP, Maestro, ReLoRA, decompose, relora_schedule, truncate
@@ -110,13 +111,6 @@ ALL_METHODS = [*RECIPES, *STRUCTURED]
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def tensor_bytes(opt: torch.optim.Optimizer) -> int:
-    """Exact optimizer-state bytes: ``nbytes`` summed over every tensor in ``opt.state``."""
-    if hasattr(opt, "state_bytes"):
-        return int(opt.state_bytes())
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
 def make_optimizer(name: str, model: torch.nn.Module, rank: int, gap: int, switch: dict[str, int],
@@ -221,7 +215,7 @@ def awake_params(opt: torch.optim.Optimizer) -> list[torch.Tensor] | None:
 
 def record_state(r: dict[str, Any], name: str, opt: torch.optim.Optimizer) -> None:
     """Exact and analytic state bytes now (after a full step): kept as 'last' and as the peak."""
-    nbytes = tensor_bytes(opt)
+    nbytes = optimizer_state_bytes(opt)
     r["last_bytes"], r["last_formula"] = nbytes, formula_bytes(name, opt, awake_params(opt))
     if nbytes > r["peak_bytes"]:
         r["peak_bytes"], r["peak_formula"] = nbytes, r["last_formula"]
@@ -243,20 +237,6 @@ def warmup_cosine(total: int, warmup: int, floor: float):
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-@torch.no_grad()
-def heldout_ppl(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch):
-        x = blocks[i:i + batch]
-        loss = model(input_ids=x, labels=x).loss
-        n = x.numel() - x.shape[0]  # predicted tokens (HF shifts by one inside each row)
-        total += float(loss) * n
-        count += n
-    model.train()
-    return math.exp(total / count)
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -337,9 +317,8 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
 
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:
-    params = list({id(p): p for p in model.parameters()}.values())
-    return {"params_total": sum(p.numel() for p in params),
-            "params_trainable": sum(p.numel() for p in params if p.requires_grad),
+    trainable, total = count_params(model)
+    return {"params_total": total, "params_trainable": trainable,
             "frozen_basis_entries": sum(m.U.numel() + m.Vh.numel() for m in model.modules()
                                         if isinstance(m, SpectralLinear))}
 
@@ -348,13 +327,13 @@ def structured_extras(name: str, r: dict[str, Any], heldout: torch.Tensor, batch
     """Method-specific evaluation: TRP before/after its decomposition, Maestro cut to half rank, ReLoRA's merges."""
     model, extra = r["model"], {}
     if name == "trp":
-        extra["ppl_before_decompose"] = heldout_ppl(model, heldout, batch)
+        extra["ppl_before_decompose"] = perplexity(model, heldout, batch)
         ranks = decompose(model, threshold=1e-2, keep_dense_if_larger=True)
         extra["mean_rank_after_decompose"] = statistics.mean(ranks.values())
     if name == "maestro":
         half = copy.deepcopy(model)
         truncate(half, {n: max(1, m.kept // 2) for n, m in half.named_modules() if isinstance(m, MaestroLinear)})
-        extra["ppl_half_rank"] = heldout_ppl(half, heldout, batch)
+        extra["ppl_half_rank"] = perplexity(half, heldout, batch)
         extra["params_half_rank"] = param_counts(half)["params_total"]
     if name == "relora":
         extra["merges"] = r["relora"].merges
@@ -409,14 +388,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = llama_config(args.size, max_positions=max(128, args.seq))
     torch.manual_seed(args.seed)
     base = LlamaForCausalLM(cfg)
-    n_params = sum(p.numel() for p in base.parameters())
+    n_params = total_params(base)
     n_embed = base.model.embed_tokens.weight.numel()
     rank = args.rank or cfg.hidden_size // 4
     gap = max(1, args.steps // args.refreshes)
     n_blocks_badam = cfg.num_hidden_layers + 2  # embedding + layers + head (final norm)
     switch = {"badam": max(1, args.steps // n_blocks_badam), "lisa": max(1, args.steps // 10)}
     warmup_steps = max(1, round(args.warmup * args.steps))
-    init_ppl = heldout_ppl(base, heldout, args.batch)
+    init_ppl = perplexity(base, heldout, args.batch)
 
     def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, warmup_steps, args.min_lr))
@@ -443,7 +422,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"rank {rank}, update_gap {gap}, threads {args.threads}, {'fp32' if args.fp32 else 'bf16 autocast'}",
           flush=True)
 
-    # ---- interleaved training: step i of every run before step i + 1 of any
+    # ---- interleaved training: step i of every run before step i + 1 of any. This is not
+    # rankwise.train.train: for a fair timing the runs must take turns step by step (one loop call
+    # per run would hit them with different machine load), and ReLoRA swaps its optimizer mid-run.
     for step in range(args.steps):
         x = batches[step]
         rot = step % len(active)
@@ -490,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         structured = name in STRUCTURED
         recipe = STRUCTURED[name] if structured else RECIPES[name]
         extra = structured_extras(name, r, heldout, args.batch) if structured else {}
-        ppl = heldout_ppl(r["model"], heldout, args.batch)
+        ppl = perplexity(r["model"], heldout, args.batch)
         r["wall_s"] += time.perf_counter() - t0
         rows.append({
             "method": name,

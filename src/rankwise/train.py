@@ -1,49 +1,53 @@
-"""A small, explicit training loop for Hugging Face models (sequence classification, causal LM).
+"""The training loop: one loop, one callback protocol, for every trainer in rankwise.
 
-Batches are dicts of tensors and the loss is ``model(**batch).loss``. The loop reports what a
-memory-conscious user wants to compare: trainable parameters, exact optimizer-state bytes (the sum of
-``numel · element_size`` over every tensor in ``optimizer.state``) and peak memory (CUDA
-``max_memory_allocated``; on CPU the process peak RSS). Periodic checkpoints hold everything needed
-for an exact resume: trained tensors, optimizer and scheduler state, the step, the position in the
-epoch and every RNG state (torch, CUDA, numpy, python, the DataLoader's sampler generator), so
+Batches are dicts of tensors and the loss is ``model(**batch).loss`` (or ``loss_fn(model, batch)``).
+:func:`train` runs the optimizer steps, calls the callbacks (:mod:`rankwise.callbacks`), evaluates,
+checkpoints (:mod:`rankwise.checkpoint`) and reports what a memory-conscious user compares
+(:mod:`rankwise.memory`): trainable parameters, exact optimizer-state bytes and peak memory.
 ``train(..., resume_from=dir)`` ends with bit-identical weights to an uninterrupted run on CPU.
 
-Callbacks are plain objects with any of ``on_train_begin(state)``, ``on_step_end(state)``,
-``on_evaluate(state, metrics)`` and ``on_train_end(state)``; ``on_step_end`` runs right after
-``optimizer.step()`` (where rank controllers prune or grow). A callback may set
-``state.should_stop = True``. Callbacks with ``state_dict()``/``load_state_dict()`` are checkpointed.
+Callers with their own optimizer (a chosen parameter list, a controller bound to it) pass
+``optimizer=``; :meth:`TrainConfig.plain` configures the loop to take exactly the steps of a
+hand-written one (no reseeding, clipping, schedule, device move or memory window).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-import random
-import resource
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .adapters.base import allowed
-from .io import atomic_directory, save_tensors, write_json
+from .batches import LossFn, loss_of, model_device, move_batch
+from .callbacks import TrainState, call
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    find_checkpoint,
+    load_checkpoint,
+    load_trained_tensors,
+    loader_generators,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from .memory import count_params, optimizer_state_bytes, peak_memory, reset_peak_memory
 from .optim.factory import NAMES as OPTIMIZER_NAMES
 from .optim.factory import make as make_optimizer
 
 SCHEDULES = ("constant", "linear", "cosine")
 TASKS = ("auto", "classification", "lm")
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
-TENSORS_FILE = "trained_tensors.safetensors"
-INFO_FILE = "trainer_state.json"
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -71,11 +75,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no periodic checkpoints
     keep_checkpoints: int | None = 2  # newest checkpoints kept (None = all)
     output_dir: str | None = None
-    seed: int = 0
-    device: str = "auto"
+    seed: int | None = 0  # None: do not reseed (the RNGs go on from where they are)
+    device: str | None = "auto"  # None: leave the model on its device
     task: str = "auto"
     progress: bool = True
     log_every: int = 10  # progress-bar refresh of the running loss
+    measure_memory: bool = True  # reset and read the peak-memory window (process-wide)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,11 +113,23 @@ class TrainConfig:
             raise ValueError(f"eval_max_batches={self.eval_max_batches!r} must be >= 1 or None")
         if self.checkpoint_every and not self.output_dir:
             raise ValueError("checkpoint_every > 0 needs output_dir (where checkpoints are written)")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device={self.device!r}; choose 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed={self.seed!r} must be an integer or None (do not reseed)")
+        if self.device is not None and not (
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
+        ):
+            raise ValueError(f"device={self.device!r}; choose 'auto', 'cpu', 'cuda', 'cuda:N' or None (the model's)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def plain(cls, steps: int, progress: bool = False) -> TrainConfig:
+        """``steps`` optimizer steps taken exactly as a hand-written loop takes them: the optimizer's
+        lr unchanged (constant, no warmup), no clipping, no reseeding, the model left on its device,
+        no evaluation, checkpoint or memory window."""
+        return cls(max_steps=steps, schedule="constant", max_grad_norm=None, seed=None, device=None,
+                   progress=progress, measure_memory=False)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -120,6 +137,15 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def place_model(model: nn.Module, device: str | None) -> torch.device:
+    """Move ``model`` to ``device`` (:func:`resolve_device`); ``None`` leaves it where it is."""
+    if device is None:
+        return model_device(model)
+    target = resolve_device(device)
+    model.to(target)
+    return target
 
 
 # ----------------------------------------------------------------------------- what is trained
@@ -164,7 +190,9 @@ def prepare_model(
 # ----------------------------------------------------------------------------- optimizers
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: matrices get ``weight_decay``, vectors/biases/norms none."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -230,142 +258,76 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ----------------------------------------------------------------------------- measurements
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Exact bytes of the optimizer state: Σ numel·element_size over every tensor in ``optimizer.state``."""
-
-    def walk(obj: Any) -> int:
-        if torch.is_tensor(obj):
-            return obj.numel() * obj.element_size()
-        if isinstance(obj, dict):
-            return sum(walk(v) for v in obj.values())
-        if isinstance(obj, list | tuple):
-            return sum(walk(v) for v in obj)
-        return 0
-
-    return sum(walk(s) for s in optimizer.state.values())
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) unique parameters."""
-    seen: dict[int, nn.Parameter] = {}
-    for p in model.parameters():
-        seen.setdefault(id(p), p)
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values())
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (CUDA allocator stats; on Linux also the process RSS peak)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    import gc
-
-    gc.collect()
-    try:  # give freed heap back to the OS first, so the window starts from what is really in use
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:  # Linux: writing 5 to clear_refs resets the RSS high-water mark of this process
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, kind): CUDA ``max_memory_allocated`` or the CPU process peak RSS (getrusage)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
-
-
 # ----------------------------------------------------------------------------- evaluation
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _infer_task(logits: torch.Tensor, labels: torch.Tensor) -> str:
     return "classification" if labels.dim() == 1 and logits.dim() == 2 else "lm"
+
+
+@dataclass
+class _EvalSums:
+    """Running sums of one evaluation: loss weighted by examples (classification) or predicted tokens (LM)."""
+
+    kind: str | None
+    loss_sum: float = 0.0
+    weight: int = 0
+    correct: int = 0
+
+    def add(self, model: nn.Module, batch: dict[str, Any]) -> None:
+        if "labels" not in batch:
+            raise ValueError("evaluate: every batch needs a 'labels' entry (class ids or token ids)")
+        out = model(**batch)
+        labels = batch["labels"]
+        self.kind = self.kind or _infer_task(out.logits, labels)
+        if self.kind == "classification":
+            n = labels.numel()
+            self.correct += int((out.logits.argmax(-1) == labels).sum())
+        else:  # HF causal LMs shift labels by one and ignore -100
+            n = int((labels[:, 1:] != -100).sum())
+        self.loss_sum += float(out.loss) * n
+        self.weight += n
+
+    def metrics(self) -> dict[str, float]:
+        if self.weight == 0:
+            raise ValueError("evaluate: the loader yielded no labelled examples")
+        loss = self.loss_sum / self.weight
+        if self.kind == "classification":
+            return {"loss": loss, "accuracy": self.correct / self.weight, "examples": self.weight}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": self.weight}
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Iterable[dict[str, Any]], task: str = "auto", max_batches: int | None = None
 ) -> dict[str, float]:
-    """Mean loss and accuracy (classification) or perplexity = exp(token-mean loss) (causal LM).
+    """Mean loss and accuracy (classification) or perplexity (causal LM) over the first ``max_batches``.
 
-    The loss is averaged over examples (classification) or predicted tokens (LM), not over batches.
-    The model's train/eval mode and the global RNG states are restored afterwards.
+    The loss is averaged over examples (classification) or predicted tokens (LM), not over batches:
+    perplexity = exp(Σ NLL / Σ predicted tokens), the one perplexity of rankwise. The model's
+    train/eval mode and the global RNG states are restored afterwards.
     """
     allowed("task", task, TASKS)
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
-    loss_sum, weight, correct, examples = 0.0, 0, 0, 0
-    kind = None if task == "auto" else task
+    sums = _EvalSums(None if task == "auto" else task)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                if "labels" not in batch:
-                    raise ValueError("evaluate: every batch needs a 'labels' entry (class ids or token ids)")
-                batch = _to_device(batch, device)
-                out = model(**batch)
-                labels = batch["labels"]
-                kind = kind or _infer_task(out.logits, labels)
-                if kind == "classification":
-                    n = labels.numel()
-                    correct += int((out.logits.argmax(-1) == labels).sum())
-                    examples += n
-                else:  # HF causal LMs shift labels by one and ignore -100
-                    n = int((labels[:, 1:] != -100).sum())
-                loss_sum += float(out.loss) * n
-                weight += n
+            for batch in itertools.islice(loader, max_batches):
+                sums.add(model, move_batch(batch, device))
     finally:
         model.train(was_training)
-    if weight == 0:
-        raise ValueError("evaluate: the loader yielded no labelled examples")
-    loss = loss_sum / weight
-    if kind == "classification":
-        return {"loss": loss, "accuracy": correct / examples, "examples": examples}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": weight}
+    return sums.metrics()
 
 
-# ----------------------------------------------------------------------------- state and result
-@dataclass
-class TrainState:
-    """What callbacks see: the live objects and the position in training."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    config: TrainConfig
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    should_stop: bool = False
-
-
+# ----------------------------------------------------------------------------- result
 @dataclass
 class TrainResult:
     """History and measurements of one run (``to_dict()`` is JSON-ready).
 
-    ``wall_time_s`` spans the whole call (and, after a resume, the time recorded before the
-    checkpoint); ``train_time_s`` only this call's optimization loop. ``metrics`` is the final
-    evaluation, or the mean of the last 10 training losses when there is no eval loader.
+    ``history`` holds one record per step: ``{"step", "loss", "lr"}`` plus what callbacks put in
+    ``state.log``. ``wall_time_s`` spans the whole call (and, after a resume, the time recorded
+    before the checkpoint); ``train_time_s`` only this call's optimization loop. ``metrics`` is the
+    final evaluation, or the mean of the last 10 training losses when there is no eval loader.
     """
 
     history: list[dict[str, float]]
@@ -386,140 +348,19 @@ class TrainResult:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    """The distinct torch.Generators that decide a DataLoader's order (its own and its sampler's)."""
-    gens: list[torch.Generator] = []
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
-            gens.append(g)
-    return gens
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    npst = state["numpy"]
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
-        "has_gauss": npst["has_gauss"],
-        "gauss": npst["gauss"],
-    })
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter and every persistent buffer, by state_dict name.
-
-    With full fine-tuning this is the whole model state; with adapters it is the adapter tensors,
-    the trained heads and the buffers (adapter masks or ranks a controller may change).
-    """
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    buffers = {id(b) for b in model.buffers()}
-    return {
-        k: v for k, v in model.state_dict(keep_vars=True).items()
-        if id(v) in trainable or id(v) in buffers
-    }
-
-
-def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], loader_states: list[torch.Tensor],
-                    history: list, evals: list, elapsed: float, callbacks: Sequence[Any]) -> Path:
-    """Write one checkpoint directory atomically (a crash mid-write leaves no partial checkpoint)."""
-    payload = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "total_steps": state.total_steps,
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "rng": rng,
-        "loader_generators": loader_states,
-        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
-        "history": history,
-        "evals": evals,
-        "elapsed": elapsed,
-    }
-    with atomic_directory(path) as tmp:
-        save_tensors({k: v.detach() for k, v in _trained_tensors(state.model).items()}, tmp / TENSORS_FILE)
-        torch.save(payload, tmp / STATE_FILE)
-        write_json(tmp / INFO_FILE, {"step": state.step, "epoch": state.epoch,
-                                     "batch_in_epoch": state.batch_in_epoch, "config": state.config.to_dict()})
-    return Path(path)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint, else its newest ``checkpoint-N`` (directly or under checkpoints/)."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = sorted(
-            (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()),
-            key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1,
-        )
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"resume_from={str(path)!r}: no checkpoint ({STATE_FILE}) found there")
-
-
-def _prune_checkpoints(root: Path, keep: int | None) -> None:
-    if keep is None:
-        return
-    ckpts = sorted(
-        (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
-    )
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_trained_tensors(model: nn.Module, file: Path) -> None:
-    tensors = load_file(str(file))
-    expected = _trained_tensors(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the model (build it exactly as for the first run): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
-        for k, t in tensors.items():
-            expected[k].copy_(t)
-
-
 # ----------------------------------------------------------------------------- the loop
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if fn is not None:
-            fn(*args)
+def _total_steps(loader: Iterable, cfg: TrainConfig) -> tuple[int, int | None]:
+    """(optimizer steps of the run, batches per epoch or None for loaders without len())."""
+    per_epoch = len(loader) if isinstance(loader, Sized) else None
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    elif per_epoch:
+        total = cfg.epochs * per_epoch
+    else:
+        raise ValueError("max_steps must be set when train_loader has no len()")
+    if per_epoch == 0:
+        raise ValueError("train_loader is empty")
+    return total, per_epoch
 
 
 def _batches(loader: Iterable, skip: int) -> Iterator[Any]:
@@ -530,6 +371,174 @@ def _batches(loader: Iterable, skip: int) -> Iterator[Any]:
     return it
 
 
+@contextlib.contextmanager
+def _progress_bar(cfg: TrainConfig, total: int, initial: int) -> Iterator[Any]:
+    """A tqdm bar when ``cfg.progress`` and stderr is a terminal, else None."""
+    if not (cfg.progress and sys.stderr.isatty()):
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class _Loop:
+    """One call of :func:`train`: the :class:`TrainState` callbacks see, plus the history and the
+    epoch-start RNG states that make a checkpoint resumable."""
+
+    def __init__(self, state: TrainState, loader: Iterable, eval_loader: Iterable | None, callbacks: list[Any],
+                 loss_fn: LossFn | None, device: torch.device, per_epoch: int | None, t_start: float) -> None:
+        self.state, self.cfg = state, state.config
+        self.loader, self.eval_loader, self.callbacks, self.loss_fn = loader, eval_loader, callbacks, loss_fn
+        self.device, self.per_epoch, self.t_start = device, per_epoch, t_start
+        self.generators = loader_generators(loader)
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.elapsed_before = 0.0
+        self.epoch_rng: dict[str, Any] = {}
+        self.epoch_gens: list[torch.Tensor] = []
+        self.resume_rng: dict[str, Any] | None = None
+        self.ckpt_root = Path(self.cfg.output_dir) / "checkpoints" if self.cfg.output_dir else None
+        self.bar: Any = None
+
+    # ---- start: fresh or resumed
+    def start(self, resume_from: str | Path | None) -> None:
+        if resume_from is not None:
+            self._resume(find_checkpoint(resume_from))
+            return
+        if self.cfg.seed is not None:
+            seed_everything(self.cfg.seed)
+        self._mark_epoch_start()
+
+    def _mark_epoch_start(self) -> None:
+        self.epoch_rng = rng_state(self.device)
+        self.epoch_gens = [g.get_state() for g in self.generators]
+
+    def _resume(self, ckpt: Path) -> None:
+        state = self.state
+        payload = load_checkpoint(ckpt)
+        if payload["total_steps"] != state.total_steps:
+            raise ValueError(
+                f"resume_from: the checkpoint was made for {payload['total_steps']} total steps, "
+                f"this run has {state.total_steps}; use the same max_steps/epochs"
+            )
+        if len(payload["loader_generators"]) != len(self.generators):
+            raise ValueError("resume_from: the train loader's generators differ from the checkpointed run")
+        load_trained_tensors(state.model, ckpt)
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+        for cb, cb_state in zip(self.callbacks, payload["callbacks"]):
+            if cb_state is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
+        state.step, state.epoch, state.batch_in_epoch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
+        self.history, self.evals = list(payload["history"]), list(payload["evals"])
+        self.elapsed_before = payload["elapsed"]
+        self.epoch_rng, self.epoch_gens = payload["rng"]["epoch_start"], payload["loader_generators"]
+        self.resume_rng = payload["rng"]["now"]
+
+    # ---- epochs and steps
+    def done(self) -> bool:
+        return self.state.step >= self.state.total_steps or self.state.should_stop
+
+    def run_epoch(self) -> None:
+        """One pass over the loader (after a resume: the rest of the interrupted pass)."""
+        # The epoch's order is drawn from these states when the loader is iterated: restore them
+        # (a resume re-draws the same permutation, then skips the batches already trained on).
+        set_rng_state(self.epoch_rng, self.device)
+        for g, s in zip(self.generators, self.epoch_gens):
+            g.set_state(s)
+        batches = _batches(self.loader, self.state.batch_in_epoch)
+        if self.resume_rng is not None:  # RNG exactly as at the checkpoint (dropout masks etc.)
+            set_rng_state(self.resume_rng, self.device)
+            self.resume_rng = None
+        empty = True
+        for batch in batches:
+            empty = False
+            self._step(batch)
+            self._after_step()
+            if self.done():
+                return
+        # the loader is exhausted (the only end of an epoch for loaders without len())
+        if empty and self.state.batch_in_epoch == 0:
+            raise ValueError("train_loader yielded no batches")
+        if self.state.batch_in_epoch:
+            self._next_epoch()
+
+    def _step(self, batch: Any) -> None:
+        """loss, backward, clip, optimizer and scheduler step: one optimizer step and its record."""
+        state, cfg, optimizer = self.state, self.cfg, self.state.optimizer
+        state.log = {}
+        loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
+        loss.backward()
+        state.loss = float(loss.detach())
+        call(self.callbacks, "on_after_backward", state)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        call(self.callbacks, "on_step_end", state)
+        optimizer.zero_grad(set_to_none=True)
+        self.history.append({"step": state.step, "loss": state.loss, "lr": lr, **state.log})
+
+    def _after_step(self) -> None:
+        """Progress, periodic evaluation, the epoch boundary and periodic checkpoints."""
+        state, cfg = self.state, self.cfg
+        if self.bar is not None:
+            self.bar.update(1)
+            if state.step % cfg.log_every == 0:
+                self.bar.set_postfix(loss=f"{state.loss:.4f}")
+        if self.eval_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
+                and state.step < state.total_steps:
+            self._evaluate(self.eval_loader, cfg.eval_max_batches)
+        if self.per_epoch is not None and state.batch_in_epoch >= self.per_epoch:
+            self._next_epoch()
+        if self.ckpt_root is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            self._checkpoint(self.ckpt_root)
+
+    def _next_epoch(self) -> None:
+        """Epoch done: the next one starts from the RNG and loader states as they are now."""
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        self._mark_epoch_start()
+
+    # ---- evaluation, checkpoints, end
+    def _evaluate(self, loader: Iterable[dict[str, Any]], max_batches: int | None) -> dict[str, float]:
+        metrics = evaluate(self.state.model, loader, self.cfg.task, max_batches)
+        self.evals.append({"step": self.state.step, **metrics})
+        call(self.callbacks, "on_evaluate", self.state, metrics)
+        return metrics
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def _checkpoint(self, root: Path) -> None:
+        rng = {"epoch_start": self.epoch_rng, "now": rng_state(self.device)}
+        path = save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.state.step}", self.state, rng,
+                               self.epoch_gens, self.history, self.evals, self.elapsed(), self.callbacks)
+        prune_checkpoints(root, self.cfg.keep_checkpoints)
+        call(self.callbacks, "on_save", self.state, path)
+
+    def finish(self) -> dict[str, float]:
+        """Final checkpoint and evaluation, ``on_train_end``; returns the final metrics."""
+        cfg, state = self.cfg, self.state
+        if self.ckpt_root is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every != 0:
+            self._checkpoint(self.ckpt_root)  # the final state, so resuming a finished run is a no-op
+        if self.eval_loader is not None:
+            metrics = self._evaluate(self.eval_loader, None)
+        else:
+            tail = self.history[-10:]
+            metrics = {"train_loss": sum(h["loss"] for h in tail) / max(1, len(tail))}
+        call(self.callbacks, "on_train_end", state)
+        return metrics
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader | Iterable[dict[str, Any]],
@@ -537,182 +546,54 @@ def train(
     config: TrainConfig | None = None,
     callbacks: Sequence[Any] = (),
     resume_from: str | Path | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``train_loader`` (batches: dicts, loss = ``model(**batch).loss``).
+    """Train ``model`` on ``train_loader`` (batches: dicts; loss ``model(**batch).loss`` or ``loss_fn(model, batch)``).
 
-    Runs ``max_steps`` optimizer steps (or ``epochs`` passes), evaluating on ``eval_loader`` every
-    ``eval_every`` steps and at the end, checkpointing every ``checkpoint_every`` steps to
-    ``output_dir/checkpoints/checkpoint-N``. ``resume_from`` (a checkpoint, or a directory holding
-    some) continues an interrupted run exactly; build the model and loaders as for the first run.
-    All RNGs are seeded with ``config.seed`` at the start of a fresh run.
+    Runs ``max_steps`` optimizer steps (or ``epochs`` passes; a loader that runs out is iterated
+    again), evaluating on ``eval_loader`` every ``eval_every`` steps and at the end, checkpointing
+    every ``checkpoint_every`` steps to ``output_dir/checkpoints/checkpoint-N``. ``resume_from`` (a
+    checkpoint, or a directory holding some) continues an interrupted run exactly; build the model
+    and loaders as for the first run. A fresh run seeds every RNG with ``config.seed`` (unless None).
+    ``optimizer`` replaces the one ``config`` would build (``lr``, ``weight_decay`` and ``optimizer*``
+    are then unused; the schedule scales its learning rates). ``callbacks``: :mod:`rankwise.callbacks`.
     """
     cfg = config or TrainConfig()
     cfg.validate()
-    callbacks = list(callbacks)
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    model.to(device)
-    reset_peak_memory(device)
-
-    steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-    elif steps_per_epoch:
-        total_steps = cfg.epochs * steps_per_epoch
-    else:
-        raise ValueError("max_steps must be set when train_loader has no len()")
-    if steps_per_epoch == 0:
-        raise ValueError("train_loader is empty")
-
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    state = TrainState(model, optimizer, scheduler, cfg, total_steps=total_steps)
-    generators = _loader_generators(train_loader)
-    history: list[dict[str, float]] = []
-    evals: list[dict[str, float]] = []
-    elapsed_before = 0.0
-    resume_rng = None
-
-    if resume_from is None:
-        seed_everything(cfg.seed)
-        epoch_start_rng = _rng_state(device)
-        epoch_start_gens = [g.get_state() for g in generators]
-    else:
-        ckpt = find_checkpoint(resume_from)
-        payload = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        if payload["total_steps"] != total_steps:
-            raise ValueError(
-                f"resume_from: the checkpoint was made for {payload['total_steps']} total steps, "
-                f"this run has {total_steps}; use the same max_steps/epochs"
-            )
-        if len(payload["loader_generators"]) != len(generators):
-            raise ValueError("resume_from: the train loader's generators differ from the checkpointed run")
-        _load_trained_tensors(model, ckpt / TENSORS_FILE)
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        for cb, cb_state in zip(callbacks, payload["callbacks"]):
-            if cb_state is not None and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(cb_state)
-        state.step, state.epoch, state.batch_in_epoch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
-        history, evals, elapsed_before = list(payload["history"]), list(payload["evals"]), payload["elapsed"]
-        epoch_start_rng = payload["rng"]["epoch_start"]
-        epoch_start_gens = payload["loader_generators"]
-        resume_rng = payload["rng"]["now"]
-
+    device = place_model(model, cfg.device)
+    if cfg.measure_memory:
+        reset_peak_memory(device)
+    total_steps, per_epoch = _total_steps(train_loader, cfg)
+    optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps)
+    loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start)
+    loop.start(resume_from)
     trainable, total = count_params(model)
-    ckpt_root = Path(cfg.output_dir) / "checkpoints" if cfg.output_dir else None
-    interactive = cfg.progress and sys.stderr.isatty()
-    bar = None
-    if interactive:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
-
-    def checkpoint() -> None:
-        rng = {"epoch_start": epoch_start_rng, "now": _rng_state(device)}
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        save_checkpoint(ckpt_root / f"{CHECKPOINT_PREFIX}{state.step}", state, rng, epoch_start_gens,
-                        history, evals, elapsed, callbacks)
-        _prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
-
+    optimizer.zero_grad(set_to_none=True)  # no gradient left over from before the run enters step 1
     model.train()
-    _call(callbacks, "on_train_begin", state)
+    call(loop.callbacks, "on_train_begin", state)
     t_train = time.perf_counter()
-    try:
-        while state.step < total_steps and not state.should_stop:
-            # The epoch's order is drawn from these states when the loader is iterated: restore them
-            # (a resume re-draws the same permutation, then skips the batches already trained on).
-            _set_rng_state(epoch_start_rng, device)
-            for g, s in zip(generators, epoch_start_gens):
-                g.set_state(s)
-            batches = _batches(train_loader, state.batch_in_epoch)
-            if resume_rng is not None:  # RNG exactly as at the checkpoint (dropout masks etc.)
-                _set_rng_state(resume_rng, device)
-                resume_rng = None
-            empty = True
-            for batch in batches:
-                empty = False
-                batch = _to_device(batch, device)
-                loss = model(**batch).loss
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
-                    )
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.loss = float(loss.detach())
-                history.append({"step": state.step, "loss": state.loss, "lr": lr})
-                _call(callbacks, "on_step_end", state)
-                if bar is not None:
-                    bar.update(1)
-                    if state.step % cfg.log_every == 0:
-                        bar.set_postfix(loss=f"{state.loss:.4f}")
-                if eval_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
-                        and state.step < total_steps:
-                    metrics = evaluate(model, eval_loader, cfg.task, cfg.eval_max_batches)
-                    evals.append({"step": state.step, **metrics})
-                    _call(callbacks, "on_evaluate", state, metrics)
-                if steps_per_epoch is not None and state.batch_in_epoch >= steps_per_epoch:
-                    # epoch done: the next epoch starts from the states as they are now
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                    epoch_start_rng = _rng_state(device)
-                    epoch_start_gens = [g.get_state() for g in generators]
-                if ckpt_root is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    checkpoint()
-                if state.step >= total_steps or state.should_stop:
-                    break
-            else:  # loader exhausted (also covers loaders without len())
-                if empty and state.batch_in_epoch == 0:
-                    raise ValueError("train_loader yielded no batches")
-                if state.batch_in_epoch:
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                    epoch_start_rng = _rng_state(device)
-                    epoch_start_gens = [g.get_state() for g in generators]
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress_bar(cfg, total_steps, state.step) as loop.bar:
+        while not loop.done():
+            loop.run_epoch()
     train_time = time.perf_counter() - t_train
-
-    if ckpt_root is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every != 0:
-        checkpoint()  # the final state, so resuming a finished run is a no-op
-    if eval_loader is not None:
-        metrics = evaluate(model, eval_loader, cfg.task)
-        evals.append({"step": state.step, **metrics})
-        _call(callbacks, "on_evaluate", state, metrics)
-    else:
-        tail = history[-10:]
-        metrics = {"train_loss": sum(h["loss"] for h in tail) / max(1, len(tail))}
-    _call(callbacks, "on_train_end", state)
+    metrics = loop.finish()
     model.eval()
-
-    peak, kind = peak_memory(device)
+    peak, kind = peak_memory(device) if cfg.measure_memory else (0, "not_measured")
     return TrainResult(
-        history=history,
-        evals=evals,
-        metrics=metrics,
-        steps=state.step,
-        wall_time_s=elapsed_before + time.perf_counter() - t_start,
-        train_time_s=train_time,
-        trainable_params=trainable,
-        total_params=total,
-        optimizer_state_bytes=optimizer_state_bytes(optimizer),
-        peak_memory_bytes=peak,
-        peak_memory_kind=kind,
-        device=str(device),
-        config=cfg.to_dict(),
+        history=loop.history, evals=loop.evals, metrics=metrics, steps=state.step, wall_time_s=loop.elapsed(),
+        train_time_s=train_time, trainable_params=trainable, total_params=total,
+        optimizer_state_bytes=optimizer_state_bytes(optimizer), peak_memory_bytes=peak, peak_memory_kind=kind,
+        device=str(device), config=cfg.to_dict(),
     )
 
 
 __all__ = [
     "FULL_FINETUNE", "HEAD_ONLY", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
-    "optimizer_state_bytes", "param_groups", "peak_memory", "prepare_model", "register_optimizer",
+    "optimizer_state_bytes", "param_groups", "peak_memory", "place_model", "prepare_model", "register_optimizer",
     "reset_peak_memory", "resolve_device", "save_checkpoint", "seed_everything", "train",
 ]

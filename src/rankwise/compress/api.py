@@ -35,13 +35,14 @@ from torch import nn
 
 from .. import catalogue
 from ..adapters import adapt, merge_and_unload
+from ..batches import LossFn
 from ..checks import choice, fraction, integer
 from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks
 from ..targets import Targets, find_targets, replace_module
 from .dsee import DSEEConfig, dsee_finetune
-from .evaluate import LossFn, train_steps
 from .factorized import empty_factorized, factorized_layers
+from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
 from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
@@ -281,7 +282,7 @@ def recover(
     if not params:
         raise ValueError("the compressed model has no factorized layer to train")
     try:
-        return train_steps(model, params, data, steps, lr, loss_fn, progress, "recover")
+        return finetune(model, params, data, steps, lr, loss_fn, progress)
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])

@@ -43,11 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterConfig, AdapterLayer, InitContext, MethodSpec, adapter_layers, register
+from ..batches import LossFn
+from ..callbacks import Callback, TrainState
 from ..checks import choice, fraction, integer, positive
 from ..layout import attention_layout, check_head_layout
 from ..linalg import truncated_svd
 from ..rng import kaiming_uniform_, layer_generator
-from .evaluate import LossFn, train_steps
+from .finetune import finetune
 
 SUPPORTS = ("decomposition", "random")
 STRUCTURES = ("unstructured", "heads")
@@ -323,6 +325,21 @@ def prune_heads(model: nn.Module, sparsity: float, head_score: str = "update") -
     return pruned
 
 
+class _PruneAt(Callback):
+    """DSEE's one pruning in the loop: :func:`dsee_prune` right after optimizer step ``prune_step``
+    (counted from 1); every step's record says whether it trained under the mask (``pruned``)."""
+
+    def __init__(self, model: nn.Module, prune_step: int, sparsity: float) -> None:
+        self.model, self.prune_step, self.sparsity = model, prune_step, sparsity
+
+    def on_after_backward(self, state: TrainState) -> None:
+        state.log["pruned"] = state.step >= self.prune_step
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step == self.prune_step:
+            dsee_prune(self.model, self.sparsity)
+
+
 def dsee_finetune(
     model: nn.Module,
     data: Iterable,
@@ -345,11 +362,5 @@ def dsee_finetune(
         dsee_prune(model, sparsity)
     if steps == 0:
         return []
-
-    def prune_after(step: int) -> None:
-        if step + 1 == prune_step:
-            dsee_prune(model, sparsity)
-
     params = [p for p in model.parameters() if p.requires_grad]
-    return train_steps(model, params, data, steps, lr, loss_fn, progress, "dsee",
-                       lambda step: {"pruned": step >= prune_step}, prune_after)
+    return finetune(model, params, data, steps, lr, loss_fn, progress, [_PruneAt(model, prune_step, sparsity)])

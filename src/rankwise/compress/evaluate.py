@@ -1,112 +1,47 @@
-"""Held-out perplexity and the small data helpers that compression loops share.
+"""Held-out perplexity of compressed causal LMs on fixed blocks of the evaluation corpora.
 
-Perplexity of a causal LM on fixed blocks: ``exp(Σ NLL / Σ predicted tokens)``; every block has the
-same length, so each contributes ``block_size − 1`` predicted tokens. The evaluation corpora are the
-test splits of BBC News (prose) and the pinned Python stdlib files (code), cut into blocks with
-:func:`rankwise.data.lm_blocks`; the first ``n_blocks`` blocks are used, so the set is fixed.
+Perplexity on fixed blocks: ``exp(Σ NLL / Σ predicted tokens)`` (:func:`rankwise.train.evaluate`,
+the one perplexity of rankwise); every block has the same length, so each contributes
+``block_size − 1`` predicted tokens. The evaluation corpora are the test splits of BBC News (prose)
+and the pinned Python stdlib files (code), cut into blocks with :func:`rankwise.data.lm_blocks`; the
+first ``n_blocks`` blocks are used, so the set is fixed.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.gradients import default_loss
+from ..memory import total_params
+from ..train import evaluate
 
 EVAL_CORPORA = ("bbc", "stdlib-code")
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+#: All unique parameters of a model (the count ``rankwise compress`` reports).
+weight_count = total_params
 
 
-def move_batch(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, dict):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch
+def block_batches(blocks: torch.Tensor, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
+    """LM batches of ``batch_size`` blocks [n, T]: ``{"input_ids": ids, "labels": ids}``."""
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i : i + batch_size]
+        yield {"input_ids": ids, "labels": ids}
 
 
-def batch_stream(data: Iterable, steps: int) -> Iterator[Any]:
-    """Yield ``steps`` batches from ``data``, starting over when it runs out (ValueError if empty)."""
-    if steps < 0:
-        raise ValueError(f"steps={steps!r} must be >= 0")
-    produced = 0
-    while produced < steps:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-            produced += 1
-            if produced >= steps:
-                return
-        if empty:
-            raise ValueError("data yielded no batch")
-
-
-def loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
-    """``loss_fn(model, batch)``, default ``model(**batch).loss``."""
-    return (loss_fn or default_loss)(model, batch)
-
-
-def train_steps(
-    model: nn.Module,
-    params: list[torch.Tensor],
-    data: Iterable,
-    steps: int,
-    lr: float,
-    loss_fn: LossFn | None = None,
-    progress: bool = False,
-    desc: str = "train",
-    after_backward: Callable[[int], dict] | None = None,
-    after_step: Callable[[int], None] | None = None,
-) -> list[dict]:
-    """``steps`` AdamW steps (no weight decay) on ``params`` over ``data`` (restarted when it runs
-    out), the model in train mode and back in eval mode after. ``after_backward(step)`` runs between
-    backward and the optimizer step and returns extra history fields; ``after_step(step)`` runs after
-    it. Returns ``[{"step", "loss", **extra}]``."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(model.parameters()).device
-    history = []
-    model.train()
-    try:
-        stream = batch_stream(data, steps)
-        for step, batch in enumerate(tqdm(stream, total=steps, desc=desc, disable=not progress, leave=False)):
-            loss = loss_of(model, move_batch(batch, device), loss_fn)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            extra = after_backward(step) if after_backward is not None else {}
-            opt.step()
-            history.append({"step": step, "loss": loss.item(), **extra})
-            if after_step is not None:
-                after_step(step)
-    finally:
-        model.eval()
-    return history
-
-
-@torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
     """``exp`` of the mean next-token NLL of a causal LM over ``blocks`` [n, T] (labels = inputs)."""
     if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be a non-empty [n_blocks, block_size >= 2] tensor, got {tuple(blocks.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for i in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress, leave=False):
-            ids = blocks[i : i + batch_size].to(device)
-            out = model(input_ids=ids, labels=ids)
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            total += float(out.loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return math.exp(total / count)
+    batches = block_batches(blocks, batch_size)
+    total = -(-len(blocks) // batch_size)
+    return evaluate(model, tqdm(batches, total=total, desc="perplexity", disable=not progress, leave=False),
+                    task="lm")["perplexity"]
 
 
 def eval_blocks(tokenizer: Any, corpus: str, n_blocks: int = 16, block_size: int = 128, seed: int = 0) -> torch.Tensor:
@@ -146,13 +81,3 @@ def evaluate_corpora(
         data = blocks[corpus] if blocks and corpus in blocks else eval_blocks(tokenizer, corpus, n_blocks, block_size)
         result[corpus] = perplexity(model, data, batch_size, progress)
     return result
-
-
-def weight_count(model: nn.Module) -> int:
-    """All (unique) parameters of ``model``."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

@@ -43,9 +43,11 @@ from torch import nn
 
 from .. import checks
 from ..adapters import LoRALayer, adapt, merge_and_unload
+from ..batches import LossFn
+from ..callbacks import Callback, TrainState
 from ..layout import Block, find_blocks
 from ..targets import replace_module
-from .evaluate import LossFn, train_steps
+from .finetune import finetune
 from .resize import sliced_linear
 
 
@@ -419,6 +421,41 @@ class LoRAPruneConfig:
         checks.positive("alpha", self.alpha)
 
 
+class _PruneSchedule(Callback):
+    """LoRAPrune's schedule in the loop: after every backward the importance is updated from the LoRA
+    gradients and the masks grow on the cubic schedule (before the optimizer step, as the official
+    trainer does); after the step that reaches the final sparsity ``on_target(model, step)`` runs once
+    on the masked LoRA model (in eval mode). Steps are counted from 0."""
+
+    def __init__(self, model: nn.Module, pruning: LoRAPruneState, masks: _Masks, cfg: LoRAPruneConfig, steps: int,
+                 final_sparsity: float, on_target: Callable[[nn.Module, int], None] | None) -> None:
+        self.model, self.pruning, self.masks, self.cfg = model, pruning, masks, cfg
+        self.steps, self.final, self.on_target = steps, final_sparsity, on_target
+        self.reached = False
+
+    def _target(self, step: int) -> float:
+        return cubic_sparsity(step, self.steps, self.final, self.cfg.warmup, self.cfg.cooldown)
+
+    def on_after_backward(self, state: TrainState) -> None:
+        step = state.step
+        update_importance(self.model, self.pruning, self.cfg.beta)
+        target = self._target(step)
+        if target > 0 and (step % self.cfg.prune_every == 0 or target >= self.final):
+            prune_to(self.pruning, target, self.final)
+            self.masks.refresh()
+        state.log.update(target_sparsity=target, kept_fraction=self.pruning.kept_fraction())
+
+    def on_step_end(self, state: TrainState) -> None:
+        step = state.step - 1
+        if self.reached or self._target(step) < self.final:
+            return
+        self.reached = True
+        if self.on_target is not None:
+            self.model.eval()
+            self.on_target(self.model, step)
+            self.model.train()
+
+
 def _prune_while_training(
     model: nn.Module,
     state: LoRAPruneState,
@@ -436,29 +473,10 @@ def _prune_while_training(
     names = [n for b in state.blocks for n in b.names]
     adapt(model, "lora", targets=names, r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout, trainable=trainable)
     masks = _Masks(model, state)
-    reached = False
-
-    def schedule(step: int) -> dict:
-        update_importance(model, state, cfg.beta)
-        target = cubic_sparsity(step, steps, final_sparsity, cfg.warmup, cfg.cooldown)
-        if target > 0 and (step % cfg.prune_every == 0 or target >= final_sparsity):
-            prune_to(state, target, final_sparsity)
-            masks.refresh()
-        return {"target_sparsity": target, "kept_fraction": state.kept_fraction()}
-
-    def target_reached(step: int) -> None:
-        nonlocal reached
-        if not reached and cubic_sparsity(step, steps, final_sparsity, cfg.warmup, cfg.cooldown) >= final_sparsity:
-            reached = True
-            if on_target is not None:
-                model.eval()
-                on_target(model, step)
-                model.train()
-
     try:
         params = [p for p in model.parameters() if p.requires_grad]
-        history = train_steps(model, params, data, steps, cfg.lr, loss_fn, progress, "loraprune", schedule,
-                              target_reached)
+        schedule = _PruneSchedule(model, state, masks, cfg, steps, final_sparsity, on_target)
+        history = finetune(model, params, data, steps, cfg.lr, loss_fn, progress, [schedule])
     finally:
         masks.remove()
     merge_and_unload(model)
@@ -511,6 +529,6 @@ def loraprune_recover(
     adapt(model, "lora", targets=list(targets), r=cfg.r, alpha=float(cfg.alpha), dropout=cfg.dropout,
           trainable=trainable)
     params = [p for p in model.parameters() if p.requires_grad]
-    history = train_steps(model, params, data, steps, cfg.lr, loss_fn, progress, "loraprune recover")
+    history = finetune(model, params, data, steps, cfg.lr, loss_fn, progress)
     merge_and_unload(model)
     return history

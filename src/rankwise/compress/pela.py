@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..callbacks import Callback, TrainState
 from ..checks import choice, integer, non_negative, positive
 from ..targets import Targets
-from .evaluate import batch_stream, move_batch
 from .factorized import FactorizedLinear, factorized_layers
+from .finetune import finetune
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks, target_linears
 
 TRAINABLE = ("all", "factors")
@@ -124,6 +124,27 @@ def pela_losses(
     return {"task": task, "feature": feature, "logits": logits, "wpr": wpr, "total": total}
 
 
+class _Distill(Callback):
+    """PELA's objective as the loop's loss (:func:`pela_losses` against the teacher) and, after each
+    optimizer step, the step's loss components in ``history`` and ``on_step(step, record)``."""
+
+    def __init__(self, teacher: nn.Module, weights: tuple[float, ...],
+                 on_step: Callable[[int, dict[str, float]], None] | None) -> None:
+        self.teacher, self.weights, self.on_step = teacher, weights, on_step
+        self.losses: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+
+    def loss(self, student: nn.Module, batch: Any) -> torch.Tensor:
+        self.losses = pela_losses(student, self.teacher, batch, *self.weights)
+        return self.losses["total"]
+
+    def on_step_end(self, state: TrainState) -> None:
+        record = {k: float(v.detach()) for k, v in self.losses.items()}
+        self.history.append(record)
+        if self.on_step is not None:
+            self.on_step(state.step - 1, record)
+
+
 def pela_distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -157,20 +178,10 @@ def pela_distill(
     else:
         for p in student.parameters():
             p.requires_grad_(True)
+    if steps == 0:
+        student.eval()
+        return []
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(student.parameters()).device
-    student.train()
-    history: list[dict[str, float]] = []
-    stream = batch_stream(data, steps)
-    for step, batch in enumerate(tqdm(stream, total=steps, desc="pela distill", disable=not progress, leave=False)):
-        losses = pela_losses(student, teacher, move_batch(batch, device), kd_alpha, kd_beta, wpr_weight, wpr_eps, task_weight)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
-        record = {k: float(v.detach()) for k, v in losses.items()}
-        history.append(record)
-        if on_step is not None:
-            on_step(step, record)
-    student.eval()
-    return history
+    distill = _Distill(teacher, (kd_alpha, kd_beta, wpr_weight, wpr_eps, task_weight), on_step)
+    finetune(student, params, data, steps, lr, distill.loss, progress, [distill])
+    return distill.history

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..checks import integer
+from ..memory import gradient_bytes, tensor_bytes
 
 __all__ = ["GradBytesTracker", "LayerwiseOptimizer", "layerwise"]
 
@@ -165,13 +166,9 @@ class GradBytesTracker:
         self.peak_bytes = 0
         self._handles = [p.register_post_accumulate_grad_hook(self._observe) for p in self._params]
 
-    @staticmethod
-    def _bytes(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
-
     def _observe(self, p: torch.Tensor) -> None:
-        live = self._bytes(p.grad if p.grad is not None else p)
-        live += sum(self._bytes(q.grad) for q in self._params if q is not p and q.grad is not None)
+        live = tensor_bytes(p.grad if p.grad is not None else p)
+        live += gradient_bytes(q for q in self._params if q is not p)
         self.peak_bytes = max(self.peak_bytes, live)
 
     def reset(self) -> None:

@@ -35,6 +35,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..checks import beta_pair, choice, integer, number
+from ..memory import optimizer_state_bytes
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
     POWER_DTYPES, PROJECTOR_OPTIONS, PROJECTORS, SIDES, Projector, make_projector, projector_options, resolve_side,
@@ -257,9 +258,7 @@ class ProjectedOptimizer(Optimizer):
 
     def state_bytes(self) -> int:
         """Exact optimizer-state size: the sum of ``nbytes`` over every state tensor."""
-        return sum(
-            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if torch.is_tensor(v)
-        )
+        return optimizer_state_bytes(self)
 
     def projector(self, p: torch.Tensor) -> Projector:
         """The projector object of parameter ``p`` (for inspection: ``.matrix(opt.state[p])``)."""

@@ -9,7 +9,9 @@ Structured layers (``layers``): :class:`FactorizedLinear` (W = U V) and :class:`
 * ``maestro`` — LoD ordered low-rank layers, :class:`Maestro` helper and :func:`truncate`;
 * ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`.
 
-Controllers are plain objects with a ``step()`` to call after ``optimizer.step()``.
+Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): pass them to
+``rankwise.train.train(..., callbacks=[controller])``, or call their ``step()`` after
+``optimizer.step()`` in a loop of your own.
 """
 
 from .api import SPARSE_METHODS, SparseMethod, SparseState, densify, sparse_summary, sparsify

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
+from ..callbacks import RankController
 from ..targets import replace_module
 from .layers import FactorizedLinear, check_linear
 
@@ -117,8 +118,10 @@ class MaestroLinear(FactorizedLinear):
         return super().extra_repr() + f", kept={self.kept}"
 
 
-class Maestro:
-    """LoD training helper: sampled truncation, group lasso and progressive shrinking."""
+class Maestro(RankController):
+    """LoD training helper: sampled truncation, group lasso and progressive shrinking. In
+    ``rankwise.train.train`` pass it as a callback (shrinking) and its objective as the loss:
+    ``loss_fn=lambda m, b: maestro.loss(lambda: default_loss(m, b))``."""
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .. import checks
 from ..adapters import LoRALayer, adapt, adapter_layers
+from ..callbacks import RankController, TrainState
 from ..rng import kaiming_uniform_, layer_generator
 from ..targets import Targets
 
@@ -134,8 +135,9 @@ def random_prune_(t: torch.Tensor, ratio: float, generator: torch.Generator | No
     t.mul_(keep.to(device=t.device, dtype=t.dtype))
 
 
-class ReLoRA:
-    """Merge-and-restart controller: call :meth:`step` after every ``optimizer.step()``."""
+class ReLoRA(RankController):
+    """Merge-and-restart controller: call :meth:`step` after every ``optimizer.step()``, or pass it to
+    ``rankwise.train.train(..., optimizer=optimizer, callbacks=[relora])`` with the optimizer it was built with."""
 
     def __init__(
         self,
@@ -163,6 +165,11 @@ class ReLoRA:
         self.steps = 0
         self.merges = 0
         self._generator = torch.Generator().manual_seed(seed)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        if state.optimizer is not self.optimizer:
+            raise ValueError("ReLoRA resets the state of the optimizer it was built with: pass that one to "
+                             "train(..., optimizer=...)")
 
     def step(self) -> bool:
         """Count one optimizer step; every ``merge_every`` steps merge, re-init and reset. True if merged."""

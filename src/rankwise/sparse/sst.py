@@ -15,7 +15,8 @@ W is removed). Training (§4.2-4.5, App. A, Alg. 1):
   reset; after a *round* of ``iterations_per_round`` iterations (default ⌈m/r⌉) the weight is
   re-decomposed, ``U, Σ, V ← SVD(U Σ Vᵀ)`` (periodic re-initialization, §4.3).
 
-Call :class:`SST` ``.step()`` after every ``optimizer.step()``.
+Call :class:`SST` ``.step()`` after every ``optimizer.step()``, or pass it to
+``rankwise.train.train(..., callbacks=[sst])``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
+from ..callbacks import RankController, TrainState, clear_optimizer_state
 from ..linalg import svd_precision
 from .layers import check_linear
 
@@ -206,14 +208,10 @@ class SpectralLinear(nn.Module):
                 f"m={self.inner_dim}, active={self.rank}, bias={self.bias is not None}")
 
 
-def _reset_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    for p in params:
-        if p in optimizer.state:
-            optimizer.state[p].clear()
-
-
-class SST:
-    """Sparse Spectral Training controller: call :meth:`step` after every ``optimizer.step()``."""
+class SST(RankController):
+    """Sparse Spectral Training controller: call :meth:`step` after every ``optimizer.step()``, or
+    pass it to ``rankwise.train.train(callbacks=[sst])``; without an ``optimizer`` of its own it then
+    resets the state of the loop's optimizer."""
 
     def __init__(
         self,
@@ -240,6 +238,13 @@ class SST:
         self.steps = 0
         self.iterations = 0
 
+    def on_train_begin(self, state: TrainState) -> None:
+        if self.optimizer is None:
+            self.optimizer = state.optimizer
+        elif state.optimizer is not self.optimizer:
+            raise ValueError("SST resets the state of the optimizer it was built with: pass that one to "
+                             "train(..., optimizer=...)")
+
     def step(self) -> None:
         """Project (Σ ≥ 0, unit vectors); at iteration ends resample I and reset its state; at round ends re-SVD."""
         self.steps += 1
@@ -258,7 +263,7 @@ class SST:
             params = [p for layer in self.layers for p in (layer.u_active, layer.vh_active)]
             if new_round:  # Σ entries now belong to new singular triplets
                 params += [layer.sigma for layer in self.layers]
-            _reset_state(self.optimizer, params)
+            clear_optimizer_state(self.optimizer, params)
 
 
 __all__ = ["SST", "SpectralLinear", "sample_active", "sampling_probabilities"]

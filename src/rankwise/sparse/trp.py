@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
+from ..callbacks import RankController
 from ..linalg import energy_rank, svd_precision
 from ..targets import replace_module
 from .layers import FactorizedLinear, check_linear
@@ -93,8 +94,9 @@ class TRPLinear(nn.Linear):
         return super().extra_repr() + f", last_rank={self.last_rank}"
 
 
-class TRP:
-    """TRP controller: truncation + nuclear sub-gradient every ``period`` steps (step 0 included)."""
+class TRP(RankController):
+    """TRP controller: truncation + nuclear sub-gradient every ``period`` steps (step 0 included); call
+    :meth:`step` after every ``optimizer.step()`` or pass it to ``rankwise.train.train(callbacks=[trp])``."""
 
     def __init__(self, model: nn.Module, energy: float = 0.9, period: int = 1, nuclear_weight: float = 0.0) -> None:
         self.energy = checks.fraction("energy", energy)

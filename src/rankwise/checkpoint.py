@@ -1,0 +1,175 @@
+"""Checkpoints of the training loop: RNG states, trained tensors, and the checkpoint directories.
+
+A checkpoint holds everything an exact resume needs: the trained tensors (safetensors), the optimizer
+and scheduler state, the position (step, epoch, batch in epoch), every RNG state (torch, CUDA, numpy,
+python, and the DataLoader's generators at the start of the epoch), the callbacks' state and the
+history so far. Directories are written atomically (:func:`rankwise.io.atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .callbacks import TrainState
+from .io import atomic_directory, save_tensors, write_json
+
+__all__ = [
+    "CHECKPOINT_PREFIX", "find_checkpoint", "load_checkpoint", "load_trained_tensors", "loader_generators",
+    "prune_checkpoints", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "trained_tensors",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+TENSORS_FILE = "trained_tensors.safetensors"
+INFO_FILE = "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The distinct torch.Generators that decide a DataLoader's order (its own and its sampler's)."""
+    gens: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for obj in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
+            gens.append(g)
+    return gens
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every global RNG state now: torch, CUDA (on a GPU device), numpy and python."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore the RNG states captured by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    npst = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+        "has_gauss": npst["has_gauss"],
+        "gauss": npst["gauss"],
+    })
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ----------------------------------------------------------------------------- trained tensors
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter and every persistent buffer, by state_dict name.
+
+    With full fine-tuning this is the whole model state; with adapters it is the adapter tensors,
+    the trained heads and the buffers (adapter masks or ranks a controller may change).
+    """
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    buffers = {id(b) for b in model.buffers()}
+    return {
+        k: v for k, v in model.state_dict(keep_vars=True).items()
+        if id(v) in trainable or id(v) in buffers
+    }
+
+
+def load_trained_tensors(model: nn.Module, checkpoint: Path) -> None:
+    """Copy the trained tensors saved in ``checkpoint`` into the model's (the names must match exactly)."""
+    tensors = load_file(str(checkpoint / TENSORS_FILE))
+    expected = trained_tensors(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model (build it exactly as for the first run): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
+
+
+# ----------------------------------------------------------------------------- checkpoint directories
+def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], loader_states: list[torch.Tensor],
+                    history: list, evals: list, elapsed: float, callbacks: Sequence[Any]) -> Path:
+    """Write one checkpoint directory atomically (a crash mid-write leaves no partial checkpoint)."""
+    payload = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "total_steps": state.total_steps,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "rng": rng,
+        "loader_generators": loader_states,
+        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
+        "history": history,
+        "evals": evals,
+        "elapsed": elapsed,
+    }
+    with atomic_directory(path) as tmp:
+        save_tensors({k: v.detach() for k, v in trained_tensors(state.model).items()}, tmp / TENSORS_FILE)
+        torch.save(payload, tmp / STATE_FILE)
+        write_json(tmp / INFO_FILE, {"step": state.step, "epoch": state.epoch,
+                                     "batch_in_epoch": state.batch_in_epoch, "config": state.config.to_dict()})
+    return Path(path)
+
+
+def _number(path: Path) -> int:
+    """N of a ``checkpoint-N`` directory name (-1 for other names)."""
+    tail = path.name[len(CHECKPOINT_PREFIX):]
+    return int(tail) if tail.isdigit() else -1
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else its newest ``checkpoint-N`` (directly or under checkpoints/)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = sorted(
+            (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()),
+            key=_number,
+        )
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"resume_from={str(path)!r}: no checkpoint ({STATE_FILE}) found there")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The loop state saved in checkpoint directory ``path`` (tensors on CPU)."""
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def prune_checkpoints(root: Path, keep: int | None) -> None:
+    """Delete all but the ``keep`` newest ``checkpoint-N`` directories under ``root`` (None: keep all)."""
+    if keep is None:
+        return
+    ckpts = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) >= 0), key=_number)
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
