@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise as rw
-from rankwise.compress.dsee import DSEEConfig, attention_blocks, dsee_finetune, dsee_prune
+from rankwise.compress import DSEEConfig, attention_blocks, dsee_finetune, dsee_prune
 from rankwise.compress.factorized import FactorizedLinear
 from rankwise.compress.lord import lord_compress, output_grams
 

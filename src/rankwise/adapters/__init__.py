@@ -11,14 +11,16 @@ from . import dora  # noqa: F401
 from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
+from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 # isort: on
 from .base import AdapterConfig, AdapterLayer
+from .dsee import HEAD_SCORES, DSEEConfig, DSEELayer, dsee_support
 from .init import InitContext
 from .lora import LoRALayer
 from .ops import merge_and_unload
 from .registry import REGISTRY, MethodSpec, adapt, adapter_layers, get_method, register
 
 __all__ = [
-    "AdapterConfig", "AdapterLayer", "InitContext", "LoRALayer", "MethodSpec", "REGISTRY", "adapt", "adapter_layers",
-    "get_method", "merge_and_unload", "register",
+    "HEAD_SCORES", "REGISTRY", "AdapterConfig", "AdapterLayer", "DSEEConfig", "DSEELayer", "InitContext", "LoRALayer",
+    "MethodSpec", "adapt", "adapter_layers", "dsee_support", "get_method", "merge_and_unload", "register",
 ]

@@ -1,12 +1,12 @@
 """Compression of pretrained models: low-rank factorization (SVD baseline, WeLore, LoRD, PELA),
-structured pruning guided by LoRA (LoRAPrune) and sparse-plus-low-rank tuning (DSEE).
+structured pruning guided by LoRA (LoRAPrune) and sparse-plus-low-rank tuning (DSEE, whose adapter
+layer lives in the adapter package).
 
-``rw.compress(model, method, ratio=0.5)`` is the entry point; importing this package also registers
-the ``dsee`` adapter method.
+``rw.compress(model, method, ratio=0.5)`` is the entry point.
 """
 
+from ..adapters import DSEEConfig, DSEELayer, dsee_support
 from ..layout import find_blocks
-from . import dsee  # noqa: F401  (registers the "dsee" adapter)
 from .api import (
     COMPRESS_METHODS,
     CompressState,
@@ -16,14 +16,14 @@ from .api import (
     recover,
     save_compressed,
 )
-from .dsee import DSEEConfig, DSEELayer, attention_blocks, dsee_finetune, dsee_prune, dsee_support, prune_heads
+from .dsee import attention_blocks, dsee_finetune, dsee_prune, prune_heads
 from .evaluate import eval_blocks, evaluate_corpora, perplexity
 from .factorized import FactorizedLinear, densify, factorized_layers
 from .loraprune import cubic_sparsity, loraprune, loraprune_recover, remove_pruned_units
 from .lord import output_grams
-from .resize import apply_layout, sliced_linear
 from .pela import pela_distill, pela_losses, weight_perturbation
 from .rank import rank_fraction_ranks, uniform_ratio_rank, welore_ranks
+from .resize import apply_layout, sliced_linear
 from .svd import SVDCache, thin_svd
 from .welore import welore_finetune_params, welore_plan
 

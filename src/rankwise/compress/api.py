@@ -34,13 +34,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import catalogue
-from ..adapters import adapt, merge_and_unload
+from ..adapters import DSEEConfig, adapt, merge_and_unload
 from ..batches import LossFn
 from ..checks import choice, fraction, integer
 from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks
 from ..targets import Targets, find_targets, replace_module
-from .dsee import DSEEConfig, dsee_finetune
+from .dsee import dsee_finetune
 from .factorized import empty_factorized, factorized_layers
 from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
@@ -158,7 +158,7 @@ def compress(
     ``loraprune`` needs ``data`` and ``steps`` (options of :class:`~.loraprune.LoRAPruneConfig`) and
     returns a physically smaller model (pruned heads and channels removed);
     ``dsee`` trains ``steps`` steps on ``data`` (``steps=0``: prune at once; adapter options of
-    :class:`~.dsee.DSEEConfig` plus ``lr`` and ``prune_at``). ``cache`` reuses SVDs across calls.
+    :class:`~rankwise.adapters.DSEEConfig` plus ``lr`` and ``prune_at``). ``cache`` reuses SVDs across calls.
     """
     ratio = fraction("ratio", ratio)
     choice("method", method, sorted(COMPRESS_METHODS))
