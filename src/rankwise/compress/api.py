@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,26 +55,6 @@ COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
 
-
-_METHODS = (
-    # (name, paper, one-line mechanism); DSEE is registered by the adapter package (its adapter layer)
-    ("svd", "Eckart & Young 1936 (truncated SVD baseline)",
-     "every matrix → rank keeping `ratio` of its weights, two SVD factors"),
-    ("welore", "Jaiswal et al. 2024, From GaLore to WeLore",
-     "heavy-tail rank per matrix from normalized singular values; LRCs factorized, N-LRCs dense"),
-    ("lord", "Kaushal et al. 2023, LORD: Low Rank Decomposition of Monolingual Code LLMs",
-     "same rank fraction for every matrix; trainable truncated-SVD factor pairs, or output-covariance factors "
-     "with data="),
-    ("pela", "Guo et al. 2024, PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
-     "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg."),
-    ("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
-     "iterative head/channel pruning from LoRA weights and gradients during LoRA fine-tuning"),
-)
-for _name, _paper, _mechanism in _METHODS:
-    catalogue.register(catalogue.MethodRecord(
-        _name, "compression", _paper, _mechanism, api="compress", exports="compressed",
-        builder=lambda model, _name=_name, **options: compress(model, _name, **options),
-    ))
 
 #: Every compression method (name -> catalogue record), DSEE included: a view of the catalogue.
 COMPRESS_METHODS: Mapping[str, catalogue.MethodRecord] = catalogue.View(lambda r: r.api == "compress", lambda r: r)
@@ -172,79 +152,135 @@ def compress(
         raise ValueError(f"method '{method}' is one-shot: steps must be 0{note}; use recover() to fine-tune")
     if steps > 0 and data is None:
         raise ValueError(f"method '{method}' trains for steps={steps} and needs data=... (an iterable of batches)")
-    cache = cache if cache is not None else SVDCache()
-
-    if method == "loraprune":
-        state = _compress_loraprune(model, ratio, targets, data, steps, loss_fn, progress, config)
-    elif method == "dsee":
-        state = _compress_dsee(model, ratio, targets, data, steps, loss_fn, progress, config)
-    else:
-        found = find_targets(model, targets)
-        names = [n for n, _ in found]
-        before = _weights(model, names)
-        details: dict[str, Any] = {}
-        if method == "svd":
-            _check_config(method, config, ("rank",))
-            ranks = factorize_layers(model, svd_ranks(shapes_of(found), ratio, config.get("rank")), cache, progress)
-        elif method == "welore":
-            _check_config(method, config, ("min_reduction",))
-            plan, ranks = welore_compress(model, ratio, targets, cache, progress, **config)
-            details = {"threshold": plan.threshold, "lrc": plan.lrc, "nlrc": plan.nlrc, "reductions": plan.reductions}
-        elif method == "lord":
-            _check_config(method, config, ("rank",))
-            ranks = lord_compress(model, ratio, targets, cache, progress, calibration=data, **config)
-            details = {"decomposition": "output-covariance" if data is not None else "svd"}
-        else:  # pela
-            _check_config(method, config, PELAConfig.__dataclass_fields__)
-            cfg = PELAConfig(**config)
-            teacher = copy.deepcopy(model) if (steps > 0 and data is not None) else None
-            ranks = pela_compress(model, ratio, targets, cache, progress, rank=cfg.rank)
-            if teacher is not None:
-                kw = {k: v for k, v in asdict(cfg).items() if k != "rank"}
-                details["distill"] = pela_distill(model, teacher, data, steps, progress=progress, **kw)
-                del teacher
-        ranks = {n: ranks.get(n) for n in names}
-        state = CompressState(method, ratio, names, ranks, before, _weights(model, names), details)
-    model.rankwise_compress = state
+    request = Request(ratio, targets, data, steps, loss_fn, cache if cache is not None else SVDCache(), progress,
+                      dict(config))
+    model.rankwise_compress = _runner(method)(model, request)
     return model
 
 
-def _compress_loraprune(
-    model: nn.Module, ratio: float, targets: Targets, data: Iterable | None, steps: int,
-    loss_fn: LossFn | None, progress: bool, config: dict[str, Any],
-) -> CompressState:
-    if not (isinstance(targets, str) and targets == "all-linear"):
+@dataclass
+class Request:
+    """What ``compress`` was asked: every method's runner gets the same one."""
+
+    ratio: float
+    targets: Targets
+    data: Iterable | None
+    steps: int
+    loss_fn: LossFn | None
+    cache: SVDCache
+    progress: bool
+    config: dict[str, Any]
+
+
+def _factorized(model: nn.Module, method: str, req: Request,
+                factorize: Callable[[list[tuple[str, nn.Linear]]], tuple[dict[str, int | None], dict[str, Any]]]
+                ) -> CompressState:
+    """The state of a factorizing method: ``factorize(targets) -> (ranks, details)`` replaces the layers."""
+    found = find_targets(model, req.targets)
+    names = [n for n, _ in found]
+    before = _weights(model, names)
+    ranks, details = factorize(found)
+    ranks = {n: ranks.get(n) for n in names}
+    return CompressState(method, req.ratio, names, ranks, before, _weights(model, names), details)
+
+
+def _svd(model: nn.Module, req: Request) -> CompressState:
+    _check_config("svd", req.config, ("rank",))
+    return _factorized(model, "svd", req, lambda found: (factorize_layers(
+        model, svd_ranks(shapes_of(found), req.ratio, req.config.get("rank")), req.cache, req.progress), {}))
+
+
+def _welore(model: nn.Module, req: Request) -> CompressState:
+    _check_config("welore", req.config, ("min_reduction",))
+
+    def factorize(found):
+        plan, ranks = welore_compress(model, req.ratio, req.targets, req.cache, req.progress, **req.config)
+        return ranks, {"threshold": plan.threshold, "lrc": plan.lrc, "nlrc": plan.nlrc, "reductions": plan.reductions}
+
+    return _factorized(model, "welore", req, factorize)
+
+
+def _lord(model: nn.Module, req: Request) -> CompressState:
+    _check_config("lord", req.config, ("rank",))
+    return _factorized(model, "lord", req, lambda found: (
+        lord_compress(model, req.ratio, req.targets, req.cache, req.progress, calibration=req.data, **req.config),
+        {"decomposition": "output-covariance" if req.data is not None else "svd"}))
+
+
+def _pela(model: nn.Module, req: Request) -> CompressState:
+    _check_config("pela", req.config, PELAConfig.__dataclass_fields__)
+    cfg = PELAConfig(**req.config)
+
+    def factorize(found):
+        teacher = copy.deepcopy(model) if (req.steps > 0 and req.data is not None) else None
+        ranks = pela_compress(model, req.ratio, req.targets, req.cache, req.progress, rank=cfg.rank)
+        if teacher is None:
+            return ranks, {}
+        kw = {k: v for k, v in asdict(cfg).items() if k != "rank"}
+        return ranks, {"distill": pela_distill(model, teacher, req.data, req.steps, progress=req.progress, **kw)}
+
+    return _factorized(model, "pela", req, factorize)
+
+
+def _loraprune(model: nn.Module, req: Request) -> CompressState:
+    if not (isinstance(req.targets, str) and req.targets == "all-linear"):
         raise ValueError(
             "targets must be 'all-linear' for loraprune: it prunes whole heads and MLP channels of every block"
         )
-    _check_config("loraprune", config, [*LoRAPruneConfig.__dataclass_fields__, "trainable", "on_target"])
-    if data is None or steps < 1:
+    _check_config("loraprune", req.config, [*LoRAPruneConfig.__dataclass_fields__, "trainable", "on_target"])
+    if req.data is None or req.steps < 1:
         raise ValueError("loraprune needs data=... and steps >= 1: importance comes from LoRA gradients while training")
     names = [n for b in find_blocks(model, "LoRAPrune") for n in b.names]
     before = _weights(model, names)
-    prune_state, history, layout = loraprune(model, data, ratio, steps, loss_fn=loss_fn, progress=progress, **config)
+    prune_state, history, layout = loraprune(model, req.data, req.ratio, req.steps, loss_fn=req.loss_fn,
+                                             progress=req.progress, **req.config)
     details = {**prune_state.to_dict(), "history": history}
-    return CompressState("loraprune", ratio, names, {}, before, _weights(model, names), details, layout)
+    return CompressState("loraprune", req.ratio, names, {}, before, _weights(model, names), details, layout)
 
 
-def _compress_dsee(
-    model: nn.Module, ratio: float, targets: Targets, data: Iterable | None, steps: int,
-    loss_fn: LossFn | None, progress: bool, config: dict[str, Any],
-) -> CompressState:
+def _dsee(model: nn.Module, req: Request) -> CompressState:
     train_keys = ("lr", "prune_at", "trainable")
+    config = req.config
     _check_config("dsee", config, [*DSEEConfig.field_names(), *train_keys])
     adapter_cfg = {k: v for k, v in config.items() if k not in train_keys}
-    if steps > 0 and data is None:
-        raise ValueError("dsee with steps > 0 needs data=...")
-    adapt(model, "dsee", targets=targets, trainable=config.get("trainable", "auto"), **adapter_cfg)
+    adapt(model, "dsee", targets=req.targets, trainable=config.get("trainable", "auto"), **adapter_cfg)
     names = list(model.rankwise_adapter.layers)
     before = sum(model.get_submodule(n).base_layer.weight.numel() for n in names)
-    history = dsee_finetune(model, data or [], steps, 1.0 - ratio, config.get("prune_at", 0.5),
-                            config.get("lr", 1e-3), loss_fn, progress)
+    history = dsee_finetune(model, req.data or [], req.steps, 1.0 - req.ratio, config.get("prune_at", 0.5),
+                            config.get("lr", 1e-3), req.loss_fn, req.progress)
     merge_and_unload(model)
     after = sum(int(model.get_submodule(n).weight.count_nonzero()) for n in names)
     nnz = DSEEConfig(**adapter_cfg).nnz
-    return CompressState("dsee", ratio, names, {}, before, after, {"nnz": nnz, "history": history})
+    return CompressState("dsee", req.ratio, names, {}, before, after, {"nnz": nnz, "history": history})
+
+
+Runner = Callable[[nn.Module, Request], CompressState]
+_METHODS: tuple[tuple[str, str, str, Runner], ...] = (
+    # (name, paper, one-line mechanism, runner); DSEE's record comes from the adapter package (its layer)
+    ("svd", "Eckart & Young 1936 (truncated SVD baseline)",
+     "every matrix → rank keeping `ratio` of its weights, two SVD factors", _svd),
+    ("welore", "Jaiswal et al. 2024, From GaLore to WeLore",
+     "heavy-tail rank per matrix from normalized singular values; LRCs factorized, N-LRCs dense", _welore),
+    ("lord", "Kaushal et al. 2023, LORD: Low Rank Decomposition of Monolingual Code LLMs",
+     "same rank fraction for every matrix; trainable truncated-SVD factor pairs, or output-covariance factors "
+     "with data=", _lord),
+    ("pela", "Guo et al. 2024, PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
+     "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg.", _pela),
+    ("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
+     "iterative head/channel pruning from LoRA weights and gradients during LoRA fine-tuning", _loraprune),
+)
+for _name, _paper, _mechanism, _run in _METHODS:
+    catalogue.register(catalogue.MethodRecord(
+        _name, "compression", _paper, _mechanism, api="compress", exports="compressed", spec=_run,
+        builder=lambda model, _name=_name, **options: compress(model, _name, **options),
+    ))
+
+
+def _runner(method: str) -> Runner:
+    """The method's runner: its record's ``spec``, or (DSEE, whose record holds its adapter layer) ``_dsee``."""
+    spec = COMPRESS_METHODS[method].spec
+    return spec if callable(spec) else _dsee
+
 
 
 # ----------------------------------------------------------------------------------- recovery
