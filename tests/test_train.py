@@ -10,15 +10,14 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import rankwise as rw
+from rankwise import catalogue
 from rankwise.train import (
-    OPTIMIZERS,
     TrainConfig,
     build_optimizer,
     evaluate,
     find_checkpoint,
     lr_factor,
     optimizer_state_bytes,
-    register_optimizer,
     train,
 )
 
@@ -253,14 +252,15 @@ def test_callbacks_run_after_step_and_can_stop():
     assert res.steps == 3 and seen == [(1, True), (2, True), (3, True)]
 
 
-def test_optimizer_factory_is_extensible():
-    register_optimizer("sgd-test", lambda model, cfg: torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
-    try:
-        opt = build_optimizer(make("full"), TrainConfig(optimizer="sgd-test"))
-        assert isinstance(opt, torch.optim.SGD)
-    finally:
-        del OPTIMIZERS["sgd-test"]
+def test_optimizer_factory_is_extensible(monkeypatch):
+    """An optimizer registered in the catalogue is one the loop can build by name."""
+    monkeypatch.setattr(catalogue, "_RECORDS", {**catalogue._RECORDS})  # the registration ends with the test
+    catalogue.register(catalogue.MethodRecord(
+        "sgd-test", "optimizer", "test", "plain SGD", api="optim", config=torch.optim.SGD,
+        builder=lambda model, **kw: rw.optim.make("sgd-test", model, **kw)))
+    opt = build_optimizer(make("full"), TrainConfig(optimizer="sgd-test", weight_decay=0.1))
+    assert isinstance(opt, torch.optim.SGD)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrices decay, vectors do not
 
 
 @pytest.mark.parametrize("kwargs,field", [

@@ -6,7 +6,7 @@ tuple/list (``model(*batch)``) or a single tensor. The default loss is ``model(*
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-__all__ = ["LossFn", "batch_stream", "call_model", "default_loss", "loss_of", "model_device", "move_batch"]
+__all__ = ["LossFn", "call_model", "default_loss", "loss_of", "model_device", "move_batch"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -52,20 +52,3 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 def loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
     """``loss_fn(model, batch)``, default ``model(**batch).loss``."""
     return (loss_fn or default_loss)(model, batch)
-
-
-def batch_stream(data: Iterable, steps: int) -> Iterator[Any]:
-    """Yield ``steps`` batches from ``data``, starting over when it runs out (ValueError if empty)."""
-    if steps < 0:
-        raise ValueError(f"steps={steps!r} must be >= 0")
-    produced = 0
-    while produced < steps:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-            produced += 1
-            if produced >= steps:
-                return
-        if empty:
-            raise ValueError("data yielded no batch")

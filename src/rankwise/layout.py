@@ -21,8 +21,7 @@ __all__ = [
     "check_head_layout", "find_blocks", "head_module_names", "layer_list", "transformer_blocks", "unwrap",
 ]
 
-# Hugging Face sequence-classification heads: what adapters train in full next to the adapters
-# (train.HEAD_MODULES still spells them out until train.py switches to this name).
+# Hugging Face sequence-classification heads: what adapters train in full next to the adapters.
 CLASSIFIER_NAMES = ("classifier", "score")
 # Every Hugging Face task-head name; "all-linear" targets never adapt them.
 HEAD_NAMES = ("lm_head", *CLASSIFIER_NAMES, "qa_outputs", "cls")

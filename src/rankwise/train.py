@@ -18,7 +18,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .adapters.base import allowed
 from .batches import LossFn, loss_of, model_device, move_batch
 from .callbacks import TrainState, call
 from .checkpoint import (
@@ -42,9 +41,11 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .checks import choice
+from .layout import CLASSIFIER_NAMES
 from .memory import count_params, optimizer_state_bytes, peak_memory, reset_peak_memory
-from .optim.factory import NAMES as OPTIMIZER_NAMES
 from .optim.factory import make as make_optimizer
+from .optim.factory import names as optimizer_names
 
 SCHEDULES = ("constant", "linear", "cosine")
 TASKS = ("auto", "classification", "lm")
@@ -86,9 +87,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        allowed("schedule", self.schedule, SCHEDULES)
-        allowed("task", self.task, TASKS)
-        allowed("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("task", self.task, TASKS)
+        choice("optimizer", self.optimizer, optimizer_names())
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a positive number")
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
@@ -151,7 +152,6 @@ def place_model(model: nn.Module, device: str | None) -> torch.device:
 # ----------------------------------------------------------------------------- what is trained
 FULL_FINETUNE = "none"  # method name for full fine-tuning (every parameter trains)
 HEAD_ONLY = "head"  # method name for training only the classification head
-HEAD_MODULES = ("classifier", "score")  # Hugging Face sequence-classification heads
 
 
 def prepare_model(
@@ -170,10 +170,10 @@ def prepare_model(
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        heads = [m for n, m in model.named_children() if n in HEAD_MODULES]
+        heads = [m for n, m in model.named_children() if n in CLASSIFIER_NAMES]
         if not heads:
             raise ValueError(
-                f"method='head' needs a classification head (a child module named one of {list(HEAD_MODULES)}); "
+                f"method='head' needs a classification head (a child module named one of {list(CLASSIFIER_NAMES)}); "
                 f"this {type(model).__name__} has none"
             )
         for p in model.parameters():
@@ -188,52 +188,13 @@ def prepare_model(
 
 
 # ----------------------------------------------------------------------------- optimizers
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: matrices get ``weight_decay``, vectors/biases/norms none."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, **cfg.optimizer_kwargs)
-
-
-def _rankwise_optimizer(name: str) -> Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]:
-    """Factory for a ``rankwise.optim.make`` optimizer; ``cfg.optimizer_kwargs`` go to its class
-    (``rank``, ``update_gap``, ``scale``, ``targets``, ``switch_every``, ...)."""
-
-    def build(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-        return make_optimizer(name, model, **{"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.optimizer_kwargs})
-
-    return build
-
-
-#: name -> factory(model, cfg). The one place where optimizers are added (see ``register_optimizer``).
-OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {
-    "adamw": _adamw,
-    **{name: _rankwise_optimizer(name) for name in OPTIMIZER_NAMES if name != "adamw"},
-}
-
-
-def register_optimizer(name: str, factory: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]) -> None:
-    """Make ``TrainConfig(optimizer=name)`` build ``factory(model, cfg)``."""
-    OPTIMIZERS[name] = factory
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over the model's trainable parameters."""
-    allowed("optimizer", cfg.optimizer, tuple(OPTIMIZERS))
-    return OPTIMIZERS[cfg.optimizer](model, cfg)
+    """The optimizer named by ``cfg.optimizer`` (any name of ``rw.optim.make``, i.e. of the catalogue)
+    over the model's trainable parameters, with ``cfg.lr``, ``cfg.weight_decay`` (matrices only for
+    plain optimizers) and ``cfg.optimizer_kwargs``."""
+    choice("optimizer", cfg.optimizer, optimizer_names())
+    return make_optimizer(cfg.optimizer, model, **{"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                   **cfg.optimizer_kwargs})
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -250,7 +211,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    allowed("schedule", cfg.schedule, SCHEDULES)
+    choice("schedule", cfg.schedule, SCHEDULES)
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule)
@@ -305,7 +266,7 @@ def evaluate(
     perplexity = exp(Σ NLL / Σ predicted tokens), the one perplexity of rankwise. The model's
     train/eval mode and the global RNG states are restored afterwards.
     """
-    allowed("task", task, TASKS)
+    choice("task", task, TASKS)
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -592,8 +553,8 @@ def train(
 
 
 __all__ = [
-    "FULL_FINETUNE", "HEAD_ONLY", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
+    "FULL_FINETUNE", "HEAD_ONLY", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
-    "optimizer_state_bytes", "param_groups", "peak_memory", "place_model", "prepare_model", "register_optimizer",
+    "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model",
     "reset_peak_memory", "resolve_device", "save_checkpoint", "seed_everything", "train",
 ]

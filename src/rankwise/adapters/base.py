@@ -21,8 +21,6 @@ from torch import nn
 from ..checks import choice, fraction, rank
 from .kernels import low_rank_linear
 
-# train.py (owned elsewhere) still imports ``allowed``; it goes once train.py calls checks.choice.
-allowed = choice
 
 
 @dataclass

@@ -159,10 +159,10 @@ def _task_without_head(model: str) -> tuple[str, int | None]:
 
 def base_model(adapter: SavedAdapter, model: str | None = None) -> BaseModel:
     """The base model of ``adapter`` (``model`` overrides the recorded one) and the task to load it with."""
-    from ..train import HEAD_MODULES
+    from ..layout import CLASSIFIER_NAMES
 
     name = _base_name(adapter, model)
-    heads = [m for m in adapter.config.get("trainable_modules") or [] if m.split(".")[-1] in HEAD_MODULES]
+    heads = [m for m in adapter.config.get("trainable_modules") or [] if m.split(".")[-1] in CLASSIFIER_NAMES]
     if heads:
         return BaseModel(name, "seq-cls", _num_labels(adapter, heads[0]))
     return BaseModel(name, *_task_without_head(name))

@@ -1,10 +1,8 @@
 """Optimizers and optimizer recipes (plain ``torch.optim`` param groups and optimizers)."""
 
 from ..layout import transformer_blocks
-from .blocks import LISA, BAdam, OwLore, outlier_ratios
-from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
-from .loraplus import loraplus_groups
 from .apollo import APOLLO, APOLLOMini
+from .blocks import LISA, BAdam, OwLore, outlier_ratios
 from .dct import DCTGaLore
 from .factory import OPTIMIZERS, make
 from .fira import Fira
@@ -13,6 +11,8 @@ from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnormlorp import GradNormLoRP
 from .groups import param_groups
+from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
+from .loraplus import loraplus_groups
 from .osd import OnlineSubspaceDescent
 from .projected import ProjectedOptimizer
 from .q_galore import QGaLoreAdamW

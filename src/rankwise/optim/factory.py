@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import catalogue
-
+from .. import catalogue, checks
 from .apollo import APOLLO, APOLLOMini
 from .blocks import LISA, BAdam, OwLore
 from .dct import DCTGaLore
@@ -18,8 +17,9 @@ from .flora import Flora
 from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnormlorp import GradNormLoRP
-from .groups import param_groups
+from .groups import decay_groups, param_groups
 from .osd import OnlineSubspaceDescent
+from .projected import ProjectedOptimizer
 from .q_galore import QGaLoreAdamW
 
 _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
@@ -78,7 +78,11 @@ OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = catalogue.View(
 #: Block/layer samplers: they decide themselves which parameters train, so they take the model.
 SAMPLERS: Mapping[str, type[torch.optim.Optimizer]] = catalogue.View(
     lambda r: r.api == "optim" and r.family == "sampler", lambda r: r.config)
-NAMES = sorted([*OPTIMIZERS, *SAMPLERS])
+
+
+def names() -> list[str]:
+    """Every optimizer and sampler name ``make`` accepts (the catalogue's, so registered ones count)."""
+    return sorted([*OPTIMIZERS, *SAMPLERS])
 
 
 def make(
@@ -88,30 +92,32 @@ def make(
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (see ``OPTIMIZERS``) with the same keyword arguments as its class.
 
-    Given an ``nn.Module``, the groups come from ``param_groups(model, targets=..., rank=...)``
-    (``targets`` default ``"all-linear"``, ``rank`` default 128; ``apollo_mini`` uses rank 1). Given
-    parameters or groups, they are passed through unchanged (``rank``/``targets`` are then rejected).
-    ``'adamw'`` is ``torch.optim.AdamW`` on every trainable parameter (the full-state baseline).
-    ``'badam'``, ``'lisa'``, ``'owlore'`` (``SAMPLERS``) take the model and their own keyword arguments.
+    Given an ``nn.Module``: a projected optimizer gets ``param_groups(model, targets=..., rank=...)``
+    (``targets`` default ``"all-linear"``, ``rank`` default 128; ``apollo_mini`` uses rank 1); any
+    other optimizer (``'adamw'``, the full-state baseline, or one registered in the catalogue) gets
+    every trainable parameter, split by ``decay_groups`` when ``weight_decay`` is given (matrices
+    decay, vectors do not). Given parameters or groups, they are passed through unchanged
+    (``rank``/``targets`` are then rejected). ``'badam'``, ``'lisa'``, ``'owlore'`` (``SAMPLERS``)
+    take the model and their own keyword arguments.
     """
+    checks.choice("optimizer", name, names())
     if name in SAMPLERS:
         if not isinstance(model_or_params, nn.Module):
             raise ValueError(f"optimizer {name!r} samples transformer layers and needs the model, not parameters")
         return SAMPLERS[name](model_or_params, **kwargs)
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {NAMES}")
     cls = OPTIMIZERS[name]
     grouping = {k: kwargs.pop(k) for k in ("targets", "rank") if k in kwargs}
-    if isinstance(model_or_params, nn.Module):
-        model = model_or_params
-        if name == "adamw":
-            return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
-        rank = 1 if name == "apollo_mini" else grouping.get("rank", 128)
-        groups = param_groups(model, targets=grouping.get("targets", "all-linear"), rank=rank)
-        return cls(groups, **kwargs)
-    if grouping:
-        raise ValueError(
-            f"{sorted(grouping)} only apply when make() gets a model; "
-            "with parameters or groups, put 'rank' in the groups"
-        )
-    return cls(model_or_params, **kwargs)
+    if not isinstance(model_or_params, nn.Module):
+        if grouping:
+            raise ValueError(f"{sorted(grouping)} only apply when make() gets a model; "
+                             "with parameters or groups, put 'rank' in the groups")
+        return cls(model_or_params, **kwargs)
+    model = model_or_params
+    if not issubclass(cls, ProjectedOptimizer):
+        if grouping:
+            raise ValueError(f"{sorted(grouping)} apply only to projected optimizers, not optimizer={name!r}")
+        if "weight_decay" in kwargs:
+            return cls(decay_groups(model, kwargs.pop("weight_decay")), **kwargs)
+        return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+    rank = 1 if name == "apollo_mini" else grouping.get("rank", 128)
+    return cls(param_groups(model, targets=grouping.get("targets", "all-linear"), rank=rank), **kwargs)

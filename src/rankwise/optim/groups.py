@@ -1,4 +1,5 @@
-"""``param_groups``: split a model into a projected group (2-D Linear weights) and a plain group (the rest)."""
+"""Param groups from a model: ``param_groups`` (a projected group of 2-D Linear weights and a plain group)
+for projected optimizers, ``decay_groups`` (weight decay on matrices only) for plain ones."""
 
 from __future__ import annotations
 
@@ -42,3 +43,20 @@ def param_groups(
     if plain:
         groups.append({"params": plain})
     return groups
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: matrices (≥ 2-D) get ``weight_decay``, vectors (biases,
+    norms) none."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

@@ -38,7 +38,14 @@ from ..checks import beta_pair, choice, integer, number
 from ..memory import optimizer_state_bytes
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
-    POWER_DTYPES, PROJECTOR_OPTIONS, PROJECTORS, SIDES, Projector, make_projector, projector_options, resolve_side,
+    POWER_DTYPES,
+    PROJECTOR_OPTIONS,
+    PROJECTORS,
+    SIDES,
+    Projector,
+    make_projector,
+    projector_options,
+    resolve_side,
 )
 from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
 
