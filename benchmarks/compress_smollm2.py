@@ -6,8 +6,8 @@ ratios 0.9 / 0.7 / 0.5 of the targeted weights (every attention and MLP linear o
 106.2M of the 134.5M parameters; embeddings are tied and untouched). Each configuration is measured
 right after compression and after a short recovery fine-tune with the method's own trainable part:
 the factor pairs (svd, lord), the LRC factors only (welore), LoRA r=8 on the shrunk model, merged
-(loraprune: its pruned heads and channels are physically removed). LoRAPrune is not one-shot: its pruning schedule itself fine-tunes LoRA for
-``--prune-steps`` steps before the "compressed" measurement.
+(loraprune: its pruned heads and channels are physically removed). LoRAPrune is not one-shot: its
+pruning schedule itself fine-tunes LoRA for ``--prune-steps`` steps before the "compressed" measurement.
 
 Held-out data: the first ``--eval-blocks`` 128-token blocks of the BBC News and stdlib-code test
 splits. Training batches (pruning and recovery) are one fixed, seeded sequence of 4x128 blocks from
@@ -115,21 +115,24 @@ def markdown(result: dict) -> str:
         "`vs svd` compares the geometric mean of the two perplexities with the SVD baseline at the same "
         "ratio and stage.",
         "",
-        "| method | ratio | kept | parameters | ppl BBC | ppl code | vs svd | ppl BBC (recovered) | ppl code (recovered) "
-        "| vs svd (recovered) |",
+        "| method | ratio | kept | parameters | ppl BBC | ppl code | vs svd | ppl BBC (recovered) "
+        "| ppl code (recovered) | vs svd (recovered) |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
+
+    def verdict(r: dict, ref: dict | None, key: str) -> str:
+        if r["method"] == "svd" or ref is None or key not in r:
+            return "—"
+        return "beats" if geo_mean(r[key]) < geo_mean(ref[key]) else "worse"
+
     for r in rows:
         ref = svd.get(r["ratio"])
-        def verdict(key: str) -> str:
-            if r["method"] == "svd" or ref is None or key not in r:
-                return "—"
-            return "beats" if geo_mean(r[key]) < geo_mean(ref[key]) else "worse"
         rec = r.get("ppl_recovered", {})
         lines.append(
-            f"| {r['method']} | {r['ratio']} | {r['kept_fraction']:.3f} | {r['parameters'] / 1e6:.1f}M | {r['ppl']['bbc']:.4g} | "
-            f"{r['ppl']['stdlib-code']:.4g} | {verdict('ppl')} | {rec.get('bbc', float('nan')):.4g} | "
-            f"{rec.get('stdlib-code', float('nan')):.4g} | {verdict('ppl_recovered')} |"
+            f"| {r['method']} | {r['ratio']} | {r['kept_fraction']:.3f} | {r['parameters'] / 1e6:.1f}M | "
+            f"{r['ppl']['bbc']:.4g} | {r['ppl']['stdlib-code']:.4g} | {verdict(r, ref, 'ppl')} | "
+            f"{rec.get('bbc', float('nan')):.4g} | {rec.get('stdlib-code', float('nan')):.4g} | "
+            f"{verdict(r, ref, 'ppl_recovered')} |"
         )
     load = result.get("load_average")
     busy = f" (1/5/15-min load average at start {load['start']}, at end {load['end']})" if load else ""
@@ -144,7 +147,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, corpus in zip(axes, EVAL_CORPORA):
+    for ax, corpus in zip(axes, EVAL_CORPORA, strict=True):
         for i, method in enumerate(result["config"]["methods"]):
             rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["ratio"])
             if not rows:
@@ -170,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--extend", action="store_true",
-                        help="add these methods' rows to the existing result file (same settings) instead of replacing it")
+                        help="add these methods' rows to the existing result file (same settings) "
+                        "instead of replacing it")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.7, 0.5])
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--eval-batch", type=int, default=8)
@@ -209,9 +213,13 @@ def main() -> None:
     wall = round(time.perf_counter() - start, 1)
     if args.extend:
         old = json.loads((args.out / f"{args.name}.json").read_text())
-        for key in ("ratios", "eval_blocks", "train_batch", "prune_steps", "recover_steps", "factor_lr", "lora_lr", "seed"):
+        settings = ("ratios", "eval_blocks", "train_batch", "prune_steps", "recover_steps", "factor_lr", "lora_lr",
+                    "seed")
+        for key in settings:
             if old["config"][key] != config[key]:
-                raise SystemExit(f"--extend: {key} differs from the existing result ({old['config'][key]} vs {config[key]})")
+                raise SystemExit(
+                    f"--extend: {key} differs from the existing result ({old['config'][key]} vs {config[key]})"
+                )
         rows = [r for r in old["rows"] if r["method"] not in args.methods] + rows
         config["methods"] = [m for m in METHODS if any(r["method"] == m for r in rows)]
         wall += old["wall_seconds"]

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pretrain import warmup_cosine  # the same warmup + cosine-to-floor schedule
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import rankwise as rw
@@ -50,8 +51,6 @@ from rankwise.memory import tensor_bytes, total_params
 from rankwise.models.loaders import ensure_smollm2_cache
 from rankwise.optim.projectors import power_dtype, resolve_side
 from rankwise.train import evaluate
-
-from pretrain import warmup_cosine  # the same warmup + cosine-to-floor schedule
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB = 32000
@@ -131,8 +130,9 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
 
     galore-torch's ``GaLoreProjector.get_orthogonal_matrix`` (full SVD) against rankwise's ``svd`` and
     ``rsvd`` projectors (warm-started from the basis the run left, as at a real refresh) with 2, 1 (default)
-    and 0 power iterations, the default one also with its power step forced to float32. Quality: energy of G captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖²
-    (1 = as good as the exact top-r subspace), mean and minimum over the matrices.
+    and 0 power iterations, the default one also with its power step forced to float32. Quality: energy of
+    G captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖² (1 = as good as the exact top-r subspace), mean
+    and minimum over the matrices.
     """
     from galore_torch.galore_projector import GaLoreProjector
 
@@ -152,7 +152,7 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
         for name in names:
             out = []
             t0 = time.perf_counter()
-            for g, side, p_prev in zip(grads, sides, prev):
+            for g, side, p_prev in zip(grads, sides, prev, strict=True):
                 if variants[name] is None:
                     out.append(GaLoreProjector(rank).get_orthogonal_matrix(g, rank, side))
                 else:
@@ -167,10 +167,10 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     def energy(g: torch.Tensor, P: torch.Tensor, side: str) -> float:
         return float((P.t() @ g if side == "left" else g @ P.t()).pow(2).sum())
 
-    exact = [energy(g, P, s) for g, P, s in zip(grads, bases["galore-torch svd"], sides)]
+    exact = [energy(g, P, s) for g, P, s in zip(grads, bases["galore-torch svd"], sides, strict=True)]
     result = {}
     for name in variants:
-        q = [energy(g, P, s) / e for g, P, s, e in zip(grads, bases[name], sides, exact)]
+        q = [energy(g, P, s) / e for g, P, s, e in zip(grads, bases[name], sides, exact, strict=True)]
         result[name] = {"median_s": statistics.median(times[name]), "all_s": times[name],
                         "energy_mean": sum(q) / len(q), "energy_min": min(q)}
     base_s = result["galore-torch svd"]["median_s"]
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     first_gap = args.update_gap if args.update_gap < args.steps else 0
     for kind in kinds:
-        diffs = [a - b for a, b in zip(rows[kind]["train_loss"], rows["galore-torch"]["train_loss"])][first_gap:]
+        pairs = zip(rows[kind]["train_loss"], rows["galore-torch"]["train_loss"], strict=True)
+        diffs = [a - b for a, b in pairs][first_gap:]
         rows[kind]["loss_gap_after_first_refresh"] = sum(diffs) / len(diffs)
     f = formula(base, args.rank)
     projected = split_params(runs["rankwise"]["model"])[0]
@@ -320,7 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"rank": args.rank, "update_gap": args.update_gap, "scale": args.scale, "lr": args.lr,
                      "schedule": "linear warmup (10% of steps) + cosine to 0.1x", "rankwise_projector": args.projector,
                      "rankwise_default_projector": "svd",
-                     "rsvd_power_dtype_auto": str(power_dtype("auto", torch.device("cpu"))), "chunk": args.chunk, "threads": args.threads,
+                     "rsvd_power_dtype_auto": str(power_dtype("auto", torch.device("cpu"))), "chunk": args.chunk,
+                     "threads": args.threads,
                      "precision": "fp32" if args.fp32 else "bf16 autocast forward/backward, fp32 weights/grads/state"},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "load_avg_at_end": os.getloadavg()},
@@ -355,7 +357,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{d['batch']} x {d['seq']}, {d['steps']} steps, rank {s['rank']}, update_gap {s['update_gap']} "
         f"(refreshes at steps {', '.join(refresh_ids)}), scale {s['scale']}, lr {s['lr']:g} ({s['schedule']}), "
         f"{s['precision']}, {s['threads']} thread(s), interleaved in chunks of {s['chunk']} steps. "
-        f"rankwise projector: `{s['rankwise_projector']}` (GaLoreAdamW's default is `{s['rankwise_default_projector']}`; "
+        f"rankwise projector: `{s['rankwise_projector']}` "
+        f"(GaLoreAdamW's default is `{s['rankwise_default_projector']}`; "
         f"rsvd's power step here: {s.get('rsvd_power_dtype_auto', 'float32')}). "
         f"Whole script: {res['script_wall_s'] / 60:.1f} min.",
         "",
@@ -373,10 +376,12 @@ def markdown(res: dict[str, Any]) -> str:
         f"{theirs['forward_backward_s_median']:.2f} | | {_c(ctl, 'forward_backward_s_median', '.2f')} |",
         f"| state MB: moments | {_mb(ours['state_bytes']['moments'])} | {_mb(theirs['state_bytes']['moments'])} | "
         f"formula {_mb(f['moments'])} | {_mb(ctl['state_bytes']['moments']) if ctl else ''} |",
-        f"| state MB: projectors | {_mb(ours['state_bytes']['projector'])} | {_mb(theirs['state_bytes']['projector'])} | "
+        f"| state MB: projectors | {_mb(ours['state_bytes']['projector'])} | "
+        f"{_mb(theirs['state_bytes']['projector'])} | "
         f"formula {_mb(f['projector'])} | {_mb(ctl['state_bytes']['projector']) if ctl else ''} |",
         f"| state MB: total | {_mb(ours['state_bytes']['total'])} | {_mb(theirs['state_bytes']['total'])} | "
-        f"formula {_mb(f['total'])}; AdamW 8·N = {_mb(f['adamw'])} | {_mb(ctl['state_bytes']['total']) if ctl else ''} |",
+        f"formula {_mb(f['total'])}; AdamW 8·N = {_mb(f['adamw'])} | "
+        f"{_mb(ctl['state_bytes']['total']) if ctl else ''} |",
         f"| train loss, mean of last 10 steps | {ours['final_train_loss_last10']:.4f} | "
         f"{theirs['final_train_loss_last10']:.4f} | {ra['final_loss_diff_ours_minus_theirs']:+.4f} (ours − theirs) | "
         f"{_c(ctl, 'final_train_loss_last10', '.4f')} |",
@@ -385,7 +390,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{format(ctl['loss_gap_after_first_refresh'], '+.4f') if ctl else ''} |",
         f"| train loss, last step | {ours['final_train_loss']:.4f} | {theirs['final_train_loss']:.4f} | | "
         f"{_c(ctl, 'final_train_loss', '.4f')} |",
-        f"| held-out loss ({d['heldout_blocks']} blocks) | {ours['heldout_loss']:.4f} | {theirs['heldout_loss']:.4f} | | "
+        f"| held-out loss ({d['heldout_blocks']} blocks) | {ours['heldout_loss']:.4f} | "
+        f"{theirs['heldout_loss']:.4f} | | "
         f"{_c(ctl, 'heldout_loss', '.4f')} |",
         "",
         "Refresh-step times per refresh step (s): "

@@ -64,11 +64,13 @@ RESULTS = Path(__file__).parent / "results"
 RECIPES: dict[str, tuple[dict[str, Any], str]] = {
     "adamw": ({"lr": 1e-3}, "GaLore paper's tuned full-rank Adam baseline for LLaMA 60M-1B (lr 1e-3)"),
     "galore": ({"lr": 1e-2, "scale": 0.25},
-               "GaLore paper (Zhao et al. 2024) pre-training: lr 0.01, alpha 0.25, rank ~ hidden/4 (128 of 512 at 60M)"),
+               "GaLore paper (Zhao et al. 2024) pre-training: lr 0.01, alpha 0.25, rank ~ hidden/4 "
+               "(128 of 512 at 60M)"),
     "fira": ({"lr": 1e-2, "scale": 0.25},
              "Fira paper: GaLore's pre-training settings (lr 0.01, alpha 0.25) + norm-growth limiter gamma 1.01"),
     "frugal": ({"lr": 1e-3, "density": 0.25, "selector": "svd", "inactive_update_rule": "sign_sgd"},
-               "FRUGAL paper pre-training: AdamW lr 1e-3 on an SVD subspace of density 0.25, signSGD (same lr) on the rest"),
+               "FRUGAL paper pre-training: AdamW lr 1e-3 on an SVD subspace of density 0.25, "
+               "signSGD (same lr) on the rest"),
     "apollo": ({"lr": 1e-2, "scale": 1.0},
                "APOLLO paper: lr 0.01, rank hidden/4, channel-wise scaling, alpha 1"),
     "apollo_mini": ({"lr": 1e-2, "scale": 128.0},
@@ -77,7 +79,8 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
                  "Q-GaLore reuses GaLore's recipe (lr 0.01, alpha 0.25): INT4 projector, 8-bit moments, lazy refresh; "
                  "weights kept fp32 (weight_quant off)"),
     "gradnormlorp": ({"lr": 1e-2, "scale": 0.25},
-                     "no pre-training recipe in the GradNormLoRP paper (fine-tuning only): GaLore's lr 0.01, alpha 0.25"),
+                     "no pre-training recipe in the GradNormLoRP paper (fine-tuning only): "
+                     "GaLore's lr 0.01, alpha 0.25"),
     "badam": ({"lr": 1e-3, "include_embedding": True, "include_head": True, "order": "random"},
               "BAdam is a fine-tuning method (paper: Adam lr of the fine-tuning recipe, K = 50-100); here AdamW's "
               "pre-training lr 1e-3, embedding and head as blocks too (a random frozen embedding cannot pre-train), "
@@ -353,11 +356,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
     ap.add_argument("--min-lr", type=float, default=0.1, help="cosine floor, fraction of the peak lr")
     ap.add_argument("--rank", type=int, default=None, help="default hidden/4 (GaLore's 128 of 512)")
-    ap.add_argument("--refreshes", type=int, default=4, help="projector refreshes in the run (update_gap = steps/refreshes)")
+    ap.add_argument("--refreshes", type=int, default=4,
+                    help="projector refreshes in the run (update_gap = steps/refreshes)")
     ap.add_argument("--eval-blocks", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is 2-5x faster than 2 on a 2-core machine shared with other jobs")
-    ap.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast, fp32 weights/grads/states)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="train in fp32 (default: bf16 autocast, fp32 weights/grads/states)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
     ap.add_argument("--out", default=str(RESULTS / "pretrain"))
@@ -366,7 +371,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.combine or args.replot:
-        result = combine([Path(f) for f in args.combine]) if args.combine else json.loads(out.with_suffix(".json").read_text())
+        if args.combine:
+            result = combine([Path(f) for f in args.combine])
+        else:
+            result = json.loads(out.with_suffix(".json").read_text())
         write(result, out)
         return result
     t_script = time.perf_counter()
@@ -584,7 +592,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {r['method']} | {r['kind']} | {r['lr']:g} | {r['heldout_ppl']:.1f} | {r['params_total'] / 1e6:.2f}M | "
             f"{r['params_trainable'] / 1e6:.2f}M | {_mb(r['state_bytes'])} | {_mb(r['state_bytes_formula'])} | "
             f"{_mb(r['peak_state_bytes'])} | {r['median_step_s']:.2f} | {r['median_opt_step_s']:.3f} | {_notes(r)} |")
-    lines += ["", "Formulas (d = projected side, k = the other, r = rank, q = Q-GaLore's queue; docs/optimizers.md):", ""]
+    lines += ["", "Formulas (d = projected side, k = the other, r = rank, q = Q-GaLore's queue; docs/optimizers.md):",
+              ""]
     lines += [f"- `{r['method']}`: {r['state_formula']}" for r in res["rows"]]
     lines += ["", "State MB (exact) = nbytes summed over every optimizer-state tensor after the last step (for BAdam / "
               "LISA just before their last block swap drops state); peak = largest value over the run (for ReLoRA "
@@ -610,7 +619,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     colors = plt.get_cmap("tab20")
     styles = ["-", "--", "-.", ":"]
     baselines = {"adamw", "galore"}
-    for ax, kind in zip(axes, ("optimizer", "structured")):
+    for ax, kind in zip(axes, ("optimizer", "structured"), strict=True):
         rows = [r for r in res["rows"] if r["kind"] == kind or (kind == "structured" and r["method"] in baselines)]
         for j, r in enumerate(rows):
             loss = smooth(r["train_loss"])

@@ -1,5 +1,7 @@
 """rankwise: low-rank and sparse structure for memory-cheap training and fine-tuning."""
 
+from . import compress as compression
+from . import optim, sparse
 from .adapters import REGISTRY, adapt, adapter_layers, get_method
 from .adapters.ops import (
     adapters_disabled,
@@ -11,13 +13,10 @@ from .adapters.ops import (
     unload,
     unmerge,
 )
-from .io import load_adapter, save_adapter
-from . import optim
-from .peft_io import export_peft, import_peft
-from . import sparse
-from .sparse import sparsify
-from . import compress as compression
 from .compress import compress
+from .io import load_adapter, save_adapter
+from .peft_io import export_peft, import_peft
+from .sparse import sparsify
 
 __version__ = "0.1.0"
 
@@ -26,6 +25,8 @@ __all__ = [
     "adapt",
     "adapter_layers",
     "adapters_disabled",
+    "compress",
+    "compression",
     "disable_adapters",
     "enable_adapters",
     "export_peft",
@@ -34,7 +35,10 @@ __all__ = [
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "optim",
     "save_adapter",
+    "sparse",
+    "sparsify",
     "summary",
     "unload",
     "unmerge",

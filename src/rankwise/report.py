@@ -52,7 +52,7 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str
     widths = [max([len(c.header)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
 
     def line(vals: Sequence[str]) -> str:
-        return "  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(vals, columns, widths))
+        return "  ".join(f"{v:{c.align}{w}}" for v, c, w in zip(vals, columns, widths, strict=True))
 
     out = [line([c.header for c in columns]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]

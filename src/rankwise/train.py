@@ -392,7 +392,9 @@ class _Loop:
         load_trained_tensors(state.model, ckpt)
         state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
-        for cb, cb_state in zip(self.callbacks, payload["callbacks"]):
+        # the resumed run may pass other callbacks than the checkpointed one (e.g. without the one
+        # that stopped it): states pair up by position, extra callbacks or states are skipped
+        for cb, cb_state in zip(self.callbacks, payload["callbacks"], strict=False):
             if cb_state is not None and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(cb_state)
         state.step, state.epoch, state.batch_in_epoch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
@@ -410,7 +412,7 @@ class _Loop:
         # The epoch's order is drawn from these states when the loader is iterated: restore them
         # (a resume re-draws the same permutation, then skips the batches already trained on).
         set_rng_state(self.epoch_rng, self.device)
-        for g, s in zip(self.generators, self.epoch_gens):
+        for g, s in zip(self.generators, self.epoch_gens, strict=True):
             g.set_state(s)
         batches = _batches(self.loader, self.state.batch_in_epoch)
         if self.resume_rng is not None:  # RNG exactly as at the checkpoint (dropout masks etc.)

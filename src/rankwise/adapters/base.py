@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import choice, fraction, rank
+from ..checks import fraction, rank
 from .kernels import low_rank_linear
-
 
 
 @dataclass

@@ -119,7 +119,9 @@ class DSEELayer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.sparse_values = nn.Parameter(torch.zeros(config.nnz, dtype=dtype, device=device))
         self.register_buffer("sparse_index", torch.zeros(config.nnz, dtype=torch.long, device=device))
-        self.register_buffer("keep_mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=device))
+        self.register_buffer(
+            "keep_mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=device)
+        )
         if ctx.skip:
             return
         gen = layer_generator(config.seed, ctx.name)

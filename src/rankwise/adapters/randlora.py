@@ -161,8 +161,8 @@ class RandLoRALayer(AdapterLayer):
             choice("route", self.route, ROUTES)
             return self.route == "dense"
         tokens = x.numel() // self.in_features
-        width = self.config.r * self.n
-        # factored: tokens·width·(in+out);  dense: width·in·out to form ΔW (the base GEMM is shared)
+        # factored: tokens·width·(in+out);  dense: width·in·out to form ΔW (the base GEMM is shared);
+        # width = r·n multiplies both sides, so it cancels from the comparison
         return tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,6 @@ __all__ = [
     "dsee_finetune", "dsee_prune", "dsee_support", "eval_blocks", "evaluate_corpora", "factorized_layers",
     "find_blocks", "load_compressed", "loraprune", "loraprune_recover", "output_grams", "pela_distill",
     "pela_losses", "perplexity", "prune_heads", "rank_fraction_ranks", "recover", "remove_pruned_units",
-    "save_compressed", "sliced_linear", "thin_svd", "uniform_ratio_rank", "weight_perturbation", "welore_finetune_params",
-    "welore_plan", "welore_ranks",
+    "save_compressed", "sliced_linear", "thin_svd", "uniform_ratio_rank", "weight_perturbation",
+    "welore_finetune_params", "welore_plan", "welore_ranks",
 ]

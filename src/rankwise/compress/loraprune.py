@@ -168,8 +168,14 @@ def block_importance(model: nn.Module, block: Block) -> tuple[torch.Tensor, torc
         return lora_importance(layer, _input_side(block, name))
 
     d, g = block.head_dim, block.group
-    heads = _normalized(imp(block.q).view(block.heads, d).sum(1)) + _normalized(imp(block.o).view(block.heads, d).sum(1))
-    kv = _normalized(imp(block.k).view(block.kv_heads, d).sum(1)) + _normalized(imp(block.v).view(block.kv_heads, d).sum(1))
+    heads = (
+        _normalized(imp(block.q).view(block.heads, d).sum(1))
+        + _normalized(imp(block.o).view(block.heads, d).sum(1))
+    )
+    kv = (
+        _normalized(imp(block.k).view(block.kv_heads, d).sum(1))
+        + _normalized(imp(block.v).view(block.kv_heads, d).sum(1))
+    )
     heads = heads + kv.repeat_interleave(g) / g
     channels = sum(_normalized(imp(n)) for n in (*block.mlp_out, *block.mlp_in))
     return heads, channels
@@ -181,7 +187,9 @@ def update_importance(model: nn.Module, state: LoRAPruneState, beta: float) -> N
     if any(not (torch.isfinite(h).all() and torch.isfinite(c).all()) for h, c in fresh):
         return
     for units, (h, c) in zip(state.units, fresh, strict=True):
-        units.head_importance = (1 - beta) * h if units.head_importance is None else beta * units.head_importance + (1 - beta) * h
+        units.head_importance = (
+            (1 - beta) * h if units.head_importance is None else beta * units.head_importance + (1 - beta) * h
+        )
         units.channel_importance = (
             (1 - beta) * c if units.channel_importance is None else beta * units.channel_importance + (1 - beta) * c
         )

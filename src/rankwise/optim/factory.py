@@ -24,8 +24,9 @@ from .q_galore import QGaLoreAdamW
 
 _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
     # (name, family, class, paper, one-line mechanism)
-    ("galore", "optimizer", GaLoreAdamW, "Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-     "AdamW on PᵀG with P the top-r left singular vectors of G, refreshed every T steps; update P·N·α"),
+    ("galore", "optimizer", GaLoreAdamW, "Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient "
+     "Low-Rank Projection", "AdamW on PᵀG with P the top-r left singular vectors of G, refreshed every T steps; "
+     "update P·N·α"),
     ("galore_adafactor", "optimizer", GaLoreAdafactor, "Zhao et al. 2024, GaLore (Adafactor variant)",
      "GaLore's projection with Adafactor (factored second moment) in the subspace"),
     ("galore_8bit", "optimizer", GaLoreAdamW8bit, "Zhao et al. 2024, GaLore (8-bit Adam variant)",
@@ -54,7 +55,8 @@ _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
     ("adamw", "optimizer", torch.optim.AdamW, "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
      "full-state AdamW on every trainable parameter (the baseline)"),
     ("badam", "sampler", BAdam, "Luo et al. 2024, BAdam: A Memory Efficient Full Parameter Optimization Method for "
-     "Large Language Models", "block coordinate descent: Adam on one block of layers at a time, switched every K steps"),
+     "Large Language Models",
+     "block coordinate descent: Adam on one block of layers at a time, switched every K steps"),
     ("lisa", "sampler", LISA, "Pan et al. 2024, LISA: Layerwise Importance Sampling for Memory-Efficient Large "
      "Language Model Fine-Tuning", "embedding and head always train; γ uniformly sampled middle layers every K steps"),
     ("owlore", "sampler", OwLore, "Li et al. 2024, OwLore: Outlier-weighed Layerwise Sampled Low-Rank Projection",

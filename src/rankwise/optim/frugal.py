@@ -13,9 +13,9 @@ optimizer (AdamW), and the rest, updated by a state-free rule: signSGD (default)
 
 ``density`` ρ sets the subspace size: r = round(ρ·dim) of the projected side for svd/randk (if
 ``density`` is None the group's ``rank`` is used; the block selector then uses ρ = 0.25). With
-``reset_statistics=True`` (the paper's default) the Adam moments are reset at every re-selection. Coordinates outside the subspace move by exactly
-−lr·α·s·sign(g) (s = ``inactive_lr_scale``). With ``inactive_update_rule='no'`` and
-``reset_statistics=False`` the svd selector is GaLore.
+``reset_statistics=True`` (the paper's default) the Adam moments are reset at every re-selection.
+Coordinates outside the subspace move by exactly −lr·α·s·sign(g) (s = ``inactive_lr_scale``).
+With ``inactive_update_rule='no'`` and ``reset_statistics=False`` the svd selector is GaLore.
 State bytes per m×n matrix (svd/randk, right side, fp32): 4·2·m·r (+ P: 4·r·n for svd; 8·r for randk).
 """
 

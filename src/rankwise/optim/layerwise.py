@@ -128,7 +128,9 @@ class LayerwiseOptimizer(Optimizer):
                 f"this LayerwiseOptimizer has {len(self._optimizers)}"
             )
         if int(state_dict["accumulate"]) != self.accumulate:
-            raise ValueError(f"state_dict was saved with accumulate={state_dict['accumulate']}, this one has {self.accumulate}")
+            raise ValueError(
+                f"state_dict was saved with accumulate={state_dict['accumulate']}, this one has {self.accumulate}"
+            )
         for (p, optimizer), inner, pending in zip(self._optimizers.items(), saved, state_dict["pending"], strict=True):
             optimizer.load_state_dict(inner)
             self._pending[p] = int(pending)
@@ -160,7 +162,8 @@ class GradBytesTracker:
     """
 
     def __init__(self, params: nn.Module | Iterable[torch.Tensor]):
-        self._params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+        candidates = params.parameters() if isinstance(params, nn.Module) else params
+        self._params = [p for p in candidates if p.requires_grad]
         if not self._params:
             raise ValueError("params has no parameter with requires_grad=True to track")
         self.peak_bytes = 0

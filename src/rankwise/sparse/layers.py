@@ -129,7 +129,10 @@ class FactorizedLinear(nn.Module):
         return F.linear(F.linear(x, self.V), self.U, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 # ---------------------------------------------------------------------------- sparse support

@@ -157,11 +157,15 @@ class ReLoRA(RankController):
             (n, m) for n, m in adapter_layers(model) if isinstance(m, LoRALayer)
         ]
         if not self.layers:
-            raise ValueError("model has no LoRA layers; call prepare_relora(model, ...) (or rw.sparsify(model, 'relora')) first")
+            raise ValueError(
+                "model has no LoRA layers; call prepare_relora(model, ...) (or rw.sparsify(model, 'relora')) first"
+            )
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.lora_params = [p for _, m in self.layers for p in (m.lora_A, m.lora_B)]
         if not all(id(p) in in_opt for p in self.lora_params):
-            raise ValueError("optimizer must hold every LoRA A/B parameter of the model (build it after prepare_relora)")
+            raise ValueError(
+                "optimizer must hold every LoRA A/B parameter of the model (build it after prepare_relora)"
+            )
         self.steps = 0
         self.merges = 0
         self._generator = torch.Generator().manual_seed(seed)

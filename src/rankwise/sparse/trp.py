@@ -156,7 +156,8 @@ def decompose(
         else:
             k = decomposition_rank(layer.weight, threshold, energy)
         factorized = layer.to_factorized(k)
-        if keep_dense_if_larger and k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+        factored_size = k * (layer.in_features + layer.out_features)
+        if keep_dense_if_larger and factored_size >= layer.in_features * layer.out_features:
             replace_module(model, name, factorized.to_linear())
         else:
             replace_module(model, name, factorized)
