@@ -47,6 +47,12 @@ bench: $(STAMP)
 BENCH_SMOKE ?= /tmp/rankwise-bench-smoke
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/adapter_step_time.py --rounds 1 --steps 1 --batch 2 --seq 16 --out $(BENCH_SMOKE)/adapter_step_time
+	$(PY) benchmarks/optim_vs_galore_torch.py --steps 4 --update-gap 2 --refresh-reps 1 --chunk 2 --batch 1 --seq 16 \
+		--rank 8 --out $(BENCH_SMOKE)/optim_vs_galore_torch
+	$(PY) benchmarks/pretrain.py --steps 4 --batch 2 --seq 16 --refreshes 2 --eval-blocks 2 --methods adamw galore sltrain \
+		--out $(BENCH_SMOKE)/pretrain
+	$(PY) benchmarks/compress_smollm2.py --methods svd --ratios 0.5 --eval-blocks 1 --eval-batch 1 --prune-steps 1 \
+		--recover-steps 1 --out $(BENCH_SMOKE) --name compress_smollm2
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
