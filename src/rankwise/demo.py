@@ -165,6 +165,135 @@ def _cpu_time() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _with_lrs(entries: list[DemoEntry], lrs: dict[str, float] | None) -> list[DemoEntry]:
+    """``entries`` with the learning rates that ``lrs`` gives by label; every label must be selected."""
+    lrs = dict(lrs or {})
+    unknown = sorted(set(lrs) - {e.label for e in entries})
+    if unknown:
+        raise ValueError(f"lrs names {unknown}, which are not among the selected methods {[e.label for e in entries]}")
+    return [replace(e, lr=float(lrs[e.label])) if e.label in lrs else e for e in entries]
+
+
+def _make_loaders(train_ds: Any, test_ds: Any, tokenizer: Any, settings: DemoSettings) -> tuple[Any, Any]:
+    """The tokenized train (shuffled, seeded) and test loaders, shared by every method."""
+    from .data import classification_loader
+
+    return (
+        classification_loader(train_ds, tokenizer, settings.batch_size, settings.max_length,
+                              shuffle=True, seed=settings.seed),
+        classification_loader(test_ds, tokenizer, 32, settings.max_length, shuffle=False),
+    )
+
+
+def _entry_options(entry: DemoEntry, settings: DemoSettings) -> dict[str, Any]:
+    """The entry's options, with the shared rank and seed for adapter methods."""
+    options = dict(entry.options)
+    if entry.method not in (HEAD_ONLY, FULL_FINETUNE):
+        options.setdefault("r", settings.r)
+        options.setdefault("seed", settings.seed)
+    return options
+
+
+def _train_config(entry: DemoEntry, settings: DemoSettings, progress: bool) -> TrainConfig:
+    """The shared budget as a ``TrainConfig``, with the entry's learning rate."""
+    return TrainConfig(
+        lr=entry.lr, max_steps=settings.steps, batch_size=settings.batch_size, max_length=settings.max_length,
+        warmup_steps=max(1, settings.steps // 10), schedule="linear", seed=settings.seed,
+        device=settings.device, progress=progress,
+    )
+
+
+def _result_row(entry: DemoEntry, options: dict[str, Any], result: Any, wall: float, cpu: float) -> dict[str, Any]:
+    """One row of ``results.json`` from a method's training result and its wall / CPU time."""
+    return {
+        "method": entry.label,
+        "adapter_method": entry.method,
+        "options": options,
+        "test_accuracy": result.metrics["accuracy"],
+        "test_loss": result.metrics["loss"],
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "trainable_pct": 100.0 * result.trainable_params / result.total_params,
+        "optimizer_state_bytes": result.optimizer_state_bytes,
+        "wall_time_s": wall,
+        "cpu_time_s": cpu,
+        "train_time_s": result.train_time_s,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "peak_memory_kind": result.peak_memory_kind,
+        "lr": entry.lr,
+        "steps": result.steps,
+        "final_train_loss": result.history[-1]["loss"],
+        "device": result.device,
+    }
+
+
+def _run_entry(
+    model: torch.nn.Module, entry: DemoEntry, loaders: tuple[Any, Any], settings: DemoSettings, progress: bool
+) -> dict[str, Any]:
+    """Prepare ``model`` for the entry's method, train and evaluate it; its result row."""
+    train_loader, test_loader = loaders
+    train_loader.generator.manual_seed(settings.seed)
+    options = _entry_options(entry, settings)
+    init_loader = torch.utils.data.DataLoader(
+        train_loader.dataset, batch_size=settings.batch_size, collate_fn=train_loader.collate_fn
+    )
+    prepare_model(model, entry.method, init_data=init_loader, **options)
+    cfg = _train_config(entry, settings, progress)
+    t_method, cpu_method = time.perf_counter(), _cpu_time()
+    result = train(model, train_loader, test_loader, cfg)
+    wall, cpu = time.perf_counter() - t_method, _cpu_time() - cpu_method
+    return _result_row(entry, options, result, wall, cpu)
+
+
+def _run_entries(
+    entries: list[DemoEntry], settings: DemoSettings, train_ds: Any, test_ds: Any, progress: bool,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Every entry on a freshly loaded model with the same initial head; one result row each."""
+    from .models import load_model
+
+    rows: list[dict[str, Any]] = []
+    loaders = None
+    for i, entry in enumerate(entries, 1):
+        torch.manual_seed(settings.seed)  # the same initial head for every method
+        model, tokenizer = load_model(settings.model, task="seq-cls", num_labels=train_ds.num_labels)
+        if loaders is None:  # tokenize once; the sampler is re-seeded for every method in _run_entry
+            loaders = _make_loaders(train_ds, test_ds, tokenizer, settings)
+        row = _run_entry(model, entry, loaders, settings, progress)
+        rows.append(row)
+        log(f"[{i}/{len(entries)}] {entry.label:<10} test acc {row['test_accuracy']:.3f}  "
+            f"trainable {human_count(row['trainable_params']):>7}  {row['wall_time_s']:5.1f} s")
+        del model
+    return rows
+
+
+def _results(
+    settings: DemoSettings, train_ds: Any, test_ds: Any, rows: list[dict[str, Any]], total: float
+) -> dict[str, Any]:
+    """The content of ``results.json``: settings, example counts, environment, timing and rows."""
+    return {
+        "settings": asdict(settings),
+        "examples": {"train_seen": settings.steps * settings.batch_size, "train_available": len(train_ds),
+                     "test": len(test_ds)},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "machine": platform.machine(),
+                        "device": rows[0]["device"] if rows else None},
+        "total_time_s": total,
+        "columns": [c.key for c in COLUMNS],
+        "results": rows,
+    }
+
+
+def _write_outputs(results: dict[str, Any], settings: DemoSettings, out: Path) -> None:
+    """Write ``results.json``, the accuracy-vs-parameters plot and ``report.md`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / RESULTS_JSON, json.dumps(results, indent=2, sort_keys=False) + "\n")
+    title = (f"{settings.model} on {settings.data}: {settings.steps} steps x {settings.batch_size}, "
+             f"max_length {settings.max_length}")
+    plot_accuracy_vs_params(results["results"], out / PLOT_PNG, title=title)
+    write_text(out / REPORT_MD, markdown_report(results))
+
+
 def run_demo(
     settings: DemoSettings | None = None,
     methods: Sequence[str] | None = None,
@@ -177,17 +306,12 @@ def run_demo(
 
     ``lrs`` overrides the learning rate of entries by label (e.g. ``{"lora": 3e-3}``).
     """
-    from .data import classification_loader, load_classification
-    from .models import load_model, quiet_transformers
+    from .data import load_classification
+    from .models import quiet_transformers
 
     settings = settings or DemoSettings()
     settings.validate()
-    entries = select_entries(methods)
-    lrs = dict(lrs or {})
-    unknown = sorted(set(lrs) - {e.label for e in entries})
-    if unknown:
-        raise ValueError(f"lrs names {unknown}, which are not among the selected methods {[e.label for e in entries]}")
-    entries = [replace(e, lr=float(lrs[e.label])) if e.label in lrs else e for e in entries]
+    entries = _with_lrs(select_entries(methods), lrs)
     quiet_transformers()
     t0 = time.perf_counter()
     train_ds = load_classification(settings.data, "train", seed=settings.seed, limit=settings.train_limit)
@@ -197,81 +321,12 @@ def run_demo(
         f"{settings.steps} steps x batch {settings.batch_size}, max_length {settings.max_length}, "
         f"{len(test_ds)} test examples; methods: {', '.join(e.label for e in entries)}"
     )
-
-    rows: list[dict[str, Any]] = []
-    loaders = None
-    for i, entry in enumerate(entries, 1):
-        torch.manual_seed(settings.seed)  # the same initial head for every method
-        model, tokenizer = load_model(settings.model, task="seq-cls", num_labels=train_ds.num_labels)
-        if loaders is None:  # tokenize once; the sampler is re-seeded for every method below
-            loaders = (
-                classification_loader(train_ds, tokenizer, settings.batch_size, settings.max_length,
-                                      shuffle=True, seed=settings.seed),
-                classification_loader(test_ds, tokenizer, 32, settings.max_length, shuffle=False),
-            )
-        train_loader, test_loader = loaders
-        train_loader.generator.manual_seed(settings.seed)
-        options = dict(entry.options)
-        if entry.method not in (HEAD_ONLY, FULL_FINETUNE):
-            options.setdefault("r", settings.r)
-            options.setdefault("seed", settings.seed)
-        init_loader = torch.utils.data.DataLoader(
-            train_loader.dataset, batch_size=settings.batch_size, collate_fn=train_loader.collate_fn
-        )
-        prepare_model(model, entry.method, init_data=init_loader, **options)
-        cfg = TrainConfig(
-            lr=entry.lr, max_steps=settings.steps, batch_size=settings.batch_size, max_length=settings.max_length,
-            warmup_steps=max(1, settings.steps // 10), schedule="linear", seed=settings.seed,
-            device=settings.device, progress=progress,
-        )
-        t_method, cpu_method = time.perf_counter(), _cpu_time()
-        result = train(model, train_loader, test_loader, cfg)
-        wall, cpu = time.perf_counter() - t_method, _cpu_time() - cpu_method
-        rows.append({
-            "method": entry.label,
-            "adapter_method": entry.method,
-            "options": options,
-            "test_accuracy": result.metrics["accuracy"],
-            "test_loss": result.metrics["loss"],
-            "trainable_params": result.trainable_params,
-            "total_params": result.total_params,
-            "trainable_pct": 100.0 * result.trainable_params / result.total_params,
-            "optimizer_state_bytes": result.optimizer_state_bytes,
-            "wall_time_s": wall,
-            "cpu_time_s": cpu,
-            "train_time_s": result.train_time_s,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "peak_memory_kind": result.peak_memory_kind,
-            "lr": entry.lr,
-            "steps": result.steps,
-            "final_train_loss": result.history[-1]["loss"],
-            "device": result.device,
-        })
-        log(f"[{i}/{len(entries)}] {entry.label:<10} test acc {result.metrics['accuracy']:.3f}  "
-            f"trainable {human_count(result.trainable_params):>7}  {wall:5.1f} s")
-        del model
-
+    rows = _run_entries(entries, settings, train_ds, test_ds, progress, log)
     total = time.perf_counter() - t0
-    results = {
-        "settings": asdict(settings),
-        "examples": {"train_seen": settings.steps * settings.batch_size, "train_available": len(train_ds),
-                     "test": len(test_ds)},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "machine": platform.machine(),
-                        "device": rows[0]["device"] if rows else None},
-        "total_time_s": total,
-        "columns": [c.key for c in COLUMNS],
-        "results": rows,
-    }
-    table = text_table(rows, COLUMNS)
-    log("\n" + table)
+    results = _results(settings, train_ds, test_ds, rows, total)
+    log("\n" + text_table(rows, COLUMNS))
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / RESULTS_JSON, json.dumps(results, indent=2, sort_keys=False) + "\n")
-    title = (f"{settings.model} on {settings.data}: {settings.steps} steps x {settings.batch_size}, "
-             f"max_length {settings.max_length}")
-    plot_accuracy_vs_params(rows, out / PLOT_PNG, title=title)
-    write_text(out / REPORT_MD, markdown_report(results))
+    _write_outputs(results, settings, out)
     log(f"\nwrote {out / RESULTS_JSON}, {out / REPORT_MD}, {out / PLOT_PNG} (total {total:.0f} s)")
     return results
 

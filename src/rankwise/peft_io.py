@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters.base import AdapterLayer
-from .adapters.registry import REGISTRY, adapt, adapter_layers, get_method
+from .adapters.registry import REGISTRY, AdapterState, MethodSpec, adapt, adapter_layers, get_method
 from .io import atomic_directory, save_tensors, write_json
 
 PEFT_CONFIG = "adapter_config.json"
@@ -119,15 +119,8 @@ def _task_type(model: nn.Module, saved_modules: list[str]) -> str | None:
     return task if task == "CAUSAL_LM" or saved_modules else None
 
 
-def export_peft(
-    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write the model's adapters as a PEFT LoRA (or DoRA) directory that ``PeftModel.from_pretrained``
-    loads onto the original base model and reproduces the rankwise outputs.
-
-    ΔW_PEFT = scaling·lora_B·lora_A with scaling = α_l/r_l (α_l/√r_l with use_rslora) = the layer's s.
-    Raises ``ValueError`` for methods whose delta is not a low-rank product (``export="none"``).
-    """
+def _exportable(model: nn.Module) -> tuple[AdapterState, MethodSpec]:
+    """The model's adapter state and method; raises unless the method's delta is a LoRA pair."""
     state = getattr(model, "rankwise_adapter", None)
     if state is None:
         raise ValueError("model has no rankwise adapters (call rw.adapt or rw.load_adapter first)")
@@ -137,12 +130,17 @@ def export_peft(
             f"method '{state.method}' cannot be exported to PEFT (its delta is not a LoRA pair); "
             "use rw.merge / rw.merge_and_unload or rw.save_adapter instead"
         )
-    use_rslora = bool(getattr(state.config, "use_rslora", False))
-    saved = list(state.trainable_modules)
+    return state, spec
+
+
+def _export_tensors(
+    model: nn.Module, layers: list[tuple[str, AdapterLayer]], saved: list[str], dora: bool, use_rslora: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float | int]]:
+    """The file's tensors (every layer's lora_A, lora_B [and magnitude], then the ``modules_to_save``)
+    and every layer's rank r_l and alpha α_l = s·r_l (s·√r_l with use_rslora)."""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float | int] = {}
-    layers = adapter_layers(model)
     for name, layer in layers:
         inside = [m for m in saved if name.startswith(m + ".")]
         if inside:
@@ -150,23 +148,37 @@ def export_peft(
                 f"trainable module '{inside[0]}' contains the adapted layer '{name}'; PEFT cannot "
                 "hold both (adapt with trainable= modules that contain no adapted layer)"
             )
-        b, a, s = _export_pair(layer, name, dora=spec.export == "dora")
+        b, a, s = _export_pair(layer, name, dora=dora)
         r = a.shape[0]
         ranks[name] = r
         alphas[name] = _tidy(s * (math.sqrt(r) if use_rslora else r))
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b
-        if spec.export == "dora":
+        if dora:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach()
     for name in saved:
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t
+    return tensors, ranks, alphas
 
-    (r, lora_alpha), _ = Counter((ranks[n], alphas[n]) for n, _ in layers).most_common(1)[0]
+
+def _peft_config(
+    model: nn.Module,
+    state: AdapterState,
+    dora: bool,
+    use_rslora: bool,
+    ranks: dict[str, int],
+    alphas: dict[str, float | int],
+    base_model_name_or_path: str | None,
+) -> dict[str, Any]:
+    """``adapter_config.json``: the most common (rank, alpha) pair as ``r`` / ``lora_alpha``, the other
+    layers' values in ``rank_pattern`` / ``alpha_pattern``."""
+    saved = list(state.trainable_modules)
+    (r, lora_alpha), _ = Counter((ranks[n], alphas[n]) for n in ranks).most_common(1)[0]
     name_or_path = base_model_name_or_path
     if name_or_path is None:
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config: dict[str, Any] = {
+    return {
         "peft_type": "LORA",
         "task_type": _task_type(model, saved),
         "base_model_name_or_path": name_or_path,
@@ -176,8 +188,8 @@ def export_peft(
         "lora_alpha": lora_alpha,
         "lora_dropout": float(getattr(state.config, "dropout", 0.0)),
         "use_rslora": use_rslora,
-        "use_dora": spec.export == "dora",
-        "target_modules": _target_modules(model, [n for n, _ in layers], saved),
+        "use_dora": dora,
+        "target_modules": _target_modules(model, list(ranks), saved),
         "modules_to_save": saved or None,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != lora_alpha},
@@ -187,6 +199,24 @@ def export_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+
+
+def export_peft(
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write the model's adapters as a PEFT LoRA (or DoRA) directory that ``PeftModel.from_pretrained``
+    loads onto the original base model and reproduces the rankwise outputs.
+
+    ΔW_PEFT = scaling·lora_B·lora_A with scaling = α_l/r_l (α_l/√r_l with use_rslora) = the layer's s.
+    Raises ``ValueError`` for methods whose delta is not a low-rank product (``export="none"``).
+    """
+    state, spec = _exportable(model)
+    dora = spec.export == "dora"
+    use_rslora = bool(getattr(state.config, "use_rslora", False))
+    tensors, ranks, alphas = _export_tensors(
+        model, adapter_layers(model), list(state.trainable_modules), dora, use_rslora
+    )
+    config = _peft_config(model, state, dora, use_rslora, ranks, alphas, base_model_name_or_path)
     with atomic_directory(path) as tmp:
         write_json(tmp / PEFT_CONFIG, config)
         save_tensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
@@ -282,15 +312,8 @@ def _match_saved_tensors(
     return pairs
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA / rsLoRA / DoRA directory onto ``model`` (the original base) as rankwise
-    ``lora`` / ``rslora`` / ``dora`` adapters; per-layer ranks and alphas become ``overrides``.
-
-    Scale per layer: s = α_l/r_l (α_l/√r_l with use_rslora), as PEFT's ``LoraLayer.update_layer``.
-    """
-    if getattr(model, "rankwise_adapter", None) is not None:
-        raise ValueError("model already has rankwise adapters; import_peft needs the plain base model")
-    path = Path(path)
+def _read_config(path: Path) -> dict[str, Any]:
+    """The checked ``adapter_config.json`` of a PEFT directory that also holds ``adapter_model.safetensors``."""
     cfg_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: not a PEFT adapter directory")
@@ -301,61 +324,73 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     cfg = json.loads(cfg_file.read_text())
     _check_config(cfg)
-    use_dora, use_rslora = bool(cfg.get("use_dora")), bool(cfg.get("use_rslora"))
-    method = "dora" if use_dora else ("rslora" if use_rslora else "lora")
-    if method not in REGISTRY:
-        raise ValueError("use_dora=True needs the rankwise method 'dora', which is not registered")
-    spec = get_method(method)
+    return cfg
 
-    layers, rest = _split_keys(load_file(str(weights_file)))
-    if not layers:
-        raise ValueError(f"{weights_file} holds no lora_A/lora_B tensors")
+
+def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tensor], use_dora: bool) -> int:
+    """The rank of layer ``name``'s tensors, after checking they fit ``module`` (an nn.Linear)."""
+    if module is None:
+        raise ValueError(f"target_modules: the adapter has layer '{name}', which the model does not have")
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear only"
+        )
+    missing = {"lora_A", "lora_B"} - set(parts) | ({"magnitude"} - set(parts) if use_dora else set())
+    if missing:
+        raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(missing)}")
+    if "magnitude" in parts and not use_dora:
+        raise ValueError(f"use_dora=False but layer '{name}' has a lora_magnitude_vector")
+    r = int(parts["lora_A"].shape[0])
+    shapes = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r),
+              "magnitude": (module.out_features,)}
+    for part, t in parts.items():
+        if tuple(t.shape) != shapes[part]:
+            raise ValueError(
+                f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}, "
+                f"expected {shapes[part]} for this model"
+            )
+    return r
+
+
+def _ranks_and_alphas(
+    model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any], use_dora: bool
+) -> dict[str, dict[str, Any]]:
+    """``{layer: {"r": r_l, "alpha": α_l}}``; each rank is checked against ``r`` / ``rank_pattern``."""
     modules = dict(model.named_modules())
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     per_layer: dict[str, dict[str, Any]] = {}
     for name, parts in layers.items():
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"target_modules: the adapter has layer '{name}', which the model does not have")
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear only"
-            )
-        missing = {"lora_A", "lora_B"} - set(parts) | ({"magnitude"} - set(parts) if use_dora else set())
-        if missing:
-            raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(missing)}")
-        if "magnitude" in parts and not use_dora:
-            raise ValueError(f"use_dora=False but layer '{name}' has a lora_magnitude_vector")
-        r = int(parts["lora_A"].shape[0])
-        shapes = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r),
-                  "magnitude": (module.out_features,)}
-        for part, t in parts.items():
-            if tuple(t.shape) != shapes[part]:
-                raise ValueError(
-                    f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}, "
-                    f"expected {shapes[part]} for this model"
-                )
+        r = _layer_rank(modules.get(name), name, parts, use_dora)
         expected = _pattern_value(rank_pattern, name, r0)
         if r != expected:
             raise ValueError(
                 f"rank_pattern / r: layer '{name}' has rank {r} in the weights but the config gives {expected}"
             )
         per_layer[name] = {"r": r, "alpha": _pattern_value(alpha_pattern, name, alpha0)}
+    return per_layer
 
+
+def _adapt_options(
+    per_layer: dict[str, dict[str, Any]], cfg: dict[str, Any], spec: MethodSpec, use_rslora: bool
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``adapt`` options (the most common rank and alpha, dropout, use_rslora) and the per-layer
+    ``overrides`` of the layers that differ from them."""
     (r, alpha), _ = Counter((v["r"], v["alpha"]) for v in per_layer.values()).most_common(1)[0]
     overrides = {n: v for n, v in per_layer.items() if (v["r"], v["alpha"]) != (r, alpha)}
     options: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout", 0.0))}
     if use_rslora or "use_rslora" in spec.config_cls.field_names():
         options["use_rslora"] = use_rslora
-    saved = _saved_modules(model, cfg.get("modules_to_save"), list(layers))
-    head_tensors = _match_saved_tensors(model, saved, rest, cfg.get("modules_to_save"))
-    exact = "|".join(re.escape(n) for n in sorted(layers))  # full-match regex: exactly these layers
-    adapt(
-        model, method, targets=exact, trainable=saved or None,
-        overrides=overrides or None, _skip_init=True, **options,
-    )
+    return options, overrides
 
+
+def _copy_weights(
+    model: nn.Module,
+    layers: dict[str, dict[str, torch.Tensor]],
+    head_tensors: list[tuple[torch.Tensor, torch.Tensor]],
+    use_dora: bool,
+) -> None:
+    """Copy the file's LoRA (and DoRA magnitude) tensors into the adapted layers and the saved modules."""
     with torch.no_grad():
         for name, parts in layers.items():
             layer = model.get_submodule(name)
@@ -367,4 +402,36 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             target.copy_(t)
     for _, layer in adapter_layers(model):
         layer.after_load()
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA / rsLoRA / DoRA directory onto ``model`` (the original base) as rankwise
+    ``lora`` / ``rslora`` / ``dora`` adapters; per-layer ranks and alphas become ``overrides``.
+
+    Scale per layer: s = α_l/r_l (α_l/√r_l with use_rslora), as PEFT's ``LoraLayer.update_layer``.
+    """
+    if getattr(model, "rankwise_adapter", None) is not None:
+        raise ValueError("model already has rankwise adapters; import_peft needs the plain base model")
+    path = Path(path)
+    cfg = _read_config(path)
+    use_dora, use_rslora = bool(cfg.get("use_dora")), bool(cfg.get("use_rslora"))
+    method = "dora" if use_dora else ("rslora" if use_rslora else "lora")
+    if method not in REGISTRY:
+        raise ValueError("use_dora=True needs the rankwise method 'dora', which is not registered")
+    spec = get_method(method)
+
+    weights_file = path / PEFT_WEIGHTS
+    layers, rest = _split_keys(load_file(str(weights_file)))
+    if not layers:
+        raise ValueError(f"{weights_file} holds no lora_A/lora_B tensors")
+    per_layer = _ranks_and_alphas(model, layers, cfg, use_dora)
+    options, overrides = _adapt_options(per_layer, cfg, spec, use_rslora)
+    saved = _saved_modules(model, cfg.get("modules_to_save"), list(layers))
+    head_tensors = _match_saved_tensors(model, saved, rest, cfg.get("modules_to_save"))
+    exact = "|".join(re.escape(n) for n in sorted(layers))  # full-match regex: exactly these layers
+    adapt(
+        model, method, targets=exact, trainable=saved or None,
+        overrides=overrides or None, _skip_init=True, **options,
+    )
+    _copy_weights(model, layers, head_tensors, use_dora)
     return model

@@ -105,6 +105,75 @@ def _trainable_module_names(model: nn.Module, trainable: str | Iterable[str] | N
     return found
 
 
+def _check_overrides(
+    overrides: dict[str, dict[str, Any]] | None, found: list[tuple[str, nn.Linear]]
+) -> dict[str, dict[str, Any]]:
+    """A copy of ``overrides`` (``{}`` for None); raises unless it maps adapted layer names to dicts."""
+    if overrides is not None and (
+        not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values())
+    ):
+        raise ValueError(f"overrides={overrides!r} must be a dict {{layer name: {{config field: value}}}}")
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    unknown_layers = sorted(set(overrides) - {n for n, _ in found})
+    if unknown_layers:
+        raise ValueError(
+            f"overrides name layer(s) {unknown_layers[:5]} that are not adapted; "
+            f"allowed keys are the adapted layer names, e.g. {[n for n, _ in found][:4]}"
+        )
+    return overrides
+
+
+def _check_ranks(found: list[tuple[str, nn.Linear]], layer_cfgs: dict[str, AdapterConfig]) -> None:
+    """Every layer's rank r <= min(in_features, out_features)."""
+    for name, lin in found:
+        limit = min(lin.in_features, lin.out_features)
+        r = layer_cfgs[name].r
+        if r > limit:
+            raise ValueError(
+                f"r={r} is larger than min(in_features, out_features)={limit} of '{name}'; "
+                f"choose r <= {limit}"
+            )
+
+
+def _init_gradients(
+    model: nn.Module,
+    spec: MethodSpec,
+    layer_cfgs: dict[str, AdapterConfig],
+    init_data: Iterable | None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    init_batches: int,
+) -> dict[str, torch.Tensor]:
+    """Estimated gradients of the target weights when the method initializes from them, else ``{}``."""
+    if not any(spec.layer_cls.needs_grad(c) for c in layer_cfgs.values()):
+        return {}
+    if init_data is None:
+        raise ValueError(
+            f"method '{spec.name}' initializes from gradients and needs init_data "
+            "(an iterable of batches, e.g. a DataLoader)"
+        )
+    return estimate_gradients(model, list(layer_cfgs), init_data, loss_fn=loss_fn, max_batches=init_batches)
+
+
+def _inject(
+    model: nn.Module,
+    spec: MethodSpec,
+    cfg: AdapterConfig,
+    found: list[tuple[str, nn.Linear]],
+    layer_cfgs: dict[str, AdapterConfig],
+    grads: dict[str, torch.Tensor],
+    skip_init: bool,
+) -> None:
+    """Freeze every parameter, then replace each target Linear with its (initialized) adapter layer."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    shared = spec.layer_cls.build_shared(cfg, [lin for _, lin in found])
+    for name, lin in found:
+        ctx = InitContext(
+            name=name, grad=grads.pop(name, None), skip=skip_init, extra={"shared": shared}, config=layer_cfgs[name]
+        )
+        replace_module(model, name, spec.layer_cls(lin, layer_cfgs[name], ctx))
+
+
 def adapt(
     model: nn.Module,
     method: str,
@@ -133,51 +202,17 @@ def adapt(
     spec = get_method(method)
     cfg = spec.make_config(**config)
     found = find_targets(model, targets)
-    if overrides is not None and (
-        not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values())
-    ):
-        raise ValueError(f"overrides={overrides!r} must be a dict {{layer name: {{config field: value}}}}")
-    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
-    unknown_layers = sorted(set(overrides) - {n for n, _ in found})
-    if unknown_layers:
-        raise ValueError(
-            f"overrides name layer(s) {unknown_layers[:5]} that are not adapted; "
-            f"allowed keys are the adapted layer names, e.g. {[n for n, _ in found][:4]}"
-        )
+    overrides = _check_overrides(overrides, found)
     layer_cfgs = {
         n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found
     }
-    for name, lin in found:
-        limit = min(lin.in_features, lin.out_features)
-        r = layer_cfgs[name].r
-        if r > limit:
-            raise ValueError(
-                f"r={r} is larger than min(in_features, out_features)={limit} of '{name}'; "
-                f"choose r <= {limit}"
-            )
+    _check_ranks(found, layer_cfgs)
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found]
-
-    grads: dict[str, torch.Tensor] = {}
-    if any(spec.layer_cls.needs_grad(c) for c in layer_cfgs.values()) and not _skip_init:
-        if init_data is None:
-            raise ValueError(
-                f"method '{method}' initializes from gradients and needs init_data "
-                "(an iterable of batches, e.g. a DataLoader)"
-            )
-        grads = estimate_gradients(model, names, init_data, loss_fn=loss_fn, max_batches=init_batches)
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    shared = spec.layer_cls.build_shared(cfg, [lin for _, lin in found])
-    for name, lin in found:
-        ctx = InitContext(
-            name=name, grad=grads.pop(name, None), skip=_skip_init, extra={"shared": shared}, config=layer_cfgs[name]
-        )
-        replace_module(model, name, spec.layer_cls(lin, layer_cfgs[name], ctx))
+    grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
+    _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init)
     for name in trainable_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.rankwise_adapter = AdapterState(method, cfg, names, trainable_names, overrides)
     return model
-

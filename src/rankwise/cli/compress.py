@@ -97,15 +97,61 @@ def markdown_report(report: dict[str, Any]) -> str:
     ])
 
 
+def _training_data(args: argparse.Namespace, tokenizer: Any, steps: int, trains: bool) -> tuple[Any, Any]:
+    """``(loader, data)``: the training loader (None when no step or batch needs one) and what the
+    method gets as ``data`` (the loader when it trains, else the calibration batches, else None)."""
+    needed = steps + args.recover_steps + args.calibration_batches
+    loader = None
+    if needed:  # a seeded sample of documents, enough for the batches needed (tokenizing all is slow)
+        loader = text_loader("bbc+stdlib-code", "train", tokenizer, args.max_length, args.train_batch_size,
+                             args.seed, limit=max(64, needed * args.train_batch_size // 2))
+    data = loader if trains else (list(itertools.islice(loader, args.calibration_batches))
+                                  if args.calibration_batches else None)
+    return loader, data
+
+
+def _compress_options(args: argparse.Namespace, trains: bool) -> dict[str, Any]:
+    """Method options from the flags: a fixed ``rank``, and the ``lr`` of a method that trains."""
+    config: dict[str, Any] = {}
+    if args.rank is not None:
+        config["rank"] = args.rank
+    if trains:
+        config["lr"] = args.lr
+    return config
+
+
+def _recover(model: Any, tokenizer: Any, blocks: dict, loader: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Recovery fine-tune for ``--recover-steps`` and measure again; None when there are no steps."""
+    from ..compress.api import recover
+
+    if args.recover_steps <= 0:
+        return None
+    t0 = time.perf_counter()
+    recover(model, loader, args.recover_steps, lr=args.lr, progress=args.progress)
+    recovered = _measure(model, tokenizer, blocks, args)
+    recovered["recover_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"recovered ({args.recover_steps} steps): perplexity {recovered['perplexity']}")
+    return recovered
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    """Write ``report.json`` and ``report.md`` into ``out_dir`` and say where."""
+    from ..io import write_json
+    from ..report import write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "report.json", json.loads(json.dumps(report, default=str)))
+    write_text(out_dir / "report.md", markdown_report(report))
+    print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``compress`` subcommand; returns the exit status."""
     import torch
 
-    from ..compress.api import compress, recover, save_compressed
+    from ..compress.api import compress, save_compressed
     from ..compress.evaluate import EVAL_CORPORA, eval_blocks
-    from ..io import write_json
     from ..models import load_model
-    from ..report import write_text
 
     torch.manual_seed(args.seed)
     steps = args.max_steps if args.max_steps is not None else TRAINING_METHODS.get(args.method, 0)
@@ -118,46 +164,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"before: {before['parameters']:,} parameters, perplexity {before['perplexity']}")
 
     trains = args.method in TRAINING_METHODS and steps > 0
-    needed = steps + args.recover_steps + args.calibration_batches
-    loader = None
-    if needed:  # a seeded sample of documents, enough for the batches needed (tokenizing all is slow)
-        loader = text_loader("bbc+stdlib-code", "train", tokenizer, args.max_length, args.train_batch_size,
-                             args.seed, limit=max(64, needed * args.train_batch_size // 2))
-    data = loader if trains else (list(itertools.islice(loader, args.calibration_batches))
-                                  if args.calibration_batches else None)
-    config: dict[str, Any] = {}
-    if args.rank is not None:
-        config["rank"] = args.rank
-    if trains:
-        config["lr"] = args.lr
+    loader, data = _training_data(args, tokenizer, steps, trains)
     t0 = time.perf_counter()
-    compress(model, args.method, args.ratio, data=data, steps=steps, progress=args.progress, **config)
+    compress(model, args.method, args.ratio, data=data, steps=steps, progress=args.progress,
+             **_compress_options(args, trains))
     seconds = time.perf_counter() - t0
     before["targeted_weights"] = model.rankwise_compress.weights_before
     after = _measure(model, tokenizer, blocks, args)
     after["compress_seconds"] = round(seconds, 1)
     print(f"compressed ({seconds:.0f}s): {after['parameters']:,} parameters, kept {after.get('kept_fraction')} "
           f"of the targeted weights, perplexity {after['perplexity']}")
-
-    recovered = None
-    if args.recover_steps > 0:
-        t0 = time.perf_counter()
-        recover(model, loader, args.recover_steps, lr=args.lr, progress=args.progress)
-        recovered = _measure(model, tokenizer, blocks, args)
-        recovered["recover_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"recovered ({args.recover_steps} steps): perplexity {recovered['perplexity']}")
+    recovered = _recover(model, tokenizer, blocks, loader, args)
 
     saved = None if args.no_save else str(save_compressed(model, out_dir / "model", tokenizer))
     state = model.rankwise_compress
-    report = {
+    _write_report(out_dir, {
         "model": args.model, "method": args.method, "ratio": args.ratio, "rank": args.rank, "steps": steps,
         "calibration_batches": args.calibration_batches,
         "recover_steps": args.recover_steps, "lr": args.lr, "eval_blocks": args.eval_blocks,
         "block_size": args.max_length, "before": before, "after": after, "recovered": recovered,
         "ranks": state.ranks, "details": state.to_dict()["details"], "saved_to": saved,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "report.json", json.loads(json.dumps(report, default=str)))
-    write_text(out_dir / "report.md", markdown_report(report))
-    print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    })
     return 0

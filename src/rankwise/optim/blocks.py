@@ -414,6 +414,49 @@ class LISA(_SampledBlocks):
 # OwLore: outlier ratios + low-rank projected Adam
 
 
+def _input_norms(
+    model: nn.Module, linears: list[list[nn.Linear]], calibration: Iterable[Any], max_batches: int | None
+) -> dict[int, torch.Tensor]:
+    """‖X_j‖₂ of every input feature j of every Linear over the calibration tokens, by ``id(module)``."""
+    squares: dict[int, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, module.in_features).double()
+        squares[id(module)] = squares.get(id(module), 0) + (x * x).sum(0)
+
+    handles = [m.register_forward_pre_hook(record) for group in linears for m in group]
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for batch in calibration:
+            call_model(model, batch)
+            seen += 1
+            if max_batches is not None and seen >= max_batches:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not squares:
+        raise ValueError("calibration produced no batch; pass a non-empty iterable of model inputs")
+    return {k: v.sqrt() for k, v in squares.items()}
+
+
+def _outlier_ratio(group: list[nn.Linear], threshold: float, norms: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """D_ℓ of one layer: the fraction of scores A_ij over all its Linears above M·mean(A_ℓ)."""
+    scores = []
+    for m in group:
+        score = m.weight.detach().abs().double()
+        if norms is not None:
+            if id(m) not in norms:
+                raise ValueError("a Linear of the transformer layers received no input during calibration")
+            score = score * norms[id(m)].to(score.device)[None, :]
+        scores.append(score.flatten())
+    flat = torch.cat(scores)
+    return (flat > threshold * flat.mean()).double().mean()
+
+
 @torch.no_grad()
 def outlier_ratios(
     model: nn.Module,
@@ -438,44 +481,8 @@ def outlier_ratios(
     linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in repeated]
     if any(not group for group in linears):
         raise ValueError("every transformer layer must contain at least one nn.Linear to measure outliers")
-    norms: dict[int, torch.Tensor] = {}
-    if calibration is not None:
-        squares: dict[int, torch.Tensor] = {}
-
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, module.in_features).double()
-            squares[id(module)] = squares.get(id(module), 0) + (x * x).sum(0)
-
-        handles = [m.register_forward_pre_hook(record) for group in linears for m in group]
-        was_training = model.training
-        model.eval()
-        try:
-            seen = 0
-            for batch in calibration:
-                call_model(model, batch)
-                seen += 1
-                if max_batches is not None and seen >= max_batches:
-                    break
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
-        if not squares:
-            raise ValueError("calibration produced no batch; pass a non-empty iterable of model inputs")
-        norms = {k: v.sqrt() for k, v in squares.items()}
-    ratios = []
-    for group in linears:
-        scores = []
-        for m in group:
-            score = m.weight.detach().abs().double()
-            if calibration is not None:
-                if id(m) not in norms:
-                    raise ValueError("a Linear of the transformer layers received no input during calibration")
-                score = score * norms[id(m)].to(score.device)[None, :]
-            scores.append(score.flatten())
-        flat = torch.cat(scores)
-        ratios.append((flat > threshold * flat.mean()).double().mean())
-    return torch.stack(ratios).cpu()
+    norms = None if calibration is None else _input_norms(model, linears, calibration, max_batches)
+    return torch.stack([_outlier_ratio(group, threshold, norms) for group in linears]).cpu()
 
 
 class OwLore(LISA):
