@@ -24,7 +24,7 @@ from rankwise.compress.loraprune import (
     remove_pruned_units,
 )
 
-from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 def _params(model: nn.Module) -> int:

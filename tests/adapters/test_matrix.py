@@ -11,7 +11,7 @@ import torch
 
 import rankwise as rw
 
-from .conftest import MODEL_KINDS
+from ..conftest import MODEL_KINDS
 
 METHODS = sorted(rw.REGISTRY)
 RANK = 4

@@ -15,7 +15,7 @@ from rankwise.compress.dsee import DSEEConfig, attention_blocks, dsee_finetune, 
 from rankwise.compress.factorized import FactorizedLinear
 from rankwise.compress.lord import lord_compress, output_grams
 
-from .conftest import VOCAB, cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import VOCAB, cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 # ---------------------------------------------------------------------------------------- LoRD

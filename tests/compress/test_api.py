@@ -43,7 +43,7 @@ from rankwise.compress.rank import (
 )
 from rankwise.compress.svd import thin_svd
 
-from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:

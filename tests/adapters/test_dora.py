@@ -13,7 +13,7 @@ from rankwise.adapters.bone import bone_delta
 from rankwise.adapters.randlora import RandLoRALayer, num_bases, randlora_bases
 from rankwise.adapters.vera import vera_projections
 
-from .conftest import lm_batches, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama
 
 peft = pytest.importorskip("peft")
 

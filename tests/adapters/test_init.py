@@ -18,7 +18,7 @@ from rankwise.linalg import energy_rank, randomized_svd, truncated_svd
 from rankwise.optim import loraplus_groups
 from rankwise.targets import find_targets
 
-from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

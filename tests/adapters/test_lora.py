@@ -9,7 +9,7 @@ from torch import nn
 import rankwise as rw
 from rankwise.targets import find_targets
 
-from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 def test_all_linear_excludes_output_heads():
