@@ -17,7 +17,7 @@ import rankwise as rw
 from rankwise import catalogue
 
 N_STEPS, K_STEPS, GAP = 7, 4, 3
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Per-optimizer settings for this tiny model; every catalogued optimizer is resumed (the ones not named
 #: here with their defaults), plus the variants listed.
@@ -90,7 +90,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / f"{cid}.pt")
         run_steps(model, opt, K_STEPS, N_STEPS)
         straight[cid] = {k: v.clone() for k, v in model.state_dict().items()}
-    script = "import sys; from tests.test_optim_resume import resume_all; resume_all(sys.argv[1])"
+    script = "import sys; from tests.optim.test_resume import resume_all; resume_all(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for cid, _, _ in CONFIGS:

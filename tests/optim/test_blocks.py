@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from rankwise import catalogue
 from rankwise.optim import LISA, BAdam, OwLore, outlier_ratios, transformer_blocks
 
-from .conftest import make_tiny_bert, make_tiny_llama
+from ..conftest import make_tiny_bert, make_tiny_llama
 from .ddp_worker import N_LAYERS, make_batches, make_model, make_optimizer, params_of, train
 
 

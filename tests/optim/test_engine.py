@@ -14,7 +14,8 @@ from rankwise.optim import inner as inner_mod
 from rankwise.optim import projectors as pj
 from rankwise.optim import quant
 from rankwise.optim.projected import ProjectedOptimizer
-from tests.conftest import make_tiny_bert
+
+from ..conftest import make_tiny_bert
 
 
 

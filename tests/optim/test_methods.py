@@ -13,7 +13,8 @@ import rankwise as rw
 from rankwise.optim import projectors as pj
 from rankwise.optim.gradnormlorp import weight_norm_grads
 from rankwise.optim.residual import channel_scale
-from tests.conftest import lm_batches, make_tiny_llama
+
+from ..conftest import lm_batches, make_tiny_llama
 
 
 

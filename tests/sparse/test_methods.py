@@ -31,7 +31,7 @@ from rankwise.sparse import (
 from rankwise.sparse.layers import FactorizedLinear
 from rankwise.sparse.relora import lora_parameters
 
-from .conftest import lm_batches, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama
 
 METHOD_CONFIGS = {
     "sltrain": {"rank": 4, "density": 0.1},

@@ -1,11 +1,11 @@
 """Helper process for the optimizer tests (run as a script; the tests also import its builders).
 
-``python tests/ddp_worker.py resume --dir D --methods badam,lisa --steps 5``: for each method, build a
+``python tests/optim/ddp_worker.py resume --dir D --methods badam,lisa --steps 5``: for each method, build a
 fresh model and optimizer, load ``D/<method>.pt`` (model + optimizer state, read with
 ``weights_only=True``), train on the last ``steps`` batches of the shared sequence, save the final
 parameters to ``D/<method>_final.pt``.
 
-``torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py ddp --dir D --methods ... --steps N``:
+``torchrun --standalone --nproc_per_node 2 tests/optim/ddp_worker.py ddp --dir D --methods ... --steps N``:
 each rank wraps a float64 model in DDP (gloo, CPU) and trains on its half of every global batch;
 rank 0 saves the final parameters to ``D/<method>_ddp.pt``.
 """
@@ -90,7 +90,7 @@ def ddp(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for method in args.methods.split(","):
-        model = make_model(dtype=torch.float64)  # see tests/test_optim_ddp.py for why float64
+        model = make_model(dtype=torch.float64)  # see tests/optim/test_ddp.py for why float64
         # DDP first, while every parameter still requires grad: its reducer only covers the
         # parameters that require grad at construction.
         wrapped = DistributedDataParallel(model, find_unused_parameters=method in SAMPLING)

@@ -1,6 +1,7 @@
-"""LoRAPrune removes the pruned heads and channels physically: the shrunk model computes exactly what
-the zeroed (or masked) dense model computes, holds exactly the kept weights, keeps grouped-query
-attention standard, and round-trips through save_compressed / load_compressed."""
+"""LoRAPrune: the faithful test (importance from LoRA alone, the cubic schedule), recovery on the shrunk model;
+and the physical removal of the pruned heads and channels: the shrunk model computes exactly what the zeroed
+(or masked) dense model computes, holds exactly the kept weights, keeps grouped-query attention standard, and
+round-trips through save_compressed / load_compressed."""
 
 from __future__ import annotations
 
@@ -14,19 +15,116 @@ import torch
 from torch import nn
 
 import rankwise as rw
-from rankwise.compress import find_blocks, load_compressed, recover, save_compressed
+from rankwise.compress import cubic_sparsity, find_blocks, load_compressed, recover, save_compressed
 from rankwise.compress.loraprune import (
     Block,
     BlockState,
     LoRAPruneState,
+    first_final_step,
     grow_heads,
     kept_per_group,
     remove_pruned_units,
 )
 
-from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 
+def _loraprune_run(make, batches, ratio=0.5, steps=12, **kw):
+    model = make(0)
+    base_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    seen = []
+
+    def loss_fn(m, batch):
+        # before this step's backward: LoRA has last step's gradients, W₀ must have none
+        lora = [l for _, l in rw.adapter_layers(m)]
+        seen.append(all(l.base_layer.weight.grad is None and not l.base_layer.weight.requires_grad for l in lora))
+        return m(**batch).loss
+
+    state = {}
+
+    def on_target(m, step):
+        state["step"] = step
+        state["all_lora_grads"] = all(l.lora_A.grad is not None for _, l in rw.adapter_layers(m))
+
+    model = rw.compress(model, "loraprune", ratio=ratio, data=batches(3), steps=steps, loss_fn=loss_fn,
+                        prune_every=2, warmup=0.1, cooldown=0.25, on_target=on_target, **kw)
+    return model, base_shapes, seen, state
+
+
+@pytest.mark.parametrize("make,batches", [(make_tiny_llama, lm_batches), (make_tiny_bert, cls_batches)])
+def test_loraprune_faithful(make, batches):
+    steps = 12
+    blocks = find_blocks(make(0))
+    model, base_shapes, seen, reached = _loraprune_run(make, batches, ratio=0.5, steps=steps)
+    cstate = model.rankwise_compress
+    # 1. the frozen W₀ never gets a .grad (importance comes from LoRA's weights and gradients only)
+    assert len(seen) == steps and all(seen)
+    assert reached["all_lora_grads"]
+    # 2. removed units are whole heads / channels: each block linear lost exactly those rows / columns,
+    #    every other tensor keeps its shape; grouped-query attention keeps equal groups
+    assert not rw.adapter_layers(model)
+    block_names = {n for b in blocks for n in b.names}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert {n: s for n, s in shapes.items() if n.rpartition(".")[0] not in block_names} == {
+        n: s for n, s in base_shapes.items() if n.rpartition(".")[0] not in block_names}
+    for block, info in zip(blocks, cstate.details["blocks"]):
+        pruned, g, d = set(info["pruned_heads"]), block.group, block.head_dim
+        heads, chans = len(pruned), info["pruned_channels"]
+        kv = sum(pruned >= set(range(j * g, (j + 1) * g)) for j in range(block.kv_heads))
+        kept_per_group(block, pruned)  # raises unless every surviving key-value group keeps as many query heads
+        assert heads >= 1 and chans >= 1 and heads < block.heads
+        assert model.get_submodule(block.q).weight.shape[0] == (block.heads - heads) * d
+        assert model.get_submodule(block.o).weight.shape[1] == (block.heads - heads) * d
+        for name in (block.k, block.v):
+            assert model.get_submodule(name).weight.shape[0] == (block.kv_heads - kv) * d
+        for name in block.mlp_out:
+            assert model.get_submodule(name).weight.shape[0] == block.channels - chans
+        for name in block.mlp_in:
+            assert model.get_submodule(name).weight.shape[1] == block.channels - chans
+    # 3. the schedule: cubic, monotone, and the target is reached at the scheduled step and held,
+    #    at most one channel's weights below the ratio
+    hist = cstate.details["history"]
+    final = first_final_step(steps, 0.25)
+    assert reached["step"] == final
+    kept = [h["kept_fraction"] for h in hist]
+    assert all(a >= b for a, b in zip(kept, kept[1:]))
+    for h in hist:
+        assert h["target_sparsity"] == pytest.approx(cubic_sparsity(h["step"], steps, 0.5, 0.1, 0.25))
+    assert kept[0] == 1.0
+    slack = max(b.channel_weights / b.total for b in blocks)
+    assert all(0.5 - slack <= k <= 0.5 + 1e-9 for k in kept[final:])
+    # 4. weights_after counts the weights the shrunk matrices really hold
+    assert cstate.weights_after == sum(model.get_submodule(n).weight.numel() for n in block_names)
+    assert cstate.weights_after == round(kept[-1] * cstate.weights_before)
+
+
+def test_loraprune_recover_trains_lora_on_the_shrunk_model():
+    model = make_tiny_llama(0)
+    rw.compress(model, "loraprune", ratio=0.6, data=lm_batches(2), steps=5, prune_every=1, warmup=0.0,
+                cooldown=0.2)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    targets = model.rankwise_compress.targets
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in targets}
+    embed = model.model.embed_tokens.weight.detach().clone()
+    hist = recover(model, lm_batches(1), steps=2, lr=1e-2, r=4)
+    assert len(hist) == 2
+    # LoRA was merged into the (smaller) block linears: same shapes, new weights, no adapter left
+    assert not rw.adapter_layers(model)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
+    assert all(not torch.equal(model.get_submodule(n).weight, before[n]) for n in targets)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['prune_every'\]"):
+        recover(model, lm_batches(1), steps=1, prune_every=2)
+
+
+def test_cubic_schedule_shape():
+    vals = [cubic_sparsity(t, 100, 0.6, 0.1, 0.1) for t in range(100)]
+    assert vals[:11] == [0.0] * 11 and vals[90:] == [0.6] * 10
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    assert vals[50] == pytest.approx(0.6 * (1 - (1 - 40 / 80) ** 3))
+
+
+# ---------------------------------------------------------------------------------------- shrink
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -60,6 +158,8 @@ def _pruned_bias_entries(model: nn.Module, state: LoRAPruneState) -> int:
 
 # layer 0: a whole key-value group goes (heads 2, 3 → kv head 1); layer 1: one query head of every group
 LLAMA_HEADS = [{2, 3}, {0, 2}]
+
+
 BERT_HEADS = [{1}, {0, 2, 3}]
 
 

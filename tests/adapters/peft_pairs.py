@@ -1,0 +1,51 @@
+"""Helpers of the adapter tests (not a test module): the same tiny Llama adapted by PEFT and by rankwise, loss
+and gradients, a short training run, a closeness check. Used by the DoRA, VeRA, RandLoRA and Bone tests and the
+trained round trip of ``test_matrix.py``; PEFT is imported only where a pair is built."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import rankwise as rw
+
+from ..conftest import lm_batches, make_tiny_llama
+
+# every Linear of the tiny Llama: (out, in) = q 32x32, k/v 16x32, o 32x32, gate/up 64x32, down 32x64
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _pair(peft_config, method: str, **ours):
+    """The same tiny Llama adapted by PEFT and by rankwise (PEFT's tensors are copied over by callers)."""
+    import peft  # here, not at import time: test_matrix.py uses the other helpers without PEFT
+
+    base = make_tiny_llama(0)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    mine = rw.adapt(copy.deepcopy(base), method, targets=TARGETS, trainable=None, **ours)
+    return pm, mine
+
+
+def _peft_layer(pm, name: str):
+    return pm.base_model.model.get_submodule(name)
+
+
+def _loss_and_grads(model, batch, params):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in params]
+
+
+def _train(model, steps: int = 3, lr: float = 1e-2, seed: int = 0) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for batch in lm_batches(n=steps, seed=seed):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _close(a, b, atol=1e-5, rtol=1e-4):
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), (a - b).abs().max().item()

@@ -1,0 +1,34 @@
+"""Factorized layers: dense -> factorized -> dense round trips, for one layer and a compressed model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import rankwise as rw
+from rankwise.compress import FactorizedLinear, densify, factorized_layers
+from rankwise.compress.factorized import factorized_from_factors
+from rankwise.compress.svd import thin_svd
+
+from ..conftest import lm_batches, make_tiny_llama
+
+
+def test_factorized_dense_factorized_round_trip():
+    lin = nn.Linear(24, 16)
+    full = FactorizedLinear.from_linear(lin)  # full rank: exact
+    torch.testing.assert_close(full.to_linear().weight, lin.weight, atol=1e-5, rtol=1e-5)
+    svd = thin_svd(lin.weight)
+    up, down = svd.factors(5)
+    fac = factorized_from_factors(up, down, lin.bias)
+    dense = fac.to_linear()
+    again = FactorizedLinear.from_linear(dense, 5)  # rank-5 matrix → rank-5 factors reproduce it
+    torch.testing.assert_close(again.dense_weight(), fac.dense_weight(), atol=1e-5, rtol=1e-4)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(again(x), fac(x), atol=1e-5, rtol=1e-4)
+    model = make_tiny_llama(0)
+    rw.compress(model, "svd", ratio=0.5)
+    batch = lm_batches(1)[0]
+    expected = model(**batch).logits
+    densify(model)
+    assert not factorized_layers(model)
+    torch.testing.assert_close(model(**batch).logits, expected, atol=1e-4, rtol=1e-4)
