@@ -81,7 +81,8 @@ def acted(method: str, controller, start: torch.nn.Module, model: torch.nn.Modul
         return controller.merges == 2 and all(moved)
     if method == "sst":  # two iterations: the active sets were re-sampled
         before = [m.active for m in start.modules() if hasattr(m, "active")]
-        return controller.iterations == 2 and any(not torch.equal(a, m.active) for a, m in zip(before, controller.layers))
+        resampled = any(not torch.equal(a, m.active) for a, m in zip(before, controller.layers, strict=True))
+        return controller.iterations == 2 and resampled
     if method == "trp":  # truncated after the last step by the energy criterion: below full rank
         def low_rank(name, layer):
             s, k = torch.linalg.svdvals(layer.weight.double()), controller.ranks[name]
@@ -89,7 +90,7 @@ def acted(method: str, controller, start: torch.nn.Module, model: torch.nn.Modul
 
         return controller.steps == STEPS and all(low_rank(n, m) for n, m in controller.layers)
     return any(kept < min(m.in_features, m.out_features)  # maestro: progressive shrinking dropped components
-               for (_, m), kept in zip(controller.layers, controller.ranks().values()))
+               for (_, m), kept in zip(controller.layers, controller.ranks().values(), strict=True))
 
 
 @pytest.mark.parametrize("method", sorted(SETUPS))
@@ -188,7 +189,8 @@ def test_plain_config_takes_a_hand_loops_steps_over_a_restarted_iterable():
     after_hand = torch.rand(3)
 
     torch.manual_seed(1)
-    res = train(looped, Stream(), config=TrainConfig.plain(STEPS), optimizer=torch.optim.SGD(looped.parameters(), lr=0.5))
+    sgd = torch.optim.SGD(looped.parameters(), lr=0.5)
+    res = train(looped, Stream(), config=TrainConfig.plain(STEPS), optimizer=sgd)
     assert torch.equal(torch.rand(3), after_hand)
     assert_same_weights(hand, looped)
     assert res.steps == STEPS

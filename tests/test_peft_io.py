@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rankwise as rw
+from rankwise import catalogue
 from rankwise.adapters.init import INITS, Factors, Init
 from rankwise.adapters.lora import LoRAConfig, LoRALayer
-from rankwise import catalogue
 from rankwise.adapters.registry import REGISTRY, MethodSpec, register
 
 from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama

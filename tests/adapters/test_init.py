@@ -270,7 +270,7 @@ def test_svfit_energy_rule_sets_a_per_layer_rank(tmp_path):
     base, data = make_tiny_bert(), cls_batches(n=1)
     model = rw.adapt(copy.deepcopy(base), "svfit", energy=0.9)
     ranks = set()
-    for name, layer in rw.adapter_layers(model):
+    for _name, layer in rw.adapter_layers(model):
         power = torch.linalg.svdvals(layer.original_weight()).double() ** 2
         share = torch.cumsum(power, 0) / power.sum()
         r = layer.r
@@ -289,7 +289,7 @@ def _randomize(model: nn.Module, seed: int = 3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in rw.adapter_layers(model):
-            for name, p in layer.named_parameters():
+            for _name, p in layer.named_parameters():
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=g) * 0.05)
 

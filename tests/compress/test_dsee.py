@@ -25,7 +25,7 @@ def test_dsee_update_is_low_rank_plus_sparse_with_set_nnz():
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()
-    for name, layer in rw.adapter_layers(model):
+    for _name, layer in rw.adapter_layers(model):
         assert isinstance(layer, DSEELayer)
         delta = layer.delta_weight().detach()
         low = (layer.lora_B @ layer.lora_A).detach() * layer.scale

@@ -17,4 +17,5 @@ def test_perplexity_matches_manual_loss():
     blocks = torch.randint(1, 100, (5, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         losses = [model(input_ids=b[None], labels=b[None]).loss for b in blocks]
-    assert perplexity(model, blocks, batch_size=2) == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5)
+    expected = math.exp(float(torch.stack(losses).mean()))
+    assert perplexity(model, blocks, batch_size=2) == pytest.approx(expected, rel=1e-5)

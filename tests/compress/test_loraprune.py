@@ -67,7 +67,7 @@ def test_loraprune_faithful(make, batches):
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert {n: s for n, s in shapes.items() if n.rpartition(".")[0] not in block_names} == {
         n: s for n, s in base_shapes.items() if n.rpartition(".")[0] not in block_names}
-    for block, info in zip(blocks, cstate.details["blocks"]):
+    for block, info in zip(blocks, cstate.details["blocks"], strict=True):
         pruned, g, d = set(info["pruned_heads"]), block.group, block.head_dim
         heads, chans = len(pruned), info["pruned_channels"]
         kv = sum(pruned >= set(range(j * g, (j + 1) * g)) for j in range(block.kv_heads))
@@ -87,7 +87,7 @@ def test_loraprune_faithful(make, batches):
     final = first_final_step(steps, 0.25)
     assert reached["step"] == final
     kept = [h["kept_fraction"] for h in hist]
-    assert all(a >= b for a, b in zip(kept, kept[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(kept))
     for h in hist:
         assert h["target_sparsity"] == pytest.approx(cubic_sparsity(h["step"], steps, 0.5, 0.1, 0.25))
     assert kept[0] == 1.0
@@ -120,7 +120,7 @@ def test_loraprune_recover_trains_lora_on_the_shrunk_model():
 def test_cubic_schedule_shape():
     vals = [cubic_sparsity(t, 100, 0.6, 0.1, 0.1) for t in range(100)]
     assert vals[:11] == [0.0] * 11 and vals[90:] == [0.6] * 10
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(vals))
     assert vals[50] == pytest.approx(0.6 * (1 - (1 - 40 / 80) ** 3))
 
 
@@ -183,7 +183,7 @@ def test_shrunk_model_equals_zeroed_dense_model(kind, attn):
     with torch.no_grad():
         torch.testing.assert_close(shrunk(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=1e-5)
     # exactly the pruned weights (state accounting) and the pruned rows' bias entries are gone
-    pruned = sum(u.pruned_weights(b) for b, u in zip(state.blocks, state.units))
+    pruned = sum(u.pruned_weights(b) for b, u in zip(state.blocks, state.units, strict=True))
     assert _params(dense) - _params(shrunk) == pruned + _pruned_bias_entries(dense, state)
     if kind == "llama":
         assert layout["attributes"]["model.layers.0.self_attn"] == {"num_key_value_groups": 2}

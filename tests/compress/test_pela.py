@@ -33,7 +33,7 @@ def test_pela_student_init_teacher_frozen_and_distillation_term():
     # feature term: mean over blocks of MSE(student hidden, teacher hidden)
     hs = student(**batch, output_hidden_states=True).hidden_states[1:]
     ht = teacher(**batch, output_hidden_states=True).hidden_states[1:]
-    manual = torch.stack([torch.mean((a - b) ** 2) for a, b in zip(hs, ht)]).mean()
+    manual = torch.stack([torch.mean((a - b) ** 2) for a, b in zip(hs, ht, strict=True)]).mean()
     torch.testing.assert_close(parts["feature"], manual)
     # weight-perturbation regularizer: mean (max|UV − W_t| − ε)²
     gaps = [((l.U @ l.V - originals[n]).abs().max() - 1e-3) ** 2 for n, l in factorized_layers(student)]

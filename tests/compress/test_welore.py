@@ -88,8 +88,9 @@ def test_welore_nlrc_bit_identical_during_finetuning():
     lrc_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith((".U", ".V"))}
     assert nlrc and lrc_before
     params = welore_finetune_params(model)
-    assert {id(p) for p in params} == {id(l.U) for _, l in factorized_layers(model)} | {
-        id(l.V) for _, l in factorized_layers(model)} | {id(l.bias) for _, l in factorized_layers(model) if l.bias is not None}
+    layers = [layer for _, layer in factorized_layers(model)]
+    factor_ids = {id(l.U) for l in layers} | {id(l.V) for l in layers}
+    assert {id(p) for p in params} == factor_ids | {id(l.bias) for l in layers if l.bias is not None}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # even given everything
     for batch in lm_batches(3):
         opt.zero_grad()

@@ -183,7 +183,7 @@ def test_classification_loader_shapes_and_determinism():
         assert b["input_ids"].dtype == torch.long
         assert torch.all(b["input_ids"][b["attention_mask"] == 0] == tok.pad_token_id)
     again = list(classification_loader(ds, tok, batch_size=2, max_length=16, shuffle=True, seed=7))
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again, strict=True))
     fixed = next(iter(classification_loader(ds, tok, 4, 16, shuffle=False, pad_to_max_length=True)))
     assert fixed["input_ids"].shape == (4, 16)
 
@@ -199,4 +199,4 @@ def test_lm_blocks_and_loader():
     b = batches[0]
     assert torch.equal(b["labels"], b["input_ids"]) and torch.all(b["attention_mask"] == 1)
     order = [x["input_ids"] for x in lm_loader(blocks, 2, True, 1)]
-    assert all(torch.equal(x, y["input_ids"]) for x, y in zip(order, batches))
+    assert all(torch.equal(x, y["input_ids"]) for x, y in zip(order, batches, strict=True))

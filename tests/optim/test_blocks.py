@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from rankwise import catalogue
 from rankwise.optim import LISA, BAdam, OwLore, outlier_ratios, transformer_blocks
 
 from ..conftest import make_tiny_bert, make_tiny_llama
 from .ddp_worker import N_LAYERS, make_batches, make_model, make_optimizer, params_of, train
-
 
 K = 2
 
@@ -60,7 +59,8 @@ def test_transformer_blocks_partition_llama_bert_gpt2():
     assert [n for n, _ in blocks] == ["embedding", "model.layers.0", "model.layers.1", "head"]
     assert blocks[1][1] is llama.model.layers[0]
     bert = make_tiny_bert()
-    assert [n for n, _ in transformer_blocks(bert)] == ["embedding", "bert.encoder.layer.0", "bert.encoder.layer.1", "head"]
+    expected = ["embedding", "bert.encoder.layer.0", "bert.encoder.layer.1", "head"]
+    assert [n for n, _ in transformer_blocks(bert)] == expected
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2))
     names = [n for n, _ in transformer_blocks(gpt2)]
     assert names == ["embedding", "transformer.h.0", "transformer.h.1", "transformer.h.2", "head"]
@@ -139,7 +139,9 @@ def test_badam_block_is_plain_adamw_with_fresh_state():
         p.requires_grad_(True)
     decay = [p for p in block0 if p.ndim >= 2]
     no_decay = [p for p in block0 if p.ndim < 2]
-    opt_b = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    opt_b = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+    )
     for batch in make_batches(3):
         one_step(a, opt_a, batch)
         one_step(b, opt_b, batch)
@@ -192,7 +194,8 @@ def test_lisa_gamma_layers_plus_embedding_and_head():
     model = make_model()
     opt = LISA(model, lr=1e-2, n_layers=gamma, switch_every=k, seed=7)
     g = torch.Generator().manual_seed(7)
-    draws = [sorted(torch.multinomial(torch.ones(N_LAYERS, dtype=torch.float64), gamma, generator=g).tolist()) for _ in range(steps // k)]
+    uniform = torch.ones(N_LAYERS, dtype=torch.float64)
+    draws = [sorted(torch.multinomial(uniform, gamma, generator=g).tolist()) for _ in range(steps // k)]
     assert len({tuple(d) for d in draws}) > 1
     for step, batch in enumerate(make_batches(steps)):
         assert opt.active_layers == draws[step // k]
@@ -288,7 +291,9 @@ def test_outlier_ratio_uses_input_norms_with_calibration():
     class Toy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(4, 3, bias=False), "b": nn.Linear(3, 4, bias=False)}) for _ in range(2))
+            self.layers = nn.ModuleList(
+                nn.ModuleDict({"a": nn.Linear(4, 3, bias=False), "b": nn.Linear(3, 4, bias=False)}) for _ in range(2)
+            )
 
         def forward(self, x):
             for layer in self.layers:
@@ -336,7 +341,7 @@ def test_owlore_updates_sampled_layers_in_low_rank():
     rank = 3
     model = make_model()
     opt = OwLore(model, lr=1e-2, rank=rank, n_layers=1, switch_every=4, ratios=[1, 1, 1, 1], seed=2)
-    for step, batch in enumerate(make_batches(8)):
+    for _step, batch in enumerate(make_batches(8)):
         layer = f"model.layers.{opt.active_layers[0]}"
         before = snapshot(model)
         one_step(model, opt, batch)
@@ -354,8 +359,8 @@ def test_owlore_updates_sampled_layers_in_low_rank():
 
 
 def galore_reference_adamw() -> type:
-    """``galore_torch.GaLoreAdamW`` (``galore_torch.adamw.AdamW``) loaded without the package ``__init__`` (which imports
-    bitsandbytes, ~9 s)."""
+    """``galore_torch.GaLoreAdamW`` (``galore_torch.adamw.AdamW``) loaded without the package ``__init__``
+    (which imports bitsandbytes, ~9 s)."""
     spec = importlib.util.find_spec("galore_torch")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("galore-torch is not installed")
@@ -374,18 +379,22 @@ def test_owlore_inner_update_matches_galore_torch():
     off by > 1e-3."""
     reference = galore_reference_adamw()
     a, b = make_model(), make_model()
-    opt_a = OwLore(a, lr=1e-2, rank=4, n_layers=N_LAYERS, switch_every=100, update_gap=2, scale=0.5, ratios=[1] * N_LAYERS)
+    opt_a = OwLore(
+        a, lr=1e-2, rank=4, n_layers=N_LAYERS, switch_every=100, update_gap=2, scale=0.5, ratios=[1] * N_LAYERS
+    )
     matrices = [m.weight for layer in b.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
     ids = {id(p) for p in matrices}
     regular = [p for p in b.parameters() if id(p) not in ids]
-    groups = [{"params": regular}, {"params": matrices, "rank": 4, "update_proj_gap": 2, "scale": 0.5, "proj_type": "std"}]
+    projected = {"params": matrices, "rank": 4, "update_proj_gap": 2, "scale": 0.5, "proj_type": "std"}
+    groups = [{"params": regular}, projected]
     opt_b = reference(groups, lr=1e-2, no_deprecation_warning=True)
     for batch in make_batches(5):
         one_step(a, opt_a, batch)
         one_step(b, opt_b, batch)
     for (n, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(x, y, atol=1e-5, rtol=0), n
-    assert not torch.allclose(a.model.layers[0].mlp.up_proj.weight, make_model().model.layers[0].mlp.up_proj.weight, atol=1e-3)
+    untrained = make_model().model.layers[0].mlp.up_proj.weight
+    assert not torch.allclose(a.model.layers[0].mlp.up_proj.weight, untrained, atol=1e-3)
 
 
 def test_owlore_refuses_layers_without_outliers():
@@ -450,7 +459,8 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
         (lambda m: LISA(m, lr=1e-2, probs=[1, 2]), "probs must hold 4 finite non-negative numbers"),
         (lambda m: LISA(m, lr=1e-2, n_layers=2, probs=[1, 0, 0, 0]), "n_layers=2 must be <="),
         (lambda m: OwLore(m, lr=1e-2, rank=0, ratios=[1] * 4), "rank=0 must be an integer >= 1"),
-        (lambda m: OwLore(m, lr=1e-2, ratios=[1] * 4), "rank=256 is larger than the smallest layer matrix dimension (16)"),
+        (lambda m: OwLore(m, lr=1e-2, ratios=[1] * 4),
+         "rank=256 is larger than the smallest layer matrix dimension (16)"),
         (lambda m: outlier_ratios(m, threshold=-1), "threshold=-1 must be a finite number > 0"),
     ],
 )

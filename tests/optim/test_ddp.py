@@ -25,7 +25,6 @@ import rankwise.optim as rwo
 
 from .ddp_worker import make_batches, make_model, make_optimizer, train
 
-
 STEPS = 6
 ENGINE = ["galore", "fira", "apollo"]
 

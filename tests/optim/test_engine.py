@@ -18,7 +18,6 @@ from rankwise.optim.projected import ProjectedOptimizer
 from ..conftest import make_tiny_bert
 
 
-
 def _lowrank_plus_noise(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(m, r, generator=g)).Q

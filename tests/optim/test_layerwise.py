@@ -18,7 +18,6 @@ from rankwise.optim import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .ddp_worker import make_batches, make_model
 
 
-
 def adamw(groups):
     return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
 

@@ -17,7 +17,6 @@ from rankwise.optim.residual import channel_scale
 from ..conftest import lm_batches, make_tiny_llama
 
 
-
 def _grads(shape, n, seed=0, lowrank=None, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -389,7 +388,7 @@ def test_flora_state_seeds_transfer_and_high_rank_accumulation():
     opt = rw.optim.Flora([{"params": [W], "rank": r}], lr=1e-2, update_gap=T, beta1=0.9)
     grads = _grads((m, n), 9, lowrank=1)
     momenta, seeds = [], []
-    for t, G in enumerate(grads):
+    for _t, G in enumerate(grads):
         _step(opt, W, G)
         st = opt.state[W]
         # only compressed (m×r) momentum, factored second moment (m + n) and ints are stored
@@ -455,7 +454,7 @@ def test_osd_online_pca_reduces_the_projection_residual_for_a_fixed_gradient():
         proj.post_update(G, state)
         values.append(residual())
     assert values[-1] < 0.2 * values[0]
-    assert all(b <= a * 1.05 for a, b in zip(values[::10], values[10::10]))
+    assert all(b <= a * 1.05 for a, b in zip(values[::10], values[10::10], strict=False))
 
 
 # ----------------------------------------------------------------------------- DCT

@@ -41,7 +41,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = STEPS) -> 
 
 def _assert_close(ours: nn.Module, ref: nn.Module, start: nn.Module, tol: float = 1e-5) -> None:
     moved = False
-    for (name, a), b, s in zip(ours.named_parameters(), ref.parameters(), start.parameters()):
+    for (name, a), b, s in zip(ours.named_parameters(), ref.parameters(), start.parameters(), strict=True):
         rel = ((a - b).abs().max() / b.abs().max()).item()
         assert rel <= tol, f"{name}: relative difference {rel:.2e}"
         moved |= not torch.equal(b, s)

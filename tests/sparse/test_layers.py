@@ -14,7 +14,6 @@ from rankwise.sparse.layers import (
 )
 
 
-
 def dense_reference(layer: SparseLowRankLinear) -> torch.Tensor:
     """s·B A + scatter(S) written out by hand."""
     s = torch.zeros(layer.out_features * layer.in_features, dtype=layer.values.dtype)

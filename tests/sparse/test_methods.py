@@ -99,13 +99,15 @@ def test_sparsify_zero_distortion_for_svd_based_methods():
         ("nope", {}, "method='nope' is not allowed; choose one of ["),
         ("sltrain", {"density": 0.0}, "density=0.0 must be a number in (0, 1]"),
         ("sltrain", {"density": 1.2}, "density=1.2 must be a number in (0, 1]"),
-        ("sltrain", {"rank": 20}, "rank=20 is larger than min(out_features, in_features)=16 of 'model.layers.0.self_attn.k_proj'"),
+        ("sltrain", {"rank": 20},
+         "rank=20 is larger than min(out_features, in_features)=16 of 'model.layers.0.self_attn.k_proj'"),
         ("sst", {"rank": 0}, "rank=0 must be a positive integer"),
         ("maestro", {"rank": 40}, "rank=40 is larger than min(out_features, in_features)"),
         ("sltrain", {"kernel": "gpu"}, "kernel='gpu' is not allowed"),
         ("sltrain", {"r": 4}, "unknown option(s) ['r'] for sparse method 'sltrain'; allowed options: ["),
         ("trp", {"targets": ["embed_tokens"]}, "only nn.Linear modules can be adapted"),
-        ("relora", {"rank": 64}, "rank=64 is larger than min(out_features, in_features)=32 of 'model.layers.0.self_attn.q_proj'"),
+        ("relora", {"rank": 64},
+         "rank=64 is larger than min(out_features, in_features)=32 of 'model.layers.0.self_attn.q_proj'"),
     ],
 )
 def test_sparsify_bad_input(method, kwargs, message):
