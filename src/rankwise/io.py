@@ -97,6 +97,8 @@ def _base_model_name(model: nn.Module) -> str | None:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``rankwise_adapter.json`` + ``rankwise_adapter.safetensors`` to ``path`` atomically."""
     state = getattr(model, "rankwise_adapter", None)
+    if state is None:
+        raise ValueError("model has no rankwise adapters to save (call rw.adapt first)")
     tensors = adapter_tensors(model)
     config = {
         "format": "rankwise-adapter",

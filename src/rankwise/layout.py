@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 __all__ = [
     "BERT", "Block", "CLASSIFIER_NAMES", "EMBEDDING", "HEAD", "HEAD_NAMES", "LLAMA", "STYLES", "attention_layout",
-    "check_head_layout", "find_blocks", "head_module_names", "layer_list", "transformer_blocks", "unwrap",
+    "check_head_layout", "find_blocks", "head_module_names", "layer_list", "module_tensor", "transformer_blocks",
+    "unwrap",
 ]
 
 # Hugging Face sequence-classification heads: what adapters train in full next to the adapters.
@@ -241,3 +243,12 @@ def find_blocks(model: nn.Module, who: str = "find_blocks") -> list[Block]:
         block.total = sum(m.weight.numel() for m in lin.values())
         blocks.append(block)
     return blocks
+
+
+def module_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor attribute ``name`` of ``module`` (a parameter or buffer such as ``weight``, ``lora_A``),
+    checked to be a tensor: the typed way to read what ``nn.Module.__getattr__`` returns."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{type(module).__name__}.{name} is not a tensor")
+    return value

@@ -26,7 +26,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -35,6 +35,7 @@ from torch import nn
 from .adapters.base import AdapterLayer
 from .adapters.registry import REGISTRY, AdapterState, MethodSpec, adapt, adapter_layers, get_method
 from .io import atomic_directory, save_tensors, write_json
+from .layout import module_tensor
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -71,7 +72,8 @@ def _export_pair(layer: AdapterLayer, name: str, dora: bool) -> tuple[torch.Tens
         missing = [a for a in ("lora_A", "lora_B", "scale", "magnitude") if not hasattr(layer, a)]
         if missing:
             raise ValueError(f"layer '{name}' ({layer.method}) lacks {missing} needed by PEFT's DoRA format")
-        f = (layer.lora_B, layer.lora_A, layer.scale)
+        f: tuple[torch.Tensor, torch.Tensor, float] | None = (
+            module_tensor(layer, "lora_B"), module_tensor(layer, "lora_A"), cast(float, layer.scale))
     else:
         f = layer.factors()
     if f is None:
@@ -79,8 +81,7 @@ def _export_pair(layer: AdapterLayer, name: str, dora: bool) -> tuple[torch.Tens
             f"layer '{name}' ({layer.method}) has no low-rank factors, so it cannot be written as a "
             "PEFT LoRA pair; use rw.merge / rw.save_adapter instead"
         )
-    b, a, s = f
-    s = float(s)
+    b, a, s = f[0], f[1], float(f[2])
     if s == 0.0:
         raise ValueError(f"layer '{name}' has scale 0; PEFT cannot represent it with lora_alpha > 0")
     off = layer.base_offset_factors()
@@ -155,7 +156,7 @@ def _export_tensors(
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b
         if dora:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach()
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = module_tensor(layer, "magnitude").detach()
     for name in saved:
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t
@@ -394,10 +395,10 @@ def _copy_weights(
     with torch.no_grad():
         for name, parts in layers.items():
             layer = model.get_submodule(name)
-            layer.lora_A.copy_(parts["lora_A"])
-            layer.lora_B.copy_(parts["lora_B"])
+            module_tensor(layer, "lora_A").copy_(parts["lora_A"])
+            module_tensor(layer, "lora_B").copy_(parts["lora_B"])
             if use_dora:
-                layer.magnitude.copy_(parts["magnitude"])
+                module_tensor(layer, "magnitude").copy_(parts["magnitude"])
         for target, t in head_tensors:
             target.copy_(t)
     for _, layer in adapter_layers(model):

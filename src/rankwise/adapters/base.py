@@ -12,7 +12,7 @@ export and re-loading can always recover the untouched W₀.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import nn
 
 from ..checks import fraction, rank
 from .kernels import low_rank_linear
+
+if TYPE_CHECKING:
+    from .init import InitContext
 
 
 @dataclass
@@ -52,7 +55,9 @@ class AdapterLayer(nn.Module):
     # Whether the adapted model's output equals the base model's right after initialization.
     identity_at_init: ClassVar[bool] = True
 
-    def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, ctx: InitContext | None = None) -> None:
+        """Every layer is built as ``LayerClass(base_layer, config, ctx)`` by ``rw.adapt``; the base class
+        itself needs no init context (subclasses initialize their tensors from ``ctx``)."""
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"base_layer must be nn.Linear, got {type(base_layer).__name__}")

@@ -94,7 +94,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def _replace_all(model: nn.Module, build) -> nn.Module:
     for name, layer in adapter_layers(model):
         replace_module(model, name, build(layer))
-    model.rankwise_adapter = None
+    model.rankwise_adapter = None  # type: ignore[assignment]  # Module attribute
     return model
 
 

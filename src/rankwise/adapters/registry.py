@@ -214,5 +214,6 @@ def adapt(
     for name in trainable_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    model.rankwise_adapter = AdapterState(method, cfg, names, trainable_names, overrides)
+    state = AdapterState(method, cfg, names, trainable_names, overrides)
+    model.rankwise_adapter = state  # type: ignore[assignment]  # Module attribute
     return model

@@ -34,11 +34,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import catalogue
-from ..adapters import DSEEConfig, adapt, merge_and_unload
+from ..adapters import DSEEConfig, adapt, adapter_layers, merge_and_unload
 from ..batches import LossFn
 from ..checks import choice, fraction, integer
 from ..io import atomic_directory, save_tensors, write_json
-from ..layout import find_blocks
+from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
 from .dsee import dsee_finetune
 from .factorized import empty_factorized, factorized_layers
@@ -102,10 +102,8 @@ def _weights(model: nn.Module, names: Iterable[str]) -> int:
     total = 0
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Linear):
-            total += module.weight.numel()
-        else:  # FactorizedLinear
-            total += module.U.numel() + module.V.numel()
+        factors = ("weight",) if isinstance(module, nn.Linear) else ("U", "V")  # nn.Linear or FactorizedLinear
+        total += sum(module_tensor(module, f).numel() for f in factors)
     return total
 
 
@@ -154,7 +152,8 @@ def compress(
         raise ValueError(f"method '{method}' trains for steps={steps} and needs data=... (an iterable of batches)")
     request = Request(ratio, targets, data, steps, loss_fn, cache if cache is not None else SVDCache(), progress,
                       dict(config))
-    model.rankwise_compress = _runner(method)(model, request)
+    state = _runner(method)(model, request)
+    model.rankwise_compress = state  # type: ignore[assignment]  # Module attribute
     return model
 
 
@@ -173,7 +172,7 @@ class Request:
 
 
 def _factorized(model: nn.Module, method: str, req: Request,
-                factorize: Callable[[list[tuple[str, nn.Linear]]], tuple[dict[str, int | None], dict[str, Any]]]
+                factorize: Callable[[list[tuple[str, nn.Linear]]], tuple[Mapping[str, int | None], dict[str, Any]]]
                 ) -> CompressState:
     """The state of a factorizing method: ``factorize(targets) -> (ranks, details)`` replaces the layers."""
     found = find_targets(model, req.targets)
@@ -244,12 +243,13 @@ def _dsee(model: nn.Module, req: Request) -> CompressState:
     _check_config("dsee", config, [*DSEEConfig.field_names(), *train_keys])
     adapter_cfg = {k: v for k, v in config.items() if k not in train_keys}
     adapt(model, "dsee", targets=req.targets, trainable=config.get("trainable", "auto"), **adapter_cfg)
-    names = list(model.rankwise_adapter.layers)
-    before = sum(model.get_submodule(n).base_layer.weight.numel() for n in names)
+    layers = adapter_layers(model)
+    names = [n for n, _ in layers]
+    before = sum(layer.base_layer.weight.numel() for _, layer in layers)
     history = dsee_finetune(model, req.data or [], req.steps, 1.0 - req.ratio, config.get("prune_at", 0.5),
                             config.get("lr", 1e-3), req.loss_fn, req.progress)
     merge_and_unload(model)
-    after = sum(int(model.get_submodule(n).weight.count_nonzero()) for n in names)
+    after = sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero()) for n in names)
     nnz = DSEEConfig(**adapter_cfg).nnz
     return CompressState("dsee", req.ratio, names, {}, before, after, {"nnz": nnz, "history": history})
 

@@ -23,7 +23,7 @@ __all__ = ["finetune"]
 
 def finetune(
     model: nn.Module,
-    params: list[torch.Tensor],
+    params: Sequence[torch.Tensor],
     data: Iterable,
     steps: int,
     lr: float,

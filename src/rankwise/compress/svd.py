@@ -11,7 +11,7 @@ weights (:func:`rank.uniform_ratio_rank`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +114,7 @@ def spectra(
 
 def factorize_layers(
     model: nn.Module,
-    ranks: dict[str, int | None],
+    ranks: Mapping[str, int | None],
     cache: SVDCache | None = None,
     progress: bool = False,
 ) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -78,7 +78,7 @@ for _method in _METHODS:
 OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = catalogue.View(
     lambda r: r.api == "optim" and r.family == "optimizer", lambda r: r.config)
 #: Block/layer samplers: they decide themselves which parameters train, so they take the model.
-SAMPLERS: Mapping[str, type[torch.optim.Optimizer]] = catalogue.View(
+SAMPLERS: Mapping[str, Callable[..., torch.optim.Optimizer]] = catalogue.View(
     lambda r: r.api == "optim" and r.family == "sampler", lambda r: r.config)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import catalogue, checks
-from ..adapters import merge_and_unload
+from ..adapters import adapter_layers, merge_and_unload
 from ..rng import layer_generator
 from ..targets import Targets, find_targets, replace_module
 from .layers import FactorizedLinear, SparseLowRankLinear
@@ -92,7 +92,7 @@ def _maestro(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[s
 def _relora(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
     prepare_relora(model, opts["rank"], targets, alpha=opts["alpha"], dropout=opts["dropout"], seed=opts["seed"],
                    train_rest=opts["train_rest"])
-    return list(model.rankwise_adapter.layers)
+    return [name for name, _ in adapter_layers(model)]
 
 
 _METHODS = (
@@ -161,7 +161,8 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
         for name, lin in find_targets(model, targets):  # validate every layer before touching any
             checks.rank("rank", opts["rank"], min(lin.out_features, lin.in_features), where=name)
     names = SPARSE_METHODS[method].apply(model, targets, opts)
-    model.rankwise_sparse = SparseState(method, dict(opts), names)
+    state = SparseState(method, dict(opts), names)
+    model.rankwise_sparse = state  # type: ignore[assignment]  # Module attribute
     return model
 
 
@@ -182,7 +183,7 @@ def densify(model: nn.Module) -> nn.Module:
         else:
             lin = module.to_linear()
         replace_module(model, name, lin)
-    model.rankwise_sparse = None
+    model.rankwise_sparse = None  # type: ignore[assignment]  # Module attribute
     return model
 
 
