@@ -91,3 +91,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         rw.save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary left behind
+
+
+def test_save_without_adapters_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model has no rankwise adapters to save"):
+        rw.save_adapter(make_tiny_bert(), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
