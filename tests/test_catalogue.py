@@ -13,6 +13,7 @@ import pytest
 import rankwise as rw
 from rankwise import catalogue
 from rankwise.adapters.registry import MethodSpec
+from rankwise.optim.projected import ProjectedOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +79,14 @@ def test_builder_applies_the_method():
 def test_readme_tables_are_generated_from_the_catalogue():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert catalogue.replace_readme_section(text) == text, "README method tables are stale: run `make readme`"
+
+
+@pytest.mark.parametrize("name", [r.name for r in catalogue.records(status="done")])
+def test_every_method_names_an_unknown_option(name):
+    """Generic bad input, for every catalogued method: an option it does not have is an error naming it."""
+    from .conftest import make_tiny_llama
+
+    record = catalogue.get(name)
+    fits = {"rank": 4} if isinstance(record.config, type) and issubclass(record.config, ProjectedOptimizer) else {}
+    with pytest.raises((TypeError, ValueError), match="no_such_option"):
+        record.build(make_tiny_llama(), no_such_option=1, **fits)
