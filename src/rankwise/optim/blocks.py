@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from ..batches import call_model
 from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
+from .copyable import CopyableOptimizer
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
 
@@ -46,7 +47,7 @@ ORDERS = ("ascending", "descending", "random")
 # shared machinery
 
 
-class _SampledBlocks(Optimizer):
+class _SampledBlocks(CopyableOptimizer):
     """An optimizer that keeps a few 'units' (layers / blocks) awake and swaps them every K steps.
 
     Subclasses define the units (lists of parameters), the parameters that are always awake, how

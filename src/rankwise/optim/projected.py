@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from ..checks import beta_pair, choice, integer, number
 from ..memory import optimizer_state_bytes
+from .copyable import CopyableOptimizer
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
     POWER_DTYPES,
@@ -54,7 +54,7 @@ from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
 OPTION_KEYS = tuple(sorted({*PROJECTOR_OPTIONS, *INNER_OPTIONS, *RESIDUAL_OPTIONS} - {"update_gap"}))
 
 
-class ProjectedOptimizer(Optimizer):
+class ProjectedOptimizer(CopyableOptimizer):
     """Memory-efficient optimizer with low-rank (or subspace) projected state; see the module docstring.
 
     A parameter that is not 2-D inside a group with ``rank`` raises ValueError at construction (it is
