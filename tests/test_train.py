@@ -267,7 +267,8 @@ def test_optimizer_factory_is_extensible(monkeypatch):
 @pytest.mark.parametrize("kwargs,field", [
     ({"schedule": "step"}, "schedule"), ({"optimizer": "lion"}, "optimizer"), ({"lr": 0}, "lr"),
     ({"max_steps": 0}, "max_steps"), ({"checkpoint_every": 5}, "output_dir"), ({"device": "tpu"}, "device"),
-    ({"task": "qa"}, "task"), ({"max_grad_norm": -1.0}, "max_grad_norm"),
+    ({"task": "qa"}, "task"), ({"max_grad_norm": -1.0}, "max_grad_norm"), ({"lr": float("inf")}, "lr"),
+    ({"weight_decay": float("nan")}, "weight_decay"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

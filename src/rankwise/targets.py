@@ -35,8 +35,14 @@ def name_matches(name: str, targets: Targets) -> bool:
 def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linear]]:
     """Return ``(name, module)`` for every module selected by ``targets``.
 
-    Raises ``ValueError`` when nothing matches, or when a matched module is not an ``nn.Linear``.
+    Raises ``ValueError`` when ``targets`` is not a valid regular expression, when nothing matches,
+    or when a matched module is not an ``nn.Linear``.
     """
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets={targets!r} is not a valid regular expression ({e})") from None
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = head_module_names(model)
         found = [

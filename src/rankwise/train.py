@@ -41,7 +41,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .checks import choice
+from .checks import choice, integer, number
 from .layout import CLASSIFIER_NAMES
 from .memory import count_params, optimizer_state_bytes, peak_memory, reset_peak_memory
 from .optim.factory import make as make_optimizer
@@ -90,36 +90,22 @@ class TrainConfig:
         choice("schedule", self.schedule, SCHEDULES)
         choice("task", self.task, TASKS)
         choice("optimizer", self.optimizer, optimizer_names())
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} must be a positive number")
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs={self.epochs!r} must be an integer >= 1")
-        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
-            raise ValueError(f"max_steps={self.max_steps!r} must be None or an integer >= 1")
+        number("lr", self.lr, 0, low_open=True)
+        number("weight_decay", self.weight_decay, 0)
+        number("max_grad_norm", self.max_grad_norm, 0, low_open=True, optional=True)
+        integer("epochs", self.epochs, 1)
+        integer("max_steps", self.max_steps, 1, optional=True)
         for name in ("batch_size", "max_length", "log_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+            integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 0):
-                raise ValueError(f"{name}={v!r} must be an integer >= 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0 or None (no clipping)")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be >= 1 or None (keep all)")
-        if self.eval_max_batches is not None and self.eval_max_batches < 1:
-            raise ValueError(f"eval_max_batches={self.eval_max_batches!r} must be >= 1 or None")
+            integer(name, getattr(self, name), 0)
+        integer("keep_checkpoints", self.keep_checkpoints, 1, optional=True)
+        integer("eval_max_batches", self.eval_max_batches, 1, optional=True)
+        integer("seed", self.seed, optional=True)
         if self.checkpoint_every and not self.output_dir:
             raise ValueError("checkpoint_every > 0 needs output_dir (where checkpoints are written)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None (do not reseed)")
-        if self.device is not None and not (
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
-        ):
-            raise ValueError(f"device={self.device!r}; choose 'auto', 'cpu', 'cuda', 'cuda:N' or None (the model's)")
+        if self.device is not None:
+            check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +117,19 @@ class TrainConfig:
         no evaluation, checkpoint or memory window."""
         return cls(max_steps=steps, schedule="constant", max_grad_norm=None, seed=None, device=None,
                    progress=progress, measure_memory=False)
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is ``"auto"``, ``"cpu"`` or an available ``"cuda"``/``"cuda:N"``; else a ValueError."""
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ValueError(f"device={device!r}; choose 'auto', 'cpu', 'cuda', 'cuda:N' or None (the model's)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; choose 'auto' or 'cpu'")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ValueError(f"device={device!r}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_device(device: str) -> torch.device:

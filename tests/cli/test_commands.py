@@ -66,6 +66,13 @@ def test_methods_markdown_and_family_filter(capsys):
     (["train", "/nonexistent/run.yaml"], "not found"),
     (["train", "--option", "novalue"], "KEY=VALUE"),
     (["demo", "--methods", "lora,zzz"], "unknown demo method 'zzz'"),
+    (["train", "--lr", "inf"], "lr=inf must be a finite number > 0"),
+    (["train", "--weight-decay", "nan"], "weight_decay=nan must be a finite number >= 0"),
+    (["train", "--max-grad-norm", "0"], "max_grad_norm=0.0 must be a finite number > 0 or None"),
+    (["train", "--train-limit", "0"], "train_limit=0 must be an integer >= 1"),
+    (["train", "--test-limit", "0"], "test_limit=0 must be an integer >= 1"),
+    (["train", "--device", "cuda:99"], "device='cuda:99'"),
+    (["train", "--targets", "re:([", "--train-limit", "8", "--test-limit", "8"], "is not a valid regular expression"),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, argv, needle):
     code, _, err = run_cli(capsys, *argv)

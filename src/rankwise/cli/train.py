@@ -106,7 +106,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _float_or_none(text: str) -> float | None:
-    if text.lower() in ("none", "null", "off", "0"):
+    if text.lower() in ("none", "null", "off"):
         return None
     try:
         return float(text)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..checks import integer
 from ..train import FULL_FINETUNE, HEAD_ONLY
 from .common import UsageError, coerce_number, key_aliases, key_values, parse_targets
 
@@ -208,3 +209,8 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise UsageError(f"unknown dataset {cfg['data']!r}; choose one of {known}")
     if cfg["task"] not in TASK_NAMES:
         raise UsageError(f"--task {cfg['task']!r}; choose one of {list(TASK_NAMES)}")
+    for key in ("train_limit", "test_limit"):
+        try:
+            integer(key, cfg[key], 1, optional=True)
+        except ValueError as e:
+            raise UsageError(f"{e} (or leave it out to use every example)") from None
