@@ -72,6 +72,7 @@ def test_methods_markdown_and_family_filter(capsys):
     (["train", "--train-limit", "0"], "train_limit=0 must be an integer >= 1"),
     (["train", "--test-limit", "0"], "test_limit=0 must be an integer >= 1"),
     (["train", "--device", "cuda:99"], "device='cuda:99'"),
+    (["train", "--max-length", "100000", "--train-limit", "8", "--test-limit", "8"], "--max-length 100000 is more"),
     (["train", "--targets", "re:([", "--train-limit", "8", "--test-limit", "8"], "is not a valid regular expression"),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, argv, needle):

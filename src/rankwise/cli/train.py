@@ -127,6 +127,14 @@ def _resolve_task(cfg: dict[str, Any]) -> str:
     return "seq-cls" if classification else "causal-lm"
 
 
+def _check_max_length(model: Any, max_length: int) -> None:
+    """--max-length may not exceed the positions the model has (``config.max_position_embeddings``)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise UsageError(f"--max-length {max_length} is more than the {limit} positions of this model; "
+                         f"choose --max-length <= {limit}")
+
+
 def _build(cfg: dict[str, Any], task: str):
     """(model, tokenizer, train loader, eval loader) for the run."""
     from .. import data
@@ -142,10 +150,12 @@ def _build(cfg: dict[str, Any], task: str):
 
         torch.manual_seed(seed)  # the new classification head
         model, tok = load_model(cfg["model"], task="seq-cls", num_labels=train_ds.num_labels)
+        _check_max_length(model, cfg["max_length"])
         train_loader = data.classification_loader(train_ds, tok, cfg["batch_size"], cfg["max_length"], True, seed)
         eval_loader = data.classification_loader(test_ds, tok, max(32, cfg["batch_size"]), cfg["max_length"], False)
     else:
         model, tok = load_model(cfg["model"], task="causal-lm")
+        _check_max_length(model, cfg["max_length"])
         common = {"tokenizer": tok, "max_length": cfg["max_length"], "batch_size": cfg["batch_size"], "seed": seed}
         train_loader = text_loader(cfg["data"], "train", limit=cfg["train_limit"], shuffle=True, **common)
         eval_loader = text_loader(cfg["data"], "test", limit=cfg["test_limit"], shuffle=False, **common)
