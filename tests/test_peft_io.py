@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import rankwise as rw
@@ -17,9 +18,6 @@ from rankwise.adapters.lora import LoRAConfig, LoRALayer
 from rankwise.adapters.registry import REGISTRY, MethodSpec, register
 
 from .conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
-
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 KINDS = {
     "bert": (make_tiny_bert, cls_batches, "SEQ_CLS", ["query", "value", "dense"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,6 @@ import rankwise as rw
 
 from ..conftest import lm_batches, make_tiny_llama
 from .peft_pairs import TARGETS, _close, _loss_and_grads, _pair, _peft_layer, _train
-
-peft = pytest.importorskip("peft")
 
 
 def test_dora_init_magnitude_is_row_norm_and_output_is_base():

@@ -92,7 +92,7 @@ def test_pissa_randomized_svd_matches_exact_on_decaying_spectrum():
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_peft_parity(init):
-    peft = pytest.importorskip("peft")
+    import peft
     base, batch = make_tiny_bert(), cls_batches(n=1)[0]
     targets = ["query", "value", "dense"]
     theirs = peft.get_peft_model(

@@ -3,6 +3,7 @@ PEFT 0.21.2."""
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
@@ -11,8 +12,6 @@ from rankwise.adapters.randlora import RandLoRALayer, num_bases, randlora_bases
 
 from ..conftest import lm_batches, make_tiny_llama
 from .peft_pairs import TARGETS, _close, _loss_and_grads, _pair, _peft_layer, _train
-
-peft = pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("sparse", ["sparse", "very_sparse"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
@@ -10,8 +11,6 @@ from rankwise.adapters.vera import vera_projections
 
 from ..conftest import lm_batches, make_tiny_llama
 from .peft_pairs import TARGETS, _close, _loss_and_grads, _pair, _peft_layer, _train
-
-peft = pytest.importorskip("peft")
 
 
 def test_vera_projections_equal_peft_bit_for_bit_and_outputs_match():

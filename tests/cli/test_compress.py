@@ -10,23 +10,14 @@ import torch
 from rankwise.compress import load_compressed
 
 
-def _smollm2_available() -> bool:
-    try:
-        from rankwise.models import smollm2_cache_path
-
-        return (smollm2_cache_path() / "tokenizer.json").exists()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _smollm2_available(), reason="needs the cached SmolLM2 tokenizer")
 def test_cli_on_tiny_model(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from rankwise.cli import compress as cli
-    from rankwise.models import smollm2_cache_path
+    from rankwise.models import ensure_smollm2_cache
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_cache_path()), local_files_only=True)
+    # the SmolLM2 tokenizer, converted from the packaged GGUF once per machine (never skipped)
+    tok = AutoTokenizer.from_pretrained(str(ensure_smollm2_cache(verbose=False)), local_files_only=True)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import apollo_torch
+import galore_torch
 import pytest
 import torch
 from torch import nn
 
 import rankwise as rw
-
-galore_torch = pytest.importorskip("galore_torch")
-apollo_torch = pytest.importorskip("apollo_torch")
 
 STEPS = 20
 
