@@ -232,6 +232,9 @@ def test_stochastic_rounding_is_unbiased():
         acc += quant.dequantize_int8(q, s, z, w.shape, 256)
     wg = w.view(2, 256)
     step = ((wg.amax(1) - wg.amin(1)) / 255).unsqueeze(1)
+    # Q-GaLore's weights live on a full INT8 grid: 256 levels per group (a 7-bit grid would use 128)
+    torch.testing.assert_close(s, step.squeeze(1))
+    assert int(q.max()) > 127
     # the group's min/max can sit half a step outside the grid (rounded zero point) and get clamped
     interior = (wg > wg.amin(1, keepdim=True) + step) & (wg < wg.amax(1, keepdim=True) - step)
     err = (acc / 400 - w).abs().view(2, 256)
