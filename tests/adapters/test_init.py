@@ -12,7 +12,7 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.adapters.gradients import estimate_gradients
-from rankwise.adapters.init import ldu
+from rankwise.adapters.init import InitContext, ldu, lora_ga_init
 from rankwise.linalg import randomized_svd
 from rankwise.targets import find_targets
 
@@ -141,6 +141,18 @@ def test_lora_ga_first_step_is_best_rank_2r_gradient_step():
     ga, default = _first_lora_update_cosines("lora_ga"), _first_lora_update_cosines("lora")
     assert min(ga) > 0.999
     assert max(default) < 0.6 and sum(default) / len(default) < 0.4
+
+
+def test_lora_ga_takes_a_from_the_top_r_and_b_from_the_next_r_singular_vectors():
+    """Thm 3.1: A₀ = ζ·V[:, :r]ᵀ and B₀ = ζ·U[:, r:2r] of the gradient's SVD (not the other way round)."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(10, 10, generator=g))
+    grad = (u[:, :10] * torch.arange(10, 0, -1).float()) @ v.T  # distinct singular values 10, 9, ..., 1
+    f = lora_ga_init(torch.zeros(12, 10), InitContext(name="w", grad=grad, r=2))
+    zeta = 12**0.25 / 16**0.5  # ζ = d_out^{1/4}/√γ with the default γ = 16
+    torch.testing.assert_close((f.right @ v[:, :2]).abs(), zeta * torch.eye(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close((u[:, 2:4].T @ f.left).abs(), zeta * torch.eye(2), atol=1e-5, rtol=0)
 
 
 def test_lora_ga_stable_scale_and_base_offset():
