@@ -283,3 +283,30 @@ def test_compress_ends_with_the_masked_model_physically_smaller(make, batches, t
     assert loaded.rankwise_compress.resized == state.resized
     # a loaded model recovers too (no pruning masks needed)
     assert len(recover(loaded, batches(1), steps=1, lr=1e-3)) == 1
+
+
+def test_importance_is_the_lora_guided_estimate_of_one_sgd_step():
+    """Eq. 7–8: Ĝ is minus the change of BA after one unit SGD step on the factors,
+    Ĝ = BA − (B − G_B)(A − G_A); a unit's importance is Σ|Ĝ ⊙ (W₀ + s·BA)| over its row (or column)."""
+    from rankwise.adapters import InitContext, LoRALayer
+    from rankwise.adapters.lora import LoRAConfig
+    from rankwise.compress.loraprune import lora_importance
+
+    g = torch.Generator().manual_seed(0)
+    layer = LoRALayer(torch.nn.Linear(6, 4), LoRAConfig(r=2, alpha=4), InitContext(name="l"))
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(4, 2, generator=g))
+    layer.lora_A.grad, layer.lora_B.grad = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
+    a, b, ga, gb = layer.lora_A.detach(), layer.lora_B.detach(), layer.lora_A.grad, layer.lora_B.grad
+    g_hat = b @ a - (b - gb) @ (a - ga)
+    score = (g_hat * (layer.base_layer.weight.detach() + layer.scale * b @ a)).abs()
+    torch.testing.assert_close(lora_importance(layer, input_side=False), score.sum(1))
+    torch.testing.assert_close(lora_importance(layer, input_side=True), score.sum(0))
+
+
+def test_the_least_important_units_are_pruned():
+    from rankwise.compress.loraprune import _least_important
+
+    importance = torch.tensor([3.0, 1.0, 2.0, 0.0, 5.0])
+    assert _least_important(importance, set(), 2, 5) == {1, 3}
+    assert _least_important(importance, {4}, 3, 5) == {4, 1, 3}  # already-pruned units stay pruned
