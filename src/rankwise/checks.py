@@ -12,7 +12,10 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["beta_pair", "choice", "fraction", "integer", "is_number", "non_negative", "number", "positive", "rank"]
+__all__ = [
+    "beta_pair", "choice", "fraction", "integer", "is_number", "known_options", "non_negative", "number", "positive",
+    "rank",
+]
 
 
 def is_number(value: Any) -> bool:
@@ -26,6 +29,14 @@ def choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in options:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {options}")
     return value
+
+
+def known_options(options: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    """ValueError listing the ``options`` that are not ``allowed`` for ``where`` (e.g. "method 'lora'")."""
+    allowed = sorted(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {where}; allowed options: {allowed}")
 
 
 def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:

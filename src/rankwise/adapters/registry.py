@@ -39,12 +39,7 @@ class MethodSpec:
     api: str = "adapt"
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
-        known = self.config_cls.field_names()
-        unknown = sorted(set(kwargs) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method '{self.name}'; allowed options: {known}"
-            )
+        checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")
         return self.config_cls(**{**self.defaults, **kwargs})
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from .. import catalogue
 from ..adapters import DSEEConfig, adapt, adapter_layers, merge_and_unload
 from ..batches import LossFn
-from ..checks import choice, fraction, integer
+from ..checks import choice, fraction, integer, known_options
 from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
@@ -108,9 +108,7 @@ def _weights(model: nn.Module, names: Iterable[str]) -> int:
 
 
 def _check_config(method: str, config: dict[str, Any], allowed_keys: Iterable[str]) -> None:
-    unknown = sorted(set(config) - set(allowed_keys))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method '{method}'; allowed options: {sorted(allowed_keys)}")
+    known_options(config, allowed_keys, f"method '{method}'")
 
 
 def compress(

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..checks import beta_pair, choice, integer, number
+from ..checks import beta_pair, choice, integer, known_options, number
 from ..memory import optimizer_state_bytes
 from .copyable import CopyableOptimizer
 from .inner import INNER_OPTIONS, INNERS, get_inner
@@ -91,9 +91,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         seed: int = 0,
         **options: Any,
     ):
-        unknown = sorted(set(options) - set(OPTION_KEYS))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; allowed: {list(OPTION_KEYS)}")
+        known_options(options, OPTION_KEYS, type(self).__name__)
         integer("seed", seed)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,

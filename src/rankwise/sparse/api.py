@@ -140,11 +140,7 @@ SPARSE_METHODS: Mapping[str, SparseMethod] = catalogue.View(lambda r: r.api == "
 def _options(method: str, config: dict[str, Any]) -> dict[str, Any]:
     checks.choice("method", method, SPARSE_METHODS)
     spec = SPARSE_METHODS[method]
-    unknown = sorted(set(config) - set(spec.options))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for sparse method '{method}'; allowed options: {sorted(spec.options)}"
-        )
+    checks.known_options(config, spec.options, f"sparse method '{method}'")
     return {**spec.options, **config}
 
 
