@@ -11,6 +11,7 @@ from torch import nn
 
 import rankwise as rw
 from rankwise import catalogue
+from rankwise.checkpoint import trained_tensors
 from rankwise.sparse import (
     SST,
     TRP,
@@ -215,6 +216,25 @@ def test_relora_segments_are_rank_r_and_cumulative_update_is_high_rank():
     for k in (5, 10, 15):  # jagged schedule: LR falls to 0 at each merge and re-warms
         assert lrs[k] == 0.0 < lrs[k + 1] < lrs[k + 2]
         assert lrs[k - 1] > lrs[k + 1]
+
+
+def test_relora_state_holds_the_merged_base_so_a_resume_continues_from_it():
+    model, opt, sched, relora, x, y = relora_setup("zero")
+    for _ in range(5):  # one merge
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        relora.step()
+    fresh, _, _, fresh_relora, _, _ = relora_setup("zero")
+    saved = trained_tensors(model)
+    with torch.no_grad():  # what a checkpoint of the trained tensors restores ...
+        for k, t in trained_tensors(fresh).items():
+            t.copy_(saved[k])
+    fresh_relora.load_state_dict(relora.state_dict())  # ... and the controller's own state
+    assert (fresh_relora.steps, fresh_relora.merges) == (5, 1)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other layers"):
+        fresh_relora.load_state_dict({**relora.state_dict(), "base": {}})
 
 
 def test_relora_magnitude_pruning_keeps_the_largest_state():

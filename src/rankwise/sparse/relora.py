@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -208,10 +209,25 @@ class ReLoRA(RankController):
                 else:
                     random_prune_(value, self.prune_ratio, self._generator)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"steps": self.steps, "merges": self.merges}
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the frozen base weights, which the merges changed (a checkpoint of the trainable
+        tensors alone would resume from the un-merged base)."""
+        return {"steps": self.steps, "merges": self.merges,
+                "base": {name: layer.base_layer.weight.detach().clone() for name, layer in self.layers}}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        base = state["base"]
+        if set(base) != {name for name, _ in self.layers}:
+            raise ValueError(
+                "ReLoRA state holds the base weights of other layers: build the model as for the first run"
+            )
+        for name, layer in self.layers:
+            w = layer.base_layer.weight
+            if base[name].shape != w.shape:
+                raise ValueError(f"ReLoRA state: base weight of {name!r} has shape {tuple(base[name].shape)}, "
+                                 f"the model's is {tuple(w.shape)}")
+            w.copy_(base[name])
         self.steps, self.merges = int(state["steps"]), int(state["merges"])
 
 
