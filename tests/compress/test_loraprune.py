@@ -310,3 +310,22 @@ def test_the_least_important_units_are_pruned():
     importance = torch.tensor([3.0, 1.0, 2.0, 0.0, 5.0])
     assert _least_important(importance, set(), 2, 5) == {1, 3}
     assert _least_important(importance, {4}, 3, 5) == {4, 1, 3}  # already-pruned units stay pruned
+
+
+def test_importance_is_smoothed_by_the_moving_average(monkeypatch):
+    """Eq. 10: Ī ← β·Ī + (1 − β)·I at every step (the first step: (1 − β)·I); a non-finite step is skipped."""
+    import importlib
+    from types import SimpleNamespace
+
+    loraprune = importlib.import_module("rankwise.compress.loraprune")  # the module (the package exports a function)
+    steps = iter([(torch.tensor([1.0, 2.0]), torch.tensor([4.0])), (torch.tensor([3.0, 0.0]), torch.tensor([2.0])),
+                  (torch.tensor([float("nan"), 0.0]), torch.tensor([1.0]))])
+    monkeypatch.setattr(loraprune, "block_importance", lambda model, block: next(steps))
+    units = SimpleNamespace(head_importance=None, channel_importance=None)
+    state = SimpleNamespace(blocks=[object()], units=[units])
+    beta = 0.8
+    for _ in range(3):
+        loraprune.update_importance(None, state, beta)
+    torch.testing.assert_close(units.head_importance, beta * (1 - beta) * torch.tensor([1.0, 2.0])
+                               + (1 - beta) * torch.tensor([3.0, 0.0]))
+    torch.testing.assert_close(units.channel_importance, torch.tensor([beta * (1 - beta) * 4.0 + (1 - beta) * 2.0]))
