@@ -179,10 +179,11 @@ def _plain_formula(name: str, p: torch.Tensor, group: dict[str, Any]) -> int:
 def formula_bytes(name: str, opt: torch.optim.Optimizer, awake: list[torch.Tensor] | None = None) -> int:
     """Analytic optimizer-state bytes of ``opt`` as it stands (formula per matrix, summed)."""
     if name in ("adamw", "badam", "lisa") or name in STRUCTURED:
-        # torch AdamW: two fp32 moments + a float32 ``step`` tensor per parameter tensor that has state
-        # (SST resets the state of resampled vectors; it comes back at their next step)
+        # torch AdamW: two fp32 moments + a float32 ``step`` tensor per parameter tensor the next step updates
+        # (every one in the groups; for BAdam/LISA the awake ones, as their sampler decided: never read from
+        # the optimizer's own state, so the formula checks the state rather than restating it)
         params = awake if awake is not None else [p for g in opt.param_groups for p in g["params"]]
-        return sum(8 * p.numel() + 4 for p in params if name not in STRUCTURED or opt.state.get(p))
+        return sum(8 * p.numel() + 4 for p in params)
     total = 0
     for group in opt.param_groups:
         for p in group["params"]:
@@ -452,9 +453,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             r["sched"].step()
+            t_rec = time.perf_counter()
+            # state recorded after the step, before the method's own work (an SST resample clears state that
+            # comes back at the next step; after a BAdam/LISA swap it was recorded just before the swap)
+            if not (hasattr(opt, "switch_every") and opt.global_step % opt.switch_every == 0):
+                record_state(r, name, opt)
+            t_rec = time.perf_counter() - t_rec
             if r["after"] is not None:
                 r["after"](step)
-            t3 = time.perf_counter()
+            t3 = time.perf_counter() - t_rec  # (recording is not part of the step)
             r["loss"].append(loss.item() if reported is None else reported)
             r["step_s"].append(t3 - t0)
             r["opt_s"].append(t2 - t1)
@@ -462,8 +469,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if r["opt"] is not opt:  # ReLoRA's warm start is over: its peak so far belongs to the dense phase
                 r["warm_peak_bytes"], r["peak_bytes"] = r["peak_bytes"], 0
                 r["counts"] = param_counts(model)
-            if not (hasattr(r["opt"], "switch_every") and r["opt"].global_step % r["opt"].switch_every == 0):
-                record_state(r, name, r["opt"])  # (after a BAdam/LISA swap it was recorded just before the swap)
             if not math.isfinite(r["loss"][-1]):
                 print(f"  {name}: non-finite loss at step {step}", flush=True)
         if step % 10 == 0 or step == args.steps - 1:
