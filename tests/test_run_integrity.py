@@ -131,6 +131,15 @@ def test_a_locked_directory_names_its_holder_and_a_dead_holder_is_taken_over(tmp
         assert (tmp_path / "run" / rio.LOCK_FILE).read_text() == str(os.getpid())
 
 
+def test_a_run_that_writes_nothing_leaves_no_directory(tmp_path):
+    with directory_lock(tmp_path / "new"):
+        assert (tmp_path / "new" / rio.LOCK_FILE).is_file()
+    assert not (tmp_path / "new").exists()
+    with directory_lock(tmp_path / "kept"):
+        (tmp_path / "kept" / "a.txt").write_text("x")
+    assert (tmp_path / "kept" / "a.txt").is_file()
+
+
 def test_training_takes_the_output_lock(tmp_path):
     proc = hold_lock(tmp_path)
     try:

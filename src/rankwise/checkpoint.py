@@ -8,7 +8,6 @@ history so far. Directories are written atomically (:func:`rankwise.io.atomic_di
 
 from __future__ import annotations
 
-import errno
 import json
 import random
 import shutil
@@ -23,7 +22,7 @@ from torch import nn
 
 from .callbacks import TrainState
 from .checks import tensor_fits
-from .io import atomic_directory, save_tensors, write_json
+from .io import atomic_directory, save_tensors, write_errors, write_json
 
 __all__ = [
     "CHECKPOINT_PREFIX", "UnreadableCheckpoint", "checkpoints", "config_changes", "find_checkpoint",
@@ -148,11 +147,8 @@ def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], lo
     }
     with atomic_directory(path) as tmp:
         save_tensors({k: v.detach() for k, v in trained_tensors(state.model).items()}, tmp / TENSORS_FILE)
-        try:
+        with write_errors(path):  # a full disk: torch's "enforce fail at inline_container.cc ..."
             torch.save(payload, tmp / STATE_FILE)
-        except RuntimeError as e:  # a full disk: "enforce fail at inline_container.cc ..."
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OSError(errno.EIO, f"could not write the checkpoint (disk full?): {reason}", str(path)) from None
         write_json(tmp / INFO_FILE, {"step": state.step, "epoch": state.epoch,
                                      "batch_in_epoch": state.batch_in_epoch, "config": state.config.to_dict()})
     return Path(path)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.registry import adapt, adapter_layers
+from .checks import tensor_fits
 
 ADAPTER_CONFIG = "rankwise_adapter.json"
 ADAPTER_WEIGHTS = "rankwise_adapter.safetensors"
@@ -51,7 +52,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temporaries(parent: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings (``.<name>.tmp-<pid>-*``) that writers which died mid-write left
     in ``parent``; a live writer's (its pid runs) are kept. Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     root = Path(parent)
     if not root.is_dir():
         return removed
@@ -175,10 +176,12 @@ def directory_lock(path: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive lock on directory ``path`` (created if needed) for the body: ``path/.rankwise.lock``
     locked with ``fcntl.flock`` and holding this process's pid. A second process asking for it gets a
     :class:`DirectoryLocked` naming the holder's pid. The kernel drops the lock when its holder dies,
-    so a lock file left by a killed run is simply taken over. Re-entrant within one process."""
+    so a lock file left by a killed run is simply taken over. Re-entrant within one process. A directory
+    the lock created and nothing else was written into is removed again."""
     import fcntl
 
     root = Path(path)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     key = str(root.resolve())
     if key in _HELD_LOCKS:
@@ -215,9 +218,49 @@ def directory_lock(path: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 f.seek(0)
                 f.truncate()
+                if created and [p.name for p in root.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing
+                    lock_file.unlink()
+                    root.rmdir()
             f.close()  # releases the flock
         else:
             _HELD_LOCKS[key] = (f, count - 1)
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Report a failed write as an ``OSError`` naming ``path``: libraries that write files report a full
+    disk or a lost file as other errors (torch: ``RuntimeError`` "enforce fail at inline_container.cc",
+    safetensors: ``SafetensorError``)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001  only failures of the write in the body
+        if type(e).__name__ not in ("RuntimeError", "SafetensorError"):
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OSError(errno.EIO, f"could not write (disk full or not writable?): {reason}", str(path)) from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (safetensors, torch.save); it
+    replaces ``path`` (fsync'd, mode under the umask) only when the body succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}{TMP_TAG}{os.getpid()}-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with write_errors(target):
+            yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+        _fsync_path(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -226,8 +269,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors file of contiguous, unshared copies (shared storage is not allowed there)."""
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """safetensors file of contiguous, unshared copies (shared storage is not allowed there); a failed
+    write is an ``OSError`` naming ``path``."""
+    with write_errors(path):
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -275,7 +320,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Inject the adapters saved at ``path`` into ``model`` (the untouched base) and load their tensors."""
+    """Inject the adapters saved at ``path`` into ``model`` (the untouched base) and load their tensors.
+
+    Every tensor must fit its model tensor exactly (:func:`rankwise.checks.tensor_fits`: shape, floating
+    dtype, finite values); a ValueError names the first that does not."""
     path = Path(path)
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
@@ -295,6 +343,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, t in tensors.items():  # every tensor checked before any is copied
+        try:
+            tensor_fits(key, t, expected[key])
+        except ValueError as e:
+            raise ValueError(f"{path / ADAPTER_WEIGHTS} does not fit the model: {e}") from None
     with torch.no_grad():
         for key, t in tensors.items():
             expected[key].copy_(t)
