@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,14 @@ class TrainConfig:
         integer("keep_checkpoints", self.keep_checkpoints, 1, optional=True)
         integer("eval_max_batches", self.eval_max_batches, 1, optional=True)
         integer("seed", self.seed, optional=True)
+        for name in ("progress", "measure_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not isinstance(self.optimizer_kwargs, dict) or not all(isinstance(k, str) for k in self.optimizer_kwargs):
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} must be a dict of optimizer arguments")
+        out = self.output_dir
+        if out is not None and (not isinstance(out, str | PathLike) or not str(out)):
+            raise ValueError(f"output_dir={self.output_dir!r} must be a directory path or None")
         if self.checkpoint_every and not self.output_dir:
             raise ValueError("checkpoint_every > 0 needs output_dir (where checkpoints are written)")
         if self.device is not None:

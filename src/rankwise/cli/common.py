@@ -162,7 +162,26 @@ def key_aliases() -> dict[str, str]:
     return {alias.lstrip("-").replace("-", "_"): flag.dest for flag in FLAGS.values() for alias in flag.aliases}
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- inputs and outputs
+def check_model_name(name: Any, flag: str = "--model") -> str:
+    """UsageError unless ``name`` is a packaged model name or a directory holding a model (``config.json``)."""
+    from ..models import resolve_model_name
+
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"{flag} {name!r}: give a packaged model name or a local Hugging Face model directory")
+    if os.path.isdir(name):
+        if not (Path(name) / "config.json").is_file():
+            raise UsageError(f"{flag} {name!r} is a directory without config.json, not a Hugging Face model directory")
+        return name
+    if os.path.exists(name):
+        raise UsageError(f"{flag} {name!r} is a file; give a packaged model name or a model directory")
+    try:
+        resolve_model_name(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return name
+
+
 def check_writable(output: str | os.PathLike, flag: str = "--output") -> Path:
     """Fail before any work when directory ``output`` cannot be written: it is a file, a path under a
     file, or it (or, when it does not exist yet, the directory it would be created in) is not writable."""

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import Formatter, UsageError, add_flag, check_writable, text_loader
+from .common import Formatter, UsageError, add_flag, check_model_name, check_writable, text_loader
 
 DESCRIPTION = """\
 Compress a causal LM with rw.compress and measure it. Prints parameter counts and
@@ -149,7 +148,6 @@ def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Every number, the model name and the method's use of the flags, checked before anything is loaded."""
     from ..checks import fraction, integer, number
-    from ..models import resolve_model_name
 
     fraction("--ratio", args.ratio)
     integer("--rank", args.rank, 1, optional=True)
@@ -165,10 +163,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.max_steps and args.method not in TRAINING_METHODS:
         raise UsageError(f"--max-steps {args.max_steps}: method {args.method!r} is one-shot; methods that train: "
                          f"{sorted(TRAINING_METHODS)} (use --recover-steps for a recovery fine-tune)")
-    if not str(args.model).strip():
-        raise UsageError("--model '' is empty; give a packaged model name or a local HF model directory")
-    if not os.path.isdir(args.model):
-        resolve_model_name(args.model)  # ValueError naming the known models
+    check_model_name(args.model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import directory_lock
 
     check_args(args)
-    out_dir = Path(args.output or f"compress-{args.method}-{args.ratio:g}")
-    check_writable(out_dir)
+    out_dir = Path(args.output if args.output is not None else f"compress-{args.method}-{args.ratio:g}")
+    check_writable(args.output if args.output is not None else out_dir)
     with directory_lock(out_dir):
         return _run(args, out_dir)
 

@@ -13,6 +13,7 @@ from .common import Formatter, UsageError, add_flag, check_writable, text_loader
 from .train_config import (
     RUN_CONFIG,
     check_config,
+    check_optimizer,
     parse_allow_change,
     resolve_train_config,
     resume_changes,
@@ -301,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(args)
     check_config(cfg)
     tcfg = _train_config(cfg)
+    check_optimizer(cfg)
     check_writable(cfg["output"])
     with directory_lock(cfg["output"]):
         allow = prepare_output(cfg, bool(getattr(args, "overwrite", False)), getattr(args, "allow_change", None))

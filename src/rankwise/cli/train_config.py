@@ -10,7 +10,7 @@ from typing import Any
 
 from ..checks import integer
 from ..train import FULL_FINETUNE, HEAD_ONLY
-from .common import UsageError, coerce_number, key_aliases, key_values, parse_targets
+from .common import UsageError, check_model_name, coerce_number, key_aliases, key_values, parse_targets
 
 #: Every key a run config (YAML file or flags) may set, with its default.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -202,7 +202,6 @@ def check_config(cfg: dict[str, Any]) -> None:
 
     check_types(cfg)
     from ..data.datasets import COMBINED_TEXT, DATASETS
-    from ..models import resolve_model_name
 
     method = cfg["method"]
     if method not in (FULL_FINETUNE, HEAD_ONLY) and method not in REGISTRY:
@@ -221,11 +220,15 @@ def check_config(cfg: dict[str, Any]) -> None:
             REGISTRY[method].make_config(**cfg["options"])
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
-    if not os.path.isdir(str(cfg["model"])):
+    check_model_name(cfg["model"])
+    targets = cfg["targets"]
+    if isinstance(targets, str) and targets != "all-linear":
+        import re
+
         try:
-            resolve_model_name(str(cfg["model"]))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+            re.compile(targets)
+        except re.error as e:
+            raise UsageError(f"--targets re:{targets} is not a valid regular expression ({e})") from None
     if cfg["data"] not in DATASETS and cfg["data"] not in COMBINED_TEXT:
         known = sorted([*DATASETS, *COMBINED_TEXT])
         raise UsageError(f"unknown dataset {cfg['data']!r}; choose one of {known}")
@@ -305,3 +308,30 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], allow: list[str]) -
     from ..checkpoint import config_changes
 
     return config_changes(old, new, allow, free=RUN_FREE_KEYS, fixed=_fixed_keys({**old, **new}))
+
+
+def check_optimizer(cfg: dict[str, Any]) -> None:
+    """Build the run's optimizer once over a placeholder weight (no memory: the meta device), so that a bad
+    optimizer argument (``--update-gap 0``, ``--optimizer-option bogus=1``) fails before the model loads.
+    The layer samplers (badam, lisa, owlore) need the model itself and are checked when it is built."""
+    import torch
+
+    from ..optim.factory import OPTIMIZERS, SAMPLERS, make
+    from ..optim.projected import ProjectedOptimizer
+
+    name = cfg["optimizer"]
+    if name in SAMPLERS or name not in OPTIMIZERS:
+        return
+    kwargs = {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], **cfg["optimizer_options"]}
+    projected = isinstance(OPTIMIZERS[name], type) and issubclass(OPTIMIZERS[name], ProjectedOptimizer)
+    rank = kwargs.pop("rank", 1 if name == "apollo_mini" else 128)
+    kwargs.pop("targets", None)
+    try:
+        if projected:
+            integer("rank", rank, 1)
+            weight = torch.empty(rank + 1, rank + 1, device="meta", requires_grad=True)
+            make(name, [{"params": [weight], "rank": rank}], **kwargs)
+        else:
+            make(name, [torch.empty(2, 2, device="meta", requires_grad=True)], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--optimizer {name}: {e}") from None
