@@ -167,6 +167,17 @@ def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
+def test_pruning_renames_a_checkpoint_aside_before_deleting_it(tmp_path, monkeypatch):
+    """A kill while rmtree runs left a half-deleted checkpoint-N that resume then picked."""
+    import shutil
+
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: deleted.append(Path(path).name))
+    train(make_tiny_bert(), cls_batches(), config=cfg_for(tmp_path, max_steps=3, keep_checkpoints=1))
+    assert deleted and all(not name.startswith("checkpoint-") for name in deleted)
+    assert find_checkpoint(tmp_path).name == "checkpoint-3"
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_refuses_changed_settings_naming_them(tmp_path):
     train(make_tiny_bert(), cls_batches(), config=cfg_for(tmp_path))

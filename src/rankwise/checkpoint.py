@@ -9,6 +9,7 @@ history so far. Directories are written atomically (:func:`rankwise.io.atomic_di
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ from torch import nn
 
 from .callbacks import TrainState
 from .checks import tensor_fits
-from .io import atomic_directory, save_tensors, write_errors, write_json
+from .io import TMP_TAG, atomic_directory, save_tensors, write_errors, write_json
 
 __all__ = [
     "CHECKPOINT_PREFIX", "UnreadableCheckpoint", "checkpoints", "config_changes", "find_checkpoint",
@@ -243,5 +244,7 @@ def prune_checkpoints(root: Path, keep: int | None) -> None:
     if keep is None:
         return
     ckpts = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) >= 0 and p.is_dir()), key=_number)
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in ckpts[:-keep]:  # renamed aside first: a kill mid-delete leaves no half checkpoint-N
+        aside = old.with_name(f".{old.name}{TMP_TAG}{os.getpid()}-pruned")
+        os.replace(old, aside)
+        shutil.rmtree(aside, ignore_errors=True)

@@ -45,6 +45,8 @@ examples:
   rankwise train --model smollm2 --data stdlib-code --method lora --max-length 256
   rankwise train run.yaml --seed 1 --checkpoint-every 50 --output runs/a
   rankwise train run.yaml --output runs/a --resume  # continue from the newest checkpoint
+  rankwise train run.yaml --output runs/a --resume --lr 5e-4 --allow-change lr
+  rankwise train run.yaml --output runs/a --overwrite   # a new run in place of the old one
 
 run.yaml:
   model: minilm-l6
