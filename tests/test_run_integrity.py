@@ -132,8 +132,8 @@ def test_a_locked_directory_names_its_holder_and_a_dead_holder_is_taken_over(tmp
 
 
 def test_a_run_that_writes_nothing_leaves_no_directory(tmp_path):
-    with directory_lock(tmp_path / "new"):
-        assert (tmp_path / "new" / rio.LOCK_FILE).is_file()
+    with directory_lock(tmp_path / "new" / "run"):
+        assert (tmp_path / "new" / "run" / rio.LOCK_FILE).is_file()
     assert not (tmp_path / "new").exists()
     with directory_lock(tmp_path / "kept"):
         (tmp_path / "kept" / "a.txt").write_text("x")

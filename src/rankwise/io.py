@@ -181,7 +181,7 @@ def directory_lock(path: str | os.PathLike) -> Iterator[Path]:
     import fcntl
 
     root = Path(path)
-    created = not root.exists()
+    created = [d for d in (root, *root.absolute().parents) if not d.exists()]  # what mkdir makes, deepest first
     root.mkdir(parents=True, exist_ok=True)
     key = str(root.resolve())
     if key in _HELD_LOCKS:
@@ -220,7 +220,8 @@ def directory_lock(path: str | os.PathLike) -> Iterator[Path]:
                 f.truncate()
                 if created and [p.name for p in root.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing
                     lock_file.unlink()
-                    root.rmdir()
+                    for d in created:
+                        d.rmdir()
             f.close()  # releases the flock
         else:
             _HELD_LOCKS[key] = (f, count - 1)
