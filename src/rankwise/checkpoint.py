@@ -8,9 +8,11 @@ history so far. Directories are written atomically (:func:`rankwise.io.atomic_di
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .callbacks import TrainState
-from .io import atomic_directory, save_tensors, write_json
+from .checks import tensor_fits
+from .io import TMP_TAG, atomic_directory, save_tensors, write_errors, write_json
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "find_checkpoint", "load_checkpoint", "load_trained_tensors", "loader_generators",
-    "prune_checkpoints", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "trained_tensors",
+    "CHECKPOINT_PREFIX", "UnreadableCheckpoint", "checkpoints", "config_changes", "find_checkpoint",
+    "load_checkpoint", "load_trained_tensors", "loader_generators", "prune_checkpoints", "read_checkpoint",
+    "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "trained_tensors",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -99,9 +103,14 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def load_trained_tensors(model: nn.Module, checkpoint: Path) -> None:
-    """Copy the trained tensors saved in ``checkpoint`` into the model's (the names must match exactly)."""
-    tensors = load_file(str(checkpoint / TENSORS_FILE))
+def load_trained_tensors(model: nn.Module, checkpoint: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the trained tensors saved in ``checkpoint`` (or ``tensors`` read from it) into the model's.
+
+    The names must match exactly, and every tensor its model tensor (:func:`rankwise.checks.tensor_fits`:
+    exact shape, floating dtype, finite values); nothing is copied unless all of them fit.
+    """
+    if tensors is None:
+        tensors = load_file(str(checkpoint / TENSORS_FILE))
     expected = trained_tensors(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -109,6 +118,11 @@ def load_trained_tensors(model: nn.Module, checkpoint: Path) -> None:
             f"checkpoint does not match the model (build it exactly as for the first run): "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    for k, t in tensors.items():
+        try:
+            tensor_fits(k, t, expected[k])
+        except ValueError as e:
+            raise ValueError(f"checkpoint {checkpoint} does not fit the model: {e}") from None
     with torch.no_grad():
         for k, t in tensors.items():
             expected[k].copy_(t)
@@ -134,7 +148,8 @@ def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], lo
     }
     with atomic_directory(path) as tmp:
         save_tensors({k: v.detach() for k, v in trained_tensors(state.model).items()}, tmp / TENSORS_FILE)
-        torch.save(payload, tmp / STATE_FILE)
+        with write_errors(path):  # a full disk: torch's "enforce fail at inline_container.cc ..."
+            torch.save(payload, tmp / STATE_FILE)
         write_json(tmp / INFO_FILE, {"step": state.step, "epoch": state.epoch,
                                      "batch_in_epoch": state.batch_in_epoch, "config": state.config.to_dict()})
     return Path(path)
@@ -146,19 +161,25 @@ def _number(path: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint, else its newest ``checkpoint-N`` (directly or under checkpoints/)."""
+def checkpoints(path: str | Path) -> list[Path]:
+    """``path`` itself when it is a checkpoint, else its ``checkpoint-N`` directories (directly or under
+    checkpoints/), newest first; FileNotFoundError when there is none."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
-        return path
+        return [path]
     for root in (path, path / "checkpoints"):
         found = sorted(
-            (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()),
-            key=_number,
+            (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) >= 0 and (p / STATE_FILE).is_file()),
+            key=_number, reverse=True,
         )
         if found:
-            return found[-1]
+            return found
     raise FileNotFoundError(f"resume_from={str(path)!r}: no checkpoint ({STATE_FILE}) found there")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else its newest ``checkpoint-N`` (directly or under checkpoints/)."""
+    return checkpoints(path)[0]
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -166,10 +187,64 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read (zero-length, truncated or corrupt)."""
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(loop state, trained tensors, recorded config)`` of checkpoint ``path``, all read before any of
+    it is used; :class:`UnreadableCheckpoint` naming the file that cannot be read."""
+    parts: list[Any] = []
+    for name, read in ((STATE_FILE, lambda: load_checkpoint(path)),
+                       (TENSORS_FILE, lambda: load_file(str(path / TENSORS_FILE))),
+                       (INFO_FILE, lambda: json.loads((path / INFO_FILE).read_text()))):
+        try:
+            if (path / name).stat().st_size == 0:
+                raise ValueError("zero-length file")
+            parts.append(read())
+        except Exception as e:  # noqa: BLE001  any failure to read or parse the file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UnreadableCheckpoint(f"{path / name}: {reason}") from None
+    payload, tensors, info = parts
+    if not isinstance(payload, dict) or not isinstance(info, dict):
+        raise UnreadableCheckpoint(f"{path}: not a rankwise checkpoint")
+    return payload, tensors, info.get("config") or {}
+
+
+#: TrainConfig fields that never change what is trained: they may differ on resume.
+FREE_KEYS = ("progress", "log_every", "measure_memory", "eval_every", "eval_max_batches", "checkpoint_every",
+             "keep_checkpoints", "output_dir", "device")
+#: Fields that may grow on resume without being allowed (the run is continued for longer).
+GROW_KEYS = ("max_steps", "epochs")
+#: Fields a resume cannot change even when allowed: the optimizer state is restored as it was saved.
+FIXED_KEYS = ("optimizer", "optimizer_kwargs")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], allow: Iterable[str] = (),
+                   free: Iterable[str] = FREE_KEYS, fixed: Iterable[str] = FIXED_KEYS) -> list[str]:
+    """The settings that differ between the ``old`` and ``new`` run configs and are not allowed to:
+    ``"key: old -> new"`` for each. ``free`` keys may always differ, :data:`GROW_KEYS` may grow, the
+    ``allow`` keys may change, the ``fixed`` keys never."""
+    allow, free, fixed = set(allow), set(free), set(fixed)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key in free or a == b:
+            continue
+        grows = key in GROW_KEYS and isinstance(a, int) and isinstance(b, int) and b > a
+        if key in fixed:
+            out.append(f"{key}: {a!r} -> {b!r} (cannot change on resume)")
+        elif not grows and key not in allow:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
 def prune_checkpoints(root: Path, keep: int | None) -> None:
     """Delete all but the ``keep`` newest ``checkpoint-N`` directories under ``root`` (None: keep all)."""
     if keep is None:
         return
-    ckpts = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) >= 0), key=_number)
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    ckpts = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _number(p) >= 0 and p.is_dir()), key=_number)
+    for old in ckpts[:-keep]:  # renamed aside first: a kill mid-delete leaves no half checkpoint-N
+        aside = old.with_name(f".{old.name}{TMP_TAG}{os.getpid()}-pruned")
+        os.replace(old, aside)
+        shutil.rmtree(aside, ignore_errors=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = [
     "beta_pair", "choice", "fraction", "integer", "is_number", "known_options", "non_negative", "number", "positive",
-    "rank",
+    "rank", "tensor_fits",
 ]
 
 
@@ -147,3 +147,24 @@ def rank(name: str, value: Any, limit: int | None = None, where: str = "") -> in
         raise ValueError(f"{name}={value} is larger than min(out_features, in_features)={limit}{at}; "
                          f"choose {name} <= {limit}")
     return value
+
+
+def tensor_fits(name: str, value: Any, target: Any) -> None:
+    """ValueError unless tensor ``value`` may be copied into tensor ``target`` as it is: the exact shape
+    (no broadcasting), a floating dtype for a floating target (float→float casts only; an integer or
+    bool tensor is refused) or the very dtype for any other target, and only finite values. The
+    message names the tensor, what was expected and what was found."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"tensor '{name}': expected a tensor, found {type(value).__name__}")
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"tensor '{name}': expected shape {tuple(target.shape)}, found {tuple(value.shape)}")
+    if target.is_floating_point():
+        if not value.is_floating_point():
+            raise ValueError(f"tensor '{name}': expected a floating dtype ({target.dtype}), found {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"tensor '{name}': expected finite values, found {bad} NaN/inf of {value.numel()}")
+    elif value.dtype != target.dtype:
+        raise ValueError(f"tensor '{name}': expected dtype {target.dtype}, found {value.dtype}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -16,30 +17,128 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.registry import adapt, adapter_layers
+from .checks import tensor_fits
 
 ADAPTER_CONFIG = "rankwise_adapter.json"
 ADAPTER_WEIGHTS = "rankwise_adapter.safetensors"
 FORMAT_VERSION = 1
 
 
+#: prefix of the temporary siblings that atomic writes use: ``.<name>.tmp-<pid>-<random>``
+TMP_TAG = ".tmp-"
+LOCK_FILE = ".rankwise.lock"
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15, glibc >= 2.28)
+_AT_FDCWD = -100
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_stale_temporaries(parent: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings (``.<name>.tmp-<pid>-*``) that writers which died mid-write left
+    in ``parent``; a live writer's (its pid runs) are kept. Returns what was removed."""
+    removed: list[Path] = []
+    root = Path(parent)
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        if not entry.name.startswith(".") or TMP_TAG not in entry.name:
+            continue
+        pid_text = entry.name.rsplit(TMP_TAG, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (the directories last, deepest first)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if not file.is_symlink():
+                _fsync_path(file)
+        _fsync_path(Path(dirpath))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic step (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _mkdtemp(target: Path) -> Path:
+    """A temporary sibling of ``target`` with the mode a plain ``mkdir`` gives (the user's umask)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_TAG}{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` atomically.
 
-    If the body raises, ``path`` is left as it was and the temporary directory is removed.
+    Everything written is fsync'd (files, directories, the parent) before and after the swap. An
+    existing ``path`` is exchanged with the new directory in one step (``renameat2``), so there is no
+    moment without it; where the file system cannot exchange, the old one is renamed aside, the new
+    one renamed in, then the old one deleted. If the body raises, ``path`` is left as it was and the
+    temporary directory is removed; temporaries of writers that died are removed on the next write.
+    Modes follow the umask, as for ``mkdir`` / ``open``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_stale_temporaries(target.parent)
+    tmp = _mkdtemp(target)
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        _fsync_tree(tmp)
+        if target.exists() and not _exchange(tmp, target):
+            old = _mkdtemp(target)
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
+        elif not target.exists():
             os.replace(tmp, target)
+        _fsync_path(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -47,19 +146,122 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside ``path``; it replaces ``path`` only when the body succeeds."""
+    """Open a temporary file beside ``path``; it replaces ``path`` only when the body succeeds
+    (fsync'd, with the mode ``open`` would give under the umask)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{TMP_TAG}{os.getpid()}-", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_path(target.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class DirectoryLocked(ValueError):
+    """Another live process holds the lock of an output directory."""
+
+
+_HELD_LOCKS: dict[str, tuple[Any, int]] = {}
+
+
+@contextlib.contextmanager
+def directory_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on directory ``path`` (created if needed) for the body: ``path/.rankwise.lock``
+    locked with ``fcntl.flock`` and holding this process's pid. A second process asking for it gets a
+    :class:`DirectoryLocked` naming the holder's pid. The kernel drops the lock when its holder dies,
+    so a lock file left by a killed run is simply taken over. Re-entrant within one process. A directory
+    the lock created and nothing else was written into is removed again."""
+    import fcntl
+
+    root = Path(path)
+    created = [d for d in (root, *root.absolute().parents) if not d.exists()]  # what mkdir makes, deepest first
+    root.mkdir(parents=True, exist_ok=True)
+    key = str(root.resolve())
+    if key in _HELD_LOCKS:
+        f, count = _HELD_LOCKS[key]
+        _HELD_LOCKS[key] = (f, count + 1)
+        try:
+            yield root
+        finally:
+            f, count = _HELD_LOCKS[key]
+            _HELD_LOCKS[key] = (f, count - 1)
+        return
+    lock_file = root / LOCK_FILE
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise DirectoryLocked(f"{str(root)!r} is in use by another rankwise run (pid {holder}, lock file "
+                              f"{lock_file}); wait for it to finish or choose another output directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD_LOCKS[key] = (f, 1)
+    try:
+        yield root
+    finally:
+        f, count = _HELD_LOCKS[key]
+        if count <= 1:
+            del _HELD_LOCKS[key]
+            with contextlib.suppress(OSError):
+                f.seek(0)
+                f.truncate()
+                if created and [p.name for p in root.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing
+                    lock_file.unlink()
+                    for d in created:
+                        d.rmdir()
+            f.close()  # releases the flock
+        else:
+            _HELD_LOCKS[key] = (f, count - 1)
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Report a failed write as an ``OSError`` naming ``path``: libraries that write files report a full
+    disk or a lost file as other errors (torch: ``RuntimeError`` "enforce fail at inline_container.cc",
+    safetensors: ``SafetensorError``)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001  only failures of the write in the body
+        if type(e).__name__ not in ("RuntimeError", "SafetensorError"):
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OSError(errno.EIO, f"could not write (disk full or not writable?): {reason}", str(path)) from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (safetensors, torch.save); it
+    replaces ``path`` (fsync'd, mode under the umask) only when the body succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}{TMP_TAG}{os.getpid()}-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with write_errors(target):
+            yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+        _fsync_path(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -68,8 +270,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors file of contiguous, unshared copies (shared storage is not allowed there)."""
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """safetensors file of contiguous, unshared copies (shared storage is not allowed there); a failed
+    write is an ``OSError`` naming ``path``."""
+    with write_errors(path):
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,7 +321,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Inject the adapters saved at ``path`` into ``model`` (the untouched base) and load their tensors."""
+    """Inject the adapters saved at ``path`` into ``model`` (the untouched base) and load their tensors.
+
+    Every tensor must fit its model tensor exactly (:func:`rankwise.checks.tensor_fits`: shape, floating
+    dtype, finite values); a ValueError names the first that does not."""
     path = Path(path)
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
@@ -137,6 +344,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, t in tensors.items():  # every tensor checked before any is copied
+        try:
+            tensor_fits(key, t, expected[key])
+        except ValueError as e:
+            raise ValueError(f"{path / ADAPTER_WEIGHTS} does not fit the model: {e}") from None
     with torch.no_grad():
         for key, t in tensors.items():
             expected[key].copy_(t)

@@ -34,6 +34,7 @@ from torch import nn
 
 from .adapters.base import AdapterLayer
 from .adapters.registry import REGISTRY, AdapterState, MethodSpec, adapt, adapter_layers, get_method
+from .checks import tensor_fits
 from .io import atomic_directory, save_tensors, write_json
 from .layout import module_tensor
 
@@ -301,9 +302,10 @@ def _match_saved_tensors(
         for key, target in model.get_submodule(name).state_dict().items():
             t = left.pop(f"{name}.{key}", None)
             if t is not None:
-                if t.shape != target.shape:
-                    raise ValueError(f"modules_to_save: '{name}.{key}' has shape {tuple(t.shape)}, "
-                                     f"the model {tuple(target.shape)}")
+                try:
+                    tensor_fits(f"{name}.{key}", t, target)
+                except ValueError as e:
+                    raise ValueError(f"modules_to_save: {e}") from None
                 pairs.append((target, t))
     if left:
         raise ValueError(
@@ -341,6 +343,10 @@ def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tens
         raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(missing)}")
     if "magnitude" in parts and not use_dora:
         raise ValueError(f"use_dora=False but layer '{name}' has a lora_magnitude_vector")
+    for part, t in parts.items():
+        if t.dim() != (1 if part == "magnitude" else 2):
+            raise ValueError(f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}; expected a "
+                             f"{'vector' if part == 'magnitude' else 'matrix'}")
     r = int(parts["lora_A"].shape[0])
     shapes = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r),
               "magnitude": (module.out_features,)}
@@ -391,7 +397,19 @@ def _copy_weights(
     head_tensors: list[tuple[torch.Tensor, torch.Tensor]],
     use_dora: bool,
 ) -> None:
-    """Copy the file's LoRA (and DoRA magnitude) tensors into the adapted layers and the saved modules."""
+    """Copy the file's LoRA (and DoRA magnitude) tensors into the adapted layers and the saved modules,
+    after checking every one against its model tensor (shape, floating dtype, finite values)."""
+    copies = []
+    for name, parts in layers.items():
+        layer = model.get_submodule(name)
+        for part, attr in (("lora_A", "lora_A"), ("lora_B", "lora_B"), ("magnitude", "magnitude")):
+            if part in parts and (part != "magnitude" or use_dora):
+                copies.append((f"{name}.{part}", module_tensor(layer, attr), parts[part]))
+    for key, target, t in copies:
+        try:
+            tensor_fits(key, t, target)
+        except ValueError as e:
+            raise ValueError(f"{PEFT_WEIGHTS}: {e}") from None
     with torch.no_grad():
         for name, parts in layers.items():
             layer = model.get_submodule(name)

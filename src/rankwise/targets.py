@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .layout import head_module_names
+from .layout import CLASSIFIER_NAMES, head_module_names
 
 ALL_LINEAR = "all-linear"
 
@@ -36,7 +36,9 @@ def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linea
     """Return ``(name, module)`` for every module selected by ``targets``.
 
     Raises ``ValueError`` when ``targets`` is not a valid regular expression, when nothing matches,
-    or when a matched module is not an ``nn.Linear``.
+    when a matched module is not an ``nn.Linear`` or is part of a classification head (``classifier`` /
+    ``score``), and for ``"all-linear"`` on a model with transformers ``Conv1D`` layers (GPT-2), which
+    would otherwise be skipped silently.
     """
     if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
@@ -45,6 +47,13 @@ def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linea
             raise ValueError(f"targets={targets!r} is not a valid regular expression ({e})") from None
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = head_module_names(model)
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and not _under_head(n, heads)]
+        if conv1d:
+            more = f" and {len(conv1d) - 3} more" if len(conv1d) > 3 else ""
+            raise ValueError(
+                f"targets='all-linear': this {type(model).__name__} has transformers Conv1D layers ({conv1d[:3]}"
+                f"{more}), which are not supported yet (nn.Linear only); 'all-linear' would silently skip them"
+            )
         found = [
             (n, m)
             for n, m in model.named_modules()
@@ -59,10 +68,16 @@ def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linea
         raise ValueError(
             f"targets must be 'all-linear', a regex string or a list of name suffixes, got {targets!r}"
         )
+    classifiers = {h for h in head_module_names(model) if set(h.split(".")) & set(CLASSIFIER_NAMES)}
     found = []
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
             continue
+        if _under_head(name, classifiers):
+            raise ValueError(
+                f"targets={targets!r} matched '{name}', part of the classification head; the head is not a "
+                "target (adapter methods train it in full); choose targets that leave it out"
+            )
         if not isinstance(module, nn.Linear):
             raise ValueError(
                 f"targets={targets!r} matched module '{name}' of type {type(module).__name__}; "

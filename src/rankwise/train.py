@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,22 @@ from .batches import LossFn, loss_of, model_device, move_batch
 from .callbacks import TrainState, call
 from .checkpoint import (
     CHECKPOINT_PREFIX,
+    FIXED_KEYS,
+    UnreadableCheckpoint,
+    checkpoints,
+    config_changes,
     find_checkpoint,
-    load_checkpoint,
     load_trained_tensors,
     loader_generators,
     prune_checkpoints,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
 from .checks import choice, integer, number
+from .io import directory_lock
 from .layout import CLASSIFIER_NAMES
 from .memory import count_params, optimizer_state_bytes, peak_memory, reset_peak_memory
 from .optim.factory import make as make_optimizer
@@ -102,6 +108,14 @@ class TrainConfig:
         integer("keep_checkpoints", self.keep_checkpoints, 1, optional=True)
         integer("eval_max_batches", self.eval_max_batches, 1, optional=True)
         integer("seed", self.seed, optional=True)
+        for name in ("progress", "measure_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not isinstance(self.optimizer_kwargs, dict) or not all(isinstance(k, str) for k in self.optimizer_kwargs):
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} must be a dict of optimizer arguments")
+        out = self.output_dir
+        if out is not None and (not isinstance(out, str | PathLike) or not str(out)):
+            raise ValueError(f"output_dir={self.output_dir!r} must be a directory path or None")
         if self.checkpoint_every and not self.output_dir:
             raise ValueError("checkpoint_every > 0 needs output_dir (where checkpoints are written)")
         if self.device is not None:
@@ -351,8 +365,10 @@ class _Loop:
     epoch-start RNG states that make a checkpoint resumable."""
 
     def __init__(self, state: TrainState, loader: Iterable, eval_loader: Iterable | None, callbacks: list[Any],
-                 loss_fn: LossFn | None, device: torch.device, per_epoch: int | None, t_start: float) -> None:
+                 loss_fn: LossFn | None, device: torch.device, per_epoch: int | None, t_start: float,
+                 allow_change: Sequence[str] = (), built_optimizer: bool = True) -> None:
         self.state, self.cfg = state, state.config
+        self.allow_change, self.built_optimizer = tuple(allow_change), built_optimizer
         self.loader, self.eval_loader, self.callbacks, self.loss_fn = loader, eval_loader, callbacks, loss_fn
         self.device, self.per_epoch, self.t_start = device, per_epoch, t_start
         self.generators = loader_generators(loader)
@@ -368,8 +384,16 @@ class _Loop:
     # ---- start: fresh or resumed
     def start(self, resume_from: str | Path | None) -> None:
         if resume_from is not None:
-            self._resume(find_checkpoint(resume_from))
+            self._resume(checkpoints(resume_from))
             return
+        if self.ckpt_root is not None and self.cfg.checkpoint_every and self.ckpt_root.is_dir():
+            old = sorted(p.name for p in self.ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+            if old:
+                raise ValueError(
+                    f"output_dir={self.cfg.output_dir!r} already holds checkpoints of another run ({', '.join(old[:3])}"
+                    f"{', ...' if len(old) > 3 else ''}); resume it (resume_from=...), or choose another output_dir "
+                    "or delete them"
+                )
         if self.cfg.seed is not None:
             seed_everything(self.cfg.seed)
         self._mark_epoch_start()
@@ -378,19 +402,43 @@ class _Loop:
         self.epoch_rng = rng_state(self.device)
         self.epoch_gens = [g.get_state() for g in self.generators]
 
-    def _resume(self, ckpt: Path) -> None:
+    def _read(self, candidates: list[Path]) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+        """The newest checkpoint that can be read; each unreadable one is reported on stderr and skipped."""
+        reasons = []
+        for ckpt in candidates:
+            try:
+                payload, tensors, old_cfg = read_checkpoint(ckpt)
+            except UnreadableCheckpoint as e:
+                reasons.append(str(e))
+                print(f"rankwise: checkpoint {ckpt} is unreadable ({e}); trying the previous one", file=sys.stderr)
+                continue
+            if reasons:
+                print(f"rankwise: resuming from {ckpt}", file=sys.stderr)
+            return ckpt, payload, tensors, old_cfg
+        raise ValueError(f"resume_from: no readable checkpoint in {candidates[0].parent}: {'; '.join(reasons)}")
+
+    def _resume(self, candidates: list[Path]) -> None:
         state = self.state
-        payload = load_checkpoint(ckpt)
-        if payload["total_steps"] != state.total_steps:
+        ckpt, payload, tensors, old_cfg = self._read(candidates)
+        changed = config_changes(old_cfg, self.cfg.to_dict(), self.allow_change,
+                                 fixed=FIXED_KEYS if self.built_optimizer else ())
+        if changed:
             raise ValueError(
-                f"resume_from: the checkpoint was made for {payload['total_steps']} total steps, "
-                f"this run has {state.total_steps}; use the same max_steps/epochs"
+                f"resume_from: the settings differ from the checkpointed run ({ckpt}): {'; '.join(changed)}; "
+                "resume with the run's settings or allow the change (allow_change / --allow-change)"
+            )
+        if state.total_steps < payload["step"]:
+            raise ValueError(
+                f"resume_from: the checkpoint is at step {payload['step']}, beyond this run's {state.total_steps} "
+                "total steps; raise max_steps/epochs"
             )
         if len(payload["loader_generators"]) != len(self.generators):
             raise ValueError("resume_from: the train loader's generators differ from the checkpointed run")
-        load_trained_tensors(state.model, ckpt)
+        load_trained_tensors(state.model, ckpt, tensors)
         state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
+        if self.built_optimizer:
+            self._apply_changed_hyperparameters(old_cfg)
         # the resumed run may pass other callbacks than the checkpointed one (e.g. without the one
         # that stopped it): states pair up by position, extra callbacks or states are skipped
         for cb, cb_state in zip(self.callbacks, payload["callbacks"], strict=False):
@@ -401,6 +449,23 @@ class _Loop:
         self.elapsed_before = payload["elapsed"]
         self.epoch_rng, self.epoch_gens = payload["rng"]["epoch_start"], payload["loader_generators"]
         self.resume_rng = payload["rng"]["now"]
+
+    def _apply_changed_hyperparameters(self, old_cfg: dict[str, Any]) -> None:
+        """An allowed new ``lr`` / ``weight_decay``: the optimizer state just loaded brought the old ones back
+        (the groups' lr and the scheduler's base lrs); scale / set them to the new values."""
+        optimizer, scheduler, cfg = self.state.optimizer, self.state.scheduler, self.cfg
+        old_lr, old_wd = old_cfg.get("lr"), old_cfg.get("weight_decay")
+        if isinstance(old_lr, int | float) and old_lr > 0 and old_lr != cfg.lr:
+            ratio = cfg.lr / old_lr
+            for group in optimizer.param_groups:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+            scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+        if isinstance(old_wd, int | float) and old_wd != cfg.weight_decay:
+            for group in optimizer.param_groups:
+                if group.get("weight_decay") == old_wd:
+                    group["weight_decay"] = cfg.weight_decay
 
     # ---- epochs and steps
     def done(self) -> bool:
@@ -511,6 +576,7 @@ def train(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: LossFn | None = None,
+    allow_change: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``model`` on ``train_loader`` (batches: dicts; loss ``model(**batch).loss`` or ``loss_fn(model, batch)``).
 
@@ -521,17 +587,38 @@ def train(
     and loaders as for the first run. A fresh run seeds every RNG with ``config.seed`` (unless None).
     ``optimizer`` replaces the one ``config`` would build (``lr``, ``weight_decay`` and ``optimizer*``
     are then unused; the schedule scales its learning rates). ``callbacks``: :mod:`rankwise.callbacks`.
+
+    Run integrity: while checkpoints are written, ``output_dir`` is locked (a second run there fails
+    naming the holder's pid); a fresh run refuses an ``output_dir`` that holds another run's
+    checkpoints. A resume reads the newest readable checkpoint (unreadable ones are reported and
+    skipped) and refuses settings that differ from the checkpointed run's, naming them, unless
+    ``allow_change`` lists them (an allowed new ``lr`` / ``weight_decay`` is applied to the restored
+    optimizer); ``max_steps`` / ``epochs`` may always grow (the schedule then spans the new total), and
+    bookkeeping settings (progress, evaluation and checkpoint cadence, device, output_dir) may always
+    differ. The optimizer and its ``optimizer_kwargs`` cannot change on resume.
     """
     cfg = config or TrainConfig()
     cfg.validate()
+    with contextlib.ExitStack() as stack:
+        if cfg.output_dir and cfg.checkpoint_every:
+            stack.enter_context(directory_lock(cfg.output_dir))
+        return _train(model, train_loader, eval_loader, cfg, callbacks, resume_from, optimizer, loss_fn,
+                      allow_change)
+
+
+def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig,
+           callbacks: Sequence[Any], resume_from: str | Path | None, optimizer: torch.optim.Optimizer | None,
+           loss_fn: LossFn | None, allow_change: Sequence[str]) -> TrainResult:
     t_start = time.perf_counter()
     device = place_model(model, cfg.device)
     if cfg.measure_memory:
         reset_peak_memory(device)
     total_steps, per_epoch = _total_steps(train_loader, cfg)
+    built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps)
-    loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start)
+    loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
+                 allow_change, built)
     loop.start(resume_from)
     trainable, total = count_params(model)
     optimizer.zero_grad(set_to_none=True)  # no gradient left over from before the run enters step 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import Formatter, UsageError, add_flag, check_output_dir
+from .common import Formatter, UsageError, add_flag, check_model_name, check_output_dir
 
 RUN_RECORD = "metrics.json"
 PATH_HELP = ("a rankwise adapter directory (rankwise_adapter.json + rankwise_adapter.safetensors, written by "
@@ -65,6 +65,8 @@ def find_adapter(path: str | os.PathLike) -> SavedAdapter:
     """The adapter at ``path`` (or at ``path/adapter``, a ``rankwise train`` output directory)."""
     from ..io import ADAPTER_CONFIG
 
+    if not str(path).strip():
+        raise UsageError("ADAPTER '' is empty; give a rankwise adapter directory")
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"adapter directory {str(root)!r} not found")
@@ -96,9 +98,10 @@ def _check_loadable(name: str) -> None:
     """UsageError unless ``name`` is a local directory or a packaged model whose weights are fixed."""
     from ..models import resolve_model_name
 
+    check_model_name(name)
     if os.path.isdir(name):
         return
-    key = resolve_model_name(name)  # ValueError naming the known models
+    key = resolve_model_name(name)
     if key.startswith("scratch-"):
         raise UsageError(f"base model {name!r} is randomly initialized on every load, so an adapter trained on "
                          "it cannot be applied to a new copy; pass --model with a directory of the exact base weights")

@@ -36,7 +36,12 @@ class Parser(argparse.ArgumentParser):
 def _report(error: BaseException) -> int:
     if os.environ.get("RANKWISE_DEBUG"):
         raise error
-    print(f"rankwise: error: {error}", file=sys.stderr)
+    if isinstance(error, OSError) and error.filename is not None:  # "<path>: No space left on device"
+        message = f"{error.filename}: {error.strerror or error}"
+    else:
+        message = str(error)
+    message = " ".join(message.split()) or type(error).__name__  # one line
+    print(f"rankwise: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -157,12 +162,51 @@ def key_aliases() -> dict[str, str]:
     return {alias.lstrip("-").replace("-", "_"): flag.dest for flag in FLAGS.values() for alias in flag.aliases}
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- inputs and outputs
+def check_model_name(name: Any, flag: str = "--model") -> str:
+    """UsageError unless ``name`` is a packaged model name or a directory holding a model (``config.json``)."""
+    from ..models import resolve_model_name
+
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"{flag} {name!r}: give a packaged model name or a local Hugging Face model directory")
+    if os.path.isdir(name):
+        if not (Path(name) / "config.json").is_file():
+            raise UsageError(f"{flag} {name!r} is a directory without config.json, not a Hugging Face model directory")
+        return name
+    if os.path.exists(name):
+        raise UsageError(f"{flag} {name!r} is a file; give a packaged model name or a model directory")
+    try:
+        resolve_model_name(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return name
+
+
+def check_writable(output: str | os.PathLike, flag: str = "--output") -> Path:
+    """Fail before any work when directory ``output`` cannot be written: it is a file, a path under a
+    file, or it (or, when it does not exist yet, the directory it would be created in) is not writable."""
+    import tempfile
+
+    out = Path(output)
+    if not str(output).strip():
+        raise UsageError(f"{flag} '' is empty; give a directory")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {str(out)!r} exists and is not a directory")
+    parent = out.absolute() if out.is_dir() else out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {str(out)!r} cannot be created: {str(parent)!r} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rankwise-check.", dir=parent))
+    except OSError as e:
+        raise UsageError(f"{flag} {str(out)!r} is not writable: {e.strerror} ({str(parent)!r})") from None
+    return out
+
+
 def check_output_dir(output: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
     """Fail before any work when ``output`` cannot take a new directory: it is a file, a non-empty
     directory (unless ``overwrite``), ``source`` or a directory holding it, or its parent is not writable."""
-    import tempfile
-
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {str(out)!r} exists and is not a directory")
@@ -172,13 +216,5 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool, source: str | o
             raise UsageError(f"--output {str(out)!r} holds the input {str(source)!r}; choose another directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".rankwise-check.", dir=parent))
-    except OSError as e:
-        raise UsageError(f"--output {str(out)!r} is not writable: {e.strerror} ({str(parent)!r})") from None
+    check_writable(out)
     return out

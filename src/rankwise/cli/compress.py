@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import Formatter, UsageError, add_flag, text_loader
+from .common import Formatter, UsageError, add_flag, check_model_name, check_writable, text_loader
 
 DESCRIPTION = """\
 Compress a causal LM with rw.compress and measure it. Prints parameter counts and
@@ -145,8 +145,39 @@ def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
     print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every number, the model name and the method's use of the flags, checked before anything is loaded."""
+    from ..checks import fraction, integer, number
+
+    fraction("--ratio", args.ratio)
+    integer("--rank", args.rank, 1, optional=True)
+    integer("--max-steps", args.max_steps, 0, optional=True)
+    for flag in ("recover_steps", "calibration_batches"):
+        integer("--" + flag.replace("_", "-"), getattr(args, flag), 0)
+    for flag in ("eval_blocks", "max_length", "batch_size", "train_batch_size"):
+        integer("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    number("--lr", args.lr, 0, low_open=True)
+    integer("--seed", args.seed)
+    if args.calibration_batches and args.method != "lord":
+        raise UsageError(f"--calibration-batches={args.calibration_batches} needs --method lord and a count >= 0")
+    if args.max_steps and args.method not in TRAINING_METHODS:
+        raise UsageError(f"--max-steps {args.max_steps}: method {args.method!r} is one-shot; methods that train: "
+                         f"{sorted(TRAINING_METHODS)} (use --recover-steps for a recovery fine-tune)")
+    check_model_name(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``compress`` subcommand; returns the exit status."""
+    from ..io import directory_lock
+
+    check_args(args)
+    out_dir = Path(args.output if args.output is not None else f"compress-{args.method}-{args.ratio:g}")
+    check_writable(args.output if args.output is not None else out_dir)
+    with directory_lock(out_dir):
+        return _run(args, out_dir)
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> int:
     import torch
 
     from ..compress.api import compress, save_compressed
@@ -155,9 +186,6 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     steps = args.max_steps if args.max_steps is not None else TRAINING_METHODS.get(args.method, 0)
-    if args.calibration_batches < 0 or (args.calibration_batches and args.method != "lord"):
-        raise UsageError(f"--calibration-batches={args.calibration_batches} needs --method lord and a count >= 0")
-    out_dir = Path(args.output or f"compress-{args.method}-{args.ratio:g}")
     model, tokenizer = load_model(args.model)
     blocks = {c: eval_blocks(tokenizer, c, args.eval_blocks, args.max_length) for c in EVAL_CORPORA}
     before = _measure(model, tokenizer, blocks, args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import Formatter, UsageError, add_flag, key_values
+from .common import Formatter, UsageError, add_flag, check_writable, key_values
 
 DESCRIPTION = """\
 The main job on the embedded default: all-MiniLM-L6-v2 fine-tuned on BBC News (5 topics)
@@ -39,8 +39,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_flag(p, "max_steps", "optimizer steps per method (default: 80; quick: 3)")
     add_flag(p, "batch_size", "batch size (default: 8)")
     add_flag(p, "max_length", "tokens per example (default: 64; quick: 32)")
-    p.add_argument("--train-limit", type=int, default=None, help="training examples available (default: all)")
-    p.add_argument("--test-limit", type=int, default=None, help="test examples evaluated (default: 300)")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N",
+                   help="training examples available (default: all)")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N", help="test examples evaluated (default: 300)")
     add_flag(p, "rank", "adapter rank r for every adapter (default: 8; quick: 4)")
     add_flag(p, "seed", "seed (default: 0)")
     add_flag(p, "device", "auto, cpu, cuda (default: auto)")
@@ -53,11 +54,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _learning_rates(items: list[str] | None) -> dict[str, float]:
+    from ..checks import is_number
+
     lrs = key_values(items, "--lr", "lora=3e-3")
     for label, value in lrs.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UsageError(f"--lr {label}={value!r} must be a number (e.g. --lr lora=3e-3)")
+        if not is_number(value) or value <= 0:
+            raise UsageError(f"--lr {label}={value!r} must be a finite number > 0 (e.g. --lr lora=3e-3)")
     return {label: float(value) for label, value in lrs.items()}
+
+
+def _check(settings: Any, methods: list[str] | None, lrs: dict[str, float]) -> None:
+    """Every setting, method name and learning-rate label checked before anything is loaded."""
+    from ..checks import integer
+    from ..demo import select_entries
+    from ..train import check_device
+
+    settings.validate()
+    integer("seed", settings.seed)
+    check_device(settings.device)
+    if methods == []:
+        raise UsageError("--methods names no method; give comma-separated labels (e.g. --methods lora,dora)")
+    labels = [e.label for e in select_entries(methods)]
+    unknown = sorted(set(lrs) - set(labels))
+    if unknown:
+        raise UsageError(f"--lr names {unknown}, which are not among the selected methods {labels}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,10 +85,15 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from ..demo import QUICK, DemoSettings, run_demo
+    from ..io import directory_lock
 
     settings = QUICK if args.quick else DemoSettings()
     settings = replace(settings, **{field: getattr(args, flag) for flag, field in SETTINGS.items()
                                     if getattr(args, flag) is not None})
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    run_demo(settings, methods=methods, output=args.output, progress=args.progress, lrs=_learning_rates(args.lr))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    lrs = _learning_rates(args.lr)
+    _check(settings, methods, lrs)
+    check_writable(args.output)
+    with directory_lock(args.output):
+        run_demo(settings, methods=methods, output=args.output, progress=args.progress, lrs=lrs)
     return 0

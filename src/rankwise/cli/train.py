@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import Formatter, UsageError, add_flag, text_loader
-from .train_config import check_config, resolve_train_config
+from .common import Formatter, UsageError, add_flag, check_writable, text_loader
+from .train_config import (
+    RUN_CONFIG,
+    check_config,
+    check_optimizer,
+    parse_allow_change,
+    resolve_train_config,
+    resume_changes,
+    run_settings,
+)
 
 DESCRIPTION = """\
 Fine-tune a model on a packaged dataset and write metrics.json plus the trained
@@ -37,6 +45,8 @@ examples:
   rankwise train --model smollm2 --data stdlib-code --method lora --max-length 256
   rankwise train run.yaml --seed 1 --checkpoint-every 50 --output runs/a
   rankwise train run.yaml --output runs/a --resume  # continue from the newest checkpoint
+  rankwise train run.yaml --output runs/a --resume --lr 5e-4 --allow-change lr
+  rankwise train run.yaml --output runs/a --overwrite   # a new run in place of the old one
 
 run.yaml:
   model: minilm-l6
@@ -99,7 +109,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps under OUTPUT/checkpoints")
     add_flag(g, "output", "output directory [default: runs/<method>]")
     g.add_argument("--resume", nargs="?", const=True,
-                   help="continue from the newest checkpoint under --output (or under the given directory)")
+                   help="continue from the newest readable checkpoint under --output (or under the given directory); "
+                        "the settings must be the run's (run_config.json), except --allow-change ones and a larger "
+                        "--max-steps / --epochs")
+    g.add_argument("--allow-change", metavar="KEYS",
+                   help="with --resume: settings that may differ from the run's, comma-separated (e.g. lr,max_steps); "
+                        "the model, method, targets, optimizer and adapter shape cannot change")
+    add_flag(g, "overwrite", "start a new run in an --output that holds another run (its checkpoints are deleted)")
     add_flag(g, "progress", "no progress bar")
     p.set_defaults(func=run)
     return p
@@ -167,44 +183,144 @@ def _train_config(cfg: dict[str, Any]):
 
     try:
         return TrainConfig(
-            lr=float(cfg["lr"]), epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
-            max_length=cfg["max_length"], weight_decay=float(cfg["weight_decay"]), warmup_steps=cfg["warmup_steps"],
+            lr=cfg["lr"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
+            max_length=cfg["max_length"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
             schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
             optimizer_kwargs=dict(cfg["optimizer_options"]),
             eval_every=cfg["eval_every"], checkpoint_every=cfg["checkpoint_every"], output_dir=cfg["output"],
-            seed=cfg["seed"], device=cfg["device"], progress=bool(cfg["progress"]),
+            seed=cfg["seed"], device=cfg["device"], progress=cfg["progress"],
         )
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 
+#: What a ``rankwise train`` run writes into its output directory.
+RUN_FILES = (RUN_CONFIG, "metrics.json", "checkpoints", "adapter", "model", "head.safetensors")
+
+
 def _save(model: Any, tok: Any, method: str, out: Path) -> Path:
-    """Write what was trained: the whole model (none), the head's tensors (head) or the adapter."""
-    from ..io import save_adapter, save_tensors
+    """Write what was trained (atomically): the whole model (none), the head's tensors (head) or the adapter."""
+    from ..io import atomic_directory, atomic_path, save_adapter, save_tensors, write_errors
     from ..train import FULL_FINETUNE, HEAD_ONLY
 
     if method == FULL_FINETUNE:
-        model.save_pretrained(str(out / "model"))
-        tok.save_pretrained(str(out / "model"))
+        with atomic_directory(out / "model") as tmp, write_errors(out / "model"):
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
         return out / "model"
     if method == HEAD_ONLY:
-        save_tensors({n: p for n, p in model.named_parameters() if p.requires_grad}, out / "head.safetensors")
+        with atomic_path(out / "head.safetensors") as tmp:
+            save_tensors({n: p for n, p in model.named_parameters() if p.requires_grad}, tmp)
         return out / "head.safetensors"
     return save_adapter(model, out / "adapter")
 
 
+def _remove(path: Path) -> None:
+    """Delete ``path`` (a file or a directory tree), renaming a directory aside first so that a kill midway
+    leaves no half-deleted checkpoint under its old name."""
+    import shutil
+    import tempfile
+
+    if path.is_dir() and not path.is_symlink():
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        os.replace(path, aside / path.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _recorded_settings(resume: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(file, settings)`` of the run that wrote the checkpoints at ``resume`` (its ``run_config.json``,
+    in ``resume`` or up to three directories above it); None for a run written before run configs."""
+    import json
+
+    for d in (resume, *list(resume.absolute().parents)[:3]):
+        file = d / RUN_CONFIG
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{file} cannot be read ({e}); it records the run --resume continues") from None
+            if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+                raise UsageError(f"{file} is not a rankwise run config")
+            return file, data["settings"]
+    return None
+
+
+def prepare_output(cfg: dict[str, Any], overwrite: bool, allow_text: str | None) -> list[str]:
+    """Check ``--output`` and the run it may hold before anything is loaded (the caller holds its lock)
+    and return the settings a resume may change (:func:`write_run_config` records the run once it starts).
+
+    Fresh run: an output holding another run is refused unless ``--overwrite`` (which deletes its
+    checkpoints and record now, so a later ``--resume`` cannot bring them back). Resume: the newest
+    checkpoint must exist and the settings must be the recorded run's, except ``--allow-change`` ones and
+    a larger ``max_steps`` / ``epochs``."""
+    from ..checkpoint import checkpoints
+
+    out = Path(cfg["output"])
+    settings = run_settings(cfg)
+    allow = parse_allow_change(allow_text, settings)
+    if cfg["resume"] is not None:
+        if overwrite:
+            raise UsageError("--resume continues the run in the output directory and --overwrite replaces it; "
+                             "choose one")
+        resume = out if cfg["resume"] is True else Path(cfg["resume"])
+        try:
+            checkpoints(resume)
+        except FileNotFoundError:
+            raise UsageError(f"--resume: no checkpoint under {str(resume)!r} (write them with --checkpoint-every N)"
+                             ) from None
+        recorded = _recorded_settings(resume)
+        if recorded is not None:
+            changed = resume_changes(recorded[1], settings, allow)
+            if changed:
+                raise UsageError(f"--resume: the settings differ from the run recorded in {recorded[0]}: "
+                                 f"{'; '.join(changed)}; resume with the run's settings or name the ones that may "
+                                 "change with --allow-change KEY,KEY")
+    else:
+        if allow:
+            raise UsageError("--allow-change applies only with --resume")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not overwrite:
+            raise UsageError(f"--output {str(out)!r} holds another run ({', '.join(held)}); pass --resume to "
+                             "continue it or --overwrite to replace it")
+        for name in ("checkpoints", "metrics.json", RUN_CONFIG):
+            _remove(out / name)
+    return allow
+
+
+def write_run_config(cfg: dict[str, Any]) -> None:
+    """Record the run's settings in ``OUTPUT/run_config.json`` (written when training starts, so a run that
+    fails while loading leaves no record that would block its rerun)."""
+    from ..io import write_json
+
+    write_json(Path(cfg["output"]) / RUN_CONFIG, {"format": "rankwise-run", "settings": run_settings(cfg)})
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``train`` subcommand; returns the exit status."""
+    from ..io import directory_lock
+
     cfg = resolve_train_config(args)
     check_config(cfg)
+    tcfg = _train_config(cfg)
+    check_optimizer(cfg)
+    check_writable(cfg["output"])
+    with directory_lock(cfg["output"]):
+        allow = prepare_output(cfg, bool(getattr(args, "overwrite", False)), getattr(args, "allow_change", None))
+        return _run(cfg, tcfg, allow)
+
+
+def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str]) -> int:
+    from dataclasses import fields
+
     from torch.utils.data import DataLoader
 
     from ..io import write_json
     from ..models import quiet_transformers
-    from ..train import prepare_model, train
+    from ..train import TrainConfig, prepare_model, train
 
     quiet_transformers()
-    tcfg = _train_config(cfg)
     task = _resolve_task(cfg)
     model, tok, train_loader, eval_loader = _build(cfg, task)
     init_loader = DataLoader(train_loader.dataset, batch_size=cfg["batch_size"], collate_fn=train_loader.collate_fn)
@@ -213,10 +329,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "
           f"{len(train_loader.dataset)} train, {len(eval_loader.dataset)} eval items -> {cfg['output']}",
           file=sys.stderr)
-    result = train(model, train_loader, eval_loader, tcfg, resume_from=resume)
+    train_fields = {f.name for f in fields(TrainConfig)}
+    write_run_config(cfg)
+    result = train(model, train_loader, eval_loader, tcfg, resume_from=resume,
+                   allow_change=[k for k in allow if k in train_fields])
 
     out = Path(cfg["output"])
-    out.mkdir(parents=True, exist_ok=True)
     saved = _save(model, tok, cfg["method"], out)
     record = {"run": {**cfg, "task": task}, "metrics": result.metrics, "result": result.to_dict(),
               "saved": str(saved)}
@@ -226,4 +344,3 @@ def run(args: argparse.Namespace) -> int:
           f"optimizer state {result.optimizer_state_bytes:,} B; {result.wall_time_s:.1f} s")
     print(f"wrote {out / 'metrics.json'} and {saved}")
     return 0
-

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..checks import integer
 from ..train import FULL_FINETUNE, HEAD_ONLY
-from .common import UsageError, coerce_number, key_aliases, key_values, parse_targets
+from .common import UsageError, check_model_name, coerce_number, key_aliases, key_values, parse_targets
 
 #: Every key a run config (YAML file or flags) may set, with its default.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -54,6 +54,17 @@ ADAPTER_LR = 1e-3
 TASK_NAMES = ("auto", "seq-cls", "causal-lm")
 #: Values kept as written in YAML (paths and names are never numbers).
 VERBATIM_KEYS = ("model", "data", "output", "resume")
+#: Settings that must be strings (names, paths and choices).
+STRING_KEYS = ("model", "data", "task", "method", "schedule", "optimizer", "device", "output")
+#: The run's settings as written into its output directory (``--resume`` compares against them).
+RUN_CONFIG = "run_config.json"
+#: Settings that never change what is trained: a resume may give other values.
+RUN_FREE_KEYS = ("output", "resume", "progress", "device", "eval_every", "checkpoint_every", "test_limit",
+                 *PROJECTED_KEYS)  # the routed flags: their values are compared in options / optimizer_options
+#: Settings a resume cannot change: the checkpoint's tensors and optimizer state depend on them.
+RUN_FIXED_KEYS = ("model", "task", "method", "targets", "optimizer", "optimizer_options")
+#: Method options a resume may change when allowed (the others shape the adapter or its base weights).
+CHANGEABLE_OPTIONS = ("alpha", "dropout")
 
 
 def projected_optimizers() -> list[str]:
@@ -93,6 +104,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, value in data.items():
         k = _yaml_key(key, str(p))
         value = value if k in VERBATIM_KEYS else coerce_number(value)
+        if k == "max_grad_norm" and isinstance(value, str) and value.lower() in ("none", "null", "off"):
+            value = None
         if k == "options":
             if not isinstance(value, dict):
                 raise UsageError(f"config file: 'options' must be a mapping of method options, got {value!r}")
@@ -105,6 +118,12 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
             out[k] = value
     if options:
         out["options"] = options
+    # what resolving the layers reads: the method (it routes the rank) and the optimizer options
+    if "method" in out and (not isinstance(out["method"], str) or not out["method"].strip()):
+        raise UsageError(f"config file {str(p)!r}: method={out['method']!r} must be a non-empty string")
+    if "optimizer_options" in out and not isinstance(out["optimizer_options"], dict):
+        raise UsageError(f"config file {str(p)!r}: optimizer_options={out['optimizer_options']!r} must be a "
+                         "mapping of optimizer arguments (KEY: VALUE)")
     return out
 
 
@@ -149,7 +168,8 @@ def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["options"].update(layer.pop("options"))
         cfg["optimizer_options"].update(layer.pop("optimizer_options"))
         cfg.update(layer)
-    cfg["targets"] = parse_targets(cfg["targets"])
+    if isinstance(cfg["targets"], str | list | tuple):
+        cfg["targets"] = parse_targets(cfg["targets"])
     if os.path.isdir(str(cfg["model"])):  # recorded with the run and the adapter: export/merge find it
         cfg["model"] = os.path.abspath(cfg["model"])
     if cfg["lr"] is None:
@@ -179,8 +199,9 @@ def check_config(cfg: dict[str, Any]) -> None:
     """Fail fast (before loading anything heavy) on an unknown method, model, dataset or task, and on
     options or optimizer settings that do not apply to the method or the optimizer."""
     from ..adapters.registry import REGISTRY
+
+    check_types(cfg)
     from ..data.datasets import COMBINED_TEXT, DATASETS
-    from ..models import resolve_model_name
 
     method = cfg["method"]
     if method not in (FULL_FINETUNE, HEAD_ONLY) and method not in REGISTRY:
@@ -199,11 +220,15 @@ def check_config(cfg: dict[str, Any]) -> None:
             REGISTRY[method].make_config(**cfg["options"])
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
-    if not os.path.isdir(str(cfg["model"])):
+    check_model_name(cfg["model"])
+    targets = cfg["targets"]
+    if isinstance(targets, str) and targets != "all-linear":
+        import re
+
         try:
-            resolve_model_name(str(cfg["model"]))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+            re.compile(targets)
+        except re.error as e:
+            raise UsageError(f"--targets re:{targets} is not a valid regular expression ({e})") from None
     if cfg["data"] not in DATASETS and cfg["data"] not in COMBINED_TEXT:
         known = sorted([*DATASETS, *COMBINED_TEXT])
         raise UsageError(f"unknown dataset {cfg['data']!r}; choose one of {known}")
@@ -214,3 +239,99 @@ def check_config(cfg: dict[str, Any]) -> None:
             integer(key, cfg[key], 1, optional=True)
         except ValueError as e:
             raise UsageError(f"{e} (or leave it out to use every example)") from None
+
+
+# ----------------------------------------------------------------------------- value types
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_types(cfg: dict[str, Any]) -> None:
+    """UsageError naming the setting whose value has the wrong type (a YAML file can give anything):
+    names and paths are non-empty strings, ``progress`` a boolean, ``options`` / ``optimizer_options``
+    mappings, ``targets`` a string or a list of strings, ``resume`` a path or true. Numbers are checked
+    by :class:`rankwise.train.TrainConfig` and the method's config."""
+    for key in STRING_KEYS:
+        value = cfg.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"{key}={value!r} must be a non-empty string (a {_kind(value)} was given)")
+    if not isinstance(cfg.get("progress"), bool):
+        raise UsageError(f"progress={cfg.get('progress')!r} must be true or false")
+    for key in ("options", "optimizer_options"):
+        value = cfg.get(key)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UsageError(f"{key}={value!r} must be a mapping of option names to values (KEY: VALUE)")
+    targets = cfg.get("targets")
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise UsageError(f"targets={targets!r} must be 'all-linear', re:<regex> or a list of module-name suffixes")
+    resume = cfg.get("resume")
+    if not (resume is None or resume is True or (isinstance(resume, str) and resume.strip())):
+        raise UsageError(f"resume={resume!r} must be true (the newest checkpoint under output) or a directory")
+
+
+# ----------------------------------------------------------------------------- the run's settings
+def run_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume compares (JSON values): the top-level ones, and each method option under
+    its own name (``r``, ``alpha``; ``options.<name>`` where a top-level key has the name)."""
+    import json
+
+    flat = {k: v for k, v in cfg.items() if k != "options"}
+    for key, value in (cfg.get("options") or {}).items():
+        flat[f"options.{key}" if key in flat else key] = value
+    return json.loads(json.dumps(flat, default=str))
+
+
+def _fixed_keys(settings: dict[str, Any]) -> list[str]:
+    options = [k for k in settings if k not in TRAIN_DEFAULTS and k.split(".")[-1] not in CHANGEABLE_OPTIONS]
+    return [*RUN_FIXED_KEYS, *options]
+
+
+def parse_allow_change(text: str | None, settings: dict[str, Any]) -> list[str]:
+    """The settings ``--allow-change a,b`` names; UsageError for a name that is no setting or cannot change."""
+    names = [n.strip().replace("-", "_") for n in (text or "").split(",") if n.strip()]
+    aliases = {**key_aliases(), "r": "r", "rank": "r"}  # the adapter's rank is the option r
+    names = [aliases.get(n, n) for n in names]
+    fixed = [*_fixed_keys(settings), "r"]
+    changeable = sorted((set(settings) | {"alpha", "dropout"}) - set(RUN_FREE_KEYS) - set(fixed))
+    for name in names:
+        if name in fixed:
+            raise UsageError(f"--allow-change {name}: {name!r} cannot change on resume (the checkpoint's tensors "
+                             "or optimizer state depend on it); start a new run (--overwrite or another --output)")
+        if name not in changeable:
+            raise UsageError(f"--allow-change {name!r} is not a setting a resume may change; choose from {changeable}")
+    return names
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any], allow: list[str]) -> list[str]:
+    """``"key: old -> new"`` for each setting that differs from the recorded run and is not allowed to."""
+    from ..checkpoint import config_changes
+
+    return config_changes(old, new, allow, free=RUN_FREE_KEYS, fixed=_fixed_keys({**old, **new}))
+
+
+def check_optimizer(cfg: dict[str, Any]) -> None:
+    """Build the run's optimizer once over a placeholder weight (no memory: the meta device), so that a bad
+    optimizer argument (``--update-gap 0``, ``--optimizer-option bogus=1``) fails before the model loads.
+    The layer samplers (badam, lisa, owlore) need the model itself and are checked when it is built."""
+    import torch
+
+    from ..optim.factory import OPTIMIZERS, SAMPLERS, make
+    from ..optim.projected import ProjectedOptimizer
+
+    name = cfg["optimizer"]
+    if name in SAMPLERS or name not in OPTIMIZERS:
+        return
+    kwargs = {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], **cfg["optimizer_options"]}
+    projected = isinstance(OPTIMIZERS[name], type) and issubclass(OPTIMIZERS[name], ProjectedOptimizer)
+    rank = kwargs.pop("rank", 1 if name == "apollo_mini" else 128)
+    kwargs.pop("targets", None)
+    try:
+        if projected:
+            integer("rank", rank, 1)
+            weight = torch.empty(rank + 1, rank + 1, device="meta", requires_grad=True)
+            make(name, [{"params": [weight], "rank": rank}], **kwargs)
+        else:
+            make(name, [torch.empty(2, 2, device="meta", requires_grad=True)], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--optimizer {name}: {e}") from None

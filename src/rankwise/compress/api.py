@@ -36,7 +36,7 @@ from torch import nn
 from .. import catalogue
 from ..adapters import DSEEConfig, adapt, adapter_layers, merge_and_unload
 from ..batches import LossFn
-from ..checks import choice, fraction, integer, known_options
+from ..checks import choice, fraction, integer, known_options, tensor_fits
 from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
@@ -350,22 +350,110 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     return Path(path)
 
 
+#: Module attributes a saved layout may set (LoRAPrune's kept head / channel counts), each a positive int.
+LAYOUT_ATTRIBUTES = ("num_key_value_groups", "num_attention_heads", "all_head_size", "intermediate_size")
+#: Model classes ``load_compressed`` builds: transformers task classes with these name endings.
+ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForSequenceClassification", "Model")
+
+
+def _architecture(transformers: Any, name: Any, config: Any, info_file: Path) -> Any:
+    """The transformers model class ``name``, only if it is a known kind of model class for ``config``."""
+    from transformers import PreTrainedModel
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    known = (isinstance(cls, type) and issubclass(cls, PreTrainedModel) and name.endswith(ARCHITECTURE_SUFFIXES)
+             and isinstance(config, getattr(cls, "config_class", None) or ()))
+    if not known:
+        raise ValueError(f"architecture={name!r} in {info_file} is not a transformers model class for this "
+                         f"{type(config).__name__} (allowed: classes ending in {list(ARCHITECTURE_SUFFIXES)})")
+    return cls
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}={value!r} must be a positive integer")
+    return value
+
+
+def _linear_at(model: nn.Module, name: Any, where: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(name) if isinstance(name, str) and name else None
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{where}: {name!r} is not an nn.Linear of this model")
+    return module
+
+
+def _linear_spec(spec: Any, where: str, rank: bool = False) -> dict[str, Any]:
+    keys = ("in_features", "out_features", "bias", *(("rank",) if rank else ()))
+    if not isinstance(spec, dict) or set(spec) != set(keys):
+        raise ValueError(f"{where}={spec!r} must give exactly {list(keys)}")
+    for key in keys:
+        if key == "bias":
+            if not isinstance(spec[key], bool):
+                raise ValueError(f"{where}.bias={spec[key]!r} must be true or false")
+        else:
+            _positive_int(spec[key], f"{where}.{key}")
+    return spec
+
+
+def _check_layout(model: nn.Module, info: dict[str, Any], info_file: Path) -> None:
+    """Every layer and attribute the file would change exists and gets an allowed, well-typed value."""
+    where = str(info_file)
+    state = info.get("state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: 'state' must be a mapping")
+    choice(f"{where}: state.method", state.get("method"), sorted(COMPRESS_METHODS))
+    resized = state.get("resized") or {}
+    factorized = info.get("factorized")
+    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes"}:
+        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes'")
+    if not isinstance(factorized, dict):
+        raise ValueError(f"{where}: 'factorized' must be a mapping of layer names")
+    for name, spec in (resized.get("linears") or {}).items():
+        _linear_at(model, name, f"{where}: resized linear")
+        _linear_spec(spec, f"{where}: resized.linears[{name!r}]")
+    for name, attrs in (resized.get("attributes") or {}).items():
+        try:
+            module = model.get_submodule(name) if isinstance(name, str) else None
+        except AttributeError:
+            module = None
+        if module is None or not isinstance(attrs, dict):
+            raise ValueError(f"{where}: resized attributes of {name!r}: no such module, or not a mapping")
+        for key, value in attrs.items():
+            if key not in LAYOUT_ATTRIBUTES or not isinstance(getattr(module, key, None), int):
+                raise ValueError(f"{where}: attribute {key!r} of {name!r} may not be set (allowed: attributes "
+                                 f"{list(LAYOUT_ATTRIBUTES)} that the module has)")
+            _positive_int(value, f"{where}: {name}.{key}")
+    for name, spec in factorized.items():
+        _linear_at(model, name, f"{where}: factorized layer")
+        _linear_spec(spec, f"{where}: factorized[{name!r}]", rank=True)
+
+
 def load_compressed(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model written by :func:`save_compressed` (offline; strict state-dict load)."""
+    """Rebuild a model written by :func:`save_compressed` (offline; strict state-dict load).
+
+    Nothing the file names is trusted: the architecture must be a transformers model class for the
+    saved config (:data:`ARCHITECTURE_SUFFIXES`), the layout may only resize existing linears and set
+    :data:`LAYOUT_ATTRIBUTES` to positive integers, and every tensor must fit the rebuilt model exactly
+    (shape, floating dtype, finite values)."""
     import transformers
 
     path = Path(path)
     info_file = path / COMPRESSED_CONFIG
     if not info_file.is_file():
         raise FileNotFoundError(f"{info_file} not found: not a rankwise compressed-model directory")
-    info = json.loads(info_file.read_text())
-    if info.get("format") != "rankwise-compressed":
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{info_file} is not valid JSON: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != "rankwise-compressed":
         raise ValueError(f"{info_file} is not a rankwise compressed-model file")
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    cls = getattr(transformers, info["architecture"], None)
-    if cls is None:
-        raise ValueError(f"unknown architecture {info['architecture']!r} in {info_file}")
+    cls = _architecture(transformers, info.get("architecture"), config, info_file)
     model = cls(config)
+    _check_layout(model, info, info_file)
     state = CompressState.from_dict(info["state"])
     apply_layout(model, state.resized)
     for name, spec in info["factorized"].items():
@@ -374,6 +462,16 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
                                  old.weight.device, old.weight.dtype)
         replace_module(model, name, layer)
     tensors = load_file(str(path / COMPRESSED_WEIGHTS))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path / COMPRESSED_WEIGHTS} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for key, t in tensors.items():
+        try:
+            tensor_fits(key, t, expected[key])
+        except ValueError as e:
+            raise ValueError(f"{path / COMPRESSED_WEIGHTS} does not fit the model: {e}") from None
     model.load_state_dict(tensors, strict=True)
     model.eval()
     model.rankwise_compress = state
