@@ -122,6 +122,14 @@ def test_load_refuses_a_checkpoint_of_another_method_and_wrong_shapes(tmp_path):
         load_adapter_checkpoint(rw.adapt(_base(tmp_path), "lora", r=2), tmp_path / "ckpt")
     with pytest.raises(ValueError, match="seed=0"):
         load_adapter_checkpoint(rw.adapt(_base(tmp_path), "lora", r=4, seed=7), tmp_path / "ckpt")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "ckpt" / "rankwise_adapter.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))},
+              str(tmp_path / "ckpt" / "rankwise_adapter.safetensors"))
+    with pytest.raises(ValueError, match=f"tensor '{key}': expected finite values"):
+        load_adapter_checkpoint(model, tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="not a rankwise adapter checkpoint"):
         load_adapter_checkpoint(model, tmp_path)
 

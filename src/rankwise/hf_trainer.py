@@ -30,7 +30,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from . import optim
+from . import checks, optim
 from .adapters import adapter_layers, get_method
 from .callbacks import TrainState, call
 from .checkpoint import trained_tensors
@@ -83,18 +83,6 @@ def save_adapter_checkpoint(model: nn.Module, output_dir: str | os.PathLike) -> 
     return written
 
 
-def _check_tensor(key: str, saved: torch.Tensor, live: torch.Tensor) -> None:
-    if saved.shape != live.shape:
-        raise ValueError(
-            f"checkpoint tensor {key!r} has shape {tuple(saved.shape)}, the model expects {tuple(live.shape)}"
-        )
-    same_kind = saved.dtype.is_floating_point if live.dtype.is_floating_point else saved.dtype == live.dtype
-    if not same_kind:
-        raise ValueError(f"checkpoint tensor {key!r} has dtype {saved.dtype}, the model expects {live.dtype}")
-    if saved.dtype.is_floating_point and not bool(torch.isfinite(saved).all()):
-        raise ValueError(f"checkpoint tensor {key!r} holds NaN or Inf values")
-
-
 @torch.no_grad()
 def load_adapter_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Load the adapter tensors saved by :func:`save_adapter_checkpoint` into the adapted ``model``.
@@ -139,7 +127,7 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> 
     tensors.update(extra)
     live.update(extra_live)
     for key, t in tensors.items():
-        _check_tensor(key, t, live[key])
+        checks.tensor_fits(key, t, live[key])
     offset_layers = [(n, m) for n, m in adapter_layers(model) if m.base_offset_factors() is not None]
     originals = {n: m.original_weight() for n, m in offset_layers}
     for key, t in tensors.items():
@@ -152,9 +140,7 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> 
 def trainer_optimizer(name: str, **options: Any) -> tuple[Any, dict[str, Any]]:
     """``optimizer_cls_and_kwargs`` for a plain ``transformers.Trainer``: the Trainer calls the returned
     factory with the model and ``options`` (include ``lr``), i.e. ``rw.optim.make(name, model, **options)``."""
-    from .checks import choice
-
-    choice("optimizer", name, optimizer_names())
+    checks.choice("optimizer", name, optimizer_names())
 
     class _Factory:
         def __call__(self, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
@@ -266,9 +252,7 @@ class RankwiseTrainer(transformers.Trainer):
         **kwargs: Any,
     ) -> None:
         if optimizer is not None:
-            from .checks import choice
-
-            choice("optimizer", optimizer, optimizer_names())
+            checks.choice("optimizer", optimizer, optimizer_names())
         if optimizer_options is not None and not isinstance(optimizer_options, dict):
             raise ValueError(f"optimizer_options={optimizer_options!r} must be a dict of keyword arguments")
         self.rankwise_optimizer, self.rankwise_optimizer_options = optimizer, dict(optimizer_options or {})
