@@ -175,7 +175,8 @@ def main() -> None:
         "# Mixed precision: fp32 vs bf16 training, side by side",
         "",
         f"{args.steps} steps per arm, same start and batches; MiniLM batch {args.batch} × {args.seq}, SmolLM2 batch "
-        f"{args.lm_batch} × {args.seq}; CPU `{meta['cpu_capability']}`, {args.threads} threads, torch {torch.__version__}. "
+        f"{args.lm_batch} × {args.seq}; CPU `{meta['cpu_capability']}`, {args.threads} threads, "
+        f"torch {torch.__version__}. "
         "Arms: `fp32` (reference), `bf16` (bf16 base; fp32 adapters / fp32 master weights for GaLore: the rankwise "
         "defaults), `bf16-naive` (adapters in bf16, no master copy). Loss curves: `mixed_precision.png`.",
         "",
