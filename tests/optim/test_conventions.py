@@ -64,3 +64,48 @@ def test_a_copy_steps_exactly_like_the_original(name, how):
     other.step()
     for a, b in zip(mine, theirs, strict=True):
         assert torch.equal(a, b)
+
+
+LR = 2.0**-7  # exact in float32, so float(torch.tensor(LR)) == LR
+
+
+def _run(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int = 3) -> None:
+    for batch in lm_batches(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+
+
+def _build_lr(name: str, model: torch.nn.Module, lr) -> torch.optim.Optimizer:
+    record = catalogue.get(name)
+    projected = isinstance(record.config, type) and issubclass(record.config, ProjectedOptimizer)
+    options: dict = {"rank": 4, "update_gap": 2} if projected else {}
+    if name == "owlore":
+        options = {"rank": 4, "ratios": [1.0, 1.0], "n_layers": 1, "update_gap": 2}
+    if name in ("badam", "lisa", "owlore"):
+        options["switch_every"] = 2
+    return record.build(model, lr=lr, **options)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tensor_lr_steps_exactly_like_the_float_lr(name):
+    """``lr=torch.tensor(x)`` (accepted by torch.optim.AdamW) is accepted by every catalogued optimizer and
+    sampler and gives the same weights as ``lr=x``."""
+    float_model, tensor_model = make_tiny_llama(), make_tiny_llama()
+    float_opt = _build_lr(name, float_model, LR)
+    tensor_opt = _build_lr(name, tensor_model, torch.tensor(LR))
+    start = [p.detach().clone() for p in float_model.parameters()]
+    _run(float_opt, float_model)
+    _run(tensor_opt, tensor_model)
+    moved = False
+    for a, b, s in zip(float_model.parameters(), tensor_model.parameters(), start, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        moved = moved or not torch.equal(a, s)
+    assert moved
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(-1e-3), torch.tensor(float("nan")), torch.tensor([1e-3, 1e-3])])
+@pytest.mark.parametrize("name", ["galore", "badam"])
+def test_a_bad_tensor_lr_is_rejected(name, bad):
+    with pytest.raises(ValueError, match="lr"):
+        _build_lr(name, make_tiny_llama(), bad)

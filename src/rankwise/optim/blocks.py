@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from ..batches import call_model
 from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
+from .conventions import check_lr
 from .copyable import CopyableOptimizer
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
@@ -72,7 +73,7 @@ class _SampledBlocks(CopyableOptimizer):
         switch_every: int,
         seed: int,
     ):
-        lr = number("lr", lr, 0.0, low_open=True)
+        lr = check_lr(lr, low_open=True)
         betas = beta_pair("betas", betas)
         eps = number("eps", eps, 0.0)
         weight_decay = number("weight_decay", weight_decay, 0.0)
