@@ -132,6 +132,21 @@ class _SampledBlocks(CopyableOptimizer):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; after construction the group's parameters are always awake
+        (trained at every step, with the group's own options, like ``always_active``) and take part
+        from the next ``step()``. Re-add the same groups before ``load_state_dict`` on resume."""
+        super().add_param_group(param_group)
+        if "_current" not in self.__dict__:  # torch's __init__ adding the constructor's groups
+            return
+        known = {id(p) for p in self._candidates}
+        for p in self.param_groups[-1]["params"]:
+            if id(p) not in known:
+                known.add(id(p))
+                self._always.append(p)
+                self._candidates.append(p)
+        self._activate(self._current, keep=None)
+
     # ---- swapping
     def _awake_ids(self, selection: list[int]) -> set[int]:
         return {id(p) for p in self._always} | {id(p) for i in selection for p in self._units[i]}
