@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 from ..batches import call_model
 from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
-from .conventions import check_lr
+from .conventions import check_lr, svd_fallbacks
 from .copyable import CopyableOptimizer
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
@@ -186,6 +186,11 @@ class _SampledBlocks(CopyableOptimizer):
         """Parameters updated by the next ``step()`` (the others have ``requires_grad=False``)."""
         awake = self._awake_ids(self._current)
         return [p for p in self._candidates if id(p) in awake]
+
+    @property
+    def svd_fallbacks(self) -> int:
+        """Projector refreshes (OwLore's GaLore) whose SVD failed over; see ``Projector.robust_basis``."""
+        return svd_fallbacks(self)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -35,7 +35,7 @@ import torch
 
 from ..checks import beta_pair, choice, integer, known_options, number
 from ..memory import optimizer_state_bytes
-from .conventions import check_lr, float_lr
+from .conventions import check_lr, float_lr, svd_fallbacks
 from .copyable import CopyableOptimizer
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
@@ -262,6 +262,12 @@ class ProjectedOptimizer(CopyableOptimizer):
                 if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(p.device)
         self._projectors.clear()
+
+    @property
+    def svd_fallbacks(self) -> int:
+        """Projector refreshes whose SVD failed over (exact → randomized → previous / first-r basis);
+        see ``Projector.robust_basis``. Saved in the state."""
+        return svd_fallbacks(self)
 
     def state_bytes(self) -> int:
         """Exact optimizer-state size: the sum of ``nbytes`` over every state tensor."""
