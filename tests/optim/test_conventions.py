@@ -109,3 +109,23 @@ def test_a_tensor_lr_steps_exactly_like_the_float_lr(name):
 def test_a_bad_tensor_lr_is_rejected(name, bad):
     with pytest.raises(ValueError, match="lr"):
         _build_lr(name, make_tiny_llama(), bad)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["galore", "badam"])
+def test_a_copy_of_an_optimizer_with_a_scheduler_steps_itself(name, how):
+    """An LR scheduler patches ``optimizer.step`` on the instance with a wrapper that calls the original
+    optimizer: a copy must not keep it (a deepcopy stepped the original, pickle raised)."""
+    model = make_tiny_llama()
+    opt = _build(name, model)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    _run(opt, model, 1)
+    other = _clone(opt, how)
+    mine, theirs = _params(opt), _params(other)
+    before = [p.detach().clone() for p in mine]
+    for a, b in zip(mine, theirs, strict=True):
+        a.grad = None
+        b.grad = torch.ones_like(b) if b.requires_grad else None
+    other.step()
+    assert all(torch.equal(p, q) for p, q in zip(mine, before, strict=True)), "the copy stepped the original"
+    assert any(not torch.equal(p, q) for p, q in zip(theirs, before, strict=True))
