@@ -230,3 +230,219 @@ def test_a_non_finite_gradient_never_raises_from_the_projector(name):
         model(**batch).loss.backward()
         model.model.layers[0].mlp.up_proj.weight.grad[0, 0] = float("nan")
         opt.step()
+
+
+# ---------------------------------------------------------------------------------- skip_nonfinite
+
+
+def assert_identical(a, b, where: str = "state_dict") -> None:
+    """Recursively bit-identical: tensors by torch.equal (NaN-free here), containers by their items."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def poison(model: torch.nn.Module) -> None:
+    """One NaN and one inf in two gradients (of the layers every sampler trains at this point)."""
+    model.model.layers[0].mlp.up_proj.weight.grad = None
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad[0].fill_(float("nan"))
+            break
+    model.lm_head.weight.grad = torch.full_like(model.lm_head.weight, float("inf"))
+
+
+@pytest.mark.parametrize("name", DONE)
+def test_skip_nonfinite_skips_the_step_and_leaves_weights_and_state_bit_identical(name):
+    import copy
+
+    model = make_tiny_llama()
+    opt = build(name, model, skip_nonfinite=True)
+    train(model, opt, 3)  # moments, projectors and a sampler's clock exist
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    model(**lm_batches(1, seed=7)[0]).loss.backward()
+    poison(model)
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[n]), f"{name}: {n} changed on a skipped step"
+    after = opt.state_dict()
+    assert opt.skipped_steps == 1 and after["guard"]["skipped_steps"] == 1
+    assert_identical({k: v for k, v in after.items() if k != "guard"},
+                     {k: v for k, v in saved.items() if k != "guard"})
+    train(model, opt, 1, seed=3)  # the next finite step trains again
+    assert opt.skipped_steps == 1 and all_finite(model)
+    assert any(not torch.equal(p.detach(), weights[n]) for n, p in model.named_parameters())
+    # resume keeps the count
+    other = build(name, make_tiny_llama(), skip_nonfinite=True)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert other.skipped_steps == 1
+
+
+def test_without_skip_nonfinite_a_nan_gradient_poisons_the_weights():
+    """The default is unchanged (as torch's AdamW): the option is opt-in."""
+    for name in ("adamw", "galore"):
+        model = make_tiny_llama()
+        opt = build(name, model)
+        assert not hasattr(opt, "skipped_steps")
+        model(**lm_batches(1)[0]).loss.backward()
+        poison(model)
+        opt.step()
+        assert not all_finite(model)
+
+
+def test_skip_nonfinite_does_not_skip_huge_finite_gradients():
+    model = make_tiny_llama()
+    opt = build("adamw", model, skip_nonfinite=True)
+    train(model, opt, 2, grad_scale=1e36)
+    assert opt.skipped_steps == 0
+
+
+def test_a_guarded_optimizer_is_a_torch_optimizer_for_schedulers_and_copies():
+    import copy
+    import pickle
+
+    model = make_tiny_llama()
+    opt = build("galore", model, skip_nonfinite=True)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups is opt.optimizer.param_groups
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert all(g["lr"] == 0.5e-2 for g in opt.optimizer.param_groups)
+    train(model, opt, 2)
+    sched.step()
+    assert opt.state_bytes() == opt.optimizer.state_bytes() > 0
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.skip_nonfinite and len(other.state) == len(opt.state)
+
+
+# ---------------------------------------------------------------------------------- bf16 full-parameter training
+
+LR_SMALL, N_SMALL = 1e-5, 60
+
+
+def bf16_run(name: str, dtype: torch.dtype, steps: int = N_SMALL, start: int = 0, model=None, opt=None, **kwargs):
+    """The tiny Llama (weights on the bf16 grid, in ``dtype``) trained by ``name`` at lr 1e-5 on a fixed
+    sequence of gradients (a constant direction plus noise, the same for every run; rounded to ``dtype``)."""
+    if model is None:
+        model = make_tiny_llama()
+        model.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+        model.to(dtype)
+    if opt is None:
+        extra = {"update_gap": 10} if is_projected(name) else {}
+        opt = build(name, model, lr=LR_SMALL, **{**extra, **kwargs})
+    gen = torch.Generator().manual_seed(1)
+    base = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    for step in range(steps):
+        noise = torch.Generator().manual_seed(100 + start + step)
+        for n, p in model.named_parameters():
+            g = (base[n] + 0.5 * torch.randn(p.shape, generator=noise)) * 1e-2
+            p.grad = g.to(dtype) if p.requires_grad else None
+        opt.step()
+    return model, opt
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore"])
+def test_master_weights_keep_small_bf16_updates_that_plain_bf16_loses(name):
+    """lr 1e-5 on bf16 weights of size ~0.02 (bf16 spacing ~1e-4): plain bf16 rounds most updates away
+    (error ≈ the whole update); fp32 master weights track the fp32 run."""
+    w0 = flat(bf16_run(name, torch.float32, steps=0)[0])
+    reference = flat(bf16_run(name, torch.float32)[0])
+    update = (reference - w0).norm()
+    plain = (flat(bf16_run(name, torch.bfloat16)[0]) - reference).norm() / update
+    model, opt = bf16_run(name, torch.bfloat16, master_weights=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    kept = (flat(model) - reference).norm() / update
+    masters = torch.cat([opt.state[p]["master_weight"].flatten() for p in model.parameters()])
+    assert masters.dtype == torch.float32
+    exact = (masters - reference).norm() / update
+    assert plain > 0.8, plain
+    assert kept < 0.25, kept  # what is left is the final rounding of the weights to bf16
+    assert exact < 0.1, exact
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters() if "exp_avg" in opt.state[p])
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore"])
+def test_stochastic_rounding_keeps_small_bf16_updates_in_expectation(name):
+    """Without master copies, stochastic rounding to bf16 is unbiased: the bf16 run's update has the fp32
+    run's size along it (coefficient ≈ 1), where round-to-nearest loses most of it."""
+    w0 = flat(bf16_run(name, torch.float32, steps=0)[0])
+    reference = flat(bf16_run(name, torch.float32)[0]) - w0
+
+    def coefficient(**kwargs) -> float:
+        moved = flat(bf16_run(name, torch.bfloat16, **kwargs)[0]) - w0
+        return float(moved @ reference / (reference @ reference))
+
+    assert coefficient() < 0.3
+    assert 0.9 < coefficient(bf16_rounding="stochastic") < 1.1
+    model, opt = bf16_run(name, torch.bfloat16, steps=1, bf16_rounding="stochastic")
+    assert all("master_weight" not in st for st in opt.state.values())  # no extra copy kept
+
+
+def test_stochastic_round_bf16_is_unbiased_and_exact_on_the_grid():
+    from rankwise.optim.guard import stochastic_round_bf16
+
+    x = torch.full((200_000,), 1.0 + 2.0**-10)  # 1/8 of the way from 1 to the next bf16, 1 + 2^-7
+    r = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert abs(float(r.mean()) - float(x[0])) < 2e-5
+    grid = torch.randn(1000).bfloat16().float()
+    assert torch.equal(stochastic_round_bf16(grid).float(), grid)
+    assert torch.equal(stochastic_round_bf16(-x).float().unique().sort().values, torch.tensor([-1.0 - 2.0**-7, -1.0]))
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("adamw", {"master_weights": True}),
+    ("galore", {"master_weights": True}),
+    ("galore", {"bf16_rounding": "stochastic"}),
+    ("galore", {"master_weights": True, "bf16_rounding": "stochastic", "skip_nonfinite": True}),
+    ("badam", {"master_weights": True}),
+    ("owlore", {"master_weights": True}),
+])
+def test_bf16_resume_with_master_weights_is_bit_identical(name, options):
+    import io
+
+    k, n = 3, 7
+    straight, opt = bf16_run(name, torch.bfloat16, steps=k, **options)
+    buffer = io.BytesIO()
+    torch.save({"model": straight.state_dict(), "opt": opt.state_dict()}, buffer)
+    bf16_run(name, torch.bfloat16, steps=n - k, start=k, model=straight, opt=opt)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model = make_tiny_llama().to(torch.bfloat16)
+    model.load_state_dict(saved["model"])
+    extra = {"update_gap": 10} if is_projected(name) else {}
+    resumed = build(name, model, lr=LR_SMALL, **{**extra, **options})
+    resumed.load_state_dict(saved["opt"])
+    for p in model.parameters():
+        if "master_weight" in resumed.state[p]:
+            assert resumed.state[p]["master_weight"].dtype == torch.float32
+    bf16_run(name, torch.bfloat16, steps=n - k, start=k, model=model, opt=resumed)
+    for (key, a), b in zip(straight.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{key} differs after resume"
+    for a, b in zip(straight.parameters(), model.parameters(), strict=True):
+        for key, value in opt.state[a].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, resumed.state[b][key]), key
+
+
+def test_master_weights_restart_from_weights_changed_outside_the_optimizer():
+    model, opt = bf16_run("adamw", torch.bfloat16, steps=2, master_weights=True)
+    p = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        p[0].fill_(0.5)  # e.g. a merge or a loaded checkpoint
+    bf16_run("adamw", torch.bfloat16, steps=1, start=2, model=model, opt=opt)
+    assert bool(((opt.state[p]["master_weight"][0] - 0.5).abs() < 1e-3).all())
+    assert not bool(((opt.state[p]["master_weight"][1:] - 0.5).abs() < 1e-3).any())
