@@ -446,3 +446,20 @@ def test_master_weights_restart_from_weights_changed_outside_the_optimizer():
     bf16_run("adamw", torch.bfloat16, steps=1, start=2, model=model, opt=opt)
     assert bool(((opt.state[p]["master_weight"][0] - 0.5).abs() < 1e-3).all())
     assert not bool(((opt.state[p]["master_weight"][1:] - 0.5).abs() < 1e-3).any())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_blocks_with_an_overflowed_entry_decode_without_nan(signed):
+    """An Adam moment that overflowed to inf: its block decodes to inf (unsigned second moment: Adam's
+    step is then 0 there, as float32 AdamW's) or ±inf / 0 (signed), never NaN; other blocks are unaffected."""
+    from rankwise.optim import quant
+
+    x = torch.rand(512) + 0.5
+    x[3] = float("inf")
+    q, absmax = quant.quantize_blockwise(x, signed, block=256)
+    back = quant.dequantize_blockwise(q, absmax, signed, x.shape, block=256)
+    assert not bool(back.isnan().any())
+    assert back[3] == float("inf")
+    if not signed:
+        assert bool((back[:256] == float("inf")).all())
+    torch.testing.assert_close(back[256:], x[256:], rtol=0.1, atol=0)

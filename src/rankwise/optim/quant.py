@@ -87,8 +87,9 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple
         raise ValueError(f"block={block!r} must be a positive int")
     blocks, _ = _blocks(x.float(), block)
     absmax = blocks.abs().amax(dim=1)
-    # an inf entry makes its block's absmax inf (inf/inf = NaN): any valid code, the block decodes to inf
-    normed = (blocks / absmax.clamp_min(1e-30).unsqueeze(1)).nan_to_num_(nan=0.0)
+    # an inf entry makes its block's absmax inf: dividing by finfo.max instead keeps inf/inf = NaN out of
+    # the codes (the block decodes to inf anyway, see dequantize_blockwise)
+    normed = blocks / absmax.clamp(min=1e-30, max=torch.finfo(torch.float32).max).unsqueeze(1)
     q = code_index(normed, signed)
     return q.reshape(-1)[: x.numel()], absmax
 
