@@ -463,3 +463,21 @@ def test_8bit_blocks_with_an_overflowed_entry_decode_without_nan(signed):
     if not signed:
         assert bool((back[:256] == float("inf")).all())
     torch.testing.assert_close(back[256:], x[256:], rtol=0.1, atol=0)
+
+
+def test_stochastic_rounding_alone_ignores_master_weights_of_a_loaded_checkpoint():
+    """Without ``master_weights`` the step runs on the current weight (exact on the bf16 grid), never on a
+    master copy left in the state by a checkpoint (which nothing keeps up to date)."""
+    import copy
+
+    model, opt = bf16_run("adamw", torch.bfloat16, steps=2, master_weights=True)
+    other = build("adamw", model, lr=LR_SMALL, bf16_rounding="stochastic")
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    p = model.model.layers[0].mlp.up_proj.weight
+    stale = p.detach().float() + p.detach().float().abs() * 2.0**-10  # still rounds to p: looks current
+    other.state[p]["master_weight"] = stale
+    for group in other.param_groups:
+        group["lr"] = 0.0  # the step changes nothing, so the weight must stay exactly where it is
+    before = p.detach().clone()
+    bf16_run("adamw", torch.bfloat16, steps=1, start=2, model=model, opt=other)
+    assert torch.equal(p.detach(), before)

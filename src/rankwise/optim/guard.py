@@ -178,7 +178,7 @@ class GuardedOptimizer(CopyableOptimizer):
             if p.grad is None or p.dtype not in _LOW:
                 continue
             st = self.state.get(p)
-            master = st.get(MASTER_KEY) if st else None
+            master = st.get(MASTER_KEY) if st and self.master_weights else None
             if master is None:
                 master = p.detach().float()
             else:  # restart from the weight where it was changed outside the optimizer
