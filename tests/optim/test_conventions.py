@@ -129,3 +129,21 @@ def test_a_copy_of_an_optimizer_with_a_scheduler_steps_itself(name, how):
     other.step()
     assert all(torch.equal(p, q) for p, q in zip(mine, before, strict=True)), "the copy stepped the original"
     assert any(not torch.equal(p, q) for p, q in zip(theirs, before, strict=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_adds_a_group_that_step_updates(name):
+    """torch.optim convention for every catalogued optimizer and sampler: a group added after
+    construction is updated by the next step() with its own options."""
+    model = make_tiny_llama()
+    opt = _build(name, model)
+    extra = torch.nn.Parameter(torch.ones(6, 5))
+    opt.add_param_group({"params": [extra], "lr": 0.25, "weight_decay": 0.0})
+    assert opt.param_groups[-1]["params"][0] is extra
+    for batch in lm_batches(3):
+        before = extra.detach().clone()
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        extra.grad = torch.ones_like(extra)
+        opt.step()
+        assert not torch.equal(extra.detach(), before), f"{name}: the added group was not updated"
