@@ -481,3 +481,30 @@ def test_stochastic_rounding_alone_ignores_master_weights_of_a_loaded_checkpoint
     before = p.detach().clone()
     bf16_run("adamw", torch.bfloat16, steps=1, start=2, model=model, opt=other)
     assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("name", DONE)
+def test_master_weights_work_with_every_catalogued_optimizer(name):
+    """bf16 weights stay bf16; the optimizer's floating state is fp32 (it ran on the fp32 masters); the
+    masters of the updated weights moved by less than the bf16 spacing allows to see."""
+    model, opt = bf16_run(name, torch.bfloat16, steps=3, master_weights=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    masters = 0
+    for p in model.parameters():
+        st = opt.state.get(p) or {}
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert value.dtype == torch.float32, f"{name}: state {key!r} is {value.dtype}"
+        if "master_weight" in st:
+            masters += 1
+            assert torch.equal(st["master_weight"].bfloat16(), p.detach())
+    assert masters > 0
+    assert torch.isfinite(model(**lm_batches(1)[0]).loss)
+
+
+def test_bf16_training_on_real_batches_with_every_option():
+    model = make_tiny_llama().to(torch.bfloat16)
+    opt = build("galore", model, master_weights=True, skip_nonfinite=True, bf16_rounding="stochastic")
+    train(model, opt, 3)
+    assert opt.skipped_steps == 0 and all_finite(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
