@@ -370,7 +370,7 @@ def test_master_weights_keep_small_bf16_updates_that_plain_bf16_loses(name):
     exact = (masters - reference).norm() / update
     assert plain > 0.8, plain
     assert kept < 0.25, kept  # what is left is the final rounding of the weights to bf16
-    assert exact < 0.1, exact
+    assert exact < (1e-3 if name == "adamw" else 0.05), exact  # GaLore's subspace comes from bf16-rounded grads
     assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters() if "exp_avg" in opt.state[p])
 
 
