@@ -508,3 +508,12 @@ def test_bf16_training_on_real_batches_with_every_option():
     train(model, opt, 3)
     assert opt.skipped_steps == 0 and all_finite(model)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_master_weights_keep_the_weight_storage():
+    """The bf16 weight is written back in place: views, tied weights and references stay valid."""
+    model = make_tiny_llama().to(torch.bfloat16)
+    opt = build("adamw", model, master_weights=True)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    train(model, opt, 2)
+    assert [p.data_ptr() for p in model.parameters()] == pointers

@@ -170,9 +170,9 @@ class GuardedOptimizer(CopyableOptimizer):
             return stochastic_round_bf16(master, self._generator(master.device))
         return master.to(dtype)
 
-    def _to_fp32(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.dtype]]:
+    def _to_fp32(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Point every low-precision parameter with a gradient at its fp32 master (or a temporary fp32
-        copy) and give it an fp32 gradient; returns what to undo."""
+        copy) and give it an fp32 gradient; returns what to undo (parameter, gradient, weight tensor)."""
         swapped = []
         for p in self._params():
             if p.grad is None or p.dtype not in _LOW:
@@ -183,19 +183,20 @@ class GuardedOptimizer(CopyableOptimizer):
                 master = p.detach().float()
             else:  # restart from the weight where it was changed outside the optimizer
                 master = torch.where(_rounds_to(master, p.detach()), master, p.detach().float())
-            grad, dtype = p.grad, p.dtype
+            grad, weight = p.grad, p.data
             p.grad = None
             p.data = master
             p.grad = grad.float()
-            swapped.append((p, grad, dtype))
+            swapped.append((p, grad, weight))
         return swapped
 
-    def _from_fp32(self, swapped: list[tuple[torch.Tensor, torch.Tensor, torch.dtype]]) -> None:
-        for p, grad, dtype in swapped:
+    def _from_fp32(self, swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        for p, grad, weight in swapped:
             master = p.data
             keep_grad = p.grad is not None  # a sampler drops the gradients of the blocks it puts to sleep
             p.grad = None
-            p.data = self._round(master, dtype)
+            weight.copy_(self._round(master, weight.dtype))  # the weight keeps its storage
+            p.data = weight
             if keep_grad:
                 p.grad = grad
             st = self.state.get(p)
