@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import itertools
@@ -476,3 +477,67 @@ def test_load_state_dict_requires_sampler():
     del sd["sampler"]
     with pytest.raises(ValueError, match="no 'sampler' entry"):
         opt.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------- add_param_group
+
+SAMPLER_NAMES = [r.name for r in catalogue.records(api="optim", family="sampler", status="done")]
+
+
+def _sampler(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    options: dict = {"switch_every": 2}
+    if name == "lisa":
+        options["n_layers"] = 1
+    if name == "owlore":
+        options.update(rank=4, ratios=[1.0, 1.0], n_layers=1)
+    return catalogue.get(name).build(model, lr=1e-2, **options)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_add_param_group_trains_the_new_group_at_every_step(name):
+    """torch.optim convention: a group added after construction is updated by step(), with its own
+    options, across block switches, and its state survives a state_dict round trip."""
+    from ..conftest import lm_batches
+
+    model = make_tiny_llama()
+    opt = _sampler(name, model)
+    extra = nn.Parameter(torch.ones(8, 8))
+    opt.add_param_group({"params": [extra], "lr": 0.1})
+    assert any(p is extra for p in opt.awake_parameters)
+    for step, batch in enumerate(lm_batches(5)):
+        before = extra.detach().clone()
+        model(**batch).loss.backward()
+        extra.grad = torch.ones_like(extra)
+        opt.step()
+        opt.zero_grad()
+        if step == 0:  # Adam's first step moves every coordinate by its group's lr
+            torch.testing.assert_close(before - extra.detach(), torch.full_like(extra, 0.1))
+        assert not torch.equal(extra.detach(), before), f"step {step}: the added group was not updated"
+    assert "exp_avg" in opt.state[extra]
+    # resume: the same optimizer with the same group added loads the state and steps alike
+    other_model = make_tiny_llama()
+    other_model.load_state_dict(model.state_dict())
+    other_extra = nn.Parameter(extra.detach().clone())
+    other = _sampler(name, other_model)
+    other.add_param_group({"params": [other_extra], "lr": 0.1})
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch shares the tensors otherwise
+    for o, e in ((opt, extra), (other, other_extra)):
+        e.grad = torch.full_like(e, 0.5)
+        o.step()
+    assert torch.equal(extra, other_extra)
+
+
+def test_badam_add_param_group_wakes_a_parameter_it_froze():
+    """BAdam freezes the head by default; adding it as a group makes it train at every step."""
+    from ..conftest import lm_batches
+
+    model = make_tiny_llama()
+    opt = BAdam(model, lr=1e-2, switch_every=2, order="ascending")
+    head = model.lm_head.weight
+    assert not head.requires_grad
+    opt.add_param_group({"params": [head]})
+    assert head.requires_grad
+    for batch in lm_batches(3):
+        before = head.detach().clone()
+        one_step(model, opt, batch)
+        assert not torch.equal(head.detach(), before)

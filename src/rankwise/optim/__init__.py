@@ -11,6 +11,7 @@ from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnormlorp import GradNormLoRP
 from .groups import param_groups
+from .guard import GuardedOptimizer, guard
 from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .loraplus import loraplus_groups
 from .osd import OnlineSubspaceDescent
@@ -20,6 +21,8 @@ from .q_galore import QGaLoreAdamW
 __all__ = [
     "BAdam",
     "GradBytesTracker",
+    "GuardedOptimizer",
+    "guard",
     "LISA",
     "LayerwiseOptimizer",
     "OwLore",

@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from ..batches import call_model
 from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
+from .conventions import check_lr, svd_fallbacks
 from .copyable import CopyableOptimizer
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
@@ -72,7 +73,7 @@ class _SampledBlocks(CopyableOptimizer):
         switch_every: int,
         seed: int,
     ):
-        lr = number("lr", lr, 0.0, low_open=True)
+        lr = check_lr(lr, low_open=True)
         betas = beta_pair("betas", betas)
         eps = number("eps", eps, 0.0)
         weight_decay = number("weight_decay", weight_decay, 0.0)
@@ -131,6 +132,21 @@ class _SampledBlocks(CopyableOptimizer):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; after construction the group's parameters are always awake
+        (trained at every step, with the group's own options, like ``always_active``) and take part
+        from the next ``step()``. Re-add the same groups before ``load_state_dict`` on resume."""
+        super().add_param_group(param_group)
+        if "_current" not in self.__dict__:  # torch's __init__ adding the constructor's groups
+            return
+        known = {id(p) for p in self._candidates}
+        for p in self.param_groups[-1]["params"]:
+            if id(p) not in known:
+                known.add(id(p))
+                self._always.append(p)
+                self._candidates.append(p)
+        self._activate(self._current, keep=None)
+
     # ---- swapping
     def _awake_ids(self, selection: list[int]) -> set[int]:
         return {id(p) for p in self._always} | {id(p) for i in selection for p in self._units[i]}
@@ -170,6 +186,11 @@ class _SampledBlocks(CopyableOptimizer):
         """Parameters updated by the next ``step()`` (the others have ``requires_grad=False``)."""
         awake = self._awake_ids(self._current)
         return [p for p in self._candidates if id(p) in awake]
+
+    @property
+    def svd_fallbacks(self) -> int:
+        """Projector refreshes (OwLore's GaLore) whose SVD failed over; see ``Projector.robust_basis``."""
+        return svd_fallbacks(self)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

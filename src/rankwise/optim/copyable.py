@@ -16,13 +16,19 @@ from torch.optim import Optimizer
 __all__ = ["CopyableOptimizer"]
 
 
-def _torch_managed(name: str) -> bool:
-    """Attributes torch's ``__setstate__`` rebuilds: the hook tables and the profiler's step name."""
-    return (name.startswith("_optimizer_") and name.endswith("_hooks")) or name == "_zero_grad_profile_name"
+def _torch_managed(name: str, value: Any) -> bool:
+    """Attributes torch's ``__setstate__`` rebuilds (the hook tables, the profiler's step name) and
+    what an LR scheduler patches onto the instance: its ``step`` wrapper (which calls the *original*
+    optimizer through a weak reference, and cannot be pickled) and the ``_opt_called`` flag."""
+    return (
+        (name.startswith("_optimizer_") and name.endswith("_hooks"))
+        or name in ("_zero_grad_profile_name", "_opt_called")
+        or (name == "step" and getattr(value, "_wrapped_by_lr_sched", False))
+    )
 
 
 class CopyableOptimizer(Optimizer):
-    """An ``Optimizer`` whose pickled state is all of its attributes (hooks excepted)."""
+    """An ``Optimizer`` whose pickled state is all of its attributes (hooks and a scheduler's patch excepted)."""
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not _torch_managed(k)}
+        return {k: v for k, v in self.__dict__.items() if not _torch_managed(k, v)}

@@ -18,6 +18,7 @@ from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnormlorp import GradNormLoRP
 from .groups import decay_groups, param_groups
+from .guard import GUARD_OPTIONS, guard
 from .osd import OnlineSubspaceDescent
 from .projected import ProjectedOptimizer
 from .q_galore import QGaLoreAdamW
@@ -101,7 +102,21 @@ def make(
     decay, vectors do not). Given parameters or groups, they are passed through unchanged
     (``rank``/``targets`` are then rejected). ``'badam'``, ``'lisa'``, ``'owlore'`` (``SAMPLERS``)
     take the model and their own keyword arguments.
+
+    ``skip_nonfinite``, ``master_weights`` and ``bf16_rounding`` (any optimizer or sampler) wrap the
+    result in :class:`~rankwise.optim.guard.GuardedOptimizer` (see ``rankwise.optim.guard``): skip
+    steps with a NaN/inf gradient (counted in ``skipped_steps``), fp32 master weights for bf16/fp16
+    parameters, stochastic rounding back to bf16. All off by default (the optimizer is returned as is).
     """
+    options = {k: kwargs.pop(k) for k in GUARD_OPTIONS if k in kwargs}
+    return guard(_make(name, model_or_params, **kwargs), **options)
+
+
+def _make(
+    name: str,
+    model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
     checks.choice("optimizer", name, names())
     if name in SAMPLERS:
         if not isinstance(model_or_params, nn.Module):

@@ -52,7 +52,10 @@ def ldadam_transition(
     T = T.to(m.dtype)
     var = _rotate(v_hat - m_hat * m_hat, T * T, side)
     m_rot = _rotate(m_hat, T, side)
-    v_new = (var + m_rot * m_rot).abs_() * bc2
+    # an overflowed (inf) second moment gives 0·inf / inf − inf = NaN in the rotation: the new coordinates
+    # mixing it get inf, i.e. no update, as AdamW does for the overflowed coordinate itself
+    inf = float("inf")
+    v_new = (var + m_rot * m_rot).abs_().nan_to_num_(nan=inf, posinf=inf) * bc2
     return m_rot * bc1, v_new
 
 
@@ -181,9 +184,15 @@ def adafactor_precondition(g: torch.Tensor, state: State, t: int, decay_rate: fl
 
     β₂ₜ = 1 − t^decay_rate; for 2-D g only the row/column EMAs ``exp_avg_sq_row``/``exp_avg_sq_col``
     are stored (m + n floats), else the full ``exp_avg_sq``. Returns a new tensor u.
+
+    Overflow: each g² is capped at ``finfo.max / max(shape)`` (|g| ≳ 1e17 in float32), so the row and
+    column means and the EMAs stay finite and u stays finite for any finite g (without the cap a huge
+    gradient makes the statistics inf and the row normalisation inf/inf = NaN). Ordinary gradients
+    are far below the cap and unaffected.
     """
     beta2t = 1.0 - math.pow(t, decay_rate)
-    sq = g * g + eps1
+    cap = torch.finfo(g.dtype).max / max(g.shape, default=1)
+    sq = (g * g).clamp_(max=cap).add_(eps1)
     if g.dim() == 2:
         if "exp_avg_sq_row" not in state:
             state["exp_avg_sq_row"] = g.new_zeros(g.shape[0])
@@ -191,7 +200,8 @@ def adafactor_precondition(g: torch.Tensor, state: State, t: int, decay_rate: fl
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
         col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
-        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        # clamped: a zero-gradient row next to huge ones underflows to 0 here, and rsqrt(0)·0 is NaN
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).clamp_(min=torch.finfo(row.dtype).tiny).rsqrt_().unsqueeze(-1)
         return r_factor * col.unsqueeze(-2).rsqrt() * g
     if "exp_avg_sq" not in state:
         state["exp_avg_sq"] = torch.zeros_like(g)

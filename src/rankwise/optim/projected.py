@@ -35,6 +35,7 @@ import torch
 
 from ..checks import beta_pair, choice, integer, known_options, number
 from ..memory import optimizer_state_bytes
+from .conventions import check_lr, float_lr, svd_fallbacks
 from .copyable import CopyableOptimizer
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
@@ -120,7 +121,7 @@ class ProjectedOptimizer(CopyableOptimizer):
                 self.state[p]["seed"] = self._seed_base + self._param_count
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        number("lr", group["lr"], 0.0)
+        check_lr(group["lr"])
         beta_pair("betas", group["betas"])
         number("eps", group["eps"], 0.0)
         number("weight_decay", group["weight_decay"], 0.0)
@@ -201,6 +202,7 @@ class ProjectedOptimizer(CopyableOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            group = float_lr(group)  # a tensor lr is read once per step
             projected = "rank" in group
             if projected:
                 self._begin_group(group)
@@ -260,6 +262,12 @@ class ProjectedOptimizer(CopyableOptimizer):
                 if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(p.device)
         self._projectors.clear()
+
+    @property
+    def svd_fallbacks(self) -> int:
+        """Projector refreshes whose SVD failed over (exact → randomized → previous / first-r basis);
+        see ``Projector.robust_basis``. Saved in the state."""
+        return svd_fallbacks(self)
 
     def state_bytes(self) -> int:
         """Exact optimizer-state size: the sum of ``nbytes`` over every state tensor."""

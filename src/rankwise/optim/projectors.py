@@ -149,6 +149,41 @@ class Projector:
             self._cache = (version, build())
         return self._cache[1]
 
+    def robust_basis(
+        self, G: torch.Tensor, state: State, order: tuple[str, ...] = ("exact", "randomized"),
+        start: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(P, project(G) or None)``: the SVD basis of G by the first of ``order`` that works.
+
+        ``"exact"`` is the truncated LAPACK SVD (:func:`svd_basis`), ``"randomized"`` the range finder
+        (:func:`randomized_basis`, warm-started from ``start``). A method works when it neither raises
+        (``torch.linalg.LinAlgError``: no convergence, non-finite input) nor returns a non-finite basis.
+        When none works the previous basis is kept (the first r coordinates when there is none yet, so
+        the update never collapses to zero). Every refresh that needed a fallback adds 1 to
+        ``state["svd_fallbacks"]`` (saved with the state; ``ProjectedOptimizer.svd_fallbacks`` sums them).
+        """
+        for i, method in enumerate(order):
+            try:
+                if method == "exact":
+                    P, projected = svd_basis(G, self.rank, self.side), None
+                else:
+                    seed = advance_seed(int(state.get("seed", 0)) + int(state.get("svd_fallbacks", 0)))
+                    if "proj_seed" in self.state_keys:
+                        seed = next_proj_seed(state)
+                        state["proj_seed"] = seed
+                    gen = torch.Generator(device=G.device).manual_seed(seed)
+                    P, projected = randomized_basis(G, self.rank, self.side, gen, start, self.opts)
+            except RuntimeError:  # torch.linalg.LinAlgError and friends
+                continue
+            if bool(torch.isfinite(P).all()) and (projected is None or bool(torch.isfinite(projected).all())):
+                if i:
+                    state["svd_fallbacks"] = int(state.get("svd_fallbacks", 0)) + 1
+                return P, projected
+        state["svd_fallbacks"] = int(state.get("svd_fallbacks", 0)) + 1
+        if self.has_basis(state):
+            return self.matrix(state).clone(), None
+        return identity_basis(self.dim, self.rank, self.side, G.device, G.dtype), None
+
 
 # ----------------------------------------------------------------------------- SVD family
 
@@ -182,7 +217,12 @@ def randomized_left_basis(
     Cold start: Q = qr(A·Ω) for a Gaussian Ω (n×k). Warm start: ``start`` (m×r', the previous
     orthonormal basis) plus k − r' Gaussian columns orthonormalized against it, so consecutive
     refreshes continue one subspace iteration at the cost of ``power_iters`` extra passes over A.
+    A is first divided by a power of two near max|A| (exact; undone on UᵀA) so that huge gradients do
+    not overflow the Gram matrix.
     """
+    scale = power_of_two_scale(A)  # exact; a huge A would overflow the Gram matrix B·Bᵀ
+    if scale != 1.0:
+        A = A / scale
     m, n = A.shape
     k = min(rank + oversample, m, n)
     if start is None:
@@ -202,7 +242,41 @@ def randomized_left_basis(
     B = Q.t() @ A
     _, vecs = torch.linalg.eigh((B @ B.t()).double())  # ascending eigenvalues
     W = vecs[:, -rank:].flip(1).to(A.dtype)
-    return Q @ W, W.t() @ B
+    UtA = W.t() @ B
+    return Q @ W, UtA if scale == 1.0 else UtA * scale
+
+
+def identity_basis(dim: int, rank: int, side: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``rank`` coordinate vectors: I[:, :r] (left, dim×r) or I[:r] (right, r×dim)."""
+    E = torch.eye(dim, rank, device=device, dtype=dtype)
+    return E if side == "left" else E.t().contiguous()
+
+
+def power_of_two_scale(A: torch.Tensor) -> float:
+    """2^e with max|A| in [2^(e−1), 2^e) (1.0 for a zero or non-finite A): dividing by it is exact and
+    keeps A·Aᵀ far from overflow."""
+    amax = float(A.abs().amax()) if A.numel() else 0.0
+    if not math.isfinite(amax) or amax == 0.0:
+        return 1.0
+    return math.ldexp(1.0, max(-120, min(120, math.frexp(amax)[1])))
+
+
+def randomized_basis(
+    G: torch.Tensor, rank: int, side: str, generator: torch.Generator,
+    start: torch.Tensor | None = None, opts: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, project(G))`` from :func:`randomized_left_basis` on G (left) or Gᵀ (right), in G's dtype;
+    ``start`` is the previous P. ``opts``: ``oversample`` (8), ``power_iters`` (1), ``power_dtype``."""
+    opts = opts or {}
+    A = _float(G) if side == "left" else _float(G).t()
+    if start is not None:
+        start = (start if side == "left" else start.t()).float()
+    U, UtA = randomized_left_basis(
+        A, rank, int(opts.get("oversample", 8)), int(opts.get("power_iters", 1)), start, generator,
+        power_dtype(opts.get("power_dtype", "auto"), G.device),
+    )
+    P = (U if side == "left" else U.t()).to(G.dtype).contiguous()
+    return P, (UtA if side == "left" else UtA.t()).to(G.dtype).contiguous()
 
 
 @_register
@@ -213,7 +287,7 @@ class SVDProjector(Projector):
     state_keys = ("P", "proj_version")
 
     def compute(self, G: torch.Tensor, state: State) -> None:
-        state["P"] = svd_basis(G, self.rank, self.side)
+        state["P"] = self.robust_basis(G, state)[0]
         _bump(state)
 
     def matrix(self, state: State) -> torch.Tensor:
@@ -244,20 +318,10 @@ class RandomizedSVDProjector(Projector):
     options = ("oversample", "power_iters", "power_dtype")
     state_keys = ("P", "proj_seed", "proj_version")
 
-    def compute(self, G: torch.Tensor, state: State) -> torch.Tensor:
-        seed = next_proj_seed(state)
-        gen = torch.Generator(device=G.device).manual_seed(seed)
-        A = _float(G) if self.side == "left" else _float(G).t()
-        prev = state.get("P")
-        start = None if prev is None else (prev if self.side == "left" else prev.t()).float()
-        U, UtA = randomized_left_basis(
-            A, self.rank, int(self.opts.get("oversample", 8)), int(self.opts.get("power_iters", 1)), start, gen,
-            power_dtype(self.opts.get("power_dtype", "auto"), G.device),
-        )
-        state["P"] = (U if self.side == "left" else U.t()).to(G.dtype).contiguous()
-        state["proj_seed"] = seed
+    def compute(self, G: torch.Tensor, state: State) -> torch.Tensor | None:
+        state["P"], projected = self.robust_basis(G, state, ("randomized", "exact"), start=state.get("P"))
         _bump(state)
-        return (UtA if self.side == "left" else UtA.t()).to(G.dtype).contiguous()
+        return projected
 
     def matrix(self, state: State) -> torch.Tensor:
         return state["P"]
@@ -282,7 +346,7 @@ class Int4SVDProjector(Projector):
         return (self.shape[0], self.rank) if self.side == "left" else (self.rank, self.shape[1])
 
     def compute(self, G: torch.Tensor, state: State) -> None:
-        P = svd_basis(G, self.rank, self.side).float()
+        P = self.robust_basis(G, state)[0].float()
         state["P_first"] = (P[:, 0] if self.side == "left" else P[0, :]).clone()
         state["P_q"], state["P_scale"], state["P_zero"] = quant.quantize_int4(P, self.group)
         _bump(state)
@@ -456,7 +520,7 @@ class OnlineProjector(Projector):
 
     def compute(self, G: torch.Tensor, state: State) -> None:
         if self.opts.get("osd_init", "random") == "svd":
-            P = svd_basis(G, self.rank, self.side)
+            P = self.robust_basis(G, state)[0]
         else:
             seed = next_proj_seed(state)
             state["proj_seed"] = seed

@@ -77,7 +77,8 @@ def code_index(normed: torch.Tensor, signed: bool) -> torch.Tensor:
 
 
 def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise dynamic 8-bit quantization: ``x ≈ code[q] · absmax[block]``.
+    """Blockwise dynamic 8-bit quantization: ``x ≈ code[q] · absmax[block]`` (a block holding ±inf keeps
+    absmax = inf; see ``dequantize_blockwise``).
 
     Returns ``(q, absmax)``: ``q`` uint8 with ``x.numel()`` entries (flat), ``absmax`` float32 with one
     entry per block of ``block`` elements.
@@ -86,7 +87,9 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple
         raise ValueError(f"block={block!r} must be a positive int")
     blocks, _ = _blocks(x.float(), block)
     absmax = blocks.abs().amax(dim=1)
-    normed = blocks / absmax.clamp_min(1e-30).unsqueeze(1)
+    # an inf entry makes its block's absmax inf: dividing by finfo.max instead keeps inf/inf = NaN out of
+    # the codes (the block decodes to inf anyway, see dequantize_blockwise)
+    normed = blocks / absmax.clamp(min=1e-30, max=torch.finfo(torch.float32).max).unsqueeze(1)
     q = code_index(normed, signed)
     return q.reshape(-1)[: x.numel()], absmax
 
@@ -94,11 +97,17 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple
 def dequantize_blockwise(
     q: torch.Tensor, absmax: torch.Tensor, signed: bool, shape: torch.Size | tuple[int, ...], block: int = 256
 ) -> torch.Tensor:
-    """Inverse of ``quantize_blockwise``: float32 tensor of ``shape``."""
+    """Inverse of ``quantize_blockwise``: float32 tensor of ``shape``.
+
+    A block whose absmax overflowed to inf (an Adam second moment of a huge gradient) decodes to inf
+    everywhere for the unsigned map and to ±inf / 0 for the signed one (never 0·inf = NaN), so Adam's
+    m/(√v + ε) is 0 there, as float32 AdamW's is for an overflowed v.
+    """
     code, _ = dynamic_code(signed, q.device)
     numel = q.numel()
     vals, _ = _blocks(code[q.long()], block)
-    vals = vals * absmax.unsqueeze(1)
+    inf = float("inf")
+    vals = (vals * absmax.unsqueeze(1)).nan_to_num_(nan=0.0 if signed else inf, posinf=inf, neginf=-inf)
     return vals.reshape(-1)[:numel].view(shape)
 
 
