@@ -11,6 +11,7 @@ from torch import nn
 from .. import catalogue, checks
 from .apollo import APOLLO, APOLLOMini
 from .blocks import LISA, BAdam, OwLore
+from .conventions import check_lr
 from .dct import DCTGaLore
 from .fira import Fira
 from .flora import Flora
@@ -112,12 +113,26 @@ def make(
     return guard(_make(name, model_or_params, **kwargs), **options)
 
 
+def _check_shared_options(kwargs: dict[str, Any]) -> None:
+    """The options every optimizer shares, checked here once (torch's AdamW takes lr=0, inf or NaN
+    weight decay, and a bad ``betas`` raises a TypeError that does not name it)."""
+    if "lr" in kwargs:
+        check_lr(kwargs["lr"], low_open=True)
+    if "weight_decay" in kwargs:
+        checks.non_negative("weight_decay", kwargs["weight_decay"])
+    if "betas" in kwargs:
+        checks.beta_pair("betas", kwargs["betas"])
+    if "eps" in kwargs and kwargs["eps"] is not None:
+        checks.non_negative("eps", kwargs["eps"])
+
+
 def _make(
     name: str,
     model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     checks.choice("optimizer", name, names())
+    _check_shared_options(kwargs)
     if name in SAMPLERS:
         if not isinstance(model_or_params, nn.Module):
             raise ValueError(f"optimizer {name!r} samples transformer layers and needs the model, not parameters")
