@@ -298,3 +298,25 @@ def test_iterable_without_len_needs_max_steps_and_batches():
         train(make("full"), Nothing(), config=TrainConfig(max_steps=2, progress=False))
     with pytest.raises(ValueError, match="max_steps"):
         train(make("full"), Nothing(), config=TrainConfig(progress=False))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore"])
+def test_skip_nonfinite_skips_a_poisoned_step_and_counts_it(optimizer):
+    """One batch whose loss is NaN: with skip_nonfinite the step is skipped (weights stay finite, the
+    history counts it); without it the weights are NaN for good."""
+    def loss_fn(model, batch):
+        loss = model(**batch).loss
+        return loss * float("nan") if calls.append(1) or len(calls) == 2 else loss
+
+    for skip in (True, False):
+        calls: list[int] = []
+        model = make("full")
+        cfg = TrainConfig(max_steps=4, optimizer=optimizer, skip_nonfinite=skip, max_grad_norm=None, progress=False,
+                          **({"optimizer_kwargs": {"rank": 4}} if optimizer == "galore" else {}))
+        res = train(model, cls_loader(), config=cfg, loss_fn=loss_fn)
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        assert finite == skip
+        if skip:
+            assert [h["skipped_steps"] for h in res.history] == [0, 1, 1, 1]
+        else:
+            assert "skipped_steps" not in res.history[0]

@@ -75,6 +75,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "linear"
     max_grad_norm: float | None = 1.0
+    skip_nonfinite: bool = False  # skip (and count) optimizer steps whose gradients hold NaN/inf
     optimizer: str = "adamw"
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 0  # 0: evaluate only at the end
@@ -108,7 +109,7 @@ class TrainConfig:
         integer("keep_checkpoints", self.keep_checkpoints, 1, optional=True)
         integer("eval_max_batches", self.eval_max_batches, 1, optional=True)
         integer("seed", self.seed, optional=True)
-        for name in ("progress", "measure_memory"):
+        for name in ("progress", "measure_memory", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.optimizer_kwargs, dict) or not all(isinstance(k, str) for k in self.optimizer_kwargs):
@@ -204,9 +205,10 @@ def prepare_model(
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer`` (any name of ``rw.optim.make``, i.e. of the catalogue)
     over the model's trainable parameters, with ``cfg.lr``, ``cfg.weight_decay`` (matrices only for
-    plain optimizers) and ``cfg.optimizer_kwargs``."""
+    plain optimizers), ``cfg.skip_nonfinite`` and ``cfg.optimizer_kwargs``."""
     choice("optimizer", cfg.optimizer, optimizer_names())
-    return make_optimizer(cfg.optimizer, model, **{"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+    guard = {"skip_nonfinite": True} if cfg.skip_nonfinite else {}
+    return make_optimizer(cfg.optimizer, model, **{"lr": cfg.lr, "weight_decay": cfg.weight_decay, **guard,
                                                    **cfg.optimizer_kwargs})
 
 
@@ -299,7 +301,8 @@ class TrainResult:
     """History and measurements of one run (``to_dict()`` is JSON-ready).
 
     ``history`` holds one record per step: ``{"step", "loss", "lr"}`` plus what callbacks put in
-    ``state.log``. ``wall_time_s`` spans the whole call (and, after a resume, the time recorded
+    ``state.log`` (and ``skipped_steps``, the running count, when the optimizer skips non-finite
+    steps). ``wall_time_s`` spans the whole call (and, after a resume, the time recorded
     before the checkpoint); ``train_time_s`` only this call's optimization loop. ``metrics`` is the
     final evaluation, or the mean of the last 10 training losses when there is no eval loader.
     """
@@ -512,7 +515,11 @@ class _Loop:
         state.batch_in_epoch += 1
         call(self.callbacks, "on_step_end", state)
         optimizer.zero_grad(set_to_none=True)
-        self.history.append({"step": state.step, "loss": state.loss, "lr": lr, **state.log})
+        record = {"step": state.step, "loss": state.loss, "lr": lr, **state.log}
+        skipped = getattr(optimizer, "skipped_steps", None)  # optimizers built with skip_nonfinite count them
+        if skipped is not None:
+            record["skipped_steps"] = int(skipped)
+        self.history.append(record)
 
     def _after_step(self) -> None:
         """Progress, periodic evaluation, the epoch boundary and periodic checkpoints."""

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from rankwise.cli import build_parser, main
-from rankwise.cli.common import FLAGS, key_aliases
+from rankwise.cli.common import FLAGS, UsageError, key_aliases
 from rankwise.cli.train_config import check_config, resolve_train_config
 
 COMMANDS = ("methods", "train", "demo", "compress", "export", "merge")
@@ -151,3 +151,13 @@ def test_debug_shows_the_traceback():
     out = subprocess.run([sys.executable, "-m", "rankwise", "train", "--method", "nope"],
                          capture_output=True, text=True, timeout=120, check=False, env=env)
     assert out.returncode == 1 and "Traceback" in out.stderr and "UsageError" in out.stderr
+
+
+def test_skip_nonfinite_is_on_by_default_and_can_be_turned_off():
+    from rankwise.cli.train import _train_config
+
+    assert _train_config(train_config("--method", "lora")).skip_nonfinite is True
+    assert _train_config(train_config("--method", "lora", "--no-skip-nonfinite")).skip_nonfinite is False
+    cfg = {**train_config("--method", "lora"), "skip_nonfinite": "no"}  # as a YAML file may give it
+    with pytest.raises(UsageError, match=r"skip_nonfinite='no' must be true or false"):
+        check_config(cfg)

@@ -277,7 +277,7 @@ def fuzz_counts() -> dict[str, int]:
             counts["tracebacks"] += outcome == "traceback"
             counts["not_one_line_exit_2"] += outcome == "bad-exit"
             counts["not_checked"] += outcome == "reached"
-    for label, call, needle in API_CASES:
+    for _label, call, needle in API_CASES:
         counts["api_inputs"] += 1
         try:
             call()

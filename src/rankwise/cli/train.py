@@ -93,6 +93,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps [default: 0]")
     g.add_argument("--schedule", help="constant, linear or cosine [default: linear]")
     g.add_argument("--max-grad-norm", type=_float_or_none, help="gradient clipping norm, 'none' = off [default: 1.0]")
+    g.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction,
+                   help="skip (and count in metrics.json) optimizer steps whose gradients hold NaN or inf, leaving "
+                        "weights and optimizer state untouched [default: on]")
     g.add_argument("--optimizer", help="adamw, or a memory-efficient optimizer from rankwise.optim: galore, "
                    "galore_adafactor, galore_8bit, q_galore, fira, frugal, apollo, apollo_mini, gradnormlorp, "
                    "flora_opt, osd, dct_proj, badam, lisa, owlore [default: adamw]")
@@ -186,6 +189,7 @@ def _train_config(cfg: dict[str, Any]):
             lr=cfg["lr"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
             max_length=cfg["max_length"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
             schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
+            skip_nonfinite=cfg["skip_nonfinite"],
             optimizer_kwargs=dict(cfg["optimizer_options"]),
             eval_every=cfg["eval_every"], checkpoint_every=cfg["checkpoint_every"], output_dir=cfg["output"],
             seed=cfg["seed"], device=cfg["device"], progress=cfg["progress"],
@@ -342,5 +346,8 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str]) -> int:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
     print(f"{cfg['method']}: {shown}; trainable {result.trainable_params:,} / {result.total_params:,}; "
           f"optimizer state {result.optimizer_state_bytes:,} B; {result.wall_time_s:.1f} s")
+    skipped = result.history[-1].get("skipped_steps", 0) if result.history else 0
+    if skipped:
+        print(f"{skipped} step(s) skipped: their gradients held NaN or inf (metrics.json: skipped_steps)")
     print(f"wrote {out / 'metrics.json'} and {saved}")
     return 0

@@ -29,6 +29,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "schedule": "linear",
     "max_grad_norm": 1.0,
+    "skip_nonfinite": True,  # the CLI skips (and counts) steps with NaN/inf gradients
     "optimizer": "adamw",
     "rank": None,  # adapter methods: the adapter's r; none/head: the projected optimizer's subspace rank
     "update_gap": None,  # projected optimizers: steps between subspace refreshes
@@ -255,8 +256,9 @@ def check_types(cfg: dict[str, Any]) -> None:
         value = cfg.get(key)
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f"{key}={value!r} must be a non-empty string (a {_kind(value)} was given)")
-    if not isinstance(cfg.get("progress"), bool):
-        raise UsageError(f"progress={cfg.get('progress')!r} must be true or false")
+    for key in ("progress", "skip_nonfinite"):
+        if not isinstance(cfg.get(key), bool):
+            raise UsageError(f"{key}={cfg.get(key)!r} must be true or false")
     for key in ("options", "optimizer_options"):
         value = cfg.get(key)
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
