@@ -109,7 +109,7 @@ class DSEELayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Linear, config: DSEEConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        r, dtype, device = config.r, base_layer.weight.dtype, base_layer.weight.device
+        r, dtype, device = config.r, self.adapter_dtype, base_layer.weight.device
         if config.nnz > self.in_features * self.out_features:
             raise ValueError(
                 f"nnz={config.nnz} exceeds the {self.out_features}x{self.in_features} entries of '{ctx.name}'"

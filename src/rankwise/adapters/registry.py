@@ -191,6 +191,13 @@ def adapt(
     ``overrides``: ``{full layer name: {field: value}}`` config fields for single layers (e.g. a
     per-layer rank ``{"encoder.layer.0.attention.self.query": {"r": 16}}``); shared tensors
     (``build_shared``) are still built from the global config.
+
+    ``adapter_dtype`` (every method's config field): dtype of the adapter tensors, ``torch.float32``
+    by default on any base, also over a bf16 / fp16 model (as PEFT's ``autocast_adapter_dtype``):
+    the base GEMM runs in the base dtype, the delta in the adapter dtype, and each layer's output
+    has the base dtype. ``None`` or ``"base"``: the base layer's dtype; names ("float32",
+    "bfloat16", "float16", "float64") or torch dtypes are accepted, anything else is a ValueError.
+    A float64 base with the default gets float32 adapters: pass ``adapter_dtype=None`` to keep fp64.
     """
     if getattr(model, "rankwise_adapter", None) is not None:
         raise ValueError("model already has rankwise adapters; call rw.unload(model) first")
