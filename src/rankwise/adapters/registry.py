@@ -74,13 +74,18 @@ def get_method(name: str) -> MethodSpec:
 
 @dataclass
 class AdapterState:
-    """What ``adapt`` did to a model; stored as ``model.rankwise_adapter``."""
+    """What ``adapt`` did to a model; stored as ``model.rankwise_adapter``.
+
+    ``trainable_originals``: a copy of the ``trainable_modules``' state (e.g. the classification
+    head) as ``adapt`` found it, ``{module name: state_dict}``, so ``adapters_disabled`` can run the
+    original base model (only those small modules are copied)."""
 
     method: str
     config: AdapterConfig
     layers: list[str]
     trainable_modules: list[str]
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer config fields
+    trainable_originals: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -216,6 +221,10 @@ def adapt(
     for name in trainable_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    state = AdapterState(method, cfg, names, trainable_names, overrides)
+    originals = {
+        name: {k: t.detach().clone() for k, t in model.get_submodule(name).state_dict().items()}
+        for name in trainable_names
+    }
+    state = AdapterState(method, cfg, names, trainable_names, overrides, originals)
     model.rankwise_adapter = state  # type: ignore[assignment]  # Module attribute
     return model
