@@ -251,3 +251,17 @@ def test_bf16_base_merge_unmerge_unload_keep_the_base_dtype(method, tmp_path):
         for name, w in w0.items():
             got = base.get_submodule(name).weight
             assert got.dtype == torch.bfloat16 and _rel(got, w) < 0.02, name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_casting_the_adapted_model_afterwards_still_runs(method):
+    """``model.to(torch.bfloat16)`` after ``adapt`` casts the adapters too; the layers then compute
+    the delta in bf16 (the dtype their tensors have), as before fp32 adapters existed."""
+    data = lm_batches()
+    model = rw.adapt(make_tiny_llama(0), method, r=RANK, init_data=data if _needs_data(method) else None)
+    model.to(torch.bfloat16)
+    for _, layer in rw.adapter_layers(model):
+        assert layer.adapter_dtype == torch.bfloat16
+    out = model(**data[0])
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)

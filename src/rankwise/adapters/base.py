@@ -103,8 +103,7 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
-        # dtype of the adapter's own tensors and of the delta's compute (base GEMM: the base dtype)
-        self.adapter_dtype = config.dtype_for(base_layer.weight.dtype)
+        self._init_dtype = config.dtype_for(base_layer.weight.dtype)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -156,6 +155,16 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """dtype of the adapter's own tensors and of the delta's compute (the base GEMM runs in the
+        base dtype): the config's ``adapter_dtype`` at construction, then the dtype the layer's own
+        parameters have (so it follows a later ``model.to(dtype)``)."""
+        for p in self._parameters.values():
+            if p is not None:
+                return p.dtype
+        return self._init_dtype
 
     @property
     def dropout_active(self) -> bool:
