@@ -9,7 +9,7 @@ import torch
 import rankwise as rw
 from rankwise.targets import find_targets
 
-from ..conftest import make_tiny_bert, make_tiny_llama
+from ..conftest import cls_batches, make_tiny_bert, make_tiny_llama
 
 
 def test_all_linear_excludes_output_heads():
@@ -97,3 +97,34 @@ def test_save_without_adapters_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="model has no rankwise adapters to save"):
         rw.save_adapter(make_tiny_bert(), tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_adapters_disabled_is_the_untouched_base_model_exactly(method):
+    """Inside ``adapters_disabled`` the model is the base model bit for bit, also after training has
+    changed the adapters and the fully trained classification head; on exit the trained values are
+    back in the same parameter objects (an optimizer holding them keeps working)."""
+    base = make_tiny_bert(0)
+    model = rw.adapt(make_tiny_bert(0), method, r=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for batch in cls_batches(n=3, seed=5):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    head = model.classifier.weight
+    trained_head = head.detach().clone()
+    assert not torch.equal(trained_head, base.classifier.weight)
+    batch = cls_batches(seed=6)[0]
+    with torch.no_grad():
+        expected = base(**batch).logits
+        trained = model(**batch).logits
+        assert (trained - expected).abs().max() > 1e-2
+        with rw.adapters_disabled(model):
+            assert torch.equal(model(**batch).logits, expected)
+        assert torch.equal(model(**batch).logits, trained)
+        rw.merge(model)
+        with rw.adapters_disabled(model):
+            assert torch.allclose(model(**batch).logits, expected, atol=1e-5)
+    assert model.classifier.weight is head and torch.equal(head, trained_head)
+    assert [p for p in model.parameters() if p.requires_grad] == params

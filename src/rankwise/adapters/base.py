@@ -7,6 +7,11 @@ computes ``scale · B(A x)`` without forming ΔW and PEFT export writes ``B, A``
 Some initializations (PiSSA, OLoRA, LoRA-GA) move part of W₀ into the adapter: the frozen base
 then holds ``W₀ − base_offset()``. ``base_offset()`` returns that part so that unloading, PEFT
 export and re-loading can always recover the untouched W₀.
+
+Precision: the adapter's tensors (trainable parameters and frozen factor buffers) live in the
+config's ``adapter_dtype`` (float32 by default, whatever the base dtype), like PEFT's
+``autocast_adapter_dtype``. The base GEMM runs in the base dtype, the delta in the adapter dtype
+(``x`` is cast to it for the delta and the delta cast back), and the output has the base dtype.
 """
 
 from __future__ import annotations
@@ -25,20 +30,50 @@ if TYPE_CHECKING:
     from .init import InitContext
 
 
+#: dtype names ``adapter_dtype`` accepts (or the torch.dtype itself); None / "base" = the base dtype
+ADAPTER_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
+
+
+def adapter_dtype_name(value: Any) -> str | None:
+    """The canonical name of an ``adapter_dtype`` value (None for the base dtype), or a ValueError."""
+    if value is None or value == "base":
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, torch.dtype | str) else None
+    if name in ADAPTER_DTYPES:
+        return name
+    raise ValueError(
+        f"adapter_dtype={value!r} is not allowed; choose one of {[*ADAPTER_DTYPES, 'base', None]} "
+        "(or the matching torch.dtype; None and 'base' mean the base layer's dtype)"
+    )
+
+
 @dataclass
 class AdapterConfig:
-    """Fields every adapter shares. Subclasses add their own and extend ``validate``."""
+    """Fields every adapter shares. Subclasses add their own and extend ``validate``.
+
+    ``adapter_dtype``: dtype of the adapter's tensors, "float32" by default on any base (a
+    torch.dtype or its name; None or "base": the base layer's dtype, e.g. bf16 adapters on a bf16
+    model). Stored by name, so it is saved with the config."""
 
     r: int = 8
     dropout: float = 0.0
     seed: int = 0
+    adapter_dtype: str | None = "float32"
 
     def validate(self) -> None:
         rank("r", self.r)
         fraction("dropout", self.dropout, allow_zero=True, allow_one=False, what="in [0, 1)")
+        adapter_dtype_name(self.adapter_dtype)
 
     def __post_init__(self) -> None:
+        self.adapter_dtype = adapter_dtype_name(self.adapter_dtype)
         self.validate()
+
+    def dtype_for(self, base_dtype: torch.dtype) -> torch.dtype:
+        """The adapter dtype over a base layer of ``base_dtype``."""
+        return base_dtype if self.adapter_dtype is None else ADAPTER_DTYPES[self.adapter_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +103,7 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
+        self._init_dtype = config.dtype_for(base_layer.weight.dtype)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -103,7 +139,7 @@ class AdapterLayer(nn.Module):
         return (b0.float() @ a0.float()) * s
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW·x, through the low-rank factors when there are some."""
+        """ΔW·x, through the low-rank factors when there are some (``x`` in the adapter dtype)."""
         f = self.factors()
         if f is not None:
             b, a, scale = f
@@ -120,6 +156,22 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """dtype of the adapter's own tensors and of the delta's compute (the base GEMM runs in the
+        base dtype): the config's ``adapter_dtype`` at construction, then the dtype the layer's own
+        parameters have (so it follows a later ``model.to(dtype)``)."""
+        for p in self._parameters.values():
+            if p is not None:
+                return p.dtype
+        return self._init_dtype
+
+    @property
+    def dropout_active(self) -> bool:
+        """Whether adapter dropout changes ``x`` in this forward (decided from module state, not
+        from tensors, so ``torch.compile`` sees a constant)."""
+        return self.training and not isinstance(self.dropout, nn.Identity)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and not self.merged:
             fused = self._fused_forward(x)
@@ -131,11 +183,12 @@ class AdapterLayer(nn.Module):
         if not self.enabled:  # the original base model: give back what init moved out of W₀
             offset = self.base_offset()
             return out if offset is None else out + F.linear(x, offset.to(out.dtype))
-        return out + self.delta_forward(self.dropout(x)).to(out.dtype)
+        return out + self.delta_forward(self.dropout(x).to(self.adapter_dtype)).to(out.dtype)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Base GEMM + low-rank delta in one autograd node (``kernels.low_rank_linear``), when possible
-        (not under autocast: the plain path lets autocast pick each matmul's dtype)."""
+        """Base GEMM (base dtype) + low-rank delta (adapter dtype) in one autograd node
+        (``kernels.low_rank_linear``), when possible (not under autocast: the plain path lets
+        autocast pick each matmul's dtype)."""
         f = self.factors()
         w, bias = self.base_layer.weight, self.base_layer.bias
         if f is None or w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
@@ -143,9 +196,9 @@ class AdapterLayer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return None
         b, a, scale = f
-        if a.dtype != w.dtype:
+        if a.dtype != b.dtype:
             return None
-        return low_rank_linear(x, self.dropout(x), w, bias, a, b, scale)
+        return low_rank_linear(x, self.dropout(x) if self.dropout_active else None, w, bias, a, b, scale)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -77,7 +77,9 @@ class BoneLayer(AdapterLayer):
                 f"common divisors of {self.in_features} and {self.out_features}"
             )
         w = base_layer.weight
-        self.bone_block = nn.Parameter(torch.zeros(self.out_features // r, r, r, dtype=w.dtype, device=w.device))
+        self.bone_block = nn.Parameter(
+            torch.zeros(self.out_features // r, r, r, dtype=self.adapter_dtype, device=w.device)
+        )
 
     @torch.no_grad()
     def frozen_weight(self) -> torch.Tensor:
@@ -87,18 +89,19 @@ class BoneLayer(AdapterLayer):
         return bone_inverse(w, self.bone_block) if self.merged else w
 
     def delta_weight(self) -> torch.Tensor:
+        """ΔW(W₀) in the adapter dtype (W₀ upcast to it when the base is narrower)."""
         w0 = self.frozen_weight()
-        return bone_delta(w0, self.bone_block.to(w0.dtype))
+        return bone_delta(w0.to(self.adapter_dtype), self.bone_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return super().forward(x)
         w, bias = self.base_layer.weight, self.base_layer.bias
-        dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
-        if not dropout_active:  # one GEMM with the block-affine weight W₀ + ΔW(W₀)
-            return F.linear(x, w + bone_delta(w, self.bone_block.to(w.dtype)), bias)
-        out = self.base_layer(x)
-        return out + F.linear(self.dropout(x), self.delta_weight()).to(out.dtype)
+        if not self.dropout_active and self.adapter_dtype == w.dtype:
+            # one GEMM with the block-affine weight W₀ + ΔW(W₀)
+            return F.linear(x, w + bone_delta(w, self.bone_block), bias)
+        out = self.base_layer(x)  # the delta in the adapter dtype, added in the base dtype
+        return out + F.linear(self.dropout(x).to(self.adapter_dtype), self.delta_weight()).to(out.dtype)
 
     def trainable_count(self) -> int:
         return self.out_features * self.config.r

@@ -141,7 +141,7 @@ class CoreLayer(AdapterLayer):
         self.identity_at_init = spec.identity
         self.diagonal, self.moves_base = spec.core == "diagonal", spec.moves_base
         self.scale = config.scale
-        dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        dtype, device = self.adapter_dtype, base_layer.weight.device
         weight = base_layer.weight.detach().float()
         r = config.rank(weight)
         if ctx.skip:  # shapes only; the tensors come from a checkpoint

@@ -31,15 +31,15 @@ def row_norm(weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, s
 class _DoRALinear(torch.autograd.Function):
     """``y = V_g x + b`` with V_g = g ⊙ (W + s·B·A), g = m / ‖W + s·B·A‖_c (norm constant), W, b frozen.
 
-    One GEMM with the rescaled merged weight instead of a base GEMM, a LoRA path and elementwise
-    rescaling of the (N × out) output. Saves x and the output y (N × out); backward rebuilds V_g (an
-    out·in·r product, cheap next to the N·out·in GEMMs) instead of keeping it, and forms exactly
-    the gradients DoRA needs:
+    One GEMM with the unscaled merged weight V = W + s·B·A instead of a base GEMM and a LoRA path,
+    then an elementwise rescaling of the (N × out) output: u = V x, y = g ⊙ u + b. Saves x and u (N ×
+    out); backward rebuilds V_g (an out·in·r product, cheap next to the N·out·in GEMMs) instead of
+    keeping it, and forms exactly the gradients DoRA needs:
 
-        g_x = ∂y·V_g,   g_B = s·g ⊙ (∂yᵀ (x Aᵀ)),   g_A = s·(∂y (g ⊙ B))ᵀ x,   g_m = Σ_N ∂y ⊙ h / m
+        g_x = ∂y·V_g,   g_B = s·g ⊙ (∂yᵀ (x Aᵀ)),   g_A = s·(∂y (g ⊙ B))ᵀ x,   g_m = Σ_N ∂y ⊙ u / ‖·‖_c
 
-    with h = y − b = V_g x (the last one because V x = h / g and g_m = Σ_N ∂y ⊙ V x / ‖·‖_c); rows
-    with m = 0 fall back to recomputing V x for those rows.
+    (g_m because y = m ⊙ u / ‖·‖_c with the norm constant). Keeping u rather than y makes g_m exact
+    for rows with m = 0 too, with no data-dependent branch (so ``torch.compile`` traces it whole).
     """
 
     @staticmethod
@@ -49,15 +49,15 @@ class _DoRALinear(torch.autograd.Function):
         v = torch.addmm(weight, lora_b, lora_a, alpha=scale)
         norm = torch.linalg.vector_norm(v, dim=1)
         g = magnitude / norm
-        v.mul_(g.unsqueeze(1))
-        out = torch.addmm(bias, x2, v.t()) if bias is not None else x2 @ v.t()
-        ctx.save_for_backward(x2, out, bias, weight, lora_a, lora_b, magnitude, g, norm)
+        u = x2 @ v.t()
+        out = torch.addcmul(bias, u, g) if bias is not None else u * g
+        ctx.save_for_backward(x2, u, weight, lora_a, lora_b, g, norm)
         ctx.scale, ctx.shape = scale, shape
         return out.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, y, bias, weight, lora_a, lora_b, magnitude, g, norm = ctx.saved_tensors
+        x2, u, weight, lora_a, lora_b, g, norm = ctx.saved_tensors
         s = ctx.scale
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_a = grad_b = grad_m = None
@@ -72,15 +72,7 @@ class _DoRALinear(torch.autograd.Function):
                 gb_t = (lora_b * (g * s).unsqueeze(1)).t().contiguous()
                 grad_a = (gy @ gb_t.t()).t() @ x2
         if ctx.needs_input_grad[5]:
-            # h = y − b, so Σ_N ∂y ⊙ h = Σ_N ∂y ⊙ y − b ⊙ Σ_N ∂y (the bias stays inside the GEMM)
-            grad_m = (gy * y).sum(0)
-            if bias is not None:
-                grad_m.sub_(bias * gy.sum(0))
-            grad_m.div_(magnitude)
-            zero = magnitude == 0
-            if zero.any():  # h carries no information there: recompute V x for those rows
-                v_rows = torch.addmm(weight[zero], lora_b[zero], lora_a, alpha=s)
-                grad_m[zero] = (gy[:, zero] * (x2 @ v_rows.t())).sum(0) / norm[zero]
+            grad_m = (gy * u).sum(0).div_(norm)
         return grad_x, None, None, grad_a, grad_b, grad_m, None
 
 
@@ -92,19 +84,20 @@ class DoRALayer(LoRALayer):
     def __init__(self, base_layer: nn.Linear, config: LoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config, ctx)
         w = self.base_layer.weight
-        self.magnitude = nn.Parameter(torch.ones(self.out_features, dtype=w.dtype, device=w.device))
+        self.magnitude = nn.Parameter(torch.ones(self.out_features, dtype=self.adapter_dtype, device=w.device))
         # ‖W₀ + sBA‖ at merge time: unmerge needs it, it cannot be recomputed from the merged weight
         self.register_buffer("merge_norm", None, persistent=False)
         if not ctx.skip:
             with torch.no_grad():
-                self.magnitude.copy_(row_norm(w, self.lora_B, self.lora_A, self.scale))
+                self.magnitude.copy_(self._norm(w))
 
     def factors(self) -> None:
         return None
 
     # ------------------------------------------------------------------ weights
     def _norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return row_norm(weight, self.lora_B.to(weight.dtype), self.lora_A.to(weight.dtype), self.scale)
+        """‖W + sBA‖ per row, computed in the adapter dtype (W upcast when the base is narrower)."""
+        return row_norm(weight.to(self.adapter_dtype), self.lora_B, self.lora_A, self.scale)
 
     @torch.no_grad()
     def frozen_weight(self) -> torch.Tensor:
@@ -112,15 +105,16 @@ class DoRALayer(LoRALayer):
         w = self.base_layer.weight
         if not self.merged:
             return w
-        lora = (self.lora_B @ self.lora_A).to(w.dtype) * self.scale
-        return w * (self.merge_norm / self.magnitude).to(w.dtype).unsqueeze(1) - lora
+        lora = (self.lora_B @ self.lora_A) * self.scale
+        return (w.to(lora.dtype) * (self.merge_norm / self.magnitude).unsqueeze(1) - lora).to(w.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = m/‖W₀+sBA‖ ⊙ (W₀+sBA) − W₀ (the whole merged weight minus the frozen base)."""
-        w0 = self.frozen_weight()
-        v = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scale)
+        """ΔW = m/‖W₀+sBA‖ ⊙ (W₀+sBA) − W₀ (the whole merged weight minus the frozen base), in the
+        adapter dtype."""
+        w0 = self.frozen_weight().to(self.adapter_dtype)
+        v = torch.addmm(w0, self.lora_B, self.lora_A, alpha=self.scale)
         norm = self.merge_norm if self.merged else self._norm(w0)
-        return v * (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) - w0
+        return v * (self.magnitude / norm).unsqueeze(1) - w0
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -129,8 +123,8 @@ class DoRALayer(LoRALayer):
             return
         w = self.base_layer.weight
         norm = self._norm(w)
-        v = torch.addmm(w, self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=self.scale)
-        w.copy_(v * (self.magnitude.to(w.dtype) / norm).unsqueeze(1))
+        v = torch.addmm(w.to(self.adapter_dtype), self.lora_B, self.lora_A, alpha=self.scale)
+        w.copy_(v * (self.magnitude / norm).unsqueeze(1))
         self.merge_norm = norm
         self.merged = True
 
@@ -148,16 +142,16 @@ class DoRALayer(LoRALayer):
         if self.merged or not self.enabled:
             return super().forward(x)
         w, bias = self.base_layer.weight, self.base_layer.bias
-        dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
-        if not dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
+        if not self.dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
             a, b, m = self.lora_A, self.lora_B, self.magnitude
             if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
                 return _DoRALinear.apply(x, w, bias, a, b, m, self.scale)
         norm = self._norm(w)
         # general path (adapter dropout, mixed dtypes, autocast): PEFT's form
-        # y = W x + b + (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / n
-        x_d = self.dropout(x).to(self.lora_A.dtype)
-        g = self.magnitude / norm.to(self.magnitude.dtype)
+        # y = W x + b + (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / n; the delta in
+        # the adapter dtype (W upcast to it, as PEFT does), the output in the base dtype
+        x_d = self.dropout(x).to(self.adapter_dtype)
+        g = self.magnitude / norm
         base_d = F.linear(x_d, w.to(x_d.dtype))
         lora = F.linear(F.linear(x_d, self.lora_A), self.lora_B) * self.scale
         out = self.base_layer(x)

@@ -109,7 +109,7 @@ class DSEELayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Linear, config: DSEEConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        r, dtype, device = config.r, base_layer.weight.dtype, base_layer.weight.device
+        r, dtype, device = config.r, self.adapter_dtype, base_layer.weight.device
         if config.nnz > self.in_features * self.out_features:
             raise ValueError(
                 f"nnz={config.nnz} exceeds the {self.out_features}x{self.in_features} entries of '{ctx.name}'"
@@ -122,6 +122,9 @@ class DSEELayer(AdapterLayer):
         self.register_buffer(
             "keep_mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=device)
         )
+        # whether keep_mask has a False entry, kept as a Python flag (set by set_mask / after_load) so
+        # the forward reads no tensor value (torch.compile traces it without a graph break)
+        self.masked = False
         if ctx.skip:
             return
         gen = layer_generator(config.seed, ctx.name)
@@ -132,6 +135,7 @@ class DSEELayer(AdapterLayer):
 
     @property
     def pruned(self) -> bool:
+        """Whether ``keep_mask`` prunes any weight (read from the mask itself)."""
         return not bool(self.keep_mask.all())
 
     def sparse_delta(self) -> torch.Tensor:
@@ -145,10 +149,10 @@ class DSEELayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.update_weight()
-        return delta * self.keep_mask.to(delta.dtype) if self.pruned else delta
+        return delta * self.keep_mask.to(delta.dtype) if self.masked else delta
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pruned:
+        if self.masked:
             return F.linear(x, self.delta_weight())
         return (F.linear(F.linear(x, self.lora_A), self.lora_B) + F.linear(x, self.sparse_delta())) * self.scale
 
@@ -162,7 +166,9 @@ class DSEELayer(AdapterLayer):
 
     @torch.no_grad()
     def after_load(self) -> None:
-        if self.pruned:
+        """Re-apply the keep-mask (zero the frozen base where it is False) and set ``masked``."""
+        self.masked = self.pruned
+        if self.masked:
             self.base_layer.weight.masked_fill_(~self.keep_mask, 0)
 
     def trainable_count(self) -> int:

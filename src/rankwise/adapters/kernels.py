@@ -3,7 +3,12 @@
 ``y = x Wᵀ + b + s·(x_d Aᵀ) Bᵀ`` computed with two GEMMs and one ``addmm`` (the scale is folded into
 the GEMM's alpha), saving only ``x``, ``x_d`` and the small ``x_d Aᵀ`` (N×r) for backward. Backward:
 ``g_B = s·gᵀ(x_d Aᵀ)``, ``g_A = (s·g B)ᵀ x_d``, ``g_x = g W + (s·g B) A`` (one more ``addmm`` when
-``x_d`` is ``x``). W and b are frozen: no gradient is formed for them.
+there is no adapter dropout, ``x_d = None``). W and b are frozen: no gradient is formed for them.
+
+Mixed precision: W, b and x share the base dtype; A and B may have another (the adapter dtype, e.g.
+fp32 factors on a bf16 base). The base GEMM then runs in the base dtype, the low-rank path in the
+adapter dtype (``x_d`` is cast to it; the delta is cast back before it is added), and the gradients
+of A and B are formed in the adapter dtype from the upcast output gradient.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ class _LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xd2 = x2 if x_d is x else x_d.reshape(-1, shape[-1])
-        xa = xd2 @ lora_a.t()
+        same_input = x_d is None
+        xd2 = x2 if same_input else x_d.reshape(-1, shape[-1])
+        xa = xd2.to(lora_a.dtype) @ lora_a.t()
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        out.addmm_(xa, lora_b.t(), alpha=scale)
-        ctx.same_input = x_d is x
+        if lora_b.dtype == out.dtype:
+            out.addmm_(xa, lora_b.t(), alpha=scale)
+        else:  # the delta in the adapter dtype, added in the base dtype
+            out.add_(torch.mm(xa, lora_b.t()).mul_(scale).to(out.dtype))
+        ctx.same_input = same_input
         ctx.scale = scale
         ctx.save_for_backward(xd2, xa, weight, lora_a, lora_b)
         ctx.shape = shape
@@ -31,31 +40,41 @@ class _LowRankLinear(torch.autograd.Function):
         xd2, xa, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scale
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        g_xa = (g @ lora_b).mul_(s)  # N×r
+        g_lr = g.to(lora_b.dtype)  # the low-rank path's gradients in the adapter dtype
+        g_xa = (g_lr @ lora_b).mul_(s)  # N×r
         # (xaᵀ g)ᵀ: on CPU much faster than gᵀ xa for a tall-skinny xa
-        grad_b = (xa.t() @ g).t().mul_(s) if lora_b.requires_grad else None
-        grad_a = g_xa.t() @ xd2 if lora_a.requires_grad else None
+        grad_b = (xa.t() @ g_lr).t().mul_(s) if lora_b.requires_grad else None
+        grad_a = g_xa.t() @ xd2.to(lora_a.dtype) if lora_a.requires_grad else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             if ctx.same_input:
-                grad_x.addmm_(g_xa, lora_a)
+                if lora_a.dtype == grad_x.dtype:
+                    grad_x.addmm_(g_xa, lora_a)
+                else:
+                    grad_x.add_((g_xa @ lora_a).to(grad_x.dtype))
             grad_x = grad_x.reshape(ctx.shape)
         if not ctx.same_input and ctx.needs_input_grad[1]:
-            grad_xd = (g_xa @ lora_a).reshape(ctx.shape)
+            grad_xd = (g_xa @ lora_a).to(xd2.dtype).reshape(ctx.shape)
         return grad_x, grad_xd, None, None, grad_a, grad_b, None
 
 
 def low_rank_linear(
     x: torch.Tensor,
-    x_d: torch.Tensor,
+    x_d: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """``x Wᵀ + b + scale·(x_d Aᵀ)Bᵀ`` with frozen W, b; ``x_d`` is ``x`` after adapter dropout."""
+    """``x Wᵀ + b + scale·(x_d Aᵀ)Bᵀ`` with frozen W, b; ``x_d`` is ``x`` after adapter dropout, or
+    None when there is no dropout (``x_d = x``: one input, so ``torch.compile`` can trace it).
+
+    ``x``, W and b share the base dtype; A and B may have another (the adapter dtype), in which the
+    low-rank path is computed. The output has the base dtype."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("low_rank_linear needs a frozen base weight and bias")
+    if x_d is x:
+        x_d = None
     return _LowRankLinear.apply(x, x_d, weight, bias, lora_a, lora_b, scale)

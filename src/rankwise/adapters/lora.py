@@ -53,7 +53,7 @@ class LoRALayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Linear, config: LoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        r, dtype, device = config.r, base_layer.weight.dtype, base_layer.weight.device
+        r, dtype, device = config.r, self.adapter_dtype, base_layer.weight.device
         self.scale = config.scale
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..targets import replace_module
@@ -119,19 +120,44 @@ def enable_adapters(model: nn.Module) -> nn.Module:
 
 
 def disable_adapters(model: nn.Module) -> nn.Module:
+    """Switch every adapter layer off (each gives its original W₀'s output). Unlike
+    ``adapters_disabled`` this leaves fully trained modules (``trainable_modules``, e.g. a
+    classification head) with their trained weights, and it does not unmerge merged layers."""
     return set_adapters_enabled(model, False)
+
+
+def _swap_trainable_modules(model: nn.Module, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
+    """Copy ``states`` into the named modules in place (parameters keep their identity, so an
+    optimizer holding them is unaffected); return copies of the values they held before."""
+    held: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, saved in states.items():
+            current = model.get_submodule(name).state_dict()
+            held[name] = {k: t.detach().clone() for k, t in current.items()}
+            for key, t in saved.items():
+                current[key].copy_(t)
+    return held
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """``with rw.adapters_disabled(model):`` runs the base model (merged adapters are unmerged first)."""
+    """``with rw.adapters_disabled(model):`` runs the original base model, exactly as it was before
+    ``adapt``: merged adapter layers are unmerged, every adapter layer is switched off (its output
+    is the original W₀'s, init offsets of PiSSA-style inits given back), and the modules trained in
+    full next to the adapters (``model.rankwise_adapter.trainable_modules``, e.g. a classification
+    head) get the values ``adapt`` found them with (copied in place). On exit the trained values of
+    those modules are copied back, the adapters switched on and the merged layers merged again."""
+    state = getattr(model, "rankwise_adapter", None)
+    originals = getattr(state, "trainable_originals", None) or {}
     merged = [layer for _, layer in adapter_layers(model) if layer.merged]
     for layer in merged:
         layer.unmerge()
     disable_adapters(model)
+    trained = _swap_trainable_modules(model, originals)
     try:
         yield model
     finally:
+        _swap_trainable_modules(model, trained)
         enable_adapters(model)
         for layer in merged:
             layer.merge()

@@ -107,7 +107,8 @@ class RandLoRALayer(AdapterLayer):
         in_max = max(lin.in_features for lin in layers)
         a, b = randlora_bases(config.seed, config.r, max(out_max, in_max), min(out_max, in_max), config.sparse)
         w = layers[0].weight
-        return {"A": a.to(device=w.device, dtype=w.dtype), "B": b.to(device=w.device, dtype=w.dtype)}
+        dtype = config.dtype_for(w.dtype)
+        return {"A": a.to(device=w.device, dtype=dtype), "B": b.to(device=w.device, dtype=dtype)}
 
     def __init__(self, base_layer: nn.Linear, config: RandLoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
@@ -126,10 +127,10 @@ class RandLoRALayer(AdapterLayer):
         # the same tensor objects in every layer; regenerated from the seed, so not saved
         self.register_buffer("randlora_A", shared["A"], persistent=False)
         self.register_buffer("randlora_B", shared["B"], persistent=False)
-        w = base_layer.weight
-        self.randlora_lambda = nn.Parameter(torch.zeros(config.r, self.n, dtype=w.dtype, device=w.device))
+        w, dtype = base_layer.weight, self.adapter_dtype
+        self.randlora_lambda = nn.Parameter(torch.zeros(config.r, self.n, dtype=dtype, device=w.device))
         self.randlora_gamma = nn.Parameter(
-            torch.full((self.n, self.min_dim), 1.0 / max(self.n, self.min_dim), dtype=w.dtype, device=w.device)
+            torch.full((self.n, self.min_dim), 1.0 / max(self.n, self.min_dim), dtype=dtype, device=w.device)
         )
 
     # ------------------------------------------------------------------ the update
@@ -170,11 +171,10 @@ class RandLoRALayer(AdapterLayer):
             return super().forward(x)
         w, bias = self.base_layer.weight, self.base_layer.bias
         dense = self._dense_is_cheaper(x)
-        dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
-        if dense and not dropout_active:
-            return F.linear(x, w + self.delta_weight().to(w.dtype), bias)
-        out = self.base_layer(x)
-        x_d = self.dropout(x)
+        if dense and not self.dropout_active and self.adapter_dtype == w.dtype:
+            return F.linear(x, w + self.delta_weight(), bias)
+        out = self.base_layer(x)  # the delta in the adapter dtype, added in the base dtype
+        x_d = self.dropout(x).to(self.adapter_dtype)
         delta = F.linear(x_d, self.delta_weight()) if dense else self.delta_forward(x_d)
         return out + delta.to(out.dtype)
 

@@ -74,13 +74,18 @@ def get_method(name: str) -> MethodSpec:
 
 @dataclass
 class AdapterState:
-    """What ``adapt`` did to a model; stored as ``model.rankwise_adapter``."""
+    """What ``adapt`` did to a model; stored as ``model.rankwise_adapter``.
+
+    ``trainable_originals``: a copy of the ``trainable_modules``' state (e.g. the classification
+    head) as ``adapt`` found it, ``{module name: state_dict}``, so ``adapters_disabled`` can run the
+    original base model (only those small modules are copied)."""
 
     method: str
     config: AdapterConfig
     layers: list[str]
     trainable_modules: list[str]
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer config fields
+    trainable_originals: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -191,6 +196,13 @@ def adapt(
     ``overrides``: ``{full layer name: {field: value}}`` config fields for single layers (e.g. a
     per-layer rank ``{"encoder.layer.0.attention.self.query": {"r": 16}}``); shared tensors
     (``build_shared``) are still built from the global config.
+
+    ``adapter_dtype`` (every method's config field): dtype of the adapter tensors, ``torch.float32``
+    by default on any base, also over a bf16 / fp16 model (as PEFT's ``autocast_adapter_dtype``):
+    the base GEMM runs in the base dtype, the delta in the adapter dtype, and each layer's output
+    has the base dtype. ``None`` or ``"base"``: the base layer's dtype; names ("float32",
+    "bfloat16", "float16", "float64") or torch dtypes are accepted, anything else is a ValueError.
+    A float64 base with the default gets float32 adapters: pass ``adapter_dtype=None`` to keep fp64.
     """
     if getattr(model, "rankwise_adapter", None) is not None:
         raise ValueError("model already has rankwise adapters; call rw.unload(model) first")
@@ -209,6 +221,10 @@ def adapt(
     for name in trainable_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    state = AdapterState(method, cfg, names, trainable_names, overrides)
+    originals = {
+        name: {k: t.detach().clone() for k, t in model.get_submodule(name).state_dict().items()}
+        for name in trainable_names
+    }
+    state = AdapterState(method, cfg, names, trainable_names, overrides, originals)
     model.rankwise_adapter = state  # type: ignore[assignment]  # Module attribute
     return model

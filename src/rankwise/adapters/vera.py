@@ -62,7 +62,8 @@ class VeRALayer(AdapterLayer):
         out_max = max(lin.out_features for lin in layers)
         a, b = vera_projections(config.seed, config.r, in_max, out_max)
         w = layers[0].weight
-        return {"A": a.to(device=w.device, dtype=w.dtype), "B": b.to(device=w.device, dtype=w.dtype)}
+        dtype = config.dtype_for(w.dtype)
+        return {"A": a.to(device=w.device, dtype=dtype), "B": b.to(device=w.device, dtype=dtype)}
 
     def __init__(self, base_layer: nn.Linear, config: VeRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
@@ -70,7 +71,8 @@ class VeRALayer(AdapterLayer):
         if shared is None:
             a, b = vera_projections(config.seed, config.r, self.in_features, self.out_features)
             w = base_layer.weight
-            shared = {"A": a.to(device=w.device, dtype=w.dtype), "B": b.to(device=w.device, dtype=w.dtype)}
+            shared = {"A": a.to(device=w.device, dtype=self.adapter_dtype),
+                      "B": b.to(device=w.device, dtype=self.adapter_dtype)}
         if shared["A"].shape[0] != config.r:
             raise ValueError(
                 f"r={config.r} differs from the r={shared['A'].shape[0]} of the projections shared by all "
@@ -79,10 +81,10 @@ class VeRALayer(AdapterLayer):
         # the same tensor objects in every layer; regenerated from the seed, so not saved
         self.register_buffer("vera_A", shared["A"], persistent=False)
         self.register_buffer("vera_B", shared["B"], persistent=False)
-        w = base_layer.weight
-        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype, device=w.device))
+        w, dtype = base_layer.weight, self.adapter_dtype
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=w.device))
         self.vera_lambda_d = nn.Parameter(
-            torch.full((config.r,), float(config.d_initial), dtype=w.dtype, device=w.device)
+            torch.full((config.r,), float(config.d_initial), dtype=dtype, device=w.device)
         )
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
