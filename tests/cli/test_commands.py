@@ -75,7 +75,8 @@ def test_methods_markdown_and_family_filter(capsys):
     (["train", "--max-length", "100000", "--train-limit", "8", "--test-limit", "8"], "--max-length 100000 is more"),
     (["train", "--targets", "re:([", "--train-limit", "8", "--test-limit", "8"], "is not a valid regular expression"),
 ])
-def test_user_errors_are_one_line_exit_2(capsys, argv, needle):
+def test_user_errors_are_one_line_exit_2(capsys, argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output (runs/<method>) must not depend on what the cwd holds
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert needle in err and err.startswith("rankwise: error:") and len(err.strip().splitlines()) == 1
