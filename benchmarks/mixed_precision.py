@@ -10,7 +10,8 @@ Arms: ``fp32`` (the reference: fp32 weights, adapters and optimizer), ``bf16`` (
 adapters in fp32 by default — ``adapter_dtype`` — and, for GaLore, an fp32 master copy of the bf16
 weights — ``master_weights=True``), and ``bf16-naive`` (everything in bf16: ``adapter_dtype="base"``,
 no master copy: small updates are lost to rounding). Reports the loss curves (one plot), the final
-training loss (mean of the last 10 steps), a held-out metric, the largest gap to the fp32 curve and
+training loss (mean of the last 10 steps), a held-out metric, the largest gap to the fp32 curve, the
+error of each arm's total update against the fp32 arm's, the share of trained entries that moved, and
 the median step time.
 
     python benchmarks/mixed_precision.py      # writes benchmarks/results/mixed_precision.{json,md,png}
@@ -78,6 +79,11 @@ def build(task: str, arm: str, base: torch.nn.Module, lr: float) -> tuple[torch.
     return model, rw.optim.make("galore", model, **options)
 
 
+def trainable_fp32(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of the trained tensors (adapters and head, or every weight), by name."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @torch.no_grad()
 def held_out(task: str, model: torch.nn.Module, test: list[dict]) -> float:
     """Accuracy (MiniLM) or perplexity (SmolLM2) on the held-out batches."""
@@ -103,9 +109,11 @@ def run_task(task: str, args: argparse.Namespace) -> dict[str, Any]:
     train, test = batches_for(task, tok, args)
     lr = args.lora_lr if task.endswith("lora") else args.galore_lr
     out: dict[str, Any] = {"lr": lr, "arms": {}}
+    updates: dict[str, dict[str, torch.Tensor]] = {}
     for arm in ARMS:
         torch.manual_seed(1)
         model, opt = build(task, arm, base, lr)
+        start = trainable_fp32(model)
         model.train()
         losses, times = [], []
         for i, b in enumerate(train):
@@ -118,9 +126,16 @@ def run_task(task: str, args: argparse.Namespace) -> dict[str, Any]:
             losses.append(float(loss.float()))
             if i % 10 == 0:
                 print(f"  {task} {arm:10s} step {i:3d} loss {losses[-1]:.4f} ({times[-1]:.2f}s)", flush=True)
+        end = trainable_fp32(model)
+        updates[arm] = {k: end[k] - start[k] for k in start}
+        ref_update = updates["fp32"]
+        err = sum(float((updates[arm][k] - ref_update[k]).square().sum()) for k in ref_update)
+        norm = sum(float(ref_update[k].square().sum()) for k in ref_update)
+        changed = sum(int((updates[arm][k] != 0).sum()) for k in start) / sum(v.numel() for v in start.values())
         out["arms"][arm] = {"losses": losses, "final_loss": statistics.mean(losses[-10:]),
-                            "held_out": held_out(task, model, test), "median_step_s": statistics.median(times)}
-        del model, opt
+                            "held_out": held_out(task, model, test), "median_step_s": statistics.median(times),
+                            "update_error_vs_fp32": (err / norm) ** 0.5, "entries_changed": changed}
+        del model, opt, start, end
     ref = out["arms"]["fp32"]["losses"]
     for arm in ARMS:
         a = out["arms"][arm]
@@ -150,10 +165,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="which tasks to run")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per arm")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per arm")
     parser.add_argument("--batch", type=int, default=8, help="MiniLM batch size")
     parser.add_argument("--lm-batch", type=int, default=2, help="SmolLM2 batch size (blocks)")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence / block")
+    parser.add_argument("--seq", type=int, default=32, help="tokens per sequence / block")
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches")
     parser.add_argument("--lora-lr", type=float, default=1e-4, help="adapter learning rate")
     parser.add_argument("--galore-lr", type=float, default=1e-5, help="GaLore learning rate (full-parameter)")
@@ -178,16 +193,20 @@ def main() -> None:
         f"{args.lm_batch} × {args.seq}; CPU `{meta['cpu_capability']}`, {args.threads} threads, "
         f"torch {torch.__version__}. "
         "Arms: `fp32` (reference), `bf16` (bf16 base; fp32 adapters / fp32 master weights for GaLore: the rankwise "
-        "defaults), `bf16-naive` (adapters in bf16, no master copy). Loss curves: `mixed_precision.png`.",
+        "defaults), `bf16-naive` (adapters in bf16, no master copy). Update error = ‖ΔW_arm − ΔW_fp32‖ / "
+        "‖ΔW_fp32‖ over the trained tensors (the change from the common start, in fp32); entries changed = share "
+        "of trained entries that moved at all. Loss curves: `mixed_precision.png`.",
         "",
-        "| task | lr | arm | final train loss | held-out | mean / max gap to fp32 loss | median step s |",
-        "|---|---|---|---|---|---|---|",
+        "| task | lr | arm | update error vs fp32 | entries changed | final train loss | held-out | "
+        "mean / max gap to fp32 loss | median step s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for task, res in results.items():
         metric = "acc" if task.startswith("minilm") else "ppl"
         for arm in ARMS:
             a = res["arms"][arm]
-            lines.append(f"| {task} | {res['lr']:g} | {arm} | {a['final_loss']:.4f} | {metric} {a['held_out']:.4g} | "
+            lines.append(f"| {task} | {res['lr']:g} | {arm} | {a['update_error_vs_fp32']:.3f} | "
+                         f"{a['entries_changed']:.1%} | {a['final_loss']:.4f} | {metric} {a['held_out']:.4g} | "
                          f"{a['mean_gap_to_fp32']:.4f} / {a['max_gap_to_fp32']:.4f} | {a['median_step_s']:.2f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
