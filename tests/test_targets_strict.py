@@ -1,5 +1,6 @@
-"""Targets that would adapt the classification head (and train its base weight), and 'all-linear' on a
-model whose projections are transformers Conv1D layers (GPT-2), are errors naming the modules."""
+"""Targets that would adapt the classification head (and train its base weight) are errors naming the
+modules; 'all-linear' selects transformers Conv1D layers (GPT-2) for adapters, and is an error naming
+them for the callers that handle nn.Linear only (sparse, compress, projected optimizers)."""
 
 from __future__ import annotations
 
@@ -32,11 +33,36 @@ def test_lm_head_may_still_be_targeted_by_name():
     assert [n for n, _ in find_targets(make_tiny_llama(), ["lm_head"])] == ["lm_head"]
 
 
-@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
-def test_all_linear_on_conv1d_layers_names_them(cls):
+def _tiny_gpt2(cls):
     torch.manual_seed(0)
-    model = cls(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
-    with pytest.raises(ValueError, match=r"Conv1D layers \(\['transformer.h.0.attn.c_attn'.*not supported yet"):
-        rw.adapt(model, "lora", r=2)
-    with pytest.raises(ValueError, match="of type Conv1D"):
-        rw.adapt(model, "lora", r=2, targets=["c_attn"])
+    return cls(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, pad_token_id=0))
+
+
+CONV1D = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
+def test_all_linear_includes_conv1d_layers_but_not_the_head(cls):
+    model = _tiny_gpt2(cls)
+    assert [n for n, _ in find_targets(model, "all-linear")] == CONV1D  # lm_head / score left out
+    rw.adapt(model, "lora", r=2)
+    assert model.rankwise_adapter.layers == CONV1D
+    assert [n for n, _ in find_targets(_tiny_gpt2(cls), ["c_attn"])] == CONV1D[0::4]
+    assert [n for n, _ in find_targets(_tiny_gpt2(cls), r".*\.mlp\.c_.*")] == [n for n in CONV1D if ".mlp." in n]
+
+
+def test_gpt2_classifier_head_is_still_refused():
+    with pytest.raises(ValueError, match="matched 'score', part of the classification head"):
+        rw.adapt(_tiny_gpt2(GPT2ForSequenceClassification), "lora", r=2, targets=["c_attn", "score"])
+
+
+@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
+def test_linear_only_callers_name_the_conv1d_layers(cls):
+    """find_targets(conv1d=False) (sparse, compress, projected optimizers) refuses Conv1D, naming them."""
+    model = _tiny_gpt2(cls)
+    with pytest.raises(ValueError, match=r"Conv1D layers \(\['transformer.h.0.attn.c_attn'.*not supported here"):
+        find_targets(model, "all-linear", conv1d=False)
+    with pytest.raises(ValueError, match="of type Conv1D; only nn.Linear modules can be adapted"):
+        find_targets(model, ["c_attn"], conv1d=False)
+    with pytest.raises(ValueError, match="Conv1D layers"):
+        rw.optim.param_groups(model, rank=2)

@@ -133,7 +133,7 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> 
     for key, t in tensors.items():
         live[key].copy_(t)
     for name, layer in offset_layers:
-        layer.base_layer.weight.copy_(originals[name])
+        layer.base_weight.copy_(originals[name])
         layer.after_load()
 
 

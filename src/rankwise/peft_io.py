@@ -16,6 +16,13 @@ that differ from the most common one go to ``rank_pattern`` / ``alpha_pattern``.
 initialization moved ``s₀·B₀A₀`` out of the frozen base (PiSSA, OLoRA, LoRA-GA) has the delta
 ``s·BA − s₀·B₀A₀`` relative to the untouched W₀, written at rank 2r as
 ``lora_B = [B, −(s₀/s)·B₀]``, ``lora_A = [A; A₀]``, so PEFT loads it onto the original base model.
+
+transformers ``Conv1D`` layers (GPT-2; weight stored (in, out)): PEFT wraps them with
+``fan_in_fan_out=True`` and keeps ``lora_A`` (r×in), ``lora_B`` (out×r) as for ``nn.Linear``, applying
+the transpose only where it merges ``scaling·B·A`` into the stored weight. PEFT sets the flag per
+layer from the module type (a Linear gets False, a Conv1D True, with a warning when the config says
+otherwise), so the export writes ``fan_in_fan_out=True`` when an adapted layer is a Conv1D (False
+otherwise), and the import accepts either value: the factors mean the same (out, in) ΔW.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from .adapters.registry import REGISTRY, AdapterState, MethodSpec, adapt, adapte
 from .checks import tensor_fits
 from .io import atomic_directory, save_tensors, write_json
 from .layout import module_tensor
+from .targets import is_linear, linear_shape
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -49,7 +57,7 @@ TASK_TYPES = {  # model class name suffix -> PEFT task_type
 }
 # PEFT LoraConfig options that change the forward in a way rankwise's lora/rslora/dora do not.
 UNSUPPORTED_OPTIONS = (
-    "fan_in_fan_out", "lora_bias", "use_qalora", "velora_config", "alora_invocation_tokens",
+    "lora_bias", "use_qalora", "velora_config", "alora_invocation_tokens",
     "monteclora_config", "layer_replication", "target_parameters", "use_bdlora", "arrow_config",
     "kasa_config", "trainable_token_indices", "megatron_config",
 )
@@ -196,7 +204,7 @@ def _peft_config(
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != lora_alpha},
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.base_transposed for _, layer in adapter_layers(model)),
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -267,8 +275,8 @@ def _split_keys(
         key = key[len(PREFIX):]
         if ".lora_embedding_" in key or (".lora_" in key and not any(key.endswith(p) for p in parts)):
             raise ValueError(
-                f"target_modules: tensor '{key}' is not a LoRA pair of an nn.Linear; "
-                "import_peft supports lora_A/lora_B (+ lora_magnitude_vector) of nn.Linear layers only"
+                f"target_modules: tensor '{key}' is not a LoRA pair of a linear layer; import_peft supports "
+                "lora_A/lora_B (+ lora_magnitude_vector) of nn.Linear and transformers Conv1D layers only"
             )
         for suffix, part in parts.items():
             if key.endswith(suffix):
@@ -331,12 +339,14 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tensor], use_dora: bool) -> int:
-    """The rank of layer ``name``'s tensors, after checking they fit ``module`` (an nn.Linear)."""
+    """The rank of layer ``name``'s tensors, after checking they fit ``module`` (an nn.Linear or a
+    transformers Conv1D, whose factors have the same (out, in) shapes)."""
     if module is None:
         raise ValueError(f"target_modules: the adapter has layer '{name}', which the model does not have")
-    if not isinstance(module, nn.Linear):
+    if not is_linear(module):
         raise ValueError(
-            f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear only"
+            f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear "
+            "and transformers Conv1D only"
         )
     missing = {"lora_A", "lora_B"} - set(parts) | ({"magnitude"} - set(parts) if use_dora else set())
     if missing:
@@ -348,8 +358,8 @@ def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tens
             raise ValueError(f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}; expected a "
                              f"{'vector' if part == 'magnitude' else 'matrix'}")
     r = int(parts["lora_A"].shape[0])
-    shapes = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r),
-              "magnitude": (module.out_features,)}
+    out_features, in_features = linear_shape(module)
+    shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r), "magnitude": (out_features,)}
     for part, t in parts.items():
         if tuple(t.shape) != shapes[part]:
             raise ValueError(

@@ -2,7 +2,8 @@
 
 Target conventions (the same as PEFT's ``target_modules``):
 
-* ``"all-linear"``: every ``nn.Linear`` except the output head(s);
+* ``"all-linear"``: every linear layer except the output head(s): ``nn.Linear`` and transformers'
+  ``Conv1D`` (GPT-2's projections, a linear map whose weight is stored transposed, (in, out));
 * a ``str``: a regular expression that must match the *full* module name;
 * a list/tuple of ``str``: a module matches when its name equals an entry or ends with ``"." + entry``.
 """
@@ -10,8 +11,11 @@ Target conventions (the same as PEFT's ``target_modules``):
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
+from typing import Any, Literal, overload
 
+import torch
 from torch import nn
 
 from .layout import CLASSIFIER_NAMES, head_module_names
@@ -19,6 +23,33 @@ from .layout import CLASSIFIER_NAMES, head_module_names
 ALL_LINEAR = "all-linear"
 
 Targets = str | Sequence[str]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with W stored (in, out).
+    Read without importing transformers: a model holding one has imported its module already."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer an adapter can wrap: ``nn.Linear`` or transformers ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear layer: ``nn.Linear.weight`` itself, or the transposed view
+    ``Conv1D.weight.T`` (the same storage, so in-place writes to the view land in the Conv1D)."""
+    w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{type(module).__name__} has no weight tensor")
+    return w.t() if is_conv1d(module) else w
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear`` or ``Conv1D``."""
+    out_features, in_features = linear_weight(module).shape
+    return int(out_features), int(in_features)
 
 
 def _under_head(name: str, heads: set[str]) -> bool:
@@ -32,14 +63,27 @@ def name_matches(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linear]]:
+@overload
+def find_targets(model: nn.Module, targets: Targets, *, conv1d: Literal[False]) -> list[tuple[str, nn.Linear]]: ...
+@overload
+def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> list[tuple[str, nn.Module]]: ...
+def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> list[tuple[str, Any]]:
     """Return ``(name, module)`` for every module selected by ``targets``.
 
+    With ``conv1d=True`` (adapters) the linear layers are ``nn.Linear`` and transformers ``Conv1D``;
+    callers that handle ``nn.Linear`` only (sparse, compress, projected optimizers) pass
+    ``conv1d=False``, and then ``"all-linear"`` on a model with Conv1D layers (GPT-2) is an error
+    naming them (it would otherwise skip them silently).
+
     Raises ``ValueError`` when ``targets`` is not a valid regular expression, when nothing matches,
-    when a matched module is not an ``nn.Linear`` or is part of a classification head (``classifier`` /
-    ``score``), and for ``"all-linear"`` on a model with transformers ``Conv1D`` layers (GPT-2), which
-    would otherwise be skipped silently.
+    when a matched module is not a linear layer or is part of a classification head (``classifier`` /
+    ``score``).
     """
+    kinds = "nn.Linear / transformers Conv1D" if conv1d else "nn.Linear"
+
+    def wanted(m: nn.Module) -> bool:
+        return is_linear(m) if conv1d else isinstance(m, nn.Linear)
+
     if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
             re.compile(targets)
@@ -47,21 +91,17 @@ def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linea
             raise ValueError(f"targets={targets!r} is not a valid regular expression ({e})") from None
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = head_module_names(model)
-        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and not _under_head(n, heads)]
-        if conv1d:
-            more = f" and {len(conv1d) - 3} more" if len(conv1d) > 3 else ""
+        skipped = [n for n, m in model.named_modules() if is_conv1d(m) and not _under_head(n, heads)]
+        if skipped and not conv1d:
+            more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
             raise ValueError(
-                f"targets='all-linear': this {type(model).__name__} has transformers Conv1D layers ({conv1d[:3]}"
-                f"{more}), which are not supported yet (nn.Linear only); 'all-linear' would silently skip them"
+                f"targets='all-linear': this {type(model).__name__} has transformers Conv1D layers ({skipped[:3]}"
+                f"{more}), which are not supported here (nn.Linear only); 'all-linear' would silently skip them"
             )
-        found = [
-            (n, m)
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not _under_head(n, heads)
-        ]
-        if not found:
-            raise ValueError("targets='all-linear' matched no nn.Linear module outside the output head")
-        return found
+        linears = [(n, m) for n, m in model.named_modules() if wanted(m) and not _under_head(n, heads)]
+        if not linears:
+            raise ValueError(f"targets='all-linear' matched no {kinds} module outside the output head")
+        return linears
     if not isinstance(targets, str | list | tuple) or (
         not isinstance(targets, str) and not all(isinstance(t, str) for t in targets)
     ):
@@ -69,7 +109,7 @@ def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linea
             f"targets must be 'all-linear', a regex string or a list of name suffixes, got {targets!r}"
         )
     classifiers = {h for h in head_module_names(model) if set(h.split(".")) & set(CLASSIFIER_NAMES)}
-    found = []
+    found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
             continue
@@ -78,16 +118,16 @@ def find_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linea
                 f"targets={targets!r} matched '{name}', part of the classification head; the head is not a "
                 "target (adapter methods train it in full); choose targets that leave it out"
             )
-        if not isinstance(module, nn.Linear):
+        if not wanted(module):
             raise ValueError(
                 f"targets={targets!r} matched module '{name}' of type {type(module).__name__}; "
-                "only nn.Linear modules can be adapted"
+                f"only {kinds} modules can be adapted"
             )
         found.append((name, module))
     if not found:
-        examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
+        examples = [n for n, m in model.named_modules() if wanted(m)][:6]
         raise ValueError(
-            f"targets={targets!r} matched no module; Linear modules look like {examples} "
+            f"targets={targets!r} matched no module; linear modules ({kinds}) look like {examples} "
             "(use 'all-linear', a list of name suffixes, or a full-match regex)"
         )
     return found

@@ -42,7 +42,7 @@ def test_adapt_freezes_all_but_adapters_and_head(tiny_bert):
         ({"method": "lora", "r": 0}, "r=0 must be a positive integer"),
         ({"method": "lora", "r": 33}, "r=33 is larger than min(in_features, out_features)=32"),
         ({"method": "lora", "targets": ["nothing_here"]}, "matched no module"),
-        ({"method": "lora", "targets": ["embeddings"]}, "only nn.Linear modules can be adapted"),
+        ({"method": "lora", "targets": ["embeddings"]}, "only nn.Linear / transformers Conv1D modules can be adapted"),
         ({"method": "lora", "rank": 4}, "unknown option(s) ['rank'] for method 'lora'; allowed options: ["),
         ({"method": "lora", "init": "magic"}, "init='magic' is not allowed; choose one of ["),
         ({"method": "lora", "dropout": 1.5}, "dropout=1.5 must be in [0, 1)"),

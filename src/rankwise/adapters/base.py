@@ -1,4 +1,10 @@
-"""AdapterLayer: a frozen base ``nn.Linear`` plus a trainable delta ΔW.
+"""AdapterLayer: a frozen base linear layer plus a trainable delta ΔW.
+
+The base is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2), whose weight is stored
+transposed, (in, out). Every method reads and writes the base weight through ``base_weight``, the
+(out, in) view (``Conv1D.weight.T``, the same storage), so inits, ``delta_weight``, merge / unmerge
+/ unload, the fused kernel and DoRA's norms run on the (out, in) math unchanged and writes land in
+the Conv1D's own layout; ``unload`` / ``merged_linear`` give back the base module itself.
 
 ``y = W₀x + b + ΔW·dropout(x)``. A subclass defines ``delta_weight()`` (dense ΔW, used to merge)
 and, when ΔW is a rank-r product, ``factors()`` returning ``(B, A, scale)`` so that the forward
@@ -17,13 +23,14 @@ config's ``adapter_dtype`` (float32 by default, whatever the base dtype), like P
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..checks import fraction, rank
+from ..targets import is_conv1d, is_linear
 from .kernels import low_rank_linear
 
 if TYPE_CHECKING:
@@ -90,20 +97,25 @@ class AdapterLayer(nn.Module):
     # Whether the adapted model's output equals the base model's right after initialization.
     identity_at_init: ClassVar[bool] = True
 
-    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, ctx: InitContext | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, ctx: InitContext | None = None) -> None:
         """Every layer is built as ``LayerClass(base_layer, config, ctx)`` by ``rw.adapt``; the base class
-        itself needs no init context (subclasses initialize their tensors from ``ctx``)."""
+        itself needs no init context (subclasses initialize their tensors from ``ctx``).
+        ``base_layer``: an ``nn.Linear`` or a transformers ``Conv1D``."""
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"base_layer must be nn.Linear, got {type(base_layer).__name__}")
+        if not is_linear(base_layer):
+            raise ValueError(
+                f"base_layer must be nn.Linear or transformers Conv1D, got {type(base_layer).__name__} "
+                f"(method '{self.method}')"
+            )
         self.base_layer = base_layer
+        # a Python flag, not a tensor test, so forward code stays traceable by torch.compile
+        self.base_transposed = is_conv1d(base_layer)
         self.config = config
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.out_features, self.in_features = (int(n) for n in self.base_weight.shape)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
-        self._init_dtype = config.dtype_for(base_layer.weight.dtype)
+        self._init_dtype = config.dtype_for(self.base_weight.dtype)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -114,7 +126,7 @@ class AdapterLayer(nn.Module):
         return False
 
     @classmethod
-    def build_shared(cls, config: AdapterConfig, layers: list[nn.Linear]) -> Any:
+    def build_shared(cls, config: AdapterConfig, layers: list[nn.Module]) -> Any:
         """Tensors shared by all adapted layers (e.g. VeRA's random bases), passed as ``ctx.extra["shared"]``."""
         return None
 
@@ -148,9 +160,18 @@ class AdapterLayer(nn.Module):
 
     # ----------------------------------------------------------------- shared behaviour
     @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight as an (out, in) matrix: ``nn.Linear.weight``, or the view
+        ``Conv1D.weight.T`` (in-place writes to it land in the Conv1D's (in, out) storage). Every
+        read and write of the base weight by a method goes through this accessor."""
+        w = cast(torch.Tensor, self.base_layer.weight)
+        return w.t() if self.base_transposed else w
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (so code that reads ``module.weight`` keeps working)."""
-        return self.base_layer.weight
+        """The base module's own weight parameter, in its own layout (so code that reads
+        ``module.weight`` keeps working; (in, out) for a Conv1D). Methods use ``base_weight``."""
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -190,7 +211,7 @@ class AdapterLayer(nn.Module):
         (``kernels.low_rank_linear``), when possible (not under autocast: the plain path lets
         autocast pick each matmul's dtype)."""
         f = self.factors()
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self.base_weight, self.base_layer.bias
         if f is None or w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
             return None
         if torch.is_autocast_enabled(x.device.type):
@@ -205,7 +226,7 @@ class AdapterLayer(nn.Module):
         """Fold ΔW into the base weight (``W ← W + ΔW``); the forward then skips the delta."""
         if self.merged:
             return
-        w = self.base_layer.weight
+        w = self.base_weight
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
 
@@ -214,13 +235,13 @@ class AdapterLayer(nn.Module):
         """Undo ``merge``: the base weight goes back to ``frozen_weight()``."""
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self.frozen_weight())
+        self.base_weight.copy_(self.frozen_weight())
         self.merged = False
 
     def frozen_weight(self) -> torch.Tensor:
         """The frozen base weight, recovered from the merged weight when merged (``W − ΔW`` for an
         additive delta, exact up to rounding; methods whose merge is not additive override this)."""
-        w = self.base_layer.weight
+        w = self.base_weight
         return w - self.delta_weight().to(w.dtype) if self.merged else w
 
     @torch.no_grad()
@@ -233,15 +254,15 @@ class AdapterLayer(nn.Module):
         return w
 
     @torch.no_grad()
-    def unload(self) -> nn.Linear:
-        """Return the base ``nn.Linear`` holding the original W₀ (the adapter is dropped)."""
-        self.base_layer.weight.copy_(self.original_weight())
+    def unload(self) -> nn.Module:
+        """Return the base module (``nn.Linear`` / ``Conv1D``) holding the original W₀ (the adapter is dropped)."""
+        self.base_weight.copy_(self.original_weight())
         self.merged = False
         return self.base_layer
 
     @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """Return the base ``nn.Linear`` with ΔW folded in (the adapter is dropped)."""
+    def merged_linear(self) -> nn.Module:
+        """Return the base module (``nn.Linear`` / ``Conv1D``) with ΔW folded in (the adapter is dropped)."""
         self.merge()
         return self.base_layer
 
@@ -253,5 +274,6 @@ class AdapterLayer(nn.Module):
         """Hook run after tensors were loaded from a checkpoint (e.g. re-apply a base offset)."""
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}"
+        base = ", base=Conv1D" if self.base_transposed else ""
+        return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}{base}"
 

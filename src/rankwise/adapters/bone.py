@@ -67,7 +67,7 @@ class BoneLayer(AdapterLayer):
 
     method = "bone"
 
-    def __init__(self, base_layer: nn.Linear, config: BoneConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: BoneConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
         r = config.r
         if self.in_features % r or self.out_features % r:
@@ -76,7 +76,7 @@ class BoneLayer(AdapterLayer):
                 f"of '{ctx.name or 'the layer'}' (Bone splits W into r×r blocks); choose r among the "
                 f"common divisors of {self.in_features} and {self.out_features}"
             )
-        w = base_layer.weight
+        w = self.base_weight
         self.bone_block = nn.Parameter(
             torch.zeros(self.out_features // r, r, r, dtype=self.adapter_dtype, device=w.device)
         )
@@ -85,7 +85,7 @@ class BoneLayer(AdapterLayer):
     def frozen_weight(self) -> torch.Tensor:
         """W₀ (the base weight), recovered from the merged weight by the blockwise inverse if merged:
         W₀ = blockwise (W′ − b)(I + b)⁻¹, exact up to rounding while I + b_a is invertible."""
-        w = self.base_layer.weight
+        w = self.base_weight
         return bone_inverse(w, self.bone_block) if self.merged else w
 
     def delta_weight(self) -> torch.Tensor:
@@ -96,7 +96,7 @@ class BoneLayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return super().forward(x)
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self.base_weight, self.base_layer.bias
         if not self.dropout_active and self.adapter_dtype == w.dtype:
             # one GEMM with the block-affine weight W₀ + ΔW(W₀)
             return F.linear(x, w + bone_delta(w, self.bone_block), bias)

@@ -134,15 +134,15 @@ class CoreLayer(AdapterLayer):
     def needs_grad(cls, config: CoreConfig) -> bool:
         return INITS[config.init_name].needs_grad
 
-    def __init__(self, base_layer: nn.Linear, config: CoreConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: CoreConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
         spec = INITS[config.init_name]
         self.method = config.init_name
         self.identity_at_init = spec.identity
         self.diagonal, self.moves_base = spec.core == "diagonal", spec.moves_base
         self.scale = config.scale
-        dtype, device = self.adapter_dtype, base_layer.weight.device
-        weight = base_layer.weight.detach().float()
+        dtype, device = self.adapter_dtype, self.base_weight.device
+        weight = self.base_weight.detach().float()
         r = config.rank(weight)
         if ctx.skip:  # shapes only; the tensors come from a checkpoint
             f = Factors(
@@ -182,7 +182,7 @@ class CoreLayer(AdapterLayer):
     def after_load(self) -> None:
         """Remove s·B·C₀·A from the frozen base (LoLDU, SVFit), so the model starts equal to W₀."""
         if self.moves_base:
-            w = self.base_layer.weight
+            w = self.base_weight
             w.sub_(self.base_offset().to(w.dtype))
 
     def trainable_count(self) -> int:

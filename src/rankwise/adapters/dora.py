@@ -81,9 +81,9 @@ class DoRALayer(LoRALayer):
 
     method = "dora"
 
-    def __init__(self, base_layer: nn.Linear, config: LoRAConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config, ctx)
-        w = self.base_layer.weight
+        w = self.base_weight
         self.magnitude = nn.Parameter(torch.ones(self.out_features, dtype=self.adapter_dtype, device=w.device))
         # ‖W₀ + sBA‖ at merge time: unmerge needs it, it cannot be recomputed from the merged weight
         self.register_buffer("merge_norm", None, persistent=False)
@@ -102,7 +102,7 @@ class DoRALayer(LoRALayer):
     @torch.no_grad()
     def frozen_weight(self) -> torch.Tensor:
         """The W₀ of the DoRA formula (the frozen base), recovered from the merged weight if merged."""
-        w = self.base_layer.weight
+        w = self.base_weight
         if not self.merged:
             return w
         lora = (self.lora_B @ self.lora_A) * self.scale
@@ -121,7 +121,7 @@ class DoRALayer(LoRALayer):
         """W ← m/‖W₀+sBA‖ ⊙ (W₀+sBA); the norm is kept (non-persistent) so that unmerge can invert it."""
         if self.merged:
             return
-        w = self.base_layer.weight
+        w = self.base_weight
         norm = self._norm(w)
         v = torch.addmm(w.to(self.adapter_dtype), self.lora_B, self.lora_A, alpha=self.scale)
         w.copy_(v * (self.magnitude / norm).unsqueeze(1))
@@ -141,7 +141,7 @@ class DoRALayer(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return super().forward(x)
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self.base_weight, self.base_layer.bias
         if not self.dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
             a, b, m = self.lora_A, self.lora_B, self.magnitude
             if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):

@@ -107,9 +107,9 @@ class DSEELayer(AdapterLayer):
 
     method = "dsee"
 
-    def __init__(self, base_layer: nn.Linear, config: DSEEConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: DSEEConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        r, dtype, device = config.r, self.adapter_dtype, base_layer.weight.device
+        r, dtype, device = config.r, self.adapter_dtype, self.base_weight.device
         if config.nnz > self.in_features * self.out_features:
             raise ValueError(
                 f"nnz={config.nnz} exceeds the {self.out_features}x{self.in_features} entries of '{ctx.name}'"
@@ -129,7 +129,7 @@ class DSEELayer(AdapterLayer):
             return
         gen = layer_generator(config.seed, ctx.name)
         kaiming_uniform_(self.lora_A, generator=gen)
-        index = dsee_support(base_layer.weight, config.nnz, config.support,
+        index = dsee_support(self.base_weight, config.nnz, config.support,
                              config.support_rank or config.r, config.support_iters, gen)
         self.sparse_index.copy_(index)
 
@@ -169,7 +169,7 @@ class DSEELayer(AdapterLayer):
         """Re-apply the keep-mask (zero the frozen base where it is False) and set ``masked``."""
         self.masked = self.pruned
         if self.masked:
-            self.base_layer.weight.masked_fill_(~self.keep_mask, 0)
+            self.base_weight.masked_fill_(~self.keep_mask, 0)
 
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features) + self.config.nnz

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..batches import LossFn, default_loss
+from ..targets import is_conv1d
 
 
 def estimate_gradients(
@@ -20,7 +21,9 @@ def estimate_gradients(
     loss_fn: LossFn | None = None,
     max_batches: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Mean gradient (fp32) of ``module.weight`` for each module name, over at most ``max_batches``."""
+    """Mean gradient (fp32) of each named module's weight, over at most ``max_batches``, as an (out, in)
+    matrix: the gradient of a transformers ``Conv1D`` weight (stored (in, out)) is transposed, like
+    the weight every init reads (``AdapterLayer.base_weight``)."""
     loss_fn = loss_fn or default_loss
     weights = {n: model.get_submodule(n).weight for n in names}
     saved = {id(p): p.requires_grad for p in model.parameters()}
@@ -46,4 +49,4 @@ def estimate_gradients(
         model.train(was_training)
     if count == 0:
         raise ValueError("init_data yielded no batch")
-    return {n: s / count for n, s in sums.items()}
+    return {n: (s / count).t() if is_conv1d(model.get_submodule(n)) else s / count for n, s in sums.items()}

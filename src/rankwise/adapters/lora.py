@@ -51,9 +51,9 @@ class LoRALayer(AdapterLayer):
     def needs_grad(cls, config: LoRAConfig) -> bool:
         return INITS[config.init].needs_grad
 
-    def __init__(self, base_layer: nn.Linear, config: LoRAConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        r, dtype, device = config.r, self.adapter_dtype, base_layer.weight.device
+        r, dtype, device = config.r, self.adapter_dtype, self.base_weight.device
         self.scale = config.scale
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
@@ -72,7 +72,7 @@ class LoRALayer(AdapterLayer):
         if cfg.init == "default":
             kaiming_uniform_(self.lora_A, generator=layer_generator(cfg.seed, ctx.name))
             return
-        w = self.base_layer.weight.detach().float()
+        w = self.base_weight.detach().float()
         f = INITS[cfg.init].fn(w, replace(ctx, config=cfg, r=cfg.r, scale=self.scale))
         b, a = f.left, f.right
         self.lora_B.copy_(b)
@@ -86,7 +86,7 @@ class LoRALayer(AdapterLayer):
     def after_load(self) -> None:
         """Remove s·B₀A₀ from the frozen base, so the model starts equal to W₀."""
         if self.moves_base:
-            w = self.base_layer.weight
+            w = self.base_weight
             w.sub_(self.base_offset().to(w.dtype))
 
     def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:

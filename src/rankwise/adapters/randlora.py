@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import choice, positive
+from ..targets import linear_shape, linear_weight
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
 from .registry import MethodSpec, register
@@ -102,15 +103,15 @@ class RandLoRALayer(AdapterLayer):
     route: str = "auto"
 
     @classmethod
-    def build_shared(cls, config: RandLoRAConfig, layers: list[nn.Linear]) -> dict[str, torch.Tensor]:
-        out_max = max(lin.out_features for lin in layers)
-        in_max = max(lin.in_features for lin in layers)
+    def build_shared(cls, config: RandLoRAConfig, layers: list[nn.Module]) -> dict[str, torch.Tensor]:
+        out_max = max(linear_shape(lin)[0] for lin in layers)
+        in_max = max(linear_shape(lin)[1] for lin in layers)
         a, b = randlora_bases(config.seed, config.r, max(out_max, in_max), min(out_max, in_max), config.sparse)
-        w = layers[0].weight
+        w = linear_weight(layers[0])
         dtype = config.dtype_for(w.dtype)
         return {"A": a.to(device=w.device, dtype=dtype), "B": b.to(device=w.device, dtype=dtype)}
 
-    def __init__(self, base_layer: nn.Linear, config: RandLoRAConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: RandLoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
         shared = ctx.extra.get("shared")
         if shared is None:
@@ -127,7 +128,7 @@ class RandLoRALayer(AdapterLayer):
         # the same tensor objects in every layer; regenerated from the seed, so not saved
         self.register_buffer("randlora_A", shared["A"], persistent=False)
         self.register_buffer("randlora_B", shared["B"], persistent=False)
-        w, dtype = base_layer.weight, self.adapter_dtype
+        w, dtype = self.base_weight, self.adapter_dtype
         self.randlora_lambda = nn.Parameter(torch.zeros(config.r, self.n, dtype=dtype, device=w.device))
         self.randlora_gamma = nn.Parameter(
             torch.full((self.n, self.min_dim), 1.0 / max(self.n, self.min_dim), dtype=dtype, device=w.device)
@@ -169,7 +170,7 @@ class RandLoRALayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return super().forward(x)
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self.base_weight, self.base_layer.bias
         dense = self._dense_is_cheaper(x)
         if dense and not self.dropout_active and self.adapter_dtype == w.dtype:
             return F.linear(x, w + self.delta_weight(), bias)

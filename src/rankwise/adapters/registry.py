@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import catalogue, checks
 from ..layout import CLASSIFIER_NAMES
-from ..targets import Targets, find_targets, replace_module
+from ..targets import Targets, find_targets, linear_shape, replace_module
 from .base import AdapterConfig, AdapterLayer
 from .gradients import estimate_gradients
 from .init import InitContext
@@ -106,7 +106,7 @@ def _trainable_module_names(model: nn.Module, trainable: str | Iterable[str] | N
 
 
 def _check_overrides(
-    overrides: dict[str, dict[str, Any]] | None, found: list[tuple[str, nn.Linear]]
+    overrides: dict[str, dict[str, Any]] | None, found: list[tuple[str, nn.Module]]
 ) -> dict[str, dict[str, Any]]:
     """A copy of ``overrides`` (``{}`` for None); raises unless it maps adapted layer names to dicts."""
     if overrides is not None and (
@@ -123,10 +123,10 @@ def _check_overrides(
     return overrides
 
 
-def _check_ranks(found: list[tuple[str, nn.Linear]], layer_cfgs: dict[str, AdapterConfig]) -> None:
+def _check_ranks(found: list[tuple[str, nn.Module]], layer_cfgs: dict[str, AdapterConfig]) -> None:
     """Every layer's rank r <= min(in_features, out_features)."""
     for name, lin in found:
-        limit = min(lin.in_features, lin.out_features)
+        limit = min(linear_shape(lin))
         r = layer_cfgs[name].r
         if r > limit:
             raise ValueError(
@@ -158,7 +158,7 @@ def _inject(
     model: nn.Module,
     spec: MethodSpec,
     cfg: AdapterConfig,
-    found: list[tuple[str, nn.Linear]],
+    found: list[tuple[str, nn.Module]],
     layer_cfgs: dict[str, AdapterConfig],
     grads: dict[str, torch.Tensor],
     skip_init: bool,

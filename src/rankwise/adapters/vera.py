@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checks import positive
+from ..targets import linear_shape, linear_weight
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
 from .registry import MethodSpec, register
@@ -57,20 +58,20 @@ class VeRALayer(AdapterLayer):
     method = "vera"
 
     @classmethod
-    def build_shared(cls, config: VeRAConfig, layers: list[nn.Linear]) -> dict[str, torch.Tensor]:
-        in_max = max(lin.in_features for lin in layers)
-        out_max = max(lin.out_features for lin in layers)
+    def build_shared(cls, config: VeRAConfig, layers: list[nn.Module]) -> dict[str, torch.Tensor]:
+        in_max = max(linear_shape(lin)[1] for lin in layers)
+        out_max = max(linear_shape(lin)[0] for lin in layers)
         a, b = vera_projections(config.seed, config.r, in_max, out_max)
-        w = layers[0].weight
+        w = linear_weight(layers[0])
         dtype = config.dtype_for(w.dtype)
         return {"A": a.to(device=w.device, dtype=dtype), "B": b.to(device=w.device, dtype=dtype)}
 
-    def __init__(self, base_layer: nn.Linear, config: VeRAConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: VeRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
         shared = ctx.extra.get("shared")
         if shared is None:
             a, b = vera_projections(config.seed, config.r, self.in_features, self.out_features)
-            w = base_layer.weight
+            w = self.base_weight
             shared = {"A": a.to(device=w.device, dtype=self.adapter_dtype),
                       "B": b.to(device=w.device, dtype=self.adapter_dtype)}
         if shared["A"].shape[0] != config.r:
@@ -81,7 +82,7 @@ class VeRALayer(AdapterLayer):
         # the same tensor objects in every layer; regenerated from the seed, so not saved
         self.register_buffer("vera_A", shared["A"], persistent=False)
         self.register_buffer("vera_B", shared["B"], persistent=False)
-        w, dtype = base_layer.weight, self.adapter_dtype
+        w, dtype = self.base_weight, self.adapter_dtype
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=w.device))
         self.vera_lambda_d = nn.Parameter(
             torch.full((config.r,), float(config.d_initial), dtype=dtype, device=w.device)

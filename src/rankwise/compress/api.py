@@ -173,7 +173,7 @@ def _factorized(model: nn.Module, method: str, req: Request,
                 factorize: Callable[[list[tuple[str, nn.Linear]]], tuple[Mapping[str, int | None], dict[str, Any]]]
                 ) -> CompressState:
     """The state of a factorizing method: ``factorize(targets) -> (ranks, details)`` replaces the layers."""
-    found = find_targets(model, req.targets)
+    found = find_targets(model, req.targets, conv1d=False)
     names = [n for n, _ in found]
     before = _weights(model, names)
     ranks, details = factorize(found)
@@ -243,7 +243,7 @@ def _dsee(model: nn.Module, req: Request) -> CompressState:
     adapt(model, "dsee", targets=req.targets, trainable=config.get("trainable", "auto"), **adapter_cfg)
     layers = adapter_layers(model)
     names = [n for n, _ in layers]
-    before = sum(layer.base_layer.weight.numel() for _, layer in layers)
+    before = sum(layer.base_weight.numel() for _, layer in layers)
     history = dsee_finetune(model, req.data or [], req.steps, 1.0 - req.ratio, config.get("prune_at", 0.5),
                             config.get("lr", 1e-3), req.loss_fn, req.progress)
     merge_and_unload(model)

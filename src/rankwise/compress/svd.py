@@ -93,7 +93,7 @@ class SVDCache:
 
 def target_linears(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Linear]]:
     """The targeted ``nn.Linear`` modules (ValueError when one is not an ``nn.Linear`` or none match)."""
-    return find_targets(model, targets)
+    return find_targets(model, targets, conv1d=False)
 
 
 def shapes_of(found: Iterable[tuple[str, nn.Linear]]) -> dict[str, Shape]:

@@ -24,7 +24,7 @@ def param_groups(
     """
     integer("rank", rank, 1)
     projected, seen = [], set()
-    for _, module in find_targets(model, targets):
+    for _, module in find_targets(model, targets, conv1d=False):
         w = module.weight
         if w.requires_grad and w.dim() == 2 and id(w) not in seen:
             projected.append(w)

@@ -63,7 +63,7 @@ def swap_layers(build: Callable[[str, nn.Linear], nn.Module]) -> Apply:
     """``apply`` for the methods that replace each target ``nn.Linear`` by ``build(name, linear)``."""
 
     def apply(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
-        found = find_targets(model, targets)
+        found = find_targets(model, targets, conv1d=False)
         with torch.no_grad():
             for name, lin in found:
                 replace_module(model, name, build(name, lin))
@@ -154,7 +154,7 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
     if getattr(model, "rankwise_sparse", None) is not None:
         raise ValueError("model is already sparsified; call rw.sparse.densify(model) first")
     if opts.get("rank") is not None:
-        for name, lin in find_targets(model, targets):  # validate every layer before touching any
+        for name, lin in find_targets(model, targets, conv1d=False):  # validate every layer before touching any
             checks.rank("rank", opts["rank"], min(lin.out_features, lin.in_features), where=name)
     names = SPARSE_METHODS[method].apply(model, targets, opts)
     state = SparseState(method, dict(opts), names)
