@@ -327,3 +327,40 @@ def test_import_of_a_peft_gpt2_lora_is_exact(variant, kind, tmp_path):
 
     back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
     torch.testing.assert_close(logits(back), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_conv1d_layer_compiles_fullgraph(method):
+    """The transposed view is read in forward without a graph break (the fused LoRA / DoRA kernels)."""
+    model = adapt(make_gpt2("lm"), method, "lm")
+    randomize(model)
+    layer = conv_layers(model)[0][1]
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for fn in (layer, compiled):
+        layer.zero_grad()
+        x.grad = None
+        out = fn(x)
+        out.square().sum().backward()
+        if fn is layer:
+            expected = (out.detach(), x.grad.clone(), [p.grad.clone() for _, p in trainable(layer)])
+    torch.testing.assert_close(out.detach(), expected[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, expected[1], atol=1e-6, rtol=1e-5)
+    for p, g in zip([p for _, p in trainable(layer)], expected[2], strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_dsee_compress_on_gpt2_matches_its_linear_twin():
+    """rw.compress(model, "dsee") (adapter, global magnitude pruning of W₀ + ΔW, merge) on the Conv1D GPT-2
+    gives the transposed weights of the same run on its Linear twin, half of them zero."""
+    base = make_gpt2("lm")
+    conv = rw.compress(copy.deepcopy(base), "dsee", ratio=0.5, data=batches("lm"), steps=2)
+    lin = rw.compress(linear_twin(base), "dsee", ratio=0.5, data=batches("lm"), steps=2)
+    pairs = [(m, lin.get_submodule(n)) for n, m in conv.named_modules() if isinstance(m, Conv1D)]
+    assert len(pairs) == 8 and all(isinstance(b, nn.Linear) for _, b in pairs)
+    for a, b in pairs:
+        torch.testing.assert_close(a.weight, b.weight.t(), atol=1e-6, rtol=0)
+    zeros = sum(int((a.weight == 0).sum()) for a, _ in pairs) / sum(a.weight.numel() for a, _ in pairs)
+    assert abs(zeros - 0.5) < 0.01
+    torch.testing.assert_close(logits(conv), logits(lin), atol=1e-5, rtol=0)

@@ -67,7 +67,7 @@ def dsee_prune(model: nn.Module, sparsity: float) -> int:
     config = layers[0][1].config
     if config.structure == "heads":
         return prune_heads(model, sparsity, config.head_score)
-    effective = [layer.base_layer.weight.float() + layer.delta_weight().float() for _, layer in layers]
+    effective = [layer.base_weight.float() + layer.delta_weight().float() for _, layer in layers]
     magnitudes = torch.cat([(w.abs().flatten()) for w in effective])
     count = round(sparsity * magnitudes.numel())
     keep = torch.ones_like(magnitudes, dtype=torch.bool)
@@ -128,7 +128,7 @@ def _l1(layer: DSEELayer, dim: int, head_score: str) -> torch.Tensor:
     """``Σ |ΔW|`` (plus ``Σ |W₀|`` for "weight_update") along ``dim`` (1: per row, 0: per column)."""
     magnitude = layer.delta_weight().float().abs()
     if head_score == "weight_update":
-        magnitude = magnitude + layer.base_layer.weight.float().abs()
+        magnitude = magnitude + layer.base_weight.float().abs()
     return magnitude.sum(dim)
 
 

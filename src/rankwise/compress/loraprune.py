@@ -147,7 +147,7 @@ def lora_importance(layer: LoRALayer, input_side: bool) -> torch.Tensor:
     ga, gb = a.grad.float(), b.grad.float()
     af, bf = a.detach().float(), b.detach().float()
     g_hat = gb @ af + bf @ ga - gb @ ga
-    weight = layer.base_layer.weight.float() + layer.scale * (bf @ af)
+    weight = layer.base_weight.float() + layer.scale * (bf @ af)
     imp = (g_hat * weight).abs()
     return imp.sum(0) if input_side else imp.sum(1)
 

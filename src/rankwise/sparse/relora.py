@@ -190,7 +190,7 @@ class ReLoRA(RankController):
         """``W ← W + s·B A``; then A ← Kaiming-uniform (fresh draw), B ← 0, so the output is unchanged."""
         self.merges += 1
         for name, layer in self.layers:
-            w = layer.base_layer.weight
+            w = layer.base_weight
             w.add_(layer.delta_weight().to(w.dtype))
             kaiming_uniform_(layer.lora_A, generator=layer_generator(self.seed + self.merges, name))
             layer.lora_B.zero_()
