@@ -364,3 +364,37 @@ def test_dsee_compress_on_gpt2_matches_its_linear_twin():
     zeros = sum(int((a.weight == 0).sum()) for a, _ in pairs) / sum(a.weight.numel() for a, _ in pairs)
     assert abs(zeros - 0.5) < 0.01
     torch.testing.assert_close(logits(conv), logits(lin), atol=1e-5, rtol=0)
+
+
+def test_import_follows_peft_when_the_config_says_fan_in_fan_out_false(tmp_path):
+    """PEFT sets fan_in_fan_out per layer type (True for a Conv1D, with a warning), so an adapter whose
+    config says False loads in PEFT as the Conv1D LoRA it is; import_peft gives the same numbers."""
+    from peft import PeftModel
+
+    base, pm = _peft_pair("lm")
+    randomize(pm, seed=13)
+    pm.save_pretrained(tmp_path / "peft")
+    cfg_file = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["fan_in_fan_out"] = False
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
+        expected = logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft"))
+    torch.testing.assert_close(expected, logits(pm), atol=0, rtol=0)
+    model = rw.import_peft(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+
+
+def test_trainer_checkpoint_of_a_base_moving_init_loads_back(tmp_path):
+    """hf_trainer's loader restores the original W₀ through base_weight before re-applying PiSSA's offset."""
+    from rankwise.hf_trainer import load_adapter_checkpoint, save_adapter_checkpoint
+
+    base = make_gpt2("lm")
+    model = adapt(copy.deepcopy(base), "pissa", "lm")
+    randomize(model)
+    save_adapter_checkpoint(model, tmp_path / "ckpt")
+    fresh = adapt(copy.deepcopy(base), "pissa", "lm")
+    randomize(fresh, seed=2)
+    assert not torch.allclose(logits(fresh), logits(model))
+    load_adapter_checkpoint(fresh, tmp_path / "ckpt")
+    torch.testing.assert_close(logits(fresh), logits(model), atol=1e-5, rtol=0)

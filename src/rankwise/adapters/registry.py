@@ -190,7 +190,9 @@ def adapt(
     """Inject ``method`` adapters into ``model`` in place, freeze everything else, return ``model``.
 
     ``targets``: ``"all-linear"`` (output heads excluded), a full-match regex, or a list of name
-    suffixes. ``init_data``: batches for data-driven inits (LoRA-GA, LoRA-SB); ``loss_fn(model,
+    suffixes; they select ``nn.Linear`` and transformers ``Conv1D`` layers (GPT-2), which every
+    method adapts through the same (out, in) view of the weight (``AdapterLayer.base_weight``).
+    ``init_data``: batches for data-driven inits (LoRA-GA, LoRA-SB); ``loss_fn(model,
     batch)`` defaults to ``model(**batch).loss``. ``trainable``: modules trained in full beside the
     adapters ("auto" = the classification head ``classifier``/``score`` when the model has one).
     ``overrides``: ``{full layer name: {field: value}}`` config fields for single layers (e.g. a
