@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .callbacks import TrainState
-from .checks import tensor_fits
+from .checks import tensors_fit
 from .io import TMP_TAG, atomic_directory, save_tensors, write_errors, write_json
 
 __all__ = [
@@ -112,17 +112,7 @@ def load_trained_tensors(model: nn.Module, checkpoint: Path, tensors: dict[str, 
     if tensors is None:
         tensors = load_file(str(checkpoint / TENSORS_FILE))
     expected = trained_tensors(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the model (build it exactly as for the first run): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for k, t in tensors.items():
-        try:
-            tensor_fits(k, t, expected[k])
-        except ValueError as e:
-            raise ValueError(f"checkpoint {checkpoint} does not fit the model: {e}") from None
+    tensors_fit(tensors, expected, "checkpoint", f" ({checkpoint}; build it exactly as for the first run)")
     with torch.no_grad():
         for k, t in tensors.items():
             expected[k].copy_(t)

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = [
     "beta_pair", "choice", "fraction", "integer", "is_number", "known_options", "non_negative", "number", "positive",
-    "rank", "tensor_fits",
+    "rank", "tensor_fits", "tensors_fit",
 ]
 
 
@@ -168,3 +168,17 @@ def tensor_fits(name: str, value: Any, target: Any) -> None:
             raise ValueError(f"tensor '{name}': expected finite values, found {bad} NaN/inf of {value.numel()}")
     elif value.dtype != target.dtype:
         raise ValueError(f"tensor '{name}': expected dtype {target.dtype}, found {value.dtype}")
+
+
+def tensors_fit(saved: Any, live: Any, where: str, hint: str = "") -> None:
+    """ValueError unless the mapping ``saved`` holds exactly the names of ``live`` and every tensor fits
+    its live twin (:func:`tensor_fits`): the check every loader runs before it copies anything. The
+    message names the source ``where`` (plus ``hint``) and the first names or tensor that fail."""
+    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model{hint}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, t in saved.items():
+        try:
+            tensor_fits(key, t, live[key])
+        except ValueError as e:
+            raise ValueError(f"{where} does not fit the model{hint}: {e}") from None

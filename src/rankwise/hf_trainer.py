@@ -111,23 +111,10 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> 
             f"checkpoint {str(path)!r} was trained with other adapter settings: "
             + ", ".join(f"{k}={saved_options.get(k)!r} (the model has {options.get(k)!r})" for k in changed)
         )
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    live = adapter_tensors(model)
-    missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    extra_live = _extra_trained_tensors(model)
     extra_file = path / EXTRA_FILE
-    extra = load_file(str(extra_file)) if extra_file.is_file() else {}
-    if set(extra) != set(extra_live):
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not hold the model's other trained tensors: missing "
-            f"{sorted(set(extra_live) - set(extra))[:5]}, unexpected {sorted(set(extra) - set(extra_live))[:5]}"
-        )
-    tensors.update(extra)
-    live.update(extra_live)
-    for key, t in tensors.items():
-        checks.tensor_fits(key, t, live[key])
+    tensors = {**load_file(str(path / ADAPTER_WEIGHTS)), **(load_file(str(extra_file)) if extra_file.is_file() else {})}
+    live = {**adapter_tensors(model), **_extra_trained_tensors(model)}
+    checks.tensors_fit(tensors, live, f"checkpoint {str(path)!r}")
     offset_layers = [(n, m) for n, m in adapter_layers(model) if m.base_offset_factors() is not None]
     originals = {n: m.original_weight() for n, m in offset_layers}
     for key, t in tensors.items():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.registry import adapt, adapter_layers
-from .checks import tensor_fits
+from .checks import tensors_fit
 
 ADAPTER_CONFIG = "rankwise_adapter.json"
 ADAPTER_WEIGHTS = "rankwise_adapter.safetensors"
@@ -341,14 +341,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     )
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     expected = adapter_tensors(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, t in tensors.items():  # every tensor checked before any is copied
-        try:
-            tensor_fits(key, t, expected[key])
-        except ValueError as e:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS} does not fit the model: {e}") from None
+    tensors_fit(tensors, expected, f"adapter file {path / ADAPTER_WEIGHTS}")  # all checked before any is copied
     with torch.no_grad():
         for key, t in tensors.items():
             expected[key].copy_(t)

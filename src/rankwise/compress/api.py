@@ -36,7 +36,7 @@ from torch import nn
 from .. import catalogue
 from ..adapters import DSEEConfig, adapt, adapter_layers, merge_and_unload
 from ..batches import LossFn
-from ..checks import choice, fraction, integer, known_options, tensor_fits
+from ..checks import choice, fraction, integer, known_options, tensors_fit
 from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
@@ -462,16 +462,7 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
                                  old.weight.device, old.weight.dtype)
         replace_module(model, name, layer)
     tensors = load_file(str(path / COMPRESSED_WEIGHTS))
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path / COMPRESSED_WEIGHTS} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for key, t in tensors.items():
-        try:
-            tensor_fits(key, t, expected[key])
-        except ValueError as e:
-            raise ValueError(f"{path / COMPRESSED_WEIGHTS} does not fit the model: {e}") from None
+    tensors_fit(tensors, model.state_dict(), str(path / COMPRESSED_WEIGHTS))
     model.load_state_dict(tensors, strict=True)
     model.eval()
     model.rankwise_compress = state
