@@ -228,3 +228,15 @@ def test_bad_input_names_the_parameter(tmp_path):
         trainer_optimizer("nope")
     with pytest.raises(ValueError, match="loop callbacks"):
         LoopCallbacks([object()]).load_state_dict([None, None])
+
+
+def test_loop_callbacks_see_the_optimizer_the_user_built_even_when_it_wraps_another(tmp_path):
+    """A guarded optimizer (skip_nonfinite) also has an ``optimizer`` attribute; only accelerate's wrapper
+    is taken off, so ReLoRA (which checks it resets the optimizer it was built with) accepts it."""
+    model = _base(tmp_path)
+    prepare_relora(model, rank=4)
+    opt = rw.optim.make("adamw", model, lr=1e-2, skip_nonfinite=True)
+    relora = ReLoRA(model, opt, merge_every=1, reset="zero")
+    RankwiseTrainer(model=model, args=_args(tmp_path / "run", steps=2, save_steps=10), train_dataset=_dataset(),
+                    optimizers=(opt, None), loop_callbacks=[relora]).train()
+    assert relora.merges == 2

@@ -19,6 +19,7 @@ Rank controllers and other loop callbacks (``rankwise.callbacks``) run inside th
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate.optimizer import AcceleratedOptimizer
 from safetensors.torch import load_file
 from torch import nn
 
@@ -91,8 +93,6 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> 
     Layers whose initialization moved part of W₀ out of the frozen base (PiSSA, LoLDU, ...) get their
     base recomputed from the untouched W₀ and the loaded offset, so the model equals the saved one.
     """
-    import json
-
     state = _state(model)
     path = Path(checkpoint)
     cfg_file = path / ADAPTER_CONFIG
@@ -137,8 +137,9 @@ def trainer_optimizer(name: str, **options: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _unwrapped(optimizer: Any) -> Any:
-    """The optimizer itself, not accelerate's ``AcceleratedOptimizer`` wrapper around it."""
-    return getattr(optimizer, "optimizer", optimizer)
+    """The optimizer itself, not accelerate's ``AcceleratedOptimizer`` wrapper around it (a rankwise
+    ``GuardedOptimizer`` also has an ``optimizer`` attribute, but is the optimizer the user built)."""
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
 
 
 class LoopCallbacks(transformers.TrainerCallback):
@@ -156,7 +157,7 @@ class LoopCallbacks(transformers.TrainerCallback):
         self.loop_state: TrainState | None = None
         self._pending_log: dict[str, Any] = {}
 
-    def _sync(self, args: Any, hf_state: Any, control: Any, kwargs: dict[str, Any], step: int) -> TrainState:
+    def _sync(self, hf_state: Any, kwargs: dict[str, Any], step: int) -> TrainState:
         if self.loop_state is None:
             self.loop_state = TrainState(
                 model=kwargs["model"], optimizer=_unwrapped(kwargs["optimizer"]), scheduler=kwargs.get("lr_scheduler"),
@@ -178,7 +179,7 @@ class LoopCallbacks(transformers.TrainerCallback):
         return control
 
     def _run(self, hook: str, args: Any, hf_state: Any, control: Any, kwargs: dict, step: int, *extra: Any) -> Any:
-        s = self._sync(args, hf_state, control, kwargs, step)
+        s = self._sync(hf_state, kwargs, step)
         call(self.callbacks, hook, s, *extra)
         return self._finish(control)
 
