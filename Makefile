@@ -36,12 +36,16 @@ lint: $(STAMP)
 readme: $(STAMP)
 	$(PY) -c "from rankwise.catalogue import write_readme; write_readme('README.md')"
 
-# the committed benchmarks at their recorded settings (results in benchmarks/results/; about 90 min on 2 cores)
+# the committed benchmarks at their recorded settings (results in benchmarks/results/; about 3 h on 2 cores)
 bench: $(STAMP)
 	$(PY) benchmarks/adapter_step_time.py --threads 2
 	$(PY) benchmarks/optim_vs_galore_torch.py
 	$(PY) benchmarks/pretrain.py
 	$(PY) benchmarks/compress_smollm2.py
+	$(PY) benchmarks/adapter_compile.py --threads 2
+	$(PY) benchmarks/mixed_precision.py
+	$(PY) benchmarks/mixed_precision.py --tasks minilm-galore --out benchmarks/results/mixed_precision_master
+	$(PY) benchmarks/bf16_matmul.py
 
 # every benchmark once at toy size, into $(BENCH_SMOKE) (checks they run; the numbers mean nothing)
 BENCH_SMOKE ?= /tmp/rankwise-bench-smoke
@@ -53,6 +57,11 @@ bench-smoke: $(STAMP)
 		--out $(BENCH_SMOKE)/pretrain
 	$(PY) benchmarks/compress_smollm2.py --methods svd --ratios 0.5 --eval-blocks 1 --eval-batch 1 --prune-steps 1 \
 		--recover-steps 1 --out $(BENCH_SMOKE) --name compress_smollm2
+	$(PY) benchmarks/adapter_compile.py --rounds 1 --warmup 0 --batch 2 --seq 16 --configs rankwise-lora \
+		--out $(BENCH_SMOKE)/adapter_compile
+	$(PY) benchmarks/mixed_precision.py --tasks minilm-lora minilm-galore --steps 2 --seq 16 --eval-batches 1 \
+		--out $(BENCH_SMOKE)/mixed_precision
+	$(PY) benchmarks/bf16_matmul.py --repeats 1 --rank 8 --out $(BENCH_SMOKE)/bf16_matmul
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

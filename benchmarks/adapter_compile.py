@@ -26,6 +26,8 @@ import rankwise as rw
 from rankwise.data import classification_loader, load_classification
 from rankwise.models import load_model
 
+from adapter_step_time import peft_model  # the same PEFT configuration as the step-time benchmark  # isort: skip
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -34,10 +36,7 @@ def build(name: str, base, r: int):
     if name == "bare":
         return model
     if name == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
-                                                task_type="SEQ_CLS"))
+        return peft_model(model, use_dora=False, r=r)
     return rw.adapt(model, name.removeprefix("rankwise-"), r=r)
 
 
