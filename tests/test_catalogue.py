@@ -71,7 +71,7 @@ def test_builder_applies_the_method():
     from .conftest import make_tiny_bert
 
     model = catalogue.get("lora").build(make_tiny_bert(), r=2)
-    assert model.rankwise_adapter.method == "lora"
+    assert rw.adapter_state(model).method == "lora"
     opt = catalogue.get("galore").build(make_tiny_bert(), rank=2, lr=1e-3)
     assert isinstance(opt, rw.optim.GaLoreAdamW)
 

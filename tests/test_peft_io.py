@@ -209,7 +209,7 @@ def test_import_peft_saved_adapter_matches_peft(variant, kind, tmp_path):
     expected = _logits(pm)
 
     model = rw.import_peft(copy.deepcopy(base), tmp_path / "peft")
-    assert model.rankwise_adapter.method == variant
+    assert rw.adapter_state(model).method == variant
     assert model.get_submodule(first).lora_A.shape[0] == 6
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         p.numel() for p in pm.parameters() if p.requires_grad
@@ -266,7 +266,7 @@ def test_import_bad_input(config, tensors, message, tmp_path):
     with pytest.raises(ValueError) as err:
         rw.import_peft(model, tmp_path / "p")
     assert message in str(err.value)
-    assert getattr(model, "rankwise_adapter", None) is None  # nothing was injected
+    assert not rw.adapter_names(model)  # nothing was injected
 
 
 def test_import_rejects_non_linear_layers(tmp_path):
@@ -343,13 +343,13 @@ def test_rankwise_peft_rankwise_round_trip_is_lossless(tmp_path):
     base, model = _adapt_random("lora", "llama", alpha=6, overrides={q0: {"r": 8, "alpha": 2.5}})
     rw.export_peft(model, tmp_path / "p")
     back = rw.import_peft(copy.deepcopy(base), tmp_path / "p")
-    assert back.rankwise_adapter.layers == model.rankwise_adapter.layers
-    assert back.rankwise_adapter.overrides == {q0: {"r": 8, "alpha": 2.5}}
+    assert rw.adapter_state(back).layers == rw.adapter_state(model).layers
+    assert rw.adapter_state(back).overrides == {q0: {"r": 8, "alpha": 2.5}}
     for (name, a), (_, b) in zip(rw.adapter_layers(model), rw.adapter_layers(back), strict=True):
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), name
         assert a.scale == pytest.approx(b.scale, rel=1e-12)
     torch.testing.assert_close(_logits(back), _logits(model), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="model already has rankwise adapters"):
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         rw.import_peft(back, tmp_path / "p")
 
 

@@ -46,7 +46,7 @@ def test_all_linear_includes_conv1d_layers_but_not_the_head(cls):
     model = _tiny_gpt2(cls)
     assert [n for n, _ in find_targets(model, "all-linear")] == CONV1D  # lm_head / score left out
     rw.adapt(model, "lora", r=2)
-    assert model.rankwise_adapter.layers == CONV1D
+    assert rw.adapter_state(model).layers == CONV1D
     assert [n for n, _ in find_targets(_tiny_gpt2(cls), ["c_attn"])] == CONV1D[0::4]
     assert [n for n, _ in find_targets(_tiny_gpt2(cls), r".*\.mlp\.c_.*")] == [n for n in CONV1D if ".mlp." in n]
 

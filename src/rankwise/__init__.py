@@ -2,7 +2,19 @@
 
 from . import compress as compression
 from . import optim, sparse
-from .adapters import REGISTRY, adapt, adapter_layers, get_method
+from .adapters import (
+    REGISTRY,
+    active_adapters,
+    adapt,
+    adapter_layers,
+    adapter_names,
+    adapter_state,
+    batch_adapters,
+    delete_adapter,
+    get_method,
+    merge_adapters,
+    set_active,
+)
 from .adapters.ops import (
     adapters_disabled,
     disable_adapters,
@@ -14,7 +26,7 @@ from .adapters.ops import (
     unmerge,
 )
 from .compress import compress
-from .io import load_adapter, save_adapter
+from .io import load_adapter, load_adapters, save_adapter
 from .peft_io import export_peft, import_peft
 from .sparse import sparsify
 
@@ -22,21 +34,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "active_adapters",
     "adapt",
     "adapter_layers",
+    "adapter_names",
+    "adapter_state",
     "adapters_disabled",
     "compress",
+    "batch_adapters",
     "compression",
+    "delete_adapter",
     "disable_adapters",
     "enable_adapters",
     "export_peft",
     "get_method",
     "import_peft",
     "load_adapter",
+    "load_adapters",
     "merge",
+    "merge_adapters",
     "merge_and_unload",
     "optim",
     "save_adapter",
+    "set_active",
     "sparse",
     "sparsify",
     "summary",

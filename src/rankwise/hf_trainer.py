@@ -34,6 +34,7 @@ from torch import nn
 
 from . import checks, optim
 from .adapters import adapter_layers, get_method
+from .adapters.registry import adapter_names, adapter_state
 from .callbacks import TrainState, call
 from .checkpoint import trained_tensors
 from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_tensors, save_adapter, save_tensors
@@ -51,10 +52,14 @@ EXTRA_FILE = "rankwise_trained_extra.safetensors"
 
 
 def _state(model: nn.Module) -> Any:
-    state = getattr(model, "rankwise_adapter", None)
-    if state is None:
+    """The model's one adapter (the Trainer saves and restores a single adapter per checkpoint)."""
+    names = adapter_names(model)
+    if not names:
         raise ValueError("the model has no rankwise adapters (call rw.adapt before building the Trainer)")
-    return state
+    if len(names) > 1:
+        raise ValueError(f"RankwiseTrainer checkpoints one adapter; the model has {names}: train each adapter "
+                         "on a model holding it alone, then combine them with rw.load_adapter(..., name=)")
+    return adapter_state(model)
 
 
 def _extra_trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -259,7 +264,7 @@ class RankwiseTrainer(transformers.Trainer):
         return self.optimizer
 
     def _adapted(self) -> bool:
-        return getattr(self.accelerator.unwrap_model(self.model), "rankwise_adapter", None) is not None
+        return bool(adapter_names(self.accelerator.unwrap_model(self.model)))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)

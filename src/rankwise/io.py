@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.registry import adapt, adapter_layers
+from .adapters.registry import adapt, adapter_layers, adapter_names, adapter_state
 from .checks import tensors_fit
 
 ADAPTER_CONFIG = "rankwise_adapter.json"
@@ -276,20 +276,29 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor ``load_adapter`` needs: adapter parameters/persistent buffers and trained modules."""
-    state = getattr(model, "rankwise_adapter", None)
-    if state is None:
-        raise ValueError("model has no rankwise adapters (call rw.adapt first)")
+def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor ``load_adapter`` needs for adapter ``name`` (None: the model's only adapter): its
+    parameters / persistent buffers by target layer name, and the modules trained beside it."""
+    state = adapter_state(model, name)
     out: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model):
+    for target, layer in adapter_layers(model, state.name):
         for key, t in layer.state_dict().items():
             if not key.startswith("base_layer."):
-                out[f"{name}.{key}"] = t
-    for name in state.trainable_modules:
-        for key, t in model.get_submodule(name).state_dict().items():
-            out[f"{name}.{key}"] = t
+                out[f"{target}.{key}"] = t
+    for module in state.trainable_modules:
+        for key, t in model.get_submodule(module).state_dict().items():
+            out[f"{module}.{key}"] = t
     return out
+
+
+def adapter_dirs(model: nn.Module, path: str | os.PathLike, name: str | None) -> dict[str, Path]:
+    """Where each adapter goes under ``path`` (PEFT's multi-adapter layout): one adapter (``name``
+    given, or the only one) at ``path`` itself; several: ``default`` at ``path``, any other at
+    ``path/<name>``."""
+    root = Path(path)
+    if name is not None or len(adapter_names(model)) <= 1:
+        return {adapter_state(model, name).name: root}
+    return {n: root if n == "default" else root / n for n in adapter_names(model)}
 
 
 def _base_model_name(model: nn.Module) -> str | None:
@@ -298,53 +307,78 @@ def _base_model_name(model: nn.Module) -> str | None:
     return os.path.abspath(name) if name and os.path.isdir(name) else name
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``rankwise_adapter.json`` + ``rankwise_adapter.safetensors`` to ``path`` atomically."""
-    state = getattr(model, "rankwise_adapter", None)
-    if state is None:
-        raise ValueError("model has no rankwise adapters to save (call rw.adapt first)")
-    tensors = adapter_tensors(model)
-    config = {
-        "format": "rankwise-adapter",
-        "version": FORMAT_VERSION,
-        "method": state.method,
-        "config": state.config.to_dict(),
-        "layers": state.layers,
-        "trainable_modules": state.trainable_modules,
-        "overrides": state.overrides,
-        "base_model": _base_model_name(model),
-    }
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Write ``rankwise_adapter.json`` + ``rankwise_adapter.safetensors`` to ``path`` atomically.
+
+    ``name``: the adapter to save; None saves every adapter, in PEFT's layout when there are
+    several (``default`` at ``path``, each other adapter in ``path/<name>``); ``rw.load_adapters``
+    reads that layout back."""
+    dirs = adapter_dirs(model, path, name)
     with atomic_directory(path) as tmp:
-        write_json(tmp / ADAPTER_CONFIG, config)
-        save_tensors(tensors, tmp / ADAPTER_WEIGHTS)
+        for adapter, where in dirs.items():
+            state = adapter_state(model, adapter)
+            target = tmp / where.relative_to(path)
+            target.mkdir(parents=True, exist_ok=True)
+            config = {
+                "format": "rankwise-adapter",
+                "version": FORMAT_VERSION,
+                "name": state.name,
+                "method": state.method,
+                "config": state.config.to_dict(),
+                "layers": state.layers,
+                "trainable_modules": state.trainable_modules,
+                "overrides": state.overrides,
+                "base_model": _base_model_name(model),
+            }
+            write_json(target / ADAPTER_CONFIG, config)
+            save_tensors(adapter_tensors(model, adapter), target / ADAPTER_WEIGHTS)
     return Path(path)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Inject the adapters saved at ``path`` into ``model`` (the untouched base) and load their tensors.
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Add the adapter saved at ``path`` to ``model`` (the base, or a model holding other adapters) and
+    load its tensors; ``name``: its name on the model (default: the name it was saved under).
 
     Every tensor must fit its model tensor exactly (:func:`rankwise.checks.tensor_fits`: shape, floating
     dtype, finite values); a ValueError names the first that does not."""
     path = Path(path)
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: not a rankwise adapter directory")
+        inside = sorted(p.name for p in path.glob(f"*/{ADAPTER_CONFIG}") if p.parent.is_dir()) if path.is_dir() else []
+        hint = f"; it holds named adapters {inside}: use rw.load_adapters(model, path)" if inside else ""
+        raise FileNotFoundError(f"{cfg_file} not found: not a rankwise adapter directory{hint}")
     config = json.loads(cfg_file.read_text())
+    name = name if name is not None else config.get("name", "default")
     adapt(
         model,
         config["method"],
         targets=list(config["layers"]),
         trainable=config["trainable_modules"] or None,
         overrides=config.get("overrides") or None,
+        name=name,
         _skip_init=True,
         **config["config"],
     )
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    expected = adapter_tensors(model)
+    expected = adapter_tensors(model, name)
     tensors_fit(tensors, expected, f"adapter file {path / ADAPTER_WEIGHTS}")  # all checked before any is copied
     with torch.no_grad():
         for key, t in tensors.items():
             expected[key].copy_(t)
-    for _, layer in adapter_layers(model):
+    for _, layer in adapter_layers(model, name):
         layer.after_load()
+    return model
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load every adapter that ``save_adapter`` wrote to ``path``: the one at ``path`` (if any), then
+    each ``path/<name>`` holding an adapter, in name order."""
+    path = Path(path)
+    dirs = ([path] if (path / ADAPTER_CONFIG).is_file() else []) + sorted(
+        p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}")
+    )
+    if not dirs:
+        raise FileNotFoundError(f"no rankwise adapter in {path} (no {ADAPTER_CONFIG} there or in its subdirectories)")
+    for where in dirs:
+        load_adapter(model, where)
     return model

@@ -39,12 +39,21 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters.base import AdapterLayer
-from .adapters.registry import REGISTRY, AdapterState, MethodSpec, adapt, adapter_layers, get_method
+from .adapters.base import AdapterLayer, with_offset
+from .adapters.registry import (
+    REGISTRY,
+    AdapterState,
+    MethodSpec,
+    adapt,
+    adapter_layers,
+    adapter_state,
+    check_new_name,
+    get_method,
+)
 from .checks import tensor_fits
-from .io import atomic_directory, save_tensors, write_json
+from .io import adapter_dirs, atomic_directory, save_tensors, write_json
 from .layout import module_tensor
-from .targets import is_linear, linear_shape
+from .targets import base_modules, is_linear, linear_shape
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -90,14 +99,9 @@ def _export_pair(layer: AdapterLayer, name: str, dora: bool) -> tuple[torch.Tens
             f"layer '{name}' ({layer.method}) has no low-rank factors, so it cannot be written as a "
             "PEFT LoRA pair; use rw.merge / rw.save_adapter instead"
         )
-    b, a, s = f[0], f[1], float(f[2])
-    if s == 0.0:
+    if float(f[2]) == 0.0:
         raise ValueError(f"layer '{name}' has scale 0; PEFT cannot represent it with lora_alpha > 0")
-    off = layer.base_offset_factors()
-    if off is not None:  # ΔW relative to W₀ = s·B·A − s₀·B₀·A₀ (rank 2r)
-        b0, a0, s0 = off
-        b = torch.cat([b, b0.to(b.dtype) * (-float(s0) / s)], dim=1)
-        a = torch.cat([a, a0.to(a.dtype)], dim=0)
+    b, a, s = with_offset(f, layer.base_offset_factors())  # ΔW relative to W₀ = s·B·A − s₀·B₀·A₀ (rank 2r)
     return b.detach(), a.detach(), s
 
 
@@ -129,11 +133,9 @@ def _task_type(model: nn.Module, saved_modules: list[str]) -> str | None:
     return task if task == "CAUSAL_LM" or saved_modules else None
 
 
-def _exportable(model: nn.Module) -> tuple[AdapterState, MethodSpec]:
-    """The model's adapter state and method; raises unless the method's delta is a LoRA pair."""
-    state = getattr(model, "rankwise_adapter", None)
-    if state is None:
-        raise ValueError("model has no rankwise adapters (call rw.adapt or rw.load_adapter first)")
+def _exportable(model: nn.Module, name: str | None) -> tuple[AdapterState, MethodSpec]:
+    """Adapter ``name``'s state and method; raises unless the method's delta is a LoRA pair."""
+    state = adapter_state(model, name)
     spec = get_method(state.method)
     if spec.export == "none":
         raise ValueError(
@@ -204,7 +206,7 @@ def _peft_config(
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != lora_alpha},
         "bias": "none",
-        "fan_in_fan_out": any(layer.base_transposed for _, layer in adapter_layers(model)),
+        "fan_in_fan_out": any(layer.base_transposed for _, layer in adapter_layers(model, state.name)),
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -212,24 +214,33 @@ def _peft_config(
 
 
 def export_peft(
-    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None, name: str | None = None
 ) -> Path:
     """Write the model's adapters as a PEFT LoRA (or DoRA) directory that ``PeftModel.from_pretrained``
     loads onto the original base model and reproduces the rankwise outputs.
 
     ΔW_PEFT = scaling·lora_B·lora_A with scaling = α_l/r_l (α_l/√r_l with use_rslora) = the layer's s.
+    ``name``: the adapter to export; None exports every adapter, in PEFT's ``save_pretrained``
+    layout when there are several (``default`` at ``path``, each other adapter in ``path/<name>``,
+    loaded by ``PeftModel.load_adapter(path/<name>, adapter_name=<name>)``).
     Raises ``ValueError`` for methods whose delta is not a low-rank product (``export="none"``).
     """
-    state, spec = _exportable(model)
-    dora = spec.export == "dora"
-    use_rslora = bool(getattr(state.config, "use_rslora", False))
-    tensors, ranks, alphas = _export_tensors(
-        model, adapter_layers(model), list(state.trainable_modules), dora, use_rslora
-    )
-    config = _peft_config(model, state, dora, use_rslora, ranks, alphas, base_model_name_or_path)
+    dirs = adapter_dirs(model, path, name)
+    files = {}
+    for adapter, where in dirs.items():  # everything checked and built before anything is written
+        state, spec = _exportable(model, adapter)
+        dora = spec.export == "dora"
+        use_rslora = bool(getattr(state.config, "use_rslora", False))
+        tensors, ranks, alphas = _export_tensors(
+            model, adapter_layers(model, adapter), list(state.trainable_modules), dora, use_rslora
+        )
+        config = _peft_config(model, state, dora, use_rslora, ranks, alphas, base_model_name_or_path)
+        files[where.relative_to(path)] = (config, tensors)
     with atomic_directory(path) as tmp:
-        write_json(tmp / PEFT_CONFIG, config)
-        save_tensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        for where, (config, tensors) in files.items():
+            (tmp / where).mkdir(parents=True, exist_ok=True)
+            write_json(tmp / where / PEFT_CONFIG, config)
+            save_tensors(tensors, tmp / where / PEFT_WEIGHTS, metadata={"format": "pt"})
     return Path(path)
 
 
@@ -373,7 +384,7 @@ def _ranks_and_alphas(
     model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any], use_dora: bool
 ) -> dict[str, dict[str, Any]]:
     """``{layer: {"r": r_l, "alpha": α_l}}``; each rank is checked against ``r`` / ``rank_pattern``."""
-    modules = dict(model.named_modules())
+    modules = dict(base_modules(model))  # layers holding other adapters count as their base layer
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     per_layer: dict[str, dict[str, Any]] = {}
@@ -406,12 +417,14 @@ def _copy_weights(
     layers: dict[str, dict[str, torch.Tensor]],
     head_tensors: list[tuple[torch.Tensor, torch.Tensor]],
     use_dora: bool,
+    adapter: str,
 ) -> None:
-    """Copy the file's LoRA (and DoRA magnitude) tensors into the adapted layers and the saved modules,
-    after checking every one against its model tensor (shape, floating dtype, finite values)."""
+    """Copy the file's LoRA (and DoRA magnitude) tensors into adapter ``adapter``'s layers and the saved
+    modules, after checking every one against its model tensor (shape, floating dtype, finite values)."""
+    own = dict(adapter_layers(model, adapter))
     copies = []
     for name, parts in layers.items():
-        layer = model.get_submodule(name)
+        layer = own[name]
         for part, attr in (("lora_A", "lora_A"), ("lora_B", "lora_B"), ("magnitude", "magnitude")):
             if part in parts and (part != "magnitude" or use_dora):
                 copies.append((f"{name}.{part}", module_tensor(layer, attr), parts[part]))
@@ -422,25 +435,25 @@ def _copy_weights(
             raise ValueError(f"{PEFT_WEIGHTS}: {e}") from None
     with torch.no_grad():
         for name, parts in layers.items():
-            layer = model.get_submodule(name)
+            layer = own[name]
             module_tensor(layer, "lora_A").copy_(parts["lora_A"])
             module_tensor(layer, "lora_B").copy_(parts["lora_B"])
             if use_dora:
                 module_tensor(layer, "magnitude").copy_(parts["magnitude"])
         for target, t in head_tensors:
             target.copy_(t)
-    for _, layer in adapter_layers(model):
+    for layer in own.values():
         layer.after_load()
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA / rsLoRA / DoRA directory onto ``model`` (the original base) as rankwise
-    ``lora`` / ``rslora`` / ``dora`` adapters; per-layer ranks and alphas become ``overrides``.
+def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load a PEFT LoRA / rsLoRA / DoRA directory onto ``model`` (the original base, or a model with
+    other adapters) as the rankwise ``lora`` / ``rslora`` / ``dora`` adapter ``name``; per-layer
+    ranks and alphas become ``overrides``.
 
     Scale per layer: s = α_l/r_l (α_l/√r_l with use_rslora), as PEFT's ``LoraLayer.update_layer``.
     """
-    if getattr(model, "rankwise_adapter", None) is not None:
-        raise ValueError("model already has rankwise adapters; import_peft needs the plain base model")
+    check_new_name(model, name)
     path = Path(path)
     cfg = _read_config(path)
     use_dora, use_rslora = bool(cfg.get("use_dora")), bool(cfg.get("use_rslora"))
@@ -460,7 +473,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     exact = "|".join(re.escape(n) for n in sorted(layers))  # full-match regex: exactly these layers
     adapt(
         model, method, targets=exact, trainable=saved or None,
-        overrides=overrides or None, _skip_init=True, **options,
+        overrides=overrides or None, name=name, _skip_init=True, **options,
     )
-    _copy_weights(model, layers, head_tensors, use_dora)
+    _copy_weights(model, layers, head_tensors, use_dora, name)
     return model

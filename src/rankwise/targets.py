@@ -52,6 +52,23 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(out_features), int(in_features)
 
 
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` with every adapter wrapper (a module with ``wraps_base_layer``:
+    ``AdapterLayer``, ``AdapterStack``) seen as its base layer under its own name, and its insides
+    skipped: the layers a further named adapter can target."""
+    found: list[tuple[str, nn.Module]] = []
+    skip: str | None = None
+    for name, module in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        if getattr(module, "wraps_base_layer", False):
+            found.append((name, module.base_layer))
+            skip = name + "."
+        else:
+            found.append((name, module))
+    return found
+
+
 def _under_head(name: str, heads: set[str]) -> bool:
     return any(name == h or name.startswith(h + ".") for h in heads)
 
@@ -91,14 +108,14 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
             raise ValueError(f"targets={targets!r} is not a valid regular expression ({e})") from None
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = head_module_names(model)
-        skipped = [n for n, m in model.named_modules() if is_conv1d(m) and not _under_head(n, heads)]
+        skipped = [n for n, m in base_modules(model) if is_conv1d(m) and not _under_head(n, heads)]
         if skipped and not conv1d:
             more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
             raise ValueError(
                 f"targets='all-linear': this {type(model).__name__} has transformers Conv1D layers ({skipped[:3]}"
                 f"{more}), which are not supported here (nn.Linear only); 'all-linear' would silently skip them"
             )
-        linears = [(n, m) for n, m in model.named_modules() if wanted(m) and not _under_head(n, heads)]
+        linears = [(n, m) for n, m in base_modules(model) if wanted(m) and not _under_head(n, heads)]
         if not linears:
             raise ValueError(f"targets='all-linear' matched no {kinds} module outside the output head")
         return linears
@@ -110,7 +127,7 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
         )
     classifiers = {h for h in head_module_names(model) if set(h.split(".")) & set(CLASSIFIER_NAMES)}
     found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         if not name or not name_matches(name, targets):
             continue
         if _under_head(name, classifiers):
@@ -125,7 +142,7 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
             )
         found.append((name, module))
     if not found:
-        examples = [n for n, m in model.named_modules() if wanted(m)][:6]
+        examples = [n for n, m in base_modules(model) if wanted(m)][:6]
         raise ValueError(
             f"targets={targets!r} matched no module; linear modules ({kinds}) look like {examples} "
             "(use 'all-linear', a list of name suffixes, or a full-match regex)"

@@ -199,7 +199,7 @@ def test_merge_unmerge_delta_weight_and_merge_and_unload(method, kind):
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
     plain = rw.merge_and_unload(model)
-    assert not rw.adapter_layers(plain) and plain.rankwise_adapter is None
+    assert not rw.adapter_layers(plain) and not rw.adapter_names(plain)
     for name, _ in layers:
         assert type(plain.get_submodule(name)) is Conv1D
     assert type(plain) is type(base)
@@ -314,7 +314,7 @@ def test_import_of_a_peft_gpt2_lora_is_exact(variant, kind, tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     expected = logits(pm)
     model = rw.import_peft(copy.deepcopy(base), tmp_path / "peft")
-    assert model.rankwise_adapter.method == variant
+    assert rw.adapter_state(model).method == variant
     conv_layers(model)
     peft_tensors = dict(pm.named_parameters())
     for name, layer in rw.adapter_layers(model):

@@ -47,7 +47,7 @@ def test_trainable_set_and_count(kind, method):
     layers = rw.adapter_layers(model)
     assert layers
     adapter_params = {id(p) for _, l in layers for n, p in l.named_parameters() if not n.startswith("base_layer.")}
-    head = set(model.rankwise_adapter.trainable_modules)
+    head = set(rw.adapter_state(model).trainable_modules)
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert id(p) in adapter_params or name.split(".")[0] in head, name

@@ -27,7 +27,7 @@ def _randomize(model, seed: int = 1) -> None:
     """Non-trivial values for every trainable adapter tensor, so ΔW ≠ 0 but stays of the order of W
     (RandLoRA's ΔW sums n·r terms at scale 20: a smaller step keeps the model well conditioned)."""
     g = torch.Generator().manual_seed(seed)
-    std = 0.005 if model.rankwise_adapter.method == "randlora" else 0.1
+    std = 0.005 if rw.adapter_state(model).method == "randlora" else 0.1
     with torch.no_grad():
         for _, layer in rw.adapter_layers(model):
             for name, p in layer.named_parameters():

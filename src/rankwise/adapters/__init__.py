@@ -14,13 +14,26 @@ from . import bone  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 # isort: on
 from .base import AdapterConfig, AdapterLayer
+from .combine import merge_adapters
 from .dsee import HEAD_SCORES, DSEEConfig, DSEELayer, dsee_support
 from .init import InitContext
 from .lora import LoRALayer
-from .ops import merge_and_unload
-from .registry import REGISTRY, MethodSpec, adapt, adapter_layers, get_method, register
+from .named import AdapterStack, batch_adapters
+from .ops import active_adapters, delete_adapter, merge_and_unload, set_active
+from .registry import (
+    REGISTRY,
+    MethodSpec,
+    adapt,
+    adapter_layers,
+    adapter_names,
+    adapter_state,
+    get_method,
+    register,
+)
 
 __all__ = [
-    "HEAD_SCORES", "REGISTRY", "AdapterConfig", "AdapterLayer", "DSEEConfig", "DSEELayer", "InitContext", "LoRALayer",
-    "MethodSpec", "adapt", "adapter_layers", "dsee_support", "get_method", "merge_and_unload", "register",
+    "HEAD_SCORES", "REGISTRY", "AdapterConfig", "AdapterLayer", "AdapterStack", "DSEEConfig", "DSEELayer",
+    "InitContext", "LoRALayer", "MethodSpec", "active_adapters", "adapt", "adapter_layers", "adapter_names",
+    "adapter_state", "batch_adapters", "delete_adapter", "dsee_support", "get_method", "merge_adapters",
+    "merge_and_unload", "register", "set_active",
 ]

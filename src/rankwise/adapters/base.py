@@ -34,7 +34,11 @@ from ..targets import is_conv1d, is_linear
 from .kernels import low_rank_linear
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .init import InitContext
+
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in ``adapter_names``
 
 
 #: dtype names ``adapter_dtype`` accepts (or the torch.dtype itself); None / "base" = the base dtype
@@ -94,6 +98,9 @@ class AdapterLayer(nn.Module):
     """Frozen ``base_layer`` + trainable delta. Subclasses set ``method`` and build their tensors."""
 
     method: ClassVar[str] = "adapter"
+    wraps_base_layer: ClassVar[bool] = True  # targets.base_modules sees it as its base layer
+    # Whether the layer can share its base with other named adapters (False: it rewrites the base)
+    stackable: ClassVar[bool] = True
     # Whether the adapted model's output equals the base model's right after initialization.
     identity_at_init: ClassVar[bool] = True
 
@@ -115,6 +122,10 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
+        self.adapter_name = "default"  # its name among the model's named adapters
+        # in an AdapterStack: the base holds the untouched W₀ (no init offset is moved out of it)
+        self.shares_base = False
+        self.batch_names: list[str | None] | None = None  # per-example adapters (named.batch_adapters)
         self._init_dtype = config.dtype_for(self.base_weight.dtype)
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -158,6 +169,39 @@ class AdapterLayer(nn.Module):
             return F.linear(F.linear(x, a), b) * scale
         return F.linear(x, self.delta_weight())
 
+    def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """What this adapter adds to the frozen base layer's output ``W x + b`` (``x`` in the base
+        dtype, the result in ``out_dtype``): ΔW·dropout(x), computed in the adapter dtype."""
+        return self.delta_forward(self.dropout(x).to(self.adapter_dtype)).to(out_dtype)
+
+    def offset_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """O·x for the part O of W₀ that initialization moved out of the frozen base (None if none):
+        what a switched-off adapter adds so that the layer gives the original W₀'s output."""
+        offset = self.base_offset()
+        return None if offset is None else F.linear(x, offset.to(out_dtype))
+
+    def output_term(self, x: torch.Tensor, out_dtype: torch.dtype, active: bool) -> torch.Tensor | None:
+        """What this adapter adds to its base layer's output (None: nothing). Alone, the base holds
+        W₀ − O: an active adapter adds ΔW·x, an inactive one O·x. Sharing the base (a stack), the
+        base holds W₀: an active adapter adds (ΔW − O)·x, an inactive one nothing."""
+        if not self.shares_base:
+            return self.delta_output(x, out_dtype) if active else self.offset_output(x, out_dtype)
+        if not active:
+            return None
+        delta, offset = self.delta_output(x, out_dtype), self.offset_output(x, out_dtype)
+        return delta if offset is None else delta - offset
+
+    def factors_from_original(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, s)`` with s·B·A = ΔW relative to the original W₀ (None when ΔW is not low-rank):
+        ``factors()``, with an init offset s₀·B₀·A₀ appended as a negative block (rank r + r₀)."""
+        f = self.factors()
+        return None if f is None else with_offset(f, self.base_offset_factors())
+
+    def delta_from_original(self) -> torch.Tensor:
+        """ΔW relative to the original W₀: ``delta_weight() − base_offset()``."""
+        delta, offset = self.delta_weight(), self.base_offset()
+        return delta if offset is None else delta - offset.to(delta.dtype)
+
     # ----------------------------------------------------------------- shared behaviour
     @property
     def base_weight(self) -> torch.Tensor:
@@ -194,6 +238,8 @@ class AdapterLayer(nn.Module):
         return self.training and not isinstance(self.dropout, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_names is not None:
+            return mixed_forward(self.base_layer, {self.adapter_name: self}, x, self.batch_names, self.merged)
         if self.enabled and not self.merged:
             fused = self._fused_forward(x)
             if fused is not None:
@@ -202,9 +248,9 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return out
         if not self.enabled:  # the original base model: give back what init moved out of W₀
-            offset = self.base_offset()
-            return out if offset is None else out + F.linear(x, offset.to(out.dtype))
-        return out + self.delta_forward(self.dropout(x).to(self.adapter_dtype)).to(out.dtype)
+            offset = self.offset_output(x, out.dtype)
+            return out if offset is None else out + offset
+        return out + self.delta_output(x, out.dtype)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Base GEMM (base dtype) + low-rank delta (adapter dtype) in one autograd node
@@ -270,10 +316,59 @@ class AdapterLayer(nn.Module):
         """Expected number of trainable parameters for this layer (checked against the real count)."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def after_load(self) -> None:
-        """Hook run after tensors were loaded from a checkpoint (e.g. re-apply a base offset)."""
+        """Run after the layer's tensors were set (initialized or loaded): move the init's offset O out
+        of the frozen base (W ← W − O; PiSSA, OLoRA, LoLDU, ...), unless the base is shared."""
+        offset = self.base_offset()
+        if offset is not None and not self.shares_base:
+            w = self.base_weight
+            w.sub_(offset.to(w.dtype))
 
     def extra_repr(self) -> str:
         base = ", base=Conv1D" if self.base_transposed else ""
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}{base}"
 
+
+def with_offset(
+    factors: tuple[torch.Tensor, torch.Tensor, float], offset: tuple[torch.Tensor, torch.Tensor, float] | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, s)`` of s·B·A − s₀·B₀·A₀: the offset factors appended as a block scaled by −s₀/s
+    (unchanged when there is no offset or s = 0)."""
+    b, a, s = factors[0], factors[1], float(factors[2])
+    if offset is None or s == 0.0:
+        return b, a, s
+    b0, a0, s0 = offset
+    return torch.cat([b, b0.to(b.dtype) * (-float(s0) / s)], dim=1), torch.cat([a, a0.to(a.dtype)], dim=0), s
+
+
+def mixed_forward(
+    base_layer: nn.Module, layers: dict[str, AdapterLayer], x: torch.Tensor, names: Sequence[str | None],
+    merged: bool,
+) -> torch.Tensor:
+    """Example i through adapter ``names[i]`` alone (None / "__base__": the original base layer).
+
+    Rows of one adapter are gathered and run together, with the terms of the forward in which only
+    that adapter is active (``AdapterLayer.output_term``)."""
+    if x.shape[0] != len(names):
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples; give one adapter "
+            "name (or None) per example"
+        )
+    if merged:
+        raise ValueError("adapter_names needs unmerged adapters; call rw.unmerge(model) first")
+    out = base_layer(x)
+    groups: dict[str | None, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(None if n == BASE_NAME else n, []).append(i)
+    for name, rows in groups.items():
+        idx = torch.tensor(rows, device=x.device)
+        xs = x.index_select(0, idx)
+        extra = None
+        for other, layer in layers.items():
+            term = layer.output_term(xs, out.dtype, other == name)
+            if term is not None:
+                extra = term if extra is None else extra + term
+        if extra is not None:
+            out = out.index_add(0, idx, extra)
+    return out

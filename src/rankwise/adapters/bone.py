@@ -94,7 +94,7 @@ class BoneLayer(AdapterLayer):
         return bone_delta(w0.to(self.adapter_dtype), self.bone_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.merged or not self.enabled or self.batch_names is not None:
             return super().forward(x)
         w, bias = self.base_weight, self.base_layer.bias
         if not self.dropout_active and self.adapter_dtype == w.dtype:

@@ -178,13 +178,6 @@ class CoreLayer(AdapterLayer):
         b, a, s = self.factors()
         return (b @ a) * s
 
-    @torch.no_grad()
-    def after_load(self) -> None:
-        """Remove s·B·C₀·A from the frozen base (LoLDU, SVFit), so the model starts equal to W₀."""
-        if self.moves_base:
-            w = self.base_weight
-            w.sub_(self.base_offset().to(w.dtype))
-
     def trainable_count(self) -> int:
         return self.r if self.diagonal else self.r * self.r
 

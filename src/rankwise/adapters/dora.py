@@ -139,23 +139,27 @@ class DoRALayer(LoRALayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.merged or not self.enabled or self.batch_names is not None:
             return super().forward(x)
         w, bias = self.base_weight, self.base_layer.bias
         if not self.dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
             a, b, m = self.lora_A, self.lora_B, self.magnitude
             if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
                 return _DoRALinear.apply(x, w, bias, a, b, m, self.scale)
-        norm = self._norm(w)
-        # general path (adapter dropout, mixed dtypes, autocast): PEFT's form
-        # y = W x + b + (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / n; the delta in
-        # the adapter dtype (W upcast to it, as PEFT does), the output in the base dtype
+        # general path (adapter dropout, mixed dtypes, autocast, named adapters)
+        out = self.base_layer(x)
+        return out + self.delta_output(x, out.dtype)
+
+    def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's additive form of DoRA: (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / ‖W +
+        sBA‖_c, so that W x + b plus this is the DoRA output; in the adapter dtype (W upcast to it, as
+        PEFT does), returned in ``out_dtype``."""
+        w = self.base_weight
         x_d = self.dropout(x).to(self.adapter_dtype)
-        g = self.magnitude / norm
+        g = self.magnitude / self._norm(w)
         base_d = F.linear(x_d, w.to(x_d.dtype))
         lora = F.linear(F.linear(x_d, self.lora_A), self.lora_B) * self.scale
-        out = self.base_layer(x)
-        return out + ((g - 1) * base_d + g * lora).to(out.dtype)
+        return ((g - 1) * base_d + g * lora).to(out_dtype)
 
 
 register(

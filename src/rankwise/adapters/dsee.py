@@ -106,6 +106,7 @@ class DSEELayer(AdapterLayer):
     bool, all True until :func:`dsee_prune`)."""
 
     method = "dsee"
+    stackable = False  # pruning rewrites the base weight
 
     def __init__(self, base_layer: nn.Module, config: DSEEConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)

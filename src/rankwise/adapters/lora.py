@@ -82,13 +82,6 @@ class LoRALayer(AdapterLayer):
             self.init_B.copy_(b)
             self.after_load()
 
-    @torch.no_grad()
-    def after_load(self) -> None:
-        """Remove s·B₀A₀ from the frozen base, so the model starts equal to W₀."""
-        if self.moves_base:
-            w = self.base_weight
-            w.sub_(self.base_offset().to(w.dtype))
-
     def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         return (self.init_B, self.init_A, self.scale) if self.moves_base else None
 

@@ -168,7 +168,7 @@ class RandLoRALayer(AdapterLayer):
         return tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.merged or not self.enabled or self.batch_names is not None:
             return super().forward(x)
         w, bias = self.base_weight, self.base_layer.bias
         dense = self._dense_is_cheaper(x)

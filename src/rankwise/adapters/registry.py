@@ -16,6 +16,7 @@ from ..targets import Targets, find_targets, linear_shape, replace_module
 from .base import AdapterConfig, AdapterLayer
 from .gradients import estimate_gradients
 from .init import InitContext
+from .named import AdapterStack, install_batch_hook, layers_of, target_modules
 
 EXPORTS = ("lora", "dora", "none")  # what export_peft writes for a method
 _CATALOGUE_EXPORTS = {"lora": "peft-lora", "dora": "peft-dora", "none": "merge"}
@@ -74,7 +75,8 @@ def get_method(name: str) -> MethodSpec:
 
 @dataclass
 class AdapterState:
-    """What ``adapt`` did to a model; stored as ``model.rankwise_adapter``.
+    """What ``adapt`` did to a model for one named adapter; ``model.rankwise_adapters`` maps each
+    adapter name to its state, in the order the adapters were added.
 
     ``trainable_originals``: a copy of the ``trainable_modules``' state (e.g. the classification
     head) as ``adapt`` found it, ``{module name: state_dict}``, so ``adapters_disabled`` can run the
@@ -86,10 +88,45 @@ class AdapterState:
     trainable_modules: list[str]
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer config fields
     trainable_originals: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    name: str = "default"
+    active: bool = True  # runs in the forward (``rw.set_active``)
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+def adapter_states(model: nn.Module) -> dict[str, AdapterState]:
+    """``{adapter name: AdapterState}`` of every adapter on ``model`` (empty when there is none)."""
+    return getattr(model, "rankwise_adapters", None) or {}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
+    return list(adapter_states(model))
+
+
+def adapter_state(model: nn.Module, name: str | None = None) -> AdapterState:
+    """The state of adapter ``name``; ``name=None`` means the model's only adapter."""
+    states = adapter_states(model)
+    if not states:
+        raise ValueError("model has no rankwise adapters (call rw.adapt first)")
+    if name is None:
+        if len(states) > 1:
+            raise ValueError(f"model has several adapters {list(states)}; pass name= one of them")
+        return next(iter(states.values()))
+    if name not in states:
+        raise ValueError(f"adapter name={name!r} is not on the model; its adapters are {list(states)}")
+    return states[name]
+
+
+def adapter_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, AdapterLayer]]:
+    """``(target layer name, adapter layer)`` for every adapter layer (of adapter ``name`` only, if
+    given). With several adapters on a layer, the target name repeats once per adapter."""
+    if name is not None:
+        adapter_state(model, name)  # a clear error for an unknown name
+    return [
+        (target, layer)
+        for target, module in target_modules(model)
+        for adapter, layer in layers_of(module).items()
+        if name is None or adapter == name
+    ]
 
 
 def _trainable_module_names(model: nn.Module, trainable: str | Iterable[str] | None) -> list[str]:
@@ -162,8 +199,10 @@ def _inject(
     layer_cfgs: dict[str, AdapterConfig],
     grads: dict[str, torch.Tensor],
     skip_init: bool,
+    adapter_name: str,
 ) -> None:
-    """Freeze every parameter, then replace each target Linear with its (initialized) adapter layer."""
+    """Freeze every parameter, then give each target layer its (initialized) adapter layer: it
+    replaces a plain Linear, or joins the layer's other adapters in an ``AdapterStack``."""
     for p in model.parameters():
         p.requires_grad_(False)
     shared = spec.layer_cls.build_shared(cfg, [lin for _, lin in found])
@@ -171,7 +210,28 @@ def _inject(
         ctx = InitContext(
             name=name, grad=grads.pop(name, None), skip=skip_init, extra={"shared": shared}, config=layer_cfgs[name]
         )
-        replace_module(model, name, spec.layer_cls(lin, layer_cfgs[name], ctx))
+        current = model.get_submodule(name)
+        layer = spec.layer_cls(lin, layer_cfgs[name], ctx)
+        layer.adapter_name = adapter_name
+        if isinstance(current, AdapterStack):
+            current.add(adapter_name, layer)
+        elif isinstance(current, AdapterLayer):
+            replace_module(model, name, AdapterStack(lin, {current.adapter_name: current, adapter_name: layer}))
+        else:
+            replace_module(model, name, layer)
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or name == "__base__" or "." in name or "/" in name:
+        raise ValueError(
+            f"name={name!r} is not a valid adapter name; use a non-empty string without '.' or '/' "
+            "(and not '__base__', which means the base model in adapter_names)"
+        )
+    if name in adapter_states(model):
+        raise ValueError(
+            f"the model already has an adapter named {name!r}; choose another name= or call "
+            f"rw.delete_adapter(model, {name!r}) first (adapters: {adapter_names(model)})"
+        )
 
 
 def adapt(
@@ -184,10 +244,17 @@ def adapt(
     init_batches: int = 8,
     trainable: str | Iterable[str] | None = "auto",
     overrides: dict[str, dict[str, Any]] | None = None,
+    name: str = "default",
     _skip_init: bool = False,
     **config: Any,
 ) -> nn.Module:
     """Inject ``method`` adapters into ``model`` in place, freeze everything else, return ``model``.
+
+    ``name``: the adapter's name. A model can hold several named adapters (any mix of methods,
+    each on its own targets); the new one is active and trainable, the earlier ones stay active
+    and are frozen (``rw.set_active`` chooses what runs and trains, ``rw.delete_adapter`` removes
+    one). Inits that move part of W₀ out of the base (PiSSA, ...) read the base as the earlier
+    adapters left it.
 
     ``targets``: ``"all-linear"`` (output heads excluded), a full-match regex, or a list of name
     suffixes; they select ``nn.Linear`` and transformers ``Conv1D`` layers (GPT-2), which every
@@ -206,8 +273,9 @@ def adapt(
     "bfloat16", "float16", "float64") or torch dtypes are accepted, anything else is a ValueError.
     A float64 base with the default gets float32 adapters: pass ``adapter_dtype=None`` to keep fp64.
     """
-    if getattr(model, "rankwise_adapter", None) is not None:
-        raise ValueError("model already has rankwise adapters; call rw.unload(model) first")
+    check_new_name(model, name)
+    if any(layer.merged for _, layer in adapter_layers(model)):
+        raise ValueError(f"the model's adapters are merged; call rw.unmerge(model) before adding adapter {name!r}")
     spec = get_method(method)
     cfg = spec.make_config(**config)
     found = find_targets(model, targets)
@@ -219,14 +287,15 @@ def adapt(
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found]
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
-    _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init)
-    for name in trainable_names:
-        for p in model.get_submodule(name).parameters():
+    _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init, name)
+    for module in trainable_names:
+        for p in model.get_submodule(module).parameters():
             p.requires_grad_(True)
     originals = {
-        name: {k: t.detach().clone() for k, t in model.get_submodule(name).state_dict().items()}
-        for name in trainable_names
+        module: {k: t.detach().clone() for k, t in model.get_submodule(module).state_dict().items()}
+        for module in trainable_names
     }
-    state = AdapterState(method, cfg, names, trainable_names, overrides, originals)
-    model.rankwise_adapter = state  # type: ignore[assignment]  # Module attribute
+    state = AdapterState(method, cfg, names, trainable_names, overrides, originals, name)
+    model.rankwise_adapters = {**adapter_states(model), name: state}  # type: ignore[assignment]  # Module attribute
+    install_batch_hook(model)
     return model

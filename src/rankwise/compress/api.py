@@ -140,7 +140,7 @@ def compress(
     choice("method", method, sorted(COMPRESS_METHODS))
     if getattr(model, "rankwise_compress", None) is not None:
         raise ValueError("model is already compressed (model.rankwise_compress is set)")
-    if getattr(model, "rankwise_adapter", None) is not None:
+    if getattr(model, "rankwise_adapters", None):
         raise ValueError("model has rankwise adapters; merge or unload them (rw.merge_and_unload) before compressing")
     integer("steps", steps, 0)
     if method in ONE_SHOT and steps:
