@@ -16,6 +16,7 @@ from .adapters.ops import (
 from .compress import compress
 from .io import load_adapter, save_adapter
 from .peft_io import export_peft, import_peft
+from .quant import quantize
 from .sparse import sparsify
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "optim",
+    "quantize",
     "save_adapter",
     "sparse",
     "sparsify",

@@ -183,7 +183,7 @@ class CoreLayer(AdapterLayer):
         """Remove s·B·C₀·A from the frozen base (LoLDU, SVFit), so the model starts equal to W₀."""
         if self.moves_base:
             w = self.base_weight
-            w.sub_(self.base_offset().to(w.dtype))
+            self._set_base_weight(w - self.base_offset().to(w.dtype))
 
     def trainable_count(self) -> int:
         return self.r if self.diagonal else self.r * self.r

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant import dense_linear
 from ..targets import replace_module
 from .base import AdapterLayer
 from .registry import adapter_layers
@@ -104,9 +105,29 @@ def unload(model: nn.Module) -> nn.Module:
     return _replace_all(model, AdapterLayer.unload)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the weights and return a plain model (no adapter modules)."""
-    return _replace_all(model, AdapterLayer.merged_linear)
+def merge_and_unload(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
+    """Fold the adapters into the weights and return a plain model (no adapter modules).
+
+    On a 4-bit base (``rw.quantize``, methods ``qlora`` / ``loftq``) the default keeps the layer
+    4-bit: W + ΔW is requantized (PEFT does the same) and each layer's relative Frobenius error
+    ‖deq(Q(W + ΔW)) − (W + ΔW)‖_F / ‖W + ΔW‖_F is recorded in ``model.rankwise_merge_errors``
+    ``{layer name: error}``. ``dequantize=True`` gives those layers as plain ``nn.Linear`` holding
+    W + ΔW exactly, in the layer's compute dtype (16/32-bit; no requantization, error 0)."""
+    errors: dict[str, float] = {}
+    for name, layer in adapter_layers(model):
+        if layer.base_quantized and dequantize:
+            layer.unmerge()
+            w = layer.base_weight
+            replace_module(model, name, dense_linear(layer.base_layer, w + layer.delta_weight().to(w.dtype)))
+            errors[name] = 0.0
+            continue
+        replace_module(model, name, layer.merged_linear())
+        if layer.base_quantized:
+            errors[name] = float(layer.requant_error or 0.0)
+    model.rankwise_adapter = None  # type: ignore[assignment]  # Module attribute
+    if errors:
+        model.rankwise_merge_errors = errors  # type: ignore[assignment]  # Module attribute
+    return model
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
