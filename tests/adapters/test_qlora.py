@@ -252,3 +252,50 @@ def test_loftq_model_starts_near_the_full_precision_model_and_closer_than_qlora(
     for _, layer in rw.adapter_layers(model):
         assert layer.base_quantized and not layer.identity_at_init
         assert layer.init_A.shape == layer.lora_A.shape
+
+
+# ---------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("argv,needles", [
+    (["--quantize", "int4"], ["--quantize 'int4'; choose one of ['nf4', 'fp4']"]),
+    (["--method", "none", "--quantize", "nf4"], ["--quantize applies to adapter methods"]),
+    (["--method", "loftq", "--quantize", "nf4"], ["does not apply to LoftQ"]),
+    (["--method", "qlora", "--option", "quant_type=int8"], ["quant_type='int8' is not allowed"]),
+])
+def test_cli_quantize_mistakes_are_one_line_exit_2(capsys, argv, needles):
+    from ..cli.cli_helpers import one_line, run_cli
+
+    code, _, err = run_cli(capsys, "train", *argv)
+    assert one_line(code, err, *needles), err
+
+
+def test_cli_train_quantize_nf4_trains_lora_over_a_4bit_base(tmp_path, capsys, monkeypatch):
+    import json
+
+    from ..cli.cli_helpers import HAVE_ASSETS, run_cli
+
+    if not HAVE_ASSETS:
+        pytest.skip("MiniLM tokenizer asset not installed")
+    from rankwise.models import load_model, tiny_llama
+
+    _, tok = load_model("minilm-l6", task="base")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(vocab_size=tok.vocab_size, seed=0).save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    seen = {}
+    real = rw.quantize
+
+    def spy(model, *args, **kwargs):
+        seen["scheme"] = args[0] if args else kwargs.get("scheme")
+        out = real(model, *args, **kwargs)
+        seen["layers"] = len(out.rankwise_quantized.layers)
+        return out
+
+    monkeypatch.setattr(quant, "quantize", spy)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", str(model_dir), "--data", "stdlib-code", "--method", "lora",
+                           "--quantize", "nf4", "--r", "2", "--output", str(out), "--max-steps", "2",
+                           "--max-length", "32", "--train-limit", "2", "--test-limit", "1", "--no-progress")
+    assert code == 0, err
+    assert seen["scheme"] == "nf4" and seen["layers"] > 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["run"]["quantize"] == "nf4" and record["metrics"]["loss"] > 0
