@@ -95,7 +95,7 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
     when a matched module is not a linear layer or is part of a classification head (``classifier`` /
     ``score``).
     """
-    kinds = "nn.Linear / transformers Conv1D" if conv1d else "nn.Linear (not 4-bit quantized)"
+    kinds = "nn.Linear / transformers Conv1D" if conv1d else "nn.Linear"
 
     def wanted(m: nn.Module) -> bool:
         return is_linear(m) if conv1d else isinstance(m, nn.Linear) and not is_linear4bit(m)
@@ -141,6 +141,11 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
             raise ValueError(
                 f"targets={targets!r} matched '{name}', part of the classification head; the head is not a "
                 "target (adapter methods train it in full); choose targets that leave it out"
+            )
+        if not wanted(module) and is_linear4bit(module):
+            raise ValueError(
+                f"targets={targets!r} matched module '{name}' of type Linear4bit (4-bit quantized); this method "
+                "writes the weights it targets and cannot write 4-bit ones (only adapters train over a quantized base)"
             )
         if not wanted(module):
             raise ValueError(

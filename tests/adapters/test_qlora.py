@@ -85,7 +85,7 @@ def test_writers_of_weights_refuse_4bit_layers():
         rw.compress(model, "svd", rank=2)
     with pytest.raises(ValueError, match="4-bit quantized layers"):
         rw.optim.make("galore", model, rank=2, lr=1e-3)
-    with pytest.raises(ValueError, match="type Linear4bit"):
+    with pytest.raises(ValueError, match="of type Linear4bit \(4-bit quantized\); this method writes"):
         rw.compress(model, "svd", rank=2, targets=["q_proj"])
     with pytest.raises(ValueError, match="full gradient of W₀, which 4-bit quantized layers"):
         rw.adapt(model, "lora_ga", r=2, init_data=lm_batches(1))
