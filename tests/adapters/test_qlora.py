@@ -299,3 +299,41 @@ def test_cli_train_quantize_nf4_trains_lora_over_a_4bit_base(tmp_path, capsys, m
     assert seen["scheme"] == "nf4" and seen["layers"] > 0
     record = json.loads((out / "metrics.json").read_text())
     assert record["run"]["quantize"] == "nf4" and record["metrics"]["loss"] > 0
+
+
+# ---------------------------------------------------------------------- other bases and dtypes
+def test_gpt2_conv1d_layers_quantize_to_linear4bit_with_the_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    from .test_conv1d import make_gpt2
+
+    data = lm_batches(1)
+    fp = make_gpt2("lm", 0)
+    conv = fp.transformer.h[0].attn.c_attn
+    assert isinstance(conv, Conv1D)
+    quantized = rw.quantize(make_gpt2("lm", 0))
+    layer = quantized.transformer.h[0].attn.c_attn
+    assert isinstance(layer, bnb.nn.Linear4bit) and (layer.out_features, layer.in_features) == (96, 32)
+    assert _rel(quant.dequantize(layer), conv.weight.t()) < 0.15
+    x = torch.randn(3, 32)
+    assert _rel(layer(x), conv(x)) < 0.2
+    model = rw.adapt(make_gpt2("lm", 0), "qlora", r=4)  # the Conv1D bases quantized by the layer: the same codes
+    assert torch.equal(_logits(model, data[0]), _logits(quantized, data[0]))
+
+
+def test_bf16_compute_dtype_keeps_fp32_adapters():
+    data = lm_batches(1)
+    model = rw.adapt(rw.quantize(make_tiny_llama(0), compute_dtype="bfloat16"), "lora", r=4)
+    layer = rw.adapter_layers(model)[0][1]
+    assert layer.base_weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    _randomize(model)
+    expected = _logits(model, data[0])
+    assert expected.dtype == torch.float32
+    rw.merge(model)
+    assert 0 < layer.requant_error < 0.15
+    rw.unmerge(model)
+    assert torch.equal(_logits(model, data[0]), expected)
+    with rw.adapters_disabled(model):  # the 4-bit base model
+        base = rw.quantize(make_tiny_llama(0), compute_dtype="bfloat16")
+        assert torch.allclose(_logits(model, data[0]), _logits(base, data[0]))
+    assert rw.summary(model).trainable == sum(l.trainable_count() for _, l in rw.adapter_layers(model))
