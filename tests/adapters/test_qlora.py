@@ -85,7 +85,7 @@ def test_writers_of_weights_refuse_4bit_layers():
         rw.compress(model, "svd", rank=2)
     with pytest.raises(ValueError, match="4-bit quantized layers"):
         rw.optim.make("galore", model, rank=2, lr=1e-3)
-    with pytest.raises(ValueError, match="of type Linear4bit \(4-bit quantized\); this method writes"):
+    with pytest.raises(ValueError, match=r"of type Linear4bit \(4-bit quantized\); this method writes"):
         rw.compress(model, "svd", rank=2, targets=["q_proj"])
     with pytest.raises(ValueError, match="full gradient of W₀, which 4-bit quantized layers"):
         rw.adapt(model, "lora_ga", r=2, init_data=lm_batches(1))
@@ -135,12 +135,15 @@ def test_methods_over_a_4bit_base_merge_and_unmerge_within_the_reported_error(me
     layers = rw.adapter_layers(model)
     codes = {n: layer.base_layer.weight.data.clone() for n, layer in layers}
     _randomize(model, std=0.005 if method == "bone" else 0.05)
-    before = {n: layer.base_weight + layer.delta_weight() for n, layer in layers}
+    base = {n: layer.base_weight for n, layer in layers}
+    before = {n: base[n] + layer.delta_weight() for n, layer in layers}
     expected = _logits(model, data[0])
     rw.merge(model)
     for name, layer in layers:
         measured = _rel(layer.base_weight, before[name])
         assert layer.requant_error == pytest.approx(measured, rel=1e-4, abs=1e-7), name
+        lost = float((layer.base_weight - before[name]).norm() / (before[name] - base[name]).norm())
+        assert layer.merge_delta_error == pytest.approx(lost, rel=1e-3), name
         assert layer.requant_error < 0.15  # NF4 with 64-blocks: ~0.09 on a fresh weight
     # the merged model is off by about the requantization error (a merge cannot be exact in 4 bits)
     assert _rel(_logits(model, data[0]), expected) < 3 * max(layer.requant_error for _, layer in layers)
@@ -165,6 +168,24 @@ def test_merge_and_unload_requantizes_by_default_or_gives_a_dense_model():
     assert type(q) is nn.Linear and q.weight.dtype == torch.float32
     assert torch.allclose(_logits(plain, data[0]), expected, atol=1e-4)
     assert set(plain.rankwise_merge_errors.values()) == {0.0}
+
+
+def test_merging_a_small_update_into_4_bits_loses_it_and_warns():
+    model = rw.adapt(make_tiny_llama(0), "qlora", r=4)
+    _randomize(model, std=0.001)  # ‖ΔW‖ ≈ 1% of ‖W‖, a fine-tune's size: below NF4's resolution
+    dense = _copy_adapted(model)
+    with pytest.warns(UserWarning, match=r"dequantize=True\) keeps it exactly"):
+        rw.merge_and_unload(model)
+    layers = rw.adapter_layers(dense)
+    for _, layer in layers:
+        layer.merge()
+        assert layer.requant_error < 0.05 and layer.merge_delta_error > 0.5  # small next to W, not next to ΔW
+        layer.unmerge()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rw.merge_and_unload(dense, dequantize=True)
 
 
 def _copy_adapted(model):
@@ -337,3 +358,19 @@ def test_bf16_compute_dtype_keeps_fp32_adapters():
         base = rw.quantize(make_tiny_llama(0), compute_dtype="bfloat16")
         assert torch.allclose(_logits(model, data[0]), _logits(base, data[0]))
     assert rw.summary(model).trainable == sum(l.trainable_count() for _, l in rw.adapter_layers(model))
+
+
+@pytest.mark.parametrize("method", ["qlora", "loftq"])
+def test_cli_merge_of_a_quantized_base_adapter_writes_a_plain_model(tmp_path, capsys, method):
+    from transformers import AutoModelForCausalLM
+
+    from ..cli.cli_helpers import run_cli
+    from ..cli.test_export_merge import adapted, logits, model_dir
+
+    model = adapted(model_dir(tmp_path, "llama"), "llama", method, tmp_path / "adapter")
+    assert all(layer.base_quantized for _, layer in rw.adapter_layers(model))
+    code, _, err = run_cli(capsys, "merge", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True).eval()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-4, rtol=0)  # 4-bit base + ΔW, exactly

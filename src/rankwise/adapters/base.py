@@ -112,7 +112,8 @@ class AdapterLayer(nn.Module):
         # a Python flag, not a tensor test, so forward code stays traceable by torch.compile
         self.base_transposed = is_conv1d(base_layer)
         self.base_quantized = is_linear4bit(base_layer)  # a 4-bit base: see _set_base_weight
-        self.requant_error: float | None = None
+        self.requant_error: float | None = None  # of the last write into a 4-bit base (see _set_base_weight)
+        self.merge_delta_error: float | None = None
         self._merge_stash: Quantized | None = None
         self.config = config
         self.out_features, self.in_features = (int(n) for n in self.base_weight.shape)
@@ -236,13 +237,18 @@ class AdapterLayer(nn.Module):
         4-bit base, quantized into it (dequantize → change → requantize, by the caller and
         ``quant.requantize_``), and the relative Frobenius error ‖deq(Q(w)) − w‖_F / ‖w‖_F of that
         write is kept in ``requant_error``. ``merging``: keep the 4-bit codes it replaces, so
-        ``unmerge`` puts them back bit for bit (no second requantization)."""
+        ``unmerge`` puts them back bit for bit (no second requantization), and keep the same error
+        relative to the change instead, ‖deq(Q(w)) − w‖_F / ‖w − W_before‖_F, in ``merge_delta_error``
+        (≈ 1 when the update is below the 4-bit grid's resolution and the merge loses it)."""
         if not self.base_quantized:
             self.base_weight.copy_(w)
             return
         if merging:
             self._merge_stash = stash(self.base_layer)
+            change = float((w - self.base_weight).float().norm())
         self.requant_error = requantize_(self.base_layer, w)
+        if merging:
+            self.merge_delta_error = self.requant_error * float(w.float().norm()) / max(change, 1e-30)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -111,9 +112,13 @@ def merge_and_unload(model: nn.Module, *, dequantize: bool = False) -> nn.Module
     On a 4-bit base (``rw.quantize``, methods ``qlora`` / ``loftq``) the default keeps the layer
     4-bit: W + ΔW is requantized (PEFT does the same) and each layer's relative Frobenius error
     ‖deq(Q(W + ΔW)) − (W + ΔW)‖_F / ‖W + ΔW‖_F is recorded in ``model.rankwise_merge_errors``
-    ``{layer name: error}``. ``dequantize=True`` gives those layers as plain ``nn.Linear`` holding
-    W + ΔW exactly, in the layer's compute dtype (16/32-bit; no requantization, error 0)."""
+    ``{layer name: error}``. That error is small next to ‖W‖ but not next to ‖ΔW‖: an update smaller
+    than the 4-bit grid's resolution is largely lost (``AdapterLayer.merge_delta_error``, the error
+    over ‖ΔW‖, is ≈ 1 for a typical fine-tune, ``docs/quantized.md``), and then a warning says so.
+    ``dequantize=True`` gives those layers as plain ``nn.Linear`` holding W + ΔW exactly, in the
+    layer's compute dtype (16/32-bit; no requantization, error 0); ``rankwise merge`` writes that."""
     errors: dict[str, float] = {}
+    lost: list[float] = []
     for name, layer in adapter_layers(model):
         if layer.base_quantized and dequantize:
             layer.unmerge()
@@ -124,6 +129,13 @@ def merge_and_unload(model: nn.Module, *, dequantize: bool = False) -> nn.Module
         replace_module(model, name, layer.merged_linear())
         if layer.base_quantized:
             errors[name] = float(layer.requant_error or 0.0)
+            lost.append(float(layer.merge_delta_error or 0.0))
+    if lost and max(lost) > 0.5:
+        warnings.warn(
+            f"merging into the 4-bit base changed the merged weights by up to {max(lost):.2f}×‖ΔW‖ (the update is "
+            "below the 4-bit grid's resolution); merge_and_unload(model, dequantize=True) keeps it exactly",
+            stacklevel=2,
+        )
     model.rankwise_adapter = None  # type: ignore[assignment]  # Module attribute
     if errors:
         model.rankwise_merge_errors = errors  # type: ignore[assignment]  # Module attribute
