@@ -149,16 +149,20 @@ def loftq_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     s is accounted for; PEFT's ``loftq_init`` assumes s = 1). The frozen base becomes Q_T (returned
     as ``Factors.base``, 4-bit) and the adapter starts at B_T, A_T, so the model starts at
     Q_T + s·B_T·A_T ≈ W: ‖W − Q_T − s·B_T·A_T‖_F is the tail of the spectrum of W − Q_T, at most
-    QLoRA's ‖W − q_N(W)‖_F. T = 1 is the paper's and PEFT's default."""
+    QLoRA's ‖W − q_N(W)‖_F. T = 1 is the paper's and PEFT's default. ``init_iters=k``: randomized SVDs
+    (k power iterations) instead of exact ones (W − Q_t has a flat spectrum: less accurate than for PiSSA)."""
     scheme = str(getattr(ctx.config, "quant_type", "nf4"))
     double_quant = bool(getattr(ctx.config, "double_quant", True))
     iters = int(getattr(ctx.config, "loftq_iter", 1))
+    svd_iters = int(getattr(ctx.config, "init_iters", 0))
     w = weight.float()
     low_rank = torch.zeros_like(w)
     q = b = a = None
     for _ in range(iters):
         q = quantize_tensor(w - low_rank, scheme, double_quant)
-        u, s, vh = truncated_svd(w - dequantize_tensor(q).float(), ctx.r)
+        u, s, vh = truncated_svd(
+            w - dequantize_tensor(q).float(), ctx.r, svd_iters, context_generator(ctx) if svd_iters else None
+        )
         root = torch.sqrt(s / ctx.scale)
         b, a = u * root, root[:, None] * vh
         low_rank = (u * s) @ vh  # = s·B·A
