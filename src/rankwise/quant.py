@@ -41,7 +41,7 @@ def require_bnb() -> ModuleType:
     """The ``bitsandbytes`` module, or an ImportError saying how to get it."""
     try:
         import bitsandbytes
-    except ImportError as e:  # pragma: no cover - bitsandbytes is installed in the dev environment
+    except ImportError as e:
         raise ImportError(
             "4-bit quantized bases (rw.quantize, methods 'qlora' and 'loftq', --quantize) need bitsandbytes: "
             "pip install 'bitsandbytes>=0.45' (it quantizes and runs 4-bit layers on CPU and CUDA)"

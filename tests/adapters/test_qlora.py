@@ -77,6 +77,14 @@ def test_quantize_bad_input():
         rw.quantize(rw.adapt(make_tiny_llama(0), "lora", r=2))
 
 
+def test_without_bitsandbytes_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"need bitsandbytes: pip install 'bitsandbytes>=0.45'"):
+        rw.quantize(make_tiny_llama(0))
+    with pytest.raises(ImportError, match="need bitsandbytes"):
+        rw.adapt(make_tiny_llama(0), "qlora", r=2)
+
+
 def test_writers_of_weights_refuse_4bit_layers():
     model = rw.quantize(make_tiny_llama(0))
     with pytest.raises(ValueError, match="4-bit quantized layers"):
