@@ -23,7 +23,8 @@ KINDS = {
     "bert": (make_tiny_bert, cls_batches, "SEQ_CLS", ["query", "value", "dense"]),
     "llama": (make_tiny_llama, lm_batches, "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"]),
 }
-EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export in ("lora", "dora"))
+# qlora / loftq: over a 4-bit base, exported in tests/adapters/test_qlora.py
+EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export in ("lora", "dora") and s.family != "quantization")
 NOT_EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export == "none")
 # exportable LoRA-layer methods, whose ``init`` selects a LoRA-shaped init (lora, rslora, dora, pissa, ...)
 WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer)]

@@ -28,6 +28,7 @@ from .adapters.ops import (
 from .compress import compress
 from .io import load_adapter, load_adapters, save_adapter
 from .peft_io import export_peft, import_peft
+from .quant import quantize
 from .sparse import sparsify
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "merge_adapters",
     "merge_and_unload",
     "optim",
+    "quantize",
     "save_adapter",
     "set_active",
     "sparse",

@@ -32,14 +32,27 @@ def is_conv1d(module: nn.Module) -> bool:
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
+def is_linear4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit ``Linear4bit`` (``rw.quantize``; a subclass of
+    ``nn.Linear`` whose weight holds packed codes). Read without importing bitsandbytes."""
+    modules = sys.modules.get("bitsandbytes.nn.modules")
+    return modules is not None and isinstance(module, modules.Linear4bit)
+
+
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer an adapter can wrap: ``nn.Linear`` or transformers ``Conv1D``."""
+    """Whether ``module`` is a linear layer an adapter can wrap: ``nn.Linear`` (a bitsandbytes
+    ``Linear4bit`` included) or transformers ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a linear layer: ``nn.Linear.weight`` itself, or the transposed view
-    ``Conv1D.weight.T`` (the same storage, so in-place writes to the view land in the Conv1D)."""
+    ``Conv1D.weight.T`` (the same storage, so in-place writes to the view land in the Conv1D); for a
+    4-bit layer a dequantized copy (writes to it are lost: adapters write through their one path)."""
+    if is_linear4bit(module):
+        from .quant import dequantize
+
+        return dequantize(module)
     w = module.weight
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no weight tensor")
@@ -47,7 +60,9 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of an ``nn.Linear`` or ``Conv1D``."""
+    """``(out_features, in_features)`` of an ``nn.Linear`` (4-bit included) or ``Conv1D``."""
+    if is_linear4bit(module):
+        return int(module.out_features), int(module.in_features)
     out_features, in_features = linear_weight(module).shape
     return int(out_features), int(in_features)
 
@@ -89,8 +104,9 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
 
     With ``conv1d=True`` (adapters) the linear layers are ``nn.Linear`` and transformers ``Conv1D``;
     callers that handle ``nn.Linear`` only (sparse, compress, projected optimizers) pass
-    ``conv1d=False``, and then ``"all-linear"`` on a model with Conv1D layers (GPT-2) is an error
-    naming them (it would otherwise skip them silently).
+    ``conv1d=False``, and then ``"all-linear"`` on a model with Conv1D layers (GPT-2) or 4-bit
+    quantized layers (``rw.quantize``: their weights cannot be written) is an error naming them (it
+    would otherwise skip them silently).
 
     Raises ``ValueError`` when ``targets`` is not a valid regular expression, when nothing matches,
     when a matched module is not a linear layer or is part of a classification head (``classifier`` /
@@ -99,7 +115,7 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
     kinds = "nn.Linear / transformers Conv1D" if conv1d else "nn.Linear"
 
     def wanted(m: nn.Module) -> bool:
-        return is_linear(m) if conv1d else isinstance(m, nn.Linear)
+        return is_linear(m) if conv1d else isinstance(m, nn.Linear) and not is_linear4bit(m)
 
     if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
@@ -114,6 +130,14 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
             raise ValueError(
                 f"targets='all-linear': this {type(model).__name__} has transformers Conv1D layers ({skipped[:3]}"
                 f"{more}), which are not supported here (nn.Linear only); 'all-linear' would silently skip them"
+            )
+        quantized = [n for n, m in base_modules(model) if is_linear4bit(m) and not _under_head(n, heads)]
+        if quantized and not conv1d:
+            more = f" and {len(quantized) - 3} more" if len(quantized) > 3 else ""
+            raise ValueError(
+                f"targets='all-linear': this {type(model).__name__} has 4-bit quantized layers ({quantized[:3]}"
+                f"{more}); this method writes the weights it targets and cannot write 4-bit ones (only "
+                "adapters train over a quantized base); 'all-linear' would silently skip them"
             )
         linears = [(n, m) for n, m in base_modules(model) if wanted(m) and not _under_head(n, heads)]
         if not linears:
@@ -134,6 +158,11 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
             raise ValueError(
                 f"targets={targets!r} matched '{name}', part of the classification head; the head is not a "
                 "target (adapter methods train it in full); choose targets that leave it out"
+            )
+        if not wanted(module) and is_linear4bit(module):
+            raise ValueError(
+                f"targets={targets!r} matched module '{name}' of type Linear4bit (4-bit quantized); this method "
+                "writes the weights it targets and cannot write 4-bit ones (only adapters train over a quantized base)"
             )
         if not wanted(module):
             raise ValueError(

@@ -18,7 +18,10 @@ import rankwise as rw
 
 from ..conftest import lm_batches, make_tiny_llama
 
-METHODS = sorted(m for m in rw.REGISTRY if rw.get_method(m).api == "adapt")
+# the quantization family quantizes the layers it adapts (tests over a 4-bit base below)
+METHODS = sorted(
+    m for m in rw.REGISTRY if rw.get_method(m).api == "adapt" and rw.get_method(m).family != "quantization"
+)
 RANK = 4
 IDS = lm_batches(n=1, batch=5, seq=10, seed=3)[0]["input_ids"]
 
@@ -213,3 +216,41 @@ def test_errors_name_the_adapter():
         rw.adapt(model, "lora", r=RANK, name="z")
     with pytest.raises(ValueError, match="unmerge"):
         model(input_ids=IDS, adapter_names=["a"] * 5)
+
+
+def test_named_adapters_share_a_4bit_base():
+    """rw.quantize, then LoRA + DoRA: each alone equals the model holding only it, per-example
+    adapters equal each alone, and unmerge gives the 4-bit codes back exactly."""
+    pytest.importorskip("bitsandbytes")
+    model = rw.quantize(make_tiny_llama(0))
+    rw.adapt(model, "lora", r=RANK, name="a")
+    _randomize(model, "a", 1)
+    rw.adapt(model, "dora", r=RANK, name="b", targets=["q_proj", "v_proj"])
+    _randomize(model, "b", 2)
+    names = ["b", "a", None, "b", "a"]
+    mixed = _logits(model, adapter_names=names)
+    alone = {}
+    pristine = copy.deepcopy(model)
+    for name in ("a", "b"):
+        only = copy.deepcopy(pristine)
+        rw.delete_adapter(only, "b" if name == "a" else "a")
+        rw.set_active(model, name)
+        alone[name] = _logits(model)
+        torch.testing.assert_close(alone[name], _logits(only), atol=2e-5, rtol=0)
+    alone[None] = _logits(rw.quantize(make_tiny_llama(0)))
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone[name][i], atol=2e-5, rtol=0, msg=f"row {i}")
+    rw.set_active(model, ["a", "b"])
+    codes = {n: b.detach().clone() for n, b in model.named_parameters() if b.dtype == torch.uint8}
+    rw.merge(model)
+    rw.unmerge(model)
+    for n, b in model.named_parameters():
+        if n in codes:
+            assert torch.equal(b, codes[n]), n
+    rw.adapt(model, "qlora", r=RANK, name="q")  # over a 4-bit base qlora is plain LoRA: it shares it
+    plain = rw.adapt(make_tiny_llama(0), "lora", r=RANK, name="a")
+    before = _logits(plain)
+    with pytest.raises(ValueError, match="method 'qlora' replaces the base layer"):
+        rw.adapt(plain, "qlora", r=RANK, name="q")
+    assert rw.adapter_names(plain) == ["a"]
+    torch.testing.assert_close(_logits(plain), before, atol=0, rtol=0)  # refused before anything changed

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import fraction, rank
-from ..targets import is_conv1d, is_linear
+from ..quant import Quantized, dequantize, dequantize_tensor, requantize_, restore_, stash
+from ..targets import is_conv1d, is_linear, is_linear4bit
 from .kernels import low_rank_linear
 
 if TYPE_CHECKING:
@@ -117,6 +118,10 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         # a Python flag, not a tensor test, so forward code stays traceable by torch.compile
         self.base_transposed = is_conv1d(base_layer)
+        self.base_quantized = is_linear4bit(base_layer)  # a 4-bit base: see _set_base_weight
+        self.requant_error: float | None = None  # of the last write into a 4-bit base (see _set_base_weight)
+        self.merge_delta_error: float | None = None
+        self._merge_stash: Quantized | None = None
         self.config = config
         self.out_features, self.in_features = (int(n) for n in self.base_weight.shape)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -134,6 +139,11 @@ class AdapterLayer(nn.Module):
     @classmethod
     def needs_grad(cls, config: AdapterConfig) -> bool:
         """Whether initialization needs an estimated full gradient of W₀ (``ctx.grad``)."""
+        return False
+
+    @classmethod
+    def replaces_base(cls, config: AdapterConfig, base_layer: nn.Module) -> bool:
+        """Whether the layer wraps a new base instead of ``base_layer`` (QLoRA / LoftQ quantize it)."""
         return False
 
     @classmethod
@@ -197,6 +207,10 @@ class AdapterLayer(nn.Module):
         f = self.factors()
         return None if f is None else with_offset(f, self.base_offset_factors())
 
+    def update_weight(self) -> torch.Tensor:
+        """What ``merge`` adds to the base weight: ΔW (relative to the frozen base)."""
+        return self.delta_weight()
+
     def delta_from_original(self) -> torch.Tensor:
         """ΔW relative to the original W₀: ``delta_weight() − base_offset()``."""
         delta, offset = self.delta_weight(), self.base_offset()
@@ -206,8 +220,11 @@ class AdapterLayer(nn.Module):
     @property
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight as an (out, in) matrix: ``nn.Linear.weight``, or the view
-        ``Conv1D.weight.T`` (in-place writes to it land in the Conv1D's (in, out) storage). Every
-        read and write of the base weight by a method goes through this accessor."""
+        ``Conv1D.weight.T`` (in-place writes to it land in the Conv1D's (in, out) storage); for a 4-bit
+        base (bitsandbytes ``Linear4bit``) a dequantized copy in its compute dtype. Every read of the
+        base weight by a method goes through this accessor, every write through ``_set_base_weight``."""
+        if self.base_quantized:
+            return dequantize(self.base_layer)
         w = cast(torch.Tensor, self.base_layer.weight)
         return w.t() if self.base_transposed else w
 
@@ -256,6 +273,8 @@ class AdapterLayer(nn.Module):
         """Base GEMM (base dtype) + low-rank delta (adapter dtype) in one autograd node
         (``kernels.low_rank_linear``), when possible (not under autocast: the plain path lets
         autocast pick each matmul's dtype)."""
+        if self.base_quantized:  # the 4-bit base runs its own GEMM (bitsandbytes), the delta beside it
+            return None
         f = self.factors()
         w, bias = self.base_weight, self.base_layer.bias
         if f is None or w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
@@ -268,25 +287,53 @@ class AdapterLayer(nn.Module):
         return low_rank_linear(x, self.dropout(x) if self.dropout_active else None, w, bias, a, b, scale)
 
     @torch.no_grad()
+    def _set_base_weight(self, w: torch.Tensor, *, merging: bool = False) -> None:
+        """The one write path of the base weight: ``w`` (out, in) is copied into it in place, or, on a
+        4-bit base, quantized into it (dequantize → change → requantize, by the caller and
+        ``quant.requantize_``), and the relative Frobenius error ‖deq(Q(w)) − w‖_F / ‖w‖_F of that
+        write is kept in ``requant_error``. ``merging``: keep the 4-bit codes it replaces, so
+        ``unmerge`` puts them back bit for bit (no second requantization), and keep the same error
+        relative to the change instead, ‖deq(Q(w)) − w‖_F / ‖w − W_before‖_F, in ``merge_delta_error``
+        (≈ 1 when the update is below the 4-bit grid's resolution and the merge loses it)."""
+        if not self.base_quantized:
+            self.base_weight.copy_(w)
+            return
+        if merging:
+            self._merge_stash = stash(self.base_layer)
+            change = float((w - self.base_weight).float().norm())
+        self.requant_error = requantize_(self.base_layer, w)
+        if merging:
+            self.merge_delta_error = self.requant_error * float(w.float().norm()) / max(change, 1e-30)
+
+    @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight (``W ← W + ΔW``); the forward then skips the delta."""
+        """Fold ΔW into the base weight (``W ← W + ΔW``); the forward then skips the delta. On a 4-bit
+        base ``W + ΔW`` is requantized and ``requant_error`` says how far the merged weight is from it."""
         if self.merged:
             return
         w = self.base_weight
-        w.add_(self.delta_weight().to(w.dtype))
+        self._set_base_weight(w + self.delta_weight().to(w.dtype), merging=True)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: the base weight goes back to ``frozen_weight()``."""
+        """Undo ``merge``: the base weight goes back to ``frozen_weight()`` (a 4-bit base gets its
+        codes from before the merge back, exactly)."""
         if not self.merged:
             return
-        self.base_weight.copy_(self.frozen_weight())
+        if self._merge_stash is not None:
+            restore_(self.base_layer, self._merge_stash)
+            self._merge_stash = None
+        else:
+            self._set_base_weight(self.frozen_weight())
         self.merged = False
 
     def frozen_weight(self) -> torch.Tensor:
         """The frozen base weight, recovered from the merged weight when merged (``W − ΔW`` for an
-        additive delta, exact up to rounding; methods whose merge is not additive override this)."""
+        additive delta, exact up to rounding; methods whose merge is not additive override this; a
+        merged 4-bit base gives its codes from before the merge)."""
+        if self.merged and self._merge_stash is not None:
+            return dequantize_tensor(self._merge_stash).to(self.base_weight.dtype)
         w = self.base_weight
         return w - self.delta_weight().to(w.dtype) if self.merged else w
 
@@ -301,8 +348,15 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
-        """Return the base module (``nn.Linear`` / ``Conv1D``) holding the original W₀ (the adapter is dropped)."""
-        self.base_weight.copy_(self.original_weight())
+        """Return the base module (``nn.Linear`` / ``Conv1D`` / 4-bit ``Linear4bit``) holding the
+        original W₀ (the adapter is dropped; a 4-bit base is written only when an init moved part of
+        W₀ out of it, then W₀ is requantized)."""
+        if self.base_quantized:
+            self.unmerge()
+            if self.base_offset() is not None:
+                self._set_base_weight(self.original_weight())
+            return self.base_layer
+        self._set_base_weight(self.original_weight())
         self.merged = False
         return self.base_layer
 
@@ -323,7 +377,7 @@ class AdapterLayer(nn.Module):
         offset = self.base_offset()
         if offset is not None and not self.shares_base:
             w = self.base_weight
-            w.sub_(offset.to(w.dtype))
+            self._set_base_weight(w - offset.to(w.dtype))
 
     def extra_repr(self) -> str:
         base = ", base=Conv1D" if self.base_transposed else ""

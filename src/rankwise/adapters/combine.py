@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from ..checks import choice, is_number
-from ..targets import linear_weight
 from .base import AdapterLayer
 from .merging import MERGE_METHODS, combine_deltas, concat_factors, truncate_delta
-from .named import AdapterStack, target_modules
+from .named import add_to_base, target_modules
 from .ops import delete_adapter, set_active
 from .registry import adapt, adapter_layers, adapter_names
 
@@ -129,9 +128,7 @@ def merge_adapters(
         for source in weights:
             delete_adapter(model, source)
         for target, delta in merged.items():
-            module = model.get_submodule(target)
-            w = module.base_weight if isinstance(module, AdapterLayer | AdapterStack) else linear_weight(module)
-            w.add_(delta.to(w.dtype))  # type: ignore[union-attr]
+            add_to_base(model.get_submodule(target), delta)
         return model
     overrides = {t: {"r": int(f[1].shape[0]), "alpha": int(f[1].shape[0])} for t, f in merged.items()}
     first = next(iter(per_layer.values()))

@@ -124,7 +124,7 @@ class DoRALayer(LoRALayer):
         w = self.base_weight
         norm = self._norm(w)
         v = torch.addmm(w.to(self.adapter_dtype), self.lora_B, self.lora_A, alpha=self.scale)
-        w.copy_(v * (self.magnitude / norm).unsqueeze(1))
+        self._set_base_weight(v * (self.magnitude / norm).unsqueeze(1), merging=True)
         self.merge_norm = norm
         self.merged = True
 

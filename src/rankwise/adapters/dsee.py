@@ -170,7 +170,7 @@ class DSEELayer(AdapterLayer):
         """Re-apply the keep-mask (zero the frozen base where it is False) and set ``masked``."""
         self.masked = self.pruned
         if self.masked:
-            self.base_weight.masked_fill_(~self.keep_mask, 0)
+            self._set_base_weight(self.base_weight.masked_fill(~self.keep_mask, 0))
 
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features) + self.config.nnz

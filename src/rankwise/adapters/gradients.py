@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..batches import LossFn, default_loss
-from ..targets import is_conv1d
+from ..targets import is_conv1d, is_linear4bit
 
 
 def estimate_gradients(
@@ -25,6 +25,12 @@ def estimate_gradients(
     matrix: the gradient of a transformers ``Conv1D`` weight (stored (in, out)) is transposed, like
     the weight every init reads (``AdapterLayer.base_weight``)."""
     loss_fn = loss_fn or default_loss
+    quantized = [n for n in names if is_linear4bit(model.get_submodule(n))]
+    if quantized:
+        raise ValueError(
+            f"this init needs the full gradient of W₀, which 4-bit quantized layers ({quantized[:3]}) have not; "
+            "estimate it on the full-precision model (e.g. method 'qlora' with init='lora_ga' quantizes after)"
+        )
     weights = {n: model.get_submodule(n).weight for n in names}
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():

@@ -10,7 +10,8 @@ base (``moves_base``: W_base = W₀ − ΔW₀, so the adapted model starts equa
 an estimated gradient, and whether the adapted model starts equal to the base.
 
 LoRA-shaped inits (no core; ``init=`` of the LoRA layer): ``pissa`` (Meng et al. 2024), ``olora``
-(Büyükakyüz 2024), ``lora_ga`` (Wang et al. 2024). Core-matrix inits (the ``CoreLayer`` methods of
+(Büyükakyüz 2024), ``lora_ga`` (Wang et al. 2024), ``loftq`` (Li et al. 2023; it also chooses the
+4-bit base, ``Factors.base``). Core-matrix inits (the ``CoreLayer`` methods of
 ``core.py``): ``lora_xs`` (Bałazy et al. 2024), ``lora_sb`` (Ponkshe et al. 2024), ``loldu`` (Shi et
 al. 2024), ``svfit`` (Sun et al. 2024). Truncated SVDs come from :mod:`rankwise.linalg`.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from ..linalg import truncated_svd
+from ..quant import Quantized, dequantize_tensor, quantize_tensor
 from ..rng import layer_generator
 
 
@@ -53,6 +55,7 @@ class Factors:
     right: torch.Tensor
     core: torch.Tensor | None = None
     row_perm: torch.Tensor | None = None
+    base: Quantized | None = None  # the 4-bit frozen base the init chose (LoFTQ's Q_T), if it chose one
 
 
 CORES = ("none", "full", "diagonal")
@@ -69,6 +72,7 @@ class Init:
     core: str = "none"  # shape of the trainable core: "none" (ΔW = s·B·A), "full" (r×r) or "diagonal" (r)
     permuted: bool = False  # B carries a row permutation (LoLDU's P)
     identity: bool = True  # the adapted model starts equal to the base
+    quantizes: bool = False  # the init returns the 4-bit base itself (``Factors.base``; needs a full-precision W₀)
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -137,6 +141,35 @@ def lora_ga_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(zeta * u[:, r : 2 * r], zeta * vh[:r])
 
 
+def loftq_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LoftQ (Li et al. 2023, arXiv 2310.08659, Algorithm 1): alternate, for t = 1..T
+    (``loftq_iter``), Q_t = q_N(W − s·B_{t−1}A_{t−1}) (bitsandbytes NF4/FP4, ``quant_type``,
+    ``double_quant``; B₀A₀ = 0) and s·B_t·A_t = best rank-r approximation of W − Q_t (truncated SVD
+    U_r S_r V_rᵀ, split as PiSSA does: B = U_r (S_r/s)^{1/2}, A = (S_r/s)^{1/2} V_rᵀ, so the LoRA scale
+    s is accounted for; PEFT's ``loftq_init`` assumes s = 1). The frozen base becomes Q_T (returned
+    as ``Factors.base``, 4-bit) and the adapter starts at B_T, A_T, so the model starts at
+    Q_T + s·B_T·A_T ≈ W: ‖W − Q_T − s·B_T·A_T‖_F is the tail of the spectrum of W − Q_T, at most
+    QLoRA's ‖W − q_N(W)‖_F. T = 1 is the paper's and PEFT's default. ``init_iters=k``: randomized SVDs
+    (k power iterations) instead of exact ones (W − Q_t has a flat spectrum: less accurate than for PiSSA)."""
+    scheme = str(getattr(ctx.config, "quant_type", "nf4"))
+    double_quant = bool(getattr(ctx.config, "double_quant", True))
+    iters = int(getattr(ctx.config, "loftq_iter", 1))
+    svd_iters = int(getattr(ctx.config, "init_iters", 0))
+    w = weight.float()
+    low_rank = torch.zeros_like(w)
+    q = b = a = None
+    for _ in range(iters):
+        q = quantize_tensor(w - low_rank, scheme, double_quant)
+        u, s, vh = truncated_svd(
+            w - dequantize_tensor(q).float(), ctx.r, svd_iters, context_generator(ctx) if svd_iters else None
+        )
+        root = torch.sqrt(s / ctx.scale)
+        b, a = u * root, root[:, None] * vh
+        low_rank = (u * s) @ vh  # = s·B·A
+    assert q is not None and b is not None and a is not None
+    return Factors(b, a, base=q)
+
+
 # ---------------------------------------------------------------------- core-matrix inits
 def lora_xs_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     """LoRA-XS (arXiv 2405.17604, Sec. 3): B = U_r, A = S_r V_rᵀ, R ~ N(0, init_std²)."""
@@ -173,6 +206,7 @@ INITS: dict[str, Init] = {
     "pissa": Init(pissa_init, moves_base=True),
     "olora": Init(olora_init, moves_base=True),
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
+    "loftq": Init(loftq_init, moves_base=True, identity=False, quantizes=True),
     "lora_xs": Init(lora_xs_init, core="full"),
     "lora_sb": Init(lora_sb_init, needs_grad=True, core="full", identity=False),
     "loldu": Init(loldu_init, moves_base=True, core="diagonal", permuted=True),

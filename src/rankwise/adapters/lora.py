@@ -4,6 +4,11 @@
 "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"). Default init: A ~ U(±1/√k)
 (``nn.Linear``'s), B = 0, so the adapted model starts equal to the base. Other initializations
 (PiSSA, OLoRA, LoRA-GA, ...) are functions in ``adapters.init`` selected by ``init``.
+
+QLoRA (Dettmers et al. 2023) is this layer over a 4-bit base: over a base already quantized by
+``rw.quantize`` any LoRA method is QLoRA; method ``qlora`` (``QLoRAConfig``) quantizes the layers it
+adapts itself. LoftQ (``init="loftq"``, method ``loftq``) chooses the 4-bit base and the factors
+together from the full-precision W₀ (``adapters.init.loftq_init``).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import torch
 from torch import nn
 
 from ..checks import choice, integer, positive
+from ..quant import SCHEMES, to_linear4bit
 from ..rng import kaiming_uniform_, layer_generator
+from ..targets import is_linear4bit, linear_weight
 from .base import AdapterConfig, AdapterLayer
-from .init import INITS, InitContext, lora_inits
+from .init import INITS, Factors, InitContext, lora_inits
 from .registry import MethodSpec, register
 
 
@@ -42,6 +49,25 @@ class LoRAConfig(AdapterConfig):
         return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
 
 
+@dataclass
+class QLoRAConfig(LoRAConfig):
+    """LoRA over a 4-bit base that the layer quantizes itself when it is in full precision (QLoRA,
+    Dettmers et al. 2023; bitsandbytes, blocks of 64): ``quant_type`` "nf4" or "fp4",
+    ``double_quant`` (quantized block scales), and LoftQ's number of alternations ``loftq_iter`` ≥ 1
+    (read by ``init="loftq"`` only)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    loftq_iter: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        choice("quant_type", self.quant_type, SCHEMES)
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant={self.double_quant!r} must be True or False")
+        integer("loftq_iter", self.loftq_iter, 1)
+
+
 class LoRALayer(AdapterLayer):
     """``y = W x + s·B(A x)``; trainable ``lora_A`` (r×in) and ``lora_B`` (out×r)."""
 
@@ -52,7 +78,9 @@ class LoRALayer(AdapterLayer):
         return INITS[config.init].needs_grad
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
+        base_layer, chosen = self._quantized_base(base_layer, config, ctx)
         super().__init__(base_layer, config)
+        self.identity_at_init = INITS[config.init].identity
         r, dtype, device = config.r, self.adapter_dtype, self.base_weight.device
         self.scale = config.scale
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
@@ -64,23 +92,58 @@ class LoRALayer(AdapterLayer):
             self.register_buffer("init_B", torch.zeros_like(self.lora_B))
         if ctx.skip:
             return
-        self._initialize(ctx)
+        self._initialize(ctx, chosen)
+
+    @classmethod
+    def replaces_base(cls, config: AdapterConfig, base_layer: nn.Module) -> bool:
+        return INITS[config.init].quantizes or (isinstance(config, QLoRAConfig) and not is_linear4bit(base_layer))
+
+    @staticmethod
+    def _quantized_base(
+        base_layer: nn.Module, config: LoRAConfig, ctx: InitContext
+    ) -> tuple[nn.Module, Factors | None]:
+        """The base this layer wraps: a 4-bit one for ``QLoRAConfig`` (the given layer quantized
+        unless it is 4-bit already) and for an init that chooses the 4-bit base (LoftQ: run here, on
+        the full-precision W₀, also when the tensors come from a checkpoint, since the base is not
+        saved with the adapter; the factors are returned to initialize with)."""
+        spec = INITS[config.init]
+        scheme = getattr(config, "quant_type", "nf4")
+        double_quant = getattr(config, "double_quant", True)
+        if spec.quantizes:
+            if is_linear4bit(base_layer):
+                raise ValueError(
+                    f"init='{config.init}' needs the full-precision weight of '{ctx.name}', but it is 4-bit "
+                    "already: adapt the unquantized model (LoftQ quantizes the layers it adapts itself)"
+                )
+            w = linear_weight(base_layer).detach()
+            f = spec.fn(w.float(), replace(ctx, config=config, r=config.r, scale=config.scale))
+            return to_linear4bit(base_layer, scheme, double_quant, w.dtype, quantized=f.base), f
+        if isinstance(config, QLoRAConfig) and not is_linear4bit(base_layer):
+            return to_linear4bit(base_layer, scheme, double_quant), None
+        return base_layer, None
 
     @torch.no_grad()
-    def _initialize(self, ctx: InitContext) -> None:
+    def _initialize(self, ctx: InitContext, chosen: Factors | None = None) -> None:
         cfg: LoRAConfig = self.config
         if cfg.init == "default":
             kaiming_uniform_(self.lora_A, generator=layer_generator(cfg.seed, ctx.name))
             return
-        w = self.base_weight.detach().float()
-        f = INITS[cfg.init].fn(w, replace(ctx, config=cfg, r=cfg.r, scale=self.scale))
-        b, a = f.left, f.right
+        if chosen is None:
+            w = self.base_weight.detach().float()
+            chosen = INITS[cfg.init].fn(w, replace(ctx, config=cfg, r=cfg.r, scale=self.scale))
+        b, a = chosen.left, chosen.right
         self.lora_B.copy_(b)
         self.lora_A.copy_(a)
         if self.moves_base:
             self.init_A.copy_(a)
             self.init_B.copy_(b)
             self.after_load()
+
+    def after_load(self) -> None:
+        """The offset moves out of the base (``AdapterLayer.after_load``), except for an init that
+        chose the base itself (LoftQ's base Q_T was set at construction)."""
+        if not INITS[self.config.init].quantizes:
+            super().after_load()
 
     def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         return (self.init_B, self.init_A, self.scale) if self.moves_base else None
@@ -117,5 +180,15 @@ register(
         LoRALayer,
         defaults={"use_rslora": True},
         summary="LoRA with scale α/√r",
+    )
+)
+register(
+    MethodSpec(
+        "qlora",
+        "quantization",
+        "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs",
+        QLoRAConfig,
+        LoRALayer,
+        summary="LoRA over a frozen 4-bit NF4 base (bitsandbytes, double-quantized scales), fp32 adapters",
     )
 )

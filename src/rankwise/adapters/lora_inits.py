@@ -5,6 +5,8 @@
 * ``olora``  — OLoRA (Büyükakyüz 2024): QR of W₀, orthonormal B.
 * ``lora_ga`` — LoRA-GA (Wang et al. 2024): factors from the SVD of the estimated full gradient,
   stable scale ζ = d_out^{1/4}/√γ (``stable_gamma``).
+* ``loftq`` — LoftQ (Li et al. 2023): alternating 4-bit quantization and SVD; the base becomes Q_T,
+  the factors the best rank-r part of W₀ − Q_T (``loftq_iter`` = T).
 * ``loraplus`` — LoRA+ (Hayou et al. 2024): plain LoRA trained with lr_B = λ·lr_A; the recipe is
   ``rankwise.optim.loraplus_groups(model, lr, ratio=λ)``.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import positive
-from .lora import LoRAConfig, LoRALayer
+from .lora import LoRAConfig, LoRALayer, QLoRAConfig
 from .registry import MethodSpec, register
 
 
@@ -60,6 +62,17 @@ register(
         LoRALayer,
         defaults={"init": "lora_ga"},
         summary="A₀, B₀ from the SVD of the estimated gradient (needs init_data), stable scale, base offset",
+    )
+)
+register(
+    MethodSpec(
+        "loftq",
+        "quantization",
+        "Li et al. 2023, LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models",
+        QLoRAConfig,
+        LoRALayer,
+        defaults={"init": "loftq"},
+        summary="base Q_T, s·B·A = top-r SVD of W₀ − Q_T, alternating T = loftq_iter times; starts ≈ W₀",
     )
 )
 register(

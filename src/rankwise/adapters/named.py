@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..quant import dequantize, requantize_, restore_
+from ..targets import is_linear4bit, linear_weight
 from .base import BASE_NAME, AdapterLayer, mixed_forward
 
 
@@ -128,17 +130,28 @@ class AdapterStack(nn.Module):
         if not active:
             return
         w = self.base_weight
-        total = sum(layer.delta_from_original().float() for _, layer in active)
-        w.add_(total.to(w.dtype))
+        total = self.update_weight()
+        self.first()._set_base_weight(w + total.to(w.dtype), merging=True)
         self.merged_delta = total
         self.merged_names = [n for n, _ in active]
+
+    def update_weight(self) -> torch.Tensor:
+        """What ``merge`` adds to the base weight W₀: Σ_{active} (ΔW_a − O_a), in fp32."""
+        active = [layer for layer in self.adapters.values() if layer.enabled]
+        w = self.base_weight
+        return sum((layer.delta_from_original().float() for layer in active), torch.zeros(w.shape, device=w.device))
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged_names:
             return
-        w = self.base_weight
-        w.sub_(self.merged_delta.to(w.dtype))
+        writer = self.first()
+        if writer._merge_stash is not None:  # a 4-bit base: its codes from before the merge, exactly
+            restore_(self.base_layer, writer._merge_stash)
+            writer._merge_stash = None
+        else:
+            w = self.base_weight
+            writer._set_base_weight(w - self.merged_delta.to(w.dtype))
         self.merged_delta = None
         self.merged_names = []
 
@@ -168,7 +181,22 @@ def restore_offset(layer: AdapterLayer) -> None:
     offset = layer.base_offset()
     if offset is not None:
         w = layer.base_weight
-        w.add_(offset.to(w.dtype))
+        layer._set_base_weight(w + offset.to(w.dtype))
+
+
+@torch.no_grad()
+def add_to_base(module: nn.Module, delta: torch.Tensor) -> None:
+    """W ← W + ΔW for a target layer: an adapter layer or stack (through its write path), or a plain
+    linear layer (``nn.Linear``, ``Conv1D``, or a 4-bit layer, requantized)."""
+    if isinstance(module, AdapterStack | AdapterLayer):
+        writer = module.first() if isinstance(module, AdapterStack) else module
+        w = module.base_weight
+        writer._set_base_weight(w + delta.to(w.dtype))
+    elif is_linear4bit(module):
+        requantize_(module, dequantize(module) + delta)
+    else:
+        w = linear_weight(module)
+        w.add_(delta.to(w.dtype))
 
 
 def target_modules(model: nn.Module) -> list[tuple[str, AdapterLayer | AdapterStack]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..quant import dense_linear
 from ..targets import replace_module
 from .base import AdapterLayer
 from .named import AdapterStack, layers_of, remove_batch_hook, target_modules
@@ -102,9 +104,9 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_all(model: nn.Module, build) -> nn.Module:
+def _replace_all(model: nn.Module, build: Callable[[str, AdapterLayer | AdapterStack], nn.Module]) -> nn.Module:
     for name, module in target_modules(model):
-        replace_module(model, name, build(module))
+        replace_module(model, name, build(name, module))
     model.rankwise_adapters = {}  # type: ignore[assignment]  # Module attribute
     remove_batch_hook(model)
     return model
@@ -112,13 +114,53 @@ def _replace_all(model: nn.Module, build) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove all adapters and return the base model with its original weights W₀."""
-    return _replace_all(model, lambda m: m.unload())
+    return _replace_all(model, lambda _, m: m.unload())
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the active adapters into the weights and return a plain model (no adapter modules);
-    the inactive adapters are dropped (with what their inits took out of W₀ given back)."""
-    return _replace_all(model, lambda m: m.merged_linear())
+def merge_and_unload(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
+    """Fold the active adapters into the weights and return a plain model (no adapter modules; the
+    inactive adapters of a layer holding several are dropped).
+
+    On a 4-bit base (``rw.quantize``, methods ``qlora`` / ``loftq``) the default keeps the layer
+    4-bit: W + ΔW is requantized (PEFT does the same) and each layer's relative Frobenius error
+    ‖deq(Q(W + ΔW)) − (W + ΔW)‖_F / ‖W + ΔW‖_F is recorded in ``model.rankwise_merge_errors``
+    ``{layer name: error}``. That error is small next to ‖W‖ but not next to ‖ΔW‖: an update smaller
+    than the 4-bit grid's resolution is largely lost (``AdapterLayer.merge_delta_error``, the error
+    over ‖ΔW‖, is ≈ 1 for a typical fine-tune, ``docs/quantized.md``), and then a warning says so.
+    ``dequantize=True`` gives those layers as plain ``nn.Linear`` holding W + ΔW exactly, in the
+    layer's compute dtype (16/32-bit; no requantization, error 0); ``rankwise merge`` writes that."""
+    errors: dict[str, float] = {}
+    lost: list[float] = []
+    quantized = {name for name, module in target_modules(model) if _writer(module).base_quantized}
+
+    def build(name: str, module: AdapterLayer | AdapterStack) -> nn.Module:
+        if name in quantized and dequantize:
+            module.unmerge()
+            w = module.base_weight
+            errors[name] = 0.0
+            return dense_linear(module.base_layer, w + module.update_weight().to(w.dtype))
+        merged = module.merged_linear()
+        if name in quantized:
+            writer = _writer(module)
+            errors[name] = float(writer.requant_error or 0.0)
+            lost.append(float(writer.merge_delta_error or 0.0))
+        return merged
+
+    _replace_all(model, build)
+    if lost and max(lost) > 0.5:
+        warnings.warn(
+            f"merging into the 4-bit base changed the merged weights by up to {max(lost):.2f}×‖ΔW‖ (the update is "
+            "below the 4-bit grid's resolution); merge_and_unload(model, dequantize=True) keeps it exactly",
+            stacklevel=2,
+        )
+    if errors:
+        model.rankwise_merge_errors = errors  # type: ignore[assignment]  # Module attribute
+    return model
+
+
+def _writer(module: AdapterLayer | AdapterStack) -> AdapterLayer:
+    """The adapter layer that writes (and reports on) the base weight of a target."""
+    return module.first() if isinstance(module, AdapterStack) else module
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:

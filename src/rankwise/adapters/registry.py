@@ -221,6 +221,30 @@ def _inject(
             replace_module(model, name, layer)
 
 
+def _check_stacking(
+    model: nn.Module, spec: MethodSpec, found: list[tuple[str, nn.Module]], layer_cfgs: dict[str, AdapterConfig],
+    name: str,
+) -> None:
+    """Before anything changes: a layer that already holds adapters takes the new one only when both
+    can share the base (neither rewrites nor replaces it)."""
+    for target, base in found:
+        current = model.get_submodule(target)
+        if not isinstance(current, AdapterLayer | AdapterStack):
+            continue
+        held = layers_of(current)
+        fixed = [f"'{n}' ({layer.method})" for n, layer in held.items() if not layer.stackable]
+        if fixed or not spec.layer_cls.stackable:
+            who = fixed[0] if fixed else f"method '{spec.name}'"
+            raise ValueError(f"adapter {who} rewrites the base weight of '{target}' and cannot share it with other "
+                             f"adapters (adding {name!r})")
+        if spec.layer_cls.replaces_base(layer_cfgs[target], base):
+            raise ValueError(
+                f"method '{spec.name}' replaces the base layer of '{target}' (it quantizes it), which adapters "
+                f"{list(held)} share; to put several adapters on a 4-bit base, rw.quantize(model) first and add "
+                f"them with plain methods (lora, dora, ...)"
+            )
+
+
 def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or name == "__base__" or "." in name or "/" in name:
         raise ValueError(
@@ -284,6 +308,7 @@ def adapt(
         n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found
     }
     _check_ranks(found, layer_cfgs)
+    _check_stacking(model, spec, found, layer_cfgs, name)
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found]
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = find_adapter(args.adapter)
     base = prepare(args, adapter)
     model, tokenizer = load_adapted(adapter, base)
-    merged = merge_and_unload(model)
+    merged = merge_and_unload(model, dequantize=True)  # a 4-bit base (qlora, loftq) gives plain 16/32-bit layers
     with atomic_directory(args.output) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

@@ -78,6 +78,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                      "re:<full-match regex> [default: all-linear]")
     add_flag(g, "rank", "adapter methods: the adapter rank r [default: the method's]; --method none/head: the "
                         "projected optimizer's subspace rank [default: 128]")
+    g.add_argument("--quantize", help="quantize the base's linear layers (all-linear, head excluded) to 4 bits with "
+                                      "bitsandbytes before adapting: nf4 (QLoRA) or fp4 [default: full precision]")
     g.add_argument("--alpha", type=float, help="adapter scaling alpha (LoRA-family)")
     g.add_argument("--init", help="adapter initialization (LoRA: default, pissa, olora, lora_ga, ...)")
     g.add_argument("--dropout", type=float, help="dropout on the adapter input")
@@ -328,6 +330,10 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str]) -> int:
     task = _resolve_task(cfg)
     model, tok, train_loader, eval_loader = _build(cfg, task)
     init_loader = DataLoader(train_loader.dataset, batch_size=cfg["batch_size"], collate_fn=train_loader.collate_fn)
+    if cfg["quantize"] is not None:
+        from ..quant import quantize
+
+        quantize(model, cfg["quantize"])
     prepare_model(model, cfg["method"], targets=cfg["targets"], init_data=init_loader, **cfg["options"])
     resume = cfg["output"] if cfg["resume"] is True else cfg["resume"]
     print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "

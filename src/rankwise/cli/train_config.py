@@ -19,6 +19,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "task": "auto",
     "method": "lora",
     "targets": "all-linear",
+    "quantize": None,  # "nf4" / "fp4": the base's linear layers are quantized to 4 bits before adapting (QLoRA)
     "options": {},
     "lr": None,  # None: 5e-5 for full fine-tuning, 5e-3 for head-only, 1e-3 for adapters
     "epochs": 1,
@@ -63,7 +64,7 @@ RUN_CONFIG = "run_config.json"
 RUN_FREE_KEYS = ("output", "resume", "progress", "device", "eval_every", "checkpoint_every", "test_limit",
                  *PROJECTED_KEYS)  # the routed flags: their values are compared in options / optimizer_options
 #: Settings a resume cannot change: the checkpoint's tensors and optimizer state depend on them.
-RUN_FIXED_KEYS = ("model", "task", "method", "targets", "optimizer", "optimizer_options")
+RUN_FIXED_KEYS = ("model", "task", "method", "targets", "quantize", "optimizer", "optimizer_options")
 #: Method options a resume may change when allowed (the others shape the adapter or its base weights).
 CHANGEABLE_OPTIONS = ("alpha", "dropout")
 
@@ -221,6 +222,7 @@ def check_config(cfg: dict[str, Any]) -> None:
             REGISTRY[method].make_config(**cfg["options"])
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
+    _check_quantize(cfg)
     check_model_name(cfg["model"])
     targets = cfg["targets"]
     if isinstance(targets, str) and targets != "all-linear":
@@ -240,6 +242,24 @@ def check_config(cfg: dict[str, Any]) -> None:
             integer(key, cfg[key], 1, optional=True)
         except ValueError as e:
             raise UsageError(f"{e} (or leave it out to use every example)") from None
+
+
+def _check_quantize(cfg: dict[str, Any]) -> None:
+    """``quantize``: None or a 4-bit scheme, for adapter methods over a full-precision base."""
+    from ..quant import SCHEMES
+
+    scheme = cfg.get("quantize")
+    if scheme is None:
+        return
+    if scheme not in SCHEMES:
+        raise UsageError(f"--quantize {scheme!r}; choose one of {list(SCHEMES)} "
+                         "(or leave it out for a full-precision base)")
+    if cfg["method"] in (FULL_FINETUNE, HEAD_ONLY):
+        raise UsageError(f"--quantize applies to adapter methods (a 4-bit base is frozen), "
+                         f"not --method {cfg['method']}")
+    if cfg["method"] == "loftq" or cfg["options"].get("init") == "loftq":
+        raise UsageError("--quantize does not apply to LoftQ: it quantizes the layers it adapts itself "
+                         "(options quant_type, double_quant, loftq_iter)")
 
 
 # ----------------------------------------------------------------------------- value types
