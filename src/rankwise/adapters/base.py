@@ -32,14 +32,12 @@ from torch import nn
 from ..checks import fraction, rank
 from ..quant import Quantized, dequantize, dequantize_tensor, requantize_, restore_, stash
 from ..targets import is_conv1d, is_linear, is_linear4bit
+from .batched import mixed_forward
 from .kernels import low_rank_linear
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from .init import InitContext
 
-BASE_NAME = "__base__"  # PEFT's name for "no adapter" in ``adapter_names``
 
 
 #: dtype names ``adapter_dtype`` accepts (or the torch.dtype itself); None / "base" = the base dtype
@@ -394,35 +392,3 @@ def with_offset(
         return b, a, s
     b0, a0, s0 = offset
     return torch.cat([b, b0.to(b.dtype) * (-float(s0) / s)], dim=1), torch.cat([a, a0.to(a.dtype)], dim=0), s
-
-
-def mixed_forward(
-    base_layer: nn.Module, layers: dict[str, AdapterLayer], x: torch.Tensor, names: Sequence[str | None],
-    merged: bool,
-) -> torch.Tensor:
-    """Example i through adapter ``names[i]`` alone (None / "__base__": the original base layer).
-
-    Rows of one adapter are gathered and run together, with the terms of the forward in which only
-    that adapter is active (``AdapterLayer.output_term``)."""
-    if x.shape[0] != len(names):
-        raise ValueError(
-            f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples; give one adapter "
-            "name (or None) per example"
-        )
-    if merged:
-        raise ValueError("adapter_names needs unmerged adapters; call rw.unmerge(model) first")
-    out = base_layer(x)
-    groups: dict[str | None, list[int]] = {}
-    for i, n in enumerate(names):
-        groups.setdefault(None if n == BASE_NAME else n, []).append(i)
-    for name, rows in groups.items():
-        idx = torch.tensor(rows, device=x.device)
-        xs = x.index_select(0, idx)
-        extra = None
-        for other, layer in layers.items():
-            term = layer.output_term(xs, out.dtype, other == name)
-            if term is not None:
-                extra = term if extra is None else extra + term
-        if extra is not None:
-            out = out.index_add(0, idx, extra)
-    return out

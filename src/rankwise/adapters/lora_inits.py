@@ -9,6 +9,9 @@
   the factors the best rank-r part of W₀ − Q_T (``loftq_iter`` = T).
 * ``loraplus`` — LoRA+ (Hayou et al. 2024): plain LoRA trained with lr_B = λ·lr_A; the recipe is
   ``rankwise.optim.loraplus_groups(model, lr, ratio=λ)``.
+* ``flora_batched`` — FLoRA's setting (Wen & Chaudhuri 2024): plain LoRA adapters, one per request,
+  served together: ``model(..., adapter_names=[...])`` computes every example's own adapter in one
+  vectorised pass (``adapters.batched``).
 """
 
 from __future__ import annotations
@@ -83,5 +86,16 @@ register(
         LoRAConfig,
         LoRALayer,
         summary="plain LoRA; train with rankwise.optim.loraplus_groups(model, lr, ratio=16): lr_B = ratio·lr_A",
+    )
+)
+register(
+    MethodSpec(
+        "flora_batched",
+        "multi-adapter",
+        "Wen & Chaudhuri 2024, Batched Low-Rank Adaptation of Foundation Models",
+        LoRAConfig,
+        LoRALayer,
+        summary="plain LoRA adapters served per example: model(..., adapter_names=[...]) runs every example's "
+                "own adapter in one vectorised pass (two bmm per layer, ranks padded)",
     )
 )

@@ -31,7 +31,8 @@ from torch import nn
 
 from ..quant import dequantize, requantize_, restore_
 from ..targets import is_linear4bit, linear_weight
-from .base import BASE_NAME, AdapterLayer, mixed_forward
+from .base import AdapterLayer
+from .batched import BASE_NAME, mixed_forward
 
 
 class AdapterStack(nn.Module):
