@@ -447,16 +447,19 @@ class AdapterLayer(nn.Module):
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}{base}"
 
 
-def check_base(cls: type[AdapterLayer], config: AdapterConfig, base_layer: nn.Module, name: str = "") -> str:
-    """The kind of ``base_layer`` (``targets.layer_kind``) after checking that method ``cls`` supports
-    it with ``config`` and that the layer is one the kind's math covers; else a ValueError naming the
-    method, the layer type and what is supported. ``rw.adapt`` runs it on every target first."""
+def check_base(
+    cls: type[AdapterLayer], config: AdapterConfig, base_layer: nn.Module, name: str = "", method: str | None = None
+) -> str:
+    """The kind of ``base_layer`` (``targets.layer_kind``) after checking that layer class ``cls``
+    supports it with ``config`` and that the layer is one the kind's math covers; else a ValueError
+    naming the method (``method``, default ``cls.method``), the layer type and what is supported.
+    ``rw.adapt`` runs it on every target first."""
     kind = layer_kind(base_layer)
     where = f" ('{name}')" if name else ""
     supported = cls.supported_kinds(config)
     if kind not in supported:
         raise ValueError(
-            f"method '{cls.method}' does not support {kind_label(base_layer)} layers{where}; supported: "
+            f"method '{method or cls.method}' does not support {kind_label(base_layer)} layers{where}; supported: "
             f"{', '.join(KIND_LABELS[k] for k in supported)}"
         )
     if kind == "conv" and base_layer.groups != 1:

@@ -311,7 +311,7 @@ def adapt(
         n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found
     }
     for n, module in found:  # the method supports every target's layer type, before anything changes
-        check_base(spec.layer_cls, layer_cfgs[n], module, n)
+        check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
     _check_stacking(model, spec, found, layer_cfgs, name)
     trainable_names = _trainable_module_names(model, trainable)
