@@ -417,7 +417,7 @@ def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tens
             parts[part] = parts.pop(key)
     missing = {"lora_A", "lora_B"} - set(parts) | ({"magnitude"} - set(parts) if use_dora else set())
     if missing:
-        raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(names[m] for m in missing)}")
+        raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(missing)}")
     if "magnitude" in parts and not use_dora:
         raise ValueError(f"use_dora=False but layer '{name}' has a lora_magnitude_vector")
     r = int(parts["lora_A"].shape[0]) if parts["lora_A"].dim() else 0
@@ -425,7 +425,7 @@ def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tens
     for part, t in parts.items():
         if tuple(t.shape) != shapes[part]:
             raise ValueError(
-                f"{PEFT_WEIGHTS}: {names[part]} of layer '{name}' has shape {tuple(t.shape)}, "
+                f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}, "
                 f"expected {shapes[part]} for this model"
             )
     out_features, in_features = matrix_shape(module)
