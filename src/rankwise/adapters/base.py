@@ -6,6 +6,10 @@ transposed, (in, out). Every method reads and writes the base weight through ``b
 / unload, the fused kernel and DoRA's norms run on the (out, in) math unchanged and writes land in
 the Conv1D's own layout; ``unload`` / ``merged_linear`` give back the base module itself.
 
+Methods that declare it (``base_kinds``) also wrap ``nn.Embedding`` ((out, in) = ``weight.T``, the map
+one-hot(id) → vector) and ``nn.Conv1d`` / ``nn.Conv2d`` ((out, in) = ``weight.reshape(out, -1)``); the
+forward applies the (out, in) matrices through ``base_map`` / ``factor_map`` (a lookup, a convolution).
+
 ``y = W₀x + b + ΔW·dropout(x)``. A subclass defines ``delta_weight()`` (dense ΔW, used to merge)
 and, when ΔW is a rank-r product, ``factors()`` returning ``(B, A, scale)`` so that the forward
 computes ``scale · B(A x)`` without forming ΔW and PEFT export writes ``B, A`` directly.
