@@ -23,6 +23,14 @@ the transpose only where it merges ``scaling·B·A`` into the stored weight. PEF
 layer from the module type (a Linear gets False, a Conv1D True, with a warning when the config says
 otherwise), so the export writes ``fan_in_fan_out=True`` when an adapted layer is a Conv1D (False
 otherwise), and the import accepts either value: the factors mean the same (out, in) ΔW.
+
+``nn.Embedding`` layers: PEFT keeps ``lora_embedding_A`` (r, num_embeddings) and ``lora_embedding_B``
+(embedding_dim, r) (keys without ``.weight``) and adds ``embedding(ids, Aᵀ)·Bᵀ·scaling``: the rankwise
+``lora_A`` / ``lora_B`` over the (out, in) = (dim, num_embeddings) view, written as they are; DoRA's
+``lora_magnitude_vector`` is (dim,). ``nn.Conv1d`` / ``nn.Conv2d``: ``lora_A.weight`` is a conv kernel
+(r, in, *k) (the base's kernel, stride and padding), ``lora_B.weight`` a 1×1 conv (out, r, 1[, 1]): the
+rankwise matrices reshaped; DoRA's magnitude is (1, out, 1[, 1]). PEFT's ``lora_A`` conv leaves out the
+base's dilation, so a dilated convolution is refused both ways (PEFT's forward would not be its merge).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from .adapters.registry import (
 from .checks import tensor_fits
 from .io import adapter_dirs, atomic_directory, save_tensors, write_json
 from .layout import module_tensor
-from .targets import base_modules, is_linear, linear_shape
+from .targets import base_modules, kind_label, layer_kind, matrix_shape
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -103,6 +111,32 @@ def _export_pair(layer: AdapterLayer, name: str, dora: bool) -> tuple[torch.Tens
         raise ValueError(f"layer '{name}' has scale 0; PEFT cannot represent it with lora_alpha > 0")
     b, a, s = with_offset(f, layer.base_offset_factors())  # ΔW relative to W₀ = s·B·A − s₀·B₀·A₀ (rank 2r)
     return b.detach(), a.detach(), s
+
+
+def _peft_shapes(module: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+    """The shapes PEFT gives ``lora_A``, ``lora_B`` and DoRA's magnitude over ``module`` at rank r."""
+    out_features, in_features = matrix_shape(module)
+    if layer_kind(module) == "conv":
+        kernel, ones = tuple(module.weight.shape[1:]), (1,) * (module.weight.dim() - 2)
+        return {"lora_A": (r, *kernel), "lora_B": (out_features, r, *ones), "magnitude": (1, out_features, *ones)}
+    return {"lora_A": (r, in_features), "lora_B": (out_features, r), "magnitude": (out_features,)}
+
+
+def _peft_keys(module: nn.Module) -> dict[str, str]:
+    """The key suffixes of PEFT's tensors for ``module`` (``lora_embedding_A`` / ``_B`` for an embedding)."""
+    if layer_kind(module) == "embedding":
+        return {"lora_A": ".lora_embedding_A", "lora_B": ".lora_embedding_B", "magnitude": ".lora_magnitude_vector"}
+    return {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "magnitude": ".lora_magnitude_vector"}
+
+
+def _check_dilation(module: nn.Module, name: str, what: str) -> None:
+    """PEFT's ``lora_A`` conv is built without the base's dilation: refuse a dilated base (no parity)."""
+    if layer_kind(module) == "conv" and any(d != 1 for d in module.dilation):
+        raise ValueError(
+            f"{what}: layer '{name}' is a {kind_label(module)} with dilation={tuple(module.dilation)}; PEFT's LoRA "
+            "conv (lora_A) does not use the base's dilation, so its forward would differ from the adapter's "
+            "(supported: dilation 1)"
+        )
 
 
 def _original_module_names(model: nn.Module) -> list[str]:
@@ -160,14 +194,17 @@ def _export_tensors(
                 f"trainable module '{inside[0]}' contains the adapted layer '{name}'; PEFT cannot "
                 "hold both (adapt with trainable= modules that contain no adapted layer)"
             )
+        _check_dilation(layer.base_layer, name, "export_peft")
         b, a, s = _export_pair(layer, name, dora=dora)
         r = a.shape[0]
         ranks[name] = r
         alphas[name] = _tidy(s * (math.sqrt(r) if use_rslora else r))
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+        shapes, keys = _peft_shapes(layer.base_layer, r), _peft_keys(layer.base_layer)
+        tensors[f"{PREFIX}{name}{keys['lora_A']}"] = a.reshape(shapes["lora_A"])
+        tensors[f"{PREFIX}{name}{keys['lora_B']}"] = b.reshape(shapes["lora_B"])
         if dora:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = module_tensor(layer, "magnitude").detach()
+            magnitude = module_tensor(layer, "magnitude").detach()
+            tensors[f"{PREFIX}{name}{keys['magnitude']}"] = magnitude.reshape(shapes["magnitude"])
     for name in saved:
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t
@@ -277,17 +314,20 @@ def _split_keys(
     tensors: dict[str, torch.Tensor],
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """``{layer: {"lora_A"|"lora_B"|"magnitude": t}}`` and the remaining (modules_to_save) tensors."""
-    parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
+    parts = {
+        ".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude",
+        ".lora_embedding_A": "lora_embedding_A", ".lora_embedding_B": "lora_embedding_B",
+    }
     layers: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{PEFT_WEIGHTS}: key '{key}' does not start with '{PREFIX}'")
         key = key[len(PREFIX):]
-        if ".lora_embedding_" in key or (".lora_" in key and not any(key.endswith(p) for p in parts)):
+        if ".lora_" in key and not any(key.endswith(p) for p in parts):
             raise ValueError(
-                f"target_modules: tensor '{key}' is not a LoRA pair of a linear layer; import_peft supports "
-                "lora_A/lora_B (+ lora_magnitude_vector) of nn.Linear and transformers Conv1D layers only"
+                f"target_modules: tensor '{key}' is not a LoRA pair; import_peft supports lora_A/lora_B "
+                "(lora_embedding_A/B for nn.Embedding) + lora_magnitude_vector"
             )
         for suffix, part in parts.items():
             if key.endswith(suffix):
@@ -351,32 +391,46 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _layer_rank(module: nn.Module | None, name: str, parts: dict[str, torch.Tensor], use_dora: bool) -> int:
     """The rank of layer ``name``'s tensors, after checking they fit ``module`` (an nn.Linear or a
-    transformers Conv1D, whose factors have the same (out, in) shapes)."""
+    transformers Conv1D, whose factors have the same (out, in) shapes; an nn.Embedding with
+    ``lora_embedding_A`` / ``_B``; an nn.Conv1d / nn.Conv2d with conv kernels). ``parts`` is rewritten
+    to the rankwise matrices: ``lora_A`` (r, in), ``lora_B`` (out, r), ``magnitude`` (out,)."""
     if module is None:
         raise ValueError(f"target_modules: the adapter has layer '{name}', which the model does not have")
-    if not is_linear(module):
+    kind = layer_kind(module)
+    if kind is None:
         raise ValueError(
-            f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear "
-            "and transformers Conv1D only"
+            f"target_modules: layer '{name}' is a {type(module).__name__}; import_peft supports nn.Linear, "
+            "transformers Conv1D, nn.Embedding, nn.Conv1d and nn.Conv2d"
         )
+    _check_dilation(module, name, "import_peft")
+    keys = _peft_keys(module)
+    names = {"lora_A": keys["lora_A"][1:], "lora_B": keys["lora_B"][1:], "magnitude": "lora_magnitude_vector"}
+    embedding_keys = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+    wrong = sorted(p for p in parts if p != "magnitude" and (p in embedding_keys) != (kind == "embedding"))
+    if wrong:
+        raise ValueError(
+            f"{PEFT_WEIGHTS}: layer '{name}' is a {kind_label(module)} but has {wrong}; PEFT writes "
+            f"{[names['lora_A'], names['lora_B']]} for it"
+        )
+    for key, part in embedding_keys.items():
+        if key in parts:
+            parts[part] = parts.pop(key)
     missing = {"lora_A", "lora_B"} - set(parts) | ({"magnitude"} - set(parts) if use_dora else set())
     if missing:
         raise ValueError(f"{PEFT_WEIGHTS}: layer '{name}' lacks {sorted(missing)}")
     if "magnitude" in parts and not use_dora:
         raise ValueError(f"use_dora=False but layer '{name}' has a lora_magnitude_vector")
-    for part, t in parts.items():
-        if t.dim() != (1 if part == "magnitude" else 2):
-            raise ValueError(f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}; expected a "
-                             f"{'vector' if part == 'magnitude' else 'matrix'}")
-    r = int(parts["lora_A"].shape[0])
-    out_features, in_features = linear_shape(module)
-    shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r), "magnitude": (out_features,)}
+    r = int(parts["lora_A"].shape[0]) if parts["lora_A"].dim() else 0
+    shapes = _peft_shapes(module, r)
     for part, t in parts.items():
         if tuple(t.shape) != shapes[part]:
             raise ValueError(
                 f"{PEFT_WEIGHTS}: {part} of layer '{name}' has shape {tuple(t.shape)}, "
                 f"expected {shapes[part]} for this model"
             )
+    out_features, in_features = matrix_shape(module)
+    matrices = {"lora_A": (r, in_features), "lora_B": (out_features, r), "magnitude": (out_features,)}
+    parts.update({part: t.reshape(matrices[part]) for part, t in parts.items()})
     return r
 
 

@@ -45,6 +45,50 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+#: what each base-layer kind of an adapter is called in messages
+KIND_LABELS = {
+    "linear": "nn.Linear / transformers Conv1D", "embedding": "nn.Embedding", "conv": "nn.Conv1d / nn.Conv2d",
+}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of base layer an adapter can wrap: ``"linear"`` (``nn.Linear``, 4-bit included, and
+    transformers ``Conv1D``), ``"embedding"`` (``nn.Embedding``), ``"conv"`` (``nn.Conv1d`` /
+    ``nn.Conv2d``), or None. Each adapter sees the weight as an (out, in) matrix (``weight_view``)."""
+    if is_linear(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        return "conv"
+    return None
+
+
+def kind_label(module: nn.Module) -> str:
+    """``module``'s type as messages name it (``nn.Conv2d``, ``transformers Conv1D``, ...)."""
+    if is_conv1d(module):
+        return "transformers Conv1D"
+    return f"nn.{type(module).__name__}" if type(module).__module__.startswith("torch.nn") else type(module).__name__
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix of any base-layer kind: ``linear_weight`` for linear layers, ``weight.T``
+    ((embedding_dim, num_embeddings), the map one-hot(id) → vector) for an ``nn.Embedding``,
+    ``weight.reshape(out, -1)`` for a convolution (a view of the same storage when contiguous)."""
+    if layer_kind(module) == "embedding":
+        return module.weight.t()
+    if layer_kind(module) == "conv":
+        return module.weight.reshape(module.weight.shape[0], -1)
+    return linear_weight(module)
+
+
+def to_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An (out, in) matrix in ``module.weight``'s own layout (the inverse of ``weight_view``)."""
+    if layer_kind(module) == "embedding" or is_conv1d(module):
+        return matrix.t()
+    return matrix.reshape(module.weight.shape)
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a linear layer: ``nn.Linear.weight`` itself, or the transposed view
     ``Conv1D.weight.T`` (the same storage, so in-place writes to the view land in the Conv1D); for a
@@ -64,6 +108,14 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if is_linear4bit(module):
         return int(module.out_features), int(module.in_features)
     out_features, in_features = linear_weight(module).shape
+    return int(out_features), int(in_features)
+
+
+def matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of the (out, in) matrix an adapter sees (``weight_view``) for any base-layer kind."""
+    if layer_kind(module) == "linear":
+        return linear_shape(module)
+    out_features, in_features = weight_view(module).shape
     return int(out_features), int(in_features)
 
 
@@ -96,10 +148,16 @@ def name_matches(name: str, targets: Targets) -> bool:
 
 
 @overload
-def find_targets(model: nn.Module, targets: Targets, *, conv1d: Literal[False]) -> list[tuple[str, nn.Linear]]: ...
+def find_targets(
+    model: nn.Module, targets: Targets, *, conv1d: Literal[False], layer_types: bool = False
+) -> list[tuple[str, nn.Linear]]: ...
 @overload
-def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> list[tuple[str, nn.Module]]: ...
-def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> list[tuple[str, Any]]:
+def find_targets(
+    model: nn.Module, targets: Targets, *, conv1d: bool = True, layer_types: bool = False
+) -> list[tuple[str, nn.Module]]: ...
+def find_targets(
+    model: nn.Module, targets: Targets, *, conv1d: bool = True, layer_types: bool = False
+) -> list[tuple[str, Any]]:
     """Return ``(name, module)`` for every module selected by ``targets``.
 
     With ``conv1d=True`` (adapters) the linear layers are ``nn.Linear`` and transformers ``Conv1D``;
@@ -108,14 +166,22 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
     quantized layers (``rw.quantize``: their weights cannot be written) is an error naming them (it
     would otherwise skip them silently).
 
+    ``layer_types=True`` (``rw.adapt``): explicit targets (suffixes, regex) may also select
+    ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d`` layers (``layer_kind``); ``"all-linear"`` stays
+    linear-only, as PEFT's. Whether a method supports them is checked by ``rw.adapt``.
+
     Raises ``ValueError`` when ``targets`` is not a valid regular expression, when nothing matches,
     when a matched module is not a linear layer or is part of a classification head (``classifier`` /
     ``score``).
     """
-    kinds = "nn.Linear / transformers Conv1D" if conv1d else "nn.Linear"
+    linear_kinds = "nn.Linear / transformers Conv1D" if conv1d else "nn.Linear"
+    kinds = linear_kinds + (" / nn.Embedding / nn.Conv1d / nn.Conv2d" if layer_types else "")
+
+    def linear(m: nn.Module) -> bool:
+        return is_linear(m) if conv1d else isinstance(m, nn.Linear) and not is_linear4bit(m)
 
     def wanted(m: nn.Module) -> bool:
-        return is_linear(m) if conv1d else isinstance(m, nn.Linear) and not is_linear4bit(m)
+        return linear(m) or (layer_types and layer_kind(m) is not None)
 
     if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
@@ -139,9 +205,9 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
                 f"{more}); this method writes the weights it targets and cannot write 4-bit ones (only "
                 "adapters train over a quantized base); 'all-linear' would silently skip them"
             )
-        linears = [(n, m) for n, m in base_modules(model) if wanted(m) and not _under_head(n, heads)]
+        linears = [(n, m) for n, m in base_modules(model) if linear(m) and not _under_head(n, heads)]
         if not linears:
-            raise ValueError(f"targets='all-linear' matched no {kinds} module outside the output head")
+            raise ValueError(f"targets='all-linear' matched no {linear_kinds} module outside the output head")
         return linears
     if not isinstance(targets, str | list | tuple) or (
         not isinstance(targets, str) and not all(isinstance(t, str) for t in targets)
@@ -173,7 +239,7 @@ def find_targets(model: nn.Module, targets: Targets, *, conv1d: bool = True) -> 
     if not found:
         examples = [n for n, m in base_modules(model) if wanted(m)][:6]
         raise ValueError(
-            f"targets={targets!r} matched no module; linear modules ({kinds}) look like {examples} "
+            f"targets={targets!r} matched no module; adaptable modules ({kinds}) look like {examples} "
             "(use 'all-linear', a list of name suffixes, or a full-match regex)"
         )
     return found

@@ -6,6 +6,10 @@ transposed, (in, out). Every method reads and writes the base weight through ``b
 / unload, the fused kernel and DoRA's norms run on the (out, in) math unchanged and writes land in
 the Conv1D's own layout; ``unload`` / ``merged_linear`` give back the base module itself.
 
+Methods that declare it (``base_kinds``) also wrap ``nn.Embedding`` ((out, in) = ``weight.T``, the map
+one-hot(id) → vector) and ``nn.Conv1d`` / ``nn.Conv2d`` ((out, in) = ``weight.reshape(out, -1)``); the
+forward applies the (out, in) matrices through ``base_map`` / ``factor_map`` (a lookup, a convolution).
+
 ``y = W₀x + b + ΔW·dropout(x)``. A subclass defines ``delta_weight()`` (dense ΔW, used to merge)
 and, when ΔW is a rank-r product, ``factors()`` returning ``(B, A, scale)`` so that the forward
 computes ``scale · B(A x)`` without forming ΔW and PEFT export writes ``B, A`` directly.
@@ -31,7 +35,7 @@ from torch import nn
 
 from ..checks import fraction, rank
 from ..quant import Quantized, dequantize, dequantize_tensor, requantize_, restore_, stash
-from ..targets import is_conv1d, is_linear, is_linear4bit
+from ..targets import KIND_LABELS, is_conv1d, is_linear4bit, kind_label, layer_kind
 from .batched import mixed_forward
 from .kernels import low_rank_linear
 
@@ -102,17 +106,17 @@ class AdapterLayer(nn.Module):
     stackable: ClassVar[bool] = True
     # Whether the adapted model's output equals the base model's right after initialization.
     identity_at_init: ClassVar[bool] = True
+    # The base-layer kinds (``targets.layer_kind``) the method supports: "linear" (nn.Linear, Conv1D,
+    # 4-bit), "embedding" (nn.Embedding), "conv" (nn.Conv1d / nn.Conv2d). The one declaration
+    # ``rw.adapt`` checks (``check_base``); a config may narrow it (``supported_kinds``).
+    base_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, ctx: InitContext | None = None) -> None:
         """Every layer is built as ``LayerClass(base_layer, config, ctx)`` by ``rw.adapt``; the base class
         itself needs no init context (subclasses initialize their tensors from ``ctx``).
         ``base_layer``: an ``nn.Linear`` or a transformers ``Conv1D``."""
         super().__init__()
-        if not is_linear(base_layer):
-            raise ValueError(
-                f"base_layer must be nn.Linear or transformers Conv1D, got {type(base_layer).__name__} "
-                f"(method '{self.method}')"
-            )
+        self.base_kind = check_base(type(self), config, base_layer)
         self.base_layer = base_layer
         # a Python flag, not a tensor test, so forward code stays traceable by torch.compile
         self.base_transposed = is_conv1d(base_layer)
@@ -134,6 +138,12 @@ class AdapterLayer(nn.Module):
             p.requires_grad_(False)
 
     # ----------------------------------------------------------------- what subclasses define
+    @classmethod
+    def supported_kinds(cls, config: AdapterConfig) -> tuple[str, ...]:
+        """The base-layer kinds this method supports with ``config`` (``base_kinds`` unless an option
+        narrows it, e.g. an init that needs a gradient)."""
+        return cls.base_kinds
+
     @classmethod
     def needs_grad(cls, config: AdapterConfig) -> bool:
         """Whether initialization needs an estimated full gradient of W₀ (``ctx.grad``)."""
@@ -170,23 +180,72 @@ class AdapterLayer(nn.Module):
         return (b0.float() @ a0.float()) * s
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW·x, through the low-rank factors when there are some (``x`` in the adapter dtype)."""
+        """ΔW·x, through the low-rank factors when there are some (``x`` from ``adapter_input``)."""
         f = self.factors()
         if f is not None:
             b, a, scale = f
-            return F.linear(F.linear(x, a), b) * scale
-        return F.linear(x, self.delta_weight())
+            return self.factor_map(x, b, a) * scale
+        return self.base_map(x, self.delta_weight())
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the delta reads: dropout(x) in the adapter dtype; an embedding's token ids unchanged
+        (no dropout on ids, as PEFT's LoRA embedding)."""
+        return x if self.base_kind == "embedding" else self.dropout(x).to(self.adapter_dtype)
 
     def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """What this adapter adds to the frozen base layer's output ``W x + b`` (``x`` in the base
         dtype, the result in ``out_dtype``): ΔW·dropout(x), computed in the adapter dtype."""
-        return self.delta_forward(self.dropout(x).to(self.adapter_dtype)).to(out_dtype)
+        return self.delta_forward(self.adapter_input(x)).to(out_dtype)
 
     def offset_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
         """O·x for the part O of W₀ that initialization moved out of the frozen base (None if none):
         what a switched-off adapter adds so that the layer gives the original W₀'s output."""
         offset = self.base_offset()
-        return None if offset is None else F.linear(x, offset.to(out_dtype))
+        if offset is None:
+            return None
+        dtype = self.adapter_dtype if self.base_kind == "embedding" else out_dtype
+        return self.base_map(x if self.base_kind == "embedding" else x.to(dtype), offset.to(dtype)).to(out_dtype)
+
+    # ----------------------------------------------------------------- the base layer's map, for any kind
+    def base_map(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """An (out, in) matrix ``w`` applied to ``x`` the way the base applies its weight, without bias:
+        ``x wᵀ`` (linear), the lookup of rows of ``wᵀ`` (embedding: never a one-hot product), or the
+        base's convolution with ``w`` reshaped to its kernel."""
+        if self.base_kind == "embedding":
+            return self._embed(x, w.t())
+        if self.base_kind == "conv":
+            return self._conv(x, w.reshape(w.shape[0], *self.base_layer.weight.shape[1:]), self.base_layer)
+        return F.linear(x, w)
+
+    def factor_map(self, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """B(A x) for factors B (out, r), A (r, in) without forming B·A: two linear maps; for an
+        embedding the lookup of rows of Aᵀ times Bᵀ; for a convolution A as the base's convolution
+        with r output channels (its kernel, stride, padding, dilation) and B as a 1×1 convolution
+        (PEFT's ``lora_A`` / ``lora_B`` conv pair)."""
+        if self.base_kind == "embedding":
+            return self._embed(x, a.t()) @ b.t()
+        if self.base_kind == "conv":
+            kernel = self.base_layer.weight.shape[1:]
+            h = self._conv(x, a.reshape(a.shape[0], *kernel), self.base_layer)
+            return self._conv(h, b.reshape(*b.shape, *(1,) * (len(kernel) - 1)), None)
+        return F.linear(F.linear(x, a), b)
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``table`` with the base embedding's options (``padding_idx`` keeps its row
+        without gradient); a scaled embedding's ``embed_scale`` (Gemma's) multiplies it as the base's."""
+        e = self.base_layer
+        out = F.embedding(ids, table, e.padding_idx, None, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        scale = getattr(e, "embed_scale", None)
+        return out if scale is None else out * scale
+
+    @staticmethod
+    def _conv(x: torch.Tensor, weight: torch.Tensor, like: nn.Module | None) -> torch.Tensor:
+        """``x`` convolved with ``weight`` (no bias) with the stride, padding and dilation of ``like``
+        (None: a 1×1 convolution)."""
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d
+        if like is None:
+            return conv(x, weight)
+        return conv(x, weight, None, like.stride, like.padding, like.dilation)
 
     def output_term(self, x: torch.Tensor, out_dtype: torch.dtype, active: bool) -> torch.Tensor | None:
         """What this adapter adds to its base layer's output (None: nothing). Alone, the base holds
@@ -224,6 +283,10 @@ class AdapterLayer(nn.Module):
         if self.base_quantized:
             return dequantize(self.base_layer)
         w = cast(torch.Tensor, self.base_layer.weight)
+        if self.base_kind == "embedding":  # the map one-hot(id) → vector: (embedding_dim, num_embeddings)
+            return w.t()
+        if self.base_kind == "conv":  # (out, in·k…), a view of the kernel (writes: _set_base_weight)
+            return w.reshape(w.shape[0], -1)
         return w.t() if self.base_transposed else w
 
     @property
@@ -271,7 +334,7 @@ class AdapterLayer(nn.Module):
         """Base GEMM (base dtype) + low-rank delta (adapter dtype) in one autograd node
         (``kernels.low_rank_linear``), when possible (not under autocast: the plain path lets
         autocast pick each matmul's dtype)."""
-        if self.base_quantized:  # the 4-bit base runs its own GEMM (bitsandbytes), the delta beside it
+        if self.base_quantized or self.base_kind != "linear":  # 4-bit: bitsandbytes' own GEMM, delta beside it
             return None
         f = self.factors()
         w, bias = self.base_weight, self.base_layer.bias
@@ -294,7 +357,10 @@ class AdapterLayer(nn.Module):
         relative to the change instead, ‖deq(Q(w)) − w‖_F / ‖w − W_before‖_F, in ``merge_delta_error``
         (≈ 1 when the update is below the 4-bit grid's resolution and the merge loses it)."""
         if not self.base_quantized:
-            self.base_weight.copy_(w)
+            if self.base_kind == "conv":
+                self.base_layer.weight.copy_(w.reshape(self.base_layer.weight.shape))
+            else:
+                self.base_weight.copy_(w)
             return
         if merging:
             self._merge_stash = stash(self.base_layer)
@@ -378,8 +444,42 @@ class AdapterLayer(nn.Module):
             self._set_base_weight(w - offset.to(w.dtype))
 
     def extra_repr(self) -> str:
-        base = ", base=Conv1D" if self.base_transposed else ""
+        base = f", base={kind_label(self.base_layer).removeprefix('transformers ')}" if self.base_transposed or (
+            self.base_kind != "linear") else ""
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}{base}"
+
+
+def check_base(
+    cls: type[AdapterLayer], config: AdapterConfig, base_layer: nn.Module, name: str = "", method: str | None = None
+) -> str:
+    """The kind of ``base_layer`` (``targets.layer_kind``) after checking that layer class ``cls``
+    supports it with ``config`` and that the layer is one the kind's math covers; else a ValueError
+    naming the method (``method``, default ``cls.method``), the layer type and what is supported.
+    ``rw.adapt`` runs it on every target first."""
+    kind = layer_kind(base_layer)
+    where = f" ('{name}')" if name else ""
+    supported = cls.supported_kinds(config)
+    if kind not in supported:
+        raise ValueError(
+            f"method '{method or cls.method}' does not support {kind_label(base_layer)} layers{where}; supported: "
+            f"{', '.join(KIND_LABELS[k] for k in supported)}"
+        )
+    if kind == "conv" and base_layer.groups != 1:
+        raise ValueError(
+            f"{kind_label(base_layer)}{where} has groups={base_layer.groups}; adapters support convolutions "
+            "with groups=1 only"
+        )
+    if kind == "conv" and base_layer.padding_mode != "zeros":
+        raise ValueError(
+            f"{kind_label(base_layer)}{where} has padding_mode={base_layer.padding_mode!r}; adapters support "
+            "padding_mode='zeros' only"
+        )
+    if kind == "embedding" and base_layer.max_norm is not None:
+        raise ValueError(
+            f"nn.Embedding{where} has max_norm={base_layer.max_norm} (it rewrites its weight in forward); "
+            "adapters support embeddings without max_norm"
+        )
+    return cast(str, kind)
 
 
 def with_offset(

@@ -10,8 +10,8 @@ that example's adapter is active, ``AdapterLayer.output_term``):
   R, so adapters of different ranks batch together, as S-LoRA's heterogeneous batching does;
   "no adapter" is an all-zero slot) and y_i += B_i (A_i x_i) is two ``bmm`` calls for the whole
   batch, however many distinct adapters it holds;
-* **grouped**: otherwise (DoRA, Bone, RandLoRA, adapter dropout in training) the rows of each adapter
-  are gathered and run through that adapter, one group at a time.
+* **grouped**: otherwise (DoRA, Bone, RandLoRA, embedding / conv bases, adapter dropout in training)
+  the rows of each adapter are gathered and run through that adapter, one group at a time.
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ def mixed_forward(
 
 def _low_rank_factors(layers: dict[str, AdapterLayer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """``{name: (s·B, A)}`` of each adapter's update over the base it runs on, when all of them are
-    low-rank and none needs the grouped path (adapter dropout active, or an init offset an example
-    without that adapter would have to add back); else None."""
+    low-rank and none needs the grouped path (an embedding or conv base, adapter dropout active, or
+    an init offset an example without that adapter would have to add back); else None."""
     out = {}
     for name, layer in layers.items():
-        if layer.dropout_active or (not layer.shares_base and layer.base_offset_factors() is not None):
+        if layer.base_kind != "linear" or layer.dropout_active or (
+            not layer.shares_base and layer.base_offset_factors() is not None
+        ):
             return None
         f = layer.factors_from_original() if layer.shares_base else layer.factors()
         if f is None:

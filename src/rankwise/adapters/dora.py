@@ -14,7 +14,6 @@ layer keeps the ``lora_A``/``lora_B``/``magnitude`` names that PEFT's DoRA forma
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .init import InitContext
@@ -139,7 +138,7 @@ class DoRALayer(LoRALayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled or self.batch_names is not None:
+        if self.merged or not self.enabled or self.batch_names is not None or self.base_kind != "linear":
             return super().forward(x)
         w, bias = self.base_weight, self.base_layer.bias
         if not self.dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
@@ -153,12 +152,15 @@ class DoRALayer(LoRALayer):
     def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """PEFT's additive form of DoRA: (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / ‖W +
         sBA‖_c, so that W x + b plus this is the DoRA output; in the adapter dtype (W upcast to it, as
-        PEFT does), returned in ``out_dtype``."""
+        PEFT does), returned in ``out_dtype``. ``g`` scales the output channel: the last dim of a
+        linear or embedding output, dim 1 of a convolution's (N, out, …)."""
         w = self.base_weight
-        x_d = self.dropout(x).to(self.adapter_dtype)
+        x_d = self.adapter_input(x)
         g = self.magnitude / self._norm(w)
-        base_d = F.linear(x_d, w.to(x_d.dtype))
-        lora = F.linear(F.linear(x_d, self.lora_A), self.lora_B) * self.scale
+        if self.base_kind == "conv":
+            g = g.reshape(-1, *(1,) * (self.base_layer.weight.dim() - 2))
+        base_d = self.base_map(x_d, w.to(self.adapter_dtype))
+        lora = self.factor_map(x_d, self.lora_B, self.lora_A) * self.scale
         return ((g - 1) * base_d + g * lora).to(out_dtype)
 
 

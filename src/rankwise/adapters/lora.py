@@ -23,7 +23,7 @@ from ..checks import choice, integer, positive
 from ..quant import SCHEMES, to_linear4bit
 from ..rng import kaiming_uniform_, layer_generator
 from ..targets import is_linear4bit, linear_weight
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, check_base
 from .init import INITS, Factors, InitContext, lora_inits
 from .registry import MethodSpec, register
 
@@ -69,15 +69,32 @@ class QLoRAConfig(LoRAConfig):
 
 
 class LoRALayer(AdapterLayer):
-    """``y = W x + s·B(A x)``; trainable ``lora_A`` (r×in) and ``lora_B`` (out×r)."""
+    """``y = W x + s·B(A x)``; trainable ``lora_A`` (r×in) and ``lora_B`` (out×r).
+
+    Over an ``nn.Embedding`` (out, in) = (embedding_dim, num_embeddings), so ``lora_A`` (r,
+    num_embeddings) and ``lora_B`` (dim, r) are PEFT's ``lora_embedding_A`` / ``lora_embedding_B``;
+    over a convolution (out, in) = (out_channels, in_channels·kernel) and ``lora_A`` / ``lora_B``
+    are PEFT's conv weights flattened (``AdapterLayer.factor_map`` runs them as convolutions)."""
 
     method = "lora"
+    base_kinds = ("linear", "embedding", "conv")
+    # the inits that only read W₀ work on any kind's (out, in) matrix
+    ANY_KIND_INITS = ("default", "pissa", "olora")
+
+    @classmethod
+    def supported_kinds(cls, config: AdapterConfig) -> tuple[str, ...]:
+        """All ``base_kinds`` for the inits that only read W₀ in full precision; linear layers only for
+        QLoRA (a 4-bit base) and inits needing a gradient or quantizing (LoRA-GA, LoftQ)."""
+        if isinstance(config, QLoRAConfig) or getattr(config, "init", "default") not in cls.ANY_KIND_INITS:
+            return ("linear",)
+        return cls.base_kinds
 
     @classmethod
     def needs_grad(cls, config: LoRAConfig) -> bool:
         return INITS[config.init].needs_grad
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
+        check_base(type(self), config, base_layer, ctx.name)  # before a base is quantized
         base_layer, chosen = self._quantized_base(base_layer, config, ctx)
         super().__init__(base_layer, config)
         self.identity_at_init = INITS[config.init].identity
@@ -125,6 +142,10 @@ class LoRALayer(AdapterLayer):
     @torch.no_grad()
     def _initialize(self, ctx: InitContext, chosen: Factors | None = None) -> None:
         cfg: LoRAConfig = self.config
+        if cfg.init == "default" and self.base_kind == "embedding":
+            # PEFT's embedding init: A = 0, B ~ N(0, 1) (a uniform A over num_embeddings inputs is tiny)
+            self.lora_B.copy_(torch.randn(self.lora_B.shape, generator=layer_generator(cfg.seed, ctx.name)))
+            return
         if cfg.init == "default":
             kaiming_uniform_(self.lora_A, generator=layer_generator(cfg.seed, ctx.name))
             return

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..quant import dequantize, requantize_, restore_
-from ..targets import is_linear4bit, linear_weight
+from ..targets import is_linear4bit, to_weight_layout
 from .base import AdapterLayer
 from .batched import BASE_NAME, mixed_forward
 
@@ -188,16 +188,16 @@ def restore_offset(layer: AdapterLayer) -> None:
 @torch.no_grad()
 def add_to_base(module: nn.Module, delta: torch.Tensor) -> None:
     """W ← W + ΔW for a target layer: an adapter layer or stack (through its write path), or a plain
-    linear layer (``nn.Linear``, ``Conv1D``, or a 4-bit layer, requantized)."""
+    base layer (``nn.Linear``, ``Conv1D``, ``nn.Embedding``, a convolution, or a 4-bit layer, requantized)."""
     if isinstance(module, AdapterStack | AdapterLayer):
         writer = module.first() if isinstance(module, AdapterStack) else module
         w = module.base_weight
         writer._set_base_weight(w + delta.to(w.dtype))
     elif is_linear4bit(module):
         requantize_(module, dequantize(module) + delta)
-    else:
-        w = linear_weight(module)
-        w.add_(delta.to(w.dtype))
+    else:  # nn.Linear, Conv1D, nn.Embedding, nn.Conv1d / nn.Conv2d: ΔW (out, in) in the weight's layout
+        w = module.weight
+        w.add_(to_weight_layout(module, delta.to(w.dtype)))
 
 
 def target_modules(model: nn.Module) -> list[tuple[str, AdapterLayer | AdapterStack]]:

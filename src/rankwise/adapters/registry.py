@@ -12,8 +12,8 @@ from torch import nn
 
 from .. import catalogue, checks
 from ..layout import CLASSIFIER_NAMES
-from ..targets import Targets, find_targets, linear_shape, replace_module
-from .base import AdapterConfig, AdapterLayer
+from ..targets import Targets, find_targets, matrix_shape, replace_module
+from .base import AdapterConfig, AdapterLayer, check_base
 from .gradients import estimate_gradients
 from .init import InitContext
 from .named import AdapterStack, install_batch_hook, layers_of, target_modules
@@ -161,9 +161,9 @@ def _check_overrides(
 
 
 def _check_ranks(found: list[tuple[str, nn.Module]], layer_cfgs: dict[str, AdapterConfig]) -> None:
-    """Every layer's rank r <= min(in_features, out_features)."""
+    """Every layer's rank r <= min(in_features, out_features) of its (out, in) matrix."""
     for name, lin in found:
-        limit = min(linear_shape(lin))
+        limit = min(matrix_shape(lin))
         r = layer_cfgs[name].r
         if r > limit:
             raise ValueError(
@@ -283,6 +283,9 @@ def adapt(
     ``targets``: ``"all-linear"`` (output heads excluded), a full-match regex, or a list of name
     suffixes; they select ``nn.Linear`` and transformers ``Conv1D`` layers (GPT-2), which every
     method adapts through the same (out, in) view of the weight (``AdapterLayer.base_weight``).
+    Suffixes and regexes may also select ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d`` layers
+    (``"all-linear"`` never does) for the methods that support them (``AdapterLayer.base_kinds``:
+    lora, rslora, pissa, olora, dora); any other method is a ValueError before the model changes.
     ``init_data``: batches for data-driven inits (LoRA-GA, LoRA-SB); ``loss_fn(model,
     batch)`` defaults to ``model(**batch).loss``. ``trainable``: modules trained in full beside the
     adapters ("auto" = the classification head ``classifier``/``score`` when the model has one).
@@ -302,11 +305,13 @@ def adapt(
         raise ValueError(f"the model's adapters are merged; call rw.unmerge(model) before adding adapter {name!r}")
     spec = get_method(method)
     cfg = spec.make_config(**config)
-    found = find_targets(model, targets)
+    found = find_targets(model, targets, layer_types=True)
     overrides = _check_overrides(overrides, found)
     layer_cfgs = {
         n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found
     }
+    for n, module in found:  # the method supports every target's layer type, before anything changes
+        check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
     _check_stacking(model, spec, found, layer_cfgs, name)
     trainable_names = _trainable_module_names(model, trainable)
