@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import checks
 from ..batches import call_model, move_batch
-from ..targets import Targets, replace_module
+from ..targets import Targets, linear_shape, replace_module
 from .factorized import factorized_from_factors
 from .rank import rank_fraction_ranks
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks, target_linears
@@ -60,14 +60,20 @@ def second_moments(
     calibration: Iterable,
     side: str = "output",
     progress: bool = False,
+    *,
+    counts: dict[str, int] | None = None,
+    source: str = "calibration",
 ) -> dict[str, torch.Tensor]:
     """``Σ_tokens z zᵀ`` (float64) for every module in ``layers`` from one forward pass of ``model``
     over ``calibration`` (forward hooks on all layers at once, removed afterwards; nothing stored but
     the sums): ``side="output"``, z = y − b, the layer output without its bias (out×out, LoRD);
     ``side="input"``, z = x, the layer input (in×in, EoRA). Every token position counts, padding
-    included. A module needs ``in_features`` / ``out_features`` and, for the output side, ``bias``."""
+    included. ``counts``: filled with the number of tokens each layer saw; ``source``: what the error
+    for an empty ``calibration`` calls it (the caller's parameter name)."""
     checks.choice("side", side, ("input", "output"))
-    dims = {name: int(getattr(m, "out_features" if side == "output" else "in_features")) for name, m in layers.items()}
+    dims = {name: linear_shape(m)[0 if side == "output" else 1] for name, m in layers.items()}
+    seen = counts if counts is not None else {}
+    seen.update({name: 0 for name in layers})
     device = next(model.parameters()).device
     grams = {name: torch.zeros(d, d, dtype=torch.float64, device=device) for name, d in dims.items()}
 
@@ -81,6 +87,7 @@ def second_moments(
                     z = z - module.bias
             z = z.reshape(-1, dims[name]).double()
             grams[name].addmm_(z.T, z)
+            seen[name] += z.shape[0]
         return accumulate
 
     handles = [m.register_forward_hook(hook(name, m)) for name, m in layers.items()]
@@ -96,7 +103,7 @@ def second_moments(
             handle.remove()
         model.train(was_training)
     if batches == 0:
-        raise ValueError("calibration yielded no batch")
+        raise ValueError(f"{source} yielded no batch")
     return grams
 
 
