@@ -232,3 +232,11 @@ def test_eora_bad_input(trained):
     adapted = rw.adapt(copy.deepcopy(base), "lora", r=2, targets=["q_proj"])
     with pytest.raises(ValueError, match="model has rankwise adapters"):
         rw.compression.eora(adapted, trained, CALIBRATION, r=2)
+
+
+def test_quantize_refuses_factorized_layers():
+    """Adapters may wrap factorized layers now; rw.quantize (which also selects adapter-able layers) must not
+    silently turn them into dense 4-bit ones."""
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match=r"are factorized \(FactorizedLinear from rw.compress\)"):
+        rw.quantize(rw.compress(make_tiny_llama(0), "svd", ratio=0.5), "nf4")
