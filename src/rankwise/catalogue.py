@@ -25,8 +25,9 @@ FAMILIES = (
     "sparse+low-rank", "from-scratch", "compression", "quantization", "multi-adapter", "federated", "other",
 )
 STATUSES = ("done", "planned")
-#: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``.
-APIS = ("adapt", "optim", "sparsify", "compress")
+#: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``, or a
+#: training-free compensation of a compressed model from its original (``rw.compression.eora``).
+APIS = ("adapt", "optim", "sparsify", "compress", "compensate")
 #: What a trained or compressed result can be written as.
 EXPORTS = ("peft-lora", "peft-dora", "merge", "model", "compressed", "none")
 _PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress")
@@ -170,6 +171,7 @@ _API_TITLES = {
     "optim": "Optimizers and samplers (`rw.optim.make`)",
     "sparsify": "Structured training from scratch (`rw.sparsify`)",
     "compress": "Compression and pruning (`rw.compress`)",
+    "compensate": "Training-free compensation of compressed models (`rw.compression.eora`)",
 }
 
 

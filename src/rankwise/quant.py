@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .checks import choice
-from .targets import Targets, find_targets, is_conv1d, is_linear4bit, linear_weight, replace_module
+from .targets import Targets, find_targets, is_conv1d, is_factorized, is_linear4bit, linear_weight, replace_module
 
 SCHEMES = ("nf4", "fp4")
 BLOCKSIZE = 64
@@ -222,6 +222,10 @@ def quantize(
         raise ValueError("the model has rankwise adapters: call rw.quantize(model) before rw.adapt "
                          "(or use method 'qlora', which quantizes the layers it adapts)")
     found = find_targets(model, targets)
+    factorized = [n for n, m in found if is_factorized(m)]
+    if factorized:
+        raise ValueError(f"layers {factorized[:3]} are factorized (FactorizedLinear from rw.compress); rw.quantize "
+                         "quantizes dense linear layers: choose targets without them (or densify first)")
     already = [n for n, m in found if is_linear4bit(m)]
     if already:
         raise ValueError(f"layers {already[:3]} are already 4-bit quantized; quantize a model once")

@@ -39,10 +39,18 @@ def is_linear4bit(module: nn.Module) -> bool:
     return modules is not None and isinstance(module, modules.Linear4bit)
 
 
+def is_factorized(module: nn.Module) -> bool:
+    """Whether ``module`` is a factorized linear layer ``y = U(Vx) + b`` (``rankwise.sparse.layers.
+    FactorizedLinear``, what ``rw.compress`` leaves). Read without importing the sparse package."""
+    layers = sys.modules.get("rankwise.sparse.layers")
+    return layers is not None and isinstance(module, layers.FactorizedLinear)
+
+
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer an adapter can wrap: ``nn.Linear`` (a bitsandbytes
-    ``Linear4bit`` included) or transformers ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    ``Linear4bit`` included), transformers ``Conv1D`` or a factorized layer (``is_factorized``, a
+    read-only base: its weight is the product U·V)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_factorized(module)
 
 
 #: what each base-layer kind of an adapter is called in messages
@@ -92,11 +100,14 @@ def to_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a linear layer: ``nn.Linear.weight`` itself, or the transposed view
     ``Conv1D.weight.T`` (the same storage, so in-place writes to the view land in the Conv1D); for a
-    4-bit layer a dequantized copy (writes to it are lost: adapters write through their one path)."""
+    4-bit layer a dequantized copy, for a factorized layer the product U·V (writes to either are lost:
+    adapters write through their one path)."""
     if is_linear4bit(module):
         from .quant import dequantize
 
         return dequantize(module)
+    if is_factorized(module):
+        return module.dense_weight().detach()
     w = module.weight
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no weight tensor")
@@ -105,7 +116,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an ``nn.Linear`` (4-bit included) or ``Conv1D``."""
-    if is_linear4bit(module):
+    if is_linear4bit(module) or is_factorized(module):
         return int(module.out_features), int(module.in_features)
     out_features, in_features = linear_weight(module).shape
     return int(out_features), int(in_features)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import fraction, rank
 from ..quant import Quantized, dequantize, dequantize_tensor, requantize_, restore_, stash
-from ..targets import KIND_LABELS, is_conv1d, is_linear4bit, kind_label, layer_kind
+from ..targets import KIND_LABELS, is_conv1d, is_factorized, is_linear4bit, kind_label, layer_kind, linear_weight
 from .batched import mixed_forward
 from .kernels import low_rank_linear
 
@@ -121,6 +121,7 @@ class AdapterLayer(nn.Module):
         # a Python flag, not a tensor test, so forward code stays traceable by torch.compile
         self.base_transposed = is_conv1d(base_layer)
         self.base_quantized = is_linear4bit(base_layer)  # a 4-bit base: see _set_base_weight
+        self.base_factorized = is_factorized(base_layer)  # U·V (rw.compress): read-only, see _set_base_weight
         self.requant_error: float | None = None  # of the last write into a 4-bit base (see _set_base_weight)
         self.merge_delta_error: float | None = None
         self._merge_stash: Quantized | None = None
@@ -282,6 +283,8 @@ class AdapterLayer(nn.Module):
         base weight by a method goes through this accessor, every write through ``_set_base_weight``."""
         if self.base_quantized:
             return dequantize(self.base_layer)
+        if self.base_factorized:
+            return linear_weight(self.base_layer)
         w = cast(torch.Tensor, self.base_layer.weight)
         if self.base_kind == "embedding":  # the map one-hot(id) → vector: (embedding_dim, num_embeddings)
             return w.t()
@@ -334,7 +337,7 @@ class AdapterLayer(nn.Module):
         """Base GEMM (base dtype) + low-rank delta (adapter dtype) in one autograd node
         (``kernels.low_rank_linear``), when possible (not under autocast: the plain path lets
         autocast pick each matmul's dtype)."""
-        if self.base_quantized or self.base_kind != "linear":  # 4-bit: bitsandbytes' own GEMM, delta beside it
+        if self.base_quantized or self.base_factorized or self.base_kind != "linear":  # the base's own GEMM(s)
             return None
         f = self.factors()
         w, bias = self.base_weight, self.base_layer.bias
@@ -356,6 +359,13 @@ class AdapterLayer(nn.Module):
         ``unmerge`` puts them back bit for bit (no second requantization), and keep the same error
         relative to the change instead, ‖deq(Q(w)) − w‖_F / ‖w − W_before‖_F, in ``merge_delta_error``
         (≈ 1 when the update is below the 4-bit grid's resolution and the merge loses it)."""
+        if self.base_factorized:
+            raise ValueError(
+                f"adapter '{self.adapter_name}' ({self.method}) would write the base weight, but the base is a "
+                "factorized layer (FactorizedLinear from rw.compress: U·V cannot hold a dense weight); adapters "
+                "over it must stay unmerged (merge, and inits that move part of W₀ out of the base, need a dense "
+                "or 4-bit base)"
+            )
         if not self.base_quantized:
             if self.base_kind == "conv":
                 self.base_layer.weight.copy_(w.reshape(self.base_layer.weight.shape))
@@ -415,7 +425,7 @@ class AdapterLayer(nn.Module):
         """Return the base module (``nn.Linear`` / ``Conv1D`` / 4-bit ``Linear4bit``) holding the
         original W₀ (the adapter is dropped; a 4-bit base is written only when an init moved part of
         W₀ out of it, then W₀ is requantized)."""
-        if self.base_quantized:
+        if self.base_quantized or self.base_factorized:
             self.unmerge()
             if self.base_offset() is not None:
                 self._set_base_weight(self.original_weight())

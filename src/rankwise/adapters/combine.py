@@ -130,16 +130,35 @@ def merge_adapters(
         for target, delta in merged.items():
             add_to_base(model.get_submodule(target), delta)
         return model
-    overrides = {t: {"r": int(f[1].shape[0]), "alpha": int(f[1].shape[0])} for t, f in merged.items()}
     first = next(iter(per_layer.values()))
-    dtype = next(iter(first.values())).adapter_dtype
-    adapt(model, "lora", targets=list(merged), name=name, trainable=None, overrides=overrides,
-          adapter_dtype=dtype, _skip_init=True)
-    new = dict(adapter_layers(model, name))
-    with torch.no_grad():
-        for target, (b, a) in merged.items():  # type: ignore[misc]
-            new[target].lora_B.copy_(b)
-            new[target].lora_A.copy_(a)
+    lora_from_factors(model, merged, name, adapter_dtype=next(iter(first.values())).adapter_dtype)  # type: ignore[arg-type]
     set_active(model, name)
     return model
 
+
+def lora_from_factors(
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    name: str,
+    *,
+    adapter_dtype: Any = "float32",
+) -> nn.Module:
+    """Add a LoRA adapter ``name`` holding the given factors, ``{target layer: (B, A)}`` with B
+    (out×r) and A (r×in), so that each layer's ΔW = B·A exactly: the rank is set per layer and the
+    scale is 1 (α = r, per-layer ``overrides``), so it saves, exports to PEFT and trains as any LoRA
+    adapter. The new adapter is active and trainable (``rw.adapt``'s rules for the others); returns
+    ``model``. Used by ``merge_adapters`` and ``rw.compression.eora``."""
+    if not factors:
+        raise ValueError("factors is empty: give {target layer name: (B, A)} for at least one layer")
+    for target, (b, a) in factors.items():
+        if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"factors[{target!r}]: B {tuple(b.shape)} and A {tuple(a.shape)} must be (out×r), (r×in)")
+    overrides = {t: {"r": int(f[1].shape[0]), "alpha": int(f[1].shape[0])} for t, f in factors.items()}
+    adapt(model, "lora", targets=list(factors), name=name, trainable=None, overrides=overrides,
+          adapter_dtype=adapter_dtype, _skip_init=True)
+    new = dict(adapter_layers(model, name))
+    with torch.no_grad():
+        for target, (b, a) in factors.items():
+            new[target].lora_B.copy_(b)
+            new[target].lora_A.copy_(a)
+    return model

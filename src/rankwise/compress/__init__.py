@@ -1,6 +1,6 @@
 """Compression of pretrained models: low-rank factorization (SVD baseline, WeLore, LoRD, PELA),
-structured pruning guided by LoRA (LoRAPrune) and sparse-plus-low-rank tuning (DSEE, whose adapter
-layer lives in the adapter package).
+structured pruning guided by LoRA (LoRAPrune), sparse-plus-low-rank tuning (DSEE, whose adapter
+layer lives in the adapter package), and training-free compensation of a compressed model (EoRA).
 
 ``rw.compress(model, method, ratio=0.5)`` is the entry point.
 """
@@ -17,10 +17,11 @@ from .api import (
     save_compressed,
 )
 from .dsee import attention_blocks, dsee_finetune, dsee_prune, prune_heads
+from .eora import EoRAState, eora, eora_factors
 from .evaluate import eval_blocks, evaluate_corpora, perplexity
 from .factorized import FactorizedLinear, densify, factorized_layers
 from .loraprune import cubic_sparsity, loraprune, loraprune_recover, remove_pruned_units
-from .lord import output_grams
+from .lord import output_grams, second_moments
 from .pela import pela_distill, pela_losses, weight_perturbation
 from .rank import rank_fraction_ranks, uniform_ratio_rank, welore_ranks
 from .resize import apply_layout, sliced_linear
@@ -28,11 +29,12 @@ from .svd import SVDCache, thin_svd
 from .welore import welore_finetune_params, welore_plan
 
 __all__ = [
-    "COMPRESS_METHODS", "CompressState", "DSEEConfig", "DSEELayer", "FactorizedLinear",
+    "COMPRESS_METHODS", "CompressState", "DSEEConfig", "DSEELayer", "EoRAState", "FactorizedLinear",
     "SVDCache", "apply_layout", "attention_blocks", "compress", "compressed_state", "cubic_sparsity", "densify",
-    "dsee_finetune", "dsee_prune", "dsee_support", "eval_blocks", "evaluate_corpora", "factorized_layers",
+    "dsee_finetune", "dsee_prune", "dsee_support", "eora", "eora_factors", "eval_blocks", "evaluate_corpora",
+    "factorized_layers",
     "find_blocks", "load_compressed", "loraprune", "loraprune_recover", "output_grams", "pela_distill",
     "pela_losses", "perplexity", "prune_heads", "rank_fraction_ranks", "recover", "remove_pruned_units",
-    "save_compressed", "sliced_linear", "thin_svd", "uniform_ratio_rank", "weight_perturbation",
+    "save_compressed", "second_moments", "sliced_linear", "thin_svd", "uniform_ratio_rank", "weight_perturbation",
     "welore_finetune_params", "welore_plan", "welore_ranks",
 ]

@@ -28,7 +28,7 @@ stay dense. ``rank=`` gives every matrix one fixed rank instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import checks
 from ..batches import call_model, move_batch
-from ..targets import Targets, replace_module
+from ..targets import Targets, linear_shape, replace_module
 from .factorized import factorized_from_factors
 from .rank import rank_fraction_ranks
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks, target_linears
@@ -54,25 +54,43 @@ class LoRDConfig:
 
 
 @torch.no_grad()
-def output_grams(
-    model: nn.Module, layers: dict[str, nn.Linear], calibration: Iterable, progress: bool = False
+def second_moments(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calibration: Iterable,
+    side: str = "output",
+    progress: bool = False,
+    *,
+    counts: dict[str, int] | None = None,
+    source: str = "calibration",
 ) -> dict[str, torch.Tensor]:
-    """``G = Σ_tokens y yᵀ`` (out×out, float64) of ``y = W x`` for every layer in ``layers``, from one
-    forward pass over ``calibration`` (hooks on all layers at once; the bias is subtracted)."""
-    grams = {name: torch.zeros(lin.out_features, lin.out_features, dtype=torch.float64, device=lin.weight.device)
-             for name, lin in layers.items()}
+    """``Σ_tokens z zᵀ`` (float64) for every module in ``layers`` from one forward pass of ``model``
+    over ``calibration`` (forward hooks on all layers at once, removed afterwards; nothing stored but
+    the sums): ``side="output"``, z = y − b, the layer output without its bias (out×out, LoRD);
+    ``side="input"``, z = x, the layer input (in×in, EoRA). Every token position counts, padding
+    included. ``counts``: filled with the number of tokens each layer saw; ``source``: what the error
+    for an empty ``calibration`` calls it (the caller's parameter name)."""
+    checks.choice("side", side, ("input", "output"))
+    dims = {name: linear_shape(m)[0 if side == "output" else 1] for name, m in layers.items()}
+    seen = counts if counts is not None else {}
+    seen.update({name: 0 for name in layers})
+    device = next(model.parameters()).device
+    grams = {name: torch.zeros(d, d, dtype=torch.float64, device=device) for name, d in dims.items()}
 
-    def hook(name: str, lin: nn.Linear):
-        def accumulate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            y = output.detach()
-            if lin.bias is not None:
-                y = y - lin.bias
-            y = y.reshape(-1, lin.out_features).double()
-            grams[name].addmm_(y.T, y)
+    def hook(name: str, module: nn.Module):
+        def accumulate(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if side == "input":
+                z = inputs[0].detach()
+            else:
+                z = output.detach()
+                if module.bias is not None:
+                    z = z - module.bias
+            z = z.reshape(-1, dims[name]).double()
+            grams[name].addmm_(z.T, z)
+            seen[name] += z.shape[0]
         return accumulate
 
-    handles = [lin.register_forward_hook(hook(name, lin)) for name, lin in layers.items()]
-    device = next(model.parameters()).device
+    handles = [m.register_forward_hook(hook(name, m)) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     batches = 0
@@ -85,8 +103,16 @@ def output_grams(
             handle.remove()
         model.train(was_training)
     if batches == 0:
-        raise ValueError("calibration yielded no batch")
+        raise ValueError(f"{source} yielded no batch")
     return grams
+
+
+def output_grams(
+    model: nn.Module, layers: dict[str, nn.Linear], calibration: Iterable, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """``G = Σ_tokens y yᵀ`` (out×out, float64) of ``y = W x`` for every layer in ``layers``, from one
+    forward pass over ``calibration`` (hooks on all layers at once; the bias is subtracted)."""
+    return second_moments(model, layers, calibration, "output", progress)
 
 
 def output_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

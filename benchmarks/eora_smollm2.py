@@ -1,0 +1,77 @@
+"""EoRA on SmolLM2-135M: held-out perplexity of a compressed model without compensation, with plain
+SVD compensation (rank-r truncated SVD of W − W_c) and with EoRA (rw.compression.eora) at the same rank.
+
+    python benchmarks/eora_smollm2.py --threads 1 [--rank 16] [--ratio 0.7] [--calibration 16]
+
+Compressions: ``svd`` and ``welore`` at ``--ratio`` (rw.compress) and NF4 (rw.quantize). Calibration:
+``--calibration`` seeded batches of 4x128 tokens from the BBC + stdlib-code train splits (the same
+sampler as benchmarks/compress_smollm2.py); evaluation: the first 16 blocks of 128 tokens of the BBC
+and stdlib-code test splits. Writes benchmarks/results/eora_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from compress_smollm2 import train_batches  # noqa: E402  (run from benchmarks/ or with it on sys.path)
+
+import rankwise as rw
+from rankwise.compress import eval_blocks, evaluate_corpora
+from rankwise.compress.evaluate import EVAL_CORPORA
+from rankwise.models import load_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--ratio", type=float, default=0.7)
+    parser.add_argument("--calibration", type=int, default=16)
+    parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--compressions", default="svd,welore,nf4")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    base, tok = load_model("smollm2-135m")
+    base.eval()
+    blocks = {c: eval_blocks(tok, c, args.eval_blocks, 128) for c in EVAL_CORPORA}
+    calibration = train_batches(tok, args.calibration, 4, 128, args.seed)
+    result = {"config": vars(args), "base": evaluate_corpora(base, None, blocks=blocks), "rows": []}
+    print("base", result["base"], flush=True)
+    for how in args.compressions.split(","):
+        model = copy.deepcopy(base)
+        if how == "nf4":
+            rw.quantize(model, "nf4")
+        else:
+            rw.compress(model, how, ratio=args.ratio)
+        row = {"compression": how, "none": evaluate_corpora(model, None, blocks=blocks)}
+        print(how, "none", row["none"], flush=True)
+        for projection, key in (("none", "plain_svd"), ("eigen", "eora")):
+            t0 = time.time()
+            comp = rw.compression.eora(copy.deepcopy(model), base, calibration, r=args.rank, projection=projection)
+            row[key] = evaluate_corpora(comp, None, blocks=blocks)
+            state = comp.rankwise_eora["eora"]
+            errs = state.errors.values()
+            row[key + "_weighted_error"] = sum(e["after"] for e in errs) / max(sum(e["before"] for e in errs), 1e-30)
+            row[key + "_seconds"] = time.time() - t0
+            row["layers"] = len(state.layers)
+            print(how, key, row[key], f"weighted error after/before {row[key + '_weighted_error']:.3f}",
+                  f"{row[key + '_seconds']:.0f}s", flush=True)
+            del comp
+        result["rows"].append(row)
+    result["seconds"] = time.time() - start
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "eora_smollm2.json").write_text(json.dumps(result, indent=2))
+    print(f"done in {result['seconds']:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
