@@ -117,7 +117,8 @@ def _peft_shapes(module: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
     """The shapes PEFT gives ``lora_A``, ``lora_B`` and DoRA's magnitude over ``module`` at rank r."""
     out_features, in_features = matrix_shape(module)
     if layer_kind(module) == "conv":
-        kernel, ones = tuple(module.weight.shape[1:]), (1,) * (module.weight.dim() - 2)
+        weight = module_tensor(module, "weight")
+        kernel, ones = tuple(weight.shape[1:]), (1,) * (weight.dim() - 2)
         return {"lora_A": (r, *kernel), "lora_B": (out_features, r, *ones), "magnitude": (1, out_features, *ones)}
     return {"lora_A": (r, in_features), "lora_B": (out_features, r), "magnitude": (out_features,)}
 
@@ -131,9 +132,10 @@ def _peft_keys(module: nn.Module) -> dict[str, str]:
 
 def _check_dilation(module: nn.Module, name: str, what: str) -> None:
     """PEFT's ``lora_A`` conv is built without the base's dilation: refuse a dilated base (no parity)."""
-    if layer_kind(module) == "conv" and any(d != 1 for d in module.dilation):
+    dilation = tuple(getattr(module, "dilation", ()))
+    if layer_kind(module) == "conv" and any(d != 1 for d in dilation):
         raise ValueError(
-            f"{what}: layer '{name}' is a {kind_label(module)} with dilation={tuple(module.dilation)}; PEFT's LoRA "
+            f"{what}: layer '{name}' is a {kind_label(module)} with dilation={dilation}; PEFT's LoRA "
             "conv (lora_A) does not use the base's dilation, so its forward would differ from the adapter's "
             "(supported: dilation 1)"
         )

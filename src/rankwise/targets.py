@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -83,10 +83,11 @@ def weight_view(module: nn.Module) -> torch.Tensor:
     """The (out, in) matrix of any base-layer kind: ``linear_weight`` for linear layers, ``weight.T``
     ((embedding_dim, num_embeddings), the map one-hot(id) → vector) for an ``nn.Embedding``,
     ``weight.reshape(out, -1)`` for a convolution (a view of the same storage when contiguous)."""
-    if layer_kind(module) == "embedding":
-        return module.weight.t()
-    if layer_kind(module) == "conv":
-        return module.weight.reshape(module.weight.shape[0], -1)
+    weight = module.weight
+    if layer_kind(module) == "embedding" and isinstance(weight, torch.Tensor):
+        return weight.t()
+    if layer_kind(module) == "conv" and isinstance(weight, torch.Tensor):
+        return weight.reshape(weight.shape[0], -1)
     return linear_weight(module)
 
 
@@ -94,7 +95,7 @@ def to_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     """An (out, in) matrix in ``module.weight``'s own layout (the inverse of ``weight_view``)."""
     if layer_kind(module) == "embedding" or is_conv1d(module):
         return matrix.t()
-    return matrix.reshape(module.weight.shape)
+    return matrix.reshape(cast(torch.Tensor, module.weight).shape)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -107,7 +108,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
         return dequantize(module)
     if is_factorized(module):
-        return module.dense_weight().detach()
+        return cast(torch.Tensor, module.dense_weight()).detach()  # type: ignore[operator]
     w = module.weight
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no weight tensor")
@@ -117,7 +118,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an ``nn.Linear`` (4-bit included) or ``Conv1D``."""
     if is_linear4bit(module) or is_factorized(module):
-        return int(module.out_features), int(module.in_features)
+        return int(cast(int, module.out_features)), int(cast(int, module.in_features))
     out_features, in_features = linear_weight(module).shape
     return int(out_features), int(in_features)
 

@@ -318,12 +318,12 @@ def adapt(
     names = [n for n, _ in found]
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
     _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init, name)
-    for module in trainable_names:
-        for p in model.get_submodule(module).parameters():
+    for full in trainable_names:
+        for p in model.get_submodule(full).parameters():
             p.requires_grad_(True)
     originals = {
-        module: {k: t.detach().clone() for k, t in model.get_submodule(module).state_dict().items()}
-        for module in trainable_names
+        full: {k: t.detach().clone() for k, t in model.get_submodule(full).state_dict().items()}
+        for full in trainable_names
     }
     state = AdapterState(method, cfg, names, trainable_names, overrides, originals, name)
     model.rankwise_adapters = {**adapter_states(model), name: state}  # type: ignore[assignment]  # Module attribute
