@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/mixed_precision.py
 	$(PY) benchmarks/mixed_precision.py --tasks minilm-galore --out benchmarks/results/mixed_precision_master
 	$(PY) benchmarks/bf16_matmul.py
+	$(PY) benchmarks/mixed_batch.py --threads 2
+	$(PY) benchmarks/eora_smollm2.py --threads 2
 
 # every benchmark once at toy size, into $(BENCH_SMOKE) (checks they run; the numbers mean nothing)
 BENCH_SMOKE ?= /tmp/rankwise-bench-smoke
@@ -62,6 +64,7 @@ bench-smoke: $(STAMP)
 	$(PY) benchmarks/mixed_precision.py --tasks minilm-lora minilm-galore --steps 2 --seq 16 --eval-batches 1 \
 		--out $(BENCH_SMOKE)/mixed_precision
 	$(PY) benchmarks/bf16_matmul.py --repeats 1 --rank 8 --out $(BENCH_SMOKE)/bf16_matmul
+	$(PY) benchmarks/mixed_batch.py --adapters 2 --seq 16 --rounds 1 --out $(BENCH_SMOKE)/mixed_batch
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
