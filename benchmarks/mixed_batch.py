@@ -137,7 +137,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
-        "# Serving 8 adapters: one mixed batch vs one call per adapter\n",
+        f"# Serving {n} adapters: one mixed batch vs one call per adapter\n",
         f"SmolLM2-135M, {n} named LoRA adapters (r={args.r}, all linear layers), a batch of {n} BBC blocks of "
         f"{args.seq} tokens, example i through adapter i; forward only, fp32, {torch.get_num_threads()} "
         f"threads, {args.rounds} interleaved rounds (median). Every mixed output row was checked against "
