@@ -202,21 +202,17 @@ def find_targets(
             raise ValueError(f"targets={targets!r} is not a valid regular expression ({e})") from None
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = head_module_names(model)
-        skipped = [n for n, m in base_modules(model) if is_conv1d(m) and not _under_head(n, heads)]
-        if skipped and not conv1d:
-            more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-            raise ValueError(
-                f"targets='all-linear': this {type(model).__name__} has transformers Conv1D layers ({skipped[:3]}"
-                f"{more}), which are not supported here (nn.Linear only); 'all-linear' would silently skip them"
-            )
-        quantized = [n for n, m in base_modules(model) if is_linear4bit(m) and not _under_head(n, heads)]
-        if quantized and not conv1d:
-            more = f" and {len(quantized) - 3} more" if len(quantized) > 3 else ""
-            raise ValueError(
-                f"targets='all-linear': this {type(model).__name__} has 4-bit quantized layers ({quantized[:3]}"
-                f"{more}); this method writes the weights it targets and cannot write 4-bit ones (only "
-                "adapters train over a quantized base); 'all-linear' would silently skip them"
-            )
+        refused = (  # layers 'all-linear' would silently skip for callers that take nn.Linear only
+            (is_conv1d, "transformers Conv1D layers ({}), which are not supported here (nn.Linear only)"),
+            (is_linear4bit, "4-bit quantized layers ({}); this method writes the weights it targets and cannot "
+                            "write 4-bit ones (only adapters train over a quantized base)"),
+        )
+        for kind, what in refused if not conv1d else ():
+            skipped = [n for n, m in base_modules(model) if kind(m) and not _under_head(n, heads)]
+            if skipped:
+                more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+                raise ValueError(f"targets='all-linear': this {type(model).__name__} has "
+                                 f"{what.format(f'{skipped[:3]}{more}')}; 'all-linear' would silently skip them")
         linears = [(n, m) for n, m in base_modules(model) if linear(m) and not _under_head(n, heads)]
         if not linears:
             raise ValueError(f"targets='all-linear' matched no {linear_kinds} module outside the output head")

@@ -17,19 +17,11 @@ import rankwise as rw
 from rankwise.adapters.merging import combine_deltas, truncate_delta
 
 from ..conftest import lm_batches, make_tiny_llama
+from .test_named import _randomize
 
 RANK = 4
 IDS = lm_batches(n=1, batch=3, seq=10, seed=4)[0]["input_ids"]
 WEIGHTS = {"a": 0.7, "b": -0.4, "c": 1.3}
-
-
-def _randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in rw.adapter_layers(model, name):
-            for p in layer.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _sources(dora: bool = True):

@@ -13,7 +13,8 @@ from torch import nn
 import rankwise as rw
 from rankwise.compress.eora import eora_factors, svd_factors
 
-from ..conftest import VOCAB, make_tiny_bert, make_tiny_llama
+from ..conftest import make_tiny_bert, make_tiny_llama
+from .anisotropic import pattern_batches, trained_anisotropic_llama
 
 
 # ----------------------------------------------------------------------------------------- matrices
@@ -88,41 +89,14 @@ def test_eora_factors_bad_input():
 
 
 # ----------------------------------------------------------------------------------------- models
-def _pattern_batches(n: int, seed: int, batch: int = 8, seq: int = 16) -> list[dict]:
-    """Arithmetic token sequences, learnable by a tiny Llama in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        start = torch.randint(1, VOCAB, (batch, 1), generator=g)
-        step = torch.randint(1, 4, (batch, 1), generator=g)
-        ids = (start + step * torch.arange(seq)) % (VOCAB - 1) + 1
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
-
-
 @pytest.fixture(scope="module")
 def trained() -> nn.Module:
-    """A tiny Llama with RMSNorm gains spread over 10² (anisotropic layer inputs, like real LLMs'
-    outlier features), trained briefly so that compression hurts measurably."""
-    model = make_tiny_llama(0)
-    g = torch.Generator().manual_seed(0)
-    for name, module in model.named_modules():
-        if name.endswith("layernorm"):
-            module.weight.data = torch.logspace(0.5, -1.5, 32)[torch.randperm(32, generator=g)]
-            module.weight.requires_grad_(False)
-    data = _pattern_batches(8, seed=0)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(6):
-        for batch in data:
-            opt.zero_grad()
-            model(**batch).loss.backward()
-            opt.step()
-    return model.eval()
+    """The anisotropic tiny Llama (``anisotropic.trained_anisotropic_llama``), 6 passes."""
+    return trained_anisotropic_llama(epochs=6)[0]
 
 
-CALIBRATION = _pattern_batches(4, seed=1)
-HELD_OUT = _pattern_batches(4, seed=2)
+CALIBRATION = pattern_batches(4, seed=1)
+HELD_OUT = pattern_batches(4, seed=2)
 
 
 @torch.no_grad()

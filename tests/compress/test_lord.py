@@ -13,7 +13,8 @@ import rankwise as rw
 from rankwise.compress import FactorizedLinear, factorized_layers
 from rankwise.compress.lord import lord_compress, output_grams
 
-from ..conftest import VOCAB, lm_batches, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama
+from .anisotropic import trained_anisotropic_llama
 from .factor_checks import _assert_factor_pairs_are_truncated_svd, _linears
 
 
@@ -101,45 +102,13 @@ def test_lord_data_aware_equals_svd_on_isotropic_inputs():
     torch.testing.assert_close(aware.U @ aware.V, free.U @ free.V, atol=1e-4, rtol=1e-4)
 
 
-def _pattern_batches(n: int, seed: int, batch: int = 8, seq: int = 16) -> list[dict]:
-    """Arithmetic token sequences: a tiny Llama learns them in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        start = torch.randint(1, VOCAB, (batch, 1), generator=g)
-        step = torch.randint(1, 4, (batch, 1), generator=g)
-        ids = (start + step * torch.arange(seq)) % (VOCAB - 1) + 1
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
-
-
-def _trained_anisotropic_llama() -> tuple[nn.Module, list[dict]]:
-    """A tiny Llama whose RMSNorm gains span 100× (anisotropic layer inputs, like the outlier
-    features of real LLMs; frozen), trained briefly so that compression visibly hurts."""
-    model = make_tiny_llama(0)
-    g = torch.Generator().manual_seed(0)
-    for name, module in model.named_modules():
-        if name.endswith("layernorm"):
-            module.weight.data = torch.logspace(0.5, -1.5, 32)[torch.randperm(32, generator=g)]
-            module.weight.requires_grad_(False)
-    data = _pattern_batches(8, seed=0)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(5):
-        for batch in data:
-            opt.zero_grad()
-            model(**batch).loss.backward()
-            opt.step()
-    return model.eval(), data[:4]
-
-
-@torch.no_grad()
 def _loss(model: nn.Module, batches: list[dict]) -> float:
     return sum(model(**b).loss.item() for b in batches) / len(batches)
 
 
 def test_lord_data_aware_whole_model_beats_data_free_in_one_pass():
-    base, calibration = _trained_anisotropic_llama()
+    base, data = trained_anisotropic_llama(epochs=5)
+    calibration = data[:4]
     free, aware = copy.deepcopy(base), copy.deepcopy(base)
     calls = []
     aware.register_forward_hook(lambda *args: calls.append(1))
