@@ -29,11 +29,13 @@ from .compress import compress
 from .io import load_adapter, load_adapters, save_adapter
 from .peft_io import export_peft, import_peft
 from .quant import quantize
+from .serving import AdapterServer
 from .sparse import sparsify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterServer",
     "REGISTRY",
     "active_adapters",
     "adapt",

@@ -307,6 +307,47 @@ def _base_model_name(model: nn.Module) -> str | None:
     return os.path.abspath(name) if name and os.path.isdir(name) else name
 
 
+def adapter_record(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """The adapter's config as ``save_adapter`` writes it (``rankwise_adapter.json``): what
+    :func:`add_adapter` needs, with the tensors, to build it again on a model."""
+    state = adapter_state(model, name)
+    return {
+        "format": "rankwise-adapter",
+        "version": FORMAT_VERSION,
+        "name": state.name,
+        "method": state.method,
+        "config": state.config.to_dict(),
+        "layers": state.layers,
+        "trainable_modules": state.trainable_modules,
+        "overrides": state.overrides,
+        "base_model": _base_model_name(model),
+    }
+
+
+def add_adapter(model: nn.Module, record: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
+                where: str) -> nn.Module:
+    """Add adapter ``name`` described by ``record`` (:func:`adapter_record`) to ``model`` and copy
+    ``tensors`` into it, every one checked to fit first (``where`` names their source in errors)."""
+    adapt(
+        model,
+        record["method"],
+        targets=list(record["layers"]),
+        trainable=record["trainable_modules"] or None,
+        overrides=record.get("overrides") or None,
+        name=name,
+        _skip_init=True,
+        **record["config"],
+    )
+    expected = adapter_tensors(model, name)
+    tensors_fit(tensors, expected, where)  # all checked before any is copied
+    with torch.no_grad():
+        for key, t in tensors.items():
+            expected[key].copy_(t)
+    for _, layer in adapter_layers(model, name):
+        layer.after_load()
+    return model
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write ``rankwise_adapter.json`` + ``rankwise_adapter.safetensors`` to ``path`` atomically.
 
@@ -316,21 +357,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     dirs = adapter_dirs(model, path, name)
     with atomic_directory(path) as tmp:
         for adapter, where in dirs.items():
-            state = adapter_state(model, adapter)
             target = tmp / where.relative_to(path)
             target.mkdir(parents=True, exist_ok=True)
-            config = {
-                "format": "rankwise-adapter",
-                "version": FORMAT_VERSION,
-                "name": state.name,
-                "method": state.method,
-                "config": state.config.to_dict(),
-                "layers": state.layers,
-                "trainable_modules": state.trainable_modules,
-                "overrides": state.overrides,
-                "base_model": _base_model_name(model),
-            }
-            write_json(target / ADAPTER_CONFIG, config)
+            write_json(target / ADAPTER_CONFIG, adapter_record(model, adapter))
             save_tensors(adapter_tensors(model, adapter), target / ADAPTER_WEIGHTS)
     return Path(path)
 
@@ -349,25 +378,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise FileNotFoundError(f"{cfg_file} not found: not a rankwise adapter directory{hint}")
     config = json.loads(cfg_file.read_text())
     name = name if name is not None else config.get("name", "default")
-    adapt(
-        model,
-        config["method"],
-        targets=list(config["layers"]),
-        trainable=config["trainable_modules"] or None,
-        overrides=config.get("overrides") or None,
-        name=name,
-        _skip_init=True,
-        **config["config"],
-    )
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    expected = adapter_tensors(model, name)
-    tensors_fit(tensors, expected, f"adapter file {path / ADAPTER_WEIGHTS}")  # all checked before any is copied
-    with torch.no_grad():
-        for key, t in tensors.items():
-            expected[key].copy_(t)
-    for _, layer in adapter_layers(model, name):
-        layer.after_load()
-    return model
+    return add_adapter(model, config, tensors, name, f"adapter file {path / ADAPTER_WEIGHTS}")
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
