@@ -15,8 +15,8 @@ from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)
-from .ensembles import ensemble_batch, ensemble_probs, lora_ensemble  # (registers lora_ensembles)
 from .dsee import HEAD_SCORES, DSEEConfig, DSEELayer, dsee_support
+from .ensembles import ensemble_batch, ensemble_probs, lora_ensemble  # (registers lora_ensembles)
 from .init import InitContext
 from .lora import LoRALayer
 from .named import AdapterStack, batch_adapters
