@@ -25,9 +25,10 @@ FAMILIES = (
     "sparse+low-rank", "from-scratch", "compression", "quantization", "multi-adapter", "federated", "other",
 )
 STATUSES = ("done", "planned")
-#: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``, or a
-#: training-free compensation of a compressed model from its original (``rw.compression.eora``).
-APIS = ("adapt", "optim", "sparsify", "compress", "compensate")
+#: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``, a
+#: training-free compensation of a compressed model from its original (``rw.compression.eora``), or a
+#: training-free merge of named adapters (``rw.merge_adapters(model, weights, how=name)``).
+APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "merge")
 #: What a trained or compressed result can be written as.
 EXPORTS = ("peft-lora", "peft-dora", "merge", "model", "compressed", "none")
 _PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress")
@@ -172,6 +173,7 @@ _API_TITLES = {
     "sparsify": "Structured training from scratch (`rw.sparsify`)",
     "compress": "Compression and pruning (`rw.compress`)",
     "compensate": "Training-free compensation of compressed models (`rw.compression.eora`)",
+    "merge": "Merging named adapters (`rw.merge_adapters(model, weights, how=...)`)",
 }
 
 

@@ -14,8 +14,9 @@ from . import bone  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 # isort: on
 from .base import AdapterConfig, AdapterLayer
-from .combine import lora_from_factors, merge_adapters
+from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)
 from .dsee import HEAD_SCORES, DSEEConfig, DSEELayer, dsee_support
+from .ensembles import ensemble_batch, ensemble_probs, lora_ensemble  # (registers lora_ensembles)
 from .init import InitContext
 from .lora import LoRALayer
 from .named import AdapterStack, batch_adapters
@@ -34,7 +35,7 @@ from .registry import (
 __all__ = [
     "HEAD_SCORES", "REGISTRY", "AdapterConfig", "AdapterLayer", "AdapterStack", "DSEEConfig", "DSEELayer",
     "InitContext", "LoRALayer", "MethodSpec", "active_adapters", "adapt", "adapter_layers", "adapter_names",
-    "adapter_state", "batch_adapters", "delete_adapter", "dsee_support", "get_method", "lora_from_factors",
-    "merge_adapters",
+    "adapter_state", "batch_adapters", "delete_adapter", "dsee_support", "ensemble_batch", "ensemble_probs",
+    "get_method", "lora_ensemble", "lora_from_factors", "merge_adapters",
     "merge_and_unload", "register", "set_active",
 ]

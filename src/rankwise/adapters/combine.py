@@ -13,6 +13,12 @@ and mixes cross terms in ``linear``), rankwise combines the updates themselves:
 * ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: ``merging.combine_deltas`` on the
   ΔWᵢ (TIES-Merging, Yadav et al. 2023; DARE, Yu et al. 2024), then SVD at ``rank`` (default max rᵢ),
   or exact with ``into_base=True``.
+* ``seq_merge``: the wᵢΔWᵢ merged one at a time in ``weights``' order by orthogonal projection with
+  adaptive scaling (OPCM, Tang et al. 2025; ``seq_merge.SequentialMerge``), then SVD at ``rank``
+  (default Σ rᵢ: exact for low-rank sources).
+* ``lora_lego``: the rank-1 units of every low-rank source clustered into ``rank`` = k clusters
+  (default max rᵢ), the centroids a rank-k LoRA with dual reweighting (LoRA-LEGO, Zhao et al. 2024;
+  ``lego.lego_factors``).
 
 The result is a new LoRA adapter ``name`` (per-layer rank, scale 1) made the only active one, or,
 with ``into_base=True``, the exact dense ΔW added to the base weights (the sources are deleted).
@@ -26,14 +32,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import choice, is_number
+from .. import catalogue
+from ..checks import choice, fraction, is_number
 from .base import AdapterLayer
+from .lego import lego_factors
 from .merging import MERGE_METHODS, combine_deltas, concat_factors, truncate_delta
 from .named import add_to_base, target_modules
 from .ops import delete_adapter, set_active
 from .registry import adapt, adapter_layers, adapter_names
+from .seq_merge import SequentialMerge
 
-HOWS = ("cat", "svd", *MERGE_METHODS)
+SEQUENTIAL = ("seq_merge",)  # merged across all layers together, one source at a time
+HOWS = ("cat", "svd", *MERGE_METHODS, *SEQUENTIAL, "lora_lego")
 
 
 def _check_weights(model: nn.Module, weights: Any) -> dict[str, float]:
@@ -64,23 +74,50 @@ def _layer_factors(
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """The merged update of one layer: ``(B, A)`` with ΔW = B·A, or the dense ΔW (``rank=-1``)."""
     names = [n for n in weights if n in layers]
-    if how == "cat":
-        factors = []
-        for n in names:
-            f = layers[n].factors_from_original()
-            if f is None:
-                raise ValueError(f"how='cat' needs low-rank adapters; adapter '{n}' ({layers[n].method}) has a "
-                                 "full-rank update: use how='linear' or 'svd'")
-            factors.append((f[0].float(), f[1].float(), f[2]))
-        return concat_factors(factors, [weights[n] for n in names])
+    if how in ("cat", "lora_lego"):
+        factors = [_low_rank(layers[n], n, how) for n in names]
+        if how == "cat":
+            return concat_factors(factors, [weights[n] for n in names])
+        k = rank if rank not in (None, -1) else max(f[1].shape[0] for f in factors)
+        b, a = lego_factors(factors, [weights[n] for n in names], k, options["generator"])
+        return b @ a if rank == -1 else (b, a)
     deltas = [layers[n].delta_from_original().float() for n in names]
     merged_how = "linear" if how == "svd" else how
     dense = combine_deltas(deltas, [weights[n] for n in names], merged_how, **options)
+    return _factor(dense, [_rank(layers[n]) for n in names], how, rank)
+
+
+def _factor(dense: torch.Tensor, ranks: list[int], how: str, rank: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """A merged dense ΔW as rank-r factors (default Σ rᵢ for the exact sums, else max rᵢ), or itself
+    (``rank=-1``)."""
     if rank == -1:
         return dense
-    ranks = [_rank(layers[n]) for n in names]
-    r = rank if rank is not None else (sum(ranks) if how == "linear" else max(ranks))
+    r = rank if rank is not None else (sum(ranks) if how in ("linear", *SEQUENTIAL) else max(ranks))
     return truncate_delta(dense, min(r, *dense.shape))
+
+
+def _low_rank(layer: AdapterLayer, name: str, how: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, s)`` of a source's update relative to W₀; ValueError for a full-rank one."""
+    f = layer.factors_from_original()
+    if f is None:
+        raise ValueError(f"how={how!r} needs low-rank adapters; adapter '{name}' ({layer.method}) has a "
+                         "full-rank update: use how='linear' or 'svd'")
+    return f[0].float(), f[1].float(), f[2]
+
+
+@torch.no_grad()
+def _sequential(
+    per_layer: dict[str, dict[str, AdapterLayer]], weights: dict[str, float], rank: int | None, alpha: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
+    """``seq_merge``: each source's {layer: wᵢΔWᵢ} fed to one ``SequentialMerge`` in ``weights``' order."""
+    merger = SequentialMerge(alpha)
+    for source, w in weights.items():
+        merger.add({target: w * layers[source].delta_from_original().float()
+                    for target, layers in per_layer.items() if source in layers})
+    return {target: _factor(merger.delta[target], [_rank(layers[n]) for n in layers if n in weights],
+                            "seq_merge", rank)
+            for target, layers in per_layer.items()}
 
 
 def _rank(layer: AdapterLayer) -> int:
@@ -100,6 +137,7 @@ def merge_adapters(
     density: float = 1.0,
     majority_sign: str = "total",
     seed: int = 0,
+    alpha: float = 0.5,
 ) -> nn.Module:
     """Combine the adapters ``weights`` names, ``{name: wᵢ}``, with ``how`` (one of ``HOWS``; see the
     module docstring) into a new LoRA adapter ``name`` (the only active one afterwards), or into the
@@ -107,12 +145,16 @@ def merge_adapters(
 
     ``rank``: the new adapter's rank per layer (capped at the layer's min(out, in)); not used by
     ``cat`` or ``into_base``. ``density``, ``majority_sign``: of ties / dare / magnitude_prune
-    (``merging.combine_deltas``); ``seed`` seeds DARE's random drops (one generator, layers in model order).
+    (``merging.combine_deltas``); ``seed`` seeds DARE's random drops and LoRA-LEGO's k-means (one
+    generator, layers in model order); ``alpha``: seq_merge's share of the merged update's singular
+    values whose leading block the new update must avoid (the paper's α, default 0.5). For
+    ``seq_merge`` the order of ``weights`` is the merge order; for ``lora_lego`` ``rank`` is k.
     """
     weights = _check_weights(model, weights)
     choice("how", how, HOWS)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} must be a positive integer or None")
+    alpha = fraction("alpha", alpha, allow_zero=True)
     if into_base and how == "cat":
         raise ValueError("how='cat' builds a new adapter; with into_base=True use how='linear' (the same exact sum)")
     if any(module.merged for _, module in target_modules(model)):
@@ -120,10 +162,13 @@ def merge_adapters(
     options = {"density": density, "majority_sign": majority_sign,
                "generator": torch.Generator().manual_seed(int(seed))}
     per_layer = _per_layer(model, list(weights))
-    merged = {
-        target: _layer_factors(layers, weights, how, -1 if into_base else rank, options)
-        for target, layers in per_layer.items()
-    }
+    if how in SEQUENTIAL:
+        merged = _sequential(per_layer, weights, -1 if into_base else rank, alpha)
+    else:
+        merged = {
+            target: _layer_factors(layers, weights, how, -1 if into_base else rank, options)
+            for target, layers in per_layer.items()
+        }
     if into_base:
         for source in weights:
             delete_adapter(model, source)
@@ -162,3 +207,23 @@ def lora_from_factors(
             new[target].lora_B.copy_(b)
             new[target].lora_A.copy_(a)
     return model
+
+
+_MERGE_METHODS = {
+    "seq_merge": (
+        "Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable Continual Model Merging",
+        "training-free, one adapter at a time: each new ΔW projected orthogonally to the merged update in its "
+        "singular basis (diagonal and leading block removed), added, and the sum rescaled to the mean task-vector "
+        "norm; the state is the running merged update only",
+    ),
+    "lora_lego": (
+        "Merging LoRAs like Playing LEGO: Pushing the Modularity of LoRA to Extremes Through Rank-Wise Clustering",
+        "every rank-1 unit (B column, A row) of every input LoRA clustered by seeded k-means into k clusters; the "
+        "centroids, each rescaled to its members' mean norm, form a rank-k LoRA scaled by √(r̄/k)",
+    ),
+}
+for _name, (_paper, _mechanism) in _MERGE_METHODS.items():
+    catalogue.register(catalogue.MethodRecord(
+        _name, "multi-adapter", _paper, _mechanism, api="merge", config=merge_adapters, exports="peft-lora",
+        spec=merge_adapters, builder=lambda model, _how=_name, **options: merge_adapters(model, how=_how, **options),
+    ))
