@@ -104,3 +104,10 @@ def test_registering_from_a_directory_and_bad_input(source, tmp_path):
         small.serve(["a0", "a1"], input_ids=IDS[:2])
     with pytest.raises(ValueError, match="more than pool_bytes"):
         rw.AdapterServer(make_tiny_llama(0), pool_bytes=10).register("a0", source)
+
+
+def test_s_lora_is_catalogued_as_serving():
+    record = rw.catalogue.get("s_lora")
+    assert record.status == "done" and record.api == "serve"
+    server = record.build(make_tiny_llama(0), pool_bytes=1000)
+    assert isinstance(server, rw.AdapterServer) and server.pool_bytes == 1000

@@ -26,12 +26,13 @@ FAMILIES = (
 )
 STATUSES = ("done", "planned")
 #: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``, a
-#: training-free compensation of a compressed model from its original (``rw.compression.eora``), or a
-#: training-free merge of named adapters (``rw.merge_adapters(model, weights, how=name)``).
-APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "merge")
+#: compensation of a compressed model from its original (``rw.compression.eora`` / ``lrec``), a
+#: training-free merge of named adapters (``rw.merge_adapters(model, weights, how=name)``), or serving
+#: many adapters from a bounded pool (``rw.AdapterServer``).
+APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "merge", "serve")
 #: What a trained or compressed result can be written as.
 EXPORTS = ("peft-lora", "peft-dora", "merge", "model", "compressed", "none")
-_PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress")
+_PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress", "rankwise.serving")
 _PLANNED_FILE = Path(__file__).with_name("catalogue.tsv")
 
 
@@ -172,8 +173,10 @@ _API_TITLES = {
     "optim": "Optimizers and samplers (`rw.optim.make`)",
     "sparsify": "Structured training from scratch (`rw.sparsify`)",
     "compress": "Compression and pruning (`rw.compress`)",
-    "compensate": "Training-free compensation of compressed models (`rw.compression.eora`)",
+    "compensate": "Compensation of compressed models from their original (`rw.compression.eora`, training-free; "
+                  "`rw.compression.lrec`, by distillation)",
     "merge": "Merging named adapters (`rw.merge_adapters(model, weights, how=...)`)",
+    "serve": "Serving many adapters from a bounded device pool (`rw.AdapterServer(model, pool_bytes)`)",
 }
 
 

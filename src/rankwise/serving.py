@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import checks
+from . import catalogue, checks
 from .adapters import adapter_names, delete_adapter
 from .adapters.registry import adapter_state
 from .batches import model_device
@@ -149,3 +149,12 @@ class AdapterServer:
         self._make_resident(adapter_names)
         self.model.eval()
         return self.model(**inputs, adapter_names=list(adapter_names))
+
+
+catalogue.register(catalogue.MethodRecord(
+    "s_lora", "multi-adapter", "Sheng et al. 2024, S-LoRA: Serving Thousands of Concurrent LoRA Adapters",
+    "adapters in host memory, a bounded device pool (LRU) holding the ones the batches need, mixed-rank batches in "
+    "one pass; one device (no KV-cache paging, custom kernels or tensor parallelism)",
+    api="serve", config=AdapterServer, exports="none", spec=AdapterServer,
+    builder=lambda model, **options: AdapterServer(model, **options),
+))
