@@ -218,6 +218,22 @@ def test_fused_kernel_mixed_dtypes_against_fp32_autograd():
             assert x_d.grad.dtype == torch.bfloat16 and _rel(x_d.grad, xd_r.grad) < 0.02
 
 
+def test_fused_kernel_under_no_grad_is_the_same_math_without_an_autograd_node():
+    """Inference (``torch.no_grad``) skips the autograd Function: bit-identical output, no graph."""
+    from rankwise.adapters.kernels import low_rank_linear
+
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 4, 16, generator=g).to(dtype)
+        w, bias = torch.randn(12, 16, generator=g).to(dtype), torch.randn(12, generator=g).to(dtype)
+        a, b = torch.randn(3, 16, generator=g).requires_grad_(), torch.randn(12, 3, generator=g).requires_grad_()
+        with_grad = low_rank_linear(x, None, w, bias, a, b, 0.5)
+        with torch.no_grad():
+            without = low_rank_linear(x, None, w, bias, a, b, 0.5)
+        assert with_grad.grad_fn is not None and without.grad_fn is None
+        assert without.dtype == dtype and torch.equal(without, with_grad.detach())
+
+
 # ---------------------------------------------------------------------- whole-model operations
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_base_merge_unmerge_unload_keep_the_base_dtype(method, tmp_path):

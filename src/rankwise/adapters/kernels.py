@@ -4,6 +4,8 @@
 the GEMM's alpha), saving only ``x``, ``x_d`` and the small ``x_d Aᵀ`` (N×r) for backward. Backward:
 ``g_B = s·gᵀ(x_d Aᵀ)``, ``g_A = (s·g B)ᵀ x_d``, ``g_x = g W + (s·g B) A`` (one more ``addmm`` when
 there is no adapter dropout, ``x_d = None``). W and b are frozen: no gradient is formed for them.
+Under ``torch.no_grad()`` the same math runs without the autograd node (no saved tensors, no
+Function dispatch: the fast path of unmerged inference).
 
 Mixed precision: W, b and x share the base dtype; A and B may have another (the adapter dtype, e.g.
 fp32 factors on a bf16 base). The base GEMM then runs in the base dtype, the low-rank path in the
@@ -16,24 +18,30 @@ from __future__ import annotations
 import torch
 
 
+def _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale: float):
+    """``(y, x_d as a matrix, x_d Aᵀ)``: the forward's math, shared by the autograd node and the
+    no-grad path."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xd2 = x2 if x_d is None else x_d.reshape(-1, shape[-1])
+    xa = xd2.to(lora_a.dtype) @ lora_a.t()
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    if lora_b.dtype == out.dtype:
+        out.addmm_(xa, lora_b.t(), alpha=scale)
+    else:  # the delta in the adapter dtype, added in the base dtype
+        out.add_(torch.mm(xa, lora_b.t()).mul_(scale).to(out.dtype))
+    return out.reshape(*shape[:-1], weight.shape[0]), xd2, xa
+
+
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        same_input = x_d is None
-        xd2 = x2 if same_input else x_d.reshape(-1, shape[-1])
-        xa = xd2.to(lora_a.dtype) @ lora_a.t()
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        if lora_b.dtype == out.dtype:
-            out.addmm_(xa, lora_b.t(), alpha=scale)
-        else:  # the delta in the adapter dtype, added in the base dtype
-            out.add_(torch.mm(xa, lora_b.t()).mul_(scale).to(out.dtype))
-        ctx.same_input = same_input
+        out, xd2, xa = _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale)
+        ctx.same_input = x_d is None
         ctx.scale = scale
         ctx.save_for_backward(xd2, xa, weight, lora_a, lora_b)
-        ctx.shape = shape
-        return out.reshape(*shape[:-1], weight.shape[0])
+        ctx.shape = x.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -77,4 +85,6 @@ def low_rank_linear(
         raise ValueError("low_rank_linear needs a frozen base weight and bias")
     if x_d is x:
         x_d = None
+    if not torch.is_grad_enabled():  # inference: the same math without an autograd node
+        return _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale)[0]
     return _LowRankLinear.apply(x, x_d, weight, bias, lora_a, lora_b, scale)
