@@ -12,6 +12,7 @@ from .adapters import (
     batch_adapters,
     delete_adapter,
     get_method,
+    lori_masks,
     merge_adapters,
     set_active,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "import_peft",
     "load_adapter",
     "load_adapters",
+    "lori_masks",
     "merge",
     "merge_adapters",
     "merge_and_unload",

@@ -18,8 +18,10 @@ from .gradients import estimate_gradients
 from .init import InitContext
 from .named import AdapterStack, install_batch_hook, layers_of, target_modules
 
-EXPORTS = ("lora", "dora", "none")  # what export_peft writes for a method
-_CATALOGUE_EXPORTS = {"lora": "peft-lora", "dora": "peft-dora", "none": "merge"}
+# what export_peft writes for a method: a LoRA / DoRA pair, nothing ("none": merge only), or nothing at all
+# ("unmergeable": an input-dependent delta, e.g. MeteoRA's per-token routing, has no fixed ΔW to merge)
+EXPORTS = ("lora", "dora", "none", "unmergeable")
+_CATALOGUE_EXPORTS = {"lora": "peft-lora", "dora": "peft-dora", "none": "merge", "unmergeable": "none"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,13 @@ class MethodSpec:
     """One adapter method, as the adapter package registers it in the catalogue: its family, paper
     and one-line mechanism (``summary``), a layer class, its config class and config defaults.
     ``api`` is the method's entry point: ``"adapt"``, or ``"compress"`` for a method whose adapter
-    layer is one stage of a compression pipeline (DSEE)."""
+    layer is one stage of a compression pipeline (DSEE).
+
+    Methods built from the adapters already on the model (EigenLoRAx, MeteoRA) read them per layer
+    from ``ctx.extra["held"]`` (``{adapter name: layer}`` of the target); ``check_model(model, config,
+    layer names)`` runs before ``adapt`` changes anything (a ValueError leaves the model as it was).
+    ``needs_adapters``: ``adapt`` on a model without such adapters is an error (so the generic test
+    matrices, which adapt a bare model, leave the method out)."""
 
     name: str
     family: str
@@ -38,6 +46,8 @@ class MethodSpec:
     export: str = "lora"
     summary: str = ""
     api: str = "adapt"
+    check_model: Callable[[nn.Module, AdapterConfig, list[str]], None] | None = None
+    needs_adapters: bool = False
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")
@@ -211,6 +221,8 @@ def _inject(
             name=name, grad=grads.pop(name, None), skip=skip_init, extra={"shared": shared}, config=layer_cfgs[name]
         )
         current = model.get_submodule(name)
+        held = layers_of(current) if isinstance(current, AdapterLayer | AdapterStack) else {}
+        ctx.extra.update(adapter=adapter_name, held=held)
         layer = spec.layer_cls(lin, layer_cfgs[name], ctx)
         layer.adapter_name = adapter_name
         if isinstance(current, AdapterStack):
@@ -314,6 +326,8 @@ def adapt(
         check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
     _check_stacking(model, spec, found, layer_cfgs, name)
+    if spec.check_model is not None and not _skip_init:
+        spec.check_model(model, cfg, [n for n, _ in found])
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found]
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
