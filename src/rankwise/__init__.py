@@ -11,12 +11,13 @@ from .adapters import (
     adapter_state,
     batch_adapters,
     delete_adapter,
-    eigenlorax,
     get_method,
     lori_masks,
     merge_adapters,
     set_active,
 )
+from .adapters.eigenlorax import eigenlorax
+from .adapters.meteora import meteora
 from .adapters.ops import (
     adapters_disabled,
     disable_adapters,
@@ -59,6 +60,7 @@ __all__ = [
     "merge",
     "merge_adapters",
     "merge_and_unload",
+    "meteora",
     "optim",
     "quantize",
     "save_adapter",

@@ -14,13 +14,13 @@ from . import bone  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 from . import lori  # noqa: F401
 from . import eigenlorax  # noqa: F401
+from . import meteora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters
 from .dsee import HEAD_SCORES, DSEEConfig, DSEELayer, dsee_support
 from .init import InitContext
 from .lora import LoRALayer
-from .eigenlorax import eigenlorax
 from .lori import lori_masks
 from .named import AdapterStack, batch_adapters
 from .ops import active_adapters, delete_adapter, merge_and_unload, set_active
@@ -38,7 +38,7 @@ from .registry import (
 __all__ = [
     "HEAD_SCORES", "REGISTRY", "AdapterConfig", "AdapterLayer", "AdapterStack", "DSEEConfig", "DSEELayer",
     "InitContext", "LoRALayer", "MethodSpec", "active_adapters", "adapt", "adapter_layers", "adapter_names",
-    "adapter_state", "batch_adapters", "delete_adapter", "dsee_support", "eigenlorax", "get_method", "lora_from_factors",
+    "adapter_state", "batch_adapters", "delete_adapter", "dsee_support", "get_method", "lora_from_factors",
     "lori_masks", "merge_adapters",
     "merge_and_unload", "register", "set_active",
 ]
