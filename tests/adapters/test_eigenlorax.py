@@ -87,7 +87,7 @@ def test_a_source_in_the_span_is_reproduced_exactly_by_its_projection(source, ps
     rw.eigenlorax(model, n_components=3, n_pseudo=pseudo, r=2, init_from=source, alpha=4)
     for target, layer in rw.adapter_layers(model, "eigenlorax"):
         error = (layer.delta_weight() - reference[target]).norm() / reference[target].norm()
-        assert error < 1e-6, (target, float(error))  # fp32 rounding
+        assert error < 1e-4, (target, float(error))  # fp32 rounding (K = 2 misses by > 1e-2)
     torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=0)
 
 

@@ -134,7 +134,7 @@ def test_merge_and_peft_export_are_refused_but_mixed_batches_and_save_load_work(
         rw.merge(model)
     with pytest.raises(ValueError, match="no fixed ΔW"):
         rw.merge_and_unload(copy.deepcopy(model))
-    with pytest.raises(ValueError, match="cannot be written as a PEFT LoRA pair"):
+    with pytest.raises(ValueError, match="method 'meteora' cannot be exported to PEFT"):
         rw.export_peft(model, tmp_path / "p", name="meteora")
     assert not (tmp_path / "p").exists()
     names = ["meteora", "t1", None]
@@ -160,6 +160,7 @@ def test_bad_input_is_refused_before_the_model_changes():
         (dict(experts=["t1", "t2"], top_k=0), "top_k"),
         (dict(experts=["t1", "t1"]), "twice"),
         (dict(experts=[]), "non-empty list"),
+        (dict(experts=None), "meteora needs experts"),
         (dict(experts=["t1", "t3"], r=2), "rank 4"),
         (dict(experts=["t1", "t2"], r=4, targets=["o_proj"]), "is not on layer 'model.layers.0.self_attn.o_proj'"),
     ]

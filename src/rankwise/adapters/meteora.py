@@ -33,14 +33,17 @@ from .registry import MethodSpec, adapt, adapter_layers, adapter_names, adapter_
 @dataclass
 class MeteoRAConfig(AdapterConfig):
     """``experts``: the names of the LoRA adapters (on the model when adapting) that become the
-    experts, in gate order; ``top_k``: experts per token; ``r``: the rank slot, at least every
-    expert's rank (``rw.meteora`` sets it to the largest)."""
+    experts, in gate order (required by ``rw.adapt``); ``top_k``: experts per token; ``r``: the rank
+    slot, at least every expert's rank (``rw.meteora`` sets it to the largest)."""
 
     experts: list[str] | None = None
     top_k: int = 2
 
     def validate(self) -> None:
         super().validate()
+        if self.experts is None:  # required by rw.adapt (check_experts), not by the config itself
+            integer("top_k", self.top_k, 1)
+            return
         if (not isinstance(self.experts, list | tuple) or not self.experts
                 or not all(isinstance(n, str) for n in self.experts)):
             raise ValueError(f"experts={self.experts!r} must be a non-empty list of adapter names (the LoRA "
@@ -61,7 +64,7 @@ class MeteoRALayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, config: MeteoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        e, r, dtype, device = len(config.experts), config.r, self.adapter_dtype, self.base_weight.device
+        e, r, dtype, device = len(config.experts or ()), config.r, self.adapter_dtype, self.base_weight.device
         self.top_k = config.top_k
         self.register_buffer("meteora_A", torch.zeros(e, r, self.in_features, dtype=dtype, device=device))
         self.register_buffer("meteora_B", torch.zeros(e, self.out_features, r, dtype=dtype, device=device))
@@ -117,6 +120,9 @@ def check_experts(model: nn.Module, config: MeteoRAConfig, targets: list[str]) -
     """Before the model changes: every expert is an adapter on the model holding LoRA factors of rank
     <= r on every target."""
     known = adapter_names(model)
+    if config.experts is None:
+        raise ValueError(f"meteora needs experts=[...]: the LoRA adapters that become its experts (the model's "
+                         f"adapters are {known}); rw.meteora(model) takes all of them")
     unknown = [n for n in config.experts if n not in known]
     if unknown:
         raise ValueError(f"experts: unknown adapter(s) {unknown}; the model's adapters are {known}")
@@ -168,7 +174,8 @@ register(
         "Xu et al. 2024, MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models",
         MeteoRAConfig,
         MeteoRALayer,
-        export="unmergeable",
+        export="none",
+        mergeable=False,
         summary="the model's LoRA adapters as frozen experts of a per-layer, per-token top-k gate "
                 "softmax(TopK(W_g x)); only W_g trains",
         check_model=check_experts,

@@ -18,10 +18,8 @@ from .gradients import estimate_gradients
 from .init import InitContext
 from .named import AdapterStack, install_batch_hook, layers_of, target_modules
 
-# what export_peft writes for a method: a LoRA / DoRA pair, nothing ("none": merge only), or nothing at all
-# ("unmergeable": an input-dependent delta, e.g. MeteoRA's per-token routing, has no fixed ΔW to merge)
-EXPORTS = ("lora", "dora", "none", "unmergeable")
-_CATALOGUE_EXPORTS = {"lora": "peft-lora", "dora": "peft-dora", "none": "merge", "unmergeable": "none"}
+EXPORTS = ("lora", "dora", "none")  # what export_peft writes for a method
+_CATALOGUE_EXPORTS = {"lora": "peft-lora", "dora": "peft-dora", "none": "merge"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,9 @@ class MethodSpec:
     from ``ctx.extra["held"]`` (``{adapter name: layer}`` of the target); ``check_model(model, config,
     layer names)`` runs before ``adapt`` changes anything (a ValueError leaves the model as it was).
     ``needs_adapters``: ``adapt`` on a model without such adapters is an error (so the generic test
-    matrices, which adapt a bare model, leave the method out)."""
+    matrices, which adapt a bare model, leave the method out). ``mergeable=False`` (with
+    ``export="none"``): the delta depends on the input (MeteoRA's routing), there is no ΔW to merge
+    either, and the catalogue says the result exports to nothing."""
 
     name: str
     family: str
@@ -48,6 +48,7 @@ class MethodSpec:
     api: str = "adapt"
     check_model: Callable[[nn.Module, AdapterConfig, list[str]], None] | None = None
     needs_adapters: bool = False
+    mergeable: bool = True
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")
@@ -72,7 +73,7 @@ def register(spec: MethodSpec) -> MethodSpec:
     checks.choice("api", spec.api, ("adapt", "compress"))
     catalogue.register(catalogue.MethodRecord(
         spec.name, spec.family, spec.paper, spec.summary, api=spec.api, config=spec.config_cls,
-        builder=_builder(spec), exports=_CATALOGUE_EXPORTS[spec.export], spec=spec,
+        builder=_builder(spec), exports=_CATALOGUE_EXPORTS[spec.export] if spec.mergeable else "none", spec=spec,
     ))
     return spec
 
