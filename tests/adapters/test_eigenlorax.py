@@ -168,5 +168,5 @@ def test_bad_input_is_refused_before_the_model_changes():
         assert rw.adapter_names(model) == before
     with pytest.raises(ValueError, match="is not on layer"):
         rw.adapt(model, "eigenlorax", targets=["o_proj"], name="e", sources=["t1"], r=2)
-    with pytest.raises(ValueError, match="needs source adapters"):
+    with pytest.raises(ValueError, match="eigenlorax needs LoRA adapters"):
         rw.eigenlorax(make_tiny_llama(0))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,9 +32,8 @@ from ..rng import layer_generator
 from ..targets import matrix_shape
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .named import AdapterStack, layers_of
-from .ops import set_active
-from .registry import MethodSpec, adapt, adapter_names, adapter_state, register
+from .registry import MethodSpec, adapter_names, register
+from .sources import adapt_from_sources, check_sources_on, held_at
 
 COEF_INITS = ("zero", "uniform")
 
@@ -177,28 +177,18 @@ class EigenLoRAxLayer(AdapterLayer):
 
 
 def check_sources(model: nn.Module, config: EigenLoRAxConfig, targets: list[str]) -> None:
-    """Before the model changes: the named sources exist, hold LoRA factors on every target, ``init_from``
-    is one of them with rank r, and K + P fits every target's dimensions."""
-    known = adapter_names(model)
-    names = config.sources if config.sources is not None else known
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"sources: unknown adapter(s) {unknown}; the model's adapters are {known}")
+    """Before the model changes: the named sources hold LoRA factors on every target, ``init_from`` is one
+    of them with rank r there, and K + P fits every target's dimensions."""
+    names = config.sources if config.sources is not None else adapter_names(model)
     if config.init_from is not None and config.init_from not in names:
         raise ValueError(f"init_from={config.init_from!r} must be one of the sources {names}")
+    check_sources_on(model, config.sources or [], targets, "sources", "eigenlorax")
     for target in targets:
         limit = min(matrix_shape(model.get_submodule(target)))
         if config.size > limit:
             raise ValueError(f"n_components + n_pseudo = {config.size} exceeds min(in, out) = {limit} of '{target}'")
-        module = model.get_submodule(target)
-        held = layers_of(module) if isinstance(module, AdapterLayer | AdapterStack) else {}
-        for name in config.sources or []:
-            if name not in held:
-                raise ValueError(f"source adapter {name!r} is not on layer '{target}'; adapt eigenlorax on the "
-                                 f"layers the sources adapt (e.g. targets={adapter_state(model, name).layers[:3]}...)")
-            if held[name].factors_from_original() is None:
-                raise ValueError(f"source adapter {name!r} ({held[name].method}) has no LoRA factors on '{target}'")
         if config.init_from is not None:
+            held = held_at(model, target)
             f = balanced_factors(held[config.init_from]) if config.init_from in held else None
             if f is None or f[1].shape[0] != config.r:
                 rank = None if f is None else f[1].shape[0]
@@ -208,20 +198,11 @@ def check_sources(model: nn.Module, config: EigenLoRAxConfig, targets: list[str]
 
 def eigenlorax(
     model: nn.Module, sources: list[str] | None = None, *, name: str = "eigenlorax", targets: list[str] | None = None,
-    **config,
+    **config: Any,
 ) -> nn.Module:
-    """``rw.adapt(model, "eigenlorax", ...)`` on the layers the ``sources`` adapt (all the model's adapters
-    when None); the sources stay on the model, inactive and frozen (``rw.set_active``)."""
-    names = adapter_names(model) if sources is None else list(sources)
-    if not names:
-        raise ValueError("eigenlorax needs source adapters on the model (rw.adapt LoRA adapters first)")
-    for n in names:
-        adapter_state(model, n)
-    if targets is None:
-        targets = sorted({layer for n in names for layer in adapter_state(model, n).layers})
-    adapt(model, "eigenlorax", targets=targets, name=name, sources=names, **config)
-    set_active(model, name)
-    return model
+    """``rw.adapt(model, "eigenlorax", sources=..., ...)`` on the layers every source adapts (``sources``
+    None: all the model's adapters); the sources stay on the model, inactive and frozen (``rw.set_active``)."""
+    return adapt_from_sources(model, "eigenlorax", sources, "sources", name=name, targets=targets, **config)
 
 
 register(

@@ -16,6 +16,7 @@ depends on the input, so there is no ΔW: merging and PEFT export are refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,8 @@ from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .named import AdapterStack, layers_of
-from .ops import set_active
-from .registry import MethodSpec, adapt, adapter_layers, adapter_names, adapter_state, register
+from .registry import MethodSpec, adapter_layers, adapter_names, register
+from .sources import adapt_from_sources, check_sources_on, held_at
 
 
 @dataclass
@@ -119,52 +119,32 @@ class MeteoRALayer(AdapterLayer):
 def check_experts(model: nn.Module, config: MeteoRAConfig, targets: list[str]) -> None:
     """Before the model changes: every expert is an adapter on the model holding LoRA factors of rank
     <= r on every target."""
-    known = adapter_names(model)
     if config.experts is None:
         raise ValueError(f"meteora needs experts=[...]: the LoRA adapters that become its experts (the model's "
-                         f"adapters are {known}); rw.meteora(model) takes all of them")
-    unknown = [n for n in config.experts if n not in known]
-    if unknown:
-        raise ValueError(f"experts: unknown adapter(s) {unknown}; the model's adapters are {known}")
+                         f"adapters are {adapter_names(model)}); rw.meteora(model) takes all of them")
+    check_sources_on(model, config.experts, targets, "experts", "meteora")
     for target in targets:
-        module = model.get_submodule(target)
-        held = layers_of(module) if isinstance(module, AdapterLayer | AdapterStack) else {}
-        for name in config.experts:
-            if name not in held:
-                raise ValueError(f"expert adapter {name!r} is not on layer '{target}'; adapt meteora on the layers "
-                                 f"all its experts adapt (rw.meteora does)")
-            f = held[name].factors_from_original()
-            if f is None:
-                raise ValueError(f"expert adapter {name!r} ({held[name].method}) has no LoRA factors on '{target}'")
-            if f[1].shape[0] > config.r:
-                raise ValueError(f"expert adapter {name!r} has rank {f[1].shape[0]} on '{target}', above the slot "
-                                 f"r={config.r}; pass r >= the largest expert rank")
+        for name, layer in held_at(model, target).items():
+            rank = layer.factors_from_original()[1].shape[0] if name in config.experts else 0
+            if rank > config.r:
+                raise ValueError(f"expert adapter {name!r} has rank {rank} on '{target}', above the slot r={config.r}; "
+                                 "pass r >= the largest expert rank")
 
 
 def meteora(
     model: nn.Module, experts: list[str] | None = None, *, top_k: int = 2, name: str = "meteora",
-    targets: list[str] | None = None, **config,
+    targets: list[str] | None = None, **config: Any,
 ) -> nn.Module:
     """``rw.adapt(model, "meteora", experts=...)`` on the layers every expert adapts, with r the largest
     expert rank; the experts stay on the model, inactive and frozen, and only the gate trains
     (``rw.set_active(model, name)``). ``experts`` None: every adapter on the model."""
-    names = adapter_names(model) if experts is None else list(experts)
-    if not names:
-        raise ValueError("meteora needs LoRA adapters on the model to use as experts (rw.adapt them first)")
-    for n in names:
-        adapter_state(model, n)
-    if targets is None:
-        layer_sets = [set(adapter_state(model, n).layers) for n in names]
-        targets = sorted(set.intersection(*layer_sets))
-        if not targets:
-            raise ValueError(f"the experts {names} share no adapted layer")
     if "r" not in config:
-        ranks = [f[1].shape[0] for n in names for _, layer in adapter_layers(model, n)
+        names = adapter_names(model) if experts is None else list(experts)
+        ranks = [f[1].shape[0] for n in names if n in adapter_names(model) for _, layer in adapter_layers(model, n)
                  if (f := layer.factors_from_original()) is not None]
         config["r"] = max(ranks, default=1)
-    adapt(model, "meteora", targets=targets, name=name, experts=names, top_k=top_k, **config)
-    set_active(model, name)
-    return model
+    return adapt_from_sources(model, "meteora", experts, "experts", name=name, targets=targets, top_k=top_k,
+                              **config)
 
 
 register(
