@@ -141,6 +141,10 @@ def test_bad_input_names_the_parameter():
         rw.lori_masks(model, 1.5)
     with pytest.raises(ValueError, match="scope"):
         rw.lori_masks(model, 0.5, scope="row")
+    rw.merge(model)
+    with pytest.raises(ValueError, match="is merged"):
+        rw.lori_masks(model, 0.5)
+    rw.unmerge(model)
     rw.adapt(model, "lora", r=RANK, name="plain")
     with pytest.raises(ValueError, match="needs a 'lori' adapter"):
         rw.lori_masks(model, 0.5, name="plain")

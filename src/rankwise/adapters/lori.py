@@ -25,6 +25,7 @@ from ..checks import choice, fraction, positive
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
+from .named import target_modules
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 MASK_SCOPES = ("model", "matrix")  # where lori_masks ranks |B|: over the whole adapter, or per matrix
@@ -106,6 +107,8 @@ def lori_masks(
     if state.method != "lori":
         raise ValueError(f"lori_masks needs a 'lori' adapter; adapter {state.name!r} is '{state.method}'")
     layers = [(t, layer) for t, layer in adapter_layers(model, state.name) if isinstance(layer, LoRILayer)]
+    if any(m.merged for _, m in target_modules(model)):
+        raise ValueError(f"adapter {state.name!r} is merged; call rw.unmerge(model) before lori_masks")
     scores = [layer.lori_B.detach().abs().float().flatten() for _, layer in layers]
     if scope == "model":
         keep = _keep_top(torch.cat(scores), density).split([s.numel() for s in scores])
