@@ -25,7 +25,7 @@ KINDS = {
 }
 # qlora / loftq: over a 4-bit base, exported in tests/adapters/test_qlora.py
 EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export in ("lora", "dora") and s.family != "quantization")
-NOT_EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export == "none")
+NOT_EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export == "none" and not s.needs_adapters)
 # exportable LoRA-layer methods, whose ``init`` selects a LoRA-shaped init (lora, rslora, dora, pissa, ...)
 WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer)]
 

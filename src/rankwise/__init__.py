@@ -15,9 +15,12 @@ from .adapters import (
     ensemble_probs,
     get_method,
     lora_ensemble,
+    lori_masks,
     merge_adapters,
     set_active,
 )
+from .adapters.eigenlorax import eigenlorax
+from .adapters.meteora import meteora
 from .adapters.ops import (
     adapters_disabled,
     disable_adapters,
@@ -51,6 +54,7 @@ __all__ = [
     "compression",
     "delete_adapter",
     "disable_adapters",
+    "eigenlorax",
     "enable_adapters",
     "ensemble_batch",
     "ensemble_probs",
@@ -60,9 +64,11 @@ __all__ = [
     "load_adapter",
     "load_adapters",
     "lora_ensemble",
+    "lori_masks",
     "merge",
     "merge_adapters",
     "merge_and_unload",
+    "meteora",
     "optim",
     "quantize",
     "save_adapter",

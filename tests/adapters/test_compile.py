@@ -20,7 +20,7 @@ from ..conftest import cls_batches, make_tiny_bert
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
 # not start at the full-precision base, which this matrix checks
-METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization")
+METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 DEFAULT = ["dora", "lora", "vera"]
 EVERY = [m if m in DEFAULT else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
 

@@ -24,7 +24,7 @@ from rankwise.adapters.base import AdapterLayer
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
 # not start at the full-precision base, which this matrix checks
-METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization")
+METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 EXPORTABLE = sorted(n for n in METHODS if rw.REGISTRY[n].export in ("lora", "dora"))
 RANK = 4
 KINDS = {"lm": GPT2LMHeadModel, "cls": GPT2ForSequenceClassification}

@@ -16,8 +16,9 @@ from ..conftest import MODEL_KINDS, lm_batches, make_tiny_llama
 from .peft_pairs import _close, _train
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
-# not start at the full-precision base, which this matrix checks
-METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization")
+# not start at the full-precision base, which this matrix checks; methods built from the model's adapters
+# (needs_adapters: MeteoRA) cannot adapt a bare model and have their own tests
+METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 RANK = 4
 # trained (not only randomized) before the round trip: the methods with PEFT parity tests of their own
 MY_METHODS = ["dora", "vera", "randlora", "bone"]

@@ -15,7 +15,7 @@ from ..conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
 # not start at the full-precision base, which this matrix checks
-METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization")
+METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 RANK = 4
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,6 +12,9 @@ from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
+from . import lori  # noqa: F401
+from . import eigenlorax  # noqa: F401
+from . import meteora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)
@@ -19,6 +22,7 @@ from .dsee import HEAD_SCORES, DSEEConfig, DSEELayer, dsee_support
 from .ensembles import ensemble_batch, ensemble_probs, lora_ensemble  # (registers lora_ensembles)
 from .init import InitContext
 from .lora import LoRALayer
+from .lori import lori_masks
 from .named import AdapterStack, batch_adapters
 from .ops import active_adapters, delete_adapter, merge_and_unload, set_active
 from .registry import (
@@ -36,6 +40,6 @@ __all__ = [
     "HEAD_SCORES", "REGISTRY", "AdapterConfig", "AdapterLayer", "AdapterStack", "DSEEConfig", "DSEELayer",
     "InitContext", "LoRALayer", "MethodSpec", "active_adapters", "adapt", "adapter_layers", "adapter_names",
     "adapter_state", "batch_adapters", "delete_adapter", "dsee_support", "ensemble_batch", "ensemble_probs",
-    "get_method", "lora_ensemble", "lora_from_factors", "merge_adapters",
+    "get_method", "lora_ensemble", "lora_from_factors", "lori_masks", "merge_adapters",
     "merge_and_unload", "register", "set_active",
 ]

@@ -27,7 +27,15 @@ class MethodSpec:
     """One adapter method, as the adapter package registers it in the catalogue: its family, paper
     and one-line mechanism (``summary``), a layer class, its config class and config defaults.
     ``api`` is the method's entry point: ``"adapt"``, or ``"compress"`` for a method whose adapter
-    layer is one stage of a compression pipeline (DSEE)."""
+    layer is one stage of a compression pipeline (DSEE).
+
+    Methods built from the adapters already on the model (EigenLoRAx, MeteoRA) read them per layer
+    from ``ctx.extra["held"]`` (``{adapter name: layer}`` of the target); ``check_model(model, config,
+    layer names)`` runs before ``adapt`` changes anything (a ValueError leaves the model as it was).
+    ``needs_adapters``: ``adapt`` on a model without such adapters is an error (so the generic test
+    matrices, which adapt a bare model, leave the method out). ``mergeable=False`` (with
+    ``export="none"``): the delta depends on the input (MeteoRA's routing), there is no ΔW to merge
+    either, and the catalogue says the result exports to nothing."""
 
     name: str
     family: str
@@ -38,6 +46,9 @@ class MethodSpec:
     export: str = "lora"
     summary: str = ""
     api: str = "adapt"
+    check_model: Callable[[nn.Module, AdapterConfig, list[str]], None] | None = None
+    needs_adapters: bool = False
+    mergeable: bool = True
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")
@@ -62,7 +73,7 @@ def register(spec: MethodSpec) -> MethodSpec:
     checks.choice("api", spec.api, ("adapt", "compress"))
     catalogue.register(catalogue.MethodRecord(
         spec.name, spec.family, spec.paper, spec.summary, api=spec.api, config=spec.config_cls,
-        builder=_builder(spec), exports=_CATALOGUE_EXPORTS[spec.export], spec=spec,
+        builder=_builder(spec), exports=_CATALOGUE_EXPORTS[spec.export] if spec.mergeable else "none", spec=spec,
     ))
     return spec
 
@@ -211,6 +222,8 @@ def _inject(
             name=name, grad=grads.pop(name, None), skip=skip_init, extra={"shared": shared}, config=layer_cfgs[name]
         )
         current = model.get_submodule(name)
+        held = layers_of(current) if isinstance(current, AdapterLayer | AdapterStack) else {}
+        ctx.extra.update(adapter=adapter_name, held=held)
         layer = spec.layer_cls(lin, layer_cfgs[name], ctx)
         layer.adapter_name = adapter_name
         if isinstance(current, AdapterStack):
@@ -314,6 +327,8 @@ def adapt(
         check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
     _check_stacking(model, spec, found, layer_cfgs, name)
+    if spec.check_model is not None and not _skip_init:
+        spec.check_model(model, cfg, [n for n, _ in found])
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found]
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
