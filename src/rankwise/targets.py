@@ -253,6 +253,44 @@ def find_targets(
     return found
 
 
+def find_parameters(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(module name, module, [parameter names])`` for every module holding a 3-D parameter (MoE experts,
+    stored (experts, out, in), or (experts, in, out) when the module has ``is_transposed``) selected by
+    ``names``: ``f"{module}.{parameter}"`` equals an entry or ends with ``"." + entry`` (PEFT's
+    ``target_parameters``). The parameters keep the module's registration order.
+
+    Raises ``ValueError`` when ``names`` is not a non-empty list of strings, when nothing matches, or when
+    a match is not 3-D or lies in a classification head."""
+    if isinstance(names, str) or not isinstance(names, list | tuple) or not names or not all(
+        isinstance(n, str) and n for n in names
+    ):
+        raise ValueError(
+            f"target_parameters={names!r} must be a non-empty list of parameter names or suffixes, e.g. "
+            "['experts.gate_up_proj', 'experts.down_proj']"
+        )
+    classifiers = {h for h in head_module_names(model) if set(h.split(".")) & set(CLASSIFIER_NAMES)}
+    found: list[tuple[str, nn.Module, list[str]]] = []
+    for module_name, module in base_modules(model):
+        hits = [p for p, _ in module.named_parameters(recurse=False) if name_matches(f"{module_name}.{p}", names)]
+        for p in hits:
+            shape = tuple(getattr(module, p).shape)
+            if len(shape) != 3 or _under_head(module_name, classifiers):
+                why = f"has shape {shape}; only 3-D (experts, out, in) parameters" if len(shape) != 3 else (
+                    "is part of the classification head; no head parameter")
+                raise ValueError(f"target_parameters={list(names)!r} matched '{module_name}.{p}', which {why} "
+                                 "can be targeted")
+        if hits:
+            found.append((module_name, module, hits))
+    if not found:
+        examples = [f"{n}.{p}" for n, m in base_modules(model) for p, t in m.named_parameters(recurse=False)
+                    if t.dim() == 3][:4]
+        raise ValueError(
+            f"target_parameters={list(names)!r} matched no parameter; 3-D parameters of this model look like "
+            f"{examples or 'nothing (it has none)'}"
+        )
+    return found
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """Return (parent module, attribute name) for the dotted module ``name``."""
     parent_name, _, child = name.rpartition(".")
