@@ -200,6 +200,10 @@ def _export_tensors(
         if isinstance(layer, ExpertLoRALayer):
             _export_experts(layer, name, tensors, ranks, alphas, use_rslora)
             continue
+        module_state = layer.peft_module_state()
+        if module_state is not None:  # a modules_to_save copy of the base module (AdaBN statistics)
+            tensors.update({f"{PREFIX}{name}.{key}": t.detach() for key, t in module_state.items()})
+            continue
         _check_dilation(layer.base_layer, name, "export_peft")
         b, a, s = _export_pair(layer, name, dora=dora)
         r = a.shape[0]
@@ -243,10 +247,10 @@ def _peft_config(
 ) -> dict[str, Any]:
     """``adapter_config.json``: the most common (rank, alpha) pair as ``r`` / ``lora_alpha``, the other
     layers' values in ``rank_pattern`` / ``alpha_pattern``."""
-    saved = list(state.trainable_modules)
+    layers = adapter_layers(model, state.name)
+    saved = list(state.trainable_modules) + [n for n, layer in layers if layer.peft_module_state() is not None]
     (r, lora_alpha), _ = Counter((ranks[n], alphas[n]) for n in ranks).most_common(1)[0]
-    experts = [f"{n}.{p}" for n, layer in adapter_layers(model, state.name) if isinstance(layer, ExpertLoRALayer)
-               for p in layer.parameter_names]
+    experts = [f"{n}.{p}" for n, layer in layers if isinstance(layer, ExpertLoRALayer) for p in layer.parameter_names]
     modules = [n for n in ranks if n not in experts]
     name_or_path = base_model_name_or_path
     if name_or_path is None:
@@ -268,7 +272,7 @@ def _peft_config(
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != lora_alpha},
         "bias": "none",
-        "fan_in_fan_out": any(layer.base_transposed for _, layer in adapter_layers(model, state.name)),
+        "fan_in_fan_out": any(layer.base_transposed for _, layer in layers),
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,

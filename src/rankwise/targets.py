@@ -4,6 +4,7 @@ Target conventions (the same as PEFT's ``target_modules``):
 
 * ``"all-linear"``: every linear layer except the output head(s): ``nn.Linear`` and transformers'
   ``Conv1D`` (GPT-2's projections, a linear map whose weight is stored transposed, (in, out));
+* ``"all-conv"``: every ``nn.Conv1d`` / ``nn.Conv2d`` outside the output head(s) (adapters only);
 * a ``str``: a regular expression that must match the *full* module name;
 * a list/tuple of ``str``: a module matches when its name equals an entry or ends with ``"." + entry``.
 """
@@ -21,6 +22,7 @@ from torch import nn
 from .layout import CLASSIFIER_NAMES, head_module_names
 
 ALL_LINEAR = "all-linear"
+ALL_CONV = "all-conv"  # every nn.Conv1d / nn.Conv2d (adapters only: find_targets(layer_types=True))
 
 Targets = str | Sequence[str]
 
@@ -195,6 +197,15 @@ def find_targets(
     def wanted(m: nn.Module) -> bool:
         return linear(m) or (layer_types and layer_kind(m) is not None)
 
+    if isinstance(targets, str) and targets == ALL_CONV:
+        heads = head_module_names(model)
+        convs = [(n, m) for n, m in base_modules(model) if layer_kind(m) == "conv" and not _under_head(n, heads)]
+        if not layer_types or not convs:
+            what = "no nn.Conv1d / nn.Conv2d module outside the output head" if layer_types else (
+                "convolutions, which only adapters (rw.adapt) target")
+            raise ValueError(f"targets='all-conv' selects {what}; use 'all-linear', a list of name suffixes, or a "
+                             "full-match regex")
+        return convs
     if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
             re.compile(targets)

@@ -172,6 +172,18 @@ class AdapterLayer(nn.Module):
         for this method with ``config``, or None when the method's math does not apply to them."""
         return None
 
+    @classmethod
+    def companions(cls, model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
+        """``(module name, module, layer class)`` for the layers the method adapts beside its targets,
+        found again on every ``rw.adapt`` / ``load_adapter`` (ConvLoRA: AdaBN statistics for every
+        BatchNorm); they are not listed among the adapter's target layers."""
+        return []
+
+    def peft_module_state(self) -> dict[str, torch.Tensor] | None:
+        """The base module's state as the adapter changes it, when PEFT can hold the adapter only as a
+        ``modules_to_save`` copy of that module (ConvLoRA's AdaBN statistics), else None."""
+        return None
+
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW with the base weight's shape (out, in)."""
         raise NotImplementedError

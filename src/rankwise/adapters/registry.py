@@ -281,6 +281,16 @@ def _experts(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig) -> Experts:
     return found
 
 
+def _companions(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig) -> list[tuple[str, nn.Module, type]]:
+    """The method's layers beside its targets (``AdapterLayer.companions``), checked to hold no adapter yet."""
+    found = spec.layer_cls.companions(model, cfg)
+    for module_name, _, _ in found:
+        if isinstance(model.get_submodule(module_name), AdapterLayer | AdapterStack):
+            raise ValueError(f"method '{spec.name}' adapts '{module_name}', which already holds an adapter "
+                             "(delete it first with rw.delete_adapter)")
+    return found
+
+
 def _module_targets(targets: Targets | None, experts: Experts) -> Targets | None:
     """``targets`` without the experts modules (a saved adapter lists them among its layers); None when
     nothing is left beside ``target_parameters`` (``targets=[]`` or None selects no module)."""
@@ -384,6 +394,7 @@ def adapt(
     }
     for n, module, parameters in experts:
         check_expert_config(expert_cfgs[n], n, module, parameters)
+    companions = _companions(model, spec, cfg)
     for n, module in found:  # the method supports every target's layer type, before anything changes
         check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
@@ -393,6 +404,10 @@ def adapt(
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
     _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init, name)
     _inject_experts(model, spec, experts, expert_cfgs, _skip_init, name)
+    for module_name, module, layer_cls in companions:
+        layer = layer_cls(module, cfg, InitContext(name=module_name, skip=_skip_init, config=cfg))
+        layer.adapter_name = name
+        replace_module(model, module_name, layer)
     for full in trainable_names:
         for p in model.get_submodule(full).parameters():
             p.requires_grad_(True)
