@@ -118,14 +118,20 @@ def test_adabn_statistics_follow_the_momentum_rule(adabn, momentum):
     assert torch.equal(source.running_mean, layer.base_layer.running_mean)  # the source statistics kept
 
 
-def test_eval_uses_target_statistics_merge_and_disable():
-    base = source_model()
-    model = rw.adapt(copy.deepcopy(base), "convlora", targets="all-conv", r=1)
+def adapted_on_target(base: nn.Module, **options) -> nn.Module:
+    """A ConvLoRA copy of ``base`` after an AdaBN pass on target data, with random B (a trained-looking ΔW)."""
+    model = rw.adapt(copy.deepcopy(base), "convlora", targets="all-conv", **options)
     adabn_pass(model, target_batches(2))
     with torch.no_grad():
         for _, layer in rw.adapter_layers(model):
             if hasattr(layer, "lora_B"):
                 layer.lora_B.normal_(0, 0.1)
+    return model
+
+
+def test_eval_uses_target_statistics_merge_and_disable():
+    base = source_model()
+    model = adapted_on_target(base, r=1)
     x = target_batches(1)[0]
     out = model(x)
     expected = copy.deepcopy(base)  # the source model with the target statistics and W + s·B·A written in
@@ -151,12 +157,7 @@ def test_save_load_and_peft_export(tmp_path):
     from peft import PeftModel
 
     base = source_model()
-    model = rw.adapt(copy.deepcopy(base), "convlora", targets="all-conv", r=2, alpha=4)
-    adabn_pass(model, target_batches(2))
-    with torch.no_grad():
-        for _, layer in rw.adapter_layers(model):
-            if hasattr(layer, "lora_B"):
-                layer.lora_B.normal_(0, 0.1)
+    model = adapted_on_target(base, r=2, alpha=4)
     x = target_batches(1)[0]
     out = model(x)
     rw.save_adapter(model, tmp_path / "a")

@@ -483,6 +483,25 @@ class AdapterLayer(nn.Module):
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}{base}"
 
 
+class KeepsBaseLayer(AdapterLayer):
+    """An adapter layer whose ``unmerge`` exactly undoes ``merge`` and that never moves anything out of its
+    base (per-expert LoRA on 3-D parameters, AdaBN statistics): ``unload`` is unmerge + the base module,
+    ``merged_linear`` merge + the base module, and loading needs no after-step."""
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        self.unmerge()
+        return self.base_layer
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Module:
+        self.merge()
+        return self.base_layer
+
+    def after_load(self) -> None:
+        """Nothing moves out of the base."""
+
+
 def check_base(
     cls: type[AdapterLayer], config: AdapterConfig, base_layer: nn.Module, name: str = "", method: str | None = None
 ) -> str:

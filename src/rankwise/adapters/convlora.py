@@ -35,7 +35,7 @@ from torch import nn
 from ..batches import call_model
 from ..checks import choice, fraction
 from ..targets import base_modules
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, KeepsBaseLayer
 from .init import InitContext
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, register
@@ -64,7 +64,7 @@ def batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-class AdaBNLayer(AdapterLayer):
+class AdaBNLayer(KeepsBaseLayer):
     """A frozen BatchNorm with target-domain running statistics of its own (AdaBN): the forward is the
     BatchNorm with ``running_mean`` / ``running_var`` of this layer (batch statistics and an update of
     them in training mode, as ``nn.BatchNorm``), the base's frozen γ, β and eps. No trainable parameter."""
@@ -117,19 +117,6 @@ class AdaBNLayer(AdapterLayer):
         if self.merged:
             self._swap()
             self.merged = False
-
-    def unload(self) -> nn.Module:
-        """The BatchNorm with its source statistics."""
-        self.unmerge()
-        return self.base_layer
-
-    def merged_linear(self) -> nn.Module:
-        """The BatchNorm with the target statistics."""
-        self.merge()
-        return self.base_layer
-
-    def after_load(self) -> None:
-        """Nothing moves out of the base."""
 
     def peft_module_state(self) -> dict[str, torch.Tensor]:
         """The BatchNorm's state with the target statistics (PEFT holds it as a ``modules_to_save`` copy)."""

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterLayer
+from .base import KeepsBaseLayer
 
 if TYPE_CHECKING:
     from .init import InitContext
@@ -53,7 +53,7 @@ def check_expert_config(config: Any, name: str, module: nn.Module, parameters: l
                              f"'{name}.{p}'; choose r <= {limit}")
 
 
-class ExpertLoRALayer(AdapterLayer):
+class ExpertLoRALayer(KeepsBaseLayer):
     """One LoRA pair per expert for each targeted 3-D parameter of an experts module: ``lora_A[p]``
     (E, r, in), ``lora_B[p]`` (E, out, r); ΔW_p[e] = s·B[e]·A[e]. A starts as ``nn.Linear``'s init
     (U(±1/√in), per parameter and layer seed), B = 0, so the model starts unchanged."""
@@ -127,20 +127,6 @@ class ExpertLoRALayer(AdapterLayer):
             for p, d in self.delta_weights().items():
                 getattr(self.base_layer, p).sub_(d)
             self.merged = False
-
-    @torch.no_grad()
-    def unload(self) -> nn.Module:
-        self.unmerge()
-        return self.base_layer
-
-    @torch.no_grad()
-    def merged_linear(self) -> nn.Module:
-        self.merge()
-        return self.base_layer
-
-    @torch.no_grad()
-    def after_load(self) -> None:
-        """Nothing moves out of the base."""
 
     def trainable_count(self) -> int:
         return sum(a.numel() + b.numel() for a, b in zip(self.lora_A.values(), self.lora_B.values(), strict=True))
