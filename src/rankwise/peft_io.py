@@ -31,6 +31,17 @@ otherwise), and the import accepts either value: the factors mean the same (out,
 (r, in, *k) (the base's kernel, stride and padding), ``lora_B.weight`` a 1×1 conv (out, r, 1[, 1]): the
 rankwise matrices reshaped; DoRA's magnitude is (1, out, 1[, 1]). PEFT's ``lora_A`` conv leaves out the
 base's dilation, so a dilated convolution is refused both ways (PEFT's forward would not be its merge).
+
+3-D MoE expert parameters (``target_parameters``, ``adapters.experts``): PEFT wraps the experts module in one
+``ParamWrapper`` per targeted parameter, in the module's registration order, each wrapping the previous, so
+the last parameter's ``lora_A.weight`` / ``lora_B.weight`` sit at ``<module>`` and each earlier one a
+``.base_layer`` deeper; ``lora_A`` is (E·r, in) with expert-major rows, ``lora_B`` (out, r·E) with
+expert-minor columns (``experts.to_peft`` / ``from_peft``), ranks and alphas keyed ``<module>.<parameter>``.
+The export writes ``target_parameters`` (full names) and ``target_modules`` for the other layers ([] if none).
+
+ConvLoRA's AdaBN layers have no LoRA pair: the export writes each BatchNorm with its target statistics as a
+``modules_to_save`` module (PEFT restores the buffers with it); ``import_peft`` reads it back as ``lora``
+with the BatchNorms as trained modules.
 """
 
 from __future__ import annotations

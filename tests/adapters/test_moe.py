@@ -15,7 +15,14 @@ import warnings
 
 import pytest
 import torch
-from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 import rankwise as rw
 
@@ -40,6 +47,15 @@ def make_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return GptOssForCausalLM(cfg).eval()
+
+
+def make_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
+    """Qwen3-MoE's experts: the Mixtral layout with moe_intermediate_size 12 (gate_up_proj (4, 24, 16))."""
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=12,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(cfg).eval()
 
 
 MODELS = {"mixtral": make_mixtral, "gpt_oss": make_gpt_oss}
@@ -148,11 +164,26 @@ def test_peft_parity_export(arch, method, tmp_path):
         for _, layer in rw.adapter_layers(model):
             if hasattr(layer, "lora_B") and isinstance(layer.lora_B, torch.Tensor):
                 layer.lora_B.normal_()
+    rw.save_adapter(model, tmp_path / "a")  # module targets and experts in one adapter
+    assert torch.equal(rw.load_adapter(copy.deepcopy(base), tmp_path / "a")(IDS).logits, model(IDS).logits)
     rw.export_peft(model, tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["q_proj"] and len(cfg["target_parameters"]) == 4
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
     torch.testing.assert_close(peft_model(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_qwen3_moe_formula_and_peft_export(tmp_path):
+    from peft import PeftModel
+
+    base = make_qwen3_moe()
+    model = rw.adapt(copy.deepcopy(base), "lora", targets=[], target_parameters=PARAMS, r=2, alpha=3)
+    randomize(model)
+    out = model(IDS).logits
+    torch.testing.assert_close(out, reference(base, model)(IDS).logits, rtol=0, atol=1e-5)
+    rw.export_peft(model, tmp_path / "p")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    torch.testing.assert_close(peft_model(IDS).logits, out, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
