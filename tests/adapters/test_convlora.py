@@ -192,5 +192,7 @@ def test_refusals():
     model = rw.adapt(source_model(), "convlora", targets="all-conv", r=1)
     with pytest.raises(ValueError, match="already holds an adapter"):
         rw.adapt(model, "convlora", targets=["fc"], name="second")
+    with pytest.raises(ValueError, match="per-example adapters"), rw.batch_adapters(model, ["default", None]):
+        model(target_batches(1)[0][:2])
     with pytest.raises(ValueError, match="no AdaBN layers"):
         adabn_pass(source_model(), target_batches(1))

@@ -228,3 +228,5 @@ def test_refusals():
     model = rw.adapt(copy.deepcopy(base), "lora", targets=[], target_parameters=PARAMS)
     with pytest.raises(ValueError, match="already holds an adapter"):
         rw.adapt(model, "lora", targets=[], target_parameters=PARAMS, name="second")
+    with pytest.raises(ValueError, match="per-example adapters"):
+        model(IDS, adapter_names=["default", None])

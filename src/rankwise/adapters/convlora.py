@@ -87,6 +87,9 @@ class AdaBNLayer(KeepsBaseLayer):
                              else torch.zeros_like(base_layer.num_batches_tracked))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_names is not None:
+            raise ValueError("per-example adapters (adapter_names=...) are not supported on AdaBN statistics "
+                             "(method 'convlora' on a model with BatchNorm layers)")
         if self.merged or not self.enabled:
             return self.base_layer(x)
         factor = 0.0

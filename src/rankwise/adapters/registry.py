@@ -355,8 +355,10 @@ def adapt(
     suffixes; they select ``nn.Linear`` and transformers ``Conv1D`` layers (GPT-2), which every
     method adapts through the same (out, in) view of the weight (``AdapterLayer.base_weight``).
     Suffixes and regexes may also select ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d`` layers
-    (``"all-linear"`` never does) for the methods that support them (``AdapterLayer.base_kinds``:
-    lora, rslora, pissa, olora, dora); any other method is a ValueError before the model changes.
+    (``"all-linear"`` never does; ``"all-conv"`` selects every convolution) for the methods that support
+    them (``AdapterLayer.base_kinds``: lora, rslora, pissa, olora, dora, convlora); any other method is a
+    ValueError before the model changes. Some methods adapt further layers themselves
+    (``AdapterLayer.companions``: convlora's AdaBN statistics on every BatchNorm).
     ``target_parameters`` (a config field of lora, rslora, loraplus, flora_batched): names or suffixes of
     3-D MoE expert parameters (``["experts.gate_up_proj", "experts.down_proj"]``, PEFT's rule) that get one
     LoRA pair per expert, ΔW[e] = s·B[e]·A[e] (``adapters.experts``); ``targets=[]`` or None then adapts
