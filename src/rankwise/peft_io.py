@@ -31,6 +31,17 @@ otherwise), and the import accepts either value: the factors mean the same (out,
 (r, in, *k) (the base's kernel, stride and padding), ``lora_B.weight`` a 1×1 conv (out, r, 1[, 1]): the
 rankwise matrices reshaped; DoRA's magnitude is (1, out, 1[, 1]). PEFT's ``lora_A`` conv leaves out the
 base's dilation, so a dilated convolution is refused both ways (PEFT's forward would not be its merge).
+
+3-D MoE expert parameters (``target_parameters``, ``adapters.experts``): PEFT wraps the experts module in one
+``ParamWrapper`` per targeted parameter, in the module's registration order, each wrapping the previous, so
+the last parameter's ``lora_A.weight`` / ``lora_B.weight`` sit at ``<module>`` and each earlier one a
+``.base_layer`` deeper; ``lora_A`` is (E·r, in) with expert-major rows, ``lora_B`` (out, r·E) with
+expert-minor columns (``experts.to_peft`` / ``from_peft``), ranks and alphas keyed ``<module>.<parameter>``.
+The export writes ``target_parameters`` (full names) and ``target_modules`` for the other layers ([] if none).
+
+ConvLoRA's AdaBN layers have no LoRA pair: the export writes each BatchNorm with its target statistics as a
+``modules_to_save`` module (PEFT restores the buffers with it); ``import_peft`` reads it back as ``lora``
+with the BatchNorms as trained modules.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters.base import AdapterLayer, with_offset
+from .adapters.experts import ExpertLoRALayer, expert_weight, from_peft, peft_nesting, to_peft
 from .adapters.registry import (
     REGISTRY,
     AdapterState,
@@ -61,7 +73,7 @@ from .adapters.registry import (
 from .checks import tensor_fits
 from .io import adapter_dirs, atomic_directory, save_tensors, write_json
 from .layout import module_tensor
-from .targets import base_modules, kind_label, layer_kind, matrix_shape
+from .targets import base_modules, find_parameters, kind_label, layer_kind, matrix_shape
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -75,7 +87,7 @@ TASK_TYPES = {  # model class name suffix -> PEFT task_type
 # PEFT LoraConfig options that change the forward in a way rankwise's lora/rslora/dora do not.
 UNSUPPORTED_OPTIONS = (
     "lora_bias", "use_qalora", "velora_config", "alora_invocation_tokens",
-    "monteclora_config", "layer_replication", "target_parameters", "use_bdlora", "arrow_config",
+    "monteclora_config", "layer_replication", "use_bdlora", "arrow_config",
     "kasa_config", "trainable_token_indices", "megatron_config",
 )
 # init_lora_weights values after which the saved A, B apply to the untouched base weight.
@@ -196,6 +208,13 @@ def _export_tensors(
                 f"trainable module '{inside[0]}' contains the adapted layer '{name}'; PEFT cannot "
                 "hold both (adapt with trainable= modules that contain no adapted layer)"
             )
+        if isinstance(layer, ExpertLoRALayer):
+            _export_experts(layer, name, tensors, ranks, alphas, use_rslora)
+            continue
+        module_state = layer.peft_module_state()
+        if module_state is not None:  # a modules_to_save copy of the base module (AdaBN statistics)
+            tensors.update({f"{PREFIX}{name}.{key}": t.detach() for key, t in module_state.items()})
+            continue
         _check_dilation(layer.base_layer, name, "export_peft")
         b, a, s = _export_pair(layer, name, dora=dora)
         r = a.shape[0]
@@ -213,6 +232,21 @@ def _export_tensors(
     return tensors, ranks, alphas
 
 
+def _export_experts(
+    layer: ExpertLoRALayer, name: str, tensors: dict[str, torch.Tensor], ranks: dict[str, int],
+    alphas: dict[str, float | int], use_rslora: bool,
+) -> None:
+    """Add an experts layer's tensors in PEFT's ``ParamWrapper`` layout (``experts.to_peft``, nested as
+    ``experts.peft_nesting``) and its rank / alpha under each parameter's key ``<module>.<parameter>``."""
+    r = layer.config.r
+    for p, where in peft_nesting(layer.parameter_names).items():
+        a, b = to_peft(layer.lora_A[p].detach(), layer.lora_B[p].detach())
+        tensors[f"{PREFIX}{name}{where}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}{where}.lora_B.weight"] = b
+        ranks[f"{name}.{p}"] = r
+        alphas[f"{name}.{p}"] = _tidy(layer.scale * (math.sqrt(r) if use_rslora else r))
+
+
 def _peft_config(
     model: nn.Module,
     state: AdapterState,
@@ -224,8 +258,11 @@ def _peft_config(
 ) -> dict[str, Any]:
     """``adapter_config.json``: the most common (rank, alpha) pair as ``r`` / ``lora_alpha``, the other
     layers' values in ``rank_pattern`` / ``alpha_pattern``."""
-    saved = list(state.trainable_modules)
+    layers = adapter_layers(model, state.name)
+    saved = list(state.trainable_modules) + [n for n, layer in layers if layer.peft_module_state() is not None]
     (r, lora_alpha), _ = Counter((ranks[n], alphas[n]) for n in ranks).most_common(1)[0]
+    experts = [f"{n}.{p}" for n, layer in layers if isinstance(layer, ExpertLoRALayer) for p in layer.parameter_names]
+    modules = [n for n in ranks if n not in experts]
     name_or_path = base_model_name_or_path
     if name_or_path is None:
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -240,12 +277,13 @@ def _peft_config(
         "lora_dropout": float(getattr(state.config, "dropout", 0.0)),
         "use_rslora": use_rslora,
         "use_dora": dora,
-        "target_modules": _target_modules(model, list(ranks), saved),
+        "target_modules": _target_modules(model, modules, saved) if modules else [],
+        "target_parameters": experts or None,
         "modules_to_save": saved or None,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != lora_alpha},
         "bias": "none",
-        "fan_in_fan_out": any(layer.base_transposed for _, layer in adapter_layers(model, state.name)),
+        "fan_in_fan_out": any(layer.base_transposed for _, layer in layers),
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -455,6 +493,41 @@ def _ranks_and_alphas(
     return per_layer
 
 
+def _expert_layers(
+    model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """The file's ``target_parameters`` tensors, taken out of ``layers``: ``{module: {"lora_A.<p>": A,
+    "lora_B.<p>": B}}`` in the rankwise per-expert layout (``experts.from_peft``) and ``{module: {"r", "alpha"}}``
+    (one rank and alpha per experts module, checked against ``r`` / ``rank_pattern``)."""
+    names = cfg.get("target_parameters")
+    if not names:
+        return {}, {}
+    r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    per_layer: dict[str, dict[str, Any]] = {}
+    for module_name, module, parameters in find_parameters(model, names):
+        parts[module_name] = {}
+        for p, where in peft_nesting(parameters).items():
+            pair = layers.pop(module_name + where, {})
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{PEFT_WEIGHTS}: target_parameters '{module_name}.{p}' needs lora_A and lora_B "
+                                 f"at '{module_name}{where}', found {sorted(pair)}")
+            e, out_features, in_features = (int(n) for n in expert_weight(module, p).shape)
+            r = _pattern_value(cfg.get("rank_pattern") or {}, f"{module_name}.{p}", r0)
+            expected = {"lora_A": (e * r, in_features), "lora_B": (out_features, r * e)}
+            for part, t in pair.items():
+                if tuple(t.shape) != expected[part]:
+                    raise ValueError(f"{PEFT_WEIGHTS}: {part} of '{module_name}.{p}' has shape {tuple(t.shape)}, "
+                                     f"expected {expected[part]} ({e} experts, rank {r}) for this model")
+            a, b = from_peft(pair["lora_A"], pair["lora_B"], e)
+            parts[module_name].update({f"lora_A.{p}": a, f"lora_B.{p}": b})
+            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, f"{module_name}.{p}", alpha0)
+            if per_layer.setdefault(module_name, {"r": r, "alpha": alpha}) != {"r": r, "alpha": alpha}:
+                raise ValueError(f"rank_pattern / alpha_pattern give the parameters of '{module_name}' different "
+                                 "ranks or alphas; rankwise adapts one experts module with one rank and alpha")
+    return parts, per_layer
+
+
 def _adapt_options(
     per_layer: dict[str, dict[str, Any]], cfg: dict[str, Any], spec: MethodSpec, use_rslora: bool
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -478,24 +551,18 @@ def _copy_weights(
     """Copy the file's LoRA (and DoRA magnitude) tensors into adapter ``adapter``'s layers and the saved
     modules, after checking every one against its model tensor (shape, floating dtype, finite values)."""
     own = dict(adapter_layers(model, adapter))
-    copies = []
-    for name, parts in layers.items():
-        layer = own[name]
-        for part, attr in (("lora_A", "lora_A"), ("lora_B", "lora_B"), ("magnitude", "magnitude")):
-            if part in parts and (part != "magnitude" or use_dora):
-                copies.append((f"{name}.{part}", module_tensor(layer, attr), parts[part]))
+    copies = [  # "lora_A", "lora_B", "magnitude"; an experts layer's "lora_A.<parameter>", ...
+        (f"{name}.{part}", own[name].get_parameter(part) if "." in part else module_tensor(own[name], part), t)
+        for name, parts in layers.items() for part, t in parts.items() if part != "magnitude" or use_dora
+    ]
     for key, target, t in copies:
         try:
             tensor_fits(key, t, target)
         except ValueError as e:
             raise ValueError(f"{PEFT_WEIGHTS}: {e}") from None
     with torch.no_grad():
-        for name, parts in layers.items():
-            layer = own[name]
-            module_tensor(layer, "lora_A").copy_(parts["lora_A"])
-            module_tensor(layer, "lora_B").copy_(parts["lora_B"])
-            if use_dora:
-                module_tensor(layer, "magnitude").copy_(parts["magnitude"])
+        for _, target, t in copies:
+            target.copy_(t)
         for target, t in head_tensors:
             target.copy_(t)
     for layer in own.values():
@@ -520,16 +587,19 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
 
     weights_file = path / PEFT_WEIGHTS
     layers, rest = _split_keys(load_file(str(weights_file)))
-    if not layers:
+    experts, expert_ranks = _expert_layers(model, layers, cfg)
+    if not layers and not experts:
         raise ValueError(f"{weights_file} holds no lora_A/lora_B tensors")
-    per_layer = _ranks_and_alphas(model, layers, cfg, use_dora)
+    per_layer = {**_ranks_and_alphas(model, layers, cfg, use_dora), **expert_ranks}
     options, overrides = _adapt_options(per_layer, cfg, spec, use_rslora)
-    saved = _saved_modules(model, cfg.get("modules_to_save"), list(layers))
+    if experts:
+        options["target_parameters"] = list(cfg["target_parameters"])
+    saved = _saved_modules(model, cfg.get("modules_to_save"), list(layers) + list(experts))
     head_tensors = _match_saved_tensors(model, saved, rest, cfg.get("modules_to_save"))
-    exact = "|".join(re.escape(n) for n in sorted(layers))  # full-match regex: exactly these layers
+    exact = "|".join(re.escape(n) for n in sorted(layers)) or None  # full-match regex: exactly these layers
     adapt(
         model, method, targets=exact, trainable=saved or None,
         overrides=overrides or None, name=name, _skip_init=True, **options,
     )
-    _copy_weights(model, layers, head_tensors, use_dora, name)
+    _copy_weights(model, {**layers, **experts}, head_tensors, use_dora, name)
     return model

@@ -4,6 +4,7 @@ Target conventions (the same as PEFT's ``target_modules``):
 
 * ``"all-linear"``: every linear layer except the output head(s): ``nn.Linear`` and transformers'
   ``Conv1D`` (GPT-2's projections, a linear map whose weight is stored transposed, (in, out));
+* ``"all-conv"``: every ``nn.Conv1d`` / ``nn.Conv2d`` outside the output head(s) (adapters only);
 * a ``str``: a regular expression that must match the *full* module name;
 * a list/tuple of ``str``: a module matches when its name equals an entry or ends with ``"." + entry``.
 """
@@ -21,6 +22,7 @@ from torch import nn
 from .layout import CLASSIFIER_NAMES, head_module_names
 
 ALL_LINEAR = "all-linear"
+ALL_CONV = "all-conv"  # every nn.Conv1d / nn.Conv2d (adapters only: find_targets(layer_types=True))
 
 Targets = str | Sequence[str]
 
@@ -195,6 +197,15 @@ def find_targets(
     def wanted(m: nn.Module) -> bool:
         return linear(m) or (layer_types and layer_kind(m) is not None)
 
+    if isinstance(targets, str) and targets == ALL_CONV:
+        heads = head_module_names(model)
+        convs = [(n, m) for n, m in base_modules(model) if layer_kind(m) == "conv" and not _under_head(n, heads)]
+        if not layer_types or not convs:
+            what = "no nn.Conv1d / nn.Conv2d module outside the output head" if layer_types else (
+                "convolutions, which only adapters (rw.adapt) target")
+            raise ValueError(f"targets='all-conv' selects {what}; use 'all-linear', a list of name suffixes, or a "
+                             "full-match regex")
+        return convs
     if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
             re.compile(targets)
@@ -249,6 +260,44 @@ def find_targets(
         raise ValueError(
             f"targets={targets!r} matched no module; adaptable modules ({kinds}) look like {examples} "
             "(use 'all-linear', a list of name suffixes, or a full-match regex)"
+        )
+    return found
+
+
+def find_parameters(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(module name, module, [parameter names])`` for every module holding a 3-D parameter (MoE experts,
+    stored (experts, out, in), or (experts, in, out) when the module has ``is_transposed``) selected by
+    ``names``: ``f"{module}.{parameter}"`` equals an entry or ends with ``"." + entry`` (PEFT's
+    ``target_parameters``). The parameters keep the module's registration order.
+
+    Raises ``ValueError`` when ``names`` is not a non-empty list of strings, when nothing matches, or when
+    a match is not 3-D or lies in a classification head."""
+    if isinstance(names, str) or not isinstance(names, list | tuple) or not names or not all(
+        isinstance(n, str) and n for n in names
+    ):
+        raise ValueError(
+            f"target_parameters={names!r} must be a non-empty list of parameter names or suffixes, e.g. "
+            "['experts.gate_up_proj', 'experts.down_proj']"
+        )
+    classifiers = {h for h in head_module_names(model) if set(h.split(".")) & set(CLASSIFIER_NAMES)}
+    found: list[tuple[str, nn.Module, list[str]]] = []
+    for module_name, module in base_modules(model):
+        hits = [p for p, _ in module.named_parameters(recurse=False) if name_matches(f"{module_name}.{p}", names)]
+        for p in hits:
+            shape = tuple(getattr(module, p).shape)
+            if len(shape) != 3 or _under_head(module_name, classifiers):
+                why = f"has shape {shape}; only 3-D (experts, out, in) parameters" if len(shape) != 3 else (
+                    "is part of the classification head; no head parameter")
+                raise ValueError(f"target_parameters={list(names)!r} matched '{module_name}.{p}', which {why} "
+                                 "can be targeted")
+        if hits:
+            found.append((module_name, module, hits))
+    if not found:
+        examples = [f"{n}.{p}" for n, m in base_modules(model) for p, t in m.named_parameters(recurse=False)
+                    if t.dim() == 3][:4]
+        raise ValueError(
+            f"target_parameters={list(names)!r} matched no parameter; 3-D parameters of this model look like "
+            f"{examples or 'nothing (it has none)'}"
         )
     return found
 

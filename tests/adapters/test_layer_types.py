@@ -23,7 +23,7 @@ from rankwise.targets import find_targets
 
 from ..conftest import lm_batches, make_tiny_llama
 
-SUPPORTED = ["dora", "flora_batched", "lora", "loraplus", "olora", "pissa", "rslora"]  # loraplus, flora_batched: LoRA
+SUPPORTED = ["convlora", "dora", "flora_batched", "lora", "loraplus", "olora", "pissa", "rslora"]  # LoRA layers
 UNSUPPORTED = sorted(n for n in rw.REGISTRY if n not in SUPPORTED and not rw.REGISTRY[n].needs_adapters)
 TARGETS = ["emb", "c1", "c2"]
 KIND_OF = {"emb": nn.Embedding, "c1": nn.Conv1d, "c2": nn.Conv2d}

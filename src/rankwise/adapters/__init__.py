@@ -15,6 +15,7 @@ from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee
 from . import lori  # noqa: F401
 from . import eigenlorax  # noqa: F401
 from . import meteora  # noqa: F401
+from . import convlora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)

@@ -116,7 +116,15 @@ class AdapterLayer(nn.Module):
         itself needs no init context (subclasses initialize their tensors from ``ctx``).
         ``base_layer``: an ``nn.Linear`` or a transformers ``Conv1D``."""
         super().__init__()
-        self.base_kind = check_base(type(self), config, base_layer)
+        self._adopt(base_layer, config, check_base(type(self), config, base_layer))
+        self.out_features, self.in_features = (int(n) for n in self.base_weight.shape)
+        self._init_dtype = config.dtype_for(self.base_weight.dtype)
+
+    def _adopt(self, base_layer: nn.Module, config: AdapterConfig, kind: str) -> None:
+        """Take ``base_layer`` (of base kind ``kind``) as this layer's frozen base, and set the state every
+        adapter layer has (config, dropout, merge / enable flags, adapter name); subclasses with a base
+        that is not a weight matrix (``experts.ExpertLoRALayer``) call it instead of ``__init__``."""
+        self.base_kind = kind
         self.base_layer = base_layer
         # a Python flag, not a tensor test, so forward code stays traceable by torch.compile
         self.base_transposed = is_conv1d(base_layer)
@@ -126,7 +134,6 @@ class AdapterLayer(nn.Module):
         self.merge_delta_error: float | None = None
         self._merge_stash: Quantized | None = None
         self.config = config
-        self.out_features, self.in_features = (int(n) for n in self.base_weight.shape)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
@@ -134,7 +141,6 @@ class AdapterLayer(nn.Module):
         # in an AdapterStack: the base holds the untouched W₀ (no init offset is moved out of it)
         self.shares_base = False
         self.batch_names: list[str | None] | None = None  # per-example adapters (named.batch_adapters)
-        self._init_dtype = config.dtype_for(self.base_weight.dtype)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -158,6 +164,24 @@ class AdapterLayer(nn.Module):
     @classmethod
     def build_shared(cls, config: AdapterConfig, layers: list[nn.Module]) -> Any:
         """Tensors shared by all adapted layers (e.g. VeRA's random bases), passed as ``ctx.extra["shared"]``."""
+        return None
+
+    @classmethod
+    def parameter_layer(cls, config: AdapterConfig) -> type[AdapterLayer] | None:
+        """The layer class that adapts 3-D expert parameters (``rw.adapt(..., target_parameters=...)``)
+        for this method with ``config``, or None when the method's math does not apply to them."""
+        return None
+
+    @classmethod
+    def companions(cls, model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
+        """``(module name, module, layer class)`` for the layers the method adapts beside its targets,
+        found again on every ``rw.adapt`` / ``load_adapter`` (ConvLoRA: AdaBN statistics for every
+        BatchNorm); they are not listed among the adapter's target layers."""
+        return []
+
+    def peft_module_state(self) -> dict[str, torch.Tensor] | None:
+        """The base module's state as the adapter changes it, when PEFT can hold the adapter only as a
+        ``modules_to_save`` copy of that module (ConvLoRA's AdaBN statistics), else None."""
         return None
 
     def delta_weight(self) -> torch.Tensor:
@@ -457,6 +481,25 @@ class AdapterLayer(nn.Module):
         base = f", base={kind_label(self.base_layer).removeprefix('transformers ')}" if self.base_transposed or (
             self.base_kind != "linear") else ""
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.config.r}{base}"
+
+
+class KeepsBaseLayer(AdapterLayer):
+    """An adapter layer whose ``unmerge`` exactly undoes ``merge`` and that never moves anything out of its
+    base (per-expert LoRA on 3-D parameters, AdaBN statistics): ``unload`` is unmerge + the base module,
+    ``merged_linear`` merge + the base module, and loading needs no after-step."""
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        self.unmerge()
+        return self.base_layer
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Module:
+        self.merge()
+        return self.base_layer
+
+    def after_load(self) -> None:
+        """Nothing moves out of the base."""
 
 
 def check_base(

@@ -24,21 +24,26 @@ from ..quant import SCHEMES, to_linear4bit
 from ..rng import kaiming_uniform_, layer_generator
 from ..targets import is_linear4bit, linear_weight
 from .base import AdapterConfig, AdapterLayer, check_base
+from .experts import ExpertLoRALayer
 from .init import INITS, Factors, InitContext, lora_inits
 from .registry import MethodSpec, register
 
 
 @dataclass
 class LoRAConfig(AdapterConfig):
-    """LoRA hyper-parameters. ``alpha=None`` means α = r (scale 1 for plain LoRA)."""
+    """LoRA hyper-parameters. ``alpha=None`` means α = r (scale 1 for plain LoRA). ``target_parameters``:
+    names / suffixes of 3-D MoE expert parameters that get one LoRA pair per expert (``adapters.experts``)."""
 
     alpha: float | None = None
     use_rslora: bool = False
     init: str = "default"
     init_iters: int = 0  # power iterations for randomized SVD inits (0 = exact SVD)
+    target_parameters: list[str] | None = None
 
     def validate(self) -> None:
         super().validate()
+        if isinstance(self.target_parameters, tuple):  # JSON-friendly (find_parameters checks the names)
+            self.target_parameters = list(self.target_parameters)
         choice("init", self.init, lora_inits())
         positive("alpha", self.alpha, optional=True)
         integer("init_iters", self.init_iters, 0)
@@ -92,6 +97,13 @@ class LoRALayer(AdapterLayer):
     @classmethod
     def needs_grad(cls, config: LoRAConfig) -> bool:
         return INITS[config.init].needs_grad
+
+    @classmethod
+    def parameter_layer(cls, config: AdapterConfig) -> type[AdapterLayer] | None:
+        """Per-expert LoRA (``ExpertLoRALayer``) for plain LoRA / rsLoRA: this class itself (not DoRA's),
+        the default init, a full-precision base."""
+        plain = cls is LoRALayer and type(config) is LoRAConfig and config.init == "default"
+        return ExpertLoRALayer if plain else None
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
         check_base(type(self), config, base_layer, ctx.name)  # before a base is quantized

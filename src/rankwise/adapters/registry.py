@@ -12,8 +12,9 @@ from torch import nn
 
 from .. import catalogue, checks
 from ..layout import CLASSIFIER_NAMES
-from ..targets import Targets, find_targets, matrix_shape, replace_module
+from ..targets import Targets, find_parameters, find_targets, matrix_shape, replace_module
 from .base import AdapterConfig, AdapterLayer, check_base
+from .experts import check_expert_config
 from .gradients import estimate_gradients
 from .init import InitContext
 from .named import AdapterStack, install_batch_hook, layers_of, target_modules
@@ -258,6 +259,76 @@ def _check_stacking(
             )
 
 
+#: (module name, experts module, its targeted 3-D parameter names)
+Experts = list[tuple[str, nn.Module, list[str]]]
+
+
+def parameter_methods() -> list[str]:
+    """The methods that adapt 3-D expert parameters (``target_parameters``) with their defaults."""
+    return sorted(n for n, s in REGISTRY.items() if s.api == "adapt" and "target_parameters" in
+                  s.config_cls.field_names() and s.layer_cls.parameter_layer(s.make_config()) is not None)
+
+
+def _refuse_parameters(spec: MethodSpec, cfg: AdapterConfig | None = None) -> None:
+    """ValueError naming the method and ``target_parameters`` when ``spec`` (with ``cfg``) cannot adapt them."""
+    fits = "target_parameters" in spec.config_cls.field_names()
+    if fits and cfg is not None and spec.layer_cls.parameter_layer(cfg) is not None:
+        return
+    raise ValueError(
+        f"method '{spec.name}' does not support target_parameters (LoRA on 3-D MoE expert parameters, with "
+        f"the default init on a full-precision base); supported methods: {parameter_methods()}"
+    )
+
+
+def _experts(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig) -> Experts:
+    """The experts modules and parameters ``cfg.target_parameters`` selects ([] when it is unset)."""
+    names = getattr(cfg, "target_parameters", None)
+    if names is None:
+        return []
+    _refuse_parameters(spec, cfg)
+    found = find_parameters(model, names)
+    for module_name, _, _ in found:
+        if isinstance(model.get_submodule(module_name), AdapterLayer | AdapterStack):
+            raise ValueError(f"the experts module '{module_name}' already holds an adapter; expert parameters "
+                             "take one adapter (delete it first with rw.delete_adapter)")
+    return found
+
+
+def _companions(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig) -> list[tuple[str, nn.Module, type]]:
+    """The method's layers beside its targets (``AdapterLayer.companions``), checked to hold no adapter yet."""
+    found = spec.layer_cls.companions(model, cfg)
+    for module_name, _, _ in found:
+        if isinstance(model.get_submodule(module_name), AdapterLayer | AdapterStack):
+            raise ValueError(f"method '{spec.name}' adapts '{module_name}', which already holds an adapter "
+                             "(delete it first with rw.delete_adapter)")
+    return found
+
+
+def _module_targets(targets: Targets | None, experts: Experts) -> Targets | None:
+    """``targets`` without the experts modules (a saved adapter lists them among its layers); None when
+    nothing is left beside ``target_parameters`` (``targets=[]`` or None selects no module)."""
+    if not experts:
+        return targets
+    if targets is None or isinstance(targets, str):
+        return targets
+    left = [t for t in targets if t not in {n for n, _, _ in experts}]
+    return left or None
+
+
+def _inject_experts(
+    model: nn.Module, spec: MethodSpec, experts: Experts, cfgs: dict[str, AdapterConfig], skip: bool, name: str
+) -> None:
+    """Replace each experts module by its per-expert LoRA layer (``adapters.experts``)."""
+    for module_name, module, parameters in experts:
+        layer_cls = spec.layer_cls.parameter_layer(cfgs[module_name])
+        if layer_cls is None:
+            _refuse_parameters(spec, cfgs[module_name])
+        ctx = InitContext(name=module_name, skip=skip, config=cfgs[module_name])
+        layer = layer_cls(module, cfgs[module_name], ctx, parameters)  # type: ignore[misc, call-arg]
+        layer.adapter_name = name
+        replace_module(model, module_name, layer)
+
+
 def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or name == "__base__" or "." in name or "/" in name:
         raise ValueError(
@@ -274,7 +345,7 @@ def check_new_name(model: nn.Module, name: str) -> None:
 def adapt(
     model: nn.Module,
     method: str,
-    targets: Targets = "all-linear",
+    targets: Targets | None = "all-linear",
     *,
     init_data: Iterable | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -297,8 +368,14 @@ def adapt(
     suffixes; they select ``nn.Linear`` and transformers ``Conv1D`` layers (GPT-2), which every
     method adapts through the same (out, in) view of the weight (``AdapterLayer.base_weight``).
     Suffixes and regexes may also select ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d`` layers
-    (``"all-linear"`` never does) for the methods that support them (``AdapterLayer.base_kinds``:
-    lora, rslora, pissa, olora, dora); any other method is a ValueError before the model changes.
+    (``"all-linear"`` never does; ``"all-conv"`` selects every convolution) for the methods that support
+    them (``AdapterLayer.base_kinds``: lora, rslora, pissa, olora, dora, convlora); any other method is a
+    ValueError before the model changes. Some methods adapt further layers themselves
+    (``AdapterLayer.companions``: convlora's AdaBN statistics on every BatchNorm).
+    ``target_parameters`` (a config field of lora, rslora, loraplus, flora_batched): names or suffixes of
+    3-D MoE expert parameters (``["experts.gate_up_proj", "experts.down_proj"]``, PEFT's rule) that get one
+    LoRA pair per expert, ΔW[e] = s·B[e]·A[e] (``adapters.experts``); ``targets=[]`` or None then adapts
+    no module besides them. Other methods refuse it (ValueError naming the method).
     ``init_data``: batches for data-driven inits (LoRA-GA, LoRA-SB); ``loss_fn(model,
     batch)`` defaults to ``model(**batch).loss``. ``trainable``: modules trained in full beside the
     adapters ("auto" = the classification head ``classifier``/``score`` when the model has one).
@@ -317,12 +394,22 @@ def adapt(
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise ValueError(f"the model's adapters are merged; call rw.unmerge(model) before adding adapter {name!r}")
     spec = get_method(method)
+    if config.get("target_parameters") is not None and "target_parameters" not in spec.config_cls.field_names():
+        _refuse_parameters(spec)
     cfg = spec.make_config(**config)
-    found = find_targets(model, targets, layer_types=True)
-    overrides = _check_overrides(overrides, found)
+    experts = _experts(model, spec, cfg)
+    module_targets = _module_targets(targets, experts)
+    found = [] if module_targets is None and experts else find_targets(model, module_targets, layer_types=True)
+    overrides = _check_overrides(overrides, found + [(n, m) for n, m, _ in experts])
     layer_cfgs = {
         n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found
     }
+    expert_cfgs = {
+        n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _, _ in experts
+    }
+    for n, module, parameters in experts:
+        check_expert_config(expert_cfgs[n], n, module, parameters)
+    companions = _companions(model, spec, cfg)
     for n, module in found:  # the method supports every target's layer type, before anything changes
         check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
@@ -330,9 +417,14 @@ def adapt(
     if spec.check_model is not None and not _skip_init:
         spec.check_model(model, cfg, [n for n, _ in found])
     trainable_names = _trainable_module_names(model, trainable)
-    names = [n for n, _ in found]
+    names = [n for n, _ in found] + [n for n, _, _ in experts]
     grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
     _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init, name)
+    _inject_experts(model, spec, experts, expert_cfgs, _skip_init, name)
+    for module_name, module, layer_cls in companions:
+        layer = layer_cls(module, cfg, InitContext(name=module_name, skip=_skip_init, config=cfg))
+        layer.adapter_name = name
+        replace_module(model, module_name, layer)
     for full in trainable_names:
         for p in model.get_submodule(full).parameters():
             p.requires_grad_(True)
