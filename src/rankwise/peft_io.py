@@ -186,9 +186,10 @@ def _exportable(model: nn.Module, name: str | None) -> tuple[AdapterState, Metho
     state = adapter_state(model, name)
     spec = get_method(state.method)
     if spec.export == "none":
+        instead = ("rw.merge / rw.merge_and_unload or rw.save_adapter" if spec.mergeable
+                   else "rw.save_adapter (its update depends on the input, so it cannot be merged either)")
         raise ValueError(
-            f"method '{state.method}' cannot be exported to PEFT (its delta is not a LoRA pair); "
-            "use rw.merge / rw.merge_and_unload or rw.save_adapter instead"
+            f"method '{state.method}' cannot be exported to PEFT (its delta is not a LoRA pair); use {instead} instead"
         )
     return state, spec
 
