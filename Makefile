@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bf16_matmul.py
 	$(PY) benchmarks/mixed_batch.py --threads 2
 	$(PY) benchmarks/eora_smollm2.py --threads 2
+	$(PY) benchmarks/quantized_lm.py --threads 2
 
 # every benchmark once at toy size, into $(BENCH_SMOKE) (checks they run; the numbers mean nothing)
 BENCH_SMOKE ?= /tmp/rankwise-bench-smoke
@@ -65,6 +66,10 @@ bench-smoke: $(STAMP)
 		--out $(BENCH_SMOKE)/mixed_precision
 	$(PY) benchmarks/bf16_matmul.py --repeats 1 --rank 8 --out $(BENCH_SMOKE)/bf16_matmul
 	$(PY) benchmarks/mixed_batch.py --adapters 2 --seq 16 --rounds 1 --out $(BENCH_SMOKE)/mixed_batch
+	$(PY) benchmarks/eora_smollm2.py --compressions svd,nf4 --ratios 0.5 --calibration 1 --eval-blocks 1 --lrec-steps 1 \
+		--out $(BENCH_SMOKE)/eora_smollm2
+	$(PY) benchmarks/quantized_lm.py --steps 2 --eval-blocks 1 --lq-iter 1 --targets q_proj \
+		--out $(BENCH_SMOKE)/quantized_lm
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

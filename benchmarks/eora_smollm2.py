@@ -32,9 +32,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def write(result: dict) -> None:
-    """The JSON and a markdown table (perplexity BBC / code per compensation)."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "eora_smollm2.json").write_text(json.dumps(result, indent=2))
+    """The JSON and a markdown table (perplexity BBC / code per compensation) in ``--out``."""
+    out = Path(result["config"]["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eora_smollm2.json").write_text(json.dumps(result, indent=2))
     cfg = result["config"]
     base = result["base"]
     lines = [f"# Compensating compressed SmolLM2-135M at rank {cfg['rank']} (held-out perplexity BBC / code)", "",
@@ -46,7 +47,7 @@ def write(result: dict) -> None:
         cells = [f"{row[k]['bbc']:.1f} / {row[k]['stdlib-code']:.1f}" if k in row else "–"
                  for k in ("none", "plain_svd", "eora", "lrec")]
         lines.append(f"| {row['compression']} | {row.get('ratio') or '–'} | " + " | ".join(cells) + " |")
-    (RESULTS / "eora_smollm2.md").write_text("\n".join(lines) + "\n")
+    (out / "eora_smollm2.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--compressions", default="svd,welore,nf4")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()

@@ -70,12 +70,13 @@ def run_variant(args: argparse.Namespace) -> dict:
     method, options = VARIANTS[args.variant]
     options = dict(options)
     if method == "lq_lora":
-        options["budget_bits"] = args.budget_bits
+        options.update(budget_bits=args.budget_bits, lq_iter=args.lq_iter)
     base, tok = load_model("smollm2-135m")
     blocks = {c: eval_blocks(tok, c, args.eval_blocks, 128) for c in EVAL_CORPORA}
     batches = train_batches(tok, args.steps, 4, 128, args.seed)
     t0 = time.perf_counter()
-    rw.adapt(base, method, r=args.rank, alpha=2 * args.rank, targets="all-linear", **options)
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    rw.adapt(base, method, r=args.rank, alpha=2 * args.rank, targets=targets, **options)
     init_s = time.perf_counter() - t0
     row = {"variant": args.variant, "method": method, "options": options, "init_seconds": init_s,
            "weight_bytes": stored_bytes(base), "trainable_params": count_params(base)[0],
@@ -164,7 +165,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-blocks", type=int, default=16)
-    parser.add_argument("--budget-bits", type=float, default=4.25)
+    parser.add_argument("--budget-bits", type=float, default=4.13)  # QLoRA's NF4 (blocks of 64, double quant): 4.127
+    parser.add_argument("--lq-iter", type=int, default=5)
+    parser.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated module suffixes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
