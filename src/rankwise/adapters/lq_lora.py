@@ -26,7 +26,7 @@ from torch import nn
 from .. import knapsack
 from ..checks import choice, integer, positive
 from ..quant import QuantConfig, stash, stored_bits
-from ..targets import linear_weight
+from ..targets import is_linear4bit, linear_weight
 from .init import InitContext, quantized_low_rank
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -137,6 +137,9 @@ class LQLoRALayer(LoRALayer):
     def build_shared(cls, config: LQLoRAConfig, layers: list[nn.Module]) -> Shared:
         """Run the decomposition of every layer in every candidate config and solve the ILP (unless
         ``config.assignment`` fixes the configs); the choice is written to ``config.assignment``."""
+        if any(is_linear4bit(m) for m in layers):
+            raise ValueError("method 'lq_lora' needs the full-precision weights of the layers it adapts, but some are "
+                             "4-bit already: adapt the unquantized model (LQ-LoRA quantizes them itself)")
         if config.assignment is None:
             weights = [linear_weight(m).detach().float() for m in layers]
             errors = [candidate_errors(w, config, config.quant_configs) for w in weights]
