@@ -174,6 +174,8 @@ def test_lq_lora_quantizes_per_the_ilp_and_starts_near_the_full_precision_model(
     weights = [w.weight.detach() for n, w in make_tiny_llama(0).named_modules() if n in report.configs]
     errors = [candidate_errors(w, state.config, CONFIGS) for w in weights]
     assert allocate(errors, [w.numel() for w in weights], CONFIGS, 4.2).configs == list(state.config.assignment)
+    for (_, layer), errs, c in zip(rw.adapter_layers(model), errors, state.config.assignment, strict=True):
+        assert layer.lq_errors[-1] ** 2 == pytest.approx(errs[CONFIGS.index(c)], rel=1e-4)  # the same decomposition
 
 
 def test_training_changes_only_the_factors_and_the_4bit_codes_stay_bit_identical():
