@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 import rankwise as rw  # noqa: E402
-from rankwise import knapsack, quant  # noqa: E402
+from rankwise import quant  # noqa: E402
+from rankwise.adapters import knapsack  # noqa: E402
 from rankwise.adapters.init import InitContext, quantized_low_rank  # noqa: E402
 from rankwise.adapters.lq_lora import LQLoRAConfig, allocate, candidate_errors, lq_lora_report  # noqa: E402
 from rankwise.quant import QuantConfig  # noqa: E402

@@ -9,7 +9,7 @@ quantization: ``quant.QuantConfig``) is chosen by the paper's integer linear pro
     min_c Σ_i ‖W_i − deq(Q_i^c) − s·B_i^c A_i^c‖_F²   s.t.   Σ_i bits(i, c_i) ≤ budget_bits · Σ_i |W_i|,
 
 with bits(i, c) the exact storage of matrix i in format c (``QuantConfig.storage_bits``), solved
-exactly (``rankwise.knapsack``). Only B, A train over the frozen 4-bit Q (``LoRALayer``). Not
+exactly (``adapters.knapsack``). Only B, A train over the frozen 4-bit Q (``LoRALayer``). Not
 implemented: the paper's Fisher-weighted variant, and its 2- / 3- / 8-bit formats (bitsandbytes'
 frozen 4-bit layer is the one quantized base rankwise runs adapters over).
 """
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import knapsack
 from ..checks import choice, integer, positive
 from ..quant import QuantConfig, stash, stored_bits
 from ..targets import is_linear4bit, linear_weight
+from . import knapsack
 from .init import InitContext, quantized_low_rank
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, adapter_layers, adapter_state, register
