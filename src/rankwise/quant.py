@@ -145,7 +145,7 @@ def stored_bits(q: Quantized) -> int:
     state = q.state
     tensors = [q.data, state.absmax]
     if state.nested:
-        tensors += [state.state2.absmax, torch.as_tensor(state.offset, dtype=torch.float32)]
+        tensors += [state.state2.absmax, torch.as_tensor(state.offset)]
     return sum(8 * t.numel() * t.element_size() for t in tensors)
 
 
