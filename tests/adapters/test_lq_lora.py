@@ -256,3 +256,14 @@ def test_bad_options_name_the_parameter():
         rw.adapt(rw.quantize(make_tiny_llama(0)), "lq_lora", r=2, lq_iter=1, quant_configs=CONFIGS[:1])
     with pytest.raises(ValueError, match="lq_lora_report reads an 'lq_lora' adapter"):
         lq_lora_report(rw.adapt(make_tiny_llama(0), "lora", r=2))
+
+
+def test_an_infeasible_budget_is_refused_before_any_decomposition(monkeypatch):
+    import rankwise.adapters.lq_lora as lq
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("decomposed before checking the budget")
+
+    monkeypatch.setattr(lq, "candidate_errors", no_work)
+    with pytest.raises(ValueError, match=r"budget_bits=4.01 is infeasible .* at least 4.0625 .* in \[4.0625, 4.2987\]"):
+        _adapt(budget_bits=4.01)

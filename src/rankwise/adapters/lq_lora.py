@@ -82,6 +82,21 @@ class Allocation:
     average_bits: float
 
 
+def storage_table(numels: Sequence[int], configs: Sequence[str], budget_bits: float) -> list[list[int]]:
+    """``bits[i][j]``: the storage of matrix i (``numels[i]`` weights) in ``configs[j]``; a ValueError
+    names ``budget_bits`` and the feasible range when even the smallest choice exceeds the budget."""
+    bits = [[QuantConfig.parse(c, "quant_configs").storage_bits(n) for c in configs] for n in numels]
+    total, lightest = sum(numels), sum(map(min, bits))
+    if math.floor(budget_bits * total) < lightest:
+        low, high = math.ceil(lightest / total * 1e4) / 1e4, math.ceil(sum(map(max, bits)) / total * 1e4) / 1e4
+        raise ValueError(
+            f"budget_bits={budget_bits!r} is infeasible with quant_configs {list(configs)}: the adapted matrices "
+            f"need at least {low} bits per weight; choose budget_bits in [{low}, {high}] (above that every "
+            "matrix gets its most accurate config)"
+        )
+    return bits
+
+
 def allocate(
     errors: Sequence[Sequence[float]], numels: Sequence[int], configs: Sequence[str], budget_bits: float
 ) -> Allocation:
@@ -89,17 +104,8 @@ def allocate(
     weights, in config ``configs[j]``) minimising the total error with Σ bits ≤ budget_bits·Σ numel
     (exact; module docstring). A budget below the smallest choice is a ValueError naming
     ``budget_bits`` and the feasible range."""
-    parsed = [QuantConfig.parse(c, "quant_configs") for c in configs]
-    bits = [[c.storage_bits(n) for c in parsed] for n in numels]
+    bits = storage_table(numels, configs, budget_bits)
     total = sum(numels)
-    low, high = sum(map(min, bits)) / total, sum(map(max, bits)) / total
-    if budget_bits * total < sum(map(min, bits)):
-        raise ValueError(
-            f"budget_bits={budget_bits!r} is infeasible with quant_configs {list(configs)}: the adapted matrices "
-            f"need at least {math.ceil(low * 1e4) / 1e4} bits per weight; choose budget_bits in "
-            f"[{math.ceil(low * 1e4) / 1e4}, {math.ceil(high * 1e4) / 1e4}] (above that every matrix gets "
-            "its most accurate config)"
-        )
     sol = knapsack.solve(errors, bits, math.floor(budget_bits * total))
     return Allocation(
         [configs[j] for j in sol.picks], [bits[i][j] for i, j in enumerate(sol.picks)],
@@ -142,6 +148,7 @@ class LQLoRALayer(LoRALayer):
                              "4-bit already: adapt the unquantized model (LQ-LoRA quantizes them itself)")
         if config.assignment is None:
             weights = [linear_weight(m).detach().float() for m in layers]
+            storage_table([w.numel() for w in weights], config.quant_configs, config.budget_bits)  # before the work
             errors = [candidate_errors(w, config, config.quant_configs) for w in weights]
             config.assignment = tuple(
                 allocate(errors, [w.numel() for w in weights], config.quant_configs, config.budget_bits).configs
