@@ -32,6 +32,8 @@ from .targets import Targets, find_targets, is_conv1d, is_factorized, is_linear4
 
 SCHEMES = ("nf4", "fp4")
 BLOCKSIZE = 64
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts (CPU and CUDA)
+NESTED_BLOCKSIZE = 256  # double quantization: the 8-bit block scales are scaled again in blocks of 256
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
@@ -67,12 +69,16 @@ class Quantized:
     state: Any
 
 
-def quantize_tensor(w: torch.Tensor, scheme: str = "nf4", double_quant: bool = True) -> Quantized:
-    """Quantize the 2-D tensor ``w`` (kept in its dtype) with bitsandbytes' ``quantize_4bit``."""
+def quantize_tensor(
+    w: torch.Tensor, scheme: str = "nf4", double_quant: bool = True, blocksize: int = BLOCKSIZE
+) -> Quantized:
+    """Quantize the 2-D tensor ``w`` (kept in its dtype) with bitsandbytes' ``quantize_4bit``, one
+    absmax scale per ``blocksize`` consecutive weights."""
     choice("scheme", scheme, SCHEMES)
+    choice("blocksize", blocksize, BLOCKSIZES)
     bnb = require_bnb()
     data, state = bnb.functional.quantize_4bit(
-        w.detach().contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=scheme,
+        w.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=scheme,
     )
     return Quantized(data, state)
 
@@ -80,6 +86,67 @@ def quantize_tensor(w: torch.Tensor, scheme: str = "nf4", double_quant: bool = T
 def dequantize_tensor(q: Quantized) -> torch.Tensor:
     """The values a ``Quantized`` stands for, shape (out, in), in the dtype it was quantized from."""
     return require_bnb().functional.dequantize_4bit(q.data, q.state)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One bitsandbytes 4-bit storage format: ``scheme`` (NF4 / FP4 codes), ``blocksize`` (weights per
+    absmax scale) and ``double_quant`` (the scales stored as 8-bit codes with one fp32 scale per 256
+    of them, plus one fp32 offset). Written ``"nf4-b64-dq"`` / ``"fp4-b128"`` (``name``, ``parse``)."""
+
+    scheme: str = "nf4"
+    blocksize: int = BLOCKSIZE
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        choice("scheme", self.scheme, SCHEMES)
+        choice("blocksize", self.blocksize, BLOCKSIZES)
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant={self.double_quant!r} must be True or False")
+
+    @property
+    def name(self) -> str:
+        return f"{self.scheme}-b{self.blocksize}" + ("-dq" if self.double_quant else "")
+
+    @classmethod
+    def parse(cls, name: str, parameter: str = "quant_config") -> QuantConfig:
+        """The config written ``"<scheme>-b<blocksize>[-dq]"``; a ValueError names ``parameter`` otherwise."""
+        parts = name.split("-") if isinstance(name, str) else []
+        ok = (
+            len(parts) in (2, 3) and parts[0] in SCHEMES and parts[1][:1] == "b" and parts[1][1:].isdigit()
+            and int(parts[1][1:]) in BLOCKSIZES and parts[2:] in ([], ["dq"])
+        )
+        if not ok:
+            raise ValueError(
+                f"{parameter}={name!r} is not a quantization config; write '<scheme>-b<blocksize>[-dq]' with "
+                f"scheme one of {list(SCHEMES)}, blocksize one of {list(BLOCKSIZES)}, '-dq' for double "
+                "quantization (e.g. 'nf4-b64-dq')"
+            )
+        return cls(parts[0], int(parts[1][1:]), parts[2:] == ["dq"])
+
+    def quantize(self, w: torch.Tensor) -> Quantized:
+        """``w`` quantized in this format by bitsandbytes."""
+        return quantize_tensor(w, self.scheme, self.double_quant, self.blocksize)
+
+    def storage_bits(self, numel: int) -> int:
+        """Exact bits bitsandbytes stores for a matrix of ``numel`` weights in this format: 4-bit codes
+        packed two per byte, one scale per block (fp32, or uint8 with double quantization, then also one
+        fp32 scale per 256 blocks and one fp32 offset). The codebooks (16 code values, 256 scale values)
+        are constants of the format, the same for every matrix, and are not counted."""
+        blocks = -(-numel // self.blocksize)
+        if not self.double_quant:
+            return 8 * (-(-numel // 2)) + 32 * blocks
+        return 8 * (-(-numel // 2)) + 8 * blocks + 32 * -(-blocks // NESTED_BLOCKSIZE) + 32
+
+
+def stored_bits(q: Quantized) -> int:
+    """The bits of the per-matrix tensors bitsandbytes actually holds for ``q``: packed codes, block
+    scales and, with double quantization, the scales' scales and offset (codebooks excluded)."""
+    state = q.state
+    tensors = [q.data, state.absmax]
+    if state.nested:
+        tensors += [state.state2.absmax, torch.as_tensor(state.offset)]
+    return sum(8 * t.numel() * t.element_size() for t in tensors)
 
 
 def _unpack_for_cpu(module: nn.Module) -> None:
@@ -132,7 +199,7 @@ def requantize_(module: nn.Module, w: torch.Tensor) -> float:
     _unpack_for_cpu(module)
     p = module.weight
     old = p.quant_state
-    q = quantize_tensor(w.to(old.dtype), old.quant_type, bool(p.compress_statistics))
+    q = quantize_tensor(w.to(old.dtype), old.quant_type, bool(p.compress_statistics), old.blocksize)
     p.data = q.data.to(p.quant_storage) if q.data.dtype != p.quant_storage else q.data
     p.quant_state = module.quant_state = q.state
     return relative_error(dequantize_tensor(q), w)
@@ -147,19 +214,24 @@ def to_linear4bit(
 ) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` computing ``module``'s map (``nn.Linear`` or ``Conv1D``, whose
     (in, out) weight is transposed), with the same bias (copied). ``quantized``: codes already made
-    from this layer's weight (LoftQ's Q_T); else the weight is quantized here."""
+    from this layer's weight (LoftQ's Q_T, LQ-LoRA's Q); its own scheme, block size and double
+    quantization then override the arguments. Else the weight is quantized here (blocks of 64)."""
     bnb = require_bnb()
     w = linear_weight(module).detach()
     out_features, in_features = w.shape
     bias = module.bias
     dtype = _compute_dtype(compute_dtype, w.dtype)
+    blocksize = BLOCKSIZE
+    if quantized is not None:  # the codes' own format
+        state = quantized.state
+        scheme, double_quant, blocksize = state.quant_type, bool(state.nested), state.blocksize
     layer = bnb.nn.Linear4bit(
         in_features, out_features, bias=bias is not None, compute_dtype=dtype,
         compress_statistics=double_quant, quant_type=scheme, device="meta",
     )
     q = quantized if quantized is not None else quantize_tensor(w, scheme, double_quant)
     layer.weight = bnb.nn.Params4bit(
-        q.data, requires_grad=False, quant_state=q.state, blocksize=BLOCKSIZE, compress_statistics=double_quant,
+        q.data, requires_grad=False, quant_state=q.state, blocksize=blocksize, compress_statistics=double_quant,
         quant_type=scheme, module=layer, bnb_quantized=True,
     )
     layer.quant_state = q.state
@@ -243,7 +315,7 @@ def quantize(
 
 
 __all__ = [
-    "BLOCKSIZE", "SCHEMES", "Quantized", "QuantizedModel", "dense_linear", "dequantize", "dequantize_tensor",
-    "is_conv1d", "is_linear4bit", "layer_compute_dtype", "quantize", "quantize_tensor", "relative_error",
-    "requantize_", "require_bnb", "restore_", "stash", "to_linear4bit",
+    "BLOCKSIZE", "BLOCKSIZES", "SCHEMES", "QuantConfig", "Quantized", "QuantizedModel", "dense_linear", "dequantize",
+    "dequantize_tensor", "is_conv1d", "is_linear4bit", "layer_compute_dtype", "quantize", "quantize_tensor",
+    "relative_error", "requantize_", "require_bnb", "restore_", "stash", "stored_bits", "to_linear4bit",
 ]

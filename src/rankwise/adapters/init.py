@@ -10,10 +10,11 @@ base (``moves_base``: W_base = W₀ − ΔW₀, so the adapted model starts equa
 an estimated gradient, and whether the adapted model starts equal to the base.
 
 LoRA-shaped inits (no core; ``init=`` of the LoRA layer): ``pissa`` (Meng et al. 2024), ``olora``
-(Büyükakyüz 2024), ``lora_ga`` (Wang et al. 2024), ``loftq`` (Li et al. 2023; it also chooses the
-4-bit base, ``Factors.base``). Core-matrix inits (the ``CoreLayer`` methods of
-``core.py``): ``lora_xs`` (Bałazy et al. 2024), ``lora_sb`` (Ponkshe et al. 2024), ``loldu`` (Shi et
-al. 2024), ``svfit`` (Sun et al. 2024). Truncated SVDs come from :mod:`rankwise.linalg`.
+(Büyükakyüz 2024), ``lora_ga`` (Wang et al. 2024), ``loftq`` (Li et al. 2023) and ``lq_lora`` (Guo
+et al. 2024), the last two also choosing the 4-bit base (``Factors.base``) by one shared alternation.
+Core-matrix inits (the ``CoreLayer`` methods of ``core.py``): ``lora_xs`` (Bałazy et al. 2024),
+``lora_sb`` (Ponkshe et al. 2024), ``loldu`` (Shi et al. 2024), ``svfit`` (Sun et al. 2024).
+Truncated SVDs come from :mod:`rankwise.linalg`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from ..linalg import truncated_svd
-from ..quant import Quantized, dequantize_tensor, quantize_tensor
+from ..quant import BLOCKSIZE, QuantConfig, Quantized, dequantize_tensor
 from ..rng import layer_generator
 
 
@@ -141,6 +142,57 @@ def lora_ga_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(zeta * u[:, r : 2 * r], zeta * vh[:r])
 
 
+@dataclass
+class QuantizedLowRank:
+    """W ≈ deq(Q) + s·B·A from :func:`quantized_low_rank`; ``errors[t]`` = ‖W − deq(Q_t) − s·B_t·A_t‖_F
+    after each alternation t that was kept (fp32)."""
+
+    base: Quantized
+    left: torch.Tensor
+    right: torch.Tensor
+    errors: list[float]
+
+
+def quantized_low_rank(
+    weight: torch.Tensor,
+    ctx: InitContext,
+    qconfig: QuantConfig,
+    iters: int,
+    *,
+    svd_first: bool,
+    stop_on_increase: bool = False,
+) -> QuantizedLowRank:
+    """The alternation shared by LoftQ and LQ-LoRA: Q = q(W − s·B·A) (bitsandbytes, ``qconfig``) and
+    s·B·A = best rank-r approximation of W − deq(Q) (truncated SVD U_r S_r V_rᵀ, split as PiSSA does:
+    B = U_r (S_r/s)^{1/2}, A = (S_r/s)^{1/2} V_rᵀ), ``iters`` times. ``svd_first``: start from Q = 0
+    with the SVD (LQ-LoRA, Guo et al. 2024, Alg. 1), else from B·A = 0 with the quantization (LoftQ,
+    Li et al. 2023, Alg. 1). ``stop_on_increase``: stop as soon as an alternation raises
+    ‖W − deq(Q) − s·B·A‖_F and keep the one before (LQ-LoRA). ``init_iters=k`` in the config:
+    randomized SVDs."""
+    svd_iters = int(getattr(ctx.config, "init_iters", 0))
+    w = weight.float()
+    low_rank = deq = torch.zeros_like(w)
+    kept: QuantizedLowRank | None = None
+    errors: list[float] = []
+    for t in range(2 * iters):
+        if (t % 2 == 0) == svd_first:  # the SVD half-step
+            u, s, vh = truncated_svd(w - deq, ctx.r, svd_iters, context_generator(ctx) if svd_iters else None)
+            root = torch.sqrt(s / ctx.scale)
+            b, a = u * root, root[:, None] * vh
+            low_rank = (u * s) @ vh  # = s·B·A
+        else:
+            q = qconfig.quantize(w - low_rank)
+            deq = dequantize_tensor(q).float()
+        if t % 2 == 1:  # a whole alternation: both parts are set
+            err = float((w - deq - low_rank).norm())
+            if stop_on_increase and errors and err > errors[-1]:
+                break
+            errors.append(err)
+            kept = QuantizedLowRank(q, b, a, errors)
+    assert kept is not None
+    return kept
+
+
 def loftq_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     """LoftQ (Li et al. 2023, arXiv 2310.08659, Algorithm 1): alternate, for t = 1..T
     (``loftq_iter``), Q_t = q_N(W − s·B_{t−1}A_{t−1}) (bitsandbytes NF4/FP4, ``quant_type``,
@@ -151,23 +203,22 @@ def loftq_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     Q_T + s·B_T·A_T ≈ W: ‖W − Q_T − s·B_T·A_T‖_F is the tail of the spectrum of W − Q_T, at most
     QLoRA's ‖W − q_N(W)‖_F. T = 1 is the paper's and PEFT's default. ``init_iters=k``: randomized SVDs
     (k power iterations) instead of exact ones (W − Q_t has a flat spectrum: less accurate than for PiSSA)."""
-    scheme = str(getattr(ctx.config, "quant_type", "nf4"))
-    double_quant = bool(getattr(ctx.config, "double_quant", True))
-    iters = int(getattr(ctx.config, "loftq_iter", 1))
-    svd_iters = int(getattr(ctx.config, "init_iters", 0))
-    w = weight.float()
-    low_rank = torch.zeros_like(w)
-    q = b = a = None
-    for _ in range(iters):
-        q = quantize_tensor(w - low_rank, scheme, double_quant)
-        u, s, vh = truncated_svd(
-            w - dequantize_tensor(q).float(), ctx.r, svd_iters, context_generator(ctx) if svd_iters else None
-        )
-        root = torch.sqrt(s / ctx.scale)
-        b, a = u * root, root[:, None] * vh
-        low_rank = (u * s) @ vh  # = s·B·A
-    assert q is not None and b is not None and a is not None
-    return Factors(b, a, base=q)
+    qconfig = QuantConfig(str(getattr(ctx.config, "quant_type", "nf4")), BLOCKSIZE,
+                          bool(getattr(ctx.config, "double_quant", True)))
+    d = quantized_low_rank(weight, ctx, qconfig, int(getattr(ctx.config, "loftq_iter", 1)), svd_first=False)
+    return Factors(d.left, d.right, base=d.base)
+
+
+def lq_lora_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LQ-LoRA (Guo et al. 2024, arXiv 2311.12023, Alg. 1): from Q = 0 alternate s·B·A = rank-r SVD
+    of W − deq(Q) and Q = q(W − s·B·A), ``lq_iter`` times, stopping when the error rises. The
+    quantization config is the layer's ILP choice (``ctx.extra["quant_config"]``, set by the
+    ``lq_lora`` layer), else NF4, blocks of 64, double quantization (QLoRA's)."""
+    qconfig = ctx.extra.get("quant_config") or QuantConfig()
+    d = quantized_low_rank(weight, ctx, qconfig, int(getattr(ctx.config, "lq_iter", 1)), svd_first=True,
+                           stop_on_increase=True)
+    ctx.extra["lq_errors"] = d.errors
+    return Factors(d.left, d.right, base=d.base)
 
 
 # ---------------------------------------------------------------------- core-matrix inits
@@ -207,6 +258,7 @@ INITS: dict[str, Init] = {
     "olora": Init(olora_init, moves_base=True),
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
     "loftq": Init(loftq_init, moves_base=True, identity=False, quantizes=True),
+    "lq_lora": Init(lq_lora_init, moves_base=True, identity=False, quantizes=True),
     "lora_xs": Init(lora_xs_init, core="full"),
     "lora_sb": Init(lora_sb_init, needs_grad=True, core="full", identity=False),
     "loldu": Init(loldu_init, moves_base=True, core="diagonal", permuted=True),
