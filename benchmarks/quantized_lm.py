@@ -25,17 +25,21 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from compress_smollm2 import train_batches  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 
 import rankwise as rw
+from rankwise.adapters.lq_lora import lq_lora_report
 from rankwise.callbacks import Callback
 from rankwise.compress import eval_blocks, evaluate_corpora
 from rankwise.compress.evaluate import EVAL_CORPORA
 from rankwise.memory import count_params
 from rankwise.models import load_model
+from rankwise.quant import stash, stored_bits
+from rankwise.targets import is_linear4bit
 from rankwise.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,7 +74,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     method, options = VARIANTS[args.variant]
     options = dict(options)
     if method == "lq_lora":
-        options.update(budget_bits=args.budget_bits, lq_iter=args.lq_iter)
+        options.update(budget_bits=args.budget_bits, lq_iter=args.lq_iter, quant_configs=args.lq_configs.split(","))
     base, tok = load_model("smollm2-135m")
     blocks = {c: eval_blocks(tok, c, args.eval_blocks, 128) for c in EVAL_CORPORA}
     batches = train_batches(tok, args.steps, 4, 128, args.seed)
@@ -81,10 +85,13 @@ def run_variant(args: argparse.Namespace) -> dict:
     row = {"variant": args.variant, "method": method, "options": options, "init_seconds": init_s,
            "weight_bytes": stored_bytes(base), "trainable_params": count_params(base)[0],
            "before": evaluate_corpora(base, None, blocks=blocks)}
-    state = rw.adapter_state(base)
-    for key in ("chosen", "configs", "average_bits"):
-        if hasattr(state, key):
-            row[key] = getattr(state, key)
+    quantized = [layer for _, layer in rw.adapter_layers(base) if is_linear4bit(layer.base_layer)]
+    if quantized:  # exact stored bits per weight of the adapted 4-bit matrices
+        row["average_bits"] = (sum(stored_bits(stash(layer.base_layer)) for layer in quantized)
+                               / sum(layer.in_features * layer.out_features for layer in quantized))
+    if method == "lq_lora":
+        report = lq_lora_report(base)
+        row["configs_chosen"] = dict(Counter(report.configs.values()))
     times: list[float] = []
 
     class Timer(Callback):
@@ -128,10 +135,11 @@ def write_outputs(result: dict, out: Path) -> None:
             f"{row['weight_bytes']['adapter_buffers'] / 1e6:.1f} | {row['trainable_params']:,} | "
             f"{b['bbc']:.2f} → {a['bbc']:.2f} | {b['stdlib-code']:.2f} → {a['stdlib-code']:.2f} | "
             f"{row['median_step_seconds']:.2f} | {row['peak_rss_bytes'] / 1e6:.0f} | {row['init_seconds']:.0f} |")
-    if any("average_bits" in r for r in result["rows"]):
-        for r in result["rows"]:
-            if "average_bits" in r:
-                lines += ["", f"LQ-LoRA: budget {cfg['budget_bits']} bits/parameter, achieved {r['average_bits']:.3f}."]
+    lines += ["", "Stored bits per weight of the adapted matrices (codes + block scales + second-level scales):"]
+    lines += [f"- {r['variant']}: {r['average_bits']:.3f}" + (f" (configs chosen: {r['configs_chosen']})"
+              if "configs_chosen" in r else "") for r in result["rows"] if "average_bits" in r]
+    lines += ["", f"LQ-LoRA budget: {cfg['budget_bits']} bits per weight, T = {cfg['lq_iter']}, candidates "
+              f"{cfg['lq_configs']}."]
     (out / "quantized_lm.md").write_text("\n".join(lines) + "\n")
     plot(result, out)
 
@@ -166,7 +174,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--budget-bits", type=float, default=4.13)  # QLoRA's NF4 (blocks of 64, double quant): 4.127
-    parser.add_argument("--lq-iter", type=int, default=5)
+    parser.add_argument("--lq-iter", type=int, default=3)
+    parser.add_argument("--lq-configs", default="nf4-b32-dq,nf4-b64-dq,nf4-b128-dq,nf4-b256-dq,nf4-b64",
+                        help="LQ-LoRA's candidate bitsandbytes formats (comma-separated)")
     parser.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated module suffixes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
