@@ -27,7 +27,9 @@ class MethodSpec:
     """One adapter method, as the adapter package registers it in the catalogue: its family, paper
     and one-line mechanism (``summary``), a layer class, its config class and config defaults.
     ``api`` is the method's entry point: ``"adapt"``, or ``"compress"`` for a method whose adapter
-    layer is one stage of a compression pipeline (DSEE)."""
+    layer is one stage of a compression pipeline (DSEE). ``controller``: for a method that changes
+    rank while it trains (AdaLoRA, SoRA), ``controller(model, adapter_name, optimizer, total_steps)``
+    builds its ``RankController``; every training loop attaches it (``adapters.rank_control``)."""
 
     name: str
     family: str
@@ -38,6 +40,7 @@ class MethodSpec:
     export: str = "lora"
     summary: str = ""
     api: str = "adapt"
+    controller: Callable[..., Any] | None = None
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")
