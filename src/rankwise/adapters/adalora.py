@@ -172,7 +172,8 @@ class AdaLoRAController(MethodController):
         super().__init__(model, name)
         cfg = adapter_state(model, name).config
         if not isinstance(cfg, AdaLoRAConfig):
-            raise ValueError(f"adapter {name!r} is not an AdaLoRA adapter (method {adapter_state(model, name).method!r})")
+            method = adapter_state(model, name).method
+            raise ValueError(f"adapter {name!r} is not an AdaLoRA adapter (method {method!r})")
         self.config = cfg
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, AdaLoRALayer)]
         self.total_step = cfg.total_step if cfg.total_step is not None else total_steps
@@ -198,7 +199,8 @@ class AdaLoRAController(MethodController):
                              f"{self.total_step} - {c.tfinal}; decrease tinit / tfinal or increase total_step")
         if total_steps is not None and final > total_steps:
             raise ValueError(f"AdaLoRA's final allocation is at step total_step - tfinal = {final}, after the run's "
-                             f"{total_steps} steps (max_steps); set total_step <= {total_steps + c.tfinal} or train longer")
+                             f"{total_steps} steps (max_steps); set total_step <= {total_steps + c.tfinal} or "
+                             "train longer")
         if self.target_budget >= self.init_budget:
             raise ValueError(f"AdaLoRA's target budget target_r={c.target_r} x {len(self.layers)} layers = "
                              f"{self.target_budget} is not below the initial budget {self.init_budget} (r per layer); "
