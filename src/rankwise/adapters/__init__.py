@@ -12,7 +12,8 @@ from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
-from . import adalora  # noqa: F401  (rank allocation: its controller is attached by every loop)
+from . import sora  # noqa: F401  (rank allocation: SoRA and AdaLoRA bring controllers every loop attaches)
+from . import adalora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)

@@ -35,7 +35,7 @@ from ..checks import fraction, integer, non_negative, positive
 from ..rng import layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController
+from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 __all__ = ["AdaLoRAConfig", "AdaLoRAController", "AdaLoRALayer", "budget_schedule", "orthogonal_regularizer",
@@ -119,9 +119,7 @@ class AdaLoRALayer(AdapterLayer):
         """``(P_k, Λ_k Q_k, s)`` over the kept triplets only: a LoRA pair of rank = the allocated rank
         (one zero triplet when none is kept, since PEFT needs r ≥ 1); same ΔW as :meth:`factors`."""
         keep = self.kept()
-        b, a = self.lora_B[:, keep], (self.lora_A * self.lora_E)[keep]
-        if keep.numel() == 0:
-            b, a = self.lora_B.new_zeros(self.out_features, 1), self.lora_A.new_zeros(1, self.in_features)
+        b, a = rank_at_least_one(self.lora_B[:, keep], (self.lora_A * self.lora_E)[keep])
         return b, a, self.scale
 
     def trainable_count(self) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 from ..callbacks import Callback, RankController, TrainState, call
 from .registry import adapter_states, get_method
 
-__all__ = ["MethodController", "MethodControllers", "with_method_controllers"]
+__all__ = ["MethodController", "MethodControllers", "rank_at_least_one", "with_method_controllers"]
 
 #: ``controller(model, adapter_name, optimizer, total_steps)`` (optimizer None: read it at train begin)
 ControllerFactory = Callable[[nn.Module, str, "torch.optim.Optimizer | None", int], RankController]
@@ -139,3 +139,10 @@ def with_method_controllers(
     if total_steps is not None:
         auto.build(optimizer, total_steps)
     return [auto, *callbacks]
+
+
+def rank_at_least_one(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` unchanged, or one zero rank when no rank is left (PEFT's LoRA needs r ≥ 1): same ΔW."""
+    if a.shape[0] > 0:
+        return b, a
+    return b.new_zeros(b.shape[0], 1), a.new_zeros(1, a.shape[1])
