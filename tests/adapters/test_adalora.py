@@ -32,13 +32,14 @@ def _kept(model) -> int:
     return sum(rank_pattern(model).values())
 
 
-def test_parity_with_peft_adalora_through_the_loop():
+@pytest.mark.parametrize(("steps", "tinit", "tfinal", "delta"), [(8, 1, 2, 1), (9, 2, 1, 2)])
+def test_parity_with_peft_adalora_through_the_loop(steps, tinit, tfinal, delta):
     """Same init, batches and AdamW: rankwise's loop (controller attached by itself) and PEFT's
     loop with update_and_allocate end with the same parameters and the same masks."""
-    steps, batches = 8, lm_batches(4, seed=3)
-    ours = _adalora()
-    cfg = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=steps, lora_alpha=4,
-                        target_modules=TARGETS, lora_dropout=0.0)
+    batches = lm_batches(4, seed=3)
+    ours = _adalora(tinit=tinit, tfinal=tfinal, deltaT=delta)
+    cfg = AdaLoraConfig(init_r=4, target_r=2, tinit=tinit, tfinal=tfinal, deltaT=delta, total_step=steps,
+                        lora_alpha=4, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
     theirs = get_peft_model(make_tiny_llama(0), cfg)
     inner = theirs.base_model.model
     with torch.no_grad():
@@ -51,9 +52,7 @@ def test_parity_with_peft_adalora_through_the_loop():
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
     theirs.train()
     for step in range(1, steps + 1):
-        # AdaLoraModel.forward adds the regulariser to the loss (observed with transformers 5.25: the
-        # PeftModel wrapper's forward returns the loss without it, so the tuner model is called directly)
-        theirs.base_model(**batches[(step - 1) % len(batches)]).loss.backward()
+        theirs(**batches[(step - 1) % len(batches)]).loss.backward()  # the loss includes w·R
         opt_theirs.step()
         theirs.base_model.update_and_allocate(step)
         opt_theirs.zero_grad()
