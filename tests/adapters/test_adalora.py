@@ -4,6 +4,7 @@ the orthogonality regulariser, PEFT export of the allocated ranks, and the autom
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from rankwise.callbacks import Callback
 from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
+from ..cli.cli_helpers import needs_assets, run_cli
 from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = ["--max-steps", "2", "--batch-size", "4", "--max-length", "24", "--train-limit", "16", "--test-limit", "8",
+        "--no-progress"]
 OPTS = {"r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "alpha": 4.0}
 
 
@@ -235,3 +239,16 @@ def test_rankwise_trainer_attaches_the_controller(tmp_path):
     RankwiseTrainer(model=model, args=args, train_dataset=data).train()
     n = len(rw.adapter_layers(model))
     assert _kept(model) == 2 * n
+
+
+@needs_assets
+def test_cli_train_runs_the_controller_and_refuses_a_schedule_that_cannot_fit(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["train", "--method", "adalora", "--r", "4", "--option", "target_r=2", "--targets", "query,value",
+             "--output", str(out), *TINY]
+    code, _, err = run_cli(capsys, *flags)
+    assert code == 0, err
+    history = json.loads((out / "metrics.json").read_text())["result"]["history"]
+    assert history[-1]["adalora_rank"] == 2 * 12  # query and value of MiniLM's 6 blocks at target_r = 2
+    code, _, err = run_cli(capsys, *flags[:-len(TINY)], "--option", "total_step=50", "--overwrite", *TINY)
+    assert code == 2 and "total_step - tfinal = 50" in err and "Traceback" not in err

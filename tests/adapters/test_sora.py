@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 
 import rankwise as rw
 from rankwise.adapters.sora import SoRAController, soft_threshold
+from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
-from ..conftest import lm_batches, make_tiny_llama
+from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama
 
 
 def _sora(**kw):
@@ -86,3 +88,20 @@ def test_training_zeroes_gates_and_pruning_removes_them_with_equal_logits(tmp_pa
 def test_bad_options_name_the_parameter():
     with pytest.raises(ValueError, match="sparse_lambda"):
         _sora(sparse_lambda=-1.0)
+
+
+def test_rankwise_trainer_runs_the_proximal_step_and_prunes(tmp_path):
+    model = rw.adapt(make_tiny_bert(0), "sora", r=4, sparse_lambda=20.0)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", lr_scheduler_type="constant")
+    with torch.no_grad():
+        for _, layer in rw.adapter_layers(model):
+            layer.gate.copy_(torch.tensor([0.1, 0.5, 2.0, 3.0]))
+    RankwiseTrainer(model=model, args=args, train_dataset=data).train()
+    # lr·λ = 0.2 per step: the first two gates reach 0 within 3 steps and are pruned at the end
+    for _, layer in rw.adapter_layers(model):
+        assert layer.gate.numel() == 2 and layer.lora_A.shape[0] == 2
+        assert bool(((layer.gate.detach() - torch.tensor([1.2, 2.2])).abs() < 0.05).all())
