@@ -64,7 +64,8 @@ def test_training_zeroes_gates_and_pruning_removes_them_with_equal_logits(tmp_pa
                 seen["opt"] = state.optimizer
                 state.model.train()
 
-    res = train(model, lm_batches(3), config=TrainConfig(max_steps=6, progress=False, lr=0.05, schedule="constant"), callbacks=[Probe()])
+    cfg = TrainConfig(max_steps=6, progress=False, lr=0.05, schedule="constant")
+    res = train(model, lm_batches(3), config=cfg, callbacks=[Probe()])
     assert res.history[-1]["sora_nonzero_gates"] < 4 * 14
     ranks = [m.gate.numel() for _, m in rw.adapter_layers(model)]
     assert ranks == [max(r, 1) for r in seen["ranks"]] and sum(ranks) < 4 * 14

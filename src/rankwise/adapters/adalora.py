@@ -36,7 +36,7 @@ from ..rng import layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
 from .rank_control import MethodController, rank_at_least_one
-from .registry import MethodSpec, adapter_layers, adapter_state, register
+from .registry import MethodSpec, adapter_layers, register
 
 __all__ = ["AdaLoRAConfig", "AdaLoRAController", "AdaLoRALayer", "budget_schedule", "orthogonal_regularizer",
            "rank_pattern"]
@@ -168,11 +168,7 @@ class AdaLoRAController(MethodController):
 
     def __init__(self, model: nn.Module, name: str = "default", total_steps: int | None = None) -> None:
         super().__init__(model, name)
-        cfg = adapter_state(model, name).config
-        if not isinstance(cfg, AdaLoRAConfig):
-            method = adapter_state(model, name).method
-            raise ValueError(f"adapter {name!r} is not an AdaLoRA adapter (method {method!r})")
-        self.config = cfg
+        self.config = cfg = self.adapter_config(AdaLoRAConfig)
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, AdaLoRALayer)]
         self.total_step = cfg.total_step if cfg.total_step is not None else total_steps
         if self.total_step is None:

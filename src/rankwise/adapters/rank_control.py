@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback, RankController, TrainState, call
-from .registry import adapter_states, get_method
+from .registry import adapter_state, adapter_states, get_method
 
 __all__ = ["MethodController", "MethodControllers", "rank_at_least_one", "with_method_controllers"]
 
@@ -38,6 +38,14 @@ class MethodController(RankController):
         self.model = model
         self.adapter_name = adapter_name
         self.allocations = 0
+
+    def adapter_config(self, config_cls: type) -> Any:
+        """The adapter's config, checked to be a ``config_cls`` (else a ValueError naming its method)."""
+        state = adapter_state(self.model, self.adapter_name)
+        if not isinstance(state.config, config_cls):
+            raise ValueError(f"adapter {self.adapter_name!r} has method {state.method!r}; "
+                             f"{type(self).__name__} needs a {config_cls.__name__}")
+        return state.config
 
     def schedule(self) -> str:
         """The schedule parameters, for error messages."""

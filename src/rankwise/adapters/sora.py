@@ -116,10 +116,7 @@ class SoRAController(MethodController):
 
     def __init__(self, model: nn.Module, name: str = "default", optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__(model, name)
-        cfg = adapter_state(model, name).config
-        if not isinstance(cfg, SoRAConfig):
-            raise ValueError(f"adapter {name!r} is not a SoRA adapter (method {adapter_state(model, name).method!r})")
-        self.config, self.optimizer = cfg, optimizer
+        self.config, self.optimizer = self.adapter_config(SoRAConfig), optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, SoRALayer)]
 
     def schedule(self) -> str:
