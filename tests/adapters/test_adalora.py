@@ -252,3 +252,16 @@ def test_cli_train_runs_the_controller_and_refuses_a_schedule_that_cannot_fit(tm
     assert history[-1]["adalora_rank"] == 2 * 12  # query and value of MiniLM's 6 blocks at target_r = 2
     code, _, err = run_cli(capsys, *flags[:-len(TINY)], "--option", "total_step=50", "--overwrite", *TINY)
     assert code == 2 and "total_step - tfinal = 50" in err and "Traceback" not in err
+
+
+def test_a_controller_passed_by_the_user_replaces_the_automatic_one():
+    from rankwise.adapters.rank_control import MethodControllers, with_method_controllers
+
+    model = _adalora()
+    auto = with_method_controllers(model, [])
+    assert len(auto) == 1 and isinstance(auto[0], MethodControllers)
+    mine = AdaLoRAController(model, total_steps=8)
+    assert with_method_controllers(model, [mine]) == [mine]
+    res = train(model, lm_batches(3), config=TrainConfig(max_steps=8, progress=False, lr=1e-2), callbacks=[mine])
+    assert mine.final_done and res.history[-1]["adalora_rank"] == 14 * 2
+    assert with_method_controllers(_adalora(), [AdaLoRAController(model, total_steps=8)])[0].model is not model
