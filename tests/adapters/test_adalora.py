@@ -14,6 +14,7 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 import rankwise as rw
 from rankwise.adapters.adalora import AdaLoRAController, orthogonal_regularizer, rank_pattern
 from rankwise.callbacks import Callback
+from rankwise.checkpoint import checkpoints, read_checkpoint
 from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
@@ -223,6 +224,8 @@ def test_checkpoint_resume_keeps_the_controller_state(tmp_path):
 
     with pytest.warns(UserWarning, match="before its final allocation"):
         train(part, batches, config=cfg, callbacks=[Stop()])
+    payload, _, _ = read_checkpoint(checkpoints(tmp_path)[0])
+    assert payload["callbacks"][0][0]["t"] == 3  # the controllers' state is first, whatever the user passes
     train(resumed, batches, config=cfg, resume_from=str(tmp_path))  # without Stop: the controller's state still fits
     for (_, la), (_, lb) in zip(rw.adapter_layers(full), rw.adapter_layers(resumed), strict=True):
         for p in ("lora_A", "lora_E", "lora_B"):
