@@ -212,20 +212,23 @@ def test_bad_options_name_the_parameter():
 
 
 def test_checkpoint_resume_keeps_the_controller_state(tmp_path):
-    batches = lm_batches(3)
-    full = _adalora()
-    train(full, batches, config=TrainConfig(max_steps=8, progress=False, lr=1e-2))
-    part, resumed = _adalora(), _adalora()
-    cfg = TrainConfig(max_steps=8, progress=False, lr=1e-2, checkpoint_every=3, output_dir=str(tmp_path))
+    """Stopped at step 4 of 14 and resumed: bit-identical to the run without the stop (the importance
+    averages and the step count come back from the checkpoint)."""
+    batches, steps = lm_batches(3), 14
+    opts = {"tinit": 1, "tfinal": 3, "deltaT": 1}
+    full = _adalora(**opts)
+    train(full, batches, config=TrainConfig(max_steps=steps, progress=False, lr=1e-2))
+    part, resumed = _adalora(**opts), _adalora(**opts)
+    cfg = TrainConfig(max_steps=steps, progress=False, lr=1e-2, checkpoint_every=4, output_dir=str(tmp_path))
 
     class Stop(Callback):
         def on_step_end(self, state):
-            state.should_stop = state.step == 3
+            state.should_stop = state.step == 4
 
     with pytest.warns(UserWarning, match="before its final allocation"):
         train(part, batches, config=cfg, callbacks=[Stop()])
     payload, _, _ = read_checkpoint(checkpoints(tmp_path)[0])
-    assert payload["callbacks"][0][0]["t"] == 3  # the controllers' state is first, whatever the user passes
+    assert payload["callbacks"][0][0]["t"] == 4  # the controllers' state is first, whatever the user passes
     train(resumed, batches, config=cfg, resume_from=str(tmp_path))  # without Stop: the controller's state still fits
     for (_, la), (_, lb) in zip(rw.adapter_layers(full), rw.adapter_layers(resumed), strict=True):
         for p in ("lora_A", "lora_E", "lora_B"):
