@@ -8,6 +8,8 @@ soft-threshold S_τ(x) = sign(x)·max(|x| − τ, 0) and η the optimizer's curr
 
 Init: A as ``nn.Linear`` (LoRA's), B = 0, g = 1, so the model starts at the base and the gate
 starts as plain LoRA. The paper's sparsifying scheduler (a rising λ) is not implemented: λ is fixed.
+The step is the paper's proximal gradient step; the authors' code takes an AdamW step on g and then
+thresholds with λ unscaled, so its λ values do not carry over.
 """
 
 from __future__ import annotations
