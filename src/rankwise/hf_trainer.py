@@ -34,6 +34,7 @@ from torch import nn
 
 from . import checks, optim
 from .adapters import adapter_layers, get_method
+from .adapters.rank_control import with_method_controllers
 from .adapters.registry import adapter_names, adapter_state
 from .callbacks import TrainState, call
 from .checkpoint import trained_tensors
@@ -233,7 +234,8 @@ class RankwiseTrainer(transformers.Trainer):
 
     Extra arguments: ``optimizer`` (a ``rw.optim`` name, built with ``args.learning_rate`` and
     ``args.weight_decay`` plus ``optimizer_options``) and ``loop_callbacks`` (rankwise loop
-    callbacks, run through :class:`LoopCallbacks`). Everything else is the Trainer's.
+    callbacks, run through :class:`LoopCallbacks`). Everything else is the Trainer's. The controller of
+    a rank-allocating adapter (AdaLoRA, SoRA) is added to the loop callbacks by itself.
     """
 
     def __init__(
@@ -249,6 +251,9 @@ class RankwiseTrainer(transformers.Trainer):
         if optimizer_options is not None and not isinstance(optimizer_options, dict):
             raise ValueError(f"optimizer_options={optimizer_options!r} must be a dict of keyword arguments")
         self.rankwise_optimizer, self.rankwise_optimizer_options = optimizer, dict(optimizer_options or {})
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module):  # rank-allocating adapters bring their controller (built at train begin)
+            loop_callbacks = with_method_controllers(model, loop_callbacks)
         self.loop_callbacks = LoopCallbacks(loop_callbacks) if loop_callbacks else None
         if self.loop_callbacks is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.loop_callbacks]

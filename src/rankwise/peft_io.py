@@ -112,8 +112,8 @@ def _export_pair(layer: AdapterLayer, name: str, dora: bool) -> tuple[torch.Tens
             raise ValueError(f"layer '{name}' ({layer.method}) lacks {missing} needed by PEFT's DoRA format")
         f: tuple[torch.Tensor, torch.Tensor, float] | None = (
             module_tensor(layer, "lora_B"), module_tensor(layer, "lora_A"), cast(float, layer.scale))
-    else:
-        f = layer.factors()
+    else:  # a rank-allocating layer exports only its kept ranks (``peft_factors``: AdaLoRA, SoRA)
+        f = getattr(layer, "peft_factors", layer.factors)()
     if f is None:
         raise ValueError(
             f"layer '{name}' ({layer.method}) has no low-rank factors, so it cannot be written as a "

@@ -573,6 +573,14 @@ class _Loop:
         return metrics
 
 
+def _with_method_controllers(model: nn.Module, callbacks: Sequence[Any], optimizer: torch.optim.Optimizer,
+                            total_steps: int) -> list[Any]:
+    """The controllers of the model's rank-allocating adapters (AdaLoRA, SoRA), then ``callbacks``."""
+    from .adapters.rank_control import with_method_controllers
+
+    return with_method_controllers(model, callbacks, optimizer, total_steps)
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader | Iterable[dict[str, Any]],
@@ -624,6 +632,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps)
+    callbacks = _with_method_controllers(model, callbacks, optimizer, total_steps)
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)
     loop.start(resume_from)

@@ -36,7 +36,10 @@ class MethodSpec:
     ``needs_adapters``: ``adapt`` on a model without such adapters is an error (so the generic test
     matrices, which adapt a bare model, leave the method out). ``mergeable=False`` (with
     ``export="none"``): the delta depends on the input (MeteoRA's routing), there is no ΔW to merge
-    either, and the catalogue says the result exports to nothing."""
+    either, and the catalogue says the result exports to nothing. ``controller``: for a method that
+    changes rank while it trains (AdaLoRA, SoRA), ``controller(model, adapter_name, optimizer,
+    total_steps)`` builds its ``RankController``; every training loop attaches it
+    (``adapters.rank_control``)."""
 
     name: str
     family: str
@@ -50,6 +53,7 @@ class MethodSpec:
     check_model: Callable[[nn.Module, AdapterConfig, list[str]], None] | None = None
     needs_adapters: bool = False
     mergeable: bool = True
+    controller: Callable[..., Any] | None = None
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")

@@ -1,0 +1,156 @@
+"""Controllers that come with an adapter method, attached by every training loop without the user's help.
+
+A rank-allocation method (AdaLoRA, SoRA) is only correct when its controller runs at every step;
+PEFT leaves that to the user (``update_and_allocate``), who can forget it and then trains a fixed
+rank without any error. Here a method's ``MethodSpec.controller`` builds its controller, and
+``rankwise.train.train``, ``rankwise train`` and ``RankwiseTrainer`` attach one per active adapter
+of such a method through :func:`with_method_controllers`.
+
+Each controller is a :class:`MethodController`: a ``RankController`` that counts its
+re-allocations and raises at the end of a run in which none happened (the run was shorter than
+the schedule's first allocation, or it stopped early), naming the schedule parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..callbacks import Callback, RankController, TrainState, call
+from .registry import adapter_state, adapter_states, get_method
+
+__all__ = ["MethodController", "MethodControllers", "rank_at_least_one", "with_method_controllers"]
+
+#: ``controller(model, adapter_name, optimizer, total_steps)`` (optimizer None: read it at train begin)
+ControllerFactory = Callable[[nn.Module, str, "torch.optim.Optimizer | None", int], RankController]
+
+
+class MethodController(RankController):
+    """A controller that belongs to one adapter (``adapter_name``) of ``model``.
+
+    Subclasses increment ``allocations`` whenever they change rank structure and describe their
+    schedule in :meth:`schedule`; :meth:`on_train_end` raises when a run ended with none."""
+
+    def __init__(self, model: nn.Module, adapter_name: str) -> None:
+        self.model = model
+        self.adapter_name = adapter_name
+        self.allocations = 0
+
+    def adapter_config(self, config_cls: type) -> Any:
+        """The adapter's config, checked to be a ``config_cls`` (else a ValueError naming its method)."""
+        state = adapter_state(self.model, self.adapter_name)
+        if not isinstance(state.config, config_cls):
+            raise ValueError(f"adapter {self.adapter_name!r} has method {state.method!r}; "
+                             f"{type(self).__name__} needs a {config_cls.__name__}")
+        return state.config
+
+    def schedule(self) -> str:
+        """The schedule parameters, for error messages."""
+        return ""
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.allocations == 0:
+            raise RuntimeError(
+                f"the run ended at step {state.step} without a single rank re-allocation by "
+                f"{type(self).__name__} (adapter {self.adapter_name!r}; {self.schedule()}): the rank never changed. "
+                "Train for more steps or move the schedule earlier"
+            )
+
+
+def _owned(callbacks: Sequence[Any], model: nn.Module) -> set[str]:
+    """Adapters of ``model`` whose controller the caller passed already."""
+    return {cb.adapter_name for cb in callbacks if isinstance(cb, MethodController) and cb.model is model}
+
+
+class MethodControllers(Callback):
+    """The controllers of ``model``'s active adapters whose method has one, as one loop callback.
+
+    Built by :meth:`build` once the optimizer and the number of steps are known (the training loop
+    builds them before it starts; inside a transformers ``Trainer`` they are built at
+    ``on_train_begin``). Hooks and ``state_dict`` are forwarded to each controller in order; a state
+    loaded before they are built is applied when they are."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.model, self.names = model, names
+        self.controllers: list[RankController] | None = None
+        self._pending: list[Any] | None = None
+
+    def build(self, optimizer: torch.optim.Optimizer | None, total_steps: int) -> list[RankController]:
+        if self.controllers is None:
+            states = adapter_states(self.model)
+            self.controllers = [
+                get_method(states[n].method).controller(self.model, n, optimizer, total_steps)  # type: ignore[misc]
+                for n in self.names
+            ]
+            if self._pending is not None:
+                self.load_state_dict(self._pending)
+                self._pending = None
+        return self.controllers
+
+    def _call(self, hook: str, *args: Any) -> None:
+        call(self.controllers or [], hook, *args)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.build(state.optimizer, state.total_steps)
+        self._call("on_train_begin", state)
+
+    def on_after_backward(self, state: TrainState) -> None:
+        self._call("on_after_backward", state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        self._call("on_step_end", state)
+
+    def on_evaluate(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._call("on_evaluate", state, metrics)
+
+    def on_save(self, state: TrainState, path: Any) -> None:
+        self._call("on_save", state, path)
+
+    def on_train_end(self, state: TrainState) -> None:
+        self._call("on_train_end", state)
+
+    def state_dict(self) -> list[Any]:
+        if self.controllers is None:
+            return list(self._pending or [])
+        return [c.state_dict() if hasattr(c, "state_dict") else None for c in self.controllers]
+
+    def load_state_dict(self, states: list[Any]) -> None:
+        if self.controllers is None:
+            self._pending = list(states)
+            return
+        for c, s in zip(self.controllers, states, strict=False):
+            if s is not None and hasattr(c, "load_state_dict"):
+                c.load_state_dict(s)
+
+
+def with_method_controllers(
+    model: nn.Module,
+    callbacks: Sequence[Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    total_steps: int | None = None,
+) -> list[Any]:
+    """A :class:`MethodControllers` for ``model``'s active adapters whose method comes with a controller
+    (none already passed in ``callbacks``), then ``callbacks``. It goes first, so its checkpointed state
+    keeps position 0 when a resumed run passes other callbacks. With ``optimizer`` and ``total_steps``
+    the controllers are built now, so a schedule that cannot fit is an error before training."""
+    owned = _owned(callbacks, model)
+    names = [
+        n for n, s in adapter_states(model).items()
+        if s.active and get_method(s.method).controller is not None and n not in owned
+    ]
+    if not names:
+        return list(callbacks)
+    auto = MethodControllers(model, names)
+    if total_steps is not None:
+        auto.build(optimizer, total_steps)
+    return [auto, *callbacks]
+
+
+def rank_at_least_one(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` unchanged, or one zero rank when no rank is left (PEFT's LoRA needs r ≥ 1): same ΔW."""
+    if a.shape[0] > 0:
+        return b, a
+    return b.new_zeros(b.shape[0], 1), a.new_zeros(1, a.shape[1])

@@ -1,0 +1,189 @@
+"""SoRA (Ding et al. 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models").
+
+ΔW = s·B·diag(g)·A with a gate g ∈ ℝʳ between the LoRA factors (s = α/r). The gate is not trained by
+the optimizer but by a proximal gradient step on L + λ‖g‖₁: g ← S_{η·λ}(g − η·∇g L) with the
+soft-threshold S_τ(x) = sign(x)·max(|x| − τ, 0) and η the optimizer's current learning rate
+(SoRA's Eq. 5-6). At the end of training the ranks whose gate is exactly zero are removed in place
+(``prune``), leaving a LoRA of the surviving rank per layer with the same outputs.
+
+Init: A as ``nn.Linear`` (LoRA's), B = 0, g = 1, so the model starts at the base and the gate
+starts as plain LoRA. The paper's sparsifying scheduler (a rising λ) is not implemented: λ is fixed.
+The step is the paper's proximal gradient step; the authors' code takes an AdamW step on g and then
+thresholds with λ unscaled, so its λ values do not carry over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..callbacks import TrainState, clear_optimizer_state
+from ..checks import non_negative, positive
+from ..rng import kaiming_uniform_, layer_generator
+from .base import AdapterConfig, AdapterLayer
+from .init import InitContext
+from .rank_control import MethodController, rank_at_least_one
+from .registry import MethodSpec, adapter_layers, adapter_state, register
+
+__all__ = ["SoRAConfig", "SoRAController", "SoRALayer", "soft_threshold"]
+
+
+@dataclass
+class SoRAConfig(AdapterConfig):
+    """``r`` the initial rank, ``alpha`` (None: α = r) with s = α/r, ``sparse_lambda`` λ of the L1 penalty on g."""
+
+    alpha: float | None = None
+    sparse_lambda: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        positive("alpha", self.alpha, optional=True)
+        non_negative("sparse_lambda", self.sparse_lambda)
+
+    @property
+    def scale(self) -> float:
+        return float(self.r if self.alpha is None else self.alpha) / self.r
+
+
+class SoRALayer(AdapterLayer):
+    """``y = W x + s·B(g ⊙ (A x))``: trainable ``lora_A`` (r×in), ``lora_B`` (out×r) and ``gate`` g (r)."""
+
+    method = "sora"
+
+    def __init__(self, base_layer: nn.Module, config: SoRAConfig, ctx: InitContext) -> None:
+        super().__init__(base_layer, config)
+        r, dtype, device = config.r, self.adapter_dtype, self.base_weight.device
+        self.scale = config.scale
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        self.gate = nn.Parameter(torch.ones(r, dtype=dtype, device=device))
+        if not ctx.skip:
+            kaiming_uniform_(self.lora_A, generator=layer_generator(config.seed, ctx.name))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_B * self.gate, self.lora_A, self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B * self.gate) @ self.lora_A * self.scale
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(B·diag(g), A, s)`` over the ranks with g ≠ 0 (B′ = B·diag(g)); same ΔW as :meth:`factors`."""
+        keep = torch.nonzero(self.gate.detach()).view(-1)
+        b, a = rank_at_least_one((self.lora_B * self.gate)[:, keep], self.lora_A[keep])
+        return b, a, self.scale
+
+    @torch.no_grad()
+    def prune(self) -> bool:
+        """Remove the ranks whose gate is 0, in place (same Parameter objects, smaller tensors); a layer
+        whose gates are all 0 keeps one rank with g = 0 (ΔW = 0). Returns whether the rank changed."""
+        keep = torch.nonzero(self.gate).view(-1)
+        if keep.numel() == 0:
+            keep = keep.new_zeros(1)
+        if keep.numel() == self.gate.numel():
+            return False
+        self.lora_A.data = self.lora_A.data[keep].clone()
+        self.lora_B.data = self.lora_B.data[:, keep].clone()
+        self.gate.data = self.gate.data[keep].clone()
+        self.config = replace(self.config, r=int(keep.numel()))  # the scale s stays as trained
+        return True
+
+    def trainable_count(self) -> int:
+        return self.gate.numel() * (self.in_features + self.out_features + 1)
+
+
+def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """S_τ(x) = sign(x)·max(|x| − τ, 0), the proximal map of τ‖x‖₁."""
+    return torch.sign(x) * torch.clamp(x.abs() - tau, min=0.0)
+
+
+def _lr_of(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> float:
+    """The current learning rate of the optimizer group holding ``p``."""
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            if any(q is p for q in group["params"]):
+                return float(group["lr"])
+    raise ValueError("SoRA's gate is not in the optimizer: build the optimizer over every trainable parameter "
+                     "(the controller takes the gate out of its step and updates it by the proximal rule)")
+
+
+class SoRAController(MethodController):
+    """SoRA's gate update and pruning. In the loop, ``on_after_backward`` applies the proximal step
+    to every gate with the current learning rate and clears the gate's gradient (the optimizer then
+    skips it); ``on_train_end`` removes the zero-gate ranks and clears their optimizer state. In a
+    hand-written loop call :meth:`proximal_step` between ``backward()`` and ``optimizer.step()``, and
+    :meth:`prune` at the end."""
+
+    def __init__(self, model: nn.Module, name: str = "default", optimizer: torch.optim.Optimizer | None = None) -> None:
+        super().__init__(model, name)
+        self.config, self.optimizer = self.adapter_config(SoRAConfig), optimizer
+        self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, SoRALayer)]
+
+    def schedule(self) -> str:
+        return f"sparse_lambda={self.config.sparse_lambda}, pruning at the end of training"
+
+    @torch.no_grad()
+    def proximal_step(self) -> None:
+        """g ← S_{η·λ}(g − η·∇g) for every gate, then ∇g cleared so the optimizer leaves g alone."""
+        for _, layer in self.layers:
+            g = layer.gate
+            if g.grad is None:
+                continue
+            lr = _lr_of(self.optimizer, g)
+            g.copy_(soft_threshold(g - lr * g.grad, lr * layer.config.sparse_lambda))
+            g.grad = None
+
+    step = proximal_step
+
+    def prune(self) -> dict[str, int]:
+        """Remove zero-gate ranks in every layer; the new ranks are recorded as per-layer overrides of the
+        adapter (so ``rw.save_adapter`` / ``rw.load_adapter`` rebuild them). Returns ``{layer: rank}``."""
+        state = adapter_state(self.model, self.adapter_name)
+        ranks = {}
+        for name, layer in self.layers:
+            if layer.prune() and self.optimizer is not None:
+                clear_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B, layer.gate])
+            ranks[name] = layer.gate.numel()
+            if ranks[name] != self.config.r:
+                state.overrides.setdefault(name, {})["r"] = ranks[name]
+        self.allocations += 1
+        return ranks
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.optimizer = self.optimizer or state.optimizer
+
+    def on_after_backward(self, state: TrainState) -> None:
+        self.proximal_step()
+        state.log["sora_nonzero_gates"] = sum(int((m.gate != 0).sum()) for _, m in self.layers)
+
+    def on_step_end(self, state: TrainState) -> None:
+        """Nothing after the optimizer step: the gates moved in ``on_after_backward``."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.prune()
+        super().on_train_end(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"allocations": self.allocations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.allocations = state["allocations"]
+
+
+def _controller(model: nn.Module, name: str, optimizer: Any, total_steps: int) -> SoRAController:
+    return SoRAController(model, name, optimizer)
+
+
+register(
+    MethodSpec(
+        "sora",
+        "rank-allocation",
+        "Ding et al. 2023, Sparse Low-rank Adaptation of Pre-trained Language Models",
+        SoRAConfig,
+        SoRALayer,
+        summary="ΔW = B·diag(g)·A, g by proximal L1 steps; zero-gate ranks removed at the end",
+        controller=_controller,
+    )
+)
