@@ -51,6 +51,7 @@ class LoRADropoutLayer(LoRALayer):
         super().__init__(base_layer, config, ctx)
         self.param_dropout = float(config.param_dropout)
         self.force_masks = False  # masks outside training: the test-time ensemble
+        self.train(base_layer.training)  # a new module trains by default; an eval-mode model stays unmasked
 
     @property
     def masks_active(self) -> bool:
