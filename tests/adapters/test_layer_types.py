@@ -23,8 +23,9 @@ from rankwise.targets import find_targets
 
 from ..conftest import lm_batches, make_tiny_llama
 
-SUPPORTED = ["allora", "cola", "dora", "flora_batched", "lora", "lora_dropout", "lora_pro", "loraplus", "olora", "pissa",
-             "rslora"]  # allora, cola, lora_dropout, lora_pro, loraplus, flora_batched: LoRA
+# allora, cola, lora_dropout, lora_pro, loraplus, flora_batched: LoRA layers
+SUPPORTED = ["allora", "cola", "dora", "flora_batched", "lora", "lora_dropout", "lora_pro", "loraplus", "olora",
+             "pissa", "rslora"]
 UNSUPPORTED = sorted(n for n in rw.REGISTRY if n not in SUPPORTED)
 TARGETS = ["emb", "c1", "c2"]
 KIND_OF = {"emb": nn.Embedding, "c1": nn.Conv1d, "c2": nn.Conv2d}
