@@ -1,5 +1,6 @@
 """Resuming a run of each training-dynamics method is bit-identical: the loop checkpoints what the method's
-callbacks (COLA's merged base) and optimizer (LoRA-Pro's full-size moments) hold, and every RNG (LoRA Dropout's masks)."""
+callbacks (COLA's merged base) and optimizer (LoRA-Pro's full-size moments) hold, and every RNG (LoRA Dropout's
+masks)."""
 
 from __future__ import annotations
 
