@@ -11,22 +11,10 @@ import rankwise as rw
 from rankwise.train import TrainConfig, train
 
 from ..conftest import cls_batches, make_tiny_bert
+from ..test_train import Crash, CrashAt
 
 # COLA restarts at step 2, before the step-2 checkpoint: only its controller state holds the merged base
 METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2}}
-
-
-class _Crash(Exception):
-    pass
-
-
-class _CrashAfter:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state) -> None:
-        if state.step == self.step:
-            raise _Crash
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -42,8 +30,8 @@ def test_resume_is_bit_identical(method, tmp_path):
         return model
 
     straight = run(tmp_path / "a")
-    with pytest.raises(_Crash):
-        run(tmp_path / "b", callbacks=[_CrashAfter(3)])
+    with pytest.raises(Crash):
+        run(tmp_path / "b", callbacks=[CrashAt(3)])
     resumed = run(tmp_path / "b", resume=tmp_path / "b")
     for (name, a), (_, b) in zip(rw.adapter_layers(straight), rw.adapter_layers(resumed), strict=True):
         assert torch.equal(a.base_weight, b.base_weight), name
