@@ -75,3 +75,24 @@ def test_the_loop_attaches_the_chain_and_checkpoints_it(tmp_path):
         rw.adapt(make_tiny_bert(), "cola", r=2, init="pissa")
 
 
+
+
+def test_optimizer_from_the_loop_state():
+    """ChainOfLoRA(model, None, every) takes the loop's optimizer (the Trainer path); a bare step() refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    rw.adapt(model, "lora", targets=["0", "2"], r=1, trainable=None)  # no controller of its own
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    seen = []
+
+    class Spy:
+        def on_step_end(self, state):
+            seen.append({id(p): bool(state.optimizer.state[p]) for p in state.optimizer.param_groups[0]["params"]})
+
+    chain = ChainOfLoRA(model, None, every=2)
+    train(model, [{"x": x, "y": y}] * 2, config=TrainConfig.plain(2), callbacks=[chain, Spy()],
+          loss_fn=lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"]))
+    lora = {id(p) for _, layer in rw.adapter_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    assert chain.links == 1 and all(seen[0][i] for i in lora) and not any(seen[1][i] for i in lora)  # cleared at the restart of step 2
+    with pytest.raises(ValueError, match="optimizer"):
+        ChainOfLoRA(model, None, every=1).step()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..callbacks import RankController, clear_optimizer_state
+from ..callbacks import RankController, TrainState, clear_optimizer_state
 from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
 from .lora import LoRAConfig, LoRALayer
@@ -49,9 +49,10 @@ class COLAConfig(LoRAConfig):
 
 class ChainOfLoRA(RankController):
     """Every ``every`` steps fold each LoRA link into its base and start the next (module doc). Call
-    :meth:`step` after every ``optimizer.step()`` in a hand-written loop."""
+    :meth:`step` after every ``optimizer.step()`` in a hand-written loop. ``optimizer=None``: the
+    loop's (``state.optimizer``, e.g. inside the transformers Trainer through ``loop_callbacks``)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, every: int,
                  adapter_name: str | None = None) -> None:
         self.every = integer("every", every, 1)
         self.optimizer = optimizer
@@ -62,6 +63,11 @@ class ChainOfLoRA(RankController):
             raise ValueError("model has no LoRA layers to chain (rw.adapt(model, 'cola') first)")
         self.steps = 0
         self.links = 0  # restarts so far: the current link is number links + 1
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.optimizer is None:
+            self.optimizer = state.optimizer
+        self.step()
 
     def step(self) -> bool:
         """Count one optimizer step; at every ``every``-th, :meth:`restart`. True if it restarted."""
@@ -74,6 +80,9 @@ class ChainOfLoRA(RankController):
     @torch.no_grad()
     def restart(self) -> None:
         """W ← W + s·B·A in every layer, then a fresh link (A drawn anew, B = 0) with cleared optimizer state."""
+        if self.optimizer is None:
+            raise ValueError("ChainOfLoRA(optimizer=None) learns its optimizer in a training loop's on_step_end; "
+                             "in a hand-written loop pass the optimizer")
         self.links += 1
         for name, layer in self.layers:
             layer._set_base_weight(layer.base_weight + layer.delta_weight().to(layer.base_weight.dtype))
