@@ -93,6 +93,7 @@ def test_optimizer_from_the_loop_state():
     train(model, [{"x": x, "y": y}] * 2, config=TrainConfig.plain(2), callbacks=[chain, Spy()],
           loss_fn=lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"]))
     lora = {id(p) for _, layer in rw.adapter_layers(model) for p in (layer.lora_A, layer.lora_B)}
-    assert chain.links == 1 and all(seen[0][i] for i in lora) and not any(seen[1][i] for i in lora)  # cleared at the restart of step 2
+    # moments after step 1, cleared by the restart at step 2
+    assert chain.links == 1 and all(seen[0][i] for i in lora) and not any(seen[1][i] for i in lora)
     with pytest.raises(ValueError, match="optimizer"):
         ChainOfLoRA(model, None, every=1).step()
