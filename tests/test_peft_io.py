@@ -27,7 +27,8 @@ KINDS = {
 EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export in ("lora", "dora") and s.family != "quantization")
 NOT_EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export == "none" and not s.needs_adapters)
 # exportable LoRA-layer methods, whose ``init`` selects a LoRA-shaped init (lora, rslora, dora, pissa, ...)
-WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer)]
+# the LoRA-layer methods taking an init and an α (ALLoRA has no α)
+WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer) and n != "allora"]
 
 
 def _inputs(seed: int = 1) -> dict:

@@ -205,11 +205,56 @@ def prepare_model(
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer`` (any name of ``rw.optim.make``, i.e. of the catalogue)
     over the model's trainable parameters, with ``cfg.lr``, ``cfg.weight_decay`` (matrices only for
-    plain optimizers), ``cfg.skip_nonfinite`` and ``cfg.optimizer_kwargs``."""
+    plain optimizers), ``cfg.skip_nonfinite`` and ``cfg.optimizer_kwargs``; or the optimizer the model's
+    adapter method trains with (:func:`method_optimizer`, e.g. LoRA-Pro's)."""
     choice("optimizer", cfg.optimizer, optimizer_names())
     guard = {"skip_nonfinite": True} if cfg.skip_nonfinite else {}
+    own = method_optimizer(model, cfg, guard)
+    if own is not None:
+        return own
     return make_optimizer(cfg.optimizer, model, **{"lr": cfg.lr, "weight_decay": cfg.weight_decay, **guard,
                                                    **cfg.optimizer_kwargs})
+
+
+# ----------------------------------------------------------------------------- training-dynamics methods
+# An adapter method that changes how LoRA trains (not its form) says so on its config: a config may
+# define ``training_callbacks(model, adapter_name, optimizer) -> list`` (per-step actions: ALLoRA's
+# per-row step sizes, COLA's merge-and-restart) and ``training_optimizer(model, adapter_name, lr,
+# weight_decay, **optimizer_kwargs)`` (an optimizer of its own: LoRA-Pro's). The loop asks for both.
+def _method_hooks(model: nn.Module, hook: str) -> list[tuple[str, Any]]:
+    """``(adapter name, bound hook)`` for every adapter on ``model`` whose config defines ``hook``."""
+    from .adapters.registry import adapter_states
+
+    found = [(name, getattr(st.config, hook, None)) for name, st in adapter_states(model).items()]
+    return [(name, fn) for name, fn in found if fn is not None]
+
+
+def method_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Any]:
+    """The callbacks the model's adapter methods train with (empty for most methods); :func:`train`
+    runs them before the caller's callbacks."""
+    return [cb for name, fn in _method_hooks(model, "training_callbacks") for cb in fn(model, name, optimizer)]
+
+
+def method_optimizer(model: nn.Module, cfg: TrainConfig, guard: dict[str, Any] | None = None
+                     ) -> torch.optim.Optimizer | None:
+    """The optimizer of the model's adapter method, when it has one (None otherwise), built with ``cfg.lr``,
+    ``cfg.weight_decay`` and ``cfg.optimizer_kwargs``. Such a method replaces AdamW: any other
+    ``cfg.optimizer`` is a ValueError naming the method."""
+    hooks = _method_hooks(model, "training_optimizer")
+    if not hooks:
+        return None
+    if len(hooks) > 1:
+        raise ValueError(f"adapters {[n for n, _ in hooks]} each bring their own optimizer; train one at a time")
+    name, fn = hooks[0]
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"optimizer={cfg.optimizer!r}: adapter {name!r} ({type(fn.__self__).__name__}) trains "
+                         "with its own AdamW-style optimizer; leave optimizer='adamw'")
+    from .optim.guard import GUARD_OPTIONS
+    from .optim.guard import guard as wrap
+
+    options = dict(cfg.optimizer_kwargs)
+    guard = {**(guard or {}), **{k: options.pop(k) for k in GUARD_OPTIONS if k in options}}
+    return wrap(fn(model, name, cfg.lr, cfg.weight_decay, **options), **guard)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -632,7 +677,8 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps)
-    callbacks = _with_method_controllers(model, callbacks, optimizer, total_steps)
+    callbacks = _with_method_controllers(model, [*method_callbacks(model, optimizer), *callbacks], optimizer,
+                                         total_steps)
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)
     loop.start(resume_from)
@@ -659,6 +705,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
 __all__ = [
     "FULL_FINETUNE", "HEAD_ONLY", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
+    "method_callbacks", "method_optimizer",
     "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model",
     "reset_peak_memory", "resolve_device", "save_checkpoint", "seed_everything", "train",
 ]

@@ -23,7 +23,9 @@ from rankwise.targets import find_targets
 
 from ..conftest import lm_batches, make_tiny_llama
 
-SUPPORTED = ["convlora", "dora", "flora_batched", "lora", "loraplus", "olora", "pissa", "rslora"]  # LoRA layers
+# allora, cola, convlora, lora_dropout, lora_pro, loraplus, flora_batched: LoRA layers
+SUPPORTED = ["allora", "cola", "convlora", "dora", "flora_batched", "lora", "lora_dropout", "lora_pro", "loraplus",
+             "olora", "pissa", "rslora"]
 UNSUPPORTED = sorted(n for n in rw.REGISTRY if n not in SUPPORTED and not rw.REGISTRY[n].needs_adapters)
 TARGETS = ["emb", "c1", "c2"]
 KIND_OF = {"emb": nn.Embedding, "c1": nn.Conv1d, "c2": nn.Conv2d}
@@ -60,7 +62,8 @@ def ids(seed: int = 3, n: int = 4) -> torch.Tensor:
 
 
 def adapt(model: nn.Module, method: str, targets=TARGETS, **options) -> nn.Module:
-    return rw.adapt(model, method, targets=targets, r=RANK, alpha=3, trainable=None, **options)
+    alpha = None if method == "allora" else 3  # ALLoRA has no scaling factor
+    return rw.adapt(model, method, targets=targets, r=RANK, alpha=alpha, trainable=None, **options)
 
 
 @torch.no_grad()
@@ -219,7 +222,7 @@ def test_gradients_reach_only_adapter_parameters(method):
 
 
 # ------------------------------------------------------------------------------ PEFT
-@pytest.mark.parametrize("method", SUPPORTED)
+@pytest.mark.parametrize("method", [m for m in SUPPORTED if rw.REGISTRY[m].export != "none"])
 def test_export_to_peft_gives_the_same_outputs(method, tmp_path):
     peft = pytest.importorskip("peft")
     base = make_tiny()
