@@ -382,7 +382,8 @@ class Int4SVDProjector(Projector):
         """The previous (dequantized, re-orthonormalized) basis as P, the range finder's warm start."""
         if self.order[0] != "randomized" or not self.has_basis(state):
             return None
-        Q = torch.linalg.qr(self.basis(state).float()).Q
+        Q, R = torch.linalg.qr(self.basis(state).float())
+        Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)  # QR may flip a column: keep each one's sign
         return Q if self.side == "left" else Q.t()
 
     def compute(self, G: torch.Tensor, state: State) -> None:
