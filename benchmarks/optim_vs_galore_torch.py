@@ -141,9 +141,9 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
 
     galore-torch's ``GaLoreProjector.get_orthogonal_matrix`` (full SVD) against rankwise's ``svd`` and
     ``rsvd`` projectors (warm-started from the basis the run left, as at a real refresh), ``rsvd`` with its
-    default options (as the optimizers use it), with 2 and 0 power iterations, and with its power step
-    forced to float32. Quality: energy of G captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖² (1 = as
-    good as the exact top-r subspace), mean
+    default options (as the optimizers use it), with 2 and 0 power iterations, with its power step
+    forced to float32, and cold (no previous basis, as at the first refresh). Quality: energy of G
+    captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖² (1 = as good as the exact top-r subspace), mean
     and minimum over the matrices.
     """
     from galore_torch.galore_projector import GaLoreProjector
@@ -154,6 +154,8 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     variants: dict[str, Any] = {"galore-torch svd": None, "rankwise svd": ("svd", {}),
                                 "rankwise rsvd (power_iters=2)": ("rsvd", {"power_iters": 2}),
                                 "rankwise rsvd (default: power_iters=1)": ("rsvd", {}),
+                                "rankwise rsvd (cold, as the first refresh: cold_power_iters=3)":
+                                    ("rsvd", {"cold": True}),
                                 "rankwise rsvd (power_iters=1, float32 power step)":
                                     ("rsvd", {"power_iters": 1, "power_dtype": "float32"}),
                                 "rankwise rsvd (power_iters=0)": ("rsvd", {"power_iters": 0})}
@@ -169,8 +171,11 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
                     out.append(GaLoreProjector(rank).get_orthogonal_matrix(g, rank, side))
                 else:
                     kind, opts = variants[name]
+                    cold = opts.get("cold", False)
+                    opts = {k: v for k, v in opts.items() if k != "cold"}
                     proj = make_projector(kind, rank, side, tuple(g.shape), opts, g.device, g.dtype)
-                    st = {"P": p_prev.clone(), "proj_seed": 12345, "proj_version": 1} if kind == "rsvd" else {}
+                    warm = kind == "rsvd" and not cold
+                    st = {"P": p_prev.clone(), "proj_seed": 12345, "proj_version": 1} if warm else {"seed": 12345}
                     proj.compute(g, st)
                     out.append(st["P"])
             times[name].append(time.perf_counter() - t0)
