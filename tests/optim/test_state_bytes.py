@@ -112,3 +112,20 @@ def test_apollo_counts_its_cached_projection_matrix():
     W.grad = torch.randn(40, 30)
     opt.step()
     assert opt.state_bytes() == 4 * (2 * 5 * 40 + 5 * 30) + 4
+
+
+@pytest.mark.parametrize("name", ["adamw", "apollo"])
+def test_layerwise_state_bytes_is_every_reachable_tensor(name):
+    """The layer-wise mode keeps one optimizer per parameter (its own ``state`` stays empty)."""
+    model = make_tiny_llama()
+
+    def factory(groups):
+        return rw.optim.make(name, [{**g, "rank": 4} if g["params"][0].dim() == 2 and name != "adamw" else g
+                                    for g in groups], lr=1e-3)
+
+    opt = rw.optim.layerwise(model, factory)
+    for batch in lm_batches(3):
+        model(**batch).loss.backward()
+    opt.remove_hooks()
+    assert state_bytes(opt) == reachable_bytes(opt) > 0
+    assert rw.memory.optimizer_state_bytes(opt) == state_bytes(opt)
