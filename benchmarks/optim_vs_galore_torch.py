@@ -9,11 +9,12 @@ group is every 2-D weight of the decoder layers' attention and MLP modules (q, k
 down: 56 matrices, as GaLore's README does), everything else (embedding, LM head, norms) is plain
 AdamW in the same optimizer.
 
-rankwise's ``GaLoreAdamW`` defaults to the exact SVD projector (``projector="svd"``, numerically the
-same as galore-torch); this benchmark uses its fast one, ``projector="rsvd"`` (randomized range finder
-warm-started from the previous basis: 8 oversampling columns, one power iteration, in bfloat16 where
-the CPU/GPU has native bf16 matmuls, then a float32 Rayleigh-Ritz step that also yields the projected
-gradient).
+rankwise's ``GaLoreAdamW`` runs with its default projector, the fast ``"rsvd"`` (randomized range
+finder warm-started from the previous basis: 8 oversampling columns, one power iteration (three at the
+cold first refresh), in bfloat16 where the CPU/GPU has native bf16 matmuls, then a float32 Rayleigh-Ritz
+step that also yields the projected gradient); ``--control`` adds a third arm with the exact
+``projector="svd"`` (numerically galore-torch). The energy each refresh captured
+(``state["proj_energy"]`` = ‖PᵀG‖²/‖G‖², mean over the matrices) is reported per refresh step.
 
 Both models start from the same initialization and see the same batches. They are kept in memory
 together and trained in alternating chunks of steps (the order flips every chunk), so machine load
@@ -25,12 +26,15 @@ at the end (mean of the last 10 steps, same batches) plus a held-out loss.
 
     python benchmarks/optim_vs_galore_torch.py          # writes benchmarks/results/optim_vs_galore_torch.{json,md}
     python benchmarks/optim_vs_galore_torch.py --steps 90 --update-gap 40   # a 1/5-length check
+    python benchmarks/optim_vs_galore_torch.py --size tiny --steps 6 --update-gap 2 --refresh-reps 1 \
+        --out /tmp/smoke                                                      # smoke run (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import platform
@@ -59,11 +63,17 @@ REF = {"galore_torch_refresh_s": 4.45, "galore_torch_ordinary_s": 0.37, "galore_
        "galore_torch_projector_mb": 14.7, "adamw_state_mb": 465.0}
 
 
-def galore_60m() -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=8, intermediate_size=1376, max_position_embeddings=1024,
+def galore_60m(size: str = "60m") -> LlamaConfig:
+    """GaLore's LLaMA-60M; ``size="tiny"`` (hidden 64, 2 layers) only for a smoke run of the script."""
+    hidden, layers, heads, inter = (512, 8, 8, 1376) if size == "60m" else (64, 2, 4, 160)
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, intermediate_size=inter, max_position_embeddings=1024,
                        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
                        pad_token_id=None)
+
+
+#: The projector rankwise's GaLoreAdamW uses when none is given.
+DEFAULT_PROJECTOR = inspect.signature(rw.optim.GaLoreAdamW).parameters["projector"].default
 
 
 def split_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -87,10 +97,11 @@ def build(kind: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
                  {"params": projected, "rank": args.rank, "update_proj_gap": args.update_gap,
                   "scale": args.scale, "proj_type": "std"}],
                 lr=args.lr, no_deprecation_warning=True)
-    projector = "svd" if kind == "rankwise-svd" else args.projector
+    chosen = {"projector": "svd"} if kind == "rankwise-svd" else (
+        {"projector": args.projector} if args.projector else {})  # none given: the class default
     return rw.optim.GaLoreAdamW(
         [{"params": projected, "rank": args.rank}, {"params": plain}],
-        lr=args.lr, update_gap=args.update_gap, scale=args.scale, proj_side="std", projector=projector)
+        lr=args.lr, update_gap=args.update_gap, scale=args.scale, proj_side="std", **chosen)
 
 
 def state_split(kind: str, opt: torch.optim.Optimizer) -> dict[str, int]:
@@ -129,9 +140,10 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     """Projector computation alone on the 56 gradients of the last step, interleaved ``reps`` rounds.
 
     galore-torch's ``GaLoreProjector.get_orthogonal_matrix`` (full SVD) against rankwise's ``svd`` and
-    ``rsvd`` projectors (warm-started from the basis the run left, as at a real refresh) with 2, 1 (default)
-    and 0 power iterations, the default one also with its power step forced to float32. Quality: energy of
-    G captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖² (1 = as good as the exact top-r subspace), mean
+    ``rsvd`` projectors (warm-started from the basis the run left, as at a real refresh), ``rsvd`` with its
+    default options (as the optimizers use it), with 2 and 0 power iterations, with its power step
+    forced to float32, and cold (no previous basis, as at the first refresh). Quality: energy of G
+    captured by the basis, ‖proj(G)‖² / ‖proj_svd(G)‖² (1 = as good as the exact top-r subspace), mean
     and minimum over the matrices.
     """
     from galore_torch.galore_projector import GaLoreProjector
@@ -141,7 +153,9 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
     sides = [resolve_side("std", g.shape) for g in grads]
     variants: dict[str, Any] = {"galore-torch svd": None, "rankwise svd": ("svd", {}),
                                 "rankwise rsvd (power_iters=2)": ("rsvd", {"power_iters": 2}),
-                                "rankwise rsvd (power_iters=1, default)": ("rsvd", {"power_iters": 1}),
+                                "rankwise rsvd (default: power_iters=1)": ("rsvd", {}),
+                                "rankwise rsvd (cold, as the first refresh: cold_power_iters=3)":
+                                    ("rsvd", {"cold": True}),
                                 "rankwise rsvd (power_iters=1, float32 power step)":
                                     ("rsvd", {"power_iters": 1, "power_dtype": "float32"}),
                                 "rankwise rsvd (power_iters=0)": ("rsvd", {"power_iters": 0})}
@@ -157,8 +171,11 @@ def refresh_timing(grads: list[torch.Tensor], prev: list[torch.Tensor], rank: in
                     out.append(GaLoreProjector(rank).get_orthogonal_matrix(g, rank, side))
                 else:
                     kind, opts = variants[name]
+                    cold = opts.get("cold", False)
+                    opts = {k: v for k, v in opts.items() if k != "cold"}
                     proj = make_projector(kind, rank, side, tuple(g.shape), opts, g.device, g.dtype)
-                    st = {"P": p_prev.clone(), "proj_seed": 12345, "proj_version": 1} if kind == "rsvd" else {}
+                    warm = kind == "rsvd" and not cold
+                    st = {"P": p_prev.clone(), "proj_seed": 12345, "proj_version": 1} if warm else {"seed": 12345}
                     proj.compute(g, st)
                     out.append(st["P"])
             times[name].append(time.perf_counter() - t0)
@@ -195,7 +212,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--scale", type=float, default=0.25)
     ap.add_argument("--lr", type=float, default=1e-2, help="GaLore's pre-training lr, for both")
-    ap.add_argument("--projector", default="rsvd", help="rankwise projector (default of GaLoreAdamW is 'svd')")
+    ap.add_argument("--projector", default=None,
+                    help=f"rankwise projector [default: GaLoreAdamW's own, {DEFAULT_PROJECTOR!r}]")
+    ap.add_argument("--size", choices=("60m", "tiny"), default="60m",
+                    help="model: GaLore's LLaMA-60M, or a tiny Llama for a smoke run of the script")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--control", action="store_true",
                     help="add a control arm: rankwise galore with its exact 'svd' projector (galore-torch numerics)")
@@ -215,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     heldout = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))[:args.eval_blocks]]
 
     torch.manual_seed(args.seed)
-    base = LlamaForCausalLM(galore_60m())
+    base = LlamaForCausalLM(galore_60m(args.size))
     n_params = total_params(base)
     kinds = ["rankwise", "galore-torch"] + (["rankwise-svd"] if args.control else [])
     runs: dict[str, dict[str, Any]] = {}
@@ -226,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, max(1, args.steps // 10), floor=0.1))
         runs[kind] = {"model": model, "opt": opt, "sched": sched, "step": 0, "loss": [], "opt_s": [], "fb_s": []}
     print(f"LLaMA-60M: {n_params / 1e6:.1f}M params, {args.steps} steps x {args.batch} x {args.seq}, rank {args.rank}, "
-          f"update_gap {args.update_gap}, lr {args.lr}, threads {args.threads}, projector {args.projector}", flush=True)
+          f"update_gap {args.update_gap}, lr {args.lr}, threads {args.threads}, "
+          f"projector {args.projector or DEFAULT_PROJECTOR}", flush=True)
 
     # Not rankwise.train.train: for a fair timing the optimizers take turns in chunks of steps (the
     # order flips every chunk), and the optimizer step alone is timed inside the step.
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t1 = time.perf_counter()
             r["opt"].step()
             t2 = time.perf_counter()
+            if kind != "galore-torch" and i % args.update_gap == 0:  # energy the refresh captured
+                r.setdefault("energy", {})[str(i)] = r["opt"].captured_energy
             if kind == "rankwise" and i == args.steps - 1:  # gradients for the projector-only timing
                 r["last_grads"] = [p.grad.detach().clone() for p in split_params(r["model"])[0]]
             r["opt"].zero_grad(set_to_none=True)
@@ -280,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ordinary_step_s_median": statistics.median(ordinary),
             "forward_backward_s_median": statistics.median(r["fb_s"]),
             "state_bytes": st,
+            "captured_energy_per_refresh": r.get("energy"),
             "final_train_loss_last10": sum(r["loss"][-10:]) / len(r["loss"][-10:]),
             "final_train_loss": r["loss"][-1],
             "heldout_loss": heldout_loss(r["model"], heldout, args.batch),
@@ -314,13 +338,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     script_s = time.perf_counter() - t_script
     result = {
         "benchmark": "optim_vs_galore_torch",
-        "model": {"config": "LLaMA-60M (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000, untied)",
+        "model": {"config": "LLaMA-60M (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000, untied)"
+                  if args.size == "60m" else "tiny smoke-run Llama (hidden 64, 2 layers, vocab 32000)",
                   "params": n_params, "projected_matrices": len(split_params(base)[0])},
         "data": {"dataset": "bbc+stdlib-code", "tokens": "SmolLM2 ids % 32000", "batch": args.batch, "seq": args.seq,
                  "steps": args.steps, "heldout_blocks": len(heldout)},
         "settings": {"rank": args.rank, "update_gap": args.update_gap, "scale": args.scale, "lr": args.lr,
-                     "schedule": "linear warmup (10% of steps) + cosine to 0.1x", "rankwise_projector": args.projector,
-                     "rankwise_default_projector": "svd",
+                     "schedule": "linear warmup (10% of steps) + cosine to 0.1x",
+                     "rankwise_projector": args.projector or DEFAULT_PROJECTOR,
+                     "rankwise_default_projector": DEFAULT_PROJECTOR,
                      "rsvd_power_dtype_auto": str(power_dtype("auto", torch.device("cpu"))), "chunk": args.chunk,
                      "threads": args.threads,
                      "precision": "fp32" if args.fp32 else "bf16 autocast forward/backward, fp32 weights/grads/state"},
@@ -362,7 +388,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"rsvd's power step here: {s.get('rsvd_power_dtype_auto', 'float32')}). "
         f"Whole script: {res['script_wall_s'] / 60:.1f} min.",
         "",
-        "| | rankwise `galore` (rsvd) | galore-torch `GaLoreAdamW` | ratio | control: rankwise `galore` (svd) |",
+        f"| | rankwise `galore` ({s['rankwise_projector']}) | galore-torch `GaLoreAdamW` | ratio | "
+        "control: rankwise `galore` (svd) |",
         "|---|---|---|---|---|",
         f"| refresh step s (median of steps {', '.join(refresh_ids[1:])}) | "
         f"{ours['refresh_s_median_after_first']:.2f} | {theirs['refresh_s_median_after_first']:.2f} | "
@@ -393,6 +420,11 @@ def markdown(res: dict[str, Any]) -> str:
         f"| held-out loss ({d['heldout_blocks']} blocks) | {ours['heldout_loss']:.4f} | "
         f"{theirs['heldout_loss']:.4f} | | "
         f"{_c(ctl, 'heldout_loss', '.4f')} |",
+        "",
+        "Gradient energy captured at each refresh, ‖PᵀG‖²/‖G‖² (mean over the matrices; recorded by the "
+        "optimizer): " + "; ".join(
+            f"step {i}: ours {e:.4f}" + (f", exact svd {ctl['captured_energy_per_refresh'][i]:.4f}" if ctl else "")
+            for i, e in (ours.get("captured_energy_per_refresh") or {}).items()),
         "",
         "Refresh-step times per refresh step (s): "
         + "; ".join(f"step {i}: ours {ours['refresh_step_s'][i]:.2f}, galore-torch {theirs['refresh_step_s'][i]:.2f}"

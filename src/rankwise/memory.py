@@ -60,7 +60,12 @@ def _nested_bytes(obj: Any) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Exact bytes of the optimizer state: Σ numel·element_size over every tensor in ``optimizer.state``."""
+    """Exact bytes of the optimizer state: the optimizer's own ``state_bytes()`` when it has one (every
+    rankwise optimizer: it also counts caches kept outside ``state``, each storage once), else
+    Σ numel·element_size over every tensor in ``optimizer.state``."""
+    own = getattr(optimizer, "state_bytes", None)
+    if callable(own):
+        return int(own())
     return sum(_nested_bytes(s) for s in optimizer.state.values())
 
 

@@ -381,7 +381,8 @@ def test_owlore_inner_update_matches_galore_torch():
     reference = galore_reference_adamw()
     a, b = make_model(), make_model()
     opt_a = OwLore(
-        a, lr=1e-2, rank=4, n_layers=N_LAYERS, switch_every=100, update_gap=2, scale=0.5, ratios=[1] * N_LAYERS
+        a, lr=1e-2, rank=4, n_layers=N_LAYERS, switch_every=100, update_gap=2, scale=0.5, ratios=[1] * N_LAYERS,
+        projector="svd",  # the exact SVD of the official code (the default is the fast randomized one)
     )
     matrices = [m.weight for layer in b.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
     ids = {id(p) for p in matrices}

@@ -403,11 +403,11 @@ K, D, RK = 40, 30, 5  # a 40×30 weight is projected on the right: moments K×r,
     [
         ("galore", {}, 4 * (2 * RK * K + RK * D)),
         ("fira", {}, 4 * (2 * RK * K + RK * D) + 4),
-        ("apollo", {}, 4 * 2 * RK * K + 4),
-        ("apollo_mini", {}, 4 * 2 * K + 4),
-        ("dct_proj", {}, 4 * 2 * RK * K + 8 * RK),
+        ("apollo", {}, 4 * (2 * RK * K + RK * D) + 4),  # + the cached Gaussian P (r×d)
+        ("apollo_mini", {}, 4 * (2 * K + D) + 4),
+        ("dct_proj", {}, 4 * 2 * RK * K + 8 * RK + 4 * D * D),  # + the shared D×D DCT basis
         ("osd", {}, 4 * (2 * RK * K + 3 * RK * D)),
-        ("flora_opt", {}, 4 * (RK * K + K + D)),
+        ("flora_opt", {}, 4 * (RK * K + K + D + RK * D)),
         ("gradnormlorp", {}, 4 * (2 * RK * K + RK * D) + 4 * 3 * K),
         ("frugal", {"selector": "randk", "density": 0.2}, 4 * 2 * 6 * K + 8 * 6),
         ("galore_adafactor", {}, 4 * (K + RK + RK * D)),

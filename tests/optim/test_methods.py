@@ -57,7 +57,7 @@ def test_galore_state_shapes_refresh_period_and_update_in_span(shape, side):
     m, n = shape
     r, T = 4, 3
     W = _param(shape)
-    opt = rw.optim.GaLoreAdamW([{"params": [W], "rank": r}], lr=1e-2, update_gap=T)
+    opt = rw.optim.GaLoreAdamW([{"params": [W], "rank": r}], lr=1e-2, update_gap=T, projector="svd")
     Ps = []
     for t, G in enumerate(_grads(shape, 8, dtype=F64)):
         dW = _step(opt, W, G)
@@ -100,7 +100,7 @@ def test_galore_adafactor_and_8bit_keep_projected_state():
 
 def test_q_galore_projector_is_packed_int4():
     W = nn.Parameter(torch.randn(48, 32))
-    opt = rw.optim.QGaLoreAdamW([{"params": [W], "rank": 8}], lr=1e-3, update_gap=10)
+    opt = rw.optim.QGaLoreAdamW([{"params": [W], "rank": 8}], lr=1e-3, update_gap=10, projector="svd")
     G = _grads(W.shape, 1)[0]
     _step(opt, W, G)
     st = opt.state[W]

@@ -87,7 +87,8 @@ def test_huge_finite_gradients_keep_the_weights_finite_as_adamw_does(name, kwarg
 # ---------------------------------------------------------------------------------- SVD failures and degenerate spectra
 
 PROJECTED = [name for name in DONE if is_projected(name)]
-#: the optimizers whose default projector computes an SVD (the others use seeds, DCT columns or online PCA)
+#: the optimizers whose projector computes singular vectors (the others use seeds, DCT columns or online PCA):
+#: by the randomized range finder by default, by the exact SVD with ``projector="svd"``
 SVD_BASED = {"galore", "galore_adafactor", "galore_8bit", "q_galore", "fira", "frugal", "gradnormlorp"}
 
 
@@ -141,9 +142,11 @@ def failing_svd(monkeypatch):
 @pytest.mark.parametrize("name", PROJECTED)
 def test_a_failing_svd_falls_back_and_is_counted(name, failing_svd):
     """Every SVD failure falls back (exact → randomized → previous / first-r basis) instead of raising;
-    each refresh that fell back is counted in ``svd_fallbacks``, which the state_dict keeps."""
+    each refresh that fell back is counted in ``svd_fallbacks``, which the state_dict keeps. The exact
+    projector (``projector="svd"``) tries the LAPACK SVD first."""
+    exact = {"projector": "svd"} if name in SVD_BASED else {}
     model = make_tiny_llama()
-    opt = build(name, model)
+    opt = build(name, model, **exact)
     start = [p.detach().clone() for p in model.parameters()]
     train(model, opt, 3)
     assert all_finite(model)
@@ -151,14 +154,32 @@ def test_a_failing_svd_falls_back_and_is_counted(name, failing_svd):
     assert opt.svd_fallbacks == failing_svd["svd"]
     if name in SVD_BASED:
         assert failing_svd["svd"] > 0
-        other = build(name, make_tiny_llama())
+        other = build(name, make_tiny_llama(), **exact)
         other.load_state_dict(opt.state_dict())
         assert other.svd_fallbacks == opt.svd_fallbacks
 
 
+@pytest.mark.parametrize("name", sorted(SVD_BASED))
+def test_a_failing_randomized_finder_falls_back_to_the_exact_svd(name, monkeypatch):
+    """The default (randomized) projector whose range finder raises (its ``eigh``) falls back to the exact
+    SVD at every refresh and counts it; the basis is then the exact one."""
+    calls = {"eigh": 0}
+
+    def eigh(*args, **kwargs):
+        calls["eigh"] += 1
+        raise torch.linalg.LinAlgError("linalg.eigh: forced failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    model = make_tiny_llama()
+    opt = build(name, model)
+    train(model, opt, 3)
+    assert all_finite(model)
+    assert calls["eigh"] > 0 and opt.svd_fallbacks == calls["eigh"]
+
+
 def test_owlore_counts_svd_fallbacks(failing_svd):
     model = make_tiny_llama()
-    opt = build("owlore", model)
+    opt = build("owlore", model, projector="svd")
     train(model, opt, 1)
     assert failing_svd["svd"] > 0 and opt.svd_fallbacks == failing_svd["svd"]
 
@@ -173,7 +194,7 @@ def test_the_randomized_fallback_finds_the_top_subspace(failing_svd):
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(48, 4, generator=gen) @ torch.randn(4, 32, generator=gen)
     G = G + 1e-3 * torch.randn(48, 32, generator=gen)
-    W, opt = _galore_on(G)
+    W, opt = _galore_on(G, projector="svd")  # the exact SVD first, which fails
     W.grad = G
     opt.step()
     P = opt.state[W]["P"]  # right side, 4×32

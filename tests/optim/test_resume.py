@@ -29,6 +29,8 @@ SETTINGS: dict[str, dict] = {
 }
 VARIANTS: list[tuple[str, str, dict]] = [
     ("galore_rsvd_reproject", "galore", {"projector": "rsvd", "reproject_moments": True}),
+    ("galore_svd", "galore", {"projector": "svd"}),  # the exact SVD (the default is the randomized one)
+    ("q_galore_svd", "q_galore", {**SETTINGS["q_galore"], "projector": "svd"}),
     ("frugal_randk", "frugal", {"selector": "randk"}),
     ("frugal_block", "frugal", {"selector": "block", "density": 0.5}),
     ("osd_lion", "osd", {"inner": "lion"}),

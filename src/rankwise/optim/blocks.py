@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from ..batches import call_model
 from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
+from .accounting import optimizer_bytes
 from .conventions import check_lr, svd_fallbacks
 from .copyable import CopyableOptimizer
 
@@ -191,6 +192,21 @@ class _SampledBlocks(CopyableOptimizer):
     def svd_fallbacks(self) -> int:
         """Projector refreshes (OwLore's GaLore) whose SVD failed over; see ``Projector.robust_basis``."""
         return svd_fallbacks(self)
+
+    def _sampler_tensors(self) -> list[torch.Tensor]:
+        """Tensors the sampler itself keeps (LISA's layer probabilities, OwLore's outlier ratios)."""
+        return []
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Tensors kept between steps outside ``state``: the sampler's own and the inner optimizer's
+        (OwLore's projector caches)."""
+        inner = getattr(self._inner, "resident_tensors", None)
+        return [*self._sampler_tensors(), *(inner() if callable(inner) else [])]
+
+    def state_bytes(self) -> int:
+        """Exact bytes kept between steps (``accounting.optimizer_bytes``): the awake parameters' state
+        (a swap drops the rest) and :meth:`resident_tensors`, each storage once."""
+        return optimizer_bytes(self, self.resident_tensors())
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -413,6 +429,9 @@ class LISA(_SampledBlocks):
         """Param groups with their own options (OwLore's projected matrices); none for LISA."""
         return []
 
+    def _sampler_tensors(self) -> list[torch.Tensor]:
+        return [self.probs]
+
     def _draw(self) -> list[int]:
         picked = torch.multinomial(self.probs, self.n_layers, replacement=False, generator=self._generator)
         return sorted(picked.tolist())
@@ -518,7 +537,8 @@ class OwLore(LISA):
     (:class:`rankwise.optim.GaLoreAdamW`, galore-torch numerics, ``proj_side='std'``) at ``rank``:
     Adam state r×n (m < n) or m×r, projector refreshed every ``update_gap`` steps, update scaled by
     ``scale``; all other trained parameters get the same Adam unprojected, as the official code
-    passes every parameter to ``GaLoreAdamW``. Defaults follow the released scripts (γ=5, K=50,
+    passes every parameter to ``GaLoreAdamW``. ``projector`` is GaLore's: the fast warm-started
+    ``"rsvd"`` (default) or the exact ``"svd"`` (the official code's). Defaults follow the released scripts (γ=5, K=50,
     r=256, gap 100, scale 1, M=13, ε=1e-6). Sampled-layer state is dropped at each redraw, as in
     LISA.
     """
@@ -535,6 +555,7 @@ class OwLore(LISA):
         *,
         update_gap: int = 100,
         scale: float = 1.0,
+        projector: str = "rsvd",
         outlier_threshold: float = 13.0,
         calibration: Iterable[Any] | None = None,
         ratios: Sequence[float] | torch.Tensor | None = None,
@@ -561,7 +582,10 @@ class OwLore(LISA):
                 "lower outlier_threshold or pass calibration data / ratios"
             )
         self._matrices = {id(w) for w in matrices}
-        self._projection = {"rank": self.rank, "update_gap": gap, "scale": scale, "proj_side": "std"}
+        self._projection = {
+            "rank": self.rank, "update_gap": gap, "scale": scale, "proj_side": "std",
+            "projector": choice("projector", projector, ("rsvd", "svd")),
+        }
         super().__init__(
             model, lr, n_layers, switch_every, probs=self.ratios, betas=betas, eps=eps,
             weight_decay=weight_decay, seed=seed, layers=layers,
@@ -570,6 +594,9 @@ class OwLore(LISA):
     def _special_groups(self, units: list[list[nn.Parameter]]) -> list[dict[str, Any]]:
         params = [p for unit in units for p in unit if id(p) in self._matrices]
         return [{"params": params, **self._projection}] if params else []
+
+    def _sampler_tensors(self) -> list[torch.Tensor]:
+        return [self.probs, self.ratios]
 
     def _make_inner(self, groups: list[dict[str, Any]]) -> Optimizer:
         from .galore import GaLoreAdamW  # the shared projected engine

@@ -32,7 +32,7 @@ class Fira(ProjectedOptimizer):
         update_gap: int = 200,
         scale: float = 0.25,
         proj_side: str = "std",
-        projector: str = "svd",
+        projector: str = "rsvd",
         limiter_gamma: float | None = 1.01,
         reproject_moments: bool = False,
         seed: int = 0,

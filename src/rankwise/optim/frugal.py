@@ -5,7 +5,9 @@ The gradient of each projected matrix is split into a low-dimensional part, upda
 optimizer (AdamW), and the rest, updated by a state-free rule: signSGD (default) or SGD, or nothing
 (``inactive_update_rule='no'``). The subspace is re-chosen every T steps by a *selector*:
 
-* ``'svd'`` — GaLore's top singular vectors (``GaloreAdamW`` in the official code);
+* ``'svd'`` — GaLore's top singular vectors (``GaloreAdamW`` in the official code), from the
+  warm-started randomized range finder (``projector='rsvd'``, default) or the exact SVD
+  (``projector='svd'``);
 * ``'randk'`` — random columns/rows (``CoordAdamW``);
 * ``'block'`` — whole parameter tensors, ``round(density·#tensors)`` of them active, chosen at random
   (``block_order='random'``) or in ascending order (BAdam-style, ``BlockAdamW``); inactive tensors keep
@@ -31,7 +33,8 @@ from .inner import get_inner
 from .projected import ProjectedOptimizer
 from .projectors import Projector, next_proj_seed
 
-SELECTORS = {"svd": "svd", "randk": "coords", "block": "blocks"}
+SELECTORS = {"svd": "rsvd", "randk": "coords", "block": "blocks"}
+SVD_PROJECTORS = ("rsvd", "svd")  # the svd selector's basis: randomized (fast, default) or exact
 RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": "none"}
 
 
@@ -53,6 +56,7 @@ class FRUGAL(ProjectedOptimizer):
         inactive_lr_scale: float = 1.0,
         reset_statistics: bool = True,
         block_order: str = "random",
+        projector: str = "rsvd",
         proj_side: str = "std",
         scale: float = 1.0,
         seed: int = 0,
@@ -62,13 +66,15 @@ class FRUGAL(ProjectedOptimizer):
         choice("inactive_update_rule", inactive_update_rule, RULES)
         fraction("density", density, optional=True)
         choice("block_order", block_order, ("random", "ascending"))
+        choice("projector", projector, SVD_PROJECTORS)
         non_negative("inactive_lr_scale", inactive_lr_scale)
         self.density, self.selector = density, selector
         self.reset_statistics, self.block_order = bool(reset_statistics), block_order
         self.inactive_update_rule = inactive_update_rule
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=SELECTORS[selector],
+            update_gap=update_gap, scale=scale, proj_side=proj_side,
+            projector=projector if selector == "svd" else SELECTORS[selector],
             inner="adamw", residual=RULES[inactive_update_rule], seed=seed,
             inactive_lr_scale=float(inactive_lr_scale), **options,
         )

@@ -2,7 +2,10 @@
 
 For each projected W ∈ R^{m×n} (Alg. 2 "Adam with GaLore"): every T steps P ← top-r singular vectors
 of G (left U[:, :r] or right Vh[:r] per ``proj_side``), R = PᵀG (or G·Pᵀ), the optimizer runs on R, and
-W ← W − lr·α·P·N(R). Optimizer state is r×n (or m×r) per matrix plus P.
+W ← W − lr·α·P·N(R). Optimizer state is r×n (or m×r) per matrix plus P. The singular vectors come from
+the warm-started randomized range finder by default (``projector="rsvd"``: one power round from the
+previous basis, ≥ 0.99 of the exact top-r energy, ``state["proj_energy"]`` records it);
+``projector="svd"`` is the exact SVD, galore-torch's numerics.
 State bytes per m×n matrix (right side, fp32): AdamW 4·(2·m·r + r·n); 8-bit 2·m·r + 8·⌈m·r/256⌉ + 4·r·n;
 Adafactor 4·(m + r + r·n) (+4·m·r with β₁).
 
@@ -35,7 +38,7 @@ class GaLoreAdamW(ProjectedOptimizer):
         update_gap: int = 200,
         scale: float = 0.25,
         proj_side: str = "std",
-        projector: str = "svd",
+        projector: str = "rsvd",
         reproject_moments: bool = False,
         seed: int = 0,
         **options: Any,
@@ -74,7 +77,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
         update_gap: int = 200,
         scale: float = 0.25,
         proj_side: str = "std",
-        projector: str = "svd",
+        projector: str = "rsvd",
         seed: int = 0,
         **options: Any,
     ):

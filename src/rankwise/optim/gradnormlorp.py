@@ -51,7 +51,7 @@ class GradNormLoRP(ProjectedOptimizer):
         update_gap: int = 200,
         scale: float = 1.0,
         proj_side: str = "std",
-        projector: str = "svd",
+        projector: str = "rsvd",
         inner: str = "adamw",
         seed: int = 0,
         **options: Any,

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from ..checks import integer
 from ..memory import gradient_bytes, tensor_bytes
+from .accounting import state_bytes
 
 __all__ = ["GradBytesTracker", "LayerwiseOptimizer", "layerwise"]
 
@@ -112,6 +113,11 @@ class LayerwiseOptimizer(Optimizer):
     def optimizers(self) -> list[Optimizer]:
         """The per-parameter optimizers, in parameter order."""
         return list(self._optimizers.values())
+
+    def state_bytes(self) -> int:
+        """Bytes kept between steps: the sum of the per-parameter optimizers' ``state_bytes``
+        (``accounting.state_bytes``; this object's own ``state`` stays empty)."""
+        return sum(state_bytes(o) for o in self._optimizers.values())
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         return {

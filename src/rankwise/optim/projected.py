@@ -24,6 +24,16 @@ parameter dtype, which this class undoes).
 
 ``reproject_moments=True`` carries the inner moments into the new basis at each refresh (first moment
 M ← P_newᵀP_old·M, second moment by LDAdam's projection-aware rule; see ``inner.py``). Default off.
+
+**Projector default.** ``projector="rsvd"`` (the warm-started randomized range finder) for every
+SVD-based optimizer; ``projector="svd"`` is the exact LAPACK SVD (galore-torch's numerics). At each
+refresh by a projector with an orthonormal basis the captured gradient energy
+e = ‖P·PᵀG‖²/‖G‖² = ‖PᵀG‖²/‖G‖² is kept as ``state["proj_energy"]`` (the exact top-r subspace
+maximises it, Eckart-Young); ``captured_energy`` averages it over the parameters.
+
+**State bytes.** ``state_bytes()`` counts every tensor kept between steps, each storage once: the
+per-parameter state, tensor options of the groups and the projectors' resident tensors (APOLLO's and
+Flora's cached Gaussian matrix, the shared DCT basis); see ``accounting.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from typing import Any
 import torch
 
 from ..checks import beta_pair, choice, integer, known_options, number
-from ..memory import optimizer_state_bytes
+from .accounting import optimizer_bytes
 from .conventions import check_lr, float_lr, svd_fallbacks
 from .copyable import CopyableOptimizer
 from .inner import INNER_OPTIONS, INNERS, get_inner
@@ -55,6 +65,13 @@ from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
 OPTION_KEYS = tuple(sorted({*PROJECTOR_OPTIONS, *INNER_OPTIONS, *RESIDUAL_OPTIONS} - {"update_gap"}))
 
 
+def captured_energy(projected: torch.Tensor, G: torch.Tensor) -> float:
+    """‖PᵀG‖²/‖G‖² (= ‖P·PᵀG‖²/‖G‖² for an orthonormal P): the share of G's energy in the subspace
+    (1.0 for a zero G)."""
+    total = float(torch.linalg.vector_norm(G.float()) ** 2)
+    return float(torch.linalg.vector_norm(projected.float()) ** 2) / total if total > 0.0 else 1.0
+
+
 class ProjectedOptimizer(CopyableOptimizer):
     """Memory-efficient optimizer with low-rank (or subspace) projected state; see the module docstring.
 
@@ -67,7 +84,8 @@ class ProjectedOptimizer(CopyableOptimizer):
         update_gap: refresh period T of the projector (steps).
         scale: α, multiplies the projected-back update.
         proj_side: ``std`` | ``reverse_std`` | ``left`` | ``right`` (galore-torch's ``proj_type``).
-        projector, inner, residual: strategy names (``PROJECTORS``, ``INNERS``, ``RESIDUALS``).
+        projector, inner, residual: strategy names (``PROJECTORS``, ``INNERS``, ``RESIDUALS``);
+            ``projector`` defaults to the fast ``"rsvd"``, ``"svd"`` is the exact SVD.
         reproject_moments: carry moments into the new basis at each refresh.
         seed: base of the per-parameter seeds (parameter k, counted from 1 over all groups, gets seed + k,
             the same numbering as apollo-torch).
@@ -85,7 +103,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         update_gap: int = 200,
         scale: float = 1.0,
         proj_side: str = "std",
-        projector: str = "svd",
+        projector: str = "rsvd",
         inner: str = "adamw",
         residual: str = "none",
         reproject_moments: bool = False,
@@ -102,6 +120,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         self._seed_base = seed
         self._param_count = 0
         self._projectors: dict[torch.Tensor, Projector] = {}
+        self._shared: dict[Any, torch.Tensor] = {}  # tensors the projectors share (the DCT basis)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups, validation, seeds
@@ -165,7 +184,9 @@ class ProjectedOptimizer(CopyableOptimizer):
         proj = self._projectors.get(p)
         if proj is None or (proj.name, proj.rank, proj.side) != key:
             opts = {k: group[k] for k in projector_options(group["projector"]) if k in group}
-            proj = make_projector(group["projector"], rank, side, tuple(p.shape), opts, p.device, p.dtype)
+            proj = make_projector(
+                group["projector"], rank, side, tuple(p.shape), opts, p.device, p.dtype, self._shared
+            )
             self._projectors[p] = proj
         return proj
 
@@ -177,11 +198,16 @@ class ProjectedOptimizer(CopyableOptimizer):
     def _refresh(
         self, p: torch.Tensor, G: torch.Tensor, group: dict[str, Any], state: dict[str, Any], proj: Projector
     ) -> torch.Tensor | None:
-        """New basis from G (carrying the moments over if asked); returns project(G) if the projector
-        produced it on the way (see :meth:`Projector.compute`)."""
+        """New basis from G (carrying the moments over if asked); returns project(G) when it was
+        computed on the way (by the projector, see :meth:`Projector.compute`, or for the energy
+        statistic), else None. An orthonormal basis records ``state["proj_energy"]`` = ‖PᵀG‖²/‖G‖²."""
         first = not proj.has_basis(state)
         old = None if first or not group["reproject_moments"] else proj.basis(state)
         projected = proj.compute(G, state)
+        if proj.orthonormal:
+            if projected is None:
+                projected = proj.project(G, state)
+            state["proj_energy"] = captured_energy(projected, G)
         if old is not None:
             T = proj.basis(state).t() @ old
             get_inner(group["inner"]).transition(state, T, proj.side, group)
@@ -269,9 +295,22 @@ class ProjectedOptimizer(CopyableOptimizer):
         see ``Projector.robust_basis``. Saved in the state."""
         return svd_fallbacks(self)
 
+    @property
+    def captured_energy(self) -> float | None:
+        """Mean over the projected parameters of the gradient energy their last refresh captured,
+        ‖PᵀG‖²/‖G‖² (1 = all of G in the subspace; the exact top-r SVD basis is the maximum); None
+        before the first refresh or for projectors without an orthonormal basis (gaussian, online)."""
+        values = [float(st["proj_energy"]) for st in self.state.values() if "proj_energy" in st]
+        return sum(values) / len(values) if values else None
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Tensors kept between steps outside ``state``: the projectors' caches and shared bases."""
+        return [t for proj in self._projectors.values() for t in proj.resident_tensors()]
+
     def state_bytes(self) -> int:
-        """Exact optimizer-state size: the sum of ``nbytes`` over every state tensor."""
-        return optimizer_state_bytes(self)
+        """Exact bytes of everything kept between steps (``accounting.optimizer_bytes``): the state
+        tensors, tensor options and :meth:`resident_tensors`, each storage once."""
+        return optimizer_bytes(self, self.resident_tensors())
 
     def projector(self, p: torch.Tensor) -> Projector:
         """The projector object of parameter ``p`` (for inspection: ``.matrix(opt.state[p])``)."""

@@ -3,7 +3,10 @@
 Every projector is a small object built per parameter from ``(rank, side, shape, opts)``; **all of
 its state lives in the optimizer's per-parameter state dict as plain tensors / ints** (so
 ``optimizer.state_dict()`` is complete and loads with ``torch.load(weights_only=True)``). Derived
-dense matrices (regenerated Gaussian, DCT columns, dequantized INT4) are cached on the object only.
+dense matrices are cached on the object only: the regenerated Gaussian across steps (as apollo-torch
+keeps it), the DCT columns and the dequantized INT4 basis only within one step (``post_update`` drops
+them). Whatever a projector keeps between steps is listed by ``resident_tensors`` and counted by
+the optimizer's ``state_bytes()``. The DCT basis is shared through the optimizer's ``shared`` dict.
 
 Sides follow galore-torch's ``proj_type``: for G ∈ R^{m×n}, a *left* projector keeps P ∈ R^{m×r}
 and R = PᵀG (r×n), back = P·N; a *right* projector keeps P ∈ R^{r×n} and R = G·Pᵀ (m×r),
@@ -12,16 +15,19 @@ the larger one.
 
 Strategies (``PROJECTORS``):
 
-* ``svd`` — top-r singular vectors of G (GaLore, Zhao et al. 2024, Alg. 2 "Adam with GaLore");
+* ``svd`` — top-r singular vectors of G by the exact (LAPACK) SVD (GaLore, Zhao et al. 2024, Alg. 2
+  "Adam with GaLore");
 * ``rsvd`` — the same subspace from a randomized range finder with power iterations (Halko,
-  Martinsson & Tropp 2011, Alg. 4.4), warm-started from the previous basis;
+  Martinsson & Tropp 2011, Alg. 4.4), warm-started from the previous basis: the default of every
+  SVD-based optimizer (it captures ≥ 0.99 of the exact top-r energy on decaying-spectrum gradients,
+  ``tests/optim/test_fast_projector.py``);
 * ``gaussian`` — P with i.i.d. N(0, 1/r) entries regenerated bit-exactly from an int seed (APOLLO,
   Zhu et al. 2024; Flora, Hao et al. 2024); only the seed is stored;
 * ``dct`` — r columns of the orthonormal DCT-II matrix D picked by the largest ‖Dᵀ G‖ column/row
   norms (Modoranu et al. 2025, "SVD-Free Low-Rank Adaptive Gradient Optimization", dynamic column selection); only the
   int index tensor is stored;
-* ``svd_int4`` — the ``svd`` basis stored as packed INT4 with per-group scales (Q-GaLore, Zhang et
-  al. 2024);
+* ``svd_int4`` / ``rsvd_int4`` — the ``svd`` / ``rsvd`` basis stored as packed INT4 with per-group
+  scales (Q-GaLore, Zhang et al. 2024);
 * ``coords`` — r random coordinates (columns or rows) (FRUGAL, Zmushko et al. 2024, RandK);
 * ``blocks`` — a contiguous block of r columns/rows that moves cyclically at each refresh (BAdam-style
   block coordinate selection inside the matrix);
@@ -94,6 +100,8 @@ class Projector:
 
     name = "base"
     periodic = True  # refreshed every ``update_gap`` steps (``online`` refreshes itself every step)
+    orthonormal = True  # P has orthonormal columns/rows, so ‖proj(G)‖²/‖G‖² is the captured energy
+    step_cache = False  # True: the dense-matrix cache lives for one step only (dropped by post_update)
     state_keys: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # the group keys this strategy reads (passed to it as ``opts``)
 
@@ -105,11 +113,17 @@ class Projector:
         opts: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        shared: dict[Any, torch.Tensor] | None = None,
     ):
         self.rank, self.side, self.shape = int(rank), side, (int(shape[0]), int(shape[1]))
         self.opts = dict(opts or {})
         self.device, self.dtype = torch.device(device), dtype
+        self.shared = {} if shared is None else shared  # tensors shared by an optimizer's projectors
         self._cache: tuple[int, torch.Tensor] | None = None
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Tensors this object keeps between steps besides the optimizer state (its cache now)."""
+        return [] if self._cache is None else [self._cache[1]]
 
     @property
     def dim(self) -> int:
@@ -141,7 +155,9 @@ class Projector:
         return P if self.side == "left" else P.t()
 
     def post_update(self, G: torch.Tensor, state: State) -> None:
-        """Called after the parameter update (online projectors move P here)."""
+        """Called after the parameter update (online projectors move P here; a one-step cache is dropped)."""
+        if self.step_cache:
+            self._cache = None
 
     def _cached(self, state: State, build) -> torch.Tensor:
         version = int(state["proj_version"])
@@ -196,7 +212,8 @@ def svd_basis(G: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """GaLore's projector: U[:, :r] (left, m×r) or Vh[:r] (right, r×n) of the exact SVD of G."""
     U, _, Vh = torch.linalg.svd(_float(G), full_matrices=False)
     P = U[:, :rank] if side == "left" else Vh[:rank, :]
-    return P.to(G.dtype).contiguous()
+    # a copy: the slice Vh[:r] is a view that would keep the whole min(m, n)×n factor alive
+    return P.to(dtype=G.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def randomized_left_basis(
@@ -216,7 +233,9 @@ def randomized_left_basis(
     vectors), U = Q·W. UᵀA = WᵀB comes for free, which saves the caller one projection of A.
     Cold start: Q = qr(A·Ω) for a Gaussian Ω (n×k). Warm start: ``start`` (m×r', the previous
     orthonormal basis) plus k − r' Gaussian columns orthonormalized against it, so consecutive
-    refreshes continue one subspace iteration at the cost of ``power_iters`` extra passes over A.
+    refreshes continue one subspace iteration at the cost of ``power_iters`` extra passes over A; each
+    warm-started vector gets the sign that points it like the previous basis's vector of the same rank
+    (so the moments GaLore keeps across a refresh and Q-GaLore's cosine test see a continuous basis).
     A is first divided by a power of two near max|A| (exact; undone on UᵀA) so that huge gradients do
     not overflow the Gram matrix.
     """
@@ -242,8 +261,15 @@ def randomized_left_basis(
     B = Q.t() @ A
     _, vecs = torch.linalg.eigh((B @ B.t()).double())  # ascending eigenvalues
     W = vecs[:, -rank:].flip(1).to(A.dtype)
+    U = Q @ W
+    if start is not None:  # eigenvector signs are arbitrary: keep each vector pointing like its predecessor
+        s = min(rank, start.shape[1])
+        flip = (start[:, :s].to(A.dtype) * U[:, :s]).sum(0) < 0
+        sign = torch.ones(rank, device=A.device, dtype=A.dtype)
+        sign[:s] = 1.0 - 2.0 * flip.to(A.dtype)
+        U, W = U * sign, W * sign
     UtA = W.t() @ B
-    return Q @ W, UtA if scale == 1.0 else UtA * scale
+    return U, UtA if scale == 1.0 else UtA * scale
 
 
 def identity_basis(dim: int, rank: int, side: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -266,13 +292,16 @@ def randomized_basis(
     start: torch.Tensor | None = None, opts: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, project(G))`` from :func:`randomized_left_basis` on G (left) or Gᵀ (right), in G's dtype;
-    ``start`` is the previous P. ``opts``: ``oversample`` (8), ``power_iters`` (1), ``power_dtype``."""
+    ``start`` is the previous P. ``opts``: ``oversample`` (8), ``power_iters`` (1: rounds after a warm
+    start), ``cold_power_iters`` (3: rounds from a random start, i.e. the first refresh, whose basis
+    then serves a whole ``update_gap``), ``power_dtype``."""
     opts = opts or {}
     A = _float(G) if side == "left" else _float(G).t()
     if start is not None:
         start = (start if side == "left" else start.t()).float()
+    iters = int(opts.get("power_iters", 1)) if start is not None else int(opts.get("cold_power_iters", 3))
     U, UtA = randomized_left_basis(
-        A, rank, int(opts.get("oversample", 8)), int(opts.get("power_iters", 1)), start, generator,
+        A, rank, int(opts.get("oversample", 8)), iters, start, generator,
         power_dtype(opts.get("power_dtype", "auto"), G.device),
     )
     P = (U if side == "left" else U.t()).to(G.dtype).contiguous()
@@ -315,7 +344,7 @@ class RandomizedSVDProjector(Projector):
     """Randomized SVD basis, warm-started from the previous P. State: ``P``, ``proj_seed``."""
 
     name = "rsvd"
-    options = ("oversample", "power_iters", "power_dtype")
+    options = ("oversample", "power_iters", "cold_power_iters", "power_dtype")
     state_keys = ("P", "proj_seed", "proj_version")
 
     def compute(self, G: torch.Tensor, state: State) -> torch.Tensor | None:
@@ -331,12 +360,16 @@ class RandomizedSVDProjector(Projector):
 class Int4SVDProjector(Projector):
     """Exact SVD basis kept as packed INT4 (Q-GaLore). State: ``P_q`` (uint8), ``P_scale``, ``P_zero``.
 
-    Also keeps ``P_first`` (the leading singular vector, float) for Q-GaLore's lazy refresh test.
+    Also keeps ``P_first`` (the leading singular vector, float) for Q-GaLore's lazy refresh test. The
+    dequantized basis is built once per step and dropped after it (``step_cache``), so only the INT4
+    codes stay resident.
     """
 
     name = "svd_int4"
     options = ("quant_group_size",)
     state_keys = ("P_q", "P_scale", "P_zero", "P_first", "proj_version")
+    step_cache = True
+    order: tuple[str, ...] = ("exact", "randomized")
 
     @property
     def group(self) -> int:
@@ -345,8 +378,16 @@ class Int4SVDProjector(Projector):
     def _shape(self) -> tuple[int, int]:
         return (self.shape[0], self.rank) if self.side == "left" else (self.rank, self.shape[1])
 
+    def _start(self, state: State) -> torch.Tensor | None:
+        """The previous (dequantized, re-orthonormalized) basis as P, the range finder's warm start."""
+        if self.order[0] != "randomized" or not self.has_basis(state):
+            return None
+        Q, R = torch.linalg.qr(self.basis(state).float())
+        Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)  # QR may flip a column: keep each one's sign
+        return Q if self.side == "left" else Q.t()
+
     def compute(self, G: torch.Tensor, state: State) -> None:
-        P = self.robust_basis(G, state)[0].float()
+        P = self.robust_basis(G, state, self.order, start=self._start(state))[0].float()
         state["P_first"] = (P[:, 0] if self.side == "left" else P[0, :]).clone()
         state["P_q"], state["P_scale"], state["P_zero"] = quant.quantize_int4(P, self.group)
         _bump(state)
@@ -359,6 +400,17 @@ class Int4SVDProjector(Projector):
         return self._cached(state, build)
 
 
+@_register
+class Int4RandomizedSVDProjector(Int4SVDProjector):
+    """The ``rsvd`` basis (warm-started from the dequantized previous one) kept as packed INT4.
+    State adds ``proj_seed``."""
+
+    name = "rsvd_int4"
+    options = ("quant_group_size", "oversample", "power_iters", "cold_power_iters", "power_dtype")
+    state_keys = ("P_q", "P_scale", "P_zero", "P_first", "proj_seed", "proj_version")
+    order = ("randomized", "exact")
+
+
 # ----------------------------------------------------------------------------- seeded random
 
 
@@ -368,6 +420,7 @@ class GaussianProjector(Projector):
 
     name = "gaussian"
     state_keys = ("proj_seed", "proj_version")
+    orthonormal = False
 
     def _shape(self) -> tuple[int, int]:
         return (self.shape[0], self.rank) if self.side == "left" else (self.rank, self.shape[1])
@@ -387,29 +440,35 @@ class GaussianProjector(Projector):
 # ----------------------------------------------------------------------------- DCT
 
 
-_DCT_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
-
-
-def dct_matrix(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dct_matrix(
+    size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    cache: dict[Any, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Orthonormal DCT-II basis as columns: Q[t, k] = c_k·cos(π k (2t+1) / (2N)), c_0 = √(1/N), c_k = √(2/N).
 
-    Qᵀx is the orthonormal DCT-II of x; QᵀQ = I. Computed once per size and cached (shared by layers).
+    Qᵀx is the orthonormal DCT-II of x; QᵀQ = I. With ``cache`` (an optimizer's shared dict, so the
+    optimizer owns and counts it) it is computed once per size, device and dtype and shared by layers.
     """
-    key = (int(size), str(device), dtype)
-    if key not in _DCT_CACHE:
-        t = torch.arange(size, dtype=torch.float64).unsqueeze(1)
-        k = torch.arange(size, dtype=torch.float64).unsqueeze(0)
-        Q = torch.cos(math.pi * k * (2 * t + 1) / (2 * size)) * math.sqrt(2.0 / size)
-        Q[:, 0] = math.sqrt(1.0 / size)
-        _DCT_CACHE[key] = Q.to(device=device, dtype=dtype)
-    return _DCT_CACHE[key]
+    key = ("dct", int(size), str(device), dtype)
+    if cache is not None and key in cache:
+        return cache[key]
+    t = torch.arange(size, dtype=torch.float64).unsqueeze(1)
+    k = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+    Q = torch.cos(math.pi * k * (2 * t + 1) / (2 * size)) * math.sqrt(2.0 / size)
+    Q[:, 0] = math.sqrt(1.0 / size)
+    Q = Q.to(device=device, dtype=dtype)
+    if cache is not None:
+        cache[key] = Q
+    return Q
 
 
-def dct_scores(G: torch.Tensor, side: str, norm: float = 1.0) -> torch.Tensor:
+def dct_scores(
+    G: torch.Tensor, side: str, norm: float = 1.0, cache: dict[Any, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Alignment of every DCT basis vector with G: ‖G·Q[:, k]‖_p (right) or ‖Q[:, k]ᵀ·G‖_p (left)."""
     if side == "right":
-        return torch.linalg.vector_norm(_float(G) @ dct_matrix(G.shape[1], G.device), ord=norm, dim=0)
-    return torch.linalg.vector_norm(dct_matrix(G.shape[0], G.device).t() @ _float(G), ord=norm, dim=1)
+        return torch.linalg.vector_norm(_float(G) @ dct_matrix(G.shape[1], G.device, cache=cache), ord=norm, dim=0)
+    return torch.linalg.vector_norm(dct_matrix(G.shape[0], G.device, cache=cache).t() @ _float(G), ord=norm, dim=1)
 
 
 @_register
@@ -419,16 +478,20 @@ class DCTProjector(Projector):
     name = "dct"
     options = ("dct_norm",)
     state_keys = ("idx", "proj_version")
+    step_cache = True  # the r selected columns; the shared N×N basis stays (in ``shared``)
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        return [*super().resident_tensors(), *(t for k, t in self.shared.items() if k[0] == "dct")]
 
     def compute(self, G: torch.Tensor, state: State) -> None:
-        scores = dct_scores(G, self.side, float(self.opts.get("dct_norm", 1.0)))
+        scores = dct_scores(G, self.side, float(self.opts.get("dct_norm", 1.0)), self.shared)
         state["idx"] = torch.topk(scores, self.rank, sorted=True).indices.sort().values
         _bump(state)
 
     def matrix(self, state: State) -> torch.Tensor:
         def build() -> torch.Tensor:
             idx = state["idx"]
-            cols = dct_matrix(self.dim, idx.device, self.dtype).index_select(1, idx)
+            cols = dct_matrix(self.dim, idx.device, self.dtype, self.shared).index_select(1, idx)
             return cols.contiguous() if self.side == "left" else cols.t().contiguous()
 
         return self._cached(state, build)
@@ -516,6 +579,7 @@ class OnlineProjector(Projector):
     name = "online"
     options = ("proj_lr", "osd_init", "proj_weight_decay", "update_gap")
     periodic = False
+    orthonormal = False  # P drifts off the Stiefel manifold between steps
     state_keys = ("P", "P_exp_avg", "P_exp_avg_sq", "P_step", "proj_seed", "proj_version")
 
     def compute(self, G: torch.Tensor, state: State) -> None:
@@ -565,9 +629,11 @@ def make_projector(
     opts: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    shared: dict[Any, torch.Tensor] | None = None,
 ) -> Projector:
-    """Build the projector ``name`` (one of ``PROJECTORS``) for a gradient of ``shape`` on ``device``/``dtype``."""
-    return _CLASSES[choice("projector", name, PROJECTORS)](rank, side, shape, opts, device, dtype)
+    """Build the projector ``name`` (one of ``PROJECTORS``) for a gradient of ``shape`` on ``device``/``dtype``;
+    ``shared`` is the optimizer's dict of tensors shared by its projectors (the DCT basis)."""
+    return _CLASSES[choice("projector", name, PROJECTORS)](rank, side, shape, opts, device, dtype, shared)
 
 
 def projector_options(name: str) -> tuple[str, ...]:

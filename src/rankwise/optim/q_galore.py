@@ -1,13 +1,15 @@
 """Q-GaLore (Zhang et al. 2024, "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive
 Low-Rank Gradients").
 
-GaLore with the projection matrix stored in INT4 (packed two per byte, asymmetric min-max
-per group of 256, dequantized when used), 8-bit Adam moments by default, and the *lazy
-layer-adaptive* subspace refresh: at each refresh the cosine similarity between the leading singular
-vector of the new and the previous projector is pushed into a queue of length k (``queue_size``, 5);
-once the queue is full and its mean is ≥ ``cos_threshold`` (0.4), that layer's refresh interval is
-multiplied by ``gamma_proj`` (2, as in the official code: intervals T, 2T, 4T, ... so the per-layer SVD
-count stops growing linearly); ``gamma_proj=None`` stops refreshing that layer altogether.
+GaLore with the projection matrix stored in INT4 (packed two per byte, asymmetric min-max per group
+of 256, dequantized once per step and not kept), computed by the warm-started randomized range finder
+(``projector="rsvd"``, default) or the exact SVD (``projector="svd"``), 8-bit Adam moments by default,
+and the *lazy layer-adaptive* subspace refresh: at each refresh the cosine similarity between the
+leading singular vector of the new and the previous projector is pushed into a queue of length k
+(``queue_size``, 5); once the queue is full and its mean is ≥ ``cos_threshold`` (0.4), that layer's
+refresh interval is multiplied by ``gamma_proj`` (2, as in the official code: intervals T, 2T, 4T, ...
+so the per-layer SVD count stops growing linearly); ``gamma_proj=None`` stops refreshing that layer
+altogether.
 
 INT8 weights with stochastic rounding (F_SR) are available as ``weight_quant=True``: after
 each update every projected weight is re-quantized to INT8 (asymmetric, groups of ``weight_group_size``)
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checks import integer, number
+from ..checks import choice, integer, number
 from . import quant
 from .projected import ProjectedOptimizer
 from .projectors import Projector, advance_seed
@@ -47,6 +49,7 @@ class QGaLoreAdamW(ProjectedOptimizer):
         scale: float = 0.25,
         proj_side: str = "std",
         inner: str = "adamw8bit",
+        projector: str = "rsvd",
         quant_group_size: int = 256,
         cos_threshold: float = 0.4,
         gamma_proj: float | None = 2.0,
@@ -56,6 +59,7 @@ class QGaLoreAdamW(ProjectedOptimizer):
         seed: int = 0,
         **options: Any,
     ):
+        choice("projector", projector, ("rsvd", "svd"))
         number("cos_threshold", cos_threshold, -1.0, 1.0)
         number("gamma_proj", gamma_proj, 1.0, optional=True)  # None freezes the projection
         integer("queue_size", queue_size, 1)
@@ -67,7 +71,7 @@ class QGaLoreAdamW(ProjectedOptimizer):
         self.weight_quant, self.weight_group_size = bool(weight_quant), weight_group_size
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector="svd_int4", inner=inner,
+            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=f"{projector}_int4", inner=inner,
             residual="none", seed=seed, quant_group_size=quant_group_size, **options,
         )
 

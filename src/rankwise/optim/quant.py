@@ -85,13 +85,14 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block: int = 256) -> tuple
     """
     if block <= 0:
         raise ValueError(f"block={block!r} must be a positive int")
-    blocks, _ = _blocks(x.float(), block)
+    blocks, pad = _blocks(x.float(), block)
     absmax = blocks.abs().amax(dim=1)
     # an inf entry makes its block's absmax inf: dividing by finfo.max instead keeps inf/inf = NaN out of
     # the codes (the block decodes to inf anyway, see dequantize_blockwise)
     normed = blocks / absmax.clamp(min=1e-30, max=torch.finfo(torch.float32).max).unsqueeze(1)
-    q = code_index(normed, signed)
-    return q.reshape(-1)[: x.numel()], absmax
+    q = code_index(normed, signed).reshape(-1)
+    # without the padding: a slice would keep the whole padded buffer alive in the optimizer state
+    return (q[: x.numel()].clone() if pad else q), absmax
 
 
 def dequantize_blockwise(
