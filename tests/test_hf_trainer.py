@@ -240,3 +240,16 @@ def test_loop_callbacks_see_the_optimizer_the_user_built_even_when_it_wraps_anot
     RankwiseTrainer(model=model, args=_args(tmp_path / "run", steps=2, save_steps=10), train_dataset=_dataset(),
                     optimizers=(opt, None), loop_callbacks=[relora]).train()
     assert relora.merges == 2
+
+
+def test_training_callbacks_of_the_adapter_method_run_in_the_trainer_by_themselves(tmp_path):
+    """COLA's merge-and-restart (its config's ``training_callbacks``) needs no loop_callbacks: after 4
+    steps with chain_every=2 the base weights hold the merged links; a plain LoRA base never moves."""
+    bases = {}
+    for method, options in (("cola", {"chain_every": 2}), ("lora", {})):
+        model = _adapted(tmp_path, method, **options)
+        before = {n: layer.base_weight.detach().clone() for n, layer in rw.adapter_layers(model)}
+        RankwiseTrainer(model=model, args=_args(tmp_path / method, steps=4, save_steps=100),
+                        train_dataset=_dataset()).train()
+        bases[method] = [not torch.equal(before[n], layer.base_weight) for n, layer in rw.adapter_layers(model)]
+    assert all(bases["cola"]) and not any(bases["lora"])

@@ -219,20 +219,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 # ----------------------------------------------------------------------------- training-dynamics methods
 # An adapter method that changes how LoRA trains (not its form) says so on its config: a config may
 # define ``training_callbacks(model, adapter_name, optimizer) -> list`` (per-step actions: ALLoRA's
-# per-row step sizes, COLA's merge-and-restart) and ``training_optimizer(model, adapter_name, lr,
-# weight_decay, **optimizer_kwargs)`` (an optimizer of its own: LoRA-Pro's). The loop asks for both.
+# per-row step sizes, COLA's merge-and-restart: attached with the rank controllers by
+# ``adapters.rank_control.with_method_controllers``) and ``training_optimizer(model, adapter_name, lr,
+# weight_decay, **optimizer_kwargs)`` (an optimizer of its own: LoRA-Pro's, built here).
 def _method_hooks(model: nn.Module, hook: str) -> list[tuple[str, Any]]:
     """``(adapter name, bound hook)`` for every adapter on ``model`` whose config defines ``hook``."""
     from .adapters.registry import adapter_states
 
     found = [(name, getattr(st.config, hook, None)) for name, st in adapter_states(model).items()]
     return [(name, fn) for name, fn in found if fn is not None]
-
-
-def method_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Any]:
-    """The callbacks the model's adapter methods train with (empty for most methods); :func:`train`
-    runs them before the caller's callbacks."""
-    return [cb for name, fn in _method_hooks(model, "training_callbacks") for cb in fn(model, name, optimizer)]
 
 
 def method_optimizer(model: nn.Module, cfg: TrainConfig, guard: dict[str, Any] | None = None
@@ -620,7 +615,8 @@ class _Loop:
 
 def _with_method_controllers(model: nn.Module, callbacks: Sequence[Any], optimizer: torch.optim.Optimizer,
                             total_steps: int) -> list[Any]:
-    """The controllers of the model's rank-allocating adapters (AdaLoRA, SoRA), then ``callbacks``."""
+    """The controllers and training callbacks of the model's adapter methods (AdaLoRA, SoRA, ALLoRA,
+    COLA, ...: ``adapters.rank_control``), then ``callbacks``."""
     from .adapters.rank_control import with_method_controllers
 
     return with_method_controllers(model, callbacks, optimizer, total_steps)
@@ -677,8 +673,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps)
-    callbacks = _with_method_controllers(model, [*method_callbacks(model, optimizer), *callbacks], optimizer,
-                                         total_steps)
+    callbacks = _with_method_controllers(model, callbacks, optimizer, total_steps)
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)
     loop.start(resume_from)
@@ -705,7 +700,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
 __all__ = [
     "FULL_FINETUNE", "HEAD_ONLY", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
-    "method_callbacks", "method_optimizer",
+    "method_optimizer",
     "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model",
     "reset_peak_memory", "resolve_device", "save_checkpoint", "seed_everything", "train",
 ]

@@ -1,10 +1,13 @@
-"""Controllers that come with an adapter method, attached by every training loop without the user's help.
+"""Callbacks that come with an adapter method, attached by every training loop without the user's help.
 
 A rank-allocation method (AdaLoRA, SoRA) is only correct when its controller runs at every step;
 PEFT leaves that to the user (``update_and_allocate``), who can forget it and then trains a fixed
-rank without any error. Here a method's ``MethodSpec.controller`` builds its controller, and
-``rankwise.train.train``, ``rankwise train`` and ``RankwiseTrainer`` attach one per active adapter
-of such a method through :func:`with_method_controllers`.
+rank without any error. The same holds for training-dynamics methods whose update rule is a
+per-step action (ALLoRA's per-row step sizes, COLA's merge-and-restart). Here a method's
+``MethodSpec.controller`` builds its controller and its config's ``training_callbacks(model,
+adapter_name, optimizer)`` returns its per-step callbacks; ``rankwise.train.train``, ``rankwise
+train`` and ``RankwiseTrainer`` attach them for every active adapter through
+:func:`with_method_controllers` — one mechanism for both.
 
 Each controller is a :class:`MethodController`: a ``RankController`` that counts its
 re-allocations and raises at the end of a run in which none happened (the run was shorter than
@@ -66,7 +69,7 @@ def _owned(callbacks: Sequence[Any], model: nn.Module) -> set[str]:
 
 
 class MethodControllers(Callback):
-    """The controllers of ``model``'s active adapters whose method has one, as one loop callback.
+    """The controllers and training callbacks of ``model``'s active adapters' methods, as one loop callback.
 
     Built by :meth:`build` once the optimizer and the number of steps are known (the training loop
     builds them before it starts; inside a transformers ``Trainer`` they are built at
@@ -75,16 +78,21 @@ class MethodControllers(Callback):
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         self.model, self.names = model, names
-        self.controllers: list[RankController] | None = None
+        self.controllers: list[Any] | None = None
         self._pending: list[Any] | None = None
 
-    def build(self, optimizer: torch.optim.Optimizer | None, total_steps: int) -> list[RankController]:
+    def build(self, optimizer: torch.optim.Optimizer | None, total_steps: int) -> list[Any]:
         if self.controllers is None:
             states = adapter_states(self.model)
-            self.controllers = [
-                get_method(states[n].method).controller(self.model, n, optimizer, total_steps)  # type: ignore[misc]
-                for n in self.names
-            ]
+            built: list[Any] = []
+            for n in self.names:
+                factory = get_method(states[n].method).controller
+                if factory is not None:
+                    built.append(factory(self.model, n, optimizer, total_steps))
+                hook = getattr(states[n].config, "training_callbacks", None)
+                if hook is not None:
+                    built.extend(hook(self.model, n, optimizer))
+            self.controllers = built
             if self._pending is not None:
                 self.load_state_dict(self._pending)
                 self._pending = None
@@ -133,13 +141,15 @@ def with_method_controllers(
     total_steps: int | None = None,
 ) -> list[Any]:
     """A :class:`MethodControllers` for ``model``'s active adapters whose method comes with a controller
-    (none already passed in ``callbacks``), then ``callbacks``. It goes first, so its checkpointed state
-    keeps position 0 when a resumed run passes other callbacks. With ``optimizer`` and ``total_steps``
-    the controllers are built now, so a schedule that cannot fit is an error before training."""
+    or training callbacks (and whose controller was not passed in ``callbacks``), then ``callbacks``.
+    It goes first, so its checkpointed state keeps position 0 when a resumed run passes other callbacks.
+    With ``optimizer`` and ``total_steps`` the controllers are built now, so a schedule that cannot fit
+    is an error before training."""
     owned = _owned(callbacks, model)
     names = [
         n for n, s in adapter_states(model).items()
-        if s.active and get_method(s.method).controller is not None and n not in owned
+        if s.active and n not in owned
+        and (get_method(s.method).controller is not None or hasattr(s.config, "training_callbacks"))
     ]
     if not names:
         return list(callbacks)
