@@ -147,15 +147,15 @@ def _matrix_formula(name: str, opt: torch.optim.Optimizer, p: torch.Tensor, grou
         return 4 * (2 * r * k + r * d)
     if name == "fira":
         return 4 * (2 * r * k + r * d) + 4
-    if name in ("apollo", "apollo_mini"):
-        return 8 * r * k + 4
+    if name in ("apollo", "apollo_mini"):  # moments (r×k) + the cached Gaussian projection (r×d)
+        return 8 * r * k + 4 * r * d + 4
     if name == "gradnormlorp":
         return 4 * (2 * r * k + r * d) + 12 * m
-    if name == "flora_opt":
-        return 4 * (r * k + m + n)
+    if name == "flora_opt":  # compressed moment, factored second moment, cached projection
+        return 4 * (r * k + m + n + r * d)
     if name == "osd":
         return 4 * (2 * r * k + 3 * r * d)
-    if name == "dct_proj":
+    if name == "dct_proj":  # + 4d² once per size d for the shared DCT basis (formula_bytes)
         return 8 * r * k + 8 * r
     if name == "q_galore":
         queue = 4 * opt.queue_size if int(st.get("svd_count", 0)) >= 2 else 0
@@ -183,15 +183,20 @@ def formula_bytes(name: str, opt: torch.optim.Optimizer, awake: list[torch.Tenso
         # (every one in the groups; for BAdam/LISA the awake ones, as their sampler decided: never read from
         # the optimizer's own state, so the formula checks the state rather than restating it)
         params = awake if awake is not None else [p for g in opt.param_groups for p in g["params"]]
-        return sum(8 * p.numel() + 4 for p in params)
+        sampler = 8 * len(opt.layer_names) if name == "lisa" else 0  # LISA's layer probabilities (float64)
+        return sum(8 * p.numel() + 4 for p in params) + sampler
     total = 0
+    dct_sizes = set()
     for group in opt.param_groups:
         for p in group["params"]:
             if "rank" in group:
                 total += _matrix_formula(name, opt, p, group)
+                if name == "dct_proj":
+                    side = resolve_side(group["proj_side"], p.shape)
+                    dct_sizes.add(p.shape[0] if side == "left" else p.shape[1])
             else:
                 total += _plain_formula(name, p, group)
-    return total
+    return total + sum(4 * d * d for d in dct_sizes)
 
 
 def formula_text(name: str, rank: int) -> str:
@@ -200,15 +205,15 @@ def formula_text(name: str, rank: int) -> str:
         "galore": "Σ 4(2rk+rd) + 8·N_plain",
         "fira": "Σ [4(2rk+rd)+4] + 8·N_plain",
         "frugal": "Σ 4(2rk+rd), r=ρd + 8·N_plain",
-        "apollo": "Σ (8rk+4) + 8·N_plain",
-        "apollo_mini": "Σ (8k+4) + 8·N_plain",
+        "apollo": "Σ (8rk+4rd+4) + 8·N_plain",
+        "apollo_mini": "Σ (8k+4d+4) + 8·N_plain",
         "q_galore": "Σ [2rk+8⌈rk/256⌉+⌈rd/2⌉+8⌈rd/256⌉+4d+4q] + 8-bit plain",
         "gradnormlorp": "Σ [4(2rk+rd)+12·out] + 8·N_plain",
         "badam": "8·N_block + 4 per tensor (active block)",
-        "lisa": "8·(N_emb+N_head+N_γ layers) + 4 per tensor",
-        "flora_opt": "Σ 4(rk+m+n) + Adafactor plain",
+        "lisa": "8·(N_emb+N_head+N_γ layers) + 4 per tensor + 8 per layer",
+        "flora_opt": "Σ 4(rk+m+n+rd) + Adafactor plain",
         "osd": "Σ 4(2rk+3rd) + 8·N_plain",
-        "dct_proj": "Σ (8rk+8r) + 8·N_plain",
+        "dct_proj": "Σ (8rk+8r) + 4d² per size + 8·N_plain",
     }
     return texts.get(name, "8·N_trainable + 4 per tensor (AdamW)")
 
