@@ -163,14 +163,14 @@ def name_matches(name: str, targets: Targets) -> bool:
 
 @overload
 def find_targets(
-    model: nn.Module, targets: Targets, *, conv1d: Literal[False], layer_types: bool = False
+    model: nn.Module, targets: Targets | None, *, conv1d: Literal[False], layer_types: bool = False
 ) -> list[tuple[str, nn.Linear]]: ...
 @overload
 def find_targets(
-    model: nn.Module, targets: Targets, *, conv1d: bool = True, layer_types: bool = False
+    model: nn.Module, targets: Targets | None, *, conv1d: bool = True, layer_types: bool = False
 ) -> list[tuple[str, nn.Module]]: ...
 def find_targets(
-    model: nn.Module, targets: Targets, *, conv1d: bool = True, layer_types: bool = False
+    model: nn.Module, targets: Targets | None, *, conv1d: bool = True, layer_types: bool = False
 ) -> list[tuple[str, Any]]:
     """Return ``(name, module)`` for every module selected by ``targets``.
 
