@@ -142,6 +142,28 @@ def lora_ga_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(zeta * u[:, r : 2 * r], zeta * vh[:r])
 
 
+def lora_one_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LoRA-One (Zhang, Liu & Chen 2025, arXiv 2502.01235, "One-Step Full Gradient Could Suffice for
+    Fine-Tuning Large Language Models, Provably and Efficiently", Alg. 1, spectral init): from the SVD
+    −G = U S Vᵀ of the negative estimated full gradient, B₀ = U_r S_r^{1/2}/√(γ·s₁) and
+    A₀ = S_r^{1/2} V_rᵀ/√(γ·s₁) (s₁ the top singular value; the official code's "stable" scale), so
+    B₀A₀ = U_r S_r V_rᵀ/(γ·s₁): the best rank-r approximation of one full gradient-descent step,
+    normalized by ‖G‖₂. Unlike LoRA-GA, B and A share the *top* r singular pairs (LoRA-GA takes B from
+    pairs r+1..2r), S is kept in the factors, and the base is NOT offset: the adapted model starts at
+    W₀ + s·B₀A₀, one (rank-r, normalized) full fine-tuning step from W₀ (``identity=False``)."""
+    if ctx.grad is None:
+        raise ValueError("init='lora_one' needs the estimated gradient (pass init_data to rw.adapt)")
+    gamma = float(getattr(ctx.config, "stable_gamma", 128.0))
+    iters = int(getattr(ctx.config, "init_iters", 0))
+    grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
+    u, s, vh = truncated_svd(-grad, ctx.r, iters, context_generator(ctx) if iters else None)
+    if float(s[0]) == 0.0:
+        raise ValueError(f"init='lora_one': the estimated gradient of '{ctx.name}' is zero; its spectral init "
+                         "is undefined (check init_data and the loss)")
+    root = torch.sqrt(s / (gamma * s[0]))
+    return Factors(u * root, root[:, None] * vh)
+
+
 @dataclass
 class QuantizedLowRank:
     """W ≈ deq(Q) + s·B·A from :func:`quantized_low_rank`; ``errors[t]`` = ‖W − deq(Q_t) − s·B_t·A_t‖_F
@@ -257,6 +279,7 @@ INITS: dict[str, Init] = {
     "pissa": Init(pissa_init, moves_base=True),
     "olora": Init(olora_init, moves_base=True),
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
+    "lora_one": Init(lora_one_init, needs_grad=True, identity=False),
     "loftq": Init(loftq_init, moves_base=True, identity=False, quantizes=True),
     "lq_lora": Init(lq_lora_init, moves_base=True, identity=False, quantizes=True),
     "lora_xs": Init(lora_xs_init, core="full"),
