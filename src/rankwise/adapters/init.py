@@ -164,6 +164,17 @@ def lora_one_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(u * root, root[:, None] * vh)
 
 
+def eva_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """EVA (Paischer et al. 2024, arXiv 2410.07170): A = the layer's top right-singular vectors of its
+    centred inputs X (tokens × in), computed over ``init_data`` by ``adapters.eva`` (incremental SVD and
+    rank redistribution; handed over as ``ctx.extra["plan"]``, r_l' × in), B = 0: the model starts at
+    the base."""
+    a = ctx.extra.get("plan")
+    if a is None:
+        raise ValueError(f"init='eva' on '{ctx.name}' needs EVA's data pass over init_data: use method 'eva'")
+    return Factors(torch.zeros(weight.shape[0], a.shape[0], device=weight.device), a.to(weight.device))
+
+
 @dataclass
 class QuantizedLowRank:
     """W ≈ deq(Q) + s·B·A from :func:`quantized_low_rank`; ``errors[t]`` = ‖W − deq(Q_t) − s·B_t·A_t‖_F
@@ -279,6 +290,7 @@ INITS: dict[str, Init] = {
     "pissa": Init(pissa_init, moves_base=True),
     "olora": Init(olora_init, moves_base=True),
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
+    "eva": Init(eva_init),
     "lora_one": Init(lora_one_init, needs_grad=True, identity=False),
     "loftq": Init(loftq_init, moves_base=True, identity=False, quantizes=True),
     "lq_lora": Init(lq_lora_init, moves_base=True, identity=False, quantizes=True),
