@@ -15,6 +15,8 @@ the previous batch's components is at least τ. With ``adjust_scaling_factors`` 
 by r_l'/r_l (its α/r stays the LoRA one). Tokens are those of the attention mask and, with
 ``use_label_mask``, whose label is not ``label_mask_value``; layers fed the same input (q, k, v) share
 one SVD (found by comparing their inputs on the first batch). ``whiten``: A's rows divided by √σᵢ.
+A batch with fewer rows than a layer's components (BERT's pooler sees one token per sequence) is held
+and joined to the next batch's rows (PEFT skips such batches, so that layer would never converge).
 
 Same procedure as PEFT's ``initialize_lora_eva_weights`` (``init_lora_weights="eva"``; its SVD is
 randomized, rankwise's exact); the per-layer ranks and α are overrides, exported to PEFT as
@@ -216,10 +218,17 @@ def eva_components(
         svds = {n: IncrementalSVD(max_components[n]) for n in owners}
 
         active = set(owners)
+        held: dict[str, torch.Tensor] = {}
 
         def sink(name: str, rows: torch.Tensor) -> None:
-            if name in active and rows.shape[0] >= svds[name].k:  # as PEFT: skip a batch with too few rows
-                svds[name].update(rows, cfg.tau)
+            if name not in active:
+                return
+            if name in held:
+                rows = torch.cat([held.pop(name), rows])
+            if rows.shape[0] < svds[name].k:  # too few rows for k components: wait for the next batch's
+                held[name] = rows
+                return
+            svds[name].update(rows, cfg.tau)
 
         ranks = dict(max_components)
         hooks = _Inputs(model, owners, sink)
