@@ -284,6 +284,16 @@ def svfit_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(u, vh, core=s)
 
 
+def sorsa_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """SORSA (Cao 2024, arXiv 2409.00055, Sec. 3): W₀ = U Σ Vᵀ; the principal part
+    W_p = U_p diag(σ_p) V_pᵀ with U_p = U[:, :r] (B), σ_p = σ[:r] (the diagonal core, trainable) and
+    V_pᵀ = Vᵀ[:r] (A), all three trained; W_res = W₀ − s·W_p stays frozen, so the model starts at W₀.
+    ``init_iters=k``: a randomized SVD."""
+    iters = int(getattr(ctx.config, "init_iters", 0))
+    u, s, vh = truncated_svd(weight, ctx.r, iters, context_generator(ctx) if iters else None)
+    return Factors(u, vh, core=s)
+
+
 #: Every initialization by name ("default": the layer's own, e.g. LoRA's A ~ U(±1/√k), B = 0).
 INITS: dict[str, Init] = {
     "default": Init(None),
@@ -298,6 +308,7 @@ INITS: dict[str, Init] = {
     "lora_sb": Init(lora_sb_init, needs_grad=True, core="full", identity=False),
     "loldu": Init(loldu_init, moves_base=True, core="diagonal", permuted=True),
     "svfit": Init(svfit_init, moves_base=True, core="diagonal"),
+    "sorsa": Init(sorsa_init, moves_base=True, core="diagonal"),
 }
 
 
