@@ -103,7 +103,8 @@ def _peft_eva(base, data, **eva):
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(**eva))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="eva",
+                        eva_config=EvaConfig(**eva))
     pm = get_peft_model(copy.deepcopy(base), config)
     initialize_lora_eva_weights(pm, data, show_progress_bar=False)
     return pm
