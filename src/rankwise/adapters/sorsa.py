@@ -143,7 +143,7 @@ class SORSARegularizer(Callback):
                     p.grad = self.gamma * g
                 else:
                     p.grad.add_(g, alpha=self.gamma)
-        return float(loss)
+        return float(loss.detach())
 
     def on_after_backward(self, state: TrainState) -> None:
         self.regularize()
