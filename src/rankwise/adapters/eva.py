@@ -206,6 +206,10 @@ def eva_components(
             call_model(model, move_batch(first, device))
         finally:
             hooks.remove()
+        unused = [n for n in names if n not in seen]
+        if unused:
+            raise ValueError(f"EVA: layers {unused[:3]} received no input in a forward of the first init_data batch; "
+                             "leave them out of targets")
         groups: dict[str, str] = {}
         for n in names:
             groups[n] = next((o for o in groups if groups[o] == o and seen[o].shape == seen[n].shape

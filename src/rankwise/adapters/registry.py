@@ -420,6 +420,12 @@ def adapt(
     expert_cfgs = {
         n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _, _ in experts
     }
+    for n, module, parameters in experts:
+        check_expert_config(expert_cfgs[n], n, module, parameters)
+    companions = _companions(model, spec, cfg)
+    for n, module in found:  # the method supports every target's layer type, before anything changes
+        check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
+    _check_stacking(model, spec, found, layer_cfgs, name)
     planned: dict[str, Any] = {}
     if spec.plan is not None and not _skip_init:  # the method's own data pass chooses per-layer fields
         plan = spec.plan(model, layer_cfgs, init_data, init_batches)
@@ -430,13 +436,7 @@ def adapt(
             planned[n] = data
         overrides = {n: v for n, v in overrides.items() if n in plan or n in expert_cfgs}
         layer_cfgs = {n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found}
-    for n, module, parameters in experts:
-        check_expert_config(expert_cfgs[n], n, module, parameters)
-    companions = _companions(model, spec, cfg)
-    for n, module in found:  # the method supports every target's layer type, before anything changes
-        check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
     _check_ranks(found, layer_cfgs)
-    _check_stacking(model, spec, found, layer_cfgs, name)
     if spec.check_model is not None and not _skip_init:
         spec.check_model(model, cfg, [n for n, _ in found])
     trainable_names = _trainable_module_names(model, trainable)
