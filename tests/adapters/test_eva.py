@@ -74,6 +74,16 @@ def test_rank_redistribution_follows_explained_variance():
     assert (model.a.config.r, model.b.config.r) == (3, 3)
 
 
+def test_per_layer_rank_overrides_set_that_layer_budget():
+    """A layer's own r (``overrides``) is its budget and caps it at round(r·ρ), as PEFT's rank_pattern."""
+    base, data = make_tiny_llama(), lm_batches(n=3)
+    q0 = "model.layers.0.self_attn.q_proj"
+    model = rw.adapt(copy.deepcopy(base), "eva", targets=["q_proj", "o_proj"], r=4, rho=1.0, init_data=data,
+                     overrides={q0: {"r": 2}})
+    ranks = {n: layer.config.r for n, layer in rw.adapter_layers(model)}
+    assert ranks[q0] == 2 and sum(ranks.values()) == 2 + 3 * 4
+
+
 def test_distribute_ranks_counts_the_largest_pooled_ratios():
     ratios = {"l1": torch.tensor([0.5, 0.3, 0.1, 0.05]), "l2": torch.tensor([0.4, 0.04, 0.01, 0.005])}
     groups = {"l1": "l1", "l2": "l2"}

@@ -272,7 +272,8 @@ def eva_components(
 def eva_plan(
     model: nn.Module, layer_cfgs: dict[str, Any], init_data: Iterable | None, init_batches: int
 ) -> dict[str, tuple[dict[str, Any], Any]]:
-    """``MethodSpec.plan`` of ``eva``: per kept layer, its rank (and α) overrides and its A."""
+    """``MethodSpec.plan`` of ``eva``: per kept layer, its rank (and α) overrides and its A. ``init_batches``
+    is not used: EVA cycles ``init_data`` until its SVDs converge (at most ``max_steps`` batches)."""
     if init_data is None:
         raise ValueError("method 'eva' initializes from layer inputs and needs init_data "
                          "(an iterable of batches, e.g. a DataLoader)")
