@@ -93,6 +93,8 @@ def test_distribute_ranks_counts_the_largest_pooled_ratios():
     groups = {"l1": "l1", "l2": "l2", "l3": "l2"}
     assert distribute_ranks(ratios, groups, 4, {"l1": 4, "l2": 4, "l3": 4}) == {"l1": 2, "l2": 1, "l3": 1}
     assert distribute_ranks(ratios, groups, 2, {"l1": 4, "l2": 4, "l3": 4}) == {"l1": 1, "l2": 1, "l3": 0}
+    # a member allowed more components than its SVD's owner: the ranks are swapped (PEFT's rule)
+    assert distribute_ranks(ratios, {"l2": "l2", "l3": "l2"}, 3, {"l2": 1, "l3": 3}) == {"l2": 2, "l3": 1}
 
 
 def test_incremental_svd_matches_the_batch_svd_and_its_variance_ratio():
