@@ -142,6 +142,39 @@ def lora_ga_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(zeta * u[:, r : 2 * r], zeta * vh[:r])
 
 
+def lora_one_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """LoRA-One (Zhang, Liu & Chen 2025, arXiv 2502.01235, "One-Step Full Gradient Could Suffice for
+    Fine-Tuning Large Language Models, Provably and Efficiently", Alg. 1, spectral init): from the SVD
+    −G = U S Vᵀ of the negative estimated full gradient, B₀ = U_r S_r^{1/2}/√(γ·s₁) and
+    A₀ = S_r^{1/2} V_rᵀ/√(γ·s₁) (s₁ the top singular value; the official code's "stable" scale), so
+    B₀A₀ = U_r S_r V_rᵀ/(γ·s₁): the best rank-r approximation of one full gradient-descent step,
+    normalized by ‖G‖₂. Unlike LoRA-GA, B and A share the *top* r singular pairs (LoRA-GA takes B from
+    pairs r+1..2r), S is kept in the factors, and the base is NOT offset: the adapted model starts at
+    W₀ + s·B₀A₀, one (rank-r, normalized) full fine-tuning step from W₀ (``identity=False``)."""
+    if ctx.grad is None:
+        raise ValueError("init='lora_one' needs the estimated gradient (pass init_data to rw.adapt)")
+    gamma = float(getattr(ctx.config, "stable_gamma", 128.0))
+    iters = int(getattr(ctx.config, "init_iters", 0))
+    grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
+    u, s, vh = truncated_svd(-grad, ctx.r, iters, context_generator(ctx) if iters else None)
+    if float(s[0]) == 0.0:
+        raise ValueError(f"init='lora_one': the estimated gradient of '{ctx.name}' is zero; its spectral init "
+                         "is undefined (check init_data and the loss)")
+    root = torch.sqrt(s / (gamma * s[0]))
+    return Factors(u * root, root[:, None] * vh)
+
+
+def eva_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """EVA (Paischer et al. 2024, arXiv 2410.07170): A = the layer's top right-singular vectors of its
+    centred inputs X (tokens × in), computed over ``init_data`` by ``adapters.eva`` (incremental SVD and
+    rank redistribution; handed over as ``ctx.extra["plan"]``, r_l' × in), B = 0: the model starts at
+    the base."""
+    a = ctx.extra.get("plan")
+    if a is None:
+        raise ValueError(f"init='eva' on '{ctx.name}' needs EVA's data pass over init_data: use method 'eva'")
+    return Factors(torch.zeros(weight.shape[0], a.shape[0], device=weight.device), a.to(weight.device))
+
+
 @dataclass
 class QuantizedLowRank:
     """W ≈ deq(Q) + s·B·A from :func:`quantized_low_rank`; ``errors[t]`` = ‖W − deq(Q_t) − s·B_t·A_t‖_F
@@ -251,18 +284,31 @@ def svfit_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(u, vh, core=s)
 
 
+def sorsa_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """SORSA (Cao 2024, arXiv 2409.00055, Sec. 3): W₀ = U Σ Vᵀ; the principal part
+    W_p = U_p diag(σ_p) V_pᵀ with U_p = U[:, :r] (B), σ_p = σ[:r] (the diagonal core, trainable) and
+    V_pᵀ = Vᵀ[:r] (A), all three trained; W_res = W₀ − s·W_p stays frozen, so the model starts at W₀.
+    ``init_iters=k``: a randomized SVD."""
+    iters = int(getattr(ctx.config, "init_iters", 0))
+    u, s, vh = truncated_svd(weight, ctx.r, iters, context_generator(ctx) if iters else None)
+    return Factors(u, vh, core=s)
+
+
 #: Every initialization by name ("default": the layer's own, e.g. LoRA's A ~ U(±1/√k), B = 0).
 INITS: dict[str, Init] = {
     "default": Init(None),
     "pissa": Init(pissa_init, moves_base=True),
     "olora": Init(olora_init, moves_base=True),
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
+    "eva": Init(eva_init),
+    "lora_one": Init(lora_one_init, needs_grad=True, identity=False),
     "loftq": Init(loftq_init, moves_base=True, identity=False, quantizes=True),
     "lq_lora": Init(lq_lora_init, moves_base=True, identity=False, quantizes=True),
     "lora_xs": Init(lora_xs_init, core="full"),
     "lora_sb": Init(lora_sb_init, needs_grad=True, core="full", identity=False),
     "loldu": Init(loldu_init, moves_base=True, core="diagonal", permuted=True),
     "svfit": Init(svfit_init, moves_base=True, core="diagonal"),
+    "sorsa": Init(sorsa_init, moves_base=True, core="diagonal"),
 }
 
 

@@ -5,6 +5,8 @@
 * ``olora``  — OLoRA (Büyükakyüz 2024): QR of W₀, orthonormal B.
 * ``lora_ga`` — LoRA-GA (Wang et al. 2024): factors from the SVD of the estimated full gradient,
   stable scale ζ = d_out^{1/4}/√γ (``stable_gamma``).
+* ``lora_one`` — LoRA-One (Zhang, Liu & Chen 2025): B₀, A₀ from the top-r SVD of −G (the one-step full
+  gradient), B₀A₀ = U_r S_r V_rᵀ/(γ·s₁) (``stable_gamma``), base not offset.
 * ``loftq`` — LoftQ (Li et al. 2023): alternating 4-bit quantization and SVD; the base becomes Q_T,
   the factors the best rank-r part of W₀ − Q_T (``loftq_iter`` = T).
 * ``loraplus`` — LoRA+ (Hayou et al. 2024): plain LoRA trained with lr_B = λ·lr_A; the recipe is
@@ -28,6 +30,18 @@ class LoRAGAConfig(LoRAConfig):
     """LoRA options plus LoRA-GA's γ of the stable scale ζ = d_out^{1/4}/√γ (paper default 16)."""
 
     stable_gamma: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        positive("stable_gamma", self.stable_gamma)
+
+
+@dataclass
+class LoRAOneConfig(LoRAConfig):
+    """LoRA options plus LoRA-One's γ of the stable scale B₀A₀ = U_r S_r V_rᵀ/(γ·s₁) (official default 128)."""
+
+    init: str = "lora_one"
+    stable_gamma: float = 128.0
 
     def validate(self) -> None:
         super().validate()
@@ -65,6 +79,18 @@ register(
         LoRALayer,
         defaults={"init": "lora_ga"},
         summary="A₀, B₀ from the SVD of the estimated gradient (needs init_data), stable scale, base offset",
+    )
+)
+register(
+    MethodSpec(
+        "lora_one",
+        "init",
+        "Zhang, Liu & Chen 2025, LoRA-One: One-Step Full Gradient Could Suffice for Fine-Tuning Large Language "
+        "Models, Provably and Efficiently",
+        LoRAOneConfig,
+        LoRALayer,
+        defaults={"init": "lora_one"},
+        summary="B₀A₀ = top-r SVD of −G (one-step full gradient, needs init_data) / (γ·s₁); base not offset",
     )
 )
 register(

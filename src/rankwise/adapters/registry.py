@@ -39,7 +39,12 @@ class MethodSpec:
     either, and the catalogue says the result exports to nothing. ``controller``: for a method that
     changes rank while it trains (AdaLoRA, SoRA), ``controller(model, adapter_name, optimizer,
     total_steps)`` builds its ``RankController``; every training loop attaches it
-    (``adapters.rank_control``)."""
+    (``adapters.rank_control``). ``plan``: for a method whose own data pass over ``init_data`` chooses
+    each layer's config (EVA's per-layer ranks), ``plan(model, layer_cfgs, init_data, init_batches)``
+    returns ``{layer: (config field overrides, data for the init)}``; it runs instead of the gradient
+    estimate, layers it leaves out are not adapted, the fields become per-layer ``overrides`` (saved,
+    exported as PEFT's ``rank_pattern`` / ``alpha_pattern``) and the data reaches the init as
+    ``ctx.extra["plan"]``."""
 
     name: str
     family: str
@@ -54,6 +59,7 @@ class MethodSpec:
     needs_adapters: bool = False
     mergeable: bool = True
     controller: Callable[..., Any] | None = None
+    plan: Callable[..., dict[str, tuple[dict[str, Any], Any]]] | None = None
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")
@@ -216,6 +222,7 @@ def _inject(
     grads: dict[str, torch.Tensor],
     skip_init: bool,
     adapter_name: str,
+    planned: dict[str, Any] | None = None,
 ) -> None:
     """Freeze every parameter, then give each target layer its (initialized) adapter layer: it
     replaces a plain Linear, or joins the layer's other adapters in an ``AdapterStack``."""
@@ -229,6 +236,8 @@ def _inject(
         current = model.get_submodule(name)
         held = layers_of(current) if isinstance(current, AdapterLayer | AdapterStack) else {}
         ctx.extra.update(adapter=adapter_name, held=held)
+        if planned and name in planned:
+            ctx.extra["plan"] = planned[name]
         layer = spec.layer_cls(lin, layer_cfgs[name], ctx)
         layer.adapter_name = adapter_name
         if isinstance(current, AdapterStack):
@@ -416,14 +425,25 @@ def adapt(
     companions = _companions(model, spec, cfg)
     for n, module in found:  # the method supports every target's layer type, before anything changes
         check_base(spec.layer_cls, layer_cfgs[n], module, n, spec.name)
-    _check_ranks(found, layer_cfgs)
     _check_stacking(model, spec, found, layer_cfgs, name)
+    planned: dict[str, Any] = {}
+    if spec.plan is not None and not _skip_init:  # the method's own data pass chooses per-layer fields
+        plan = spec.plan(model, layer_cfgs, init_data, init_batches)
+        found = [(n, m) for n, m in found if n in plan]
+        for n, (fields, data) in plan.items():
+            if fields:
+                overrides[n] = {**overrides.get(n, {}), **fields}
+            planned[n] = data
+        overrides = {n: v for n, v in overrides.items() if n in plan or n in expert_cfgs}
+        layer_cfgs = {n: spec.make_config(**{**config, **overrides[n]}) if n in overrides else cfg for n, _ in found}
+    _check_ranks(found, layer_cfgs)
     if spec.check_model is not None and not _skip_init:
         spec.check_model(model, cfg, [n for n, _ in found])
     trainable_names = _trainable_module_names(model, trainable)
     names = [n for n, _ in found] + [n for n, _, _ in experts]
-    grads = {} if _skip_init else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
-    _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init, name)
+    own_data = _skip_init or spec.plan is not None
+    grads = {} if own_data else _init_gradients(model, spec, layer_cfgs, init_data, loss_fn, init_batches)
+    _inject(model, spec, cfg, found, layer_cfgs, grads, _skip_init, name, planned)
     _inject_experts(model, spec, experts, expert_cfgs, _skip_init, name)
     for module_name, module, layer_cls in companions:
         layer = layer_cls(module, cfg, InitContext(name=module_name, skip=_skip_init, config=cfg))
