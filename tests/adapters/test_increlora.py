@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 
 import rankwise as rw
+from rankwise.adapters.adalora import smooth_importance_
 from rankwise.adapters.increlora import (
     RESERVE_LAMBDA,
     IncreLoRAController,
@@ -94,6 +95,18 @@ def test_the_score_is_the_smoothed_delta_times_gradient_sensitivity():
     unc = (1 - b2) * (expected - ipt).abs()
     torch.testing.assert_close(ctl.ipt[0], ipt, rtol=1e-5, atol=0)
     torch.testing.assert_close(ctl.scores()[0], ipt * unc, rtol=1e-5, atol=0)
+    ipt, unc = torch.tensor(1.0), torch.tensor(0.0)  # the shared smoothing, below the average
+    smooth_importance_(ipt, unc, torch.tensor(0.2), 0.85, 0.7)
+    torch.testing.assert_close(ipt, torch.tensor(0.85 + 0.15 * 0.2))
+    torch.testing.assert_close(unc, torch.tensor(0.3 * abs(0.2 - 0.88)))
+
+
+def test_the_total_never_exceeds_the_budget():
+    model = _increlora(r=1, target_r=2, top_h=1, incre_rank_num=4)  # 6 more: 4, then 2
+    assert growth_steps(rw.adapter_state(model).config, 6) == [2, 4]
+    ctl, _ = _hand_loop(model, 6)
+    assert sorted(rank_pattern(model).values(), reverse=True)[:2] in ([5, 3], [7, 1], [5, 1])
+    assert sum(rank_pattern(model).values()) == 12 and ctl.done
 
 
 def test_new_components_go_to_the_top_scored_modules():
@@ -161,7 +174,8 @@ def test_the_reserve_stays_frozen_and_new_entries_warm_up():
 def test_resume_across_a_growth_step_is_exact(tmp_path):
     batches, steps = lm_batches(3), 12
     full = _increlora(restart_warmup=2)
-    train(full, batches, config=TrainConfig(max_steps=steps, progress=False, lr=1e-2))
+    ctl_full = IncreLoRAController(full)  # passed by hand (replaces the automatic one), to read its state
+    train(full, batches, config=TrainConfig(max_steps=steps, progress=False, lr=1e-2), callbacks=[ctl_full])
     part, resumed = _increlora(restart_warmup=2), _increlora(restart_warmup=2)
     cfg = TrainConfig(max_steps=steps, progress=False, lr=1e-2, checkpoint_every=5, output_dir=str(tmp_path))
 
@@ -169,13 +183,15 @@ def test_resume_across_a_growth_step_is_exact(tmp_path):
         def on_step_end(self, state):
             state.should_stop = state.step == 5
 
-    train(part, batches, config=cfg, callbacks=[Stop()])
+    train(part, batches, config=cfg, callbacks=[IncreLoRAController(part), Stop()])
     payload, tensors, _ = read_checkpoint(checkpoints(tmp_path)[0])
-    assert payload["step"] == 5 and payload["callbacks"][0][0]["t"] == 5
+    assert payload["step"] == 5 and payload["callbacks"][0]["t"] == 5
     with pytest.raises(ValueError, match="shape|fit"):  # built at the initial rank, it does not fit
         train(_increlora(restart_warmup=2), batches, config=cfg, resume_from=str(tmp_path))
     grow_to_match(resumed, tensors)
-    train(resumed, batches, config=cfg, resume_from=str(tmp_path))
+    ctl = IncreLoRAController(resumed)
+    train(resumed, batches, config=cfg, resume_from=str(tmp_path), callbacks=[ctl])
+    assert torch.equal(ctl.ipt, ctl_full.ipt) and torch.equal(ctl.unc, ctl_full.unc) and bool(ctl.ipt.all())
     assert rank_pattern(resumed) == rank_pattern(full)
     for a, b in zip(_layers(full), _layers(resumed), strict=True):
         for p in ("lora_A", "lora_E", "lora_B"):
