@@ -8,15 +8,17 @@ import copy
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 
 import rankwise as rw
 from rankwise.adapters.dylora import DyLoRAController
 from rankwise.callbacks import Callback
 from rankwise.checkpoint import checkpoints
+from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
-from ..conftest import lm_batches, make_tiny_llama
+from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -137,3 +139,20 @@ def test_bad_options_name_the_parameter():
         rw.truncate_rank(_dylora(), 9)
     with pytest.raises(ValueError, match="no DyLoRA adapter"):
         rw.truncate_rank(rw.adapt(make_tiny_llama(0), "lora", r=2), 1)
+
+
+def test_rankwise_trainer_samples_the_rank(tmp_path):
+    model = rw.adapt(make_tiny_bert(0), "dylora", r=4, frozen=True)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    before = [m.lora_B.detach().clone() for m in _layers(model)]  # B moves from its first step (A needs B ≠ 0)
+    ctl = DyLoRAController(model)  # passed in: it replaces the automatic one
+    RankwiseTrainer(model=model, args=args, train_dataset=data, loop_callbacks=[ctl]).train()
+    trained = {b - 1 for b in ctl.history}  # frozen: only the b-th column of B moved in each step
+    assert len(ctl.history) == 4 and len(trained) < 4
+    for m, b0 in zip(_layers(model), before, strict=True):
+        moved = {i for i in range(4) if not torch.equal(m.lora_B[:, i], b0[:, i])}
+        assert moved == trained and m.sampled is None

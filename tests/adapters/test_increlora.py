@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 
 import rankwise as rw
@@ -22,9 +23,10 @@ from rankwise.adapters.increlora import (
 )
 from rankwise.callbacks import Callback
 from rankwise.checkpoint import checkpoints, read_checkpoint
+from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
-from ..conftest import lm_batches, make_tiny_llama
+from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # 6 layers of different shapes
 OPTS = {"r": 1, "target_r": 3, "incre_interval": 2, "top_h": 2, "incre_rank_num": 1, "alpha": 2.0}
@@ -232,3 +234,16 @@ def test_bad_options_and_a_schedule_that_cannot_fit_are_errors():
     with pytest.raises(ValueError, match="up to step 12, after the run's 8 steps"):
         train(model, lm_batches(2), config=TrainConfig(max_steps=8, progress=False))
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+
+
+def test_rankwise_trainer_grows_the_rank(tmp_path):
+    model = rw.adapt(make_tiny_bert(0), "increlora", r=1, target_r=2, incre_interval=1, top_h=4, restart_warmup=1)
+    n = len(rw.adapter_layers(model))
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=math.ceil(n / 4) + 1, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    RankwiseTrainer(model=model, args=args, train_dataset=data).train()
+    assert sum(rank_pattern(model).values()) == 2 * n
+    assert all(m.rows == m.rank for m in _layers(model))
