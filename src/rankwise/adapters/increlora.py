@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState
-from ..checks import integer, non_negative, positive
+from ..checks import fraction, integer, non_negative, positive
 from ..rng import layer_generator
 from .adalora import orthogonal_regularizer, smooth_importance_
 from .base import AdapterConfig, AdapterLayer
@@ -93,10 +93,8 @@ class IncreLoRAConfig(AdapterConfig):
         integer("incre_rank_num", self.incre_rank_num, 1)
         if not isinstance(self.advance_learn, bool):
             raise ValueError(f"advance_learn={self.advance_learn!r} must be True or False")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise ValueError(f"{name}={value!r} must be a number in (0, 1)")
+        fraction("beta1", self.beta1, allow_one=False, what="a number in (0, 1)")
+        fraction("beta2", self.beta2, allow_one=False, what="a number in (0, 1)")
         non_negative("orth_reg_weight", self.orth_reg_weight)
         integer("restart_warmup", self.restart_warmup, 0)
         positive("alpha", self.alpha, optional=True)
