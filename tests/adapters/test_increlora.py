@@ -247,3 +247,24 @@ def test_rankwise_trainer_grows_the_rank(tmp_path):
     RankwiseTrainer(model=model, args=args, train_dataset=data).train()
     assert sum(rank_pattern(model).values()) == 2 * n
     assert all(m.rows == m.rank for m in _layers(model))
+
+
+def test_a_run_that_stops_before_the_first_growth_is_an_error():
+    class Stop(Callback):
+        def on_step_end(self, state):
+            state.should_stop = state.step >= 1
+
+    with pytest.raises(RuntimeError, match="without a single rank re-allocation.*incre_interval=2"):
+        train(_increlora(), lm_batches(2), config=TrainConfig(max_steps=12, progress=False), callbacks=[Stop()])
+
+
+def test_hand_written_loop_equals_the_train_loop():
+    batches = lm_batches(3)
+    a, b = _increlora(top_h=4, restart_warmup=2), _increlora(top_h=4, restart_warmup=2)  # growth at 2, 4, 6
+    opt_a = torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    train(a, batches, config=TrainConfig.plain(7), optimizer=opt_a)
+    _hand_loop(b, 7, batches=batches)
+    assert rank_pattern(a) == rank_pattern(b)
+    for la, lb in zip(_layers(a), _layers(b), strict=True):
+        for p in ("lora_A", "lora_E", "lora_B"):
+            torch.testing.assert_close(getattr(la, p), getattr(lb, p), atol=1e-6, rtol=1e-5)
