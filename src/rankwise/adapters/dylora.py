@@ -32,7 +32,7 @@ from ..checks import integer, positive
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController
+from .rank_control import MethodController, scaled_update
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 __all__ = ["DyLoRAConfig", "DyLoRAController", "DyLoRALayer", "truncate_rank"]
@@ -176,11 +176,10 @@ class DyLoRAController(MethodController):
             return
         for (_, m), (a0, b0) in zip(self.layers, self._kept, strict=True):
             rows = m.updated_rows()
-            a_new, b_new = m.lora_A[rows].clone(), m.lora_B[:, rows].clone()
-            m.lora_A.copy_(a0)
-            m.lora_B.copy_(b0)
-            m.lora_A[rows] = a_new
-            m.lora_B[:, rows] = b_new
+            trained = torch.zeros(a0.shape[0])
+            trained[rows] = 1.0
+            m.lora_A.copy_(scaled_update(m.lora_A, a0, trained))
+            m.lora_B.copy_(scaled_update(m.lora_B, b0, trained, dim=1))
         self._kept = None
 
     def step(self) -> None:

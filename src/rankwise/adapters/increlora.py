@@ -51,7 +51,7 @@ from ..rng import layer_generator
 from .adalora import orthogonal_regularizer, smooth_importance_
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController
+from .rank_control import MethodController, scaled_update
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 __all__ = ["IncreLoRAConfig", "IncreLoRAController", "IncreLoRALayer", "grow_to_match", "growth_steps",
@@ -386,12 +386,11 @@ class IncreLoRAController(MethodController):
         for (_, m), pq, e, (rows_pq, a0, b0, rows_e, e0) in zip(self.layers, self.born_pq, self.born_e, self._kept,
                                                                 strict=True):
             if rows_pq.numel():
-                f = self.factor(pq, step)[rows_pq].to(m.lora_A)
-                m.lora_A[rows_pq] = a0 + f.view(-1, 1) * (m.lora_A[rows_pq] - a0)
-                m.lora_B[:, rows_pq] = b0 + f.view(1, -1) * (m.lora_B[:, rows_pq] - b0)
+                f = self.factor(pq, step)[rows_pq]
+                m.lora_A[rows_pq] = scaled_update(m.lora_A[rows_pq], a0, f)
+                m.lora_B[:, rows_pq] = scaled_update(m.lora_B[:, rows_pq], b0, f, dim=1)
             if rows_e.numel():
-                f = self.factor(e, step)[rows_e].to(m.lora_E)
-                m.lora_E[rows_e] = e0 + f.view(-1, 1) * (m.lora_E[rows_e] - e0)
+                m.lora_E[rows_e] = scaled_update(m.lora_E[rows_e], e0, self.factor(e, step)[rows_e])
         self._kept = None
 
     @torch.no_grad()
