@@ -19,6 +19,7 @@ from .adapters import (
     merge_adapters,
     set_active,
 )
+from .adapters.dylora import truncate_rank
 from .adapters.eigenlorax import eigenlorax
 from .adapters.meteora import meteora
 from .adapters.ops import (
@@ -76,6 +77,7 @@ __all__ = [
     "sparse",
     "sparsify",
     "summary",
+    "truncate_rank",
     "unload",
     "unmerge",
 ]

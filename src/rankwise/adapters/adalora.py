@@ -39,7 +39,7 @@ from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, register
 
 __all__ = ["AdaLoRAConfig", "AdaLoRAController", "AdaLoRALayer", "budget_schedule", "orthogonal_regularizer",
-           "rank_pattern"]
+           "rank_pattern", "smooth_importance_"]
 
 
 @dataclass
@@ -127,6 +127,15 @@ class AdaLoRALayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale={self.scale:g}, kept={int(self.kept().numel())}"
+
+
+@torch.no_grad()
+def smooth_importance_(ipt: torch.Tensor, unc: torch.Tensor, sens: torch.Tensor, beta1: float, beta2: float) -> None:
+    """In place: Ī ← β₁Ī + (1−β₁)I (smoothed sensitivity), Ū ← β₂Ū + (1−β₂)|I − Ī| (uncertainty); the
+    importance is then S = Ī·Ū (AdaLoRA's Eq. 8-10). Shared with IncreLoRA, which applies it to one
+    sensitivity per module."""
+    ipt.mul_(beta1).add_(sens, alpha=1 - beta1)
+    unc.mul_(beta2).add_((sens - ipt).abs(), alpha=1 - beta2)
 
 
 def orthogonal_regularizer(layers: list[AdaLoRALayer]) -> torch.Tensor:
@@ -219,8 +228,7 @@ class AdaLoRAController(MethodController):
         for trip, ipts, uncs in zip(params, self.ipt_avg, self.unc_avg, strict=True):
             for p, ipt, unc in zip(trip, ipts, uncs, strict=True):
                 sens = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
-                ipt.mul_(b1).add_(sens, alpha=1 - b1)
-                unc.mul_(b2).add_((sens - ipt).abs(), alpha=1 - b2)
+                smooth_importance_(ipt, unc, sens, b1, b2)
 
     def triplet_scores(self) -> list[torch.Tensor]:
         """Per layer, S(λᵢ) + mean_j S(Qᵢⱼ) + mean_j S(Pⱼᵢ) with S = Ī·Ū (AdaLoRA's Eq. 7 and 11)."""

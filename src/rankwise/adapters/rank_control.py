@@ -25,7 +25,7 @@ from torch import nn
 from ..callbacks import Callback, RankController, TrainState, call
 from .registry import adapter_state, adapter_states, get_method
 
-__all__ = ["MethodController", "MethodControllers", "rank_at_least_one", "with_method_controllers"]
+__all__ = ["MethodController", "MethodControllers", "rank_at_least_one", "scaled_update", "with_method_controllers"]
 
 #: ``controller(model, adapter_name, optimizer, total_steps)`` (optimizer None: read it at train begin)
 ControllerFactory = Callable[[nn.Module, str, "torch.optim.Optimizer | None", int], RankController]
@@ -164,3 +164,14 @@ def rank_at_least_one(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
     if a.shape[0] > 0:
         return b, a
     return b.new_zeros(b.shape[0], 1), a.new_zeros(1, a.shape[1])
+
+
+def scaled_update(after: torch.Tensor, before: torch.Tensor, factor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """θ_before + f·(θ_after − θ_before) with one factor f per slice along ``dim``: an exact per-component
+    learning-rate factor for an optimizer whose step is proportional to its lr (f = 0 keeps a slice as it
+    was, f = 1 takes the step exactly). Used by IncreLoRA (frozen reserve, restart warmup) and DyLoRA
+    (only the sampled rank's components move)."""
+    shape = [1] * after.dim()
+    shape[dim] = -1
+    f = factor.to(device=after.device, dtype=after.dtype).view(shape)
+    return torch.where(f == 1, after, before + f * (after - before))
