@@ -58,6 +58,10 @@ class TrainState:
 class Callback:
     """Base class of loop callbacks: every hook is a no-op; override the ones you need."""
 
+    def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """A resume is about to load the checkpoint's trained ``tensors`` into ``model``: a callback
+        that reshapes the model while training (IncreLoRA's rank growth) resizes it to fit them."""
+
     def on_train_begin(self, state: TrainState) -> None:
         """Once, before the first step (after a resume: after the state is restored)."""
 

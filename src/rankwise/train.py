@@ -477,6 +477,9 @@ class _Loop:
             )
         if len(payload["loader_generators"]) != len(self.generators):
             raise ValueError("resume_from: the train loader's generators differ from the checkpointed run")
+        # a method that reshapes its adapter while training (IncreLoRA's growth) resizes it to the
+        # checkpoint's shapes first, so the tensors and the optimizer state fit
+        call(self.callbacks, "before_load", state.model, tensors)
         load_trained_tensors(state.model, ckpt, tensors)
         state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])

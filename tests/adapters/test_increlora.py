@@ -188,16 +188,25 @@ def test_resume_across_a_growth_step_is_exact(tmp_path):
     train(part, batches, config=cfg, callbacks=[IncreLoRAController(part), Stop()])
     payload, tensors, _ = read_checkpoint(checkpoints(tmp_path)[0])
     assert payload["step"] == 5 and payload["callbacks"][0]["t"] == 5
-    with pytest.raises(ValueError, match="shape|fit"):  # built at the initial rank, it does not fit
-        train(_increlora(restart_warmup=2), batches, config=cfg, resume_from=str(tmp_path))
-    grow_to_match(resumed, tensors)
-    ctl = IncreLoRAController(resumed)
+    ctl = IncreLoRAController(resumed)  # built at the initial rank: the resume grows it to the checkpoint's
     train(resumed, batches, config=cfg, resume_from=str(tmp_path), callbacks=[ctl])
     assert torch.equal(ctl.ipt, ctl_full.ipt) and torch.equal(ctl.unc, ctl_full.unc) and bool(ctl.ipt.all())
     assert rank_pattern(resumed) == rank_pattern(full)
     for a, b in zip(_layers(full), _layers(resumed), strict=True):
         for p in ("lora_A", "lora_E", "lora_B"):
             torch.testing.assert_close(getattr(a, p), getattr(b, p), atol=0, rtol=0)
+    # the controller the loop attaches by itself resumes the same way
+    auto_cfg = TrainConfig(max_steps=steps, progress=False, lr=1e-2, checkpoint_every=5,
+                           output_dir=str(tmp_path / "auto"))
+    train(_increlora(restart_warmup=2), batches, config=auto_cfg, callbacks=[Stop()])
+    auto = _increlora(restart_warmup=2)
+    train(auto, batches, config=auto_cfg, resume_from=str(tmp_path / "auto"))
+    assert rank_pattern(auto) == rank_pattern(full)
+    for a, b in zip(_layers(full), _layers(auto), strict=True):
+        torch.testing.assert_close(a.lora_B, b.lora_B, atol=0, rtol=0)
+    grown = _increlora(restart_warmup=2)
+    grow_to_match(grown, tensors)  # by hand (a hand-written loop)
+    assert rank_pattern(grown) != rank_pattern(_increlora(restart_warmup=2))
 
 
 def test_peft_export_with_rank_pattern_and_save_load_give_equal_logits(tmp_path):

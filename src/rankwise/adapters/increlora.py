@@ -317,6 +317,11 @@ class IncreLoRAController(MethodController):
         self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._track(not self.done)
 
+    def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """A resume: grow the layers to the checkpoint's ranks first (:func:`grow_to_match`)."""
+        if model is self.model:
+            grow_to_match(model, tensors, self.adapter_name)
+
     # ------------------------------------------------------------------ state
     @property
     def total_rank(self) -> int:

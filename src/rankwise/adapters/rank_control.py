@@ -105,6 +105,11 @@ class MethodControllers(Callback):
         self.build(state.optimizer, state.total_steps)
         self._call("on_train_begin", state)
 
+    def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Before a resume loads the checkpoint's ``tensors``: controllers that reshape their adapter
+        resize it to the checkpoint's shapes."""
+        self._call("before_load", model, tensors)
+
     def on_after_backward(self, state: TrainState) -> None:
         self._call("on_after_backward", state)
 
