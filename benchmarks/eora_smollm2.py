@@ -44,9 +44,11 @@ def write(result: dict) -> None:
              "| compression | ratio | none | plain SVD of W − W_c | EoRA | LREC (INT2.1) |",
              "|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        cells = [f"{row[k]['bbc']:.1f} / {row[k]['stdlib-code']:.1f}" if k in row else "–"
+        cells = [f"{row[k]['bbc']:.3g} / {row[k]['stdlib-code']:.3g}" if k in row else "–"
                  for k in ("none", "plain_svd", "eora", "lrec")]
         lines.append(f"| {row['compression']} | {row.get('ratio') or '–'} | " + " | ".join(cells) + " |")
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
     (out / "eora_smollm2.md").write_text("\n".join(lines) + "\n")
 
 
