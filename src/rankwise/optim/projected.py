@@ -59,6 +59,7 @@ from .projectors import (
     resolve_side,
 )
 from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
+from .sharding import full, is_dtensor
 
 #: Options a group may carry besides the core keys: what the strategies declare they read
 #: (``update_gap`` is a core key that the ``online`` projector also reads).
@@ -203,7 +204,9 @@ class ProjectedOptimizer(CopyableOptimizer):
         statistic), else None. An orthonormal basis records ``state["proj_energy"]`` = ‖PᵀG‖²/‖G‖²."""
         first = not proj.has_basis(state)
         old = None if first or not group["reproject_moments"] else proj.basis(state)
-        projected = proj.compute(G, state)
+        projected = proj.compute(full(G), state)  # a DTensor gradient: the basis from the gathered G
+        if is_dtensor(G):
+            projected = None  # R must carry G's sharding: project the sharded G below
         if proj.orthonormal:
             if projected is None:
                 projected = proj.project(G, state)

@@ -44,6 +44,7 @@ import torch
 
 from ..checks import choice
 from . import quant
+from .sharding import like
 
 SIDES = ("std", "reverse_std", "left", "right")
 
@@ -142,11 +143,11 @@ class Projector:
         raise NotImplementedError
 
     def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
-        P = self.matrix(state)
+        P = like(self.matrix(state), G)  # a replicated DTensor when G is one (FSDP2), see sharding.py
         return P.t() @ G if self.side == "left" else G @ P.t()
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
-        P = self.matrix(state)
+        P = like(self.matrix(state), N)
         return P @ N if self.side == "left" else N @ P
 
     def basis(self, state: State) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""DTensor support for the projected engine (FSDP2 / ``fully_shard``).
+
+Under FSDP2 a parameter and its gradient are DTensors sharded along dim 0 on a device mesh. The
+engine keeps every projector's state (bases, seeds, index sets) as *plain* tensors, identical on
+every rank, and handles sharding in two places only:
+
+* a refresh computes the new basis from the full gradient (:func:`full`: one all-gather every
+  ``update_gap`` steps, the same data on every rank, so every rank computes the same basis; seeded
+  draws use the per-parameter seed, which is the same on every rank because every rank holds the
+  same parameter list);
+* ``project`` / ``back`` lift the plain matrix to a replicated DTensor on the gradient's mesh
+  (:func:`like`), so R = G·Pᵀ of a row-sharded G stays row-sharded without communication (a left
+  projection Pᵀ·G contracts the sharded dimension and DTensor all-reduces the r×n result).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:  # torch.distributed may be absent from a build
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The full (gathered) plain tensor of a DTensor; a plain tensor is returned as is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (a plain tensor holding the same values on every rank) as a replicated DTensor on
+    ``ref``'s mesh when ``ref`` is a DTensor; otherwise ``x`` unchanged. No communication."""
+    if not is_dtensor(ref) or is_dtensor(x):
+        return x
+    mesh = ref.device_mesh
+    return DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
