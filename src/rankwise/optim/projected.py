@@ -46,7 +46,7 @@ import torch
 from ..checks import beta_pair, choice, integer, known_options, number
 from .accounting import optimizer_bytes
 from .conventions import check_lr, float_lr, svd_fallbacks
-from .copyable import CopyableOptimizer
+from .copyable import CopyableOptimizer, restore_state_dtypes
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
     POWER_DTYPES,
@@ -120,6 +120,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         )
         self._seed_base = seed
         self._param_count = 0
+        self._seeds: dict[torch.Tensor, int] = {}  # per-parameter seeds, numbered at construction
         self._projectors: dict[torch.Tensor, Projector] = {}
         self._shared: dict[Any, torch.Tensor] = {}  # tensors the projectors share (the DCT basis)
         super().__init__(params, defaults)
@@ -137,8 +138,11 @@ class ProjectedOptimizer(CopyableOptimizer):
         self._validate_group(group)
         for p in group["params"]:
             self._param_count += 1
-            if p.requires_grad and "seed" not in self.state[p]:
-                self.state[p]["seed"] = self._seed_base + self._param_count
+            if p.requires_grad:
+                # numbered now (apollo-torch's order), written into the state at the first step: the
+                # state stays empty until then, as torch.distributed.checkpoint expects of a fresh
+                # optimizer (get_state_dict initialises the state of an optimizer whose state is empty)
+                self._seeds.setdefault(p, self._seed_base + self._param_count)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -233,6 +237,9 @@ class ProjectedOptimizer(CopyableOptimizer):
         for group in self.param_groups:
             group = float_lr(group)  # a tensor lr is read once per step
             projected = "rank" in group
+            for p in group["params"]:
+                if p.requires_grad or p.grad is not None:
+                    self._ensure_seed(p)
             if projected:
                 self._begin_group(group)
             for p in group["params"]:
@@ -241,14 +248,22 @@ class ProjectedOptimizer(CopyableOptimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
-                if "seed" not in state:
-                    self._param_count += 1
-                    state["seed"] = self._seed_base + self._param_count
                 if projected:
                     self._projected_step(p, group, state)
                 else:
                     self._plain_step(p, group, state)
         return loss
+
+    def _ensure_seed(self, p: torch.Tensor) -> None:
+        """Write ``p``'s seed into its state (numbered at construction, or next in line for a parameter
+        that joined later)."""
+        state = self.state[p]
+        if "seed" not in state:
+            seed = self._seeds.get(p)
+            if seed is None:
+                self._param_count += 1
+                seed = self._seeds[p] = self._seed_base + self._param_count
+            state["seed"] = seed
 
     @staticmethod
     def _decay(p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -281,15 +296,10 @@ class ProjectedOptimizer(CopyableOptimizer):
     # ------------------------------------------------------------------ state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, then restore tensors whose dtype torch cast (int indices, packed codes, seeds)."""
-        saved = state_dict["state"]
+        """torch's loader, then restore tensors whose dtype torch cast (int indices, packed codes, seeds).
+        The state may be keyed by position or by parameter name (``torch.distributed.checkpoint``)."""
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, st in saved.items():
-            p = params[idx]
-            for key, value in st.items():
-                if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(p.device)
+        restore_state_dtypes(self, state_dict)
         self._projectors.clear()
 
     @property

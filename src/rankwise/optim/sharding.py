@@ -43,3 +43,11 @@ def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         return x
     mesh = ref.device_mesh
     return DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor with every placement ``Replicate`` (a norm's pending partial reduction is done here,
+    so state saved by ``torch.distributed.checkpoint`` always has one layout); others unchanged."""
+    if not is_dtensor(t) or all(isinstance(pl, Replicate) for pl in t.placements):
+        return t
+    return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
