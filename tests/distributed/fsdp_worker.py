@@ -77,11 +77,46 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def one_process(method: str, kwargs: dict[str, Any], steps: int) -> dict[str, torch.Tensor]:
-    """The reference: the same model, optimizer and global batches in this process."""
+def one_process(
+    method: str, kwargs: dict[str, Any], steps: int
+) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """The reference: the same model, optimizer and global batches in this process; returns the final
+    weights and the optimizer (to check that a refresh / block switch happened)."""
     model = make_model()
-    train(model, make_optimizer(method, model, kwargs), make_batches(steps))
-    return full_weights(model)
+    optimizer = make_optimizer(method, model, kwargs)
+    train(model, optimizer, make_batches(steps))
+    return full_weights(model), optimizer
+
+
+def available() -> str | None:
+    """None when 2-process FSDP2 on gloo can run here, else the reason (for ``pytest.skip``)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "torch.distributed with gloo is not available"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return "torch.distributed.fsdp.fully_shard (FSDP2) is not available"
+    return None
+
+
+def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, timeout: float = 300.0) -> None:
+    """Run this script under ``torchrun --standalone --nproc_per_node 2`` (one thread per process);
+    raise AssertionError with the workers' stderr tail when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    spec_file = out / f"specs_{mode}.json"
+    spec_file.write_text(json.dumps(specs))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(Path(__file__)), mode, "--dir", str(out), "--specs", str(spec_file), "--split", str(split),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def shard(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:

@@ -59,7 +59,7 @@ from .projectors import (
     resolve_side,
 )
 from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
-from .sharding import full, is_dtensor
+from .sharding import FLAT_HINT, full, is_dtensor, is_flat
 
 #: Options a group may carry besides the core keys: what the strategies declare they read
 #: (``update_gap`` is a core key that the ``online`` projector also reads).
@@ -166,6 +166,13 @@ class ProjectedOptimizer(CopyableOptimizer):
         choice("proj_side", group["proj_side"], SIDES)
         number("scale", group["scale"], 0.0, low_open=True)
         for p in group["params"]:
+            if p.dim() == 1 or is_flat(p):
+                raise ValueError(
+                    f"a projected group (with rank={rank}) got a 1-D or flattened parameter of shape "
+                    f"{tuple(p.shape)}; only 2-D parameters can be projected and a flattened weight must not "
+                    f"silently go unprojected: {FLAT_HINT}. "
+                    "Biases and norm weights belong in a group without 'rank' (rankwise.optim.param_groups)"
+                )
             if p.dim() != 2:
                 raise ValueError(
                     f"a projected group (with rank) got a parameter of shape {tuple(p.shape)}; only 2-D "

@@ -51,3 +51,16 @@ def replicated(t: torch.Tensor) -> torch.Tensor:
     if not is_dtensor(t) or all(isinstance(pl, Replicate) for pl in t.placements):
         return t
     return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+
+
+#: Why a flattened parameter cannot be projected, and what to use instead.
+FLAT_HINT = (
+    "projection needs each weight's own 2-D shape: shard with FSDP2 (torch.distributed.fsdp.fully_shard, "
+    "whose DTensor parameters keep their shape) or FSDP1 with use_orig_params=True; FSDP1's "
+    "use_orig_params=False FlatParameter and DeepSpeed ZeRO's flattened partitions are not supported"
+)
+
+
+def is_flat(p: torch.Tensor) -> bool:
+    """A flattened parameter: FSDP1's ``FlatParameter`` or a DeepSpeed ZeRO partition (``ds_shape``)."""
+    return bool(getattr(p, "_is_flat_param", False)) or hasattr(p, "ds_shape")
