@@ -46,7 +46,7 @@ def saved_params(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[Any, 
     """
     keys = [k for g in state_dict.get("param_groups", []) for k in g["params"]]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return dict(zip(keys, params))
+    return dict(zip(keys, params, strict=False))  # a length mismatch: torch's loader raises
 
 
 def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
