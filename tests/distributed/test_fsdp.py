@@ -31,6 +31,16 @@ SAMPLERS = {  # switch_every=2: blocks switch at steps 2 and 4
     "lisa": ("lisa", {"lr": 1e-2, "n_layers": 1, "switch_every": 2, "seed": 3}, 5),
 }
 CASES = {**PROJECTED, **SAMPLERS}
+MORE = {  # other projectors / engine paths, one launch (slow)
+    "galore_svd": ("galore", {"rank": 4, "lr": 1e-2, "update_gap": 2, "projector": "svd"}, 4),
+    "galore_reproject": ("galore", {"rank": 4, "lr": 1e-2, "update_gap": 2, "reproject_moments": True}, 4),
+    "apollo_mini": ("apollo_mini", {"lr": 1e-2, "update_gap": 2}, 4),
+    "dct_proj": ("dct_proj", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
+    "frugal_randk": ("frugal", {"rank": 4, "lr": 1e-2, "update_gap": 2, "selector": "randk"}, 4),
+    "osd": ("osd", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
+    "flora_opt": ("flora_opt", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
+    "q_galore": ("q_galore", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
+}
 
 
 def _specs(cases: dict) -> list[dict]:
@@ -62,9 +72,18 @@ def test_fsdp2_two_processes_match_one_process(parity_dir, tag):
     assert _max_diff(sharded, reference) <= TOL, tag
 
 
-def test_dcp_resume_is_bit_exact(tmp_path):
+@pytest.mark.slow
+def test_fsdp2_more_projectors_match_one_process(tmp_path):
+    launch("parity", _specs(MORE), tmp_path)
+    for tag, (method, kwargs, steps) in MORE.items():
+        reference, _ = one_process(method, kwargs, steps)
+        sharded = torch.load(tmp_path / f"{tag}.pt", weights_only=True)
+        assert _max_diff(sharded, reference) <= TOL, tag
+
+
+def _dcp_roundtrip(tmp_path, tags: list[str]) -> None:
     split = 3
-    specs = _specs({t: (m, kw, 5) for t, (m, kw, _) in PROJECTED.items()})
+    specs = _specs({t: (PROJECTED[t][0], PROJECTED[t][1], 5) for t in tags})
     launch("dcp-save", specs, tmp_path, split)
     launch("dcp-load", specs, tmp_path, split)
     for spec in specs:
@@ -72,3 +91,13 @@ def test_dcp_resume_is_bit_exact(tmp_path):
         resumed = torch.load(tmp_path / f"{spec['tag']}_resumed.pt", weights_only=True)
         for name, value in straight.items():
             assert torch.equal(resumed[name], value), (spec["tag"], name)
+
+
+def test_dcp_resume_is_bit_exact(tmp_path):
+    """GaLore (a basis in the state) and APOLLO (seed chain, limiter norm)."""
+    _dcp_roundtrip(tmp_path, ["galore", "apollo"])
+
+
+@pytest.mark.slow
+def test_dcp_resume_is_bit_exact_fira_frugal(tmp_path):
+    _dcp_roundtrip(tmp_path, ["fira", "frugal"])

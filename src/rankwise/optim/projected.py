@@ -59,7 +59,7 @@ from .projectors import (
     resolve_side,
 )
 from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
-from .sharding import FLAT_HINT, full, is_dtensor, is_flat
+from .sharding import FLAT_HINT, full, is_dtensor, is_flat, like
 
 #: Options a group may carry besides the core keys: what the strategies declare they read
 #: (``update_gap`` is a core key that the ``online`` projector also reads).
@@ -223,7 +223,7 @@ class ProjectedOptimizer(CopyableOptimizer):
                 projected = proj.project(G, state)
             state["proj_energy"] = captured_energy(projected, G)
         if old is not None:
-            T = proj.basis(state).t() @ old
+            T = like(proj.basis(state).t() @ old, G)  # replicated on G's mesh under FSDP2
             get_inner(group["inner"]).transition(state, T, proj.side, group)
         self._after_refresh(p, group, state, proj, first)
         return projected
