@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise.optim as rwo
 
-VOCAB = 100
+if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.optim.ddp_worker import VOCAB, make_batches  # noqa: E402  (the DDP tests' batches)
+
 N_LAYERS = 2
-GLOBAL_BATCH = 4
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
@@ -41,15 +45,6 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCau
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).to(dtype)
-
-
-def make_batches(n: int, batch: int = GLOBAL_BATCH, seq: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
 
 
 def make_optimizer(method: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
