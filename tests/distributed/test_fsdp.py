@@ -41,6 +41,9 @@ MORE = {  # other projectors / engine paths, one launch (slow)
     "osd": ("osd", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
     "flora_opt": ("flora_opt", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
     "q_galore": ("q_galore", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
+    "galore_adafactor": ("galore_adafactor", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
+    "frugal_block": ("frugal", {"rank": 4, "lr": 1e-2, "update_gap": 2, "selector": "block"}, 4),
+    "gradnormlorp": ("gradnormlorp", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 4),
 }
 
 

@@ -59,7 +59,7 @@ from .projectors import (
     resolve_side,
 )
 from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
-from .sharding import FLAT_HINT, full, is_dtensor, is_flat, like
+from .sharding import FLAT_HINT, full, is_dtensor, is_flat, like, reduced
 
 #: Options a group may carry besides the core keys: what the strategies declare they read
 #: (``update_gap`` is a core key that the ``online`` projector also reads).
@@ -294,6 +294,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         R = self._refresh(p, G, group, state, proj) if self._refresh_due(proj, group, state, step) else None
         if R is None:
             R = proj.project(G, state)
+        R = reduced(R)  # FSDP2: a left projection's partial sums, reduced once (r×n)
         N, c = get_inner(group["inner"]).update(R, state, group, p)
         state["step"] = step + 1
         get_residual(group["residual"]).apply(p, G, R, N, proj, state, group, c)

@@ -64,3 +64,12 @@ FLAT_HINT = (
 def is_flat(p: torch.Tensor) -> bool:
     """A flattened parameter: FSDP1's ``FlatParameter`` or a DeepSpeed ZeRO partition (``ds_shape``)."""
     return bool(getattr(p, "_is_flat_param", False)) or hasattr(p, "ds_shape")
+
+
+def reduced(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor with its pending partial sums done (``Partial`` → ``Replicate``, shards kept): a left
+    projection PᵀG contracts the sharded dimension, and the inner update's nonlinear in-place ops
+    (Adafactor's clamps) need the reduced value. Plain tensors unchanged."""
+    if not is_dtensor(t) or not any(pl.is_partial() for pl in t.placements):
+        return t
+    return t.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in t.placements])
