@@ -5,7 +5,8 @@ for every spec ``{"tag", "method", "kwargs", "steps"}`` in ``S.json`` each rank 
 float64 tiny Llama, shards it with ``fully_shard`` per decoder layer and at the root on
 ``init_device_mesh("cpu", (2,))``, builds ``rankwise.optim.make(method, model, **kwargs)`` and
 trains ``steps`` steps on its half of every global batch; rank 0 saves the gathered full weights
-to ``D/<tag>.pt``. :func:`one_process` is the reference run on the whole batches.
+to ``D/<tag>.pt`` and the optimizer's ``svd_fallbacks`` to ``D/<tag>.json``. :func:`one_process` is
+the reference run on the whole batches.
 
 ``... fsdp_worker.py dcp-save --dir D --specs S.json --split k``: train ``k`` steps and save model
 and optimizer with ``torch.distributed.checkpoint`` (``get_state_dict``: parameter-name keys) to
@@ -145,10 +146,14 @@ def run(args: argparse.Namespace) -> None:
         batches = make_batches(steps)
         if args.mode == "parity":
             model = _sharded(mesh)
-            train(model, make_optimizer(method, model, kwargs), batches, rank, world)
+            optimizer = make_optimizer(method, model, kwargs)
+            train(model, optimizer, batches, rank, world)
             weights = full_weights(model)
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
+                # projector refreshes that failed over (an op that rejects DTensors would land here)
+                fallbacks = getattr(optimizer, "svd_fallbacks", 0)
+                (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks}))
         elif args.mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
         else:
