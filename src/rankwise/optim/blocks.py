@@ -38,7 +38,7 @@ from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
 from .accounting import optimizer_bytes
 from .conventions import check_lr, svd_fallbacks
-from .copyable import CopyableOptimizer
+from .copyable import CopyableOptimizer, restore_state_dtypes
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
 
@@ -250,11 +250,7 @@ class _SampledBlocks(CopyableOptimizer):
             raise ValueError(f"state_dict['sampler']['current']={current} does not fit {len(self._units)} blocks")
         super().load_state_dict(state_dict)
         # torch casts every state tensor to its parameter's dtype: undo it for integer / packed state
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            for key, value in saved.items():
-                if torch.is_tensor(value) and self.state[params[index]][key].dtype != value.dtype:
-                    self.state[params[index]][key] = value.to(params[index].device)
+        restore_state_dtypes(self, state_dict)
         self.global_step = int(sampler["global_step"])
         self._generator.set_state(sampler["rng"])
         self._load_extra_state(sampler)

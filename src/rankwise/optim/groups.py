@@ -9,6 +9,7 @@ from torch import nn
 
 from ..checks import integer
 from ..targets import Targets, find_targets
+from .sharding import FLAT_HINT, is_flat
 
 
 def param_groups(
@@ -20,9 +21,14 @@ def param_groups(
     heads; a regex or a list of name suffixes otherwise, see ``rankwise.targets``) that require grad
     form the projected group ``{"params": [...], "rank": rank, **group_opts}``; every other trainable
     parameter (embeddings, norms, biases, heads) goes into a plain group without ``rank``. A weight
-    shared with a non-target module (tied embeddings) stays plain.
+    shared with a non-target module (tied embeddings) stays plain. A model whose parameters are
+    flattened (FSDP1 ``use_orig_params=False``, DeepSpeed ZeRO) raises ValueError: its weights
+    cannot be projected.
     """
     integer("rank", rank, 1)
+    flat = [name for name, p in model.named_parameters() if is_flat(p)]
+    if flat:  # the Linear weights are views into these: every one would go to the plain group unprojected
+        raise ValueError(f"param_groups: the model holds flattened parameters ({flat[:3]}); {FLAT_HINT}")
     projected, seen = [], set()
     for _, module in find_targets(model, targets, conv1d=False):
         w = module.weight

@@ -38,7 +38,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..checks import choice
-from .copyable import CopyableOptimizer
+from .copyable import CopyableOptimizer, saved_params
 
 __all__ = ["GUARD_OPTIONS", "GuardedOptimizer", "ROUNDINGS", "guard", "stochastic_round_bf16"]
 
@@ -237,12 +237,15 @@ class GuardedOptimizer(CopyableOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         state_dict = dict(state_dict)
         saved = state_dict.pop("guard", {})
-        params = self._params()
+        # saved keys are positions or parameter names (torch.distributed.checkpoint)
+        params = saved_params(self.optimizer, state_dict)
         # load with the low-precision parameters in fp32 (their masters where saved): torch casts the
         # floating state to the parameter's dtype, which must stay fp32 for the masters and moments
         swapped = []
         for index, st in state_dict.get("state", {}).items():
-            p = params[int(index)]
+            p = params.get(index)
+            if p is None:
+                continue  # more saved parameters than this optimizer has: torch's loader rejects it
             if p.dtype in _LOW and (self.master_weights or self.bf16_rounding == "stochastic"):
                 master = st.get(MASTER_KEY)
                 swapped.append((p, p.data))

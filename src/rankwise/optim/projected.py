@@ -46,7 +46,7 @@ import torch
 from ..checks import beta_pair, choice, integer, known_options, number
 from .accounting import optimizer_bytes
 from .conventions import check_lr, float_lr, svd_fallbacks
-from .copyable import CopyableOptimizer
+from .copyable import CopyableOptimizer, restore_state_dtypes
 from .inner import INNER_OPTIONS, INNERS, get_inner
 from .projectors import (
     POWER_DTYPES,
@@ -59,6 +59,7 @@ from .projectors import (
     resolve_side,
 )
 from .residual import RESIDUAL_OPTIONS, RESIDUALS, get_residual
+from .sharding import FLAT_HINT, full, is_dtensor, is_flat, like, reduced
 
 #: Options a group may carry besides the core keys: what the strategies declare they read
 #: (``update_gap`` is a core key that the ``online`` projector also reads).
@@ -119,6 +120,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         )
         self._seed_base = seed
         self._param_count = 0
+        self._seeds: dict[torch.Tensor, int] = {}  # per-parameter seeds, numbered at construction
         self._projectors: dict[torch.Tensor, Projector] = {}
         self._shared: dict[Any, torch.Tensor] = {}  # tensors the projectors share (the DCT basis)
         super().__init__(params, defaults)
@@ -136,8 +138,11 @@ class ProjectedOptimizer(CopyableOptimizer):
         self._validate_group(group)
         for p in group["params"]:
             self._param_count += 1
-            if p.requires_grad and "seed" not in self.state[p]:
-                self.state[p]["seed"] = self._seed_base + self._param_count
+            if p.requires_grad:
+                # numbered now (apollo-torch's order), written into the state at the first step: the
+                # state stays empty until then, as torch.distributed.checkpoint expects of a fresh
+                # optimizer (get_state_dict initialises the state of an optimizer whose state is empty)
+                self._seeds.setdefault(p, self._seed_base + self._param_count)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -161,6 +166,13 @@ class ProjectedOptimizer(CopyableOptimizer):
         choice("proj_side", group["proj_side"], SIDES)
         number("scale", group["scale"], 0.0, low_open=True)
         for p in group["params"]:
+            if p.dim() == 1 or is_flat(p):
+                raise ValueError(
+                    f"a projected group (with rank={rank}) got a 1-D or flattened parameter of shape "
+                    f"{tuple(p.shape)}; only 2-D parameters can be projected and a flattened weight must not "
+                    f"silently go unprojected: {FLAT_HINT}. "
+                    "Biases and norm weights belong in a group without 'rank' (rankwise.optim.param_groups)"
+                )
             if p.dim() != 2:
                 raise ValueError(
                     f"a projected group (with rank) got a parameter of shape {tuple(p.shape)}; only 2-D "
@@ -203,13 +215,15 @@ class ProjectedOptimizer(CopyableOptimizer):
         statistic), else None. An orthonormal basis records ``state["proj_energy"]`` = ‖PᵀG‖²/‖G‖²."""
         first = not proj.has_basis(state)
         old = None if first or not group["reproject_moments"] else proj.basis(state)
-        projected = proj.compute(G, state)
+        projected = proj.compute(full(G), state)  # a DTensor gradient: the basis from the gathered G
+        if is_dtensor(G):
+            projected = None  # R must carry G's sharding: project the sharded G below
         if proj.orthonormal:
             if projected is None:
                 projected = proj.project(G, state)
             state["proj_energy"] = captured_energy(projected, G)
         if old is not None:
-            T = proj.basis(state).t() @ old
+            T = like(proj.basis(state).t() @ old, G)  # replicated on G's mesh under FSDP2
             get_inner(group["inner"]).transition(state, T, proj.side, group)
         self._after_refresh(p, group, state, proj, first)
         return projected
@@ -230,6 +244,9 @@ class ProjectedOptimizer(CopyableOptimizer):
         for group in self.param_groups:
             group = float_lr(group)  # a tensor lr is read once per step
             projected = "rank" in group
+            for p in group["params"]:
+                if p.requires_grad or p.grad is not None:
+                    self._ensure_seed(p)
             if projected:
                 self._begin_group(group)
             for p in group["params"]:
@@ -238,14 +255,22 @@ class ProjectedOptimizer(CopyableOptimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
-                if "seed" not in state:
-                    self._param_count += 1
-                    state["seed"] = self._seed_base + self._param_count
                 if projected:
                     self._projected_step(p, group, state)
                 else:
                     self._plain_step(p, group, state)
         return loss
+
+    def _ensure_seed(self, p: torch.Tensor) -> None:
+        """Write ``p``'s seed into its state (numbered at construction, or next in line for a parameter
+        that joined later)."""
+        state = self.state[p]
+        if "seed" not in state:
+            seed = self._seeds.get(p)
+            if seed is None:
+                self._param_count += 1
+                seed = self._seeds[p] = self._seed_base + self._param_count
+            state["seed"] = seed
 
     @staticmethod
     def _decay(p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -269,6 +294,7 @@ class ProjectedOptimizer(CopyableOptimizer):
         R = self._refresh(p, G, group, state, proj) if self._refresh_due(proj, group, state, step) else None
         if R is None:
             R = proj.project(G, state)
+        R = reduced(R)  # FSDP2: a left projection's partial sums, reduced once (r×n)
         N, c = get_inner(group["inner"]).update(R, state, group, p)
         state["step"] = step + 1
         get_residual(group["residual"]).apply(p, G, R, N, proj, state, group, c)
@@ -278,15 +304,10 @@ class ProjectedOptimizer(CopyableOptimizer):
     # ------------------------------------------------------------------ state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, then restore tensors whose dtype torch cast (int indices, packed codes, seeds)."""
-        saved = state_dict["state"]
+        """torch's loader, then restore tensors whose dtype torch cast (int indices, packed codes, seeds).
+        The state may be keyed by position or by parameter name (``torch.distributed.checkpoint``)."""
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, st in saved.items():
-            p = params[idx]
-            for key, value in st.items():
-                if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(p.device)
+        restore_state_dtypes(self, state_dict)
         self._projectors.clear()
 
     @property

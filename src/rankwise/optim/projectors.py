@@ -44,6 +44,7 @@ import torch
 
 from ..checks import choice
 from . import quant
+from .sharding import full, is_dtensor, like
 
 SIDES = ("std", "reverse_std", "left", "right")
 
@@ -142,11 +143,11 @@ class Projector:
         raise NotImplementedError
 
     def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
-        P = self.matrix(state)
+        P = like(self.matrix(state), G)  # a replicated DTensor when G is one (FSDP2), see sharding.py
         return P.t() @ G if self.side == "left" else G @ P.t()
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
-        P = self.matrix(state)
+        P = like(self.matrix(state), N)
         return P @ N if self.side == "left" else N @ P
 
     def basis(self, state: State) -> torch.Tensor:
@@ -466,9 +467,10 @@ def dct_scores(
     G: torch.Tensor, side: str, norm: float = 1.0, cache: dict[Any, torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Alignment of every DCT basis vector with G: ‖G·Q[:, k]‖_p (right) or ‖Q[:, k]ᵀ·G‖_p (left)."""
+    G = _float(G)  # float32 or float64: the basis in the same dtype
     if side == "right":
-        return torch.linalg.vector_norm(_float(G) @ dct_matrix(G.shape[1], G.device, cache=cache), ord=norm, dim=0)
-    return torch.linalg.vector_norm(dct_matrix(G.shape[0], G.device, cache=cache).t() @ _float(G), ord=norm, dim=1)
+        return torch.linalg.vector_norm(G @ dct_matrix(G.shape[1], G.device, G.dtype, cache), ord=norm, dim=0)
+    return torch.linalg.vector_norm(dct_matrix(G.shape[0], G.device, G.dtype, cache).t() @ G, ord=norm, dim=1)
 
 
 @_register
@@ -525,9 +527,12 @@ class CoordinateProjector(Projector):
         _bump(state)
 
     def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
-        return G.index_select(0 if self.side == "left" else 1, state["idx"])
+        return G.index_select(0 if self.side == "left" else 1, like(state["idx"], G))
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
+        if is_dtensor(N):  # FSDP2: scatter by the one-hot basis (exact), which keeps N's sharding
+            E = self.basis(state).to(N.dtype)
+            return like(E, N) @ N if self.side == "left" else N @ like(E.t(), N)
         out = N.new_zeros(self.shape)
         return out.index_copy_(0 if self.side == "left" else 1, state["idx"], N)
 
@@ -602,7 +607,9 @@ class OnlineProjector(Projector):
 
     def post_update(self, G: torch.Tensor, state: State) -> None:
         P = state["P"]
-        _, grad = online_pca_grad(P.float(), _float(G), self.side)
+        # under FSDP2 the full gradient, every step (P is the same plain tensor on every rank)
+        G = _float(full(G))
+        _, grad = online_pca_grad(P.to(G.dtype), G, self.side)
         lr = float(self.opts.get("proj_lr", 1.0 / float(self.opts.get("update_gap", 200))))
         wd = float(self.opts.get("proj_weight_decay", 0.01))
         b1, b2, eps = 0.9, 0.999, 1e-8

@@ -28,6 +28,7 @@ import torch
 
 from ..checks import choice
 from .projectors import Projector
+from .sharding import replicated
 
 State = dict[str, Any]
 
@@ -36,7 +37,7 @@ def limit_norm_growth(x: torch.Tensor, state: State, gamma: float | None, key: s
     """Fira's norm-growth limiter: cap ‖xₜ‖ at γ·‖xₜ₋₁‖ (the stored, already-limited previous norm)."""
     if not gamma:
         return x
-    norm = torch.linalg.vector_norm(x)
+    norm = replicated(torch.linalg.vector_norm(x))  # under FSDP2: reduced over the shards, kept replicated
     if key in state:
         limiter = torch.clamp(norm / (state[key] + 1e-8), min=gamma) / gamma
         x = x / limiter

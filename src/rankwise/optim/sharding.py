@@ -1,0 +1,75 @@
+"""DTensor support for the projected engine (FSDP2 / ``fully_shard``).
+
+Under FSDP2 a parameter and its gradient are DTensors sharded along dim 0 on a device mesh. The
+engine keeps every projector's state (bases, seeds, index sets) as *plain* tensors, identical on
+every rank, and handles sharding in two places only:
+
+* a refresh computes the new basis from the full gradient (:func:`full`: one all-gather every
+  ``update_gap`` steps, the same data on every rank, so every rank computes the same basis; seeded
+  draws use the per-parameter seed, which is the same on every rank because every rank holds the
+  same parameter list);
+* ``project`` / ``back`` lift the plain matrix to a replicated DTensor on the gradient's mesh
+  (:func:`like`), so R = G·Pᵀ of a row-sharded G stays row-sharded without communication (a left
+  projection Pᵀ·G contracts the sharded dimension and DTensor all-reduces the r×n result).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:  # torch.distributed may be absent from a build
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The full (gathered) plain tensor of a DTensor; a plain tensor is returned as is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (a plain tensor holding the same values on every rank) as a replicated DTensor on
+    ``ref``'s mesh when ``ref`` is a DTensor; otherwise ``x`` unchanged. No communication."""
+    if not is_dtensor(ref) or is_dtensor(x):
+        return x
+    mesh = ref.device_mesh
+    return DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor with every placement ``Replicate`` (a norm's pending partial reduction is done here,
+    so state saved by ``torch.distributed.checkpoint`` always has one layout); others unchanged."""
+    if not is_dtensor(t) or all(isinstance(pl, Replicate) for pl in t.placements):
+        return t
+    return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+
+
+#: Why a flattened parameter cannot be projected, and what to use instead.
+FLAT_HINT = (
+    "projection needs each weight's own 2-D shape: shard with FSDP2 (torch.distributed.fsdp.fully_shard, "
+    "whose DTensor parameters keep their shape) or FSDP1 with use_orig_params=True; FSDP1's "
+    "use_orig_params=False FlatParameter and DeepSpeed ZeRO's flattened partitions are not supported"
+)
+
+
+def is_flat(p: torch.Tensor) -> bool:
+    """A flattened parameter: FSDP1's ``FlatParameter`` or a DeepSpeed ZeRO partition (``ds_shape``)."""
+    return bool(getattr(p, "_is_flat_param", False)) or hasattr(p, "ds_shape")
+
+
+def reduced(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor with its pending partial sums done (``Partial`` → ``Replicate``, shards kept): a left
+    projection PᵀG contracts the sharded dimension, and the inner update's nonlinear in-place ops
+    (Adafactor's clamps) need the reduced value. Plain tensors unchanged."""
+    if not is_dtensor(t) or not any(pl.is_partial() for pl in t.placements):
+        return t
+    return t.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in t.placements])

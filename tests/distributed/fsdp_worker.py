@@ -1,0 +1,208 @@
+"""Two-process FSDP2 harness for the optimizer tests (run by ``torchrun``; the tests import its builders).
+
+``torchrun --standalone --nproc_per_node 2 tests/distributed/fsdp_worker.py parity --dir D --specs S.json``:
+for every spec ``{"tag", "method", "kwargs", "steps"}`` in ``S.json`` each rank builds the same
+float64 tiny Llama, shards it with ``fully_shard`` per decoder layer and at the root on
+``init_device_mesh("cpu", (2,))``, builds ``rankwise.optim.make(method, model, **kwargs)`` and
+trains ``steps`` steps on its half of every global batch; rank 0 saves the gathered full weights
+to ``D/<tag>.pt`` and the optimizer's ``svd_fallbacks`` to ``D/<tag>.json``. :func:`one_process` is
+the reference run on the whole batches.
+
+``... fsdp_worker.py dcp-save --dir D --specs S.json --split k``: train ``k`` steps and save model
+and optimizer with ``torch.distributed.checkpoint`` (``get_state_dict``: parameter-name keys) to
+``D/<tag>_ckpt``, then continue to ``steps`` and save the final weights to ``D/<tag>_straight.pt``.
+``... fsdp_worker.py dcp-load ...``: fresh processes and a differently initialised model load
+``D/<tag>_ckpt`` (``set_state_dict``) and train steps ``k..steps``; final weights to
+``D/<tag>_resumed.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rankwise.optim as rwo
+
+if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.optim.ddp_worker import VOCAB, make_batches  # noqa: E402  (the DDP tests' batches)
+
+N_LAYERS = 2
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+    """The 2-layer tiny Llama (float64: float32 rounding of the sharded reductions would hide ~1e-6
+    differences behind Adam's ≈ lr·sign(g) first steps)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def make_optimizer(method: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    return rwo.make(method, model, **kwargs)
+
+
+def train(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
+    rank: int = 0, world: int = 1,
+) -> None:
+    """One step per batch; with ``world`` > 1 each rank takes its ``rank``-th slice of the batch."""
+    for batch in batches:
+        local = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        model(**local).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name -> full (gathered) weight, detached."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+    return out
+
+
+def one_process(
+    method: str, kwargs: dict[str, Any], steps: int
+) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """The reference: the same model, optimizer and global batches in this process; returns the final
+    weights and the optimizer (to check that a refresh / block switch happened)."""
+    model = make_model()
+    optimizer = make_optimizer(method, model, kwargs)
+    train(model, optimizer, make_batches(steps))
+    return full_weights(model), optimizer
+
+
+def available() -> str | None:
+    """None when 2-process FSDP2 on gloo can run here, else the reason (for ``pytest.skip``)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "torch.distributed with gloo is not available"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return "torch.distributed.fsdp.fully_shard (FSDP2) is not available"
+    return None
+
+
+def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, timeout: float = 300.0) -> None:
+    """Run this script under ``torchrun --standalone --nproc_per_node 2`` (one thread per process);
+    raise AssertionError with the workers' stderr tail when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    spec_file = out / f"specs_{mode}.json"
+    spec_file.write_text(json.dumps(specs))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(Path(__file__)), mode, "--dir", str(out), "--specs", str(spec_file), "--split", str(split),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def shard(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return json.loads(Path(args.specs).read_text())
+
+
+def _sharded(mesh: Any, seed: int = 0) -> torch.nn.Module:
+    return shard(make_model(seed), mesh)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    out = Path(args.dir)
+    for spec in _specs(args):
+        tag, method, kwargs, steps = spec["tag"], spec["method"], spec["kwargs"], int(spec["steps"])
+        batches = make_batches(steps)
+        if args.mode == "parity":
+            model = _sharded(mesh)
+            optimizer = make_optimizer(method, model, kwargs)
+            train(model, optimizer, batches, rank, world)
+            weights = full_weights(model)
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+                # projector refreshes that failed over (an op that rejects DTensors would land here)
+                fallbacks = getattr(optimizer, "svd_fallbacks", 0)
+                (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks}))
+        elif args.mode == "dcp-save":
+            dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
+        else:
+            dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = _sharded(mesh)
+    optimizer = make_optimizer(method, model, kwargs)
+    train(model, optimizer, batches[:split], rank, world)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / f"{tag}_ckpt"))
+    train(model, optimizer, batches[split:], rank, world)
+    weights = full_weights(model)
+    if rank == 0:
+        torch.save(weights, out / f"{tag}_straight.pt")
+
+
+def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _sharded(mesh, seed=1)  # a different init: everything must come from the checkpoint
+    optimizer = make_optimizer(method, model, kwargs)
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(out / f"{tag}_ckpt"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, optimizer, batches[split:], rank, world)
+    weights = full_weights(model)
+    if rank == 0:
+        torch.save(weights, out / f"{tag}_resumed.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["parity", "dcp-save", "dcp-load"])
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--specs", required=True)
+    parser.add_argument("--split", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
