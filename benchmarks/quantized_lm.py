@@ -149,23 +149,28 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 def plot(result: dict, out: Path) -> None:
+    """Held-out perplexity before (open) and after (filled) training, per variant and corpus; the tick
+    labels give each variant's stored base weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for corpus, ax in zip(EVAL_CORPORA, axes, strict=True):
-        for row in result["rows"]:
-            mb = row["weight_bytes"]["base"] / 1e6
-            ax.annotate("", (mb, row["after"][corpus]), (mb, row["before"][corpus]),
-                        arrowprops={"arrowstyle": "->", "color": "0.6"})
-            ax.scatter([mb], [row["after"][corpus]], s=40)
-            ax.annotate(row["variant"], (mb, row["after"][corpus]), textcoords="offset points", xytext=(5, -10))
-        ax.set_xlabel("stored base weights (MB)")
-        ax.set_ylabel(f"held-out perplexity, {corpus} (arrow: before → after training)")
-        ax.set_title(corpus)
-    fig.suptitle(f"SmolLM2-135M, r={result['config']['rank']}, {result['config']['steps']} steps")
+        for i, row in enumerate(rows):
+            before, after = row["before"][corpus], row["after"][corpus]
+            ax.annotate("", (i, after), (i, before), arrowprops={"arrowstyle": "->", "color": "0.6"})
+            ax.scatter([i], [before], s=40, facecolors="none", edgecolors=f"C{i}")
+            ax.scatter([i], [after], s=40, color=f"C{i}")
+        ax.set_xticks(range(len(rows)),
+                      [f"{r['variant']}\n{r['weight_bytes']['base'] / 1e6:.0f} MB" for r in rows])
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(f"{corpus}: before (open) → after (filled)")
+    cfg = result["config"]
+    fig.suptitle(f"SmolLM2-135M, r={cfg['rank']}, {cfg['steps']} steps; x: variant, stored base weights")
     fig.tight_layout()
     fig.savefig(out / "quantized_lm.png", dpi=120)
 
