@@ -137,13 +137,16 @@ def write_outputs(result: dict, out: Path) -> None:
             f"| {row['variant']} | {row['weight_bytes']['base'] / 1e6:.1f} | "
             f"{row['weight_bytes']['adapter_buffers'] / 1e6:.1f} | {row['trainable_params']:,} | "
             f"{b['bbc']:.2f} → {a['bbc']:.2f} | {b['stdlib-code']:.2f} → {a['stdlib-code']:.2f} | "
-            f"{row['median_step_seconds']:.2f} | {row['train_peak_bytes'] / 1e6:.0f} | "
+            f"{row['median_step_seconds']:.2f} | "
+            f"{'–' if row.get('train_peak_bytes') is None else round(row['train_peak_bytes'] / 1e6)} | "
             f"{row['peak_rss_bytes'] / 1e6:.0f} | {row['init_seconds']:.0f} |")
     lines += ["", "Stored bits per weight of the adapted matrices (codes + block scales + second-level scales):"]
     lines += [f"- {r['variant']}: {r['average_bits']:.3f}" + (f" (configs chosen: {r['configs_chosen']})"
               if "configs_chosen" in r else "") for r in result["rows"] if "average_bits" in r]
     lines += ["", f"LQ-LoRA budget: {cfg['budget_bits']} bits per weight, T = {cfg['lq_iter']}, candidates "
               f"{cfg['lq_configs']}."]
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
     (out / "quantized_lm.md").write_text("\n".join(lines) + "\n")
     plot(result, out)
 
