@@ -114,6 +114,18 @@ class EoRAState:
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def check_pair(model: nn.Module, original: nn.Module, action: str) -> None:
+    """A compensation's two models: ``original`` is another model than the compressed ``model`` and
+    neither holds adapters yet (``action`` names the method in the error, e.g. "EoRA compensates")."""
+    if original is model:
+        raise ValueError("original is model: pass the uncompressed model as original (e.g. a copy made before "
+                         "rw.compress / rw.quantize)")
+    for who, m in (("model", model), ("original", original)):
+        if adapter_names(m):
+            raise ValueError(f"{who} has rankwise adapters {adapter_names(m)}; {action} the compressed "
+                             "base: apply it before adding adapters (or merge/unload them first)")
+
+
 def _compressed_layers(
     model: nn.Module, original: nn.Module, targets: Targets | None
 ) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -186,13 +198,7 @@ def eora(
     checks.choice("activations", activations, ACTIVATIONS)
     checks.integer("r", r, 1)
     checks.number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
-    if original is model:
-        raise ValueError("original is model: pass the uncompressed model as original (e.g. a copy made before "
-                         "rw.compress / rw.quantize)")
-    for who, m in (("model", model), ("original", original)):
-        if adapter_names(m):
-            raise ValueError(f"{who} has rankwise adapters {adapter_names(m)}; EoRA compensates the compressed "
-                             "base: apply it before adding adapters (or merge/unload them first)")
+    check_pair(model, original, "EoRA compensates")
     if data is None and projection == "eigen":
         raise ValueError("data=None: EoRA needs calibration batches (an iterable of model inputs, e.g. a few "
                          "training batches) for the input covariances; projection='none' is the data-free SVD")

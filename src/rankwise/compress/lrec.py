@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import catalogue, checks
-from ..adapters import adapt, adapter_names
+from ..adapters import adapt
 from ..targets import Targets, linear_weight
-from .eora import _compressed_layers, eora
+from .eora import _compressed_layers, check_pair, eora
 from .finetune import finetune
 
 INITS = ("zero", "eora")
@@ -114,13 +114,7 @@ def lrec(
     checks.integer("steps", steps, 1)
     checks.positive("lr", lr)
     checks.positive("temperature", temperature)
-    if original is model:
-        raise ValueError("original is model: pass the uncompressed model as original (e.g. a copy made before "
-                         "rw.quantize / rw.compress)")
-    for who, m in (("model", model), ("original", original)):
-        if adapter_names(m):
-            raise ValueError(f"{who} has rankwise adapters {adapter_names(m)}; LREC corrects the compressed base: "
-                             "apply it before adding adapters (or merge/unload them first)")
+    check_pair(model, original, "LREC corrects")
     layers = [n for n, module, orig in _compressed_layers(model, original, targets)
               if not torch.equal(linear_weight(module).detach().to(linear_weight(orig).dtype),
                                  linear_weight(orig).detach())]
