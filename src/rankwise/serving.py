@@ -31,7 +31,6 @@ from torch import nn
 
 from . import catalogue, checks
 from .adapters import adapter_names, delete_adapter
-from .adapters.registry import adapter_state
 from .batches import model_device
 from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_record, adapter_tensors, add_adapter
 
@@ -121,9 +120,6 @@ class AdapterServer:
         device = model_device(self.model)
         add_adapter(self.model, {**record, "trainable_modules": []},
                     {k: t.to(device, non_blocking=True) for k, t in tensors.items()}, name, f"host copy of {name!r}")
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        adapter_state(self.model, name)  # registered on the model
         self.resident[name] = need
         self.stats.misses += 1
 
