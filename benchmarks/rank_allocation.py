@@ -1,0 +1,325 @@
+"""Rank allocation and training dynamics against LoRA, at equal budgets and equal steps (issue 11).
+
+Two studies, each on MiniLM-L6 (BBC News and drug reviews, sequence classification) and
+SmolLM2-135M (causal LM on the stdlib-code corpus):
+
+* ``alloc`` — every rank-allocation method at the same *final* adapter budget as LoRA of rank
+  ``--r`` (the budget is Σ_l rank_l·(in_l + out_l) over the adapted layers, counted from the rank of
+  each layer's learned ΔW at the end), and at 70% of it (the claim SoRA makes): AdaLoRA starts at
+  1.5× the target rank (the paper's ratio) and prunes to it, IncreLoRA grows from rank 2 to it, DyLoRA
+  trains rank r once and is evaluated truncated to r and to 70%·r, SoRA starts at 1.5·r and prunes
+  by its L1 gate (its final budget is what λ gives; the table reports it).
+* ``dyn`` — every training-dynamics method at LoRA's rank, learning rate and steps; loss curves.
+
+Every arm sees the same batches, steps, schedule (AdamW, linear decay, 10% warm-up) and initial
+head; only the method differs. Seeds vary the adapter init, the head and the batch order. Results
+are appended run by run to ``<out>/runs.jsonl`` (an interrupted run continues where it stopped);
+``--report`` writes ``<out>/report.md`` with mean ± 95% interval (Student t), a heat map of the
+final per-layer ranks and the loss curves.
+
+    python benchmarks/rank_allocation.py --study alloc --task bbc --seeds 0 1 2
+    python benchmarks/rank_allocation.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rankwise as rw
+from rankwise.data import classification_loader, lm_blocks, lm_loader, load_classification, load_text
+from rankwise.models import load_model, quiet_transformers
+from rankwise.train import TrainConfig, prepare_model, train
+
+OUT = Path(__file__).parent / "results" / "rank_allocation"
+TASKS = {  # task: (model, kind, data)
+    "bbc": ("minilm-l6", "cls", "bbc"),
+    "drug-reviews": ("minilm-l6", "cls", "drug-reviews"),
+    "stdlib-code": ("smollm2-135m", "lm", "stdlib-code"),
+}
+#: Adapted layers per model: every linear of MiniLM (36), the q/v projections of SmolLM2's 30 blocks.
+TARGETS = {"minilm-l6": "all-linear", "smollm2-135m": ["q_proj", "v_proj"]}
+#: Learning rate per model (LoRA's, used by every arm: equal steps and lr).
+LR = {"minilm-l6": 2e-3, "smollm2-135m": 1e-3}
+#: Student t quantile for a two-sided 95% interval with n−1 degrees of freedom.
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration: ``label`` for the tables, the adapter ``method`` and its options,
+    ``truncate`` (DyLoRA: evaluate at this rank) and the ``budget`` level it belongs to."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    budget: str = "100%"
+    truncate: int | None = None
+
+
+def alloc_arms(r: int, steps: int) -> list[Arm]:
+    """The rank-allocation arms at the full budget (rank r) and at 70% of it."""
+    low = max(1, round(0.7 * r))
+    warm, final = max(1, steps // 10), max(1, steps // 5)
+    arms: list[Arm] = []
+    for budget, target in (("100%", r), ("70%", low)):
+        start = math.ceil(1.5 * target)
+        arms += [
+            Arm(f"lora r{target}", "lora", {"r": target}, budget),
+            Arm(f"adalora {start}→{target}", "adalora",
+                {"init_r": start, "target_r": target, "tinit": warm, "tfinal": final, "deltaT": 5}, budget),
+            Arm(f"increlora 2→{target}", "increlora",
+                {"r": 2, "target_r": target, "init_warmup": warm, "incre_interval": 3, "top_h": 8,
+                 "incre_rank_num": 2}, budget),
+            Arm(f"dylora r{r}@{target}", "dylora", {"r": r}, budget, truncate=target),
+        ]
+    arms.append(Arm(f"sora {math.ceil(1.5 * r)}", "sora", {"r": math.ceil(1.5 * r), "sparse_lambda": 10.0}, "L1"))
+    return arms
+
+
+DYNAMICS = ("lora", "allora", "lora_pro", "lora_dropout", "cola", "lora_ggpo", "fast_forward", "bilora", "loft")
+
+
+def dyn_arms(r: int) -> list[Arm]:
+    """LoRA and every registered training-dynamics method, at rank r."""
+    return [Arm(m, m, {"r": r}, "dyn") for m in DYNAMICS if m in rw.REGISTRY]
+
+
+def batches_for(task: str, tokenizer: Any, seed: int, args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """Train loader, test loader and label count for ``task`` (the same for every arm of a seed)."""
+    _, kind, data = TASKS[task]
+    if kind == "cls":
+        tr = load_classification(data, "train", seed=seed)
+        te = load_classification(data, "test", seed=0, limit=args.test_limit)
+        return (classification_loader(tr, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=seed),
+                classification_loader(te, tokenizer, 32, args.max_length, shuffle=False), tr.num_labels)
+    train_blocks = lm_blocks(load_text(data, "train", seed=0), tokenizer, args.max_length)
+    test_blocks = lm_blocks(load_text(data, "test", seed=0), tokenizer, args.max_length)[: args.test_limit // 8]
+    return (lm_loader(train_blocks, batch_size=args.batch_size, shuffle=True, seed=seed),
+            lm_loader(test_blocks, batch_size=8, shuffle=False), 0)
+
+
+def layer_ranks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer: (rank of its ΔW, in + out)}`` for every adapted layer (rank to 1e-6 of the top singular value)."""
+    out = {}
+    for name, layer in rw.adapter_layers(model):
+        dw = layer.delta_weight().detach().double()
+        s = torch.linalg.svdvals(dw)
+        rank = int((s > 1e-6 * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
+        out[name] = (rank, dw.shape[0] + dw.shape[1])
+    return out
+
+
+def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one arm on one seed; its result row."""
+    model_name, kind, _ = TASKS[task]
+    torch.manual_seed(seed)
+    model, tok = load_model(model_name, task="seq-cls" if kind == "cls" else "causal-lm",
+                            **({"num_labels": _labels(task)} if kind == "cls" else {}))
+    train_loader, test_loader, _ = batches_for(task, tok, seed, args)
+    prepare_model(model, arm.method, targets=TARGETS[model_name], init_data=train_loader, seed=seed, **arm.options)
+    cfg = TrainConfig(lr=LR[model_name], max_steps=args.steps, warmup_steps=max(1, args.steps // 10),
+                      schedule="linear", seed=seed, device="cpu", progress=False,
+                      task="lm" if kind == "lm" else "auto")
+    t0 = time.perf_counter()
+    result = train(model, train_loader, None, cfg)
+    if arm.truncate is not None:
+        rw.truncate_rank(model, arm.truncate)
+    from rankwise.train import evaluate
+
+    metrics = evaluate(model, test_loader, task="lm" if kind == "lm" else "classification")
+    ranks = layer_ranks(model)
+    return {
+        "task": task, "arm": arm.label, "method": arm.method, "budget": arm.budget, "options": arm.options,
+        "truncate": arm.truncate, "seed": seed,
+        "metric": metrics["perplexity"] if kind == "lm" else metrics["accuracy"],
+        "metric_name": "perplexity" if kind == "lm" else "accuracy",
+        "ranks": {k: v[0] for k, v in ranks.items()},
+        "budget_params": sum(rk * io for rk, io in ranks.values()),
+        "loss_curve": [h["loss"] for h in result.history if "loss" in h],
+        "train_time_s": time.perf_counter() - t0,
+    }
+
+
+def _labels(task: str) -> int:
+    return load_classification(TASKS[task][2], "train", seed=0, limit=64).num_labels
+
+
+def done_keys(path: Path) -> set[tuple[str, str, int]]:
+    if not path.exists():
+        return set()
+    return {(r["task"], r["arm"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def run(args: argparse.Namespace) -> None:
+    quiet_transformers()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs.jsonl"
+    arms = alloc_arms(args.r, args.steps) if args.study == "alloc" else dyn_arms(args.r)
+    if args.arms:
+        arms = [a for a in arms if a.label in args.arms or a.method in args.arms]
+    done = done_keys(runs)
+    for seed in args.seeds:
+        for arm in arms:
+            if (args.task, arm.label, seed) in done:
+                continue
+            row = run_arm(args.task, arm, seed, args)
+            row["study"], row["steps"], row["environment"] = args.study, args.steps, _env(args)
+            with runs.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{args.task:<12} seed {seed} {arm.label:<20} {row['metric_name']} {row['metric']:.4f} "
+                  f"budget {row['budget_params']:>8} ({row['train_time_s']:.0f} s)", flush=True)
+
+
+def _env(args: argparse.Namespace) -> dict[str, Any]:
+    return {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
+            "machine": platform.machine()}
+
+
+# --------------------------------------------------------------------------------------------- report
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, T95.get(len(values), 2.0) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (study, task, arm): metric and budget mean ± 95% interval over seeds."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["study"], r["task"], r["arm"]), []).append(r)
+    out = []
+    for (study, task, arm), rs in groups.items():
+        m, h = mean_ci([r["metric"] for r in rs])
+        b, _ = mean_ci([float(r["budget_params"]) for r in rs])
+        out.append({"study": study, "task": task, "arm": arm, "budget": rs[0]["budget"], "n": len(rs),
+                    "metric_name": rs[0]["metric_name"], "mean": m, "ci": h, "budget_params": b,
+                    "final_loss": statistics.fmean(r["loss_curve"][-1] for r in rs)})
+    return out
+
+
+def heatmap(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
+    """Final per-layer ranks (seed-mean) of the alloc study's arms on ``task``, as a heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["task"] == task and r["study"] == "alloc"]
+    if not sel:
+        return False
+    arms = list(dict.fromkeys(r["arm"] for r in sel))
+    layers = list(sel[0]["ranks"])
+    grid = [[statistics.fmean(r["ranks"][layer] for r in sel if r["arm"] == a) for a in arms] for layer in layers]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(arms), 1.0 + 0.22 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(arms)), arms, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=6)
+    fig.colorbar(im, ax=ax, label="final rank of ΔW")
+    ax.set_title(f"{task}: final per-layer ranks (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def loss_curves(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
+    """Seed-mean training loss of the dyn study's arms on ``task`` (a 5-step moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["task"] == task and r["study"] == "dyn"]
+    if not sel:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm in dict.fromkeys(r["arm"] for r in sel):
+        curves = [r["loss_curve"] for r in sel if r["arm"] == arm]
+        n = min(map(len, curves))
+        mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+        smooth = [statistics.fmean(mean[max(0, i - 4): i + 1]) for i in range(n)]
+        ax.plot(range(1, n + 1), smooth, label=arm, lw=2.0 if arm == "lora" else 1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (5-step mean)")
+    ax.set_title(f"{task}: training dynamics vs LoRA at equal steps", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _short(name: str) -> str:
+    return name.replace("encoder.layer.", "L").replace("model.layers.", "L").replace("attention.self.", "")
+
+
+def report(out: Path) -> str:
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    summary = summarize(rows)
+    lines = ["# Rank allocation and training dynamics against LoRA", "",
+             "Written by `benchmarks/rank_allocation.py` (see its docstring for the protocol). "
+             "Mean ± half-width of the 95% Student-t interval over seeds (n = seeds). *budget* is "
+             "Σ_l rank(ΔW_l)·(in_l + out_l) at the end of training, in parameters.", ""]
+    for task in TASKS:
+        for study in ("alloc", "dyn"):
+            sel = [s for s in summary if s["task"] == task and s["study"] == study]
+            if not sel:
+                continue
+            name = sel[0]["metric_name"]
+            steps = next(r["steps"] for r in rows if r["task"] == task and r["study"] == study)
+            lines += [f"## {task}: {'rank allocation' if study == 'alloc' else 'training dynamics'} "
+                      f"({steps} steps)", "",
+                      f"| arm | budget level | n | test {name} | final budget (params) | final train loss |",
+                      "|---|---|---|---|---|---|"]
+            for s in sel:
+                lines.append(f"| {s['arm']} | {s['budget']} | {s['n']} | {s['mean']:.4f} ± {s['ci']:.4f} | "
+                             f"{s['budget_params']:,.0f} | {s['final_loss']:.4f} |")
+            lines.append("")
+            if study == "alloc" and heatmap(rows, task, out / f"ranks_{task}.png"):
+                lines += [f"![final per-layer ranks on {task}](ranks_{task}.png)", ""]
+            if study == "dyn" and loss_curves(rows, task, out / f"loss_{task}.png"):
+                lines += [f"![loss curves on {task}](loss_{task}.png)", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--study", choices=("alloc", "dyn"), default="alloc")
+    p.add_argument("--task", choices=tuple(TASKS), default="bbc")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="*", help="only these arm labels or methods")
+    p.add_argument("--r", type=int, default=8, help="LoRA's rank: the 100%% budget")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--test-limit", type=int, default=300, help="test examples (LM: 8 per block)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--report", action="store_true", help="only write the report from runs.jsonl")
+    args = p.parse_args()
+    if args.report:
+        print(report(Path(args.out)))
+        return
+    run(args)
+    print(report(Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
