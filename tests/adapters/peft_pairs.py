@@ -49,3 +49,21 @@ def _train(model, steps: int = 3, lr: float = 1e-2, seed: int = 0) -> None:
 
 def _close(a, b, atol=1e-5, rtol=1e-4):
     assert torch.allclose(a, b, atol=atol, rtol=rtol), (a - b).abs().max().item()
+
+
+def check_exports(model, make_base, batch, path, ranks: dict[str, int]) -> None:
+    """``model`` exported to PEFT (per-layer ``ranks`` in its ``lora_A``) and saved in the rankwise format
+    give its logits on ``batch`` once loaded onto a fresh ``make_base()``."""
+    from peft import PeftModel
+
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    rw.export_peft(model, path / "peft")
+    loaded = PeftModel.from_pretrained(make_base(), path / "peft").eval()
+    for name, r in ranks.items():
+        assert loaded.base_model.model.get_submodule(name).lora_A["default"].weight.shape[0] == r
+    rw.save_adapter(model, path / "rw")
+    again = rw.load_adapter(make_base(), path / "rw").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(**batch).logits, logits, atol=1e-6, rtol=0)
