@@ -1,5 +1,5 @@
 """`rankwise train --method <rank-allocation method>`: the loop attaches each method's controller (DRS-LoRA,
-PRILoRA) or runs its data-driven plan (GoRA), and the saved adapter carries the per-layer ranks."""
+PRILoRA, ElaLoRA) or runs its data-driven plan (GoRA), and the saved adapter carries the per-layer ranks."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tests.cli.test_dynamics_cli import tiny_llama_dir  # noqa: F401  (the modul
     ("drs_lora", ["--option", "max_kappa=0.5", "--option", "dense_fraction=0"]),
     ("prilora", ["--option", "prune_interval=1", "--option", "r_start=1", "--option", "r_end=3"]),
     ("gora", ["--option", "min_r=1", "--option", "max_r=4"]),
+    ("elalora", ["--option", "warmup=1", "--option", "adjust_interval=1", "--option", "adjust_k=1"]),
 ])
 def test_cli_trains_the_rank_allocation_methods(tmp_path, capsys, tiny_llama_dir, method, options):  # noqa: F811
     code, _, err = run_cli(capsys, "train", "--model", str(tiny_llama_dir), "--data", "stdlib-code", "--method",

@@ -26,6 +26,7 @@ from . import dylora  # noqa: F401  (one training for every rank b <= r)
 from . import drs_lora  # noqa: F401  (continual learning: per-task rank selection, merged after each task)
 from . import prilora  # noqa: F401  (ranks rising with depth, A pruned by |w|·‖x‖)
 from . import gora  # noqa: F401  (ranks and init from the estimated gradient)
+from . import elalora  # noqa: F401  (ranks pruned and expanded by importance)
 from . import allora  # noqa: F401  (training dynamics)
 from . import lora_pro  # noqa: F401
 from . import lora_dropout  # noqa: F401
