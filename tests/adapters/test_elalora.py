@@ -90,3 +90,24 @@ def test_bad_options_and_a_run_before_the_first_adjustment_are_errors():
         train(_elalora(adjust_k=7), lm_batches(1), config=TrainConfig(max_steps=2, progress=False))
     with pytest.raises(RuntimeError, match="warmup=20"):
         train(_elalora(warmup=20), lm_batches(1), config=TrainConfig(max_steps=3, progress=False))
+
+
+def test_resume_across_an_adjustment_is_exact(tmp_path):
+    from rankwise.callbacks import Callback
+
+    batches, steps = lm_batches(3), 8
+    full = _elalora()
+    train(full, batches, config=TrainConfig(max_steps=steps, progress=False, lr=1e-2))
+    cfg = TrainConfig(max_steps=steps, progress=False, lr=1e-2, checkpoint_every=5, output_dir=str(tmp_path))
+
+    class Stop(Callback):
+        def on_step_end(self, state):
+            state.should_stop = state.step == 5
+
+    train(_elalora(), batches, config=cfg, callbacks=[Stop()])
+    resumed = _elalora()  # built at the initial ranks: the resume reshapes it to the checkpoint's
+    train(resumed, batches, config=cfg, resume_from=str(tmp_path))
+    assert rank_pattern(resumed) == rank_pattern(full) != rank_pattern(_elalora())
+    for (_, a), (_, b) in zip(rw.adapter_layers(full), rw.adapter_layers(resumed), strict=True):
+        for p in ("lora_A", "lora_E", "lora_B"):
+            torch.testing.assert_close(getattr(a, p), getattr(b, p), atol=0, rtol=0)

@@ -30,7 +30,7 @@ from ..checks import fraction, integer, positive
 from .adalora import smooth_importance_, svd_form_parameters
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController
+from .rank_control import MethodController, checkpoint_tensor
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 __all__ = ["ElaLoRAConfig", "ElaLoRAController", "ElaLoRALayer", "rank_pattern"]
@@ -110,6 +110,13 @@ class ElaLoRALayer(AdapterLayer):
         self.lora_B.data = torch.cat([self.lora_B.data[:, keep], b], dim=1)
         self.lora_E.data = torch.cat([self.lora_E.data[keep], self.lora_E.data.new_zeros(add, 1)])
         self.lora_A.grad = self.lora_B.grad = self.lora_E.grad = None
+
+    @torch.no_grad()
+    def resize(self, rows: int) -> None:
+        """Zero tensors of ``rows`` components (to load a checkpoint into)."""
+        self.lora_A.data = self.lora_A.data.new_zeros(rows, self.in_features)
+        self.lora_B.data = self.lora_B.data.new_zeros(self.out_features, rows)
+        self.lora_E.data = self.lora_E.data.new_zeros(rows, 1)
 
     def trainable_count(self) -> int:
         return self.rank * (self.in_features + self.out_features + 1)
@@ -195,6 +202,15 @@ class ElaLoRAController(MethodController):
         self.allocations += 1
         return ({self.layers[li][0]: len(v) for li, v in removed.items()},
                 {self.layers[li][0]: 1 for li in grow})
+
+    def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """A resume: give every layer the checkpoint's number of components before its values are loaded."""
+        if model is not self.model:
+            return
+        state = adapter_state(self.model, self.adapter_name)
+        for name, m in self.layers:
+            m.resize(int(checkpoint_tensor(tensors, name, self.adapter_name, "lora_A").shape[0]))
+            state.overrides.setdefault(name, {})["rank_now"] = m.rank
 
     def step(self) -> None:
         self.t += 1
