@@ -111,6 +111,25 @@ def test_bad_options_name_the_parameter():
         next_task(model)
 
 
+def test_rankwise_trainer_thresholds_and_prunes(tmp_path):
+    import transformers
+
+    from rankwise.hf_trainer import RankwiseTrainer
+
+    from ..conftest import VOCAB, make_tiny_bert
+
+    model = rw.adapt(make_tiny_bert(0), "drs_lora", r=4, max_kappa=0.5, dense_fraction=0.0, kappa_steps=1)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", lr_scheduler_type="constant")
+    RankwiseTrainer(model=model, args=args, train_dataset=data).train()
+    ranks = rank_pattern(model)  # |g| ~ N(0, 1) thresholded by 0.5 at every step: some ranks are gone
+    assert sum(ranks.values()) < 4 * len(ranks)
+    assert all(m.gate.numel() == max(ranks[n], 1) for n, m in rw.adapter_layers(model))
+
+
 @pytest.mark.slow
 def test_two_real_tasks_on_minilm_bbc_then_drug_reviews():
     """The paper's setting in small: a pretrained encoder learns two text tasks in sequence (BBC topics, then
