@@ -67,3 +67,21 @@ def check_exports(model, make_base, batch, path, ranks: dict[str, int]) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(again(**batch).logits, logits, atol=1e-6, rtol=0)
+
+
+def train_with_trainer(model, path, max_steps: int, **args) -> None:
+    """``max_steps`` steps of ``RankwiseTrainer`` on 24 random 3-class sequences of 10 tokens (tiny BERT), batch 4,
+    lr 1e-2, CPU; ``args`` are further ``TrainingArguments``. The rank-allocation tests check that it attaches
+    the method's controller."""
+    import transformers
+
+    from rankwise.hf_trainer import RankwiseTrainer
+
+    from ..conftest import VOCAB
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    options = {"per_device_train_batch_size": 4, "learning_rate": 1e-2, **args}
+    targs = transformers.TrainingArguments(output_dir=str(path), max_steps=max_steps, report_to=[], use_cpu=True,
+                                           disable_tqdm=True, save_strategy="no", **options)
+    RankwiseTrainer(model=model, args=targs, train_dataset=data).train()

@@ -17,8 +17,8 @@ from rankwise.adapters.drs_lora import task_ranks as merged_ranks
 from rankwise.adapters.sora import soft_threshold
 from rankwise.train import TrainConfig, train
 
-from ..conftest import lm_batches, make_tiny_llama
-from .peft_pairs import check_exports
+from ..conftest import lm_batches, make_tiny_bert, make_tiny_llama
+from .peft_pairs import check_exports, train_with_trainer
 
 OPTS = {"r": 4, "alpha": 8.0, "max_kappa": 0.3, "kappa_steps": 3, "dense_fraction": 0.25}
 
@@ -112,19 +112,8 @@ def test_bad_options_name_the_parameter():
 
 
 def test_rankwise_trainer_thresholds_and_prunes(tmp_path):
-    import transformers
-
-    from rankwise.hf_trainer import RankwiseTrainer
-
-    from ..conftest import VOCAB, make_tiny_bert
-
     model = rw.adapt(make_tiny_bert(0), "drs_lora", r=4, max_kappa=0.5, dense_fraction=0.0, kappa_steps=1)
-    g = torch.Generator().manual_seed(1)
-    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-        use_cpu=True, disable_tqdm=True, save_strategy="no", lr_scheduler_type="constant")
-    RankwiseTrainer(model=model, args=args, train_dataset=data).train()
+    train_with_trainer(model, tmp_path, 4, lr_scheduler_type="constant")
     ranks = rank_pattern(model)  # |g| ~ N(0, 1) thresholded by 0.5 at every step: some ranks are gone
     assert sum(ranks.values()) < 4 * len(ranks)
     assert all(m.gate.numel() == max(ranks[n], 1) for n, m in rw.adapter_layers(model))
