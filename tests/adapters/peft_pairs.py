@@ -49,3 +49,23 @@ def _train(model, steps: int = 3, lr: float = 1e-2, seed: int = 0) -> None:
 
 def _close(a, b, atol=1e-5, rtol=1e-4):
     assert torch.allclose(a, b, atol=atol, rtol=rtol), (a - b).abs().max().item()
+
+
+def check_round_trip(model, base, batch, tmp_path, peft_export: bool = True) -> torch.Tensor:
+    """The adapted ``model``'s logits on ``batch``, checked to come back after ``rw.save_adapter`` /
+    ``rw.load_adapter`` onto a copy of the unadapted ``base`` and, with ``peft_export``, after
+    ``rw.export_peft`` / ``PeftModel.from_pretrained`` (tolerance 1e-4: PEFT sums the factors differently)."""
+    with torch.no_grad():
+        expected = model(**batch).logits
+    rw.save_adapter(model, tmp_path / "rankwise")
+    with torch.no_grad():
+        loaded = rw.load_adapter(copy.deepcopy(base), tmp_path / "rankwise")
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
+    if peft_export:
+        from peft import PeftModel
+
+        rw.export_peft(model, tmp_path / "peft")
+        with torch.no_grad():
+            exported = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+            torch.testing.assert_close(exported(**batch).logits, expected, atol=1e-4, rtol=0)
+    return expected

@@ -12,6 +12,7 @@ import rankwise as rw
 from rankwise.train import TrainConfig, train
 
 from ..conftest import lm_batches, make_tiny_llama
+from .peft_pairs import check_round_trip
 
 LAYER = "model.layers.0.mlp.gate_proj"  # 64 x 32
 
@@ -103,22 +104,12 @@ def test_slora_starts_at_the_base_with_b_zero_and_trains_all_three():
 
 @pytest.mark.parametrize("options", [{}, {"variant": "inttune"}, {"core_init": "pinv"}, {"residual": False}])
 def test_round_trip_and_peft_export(options, tmp_path):
-    from peft import PeftModel
-
     base, data = make_tiny_llama(), lm_batches(n=1)
     model = rw.adapt(copy.deepcopy(base), "nlora", r=4, alpha=8, **options)
     with torch.no_grad():
         for _, layer in rw.adapter_layers(model):
             layer.nlora_M.mul_(1.1)
-        expected = model(**data[0]).logits
-    rw.save_adapter(model, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(rw.load_adapter(copy.deepcopy(base), tmp_path / "a")(**data[0]).logits, expected,
-                                   atol=1e-5, rtol=0)
-    rw.export_peft(model, tmp_path / "peft")
-    with torch.no_grad():
-        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-        torch.testing.assert_close(loaded(**data[0]).logits, expected, atol=1e-4, rtol=0)
+    check_round_trip(model, base, data[0], tmp_path)
 
 
 @pytest.mark.parametrize(("options", "message"), [
