@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankwise.linalg import deim_indices, energy_rank, factor_shape, mpo_contract, mpo_decompose, truncated_svd
+from rankwise.linalg import (
+    deim_indices,
+    energy_rank,
+    factor_shape,
+    mpo_apply,
+    mpo_contract,
+    mpo_decompose,
+    truncated_svd,
+)
 
 
 def _rank_r(w: torch.Tensor, r: int) -> torch.Tensor:
@@ -66,3 +74,12 @@ def test_mpo_round_trip_of_given_cores():
     # row 5 = (o₁, o₂, o₃) = (0, 2, 1), column 7 = (i₁, i₂, i₃) = (1, 1, 1), row-major over the factors
     entry = torch.einsum("a,ab,b->", cores[0][0, 0, 1], cores[1][:, 2, 1, :], cores[2][:, 1, 1, 0])
     assert torch.isclose(w[5, 7], entry, atol=1e-6)
+
+
+def test_mpo_apply_is_the_contracted_matrix_times_x():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, generator=g)
+    x = torch.randn(2, 5, 32, generator=g)
+    for out_shape, in_shape, bond in (((4, 4, 4), (2, 4, 4), 3), ((8, 8), (4, 8), None), ((1, 8, 8), (2, 2, 8), 5)):
+        cores, _ = mpo_decompose(w, out_shape, in_shape, bond)
+        assert torch.allclose(mpo_apply(cores, x), x @ mpo_contract(cores).T, atol=1e-4)

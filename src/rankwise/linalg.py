@@ -13,8 +13,8 @@ import torch
 from .checks import fraction
 
 __all__ = [
-    "balanced_svd_factors", "deim_indices", "energy_rank", "factor_shape", "mpo_bond_dims", "mpo_contract",
-    "mpo_decompose", "randomized_svd", "svd_precision", "truncated_svd",
+    "balanced_svd_factors", "deim_indices", "energy_rank", "factor_shape", "mpo_apply", "mpo_bond_dims",
+    "mpo_contract", "mpo_decompose", "randomized_svd", "svd_precision", "truncated_svd",
 ]
 
 
@@ -160,3 +160,18 @@ def mpo_contract(cores: list[torch.Tensor]) -> torch.Tensor:
     for c in cores:
         out *= c.shape[1]
     return t.reshape(out, -1)
+
+
+def mpo_apply(cores: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``x @ mpo_contract(cores).T`` without forming the matrix: x (…, Π i_k) is reshaped to its input
+    sites and the cores are contracted into it one at a time (an MPO–vector product), so the memory is
+    that of the activations times the bond dimension, not out × in."""
+    lead, n = x.shape[:-1], len(cores)
+    in_shape = [c.shape[2] for c in cores]
+    t = x.reshape(-1, 1, 1, in_shape[0], x.shape[-1] // in_shape[0])  # (batch, outputs so far, D_0, i_1, rest)
+    for k, core in enumerate(cores):
+        t = torch.einsum("bpdir,doie->bpoer", t, core)
+        batch, done, o, bond, rest = t.shape
+        nxt = in_shape[k + 1] if k + 1 < n else 1
+        t = t.reshape(batch, done * o, bond, nxt, rest // nxt)
+    return t.reshape(*lead, -1)

@@ -19,6 +19,7 @@ cores orthonormal, singular values carried right) are our choices.
 
 The update ΔW = MPO(T) − MPO(T⁰) is not a fixed low-rank product of two matrices, so it does not export to
 PEFT; it merges into the base (``delta_weight`` contracts the cores) and saves / loads in rankwise format.
+The forward applies the cores to x one at a time (``linalg.mpo_apply``), never forming the dense ΔW.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, integer
-from ..linalg import factor_shape, mpo_bond_dims, mpo_contract, mpo_decompose
+from ..linalg import factor_shape, mpo_apply, mpo_bond_dims, mpo_contract, mpo_decompose
 from ..quant import SCHEMES, dequantize, quantize_tensor, to_linear4bit
 from ..targets import is_linear4bit, linear_weight
 from .base import AdapterConfig, AdapterLayer, check_base
@@ -110,6 +111,10 @@ class DoTALayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return mpo_contract(self.cores())
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """MPO(T)·x core by core (``linalg.mpo_apply``): the dense out × in ΔW is never formed in training."""
+        return mpo_apply(self.cores(), x)
 
     def base_offset(self) -> torch.Tensor:
         """MPO(W₀), moved out of the base at init (the base holds W_res)."""
