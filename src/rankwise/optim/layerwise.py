@@ -9,6 +9,21 @@ With gradient accumulation over ``accumulate`` micro-batches, a parameter is ste
 of the last micro-batch only; until then its summed gradient is kept, so during accumulation the
 gradients of all parameters *do* coexist (the saving only applies to the last micro-batch). A global
 operation on all gradients (clipping by the total norm) is not possible in this mode.
+
+Peak memory. The per-parameter optimizers' state is allocated at construction (``init_state``,
+see ``prealloc.py``: everything but what needs the first gradient, e.g. a projector's basis), so
+step 1 does not stack new state on the live activations. Each step runs while its gradient is the
+only one alive (apart from a tied weight's, below) and uses that gradient's buffer as workspace
+(``inner.grad_workspace``; torch's AdamW needs ``fused=True`` for a step without a parameter-sized
+temporary), so the peak is weights + state + activations + the largest gradient
+(``benchmarks/layerwise_memory.py`` measures it).
+
+Tied weights (an embedding shared with the output head) are one parameter with one hook: autograd
+sums both uses' gradients before the hook fires, so the parameter is stepped once per step with the
+summed gradient (as the normal optimizer does) and its gradient is freed right after. The head's
+contribution is computed first in backward and must be kept until the embedding's arrives at the
+end: that one gradient lives through the whole backward, which no ordering can avoid without
+changing the update.
 """
 
 from __future__ import annotations
@@ -23,6 +38,8 @@ from torch.optim import Optimizer
 from ..checks import integer
 from ..memory import gradient_bytes, tensor_bytes
 from .accounting import state_bytes
+from .inner import grad_workspace
+from .prealloc import InitReport, init_state
 
 __all__ = ["GradBytesTracker", "LayerwiseOptimizer", "layerwise"]
 
@@ -53,7 +70,8 @@ class LayerwiseOptimizer(Optimizer):
     per optimizer step. ``step()`` only runs a closure (the updates already happened in backward) and
     ``param_groups`` is the list of the per-parameter optimizers' groups, so any
     ``torch.optim.lr_scheduler`` drives all of them. ``state_dict()`` holds every per-parameter
-    optimizer's state dict and the micro-batch counters.
+    optimizer's state dict and the micro-batch counters. ``preallocate`` (default True): allocate the
+    optimizers' state now (:meth:`init_state`) rather than in the first backward.
     """
 
     def __init__(
@@ -61,6 +79,7 @@ class LayerwiseOptimizer(Optimizer):
         params: nn.Module | Iterable[Any],
         optimizer_factory: OptimizerFactory,
         accumulate: int = 1,
+        preallocate: bool = True,
     ):
         if not callable(optimizer_factory):
             raise ValueError("optimizer_factory must be callable: list of one param group -> torch Optimizer")
@@ -71,6 +90,18 @@ class LayerwiseOptimizer(Optimizer):
         self._pending: dict[torch.Tensor, int] = {}
         self._handles: list[Any] = []
         super().__init__(_as_groups(params), {})
+        self.init_report: InitReport | None = self.init_state() if preallocate else None
+
+    def init_state(self) -> InitReport:
+        """Allocate every per-parameter optimizer's state ahead of the first backward where possible
+        (``prealloc.init_state``; zeros, numerics unchanged). Returns what was allocated and what stays
+        lazy (e.g. a projector's basis, which needs the first gradient)."""
+        report = InitReport()
+        for optimizer in self._optimizers.values():
+            one = init_state(optimizer)
+            report.allocated_bytes += one.allocated_bytes
+            report.lazy.extend(one.lazy)
+        return report
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """One optimizer (and one backward hook) per parameter of ``param_group``."""
@@ -99,7 +130,8 @@ class LayerwiseOptimizer(Optimizer):
         if self._pending[p] < self.accumulate:
             return
         self._pending[p] = 0
-        self._optimizers[p].step()
+        with grad_workspace():  # the gradient is dropped right after: its buffer is the step's workspace
+            self._optimizers[p].step()
         p.grad = None
 
     def step(self, closure=None):  # type: ignore[override]
@@ -151,11 +183,12 @@ class LayerwiseOptimizer(Optimizer):
 
 
 def layerwise(
-    model: nn.Module | Iterable[Any], optimizer_factory: OptimizerFactory, accumulate: int = 1
+    model: nn.Module | Iterable[Any], optimizer_factory: OptimizerFactory, accumulate: int = 1,
+    preallocate: bool = True,
 ) -> LayerwiseOptimizer:
-    """``LayerwiseOptimizer(model, optimizer_factory, accumulate)``; e.g.
-    ``layerwise(model, lambda groups: torch.optim.AdamW(groups, lr=1e-3))``."""
-    return LayerwiseOptimizer(model, optimizer_factory, accumulate)
+    """``LayerwiseOptimizer(model, optimizer_factory, accumulate, preallocate)``; e.g.
+    ``layerwise(model, lambda groups: torch.optim.AdamW(groups, lr=1e-3, fused=True))``."""
+    return LayerwiseOptimizer(model, optimizer_factory, accumulate, preallocate)
 
 
 class GradBytesTracker:
