@@ -82,7 +82,7 @@ def make_optimizer(arm: str, model: torch.nn.Module, rank: int) -> Any:
     if arm == "galore":
         return galore(rwo.param_groups(model, rank=rank))
     if arm == "layerwise_galore":
-        return rwo.layerwise(rwo.param_groups(model, rank=rank), galore)
+        return rwo.layerwise(rwo.param_groups(model, rank=rank), galore, owner=model)
     raise ValueError(arm)
 
 

@@ -324,3 +324,49 @@ def test_tensor_memory_tracker_counts_live_storages():
     assert tracker.peaks("a")["total"] == 4000 + 12000
     assert tracker.live_bytes() == 4000 + 8000 + 40
     del w, u
+
+
+def test_tied_gradient_parts_summed_in_place():
+    """With the model given, the head's part of a tied weight's gradient is kept and added in place into
+    the embedding's part: one copy fewer at the end of backward than autograd's out-of-place sum of a
+    transposed view, and the same parameters bit for bit."""
+    from rankwise.memory import TensorMemoryTracker
+    from rankwise.models.loaders import tiny_llama
+
+    peaks, models = {}, {}
+    batch = make_batches(1, batch=2, seq=8)[0]
+    batch = {k: v % 4000 for k, v in batch.items()}
+    def fused(groups):  # no parameter-sized temporaries in the step
+        return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, fused=True)
+
+    for mode in ("model", "params"):
+        model = models[mode] = tiny_llama(vocab_size=4000, hidden=32, tie_embeddings=True, seed=0)
+        opt = layerwise(model if mode == "model" else list(model.parameters()), fused)
+        tied = opt.tied is not None and opt.tied.params == [model.get_input_embeddings().weight]
+        assert tied == (mode == "model")
+        for _ in range(2):
+            with TensorMemoryTracker() as tracker:
+                model(**batch).loss.backward()
+            peaks[mode] = tracker.peaks()["total"]
+        assert all(p.grad is None for p in model.parameters())
+    tied_bytes = 4000 * 32 * 4
+    assert peaks["model"] <= peaks["params"] - 0.95 * tied_bytes  # three copies -> two (+ small activations)
+    assert same(models["model"], models["params"])
+
+
+def test_tied_part_kept_when_a_forward_is_never_backpropagated():
+    """A forward whose graph is dropped leaves the expected-part count too high: the kept part is then
+    delivered at the end of the backward, and the result still equals the normal optimizer's."""
+    from rankwise.models.loaders import tiny_llama
+
+    normal, lw = (tiny_llama(vocab_size=100, tie_embeddings=True, seed=0) for _ in range(2))
+    opt_n, opt_l = adamw(normal.parameters()), layerwise(lw, adamw)
+    assert opt_l.tied is not None and len(opt_l.tied.params) == 1
+    for batch in make_batches(2):
+        lw(**batch)  # graph built, never backpropagated
+        lw(**batch).loss.backward()
+        normal(**batch).loss.backward()
+        opt_n.step()
+        opt_n.zero_grad()
+        assert all(p.grad is None for p in lw.parameters())
+    assert same(normal, lw)
