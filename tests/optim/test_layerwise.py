@@ -370,3 +370,15 @@ def test_tied_part_kept_when_a_forward_is_never_backpropagated():
         opt_n.zero_grad()
         assert all(p.grad is None for p in lw.parameters())
     assert same(normal, lw)
+
+
+def test_tied_weights_with_accumulation_equal_to_normal():
+    from rankwise.models.loaders import tiny_llama
+
+    normal, lw = (tiny_llama(vocab_size=100, tie_embeddings=True, seed=0) for _ in range(2))
+    opt_n, opt_l = adamw(normal.parameters()), layerwise(lw, adamw, accumulate=3)
+    assert opt_l.tied is not None and len(opt_l.tied.params) == 1
+    batches = make_batches(6)
+    run(normal, opt_n, batches, accumulate=3)
+    run(lw, opt_l, batches, accumulate=3)
+    assert same(normal, lw)
