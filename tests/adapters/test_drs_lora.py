@@ -86,7 +86,7 @@ def test_two_tasks_select_different_ranks_and_each_merge_keeps_the_outputs(tmp_p
     # the task sequence relative to W0: PEFT (per-layer ranks = both tasks' ranks) and the rankwise format
     both = {n: r + max(second[n], 1) for n, r in first.items()}
     check_exports(model, lambda: make_tiny_llama(0), batch, tmp_path, both)
-    assert merged_ranks(rw.load_adapter(make_tiny_llama(0), tmp_path / "rw")) == merged_ranks(model)
+    assert merged_ranks(rw.load_adapter(make_tiny_llama(0), tmp_path / "rankwise")) == merged_ranks(model)
     with torch.no_grad():
         logits = model(**batch).logits
     # deployed: no extra modules, the same outputs; unload still gives the untouched W0

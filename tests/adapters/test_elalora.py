@@ -79,7 +79,7 @@ def test_trained_elalora_exports_to_peft_with_rank_pattern(tmp_path):
     ranks = rank_pattern(model)
     assert len(set(ranks.values())) > 1
     check_exports(model, lambda: make_tiny_llama(0), lm_batches(1, seed=5)[0], tmp_path, ranks)
-    assert rank_pattern(rw.load_adapter(make_tiny_llama(0), tmp_path / "rw")) == ranks
+    assert rank_pattern(rw.load_adapter(make_tiny_llama(0), tmp_path / "rankwise")) == ranks
 
 
 def test_bad_options_and_a_run_before_the_first_adjustment_are_errors():

@@ -89,7 +89,7 @@ def test_the_trained_adapter_exports_to_peft_with_rank_pattern(tmp_path):
         logits = model.eval()(**batch).logits
         assert not torch.allclose(logits, make_tiny_llama(0)(**batch).logits, atol=1e-4)
     check_exports(model, lambda: make_tiny_llama(0), batch, tmp_path, rank_pattern(model))
-    assert rank_pattern(rw.load_adapter(make_tiny_llama(0), tmp_path / "rw")) == rank_pattern(model)
+    assert rank_pattern(rw.load_adapter(make_tiny_llama(0), tmp_path / "rankwise")) == rank_pattern(model)
 
 
 def test_bad_options_and_a_run_without_pruning_are_errors():
