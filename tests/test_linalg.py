@@ -1,4 +1,5 @@
-"""rankwise.linalg: the truncated SVD and the energy rule behind the SVD-based inits."""
+"""rankwise.linalg: the truncated SVD and the energy rule behind the SVD-based inits, DEIM skeletons and the
+MPO helpers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankwise.linalg import energy_rank, truncated_svd
+from rankwise.linalg import (
+    deim_indices,
+    energy_rank,
+    factor_shape,
+    mpo_apply,
+    mpo_contract,
+    mpo_decompose,
+    truncated_svd,
+)
 
 
 def _rank_r(w: torch.Tensor, r: int) -> torch.Tensor:
@@ -30,3 +39,47 @@ def test_truncated_svd_exact_path():
     w = torch.randn(10, 7, generator=torch.Generator().manual_seed(0))
     u, s, vh = truncated_svd(w, 3)
     assert torch.allclose((u * s) @ vh, _rank_r(w, 3), atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 5))
+def test_factor_shape_multiplies_back_and_is_sorted(n, parts):
+    shape = factor_shape(n, parts)
+    assert len(shape) == parts and list(shape) == sorted(shape) and int(torch.tensor(shape).prod()) == n
+
+
+def test_factor_shape_is_balanced():
+    assert factor_shape(4096, 4) == (8, 8, 8, 8) and factor_shape(64, 3) == (4, 4, 4)
+    assert factor_shape(11008, 4) == (4, 8, 8, 43) and factor_shape(7, 3) == (1, 1, 7)
+
+
+def test_deim_picks_distinct_indices_where_the_basis_is_interpolable():
+    """DEIM's indices are distinct, the selected rows of the basis are nonsingular, and a basis that is a
+    permuted identity block is read back exactly."""
+    u, _, _ = torch.linalg.svd(torch.randn(40, 40, generator=torch.Generator().manual_seed(1)))
+    picked = deim_indices(u[:, :6])
+    assert len(set(picked.tolist())) == 6
+    assert float(torch.linalg.svdvals(u[picked, :6]).min()) > 1e-3
+    eye = torch.eye(10)[:, [7, 2, 5]]
+    assert deim_indices(eye).tolist() == [7, 2, 5]
+
+
+def test_mpo_round_trip_of_given_cores():
+    g = torch.Generator().manual_seed(2)
+    cores = [torch.randn(shape, generator=g) for shape in ((1, 2, 3, 2), (2, 4, 2, 3), (3, 2, 2, 1))]
+    w = mpo_contract(cores)
+    assert w.shape == (16, 12)
+    again, bound = mpo_decompose(w, (2, 4, 2), (3, 2, 2))
+    assert bound == 0.0 and torch.allclose(mpo_contract(again), w, atol=1e-4)
+    # row 5 = (o₁, o₂, o₃) = (0, 2, 1), column 7 = (i₁, i₂, i₃) = (1, 1, 1), row-major over the factors
+    entry = torch.einsum("a,ab,b->", cores[0][0, 0, 1], cores[1][:, 2, 1, :], cores[2][:, 1, 1, 0])
+    assert torch.isclose(w[5, 7], entry, atol=1e-6)
+
+
+def test_mpo_apply_is_the_contracted_matrix_times_x():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, generator=g)
+    x = torch.randn(2, 5, 32, generator=g)
+    for out_shape, in_shape, bond in (((4, 4, 4), (2, 4, 4), 3), ((8, 8), (4, 8), None), ((1, 8, 8), (2, 2, 8), 5)):
+        cores, _ = mpo_decompose(w, out_shape, in_shape, bond)
+        assert torch.allclose(mpo_apply(cores, x), x @ mpo_contract(cores).T, atol=1e-4)

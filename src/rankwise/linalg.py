@@ -1,5 +1,6 @@
 """Matrix decompositions shared by every package: truncated SVD (exact or randomized), balanced
-low-rank factors, and the energy rule that picks a rank from a spectrum.
+low-rank factors, the energy rule that picks a rank from a spectrum, DEIM skeleton selection (CUR) and
+matrix product operators (tensor-train SVD of a reshaped matrix).
 
 By Eckart–Young the truncated SVD ``U_r Σ_r V_rᵀ`` is the best rank-r approximation in Frobenius and
 spectral norm. LAPACK needs fp32/fp64 input: :func:`svd_precision` casts half precisions up.
@@ -11,7 +12,10 @@ import torch
 
 from .checks import fraction
 
-__all__ = ["balanced_svd_factors", "energy_rank", "randomized_svd", "svd_precision", "truncated_svd"]
+__all__ = [
+    "balanced_svd_factors", "deim_indices", "energy_rank", "factor_shape", "mpo_apply", "mpo_bond_dims",
+    "mpo_contract", "mpo_decompose", "randomized_svd", "svd_precision", "truncated_svd",
+]
 
 
 def svd_precision(t: torch.Tensor) -> torch.Tensor:
@@ -67,3 +71,107 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     cumulative = torch.cumsum(power, 0) / total
     hits = torch.nonzero(cumulative >= energy - 1e-12)
     return int(hits[0]) + 1 if len(hits) else len(singular_values)
+
+
+# ---------------------------------------------------------------------- skeletons (CUR / Nyström)
+def deim_indices(basis: torch.Tensor) -> torch.Tensor:
+    """DEIM (Chaturantabut & Sorensen 2010, Alg. 1): for a basis V (n × k, orthonormal columns), the k
+    indices p_j = argmax |v_j − V_{:j}·(V[p, :j])⁻¹·v_j[p]|: each new index is where the next basis
+    vector is worst interpolated from the rows chosen so far (so V[p] is nonsingular). Applied to the
+    left / right singular vectors of W it selects W's skeleton rows / columns (DEIM-CUR, Sorensen &
+    Embree 2016)."""
+    v = svd_precision(basis)
+    picked = [int(torch.argmax(v[:, 0].abs()))]
+    for j in range(1, v.shape[1]):
+        p = torch.tensor(picked, device=v.device)
+        coeff = torch.linalg.solve(v[p, :j], v[p, j])
+        residual = v[:, j] - v[:, :j] @ coeff
+        picked.append(int(torch.argmax(residual.abs())))
+    return torch.tensor(picked, dtype=torch.long, device=basis.device)
+
+
+# ---------------------------------------------------------------------- matrix product operators
+def factor_shape(n: int, parts: int) -> tuple[int, ...]:
+    """``n`` as a product of ``parts`` factors, as balanced as the prime factors allow (largest prime
+    first onto the smallest factor; ascending; 1s when n has fewer prime factors than ``parts``)."""
+    primes, m, p = [], n, 2
+    while p * p <= m:
+        while m % p == 0:
+            primes.append(p)
+            m //= p
+        p += 1
+    if m > 1:
+        primes.append(m)
+    out = [1] * parts
+    for q in sorted(primes, reverse=True):
+        out[out.index(min(out))] *= q
+    return tuple(sorted(out))
+
+
+def mpo_bond_dims(out_shape: tuple[int, ...], in_shape: tuple[int, ...], bond_dim: int | None) -> list[int]:
+    """Bond dimensions D_0 = 1, D_1..D_{n−1}, D_n = 1 of :func:`mpo_decompose`: D_k = min(D, D_{k−1}·o_k·i_k,
+    Π_{l>k} o_l·i_l) (the rank of the k-th unfolding is at most the smaller of its sides)."""
+    sites = [o * i for o, i in zip(out_shape, in_shape, strict=True)]
+    dims = [1]
+    for k in range(len(sites) - 1):
+        right = 1
+        for s in sites[k + 1:]:
+            right *= s
+        full = min(dims[-1] * sites[k], right)
+        dims.append(full if bond_dim is None else min(bond_dim, full))
+    return [*dims, 1]
+
+
+def mpo_decompose(
+    w: torch.Tensor, out_shape: tuple[int, ...], in_shape: tuple[int, ...], bond_dim: int | None = None
+) -> tuple[list[torch.Tensor], float]:
+    """Matrix product operator of W (out × in, out = Π o_k, in = Π i_k) by TT-SVD (Oseledets 2011, Alg. 1;
+    the MPO of Gao et al. 2020): W[(o₁..o_n), (i₁..i_n)] = T₁[o₁,i₁]·T₂[o₂,i₂]···T_n[o_n,i_n] with cores
+    T_k of shape (D_{k−1}, o_k, i_k, D_k), each from a truncated SVD of the current unfolding (left cores
+    orthonormal, the singular values carried right). Returns the cores and the bound
+    √(Σ discarded σ²) ≥ ‖W − contract(cores)‖_F (Oseledets 2011, Thm 2.2); 0 (exact) when
+    ``bond_dim`` is None or at least every unfolding's rank."""
+    n = len(out_shape)
+    if len(in_shape) != n:
+        raise ValueError(f"out_shape={out_shape} and in_shape={in_shape} must have the same number of cores")
+    dims = mpo_bond_dims(out_shape, in_shape, bond_dim)
+    t = svd_precision(w).reshape(*out_shape, *in_shape).permute(*[x for k in range(n) for x in (k, n + k)])
+    rest, cores, discarded = t.reshape(1, -1), [], 0.0
+    for k in range(n - 1):
+        u, s, vh = torch.linalg.svd(rest.reshape(dims[k] * out_shape[k] * in_shape[k], -1), full_matrices=False)
+        d = dims[k + 1]
+        discarded += float((s[d:] ** 2).sum())
+        cores.append(u[:, :d].reshape(dims[k], out_shape[k], in_shape[k], d))
+        rest = s[:d, None] * vh[:d]
+    cores.append(rest.reshape(dims[n - 1], out_shape[-1], in_shape[-1], 1))
+    return cores, discarded**0.5
+
+
+def mpo_contract(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The (Π o_k) × (Π i_k) matrix of MPO ``cores`` (each (D_{k−1}, o_k, i_k, D_k)): the inverse of
+    :func:`mpo_decompose`'s reshaping, exact for any cores."""
+    n = len(cores)
+    t = cores[0].reshape(-1, cores[0].shape[-1])
+    for core in cores[1:]:  # a matmul per bond (autocast casts both sides alike)
+        t = (t @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+    sites = [d for c in cores for d in c.shape[1:3]]
+    t = t.reshape(sites).permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))
+    out = 1
+    for c in cores:
+        out *= c.shape[1]
+    return t.reshape(out, -1)
+
+
+def mpo_apply(cores: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``x @ mpo_contract(cores).T`` without forming the matrix: x (…, Π i_k) is reshaped to its input
+    sites and the cores are contracted into it one at a time (an MPO–vector product), so the memory is
+    that of the activations times the bond dimension, not out × in."""
+    lead, n = x.shape[:-1], len(cores)
+    in_shape = [c.shape[2] for c in cores]
+    t = x.reshape(-1, 1, 1, in_shape[0], x.shape[-1] // in_shape[0])  # (batch, outputs so far, D_0, i_1, rest)
+    for k, core in enumerate(cores):
+        t = torch.einsum("bpdir,doie->bpoer", t, core)
+        batch, done, o, bond, rest = t.shape
+        nxt = in_shape[k + 1] if k + 1 < n else 1
+        t = t.reshape(batch, done * o, bond, nxt, rest // nxt)
+    return t.reshape(*lead, -1)

@@ -49,3 +49,52 @@ def _train(model, steps: int = 3, lr: float = 1e-2, seed: int = 0) -> None:
 
 def _close(a, b, atol=1e-5, rtol=1e-4):
     assert torch.allclose(a, b, atol=atol, rtol=rtol), (a - b).abs().max().item()
+
+
+def check_round_trip(model, base, batch, tmp_path, peft_export: bool = True) -> torch.Tensor:
+    """The adapted ``model``'s logits on ``batch``, checked to come back after ``rw.save_adapter`` /
+    ``rw.load_adapter`` onto a copy of the unadapted ``base`` and, with ``peft_export``, after
+    ``rw.export_peft`` / ``PeftModel.from_pretrained`` (tolerance 1e-4: PEFT sums the factors differently)."""
+    with torch.no_grad():
+        expected = model(**batch).logits
+    rw.save_adapter(model, tmp_path / "rankwise")
+    with torch.no_grad():
+        loaded = rw.load_adapter(copy.deepcopy(base), tmp_path / "rankwise")
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
+    if peft_export:
+        from peft import PeftModel
+
+        rw.export_peft(model, tmp_path / "peft")
+        with torch.no_grad():
+            exported = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+            torch.testing.assert_close(exported(**batch).logits, expected, atol=1e-4, rtol=0)
+    return expected
+
+
+def check_exports(model, make_base, batch, path, ranks: dict[str, int]) -> None:
+    """:func:`check_round_trip` (rankwise format under ``path / "rankwise"``, PEFT under ``path / "peft"``) of the
+    model in eval mode, and the PEFT file's ``lora_A`` of every layer has its rank in ``ranks``."""
+    from safetensors.torch import load_file
+
+    check_round_trip(model.eval(), make_base(), batch, path)
+    tensors = load_file(path / "peft" / "adapter_model.safetensors")
+    for name, r in ranks.items():
+        assert tensors[f"base_model.model.{name}.lora_A.weight"].shape[0] == r
+
+
+def train_with_trainer(model, path, max_steps: int, **args) -> None:
+    """``max_steps`` steps of ``RankwiseTrainer`` on 24 random 3-class sequences of 10 tokens (tiny BERT), batch 4,
+    lr 1e-2, CPU; ``args`` are further ``TrainingArguments``. The rank-allocation tests check that it attaches
+    the method's controller."""
+    import transformers
+
+    from rankwise.hf_trainer import RankwiseTrainer
+
+    from ..conftest import VOCAB
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    options = {"per_device_train_batch_size": 4, "learning_rate": 1e-2, **args}
+    targs = transformers.TrainingArguments(output_dir=str(path), max_steps=max_steps, report_to=[], use_cpu=True,
+                                           disable_tqdm=True, save_strategy="no", **options)
+    RankwiseTrainer(model=model, args=targs, train_dataset=data).train()

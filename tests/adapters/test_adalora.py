@@ -8,18 +8,17 @@ import json
 
 import pytest
 import torch
-import transformers
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
 import rankwise as rw
 from rankwise.adapters.adalora import AdaLoRAController, orthogonal_regularizer, rank_pattern
 from rankwise.callbacks import Callback
 from rankwise.checkpoint import checkpoints, read_checkpoint
-from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
 from ..cli.cli_helpers import needs_assets, run_cli
-from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_bert, make_tiny_llama
+from .peft_pairs import train_with_trainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = ["--max-steps", "2", "--batch-size", "4", "--max-length", "24", "--train-limit", "16", "--test-limit", "8",
@@ -237,12 +236,7 @@ def test_checkpoint_resume_keeps_the_controller_state(tmp_path):
 
 def test_rankwise_trainer_attaches_the_controller(tmp_path):
     model = rw.adapt(make_tiny_bert(0), "adalora", r=4, target_r=2, tinit=1, tfinal=1)
-    g = torch.Generator().manual_seed(1)
-    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-        use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
-    RankwiseTrainer(model=model, args=args, train_dataset=data).train()
+    train_with_trainer(model, tmp_path, 5, logging_steps=1)
     n = len(rw.adapter_layers(model))
     assert _kept(model) == 2 * n
 

@@ -106,3 +106,20 @@ def test_rankwise_trainer_runs_the_proximal_step_and_prunes(tmp_path):
     for _, layer in rw.adapter_layers(model):
         assert layer.gate.numel() == 2 and layer.lora_A.shape[0] == 2
         assert bool(((layer.gate.detach() - torch.tensor([1.2, 2.2])).abs() < 0.05).all())
+
+
+def test_pruning_keeps_the_scale_through_save_and_load(tmp_path):
+    model = _sora(alpha=8.0)  # s = α/r = 2; after pruning to 2 ranks the saved α is 4, so s stays 2
+    with torch.no_grad():
+        for _, layer in rw.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.1)
+            layer.gate.copy_(torch.tensor([0.0, 0.5, 0.0, -1.0]))
+    SoRAController(model).prune()
+    batch = lm_batches(1, seed=3)[0]
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    rw.save_adapter(model, tmp_path / "rw")
+    again = rw.load_adapter(make_tiny_llama(0), tmp_path / "rw").eval()
+    assert all(m.gate.numel() == 2 and m.scale == 2.0 for _, m in rw.adapter_layers(again))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits, atol=1e-6, rtol=0)

@@ -194,3 +194,191 @@ def test_measure_peak_memory_58m_llama():
     assert out["layerwise"]["grad_peak_bytes"] == 4 * 32000 * 512  # the largest tensor: an embedding
     assert out["layerwise"]["rss_after_backward_mb"] < out["normal"]["rss_after_backward_mb"] - 150
     assert out["layerwise"]["peak_rss_mb"] < out["normal"]["peak_rss_mb"]
+
+
+# ---------------------------------------------------------------------------- state allocated ahead
+
+PREALLOC = ["adamw", "galore", "galore_8bit", "galore_adafactor", "q_galore", "fira", "frugal", "apollo",
+            "apollo_mini", "gradnormlorp", "flora_opt", "osd", "dct_proj"]
+
+
+def _factory(name):
+    from rankwise.optim import OPTIMIZERS
+
+    def build(groups):
+        if name == "adamw":
+            return torch.optim.AdamW([{k: v for k, v in g.items() if k != "rank"} for g in groups], lr=1e-2)
+        return OPTIMIZERS[name](groups, lr=1e-2)
+
+    return build
+
+
+def _state_tensors(opt):
+    return {(i, k): v for i, o in enumerate(opt.optimizers) for s in o.state.values() for k, v in s.items()
+            if torch.is_tensor(v) and v.numel() > 1}
+
+
+@pytest.mark.parametrize("name", PREALLOC)
+def test_init_state_allocates_before_backward_same_numerics(name):
+    """Layer-wise optimizers allocate their state at construction: the buffers exist before the first
+    backward, the first steps update them in place, and the result is bit-identical to lazily
+    allocated state (numerics unchanged)."""
+    from rankwise.optim import param_groups
+
+    ahead, lazy = make_model(), make_model()
+    opt_a = layerwise(param_groups(ahead, rank=4), _factory(name))
+    opt_l = layerwise(param_groups(lazy, rank=4), _factory(name), preallocate=False)
+    assert opt_l.state_bytes() == 0 and opt_l.init_report is None
+    report = opt_a.init_report
+    assert report.allocated_bytes == opt_a.state_bytes() > 0
+    before = {k: v.data_ptr() for k, v in _state_tensors(opt_a).items()}
+    batches = make_batches(3)
+    run(ahead, opt_a, batches[:1])
+    after = _state_tensors(opt_a)
+    kept = [k for k, ptr in before.items() if k in after and after[k].data_ptr() == ptr]
+    if name not in ("galore_8bit", "q_galore"):  # 8-bit codes are re-created by every update
+        assert len(kept) == len(before)
+    run(ahead, opt_a, batches[1:])
+    run(lazy, opt_l, batches)
+    assert same(ahead, lazy)
+    assert opt_a.state_bytes() == opt_l.state_bytes()
+
+
+def test_init_state_report_names_what_needs_a_gradient():
+    from rankwise.optim import GaLoreAdamW, init_state, param_groups
+
+    model = make_model()
+    opt = GaLoreAdamW(param_groups(model, rank=4), lr=1e-2)
+    report = init_state(opt)
+    assert report.allocated_bytes == opt.state_bytes() > 0
+    assert any("basis" in line and "first gradient" in line for line in report.lazy)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert init_state(sgd).allocated_bytes == 0 and "SGD" in init_state(sgd).lazy[0]
+
+
+def test_grad_workspace_same_numerics_and_no_parameter_sized_temporary():
+    """Under the layer-wise hook the engine's AdamW update of a full gradient writes into the gradient's
+    buffer: same numbers as without, and no temporary of the parameter's size."""
+    from rankwise.memory import TensorMemoryTracker
+    from rankwise.optim import GaLoreAdamW
+    from rankwise.optim.inner import grad_workspace
+
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(256, 64))
+    b = nn.Parameter(a.detach().clone())
+    opt_a, opt_b = GaLoreAdamW([a], lr=1e-2), GaLoreAdamW([b], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(256, 64)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        with TensorMemoryTracker() as tracker, grad_workspace():
+            opt_b.step()
+        assert torch.equal(a, b)
+    assert tracker.peaks()["other"] < a.numel() * 4
+
+
+def test_tied_weights_stepped_once_and_equal_to_normal():
+    """A tied embedding/head weight is one parameter: stepped exactly once per optimizer step (with the
+    sum of both uses' gradients), its gradient freed in backward, and the result bit-identical to
+    one AdamW over the model."""
+    from rankwise.models.loaders import tiny_llama
+
+    normal, lw = (tiny_llama(vocab_size=100, tie_embeddings=True, seed=0) for _ in range(2))
+    tied = lw.get_input_embeddings().weight
+    assert tied is lw.get_output_embeddings().weight
+    opt_n, opt_l = adamw(normal.parameters()), layerwise(lw, adamw)
+    steps = {}
+    for o in opt_l.optimizers:
+        o.register_step_post_hook(lambda opt, args, kwargs: steps.update({opt: steps.get(opt, 0) + 1}))
+    batches = make_batches(4)
+    for batch in batches:
+        normal(**batch).loss.backward()
+        opt_n.step()
+        opt_n.zero_grad()
+        lw(**batch).loss.backward()
+        assert tied.grad is None
+    assert set(steps.values()) == {4} and len(steps) == len(opt_l.optimizers)
+    tied_opt = next(o for o in opt_l.optimizers if o.param_groups[0]["params"][0] is tied)
+    assert float(tied_opt.state[tied]["step"]) == 4
+    assert same(normal, lw)
+
+
+def test_tensor_memory_tracker_counts_live_storages():
+    from rankwise.memory import TensorMemoryTracker
+
+    x = torch.ones(1000)  # made before: not counted (baseline covers it)
+    with TensorMemoryTracker(baseline=4000) as tracker:
+        tracker.mark("a")
+        y = x * 2  # 4000 bytes
+        z = y.view(10, 100)  # a view: no new storage
+        y.add_(1)  # in place: nothing new
+        w = torch.cat([y, y])  # 8000 bytes
+        tracker.label(w, "kept")
+        del y, z
+        tracker.mark("a")
+        u = torch.zeros(10)
+    peaks = tracker.peaks()
+    assert peaks["total"] == 4000 + 12000  # y and w alive together
+    assert peaks["kept"] == 8000 and peaks["other"] == 4000
+    assert peaks["kept@total"] == 8000 and peaks["other@total"] == 4000
+    assert tracker.peaks("a")["total"] == 4000 + 12000
+    assert tracker.live_bytes() == 4000 + 8000 + 40
+    del w, u
+
+
+def test_tied_gradient_parts_summed_in_place():
+    """With the model given, the head's part of a tied weight's gradient is kept and added in place into
+    the embedding's part: one copy fewer at the end of backward than autograd's out-of-place sum of a
+    transposed view, and the same parameters bit for bit."""
+    from rankwise.memory import TensorMemoryTracker
+    from rankwise.models.loaders import tiny_llama
+
+    peaks, models = {}, {}
+    batch = make_batches(1, batch=2, seq=8)[0]
+    batch = {k: v % 4000 for k, v in batch.items()}
+    def fused(groups):  # no parameter-sized temporaries in the step
+        return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, fused=True)
+
+    for mode in ("model", "params"):
+        model = models[mode] = tiny_llama(vocab_size=4000, hidden=32, tie_embeddings=True, seed=0)
+        opt = layerwise(model if mode == "model" else list(model.parameters()), fused)
+        tied = opt.tied is not None and opt.tied.params == [model.get_input_embeddings().weight]
+        assert tied == (mode == "model")
+        for _ in range(2):
+            with TensorMemoryTracker() as tracker:
+                model(**batch).loss.backward()
+            peaks[mode] = tracker.peaks()["total"]
+        assert all(p.grad is None for p in model.parameters())
+    tied_bytes = 4000 * 32 * 4
+    assert peaks["model"] <= peaks["params"] - 0.95 * tied_bytes  # three copies -> two (+ small activations)
+    assert same(models["model"], models["params"])
+
+
+def test_tied_part_kept_when_a_forward_is_never_backpropagated():
+    """A forward whose graph is dropped leaves the expected-part count too high: the kept part is then
+    delivered at the end of the backward, and the result still equals the normal optimizer's."""
+    from rankwise.models.loaders import tiny_llama
+
+    normal, lw = (tiny_llama(vocab_size=100, tie_embeddings=True, seed=0) for _ in range(2))
+    opt_n, opt_l = adamw(normal.parameters()), layerwise(lw, adamw)
+    assert opt_l.tied is not None and len(opt_l.tied.params) == 1
+    for batch in make_batches(2):
+        lw(**batch)  # graph built, never backpropagated
+        lw(**batch).loss.backward()
+        normal(**batch).loss.backward()
+        opt_n.step()
+        opt_n.zero_grad()
+        assert all(p.grad is None for p in lw.parameters())
+    assert same(normal, lw)
+
+
+def test_tied_weights_with_accumulation_equal_to_normal():
+    from rankwise.models.loaders import tiny_llama
+
+    normal, lw = (tiny_llama(vocab_size=100, tie_embeddings=True, seed=0) for _ in range(2))
+    opt_n, opt_l = adamw(normal.parameters()), layerwise(lw, adamw, accumulate=3)
+    assert opt_l.tied is not None and len(opt_l.tied.params) == 1
+    batches = make_batches(6)
+    run(normal, opt_n, batches, accumulate=3)
+    run(lw, opt_l, batches, accumulate=3)
+    assert same(normal, lw)

@@ -8,8 +8,10 @@ from . import lora  # noqa: F401  (registers lora, rslora and the LoRA-shaped in
 from . import lora_inits  # noqa: F401  (pissa, olora, lora_ga, loraplus)
 from . import eva  # noqa: F401  (data-driven init with its own pass over init_data)
 from . import lq_lora  # noqa: F401
-from . import core  # noqa: F401  (lora_xs, lora_sb, loldu, svfit)
+from . import core  # noqa: F401  (lora_xs, lora_sb, loldu, svfit, pmss)
 from . import sorsa  # noqa: F401  (SVD split with the orthonormal regulariser)
+from . import nlora  # noqa: F401  (SLoRA / NLoRA / IntTune: B·M·A, Nyström init)
+from . import dota  # noqa: F401  (MPO cores of W₀, QDoTA on a 4-bit residual)
 from . import dora  # noqa: F401
 from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
@@ -23,6 +25,10 @@ from . import sora  # noqa: F401  (rank allocation: SoRA and AdaLoRA bring contr
 from . import adalora  # noqa: F401
 from . import increlora  # noqa: F401  (grows rank: top-scored modules get new components)
 from . import dylora  # noqa: F401  (one training for every rank b <= r)
+from . import drs_lora  # noqa: F401  (continual learning: per-task rank selection, merged after each task)
+from . import prilora  # noqa: F401  (ranks rising with depth, A pruned by |w|·‖x‖)
+from . import gora  # noqa: F401  (ranks and init from the estimated gradient)
+from . import elalora  # noqa: F401  (ranks pruned and expanded by importance)
 from . import allora  # noqa: F401  (training dynamics)
 from . import lora_pro  # noqa: F401
 from . import lora_dropout  # noqa: F401

@@ -39,7 +39,7 @@ from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, register
 
 __all__ = ["AdaLoRAConfig", "AdaLoRAController", "AdaLoRALayer", "budget_schedule", "orthogonal_regularizer",
-           "rank_pattern", "smooth_importance_"]
+           "rank_pattern", "smooth_importance_", "svd_form_parameters"]
 
 
 @dataclass
@@ -94,16 +94,8 @@ class AdaLoRALayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, config: AdaLoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
-        r, dtype, device = config.r, self.adapter_dtype, self.base_weight.device
         self.scale = config.scale
-        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
-        if not ctx.skip:
-            g = layer_generator(config.seed, ctx.name)
-            with torch.no_grad():
-                self.lora_A.copy_(torch.randn(self.lora_A.shape, generator=g) * 0.02)
-                self.lora_B.copy_(torch.randn(self.lora_B.shape, generator=g) * 0.02)
+        svd_form_parameters(self, config.r, ctx)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_B, self.lora_A * self.lora_E, self.scale
@@ -127,6 +119,21 @@ class AdaLoRALayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale={self.scale:g}, kept={int(self.kept().numel())}"
+
+
+def svd_form_parameters(layer: AdapterLayer, rows: int, ctx: InitContext) -> None:
+    """Give ``layer`` AdaLoRA's ``lora_A`` = Q (rows×in), ``lora_E`` = λ (rows×1), ``lora_B`` = P (out×rows),
+    initialized as PEFT's AdaLoRA (λ = 0, P, Q ~ N(0, 0.02²) from the seed and the layer name) unless
+    ``ctx.skip``. Shared by AdaLoRA and ElaLoRA."""
+    dtype, device = layer.adapter_dtype, layer.base_weight.device
+    layer.lora_A = nn.Parameter(torch.zeros(rows, layer.in_features, dtype=dtype, device=device))
+    layer.lora_E = nn.Parameter(torch.zeros(rows, 1, dtype=dtype, device=device))
+    layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, rows, dtype=dtype, device=device))
+    if not ctx.skip:
+        g = layer_generator(layer.config.seed, ctx.name)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.02)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
 
 
 @torch.no_grad()

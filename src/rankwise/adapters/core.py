@@ -20,8 +20,13 @@ One layer class (``CoreLayer``); each method is that layer plus its initializati
   U_r diag(σ) V_rᵀ; the top-r singular values σ are trainable (initialised to the true ones), U_r,
   V_r and W_e are frozen. ``energy=0.99`` picks r per layer as the smallest rank with
   Σ_{i≤r} σᵢ² ≥ 0.99·Σσᵢ² (the paper's "over 99% of the matrix's information").
+* ``pmss`` — PMSS (Wang et al. 2024, arXiv 2409.16722): B = C = W₀[:, J], A = R = W₀[I, :] are exact
+  skeleton columns / rows of W₀ and only the r×r core U is trained (r² parameters per layer, so r, the
+  number of skeletons, can be far larger than a LoRA rank at the same cost: a high-rank update). The
+  skeletons are chosen by DEIM on W₀'s top-r singular vectors and U₀ = C⁺W₀R⁺ (our reading, see
+  ``init.pmss_init``); s·C·U₀·R moves out of the base, so the output equals the base at init.
 
-All four are low-rank products, so ``factors()`` returns (P·B·C, A, s) and PEFT export is direct;
+All five are low-rank products, so ``factors()`` returns (P·B·C, A, s) and PEFT export is direct;
 inits that moved s·B·C₀·A out of W₀ (LoLDU, SVFit) keep C₀ in the ``core_init`` buffer and declare
 it through ``base_offset_factors``. B, A (and LoLDU's row permutation) are persistent buffers.
 """
@@ -34,7 +39,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..checks import choice, fraction, non_negative, positive
+from ..checks import choice, fraction, integer, non_negative, positive
 from ..linalg import energy_rank
 from .base import AdapterConfig, AdapterLayer
 from .init import INITS, Factors, InitContext
@@ -189,6 +194,19 @@ class CoreLayer(AdapterLayer):
         )
 
 
+@dataclass
+class PMSSConfig(CoreConfig):
+    """PMSS: ``r`` skeleton rows and columns (DEIM on the top-r singular vectors of W₀), r×r trained core;
+    ``init_iters=k``: a randomized SVD (k power iterations) for the singular vectors."""
+
+    init_name: ClassVar[str] = "pmss"
+    init_iters: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        integer("init_iters", self.init_iters, 0)
+
+
 register(
     MethodSpec(
         "lora_xs",
@@ -229,5 +247,16 @@ register(
         SVFitConfig,
         CoreLayer,
         summary="trainable top-r singular values of W₀ (energy=0.99: per-layer r), frozen U_r, V_r",
+    )
+)
+register(
+    MethodSpec(
+        "pmss",
+        "init",
+        "Wang et al. 2024, PMSS: Pretrained Matrices Skeleton Selection for LLM Fine-tuning",
+        PMSSConfig,
+        CoreLayer,
+        summary="ΔW = C·(U − U₀)·R: C, R = r skeleton columns / rows of W₀ (DEIM on its singular vectors), "
+                "only the r×r core U trained (U₀ = C⁺W₀R⁺, base offset)",
     )
 )

@@ -51,7 +51,7 @@ from ..rng import layer_generator
 from .adalora import orthogonal_regularizer, smooth_importance_
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController, scaled_update
+from .rank_control import MethodController, checkpoint_tensor, scaled_update
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 __all__ = ["IncreLoRAConfig", "IncreLoRAController", "IncreLoRALayer", "grow_to_match", "growth_steps",
@@ -231,11 +231,8 @@ def grow_to_match(model: nn.Module, tensors: dict[str, torch.Tensor], name: str 
     for layer_name, layer in adapter_layers(model, name):
         if not isinstance(layer, IncreLoRALayer):
             continue
-        prefix = f"{layer_name}.{layer.adapter_name}." if f"{layer_name}.lora_A" not in tensors else f"{layer_name}."
-        key_a, key_r = prefix + "lora_A", prefix + "ranknum"
-        if key_a not in tensors or key_r not in tensors:
-            raise ValueError(f"tensors: no {key_a!r} / {key_r!r} for IncreLoRA layer {layer_name!r}")
-        layer.resize(int(tensors[key_r].item()), int(tensors[key_a].shape[0]))
+        rows = checkpoint_tensor(tensors, layer_name, layer.adapter_name, "lora_A").shape[0]
+        layer.resize(int(checkpoint_tensor(tensors, layer_name, layer.adapter_name, "ranknum").item()), int(rows))
 
 
 def growth_steps(config: IncreLoRAConfig, layers: int) -> list[int]:

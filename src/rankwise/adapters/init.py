@@ -13,7 +13,8 @@ LoRA-shaped inits (no core; ``init=`` of the LoRA layer): ``pissa`` (Meng et al.
 (Büyükakyüz 2024), ``lora_ga`` (Wang et al. 2024), ``loftq`` (Li et al. 2023) and ``lq_lora`` (Guo
 et al. 2024), the last two also choosing the 4-bit base (``Factors.base``) by one shared alternation.
 Core-matrix inits (the ``CoreLayer`` methods of ``core.py``): ``lora_xs`` (Bałazy et al. 2024),
-``lora_sb`` (Ponkshe et al. 2024), ``loldu`` (Shi et al. 2024), ``svfit`` (Sun et al. 2024).
+``lora_sb`` (Ponkshe et al. 2024), ``loldu`` (Shi et al. 2024), ``svfit`` (Sun et al. 2024), ``pmss``
+(Wang et al. 2024); ``nlora`` (Guo et al. 2025) is the Nyström init of the ``adapters.nlora`` layer.
 Truncated SVDs come from :mod:`rankwise.linalg`.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..linalg import truncated_svd
+from ..linalg import deim_indices, truncated_svd
 from ..quant import BLOCKSIZE, QuantConfig, Quantized, dequantize_tensor
 from ..rng import layer_generator
 
@@ -294,6 +295,45 @@ def sorsa_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(u, vh, core=s)
 
 
+def pmss_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """PMSS (Wang et al. 2024, arXiv 2409.16722, COLING 2025): W₀ ≈ C·U·R with C = W₀[:, J] and
+    R = W₀[I, :] exact skeleton columns / rows of W₀ (frozen) and U (r × r) the trained core. Our
+    reading (the paper's text is not reachable from here and its code was never released): the r
+    skeletons are chosen by DEIM on the top-r left / right singular vectors of W₀ (DEIM-CUR, Sorensen &
+    Embree 2016) and U₀ = C⁺·W₀·R⁺, the core that minimises ‖W₀ − C·U·R‖_F for these skeletons; the
+    product s·C·U₀·R moves out of the base, so the model starts at W₀. ``init_iters=k``: randomized SVD."""
+    iters = int(getattr(ctx.config, "init_iters", 0))
+    u, _, vh = truncated_svd(weight, ctx.r, iters, context_generator(ctx) if iters else None)
+    rows, cols = deim_indices(u), deim_indices(vh.T)
+    c, r = weight[:, cols], weight[rows, :]
+    core = torch.linalg.pinv(c) @ weight @ torch.linalg.pinv(r)
+    return Factors(c, r, core=core / ctx.scale)
+
+
+def skeleton_indices(n: int, r: int, sampling: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """r of ``n`` indices: the first r (``"first"``) or r drawn uniformly without replacement, sorted
+    (``"uniform"``, the classic Nyström sampling)."""
+    if sampling == "first":
+        return torch.arange(r)
+    return torch.randperm(n, generator=generator)[:r].sort().values
+
+
+def nystrom_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """NLoRA (Guo, Chang & Wu 2025, arXiv 2502.14482, Fig. 3): W₀ is partitioned around r sampled rows I
+    and columns J; B = C = W₀[:, J], A = R = W₀[I, :] and the r×r core M = K/s with K = W₀[I, J]⁺
+    (``core_init="pinv"``: s·B·M·A = C·W₀[I, J]⁺·R, the Nyström approximation of W₀, exact when
+    rank W₀[I, J] = rank W₀) or K = W₀[I, J] (``"intersection"``, the official code's ``nlora_init``).
+    ``sampling``: the first r rows / columns (the official code) or uniform ones (seeded)."""
+    cfg = ctx.config
+    sampling = str(getattr(cfg, "sampling", "first"))
+    gen = context_generator(ctx) if sampling != "first" else None
+    rows = skeleton_indices(weight.shape[0], ctx.r, sampling, gen).to(weight.device)
+    cols = skeleton_indices(weight.shape[1], ctx.r, sampling, gen).to(weight.device)
+    corner = weight[rows][:, cols]
+    core = torch.linalg.pinv(corner) if getattr(cfg, "core_init", "intersection") == "pinv" else corner
+    return Factors(weight[:, cols], weight[rows, :], core=core / ctx.scale)
+
+
 #: Every initialization by name ("default": the layer's own, e.g. LoRA's A ~ U(±1/√k), B = 0).
 INITS: dict[str, Init] = {
     "default": Init(None),
@@ -309,6 +349,8 @@ INITS: dict[str, Init] = {
     "loldu": Init(loldu_init, moves_base=True, core="diagonal", permuted=True),
     "svfit": Init(svfit_init, moves_base=True, core="diagonal"),
     "sorsa": Init(sorsa_init, moves_base=True, core="diagonal"),
+    "pmss": Init(pmss_init, moves_base=True, core="full"),
+    "nlora": Init(nystrom_init, moves_base=True, core="full"),  # unless NLoRAConfig.residual is False
 }
 
 

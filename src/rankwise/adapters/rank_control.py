@@ -25,7 +25,8 @@ from torch import nn
 from ..callbacks import Callback, RankController, TrainState, call
 from .registry import adapter_state, adapter_states, get_method
 
-__all__ = ["MethodController", "MethodControllers", "rank_at_least_one", "scaled_update", "with_method_controllers"]
+__all__ = ["MethodController", "MethodControllers", "checkpoint_tensor", "rank_at_least_one", "scaled_update",
+           "with_method_controllers"]
 
 #: ``controller(model, adapter_name, optimizer, total_steps)`` (optimizer None: read it at train begin)
 ControllerFactory = Callable[[nn.Module, str, "torch.optim.Optimizer | None", int], RankController]
@@ -180,3 +181,15 @@ def scaled_update(after: torch.Tensor, before: torch.Tensor, factor: torch.Tenso
     shape[dim] = -1
     f = factor.to(device=after.device, dtype=after.dtype).view(shape)
     return torch.where(f == 1, after, before + f * (after - before))
+
+
+def checkpoint_tensor(tensors: dict[str, torch.Tensor], layer_name: str, adapter_name: str, key: str) -> torch.Tensor:
+    """Tensor ``key`` of the adapter layer at ``layer_name`` in a checkpoint's ``tensors`` (a state dict by the
+    model's names: ``<layer>.<key>``, or ``<layer>.<adapter>.<key>`` when the layer holds several adapters);
+    a ValueError naming the key when it is missing. Used by the controllers that reshape their layers to a
+    checkpoint's ranks before a resume loads it (IncreLoRA, ElaLoRA)."""
+    for full in (f"{layer_name}.{key}", f"{layer_name}.{adapter_name}.{key}"):
+        if full in tensors:
+            return tensors[full]
+    raise ValueError(f"tensors: no '{layer_name}.{key}' for the adapter layer {layer_name!r} "
+                     f"(adapter {adapter_name!r})")

@@ -14,6 +14,7 @@ thresholds with λ unscaled, so its λ values do not carry over.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,7 +29,8 @@ from .init import InitContext
 from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
-__all__ = ["SoRAConfig", "SoRAController", "SoRALayer", "soft_threshold"]
+__all__ = ["GateController", "GatedLoRALayer", "SoRAConfig", "SoRAController", "SoRALayer", "prune_zero_gates",
+           "soft_threshold"]
 
 
 @dataclass
@@ -48,15 +50,15 @@ class SoRAConfig(AdapterConfig):
         return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
-class SoRALayer(AdapterLayer):
-    """``y = W x + s·B(g ⊙ (A x))``: trainable ``lora_A`` (r×in), ``lora_B`` (out×r) and ``gate`` g (r)."""
+class GatedLoRALayer(AdapterLayer):
+    """``y = W x + s·B(g ⊙ (A x))``: trainable ``lora_A`` (r×in), ``lora_B`` (out×r) and ``gate`` g (r);
+    init A as ``nn.Linear``, B = 0, g = 1. The layer of SoRA and DRS-LoRA (CoDyRA), whose controllers
+    drive g to exact zeros and remove those ranks (:meth:`prune`). ``scale`` s comes from the config."""
 
-    method = "sora"
-
-    def __init__(self, base_layer: nn.Module, config: SoRAConfig, ctx: InitContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, ctx: InitContext, scale: float) -> None:
         super().__init__(base_layer, config)
         r, dtype, device = config.r, self.adapter_dtype, self.base_weight.device
-        self.scale = config.scale
+        self.scale = scale
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.gate = nn.Parameter(torch.ones(r, dtype=dtype, device=device))
@@ -87,11 +89,38 @@ class SoRALayer(AdapterLayer):
         self.lora_A.data = self.lora_A.data[keep].clone()
         self.lora_B.data = self.lora_B.data[:, keep].clone()
         self.gate.data = self.gate.data[keep].clone()
-        self.config = replace(self.config, r=int(keep.numel()))  # the scale s stays as trained
+        self.lora_A.grad = self.lora_B.grad = self.gate.grad = None  # a gradient of the old shape
+        # the scale s stays as trained: α = s·r for the new r (the config's scale is α/r)
+        self.config = replace(self.config, r=int(keep.numel()), alpha=self.scale * int(keep.numel()))
         return True
 
     def trainable_count(self) -> int:
         return self.gate.numel() * (self.in_features + self.out_features + 1)
+
+
+class SoRALayer(GatedLoRALayer):
+    """``y = W x + s·B(g ⊙ (A x))``: trainable ``lora_A`` (r×in), ``lora_B`` (out×r) and ``gate`` g (r)."""
+
+    method = "sora"
+
+    def __init__(self, base_layer: nn.Module, config: SoRAConfig, ctx: InitContext) -> None:
+        super().__init__(base_layer, config, ctx, config.scale)
+
+
+def prune_zero_gates(model: nn.Module, adapter_name: str, layers: Sequence[tuple[str, GatedLoRALayer]],
+                     optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Remove the zero-gate ranks of every layer (their optimizer state cleared); a layer's new rank is
+    recorded as its ``r`` override of the adapter, with α = s·r so the scale s stays (``rw.save_adapter``
+    / ``rw.load_adapter`` rebuild it). Returns ``{layer: rank}``."""
+    state = adapter_state(model, adapter_name)
+    ranks = {}
+    for name, layer in layers:
+        if layer.prune() and optimizer is not None:
+            clear_optimizer_state(optimizer, [layer.lora_A, layer.lora_B, layer.gate])
+        ranks[name] = layer.gate.numel()
+        if ranks[name] != state.config.r:
+            state.overrides.setdefault(name, {}).update(r=ranks[name], alpha=layer.config.alpha)
+    return ranks
 
 
 def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
@@ -109,7 +138,28 @@ def _lr_of(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> float:
                      "(the controller takes the gate out of its step and updates it by the proximal rule)")
 
 
-class SoRAController(MethodController):
+class GateController(MethodController):
+    """What the controllers of gated layers share (SoRA, DRS-LoRA): ``layers`` of the adapter, the
+    optimizer (the loop's, at train begin), and the removal of the zero-gate ranks at the end of a run."""
+
+    optimizer: torch.optim.Optimizer | None
+    layers: Sequence[tuple[str, GatedLoRALayer]]
+
+    def prune(self) -> dict[str, int]:
+        """Remove zero-gate ranks in every layer (:func:`prune_zero_gates`). Returns ``{layer: rank}``."""
+        ranks = prune_zero_gates(self.model, self.adapter_name, self.layers, self.optimizer)
+        self.allocations += 1
+        return ranks
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.optimizer = self.optimizer or state.optimizer
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.prune()
+        super().on_train_end(state)
+
+
+class SoRAController(GateController):
     """SoRA's gate update and pruning. In the loop, ``on_after_backward`` applies the proximal step
     to every gate with the current learning rate and clears the gate's gradient (the optimizer then
     skips it); ``on_train_end`` removes the zero-gate ranks and clears their optimizer state. In a
@@ -137,33 +187,12 @@ class SoRAController(MethodController):
 
     step = proximal_step
 
-    def prune(self) -> dict[str, int]:
-        """Remove zero-gate ranks in every layer; the new ranks are recorded as per-layer overrides of the
-        adapter (so ``rw.save_adapter`` / ``rw.load_adapter`` rebuild them). Returns ``{layer: rank}``."""
-        state = adapter_state(self.model, self.adapter_name)
-        ranks = {}
-        for name, layer in self.layers:
-            if layer.prune() and self.optimizer is not None:
-                clear_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B, layer.gate])
-            ranks[name] = layer.gate.numel()
-            if ranks[name] != self.config.r:
-                state.overrides.setdefault(name, {})["r"] = ranks[name]
-        self.allocations += 1
-        return ranks
-
-    def on_train_begin(self, state: TrainState) -> None:
-        self.optimizer = self.optimizer or state.optimizer
-
     def on_after_backward(self, state: TrainState) -> None:
         self.proximal_step()
         state.log["sora_nonzero_gates"] = sum(int((m.gate != 0).sum()) for _, m in self.layers)
 
     def on_step_end(self, state: TrainState) -> None:
         """Nothing after the optimizer step: the gates moved in ``on_after_backward``."""
-
-    def on_train_end(self, state: TrainState) -> None:
-        self.prune()
-        super().on_train_end(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"allocations": self.allocations}

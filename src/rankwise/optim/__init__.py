@@ -15,6 +15,7 @@ from .guard import GuardedOptimizer, guard
 from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .loraplus import loraplus_groups
 from .osd import OnlineSubspaceDescent
+from .prealloc import InitReport, init_state
 from .projected import ProjectedOptimizer
 from .q_galore import QGaLoreAdamW
 
@@ -22,7 +23,9 @@ __all__ = [
     "BAdam",
     "GradBytesTracker",
     "GuardedOptimizer",
+    "InitReport",
     "guard",
+    "init_state",
     "LISA",
     "LayerwiseOptimizer",
     "OwLore",

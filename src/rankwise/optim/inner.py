@@ -27,6 +27,8 @@ is propagated through T as for independent coordinates and the mean is rotated e
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +37,26 @@ from ..checks import choice
 from . import quant
 
 State = dict[str, Any]
+
+_GRAD_IS_WORKSPACE = False
+
+
+@contextmanager
+def grad_workspace() -> Iterator[None]:
+    """Within this context a step may use a parameter's ``.grad`` buffer as workspace (the layer-wise
+    mode frees the gradient right after the step): the AdamW update of a full gradient then writes
+    √v + ε and N into that buffer instead of allocating a temporary of the parameter's size.
+    Bit-identical results; only ``p.grad``'s contents after the step change."""
+    global _GRAD_IS_WORKSPACE
+    previous, _GRAD_IS_WORKSPACE = _GRAD_IS_WORKSPACE, True
+    try:
+        yield
+    finally:
+        _GRAD_IS_WORKSPACE = previous
+
+
+def _workspace(g: torch.Tensor, p: torch.Tensor) -> bool:
+    return _GRAD_IS_WORKSPACE and g is p.grad and g.is_contiguous()
 
 
 def _rotate(x: torch.Tensor, T: torch.Tensor, side: str) -> torch.Tensor:
@@ -76,6 +98,20 @@ class Inner:
     def transition(self, state: State, T: torch.Tensor, side: str, group: dict) -> None:
         raise NotImplementedError  # pragma: no cover
 
+    def init_state(
+        self, state: State, shape: tuple[int, ...], group: dict, device: torch.device, dtype: torch.dtype
+    ) -> bool:
+        """Allocate, before the first update, the moment buffers the first ``update`` on a gradient of
+        ``shape`` would create (zeros, so the numerics are unchanged). Returns False when (some of) the
+        state cannot be allocated ahead (it is then created at the first update, as without this call)."""
+        return False
+
+
+def _zeros(state: State, keys: tuple[str, ...], shape, device, dtype) -> None:
+    for key in keys:
+        if key not in state:
+            state[key] = torch.zeros(shape, device=device, dtype=dtype)
+
 
 def _tick(state: State) -> int:
     state["inner_step"] = t = int(state.get("inner_step", 0)) + 1
@@ -104,7 +140,15 @@ class AdamW(Inner):
         t = _tick(state)
         m.mul_(b1).add_(g, alpha=1.0 - b1)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        return m / v.sqrt().add_(group["eps"]), _adam_factor(group, t)
+        # m / (√v + ε) with one buffer (the gradient's under grad_workspace): bit-identical to the
+        # two-temporary expression
+        denom = torch.sqrt(v, out=g) if _workspace(g, p) else v.sqrt()
+        denom.add_(group["eps"])
+        return torch.div(m, denom, out=denom), _adam_factor(group, t)
+
+    def init_state(self, state, shape, group, device, dtype):
+        _zeros(state, self.state_keys, shape, device, dtype)
+        return True
 
     def transition(self, state, T, side, group):
         t = int(state.get("inner_step", 0))
@@ -142,6 +186,13 @@ class AdamW8bit(Inner):
     def _store(self, m: torch.Tensor, v: torch.Tensor, state: State, block: int) -> None:
         state["exp_avg_q"], state["exp_avg_absmax"] = quant.quantize_blockwise(m, True, block)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quant.quantize_blockwise(v, False, block)
+
+    def init_state(self, state, shape, group, device, dtype):
+        # small tensors keep fp32 moments (allocated here); the 8-bit codes of a large one are
+        # re-created by every update (dequantize → update → quantize), so there is nothing to keep ahead
+        if math.prod(shape) < int(group.get("min_8bit_size", 4096)):
+            return self._fp32.init_state(state, shape, group, device, dtype)
+        return False
 
     def update(self, g, state, group, p):
         if self._small(g, group):
@@ -218,6 +269,16 @@ class Adafactor(Inner):
     state_keys = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
     supports_transition = False
 
+    def init_state(self, state, shape, group, device, dtype):
+        if len(shape) == 2:
+            _zeros(state, ("exp_avg_sq_row",), (shape[0],), device, dtype)
+            _zeros(state, ("exp_avg_sq_col",), (shape[1],), device, dtype)
+        else:
+            _zeros(state, ("exp_avg_sq",), shape, device, dtype)
+        if group.get("beta1"):
+            _zeros(state, ("exp_avg",), shape, device, dtype)
+        return True
+
     def update(self, g, state, group, p):
         eps1, eps2 = group.get("adafactor_eps", (1e-30, 1e-3))
         t = _tick(state)
@@ -248,6 +309,10 @@ class Lion(Inner):
         N = (m * b1 + g * (1.0 - b1)).sign_()
         m.mul_(b2).add_(g, alpha=1.0 - b2)
         return N, 1.0
+
+    def init_state(self, state, shape, group, device, dtype):
+        _zeros(state, self.state_keys, shape, device, dtype)
+        return True
 
     def transition(self, state, T, side, group):
         if "exp_avg" in state:

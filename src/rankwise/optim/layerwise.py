@@ -9,22 +9,45 @@ With gradient accumulation over ``accumulate`` micro-batches, a parameter is ste
 of the last micro-batch only; until then its summed gradient is kept, so during accumulation the
 gradients of all parameters *do* coexist (the saving only applies to the last micro-batch). A global
 operation on all gradients (clipping by the total norm) is not possible in this mode.
+
+Peak memory. The per-parameter optimizers' state is allocated at construction (``init_state``,
+see ``prealloc.py``: everything but what needs the first gradient, e.g. a projector's basis), so
+step 1 does not stack new state on the live activations. Each step runs while its gradient is the
+only one alive (apart from a tied weight's, below) and uses that gradient's buffer as workspace
+(``inner.grad_workspace``; torch's AdamW needs ``fused=True`` for a step without a parameter-sized
+temporary), so the peak is weights + state + activations + the largest gradient
+(``benchmarks/layerwise_memory.py`` measures it).
+
+Tied weights (an embedding shared with the output head) are one parameter with one hook: it fires
+once both uses' gradients are summed, so the parameter is stepped once per step with the summed
+gradient (as the normal optimizer does) and its gradient is freed right after. The head's part is
+computed first in backward and must be kept until the embedding's part arrives at the end: one
+gradient of that size lives through the whole backward, which no ordering can avoid without changing
+the update. Left to autograd, the end of backward then holds three copies (the head's part, a
+transposed view that autograd cannot add into in place; the embedding's dense part; their sum);
+:class:`TiedGradients` (on when the optimizer is given the model) keeps the head's part itself and
+adds it in place into the embedding's part when that arrives, so two copies exist for one add and
+one afterwards. Same bits (a + b = b + a; three or more parts are summed in autograd's order).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils._pytree import tree_leaves
 
 from ..checks import integer
 from ..memory import gradient_bytes, tensor_bytes
 from .accounting import state_bytes
+from .inner import grad_workspace
+from .prealloc import InitReport, init_state
 
-__all__ = ["GradBytesTracker", "LayerwiseOptimizer", "layerwise"]
+__all__ = ["GradBytesTracker", "LayerwiseOptimizer", "TiedGradients", "layerwise"]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 
@@ -53,7 +76,10 @@ class LayerwiseOptimizer(Optimizer):
     per optimizer step. ``step()`` only runs a closure (the updates already happened in backward) and
     ``param_groups`` is the list of the per-parameter optimizers' groups, so any
     ``torch.optim.lr_scheduler`` drives all of them. ``state_dict()`` holds every per-parameter
-    optimizer's state dict and the micro-batch counters.
+    optimizer's state dict and the micro-batch counters. ``preallocate`` (default True): allocate the
+    optimizers' state now (:meth:`init_state`) rather than in the first backward. ``model``: the model
+    the parameters belong to, when ``params`` are parameters or groups (e.g. ``param_groups(model)``);
+    with it (or with ``params`` a model) tied weights are summed by :class:`TiedGradients`.
     """
 
     def __init__(
@@ -61,6 +87,8 @@ class LayerwiseOptimizer(Optimizer):
         params: nn.Module | Iterable[Any],
         optimizer_factory: OptimizerFactory,
         accumulate: int = 1,
+        preallocate: bool = True,
+        model: nn.Module | None = None,
     ):
         if not callable(optimizer_factory):
             raise ValueError("optimizer_factory must be callable: list of one param group -> torch Optimizer")
@@ -71,6 +99,25 @@ class LayerwiseOptimizer(Optimizer):
         self._pending: dict[torch.Tensor, int] = {}
         self._handles: list[Any] = []
         super().__init__(_as_groups(params), {})
+        self.init_report: InitReport | None = self.init_state() if preallocate else None
+        model = params if isinstance(params, nn.Module) else model
+        self.tied = TiedGradients(model, list(self._optimizers), self._deliver) if model is not None else None
+
+    def _deliver(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """A tied weight's summed gradient that autograd did not get to accumulate (see TiedGradients)."""
+        p.grad = grad if p.grad is None else p.grad + grad
+        self._on_grad(p)
+
+    def init_state(self) -> InitReport:
+        """Allocate every per-parameter optimizer's state ahead of the first backward where possible
+        (``prealloc.init_state``; zeros, numerics unchanged). Returns what was allocated and what stays
+        lazy (e.g. a projector's basis, which needs the first gradient)."""
+        report = InitReport()
+        for optimizer in self._optimizers.values():
+            one = init_state(optimizer)
+            report.allocated_bytes += one.allocated_bytes
+            report.lazy.extend(one.lazy)
+        return report
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """One optimizer (and one backward hook) per parameter of ``param_group``."""
@@ -99,7 +146,8 @@ class LayerwiseOptimizer(Optimizer):
         if self._pending[p] < self.accumulate:
             return
         self._pending[p] = 0
-        self._optimizers[p].step()
+        with grad_workspace():  # the gradient is dropped right after: its buffer is the step's workspace
+            self._optimizers[p].step()
         p.grad = None
 
     def step(self, closure=None):  # type: ignore[override]
@@ -148,14 +196,122 @@ class LayerwiseOptimizer(Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.tied is not None:
+            self.tied.remove()
+
+
+class TiedGradients:
+    """Sum the gradient parts of a weight shared by several modules (a tied embedding / output head)
+    as they arrive in backward, instead of leaving it to autograd.
+
+    Every forward of an owning module registers a hook on the autograd node that sends the weight's
+    part to its accumulator. Every part but the last is kept here (autograd gets None); the last
+    one gets the kept sum added, in place when it is a fresh tensor, and goes on to the accumulator,
+    so the post-accumulate-grad hook (the layer-wise step) fires once with the full gradient. Parts
+    are summed in arrival order, as autograd's input buffer does, so the result is bit-identical.
+    If a backward ends with a part still kept (a forward whose graph was never backpropagated, or
+    a backward that skipped a use), ``deliver(p, kept_sum)`` gets it at the end of that backward.
+    Meant for ``loss.backward()``: ``torch.autograd.grad`` w.r.t. a tied weight would miss the kept
+    parts. Costs one graph walk of a few nodes per forward of an owning module.
+    """
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor],
+                 deliver: Callable[[torch.Tensor, torch.Tensor], None]):
+        ours = {id(p) for p in params}
+        owners: dict[int, tuple[torch.Tensor, list[nn.Module]]] = {}
+        for module in model.modules():
+            for _, p in module.named_parameters(recurse=False):
+                if id(p) in ours:
+                    owners.setdefault(id(p), (p, []))[1].append(module)
+        self.params = [p for p, modules in owners.values() if len(modules) > 1]
+        self._deliver = deliver
+        self._expected: dict[int, int] = {}
+        self._arrived: dict[int, int] = {}
+        self._kept: dict[int, tuple[torch.Tensor, bool]] = {}  # (partial sum, owned by us)
+        self._handles = [
+            module.register_forward_hook(functools.partial(self._on_forward, p))
+            for p, modules in owners.values() if len(modules) > 1 for module in modules
+        ]
+        self._callback_queued = False
+
+    def _on_forward(self, p: torch.Tensor, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or not p.requires_grad:
+            return
+        accumulator = p.view_as(p).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+        stop = {t.grad_fn for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        todo = [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        seen: set[Any] = set()
+        while todo:
+            node = todo.pop()
+            if node in seen or node in stop:
+                continue
+            seen.add(node)
+            for slot, (nxt, _) in enumerate(node.next_functions):
+                if nxt is accumulator:
+                    node.register_hook(functools.partial(self._on_part, p, slot))
+                    self._expected[id(p)] = self._expected.get(id(p), 0) + 1
+                elif nxt is not None:
+                    todo.append(nxt)
+
+    def _on_part(self, p: torch.Tensor, slot: int, grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]):
+        key = id(p)
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)  # type: ignore[attr-defined]
+            self._callback_queued = True
+        self._arrived[key] = self._arrived.get(key, 0) + 1
+        part = grad_inputs[slot]
+        if part is None:
+            return None
+        kept = self._kept.pop(key, None)
+        last = self._arrived[key] >= self._expected.get(key, 0)
+        if kept is not None:
+            total, owned = kept
+            if owned:
+                part = total.add_(part)
+            elif last and self._fresh(part, grad_outputs):
+                part = part.add_(total)  # total + part, bit for bit (addition commutes)
+            else:
+                part = total + part
+            owned = True
+        else:
+            owned = False
+        if last:
+            self._arrived[key] = self._expected[key] = 0
+            return tuple(part if i == slot else g for i, g in enumerate(grad_inputs))
+        self._kept[key] = (part, owned)
+        return tuple(None if i == slot else g for i, g in enumerate(grad_inputs))
+
+    @staticmethod
+    def _fresh(t: torch.Tensor, grad_outputs: tuple[Any, ...]) -> bool:
+        """Made by the node's backward (not a view, not sharing memory with the incoming gradients)."""
+        if t._is_view():
+            return False
+        ptr = t.untyped_storage().data_ptr()
+        return all(g is None or g.untyped_storage().data_ptr() != ptr for g in grad_outputs)
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        pending = [(p, self._kept.pop(id(p))[0]) for p in self.params if id(p) in self._kept]
+        self._expected.clear()
+        self._arrived.clear()
+        for p, grad in pending:
+            with torch.no_grad():
+                self._deliver(p, grad)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def layerwise(
-    model: nn.Module | Iterable[Any], optimizer_factory: OptimizerFactory, accumulate: int = 1
+    model: nn.Module | Iterable[Any], optimizer_factory: OptimizerFactory, accumulate: int = 1,
+    preallocate: bool = True, owner: nn.Module | None = None,
 ) -> LayerwiseOptimizer:
-    """``LayerwiseOptimizer(model, optimizer_factory, accumulate)``; e.g.
-    ``layerwise(model, lambda groups: torch.optim.AdamW(groups, lr=1e-3))``."""
-    return LayerwiseOptimizer(model, optimizer_factory, accumulate)
+    """``LayerwiseOptimizer(model, optimizer_factory, accumulate, preallocate, model=owner)``; e.g.
+    ``layerwise(model, lambda groups: torch.optim.AdamW(groups, lr=1e-3, fused=True))`` or
+    ``layerwise(param_groups(model, rank=128), galore_factory, owner=model)``."""
+    return LayerwiseOptimizer(model, optimizer_factory, accumulate, preallocate, model=owner)
 
 
 class GradBytesTracker:
