@@ -9,6 +9,9 @@ SmolLM2-135M (causal LM on the stdlib-code corpus):
   1.5× the target rank (the paper's ratio) and prunes to it, IncreLoRA grows from rank 2 to it, DyLoRA
   trains rank r once and is evaluated truncated to r and to 70%·r, SoRA starts at 1.5·r and prunes
   by its L1 gate (its final budget is what λ gives; the table reports it).
+  GoRA gives each layer a share of LoRA's parameter budget by its gradient score, ElaLoRA moves
+  rank between layers at a fixed total, PRILoRA ramps the rank with depth around the target (mean
+  = target) and prunes half of A's entries by |w|·‖x‖.
 * ``dyn`` — every training-dynamics method at LoRA's rank, learning rate and steps; loss curves.
 
 Every arm sees the same batches, steps, schedule (AdamW, linear decay, 10% warm-up) and initial
@@ -81,9 +84,14 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
                 {"r": 2, "target_r": target, "init_warmup": warm, "incre_interval": 3, "top_h": 8,
                  "incre_rank_num": 2}, budget),
             Arm(f"dylora r{r}@{target}", "dylora", {"r": r}, budget, truncate=target),
+            Arm(f"gora r{target}", "gora", {"r": target}, budget),
+            Arm(f"elalora r{target}", "elalora",
+                {"r": target, "warmup": warm, "adjust_interval": 5, "tfinal": final}, budget),
+            Arm(f"prilora {target - target // 2}→{target + target // 2}", "prilora",
+                {"r_start": target - target // 2, "r_end": target + target // 2}, budget),
         ]
     arms.append(Arm(f"sora {math.ceil(1.5 * r)}", "sora", {"r": math.ceil(1.5 * r), "sparse_lambda": 10.0}, "L1"))
-    return arms
+    return [a for a in arms if a.method in rw.REGISTRY]
 
 
 DYNAMICS = ("lora", "allora", "lora_pro", "lora_dropout", "cola", "lora_ggpo", "fast_forward", "bilora", "loft")
