@@ -90,7 +90,8 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
             Arm(f"prilora {target - target // 2}→{target + target // 2}", "prilora",
                 {"r_start": target - target // 2, "r_end": target + target // 2}, budget),
         ]
-    arms.append(Arm(f"sora {math.ceil(1.5 * r)}", "sora", {"r": math.ceil(1.5 * r), "sparse_lambda": 10.0}, "L1"))
+    start = math.ceil(1.5 * r)
+    arms.extend(Arm(f"sora {start} λ{lam:g}", "sora", {"r": start, "sparse_lambda": lam}, "L1") for lam in (10.0, 5.0))
     return [a for a in arms if a.method in rw.REGISTRY]
 
 
