@@ -14,7 +14,7 @@ import rankwise as rw
 from rankwise.memory import unique_parameters
 from rankwise.models.loaders import tiny_bert, tiny_llama
 from rankwise.optim.accounting import state_bytes
-from rankwise.plan import batch_for, loss_of, output_head, plan, saved_bytes
+from rankwise.planner import batch_for, loss_of, output_head, plan, saved_bytes
 
 SEED = 0
 
