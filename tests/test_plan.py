@@ -1,6 +1,8 @@
 """``rw.plan`` against measurement on CPU with tiny models: model states exact to the byte (the bytes
 of the real tensors after one real step), activations within 5% of the bytes saved for backward
-(saved-tensor hooks, each storage once) over methods, checkpointing and sequence lengths."""
+(saved-tensor hooks, each storage once) over methods, checkpointing and sequence lengths, and the
+peak within 2% of a real three-step CPU run whose every allocation is followed (the CPU stand-in for
+``max_memory_allocated``; the GPU check is ``benchmarks/plan_gpu_check.py``)."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def _llama_config():
     return tiny_llama(vocab_size=96, hidden=32, layers=2, heads=4, intermediate=64, kv_heads=2, seed=SEED).config
 
 
-def _real(config, method, method_options, optimizer, optimizer_options, dtype=torch.float32, task="causal-lm"):
-    """A real CPU model from ``config`` after one real training step: (model, optimizer)."""
+def _model(config, method, method_options, dtype=torch.float32, task="causal-lm", checkpointing=False):
+    """A real CPU model from ``config`` with the adapter ``method`` (and checkpointing), in train mode."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(SEED)
@@ -32,8 +34,17 @@ def _real(config, method, method_options, optimizer, optimizer_options, dtype=to
     model = auto.from_config(copy.deepcopy(config), dtype=dtype)
     if method is not None:
         rw.adapt(model, method, **method_options)
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _real(config, method, method_options, optimizer, optimizer_options, dtype=torch.float32, task="causal-lm"):
+    """A real CPU model from ``config`` after one real training step: (model, optimizer)."""
+    model = _model(config, method, method_options, dtype, task)
     opt = rw.optim.make(optimizer, model, **optimizer_options)
-    model.train()
     loss_of(model(**batch_for(model, task, 2, 16, "cpu"))).backward()
     opt.step()
     return model, opt
@@ -87,18 +98,7 @@ def test_model_states_bf16_base_fp32_adapter():
 
 
 def _measured_saved(config, method, mopts, checkpointing, seq, task="causal-lm"):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    torch.manual_seed(SEED)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    model = auto.from_config(copy.deepcopy(config))
-    if method is not None:
-        rw.adapt(model, method, **mopts)
-    if checkpointing:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model = _model(config, method, mopts, task=task, checkpointing=checkpointing)
     inputs = batch_for(model, task, 2, seq, "cpu")
     out = {}
     layers, head = saved_bytes(model, lambda: out.setdefault("o", model(**inputs)), output_head(model))
@@ -143,3 +143,39 @@ def test_budget_and_errors():
         plan(config, None, "nope")
     with pytest.raises(ValueError, match="adapter method"):
         plan(config, None, "adamw", quant="nf4")
+
+
+def _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, checkpointing=False):
+    """Parameter bytes + the most bytes a real CPU run (three steps: forward, backward, step,
+    zero_grad) has alive at once, following every storage an op creates until it is freed."""
+    from rankwise.planner import _LiveBytes
+
+    model = _model(config, method, mopts, checkpointing=checkpointing)
+    opt = rw.optim.make(optimizer, model, **oopts)
+    inputs = batch_for(model, "causal-lm", batch, seq, "cpu")
+    params = unique_parameters(model)
+    with _LiveBytes(params) as live:
+        for _ in range(3):
+            loss_of(model(**inputs)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return sum(p.numel() * p.element_size() for p in params) + live.peak
+
+
+PEAK_GRID = [  # (method, options, optimizer, options, batch, seq, checkpointing); the last two peak at the step
+    (None, {}, "adamw", {"foreach": True}, 4, 64, False),
+    ("lora", {"r": 8}, "adamw", {"foreach": True}, 4, 64, True),
+    (None, {}, "galore", {"rank": 16}, 4, 64, False),
+    (None, {}, "apollo", {"rank": 16}, 2, 32, True),
+    (None, {}, "adamw", {"foreach": True}, 1, 2, False),
+    (None, {}, "galore", {"rank": 16, "projector": "svd"}, 1, 2, False),
+]
+
+
+@pytest.mark.parametrize(("method", "mopts", "optimizer", "oopts", "batch", "seq", "ckpt"), PEAK_GRID)
+def test_peak_matches_tracked_cpu_run(method, mopts, optimizer, oopts, batch, seq, ckpt):
+    config = tiny_llama(vocab_size=512, hidden=64, layers=2, heads=4, intermediate=128, kv_heads=2, seed=SEED).config
+    p = plan(config, method, optimizer, batch_size=batch, seq_len=seq, checkpointing=ckpt, method_options=mopts,
+             optimizer_options=oopts)
+    measured = _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, ckpt)
+    assert abs(p.peak - measured) <= 0.02 * measured, (p.peak, measured, p.peak_phase)

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,20 @@ class _Probe:
     sharded: dict[int, int]  # id(meta param) -> moment bytes that shard with the parameter (dim 0)
     shared: int  # bytes not attributable to one parameter (shared bases, sampler tensors, options)
     projector_kind: dict[int, str]  # id(meta param) -> projector class name ("" when not projected)
+    step_temp: dict[int, int]  # id(meta param) -> bytes its own first step holds on top of its state
+
+
+def _step_temporaries(group: dict[str, Any], rep: nn.Parameter,
+                      build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]) -> int:
+    """Bytes one parameter's first step (state creation, subspace refresh, update) holds beyond the
+    state it leaves: a fresh optimizer on a copy of ``rep``, stepped under the storage tracker (the
+    LAPACK / cuSOLVER workspace of a decomposition is not an op output and is not seen)."""
+    p = nn.Parameter(rep.detach().clone())
+    p.grad = rep.grad.detach().clone() if rep.grad is not None else None
+    opt = build([{**{k: v for k, v in group.items() if k != "params"}, "params": [p]}])
+    with _shape_only_linalg(), torch.no_grad(), _LiveBytes([p, *([p.grad] if p.grad is not None else [])]) as live:
+        opt.step()
+        return max(0, live.peak - live.current)
 
 
 def _probe_state(groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
@@ -270,6 +284,7 @@ def _probe_state(groups: list[dict[str, Any]], build: Callable[[list[dict[str, A
             owner[id(p)] = reps[key]
         if params:
             rep_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    temps = {id(rep): _step_temporaries(g, rep, build) for g in rep_groups for rep in g["params"]}
     opt = build(rep_groups)
     with _shape_only_linalg(), torch.no_grad():
         opt.step()
@@ -301,7 +316,8 @@ def _probe_state(groups: list[dict[str, Any]], build: Callable[[list[dict[str, A
     per_param = {pid: per_rep[id(rep)][:2] for pid, rep in owner.items()}
     sharded = {pid: per_rep[id(rep)][2] for pid, rep in owner.items()}
     kinds = {pid: per_rep[id(rep)][3] for pid, rep in owner.items()}
-    return _Probe(per_param, sharded, max(0, total - attributed), kinds)
+    return _Probe(per_param, sharded, max(0, total - attributed), kinds,
+                  {pid: temps[id(rep)] for pid, rep in owner.items()})
 
 
 # ------------------------------------------------------------------------------------------ meta trace
@@ -334,9 +350,9 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Follows every storage an op creates until it is freed: ``peak`` of the live bytes
     (storages that existed before, such as parameters, are not counted)."""
 
-    def __init__(self, known: set[int]):
+    def __init__(self, known: Iterable[torch.Tensor]):
         super().__init__()
-        self.known = set(known)
+        self.known = {t.untyped_storage()._cdata for t in known}
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -447,19 +463,17 @@ def trace(model: nn.Module, task: str, batch_size: int, seq_len: int, *,
         for p in _unique(model):
             if p.requires_grad:
                 handles.append(p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None)))
-    params = {_storage_key(p) for p in model.parameters()}
     real_sdpa, real_autocast = torch.nn.functional.scaled_dot_product_attention, torch.is_autocast_enabled
     torch.nn.functional.scaled_dot_product_attention = _sdpa
     # autocast has no meta dispatch key: asking whether it is on for "meta" raises
     torch.is_autocast_enabled = lambda *a: False if a and str(a[0]) == "meta" else real_autocast(*a)  # type: ignore
-    result: dict[str, Any] = {}
     try:
-        with _LiveBytes(params) as live:
-            def run() -> None:
-                result["out"] = model(**inputs)
-
-            layers, head = saved_bytes(model, run, output_head(model))
-            loss_of(result.pop("out")).backward()
+        # two passes: saved-tensor hooks keep every saved tensor alive until the forward ends, which
+        # under activation checkpointing would inflate the live peak, so the peak is a pass without them
+        with _LiveBytes(model.parameters()):  # (it also answers the meta .item() calls)
+            layers, head = saved_bytes(model, lambda: model(**inputs), output_head(model))
+        with _LiveBytes(model.parameters()) as live:
+            loss_of(model(**inputs)).backward()
     finally:
         torch.nn.functional.scaled_dot_product_attention = real_sdpa
         torch.is_autocast_enabled = real_autocast  # type: ignore[assignment]
@@ -576,8 +590,12 @@ def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int
             exact, randomized = max(exact, e), max(randomized, r)
     kinds = {probe.projector_kind.get(id(p), "") for p in trained if id(p) in rank_of}
     used = "exact" if kinds & set(_EXACT) else "randomized" if kinds & set(_RANDOMIZED) else "none"
-    transient = {"exact": exact, "randomized": randomized}.get(used, 0)
-    if (optimizer == "adamw" or sampler) and not layerwise:
+    # measured: the largest one-parameter step (tracked on the probe; parameters step one at a time),
+    # plus for an exact SVD the decomposition's workspace (a copy of the input), which is no op output
+    transient = max((probe.step_temp.get(id(p), 0) for p in trained), default=0)
+    if used == "exact":
+        transient += max((4 * p.numel() for p in trained if id(p) in rank_of), default=0)
+    if (optimizer == "adamw" or sampler) and not layerwise and options.get("foreach", True):
         # torch's foreach AdamW (the CUDA default) holds one temporary the size of the trained tensors
         transient = max(transient, grads_all)
     return _States(
