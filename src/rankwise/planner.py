@@ -229,11 +229,37 @@ def _shape_only_linalg() -> Iterator[None]:
         return torch.return_types.linalg_qr(  # type: ignore[attr-defined]
             (Q, eye(k, n, A)))
 
-    torch.linalg.svd, torch.linalg.qr = svd, qr  # type: ignore[assignment]
+    def eigh(A: torch.Tensor, UPLO: str = "L", **_: Any) -> Any:
+        n = A.shape[-1]
+        L = torch.ones(*A.shape[:-1], dtype=A.dtype, device=A.device)
+        return torch.return_types.linalg_eigh((L, eye(n, n, A)))  # type: ignore[attr-defined]
+
+    real_eigh = torch.linalg.eigh
+    torch.linalg.svd, torch.linalg.qr, torch.linalg.eigh = svd, qr, eigh  # type: ignore[assignment]
     try:
-        yield
+        with _Fp32Matmul():
+            yield
     finally:
-        torch.linalg.svd, torch.linalg.qr = real_svd, real_qr  # type: ignore[assignment]
+        torch.linalg.svd, torch.linalg.qr, torch.linalg.eigh = real_svd, real_qr, real_eigh  # type: ignore[assignment]
+
+
+class _Fp32Matmul(torch.utils._python_dispatch.TorchDispatchMode):
+    """CPU bf16/fp16 matrix products computed in fp32 and cast back (same output dtype and shape, so
+    the same memory; a bf16 GEMM without AMX takes minutes at 11008×4096 in the probe). Entered
+    outside the storage tracker, so the fp32 copies it makes are not counted."""
+
+    _OPS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+            torch.ops.aten.baddbmm.default)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        low = [a for a in args if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16)
+               and a.device.type == "cpu"]
+        if func not in self._OPS or not low:
+            return func(*args, **kwargs)
+        dtype = low[0].dtype
+        up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return func(*up, **kwargs).to(dtype)
 
 
 def _is_projector_key(key: Any) -> bool:
