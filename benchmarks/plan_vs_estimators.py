@@ -16,7 +16,7 @@ The other estimators, restated from their documentation (formulas computed here,
   BAdam in 16 bits 2x GB, QLoRA 8-bit x GB, 4-bit x/2 GB, 2-bit x/4 GB. One number per method: batch,
   length, rank and checkpointing do not enter.
 
-    python benchmarks/plan_vs_estimators.py      # ~2 min on 2 CPU cores (the 7B rows probe 7B-sized tensors)
+    python benchmarks/plan_vs_estimators.py      # ~6 min on 2 busy CPU cores (the 7B rows probe 7B-sized tensors)
 """
 
 from __future__ import annotations

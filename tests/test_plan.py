@@ -179,3 +179,16 @@ def test_peak_matches_tracked_cpu_run(method, mopts, optimizer, oopts, batch, se
              optimizer_options=oopts)
     measured = _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, ckpt)
     assert abs(p.peak - measured) <= 0.02 * measured, (p.peak, measured, p.peak_phase)
+
+
+def test_gpu_check_script_dry_run(capsys):
+    """benchmarks/plan_gpu_check.py runs its code path on CPU (the GPU comparison needs CUDA)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_gpu_check.py"
+    spec = importlib.util.spec_from_file_location("plan_gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--dry-run", "--only", "galore-svd"]) == 0
+    assert "1 configurations ran on CPU" in capsys.readouterr().out
