@@ -99,7 +99,8 @@ class Plan:
             ("refresh, exact SVD", self.refresh_exact, "transient of one refresh of the largest projected matrix"),
             ("refresh, randomized", self.refresh_randomized, "same with the randomized range finder"),
             ("step transient", self.step_transient,
-             f"temporaries of optimizer.step ({self.refresh_used} refresh / foreach buffers)"),
+             "temporaries of optimizer.step: measured on the probe"
+             + {"exact": " + SVD workspace", "randomized": " (randomized refresh)"}.get(self.refresh_used, "")),
             ("activations", self.activations, "saved for backward in the layers (meta trace)"),
             ("logits", self.logits, "saved for backward by the output head and the loss"),
             ("backward peak", self.backward_peak, "live non-parameter bytes at the worst point of fwd+bwd"),

@@ -20,7 +20,8 @@ and length (bytes saved for backward, each storage once, and the live peak).
 Itemized per rank: weights, gradients, optimizer state, projectors (GaLore-style bases,
 replicated under FSDP2), the refresh-step transient (exact SVD and randomized), other
 optimizer-step temporaries, activations, logits, the forward/backward live peak and the
-overall peak. With --memory, says whether the peak fits.
+overall peak. With --memory, says whether the peak fits (exit status 1 when it does
+not, 0 when it does; a bad input is one error line and status 2).
 
 --rank is the adapter's r with --method, else the projected optimizer's subspace rank.
 Adapter weights stay fp32 whatever --dtype (the base's) is. docs/plan.md explains each
