@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_memory(args.memory) if args.memory is not None else None
     method = None if args.method in ("none", "full") else args.method
     options = key_values(args.option, "--option", "init=pissa")
+    if options and method is None:
+        raise UsageError(f"--option {sorted(options)} sets adapter options: give --method (or use "
+                         "--optimizer-option for the optimizer)")
     optimizer_options = key_values(args.optimizer_option, "--optimizer-option", "update_gap=200")
     if args.targets is not None:
         (options if method else optimizer_options)["targets"] = parse_targets(args.targets)
