@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..checks import choice
-from . import quant
+from . import fused, quant
 
 State = dict[str, Any]
 
@@ -76,6 +76,11 @@ class Inner:
     def transition(self, state: State, T: torch.Tensor, side: str, group: dict) -> None:
         raise NotImplementedError  # pragma: no cover
 
+    def fused_step(self, p: torch.Tensor, g: torch.Tensor, state: State, group: dict) -> bool:
+        """Do the whole plain step (update, p ← p − lr·c·N, weight decay) in one chunked pass and return
+        True, or return False (nothing done) for the engine's unfused code."""
+        return False
+
 
 def _tick(state: State) -> int:
     state["inner_step"] = t = int(state.get("inner_step", 0)) + 1
@@ -105,6 +110,24 @@ class AdamW(Inner):
         m.mul_(b1).add_(g, alpha=1.0 - b1)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         return m / v.sqrt().add_(group["eps"]), _adam_factor(group, t)
+
+    def fused_step(self, p: torch.Tensor, g: torch.Tensor, state: State, group: dict) -> bool:
+        """The plain (unprojected) step of the engine, ``update`` + p ← p − lr·c·N + weight decay, done
+        in cache-sized chunks (``fused.adamw_``, bit-identical); False (nothing done) when the tensors
+        are not :func:`fused.chunkable`."""
+        if not fused.chunkable(p, g):
+            return False
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if not fused.chunkable(p, m, v) or m.shape != g.shape or v.shape != g.shape:
+            return False
+        t = _tick(state)
+        lr, wd = group["lr"], group["weight_decay"]
+        fused.adamw_(p, g, m, v, group["betas"], group["eps"], -lr * _adam_factor(group, t),
+                     -lr * wd if wd > 0.0 else None)
+        return True
 
     def transition(self, state, T, side, group):
         t = int(state.get("inner_step", 0))
