@@ -35,11 +35,14 @@ from transformers import LlamaForCausalLM
 import rankwise as rw
 from rankwise.memory import total_params
 
-ARMS = ("adamw", "galore", "apollo", "fira", "adamw_foreach", "engine_adamw")
+ARMS = ("adamw", "galore", "apollo", "fira", "adamw_foreach", "engine_adamw", "galore_torch", "apollo_torch")
 #: Context arms, not targets: torch's AdamW with ``foreach=True`` (a horizontally fused loop; not torch's
 #: CPU default) and the projected engine's own AdamW on every parameter (no ``rank``: the plain path that
 #: the embeddings, LM head and norms take inside the projected optimizers).
 CONTEXT = ("adamw_foreach", "engine_adamw")
+#: The reference implementations on the same groups: galore-torch ``GaLoreAdamW`` (its exact-SVD
+#: projector; the ordinary step does not depend on how P was found) and apollo-torch ``APOLLOAdamW``.
+ANCHORS = ("galore_torch", "apollo_torch")
 BIG_GAP = 10**9  # no refresh after the first step
 
 
@@ -51,6 +54,20 @@ def build(arm: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
     if arm == "engine_adamw":
         return rw.optim.ProjectedOptimizer(model.parameters(), lr=args.lr)
     projected, plain = split_params(model)
+    if arm in ANCHORS:
+        import warnings
+
+        import apollo_torch
+        import galore_torch
+
+        keys = {"rank": args.rank, "update_proj_gap": BIG_GAP, "proj_type": "std"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if arm == "galore_torch":
+                return galore_torch.GaLoreAdamW([{"params": plain}, {"params": projected, **keys, "scale": 0.25}],
+                                                lr=args.lr, no_deprecation_warning=True)
+            apollo = {"scale": 1.0, "proj": "random", "scale_type": "channel"}
+            return apollo_torch.APOLLOAdamW([{"params": plain}, {"params": projected, **keys, **apollo}], lr=args.lr)
     groups = [{"params": projected, "rank": args.rank}, {"params": plain}]
     scale = {"apollo": 1.0}.get(arm, 0.25)
     return rw.optim.make(arm, groups, lr=args.lr, update_gap=BIG_GAP, scale=scale, proj_side="std")
