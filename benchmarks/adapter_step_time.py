@@ -167,9 +167,6 @@ def smollm2_limits(args) -> None:
                   "machine": platform.processor() or platform.machine()},
         "median_s": med, "all_s": times, "ratios": ratios, "targets": targets,
     }
-    out = Path(args.out + "_smollm2" if args.out.endswith("adapter_step_time") else args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Adapters at the limit: SmolLM2-135M\n",
         f"Causal LM on random tokens, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
@@ -184,7 +181,15 @@ def smollm2_limits(args) -> None:
         *[f"| {k} | {v:.3f} | {'<= ' + format(targets[k], '.2f') if k in targets else ''} |"
           for k, v in ratios.items()],
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write(args.out + "_smollm2" if args.out.endswith("adapter_step_time") else args.out, result, lines)
+
+
+def write(out: str, result: dict, lines: list[str]) -> None:
+    """``out``.json (``result``) and ``out``.md (``lines``), printed."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -269,9 +274,6 @@ def main() -> None:
         },
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Adapter training step: rankwise vs PEFT\n",
         f"MiniLM-L6 seq-cls, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
@@ -289,8 +291,7 @@ def main() -> None:
             f"{ratio} | {diff} | {r['trainable_params']:,} | {r['optimizer_state_bytes'] / 2**20:.1f} MiB | "
             f"{r['saved_activation_bytes'] / 2**20:.1f} MiB |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args.out, result, lines)
 
 
 if __name__ == "__main__":
