@@ -8,8 +8,9 @@ sliced; a row block of a matrix product is the matrix product of the row block),
 is a small, cache-resident block instead of a full-size tensor: on CPU this saves one or two memory
 passes per temporary and, for large tensors (an embedding), the page faults of a fresh allocation.
 
-Only plain, contiguous tensors of one dtype and device are chunked (:func:`chunkable`); anything else
-(DTensors, non-contiguous views, mixed dtypes) keeps the unchunked code.
+Only plain, contiguous CPU tensors of one dtype are chunked (:func:`chunkable`); anything else
+(DTensors, non-contiguous views, mixed dtypes) keeps the unchunked code, and so do accelerators: there a
+caching allocator serves the temporaries and each block would be one more kernel launch per op.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ CHUNK = 1 << 17
 
 
 def chunkable(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is a plain (non-DTensor) contiguous tensor of the first one's dtype and device."""
+    """True when every tensor is a plain (non-DTensor) contiguous CPU tensor of the first one's dtype."""
     first = tensors[0]
     return all(
-        not is_dtensor(t) and t.is_contiguous() and t.dtype == first.dtype and t.device == first.device
+        not is_dtensor(t) and t.device.type == "cpu" and t.is_contiguous() and t.dtype == first.dtype
         for t in tensors
     )
 
