@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise.optim as rwo
+from rankwise.optim import checkpoint
 
 if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -147,9 +148,11 @@ def run(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     out = Path(args.dir)
+    split = args.split
     for spec in _specs(args):
         tag, method, kwargs, steps = spec["tag"], spec["method"], spec["kwargs"], int(spec["steps"])
         batches = make_batches(steps)
+        args.split = int(spec.get("split", split))
         if args.mode == "parity":
             model = _sharded(mesh)
             optimizer = make_optimizer(method, model, kwargs)
@@ -161,42 +164,66 @@ def run(args: argparse.Namespace) -> None:
                 fallbacks = getattr(optimizer, "svd_fallbacks", 0)
                 (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks}))
         elif args.mode == "dcp-save":
-            dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
+            dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
-            dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
+            dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
+            if (out / f"{tag}_ckpt1").exists():  # saved by one process: load resharded
+                dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out,
+                         source="_ckpt1", result="_resumed_1to2")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path) -> None:
+def _save_state(model, optimizer, path: Path, api: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model = _sharded(mesh)
-    optimizer = make_optimizer(method, model, kwargs)
-    train(model, optimizer, batches[:split], rank, world)
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / f"{tag}_ckpt"))
-    train(model, optimizer, batches[split:], rank, world)
-    weights = full_weights(model)
-    if rank == 0:
-        torch.save(weights, out / f"{tag}_straight.pt")
+    if api == "torch":  # torch's own API (projected optimizers)
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    else:
+        checkpoint.save(model, optimizer, str(path))
 
 
-def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path) -> None:
+def _load_state(model, optimizer, path: Path, api: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model = _sharded(mesh, seed=1)  # a different init: everything must come from the checkpoint
+    if api == "torch":
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        checkpoint.load(model, optimizer, str(path))
+
+
+def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise") -> None:
+    """``split`` steps, save to ``<tag>_ckpt``, the remaining steps; final weights to ``<tag>_straight.pt``.
+    ``mesh=None``: one process, a plain (unsharded) model, checkpoint ``<tag>_ckpt1``."""
+    model = make_model() if mesh is None else _sharded(mesh)
     optimizer = make_optimizer(method, model, kwargs)
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(out / f"{tag}_ckpt"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, optimizer, batches[:split], rank, world)
+    _save_state(model, optimizer, out / (f"{tag}_ckpt" if mesh is not None else f"{tag}_ckpt1"), api)
     train(model, optimizer, batches[split:], rank, world)
     weights = full_weights(model)
-    if rank == 0:
-        torch.save(weights, out / f"{tag}_resumed.pt")
+    if rank == 0 and mesh is not None:
+        torch.save(weights, out / f"{tag}_straight.pt")
+
+
+def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise",
+             source: str = "_ckpt", result: str = "_resumed") -> dict[str, torch.Tensor]:
+    """Fresh model (a different init: everything must come from the checkpoint) and optimizer load
+    ``<tag><source>``, train steps ``split..``; rank 0 saves the final weights to ``<tag><result>.pt``.
+    ``mesh=None``: one process, a plain model; the weights are returned."""
+    model = make_model(seed=1) if mesh is None else _sharded(mesh, seed=1)
+    optimizer = make_optimizer(method, model, kwargs)
+    _load_state(model, optimizer, out / f"{tag}{source}", api)
+    train(model, optimizer, batches[split:], rank, world)
+    weights = full_weights(model)
+    if rank == 0 and mesh is not None:
+        torch.save(weights, out / f"{tag}{result}.pt")
+    return weights
 
 
 def main() -> None:
