@@ -85,6 +85,33 @@ def one_process(
     return full_weights(model), optimizer
 
 
+def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama with ``rw.adapt(model, method, **kwargs)`` (``kind="adapt"``; a method whose
+    init needs gradients gets 2 batches as ``init_data``) or ``rw.sparsify`` (``kind="sparsify"``),
+    then cast to float64 (adapters are created fp32; the comparison needs float64 everywhere)."""
+    import rankwise as rw
+
+    model = make_model(seed)
+    if kind == "adapt":
+        spec = rw.get_method(method)
+        needs = spec.layer_cls.needs_grad(spec.make_config(**kwargs))
+        rw.adapt(model, method, init_data=make_batches(2, seed=5) if needs else None, **kwargs)
+    else:
+        rw.sparsify(model, method, **kwargs)
+    return model.to(torch.float64)
+
+
+def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps: int) -> dict[str, torch.Tensor]:
+    """Reference for the adapter / structured-layer parity: AdamW on the trainable parameters."""
+    model = structured_model(kind, method, kwargs)
+    train(model, _adamw(model), make_batches(steps))
+    return full_weights(model)
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
 def available() -> str | None:
     """None when 2-process FSDP2 on gloo can run here, else the reason (for ``pytest.skip``)."""
     import torch.distributed as dist
@@ -153,7 +180,17 @@ def run(args: argparse.Namespace) -> None:
         tag, method, kwargs, steps = spec["tag"], spec["method"], spec["kwargs"], int(spec["steps"])
         batches = make_batches(steps)
         args.split = int(spec.get("split", split))
-        if args.mode == "parity":
+        if args.mode == "structured":  # an adapter / structured layer, then fully_shard; errors recorded
+            try:
+                model = shard(structured_model(spec["kind"], method, kwargs), mesh)
+                train(model, _adamw(model), batches, rank, world)
+                weights, error = full_weights(model), None
+            except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
+                weights, error = {}, f"{type(exc).__name__}: {exc}"[:500]
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+                (out / f"{tag}.json").write_text(json.dumps({"error": error}))
+        elif args.mode == "parity":
             model = _sharded(mesh)
             optimizer = make_optimizer(method, model, kwargs)
             train(model, optimizer, batches, rank, world)
@@ -228,7 +265,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)
