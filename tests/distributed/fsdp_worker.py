@@ -50,6 +50,12 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCau
 
 
 def make_optimizer(method: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """``rw.optim.make(method, model, **kwargs)``; ``"layerwise:<name>"``: the layer-wise mode, one
+    ``make(name, [group])`` per parameter of ``param_groups(model, rank=...)`` stepped in backward."""
+    if method.startswith("layerwise:"):
+        name, kw = method.split(":", 1)[1], dict(kwargs)
+        groups = rwo.param_groups(model, rank=kw.pop("rank"))
+        return rwo.layerwise(groups, lambda g: rwo.make(name, g, **kw))
     return rwo.make(method, model, **kwargs)
 
 
@@ -180,7 +186,8 @@ def run(args: argparse.Namespace) -> None:
         tag, method, kwargs, steps = spec["tag"], spec["method"], spec["kwargs"], int(spec["steps"])
         batches = make_batches(steps)
         args.split = int(spec.get("split", split))
-        if args.mode == "structured":  # an adapter / structured layer, then fully_shard; errors recorded
+        mode = spec.get("mode", args.mode)  # one launch may mix modes
+        if mode == "structured":  # an adapter / structured layer, then fully_shard; errors recorded
             try:
                 model = shard(structured_model(spec["kind"], method, kwargs), mesh)
                 train(model, _adamw(model), batches, rank, world)
@@ -190,17 +197,39 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps({"error": error}))
-        elif args.mode == "parity":
-            model = _sharded(mesh)
-            optimizer = make_optimizer(method, model, kwargs)
+        elif mode == "zero":  # DDP + ZeroRedundancyOptimizer: torch's own, or sharding.zero_redundancy
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            from torch.nn.parallel import DistributedDataParallel
+
+            from rankwise.optim.sharding import zero_redundancy
+
+            inner = make_model()
+            model = DistributedDataParallel(inner)
+            if spec.get("fixed"):
+                optimizer = zero_redundancy(inner, method, **kwargs)
+            else:
+                whole = rwo.make(method, inner, **kwargs)
+                options = {k: v for k, v in kwargs.items() if k not in ("rank", "targets")}
+                optimizer = ZeroRedundancyOptimizer([dict(g) for g in whole.param_groups],
+                                                    optimizer_class=type(whole), **options)
             train(model, optimizer, batches, rank, world)
-            weights = full_weights(model)
+            weights = full_weights(inner)
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
+        elif mode == "parity":
+            try:
+                model = _sharded(mesh)
+                optimizer = make_optimizer(method, model, kwargs)
+                train(model, optimizer, batches, rank, world)
+                weights, error = full_weights(model), None
                 # projector refreshes that failed over (an op that rejects DTensors would land here)
                 fallbacks = getattr(optimizer, "svd_fallbacks", 0)
-                (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks}))
-        elif args.mode == "dcp-save":
+            except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
+                weights, error, fallbacks = {}, f"{type(exc).__name__}: {exc}"[:500], 0
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+                (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks, "error": error}))
+        elif mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
             dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
@@ -265,7 +294,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "zero", "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

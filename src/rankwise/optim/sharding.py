@@ -73,3 +73,33 @@ def reduced(t: torch.Tensor) -> torch.Tensor:
     if not is_dtensor(t) or not any(pl.is_partial() for pl in t.placements):
         return t
     return t.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in t.placements])
+
+
+def zero_redundancy(model: torch.nn.Module, name: str, process_group: Any = None, **kwargs: Any) -> Any:
+    """``torch.distributed.optim.ZeroRedundancyOptimizer`` around ``rankwise.optim.make(name, model,
+    **kwargs)`` (same param groups and options), with the per-parameter seeds of one process.
+
+    ZeRO builds each rank's local optimizer on that rank's share of the parameters, so a projected
+    optimizer there would number its seeds over the local share only: APOLLO's, Flora's and the
+    range finder's seeded projections would differ from rank to rank and from one process (APOLLO:
+    0.022 apart after 4 steps). Here the seeds are numbered over the whole model, once, and handed
+    to every local optimizer. Block samplers decide per step which parameters train and are refused.
+    """
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from .factory import SAMPLERS, make
+
+    if name in SAMPLERS:
+        raise ValueError(f"{name!r} samples blocks of the model; use it with DDP or FSDP2, not ZeroRedundancyOptimizer")
+    whole = make(name, model, **kwargs)  # no state until its first step: only groups and seeds are used
+    if type(whole).__name__ == "GuardedOptimizer":
+        raise ValueError("zero_redundancy does not wrap GuardedOptimizer options (skip_nonfinite, master_weights, ...)")
+    options = {k: v for k, v in kwargs.items() if k not in ("rank", "targets")}
+    groups = [dict(g) for g in whole.param_groups]
+    zero = ZeroRedundancyOptimizer(groups, optimizer_class=type(whole), process_group=process_group, **options)
+    seeds = getattr(whole, "_seeds", None)
+    if seeds is not None:
+        local = zero.optim
+        local._seeds = {p: seeds[p] for g in local.param_groups for p in g["params"] if p in seeds}
+        local._param_count = whole._param_count
+    return zero
