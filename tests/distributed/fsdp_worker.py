@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise.optim as rwo
 from rankwise.optim import checkpoint
+from rankwise.optim.sharding import local_state_bytes
 
 if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -224,11 +225,15 @@ def run(args: argparse.Namespace) -> None:
                 weights, error = full_weights(model), None
                 # projector refreshes that failed over (an op that rejects DTensors would land here)
                 fallbacks = getattr(optimizer, "svd_fallbacks", 0)
+                memory = local_state_bytes(optimizer)
             except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
-                weights, error, fallbacks = {}, f"{type(exc).__name__}: {exc}"[:500], 0
+                weights, error, fallbacks, memory = {}, f"{type(exc).__name__}: {exc}"[:500], 0, {}
+            per_rank: list[Any] = [None] * world
+            dist.all_gather_object(per_rank, memory)  # the per-rank memory table of docs/distributed.md
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
-                (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks, "error": error}))
+                (out / f"{tag}.json").write_text(json.dumps(
+                    {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank}))
         elif mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:

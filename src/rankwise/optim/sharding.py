@@ -103,3 +103,25 @@ def zero_redundancy(model: torch.nn.Module, name: str, process_group: Any = None
         local._seeds = {p: seeds[p] for g in local.param_groups for p in g["params"] if p in seeds}
         local._param_count = whole._param_count
     return zero
+
+
+def local_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's optimizer state in bytes: ``"sharded"`` (the local shards of DTensors sharded
+    over the mesh: moments of row-sharded projections, full AdamW moments), ``"replicated"`` (plain
+    tensors — projector bases, seeds, index sets — and replicated DTensors, held whole on every
+    rank). Per-parameter state only (``optimizer.state``), each storage once."""
+    out = {"sharded": 0, "replicated": 0}
+    seen: set[tuple[int, int]] = set()
+    states = [st for o in getattr(optimizer, "optimizers", [optimizer]) for st in o.state.values()]
+    for st in states:
+        for value in st.values():
+            if not torch.is_tensor(value):
+                continue
+            local = value.to_local() if is_dtensor(value) else value
+            key = (local.untyped_storage().data_ptr(), local.storage_offset())
+            if key in seen:
+                continue
+            seen.add(key)
+            kind = "sharded" if is_dtensor(value) and any(pl.is_shard() for pl in value.placements) else "replicated"
+            out[kind] += local.numel() * local.element_size()
+    return out
