@@ -119,6 +119,15 @@ def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
+def rsvd_matrix(m: int, n: int) -> torch.Tensor:
+    """A float64 m×n matrix with a clear rank-4 gap (singular values 10, 8, 6, 4, then ≤ 1e-3)."""
+    g = torch.Generator().manual_seed(11)
+    u = torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([10.0, 8.0, 6.0, 4.0], dtype=torch.float64)
+    return (u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / (m * n) ** 0.5
+
+
 def available() -> str | None:
     """None when 2-process FSDP2 on gloo can run here, else the reason (for ``pytest.skip``)."""
     import torch.distributed as dist
@@ -198,6 +207,18 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps({"error": error}))
+        elif mode == "rsvd":  # sharding.sharded_range_basis on a row-sharded matrix, both sides
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            from rankwise.optim.sharding import sharded_range_basis
+
+            bases = {}
+            for shape in ([48, 16], [16, 48]):
+                G = distribute_tensor(rsvd_matrix(*shape), mesh, [Shard(0)])
+                side = "right" if shape[0] >= shape[1] else "left"
+                bases[side] = sharded_range_basis(G, 4, side=side, seed=7)
+            if rank == 0:
+                torch.save(bases, out / f"{tag}.pt")
         elif mode == "zero":  # DDP + ZeroRedundancyOptimizer: torch's own, or sharding.zero_redundancy
             from torch.distributed.optim import ZeroRedundancyOptimizer
             from torch.nn.parallel import DistributedDataParallel
@@ -299,7 +320,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "zero", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

@@ -79,7 +79,8 @@ def parity_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_parity")
     zero = [{"tag": t, "method": m, "kwargs": kw, "steps": n, "fixed": fixed, "mode": "zero"}
             for t, (m, kw, n, fixed) in ZERO.items()]
-    launch("parity", _specs(CASES) + _specs(UNSUPPORTED) + zero, out, timeout=600)
+    rsvd = [{"tag": "sharded_rsvd", "method": "", "kwargs": {}, "steps": 0, "mode": "rsvd"}]
+    launch("parity", _specs(CASES) + _specs(UNSUPPORTED) + zero + rsvd, out, timeout=600)
     return out
 
 
@@ -120,6 +121,24 @@ def test_zero_redundancy_seeds_match_one_process(parity_dir):
         reference, _ = one_process(method, kwargs, steps)
         diff = _max_diff(torch.load(parity_dir / f"{tag}.pt", weights_only=True), reference)
         assert (diff <= TOL) if fixed else (diff > 1e-3), (tag, diff)
+
+
+def test_sharded_range_basis_matches_gathered(parity_dir):
+    """``sharding.sharded_range_basis`` on a row-sharded matrix (never gathered) == the same range
+    finder on the full matrix in one process, and spans the exact top-4 singular subspace."""
+    from rankwise.optim.sharding import sharded_range_basis
+
+    from .fsdp_worker import rsvd_matrix
+
+    sharded = torch.load(parity_dir / "sharded_rsvd.pt", weights_only=True)
+    for side, shape in (("right", (48, 16)), ("left", (16, 48))):
+        G = rsvd_matrix(*shape)
+        plain = sharded_range_basis(G, 4, side=side, seed=7)
+        P = sharded[side]
+        assert torch.allclose(P @ P.T, plain @ plain.T, atol=1e-10), side
+        U, _, Vh = torch.linalg.svd(G)
+        exact = Vh[:4].T if side == "right" else U[:, :4]
+        assert float(torch.linalg.matrix_norm(P @ P.T - exact @ exact.T, ord=2)) < 1e-6, side
 
 
 @pytest.mark.slow

@@ -125,3 +125,65 @@ def local_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
             kind = "sharded" if is_dtensor(value) and any(pl.is_shard() for pl in value.placements) else "replicated"
             out[kind] += local.numel() * local.element_size()
     return out
+
+
+def _sum(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """All-reduce (sum) of a plain tensor over ``group``; unchanged without one."""
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def sharded_range_basis(
+    G: torch.Tensor, rank: int, *, side: str = "right", oversample: int = 8, power_iters: int = 1, seed: int = 0,
+) -> torch.Tensor:
+    """Top-``rank`` singular subspace of a row-sharded G (m×n, FSDP2's ``Shard(0)``) by a randomized
+    range finder that never gathers G: every rank sketches its own rows, and only k×n / k×k
+    (k = rank + oversample) products are all-reduced. Returns a plain tensor, the same on every rank:
+    ``side="right"`` the n×rank right singular vectors (a right projection R = G·P), ``"left"`` the
+    m×rank left singular vectors (gathered: m×rank, for a left projection PᵀG). A plain G (one process)
+    runs the same algorithm without communication.
+
+    Right: Z = GᵀGΩ = Σᵢ Gᵢᵀ(GᵢΩ) (one all-reduce of n×k per pass, ``power_iters`` + 1 passes), Q =
+    qr(Z), C = (GQ)ᵀ(GQ) = Σᵢ (GᵢQ)ᵀ(GᵢQ) (one all-reduce of k×k), V = Q·eigvecs(C)[top rank].
+    Left: U = G·V·Σ⁻¹ from that right basis, computed on the local rows (no communication), then
+    all-gathered (m×rank). Ω is drawn from ``seed`` (the same on every rank). Not wired into the
+    projected engine yet (a refresh there gathers G); see ``benchmarks/sharded_rsvd.py``.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r} must be 'right' or 'left'")
+    group = None
+    local = G
+    if is_dtensor(G):
+        if G.device_mesh.ndim != 1 or not G.placements[0].is_shard(0):
+            raise ValueError("sharded_range_basis needs a DTensor sharded along dim 0 on a 1-D mesh (FSDP2)")
+        group = G.device_mesh.get_group()
+        local = G.to_local()
+    m, n = G.shape
+    k = min(rank + oversample, m, n)
+    gen = torch.Generator(device=local.device).manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, device=local.device, dtype=local.dtype)
+    Z = omega
+    for _ in range(power_iters + 1):
+        Z = _sum(local.T @ (local @ Z), group)  # n×k: GᵀG·Z
+        Z, _ = torch.linalg.qr(Z)
+    GQ = local @ Z  # local rows × k
+    C = _sum(GQ.T @ GQ, group)  # k×k
+    evals, evecs = torch.linalg.eigh(C)
+    top = evecs[:, torch.argsort(evals, descending=True)[:rank]]
+    V = Z @ top  # n×rank right singular vectors
+    if side == "right":
+        return V
+    sigma = evals.sort(descending=True).values[:rank].clamp_min(torch.finfo(local.dtype).tiny).sqrt()
+    U_local = (local @ V) / sigma  # this rank's rows of U
+    if group is None:
+        return U_local
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(U_local) for _ in range(dist.get_world_size(group))]
+    if m % len(parts):  # uneven shards would need all_gather with sizes
+        raise ValueError("sharded_range_basis side='left' needs m divisible by the world size")
+    dist.all_gather(parts, U_local.contiguous(), group=group)
+    return torch.cat(parts)
