@@ -35,6 +35,7 @@ import torch
 
 from ..checks import choice
 from . import fused, quant
+from .sharding import is_dtensor
 
 State = dict[str, Any]
 
@@ -220,6 +221,12 @@ class AdamW8bit(Inner):
     def update(self, g, state, group, p):
         if self._small(g, group):
             return self._fp32.update(g, state, group, p)
+        if is_dtensor(g):
+            raise NotImplementedError(
+                "8-bit moments (galore_8bit, inner='adamw8bit') are not supported on FSDP2 DTensors: the "
+                "blockwise codes would follow each rank's shard; use inner='adamw' (fp32 moments) under FSDP2, "
+                f"or raise min_8bit_size above {g.numel()} to keep this tensor's moments fp32"
+            )
         block = int(group.get("quant_block", 256))
         m, v = self._load(g, state, block)
         b1, b2 = group["betas"]
