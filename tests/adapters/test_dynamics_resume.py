@@ -15,7 +15,8 @@ from ..test_train import Crash, CrashAt
 
 # COLA restarts at step 2, before the step-2 checkpoint: only its controller state holds the merged base
 METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2},
-           "lora_ggpo": {"ggpo_sigma": 0.5, "ggpo_beta": 0.5}, "fast_forward": {"ff_every": 1}}
+           "lora_ggpo": {"ggpo_sigma": 0.5, "ggpo_beta": 0.5}, "fast_forward": {"ff_every": 1},
+           "bilora": {"upper_every": 2}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -38,3 +39,5 @@ def test_resume_is_bit_identical(method, tmp_path):
     for (name, a), (_, b) in zip(rw.adapter_layers(straight), rw.adapter_layers(resumed), strict=True):
         assert torch.equal(a.base_weight, b.base_weight), name
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), name
+        if hasattr(a, "lora_E"):
+            assert torch.equal(a.lora_E, b.lora_E), name
