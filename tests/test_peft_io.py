@@ -29,7 +29,7 @@ NOT_EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export == "none" and
 # exportable LoRA-layer methods, whose ``init`` selects a LoRA-shaped init (lora, rslora, dora, pissa, ...)
 # the LoRA-layer methods taking an init and an α (ALLoRA has no α)
 # allora and eva fix their own init
-WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer) and n not in ("allora", "eva")]
+WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer) and n not in ("allora", "loft", "eva")]
 
 
 def _inputs(seed: int = 1) -> dict:
