@@ -7,6 +7,14 @@ PEFT, optimizer-state bytes (summed over the optimizer's state tensors) and acti
 for backward (summed over unique storages through ``torch.autograd.graph.saved_tensors_hooks``).
 
     python benchmarks/adapter_step_time.py            # writes benchmarks/results/adapter_step_time.{json,md}
+    python benchmarks/adapter_step_time.py --model smollm2 --threads 1   # the limits: adapter_step_time_smollm2
+
+``--model smollm2`` measures how close the adapters come to their limits on SmolLM2-135M (causal LM, random
+tokens, ``--batch`` x ``--seq``, r on all linear layers): the training step of LoRA and DoRA (forward,
+backward, AdamW step on the adapter) against **the limit**, the same model entirely frozen with only the
+input gradient computed (the embedding output requires grad, so backward runs through every layer but
+computes no weight gradient: no adapter can cost less), and against PEFT's LoRA; and unmerged no-grad
+inference of the LoRA model (eval mode) against the bare model. All interleaved round by round.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,10 +38,10 @@ from rankwise.models import load_model
 RESULTS = Path(__file__).parent / "results"
 
 
-def peft_model(base, use_dora: bool, r: int):
+def peft_model(base, use_dora: bool, r: int, task_type: str = "SEQ_CLS"):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=use_dora, task_type="SEQ_CLS")
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=use_dora, task_type=task_type)
     return get_peft_model(base, cfg)
 
 
@@ -90,6 +99,100 @@ def max_output_diff_vs_peft(base, kind: str, r: int, batch) -> float:
     return (theirs(**inputs).logits - ours(**inputs).logits).abs().max().item()
 
 
+def limit_model(base):
+    """The frozen model with only the input gradient: the embedding output is made to require grad."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())
+    return model
+
+
+def smollm2_limits(args) -> None:
+    """Adapters against their limits on SmolLM2-135M (see the module docstring)."""
+    base, _ = load_model("smollm2")
+    base.config.use_cache = False
+    x = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "labels": x}
+    models = {
+        "limit (frozen, input grad only)": limit_model(base).train(),
+        "rankwise-lora": rw.adapt(copy.deepcopy(base), "lora", r=args.r, alpha=2 * args.r).train(),
+        "peft-lora": peft_model(copy.deepcopy(base), False, args.r, "CAUSAL_LM").train(),
+        "rankwise-dora": rw.adapt(copy.deepcopy(base), "dora", r=args.r, alpha=2 * args.r).train(),
+    }
+    opts = {n: torch.optim.AdamW(ps, lr=1e-4) if (ps := [p for p in m.parameters() if p.requires_grad]) else None
+            for n, m in models.items()}
+    infer = {"bare model (no grad)": models["limit (frozen, input grad only)"],
+             "rankwise-lora unmerged (no grad)": models["rankwise-lora"]}
+
+    def train_step(n):
+        models[n](**batch).loss.backward()
+        if opts[n] is not None:
+            opts[n].step()
+            opts[n].zero_grad(set_to_none=True)
+
+    def infer_step(n):
+        m = infer[n]
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            m(input_ids=x)
+        m.train(was)
+
+    arms = {**{n: train_step for n in models}, **{n: infer_step for n in infer}}
+    times: dict[str, list[float]] = {n: [] for n in arms}
+    for n, fn in arms.items():  # warm-up (also creates optimizer state)
+        fn(n)
+    names = list(arms)
+    for rnd in range(args.rounds):
+        k = rnd % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                arms[n](n)
+            times[n].append((time.perf_counter() - t0) / args.steps)
+        print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names), flush=True)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    limit, bare = med["limit (frozen, input grad only)"], med["bare model (no grad)"]
+    ratios = {
+        "lora / limit": med["rankwise-lora"] / limit, "dora / limit": med["rankwise-dora"] / limit,
+        "lora / peft-lora": med["rankwise-lora"] / med["peft-lora"],
+        "peft-lora / limit": med["peft-lora"] / limit,
+        "unmerged lora inference / bare": med["rankwise-lora unmerged (no grad)"] / bare,
+    }
+    targets = {"lora / limit": 1.03, "dora / limit": 1.10, "lora / peft-lora": 0.90,
+               "unmerged lora inference / bare": 1.03}
+    result = {
+        "setup": {"model": "SmolLM2-135M-Instruct, causal LM, random tokens", "batch": args.batch, "seq": args.seq,
+                  "r": args.r, "targets": "all-linear", "rounds": args.rounds, "steps_per_round": args.steps,
+                  "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_at_end": os.getloadavg(),
+                  "machine": platform.processor() or platform.machine()},
+        "median_s": med, "all_s": times, "ratios": ratios, "targets": targets,
+    }
+    lines = [
+        "# Adapters at the limit: SmolLM2-135M\n",
+        f"Causal LM on random tokens, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
+        f"{args.rounds} interleaved rounds x {args.steps} steps (arm order rotating), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s). The machine was shared with other jobs (load average at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): absolute times move with the load, the "
+        "interleaving keeps the ratios fair. The limit is the frozen model computing only the input gradient "
+        "(backward through every layer, no weight gradient).\n",
+        "| arm | median s | min | max |", "|---|---|---|---|",
+        *[f"| {n} | {med[n]:.3f} | {min(times[n]):.3f} | {max(times[n]):.3f} |" for n in names],
+        "", "| ratio | measured | target |", "|---|---|---|",
+        *[f"| {k} | {v:.3f} | {'<= ' + format(targets[k], '.2f') if k in targets else ''} |"
+          for k, v in ratios.items()],
+    ]
+    write(args.out + "_smollm2" if args.out.endswith("adapter_step_time") else args.out, result, lines)
+
+
+def write(out: str, result: dict, lines: list[str]) -> None:
+    """``out``.json (``result``) and ``out``.md (``lines``), printed."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
@@ -100,10 +203,14 @@ def main() -> None:
     ap.add_argument("--configs", default="peft-lora,rankwise-lora,peft-dora,rankwise-dora,full-ft,head-only")
     ap.add_argument("--out", default=str(RESULTS / "adapter_step_time"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
+                    help="minilm: rankwise vs PEFT (seq-cls); smollm2: adapters against their limits")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.model == "smollm2":
+        return smollm2_limits(args)
 
     base, tok = load_model("minilm-l6", task="seq-cls", num_labels=5)
     ds = load_classification("bbc", split="train", seed=0, limit=args.batch)
@@ -167,9 +274,6 @@ def main() -> None:
         },
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Adapter training step: rankwise vs PEFT\n",
         f"MiniLM-L6 seq-cls, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
@@ -187,8 +291,7 @@ def main() -> None:
             f"{ratio} | {diff} | {r['trainable_params']:,} | {r['optimizer_state_bytes'] / 2**20:.1f} MiB | "
             f"{r['saved_activation_bytes'] / 2**20:.1f} MiB |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args.out, result, lines)
 
 
 if __name__ == "__main__":

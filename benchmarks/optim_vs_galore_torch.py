@@ -350,15 +350,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "rsvd_power_dtype_auto": str(power_dtype("auto", torch.device("cpu"))), "chunk": args.chunk,
                      "threads": args.threads,
                      "precision": "fp32" if args.fp32 else "bf16 autocast forward/backward, fp32 weights/grads/state"},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "load_avg_at_end": os.getloadavg()},
+        "machine": machine(),
         "formula_bytes": f, "rows": rows, "ratios": ratios, "refresh_only": refresh_only, "targets_met": targets,
         "reference_quiet_2core": REF, "script_wall_s": script_s,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    return write_results(result, args.out, markdown)
+
+
+def machine() -> dict[str, Any]:
+    """Platform, torch version, CPU count and the load average now (the machine is shared)."""
+    return {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "load_avg_at_end": os.getloadavg()}
+
+
+def write_results(result: dict[str, Any], out: str, markdown) -> dict[str, Any]:
+    """Write ``out``.json and ``out``.md (``markdown(result)``), print the Markdown, return ``result``."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result), flush=True)
     return result
 

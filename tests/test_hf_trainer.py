@@ -253,3 +253,28 @@ def test_training_callbacks_of_the_adapter_method_run_in_the_trainer_by_themselv
                         train_dataset=_dataset()).train()
         bases[method] = [not torch.equal(before[n], layer.base_weight) for n, layer in rw.adapter_layers(model)]
     assert all(bases["cola"]) and not any(bases["lora"])
+
+
+def test_the_new_training_dynamics_callbacks_run_in_the_trainer(tmp_path):
+    """LoRA-GGPO's perturbation, BiLoRA's level routing and BA-LoRA's regularisers are attached by
+    RankwiseTrainer without loop_callbacks and run at every step."""
+    from rankwise.adapters.ba_lora import BALoRARegularizers
+    from rankwise.adapters.bilora import BiLoRALevels
+    from rankwise.adapters.lora_ggpo import GGPOPerturbation
+
+    for method, options, kind in (("lora_ggpo", {"ggpo_sigma": 0.1}, GGPOPerturbation),
+                                  ("bilora", {"upper_every": 2}, BiLoRALevels),
+                                  ("ba_lora", {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1},
+                                   BALoRARegularizers)):
+        model = _adapted(tmp_path, method, **options)
+        trainer = RankwiseTrainer(model=model, args=_args(tmp_path / method, steps=4, save_steps=100),
+                                  train_dataset=_dataset())
+        trainer.train()
+        built = [c for cb in trainer.loop_callbacks.callbacks for c in (getattr(cb, "controllers", None) or [])]
+        (cb,) = [c for c in built if isinstance(c, kind)]
+        if kind is GGPOPerturbation:
+            assert cb.steps == 5 and all(layer.perturbation is None for _, layer in rw.adapter_layers(model))
+        elif kind is BiLoRALevels:
+            assert cb.steps == 4
+        else:
+            assert set(cb.last) == {"consistency", "diversity", "svd"} and not cb._handles

@@ -27,10 +27,10 @@ KINDS = {
 EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export in ("lora", "dora") and s.family != "quantization")
 NOT_EXPORTABLE = sorted(n for n, s in REGISTRY.items() if s.export == "none" and not s.needs_adapters)
 # exportable LoRA-layer methods, whose ``init`` selects a LoRA-shaped init (lora, rslora, dora, pissa, ...)
-# the LoRA-layer methods taking an init and an α (ALLoRA has no α)
+# the LoRA-layer methods taking an init and an α (ALLoRA and LoFT have no α)
 # allora, eva, prilora and gora fix their own init
 WITH_INIT = [n for n in EXPORTABLE if issubclass(REGISTRY[n].layer_cls, LoRALayer)
-             and n not in ("allora", "eva", "prilora", "gora")]
+             and n not in ("allora", "loft", "eva", "prilora", "gora")]
 
 
 def _inputs(seed: int = 1) -> dict:

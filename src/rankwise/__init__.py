@@ -35,6 +35,7 @@ from .adapters.ops import (
 from .compress import compress
 from .io import load_adapter, load_adapters, save_adapter
 from .peft_io import export_peft, import_peft
+from .planner import Plan, plan
 from .quant import quantize
 from .serving import AdapterServer
 from .sparse import sparsify
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterServer",
+    "Plan",
     "REGISTRY",
     "active_adapters",
     "adapt",
@@ -71,6 +73,7 @@ __all__ = [
     "merge_and_unload",
     "meteora",
     "optim",
+    "plan",
     "quantize",
     "save_adapter",
     "set_active",

@@ -40,6 +40,8 @@ class TrainState:
 
     ``step`` counts finished optimizer steps (so in ``on_after_backward`` it is the 0-based index of
     the step being taken); ``log`` holds extra fields for the current step's history record.
+    ``eval_loader`` and ``loss_fn`` are the run's (None when it has none / uses ``model(**batch).loss``),
+    for methods that read held-out data while training (Fast Forward's tiny validation set).
     """
 
     model: nn.Module
@@ -53,6 +55,8 @@ class TrainState:
     loss: float | None = None
     should_stop: bool = False
     log: dict[str, Any] = field(default_factory=dict)
+    eval_loader: Any = None
+    loss_fn: Any = None
 
 
 class Callback:

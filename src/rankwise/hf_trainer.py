@@ -168,6 +168,7 @@ class LoopCallbacks(transformers.TrainerCallback):
             self.loop_state = TrainState(
                 model=kwargs["model"], optimizer=_unwrapped(kwargs["optimizer"]), scheduler=kwargs.get("lr_scheduler"),
                 config=TrainConfig.plain(max(int(hf_state.max_steps), 1)), total_steps=int(hf_state.max_steps),
+                eval_loader=kwargs.get("eval_dataloader"),
             )
         s = self.loop_state
         s.optimizer = _unwrapped(kwargs.get("optimizer", s.optimizer))

@@ -675,7 +675,8 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     total_steps, per_epoch = _total_steps(train_loader, cfg)
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
-    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps,
+                       eval_loader=eval_loader, loss_fn=loss_fn)
     callbacks = _with_method_controllers(model, callbacks, optimizer, total_steps)
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)

@@ -14,7 +14,10 @@ from ..conftest import cls_batches, make_tiny_bert
 from ..test_train import Crash, CrashAt
 
 # COLA restarts at step 2, before the step-2 checkpoint: only its controller state holds the merged base
-METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2}}
+METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2},
+           "lora_ggpo": {"ggpo_sigma": 0.5, "ggpo_beta": 0.5}, "fast_forward": {"ff_every": 1},
+           "bilora": {"upper_every": 2}, "loft": {},
+           "ba_lora": {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -26,7 +29,8 @@ def test_resume_is_bit_identical(method, tmp_path):
         rw.adapt(model, method, r=2, **METHODS[method])
         cfg = TrainConfig(max_steps=4, lr=1e-2, progress=False, measure_memory=False, output_dir=str(out),
                           checkpoint_every=2)
-        train(model, cls_batches(n=4), config=cfg, callbacks=callbacks, resume_from=resume)
+        # the eval batches are Fast Forward's tiny validation set
+        train(model, cls_batches(n=4), cls_batches(n=1, seed=5), config=cfg, callbacks=callbacks, resume_from=resume)
         return model
 
     straight = run(tmp_path / "a")
@@ -36,3 +40,5 @@ def test_resume_is_bit_identical(method, tmp_path):
     for (name, a), (_, b) in zip(rw.adapter_layers(straight), rw.adapter_layers(resumed), strict=True):
         assert torch.equal(a.base_weight, b.base_weight), name
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), name
+        if hasattr(a, "lora_E"):
+            assert torch.equal(a.lora_E, b.lora_E), name

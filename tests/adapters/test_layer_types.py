@@ -24,8 +24,8 @@ from rankwise.targets import find_targets
 from ..conftest import lm_batches, make_tiny_llama
 
 # allora, cola, convlora, lora_dropout, lora_pro, loraplus, flora_batched: LoRA layers
-SUPPORTED = ["allora", "cola", "convlora", "dora", "flora_batched", "lora", "lora_dropout", "lora_pro", "loraplus",
-             "olora", "pissa", "rslora"]
+SUPPORTED = ["allora", "ba_lora", "cola", "convlora", "dora", "fast_forward", "flora_batched", "loft", "lora",
+             "lora_dropout", "lora_ggpo", "lora_pro", "loraplus", "olora", "pissa", "rslora"]
 UNSUPPORTED = sorted(n for n in rw.REGISTRY if n not in SUPPORTED and not rw.REGISTRY[n].needs_adapters)
 TARGETS = ["emb", "c1", "c2"]
 KIND_OF = {"emb": nn.Embedding, "c1": nn.Conv1d, "c2": nn.Conv2d}
@@ -62,7 +62,7 @@ def ids(seed: int = 3, n: int = 4) -> torch.Tensor:
 
 
 def adapt(model: nn.Module, method: str, targets=TARGETS, **options) -> nn.Module:
-    alpha = None if method == "allora" else 3  # ALLoRA has no scaling factor
+    alpha = None if method in ("allora", "loft") else 3  # ALLoRA and LoFT have no scaling factor
     return rw.adapt(model, method, targets=targets, r=RANK, alpha=alpha, trainable=None, **options)
 
 
@@ -230,7 +230,7 @@ def test_export_to_peft_gives_the_same_outputs(method, tmp_path):
     randomize(model)
     rw.export_peft(model, tmp_path / "p")
     tensors = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
-    rank = RANK * (2 if method in ("pissa", "olora") else 1)  # the init offset is a second block
+    rank = RANK * (2 if method in ("pissa", "olora", "ba_lora") else 1)  # the init offset is a second block
     shapes = {
         "base_model.model.emb.lora_embedding_A": (rank, 20),
         "base_model.model.emb.lora_embedding_B": (8, rank),

@@ -41,6 +41,9 @@ def test_cli_trains_the_dynamics_methods(tmp_path, capsys, tiny_llama_dir):
     tensors = load_file(tmp_path / "cola" / "adapter" / "rankwise_adapter.safetensors")
     b = [t for k, t in tensors.items() if k.endswith("lora_B")]
     assert b and all(bool((t == 0).all()) for t in b)
-    for method, option in (("allora", "eta=2"), ("lora_dropout", "param_dropout=0.2")):
+    for method, option in (("allora", "eta=2"), ("lora_dropout", "param_dropout=0.2"),
+                           ("lora_ggpo", "ggpo_sigma=0.1"), ("fast_forward", "ff_every=1"),
+                           ("bilora", "upper_every=2"), ("loft", "damping=1e-6"),
+                           ("ba_lora", "lambda1=0.1")):
         record = _train(capsys, tiny_llama_dir, tmp_path / method, method, "--option", option)
         assert record["result"]["steps"] == 2

@@ -98,6 +98,17 @@ CASES: list[tuple[list[str], str, list[str]]] = [
       for cmd in ("export", "merge")],
     *[([cmd, "--output", "{missing}"], "{adapter_arg}", ["", "{missing}", "{file}", "{dir}", "{badjson}"])
       for cmd in ("export", "merge")],
+    *[(["plan", "--model", "scratch-20m"], opt, POS_INT) for opt in ("--batch-size", "--max-length", "--world-size")],
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--rank", ["", "abc", "1.5", "0", "-1"]),
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--memory",
+     ["", "0", "-1", "nan", "inf", "abc", "12XB", "1e999"]),
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--method", NAME),
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--optimizer", NAME),
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--dtype", NAME),
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--format", NAME),
+    (["plan", "--model", "scratch-20m", "--max-length", "8", "--method", "lora"], "--quantize", NAME),
+    (["plan", "--model", "scratch-20m", "--max-length", "8"], "--option", [*KEY_VALUE, "bogus=1"]),
+    (["plan", "--max-length", "8"], "--model", [*NAME, "{file}", "{dir}", "{missing}/x"]),
     (["nope"], "{command}", [""]),
 ]
 

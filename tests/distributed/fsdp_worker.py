@@ -28,6 +28,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise.optim as rwo
+from rankwise.optim import checkpoint
+from rankwise.optim.sharding import local_state_bytes
 
 if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -49,6 +51,12 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCau
 
 
 def make_optimizer(method: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """``rw.optim.make(method, model, **kwargs)``; ``"layerwise:<name>"``: the layer-wise mode, one
+    ``make(name, [group])`` per parameter of ``param_groups(model, rank=...)`` stepped in backward."""
+    if method.startswith("layerwise:"):
+        name, kw = method.split(":", 1)[1], dict(kwargs)
+        groups = rwo.param_groups(model, rank=kw.pop("rank"))
+        return rwo.layerwise(groups, lambda g: rwo.make(name, g, **kw))
     return rwo.make(method, model, **kwargs)
 
 
@@ -82,6 +90,42 @@ def one_process(
     optimizer = make_optimizer(method, model, kwargs)
     train(model, optimizer, make_batches(steps))
     return full_weights(model), optimizer
+
+
+def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama with ``rw.adapt(model, method, **kwargs)`` (``kind="adapt"``; a method whose
+    init needs gradients gets 2 batches as ``init_data``) or ``rw.sparsify`` (``kind="sparsify"``),
+    then cast to float64 (adapters are created fp32; the comparison needs float64 everywhere)."""
+    import rankwise as rw
+
+    model = make_model(seed)
+    if kind == "adapt":
+        spec = rw.get_method(method)
+        needs = spec.layer_cls.needs_grad(spec.make_config(**kwargs))
+        rw.adapt(model, method, init_data=make_batches(2, seed=5) if needs else None, **kwargs)
+    else:
+        rw.sparsify(model, method, **kwargs)
+    return model.to(torch.float64)
+
+
+def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps: int) -> dict[str, torch.Tensor]:
+    """Reference for the adapter / structured-layer parity: AdamW on the trainable parameters."""
+    model = structured_model(kind, method, kwargs)
+    train(model, _adamw(model), make_batches(steps))
+    return full_weights(model)
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def rsvd_matrix(m: int, n: int) -> torch.Tensor:
+    """A float64 m×n matrix with a clear rank-4 gap (singular values 10, 8, 6, 4, then ≤ 1e-3)."""
+    g = torch.Generator().manual_seed(11)
+    u = torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([10.0, 8.0, 6.0, 4.0], dtype=torch.float64)
+    return (u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / (m * n) ** 0.5
 
 
 def available() -> str | None:
@@ -147,61 +191,136 @@ def run(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     out = Path(args.dir)
+    split = args.split
     for spec in _specs(args):
         tag, method, kwargs, steps = spec["tag"], spec["method"], spec["kwargs"], int(spec["steps"])
         batches = make_batches(steps)
-        if args.mode == "parity":
-            model = _sharded(mesh)
-            optimizer = make_optimizer(method, model, kwargs)
-            train(model, optimizer, batches, rank, world)
-            weights = full_weights(model)
+        args.split = int(spec.get("split", split))
+        mode = spec.get("mode", args.mode)  # one launch may mix modes
+        if mode == "structured":  # an adapter / structured layer, then fully_shard; errors recorded
+            try:
+                model = shard(structured_model(spec["kind"], method, kwargs), mesh)
+                train(model, _adamw(model), batches, rank, world)
+                weights, error = full_weights(model), None
+            except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
+                weights, error = {}, f"{type(exc).__name__}: {exc}"[:500]
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
+                (out / f"{tag}.json").write_text(json.dumps({"error": error}))
+        elif mode == "rsvd":  # sharding.sharded_range_basis on a row-sharded matrix, both sides
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            from rankwise.optim.sharding import sharded_range_basis
+
+            bases = {}
+            for shape in ([48, 16], [16, 48]):
+                G = distribute_tensor(rsvd_matrix(*shape), mesh, [Shard(0)])
+                side = "right" if shape[0] >= shape[1] else "left"
+                bases[side] = sharded_range_basis(G, 4, side=side, seed=7)
+            if rank == 0:
+                torch.save(bases, out / f"{tag}.pt")
+        elif mode == "zero":  # DDP + ZeroRedundancyOptimizer: torch's own, or sharding.zero_redundancy
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            from torch.nn.parallel import DistributedDataParallel
+
+            from rankwise.optim.sharding import zero_redundancy
+
+            inner = make_model()
+            model = DistributedDataParallel(inner)
+            if spec.get("fixed"):
+                optimizer = zero_redundancy(inner, method, **kwargs)
+            else:
+                whole = rwo.make(method, inner, **kwargs)
+                options = {k: v for k, v in kwargs.items() if k not in ("rank", "targets")}
+                optimizer = ZeroRedundancyOptimizer([dict(g) for g in whole.param_groups],
+                                                    optimizer_class=type(whole), **options)
+            train(model, optimizer, batches, rank, world)
+            weights = full_weights(inner)
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+        elif mode == "parity":
+            try:
+                model = _sharded(mesh)
+                optimizer = make_optimizer(method, model, kwargs)
+                train(model, optimizer, batches, rank, world)
+                weights, error = full_weights(model), None
                 # projector refreshes that failed over (an op that rejects DTensors would land here)
                 fallbacks = getattr(optimizer, "svd_fallbacks", 0)
-                (out / f"{tag}.json").write_text(json.dumps({"svd_fallbacks": fallbacks}))
-        elif args.mode == "dcp-save":
-            dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
+                memory = local_state_bytes(optimizer)
+            except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
+                weights, error, fallbacks, memory = {}, f"{type(exc).__name__}: {exc}"[:500], 0, {}
+            per_rank: list[Any] = [None] * world
+            dist.all_gather_object(per_rank, memory)  # the per-rank memory table of docs/distributed.md
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+                (out / f"{tag}.json").write_text(json.dumps(
+                    {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank}))
+        elif mode == "dcp-save":
+            dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
-            dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out)
+            dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
+            if (out / f"{tag}_ckpt1").exists():  # saved by one process: load resharded
+                dcp_load(tag, method, kwargs, batches, args.split, mesh, rank, world, out,
+                         source="_ckpt1", result="_resumed_1to2")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path) -> None:
+def _save_state(model, optimizer, path: Path, api: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model = _sharded(mesh)
-    optimizer = make_optimizer(method, model, kwargs)
-    train(model, optimizer, batches[:split], rank, world)
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / f"{tag}_ckpt"))
-    train(model, optimizer, batches[split:], rank, world)
-    weights = full_weights(model)
-    if rank == 0:
-        torch.save(weights, out / f"{tag}_straight.pt")
+    if api == "torch":  # torch's own API (projected optimizers)
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    else:
+        checkpoint.save(model, optimizer, str(path))
 
 
-def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path) -> None:
+def _load_state(model, optimizer, path: Path, api: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model = _sharded(mesh, seed=1)  # a different init: everything must come from the checkpoint
+    if api == "torch":
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        checkpoint.load(model, optimizer, str(path))
+
+
+def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise") -> None:
+    """``split`` steps, save to ``<tag>_ckpt``, the remaining steps; final weights to ``<tag>_straight.pt``.
+    ``mesh=None``: one process, a plain (unsharded) model, checkpoint ``<tag>_ckpt1``."""
+    model = make_model() if mesh is None else _sharded(mesh)
     optimizer = make_optimizer(method, model, kwargs)
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(out / f"{tag}_ckpt"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, optimizer, batches[:split], rank, world)
+    _save_state(model, optimizer, out / (f"{tag}_ckpt" if mesh is not None else f"{tag}_ckpt1"), api)
     train(model, optimizer, batches[split:], rank, world)
     weights = full_weights(model)
-    if rank == 0:
-        torch.save(weights, out / f"{tag}_resumed.pt")
+    if rank == 0 and mesh is not None:
+        torch.save(weights, out / f"{tag}_straight.pt")
+
+
+def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise",
+             source: str = "_ckpt", result: str = "_resumed") -> dict[str, torch.Tensor]:
+    """Fresh model (a different init: everything must come from the checkpoint) and optimizer load
+    ``<tag><source>``, train steps ``split..``; rank 0 saves the final weights to ``<tag><result>.pt``.
+    ``mesh=None``: one process, a plain model; the weights are returned."""
+    model = make_model(seed=1) if mesh is None else _sharded(mesh, seed=1)
+    optimizer = make_optimizer(method, model, kwargs)
+    _load_state(model, optimizer, out / f"{tag}{source}", api)
+    train(model, optimizer, batches[split:], rank, world)
+    weights = full_weights(model)
+    if rank == 0 and mesh is not None:
+        torch.save(weights, out / f"{tag}{result}.pt")
+    return weights
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

@@ -40,3 +40,34 @@ def test_name_keyed_state_dict_resumes_bit_exactly(method):
     train(fresh, fresh_opt, batches[split:])
     for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q), (method, name)
+
+
+SAMPLERS = {
+    "badam": {"lr": 1e-2, "switch_every": 2, "order": "random", "seed": 3},
+    "lisa": {"lr": 1e-2, "n_layers": 1, "switch_every": 2, "seed": 3},
+    "owlore": {"lr": 1e-2, "rank": 4, "n_layers": 1, "switch_every": 2, "update_gap": 2,
+               "outlier_threshold": 3.0, "seed": 3},
+}
+
+
+@pytest.mark.parametrize("split", [2, 3])  # 2: right after a block switch (BAdam's state is empty)
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_dcp_checkpoint_of_samplers_resumes_bit_exactly(method, split, tmp_path):
+    """``rankwise.optim.checkpoint`` on one process (a DCP checkpoint): the sampler's schedule, awake
+    blocks and RNG come back, so the run continues bit-exactly (2 processes: ``test_checkpoint.py``)."""
+    from rankwise.optim import checkpoint
+
+    kwargs, batches = SAMPLERS[method], make_batches(5)
+    model = make_model()
+    optimizer = make_optimizer(method, model, kwargs)
+    train(model, optimizer, batches[:split])
+    checkpoint.save(model, optimizer, str(tmp_path / "ckpt"), step=split)
+    train(model, optimizer, batches[split:])
+
+    fresh = make_model(seed=1)
+    fresh_opt = make_optimizer(method, fresh, kwargs)
+    assert checkpoint.load(fresh, fresh_opt, str(tmp_path / "ckpt")) == {"step": split}
+    assert fresh_opt.global_step == split
+    train(fresh, fresh_opt, batches[split:])
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q), (method, name)

@@ -258,17 +258,18 @@ def test_init_state_report_names_what_needs_a_gradient():
 
 def test_grad_workspace_same_numerics_and_no_parameter_sized_temporary():
     """Under the layer-wise hook the engine's AdamW update of a full gradient writes into the gradient's
-    buffer: same numbers as without, and no temporary of the parameter's size."""
+    buffer (or, on CPU, runs in cache-sized chunks: ``fused.adamw_``): same numbers as without, and no
+    temporary of the parameter's size (the parameter is larger than a chunk)."""
     from rankwise.memory import TensorMemoryTracker
     from rankwise.optim import GaLoreAdamW
     from rankwise.optim.inner import grad_workspace
 
     torch.manual_seed(0)
-    a = nn.Parameter(torch.randn(256, 64))
+    a = nn.Parameter(torch.randn(2048, 256))
     b = nn.Parameter(a.detach().clone())
     opt_a, opt_b = GaLoreAdamW([a], lr=1e-2), GaLoreAdamW([b], lr=1e-2)
     for _ in range(3):
-        g = torch.randn(256, 64)
+        g = torch.randn(2048, 256)
         a.grad, b.grad = g.clone(), g.clone()
         opt_a.step()
         with TensorMemoryTracker() as tracker, grad_workspace():

@@ -33,6 +33,11 @@ from . import allora  # noqa: F401  (training dynamics)
 from . import lora_pro  # noqa: F401
 from . import lora_dropout  # noqa: F401
 from . import cola  # noqa: F401
+from . import lora_ggpo  # noqa: F401
+from . import fast_forward  # noqa: F401
+from . import bilora  # noqa: F401
+from . import loft  # noqa: F401
+from . import ba_lora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)

@@ -66,7 +66,7 @@ def equivalent_gradient(
     return scale * (b @ grad_a + grad_b @ a)
 
 
-def _adam_direction(state: dict[str, Any], grad: torch.Tensor, betas: tuple[float, float], eps: float) -> torch.Tensor:
+def adam_direction(state: dict[str, Any], grad: torch.Tensor, betas: tuple[float, float], eps: float) -> torch.Tensor:
     """Adam's bias-corrected m̂/(√v̂ + ε) after adding ``grad`` to the moments in ``state``."""
     if not state:
         state["step"] = torch.zeros((), dtype=torch.float32)
@@ -80,6 +80,21 @@ def _adam_direction(state: dict[str, Any], grad: torch.Tensor, betas: tuple[floa
     m_hat = state["exp_avg"] / (1 - b1**t)
     v_hat = state["exp_avg_sq"] / (1 - b2**t)
     return m_hat / (v_hat.sqrt() + eps)
+
+
+def pair_groups(params: Iterable[torch.Tensor], pairs: Sequence[tuple[Any, ...]], label: str, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float) -> tuple[list[Any], list[Any]]:
+    """Checks an AdamW-style pair optimizer's arguments; returns (the pairs' A, B tensors in order, the other
+    parameters of ``params``), for the group of the pairs and the plain-AdamW group (LoRA-Pro, LoFT)."""
+    number("lr", lr, 0.0, low_open=True, what="> 0 and finite")
+    beta_pair("betas", betas)
+    non_negative("eps", eps)
+    non_negative("weight_decay", weight_decay)
+    if not pairs:
+        raise ValueError(f"pairs is empty: {label} needs the (A, B, ...) of at least one LoRA layer")
+    paired = [t for pair in pairs for t in pair[:2]]
+    ids = {id(t) for t in paired}
+    return paired, [p for p in params if id(p) not in ids]
 
 
 class LoRAProAdamW(torch.optim.Optimizer):
@@ -96,17 +111,10 @@ class LoRAProAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         pro_eps: float = 1e-8,
     ) -> None:
-        number("lr", lr, 0.0, low_open=True, what="> 0 and finite")
-        beta_pair("betas", betas)
-        non_negative("eps", eps)
-        non_negative("weight_decay", weight_decay)
         non_negative("pro_eps", pro_eps)
-        if not pairs:
-            raise ValueError("pairs is empty: LoRA-Pro needs the (A, B, scale) of at least one LoRA layer")
-        paired = {id(t) for a, b, _ in pairs for t in (a, b)}
-        rest = [p for p in params if id(p) not in paired]
-        groups: list[dict[str, Any]] = [{"params": [t for a, b, _ in pairs for t in (a, b)],
-                                         "scales": [float(s) for _, _, s in pairs], "lora_pro": True}]
+        paired, rest = pair_groups(params, pairs, "LoRA-Pro", lr, betas, eps, weight_decay)
+        groups: list[dict[str, Any]] = [{"params": paired, "scales": [float(s) for _, _, s in pairs],
+                                         "lora_pro": True}]
         if rest:
             groups.append({"params": rest, "scales": [], "lora_pro": False})
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
@@ -125,7 +133,7 @@ class LoRAProAdamW(torch.optim.Optimizer):
             else:
                 for p in group["params"]:
                     if p.grad is not None:
-                        self._apply(p, _adam_direction(self.state[p], p.grad, group["betas"], group["eps"]), group)
+                        self._apply(p, adam_direction(self.state[p], p.grad, group["betas"], group["eps"]), group)
         return loss
 
     def _pair_step(self, a: torch.Tensor, b: torch.Tensor, s: float, group: dict[str, Any]) -> None:
@@ -135,7 +143,7 @@ class LoRAProAdamW(torch.optim.Optimizer):
         eps = group["pro_eps"]
         g_a, g_b = lora_pro_gradients(af, bf, a.grad.float(), b.grad.float(), s, eps)
         full = equivalent_gradient(af, bf, g_a, g_b, s)  # P_B G + (I − P_B) G P_A
-        d = _adam_direction(self.state[a], full, group["betas"], group["eps"])
+        d = adam_direction(self.state[a], full, group["betas"], group["eps"])
         d_a, d_b = lora_pro_gradients(af, bf, s * (bf.T @ d), s * (d @ af.T), s, eps)  # G := D
         self._apply(a, d_a.to(a.dtype), group)
         self._apply(b, d_b.to(b.dtype), group)
@@ -164,16 +172,23 @@ class LoRAProConfig(LoRAConfig):
                                   **{"pro_eps": self.pro_eps, **kwargs})
 
 
+def lora_layers_and_params(model: nn.Module, adapter_name: str | None, method: str,
+                           label: str) -> tuple[list[LoRALayer], list[nn.Parameter]]:
+    """The LoRA layers of adapter ``adapter_name`` and every trainable parameter of ``model``, for an
+    optimizer that treats the LoRA pairs specially (LoRA-Pro, LoFT); a ValueError naming ``method`` if none."""
+    layers = [layer for _, layer in adapter_layers(model, adapter_name) if isinstance(layer, LoRALayer)]
+    if not layers:
+        raise ValueError(f"model has no LoRA layers to train with {label} (rw.adapt(model, '{method}') first)")
+    return layers, [p for p in model.parameters() if p.requires_grad]
+
+
 def lora_pro_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                        adapter_name: str | None = None, **kwargs: Any) -> LoRAProAdamW:
     """:class:`~rankwise.optim.lora_pro.LoRAProAdamW` over every trainable parameter of ``model``, the
     ``(lora_A, lora_B, scale)`` of its LoRA layers (of adapter ``adapter_name``) as the adjusted pairs.
     ``kwargs``: ``betas``, ``eps``, ``pro_eps``."""
-    pairs = [(layer.lora_A, layer.lora_B, layer.scale) for _, layer in adapter_layers(model, adapter_name)
-             if isinstance(layer, LoRALayer)]
-    if not pairs:
-        raise ValueError("model has no LoRA layers to train with LoRA-Pro (rw.adapt(model, 'lora_pro') first)")
-    params = [p for p in model.parameters() if p.requires_grad]
+    layers, params = lora_layers_and_params(model, adapter_name, "lora_pro", "LoRA-Pro")
+    pairs = [(layer.lora_A, layer.lora_B, layer.scale) for layer in layers]
     return LoRAProAdamW(params, pairs, lr=lr, weight_decay=weight_decay, **kwargs)
 
 

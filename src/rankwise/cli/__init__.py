@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import compress, demo, export, merge, methods, train
+from . import compress, demo, export, merge, methods, plan, train
 from .common import Formatter, Parser, run_command
 
 #: The subcommand modules, in the order ``rankwise --help`` lists them.
-COMMANDS = (methods, train, demo, compress, export, merge)
+COMMANDS = (methods, train, demo, compress, export, merge, plan)
 EPILOG = """\
 examples:
   rankwise methods                                  # every registered adapter method
@@ -25,6 +25,7 @@ examples:
   rankwise compress --method welore --ratio 0.5     # compress SmolLM2, perplexity report
   rankwise export runs/lora --output peft/lora      # a trained adapter as a PEFT LoRA directory
   rankwise merge runs/lora --output merged/lora     # the adapter folded into a HF model directory
+  rankwise plan --model smollm2 --method lora --dtype bf16 --memory 8GiB   # predicted memory per rank
 'rankwise COMMAND --help' explains each command."""
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rankwise`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc` relaunches with it
     return run_command(args.func, args)
 
 

@@ -106,6 +106,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
                    help="any other optimizer argument, repeatable (e.g. --optimizer-option switch_every=50)")
     add_flag(g, "seed", "seed for data order, init and dropout [default: 0]")
+    g.add_argument("--nproc", type=int, help="processes: N > 1 relaunches under torchrun and trains with FSDP2 "
+                   "(fully_shard per transformer layer), --batch-size being the global batch; no checkpoints, "
+                   "--resume or --quantize then (docs/distributed.md) [default: 1]")
     add_flag(g, "device", "auto (cuda if available), cpu, cuda, cuda:N [default: auto]")
     g = p.add_argument_group("data, evaluation and output")
     g.add_argument("--train-limit", type=int, help="use only the first N training examples/documents")
@@ -306,18 +309,51 @@ def write_run_config(cfg: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the ``train`` subcommand; returns the exit status."""
     from ..io import directory_lock
+    from .distributed import relaunch, world
 
+    nproc = getattr(args, "nproc", 1)
+    if not isinstance(nproc, int) or nproc < 1:
+        raise UsageError(f"--nproc {nproc} must be a positive number of processes")
+    rank, size = world()
+    if nproc > 1 and size == 1:
+        return relaunch(nproc, ["train", *getattr(args, "argv", sys.argv[1:])[1:]])
     cfg = resolve_train_config(args)
     check_config(cfg)
     tcfg = _train_config(cfg)
     check_optimizer(cfg)
     check_writable(cfg["output"])
+    if size > 1:
+        return _run_distributed(cfg, tcfg, rank, bool(getattr(args, "overwrite", False)))
     with directory_lock(cfg["output"]):
         allow = prepare_output(cfg, bool(getattr(args, "overwrite", False)), getattr(args, "allow_change", None))
         return _run(cfg, tcfg, allow)
 
 
-def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str]) -> int:
+def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool) -> int:
+    """One process of ``--nproc N`` under torchrun (``cli/distributed.py``): rank 0 checks and owns the
+    output directory; every rank builds, shards and trains; rank 0 writes the results."""
+    import torch.distributed as dist
+
+    from ..io import directory_lock
+    from .distributed import init
+
+    refused = [flag for flag, on in (("--checkpoint-every", cfg["checkpoint_every"]),
+                                     ("--resume", cfg["resume"] is not None),
+                                     ("--quantize", cfg["quantize"] is not None)) if on]
+    if refused:
+        raise UsageError(f"{', '.join(refused)} are not supported with --nproc > 1 yet (docs/distributed.md)")
+    device = init(cfg["device"])
+    tcfg.device, tcfg.progress = device, tcfg.progress and rank == 0
+    if rank != 0:
+        dist.barrier()  # rank 0 has checked and prepared the output directory
+        return _run(cfg, tcfg, [], rank=rank)
+    with directory_lock(cfg["output"]):
+        prepare_output(cfg, overwrite, None)
+        dist.barrier()
+        return _run(cfg, tcfg, [], rank=rank)
+
+
+def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = None) -> int:
     from dataclasses import fields
 
     from torch.utils.data import DataLoader
@@ -336,13 +372,26 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str]) -> int:
         quantize(model, cfg["quantize"])
     prepare_model(model, cfg["method"], targets=cfg["targets"], init_data=init_loader, **cfg["options"])
     resume = cfg["output"] if cfg["resume"] is True else cfg["resume"]
-    print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "
-          f"{len(train_loader.dataset)} train, {len(eval_loader.dataset)} eval items -> {cfg['output']}",
-          file=sys.stderr)
+    if rank is not None:  # --nproc: this rank's slice of every batch, FSDP2 over all ranks
+        import torch.distributed as dist
+
+        from .distributed import RankSlices, gather_full, shard_model
+
+        shard_model(model, tcfg.device)
+        train_loader = RankSlices(train_loader, rank, dist.get_world_size())
+    if not rank:
+        print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "
+              f"{len(train_loader.dataset)} train, {len(eval_loader.dataset)} eval items -> {cfg['output']}"
+              + (f" on {dist.get_world_size()} processes (FSDP2)" if rank is not None else ""), file=sys.stderr)
+        write_run_config(cfg)
     train_fields = {f.name for f in fields(TrainConfig)}
-    write_run_config(cfg)
     result = train(model, train_loader, eval_loader, tcfg, resume_from=resume,
                    allow_change=[k for k in allow if k in train_fields])
+    if rank is not None:
+        gather_full(model)  # every rank: the full weights, so rank 0 saves what one process would
+        if rank != 0:
+            dist.barrier()
+            return 0
 
     out = Path(cfg["output"])
     saved = _save(model, tok, cfg["method"], out)
@@ -356,4 +405,7 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str]) -> int:
     if skipped:
         print(f"{skipped} step(s) skipped: their gradients held NaN or inf (metrics.json: skipped_steps)")
     print(f"wrote {out / 'metrics.json'} and {saved}")
+    if rank is not None:
+        dist.barrier()
+        dist.destroy_process_group()
     return 0

@@ -1,6 +1,7 @@
 """Optimizers and optimizer recipes (plain ``torch.optim`` param groups and optimizers)."""
 
 from ..layout import transformer_blocks
+from . import checkpoint
 from .apollo import APOLLO, APOLLOMini
 from .blocks import LISA, BAdam, OwLore, outlier_ratios
 from .dct import DCTGaLore
@@ -21,6 +22,7 @@ from .q_galore import QGaLoreAdamW
 
 __all__ = [
     "BAdam",
+    "checkpoint",
     "GradBytesTracker",
     "GuardedOptimizer",
     "InitReport",

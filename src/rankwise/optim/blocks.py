@@ -39,6 +39,7 @@ from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
 from .accounting import optimizer_bytes
 from .conventions import check_lr, svd_fallbacks
 from .copyable import CopyableOptimizer, restore_state_dtypes
+from .sharding import full
 
 __all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
 
@@ -242,7 +243,9 @@ class _SampledBlocks(CopyableOptimizer):
         state_dict = dict(state_dict)
         if "sampler" not in state_dict:
             raise ValueError(
-                f"state_dict has no 'sampler' entry; it was not saved by {type(self).__name__}.state_dict()"
+                f"state_dict has no 'sampler' entry; it was not saved by {type(self).__name__}.state_dict() "
+                "(torch.distributed.checkpoint's get_state_dict drops it: save and load with "
+                "rankwise.optim.checkpoint.save / load)"
             )
         sampler = state_dict.pop("sampler")
         current = [int(i) for i in sampler["current"]]
@@ -484,7 +487,7 @@ def _outlier_ratio(group: list[nn.Linear], threshold: float, norms: dict[int, to
     """D_ℓ of one layer: the fraction of scores A_ij over all its Linears above M·mean(A_ℓ)."""
     scores = []
     for m in group:
-        score = m.weight.detach().abs().double()
+        score = full(m.weight.detach()).abs().double()  # FSDP2: the gathered weight, same on every rank
         if norms is not None:
             if id(m) not in norms:
                 raise ValueError("a Linear of the transformer layers received no input during calibration")

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from ..checks import choice
-from . import quant
+from . import fused, quant
+from .sharding import is_dtensor
 
 State = dict[str, Any]
 
@@ -106,6 +107,11 @@ class Inner:
         state cannot be allocated ahead (it is then created at the first update, as without this call)."""
         return False
 
+    def fused_step(self, p: torch.Tensor, g: torch.Tensor, state: State, group: dict) -> bool:
+        """Do the whole plain step (update, p ← p − lr·c·N, weight decay) in one chunked pass and return
+        True, or return False (nothing done) for the engine's unfused code."""
+        return False
+
 
 def _zeros(state: State, keys: tuple[str, ...], shape, device, dtype) -> None:
     for key in keys:
@@ -148,6 +154,24 @@ class AdamW(Inner):
 
     def init_state(self, state, shape, group, device, dtype):
         _zeros(state, self.state_keys, shape, device, dtype)
+        return True
+
+    def fused_step(self, p: torch.Tensor, g: torch.Tensor, state: State, group: dict) -> bool:
+        """The plain (unprojected) step of the engine, ``update`` + p ← p − lr·c·N + weight decay, done
+        in cache-sized chunks (``fused.adamw_``, bit-identical); False (nothing done) when the tensors
+        are not :func:`fused.chunkable`."""
+        if not fused.chunkable(p, g):
+            return False
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if not fused.chunkable(p, m, v) or m.shape != g.shape or v.shape != g.shape:
+            return False
+        t = _tick(state)
+        lr, wd = group["lr"], group["weight_decay"]
+        fused.adamw_(p, g, m, v, group["betas"], group["eps"], -lr * _adam_factor(group, t),
+                     -lr * wd if wd > 0.0 else None)
         return True
 
     def transition(self, state, T, side, group):
@@ -197,6 +221,12 @@ class AdamW8bit(Inner):
     def update(self, g, state, group, p):
         if self._small(g, group):
             return self._fp32.update(g, state, group, p)
+        if is_dtensor(g):
+            raise NotImplementedError(
+                "8-bit moments (galore_8bit, inner='adamw8bit') are not supported on FSDP2 DTensors: the "
+                "blockwise codes would follow each rank's shard; use inner='adamw' (fp32 moments) under FSDP2, "
+                f"or raise min_8bit_size above {g.numel()} to keep this tensor's moments fp32"
+            )
         block = int(group.get("quant_block", 256))
         m, v = self._load(g, state, block)
         b1, b2 = group["betas"]

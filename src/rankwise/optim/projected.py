@@ -282,7 +282,11 @@ class ProjectedOptimizer(CopyableOptimizer):
         """Hook called once per projected group before its parameters (FRUGAL's block selection)."""
 
     def _plain_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        N, c = get_inner(group["inner"]).update(p.grad, state, group, p)
+        inner = get_inner(group["inner"])
+        if inner.fused_step(p, p.grad, state, group):  # update + weight decay in cache-sized chunks
+            state["step"] = int(state.get("step", 0)) + 1
+            return
+        N, c = inner.update(p.grad, state, group, p)
         state["step"] = int(state.get("step", 0)) + 1
         p.add_(N, alpha=-group["lr"] * c)
         self._decay(p, group)
@@ -297,7 +301,12 @@ class ProjectedOptimizer(CopyableOptimizer):
         R = reduced(R)  # FSDP2: a left projection's partial sums, reduced once (r×n)
         N, c = get_inner(group["inner"]).update(R, state, group, p)
         state["step"] = step + 1
-        get_residual(group["residual"]).apply(p, G, R, N, proj, state, group, c)
+        rule = get_residual(group["residual"])
+        decay = -group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else None
+        if rule.fused_apply(p, G, R, N, proj, state, group, c, decay):  # update and decay in row blocks
+            proj.post_update(G, state)
+            return
+        rule.apply(p, G, R, N, proj, state, group, c)
         proj.post_update(G, state)
         self._decay(p, group)
 

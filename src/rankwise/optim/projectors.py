@@ -150,6 +150,15 @@ class Projector:
         P = like(self.matrix(state), N)
         return P @ N if self.side == "left" else N @ P
 
+    def dense(self, state: State) -> torch.Tensor | None:
+        """P as a plain tensor when ``project``/``back`` are the dense products with it (so the engine
+        may compute back(N) a block of rows at a time, ``fused.py``); None for other projectors."""
+        cls = type(self)
+        if cls.back is not Projector.back or cls.project is not Projector.project:
+            return None
+        P = self.matrix(state)
+        return None if is_dtensor(P) else P
+
     def basis(self, state: State) -> torch.Tensor:
         """Basis as columns (dim×r), used to carry moments across a subspace change."""
         P = self.matrix(state)

@@ -27,20 +27,24 @@ from typing import Any
 import torch
 
 from ..checks import choice
+from . import fused
 from .projectors import Projector
 from .sharding import replicated
 
 State = dict[str, Any]
 
 
-def limit_norm_growth(x: torch.Tensor, state: State, gamma: float | None, key: str = "limiter_norm") -> torch.Tensor:
-    """Fira's norm-growth limiter: cap ‖xₜ‖ at γ·‖xₜ₋₁‖ (the stored, already-limited previous norm)."""
+def limit_norm_growth(
+    x: torch.Tensor, state: State, gamma: float | None, key: str = "limiter_norm", inplace: bool = False
+) -> torch.Tensor:
+    """Fira's norm-growth limiter: cap ‖xₜ‖ at γ·‖xₜ₋₁‖ (the stored, already-limited previous norm);
+    ``inplace`` rescales x itself instead of a copy."""
     if not gamma:
         return x
     norm = replicated(torch.linalg.vector_norm(x))  # under FSDP2: reduced over the shards, kept replicated
     if key in state:
         limiter = torch.clamp(norm / (state[key] + 1e-8), min=gamma) / gamma
-        x = x / limiter
+        x = x.div_(limiter) if inplace else x / limiter
         state[key] = norm / limiter
     else:
         state[key] = norm
@@ -66,12 +70,34 @@ class Residual:
     ) -> None:
         raise NotImplementedError  # pragma: no cover
 
+    def fused_apply(
+        self, p: torch.Tensor, G: torch.Tensor, R: torch.Tensor, N: torch.Tensor,
+        proj: Projector, state: State, group: dict, c: float, decay: float | None,
+    ) -> bool:
+        """``apply`` followed by the weight decay p ← p + decay·p (when ``decay`` is given), a block of
+        rows at a time (``fused.py``, bit-identical), returning True; or False, nothing done, when
+        the rule or the tensors do not allow it (the engine then calls ``apply``)."""
+        return False
+
+
+def _dense(p: torch.Tensor, proj: Projector, state: State, *others: torch.Tensor) -> torch.Tensor | None:
+    """The projector's dense P when p, P and ``others`` can be updated in row blocks, else None."""
+    P = proj.dense(state)
+    return P if P is not None and fused.chunkable(p, P, *others) else None
+
 
 class Drop(Residual):
     name = "none"
 
     def apply(self, p, G, R, N, proj, state, group, c):
         p.add_(proj.back(N, state).mul_(group["scale"]), alpha=-group["lr"] * c)
+
+    def fused_apply(self, p, G, R, N, proj, state, group, c, decay):
+        P = _dense(p, proj, state, N)
+        if P is None:
+            return False
+        fused.back_add_(p, N, P, proj.side, group["scale"], -group["lr"] * c, decay)
+        return True
 
 
 class FiraResidual(Residual):
@@ -84,6 +110,28 @@ class FiraResidual(Residual):
         resid = limit_norm_growth(resid, state, group.get("limiter_gamma", 1.01))
         update = proj.back(N, state).mul_(group["scale"]).add_(resid)
         p.add_(update, alpha=-group["lr"] * c)
+
+    def fused_apply(self, p, G, R, N, proj, state, group, c, decay):
+        P = _dense(p, proj, state, G, R, N)
+        if P is None:
+            return False
+        phi = channel_scale(N, R, proj.side)  # m×1 (right) or 1×n (left)
+        resid = torch.empty_like(G)  # G − back(R), scaled, then limited: one full-size buffer
+        rows = fused.rows_per_chunk(p)
+        for s in range(0, p.shape[0], rows):
+            e = s + rows
+            block = torch.sub(G[s:e], fused.back_block(R, P, proj.side, s, e), out=resid[s:e])
+            block.mul_(phi[s:e] if proj.side == "right" else phi)
+        resid = limit_norm_growth(resid, state, group.get("limiter_gamma", 1.01), inplace=True)
+        scale, alpha = group["scale"], -group["lr"] * c
+        for s in range(0, p.shape[0], rows):
+            e = s + rows
+            u = fused.back_block(N, P, proj.side, s, e).mul_(scale).add_(resid[s:e])
+            pc = p[s:e]
+            pc.add_(u, alpha=alpha)
+            if decay is not None:
+                pc.add_(pc, alpha=decay)
+        return True
 
 
 class StateFree(Residual):
@@ -121,6 +169,27 @@ class ApolloScaling(Residual):
         if not group.get("scale_front", False):
             update.mul_(root)
         p.add_(update, alpha=-group["lr"] * c)
+
+    def fused_apply(self, p, G, R, N, proj, state, group, c, decay):
+        if not fused.chunkable(p, G):
+            return False
+        front = group.get("scale_front", False)
+        update = G * channel_scale(N, R, proj.side, tensorwise=self.name == "apollo_tensor")
+        root = math.sqrt(group["scale"])
+        if front:
+            update.mul_(root)
+        update = limit_norm_growth(update, state, group.get("limiter_gamma", 1.01), inplace=True)
+        alpha = -group["lr"] * c
+        rows = fused.rows_per_chunk(p)
+        for s in range(0, p.shape[0], rows):
+            e = s + rows
+            u, pc = update[s:e], p[s:e]
+            if not front:
+                u.mul_(root)
+            pc.add_(u, alpha=alpha)
+            if decay is not None:
+                pc.add_(pc, alpha=decay)
+        return True
 
 
 _RULES: dict[str, Residual] = {rule.name: rule for rule in (

@@ -1,0 +1,62 @@
+"""``rankwise train --nproc 2``: relaunched under torchrun, FSDP2 per transformer layer, each rank
+on its slice of the global batch, rank 0 writes the run.
+
+It is compared with the one-process run loosely: MiniLM trains with dropout, and each rank draws
+its dropout masks over its own slice, so the runs are not the same computation (measured: adapter
+weights 0.004 apart after 3 steps at lr 1e-3, eval loss 1.5985 vs 1.5992). The exact parity of
+FSDP2 training is the business of ``test_fsdp.py`` / ``test_structured.py`` (float64, no dropout).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from rankwise.cli import main
+from rankwise.cli.distributed import without_nproc
+
+from ..cli.cli_helpers import needs_assets
+from .fsdp_worker import available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_without_nproc():
+    assert without_nproc(["train", "--nproc", "2", "--lr", "1e-3", "--nproc=4"]) == ["train", "--lr", "1e-3"]
+
+
+def test_nproc_must_be_positive(tmp_path, capsys):
+    assert main(["train", "--nproc", "0", "--output", str(tmp_path / "r")]) == 2
+    assert "--nproc 0" in capsys.readouterr().err
+
+
+def _train(out: Path, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "rankwise", "train", "--model", "minilm", "--data", "bbc", "--method", "lora",
+           "--max-steps", "3", "--train-limit", "32", "--test-limit", "16", "--batch-size", "8",
+           "--output", str(out), "--no-progress", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow  # two MiniLM runs, ~2-3 min on 2 busy cores
+@needs_assets
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+def test_train_nproc_2_runs_fsdp2_and_writes_the_run(tmp_path):
+    _train(tmp_path / "one")
+    _train(tmp_path / "two", "--nproc", "2")
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
+    assert abs(one["loss"] - two["loss"]) < 0.01
+    a = load_file(glob.glob(str(tmp_path / "one" / "adapter" / "*.safetensors"))[0])
+    b = load_file(glob.glob(str(tmp_path / "two" / "adapter" / "*.safetensors"))[0])
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.01  # 3 steps of lr 1e-3 move ≤ ~0.003 each

@@ -1,0 +1,194 @@
+"""``rw.plan`` against measurement on CPU with tiny models: model states exact to the byte (the bytes
+of the real tensors after one real step), activations within 5% of the bytes saved for backward
+(saved-tensor hooks, each storage once) over methods, checkpointing and sequence lengths, and the
+peak within 2% of a real three-step CPU run whose every allocation is followed (the CPU stand-in for
+``max_memory_allocated``; the GPU check is ``benchmarks/plan_gpu_check.py``)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import rankwise as rw
+from rankwise.memory import unique_parameters
+from rankwise.models.loaders import tiny_bert, tiny_llama
+from rankwise.optim.accounting import state_bytes
+from rankwise.planner import batch_for, loss_of, output_head, plan, saved_bytes
+
+SEED = 0
+
+
+def _llama_config():
+    return tiny_llama(vocab_size=96, hidden=32, layers=2, heads=4, intermediate=64, kv_heads=2, seed=SEED).config
+
+
+def _model(config, method, method_options, dtype=torch.float32, task="causal-lm", checkpointing=False):
+    """A real CPU model from ``config`` with the adapter ``method`` (and checkpointing), in train mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(SEED)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    model = auto.from_config(copy.deepcopy(config), dtype=dtype)
+    if method is not None:
+        rw.adapt(model, method, **method_options)
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _real(config, method, method_options, optimizer, optimizer_options, dtype=torch.float32, task="causal-lm"):
+    """A real CPU model from ``config`` after one real training step: (model, optimizer)."""
+    model = _model(config, method, method_options, dtype, task)
+    opt = rw.optim.make(optimizer, model, **optimizer_options)
+    loss_of(model(**batch_for(model, task, 2, 16, "cpu"))).backward()
+    opt.step()
+    return model, opt
+
+
+STATE_GRID = [
+    (None, {}, "adamw", {}),
+    (None, {}, "galore", {"rank": 4}),
+    (None, {}, "galore", {"rank": 4, "projector": "svd"}),
+    (None, {}, "apollo", {"rank": 4}),
+    (None, {}, "fira", {"rank": 4}),
+    (None, {}, "frugal", {"rank": 4}),
+    (None, {}, "q_galore", {"rank": 4}),
+    (None, {}, "galore_adafactor", {"rank": 4}),
+    (None, {}, "dct_proj", {"rank": 4}),
+    (None, {}, "lisa", {"lr": 1e-3, "n_layers": 1}),
+    ("lora", {"r": 4}, "adamw", {}),
+    ("lora", {"r": 4}, "adamw", {"weight_decay": 0.01}),
+    (None, {}, "badam", {"lr": 1e-3}),
+    ("dora", {"r": 4}, "adamw", {}),
+    ("vera", {"r": 4}, "adamw", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "mopts", "optimizer", "oopts"), STATE_GRID,
+                         ids=[f"{m or 'full'}-{o}-{i}" for i, (m, _, o, _) in enumerate(STATE_GRID)])
+def test_model_states_exact(method, mopts, optimizer, oopts):
+    config = _llama_config()
+    p = plan(config, method, optimizer, batch_size=2, seq_len=16, method_options=mopts, optimizer_options=oopts)
+    model, opt = _real(config, method, mopts, optimizer, oopts)
+    params = unique_parameters(model)
+    assert p.weights == sum(t.numel() * t.element_size() for t in params)
+    real_grads = sum(t.grad.numel() * t.grad.element_size() for t in params if t.grad is not None)
+    assert p.gradients == real_grads or (optimizer == "badam" and p.gradients >= real_grads)
+    if optimizer == "badam":  # the plan takes the largest block; the real run starts with one of them
+        assert p.optimizer_state + p.projectors >= state_bytes(opt)
+    else:
+        assert p.optimizer_state + p.projectors == state_bytes(opt)
+    assert p.params_trainable == sum(t.numel() for t in params if t.requires_grad) or optimizer in ("lisa", "badam")
+
+
+def test_model_states_bf16_base_fp32_adapter():
+    config = _llama_config()
+    p = plan(config, "lora", "adamw", dtype="bf16", batch_size=2, seq_len=16, method_options={"r": 4})
+    model, opt = _real(config, "lora", {"r": 4}, "adamw", {}, dtype=torch.bfloat16)
+    params = unique_parameters(model)
+    assert {t.dtype for t in params if t.requires_grad} == {torch.float32}
+    assert p.weights == sum(t.numel() * t.element_size() for t in params)
+    assert p.gradients == sum(t.grad.numel() * t.grad.element_size() for t in params if t.grad is not None)
+    assert p.optimizer_state + p.projectors == state_bytes(opt)
+
+
+def _measured_saved(config, method, mopts, checkpointing, seq, task="causal-lm"):
+    model = _model(config, method, mopts, task=task, checkpointing=checkpointing)
+    inputs = batch_for(model, task, 2, seq, "cpu")
+    out = {}
+    layers, head = saved_bytes(model, lambda: out.setdefault("o", model(**inputs)), output_head(model))
+    loss_of(out["o"]).backward()
+    return layers + head
+
+
+ACT_GRID = [(m, mo, ck, s) for m, mo in ((None, {}), ("lora", {"r": 4}), ("dora", {"r": 4}))
+            for ck in (False, True) for s in (32, 64)]
+
+
+@pytest.mark.parametrize(("method", "mopts", "checkpointing", "seq"), ACT_GRID)
+def test_activations_within_5_percent(method, mopts, checkpointing, seq):
+    config = _llama_config()
+    p = plan(config, method, "adamw", batch_size=2, seq_len=seq, checkpointing=checkpointing, method_options=mopts)
+    measured = _measured_saved(config, method, mopts, checkpointing, seq)
+    assert abs(p.activations + p.logits - measured) <= 0.05 * measured, (p.activations + p.logits, measured)
+
+
+def test_activations_bert_seq_cls():
+    config = tiny_bert(vocab_size=96, hidden=32, layers=2, heads=4, intermediate=64, seed=SEED).config
+    p = plan(config, "lora", "adamw", task="seq-cls", batch_size=2, seq_len=32, method_options={"r": 4})
+    measured = _measured_saved(config, "lora", {"r": 4}, False, 32, task="seq-cls")
+    assert abs(p.activations + p.logits - measured) <= 0.05 * measured, (p.activations + p.logits, measured)
+
+
+def test_sharding_and_layerwise_divide():
+    config = _llama_config()
+    one = plan(config, None, "adamw", batch_size=2, seq_len=16)
+    four = plan(config, None, "adamw", batch_size=2, seq_len=16, world_size=4)
+    assert four.weights < one.weights / 3 and four.optimizer_state < one.optimizer_state / 3
+    lw = plan(config, None, "adamw", batch_size=2, seq_len=16, layerwise=True)
+    assert lw.gradients < one.gradients / 4 and lw.optimizer_state == one.optimizer_state
+
+
+def test_budget_and_errors():
+    config = _llama_config()
+    p = plan(config, "lora", "adamw", batch_size=2, seq_len=16, method_options={"r": 4}, memory=1 << 40)
+    assert p.fits is True and "fits" in p.table()
+    assert plan(config, "lora", "adamw", batch_size=2, seq_len=16, memory=1024).fits is False
+    with pytest.raises(ValueError, match="optimizer"):
+        plan(config, None, "nope")
+    with pytest.raises(ValueError, match="adapter method"):
+        plan(config, None, "adamw", quant="nf4")
+
+
+def _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, checkpointing=False):
+    """Parameter bytes + the most bytes a real CPU run (three steps: forward, backward, step,
+    zero_grad) has alive at once, following every storage an op creates until it is freed."""
+    from rankwise.planner import _LiveBytes
+
+    model = _model(config, method, mopts, checkpointing=checkpointing)
+    opt = rw.optim.make(optimizer, model, **oopts)
+    inputs = batch_for(model, "causal-lm", batch, seq, "cpu")
+    params = unique_parameters(model)
+    with _LiveBytes(params) as live:
+        for _ in range(3):
+            loss_of(model(**inputs)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return sum(p.numel() * p.element_size() for p in params) + live.peak
+
+
+PEAK_GRID = [  # (method, options, optimizer, options, batch, seq, checkpointing); the last two peak at the step
+    (None, {}, "adamw", {"foreach": True}, 4, 64, False),
+    ("lora", {"r": 8}, "adamw", {"foreach": True}, 4, 64, True),
+    (None, {}, "galore", {"rank": 16}, 4, 64, False),
+    (None, {}, "apollo", {"rank": 16}, 2, 32, True),
+    (None, {}, "adamw", {"foreach": True}, 1, 2, False),
+    (None, {}, "galore", {"rank": 16, "projector": "svd"}, 1, 2, False),
+]
+
+
+@pytest.mark.parametrize(("method", "mopts", "optimizer", "oopts", "batch", "seq", "ckpt"), PEAK_GRID)
+def test_peak_matches_tracked_cpu_run(method, mopts, optimizer, oopts, batch, seq, ckpt):
+    config = tiny_llama(vocab_size=512, hidden=64, layers=2, heads=4, intermediate=128, kv_heads=2, seed=SEED).config
+    p = plan(config, method, optimizer, batch_size=batch, seq_len=seq, checkpointing=ckpt, method_options=mopts,
+             optimizer_options=oopts)
+    measured = _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, ckpt)
+    assert abs(p.peak - measured) <= 0.02 * measured, (p.peak, measured, p.peak_phase)
+
+
+def test_gpu_check_script_dry_run(capsys):
+    """benchmarks/plan_gpu_check.py runs its code path on CPU (the GPU comparison needs CUDA)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_gpu_check.py"
+    spec = importlib.util.spec_from_file_location("plan_gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--dry-run", "--only", "galore-svd"]) == 0
+    assert "1 configurations ran on CPU" in capsys.readouterr().out
