@@ -39,7 +39,14 @@ from typing import Any
 import torch
 
 import rankwise as rw
-from rankwise.data import classification_loader, lm_blocks, lm_loader, load_classification, load_text
+from rankwise.data import (
+    TextClassification,
+    classification_loader,
+    lm_blocks,
+    lm_loader,
+    load_classification,
+    load_text,
+)
 from rankwise.models import load_model, quiet_transformers
 from rankwise.train import TrainConfig, prepare_model, train
 
@@ -54,19 +61,23 @@ TARGETS = {"minilm-l6": "all-linear", "smollm2-135m": ["q_proj", "v_proj"]}
 #: Learning rate per model (LoRA's, used by every arm: equal steps and lr).
 LR = {"minilm-l6": 2e-3, "smollm2-135m": 1e-3}
 #: Student t quantile for a two-sided 95% interval with n−1 degrees of freedom.
+#: Tiny validation set (examples; LM: 4 blocks).
+VAL = 32
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 
 
 @dataclass(frozen=True)
 class Arm:
     """One configuration: ``label`` for the tables, the adapter ``method`` and its options,
-    ``truncate`` (DyLoRA: evaluate at this rank) and the ``budget`` level it belongs to."""
+    ``truncate`` (DyLoRA: evaluate at this rank), the ``budget`` level it belongs to and ``lr`` (None:
+    LoRA's)."""
 
     label: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     budget: str = "100%"
     truncate: int | None = None
+    lr: float | None = None  # None: the model's LoRA learning rate (LR)
 
 
 def alloc_arms(r: int, steps: int) -> list[Arm]:
@@ -95,26 +106,38 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
     return [a for a in arms if a.method in rw.REGISTRY]
 
 
-DYNAMICS = ("lora", "allora", "lora_pro", "lora_dropout", "cola", "lora_ggpo", "fast_forward", "bilora", "loft")
+DYNAMICS = ("lora", "allora", "lora_pro", "lora_dropout", "cola", "lora_ggpo", "fast_forward", "bilora", "loft",
+            "ba_lora")
 
 
-def dyn_arms(r: int) -> list[Arm]:
-    """LoRA and every registered training-dynamics method, at rank r."""
-    return [Arm(m, m, {"r": r}, "dyn") for m in DYNAMICS if m in rw.REGISTRY]
+def dyn_arms(r: int, steps: int) -> list[Arm]:
+    """LoRA and every registered training-dynamics method, at rank r and LoRA's lr; COLA with three links;
+    LoRA-Pro and LoFT (whose steps act on the full-weight scale) also at a tenth of the lr."""
+    options = {"cola": {"chain_every": max(1, steps // 3)}}
+    arms = [Arm(m if m != "cola" else "cola ×3", m, {"r": r, **options.get(m, {})}, "dyn") for m in DYNAMICS]
+    arms += [Arm(f"{m} lr/10", m, {"r": r}, "dyn", lr=0.1) for m in ("lora_pro", "loft")]
+    return [a for a in arms if a.method in rw.REGISTRY]
 
 
-def batches_for(task: str, tokenizer: Any, seed: int, args: argparse.Namespace) -> tuple[Any, Any, int]:
-    """Train loader, test loader and label count for ``task`` (the same for every arm of a seed)."""
+def batches_for(task: str, tokenizer: Any, seed: int, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Train, test and tiny-validation loaders for ``task`` (the same for every arm of a seed). The
+    validation batch (Fast Forward's stopping rule; otherwise only the loop's end-of-run loss) is held
+    out of the test split after the evaluated examples, so no arm sees the test examples it is scored on."""
     _, kind, data = TASKS[task]
     if kind == "cls":
         tr = load_classification(data, "train", seed=seed)
-        te = load_classification(data, "test", seed=0, limit=args.test_limit)
+        te = load_classification(data, "test", seed=0, limit=args.test_limit + VAL)
+        test, val = (TextClassification(te.texts[a:b], te.labels[a:b], te.label_names)
+                     for a, b in ((0, args.test_limit), (args.test_limit, args.test_limit + VAL)))
         return (classification_loader(tr, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=seed),
-                classification_loader(te, tokenizer, 32, args.max_length, shuffle=False), tr.num_labels)
+                classification_loader(test, tokenizer, 32, args.max_length, shuffle=False),
+                classification_loader(val, tokenizer, VAL, args.max_length, shuffle=False))
     train_blocks = lm_blocks(load_text(data, "train", seed=0), tokenizer, args.max_length)
-    test_blocks = lm_blocks(load_text(data, "test", seed=0), tokenizer, args.max_length)[: args.test_limit // 8]
+    test_blocks = lm_blocks(load_text(data, "test", seed=0), tokenizer, args.max_length)
+    n_test = args.test_limit // 8
     return (lm_loader(train_blocks, batch_size=args.batch_size, shuffle=True, seed=seed),
-            lm_loader(test_blocks, batch_size=8, shuffle=False), 0)
+            lm_loader(test_blocks[:n_test], batch_size=8, shuffle=False),
+            lm_loader(test_blocks[n_test: n_test + 4], batch_size=4, shuffle=False))
 
 
 def layer_ranks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -134,13 +157,14 @@ def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[st
     torch.manual_seed(seed)
     model, tok = load_model(model_name, task="seq-cls" if kind == "cls" else "causal-lm",
                             **({"num_labels": _labels(task)} if kind == "cls" else {}))
-    train_loader, test_loader, _ = batches_for(task, tok, seed, args)
+    train_loader, test_loader, val_loader = batches_for(task, tok, seed, args)
     prepare_model(model, arm.method, targets=TARGETS[model_name], init_data=train_loader, seed=seed, **arm.options)
-    cfg = TrainConfig(lr=LR[model_name], max_steps=args.steps, warmup_steps=max(1, args.steps // 10),
+    lr = LR[model_name] * (arm.lr if arm.lr is not None else 1.0)
+    cfg = TrainConfig(lr=lr, max_steps=args.steps, warmup_steps=max(1, args.steps // 10),
                       schedule="linear", seed=seed, device="cpu", progress=False,
                       task="lm" if kind == "lm" else "auto")
     t0 = time.perf_counter()
-    result = train(model, train_loader, None, cfg)
+    result = train(model, train_loader, val_loader, cfg)
     if arm.truncate is not None:
         rw.truncate_rank(model, arm.truncate)
     from rankwise.train import evaluate
@@ -175,7 +199,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs.jsonl"
-    arms = alloc_arms(args.r, args.steps) if args.study == "alloc" else dyn_arms(args.r)
+    arms = alloc_arms(args.r, args.steps) if args.study == "alloc" else dyn_arms(args.r, args.steps)
     if args.arms:
         arms = [a for a in arms if a.label in args.arms or a.method in args.arms]
     done = done_keys(runs)
