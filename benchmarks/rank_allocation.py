@@ -102,7 +102,8 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
                 {"r_start": target - target // 2, "r_end": target + target // 2}, budget),
         ]
     start = math.ceil(1.5 * r)
-    arms.extend(Arm(f"sora {start} λ{lam:g}", "sora", {"r": start, "sparse_lambda": lam}, "L1") for lam in (10.0, 5.0))
+    lambdas = (10.0, 8.5, 7.5, 5.0)  # the final budget is steep in λ: all pruned at 10, none at 5
+    arms.extend(Arm(f"sora {start} λ{lam:g}", "sora", {"r": start, "sparse_lambda": lam}, "L1") for lam in lambdas)
     return [a for a in arms if a.method in rw.REGISTRY]
 
 
