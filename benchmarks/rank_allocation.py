@@ -241,8 +241,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         b, _ = mean_ci([float(r["budget_params"]) for r in rs])
         out.append({"study": study, "task": task, "arm": arm, "budget": rs[0]["budget"], "n": len(rs),
                     "metric_name": rs[0]["metric_name"], "mean": m, "ci": h, "budget_params": b,
-                    "final_loss": statistics.fmean(r["loss_curve"][-1] for r in rs)})
-    return out
+                    "final_loss": statistics.fmean(statistics.fmean(r["loss_curve"][-10:]) for r in rs)})
+    levels = ["100%", "70%", "L1", "dyn"]
+    return sorted(out, key=lambda s: levels.index(s["budget"]) if s["budget"] in levels else len(levels))
 
 
 def heatmap(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
@@ -317,7 +318,7 @@ def report(out: Path) -> str:
             steps = next(r["steps"] for r in rows if r["task"] == task and r["study"] == study)
             lines += [f"## {task}: {'rank allocation' if study == 'alloc' else 'training dynamics'} "
                       f"({steps} steps)", "",
-                      f"| arm | budget level | n | test {name} | final budget (params) | final train loss |",
+                      f"| arm | budget level | n | test {name} | final budget (params) | train loss, last 10 steps |",
                       "|---|---|---|---|---|---|"]
             for s in sel:
                 lines.append(f"| {s['arm']} | {s['budget']} | {s['n']} | {s['mean']:.4f} ± {s['ci']:.4f} | "
