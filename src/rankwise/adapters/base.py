@@ -106,6 +106,9 @@ class AdapterLayer(nn.Module):
     stackable: ClassVar[bool] = True
     # Whether the adapted model's output equals the base model's right after initialization.
     identity_at_init: ClassVar[bool] = True
+    # Buffers the training forward updates (running statistics, like BatchNorm's; PRILoRA's input norms):
+    # the only non-parameter tensors of an adapter that change while it trains.
+    running_statistics: ClassVar[tuple[str, ...]] = ()
     # The base-layer kinds (``targets.layer_kind``) the method supports: "linear" (nn.Linear, Conv1D,
     # 4-bit), "embedding" (nn.Embedding), "conv" (nn.Conv1d / nn.Conv2d). The one declaration
     # ``rw.adapt`` checks (``check_base``); a config may narrow it (``supported_kinds``).

@@ -66,6 +66,7 @@ class PRILoRALayer(LoRALayer):
 
     method = "prilora"
     base_kinds = ("linear",)
+    running_statistics = ("input_norm",)
 
     def __init__(self, base_layer: nn.Module, config: PRILoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config, ctx)

@@ -57,7 +57,7 @@ def grad_workspace() -> Iterator[None]:
 
 
 def _workspace(g: torch.Tensor, p: torch.Tensor) -> bool:
-    return _GRAD_IS_WORKSPACE and g is p.grad and g.is_contiguous()
+    return _GRAD_IS_WORKSPACE and g is p.grad and g.is_contiguous() and not is_dtensor(g)
 
 
 def _rotate(x: torch.Tensor, T: torch.Tensor, side: str) -> torch.Tensor:

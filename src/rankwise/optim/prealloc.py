@@ -37,6 +37,7 @@ from .accounting import state_bytes
 from .inner import get_inner
 from .projected import ProjectedOptimizer
 from .projectors import resolve_side
+from .sharding import is_dtensor
 
 __all__ = ["InitReport", "init_state"]
 
@@ -51,12 +52,23 @@ class InitReport:
     lazy: list[str] = field(default_factory=list)
 
 
+def _sharded(p: torch.Tensor, name: str, report: InitReport) -> bool:
+    """True (and noted as lazy) for a sharded (FSDP2 DTensor) parameter: its state is created at the first
+    step in the gradient's sharding, not as a plain tensor of the global shape."""
+    if is_dtensor(p):
+        report.lazy.append(f"{name} {tuple(p.shape)}: sharded (DTensor) parameter, state created at the first step")
+        return True
+    return False
+
+
 def _torch_adam(optimizer: torch.optim.Optimizer, report: InitReport) -> None:
     init_group = optimizer._init_group  # type: ignore[attr-defined]
     n_lists = len(inspect.signature(init_group).parameters) - 1  # after ``group``: output lists
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not p.requires_grad or p.grad is not None or optimizer.state.get(p):
+                continue
+            if _sharded(p, type(optimizer).__name__, report):
                 continue
             zero = torch.zeros((), dtype=p.dtype, device=p.device)
             p.grad = zero.expand_as(p)  # no memory: _init_group reads only the grad's presence
@@ -72,7 +84,7 @@ def _projected(optimizer: ProjectedOptimizer, report: InitReport) -> None:
     for group in optimizer.param_groups:
         inner = get_inner(group["inner"])
         for p in group["params"]:
-            if not p.requires_grad:
+            if not p.requires_grad or _sharded(p, name, report):
                 continue
             optimizer._ensure_seed(p)
             state = optimizer.state[p]
