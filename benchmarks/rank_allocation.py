@@ -48,7 +48,8 @@ from rankwise.data import (
     load_text,
 )
 from rankwise.models import load_model, quiet_transformers
-from rankwise.train import TrainConfig, prepare_model, train
+from rankwise.report import Column, markdown_table, write_text
+from rankwise.train import TrainConfig, evaluate, prepare_model, train
 
 OUT = Path(__file__).parent / "results" / "rank_allocation"
 TASKS = {  # task: (model, kind, data)
@@ -168,8 +169,6 @@ def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[st
     result = train(model, train_loader, val_loader, cfg)
     if arm.truncate is not None:
         rw.truncate_rank(model, arm.truncate)
-    from rankwise.train import evaluate
-
     metrics = evaluate(model, test_loader, task="lm" if kind == "lm" else "classification")
     ranks = layer_ranks(model)
     return {
@@ -188,10 +187,15 @@ def _labels(task: str) -> int:
     return load_classification(TASKS[task][2], "train", seed=0, limit=64).num_labels
 
 
-def done_keys(path: Path) -> set[tuple[str, str, int]]:
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    """The result rows appended so far to ``path`` (none when it does not exist)."""
     if not path.exists():
-        return set()
-    return {(r["task"], r["arm"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def done_keys(path: Path) -> set[tuple[str, str, int]]:
+    return {(r["task"], r["arm"], r["seed"]) for r in read_runs(path)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -246,16 +250,22 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: levels.index(s["budget"]) if s["budget"] in levels else len(levels))
 
 
-def heatmap(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
-    """Final per-layer ranks (seed-mean) of the alloc study's arms on ``task``, as a heat map."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def heatmap(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
+    """Final per-layer ranks (seed-mean) of the alloc study's arms on ``task``, as a heat map."""
     sel = [r for r in rows if r["task"] == task and r["study"] == "alloc"]
     if not sel:
         return False
+    plt = _pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in sel))
     layers = list(sel[0]["ranks"])
     grid = [[statistics.fmean(r["ranks"][layer] for r in sel if r["arm"] == a) for a in arms] for layer in layers]
@@ -273,14 +283,10 @@ def heatmap(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
 
 def loss_curves(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
     """Seed-mean training loss of the dyn study's arms on ``task`` (a 5-step moving average)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sel = [r for r in rows if r["task"] == task and r["study"] == "dyn"]
     if not sel:
         return False
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm in dict.fromkeys(r["arm"] for r in sel):
         curves = [r["loss_curve"] for r in sel if r["arm"] == arm]
@@ -302,8 +308,15 @@ def _short(name: str) -> str:
     return name.replace("encoder.layer.", "L").replace("model.layers.", "L").replace("attention.self.", "")
 
 
+def _columns(metric: str) -> list[Column]:
+    return [Column("arm", "arm", align="<"), Column("budget", "budget level", align="<"), Column("n", "n"),
+            Column("metric_ci", f"test {metric}"),
+            Column("budget_params", "final budget (params)", lambda v: f"{v:,.0f}"),
+            Column("final_loss", "train loss, last 10 steps", lambda v: f"{v:.4f}")]
+
+
 def report(out: Path) -> str:
-    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    rows = read_runs(out / "runs.jsonl")
     summary = summarize(rows)
     lines = ["# Rank allocation and training dynamics against LoRA", "",
              "Written by `benchmarks/rank_allocation.py` (see its docstring for the protocol). "
@@ -318,19 +331,15 @@ def report(out: Path) -> str:
             steps = next(r["steps"] for r in rows if r["task"] == task and r["study"] == study)
             lines += [f"## {task}: {'rank allocation' if study == 'alloc' else 'training dynamics'} "
                       f"({steps} steps)", "",
-                      f"| arm | budget level | n | test {name} | final budget (params) | train loss, last 10 steps |",
-                      "|---|---|---|---|---|---|"]
-            for s in sel:
-                lines.append(f"| {s['arm']} | {s['budget']} | {s['n']} | {s['mean']:.4f} ± {s['ci']:.4f} | "
-                             f"{s['budget_params']:,.0f} | {s['final_loss']:.4f} |")
-            lines.append("")
+                      markdown_table([{**s, "metric_ci": f"{s['mean']:.4f} ± {s['ci']:.4f}"} for s in sel],
+                                     _columns(name)), ""]
             if study == "alloc" and heatmap(rows, task, out / f"ranks_{task}.png"):
                 lines += [f"![final per-layer ranks on {task}](ranks_{task}.png)", ""]
             if study == "dyn" and loss_curves(rows, task, out / f"loss_{task}.png"):
                 lines += [f"![loss curves on {task}](loss_{task}.png)", ""]
     text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(out / "report.md", text)
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return text
 
 
