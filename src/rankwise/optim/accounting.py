@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .sharding import is_dtensor
+from .sharding import local_tensor
 
 __all__ = ["optimizer_bytes", "state_bytes", "storage_bytes", "tensors_in"]
 
@@ -38,13 +38,8 @@ def tensors_in(obj: Any) -> Iterable[torch.Tensor]:
             yield from tensors_in(value)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor that holds ``t``'s bytes in this process: a DTensor's local shard, else ``t``."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 def _key(t: torch.Tensor) -> tuple[str, int]:
-    t = _local(t)
+    t = local_tensor(t)
     return str(t.device), t.untyped_storage().data_ptr()
 
 
@@ -56,7 +51,7 @@ def storage_bytes(tensors: Iterable[torch.Tensor], exclude: Iterable[torch.Tenso
         key = _key(t)
         if key not in seen:
             seen.add(key)
-            total += _local(t).untyped_storage().nbytes()
+            total += local_tensor(t).untyped_storage().nbytes()
     return total
 
 

@@ -105,6 +105,11 @@ def zero_redundancy(model: torch.nn.Module, name: str, process_group: Any = None
     return zero
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds ``t``'s bytes in this process: a DTensor's local shard, else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def local_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """This rank's optimizer state in bytes: ``"sharded"`` (the local shards of DTensors sharded
     over the mesh: moments of row-sharded projections, full AdamW moments), ``"replicated"`` (plain
@@ -117,7 +122,7 @@ def local_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
         for value in st.values():
             if not torch.is_tensor(value):
                 continue
-            local = value.to_local() if is_dtensor(value) else value
+            local = local_tensor(value)
             key = (local.untyped_storage().data_ptr(), local.storage_offset())
             if key in seen:
                 continue
