@@ -36,6 +36,9 @@ from rankwise.memory import count_params, optimizer_state_bytes
 from rankwise.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
+CLOCKS = {"wall": "wall-clock time",
+          "cpu": "CPU time of the timing thread (time.thread_time: with one torch thread all the work runs there, "
+                 "so other jobs on the machine inflate it far less than wall-clock time)"}
 
 
 def peft_model(base, use_dora: bool, r: int, task_type: str = "SEQ_CLS"):
@@ -138,6 +141,7 @@ def smollm2_limits(args) -> None:
         m.train(was)
 
     arms = {**{n: train_step for n in models}, **{n: infer_step for n in infer}}
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {n: [] for n in arms}
     for n, fn in arms.items():  # warm-up (also creates optimizer state)
         fn(n)
@@ -145,10 +149,10 @@ def smollm2_limits(args) -> None:
     for rnd in range(args.rounds):
         k = rnd % len(names)
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 arms[n](n)
-            times[n].append((time.perf_counter() - t0) / args.steps)
+            times[n].append((clock() - t0) / args.steps)
         print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names), flush=True)
     med = {n: statistics.median(t) for n, t in times.items()}
     limit, bare = med["limit (frozen, input grad only)"], med["bare model (no grad)"]
@@ -162,7 +166,7 @@ def smollm2_limits(args) -> None:
                "unmerged lora inference / bare": 1.03}
     result = {
         "setup": {"model": "SmolLM2-135M-Instruct, causal LM, random tokens", "batch": args.batch, "seq": args.seq,
-                  "r": args.r, "targets": "all-linear", "rounds": args.rounds, "steps_per_round": args.steps,
+                  "r": args.r, "targets": "all-linear", "rounds": args.rounds, "steps_per_round": args.steps, "clock": args.clock,
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_at_end": os.getloadavg(),
                   "machine": platform.processor() or platform.machine()},
         "median_s": med, "all_s": times, "ratios": ratios, "targets": targets,
@@ -171,11 +175,11 @@ def smollm2_limits(args) -> None:
         "# Adapters at the limit: SmolLM2-135M\n",
         f"Causal LM on random tokens, batch {args.batch}x{args.seq}, r={args.r} on all linear layers, "
         f"{args.rounds} interleaved rounds x {args.steps} steps (arm order rotating), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s). The machine was shared with other jobs (load average at the end "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): absolute times move with the load, the "
-        "interleaving keeps the ratios fair. The limit is the frozen model computing only the input gradient "
+        f"{torch.get_num_threads()} thread(s), {CLOCKS[args.clock]}. The machine was shared with other jobs (load "
+        f"average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): absolute times move with the load, "
+        "the interleaving keeps the ratios fair. The limit is the frozen model computing only the input gradient "
         "(backward through every layer, no weight gradient).\n",
-        "| arm | median s | min | max |", "|---|---|---|---|",
+        f"| arm | median {'CPU ' if args.clock == 'cpu' else ''}s | min | max |", "|---|---|---|---|",
         *[f"| {n} | {med[n]:.3f} | {min(times[n]):.3f} | {max(times[n]):.3f} |" for n in names],
         "", "| ratio | measured | target |", "|---|---|---|",
         *[f"| {k} | {v:.3f} | {'<= ' + format(targets[k], '.2f') if k in targets else ''} |"
@@ -203,6 +207,9 @@ def main() -> None:
     ap.add_argument("--configs", default="peft-lora,rankwise-lora,peft-dora,rankwise-dora,full-ft,head-only")
     ap.add_argument("--out", default=str(RESULTS / "adapter_step_time"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="smollm2 only: wall-clock, or the CPU time of the one torch thread (use with --threads 1 "
+                         "on a busy machine)")
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
                     help="minilm: rankwise vs PEFT (seq-cls); smollm2: adapters against their limits")
     args = ap.parse_args()
@@ -268,7 +275,7 @@ def main() -> None:
             "model": "minilm-l6 (all-MiniLM-L6-v2), sequence classification, 5 labels",
             "data": "BBC News train batch",
             "batch": args.batch, "seq": args.seq, "r": args.r, "targets": "all-linear",
-            "rounds": args.rounds, "steps_per_round": args.steps,
+            "rounds": args.rounds, "steps_per_round": args.steps, "clock": args.clock,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
         },

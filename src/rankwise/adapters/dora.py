@@ -23,19 +23,25 @@ from .registry import MethodSpec, register
 
 @torch.no_grad()
 def row_norm(weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float) -> torch.Tensor:
-    """‖W + s·B·A‖ per output row (length ``out``), without gradient (DoRA Sec. 4.3)."""
-    return torch.linalg.vector_norm(torch.addmm(weight, lora_b, lora_a, alpha=scale), dim=1)
+    """‖W + s·B·A‖ per output row (length ``out``), without gradient (DoRA Sec. 4.3) and without
+    forming W + s·B·A: ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ, one r×in×out GEMM and r×r work
+    instead of an out×in temporary."""
+    aw = lora_a @ weight.t()  # r×out
+    sq = torch.linalg.vector_norm(weight, dim=1).square_()
+    sq.add_((lora_b * aw.t()).sum(1), alpha=2 * scale)
+    sq.add_(((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1), alpha=scale * scale)
+    return sq.clamp_(min=0).sqrt_()
 
 
 class _DoRALinear(torch.autograd.Function):
-    """``y = V_g x + b`` with V_g = g ⊙ (W + s·B·A), g = m / ‖W + s·B·A‖_c (norm constant), W, b frozen.
+    """``y = g ⊙ (W x + s·B A x) + b``, g = m / ‖W + s·B·A‖_c (the norm constant), W, b frozen.
 
-    One GEMM with the unscaled merged weight V = W + s·B·A instead of a base GEMM and a LoRA path,
-    then an elementwise rescaling of the (N × out) output: u = V x, y = g ⊙ u + b. Saves x and u (N ×
-    out); backward rebuilds V_g (an out·in·r product, cheap next to the N·out·in GEMMs) instead of
-    keeping it, and forms exactly the gradients DoRA needs:
+    The LoRA kernel's GEMMs (``kernels``: the base GEMM, then the low-rank path as r×N products)
+    with the output rescaled per channel; the norm comes from ``row_norm`` without the merged weight.
+    Saves x, A xᵀ (r×N) and u = W x + s·B A x (N × out). With ∂ŷ = ∂y ⊙ g, backward forms exactly the
+    gradients DoRA needs:
 
-        g_x = ∂y·V_g,   g_B = s·g ⊙ (∂yᵀ (x Aᵀ)),   g_A = s·(∂y (g ⊙ B))ᵀ x,   g_m = Σ_N ∂y ⊙ u / ‖·‖_c
+        g_x = ∂ŷ W + (s·Bᵀ∂ŷᵀ)ᵀ A,   g_B = s·∂ŷᵀ (x Aᵀ),   g_A = (s·Bᵀ∂ŷᵀ) x,   g_m = Σ_N ∂y ⊙ u / ‖·‖_c
 
     (g_m because y = m ⊙ u / ‖·‖_c with the norm constant). Keeping u rather than y makes g_m exact
     for rows with m = 0 too, with no data-dependent branch (so ``torch.compile`` traces it whole).
@@ -45,31 +51,29 @@ class _DoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        v = torch.addmm(weight, lora_b, lora_a, alpha=scale)
-        norm = torch.linalg.vector_norm(v, dim=1)
+        ax = lora_a @ x2.t()  # r×N
+        u = (x2 @ weight.t()).addmm_(ax.t(), lora_b.t(), alpha=scale)
+        norm = row_norm(weight, lora_b, lora_a, scale)
         g = magnitude / norm
-        u = x2 @ v.t()
         out = torch.addcmul(bias, u, g) if bias is not None else u * g
-        ctx.save_for_backward(x2, u, weight, lora_a, lora_b, g, norm)
+        ctx.save_for_backward(x2, ax, u, weight, lora_a, lora_b, g, norm)
         ctx.scale, ctx.shape = scale, shape
         return out.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, u, weight, lora_a, lora_b, g, norm = ctx.saved_tensors
+        x2, ax, u, weight, lora_a, lora_b, g, norm = ctx.saved_tensors
         s = ctx.scale
         gy = grad_out.reshape(-1, grad_out.shape[-1])
+        gyg = gy * g
+        bg = (lora_b.t() @ gyg.t()).mul_(s)  # r×N: s·Bᵀ∂ŷᵀ
         grad_x = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
-            v = torch.addmm(weight, lora_b, lora_a, alpha=s).mul_(g.unsqueeze(1))
-            grad_x = (gy @ v).reshape(ctx.shape)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            xa = x2 @ lora_a.t()
-            if ctx.needs_input_grad[4]:  # (xaᵀ ∂y)ᵀ: a much faster GEMM layout than ∂yᵀ xa
-                grad_b = (xa.t() @ gy).mul_(g * s).t().contiguous()
-            if ctx.needs_input_grad[3]:
-                gb_t = (lora_b * (g * s).unsqueeze(1)).t().contiguous()
-                grad_a = (gy @ gb_t.t()).t() @ x2
+            grad_x = (gyg @ weight).addmm_(bg.t(), lora_a).reshape(ctx.shape)
+        if ctx.needs_input_grad[4]:
+            grad_b = (ax @ gyg).t().mul_(s)
+        if ctx.needs_input_grad[3]:
+            grad_a = bg @ x2
         if ctx.needs_input_grad[5]:
             grad_m = (gy * u).sum(0).div_(norm)
         return grad_x, None, None, grad_a, grad_b, grad_m, None
