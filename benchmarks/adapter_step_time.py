@@ -166,7 +166,8 @@ def smollm2_limits(args) -> None:
                "unmerged lora inference / bare": 1.03}
     result = {
         "setup": {"model": "SmolLM2-135M-Instruct, causal LM, random tokens", "batch": args.batch, "seq": args.seq,
-                  "r": args.r, "targets": "all-linear", "rounds": args.rounds, "steps_per_round": args.steps, "clock": args.clock,
+                  "r": args.r, "targets": "all-linear", "rounds": args.rounds, "steps_per_round": args.steps,
+                  "clock": args.clock,
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_at_end": os.getloadavg(),
                   "machine": platform.processor() or platform.machine()},
         "median_s": med, "all_s": times, "ratios": ratios, "targets": targets,
