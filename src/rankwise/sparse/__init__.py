@@ -7,7 +7,8 @@ Structured layers (``layers``): :class:`FactorizedLinear` (W = U V) and :class:`
 * ``sst`` — Sparse Spectral Training, :class:`SST` controller;
 * ``trp`` — Trained Rank Pruning, :class:`TRP` controller and :func:`decompose`;
 * ``maestro`` — LoD ordered low-rank layers, :class:`Maestro` helper and :func:`truncate`;
-* ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`.
+* ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`;
+* ``cuttlefish`` — full-rank until stable ranks settle, then factorized: :class:`Cuttlefish` controller.
 
 Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): pass them to
 ``rankwise.train.train(..., callbacks=[controller])``, or call their ``step()`` after
@@ -15,6 +16,7 @@ Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): p
 """
 
 from .api import SPARSE_METHODS, SparseMethod, SparseState, densify, sparse_summary, sparsify
+from .cuttlefish import Cuttlefish, stable_rank
 from .layers import FactorizedLinear, SparseLowRankLinear, random_support
 from .maestro import Maestro, MaestroLinear, truncate
 from .relora import ReLoRA, prepare_relora, relora_schedule
@@ -23,9 +25,9 @@ from .sst import SST, SpectralLinear, sample_active, sampling_probabilities
 from .trp import TRP, TRPLinear, decompose, nuclear_subgradient
 
 __all__ = [
-    "SPARSE_METHODS", "SST", "TRP", "FactorizedLinear", "Maestro", "MaestroLinear", "ReLoRA",
+    "SPARSE_METHODS", "SST", "TRP", "Cuttlefish", "FactorizedLinear", "Maestro", "MaestroLinear", "ReLoRA",
     "SLTrainConfig", "SparseLowRankLinear", "SparseMethod", "SparseState", "SpectralLinear",
     "TRPLinear", "decompose", "densify", "nuclear_subgradient", "prepare_relora", "random_support",
     "relora_schedule", "sample_active", "sampling_probabilities", "sltrain_layer", "sparse_summary",
-    "sparsify", "truncate",
+    "sparsify", "stable_rank", "truncate",
 ]

@@ -10,6 +10,8 @@ Methods and their options (``SPARSE_METHODS``):
 * ``maestro`` — ``rank`` (initial inner rank, default full); then :class:`Maestro`.
 * ``relora`` — ``rank``, ``alpha``, ``dropout``, ``seed``, ``train_rest``; then :class:`ReLoRA`
   and :func:`relora_schedule`.
+* ``cuttlefish`` — no options (the layers stay ``nn.Linear``); then :class:`Cuttlefish`, which
+  factorizes them when their stable ranks settle.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ def _maestro(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[s
     return swap_layers(lambda name, lin: MaestroLinear.from_linear(lin, opts["rank"]))(model, targets, opts)
 
 
+def _targets_only(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+    """``apply`` for a method whose layers stay plain ``nn.Linear`` until its controller acts (Cuttlefish)."""
+    return [name for name, _ in find_targets(model, targets, conv1d=False)]
+
+
 def _relora(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
     prepare_relora(model, opts["rank"], targets, alpha=opts["alpha"], dropout=opts["dropout"], seed=opts["seed"],
                    train_rest=opts["train_rest"])
@@ -124,6 +131,12 @@ _METHODS = (
         "Lialin et al. 2023, Stack More Layers Differently: High-Rank Training Through Low-Rank Updates",
         "LoRA with merge-and-restart every T steps, optimizer-state pruning, jagged cosine LR",
         {"rank": 128, "alpha": 32.0, "dropout": 0.0, "seed": 0, "train_rest": True}, "ReLoRA", _relora,
+    ),
+    SparseMethod(
+        "cuttlefish", "from-scratch",
+        "Wang et al. 2023, Cuttlefish: Low-Rank Model Training without All the Tuning",
+        "full-rank until every layer's stable rank settles (EMA slope ≤ tol), then W ≈ UV at the scaled stable rank",
+        {}, "Cuttlefish", _targets_only,
     ),
 )
 for _spec in _METHODS:
