@@ -3,7 +3,7 @@
 from ..layout import transformer_blocks
 from . import checkpoint
 from .apollo import APOLLO, APOLLOMini
-from .blocks import LISA, BAdam, OwLore, outlier_ratios
+from .blocks import IST, LISA, BAdam, OwLore, outlier_ratios
 from .coap import COAP
 from .dct import DCTGaLore
 from .factory import OPTIMIZERS, make
@@ -28,6 +28,7 @@ __all__ = [
     "GradBytesTracker",
     "GuardedOptimizer",
     "InitReport",
+    "IST",
     "guard",
     "init_state",
     "LISA",

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import catalogue, checks
 from .apollo import APOLLO, APOLLOMini
-from .blocks import LISA, BAdam, OwLore
+from .blocks import IST, LISA, BAdam, OwLore
 from .coap import COAP
 from .conventions import check_lr
 from .dct import DCTGaLore
@@ -69,6 +69,10 @@ _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
      "block coordinate descent: Adam on one block of layers at a time, switched every K steps"),
     ("lisa", "sampler", LISA, "Pan et al. 2024, LISA: Layerwise Importance Sampling for Memory-Efficient Large "
      "Language Model Fine-Tuning", "embedding and head always train; γ uniformly sampled middle layers every K steps"),
+    ("ist", "sampler", IST, "Yao et al. 2024, Layer-wise Importance Matters: Less Memory for Better Performance in "
+     "Parameter-efficient Fine-tuning of Large Language Models", "γ layers drawn each step by their importance "
+     "scores, which are re-estimated every T steps from the loss of models with random layers' PEFT output "
+     "suppressed"),
     ("owlore", "sampler", OwLore, "Li et al. 2024, OwLore: Outlier-weighed Layerwise Sampled Low-Rank Projection",
      "layers sampled by their share of outlier weights, trained with GaLore-projected updates"),
 ]
@@ -109,7 +113,7 @@ def make(
     other optimizer (``'adamw'``, the full-state baseline, or one registered in the catalogue) gets
     every trainable parameter, split by ``decay_groups`` when ``weight_decay`` is given (matrices
     decay, vectors do not). Given parameters or groups, they are passed through unchanged
-    (``rank``/``targets`` are then rejected). ``'badam'``, ``'lisa'``, ``'owlore'`` (``SAMPLERS``)
+    (``rank``/``targets`` are then rejected). ``'badam'``, ``'lisa'``, ``'owlore'``, ``'ist'`` (``SAMPLERS``)
     take the model and their own keyword arguments.
 
     ``skip_nonfinite``, ``master_weights`` and ``bf16_rounding`` (any optimizer or sampler) wrap the
