@@ -34,6 +34,8 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("frugal_randk", "frugal", {"selector": "randk"}),
     ("frugal_block", "frugal", {"selector": "block", "density": 0.5}),
     ("osd_lion", "osd", {"inner": "lion"}),
+    ("natural_galore_reproject", "natural_galore", {"reproject_moments": True, "natural_history": 3}),
+    ("coap_recompute", "coap", {"reproject_factor": 2}),  # recomputed at step 6, moved by Eq. 5 at step 3
 ]
 CONFIGS: list[tuple[str, str, dict]] = [
     (r.name, r.name, SETTINGS.get(r.name, {})) for r in catalogue.records(family="optimizer", status="done")

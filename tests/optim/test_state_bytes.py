@@ -26,6 +26,7 @@ VARIANTS = [
     ("osd", {"osd_init": "svd"}),
     ("apollo", {"projector": "svd"}),
     ("galore", {"master_weights": True}),
+    ("ist", {"importance_every": 2}),  # two scoring rounds within the 5 steps
 ]
 CASES = [(name, {}) for name in NAMES] + VARIANTS
 IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
@@ -63,7 +64,7 @@ def reachable_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def build(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
     """``make(name)`` on the tiny Llama: rank 4, refresh every 2 steps, samplers switching every 2 steps."""
-    if name in ("badam", "lisa", "owlore"):
+    if name in rw.optim.factory.SAMPLERS:
         options = {"switch_every": 2}
         if name == "owlore":
             options.update(rank=4, ratios=[1.0, 1.0], n_layers=1, update_gap=2)

@@ -3,7 +3,8 @@
 from ..layout import transformer_blocks
 from . import checkpoint
 from .apollo import APOLLO, APOLLOMini
-from .blocks import LISA, BAdam, OwLore, outlier_ratios
+from .blocks import IST, LISA, BAdam, OwLore, outlier_ratios
+from .coap import COAP
 from .dct import DCTGaLore
 from .factory import OPTIMIZERS, make
 from .fira import Fira
@@ -15,6 +16,7 @@ from .groups import param_groups
 from .guard import GuardedOptimizer, guard
 from .layerwise import GradBytesTracker, LayerwiseOptimizer, layerwise
 from .loraplus import loraplus_groups
+from .natural_galore import NaturalGaLore
 from .osd import OnlineSubspaceDescent
 from .prealloc import InitReport, init_state
 from .projected import ProjectedOptimizer
@@ -26,6 +28,7 @@ __all__ = [
     "GradBytesTracker",
     "GuardedOptimizer",
     "InitReport",
+    "IST",
     "guard",
     "init_state",
     "LISA",
@@ -37,6 +40,7 @@ __all__ = [
     "loraplus_groups",
     "APOLLO",
     "APOLLOMini",
+    "COAP",
     "DCTGaLore",
     "FRUGAL",
     "Fira",
@@ -45,6 +49,7 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "GradNormLoRP",
+    "NaturalGaLore",
     "OPTIMIZERS",
     "OnlineSubspaceDescent",
     "ProjectedOptimizer",

@@ -1,4 +1,4 @@
-"""Block and layer sampling optimizers: BAdam, LISA and OwLore.
+"""Block and layer sampling optimizers: BAdam, LISA, OwLore and IST.
 
 All three train the *full* parameters of a model while only a few transformer layers are awake at a
 time. Awake parameters have ``requires_grad=True``; every other parameter has ``requires_grad=False``,
@@ -16,9 +16,17 @@ parameters own optimizer state. That is where the memory goes down.
   Projection for Memory-Efficient LLM Fine-tuning", Sec. 3): LISA whose layer probabilities are the
   layerwise outlier ratios of OWL (p_ℓ = D_ℓ / Σ D), and whose sampled layers' matrices are updated
   with GaLore's low-rank projected Adam.
+* **IST** (Yao et al. 2024, "Layer-wise Importance Matters: Less Memory for Better Performance in
+  Parameter-efficient Fine-tuning of Large Language Models", Sec. 3): every step γ layers are drawn
+  with weights sigmoid(−s_ℓ) from per-layer scores s; every T steps the scores are re-estimated by
+  response suppression: K random sets of layers (weights sigmoid(s)) have their PEFT modules' output
+  scaled down, the loss L_k of each suppressed model gives a reward exp(−L_k) − mean, and
+  s_ℓ += η·r_k·σ(s_ℓ)(1 − σ(s_ℓ)) for ℓ in the k-th set (a layer whose suppression costs little gains
+  score and is trained less).
 
 Our own code, written from the papers and the authors' reference code (github.com/Ledzy/BAdam
-``BlockOptimizer``; LMFlow's ``LISATrainer``; github.com/pixeli99/OwLore ``finetuner.py``). Each
+``BlockOptimizer``; LMFlow's ``LISATrainer``; github.com/pixeli99/OwLore ``finetuner.py``;
+github.com/antgroup/importance-aware-sparse-tuning-IST-paper ``ist.py``). Each
 optimizer is a ``torch.optim.Optimizer`` whose ``param_groups`` hold every parameter it may train (so
 LR schedulers work unchanged) and whose ``state_dict`` is complete: per-parameter state plus the
 sampler (global step, awake blocks, remaining order, generator state as a uint8 tensor).
@@ -26,14 +34,18 @@ sampler (global step, awake blocks, remaining order, generator state as a uint8 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..batches import call_model
+from ..batches import call_model, loss_of
 from ..checks import beta_pair, choice, integer, number
 from ..layout import EMBEDDING, HEAD, layer_list, transformer_blocks, unwrap
 from .accounting import optimizer_bytes
@@ -41,7 +53,7 @@ from .conventions import check_lr, svd_fallbacks
 from .copyable import CopyableOptimizer, restore_state_dtypes
 from .sharding import full
 
-__all__ = ["BAdam", "LISA", "OwLore", "outlier_ratios"]
+__all__ = ["IST", "BAdam", "LISA", "OwLore", "outlier_ratios"]
 
 ORDERS = ("ascending", "descending", "random")
 
@@ -601,3 +613,213 @@ class OwLore(LISA):
         from .galore import GaLoreAdamW  # the shared projected engine
 
         return GaLoreAdamW(groups)
+
+
+# --------------------------------------------------------------------------------------------------
+# IST: importance-aware sparse tuning
+
+
+def ist_rewards(losses: Sequence[float]) -> list[float]:
+    """IST's rewards: r_k = exp(−L_k) − mean_j exp(−L_j) for the losses of the K suppressed models."""
+    values = [math.exp(-float(loss)) for loss in losses]
+    mean = sum(values) / len(values)
+    return [v - mean for v in values]
+
+
+def ist_update(scores: torch.Tensor, selections: Sequence[Sequence[int]], losses: Sequence[float], lr: float) -> None:
+    """IST's score update, in place: with p = σ(s) taken before it, s_ℓ += η·r_k·p_ℓ(1 − p_ℓ) for every
+    suppressed set k that contains ℓ (the gradient of log σ(s_ℓ) weighted by the centred reward)."""
+    p = scores.sigmoid()
+    for selection, reward in zip(selections, ist_rewards(losses), strict=True):
+        idx = torch.as_tensor(list(selection), dtype=torch.long)
+        scores[idx] += lr * reward * (p[idx] * (1.0 - p[idx]))
+
+
+def _suppress_adapter(factor: float, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """A PEFT layer's output base(x) + Δ(x) with its response scaled: base(x) + factor·Δ(x) (rankwise's
+    adapter layers expose Δ as ``delta_output``)."""
+    if not getattr(module, "enabled", True):
+        return out
+    return out - (1.0 - factor) * module.delta_output(args[0], out.dtype)
+
+
+def _suppress_block(factor: float, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+    """A layer without PEFT modules (full-parameter training): its residual update h_out − h_in scaled."""
+    h = args[0] if args else kwargs["hidden_states"]
+    if isinstance(out, tuple):
+        return (h + factor * (out[0] - h), *out[1:])
+    return h + factor * (out - h)
+
+
+class IST(_SampledBlocks):
+    """IST: importance-aware sparse tuning (Yao et al. 2024, Sec. 3 and Alg. 1; official ``ISTCallback``).
+
+    Trains the parameters of γ = ``n_layers`` transformer layers per step (of an adapted model: their
+    PEFT modules; the other trainable parameters, e.g. a classifier, at every step), drawn without
+    replacement with weights sigmoid(−s_ℓ) and redrawn every ``switch_every`` (1) steps. Every
+    ``importance_every`` (T = 10) steps, before the draw, the scores s (zeros at the start) are
+    updated from ``rl_steps`` (K = 3) distinct sets of ``n_suppressed`` layers drawn with weights
+    sigmoid(s): the PEFT modules of a set have their output scaled by ``suppression`` (0.25) and the
+    loss L_k of that model on a batch (eval mode, no gradient) gives the reward exp(−L_k) − mean;
+    s_ℓ += ``rl_lr`` (η = 10)·r_k·σ(s_ℓ)(1 − σ(s_ℓ)) for ℓ in set k (:func:`ist_update`). The batch is
+    the next of ``data`` (cycled; the loss ``loss_fn(model, batch)``, default ``model(**batch).loss``) or,
+    without ``data``, the last training batch the model was called with (its output's ``.loss``).
+    Layers with no PEFT module (full-parameter training) are suppressed by scaling their residual
+    update. Defaults follow the official code: γ = L/4 and L/2 suppressed layers (at least 1). As
+    there, the AdamW state of a layer is kept while it sleeps (the optimizer is not rebuilt); the
+    saving is the gradients and backward of the sleeping layers. Under ``torch.distributed`` the
+    suppressed losses are averaged over the ranks, so every rank keeps the same scores and draws.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        n_layers: int | None = None,
+        switch_every: int = 1,
+        *,
+        importance_every: int = 10,
+        n_suppressed: int | None = None,
+        rl_steps: int = 3,
+        rl_lr: float = 10.0,
+        suppression: float = 0.25,
+        data: Iterable[Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        layers: str | None = None,
+    ):
+        blocks = transformer_blocks(model, layers)
+        body = [(n, m) for n, m in blocks if n not in (EMBEDDING, HEAD)]
+        self.layer_names = [n for n, _ in body]
+        self._layers = [m for _, m in body]
+        count = len(body)
+        self.n_layers = integer("n_layers", max(1, count // 4) if n_layers is None else n_layers, 1)
+        self.n_suppressed = integer("n_suppressed", max(1, count // 2) if n_suppressed is None else n_suppressed, 1)
+        for name, value in (("n_layers", self.n_layers), ("n_suppressed", self.n_suppressed)):
+            if value > count:
+                raise ValueError(f"{name}={value} must be <= the number of layers ({count})")
+        self.importance_every = integer("importance_every", importance_every, 1)
+        if importance_every % integer("switch_every", switch_every, 1):
+            raise ValueError(f"importance_every={importance_every} must be a multiple of switch_every={switch_every}")
+        self.rl_steps = integer("rl_steps", rl_steps, 1)
+        self.rl_lr = number("rl_lr", rl_lr, 0.0, low_open=True)
+        self.suppression = number("suppression", suppression, 0.0, 1.0)
+        self.scores = torch.zeros(count, dtype=torch.float64)
+        self._model = model
+        self._data: Iterator[Any] | None = None if data is None else itertools.cycle(data)
+        self._loss_fn = loss_fn
+        self._last_call: tuple[tuple, dict] | None = None
+        self._scoring = False
+        self.last_scoring: tuple[list[list[int]], list[float]] = ([], [])  # suppressed sets and their losses
+        # a bound method (not a handle): a deepcopy or pickle of the optimizer carries the model and
+        # this hook along, bound to the copy
+        unwrap(model).register_forward_pre_hook(self._capture, with_kwargs=True)
+        units = [list(m.parameters()) for m in self._layers]
+        always = [p for n, m in blocks if n in (EMBEDDING, HEAD) for p in m.parameters()]
+        super().__init__(
+            units, always, [], [],
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every, seed=seed,
+        )
+
+    # ---- the training draw
+    def _draw(self, weights: torch.Tensor, count: int) -> list[int]:
+        picked = torch.multinomial(weights, count, replacement=False, generator=self._generator)
+        return sorted(picked.tolist())
+
+    def _first(self) -> list[int]:
+        return self._draw((-self.scores).sigmoid(), self.n_layers)
+
+    def _next(self) -> list[int]:
+        if self.global_step % self.importance_every == 0:
+            self.update_importance()
+        return self._draw((-self.scores).sigmoid(), self.n_layers)
+
+    def _kept_on_switch(self) -> set[int]:
+        return {id(p) for p in self._candidates}
+
+    @property
+    def active_layers(self) -> list[int]:
+        """Indices (into ``layer_names``) of the layers the next ``step()`` updates."""
+        return list(self._current)
+
+    # ---- importance
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: remember the last call made with gradients on (a training step's; for the
+        scoring without ``data``)."""
+        if not self._scoring and torch.is_grad_enabled():
+            self._last_call = (args, kwargs)
+
+    @contextmanager
+    def _suppressed(self, selection: Sequence[int]) -> Iterator[None]:
+        handles = []
+        for i in selection:
+            adapters = [m for m in self._layers[i].modules() if callable(getattr(m, "delta_output", None))]
+            for m in adapters:
+                handles.append(m.register_forward_hook(functools.partial(_suppress_adapter, self.suppression)))
+            if not adapters:
+                handles.append(self._layers[i].register_forward_hook(
+                    functools.partial(_suppress_block, self.suppression), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _loss(self, batch: Any) -> float:
+        if self._data is not None:
+            loss = loss_of(self._model, batch, self._loss_fn)
+        else:
+            args, kwargs = batch
+            loss = getattr(self._model(*args, **kwargs), "loss", None)
+            if loss is None:
+                raise ValueError("IST scores layers by the loss: the model's output has no .loss; pass data= "
+                                 "(batches) and loss_fn= (or batches with labels)")
+        loss = full(loss.detach()).double().reshape(())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                torch.distributed.all_reduce(loss)
+                loss = loss / world
+        return float(loss)
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """One scoring round (see the class docstring); records ``last_scoring``."""
+        batch = next(self._data) if self._data is not None else self._last_call
+        if batch is None:
+            return  # no training call seen yet (e.g. right after a resume, before any forward)
+        rounds = min(self.rl_steps, math.comb(len(self._layers), self.n_suppressed))
+        selections: list[list[int]] = []
+        for _ in range(rounds):
+            selection = self._draw(self.scores.sigmoid(), self.n_suppressed)
+            for _ in range(100):  # distinct sets, as the official code (bounded: a few sets may dominate)
+                if selection not in selections:
+                    break
+                selection = self._draw(self.scores.sigmoid(), self.n_suppressed)
+            selections.append(selection)
+        was_training, self._scoring = self._model.training, True
+        self._model.eval()
+        try:
+            losses = []
+            for selection in selections:
+                with self._suppressed(selection):
+                    losses.append(self._loss(batch))
+        finally:
+            self._model.train(was_training)
+            self._scoring = False
+        ist_update(self.scores, selections, losses, self.rl_lr)
+        self.last_scoring = (selections, losses)
+
+    # ---- accounting and checkpoints
+    def _sampler_tensors(self) -> list[torch.Tensor]:
+        kept = [] if self._last_call is None else [*self._last_call[0], *self._last_call[1].values()]
+        return [self.scores, *(t for t in kept if torch.is_tensor(t))]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"scores": self.scores.clone()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.scores.copy_(state["scores"])

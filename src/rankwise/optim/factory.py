@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import catalogue, checks
 from .apollo import APOLLO, APOLLOMini
-from .blocks import LISA, BAdam, OwLore
+from .blocks import IST, LISA, BAdam, OwLore
+from .coap import COAP
 from .conventions import check_lr
 from .dct import DCTGaLore
 from .fira import Fira
@@ -20,6 +21,7 @@ from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnormlorp import GradNormLoRP
 from .groups import decay_groups, param_groups
 from .guard import GUARD_OPTIONS, guard
+from .natural_galore import NaturalGaLore
 from .osd import OnlineSubspaceDescent
 from .projected import ProjectedOptimizer
 from .q_galore import QGaLoreAdamW
@@ -54,6 +56,12 @@ _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
      "instead of SVD"),
     ("dct_proj", "optimizer", DCTGaLore, "Modoranu et al. 2025, SVD-Free Low-Rank Adaptive Gradient Optimization for "
      "Large Language Models", "the subspace is the r DCT columns best aligned with G (no SVD)"),
+    ("coap", "optimizer", COAP, "Xiao et al. 2025, COAP: Memory-Efficient Training with Correlation-Aware Gradient "
+     "Projection", "GaLore-style AdamW whose projection takes a correlation-aware gradient step every T_u steps "
+     "and is recomputed by a warm-started range finder every λ·T_u steps (no SVD of G)"),
+    ("natural_galore", "optimizer", NaturalGaLore, "Das 2024, Natural GaLore: Accelerating GaLore for "
+     "memory-efficient LLM Training and Fine-tuning", "GaLore whose low-rank gradient is preconditioned by the "
+     "inverse empirical Fisher of its last s gradients (Woodbury identity) before AdamW"),
     ("adamw", "optimizer", torch.optim.AdamW, "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
      "full-state AdamW on every trainable parameter (the baseline)"),
     ("badam", "sampler", BAdam, "Luo et al. 2024, BAdam: A Memory Efficient Full Parameter Optimization Method for "
@@ -61,6 +69,10 @@ _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
      "block coordinate descent: Adam on one block of layers at a time, switched every K steps"),
     ("lisa", "sampler", LISA, "Pan et al. 2024, LISA: Layerwise Importance Sampling for Memory-Efficient Large "
      "Language Model Fine-Tuning", "embedding and head always train; γ uniformly sampled middle layers every K steps"),
+    ("ist", "sampler", IST, "Yao et al. 2024, Layer-wise Importance Matters: Less Memory for Better Performance in "
+     "Parameter-efficient Fine-tuning of Large Language Models", "γ layers drawn each step by their importance "
+     "scores, which are re-estimated every T steps from the loss of models with random layers' PEFT output "
+     "suppressed"),
     ("owlore", "sampler", OwLore, "Li et al. 2024, OwLore: Outlier-weighed Layerwise Sampled Low-Rank Projection",
      "layers sampled by their share of outlier weights, trained with GaLore-projected updates"),
 ]
@@ -101,7 +113,7 @@ def make(
     other optimizer (``'adamw'``, the full-state baseline, or one registered in the catalogue) gets
     every trainable parameter, split by ``decay_groups`` when ``weight_decay`` is given (matrices
     decay, vectors do not). Given parameters or groups, they are passed through unchanged
-    (``rank``/``targets`` are then rejected). ``'badam'``, ``'lisa'``, ``'owlore'`` (``SAMPLERS``)
+    (``rank``/``targets`` are then rejected). ``'badam'``, ``'lisa'``, ``'owlore'``, ``'ist'`` (``SAMPLERS``)
     take the model and their own keyword arguments.
 
     ``skip_nonfinite``, ``master_weights`` and ``bf16_rounding`` (any optimizer or sampler) wrap the

@@ -15,6 +15,9 @@ per-parameter state under the keys in ``state_keys`` and have R's shape (r×n or
   with ``scale_parameter`` the step is scaled by max(ε₂, RMS(W)).
 * ``lion`` — sign of an interpolated momentum (Chen et al. 2023, "Symbolic Discovery of Optimization
   Algorithms", Alg. 2), used by Online Subspace Descent's Lion variant.
+* ``natural_adamw`` — AdamW on the natural gradient g̃ = (λI + HᵀH)⁻¹g, H = the last ``natural_history``
+  (s) gradients g as rows, applied through Woodbury's identity with an s×s Cholesky solve (Natural
+  GaLore, Das 2024, Sec. 3 "Natural GaLore algorithm"; λ = ``natural_damping``).
 
 ``transition(state, T, side)`` carries the moments into a new basis when the subspace changes
 (``reproject_moments=True``), with T = B_newᵀ·B_old (r×r). First moment: M ← T·M (GaLore's
@@ -35,7 +38,8 @@ import torch
 
 from ..checks import choice
 from . import fused, quant
-from .sharding import is_dtensor
+from .projectors import power_of_two_scale
+from .sharding import full, is_dtensor, like
 
 State = dict[str, Any]
 
@@ -349,7 +353,78 @@ class Lion(Inner):
             state["exp_avg"] = _rotate(state["exp_avg"], T.to(state["exp_avg"].dtype), side)
 
 
-_CLASSES: dict[str, Inner] = {inner.name: inner for inner in (AdamW(), AdamW8bit(), Adafactor(), Lion())}
+def natural_gradient(history: torch.Tensor, damping: float) -> torch.Tensor:
+    """F̂⁻¹g for the empirical Fisher F̂ = λI + HᵀH, H = ``history`` (s rows: past gradients, the
+    last one g itself). Woodbury's identity gives F̂⁻¹g = g/λ − Hᵀ(λI + HHᵀ)⁻¹Hg/λ, which for
+    g = Hᵀe_s is Hᵀ(λI + HHᵀ)⁻¹e_s (the same identity without the cancellation of the difference):
+    one s×s Cholesky solve, in float64 on H divided by a power of two near max|H| (exact, undone at
+    the end), so any finite gradient gives a finite direction; a damping below the Gram matrix's
+    float64 resolution (1e-12·trace) is raised to it. Returns a float64 vector."""
+    H = history.double()
+    scale = power_of_two_scale(H)
+    H = H / scale
+    gram = H @ H.t()
+    lam = max(float(damping) / scale**2, 1e-12 * float(gram.diagonal().sum()))
+    e = torch.zeros(H.shape[0], 1, dtype=H.dtype, device=H.device)
+    e[-1] = 1.0
+    L = torch.linalg.cholesky_ex(gram + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)).L
+    return (H.t() @ torch.cholesky_solve(e, L)).squeeze(1) / scale
+
+
+class NaturalAdamW(Inner):
+    """AdamW on the natural gradient (λI + HᵀH)⁻¹g of the last s = ``natural_history`` gradients
+    (``natural_gradient``). State adds ``grad_history`` (s × numel(g), a ring buffer, in g's dtype)
+    and ``history_count`` (gradients seen); a basis change rotates the stored gradients like the
+    first moment."""
+
+    name = "natural_adamw"
+    options = ("natural_history", "natural_damping")
+    state_keys = ("exp_avg", "exp_avg_sq", "grad_history", "history_count")
+    _adamw = AdamW()
+
+    def _push(self, g: torch.Tensor, state: State, group: dict) -> torch.Tensor:
+        size = int(group.get("natural_history", 20))
+        flat = full(g).reshape(-1)  # FSDP2: the gathered gradient, the same history on every rank
+        if "grad_history" not in state:
+            state["grad_history"] = flat.new_zeros(size, flat.numel())
+            state["history_count"] = 0
+        count = int(state["history_count"])
+        state["grad_history"][count % size].copy_(flat)
+        state["history_count"] = count + 1
+        rows = torch.arange(count + 1 - min(count + 1, size), count + 1, device=flat.device) % size
+        return state["grad_history"].index_select(0, rows)  # oldest first, g last
+
+    def update(self, g, state, group, p):
+        history = self._push(g, state, group)
+        direction = natural_gradient(history, float(group.get("natural_damping", 1e-3)))
+        direction = direction.to(g.dtype).reshape(g.shape)
+        if is_dtensor(g):  # back to g's sharding (every rank holds the same full direction)
+            direction = like(direction, g).redistribute(g.device_mesh, g.placements)
+        return self._adamw.update(direction, state, group, p)
+
+    def init_state(self, state, shape, group, device, dtype):
+        size = int(group.get("natural_history", 20))
+        if "grad_history" not in state:
+            state["grad_history"] = torch.zeros(size, math.prod(shape), device=device, dtype=dtype)
+            state["history_count"] = 0
+        return self._adamw.init_state(state, shape, group, device, dtype)
+
+    def transition(self, state, T, side, group):
+        self._adamw.transition(state, T, side, group)
+        count = int(state.get("history_count", 0))
+        if count == 0:
+            return
+        H = state["grad_history"]
+        r = T.shape[0]
+        shape = (H.shape[0], r, H.shape[1] // r) if side == "left" else (H.shape[0], H.shape[1] // r, r)
+        rows = H.reshape(shape)
+        T = full(T).to(H.dtype)
+        H.copy_((T @ rows if side == "left" else rows @ T.t()).reshape(H.shape))
+
+
+_CLASSES: dict[str, Inner] = {
+    inner.name: inner for inner in (AdamW(), AdamW8bit(), Adafactor(), Lion(), NaturalAdamW())
+}
 #: The inner-update names.
 INNERS = tuple(_CLASSES)
 #: Every option some inner update reads.

@@ -33,6 +33,11 @@ Strategies (``PROJECTORS``):
   block coordinate selection inside the matrix);
 * ``online`` — P updated every step by one AdamW step on the online-PCA loss ‖Ĝ − proj_P(Ĝ)‖²,
   Ĝ = G/‖G‖ (Online Subspace Descent, Liang et al. 2024); initialised without SVD by default.
+* ``coap`` — every ``update_gap`` steps P takes one gradient step on COAP's correlation-aware loss
+  (reconstruction error of G times one minus the cosine between the projected-back first moment and
+  G), and every ``reproject_factor``-th time it is recomputed by a one-pass range finder started from
+  the previous P (Xiao et al. 2025, "COAP: Memory-Efficient Training with Correlation-Aware Gradient
+  Projection", Eq. 5–6); no SVD of G, only of an r×n sketch.
 """
 
 from __future__ import annotations
@@ -629,6 +634,93 @@ class OnlineProjector(Projector):
         v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
         denom = (v.sqrt() / math.sqrt(1.0 - b2**t)).add_(eps)
         P.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+
+
+# ----------------------------------------------------------------------------- COAP
+
+
+def coap_loss(P: torch.Tensor, M: torch.Tensor, G: torch.Tensor, side: str) -> torch.Tensor:
+    """COAP's objective for P (Xiao et al. 2025, Eq. 5): mean((proj_P(G) − G)²)·(1 − mean_i cos(B_i, G_i)),
+    proj_P(G) = G·PᵀP (right) or P·PᵀG (left), B = back(M) the first moment projected back, cos over rows."""
+    if side == "right":
+        recon, back = (G @ P.t()) @ P, M @ P
+    else:
+        recon, back = P @ (P.t() @ G), P @ M
+    correlation = torch.nn.functional.cosine_similarity(back, G, dim=1).mean()
+    return ((recon - G) ** 2).mean() * (1.0 - correlation)
+
+
+def range_basis(A: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Top right singular vectors (as rows, r×n) of QᵀA with Q = qr(A·Ω): the one-pass randomized
+    range finder (Halko et al. 2011, Alg. 4.1 + 5.1) on A (m×n) with test matrix Ω (n×r); the SVD is of
+    the r×n matrix QᵀA only."""
+    Q = torch.linalg.qr(A @ omega).Q
+    return torch.linalg.svd(Q.t() @ A, full_matrices=False).Vh
+
+
+@_register
+class COAPProjector(Projector):
+    """COAP's projection (Xiao et al. 2025, Sec. 3.2; official ``MatrixCOAP``). At the refreshes the
+    engine calls every ``update_gap`` (T_u) steps: every ``reproject_factor``-th one (and the first)
+    recomputes P = :func:`range_basis` of G started from the previous P (Eq. 6; a seeded Gaussian
+    test matrix the first time); the others move P by one gradient step of size ``proj_lr`` on
+    :func:`coap_loss` with the inner update's first moment ``exp_avg`` (gradient norm clipped to 1),
+    so consecutive subspaces stay correlated. State: ``P``, ``proj_seed``."""
+
+    name = "coap"
+    options = ("update_gap", "reproject_factor", "proj_lr")
+    orthonormal = False  # the gradient steps move P off the Stiefel manifold
+    state_keys = ("P", "proj_seed", "proj_version")
+
+    def matrix(self, state: State) -> torch.Tensor:
+        return state["P"]
+
+    def compute(self, G: torch.Tensor, state: State) -> None:
+        G = _float(G)
+        period = int(self.opts.get("update_gap", 32)) * int(self.opts.get("reproject_factor", 5))
+        if not self.has_basis(state) or int(state.get("step", 0)) % period == 0:
+            P = self._guarded(state, lambda: self._recompute(G, state), G)
+        else:
+            P = self._guarded(state, lambda: self._correlate(G, state), G)
+        state["P"] = P.to(self.dtype).contiguous()
+        _bump(state)
+
+    def _recompute(self, G: torch.Tensor, state: State) -> torch.Tensor:
+        A = G if self.side == "right" else G.t()
+        if self.has_basis(state):
+            omega = self.basis(state).to(A.dtype)
+        else:
+            state["proj_seed"] = seed = next_proj_seed(state)
+            omega = seeded_gaussian((A.shape[1], self.rank), seed, A.device, A.dtype)
+        Vh = range_basis(A, omega)
+        return Vh if self.side == "right" else Vh.t()
+
+    def _correlate(self, G: torch.Tensor, state: State) -> torch.Tensor:
+        if "exp_avg" not in state:
+            raise ValueError(
+                "projector='coap' moves P with the inner update's first moment 'exp_avg'; use inner='adamw' or 'lion'"
+            )
+        P0 = state["P"].to(G.dtype)
+        M = full(state["exp_avg"]).to(G.dtype)
+        with torch.enable_grad():
+            P = P0.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(coap_loss(P, M, G, self.side), P)
+        clip = (1.0 / (torch.linalg.vector_norm(grad) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_(max_norm=1)
+        return P0 - float(self.opts.get("proj_lr", 0.1)) * clip * grad
+
+    def _guarded(self, state: State, build, G: torch.Tensor) -> torch.Tensor:
+        """``build()``, or, when it raises (LinAlgError on a non-finite G) or is not finite, the previous
+        P (the first r coordinates before there is one), counted in ``state["svd_fallbacks"]``."""
+        try:
+            P = build()
+        except torch.linalg.LinAlgError:
+            P = None
+        if P is not None and bool(torch.isfinite(P).all()):
+            return P
+        state["svd_fallbacks"] = int(state.get("svd_fallbacks", 0)) + 1
+        if self.has_basis(state):
+            return state["P"].clone()
+        return identity_basis(self.dim, self.rank, self.side, G.device, G.dtype)
 
 
 #: The strategy names, in registration order.
