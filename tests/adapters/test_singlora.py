@@ -85,3 +85,14 @@ def test_first_training_step_trains_and_the_step_count_is_saved(tmp_path):
 def test_bad_ramp_steps():
     with pytest.raises(ValueError, match="ramp_steps"):
         SingLoRAConfig(ramp_steps=0)
+
+
+def test_ramp_advances_beside_another_named_adapter():
+    """In a stack of named adapters (the AdapterStack path) the delta still advances t and trains A."""
+    model = rw.adapt(make_tiny_llama(0), "lora", r=2, name="a")
+    rw.adapt(model, "singlora", r=2, ramp_steps=2, name="b")
+    rw.set_active(model, ["a", "b"])
+    model.train()
+    model(**lm_batches(n=1)[0]).loss.backward()
+    for _, layer in rw.adapter_layers(model, "b"):
+        assert int(layer.singlora_step) == 1 and layer.singlora_A.grad.abs().max() > 0

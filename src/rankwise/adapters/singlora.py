@@ -8,8 +8,8 @@ For a square layer A* = A and ΔW is symmetric with rank ≤ r; for a non-square
 the first min(d, k) rows of A, so ΔW is the top-left d × k block of A Aᵀ. The ramp u(t) makes the
 adapted model start at the base model whatever A's init (U(±1/√n), ``nn.Linear``'s init of the map
 x ↦ Aᵀx) and brings the update in over T = ``ramp_steps`` steps. t is the layer's count of
-training-mode forward passes (``singlora_step``, saved with the adapter), advanced before the pass
-uses it, so the first training step already has u = 1/T and any training loop drives the ramp. The
+training-mode passes through its delta (``singlora_step``, saved with the adapter), advanced before the
+pass uses it, so the first training step already has u = 1/T and any training loop drives the ramp. The
 trainable count is n·r (about half of LoRA's). ΔW is the rank-r product B′A′ with B′ = (α/r)·u·A[:d],
 A′ = A[:k]ᵀ (PEFT LoRA export of the current state).
 """
@@ -80,11 +80,17 @@ class SingLoRALayer(AdapterLayer):
         b, a, _ = self.factors()
         return b @ a
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.enabled and not self.merged:
+    def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """ΔW·dropout(x) at u(t), t advanced first in training mode (every path that applies the delta
+        comes here: the layer's forward, a stack of named adapters, a mixed batch)."""
+        if self.training:
             with torch.no_grad():
                 self.singlora_step.add_(1)
-        return super().forward(x)
+        return super().delta_output(x, out_dtype)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """No fused kernel: the delta goes through ``delta_output``, which advances t."""
+        return None
 
     def trainable_count(self) -> int:
         return max(self.in_features, self.out_features) * self.config.r
