@@ -96,6 +96,8 @@ def test_rank_exceeds_r_at_loras_parameter_count(compress):
 def test_truncation_refuses_r_hat_beyond_the_layer():
     with pytest.raises(ValueError, match="compress='truncation'.*min\\(in_features, out_features\\)=8"):
         MoRALayer(nn.Linear(8, 64), MoRAConfig(r=4, compress="truncation"), InitContext(name="w"))
+    with pytest.raises(ValueError, match="r̂=0"):
+        MoRALayer(nn.Linear(1, 1), MoRAConfig(r=1), InitContext(name="w"))
     with pytest.raises(ValueError, match="compress='nope' is not allowed"):
         MoRAConfig(compress="nope")
 

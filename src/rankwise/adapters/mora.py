@@ -70,6 +70,11 @@ class MoRALayer(AdapterLayer):
         super().__init__(base_layer, config)
         k, d = self.in_features, self.out_features
         self.r_hat = r_hat = square_size(config.r, k, d, config.compress)
+        if r_hat == 0:
+            raise ValueError(
+                f"r={config.r} gives r̂=0 on '{ctx.name or 'the layer'}' ({k} → {d}) with compress='rotation' "
+                "(r̂ is rounded down to an even number); choose a larger r or another compress"
+            )
         if config.compress == "truncation" and r_hat > min(k, d):
             raise ValueError(
                 f"compress='truncation' keeps r̂={r_hat} coordinates, more than min(in_features, out_features)="
