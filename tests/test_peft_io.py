@@ -97,6 +97,8 @@ def _adapt_random(method: str, kind: str, **config):
     base = make()
     model = rw.adapt(copy.deepcopy(base), method, r=4, init_data=batches(n=2), **config)
     _randomize(_rankwise_trainable(model), seed=7)
+    for _, layer in rw.adapter_layers(model):
+        layer.finish_warmup()
     return base, model
 
 

@@ -94,6 +94,8 @@ def randomize(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
     g = torch.Generator().manual_seed(seed)
     for _, p in trainable(model):
         p.add_(torch.randn(p.shape, generator=g) * std)
+    for _, layer in rw.adapter_layers(model):
+        layer.finish_warmup()
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:

@@ -41,6 +41,7 @@ def _randomize(model, seed: int = 1) -> None:
             for name, p in layer.named_parameters():
                 if p.requires_grad and not name.startswith("base_layer."):
                     p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            layer.finish_warmup()
 
 
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))

@@ -471,6 +471,11 @@ class AdapterLayer(nn.Module):
         """Expected number of trainable parameters for this layer (checked against the real count)."""
         raise NotImplementedError
 
+    def finish_warmup(self) -> None:
+        """Move a delta that a training-time warm-up scales (SingLoRA's ramp u(t)) to the warm-up's end, as a
+        finished training leaves it; nothing to do for the other methods. Tests that perturb the trainable
+        tensors to get ΔW ≠ 0 call it."""
+
     @torch.no_grad()
     def after_load(self) -> None:
         """Run after the layer's tensors were set (initialized or loaded): move the init's offset O out
