@@ -8,6 +8,7 @@ Structured layers (``layers``): :class:`FactorizedLinear` (W = U V) and :class:`
 * ``trp`` — Trained Rank Pruning, :class:`TRP` controller and :func:`decompose`;
 * ``maestro`` — LoD ordered low-rank layers, :class:`Maestro` helper and :func:`truncate`;
 * ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`;
+* ``lte`` — LoRA-the-Explorer's parallel heads, :class:`LTE` controller (merges);
 * ``cuttlefish`` — full-rank until stable ranks settle, then factorized: :class:`Cuttlefish` controller.
 
 Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): pass them to
@@ -18,6 +19,7 @@ Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): p
 from .api import SPARSE_METHODS, SparseMethod, SparseState, densify, sparse_summary, sparsify
 from .cuttlefish import Cuttlefish, stable_rank
 from .layers import FactorizedLinear, SparseLowRankLinear, random_support
+from .lte import LTE, LTELinear
 from .maestro import Maestro, MaestroLinear, truncate
 from .relora import ReLoRA, prepare_relora, relora_schedule
 from .sltrain import SLTrainConfig, sltrain_layer
@@ -25,7 +27,8 @@ from .sst import SST, SpectralLinear, sample_active, sampling_probabilities
 from .trp import TRP, TRPLinear, decompose, nuclear_subgradient
 
 __all__ = [
-    "SPARSE_METHODS", "SST", "TRP", "Cuttlefish", "FactorizedLinear", "Maestro", "MaestroLinear", "ReLoRA",
+    "LTE", "SPARSE_METHODS", "SST", "TRP", "Cuttlefish", "FactorizedLinear", "LTELinear", "Maestro",
+    "MaestroLinear", "ReLoRA",
     "SLTrainConfig", "SparseLowRankLinear", "SparseMethod", "SparseState", "SpectralLinear",
     "TRPLinear", "decompose", "densify", "nuclear_subgradient", "prepare_relora", "random_support",
     "relora_schedule", "sample_active", "sampling_probabilities", "sltrain_layer", "sparse_summary",

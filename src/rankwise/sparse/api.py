@@ -10,6 +10,7 @@ Methods and their options (``SPARSE_METHODS``):
 * ``maestro`` — ``rank`` (initial inner rank, default full); then :class:`Maestro`.
 * ``relora`` — ``rank``, ``alpha``, ``dropout``, ``seed``, ``train_rest``; then :class:`ReLoRA`
   and :func:`relora_schedule`.
+* ``lte`` — ``heads``, ``rank``, ``alpha``, ``seed``; then :class:`LTE` (merges every T steps).
 * ``cuttlefish`` — no options (the layers stay ``nn.Linear``); then :class:`Cuttlefish`, which
   factorizes them when their stable ranks settle.
 """
@@ -28,6 +29,7 @@ from ..adapters import adapter_layers, merge_and_unload
 from ..rng import layer_generator
 from ..targets import Targets, find_targets, replace_module
 from .layers import FactorizedLinear, SparseLowRankLinear
+from .lte import LTELinear
 from .maestro import MaestroLinear
 from .relora import prepare_relora
 from .sltrain import SLTrainConfig, sltrain_layer
@@ -91,6 +93,15 @@ def _maestro(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[s
     return swap_layers(lambda name, lin: MaestroLinear.from_linear(lin, opts["rank"]))(model, targets, opts)
 
 
+def _lte(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
+    heads = checks.integer("heads", opts["heads"], 1, what="a positive integer")
+    alpha = checks.positive("alpha", opts["alpha"])
+    seed = checks.integer("seed", opts["seed"])
+    return swap_layers(
+        lambda name, lin: LTELinear(lin, heads, opts["rank"], alpha, layer_generator(seed, name))
+    )(model, targets, opts)
+
+
 def _targets_only(model: nn.Module, targets: Targets, opts: dict[str, Any]) -> list[str]:
     """``apply`` for a method whose layers stay plain ``nn.Linear`` until its controller acts (Cuttlefish)."""
     return [name for name, _ in find_targets(model, targets, conv1d=False)]
@@ -138,6 +149,12 @@ _METHODS = (
         "full-rank until every layer's stable rank settles (EMA slope ≤ tol), then W ≈ UV at the scaled stable rank",
         {}, "Cuttlefish", _targets_only,
     ),
+    SparseMethod(
+        "lte", "from-scratch",
+        "Huh et al. 2024, Training Neural Networks from Scratch with Parallel Low-Rank Adapters (LoRA-the-Explorer)",
+        "frozen W, H LoRA heads each on its own batch chunk, W += mean of the heads' updates every T steps",
+        {"heads": 4, "rank": 8, "alpha": 16.0, "seed": 0}, "LTE", _lte,
+    ),
 )
 for _spec in _METHODS:
     catalogue.register(catalogue.MethodRecord(
@@ -175,7 +192,7 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
     return model
 
 
-STRUCTURED = (FactorizedLinear, SparseLowRankLinear, SpectralLinear, TRPLinear)
+STRUCTURED = (FactorizedLinear, SparseLowRankLinear, SpectralLinear, TRPLinear, LTELinear)
 
 
 @torch.no_grad()
