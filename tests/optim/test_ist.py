@@ -87,7 +87,7 @@ def test_a_scoring_round_applies_the_reward_rule_to_suppressed_losses():
     independent = [_suppressed_loss(model, batch, set(s)) for s in selections]
     assert losses == pytest.approx(independent, rel=1e-6)
     assert len(set(round(x, 6) for x in independent)) == 3  # the suppressions really differ
-    rewards = [math.exp(-x) for x in independent]
+    rewards = [math.exp(-x) for x in losses]  # the recorded losses (checked above): r − mean cancels digits
     mean = sum(rewards) / 3
     expected = torch.zeros(4, dtype=torch.float64)
     for s, r in zip(selections, rewards, strict=True):
