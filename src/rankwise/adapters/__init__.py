@@ -16,6 +16,7 @@ from . import dora  # noqa: F401
 from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
+from . import hra  # noqa: F401  (Householder reflections, PEFT parity)
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 from . import lori  # noqa: F401
 from . import eigenlorax  # noqa: F401
