@@ -17,6 +17,7 @@ from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
 from . import hra  # noqa: F401  (Householder reflections, PEFT parity)
+from . import fourierft  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 from . import lori  # noqa: F401
 from . import eigenlorax  # noqa: F401
