@@ -98,3 +98,18 @@ def train_with_trainer(model, path, max_steps: int, **args) -> None:
     targs = transformers.TrainingArguments(output_dir=str(path), max_steps=max_steps, report_to=[], use_cpu=True,
                                            disable_tqdm=True, save_strategy="no", **options)
     RankwiseTrainer(model=model, args=targs, train_dataset=data).train()
+
+
+def check_peft_parity(pm, mine, pairs, batch, atol: float = 1e-6, grad_atol: float = 1e-6, graded=slice(None)):
+    """PEFT model ``pm`` and rankwise model ``mine`` holding the same tensors (``pairs``: (mine, PEFT's)) give the
+    same loss on ``batch``, the same gradients of the pairs (those selected by ``graded``), and the same weights
+    once merged."""
+    loss_p, grads_p = _loss_and_grads(pm, batch, [p for _, p in pairs])
+    loss_m, grads_m = _loss_and_grads(mine, batch, [p for p, _ in pairs])
+    _close(loss_m, loss_p, atol=atol)
+    for gm, gp in zip(grads_m[graded], grads_p[graded], strict=True):
+        _close(gm, gp, atol=grad_atol)
+    pm.merge_adapter()
+    rw.merge(mine)
+    for name, layer in rw.adapter_layers(mine):
+        _close(layer.base_layer.weight, _peft_layer(pm, name).get_base_layer().weight, atol=atol)

@@ -1,8 +1,9 @@
 """The generic matrix: every registered adapter method on a tiny BERT and a tiny Llama.
 
 Checks the trainable set and parameter-count formula, the initial-output property, save/load round
-trip, merge == unmerged forward, and that unmerge restores the frozen base. DoRA, VeRA, RandLoRA and
-Bone are also trained before the round trip (save/load, merge/unmerge, unload).
+trip, merge == unmerged forward, and that unmerge restores the frozen base. The methods with PEFT parity
+tests of their own (DoRA, VeRA, RandLoRA, Bone, HRA, FourierFT, C³A, DeLoRA, GraLoRA) are also trained
+before the round trip (save/load, merge/unmerge, unload).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .peft_pairs import _close, _train
 METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 RANK = 4
 # trained (not only randomized) before the round trip: the methods with PEFT parity tests of their own
-MY_METHODS = ["dora", "vera", "randlora", "bone"]
+MY_METHODS = ["dora", "vera", "randlora", "bone", "hra", "fourierft", "c3a", "delora", "gralora"]
 
 
 def _adapt(kind: str, method: str, seed: int = 0):

@@ -16,6 +16,11 @@ from . import dora  # noqa: F401
 from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
 from . import bone  # noqa: F401
+from . import hra  # noqa: F401  (Householder reflections, PEFT parity)
+from . import fourierft  # noqa: F401
+from . import c3a  # noqa: F401
+from . import delora  # noqa: F401
+from . import gralora  # noqa: F401
 from . import dsee  # noqa: F401  (the adapter stage of rw.compress(model, "dsee"))
 from . import lori  # noqa: F401
 from . import eigenlorax  # noqa: F401
