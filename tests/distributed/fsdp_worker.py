@@ -19,6 +19,7 @@ and optimizer with ``torch.distributed.checkpoint`` (``get_state_dict``: paramet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise.optim as rwo
 from rankwise.optim import checkpoint
-from rankwise.optim.sharding import local_state_bytes
+from rankwise.optim.sharding import CollectiveLog, full, local_state_bytes
 
 if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -62,13 +63,15 @@ def make_optimizer(method: str, model: torch.nn.Module, kwargs: dict[str, Any]) 
 
 def train(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
-    rank: int = 0, world: int = 1,
+    rank: int = 0, world: int = 1, log: CollectiveLog | None = None,
 ) -> None:
-    """One step per batch; with ``world`` > 1 each rank takes its ``rank``-th slice of the batch."""
+    """One step per batch; with ``world`` > 1 each rank takes its ``rank``-th slice of the batch;
+    ``log`` records the collectives of the optimizer steps (not FSDP2's forward / backward)."""
     for batch in batches:
         local = {k: v.chunk(world)[rank] for k, v in batch.items()}
         model(**local).loss.backward()
-        optimizer.step()
+        with log or contextlib.nullcontext():
+            optimizer.step()
         optimizer.zero_grad()
 
 
@@ -126,6 +129,23 @@ def rsvd_matrix(m: int, n: int) -> torch.Tensor:
     v = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
     s = torch.tensor([10.0, 8.0, 6.0, 4.0], dtype=torch.float64)
     return (u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / (m * n) ** 0.5
+
+
+#: Matrices of the sharded range finder check: both sides, even and uneven row shards on 2 ranks.
+RSVD_SHAPES = ([48, 16], [16, 48], [47, 16], [15, 48])
+
+
+def sharded_refreshes(G: torch.Tensor) -> dict[str, Any]:
+    """Two refreshes of the ``rsvd`` range finder (``projectors.randomized_basis``, rank 4, seeded):
+    a cold one, then one warm-started from its basis; for a DTensor G the projections come back
+    gathered, with their placements."""
+    from rankwise.optim.projectors import randomized_basis
+
+    side = "right" if G.shape[0] >= G.shape[1] else "left"
+    P, R = randomized_basis(G, 4, side, torch.Generator().manual_seed(7))
+    P2, R2 = randomized_basis(G, 4, side, torch.Generator().manual_seed(8), start=P)
+    placements = [str(r.placements) if hasattr(r, "placements") else None for r in (R, R2)]
+    return {"P": P, "R": full(R), "P2": P2, "R2": full(R2), "placements": placements}
 
 
 def available() -> str | None:
@@ -207,16 +227,13 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps({"error": error}))
-        elif mode == "rsvd":  # sharding.sharded_range_basis on a row-sharded matrix, both sides
+        elif mode == "rsvd":  # the rsvd projector's range finder on a row-sharded matrix (never gathered)
             from torch.distributed.tensor import Shard, distribute_tensor
 
-            from rankwise.optim.sharding import sharded_range_basis
-
             bases = {}
-            for shape in ([48, 16], [16, 48]):
+            for shape in RSVD_SHAPES:
                 G = distribute_tensor(rsvd_matrix(*shape), mesh, [Shard(0)])
-                side = "right" if shape[0] >= shape[1] else "left"
-                bases[side] = sharded_range_basis(G, 4, side=side, seed=7)
+                bases[tuple(shape)] = sharded_refreshes(G)
             if rank == 0:
                 torch.save(bases, out / f"{tag}.pt")
         elif mode == "zero":  # DDP + ZeroRedundancyOptimizer: torch's own, or sharding.zero_redundancy
@@ -242,19 +259,22 @@ def run(args: argparse.Namespace) -> None:
             try:
                 model = _sharded(mesh)
                 optimizer = make_optimizer(method, model, kwargs)
-                train(model, optimizer, batches, rank, world)
+                log = CollectiveLog()
+                train(model, optimizer, batches, rank, world, log)
                 weights, error = full_weights(model), None
+                gathered = sorted(set(log.gathered_shapes()))
                 # projector refreshes that failed over (an op that rejects DTensors would land here)
                 fallbacks = getattr(optimizer, "svd_fallbacks", 0)
                 memory = local_state_bytes(optimizer)
             except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
-                weights, error, fallbacks, memory = {}, f"{type(exc).__name__}: {exc}"[:500], 0, {}
+                weights, error, fallbacks, memory, gathered = {}, f"{type(exc).__name__}: {exc}"[:500], 0, {}, []
             per_rank: list[Any] = [None] * world
             dist.all_gather_object(per_rank, memory)  # the per-rank memory table of docs/distributed.md
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps(
-                    {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank}))
+                    {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank,
+                     "gathered_in_step": gathered}))
         elif mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
