@@ -275,6 +275,8 @@ def run(args: argparse.Namespace) -> None:
                 (out / f"{tag}.json").write_text(json.dumps(
                     {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank,
                      "gathered_in_step": gathered}))
+        elif mode == "loop":
+            loop_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, world, out)
         elif mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
@@ -310,6 +312,73 @@ def _load_state(model, optimizer, path: Path, api: str) -> None:
         checkpoint.load(model, optimizer, str(path))
 
 
+class _StopAt:
+    """A callback that stops the run after step ``step`` (an interruption)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, state: Any) -> None:
+        state.should_stop = state.should_stop or state.step == self.step
+
+
+class _RankNoise:
+    """A callback drawing a rank-dependent number of random values each step, so the ranks' RNG
+    states differ (a resume must give each rank its own)."""
+
+    def on_step_end(self, state: Any) -> None:
+        import torch.distributed as dist
+
+        torch.rand(dist.get_rank() + 1)
+
+
+def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int, out: Path,
+             init_seed: int = 0, stop: int | None = None, resume: bool = False, **config: Any) -> torch.nn.Module:
+    """``rankwise.train`` on the sharded tiny Llama (attention dropout 0.1, and RNG states that differ
+    by rank: each rank must resume its own) over a shuffled loader of this rank's slices, with a
+    checkpoint every 2 steps in ``out``."""
+    from torch.utils.data import DataLoader
+
+    from rankwise.cli.distributed import RankSlices
+    from rankwise.train import TrainConfig
+    from rankwise.train import train as run
+
+    model = make_model(init_seed)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    shard(model, mesh)
+    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
+    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, checkpoint_every=2,
+                      output_dir=str(out), device=None, progress=False, measure_memory=False, **config)
+    callbacks = [_RankNoise(), *([_StopAt(stop)] if stop else [])]
+    run(model, RankSlices(loader, rank, world), config=cfg, callbacks=callbacks,
+        resume_from=str(out) if resume else None)
+    return model
+
+
+def loop_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int,
+                out: Path) -> None:
+    """``steps`` steps straight vs interrupted after 2 and resumed (fresh processes' state: a model
+    initialised otherwise): both final weights to ``<tag>_straight.pt`` / ``<tag>_resumed.pt``; then
+    a resume with other optimizer options, whose error goes to ``<tag>.json``."""
+    straight = full_weights(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_a"))
+    loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", stop=2)
+    resumed = full_weights(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", init_seed=1,
+                                    resume=True))
+    try:
+        loop_run(method, {**kwargs, "lr": 5e-3}, steps, mesh, rank, world, out / f"{tag}_b", resume=True)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    if rank == 0:
+        torch.save(straight, out / f"{tag}_straight.pt")
+        torch.save(resumed, out / f"{tag}_resumed.pt")
+        files = sorted(p.name for p in (out / f"{tag}_b" / "checkpoints" / "checkpoint-2").iterdir())
+        (out / f"{tag}.json").write_text(json.dumps({"changed_error": error, "files": files}))
+
+
 def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise") -> None:
     """``split`` steps, save to ``<tag>_ckpt``, the remaining steps; final weights to ``<tag>_straight.pt``.
     ``mesh=None``: one process, a plain (unsharded) model, checkpoint ``<tag>_ckpt1``."""
@@ -340,7 +409,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "loop", "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)
