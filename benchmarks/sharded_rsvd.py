@@ -16,8 +16,8 @@ warm-started range finder: one power round). Three ways to refresh:
 Per optimizer step (each one a refresh), rank 0: bytes this rank receives (``sharding.CollectiveLog``:
 an all-gather (w − 1)·chunk, a ring all-reduce 2(w − 1)/w·size), the number of collectives, the
 largest tensor any local op creates in the step (the gathered gradient, or a shard-sized update /
-cast; a proxy of the transient memory, CPU has no allocator peak), the median wall time over 5
-steps after one warm-up, and the captured gradient energy ‖PᵀG‖²/‖G‖².
+cast; a proxy of the transient memory, CPU has no allocator peak), the median wall time over 10 warm
+steps after one warm-up (cold) step, and the captured gradient energy ‖PᵀG‖²/‖G‖².
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from rankwise.optim.projectors import RandomizedSVDProjector
 from rankwise.optim.sharding import CollectiveLog
 
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (1376, 512)]  # (m, n) = (out, in)
-RANK, STEPS = 32, 5
+RANK, STEPS = 32, 11
 MODES = {"sharded rsvd": ("rsvd", True), "gathered rsvd": ("rsvd", False), "gathered svd": ("svd", False)}
 
 

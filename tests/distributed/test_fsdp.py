@@ -15,6 +15,7 @@ name-keyed loading on one process (``test_state_dict.py``).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -52,10 +53,11 @@ def _factory_case(name: str) -> tuple[str, dict, int]:
 CASES = {name: _factory_case(name) for name in rwo.factory.names()}
 CASES["layerwise_galore"] = ("layerwise:galore", dict(PROJECTED_KWARGS), 4)  # stepped in backward hooks
 CASES["galore_svd"] = ("galore", {**PROJECTED_KWARGS, "projector": "svd"}, 4)  # the exact SVD: gathers G
-# the optimizers whose default projector is the randomized range finder (rsvd / rsvd_int4): refreshed
-# on the shards, without gathering the gradient
+# the optimizers whose steps never gather a gradient: the randomized range finder (rsvd / rsvd_int4,
+# the default of the SVD-based ones) refreshes on the shards, a seeded Gaussian (APOLLO, Flora) does
+# not read the gradient (the layer-wise mode steps in backward hooks, outside the logged step)
 SHARDED_REFRESH = ("galore", "fira", "frugal", "gradnormlorp", "galore_adafactor", "galore_8bit", "q_galore",
-                   "owlore")  # (the layer-wise mode steps in backward hooks, outside the logged step)
+                   "owlore", "apollo", "apollo_mini", "flora_opt")
 # the refresh check: osd moves its basis every step by online PCA (proj_version stays 1)
 PROJECTED = {t for t, (m, _, _) in CASES.items() if m.split(":")[-1] in rwo.OPTIMIZERS and t != "osd"
              and issubclass(rwo.OPTIMIZERS[m.split(":")[-1]], ProjectedOptimizer)}
@@ -72,6 +74,7 @@ MORE = {  # other projectors / engine options, one launch (slow)
     "frugal_randk": ("frugal", {"rank": 4, "lr": 1e-2, "update_gap": 2, "selector": "randk"}, 4),
     "frugal_block": ("frugal", {"rank": 4, "lr": 1e-2, "update_gap": 2, "selector": "block"}, 4),
 }
+MORE_NEVER_GATHER = ("galore_reproject", "frugal_randk", "frugal_block")
 
 
 def _specs(cases: dict) -> list[dict]:
@@ -127,21 +130,26 @@ def test_zero_redundancy_seeds_match_one_process(parity_dir):
         assert (diff <= TOL) if fixed else (diff > 1e-3), (tag, diff)
 
 
+def _gradient_chunks() -> set[tuple[int, int]]:
+    """What an all-gather of a 2-D gradient of the tiny Llama sends from each of 2 ranks."""
+    return {(math.ceil(p.shape[0] / 2), p.shape[1]) for p in make_model().parameters() if p.dim() == 2}
+
+
+def _gathered(out, tag: str) -> set[tuple[int, ...]]:
+    """The chunk shapes all-gathered in the optimizer steps of launch case ``tag``."""
+    record = json.loads((out / f"{tag}.json").read_text())
+    assert record["error"] is None, tag
+    return {tuple(shape) for shape in record["gathered_in_step"]}
+
+
 def test_rsvd_refresh_never_gathers_the_gradient(parity_dir):
     """No all-gather of a gradient in any optimizer step of the rsvd optimizers (their refreshes run
-    on the shards); the exact SVD's refresh gathers each one (the check sees gathers when they happen)."""
-    import math
-
-    grads = {(math.ceil(p.shape[0] / 2), p.shape[1]) for p in make_model().parameters() if p.dim() == 2}
-
-    def gathered(tag: str) -> set[tuple[int, ...]]:
-        record = json.loads((parity_dir / f"{tag}.json").read_text())
-        assert record["error"] is None, tag
-        return {tuple(shape) for shape in record["gathered_in_step"]}
-
+    on the shards) and the Gaussian ones; the exact SVD's refresh gathers each one (the check sees
+    gathers when they happen)."""
+    grads = _gradient_chunks()
     for tag in SHARDED_REFRESH:
-        assert not gathered(tag) & grads, tag
-    assert gathered("galore_svd") & grads
+        assert not _gathered(parity_dir, tag) & grads, tag
+    assert _gathered(parity_dir, "galore_svd") & grads
 
 
 def test_sharded_range_finder_matches_one_process(parity_dir):
@@ -171,6 +179,9 @@ def test_fsdp2_more_projectors_match_one_process(tmp_path):
         reference, _ = one_process(method, kwargs, steps)
         sharded = torch.load(tmp_path / f"{tag}.pt", weights_only=True)
         assert _max_diff(sharded, reference) <= TOL, tag
+    grads = _gradient_chunks()
+    for tag in MORE_NEVER_GATHER:  # random / cyclic coordinates: the refresh does not read the gradient
+        assert not _gathered(tmp_path, tag) & grads, tag
 
 
 def _dcp_roundtrip(tmp_path, tags: list[str]) -> None:

@@ -44,7 +44,7 @@ import torch
 
 from ..checks import choice
 from . import quant
-from .sharding import RowShardedOperand, all_finite, full, is_dtensor, like, row_sharded
+from .sharding import RowShardedOperand, all_finite, full, is_dtensor, like, like_rows, row_sharded
 
 SIDES = ("std", "reverse_std", "left", "right")
 
@@ -148,8 +148,9 @@ class Projector:
         return P.t() @ G if self.side == "left" else G @ P.t()
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
-        P = like(self.matrix(state), N)
-        return P @ N if self.side == "left" else N @ P
+        if self.side == "left":  # FSDP2: P's rows are the weight's, so P·N comes out sharded like it
+            return like_rows(self.matrix(state), N) @ N
+        return N @ like(self.matrix(state), N)
 
     def dense(self, state: State) -> torch.Tensor | None:
         """P as a plain tensor when ``project``/``back`` are the dense products with it (so the engine
@@ -489,6 +490,7 @@ class GaussianProjector(Projector):
 
     name = "gaussian"
     state_keys = ("proj_seed", "proj_version")
+    sharded_refresh = True  # a new seed: the gradient is not read
     orthonormal = False
 
     def _shape(self) -> tuple[int, int]:
@@ -579,6 +581,7 @@ class CoordinateProjector(Projector):
 
     name = "coords"
     state_keys = ("idx", "proj_seed", "proj_version")
+    sharded_refresh = True  # new coordinates: the gradient is not read
 
     def compute(self, G: torch.Tensor, state: State) -> None:
         dim = self.dim
@@ -595,12 +598,14 @@ class CoordinateProjector(Projector):
         _bump(state)
 
     def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
+        if is_dtensor(G) and self.side == "left":  # FSDP2: rows of other ranks; by the one-hot basis (exact)
+            return like_rows(self.basis(state).to(G.dtype), G).t() @ G
         return G.index_select(0 if self.side == "left" else 1, like(state["idx"], G))
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
         if is_dtensor(N):  # FSDP2: scatter by the one-hot basis (exact), which keeps N's sharding
             E = self.basis(state).to(N.dtype)
-            return like(E, N) @ N if self.side == "left" else N @ like(E.t(), N)
+            return like_rows(E, N) @ N if self.side == "left" else N @ like(E.t(), N)
         out = N.new_zeros(self.shape)
         return out.index_copy_(0 if self.side == "left" else 1, state["idx"], N)
 

@@ -6,12 +6,15 @@ every rank, and handles sharding in two places only:
 
 * a refresh computes the new basis: the randomized range finder (``rsvd``, ``rsvd_int4``) on this
   rank's rows (:class:`RowShardedOperand`: all-reduces of k-column sketches, never the gradient);
-  the other projectors from the full gradient (:func:`full`: one all-gather every ``update_gap``
-  steps). Either way every rank computes the same basis: seeded draws use the per-parameter seed,
-  the same on every rank because every rank holds the same parameter list;
+  seeded Gaussians and coordinates do not read it; the other projectors use the full gradient
+  (:func:`full`: one all-gather every ``update_gap`` steps). Either way every rank computes the
+  same basis: seeded draws use the per-parameter seed, the same on every rank because every rank
+  holds the same parameter list;
 * ``project`` / ``back`` lift the plain matrix to a replicated DTensor on the gradient's mesh
   (:func:`like`), so R = G·Pᵀ of a row-sharded G stays row-sharded without communication (a left
-  projection Pᵀ·G contracts the sharded dimension and DTensor all-reduces the r×n result).
+  projection Pᵀ·G contracts the sharded dimension and DTensor all-reduces the r×n result); a left
+  P (the weight's rows) is lifted row-sharded for back(N) = P·N (:func:`like_rows`), so the update
+  is sharded like the weight.
 """
 
 from __future__ import annotations
@@ -156,6 +159,26 @@ def local_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     return out
 
 
+def my_rows(m: int, mesh: Any) -> tuple[int, int]:
+    """``(offset, count)`` of this rank's rows of an m-row tensor sharded ``Shard(0)`` on a 1-D mesh
+    (split like ``torch.chunk``)."""
+    chunk = -(-m // mesh.size())
+    offset = min(mesh.get_local_rank() * chunk, m)
+    return offset, min(chunk, m - offset)
+
+
+def like_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (a plain tensor, the same on every rank) as a DTensor sharded by rows (``Shard(0)``) on the
+    1-D mesh of the DTensor ``ref``: this rank keeps its rows, no communication. Otherwise
+    :func:`like`. A left projector's P (m×r, the weight's rows) lifted so, P·N of a replicated N comes
+    out sharded like the weight instead of whole on every rank."""
+    if not is_dtensor(ref) or is_dtensor(x) or ref.device_mesh.ndim != 1:
+        return like(x, ref)
+    offset, rows = my_rows(x.shape[0], ref.device_mesh)
+    return DTensor.from_local(x[offset:offset + rows], ref.device_mesh, [Shard(0)], run_check=False,
+                              shape=x.shape, stride=x.stride())
+
+
 def row_sharded(t: Any) -> bool:
     """A DTensor sharded along dim 0 on a 1-D mesh (FSDP2's ``Shard(0)``)."""
     return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0].is_shard(0)
@@ -184,11 +207,9 @@ class RowShardedOperand:
         self.local = G.to_local() if local is None else local
         self.mesh, self.group = G.device_mesh, G.device_mesh.get_group()
         self.m = int(G.shape[0])
-        world, rank = self.mesh.size(), self.mesh.get_local_rank()
-        chunk = -(-self.m // world)  # Shard(0) splits like torch.chunk
-        self.offset = min(rank * chunk, self.m)
-        if self.local.shape[0] != min(chunk, self.m - self.offset):
-            raise ValueError(f"rank {rank}: a local shard of {tuple(self.local.shape)} for {tuple(G.shape)} is not "
+        self.offset, rows = my_rows(self.m, self.mesh)
+        if self.local.shape[0] != rows:
+            raise ValueError(f"a local shard of {tuple(self.local.shape)} for {tuple(G.shape)} is not "
                              "Shard(0)'s torch.chunk split")
 
     def _like(self, local: torch.Tensor) -> RowShardedOperand:
