@@ -1,20 +1,23 @@
-"""Sharded randomized SVD (``rankwise.optim.sharding.sharded_range_basis``) vs gather-then-SVD for a
-projector refresh of a row-sharded gradient (FSDP2 ``Shard(0)``), on 2 CPU processes (gloo).
+"""The projected engine's refresh under FSDP2: the randomized range finder on the shards vs on the
+gathered gradient, on 2 CPU processes (gloo).
 
 ``torchrun --standalone --nproc_per_node 2 benchmarks/sharded_rsvd.py [--out benchmarks/results]``
 
-For SmolLM2-135M's matrix shapes (hidden 576, MLP 1536) and a larger one, G = a rank-32 signal with
-a decaying spectrum + noise, rank r = 32:
+One ``fully_shard``-ed weight per shape (SmolLM2-135M's: MLP gate/up 1536×576, down 576×1536,
+attention q/o 576×576, k/v 192×576; and a 60M-Llama-shape 1376×512), a float32 gradient with a
+decaying spectrum (a 64-direction signal, singular values 1 → 1e-3, plus noise) set as its
+``Shard(0)`` gradient, and GaLore at rank 32 with ``update_gap=1`` (every step refreshes; the
+warm-started range finder: one power round). Three ways to refresh:
 
-* **gather + exact SVD** (what a ``projector="svd"`` refresh does today): ``full_tensor()`` then
-  ``torch.linalg.svd``;
-* **gather + randomized** (the same range finder run on the gathered G, one process's work);
-* **sharded randomized**: local sketches, all-reduces of n×k (per pass) and k×k, never gathering G.
+* **sharded rsvd** (the engine now): ``sharding.RowShardedOperand``, all-reduces of k-column sketches;
+* **gathered rsvd** (the engine before): the same range finder on ``full_tensor()`` of the gradient;
+* **gathered svd** (``projector="svd"``): the exact SVD of the gathered gradient.
 
-Reported per refresh: bytes each rank receives (analytic from the collectives: all-gather
-(w−1)/w·m·n·8; all-reduce (ring) 2(w−1)/w·size·8 — an upper bound of what gloo moves), transient
-bytes (the gathered G, or the sketches), median wall time over 5 runs, and the subspace error
-‖P Pᵀ − P* P*ᵀ‖₂ against the exact top-r subspace (float64).
+Per optimizer step (each one a refresh), rank 0: bytes this rank receives (``sharding.CollectiveLog``:
+an all-gather (w − 1)·chunk, a ring all-reduce 2(w − 1)/w·size), the number of collectives, the
+largest tensor any local op creates in the step (the gathered gradient, or a shard-sized update /
+cast; a proxy of the transient memory, CPU has no allocator peak), the median wall time over 10 warm
+steps after one warm-up (cold) step, and the captured gradient energy ‖PᵀG‖²/‖G‖².
 """
 
 from __future__ import annotations
@@ -27,35 +30,68 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from rankwise.optim.sharding import sharded_range_basis
+import rankwise.optim as rwo
+from rankwise.optim.projectors import RandomizedSVDProjector
+from rankwise.optim.sharding import CollectiveLog
 
-SHAPES = [(1536, 576), (576, 1536), (4096, 1024)]  # (m, n): MLP down (right basis), up (left basis), larger
-RANK, OVERSAMPLE, POWER = 32, 8, 1
+SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (1376, 512)]  # (m, n) = (out, in)
+RANK, STEPS = 32, 11
+MODES = {"sharded rsvd": ("rsvd", True), "gathered rsvd": ("rsvd", False), "gathered svd": ("svd", False)}
 
 
-def _signal(m: int, n: int, seed: int = 0) -> torch.Tensor:
+def _gradient(m: int, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     u = torch.linalg.qr(torch.randn(m, 64, generator=g, dtype=torch.float64))[0]
     v = torch.linalg.qr(torch.randn(n, 64, generator=g, dtype=torch.float64))[0]
     s = torch.logspace(0, -3, 64, dtype=torch.float64)
-    return (u * s) @ v.T + 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return ((u * s) @ v.T + 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)).float()
 
 
-def _timed(fn, repeat: int = 5):
-    times, out = [], None
-    for _ in range(repeat):
+class LargestLocal(TorchDispatchMode):
+    """The largest tensor a local (non-DTensor) op returns inside the block, in bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, list | tuple) else (out,):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def measure(m: int, n: int, projector: str, sharded: bool, mesh, world: int) -> dict:
+    RandomizedSVDProjector.sharded_refresh = sharded
+    layer = nn.Linear(n, m, bias=False)
+    fully_shard(layer, mesh=mesh)
+    opt = rwo.make("galore", [{"params": [layer.weight], "rank": RANK}], lr=1e-3, update_gap=1, projector=projector)
+    grad = distribute_tensor(_gradient(m, n), mesh, [Shard(0)])
+    times, log, largest = [], CollectiveLog(), LargestLocal()
+    for i in range(STEPS + 1):
+        layer.weight.grad = grad.clone()
         dist.barrier()
         t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-
-def _error(P: torch.Tensor, exact: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(P @ P.T - exact @ exact.T, ord=2))
+        if i == STEPS:  # the last step, logged (the log's dispatch mode would slow the timed ones)
+            with log, largest:
+                opt.step()
+        else:
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+    st = opt.state[layer.weight]
+    return {"received_bytes": log.received_bytes(world), "collectives": len(log.ops),
+            "largest_local_bytes": largest.largest, "time_s": statistics.median(times),
+            "energy": float(st["proj_energy"]), "side": "right" if m >= n else "left"}
 
 
 def main() -> None:
@@ -67,56 +103,22 @@ def main() -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh("cpu", (world,))
     rows = []
-    k = RANK + OVERSAMPLE
     for m, n in SHAPES:
-        full = _signal(m, n)
-        G = distribute_tensor(full, mesh, [Shard(0)])
-        side = "right" if m >= n else "left"
-        U, _, Vh = torch.linalg.svd(full, full_matrices=False)
-        exact = Vh[:RANK].T if side == "right" else U[:, :RANK]
-
-        def svd_basis(G=G, side=side):
-            F = G.full_tensor()
-            u, _, vh = torch.linalg.svd(F, full_matrices=False)
-            return vh[:RANK].T if side == "right" else u[:, :RANK]
-
-        gathered, t_svd = _timed(svd_basis)
-        rsvd_g, t_rsvd_g = _timed(lambda G=G, side=side: sharded_range_basis(
-            G.full_tensor(), RANK, side=side, oversample=OVERSAMPLE, power_iters=POWER))
-        sharded, t_sharded = _timed(lambda G=G, side=side: sharded_range_basis(
-            G, RANK, side=side, oversample=OVERSAMPLE, power_iters=POWER))
-        ring = 2 * (world - 1) / world
-        gather_bytes = (world - 1) / world * m * n * 8
-        sharded_bytes = ring * ((POWER + 1) * n * k + k * k) * 8
-        if side == "left":
-            sharded_bytes += (world - 1) / world * m * RANK * 8
-        local_rows = m // world
-        rows.append({
-            "shape": [m, n], "side": side, "rank": RANK, "k": k, "power_iters": POWER, "world": world,
-            "gather_svd": {"recv_bytes": gather_bytes, "transient_bytes": m * n * 8, "time_s": t_svd,
-                           "error": _error(gathered, exact)},
-            "gather_rsvd": {"recv_bytes": gather_bytes, "transient_bytes": m * n * 8 + (m + n) * k * 8,
-                            "time_s": t_rsvd_g, "error": _error(rsvd_g, exact)},
-            "sharded_rsvd": {"recv_bytes": sharded_bytes, "transient_bytes": (local_rows * k + 2 * n * k) * 8,
-                             "time_s": t_sharded, "error": _error(sharded, exact)},
-            "same_on_every_rank": None,
-        })
-        check = [None] * world
-        dist.all_gather_object(check, sharded)
-        rows[-1]["same_on_every_rank"] = all(torch.equal(check[0], c) for c in check)
+        for name, (projector, sharded) in MODES.items():
+            rows.append({"shape": [m, n], "method": name, "rank": RANK, "world": world,
+                         **measure(m, n, projector, sharded, mesh, world)})
+    RandomizedSVDProjector.sharded_refresh = True
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "sharded_rsvd.json").write_text(json.dumps(rows, indent=1))
-        lines = ["| shape (m×n) | basis | method | received / rank | transient | time | subspace error |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| shape (m×n) | basis | refresh | received / rank | collectives | largest local tensor | "
+                 "step time | captured energy |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            for key, name in (("gather_svd", "gather + exact SVD"), ("gather_rsvd", "gather + randomized"),
-                              ("sharded_rsvd", "sharded randomized")):
-                v = r[key]
-                lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['side']} | {name} | "
-                             f"{v['recv_bytes'] / 1024:,.0f} KiB | {v['transient_bytes'] / 1024:,.0f} KiB | "
-                             f"{v['time_s'] * 1e3:.1f} ms | {v['error']:.1e} |")
+            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['side']} | {r['method']} | "
+                         f"{r['received_bytes'] / 1024:,.0f} KiB | {r['collectives']} | "
+                         f"{r['largest_local_bytes'] / 1024:,.0f} KiB | {r['time_s'] * 1e3:.1f} ms | "
+                         f"{r['energy']:.4f} |")
         (out / "sharded_rsvd.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     dist.barrier()

@@ -8,6 +8,7 @@ history so far. Directories are written atomically (:func:`rankwise.io.atomic_di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,15 +27,16 @@ from .checks import tensors_fit
 from .io import TMP_TAG, atomic_directory, save_tensors, write_errors, write_json
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "UnreadableCheckpoint", "checkpoints", "config_changes", "find_checkpoint",
-    "load_checkpoint", "load_trained_tensors", "loader_generators", "prune_checkpoints", "read_checkpoint",
-    "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "trained_tensors",
+    "CHECKPOINT_PREFIX", "UnreadableCheckpoint", "all_ranks", "checkpoints", "config_changes", "find_checkpoint",
+    "load_checkpoint", "load_sharded", "load_trained_tensors", "loader_generators", "prune_checkpoints",
+    "read_checkpoint", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "trained_tensors", "world",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 TENSORS_FILE = "trained_tensors.safetensors"
 INFO_FILE = "trainer_state.json"
+DCP_DIR = "dcp"  # model + optimizer of a checkpoint written under torch.distributed
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -119,15 +121,34 @@ def load_trained_tensors(model: nn.Module, checkpoint: Path, tensors: dict[str, 
 
 
 # ----------------------------------------------------------------------------- checkpoint directories
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_file(rank: int) -> str:
+    """The loop state file of ``rank`` in a checkpoint written under ``torch.distributed``."""
+    return STATE_FILE if rank == 0 else f"trainer_state.rank{rank}.pt"
+
+
 def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], loader_states: list[torch.Tensor],
                     history: list, evals: list, elapsed: float, callbacks: Sequence[Any]) -> Path:
-    """Write one checkpoint directory atomically (a crash mid-write leaves no partial checkpoint)."""
+    """Write one checkpoint directory atomically (a crash mid-write leaves no partial checkpoint).
+
+    Under ``torch.distributed`` (world size > 1; every rank calls it) the model and the optimizer go
+    through ``torch.distributed.checkpoint`` (``rankwise.optim.checkpoint``: every rank writes its
+    shards into ``dcp/``) and every rank writes its own loop state (RNG, loader, callbacks, history;
+    rank 0's is ``trainer_state.pt``, rank r's ``trainer_state.rank<r>.pt``), all into rank 0's
+    temporary directory, which rank 0 fsyncs and renames once every rank has written."""
     payload = {
         "step": state.step,
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
         "total_steps": state.total_steps,
-        "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "rng": rng,
         "loader_generators": loader_states,
@@ -136,13 +157,56 @@ def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], lo
         "evals": evals,
         "elapsed": elapsed,
     }
+    info = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+            "config": state.config.to_dict()}
+    rank, size = world()
+    if size > 1:
+        return _save_distributed(Path(path), state, {**payload, "world_size": size}, info, rank, size)
     with atomic_directory(path) as tmp:
         save_tensors({k: v.detach() for k, v in trained_tensors(state.model).items()}, tmp / TENSORS_FILE)
         with write_errors(path):  # a full disk: torch's "enforce fail at inline_container.cc ..."
-            torch.save(payload, tmp / STATE_FILE)
-        write_json(tmp / INFO_FILE, {"step": state.step, "epoch": state.epoch,
-                                     "batch_in_epoch": state.batch_in_epoch, "config": state.config.to_dict()})
+            torch.save({**payload, "optimizer": state.optimizer.state_dict()}, tmp / STATE_FILE)
+        write_json(tmp / INFO_FILE, info)
     return Path(path)
+
+
+def _save_distributed(path: Path, state: TrainState, payload: dict[str, Any], info: dict[str, Any], rank: int,
+                      size: int) -> Path:
+    """:func:`save_checkpoint` under ``torch.distributed``: rank 0 owns the temporary directory."""
+    import torch.distributed as dist
+
+    from .optim import checkpoint as dcp
+
+    with atomic_directory(path) if rank == 0 else contextlib.nullcontext() as tmp:
+        where = [str(tmp) if rank == 0 else None]
+        dist.broadcast_object_list(where, src=0)
+        tmp = Path(where[0])
+        dcp.save(state.model, state.optimizer, str(tmp / DCP_DIR))
+        with write_errors(path):
+            torch.save(payload, tmp / _rank_file(rank))
+        if rank == 0:
+            write_json(tmp / INFO_FILE, {**info, "world_size": size})
+        dist.barrier()  # every rank has written before rank 0 fsyncs and renames
+    dist.barrier()  # the checkpoint is in place when any rank goes on
+    return path
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the model and the optimizer of a checkpoint written under ``torch.distributed`` (every rank)."""
+    from .optim import checkpoint as dcp
+
+    dcp.load(model, optimizer, str(path / DCP_DIR))
+
+
+def all_ranks(flag: bool) -> bool:
+    """``flag`` and the same on every rank (one rank's False makes it False everywhere)."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return flag
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return all(flags)
 
 
 def _number(path: Path) -> int:
@@ -173,8 +237,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The loop state saved in checkpoint directory ``path`` (tensors on CPU)."""
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    """The loop state saved in checkpoint directory ``path`` (tensors on CPU); this rank's own in a
+    checkpoint written under ``torch.distributed``."""
+    name = _rank_file(world()[0]) if (path / DCP_DIR).is_dir() else STATE_FILE
+    return torch.load(path / name, map_location="cpu", weights_only=True)
 
 
 class UnreadableCheckpoint(ValueError):
@@ -183,11 +249,17 @@ class UnreadableCheckpoint(ValueError):
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """``(loop state, trained tensors, recorded config)`` of checkpoint ``path``, all read before any of
-    it is used; :class:`UnreadableCheckpoint` naming the file that cannot be read."""
+    it is used; :class:`UnreadableCheckpoint` naming the file that cannot be read. A checkpoint written
+    under ``torch.distributed`` gives this rank's loop state and no tensors (they are in ``dcp/``:
+    :func:`load_sharded`)."""
+    sharded = (path / DCP_DIR).is_dir()
+    size = world()[1]
+    files = [(INFO_FILE, lambda: json.loads((path / INFO_FILE).read_text())),
+             (_rank_file(world()[0]) if sharded else STATE_FILE, lambda: load_checkpoint(path))]
+    if not sharded:
+        files.append((TENSORS_FILE, lambda: load_file(str(path / TENSORS_FILE))))
     parts: list[Any] = []
-    for name, read in ((STATE_FILE, lambda: load_checkpoint(path)),
-                       (TENSORS_FILE, lambda: load_file(str(path / TENSORS_FILE))),
-                       (INFO_FILE, lambda: json.loads((path / INFO_FILE).read_text()))):
+    for name, read in files:
         try:
             if (path / name).stat().st_size == 0:
                 raise ValueError("zero-length file")
@@ -195,7 +267,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         except Exception as e:  # noqa: BLE001  any failure to read or parse the file
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UnreadableCheckpoint(f"{path / name}: {reason}") from None
-    payload, tensors, info = parts
+        if name == INFO_FILE and isinstance(parts[0], dict):
+            saved = int(parts[0].get("world_size", 1)) if sharded else 1
+            if saved != size:
+                raise ValueError(f"resume_from: {path} was written by {saved} process(es) and this run has {size}; "
+                                 f"resume it with the same number of processes (--nproc {saved})")
+    info, payload, *rest = parts
+    tensors = rest[0] if rest else {}
     if not isinstance(payload, dict) or not isinstance(info, dict):
         raise UnreadableCheckpoint(f"{path}: not a rankwise checkpoint")
     return payload, tensors, info.get("config") or {}

@@ -34,9 +34,11 @@ from .checkpoint import (
     CHECKPOINT_PREFIX,
     FIXED_KEYS,
     UnreadableCheckpoint,
+    all_ranks,
     checkpoints,
     config_changes,
     find_checkpoint,
+    load_sharded,
     load_trained_tensors,
     loader_generators,
     prune_checkpoints,
@@ -45,6 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    world,
 )
 from .checks import choice, integer, number
 from .io import directory_lock
@@ -451,9 +454,13 @@ class _Loop:
         for ckpt in candidates:
             try:
                 payload, tensors, old_cfg = read_checkpoint(ckpt)
+                error = None
             except UnreadableCheckpoint as e:
-                reasons.append(str(e))
-                print(f"rankwise: checkpoint {ckpt} is unreadable ({e}); trying the previous one", file=sys.stderr)
+                error = str(e)
+            if not all_ranks(error is None):  # under torch.distributed every rank resumes from the same one
+                error = error or f"{ckpt}: unreadable on another rank"
+                reasons.append(error)
+                print(f"rankwise: checkpoint {ckpt} is unreadable ({error}); trying the previous one", file=sys.stderr)
                 continue
             if reasons:
                 print(f"rankwise: resuming from {ckpt}", file=sys.stderr)
@@ -477,11 +484,15 @@ class _Loop:
             )
         if len(payload["loader_generators"]) != len(self.generators):
             raise ValueError("resume_from: the train loader's generators differ from the checkpointed run")
-        # a method that reshapes its adapter while training (IncreLoRA's growth) resizes it to the
-        # checkpoint's shapes first, so the tensors and the optimizer state fit
-        call(self.callbacks, "before_load", state.model, tensors)
-        load_trained_tensors(state.model, ckpt, tensors)
-        state.optimizer.load_state_dict(payload["optimizer"])
+        if "world_size" in payload:  # written under torch.distributed: model and optimizer through DCP
+            state.optimizer.zero_grad(set_to_none=True)
+            load_sharded(ckpt, state.model, state.optimizer)
+        else:
+            # a method that reshapes its adapter while training (IncreLoRA's growth) resizes it to the
+            # checkpoint's shapes first, so the tensors and the optimizer state fit
+            call(self.callbacks, "before_load", state.model, tensors)
+            load_trained_tensors(state.model, ckpt, tensors)
+            state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
         if self.built_optimizer:
             self._apply_changed_hyperparameters(old_cfg)
@@ -599,7 +610,8 @@ class _Loop:
         rng = {"epoch_start": self.epoch_rng, "now": rng_state(self.device)}
         path = save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.state.step}", self.state, rng,
                                self.epoch_gens, self.history, self.evals, self.elapsed(), self.callbacks)
-        prune_checkpoints(root, self.cfg.keep_checkpoints)
+        if world()[0] == 0:  # under torch.distributed rank 0 owns the directory
+            prune_checkpoints(root, self.cfg.keep_checkpoints)
         call(self.callbacks, "on_save", self.state, path)
 
     def finish(self) -> dict[str, float]:
@@ -655,11 +667,16 @@ def train(
     optimizer); ``max_steps`` / ``epochs`` may always grow (the schedule then spans the new total), and
     bookkeeping settings (progress, evaluation and checkpoint cadence, device, output_dir) may always
     differ. The optimizer and its ``optimizer_kwargs`` cannot change on resume.
+
+    Under ``torch.distributed`` (world size > 1, e.g. FSDP2 by ``rankwise train --nproc N``) every rank
+    calls ``train``: checkpoints hold the model and optimizer through ``torch.distributed.checkpoint``
+    and each rank's loop state (RNG, loader, scheduler, callbacks), rank 0 holds the lock and renames
+    the directory, and a resume needs the same world size (:func:`rankwise.checkpoint.save_checkpoint`).
     """
     cfg = config or TrainConfig()
     cfg.validate()
     with contextlib.ExitStack() as stack:
-        if cfg.output_dir and cfg.checkpoint_every:
+        if cfg.output_dir and cfg.checkpoint_every and world()[0] == 0:  # rank 0 holds it for all ranks
             stack.enter_context(directory_lock(cfg.output_dir))
         return _train(model, train_loader, eval_loader, cfg, callbacks, resume_from, optimizer, loss_fn,
                       allow_change)

@@ -19,6 +19,7 @@ and optimizer with ``torch.distributed.checkpoint`` (``get_state_dict``: paramet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise.optim as rwo
 from rankwise.optim import checkpoint
-from rankwise.optim.sharding import local_state_bytes
+from rankwise.optim.sharding import CollectiveLog, full, local_state_bytes
 
 if __package__ in (None, ""):  # run as a script by torchrun: make the tests package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -62,13 +63,15 @@ def make_optimizer(method: str, model: torch.nn.Module, kwargs: dict[str, Any]) 
 
 def train(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
-    rank: int = 0, world: int = 1,
+    rank: int = 0, world: int = 1, log: CollectiveLog | None = None,
 ) -> None:
-    """One step per batch; with ``world`` > 1 each rank takes its ``rank``-th slice of the batch."""
+    """One step per batch; with ``world`` > 1 each rank takes its ``rank``-th slice of the batch;
+    ``log`` records the collectives of the optimizer steps (not FSDP2's forward / backward)."""
     for batch in batches:
         local = {k: v.chunk(world)[rank] for k, v in batch.items()}
         model(**local).loss.backward()
-        optimizer.step()
+        with log or contextlib.nullcontext():
+            optimizer.step()
         optimizer.zero_grad()
 
 
@@ -126,6 +129,23 @@ def rsvd_matrix(m: int, n: int) -> torch.Tensor:
     v = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
     s = torch.tensor([10.0, 8.0, 6.0, 4.0], dtype=torch.float64)
     return (u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / (m * n) ** 0.5
+
+
+#: Matrices of the sharded range finder check: both sides, even and uneven row shards on 2 ranks.
+RSVD_SHAPES = ([48, 16], [16, 48], [47, 16], [15, 48])
+
+
+def sharded_refreshes(G: torch.Tensor) -> dict[str, Any]:
+    """Two refreshes of the ``rsvd`` range finder (``projectors.randomized_basis``, rank 4, seeded):
+    a cold one, then one warm-started from its basis; for a DTensor G the projections come back
+    gathered, with their placements."""
+    from rankwise.optim.projectors import randomized_basis
+
+    side = "right" if G.shape[0] >= G.shape[1] else "left"
+    P, R = randomized_basis(G, 4, side, torch.Generator().manual_seed(7))
+    P2, R2 = randomized_basis(G, 4, side, torch.Generator().manual_seed(8), start=P)
+    placements = [str(r.placements) if hasattr(r, "placements") else None for r in (R, R2)]
+    return {"P": P, "R": full(R), "P2": P2, "R2": full(R2), "placements": placements}
 
 
 def available() -> str | None:
@@ -207,16 +227,13 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps({"error": error}))
-        elif mode == "rsvd":  # sharding.sharded_range_basis on a row-sharded matrix, both sides
+        elif mode == "rsvd":  # the rsvd projector's range finder on a row-sharded matrix (never gathered)
             from torch.distributed.tensor import Shard, distribute_tensor
 
-            from rankwise.optim.sharding import sharded_range_basis
-
             bases = {}
-            for shape in ([48, 16], [16, 48]):
+            for shape in RSVD_SHAPES:
                 G = distribute_tensor(rsvd_matrix(*shape), mesh, [Shard(0)])
-                side = "right" if shape[0] >= shape[1] else "left"
-                bases[side] = sharded_range_basis(G, 4, side=side, seed=7)
+                bases[tuple(shape)] = sharded_refreshes(G)
             if rank == 0:
                 torch.save(bases, out / f"{tag}.pt")
         elif mode == "zero":  # DDP + ZeroRedundancyOptimizer: torch's own, or sharding.zero_redundancy
@@ -242,19 +259,24 @@ def run(args: argparse.Namespace) -> None:
             try:
                 model = _sharded(mesh)
                 optimizer = make_optimizer(method, model, kwargs)
-                train(model, optimizer, batches, rank, world)
+                log = CollectiveLog()
+                train(model, optimizer, batches, rank, world, log)
                 weights, error = full_weights(model), None
+                gathered = sorted(set(log.gathered_shapes()))
                 # projector refreshes that failed over (an op that rejects DTensors would land here)
                 fallbacks = getattr(optimizer, "svd_fallbacks", 0)
                 memory = local_state_bytes(optimizer)
             except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
-                weights, error, fallbacks, memory = {}, f"{type(exc).__name__}: {exc}"[:500], 0, {}
+                weights, error, fallbacks, memory, gathered = {}, f"{type(exc).__name__}: {exc}"[:500], 0, {}, []
             per_rank: list[Any] = [None] * world
             dist.all_gather_object(per_rank, memory)  # the per-rank memory table of docs/distributed.md
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps(
-                    {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank}))
+                    {"svd_fallbacks": fallbacks, "error": error, "state_bytes_per_rank": per_rank,
+                     "gathered_in_step": gathered}))
+        elif mode == "loop":
+            loop_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, world, out)
         elif mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
@@ -290,6 +312,73 @@ def _load_state(model, optimizer, path: Path, api: str) -> None:
         checkpoint.load(model, optimizer, str(path))
 
 
+class _StopAt:
+    """A callback that stops the run after step ``step`` (an interruption)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, state: Any) -> None:
+        state.should_stop = state.should_stop or state.step == self.step
+
+
+class _RankNoise:
+    """A callback drawing a rank-dependent number of random values each step, so the ranks' RNG
+    states differ (a resume must give each rank its own)."""
+
+    def on_step_end(self, state: Any) -> None:
+        import torch.distributed as dist
+
+        torch.rand(dist.get_rank() + 1)
+
+
+def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int, out: Path,
+             init_seed: int = 0, stop: int | None = None, resume: bool = False, **config: Any) -> torch.nn.Module:
+    """``rankwise.train`` on the sharded tiny Llama (attention dropout 0.1, and RNG states that differ
+    by rank: each rank must resume its own) over a shuffled loader of this rank's slices, with a
+    checkpoint every 2 steps in ``out``."""
+    from torch.utils.data import DataLoader
+
+    from rankwise.cli.distributed import RankSlices
+    from rankwise.train import TrainConfig
+    from rankwise.train import train as run
+
+    model = make_model(init_seed)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    shard(model, mesh)
+    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
+    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, checkpoint_every=2,
+                      output_dir=str(out), device=None, progress=False, measure_memory=False, **config)
+    callbacks = [_RankNoise(), *([_StopAt(stop)] if stop else [])]
+    run(model, RankSlices(loader, rank, world), config=cfg, callbacks=callbacks,
+        resume_from=str(out) if resume else None)
+    return model
+
+
+def loop_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int,
+                out: Path) -> None:
+    """``steps`` steps straight vs interrupted after 2 and resumed (fresh processes' state: a model
+    initialised otherwise): both final weights to ``<tag>_straight.pt`` / ``<tag>_resumed.pt``; then
+    a resume with other optimizer options, whose error goes to ``<tag>.json``."""
+    straight = full_weights(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_a"))
+    loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", stop=2)
+    resumed = full_weights(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", init_seed=1,
+                                    resume=True))
+    try:
+        loop_run(method, {**kwargs, "lr": 5e-3}, steps, mesh, rank, world, out / f"{tag}_b", resume=True)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    if rank == 0:
+        torch.save(straight, out / f"{tag}_straight.pt")
+        torch.save(resumed, out / f"{tag}_resumed.pt")
+        files = sorted(p.name for p in (out / f"{tag}_b" / "checkpoints" / "checkpoint-2").iterdir())
+        (out / f"{tag}.json").write_text(json.dumps({"changed_error": error, "files": files}))
+
+
 def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise") -> None:
     """``split`` steps, save to ``<tag>_ckpt``, the remaining steps; final weights to ``<tag>_straight.pt``.
     ``mesh=None``: one process, a plain (unsharded) model, checkpoint ``<tag>_ckpt1``."""
@@ -320,7 +409,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "loop", "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

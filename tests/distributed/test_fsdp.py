@@ -15,6 +15,7 @@ name-keyed loading on one process (``test_state_dict.py``).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -51,6 +52,12 @@ def _factory_case(name: str) -> tuple[str, dict, int]:
 
 CASES = {name: _factory_case(name) for name in rwo.factory.names()}
 CASES["layerwise_galore"] = ("layerwise:galore", dict(PROJECTED_KWARGS), 4)  # stepped in backward hooks
+CASES["galore_svd"] = ("galore", {**PROJECTED_KWARGS, "projector": "svd"}, 4)  # the exact SVD: gathers G
+# the optimizers whose steps never gather a gradient: the randomized range finder (rsvd / rsvd_int4,
+# the default of the SVD-based ones) refreshes on the shards, a seeded Gaussian (APOLLO, Flora) does
+# not read the gradient (the layer-wise mode steps in backward hooks, outside the logged step)
+SHARDED_REFRESH = ("galore", "fira", "frugal", "gradnormlorp", "galore_adafactor", "galore_8bit", "q_galore",
+                   "owlore", "apollo", "apollo_mini", "flora_opt")
 # the refresh check: osd moves its basis every step by online PCA (proj_version stays 1)
 PROJECTED = {t for t, (m, _, _) in CASES.items() if m.split(":")[-1] in rwo.OPTIMIZERS and t != "osd"
              and issubclass(rwo.OPTIMIZERS[m.split(":")[-1]], ProjectedOptimizer)}
@@ -63,11 +70,11 @@ ZERO = {
     "zero_apollo_torch": ("apollo", dict(PROJECTED_KWARGS), 4, False),
 }
 MORE = {  # other projectors / engine options, one launch (slow)
-    "galore_svd": ("galore", {"rank": 4, "lr": 1e-2, "update_gap": 2, "projector": "svd"}, 4),
     "galore_reproject": ("galore", {"rank": 4, "lr": 1e-2, "update_gap": 2, "reproject_moments": True}, 4),
     "frugal_randk": ("frugal", {"rank": 4, "lr": 1e-2, "update_gap": 2, "selector": "randk"}, 4),
     "frugal_block": ("frugal", {"rank": 4, "lr": 1e-2, "update_gap": 2, "selector": "block"}, 4),
 }
+MORE_NEVER_GATHER = ("galore_reproject", "frugal_randk", "frugal_block")
 
 
 def _specs(cases: dict) -> list[dict]:
@@ -123,22 +130,46 @@ def test_zero_redundancy_seeds_match_one_process(parity_dir):
         assert (diff <= TOL) if fixed else (diff > 1e-3), (tag, diff)
 
 
-def test_sharded_range_basis_matches_gathered(parity_dir):
-    """``sharding.sharded_range_basis`` on a row-sharded matrix (never gathered) == the same range
-    finder on the full matrix in one process, and spans the exact top-4 singular subspace."""
-    from rankwise.optim.sharding import sharded_range_basis
+def _gradient_chunks() -> set[tuple[int, int]]:
+    """What an all-gather of a 2-D gradient of the tiny Llama sends from each of 2 ranks."""
+    return {(math.ceil(p.shape[0] / 2), p.shape[1]) for p in make_model().parameters() if p.dim() == 2}
 
-    from .fsdp_worker import rsvd_matrix
+
+def _gathered(out, tag: str) -> set[tuple[int, ...]]:
+    """The chunk shapes all-gathered in the optimizer steps of launch case ``tag``."""
+    record = json.loads((out / f"{tag}.json").read_text())
+    assert record["error"] is None, tag
+    return {tuple(shape) for shape in record["gathered_in_step"]}
+
+
+def test_rsvd_refresh_never_gathers_the_gradient(parity_dir):
+    """No all-gather of a gradient in any optimizer step of the rsvd optimizers (their refreshes run
+    on the shards) and the Gaussian ones; the exact SVD's refresh gathers each one (the check sees
+    gathers when they happen)."""
+    grads = _gradient_chunks()
+    for tag in SHARDED_REFRESH:
+        assert not _gathered(parity_dir, tag) & grads, tag
+    assert _gathered(parity_dir, "galore_svd") & grads
+
+
+def test_sharded_range_finder_matches_one_process(parity_dir):
+    """The ``rsvd`` range finder on a row-sharded matrix (``sharding.RowShardedOperand``: never
+    gathered), cold and warm-started, both sides, even and uneven shards == the same calls on the
+    full matrix in one process; the projection keeps G's layout (right: rows sharded, left:
+    replicated) and the basis spans the exact top-4 singular subspace."""
+    from .fsdp_worker import RSVD_SHAPES, rsvd_matrix, sharded_refreshes
 
     sharded = torch.load(parity_dir / "sharded_rsvd.pt", weights_only=True)
-    for side, shape in (("right", (48, 16)), ("left", (16, 48))):
+    for shape in RSVD_SHAPES:
         G = rsvd_matrix(*shape)
-        plain = sharded_range_basis(G, 4, side=side, seed=7)
-        P = sharded[side]
-        assert torch.allclose(P @ P.T, plain @ plain.T, atol=1e-10), side
+        plain, got = sharded_refreshes(G), sharded[tuple(shape)]
+        for key in ("P", "R", "P2", "R2"):
+            assert torch.allclose(got[key], plain[key], atol=1e-10), (shape, key)
+        side = "right" if shape[0] >= shape[1] else "left"
+        assert got["placements"] == ["(Shard(dim=0),)" if side == "right" else "(Replicate(),)"] * 2
         U, _, Vh = torch.linalg.svd(G)
-        exact = Vh[:4].T if side == "right" else U[:, :4]
-        assert float(torch.linalg.matrix_norm(P @ P.T - exact @ exact.T, ord=2)) < 1e-6, side
+        exact, P = (Vh[:4].T, got["P2"].T) if side == "right" else (U[:, :4], got["P2"])
+        assert float(torch.linalg.matrix_norm(P @ P.T - exact @ exact.T, ord=2)) < 1e-6, shape
 
 
 @pytest.mark.slow
@@ -148,6 +179,9 @@ def test_fsdp2_more_projectors_match_one_process(tmp_path):
         reference, _ = one_process(method, kwargs, steps)
         sharded = torch.load(tmp_path / f"{tag}.pt", weights_only=True)
         assert _max_diff(sharded, reference) <= TOL, tag
+    grads = _gradient_chunks()
+    for tag in MORE_NEVER_GATHER:  # random / cyclic coordinates: the refresh does not read the gradient
+        assert not _gathered(tmp_path, tag) & grads, tag
 
 
 def _dcp_roundtrip(tmp_path, tags: list[str]) -> None:

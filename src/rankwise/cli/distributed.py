@@ -6,8 +6,9 @@ CUDA), builds the model as one process would (same seed: same adapters and initi
 shards it with ``fully_shard`` on every transformer layer and the root, takes its slice of every
 global batch (``--batch-size`` is the global batch), and trains; the optimizer is built after
 sharding. Evaluation runs on every rank (the same batches). At the end the weights are gathered and
-rank 0 alone writes the outputs. Checkpoints, ``--resume`` and ``--quantize`` are refused across
-processes.
+rank 0 alone writes the outputs. Checkpoints (``--checkpoint-every``) hold the model and the
+optimizer through ``torch.distributed.checkpoint`` and each rank's loop state; ``--resume`` needs
+the same number of processes. ``--quantize`` is refused across processes.
 """
 
 from __future__ import annotations

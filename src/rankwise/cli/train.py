@@ -107,8 +107,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="any other optimizer argument, repeatable (e.g. --optimizer-option switch_every=50)")
     add_flag(g, "seed", "seed for data order, init and dropout [default: 0]")
     g.add_argument("--nproc", type=int, help="processes: N > 1 relaunches under torchrun and trains with FSDP2 "
-                   "(fully_shard per transformer layer), --batch-size being the global batch; no checkpoints, "
-                   "--resume or --quantize then (docs/distributed.md) [default: 1]")
+                   "(fully_shard per transformer layer), --batch-size being the global batch; checkpoints through "
+                   "torch.distributed.checkpoint, --resume with the same N, no --quantize (docs/distributed.md) "
+                   "[default: 1]")
     add_flag(g, "device", "auto (cuda if available), cpu, cuda, cuda:N [default: auto]")
     g = p.add_argument_group("data, evaluation and output")
     g.add_argument("--train-limit", type=int, help="use only the first N training examples/documents")
@@ -323,34 +324,35 @@ def run(args: argparse.Namespace) -> int:
     check_optimizer(cfg)
     check_writable(cfg["output"])
     if size > 1:
-        return _run_distributed(cfg, tcfg, rank, bool(getattr(args, "overwrite", False)))
+        return _run_distributed(cfg, tcfg, rank, bool(getattr(args, "overwrite", False)),
+                                getattr(args, "allow_change", None))
     with directory_lock(cfg["output"]):
         allow = prepare_output(cfg, bool(getattr(args, "overwrite", False)), getattr(args, "allow_change", None))
         return _run(cfg, tcfg, allow)
 
 
-def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool) -> int:
+def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool, allow_change: str | None) -> int:
     """One process of ``--nproc N`` under torchrun (``cli/distributed.py``): rank 0 checks and owns the
-    output directory; every rank builds, shards and trains; rank 0 writes the results."""
+    output directory (and hands every rank the settings a resume may change); every rank builds,
+    shards and trains (checkpoints: ``torch.distributed.checkpoint``, see ``rankwise.train``); rank 0
+    writes the results."""
     import torch.distributed as dist
 
     from ..io import directory_lock
     from .distributed import init
 
-    refused = [flag for flag, on in (("--checkpoint-every", cfg["checkpoint_every"]),
-                                     ("--resume", cfg["resume"] is not None),
-                                     ("--quantize", cfg["quantize"] is not None)) if on]
-    if refused:
-        raise UsageError(f"{', '.join(refused)} are not supported with --nproc > 1 yet (docs/distributed.md)")
+    if cfg["quantize"] is not None:
+        raise UsageError("--quantize is not supported with --nproc > 1 yet (docs/distributed.md)")
     device = init(cfg["device"])
     tcfg.device, tcfg.progress = device, tcfg.progress and rank == 0
     if rank != 0:
-        dist.barrier()  # rank 0 has checked and prepared the output directory
-        return _run(cfg, tcfg, [], rank=rank)
+        allow: list[Any] = [None]
+        dist.broadcast_object_list(allow, src=0)  # rank 0 has checked and prepared the output directory
+        return _run(cfg, tcfg, allow[0], rank=rank)
     with directory_lock(cfg["output"]):
-        prepare_output(cfg, overwrite, None)
-        dist.barrier()
-        return _run(cfg, tcfg, [], rank=rank)
+        allow = [prepare_output(cfg, overwrite, allow_change)]
+        dist.broadcast_object_list(allow, src=0)
+        return _run(cfg, tcfg, allow[0], rank=rank)
 
 
 def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = None) -> int:

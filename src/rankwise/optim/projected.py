@@ -215,8 +215,9 @@ class ProjectedOptimizer(CopyableOptimizer):
         statistic), else None. An orthonormal basis records ``state["proj_energy"]`` = ‖PᵀG‖²/‖G‖²."""
         first = not proj.has_basis(state)
         old = None if first or not group["reproject_moments"] else proj.basis(state)
-        projected = proj.compute(full(G), state)  # a DTensor gradient: the basis from the gathered G
-        if is_dtensor(G):
+        # FSDP2: the range finder works on the shards (sharded_refresh), the other projectors on the gathered G
+        projected = proj.compute(G if proj.sharded_refresh else full(G), state)
+        if is_dtensor(G) and not is_dtensor(projected):
             projected = None  # R must carry G's sharding: project the sharded G below
         if proj.orthonormal:
             if projected is None:

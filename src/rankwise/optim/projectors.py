@@ -49,7 +49,7 @@ import torch
 
 from ..checks import choice
 from . import quant
-from .sharding import full, is_dtensor, like
+from .sharding import RowShardedOperand, all_finite, full, is_dtensor, like, like_rows, row_sharded
 
 SIDES = ("std", "reverse_std", "left", "right")
 
@@ -107,6 +107,7 @@ class Projector:
     name = "base"
     periodic = True  # refreshed every ``update_gap`` steps (``online`` refreshes itself every step)
     orthonormal = True  # P has orthonormal columns/rows, so ‖proj(G)‖²/‖G‖² is the captured energy
+    sharded_refresh = False  # compute() takes a row-sharded DTensor G as is (else it gets the gathered G)
     step_cache = False  # True: the dense-matrix cache lives for one step only (dropped by post_update)
     state_keys: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # the group keys this strategy reads (passed to it as ``opts``)
@@ -152,8 +153,9 @@ class Projector:
         return P.t() @ G if self.side == "left" else G @ P.t()
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
-        P = like(self.matrix(state), N)
-        return P @ N if self.side == "left" else N @ P
+        if self.side == "left":  # FSDP2: P's rows are the weight's, so P·N comes out sharded like it
+            return like_rows(self.matrix(state), N) @ N
+        return N @ like(self.matrix(state), N)
 
     def dense(self, state: State) -> torch.Tensor | None:
         """P as a plain tensor when ``project``/``back`` are the dense products with it (so the engine
@@ -195,8 +197,8 @@ class Projector:
         """
         for i, method in enumerate(order):
             try:
-                if method == "exact":
-                    P, projected = svd_basis(G, self.rank, self.side), None
+                if method == "exact":  # under FSDP2 from the gathered G
+                    P, projected = svd_basis(full(G), self.rank, self.side), None
                 else:
                     seed = advance_seed(int(state.get("seed", 0)) + int(state.get("svd_fallbacks", 0)))
                     if "proj_seed" in self.state_keys:
@@ -206,7 +208,7 @@ class Projector:
                     P, projected = randomized_basis(G, self.rank, self.side, gen, start, self.opts)
             except RuntimeError:  # torch.linalg.LinAlgError and friends
                 continue
-            if bool(torch.isfinite(P).all()) and (projected is None or bool(torch.isfinite(projected).all())):
+            if bool(torch.isfinite(P).all()) and (projected is None or all_finite(projected)):
                 if i:
                     state["svd_fallbacks"] = int(state.get("svd_fallbacks", 0)) + 1
                 return P, projected
@@ -231,8 +233,52 @@ def svd_basis(G: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     return P.to(dtype=G.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
+class DenseOperand:
+    """A matrix held whole, with the products the range finder needs (:func:`randomized_left_basis`);
+    ``sharding.RowShardedOperand`` is the same interface over a row-sharded gradient (FSDP2)."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.A.shape[0]), int(self.A.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    def amax(self) -> float:
+        return float(self.A.abs().amax()) if self.A.numel() else 0.0
+
+    def scaled(self, s: float) -> DenseOperand:
+        return DenseOperand(self.A / s)
+
+    def cast(self, dtype: torch.dtype) -> DenseOperand:
+        return DenseOperand(self.A.to(dtype))
+
+    def sketch(self, X: torch.Tensor) -> torch.Tensor:
+        return self.A @ X
+
+    def gram(self, Q: torch.Tensor) -> torch.Tensor:
+        return self.A @ (self.A.t() @ Q)
+
+    def rows(self, Q: torch.Tensor) -> torch.Tensor:
+        return Q.t() @ self.A
+
+    def gram_of(self, B: torch.Tensor) -> torch.Tensor:
+        return B @ B.t()
+
+    def lift(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+
 def randomized_left_basis(
-    A: torch.Tensor,
+    A: torch.Tensor | Any,
     rank: int,
     oversample: int = 8,
     power_iters: int = 1,
@@ -253,37 +299,42 @@ def randomized_left_basis(
     (so the moments GaLore keeps across a refresh and Q-GaLore's cosine test see a continuous basis).
     A is first divided by a power of two near max|A| (exact; undone on UᵀA) so that huge gradients do
     not overflow the Gram matrix.
+
+    A is a tensor or an operand (:class:`DenseOperand`, ``sharding.RowShardedOperand``): A enters
+    only through its products, so a row-sharded gradient runs the same steps on its shards (Q, U and
+    the draws are the same on every rank; UᵀA comes back as a DTensor).
     """
-    scale = power_of_two_scale(A)  # exact; a huge A would overflow the Gram matrix B·Bᵀ
+    op = DenseOperand(A) if torch.is_tensor(A) else A
+    scale = _pow2(op.amax())  # exact; a huge A would overflow the Gram matrix B·Bᵀ
     if scale != 1.0:
-        A = A / scale
-    m, n = A.shape
+        op = op.scaled(scale)
+    m, n = op.shape
     k = min(rank + oversample, m, n)
     if start is None:
-        omega = torch.randn((n, k), generator=generator, device=A.device, dtype=A.dtype)
-        Q = torch.linalg.qr(A @ omega).Q
+        omega = torch.randn((n, k), generator=generator, device=op.device, dtype=op.dtype)
+        Q = torch.linalg.qr(op.sketch(omega)).Q
     else:
-        Q = start.to(A.dtype)
+        Q = start.to(op.dtype)
         extra = k - Q.shape[1]
         if extra > 0:
-            R = torch.randn((m, extra), generator=generator, device=A.device, dtype=A.dtype)
+            R = torch.randn((m, extra), generator=generator, device=op.device, dtype=op.dtype)
             R = R - Q @ (Q.t() @ R)
             Q = torch.cat([Q, torch.linalg.qr(R).Q], dim=1)
-    Ap = A if power_dtype is None or power_iters == 0 else A.to(power_dtype)
+    Ap = op if power_dtype is None or power_iters == 0 else op.cast(power_dtype)
     for _ in range(power_iters):
         Qp = Q.to(Ap.dtype)
-        Q = torch.linalg.qr((Ap @ (Ap.t() @ Qp)).to(A.dtype)).Q
-    B = Q.t() @ A
-    _, vecs = torch.linalg.eigh((B @ B.t()).double())  # ascending eigenvalues
-    W = vecs[:, -rank:].flip(1).to(A.dtype)
+        Q = torch.linalg.qr(Ap.gram(Qp).to(op.dtype)).Q
+    B = op.rows(Q)
+    _, vecs = torch.linalg.eigh(op.gram_of(B).double())  # ascending eigenvalues
+    W = vecs[:, -rank:].flip(1).to(op.dtype)
     U = Q @ W
     if start is not None:  # eigenvector signs are arbitrary: keep each vector pointing like its predecessor
         s = min(rank, start.shape[1])
-        flip = (start[:, :s].to(A.dtype) * U[:, :s]).sum(0) < 0
-        sign = torch.ones(rank, device=A.device, dtype=A.dtype)
-        sign[:s] = 1.0 - 2.0 * flip.to(A.dtype)
+        flip = (start[:, :s].to(op.dtype) * U[:, :s]).sum(0) < 0
+        sign = torch.ones(rank, device=op.device, dtype=op.dtype)
+        sign[:s] = 1.0 - 2.0 * flip.to(op.dtype)
         U, W = U * sign, W * sign
-    UtA = W.t() @ B
+    UtA = op.lift(W.t() @ B)
     return U, UtA if scale == 1.0 else UtA * scale
 
 
@@ -296,7 +347,11 @@ def identity_basis(dim: int, rank: int, side: str, device: torch.device | str, d
 def power_of_two_scale(A: torch.Tensor) -> float:
     """2^e with max|A| in [2^(e−1), 2^e) (1.0 for a zero or non-finite A): dividing by it is exact and
     keeps A·Aᵀ far from overflow."""
-    amax = float(A.abs().amax()) if A.numel() else 0.0
+    return _pow2(float(A.abs().amax()) if A.numel() else 0.0)
+
+
+def _pow2(amax: float) -> float:
+    """2^e with amax in [2^(e−1), 2^e) (1.0 for 0 or a non-finite amax)."""
     if not math.isfinite(amax) or amax == 0.0:
         return 1.0
     return math.ldexp(1.0, max(-120, min(120, math.frexp(amax)[1])))
@@ -311,7 +366,10 @@ def randomized_basis(
     start), ``cold_power_iters`` (3: rounds from a random start, i.e. the first refresh, whose basis
     then serves a whole ``update_gap``), ``power_dtype``."""
     opts = opts or {}
-    A = _float(G) if side == "left" else _float(G).t()
+    if row_sharded(G):  # FSDP2: the same range finder on this rank's rows, G never gathered
+        A: Any = RowShardedOperand(G, transposed=side == "right", local=_float(G.to_local()))
+    else:
+        A = _float(full(G)) if side == "left" else _float(full(G)).t()
     if start is not None:
         start = (start if side == "left" else start.t()).float()
     iters = int(opts.get("power_iters", 1)) if start is not None else int(opts.get("cold_power_iters", 3))
@@ -360,6 +418,7 @@ class RandomizedSVDProjector(Projector):
 
     name = "rsvd"
     options = ("oversample", "power_iters", "cold_power_iters", "power_dtype")
+    sharded_refresh = True  # the range finder runs on the shards (sharding.RowShardedOperand)
     state_keys = ("P", "proj_seed", "proj_version")
 
     def compute(self, G: torch.Tensor, state: State) -> torch.Tensor | None:
@@ -422,6 +481,7 @@ class Int4RandomizedSVDProjector(Int4SVDProjector):
 
     name = "rsvd_int4"
     options = ("quant_group_size", "oversample", "power_iters", "cold_power_iters", "power_dtype")
+    sharded_refresh = True
     state_keys = ("P_q", "P_scale", "P_zero", "P_first", "proj_seed", "proj_version")
     order = ("randomized", "exact")
 
@@ -435,6 +495,7 @@ class GaussianProjector(Projector):
 
     name = "gaussian"
     state_keys = ("proj_seed", "proj_version")
+    sharded_refresh = True  # a new seed: the gradient is not read
     orthonormal = False
 
     def _shape(self) -> tuple[int, int]:
@@ -525,6 +586,7 @@ class CoordinateProjector(Projector):
 
     name = "coords"
     state_keys = ("idx", "proj_seed", "proj_version")
+    sharded_refresh = True  # new coordinates: the gradient is not read
 
     def compute(self, G: torch.Tensor, state: State) -> None:
         dim = self.dim
@@ -541,12 +603,14 @@ class CoordinateProjector(Projector):
         _bump(state)
 
     def project(self, G: torch.Tensor, state: State) -> torch.Tensor:
+        if is_dtensor(G) and self.side == "left":  # FSDP2: rows of other ranks; by the one-hot basis (exact)
+            return like_rows(self.basis(state).to(G.dtype), G).t() @ G
         return G.index_select(0 if self.side == "left" else 1, like(state["idx"], G))
 
     def back(self, N: torch.Tensor, state: State) -> torch.Tensor:
         if is_dtensor(N):  # FSDP2: scatter by the one-hot basis (exact), which keeps N's sharding
             E = self.basis(state).to(N.dtype)
-            return like(E, N) @ N if self.side == "left" else N @ like(E.t(), N)
+            return like_rows(E, N) @ N if self.side == "left" else N @ like(E.t(), N)
         out = N.new_zeros(self.shape)
         return out.index_copy_(0 if self.side == "left" else 1, state["idx"], N)
 

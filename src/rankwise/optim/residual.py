@@ -29,7 +29,7 @@ import torch
 from ..checks import choice
 from . import fused
 from .projectors import Projector
-from .sharding import replicated
+from .sharding import placed_like, replicated
 
 State = dict[str, Any]
 
@@ -86,6 +86,11 @@ def _dense(p: torch.Tensor, proj: Projector, state: State, *others: torch.Tensor
     return P if P is not None and fused.chunkable(p, P, *others) else None
 
 
+def _outside(G: torch.Tensor, R: torch.Tensor, proj: Projector, state: State) -> torch.Tensor:
+    """G − back(R), the gradient outside the subspace (under FSDP2 sharded like G, never gathering G)."""
+    return G - placed_like(proj.back(R, state), G)
+
+
 class Drop(Residual):
     name = "none"
 
@@ -106,9 +111,9 @@ class FiraResidual(Residual):
 
     def apply(self, p, G, R, N, proj, state, group, c):
         phi = channel_scale(N, R, proj.side)
-        resid = (G - proj.back(R, state)) * phi
+        resid = _outside(G, R, proj, state) * phi
         resid = limit_norm_growth(resid, state, group.get("limiter_gamma", 1.01))
-        update = proj.back(N, state).mul_(group["scale"]).add_(resid)
+        update = placed_like(proj.back(N, state), resid).mul_(group["scale"]).add_(resid)
         p.add_(update, alpha=-group["lr"] * c)
 
     def fused_apply(self, p, G, R, N, proj, state, group, c, decay):
@@ -145,7 +150,7 @@ class StateFree(Residual):
     def apply(self, p, G, R, N, proj, state, group, c):
         scale = group["scale"]
         p.add_(proj.back(N, state).mul_(scale), alpha=-group["lr"] * c)
-        resid = G - proj.back(R, state)
+        resid = _outside(G, R, proj, state)
         if self.name == "sign_sgd":
             resid = resid.sign_()
         p.add_(resid, alpha=-group["lr"] * scale * group.get("inactive_lr_scale", 1.0))
