@@ -23,8 +23,12 @@ import rankwise as rw
 from rankwise.adapters.base import AdapterLayer
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
-# not start at the full-precision base, which this matrix checks
-METHODS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
+# not start at the full-precision base, which this matrix checks. S²FT co-permutes the coupled layers of
+# Llama- / BERT-style blocks (layout.find_blocks); GPT-2's fused c_attn has no such layout, and S²FT's
+# Conv1D-free layers are checked in tests/adapters/test_s2ft.py
+BLOCK_LAYOUT_ONLY = {"s2ft"}
+METHODS = sorted(n for n, s in rw.REGISTRY.items()
+                 if s.family != "quantization" and not s.needs_adapters and n not in BLOCK_LAYOUT_ONLY)
 EXPORTABLE = sorted(n for n in METHODS if rw.REGISTRY[n].export in ("lora", "dora"))
 RANK = 4
 KINDS = {"lm": GPT2LMHeadModel, "cls": GPT2ForSequenceClassification}
