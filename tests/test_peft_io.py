@@ -305,7 +305,9 @@ def test_import_missing_dir_and_dora_without_magnitude(tmp_path):
 @pytest.mark.parametrize("method", NOT_EXPORTABLE)
 def test_export_none_methods_refuse(method, tmp_path):
     """Registered methods whose delta is not a LoRA pair (export="none") raise and write nothing."""
-    model = rw.adapt(make_tiny_bert(), method, r=2)
+    spec = rw.get_method(method)
+    needs_data = spec.layer_cls.needs_grad(spec.make_config(r=2))  # LT-SFT's phase 1 runs on init_data
+    model = rw.adapt(make_tiny_bert(), method, r=2, init_data=cls_batches(n=2) if needs_data else None)
     with pytest.raises(ValueError) as err:
         rw.export_peft(model, tmp_path / "x")
     assert f"method '{method}' cannot be exported to PEFT" in str(err.value) and "rw.merge" in str(err.value)

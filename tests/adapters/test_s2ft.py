@@ -111,6 +111,8 @@ def test_bad_input_names_the_parameter():
         rw.adapt(make_tiny_llama(0), "s2ft", r=2, heads=3)
     with pytest.raises(ValueError, match="targets= leaves out"):
         rw.adapt(make_tiny_llama(0), "s2ft", targets=["down_proj"], r=2)
+    with pytest.raises(ValueError, match="rewrites the base weight"):  # the permuted base cannot be shared
+        rw.adapt(rw.adapt(make_tiny_llama(0), "lora", r=2), "s2ft", r=2, name="b")
     with pytest.raises(ValueError, match="side="):
         rw.adapt(make_tiny_llama(0), "s2ft", side="diagonal")
 
