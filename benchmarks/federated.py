@@ -117,9 +117,8 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs.jsonl"
-    done = {r["arm"] for r in read_runs(runs)}
     for arm in arms(args):
-        if arm["arm"] in done:
+        if arm["arm"] in {r["arm"] for r in read_runs(runs)}:  # re-read: several processes may share runs.jsonl
             continue
         print(f"{arm['arm']} ...", flush=True)
         row = run_arm(arm, args)
@@ -131,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(out: Path) -> str:
-    rows = read_runs(out / "runs.jsonl")
+    order = {m: i for i, m in enumerate(("lora", *METHODS))}
+    rows = sorted(read_runs(out / "runs.jsonl"), key=lambda r: (r["partition"], r["clients"], order[r["method"]]))
     for r in rows:
         r["max_error"] = max(r["errors"]) if r["errors"] else None
     columns = [Column("arm", "arm", align="<"), Column("clients", "clients"),
@@ -156,7 +156,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=96, help="client optimizer steps in all per arm")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--clients", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--clients", type=int, nargs="+", default=[4, 8],
+                   help="client counts (one process per count may run beside another: rows are appended)")
     p.add_argument("--skew", type=float, default=0.5, help="Dirichlet α of the label-skewed partition")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)

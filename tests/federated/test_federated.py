@@ -188,3 +188,20 @@ def test_shards_are_disjoint_deterministic_and_skewable():
         shard_indices(labels, 0)
     with pytest.raises(ValueError, match="skew=0"):
         shard_indices(labels, 2, skew=0)
+
+
+@pytest.mark.parametrize("method", ["ffa_lora", "fed_sb", "fedsvd"])
+def test_global_adapter_exports_to_peft(method, tmp_path):
+    """The catalogue's ``exports="peft-lora"``: the global model after two rounds, loaded by PEFT on the
+    untouched base, gives the same logits."""
+    from peft import PeftModel
+
+    fed = _federation(method)
+    fed.run()
+    batch = cls_batches(n=1, seed=5)[0]
+    with torch.no_grad():
+        expected = fed.model(**batch).logits
+    rw.export_peft(fed.model, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(make_tiny_bert(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-4, rtol=0)
