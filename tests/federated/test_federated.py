@@ -162,6 +162,8 @@ def test_catalogue_records_and_builder():
     ({"lr": -1.0}, "lr=-1.0"),
     ({"optimizer": "nope"}, "optimizer='nope' is not allowed"),
     ({"no_such_option": 1}, r"unknown option\(s\) \['no_such_option'\]"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"method": "fed_sb", "alpha": 16}, "alpha=16 applies to the LoRA-based methods"),
     ({"clients": []}, r"clients=\[\]"),
     ({"clients": None}, "clients=None"),
 ])

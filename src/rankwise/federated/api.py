@@ -23,7 +23,7 @@ from torch import nn
 from .. import catalogue, checks
 from ..adapters import adapt, adapter_layers
 from ..batches import LossFn
-from ..train import TrainConfig, evaluate, place_model, progress_bar, train
+from ..train import TrainConfig, check_device, evaluate, place_model, progress_bar, train
 from .rules import RULES, Rule, mean_state, svd_refactor
 
 _RULES = {rule.name: rule for rule in RULES}
@@ -61,7 +61,9 @@ class FederatedConfig:
         checks.positive("alpha", self.alpha, optional=True)
         if not isinstance(self.adapter_options, dict):
             raise ValueError(f"adapter_options={self.adapter_options!r} must be a dict of rw.adapt options")
-        self.client_config(0)  # the clients' TrainConfig checks lr, optimizer, seed, device, progress
+        if self.device is not None:
+            check_device(self.device)
+        self.client_config(0)  # the clients' TrainConfig checks lr, optimizer, seed, progress
 
     def client_config(self, seed: int) -> TrainConfig:
         """The clients' local run: ``local_steps`` steps at a constant ``lr``, on the model's device."""
@@ -143,6 +145,9 @@ class Federation:
         options = {"r": cfg.r, **cfg.adapter_options}
         if rule.adapter == "lora":
             options.setdefault("alpha", cfg.alpha)
+        elif cfg.alpha is not None:
+            raise ValueError(f"alpha={cfg.alpha!r} applies to the LoRA-based methods; {rule.name} ({rule.adapter}) "
+                             "has no alpha: leave it None")
         if rule.adapter == "lora_sb" and init_data is None:  # one shared estimate: the clients' first batches
             per = math.ceil(8 / len(self.clients))
             init_data = [b for c in self.clients for b in itertools.islice(iter(c), per)]
