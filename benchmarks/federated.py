@@ -2,8 +2,9 @@
 8 clients, against centralized LoRA at the same total number of optimizer steps.
 
 Small on purpose (a busy 2-core CPU: the 17 arms took about 15 CPU-minutes, 5,500 s of wall time on a
-machine running a dozen other jobs, as two processes ``--clients 4`` / ``--clients 8``): 48-token inputs, batch 8, ``--steps`` client steps
-in all (default 96; centralized LoRA takes the same 96 steps on the whole training split). A federated run
+machine running a dozen other jobs, as two processes ``--clients 4`` / ``--clients 8``): 48-token inputs,
+batch 8, ``--steps`` client steps in all (default 96; centralized LoRA takes the same 96 steps on the
+whole training split). A federated run
 has ``--rounds`` rounds (default 3), so each client takes steps / (rounds · clients) local steps per round
 (8 with 4 clients, 4 with 8). Clients hold disjoint shards of the training split: IID, and label-skewed
 (Dirichlet α = ``--skew`` per class, 0.5 by default). Every arm: the same seed, random head, AdamW at a
