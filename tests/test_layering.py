@@ -1,9 +1,9 @@
 """The method packages are siblings on a ground floor.
 
-Every module of ``optim``, ``adapters``, ``sparse`` and ``compress`` may import its own package, the
-top-level modules in ``TOP`` (checks, batches, layout, linalg, rng, targets, ...) and, for ``sparse``
-and ``compress`` only, the public API of the packages in ``SIBLINGS`` (``from ..adapters import
-adapt``, never ``from ..adapters.lora import ...``). No module imports another package's or a
+Every module of ``optim``, ``adapters``, ``sparse``, ``compress`` and ``federated`` may import its own
+package, the top-level modules in ``TOP`` (checks, batches, layout, linalg, rng, targets, ...) and, for
+``sparse``, ``compress`` and ``federated`` only, the public API of the packages in ``SIBLINGS``
+(``from ..adapters import adapt``, never ``from ..adapters.lora import ...``). No module imports another package's or a
 top-level module's private (``_``) name. Read from the source with ``ast``; nothing is imported.
 """
 
@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-PACKAGES = ("optim", "adapters", "sparse", "compress")
+PACKAGES = ("optim", "adapters", "sparse", "compress", "federated")
 # Top-level modules of rankwise the packages may use (catalogue: each package registers its methods; callbacks,
 # memory: the loop's protocol and accounting; data / models: the compression loaders).
 TOP = {"batches", "callbacks", "catalogue", "checks", "data", "io", "layout", "linalg", "memory", "models", "quant",
        "rng", "targets"}
-# Packages (and, for compress, the one training loop ``rankwise.train``, which sits above optim because it
-# builds optimizers by name) whose public API a package may import: the package itself, not its modules.
-SIBLINGS = {"optim": set(), "adapters": set(), "sparse": {"adapters"}, "compress": {"adapters", "sparse", "train"}}
+# Packages (and, for compress and federated, the one training loop ``rankwise.train``, which sits above optim
+# because it builds optimizers by name) whose public API a package may import: the package itself, not its
+# modules.
+SIBLINGS = {"optim": set(), "adapters": set(), "sparse": {"adapters"}, "compress": {"adapters", "sparse", "train"},
+            "federated": {"adapters", "train"}}
 
 
 def _is_module(dotted: str) -> bool:
@@ -85,6 +87,8 @@ def test_method_packages_import_only_the_floor_and_public_sibling_apis():
         ("rankwise/sparse/api.py", "from ..compress import compress", False),
         ("rankwise/adapters/lora.py", "from ..sparse import FactorizedLinear", False),
         ("rankwise/adapters/__init__.py", "from . import lora", True),
+        ("rankwise/federated/api.py", "from ..train import TrainConfig, train", True),
+        ("rankwise/federated/api.py", "from ..adapters.lora import LoRALayer", False),
     ],
 )
 def test_the_rules(where, source, ok):

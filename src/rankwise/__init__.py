@@ -1,7 +1,7 @@
 """rankwise: low-rank and sparse structure for memory-cheap training and fine-tuning."""
 
 from . import compress as compression
-from . import optim, sparse
+from . import federated, optim, sparse
 from .adapters import (
     REGISTRY,
     active_adapters,
@@ -33,6 +33,7 @@ from .adapters.ops import (
     unmerge,
 )
 from .compress import compress
+from .federated import federate
 from .io import load_adapter, load_adapters, save_adapter
 from .peft_io import export_peft, import_peft
 from .planner import Plan, plan
@@ -58,6 +59,8 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "eigenlorax",
+    "federate",
+    "federated",
     "enable_adapters",
     "ensemble_batch",
     "ensemble_probs",

@@ -1,12 +1,13 @@
 """The method catalogue: one record per method, every family, the only list of methods in rankwise.
 
 Each package registers the methods it implements when it is imported (``register``): adapters
-(``rw.adapt``), optimizers and samplers (``rw.optim.make``), structured training (``rw.sparsify``)
-and compression (``rw.compress``). Every other catalogued method (``catalogue.tsv``, the project's
-reading of the papers: name, family, tier, paper, mechanism) is listed with status ``planned``.
+(``rw.adapt``), optimizers and samplers (``rw.optim.make``), structured training (``rw.sparsify``),
+compression (``rw.compress``) and federated fine-tuning (``rw.federate``). Every other catalogued
+method (``catalogue.tsv``, the project's reading of the papers: name, family, tier, paper, mechanism)
+is listed with status ``planned``.
 The CLI (``rankwise methods``), the README tables and the generic test matrices read this module;
 the packages' own tables (``rw.REGISTRY``, ``rw.optim.OPTIMIZERS``, ``SPARSE_METHODS``,
-``COMPRESS_METHODS``) are views of it.
+``COMPRESS_METHODS``, ``FEDERATED_METHODS``) are views of it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ FAMILIES = (
 STATUSES = ("done", "planned")
 #: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``, a
 #: compensation of a compressed model from its original (``rw.compression.eora`` / ``lrec``), a
-#: training-free merge of named adapters (``rw.merge_adapters(model, weights, how=name)``), or serving
-#: many adapters from a bounded pool (``rw.AdapterServer``).
-APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "merge", "serve")
+#: training-free merge of named adapters (``rw.merge_adapters(model, weights, how=name)``), serving
+#: many adapters from a bounded pool (``rw.AdapterServer``), or federated fine-tuning simulated in one
+#: process (``rw.federate(model, method, clients)``).
+APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "merge", "serve", "federate")
 #: What a trained or compressed result can be written as.
 EXPORTS = ("peft-lora", "peft-dora", "merge", "model", "compressed", "none")
-_PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress", "rankwise.serving")
+_PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress", "rankwise.serving",
+             "rankwise.federated")
 _PLANNED_FILE = Path(__file__).with_name("catalogue.tsv")
 
 
@@ -177,6 +180,7 @@ _API_TITLES = {
                   "`rw.compression.lrec`, by distillation)",
     "merge": "Merging named adapters (`rw.merge_adapters(model, weights, how=...)`)",
     "serve": "Serving many adapters from a bounded device pool (`rw.AdapterServer(model, pool_bytes)`)",
+    "federate": "Federated fine-tuning, simulated in one process (`rw.federate(model, method, clients)`)",
 }
 
 

@@ -392,14 +392,14 @@ def _batches(loader: Iterable, skip: int) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _progress_bar(cfg: TrainConfig, total: int, initial: int) -> Iterator[Any]:
-    """A tqdm bar when ``cfg.progress`` and stderr is a terminal, else None."""
-    if not (cfg.progress and sys.stderr.isatty()):
+def progress_bar(on: bool, total: int, initial: int = 0, desc: str = "train") -> Iterator[Any]:
+    """A tqdm bar when ``on`` and stderr is a terminal, else None."""
+    if not (on and sys.stderr.isatty()):
         yield None
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
     try:
         yield bar
     finally:
@@ -703,7 +703,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     model.train()
     call(loop.callbacks, "on_train_begin", state)
     t_train = time.perf_counter()
-    with _progress_bar(cfg, total_steps, state.step) as loop.bar:
+    with progress_bar(cfg.progress, total_steps, state.step) as loop.bar:
         while not loop.done():
             loop.run_epoch()
     train_time = time.perf_counter() - t_train
@@ -722,6 +722,6 @@ __all__ = [
     "FULL_FINETUNE", "HEAD_ONLY", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
     "method_optimizer",
-    "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model",
+    "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model", "progress_bar",
     "reset_peak_memory", "resolve_device", "save_checkpoint", "seed_everything", "train",
 ]
