@@ -7,7 +7,7 @@ recompute*), and the forward saves only x, A and B for backward (no out×in tens
 is rebuilt in backward for ∂L/∂x). *Graph rearrangement*: the factor gradients are taken through the
 low-rank path, ∂B = s·gᵀ(x Aᵀ), ∂A = s·(g B)ᵀ x, without forming the dense out×in gradient gᵀx
 (the authors' code; it leaves the mask out of the factors' gradient, while the forward and ∂L/∂x are
-exact). A Kaiming-uniform, B = 0, scale α/√r (rsLoRA, as the authors' code) or α/r.
+exact). A Kaiming-uniform, B = 0, scale α/r (or α/√r with ``use_rslora``, as the authors' code).
 
 The delta is not a low-rank product (the mask), so it merges — keeping the zeros — but does not
 export to PEFT.
@@ -25,17 +25,18 @@ from torch import nn
 
 from ..checks import positive
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig
 from .init import InitContext
 from .registry import MethodSpec, register
+from .unmerge import KeepsBaseOnMerge
 
 
 @dataclass
 class LoRSConfig(AdapterConfig):
-    """``alpha`` (None = r) and ``use_rslora`` (scale α/√r, the authors' default; False: α/r)."""
+    """``alpha`` (None = r) and ``use_rslora`` (scale α/√r, as the authors' code; default False: α/r)."""
 
     alpha: float | None = None
-    use_rslora: bool = True
+    use_rslora: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -79,11 +80,10 @@ class _MaskedLowRank(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None
 
 
-class LoRSLayer(AdapterLayer):
+class LoRSLayer(KeepsBaseOnMerge):  # a merged entry that rounds to 0 would read as pruned
     """``y = (W + (s·B A) ⊙ (W ≠ 0)) x + b``; trainable ``lora_A`` (r×in), ``lora_B`` (out×r)."""
 
     method = "lors"
-    stackable = False  # the mask is read off the base weight it writes to
 
     def __init__(self, base_layer: nn.Module, config: LoRSConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)

@@ -27,9 +27,10 @@ from torch import nn
 from ..callbacks import Callback, TrainState
 from ..checks import fraction, integer, positive
 from ..rng import layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
+from .unmerge import KeepsBaseOnMerge
 
 
 @dataclass
@@ -93,12 +94,12 @@ class _Binarize(torch.autograd.Function):
         return grad, None
 
 
-class PSTLayer(AdapterLayer):
+class PSTLayer(KeepsBaseOnMerge):  # W₀ cannot be read back from M ⊙ W'
     """``y = (M ⊙ W') x + b`` with W' = W₀ + β·U V and M from S (module doc); trainable ``weight_U``,
     ``weight_V``, ``score_A``, ``score_B``, ``score_R``, ``score_C``."""
 
     method = "pst"
-    stackable = False  # the mask prunes the base itself
+    stackable = False  # merging prunes the base: another adapter sharing it would read M ⊙ W' as its W₀
 
     def __init__(self, base_layer: nn.Module, config: PSTConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
@@ -112,7 +113,6 @@ class PSTLayer(AdapterLayer):
         self.score_R = nn.Parameter(torch.zeros(out_f, **kw))
         self.score_C = nn.Parameter(torch.zeros(in_f, **kw))
         self.sparsity = 0.0  # the current s (a Python float: set by PSTSchedule / set_sparsity)
-        self._unmerged: torch.Tensor | None = None
         if not ctx.skip:
             gen = layer_generator(config.seed, ctx.name)
             with torch.no_grad():
@@ -122,11 +122,6 @@ class PSTLayer(AdapterLayer):
     def set_sparsity(self, sparsity: float) -> None:
         self.sparsity = fraction("sparsity", sparsity, allow_zero=True, allow_one=False)
 
-    def adapted_weight(self) -> torch.Tensor:
-        """W' = W₀ + β·U V."""
-        w0 = self.frozen_weight().to(self.adapter_dtype)
-        return w0 + self.config.beta * self.weight_U @ self.weight_V
-
     def scores(self, weight: torch.Tensor) -> torch.Tensor:
         """S = |W'| + α₁·A B + α₂·(R 1ᵀ + 1 Cᵀ)."""
         c = self.config
@@ -134,26 +129,14 @@ class PSTLayer(AdapterLayer):
                 + c.alpha2 * (self.score_R.unsqueeze(1) + self.score_C.unsqueeze(0)))
 
     def delta_weight(self) -> torch.Tensor:
-        weight = self.adapted_weight()
-        masked = _Binarize.apply(self.scores(weight), self.sparsity) * weight
-        return masked - self.frozen_weight().to(masked.dtype)
+        """M ⊙ W' − W₀, written M ⊙ β·U V − (1 − M) ⊙ W₀ (no cancellation of W₀ in low precision)."""
+        w0 = self.frozen_weight().to(self.adapter_dtype)
+        update = self.config.beta * self.weight_U @ self.weight_V
+        mask = _Binarize.apply(self.scores(w0 + update), self.sparsity)
+        return mask * update - (1 - mask) * w0
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.delta_weight())
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._unmerged = self.base_weight.detach().clone()  # W₀ cannot be read back from M ⊙ W'
-        super().merge()
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        super().unmerge()
-        self._unmerged = None
-
-    def frozen_weight(self) -> torch.Tensor:
-        return self._unmerged if self.merged and self._unmerged is not None else self.base_weight
 
     def trainable_count(self) -> int:
         r, rm = self.config.r, self.config.mask_rank or self.config.r
