@@ -99,19 +99,20 @@ class PSTLayer(KeepsBaseOnMerge):  # W₀ cannot be read back from M ⊙ W'
     ``weight_V``, ``score_A``, ``score_B``, ``score_R``, ``score_C``."""
 
     method = "pst"
+    config: PSTConfig
     stackable = False  # merging prunes the base: another adapter sharing it would read M ⊙ W' as its W₀
 
     def __init__(self, base_layer: nn.Module, config: PSTConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
         r, rm = config.r, config.mask_rank or config.r
         out_f, in_f = self.out_features, self.in_features
-        kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
-        self.weight_U = nn.Parameter(torch.zeros(out_f, r, **kw))
-        self.weight_V = nn.Parameter(torch.zeros(r, in_f, **kw))
-        self.score_A = nn.Parameter(torch.zeros(out_f, rm, **kw))
-        self.score_B = nn.Parameter(torch.zeros(rm, in_f, **kw))
-        self.score_R = nn.Parameter(torch.zeros(out_f, **kw))
-        self.score_C = nn.Parameter(torch.zeros(in_f, **kw))
+        dtype, device = self.adapter_dtype, self.base_weight.device
+        self.weight_U = nn.Parameter(torch.zeros(out_f, r, dtype=dtype, device=device))
+        self.weight_V = nn.Parameter(torch.zeros(r, in_f, dtype=dtype, device=device))
+        self.score_A = nn.Parameter(torch.zeros(out_f, rm, dtype=dtype, device=device))
+        self.score_B = nn.Parameter(torch.zeros(rm, in_f, dtype=dtype, device=device))
+        self.score_R = nn.Parameter(torch.zeros(out_f, dtype=dtype, device=device))
+        self.score_C = nn.Parameter(torch.zeros(in_f, dtype=dtype, device=device))
         self.sparsity = 0.0  # the current s (a Python float: set by PSTSchedule / set_sparsity)
         if not ctx.skip:
             gen = layer_generator(config.seed, ctx.name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,7 +97,8 @@ class RoseLoRAPrune(Callback):
         if not layers:
             raise ValueError("model has no LoRA layers to prune with RoseLoRA (rw.adapt(model, 'roselora') first)")
         # (parameter, the axis its top-k runs along, config): B's columns (dim 0), A's rows (dim 1)
-        self.factors = [(p, dim, layer.config) for layer in layers for p, dim in ((layer.lora_B, 0), (layer.lora_A, 1))]
+        self.factors = [(p, dim, cast(RoseLoRAConfig, layer.config))
+                        for layer in layers for p, dim in ((layer.lora_B, 0), (layer.lora_A, 1))]
         self.importance: list[torch.Tensor | None] = [None] * len(self.factors)
 
     @torch.no_grad()

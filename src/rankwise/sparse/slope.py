@@ -71,6 +71,8 @@ class SLoPeLinear(nn.Module):
         mask = nm_mask(linear.weight, n, m)
         self.weight = nn.Parameter(linear.weight.detach() * mask)
         self.bias = linear.bias
+        self.mask: torch.Tensor
+        self.back_mask: torch.Tensor
         self.register_buffer("mask", mask)
         self.register_buffer("back_mask", nm_mask(self.weight.t(), n, m).t())
         self.lora_A: nn.Parameter | None = None
@@ -80,23 +82,24 @@ class SLoPeLinear(nn.Module):
         """Create the lazy adapter (A Kaiming-uniform, B = 0) and return its new parameters."""
         if self.lora_A is not None:
             raise ValueError("the SLoPe adapter is already added")
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(self.rank, self.in_features, **kw), self.generator))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **kw))
+        dtype, device = self.weight.dtype, self.weight.device
+        a = torch.empty(self.rank, self.in_features, dtype=dtype, device=device)
+        self.lora_A = nn.Parameter(kaiming_uniform_(a, self.generator))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))
         return [self.lora_A, self.lora_B]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _DoublePruned.apply(x, self.weight, self.mask.to(x.dtype), self.back_mask.to(x.dtype))
         if self.bias is not None:
             out = out + self.bias
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.lora_B is not None:
             out = out + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
         return out
 
     def dense_weight(self) -> torch.Tensor:
         """W ⊙ M (+ s·B A with the adapter)."""
         weight = self.weight * self.mask
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.lora_B is not None:
             weight = weight + self.scale * self.lora_B @ self.lora_A
         return weight
 
