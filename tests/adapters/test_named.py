@@ -22,7 +22,7 @@ from ..conftest import lm_batches, make_tiny_llama
 METHODS = sorted(
     m for m in rw.REGISTRY if rw.get_method(m).api == "adapt" and rw.get_method(m).family != "quantization"
     and not rw.get_method(m).needs_adapters  # built from the model's adapters (MeteoRA): tests/adapters/test_meteora.py
-    and rw.get_method(m).layer_cls.stackable  # a method that rewrites its base (PST's pruning) cannot share it
+    and rw.get_method(m).layer_cls.stackable  # S²FT permutes its bases, which it cannot share (a clear error)
 )
 RANK = 4
 IDS = lm_batches(n=1, batch=5, seq=10, seed=3)[0]["input_ids"]
