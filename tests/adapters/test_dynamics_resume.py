@@ -16,7 +16,7 @@ from ..test_train import Crash, CrashAt
 # COLA restarts at step 2, before the step-2 checkpoint: only its controller state holds the merged base
 METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2},
            "lora_ggpo": {"ggpo_sigma": 0.5, "ggpo_beta": 0.5}, "fast_forward": {"ff_every": 1},
-           "bilora": {"upper_every": 2}, "loft": {},
+           "bilora": {"upper_every": 2}, "loft": {}, "roselora": {"density": 0.25, "start": 0.0, "end": 0.5},
            "ba_lora": {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1}}
 
 

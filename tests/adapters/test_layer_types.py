@@ -23,9 +23,9 @@ from rankwise.targets import find_targets
 
 from ..conftest import lm_batches, make_tiny_llama
 
-# allora, cola, convlora, lora_dropout, lora_pro, loraplus, flora_batched: LoRA layers
+# allora, cola, convlora, lora_dropout, lora_pro, loraplus, flora_batched, roselora: LoRA layers
 SUPPORTED = ["allora", "ba_lora", "cola", "convlora", "dora", "fast_forward", "flora_batched", "loft", "lora",
-             "lora_dropout", "lora_ggpo", "lora_pro", "loraplus", "olora", "pissa", "rslora"]
+             "lora_dropout", "lora_ggpo", "lora_pro", "loraplus", "olora", "pissa", "roselora", "rslora"]
 UNSUPPORTED = sorted(n for n in rw.REGISTRY if n not in SUPPORTED and not rw.REGISTRY[n].needs_adapters)
 TARGETS = ["emb", "c1", "c2"]
 KIND_OF = {"emb": nn.Embedding, "c1": nn.Conv1d, "c2": nn.Conv2d}

@@ -41,6 +41,7 @@ METHOD_CONFIGS = {
     "maestro": {},
     "relora": {"rank": 4},
     "lte": {"heads": 2, "rank": 2},
+    "slope": {"rank": 4},
 }
 
 

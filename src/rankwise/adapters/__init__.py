@@ -35,6 +35,9 @@ from . import prilora  # noqa: F401  (ranks rising with depth, A pruned by |w|·
 from . import gora  # noqa: F401  (ranks and init from the estimated gradient)
 from . import elalora  # noqa: F401  (ranks pruned and expanded by importance)
 from . import allora  # noqa: F401  (training dynamics)
+from . import roselora  # noqa: F401  (sparse+low-rank)
+from . import lors  # noqa: F401  (sparse+low-rank)
+from . import pst  # noqa: F401  (sparse+low-rank)
 from . import lora_pro  # noqa: F401
 from . import lora_dropout  # noqa: F401
 from . import cola  # noqa: F401

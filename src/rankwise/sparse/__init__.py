@@ -9,6 +9,7 @@ Structured layers (``layers``): :class:`FactorizedLinear` (W = U V) and :class:`
 * ``maestro`` — LoD ordered low-rank layers, :class:`Maestro` helper and :func:`truncate`;
 * ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`;
 * ``lte`` — LoRA-the-Explorer's parallel heads, :class:`LTE` controller (merges);
+* ``slope`` — N:M-sparse with a double-pruned backward, :class:`SLoPe` controller (lazy adapters);
 * ``cuttlefish`` — full-rank until stable ranks settle, then factorized: :class:`Cuttlefish` controller.
 
 Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): pass them to
@@ -22,13 +23,14 @@ from .layers import FactorizedLinear, SparseLowRankLinear, random_support
 from .lte import LTE, LTELinear
 from .maestro import Maestro, MaestroLinear, truncate
 from .relora import ReLoRA, prepare_relora, relora_schedule
+from .slope import SLoPe, SLoPeLinear, nm_mask
 from .sltrain import SLTrainConfig, sltrain_layer
 from .sst import SST, SpectralLinear, sample_active, sampling_probabilities
 from .trp import TRP, TRPLinear, decompose, nuclear_subgradient
 
 __all__ = [
     "LTE", "SPARSE_METHODS", "SST", "TRP", "Cuttlefish", "FactorizedLinear", "LTELinear", "Maestro",
-    "MaestroLinear", "ReLoRA",
+    "MaestroLinear", "ReLoRA", "SLoPe", "SLoPeLinear", "nm_mask",
     "SLTrainConfig", "SparseLowRankLinear", "SparseMethod", "SparseState", "SpectralLinear",
     "TRPLinear", "decompose", "densify", "nuclear_subgradient", "prepare_relora", "random_support",
     "relora_schedule", "sample_active", "sampling_probabilities", "sltrain_layer", "sparse_summary",

@@ -11,6 +11,8 @@ Methods and their options (``SPARSE_METHODS``):
 * ``relora`` — ``rank``, ``alpha``, ``dropout``, ``seed``, ``train_rest``; then :class:`ReLoRA`
   and :func:`relora_schedule`.
 * ``lte`` — ``heads``, ``rank``, ``alpha``, ``seed``; then :class:`LTE` (merges every T steps).
+* ``slope`` — ``n``, ``m`` (N:M sparsity), ``rank``, ``alpha``, ``seed`` of the lazy adapter; then
+  :class:`SLoPe`, which adds the adapters in the final steps.
 * ``cuttlefish`` — no options (the layers stay ``nn.Linear``); then :class:`Cuttlefish`, which
   factorizes them when their stable ranks settle.
 """
@@ -32,6 +34,7 @@ from .layers import FactorizedLinear, SparseLowRankLinear
 from .lte import LTELinear
 from .maestro import MaestroLinear
 from .relora import prepare_relora
+from .slope import SLoPeLinear, slope_layer
 from .sltrain import SLTrainConfig, sltrain_layer
 from .sst import SpectralLinear
 from .trp import TRPLinear
@@ -155,6 +158,14 @@ _METHODS = (
         "frozen W, H LoRA heads each on its own batch chunk, W += mean of the heads' updates every T steps",
         {"heads": 4, "rank": 8, "alpha": 16.0, "seed": 0}, "LTE", _lte,
     ),
+    SparseMethod(
+        "slope", "sparse+low-rank",
+        "Mozaffari et al. 2024, SLoPe: Double-Pruned Sparse Plus Lazy Low-Rank Adapter Pretraining of LLMs",
+        "fixed N:M-sparse W (magnitude), backward with Wᵀ also N:M-pruned, low-rank adapters added only in "
+        "the final steps",
+        {"n": 2, "m": 4, "rank": 8, "alpha": 16.0, "seed": 0}, "SLoPe",
+        lambda model, targets, opts: swap_layers(lambda name, lin: slope_layer(lin, opts, name))(model, targets, opts),
+    ),
 )
 for _spec in _METHODS:
     catalogue.register(catalogue.MethodRecord(
@@ -192,7 +203,7 @@ def sparsify(model: nn.Module, method: str, targets: Targets = "all-linear", **c
     return model
 
 
-STRUCTURED = (FactorizedLinear, SparseLowRankLinear, SpectralLinear, TRPLinear, LTELinear)
+STRUCTURED = (FactorizedLinear, SparseLowRankLinear, SpectralLinear, TRPLinear, LTELinear, SLoPeLinear)
 
 
 @torch.no_grad()
