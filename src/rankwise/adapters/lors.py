@@ -116,6 +116,7 @@ register(
         LoRSLayer,
         export="none",
         summary="ΔW = (s·BA) ⊙ (W ≠ 0): LoRA on a pruned model that stays sparse when merged; the mask is "
-                "recomputed from W, no out×in tensor is saved for backward (not the paper's adapter init: plain LoRA init)",
+                "recomputed from W, no out×in tensor is saved for backward (not the paper's adapter init: "
+                "plain LoRA init)",
     )
 )
