@@ -48,6 +48,7 @@ from . import melora  # noqa: F401
 from . import singlora  # noqa: F401
 from . import nola  # noqa: F401
 from . import curlora  # noqa: F401
+from . import lamda  # noqa: F401  (issue 14, part 2)
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)
