@@ -51,6 +51,7 @@ from . import curlora  # noqa: F401
 from . import lamda  # noqa: F401  (issue 14, part 2)
 from . import edora  # noqa: F401
 from . import lotr  # noqa: F401
+from . import reslora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)
