@@ -60,6 +60,7 @@ class ResLoRALayer(LoRALayer):
     """LoRA's ``lora_A``, ``lora_B``, plus (unregistered) references to the preceding blocks it runs."""
 
     method = "reslora"
+    base_kinds = ("linear",)  # the authors chain nn.Linear blocks only
     previous: tuple[ResLoRALayer, ...] = ()  # until linked (LoRA's init runs first)
 
     @classmethod
