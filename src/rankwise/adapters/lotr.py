@@ -59,6 +59,7 @@ class LoTRLayer(AdapterLayer):
     """Shared trainable ``lotr_U`` (out×r) and ``lotr_V`` (r×in), this layer's trainable core ``lotr_G`` (r×r)."""
 
     method = "lotr"
+    crosses_layers = True  # see AdapterLayer.crosses_layers (FSDP2 groups)
 
     @classmethod
     def build_shared(cls, config: LoTRConfig, layers: list[nn.Module]) -> Shared:

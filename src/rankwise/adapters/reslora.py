@@ -60,6 +60,7 @@ class ResLoRALayer(LoRALayer):
     """LoRA's ``lora_A``, ``lora_B``, plus (unregistered) references to the preceding blocks it runs."""
 
     method = "reslora"
+    crosses_layers = True  # see AdapterLayer.crosses_layers (FSDP2 groups)
     base_kinds = ("linear",)  # the authors chain nn.Linear blocks only
     previous: tuple[ResLoRALayer, ...] = ()  # until linked (LoRA's init runs first)
 
