@@ -69,3 +69,24 @@ def test_pmb_freezes_column_by_column_while_s_trains():
 def test_bad_options_name_the_parameter(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LaMDAConfig(**bad)
+
+
+def test_resume_across_the_freeze_is_bit_identical(tmp_path):
+    """6 steps straight == checkpoint at 2, crash after 4, resume (PMB fully frozen from step 4: η·T = 2)."""
+    from ..test_train import Crash, CrashAt
+
+    def run(out, callbacks=(), resume=None):
+        model = make_tiny_llama()
+        rw.adapt(model, "lamda", r=2, freeze_eta=1 / 3)
+        cfg = TrainConfig(max_steps=6, lr=1e-2, progress=False, measure_memory=False, output_dir=str(out),
+                          checkpoint_every=2)
+        train(model, lm_batches(n=6), config=cfg, callbacks=callbacks, resume_from=resume)
+        return model
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(Crash):
+        run(tmp_path / "b", callbacks=[CrashAt(4)])
+    resumed = run(tmp_path / "b", resume=tmp_path / "b")
+    for (name, a), (_, b) in zip(rw.adapter_layers(straight), rw.adapter_layers(resumed), strict=True):
+        assert torch.equal(a.lamda_S, b.lamda_S) and torch.equal(a.lamda_B, b.lamda_B), name
+        assert not a.lamda_B.requires_grad and not b.lamda_B.requires_grad
