@@ -186,10 +186,12 @@ def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, ti
 
 
 def shard(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each decoder layer, then the root."""
+    """FSDP2: ``fully_shard`` each decoder layer (unless an adapter's tensors cross layers), then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    from rankwise.cli.distributed import crosses_layers
+
+    for layer in [] if crosses_layers(model) else model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

@@ -55,6 +55,10 @@ from . import lt_sft  # noqa: F401  (sparse fine-tuning: a sparse delta on the t
 from . import spiel  # noqa: F401  (sparse fine-tuning: indices dropped and regrown while training)
 from . import s2ft  # noqa: F401  (sparse fine-tuning: co-permuted heads / channels trained as dense blocks)
 from . import paca  # noqa: F401  (sparse fine-tuning: random input columns trained in place)
+from . import lamda  # noqa: F401  (issue 14, part 2)
+from . import edora  # noqa: F401
+from . import lotr  # noqa: F401
+from . import reslora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)

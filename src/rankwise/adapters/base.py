@@ -106,6 +106,9 @@ class AdapterLayer(nn.Module):
     stackable: ClassVar[bool] = True
     # Whether the adapted model's output equals the base model's right after initialization.
     identity_at_init: ClassVar[bool] = True
+    # Whether other layers read this layer's trainable tensors (LoTR's shared factors, ResLoRA's chains):
+    # FSDP2 must then keep the whole model in one group instead of one per transformer layer.
+    crosses_layers: ClassVar[bool] = False
     # Buffers the training forward updates (running statistics, like BatchNorm's; PRILoRA's input norms):
     # the only non-parameter tensors of an adapter that change while it trains.
     running_statistics: ClassVar[tuple[str, ...]] = ()

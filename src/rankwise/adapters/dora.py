@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import AdapterLayer
 from .init import InitContext
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, register
@@ -79,13 +80,20 @@ class _DoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, grad_m, None
 
 
-class DoRALayer(LoRALayer):
-    """LoRA direction (``lora_A``, ``lora_B``, scale s) plus a trainable ``magnitude`` (out,)."""
+class WeightDecomposed(AdapterLayer):
+    """The magnitude / direction split over a low-rank direction update (mixin, before the layer class):
+    W′ = m ⊙ (W₀ + s·B·A)/‖W₀ + s·B·A‖_c with (B, A) = ``direction_factors()`` and a trainable
+    ``magnitude`` m; ``init_magnitude()`` makes m = ‖W₀ + s·B·A‖_c. Merge keeps the norm so that unmerge
+    can invert it. Used by DoRA (B, A the LoRA factors) and EDoRA (B·R, A with frozen SVD factors)."""
 
-    method = "dora"
+    scale: float
 
-    def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
-        super().__init__(base_layer, config, ctx)
+    def direction_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of the direction update s·B·A."""
+        raise NotImplementedError
+
+    def init_magnitude(self, ctx: InitContext) -> None:
+        """The trainable ``magnitude`` (out,), ‖W₀ + s·B·A‖_c unless the tensors come from a checkpoint."""
         w = self.base_weight
         self.magnitude = nn.Parameter(torch.ones(self.out_features, dtype=self.adapter_dtype, device=w.device))
         # ‖W₀ + sBA‖ at merge time: unmerge needs it, it cannot be recomputed from the merged weight
@@ -100,7 +108,8 @@ class DoRALayer(LoRALayer):
     # ------------------------------------------------------------------ weights
     def _norm(self, weight: torch.Tensor) -> torch.Tensor:
         """‖W + sBA‖ per row, computed in the adapter dtype (W upcast when the base is narrower)."""
-        return row_norm(weight.to(self.adapter_dtype), self.lora_B, self.lora_A, self.scale)
+        b, a = self.direction_factors()
+        return row_norm(weight.to(self.adapter_dtype), b, a, self.scale)
 
     @torch.no_grad()
     def frozen_weight(self) -> torch.Tensor:
@@ -108,14 +117,15 @@ class DoRALayer(LoRALayer):
         w = self.base_weight
         if not self.merged:
             return w
-        lora = (self.lora_B @ self.lora_A) * self.scale
-        return (w.to(lora.dtype) * (self.merge_norm / self.magnitude).unsqueeze(1) - lora).to(w.dtype)
+        b, a = self.direction_factors()
+        return (w.to(b.dtype) * (self.merge_norm / self.magnitude).unsqueeze(1) - (b @ a) * self.scale).to(w.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = m/‖W₀+sBA‖ ⊙ (W₀+sBA) − W₀ (the whole merged weight minus the frozen base), in the
         adapter dtype."""
         w0 = self.frozen_weight().to(self.adapter_dtype)
-        v = torch.addmm(w0, self.lora_B, self.lora_A, alpha=self.scale)
+        b, a = self.direction_factors()
+        v = torch.addmm(w0, b, a, alpha=self.scale)
         norm = self.merge_norm if self.merged else self._norm(w0)
         return v * (self.magnitude / norm).unsqueeze(1) - w0
 
@@ -126,7 +136,8 @@ class DoRALayer(LoRALayer):
             return
         w = self.base_weight
         norm = self._norm(w)
-        v = torch.addmm(w.to(self.adapter_dtype), self.lora_B, self.lora_A, alpha=self.scale)
+        b, a = self.direction_factors()
+        v = torch.addmm(w.to(self.adapter_dtype), b, a, alpha=self.scale)
         self._set_base_weight(v * (self.magnitude / norm).unsqueeze(1), merging=True)
         self.merge_norm = norm
         self.merged = True
@@ -136,6 +147,34 @@ class DoRALayer(LoRALayer):
         """W₀ = W′ · ‖W₀+sBA‖/m − sBA (PEFT's ``DoraLinearVariant.unmerge``), via ``frozen_weight``."""
         super().unmerge()
         self.merge_norm = None
+
+    def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's additive form of DoRA: (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / ‖W +
+        sBA‖_c, so that W x + b plus this is the DoRA output; in the adapter dtype (W upcast to it, as
+        PEFT does), returned in ``out_dtype``. ``g`` scales the output channel: the last dim of a
+        linear or embedding output, dim 1 of a convolution's (N, out, …)."""
+        w = self.base_weight
+        x_d = self.adapter_input(x)
+        g = self.magnitude / self._norm(w)
+        if self.base_kind == "conv":
+            g = g.reshape(-1, *(1,) * (self.base_layer.weight.dim() - 2))
+        base_d = self.base_map(x_d, w.to(self.adapter_dtype))
+        b, a = self.direction_factors()
+        lora = self.factor_map(x_d, b, a) * self.scale
+        return ((g - 1) * base_d + g * lora).to(out_dtype)
+
+
+class DoRALayer(WeightDecomposed, LoRALayer):
+    """LoRA direction (``lora_A``, ``lora_B``, scale s) plus a trainable ``magnitude`` (out,)."""
+
+    method = "dora"
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, ctx: InitContext) -> None:
+        super().__init__(base_layer, config, ctx)
+        self.init_magnitude(ctx)
+
+    def direction_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B, self.lora_A
 
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features) + self.out_features
@@ -152,20 +191,6 @@ class DoRALayer(LoRALayer):
         # general path (adapter dropout, mixed dtypes, autocast, named adapters)
         out = self.base_layer(x)
         return out + self.delta_output(x, out.dtype)
-
-    def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """PEFT's additive form of DoRA: (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / ‖W +
-        sBA‖_c, so that W x + b plus this is the DoRA output; in the adapter dtype (W upcast to it, as
-        PEFT does), returned in ``out_dtype``. ``g`` scales the output channel: the last dim of a
-        linear or embedding output, dim 1 of a convolution's (N, out, …)."""
-        w = self.base_weight
-        x_d = self.adapter_input(x)
-        g = self.magnitude / self._norm(w)
-        if self.base_kind == "conv":
-            g = g.reshape(-1, *(1,) * (self.base_layer.weight.dim() - 2))
-        base_d = self.base_map(x_d, w.to(self.adapter_dtype))
-        lora = self.factor_map(x_d, self.lora_B, self.lora_A) * self.scale
-        return ((g - 1) * base_d + g * lora).to(out_dtype)
 
 
 register(

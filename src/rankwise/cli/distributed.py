@@ -66,8 +66,16 @@ def init(device: str) -> str:
     return "cpu" if device == "auto" else device
 
 
+def crosses_layers(model: nn.Module) -> bool:
+    """Whether an adapter's trainable tensors are read by several layers (``AdapterLayer.crosses_layers``)."""
+    from ..adapters.base import AdapterLayer
+
+    return any(isinstance(m, AdapterLayer) and m.crosses_layers for m in model.modules())
+
+
 def shard_model(model: nn.Module, device: str) -> nn.Module:
-    """``fully_shard`` every repeated transformer layer, then the root, on a 1-D mesh of all ranks."""
+    """``fully_shard`` every repeated transformer layer, then the root, on a 1-D mesh of all ranks (only the
+    root when an adapter's tensors cross layers: one FSDP group must hold them)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -77,7 +85,7 @@ def shard_model(model: nn.Module, device: str) -> nn.Module:
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     model.to(device)
     _, layers = layer_list(unwrap(model))
-    for layer in layers:
+    for layer in [] if crosses_layers(model) else layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
