@@ -9,6 +9,7 @@ norms are never compressed and not counted). What "kept" means per method:
   (smaller ``nn.Linear`` layers, fewer heads; the targets are every block's attention and MLP linears);
 * ``slicegpt`` — ``ratio`` is the kept fraction of the hidden width (1 − the slicing fraction); the
   weights reported are those of the shrunk block linears plus the added shortcut matrices;
+* ``dsnot`` — the non-zero weights (``⌊(1 − ratio)·in⌋`` entries pruned in every row);
 * ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
   is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
   non-zero fraction of the targeted weights).
@@ -43,6 +44,7 @@ from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
 from .dsee import dsee_finetune
+from .dsnot import DSnoTConfig, dsnot
 from .factorized import empty_factorized, factorized_layers
 from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
@@ -53,7 +55,7 @@ from .slicegpt import SliceGPTConfig, apply_sliced_layout, slicegpt
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 
-ONE_SHOT = ("svd", "welore", "lord", "slicegpt")
+ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
@@ -271,6 +273,17 @@ def _slicegpt(model: nn.Module, req: Request) -> CompressState:
                          {"sliced": layout})
 
 
+def _dsnot(model: nn.Module, req: Request) -> CompressState:
+    _check_config("dsnot", req.config, DSnoTConfig.__dataclass_fields__)
+    if req.data is None:
+        raise ValueError("dsnot needs data=...: calibration batches for the input statistics of every layer")
+    names = [n for n, _ in find_targets(model, req.targets, conv1d=False)]
+    before = _weights(model, names)
+    details = dsnot(model, req.data, req.ratio, set(names), req.progress, **req.config)
+    after = sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero()) for n in names)
+    return CompressState("dsnot", req.ratio, names, {}, before, after, details)
+
+
 Runner = Callable[[nn.Module, Request], CompressState]
 _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     # (name, paper, one-line mechanism, runner); DSEE's record comes from the adapter package (its layer)
@@ -288,6 +301,9 @@ _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     ("slicegpt", "Ashkboos et al. 2024, SliceGPT: Compress Large Language Models by Deleting Rows and Columns",
      "fold RMSNorm scales, rotate each block into the PCA basis of its input (shortcuts Q_lᵀQ_{l+1}), delete the "
      "trailing rows/columns: a smaller hidden width", _slicegpt),
+    ("dsnot", "Zhang et al. 2024, Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs",
+     "Wanda/magnitude mask refined per row by prune-and-grow swaps that shrink the expected reconstruction "
+     "error Σ W x̄ (growth scaled by 1/Var x); weights keep their values", _dsnot),
 )
 for _name, _paper, _mechanism, _run in _METHODS:
     catalogue.register(catalogue.MethodRecord(
