@@ -1,11 +1,14 @@
-"""SliceGPT on SmolLM2-135M: held-out perplexity at slicing 10 / 20 / 30 % of the hidden width, PCA
-bases against random orthogonal bases, against the dense model.
+"""The calibrated one-shot methods on SmolLM2-135M: held-out perplexity of ``slicegpt`` (slicing 10 /
+20 / 30 % of the hidden width; PCA bases against random orthogonal bases) and ``dsnot`` (50 / 60 %
+unstructured sparsity; the Wanda mask alone, ``max_cycles=0``, against DSnoT's refinement), against
+the dense model.
 
 Calibration: ``--calibration`` seeded batches of 4×128 tokens from the BBC + stdlib-code train splits
 (``compress_smollm2.train_batches``). Held-out: the first ``--eval-blocks`` 128-token blocks of the
 BBC and stdlib-code test splits (as ``compress_smollm2.py``).
 
-    python benchmarks/slicegpt_smollm2.py --threads 1   # writes benchmarks/results/slicegpt_smollm2.{json,md}
+    python benchmarks/calibrated_smollm2.py --method slicegpt --threads 1   # results/slicegpt_smollm2.{json,md}
+    python benchmarks/calibrated_smollm2.py --method dsnot --threads 1      # results/dsnot_smollm2.{json,md}
 """
 
 from __future__ import annotations
@@ -26,33 +29,36 @@ from rankwise.memory import total_params
 from rankwise.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
+#: (ratio, options) per method: the method's settings and its control.
+RUNS = {
+    "slicegpt": [(0.9, {}), (0.8, {}), (0.7, {}), (0.9, {"basis": "random"})],
+    "dsnot": [(0.5, {"max_cycles": 0}), (0.5, {}), (0.4, {"max_cycles": 0}), (0.4, {})],
+}
 
 
 def markdown(result: dict) -> str:
-    base = result["base"]
+    base, cfg = result["base"], result["config"]
     lines = [
-        "# SliceGPT on SmolLM2-135M: held-out perplexity against the slicing fraction", "",
-        f"Calibration: {result['config']['calibration']} batches of 4×128 tokens (BBC + stdlib-code train); "
-        f"held-out: first {result['config']['eval_blocks']} blocks of 128 tokens of each test split. "
-        "Width: the sliced hidden size (of 576); parameters include the shortcut matrices and the full-width head.",
+        f"# {cfg['method']} on SmolLM2-135M: held-out perplexity", "",
+        f"Calibration: {cfg['calibration']} batches of 4×128 tokens (BBC + stdlib-code train); held-out: first "
+        f"{cfg['eval_blocks']} blocks of 128 tokens of each test split. `kept`: kept fraction of the targeted "
+        "weights (all block linears; slicegpt: the sliced linears plus the shortcut matrices).",
         "",
-        "| slicing | basis | width | parameters | ppl BBC | ppl code | seconds |",
+        "| ratio | options | kept | parameters | ppl BBC | ppl code | seconds |",
         "|---:|---|---:|---:|---:|---:|---:|",
-        f"| 0 % (dense) | – | 576 | {base['parameters'] / 1e6:.1f}M | {base['ppl']['bbc']:.1f} | "
+        f"| 1 (dense) | – | 1 | {base['parameters'] / 1e6:.1f}M | {base['ppl']['bbc']:.1f} | "
         f"{base['ppl']['stdlib-code']:.1f} | – |",
     ]
     for r in result["rows"]:
-        lines.append(f"| {round(100 * (1 - r['ratio']))} % | {r['basis']} | {r['width']} "
-                     f"| {r['parameters'] / 1e6:.1f}M | {r['ppl']['bbc']:.4g} | {r['ppl']['stdlib-code']:.4g} "
-                     f"| {r['seconds']} |")
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "default"
+        lines.append(f"| {r['ratio']} | {opts} | {r['kept_fraction']:.3f} | {r['parameters'] / 1e6:.1f}M "
+                     f"| {r['ppl']['bbc']:.4g} | {r['ppl']['stdlib-code']:.4g} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7])
-    parser.add_argument("--random-ratios", nargs="*", type=float, default=[0.9],
-                        help="ratios also measured with random orthogonal bases (the control)")
+    parser.add_argument("--method", choices=sorted(RUNS), required=True)
     parser.add_argument("--calibration", type=int, default=16)
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -69,20 +75,20 @@ def main() -> None:
               "base": {"parameters": total_params(base), "ppl": evaluate_corpora(base, None, blocks=blocks)},
               "rows": []}
     print(result["base"])
-    runs = [(r, "pca") for r in args.ratios] + [(r, "random") for r in args.random_ratios]
-    for ratio, basis in runs:
+    for ratio, options in RUNS[args.method]:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        rw.compress(model, "slicegpt", ratio=ratio, data=batches, basis=basis)
+        rw.compress(model, args.method, ratio=ratio, data=batches, **options)
         state = model.rankwise_compress
-        row = {"ratio": ratio, "basis": basis, "width": state.details["width"], "parameters": total_params(model),
+        row = {"ratio": ratio, "options": options, "parameters": total_params(model),
                "kept_fraction": state.kept_fraction, "seconds": round(time.perf_counter() - t0, 1),
+               "details": {k: v for k, v in state.details.items() if k != "mean_error"},
                "ppl": evaluate_corpora(model, None, blocks=blocks)}
         print(json.dumps(row))
         result["rows"].append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "slicegpt_smollm2.json").write_text(json.dumps(result, indent=2))
-    (args.out / "slicegpt_smollm2.md").write_text(markdown(result))
+    (args.out / f"{args.method}_smollm2.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.method}_smollm2.md").write_text(markdown(result))
     print(markdown(result))
 
 
