@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import rankwise as rw
-from rankwise.compress.dsnot import InputStats, initial_mask, mean_error, refine_mask
+from rankwise.compress.dsnot import initial_mask, mean_error, refine_mask
+from rankwise.compress.layerwise import InputStats
 
 from ..conftest import lm_batches, make_tiny_llama
 

@@ -10,6 +10,7 @@ norms are never compressed and not counted). What "kept" means per method:
 * ``slicegpt`` — ``ratio`` is the kept fraction of the hidden width (1 − the slicing fraction); the
   weights reported are those of the shrunk block linears plus the added shortcut matrices;
 * ``dsnot`` — the non-zero weights (``⌊(1 − ratio)·in⌋`` entries pruned in every row);
+* ``ecoflap`` — the non-zero weights (block sparsities differ, their weighted mean is ``1 − ratio``);
 * ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
   is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
   non-zero fraction of the targeted weights).
@@ -45,6 +46,7 @@ from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
 from .dsee import dsee_finetune
 from .dsnot import DSnoTConfig, dsnot
+from .ecoflap import ECoFLaPConfig, ecoflap
 from .factorized import empty_factorized, factorized_layers
 from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
@@ -55,7 +57,7 @@ from .slicegpt import SliceGPTConfig, apply_sliced_layout, slicegpt
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 
-ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot")
+ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
@@ -273,15 +275,31 @@ def _slicegpt(model: nn.Module, req: Request) -> CompressState:
                          {"sliced": layout})
 
 
-def _dsnot(model: nn.Module, req: Request) -> CompressState:
-    _check_config("dsnot", req.config, DSnoTConfig.__dataclass_fields__)
+def _calibrated_pruning(model: nn.Module, req: Request, method: str, options: Iterable[str], needs: str,
+                        prune: Callable[[list[str]], dict[str, Any]]) -> CompressState:
+    """The state of a method that prunes the targets in place on calibration data: ``prune(names) -> details``."""
+    _check_config(method, req.config, options)
     if req.data is None:
-        raise ValueError("dsnot needs data=...: calibration batches for the input statistics of every layer")
+        raise ValueError(f"{method} needs data=...: calibration batches for {needs}")
     names = [n for n, _ in find_targets(model, req.targets, conv1d=False)]
     before = _weights(model, names)
-    details = dsnot(model, req.data, req.ratio, set(names), req.progress, **req.config)
+    details = prune(names)
     after = sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero()) for n in names)
-    return CompressState("dsnot", req.ratio, names, {}, before, after, details)
+    return CompressState(method, req.ratio, names, {}, before, after, details)
+
+
+def _dsnot(model: nn.Module, req: Request) -> CompressState:
+    return _calibrated_pruning(model, req, "dsnot", DSnoTConfig.__dataclass_fields__,
+                               "the input statistics of every layer",
+                               lambda names: dsnot(model, req.data or [], req.ratio, set(names), req.progress,
+                                                   **req.config))
+
+
+def _ecoflap(model: nn.Module, req: Request) -> CompressState:
+    return _calibrated_pruning(model, req, "ecoflap", ECoFLaPConfig.__dataclass_fields__,
+                               "the zeroth-order scores and Wanda",
+                               lambda names: ecoflap(model, req.data or [], req.ratio, names, req.progress,
+                                                     req.loss_fn, **req.config))
 
 
 Runner = Callable[[nn.Module, Request], CompressState]
@@ -304,6 +322,9 @@ _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     ("dsnot", "Zhang et al. 2024, Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs",
      "Wanda/magnitude mask refined per row by prune-and-grow swaps that shrink the expected reconstruction "
      "error Σ W x̄ (growth scaled by 1/Var x); weights keep their values", _dsnot),
+    ("ecoflap", "Sung et al. 2024, ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models",
+     "block sparsities from forward-only (zeroth-order) gradient × weight scores sharing the global budget, then "
+     "Wanda inside each layer at its block's sparsity", _ecoflap),
 )
 for _name, _paper, _mechanism, _run in _METHODS:
     catalogue.register(catalogue.MethodRecord(

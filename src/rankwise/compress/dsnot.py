@@ -27,11 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import checks
-from ..layout import layer_list
-from .layer_inputs import first_layer_inputs
+from .layerwise import InputStats, prune_layerwise
 
 INITIAL = ("wanda", "magnitude")
 
@@ -61,29 +59,6 @@ class DSnoTConfig:
             raise ValueError(f"same_sign={self.same_sign!r} must be true or false")
         if self.skip is not None and not isinstance(self.skip, str):
             raise ValueError(f"skip={self.skip!r} must be a sublayer name (e.g. 'mlp') or None")
-
-
-class InputStats:
-    """Per input column of one linear: token count, ``Σx``, ``Σx²`` (float64, every token position)."""
-
-    def __init__(self, columns: int, device: torch.device) -> None:
-        self.count = 0
-        self.sum = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.sum_sq = torch.zeros(columns, dtype=torch.float64, device=device)
-
-    def add(self, x: torch.Tensor) -> None:
-        z = x.detach().reshape(-1, x.shape[-1]).double()
-        self.count += z.shape[0]
-        self.sum += z.sum(0)
-        self.sum_sq += z.pow(2).sum(0)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / self.count
-
-    @property
-    def var(self) -> torch.Tensor:
-        return (self.sum_sq / self.count - self.mean.pow(2)).clamp_min(0)
 
 
 def initial_mask(weight: torch.Tensor, stats: InputStats, sparsity: float, initial: str) -> torch.Tensor:
@@ -150,41 +125,22 @@ def refine_mask(weight: torch.Tensor, stats: InputStats, pruned: torch.Tensor, m
     return pruned, swaps
 
 
-@torch.no_grad()
 def dsnot(model: nn.Module, data: Iterable, ratio: float, targets: set[str], progress: bool = False,
           **config: Any) -> dict[str, Any]:
     """Prune the ``targets`` linears of ``model`` in place to ``1 − ratio`` sparsity per row with
     DSnoT's refinement; returns ``{"swaps", "mean_error": {layer: [‖ε‖ initial, ‖ε‖ refined]}}``."""
     cfg = DSnoTConfig(**config)
-    sparsity = 1.0 - ratio
-    prefix, layers = layer_list(model)
-    was_training = model.training
-    model.eval()
-    captured = first_layer_inputs(model, layers[0], data, "dsnot")
-    hidden = [h for h, _, _ in captured]
     swaps, errors = 0, {}
-    for i, layer in enumerate(tqdm(list(layers), desc="dsnot", disable=not progress, leave=False)):
-        linears = {sub: m for sub, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and f"{prefix}.{i}.{sub}" in targets}
-        stats = {sub: InputStats(m.in_features, m.weight.device) for sub, m in linears.items()}
-        handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[sub]: s.add(inp[0]))
-                   for sub, m in linears.items()]
-        try:
-            for h, (_, kw, _) in zip(hidden, captured, strict=True):
-                layer(h, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for sub, lin in linears.items():
-            mask = initial_mask(lin.weight, stats[sub], sparsity, cfg.initial)
-            before = float(mean_error(lin.weight, mask, stats[sub].mean).norm())
-            if sub.split(".")[0] != cfg.skip:
-                mask, n = refine_mask(lin.weight, stats[sub], mask, cfg.max_cycles, cfg.threshold, cfg.var_power,
-                                      cfg.same_sign)
-                swaps += n
-            errors[f"{prefix}.{i}.{sub}"] = [before, float(mean_error(lin.weight, mask, stats[sub].mean).norm())]
-            lin.weight.masked_fill_(mask, 0)
-        outs = [layer(h, **kw) for h, (_, kw, _) in zip(hidden, captured, strict=True)]
-        hidden = [o[0] if isinstance(o, tuple) else o for o in outs]
-    model.train(was_training)
+
+    def mask_of(name: str, sub: str, lin: nn.Linear, stats: InputStats) -> torch.Tensor:
+        nonlocal swaps
+        mask = initial_mask(lin.weight, stats, 1.0 - ratio, cfg.initial)
+        before = float(mean_error(lin.weight, mask, stats.mean).norm())
+        if sub.split(".")[0] != cfg.skip:
+            mask, n = refine_mask(lin.weight, stats, mask, cfg.max_cycles, cfg.threshold, cfg.var_power, cfg.same_sign)
+            swaps += n
+        errors[name] = [before, float(mean_error(lin.weight, mask, stats.mean).norm())]
+        return mask
+
+    prune_layerwise(model, data, targets, mask_of, "dsnot", progress)
     return {"swaps": swaps, "mean_error": errors}
