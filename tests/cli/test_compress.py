@@ -50,3 +50,10 @@ def test_cli_on_tiny_model(tmp_path):
     assert lord_report["calibration_batches"] == 1 and lord_report["details"]["decomposition"] == "output-covariance"
     with pytest.raises(ValueError, match="--calibration-batches=1 needs --method lord"):
         cli.run(parser.parse_args([*base, "--method", "svd", "--calibration-batches", "1"]))
+    # calibrated methods take the batches the same way; slicegpt's sliced model loads back
+    args = parser.parse_args([*base[:-1], "--method", "slicegpt", "--calibration-batches", "1",
+                              "--output", str(tmp_path / "slice")])
+    assert cli.run(args) == 0
+    assert load_compressed(tmp_path / "slice" / "model").model.embed_tokens.weight.shape[1] == 24
+    with pytest.raises(ValueError, match="method 'dsnot' needs at least 1"):
+        cli.run(parser.parse_args([*base, "--method", "dsnot", "--calibration-batches", "0"]))

@@ -23,17 +23,21 @@ examples:
   rankwise compress --method welore --ratio 0.5
   rankwise compress --model smollm2-135m --method svd --rank 64 --recover-steps 16
   rankwise compress --method lord --ratio 0.7 --calibration-batches 8 --no-save
+  rankwise compress --method slicegpt --ratio 0.8 --calibration-batches 16
   rankwise compress --method loraprune --ratio 0.8 --max-steps 24 --output runs/prune
   rankwise compress --model ./my-llama --method pela --ratio 0.6 --max-length 256"""
 #: Methods that train during compression (``--max-steps``), with their default step counts.
 TRAINING_METHODS = {"loraprune": 24, "dsee": 0, "pela": 0}
+#: Methods that take calibration batches (``--calibration-batches``), with their default counts
+#: (LoRD: optional, data-free without; SliceGPT, DSnoT and ECoFLaP need them).
+CALIBRATED_METHODS = {"lord": 0, "slicegpt": 16, "dsnot": 16, "ecoflap": 16}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``compress`` to the ``rankwise`` subcommands."""
     from ..compress.api import COMPRESS_METHODS
 
-    p = subparsers.add_parser("compress", help="compress a model (svd, welore, lord, pela, loraprune, dsee)",
+    p = subparsers.add_parser("compress", help=f"compress a model ({', '.join(sorted(COMPRESS_METHODS))})",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
     add_flag(p, "model", "packaged model name or local HF directory [default: smollm2-135m]", default="smollm2-135m")
     add_flag(p, "method", f"compression method: {', '.join(sorted(COMPRESS_METHODS))} (required)", required=True,
@@ -45,9 +49,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "dsee; pela distillation [default: 0])")
     p.add_argument("--recover-steps", type=int, default=0, metavar="N",
                    help="recovery fine-tuning steps after compression [default: 0]")
-    p.add_argument("--calibration-batches", type=int, default=0, metavar="N",
-                   help="lord only: decompose the layer outputs on this many training batches (data-aware LoRD) "
-                        "instead of the weights (0, the default: data-free truncated SVD)")
+    p.add_argument("--calibration-batches", type=int, default=None, metavar="N",
+                   help="calibration training batches: lord decomposes the layer outputs on them (data-aware LoRD; "
+                        "default 0: data-free truncated SVD); slicegpt (PCA), dsnot and ecoflap (input statistics) "
+                        "need them [default: 16]")
     add_flag(p, "lr", "learning rate of the method's training and the recovery [default: 1e-4]", default=1e-4)
     p.add_argument("--eval-blocks", type=int, default=16, metavar="N", help="held-out blocks per corpus [default: 16]")
     add_flag(p, "max_length", "tokens per LM block, for evaluation and training [default: 128]", default=128)
@@ -100,13 +105,13 @@ def markdown_report(report: dict[str, Any]) -> str:
 def _training_data(args: argparse.Namespace, tokenizer: Any, steps: int, trains: bool) -> tuple[Any, Any]:
     """``(loader, data)``: the training loader (None when no step or batch needs one) and what the
     method gets as ``data`` (the loader when it trains, else the calibration batches, else None)."""
-    needed = steps + args.recover_steps + args.calibration_batches
+    calibration = calibration_batches(args)
+    needed = steps + args.recover_steps + calibration
     loader = None
     if needed:  # a seeded sample of documents, enough for the batches needed (tokenizing all is slow)
         loader = text_loader("bbc+stdlib-code", "train", tokenizer, args.max_length, args.train_batch_size,
                              args.seed, limit=max(64, needed * args.train_batch_size // 2))
-    data = loader if trains else (list(itertools.islice(loader, args.calibration_batches))
-                                  if args.calibration_batches else None)
+    data = loader if trains else (list(itertools.islice(loader, calibration)) if calibration else None)
     return loader, data
 
 
@@ -145,6 +150,12 @@ def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
     print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
 
 
+def calibration_batches(args: argparse.Namespace) -> int:
+    """``--calibration-batches``, or the method's default count (0 for methods without calibration)."""
+    given = args.calibration_batches
+    return given if given is not None else CALIBRATED_METHODS.get(args.method, 0)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every number, the model name and the method's use of the flags, checked before anything is loaded."""
     from ..checks import fraction, integer, number
@@ -152,14 +163,17 @@ def check_args(args: argparse.Namespace) -> None:
     fraction("--ratio", args.ratio)
     integer("--rank", args.rank, 1, optional=True)
     integer("--max-steps", args.max_steps, 0, optional=True)
-    for flag in ("recover_steps", "calibration_batches"):
-        integer("--" + flag.replace("_", "-"), getattr(args, flag), 0)
+    integer("--recover-steps", args.recover_steps, 0)
+    integer("--calibration-batches", args.calibration_batches, 0, optional=True)
     for flag in ("eval_blocks", "max_length", "batch_size", "train_batch_size"):
         integer("--" + flag.replace("_", "-"), getattr(args, flag), 1)
     number("--lr", args.lr, 0, low_open=True)
     integer("--seed", args.seed)
-    if args.calibration_batches and args.method != "lord":
-        raise UsageError(f"--calibration-batches={args.calibration_batches} needs --method lord and a count >= 0")
+    if args.calibration_batches and args.method not in CALIBRATED_METHODS:
+        raise UsageError(f"--calibration-batches={args.calibration_batches} needs --method "
+                         f"{' / '.join(CALIBRATED_METHODS)} and a count >= 0")
+    if args.method in CALIBRATED_METHODS and CALIBRATED_METHODS[args.method] and calibration_batches(args) < 1:
+        raise UsageError(f"--calibration-batches={args.calibration_batches}: method {args.method!r} needs at least 1")
     if args.max_steps and args.method not in TRAINING_METHODS:
         raise UsageError(f"--max-steps {args.max_steps}: method {args.method!r} is one-shot; methods that train: "
                          f"{sorted(TRAINING_METHODS)} (use --recover-steps for a recovery fine-tune)")
@@ -208,7 +222,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
     state = model.rankwise_compress
     _write_report(out_dir, {
         "model": args.model, "method": args.method, "ratio": args.ratio, "rank": args.rank, "steps": steps,
-        "calibration_batches": args.calibration_batches,
+        "calibration_batches": calibration_batches(args),
         "recover_steps": args.recover_steps, "lr": args.lr, "eval_blocks": args.eval_blocks,
         "block_size": args.max_length, "before": before, "after": after, "recovered": recovered,
         "ranks": state.ranks, "details": state.to_dict()["details"], "saved_to": saved,

@@ -7,6 +7,10 @@ norms are never compressed and not counted). What "kept" means per method:
   dense one ``out·in``;
 * ``loraprune`` — the weights of the shrunk matrices: pruned heads/channels are physically removed
   (smaller ``nn.Linear`` layers, fewer heads; the targets are every block's attention and MLP linears);
+* ``slicegpt`` — ``ratio`` is the kept fraction of the hidden width (1 − the slicing fraction); the
+  weights reported are those of the shrunk block linears plus the added shortcut matrices;
+* ``dsnot`` — the non-zero weights (``⌊(1 − ratio)·in⌋`` entries pruned in every row);
+* ``ecoflap`` — the non-zero weights (block sparsities differ, their weighted mean is ``1 − ratio``);
 * ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
   is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
   non-zero fraction of the targeted weights).
@@ -15,9 +19,9 @@ Compressed-model format (``save_compressed``): a directory with the Hugging Face
 ``model.safetensors`` (the full state dict, factor pairs as ``<layer>.U`` / ``<layer>.V``),
 ``rankwise_compressed.json`` (method, ratio, per-layer ranks, architecture class; for ``loraprune``
 the ``resized`` layout: each shrunk linear's in/out features and bias, each attention / MLP module's
-kept head counts and sizes) and, if given, the tokenizer. ``load_compressed`` rebuilds the
-architecture from the config, applies the resized layout, swaps in the factorized layers and loads
-the tensors (strict), without any hub access.
+kept head counts and sizes; for ``slicegpt`` its ``sliced`` widths) and, if given, the tokenizer.
+``load_compressed`` rebuilds the architecture from the config, applies the resized layout, swaps in
+the factorized layers and loads the tensors (strict), without any hub access.
 """
 
 from __future__ import annotations
@@ -41,16 +45,19 @@ from ..io import atomic_directory, save_tensors, write_json
 from ..layout import find_blocks, module_tensor
 from ..targets import Targets, find_targets, replace_module
 from .dsee import dsee_finetune
+from .dsnot import DSnoTConfig, dsnot
+from .ecoflap import ECoFLaPConfig, ecoflap
 from .factorized import empty_factorized, factorized_layers
 from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
 from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
 from .resize import apply_layout
+from .slicegpt import SliceGPTConfig, apply_sliced_layout, slicegpt
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 
-ONE_SHOT = ("svd", "welore", "lord")
+ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
@@ -252,6 +259,49 @@ def _dsee(model: nn.Module, req: Request) -> CompressState:
     return CompressState("dsee", req.ratio, names, {}, before, after, {"nnz": nnz, "history": history})
 
 
+def _slicegpt(model: nn.Module, req: Request) -> CompressState:
+    if not (isinstance(req.targets, str) and req.targets == "all-linear"):
+        raise ValueError("targets must be 'all-linear' for slicegpt: it slices the hidden width of the whole model")
+    _check_config("slicegpt", req.config, SliceGPTConfig.__dataclass_fields__)
+    if req.data is None:
+        raise ValueError("slicegpt needs data=...: calibration batches for the PCA of each block's input")
+    names = [n for b in find_blocks(model, "slicegpt") for n in b.names]
+    before = _weights(model, names)
+    layout = slicegpt(model, req.data, req.ratio, req.progress, **req.config)
+    shortcuts = [f"model.layers.{i}.{s}" for i in range(len(layout["dims"])) for s in ("attn_shortcut", "mlp_shortcut")]
+    details = {"hidden_size": layout["hidden_size"], "width": layout["width"],
+               "shortcut_weights": _weights(model, shortcuts)}
+    return CompressState("slicegpt", req.ratio, names, {}, before, _weights(model, names + shortcuts), details,
+                         {"sliced": layout})
+
+
+def _calibrated_pruning(model: nn.Module, req: Request, method: str, options: Iterable[str], needs: str,
+                        prune: Callable[[list[str]], dict[str, Any]]) -> CompressState:
+    """The state of a method that prunes the targets in place on calibration data: ``prune(names) -> details``."""
+    _check_config(method, req.config, options)
+    if req.data is None:
+        raise ValueError(f"{method} needs data=...: calibration batches for {needs}")
+    names = [n for n, _ in find_targets(model, req.targets, conv1d=False)]
+    before = _weights(model, names)
+    details = prune(names)
+    after = sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero()) for n in names)
+    return CompressState(method, req.ratio, names, {}, before, after, details)
+
+
+def _dsnot(model: nn.Module, req: Request) -> CompressState:
+    return _calibrated_pruning(model, req, "dsnot", DSnoTConfig.__dataclass_fields__,
+                               "the input statistics of every layer",
+                               lambda names: dsnot(model, req.data or [], req.ratio, set(names), req.progress,
+                                                   **req.config))
+
+
+def _ecoflap(model: nn.Module, req: Request) -> CompressState:
+    return _calibrated_pruning(model, req, "ecoflap", ECoFLaPConfig.__dataclass_fields__,
+                               "the zeroth-order scores and Wanda",
+                               lambda names: ecoflap(model, req.data or [], req.ratio, names, req.progress,
+                                                     req.loss_fn, **req.config))
+
+
 Runner = Callable[[nn.Module, Request], CompressState]
 _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     # (name, paper, one-line mechanism, runner); DSEE's record comes from the adapter package (its layer)
@@ -266,6 +316,15 @@ _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
      "uniform low-rank student + feature distillation from the frozen teacher + weight-perturbation reg.", _pela),
     ("loraprune", "Zhang et al. 2024, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
      "iterative head/channel pruning from LoRA weights and gradients during LoRA fine-tuning", _loraprune),
+    ("slicegpt", "Ashkboos et al. 2024, SliceGPT: Compress Large Language Models by Deleting Rows and Columns",
+     "fold RMSNorm scales, rotate each block into the PCA basis of its input (shortcuts Q_lᵀQ_{l+1}), delete the "
+     "trailing rows/columns: a smaller hidden width", _slicegpt),
+    ("dsnot", "Zhang et al. 2024, Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs",
+     "Wanda/magnitude mask refined per row by prune-and-grow swaps that shrink the expected reconstruction "
+     "error Σ W x̄ (growth scaled by 1/Var x); weights keep their values", _dsnot),
+    ("ecoflap", "Sung et al. 2024, ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models",
+     "block sparsities from forward-only (zeroth-order) gradient × weight scores sharing the global budget, then "
+     "Wanda inside each layer at its block's sparsity", _ecoflap),
 )
 for _name, _paper, _mechanism, _run in _METHODS:
     catalogue.register(catalogue.MethodRecord(
@@ -407,8 +466,8 @@ def _check_layout(model: nn.Module, info: dict[str, Any], info_file: Path) -> No
     choice(f"{where}: state.method", state.get("method"), sorted(COMPRESS_METHODS))
     resized = state.get("resized") or {}
     factorized = info.get("factorized")
-    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes"}:
-        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes'")
+    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes", "sliced"}:
+        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes' (or 'sliced')")
     if not isinstance(factorized, dict):
         raise ValueError(f"{where}: 'factorized' must be a mapping of layer names")
     for name, spec in (resized.get("linears") or {}).items():
@@ -456,6 +515,8 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     _check_layout(model, info, info_file)
     state = CompressState.from_dict(info["state"])
     apply_layout(model, state.resized)
+    if "sliced" in state.resized:
+        apply_sliced_layout(model, state.resized["sliced"], f"{info_file}: state.resized.sliced")
     for name, spec in info["factorized"].items():
         old = model.get_submodule(name)
         layer = empty_factorized(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"],
