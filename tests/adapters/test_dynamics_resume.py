@@ -17,7 +17,8 @@ from ..test_train import Crash, CrashAt
 METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2},
            "lora_ggpo": {"ggpo_sigma": 0.5, "ggpo_beta": 0.5}, "fast_forward": {"ff_every": 1},
            "bilora": {"upper_every": 2}, "loft": {},
-           "ba_lora": {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1}}
+           "ba_lora": {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1},
+           "riemannlora": {"init_data": cls_batches(n=2, seed=9)}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

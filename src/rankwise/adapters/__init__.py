@@ -38,6 +38,7 @@ from . import fast_forward  # noqa: F401
 from . import bilora  # noqa: F401
 from . import loft  # noqa: F401
 from . import ba_lora  # noqa: F401
+from . import riemannlora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)
