@@ -30,6 +30,7 @@ from . import prilora  # noqa: F401  (ranks rising with depth, A pruned by |w|·
 from . import gora  # noqa: F401  (ranks and init from the estimated gradient)
 from . import elalora  # noqa: F401  (ranks pruned and expanded by importance)
 from . import autolora  # noqa: F401  (bi-level: selection variables on validation batches)
+from . import plop  # noqa: F401  (adapter placement by module type, scored before training)
 from . import allora  # noqa: F401  (training dynamics)
 from . import lora_pro  # noqa: F401
 from . import lora_dropout  # noqa: F401
