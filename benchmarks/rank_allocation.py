@@ -101,6 +101,7 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
                 {"r": target, "warmup": warm, "adjust_interval": 5, "tfinal": final}, budget),
             Arm(f"prilora {target - target // 2}→{target + target // 2}", "prilora",
                 {"r_start": target - target // 2, "r_end": target + target // 2}, budget),
+            Arm(f"autolora {start}", "autolora", {"r": start}, budget),  # α on the tiny validation batch
         ]
     start = math.ceil(1.5 * r)
     lambdas = (10.0, 8.5, 7.5, 5.0)  # the final budget is steep in λ: all pruned at 10, none at 5
@@ -114,10 +115,13 @@ DYNAMICS = ("lora", "allora", "lora_pro", "lora_dropout", "cola", "lora_ggpo", "
 
 def dyn_arms(r: int, steps: int) -> list[Arm]:
     """LoRA and every registered training-dynamics method, at rank r and LoRA's lr; COLA with three links;
-    LoRA-Pro and LoFT (whose steps act on the full-weight scale) also at a tenth of the lr."""
+    LoRA-Pro and LoFT (whose steps act on the full-weight scale) also at a tenth of the lr; RiemannLoRA
+    (Riemannian SGD) at 50× and 500× it."""
     options = {"cola": {"chain_every": max(1, steps // 3)}}
     arms = [Arm(m if m != "cola" else "cola ×3", m, {"r": r, **options.get(m, {})}, "dyn") for m in DYNAMICS]
     arms += [Arm(f"{m} lr/10", m, {"r": r}, "dyn", lr=0.1) for m in ("lora_pro", "loft")]
+    # RiemannLoRA is SGD (heavy ball) on the manifold: LoRA's AdamW lr barely moves it
+    arms += [Arm(f"riemannlora lr×{f:g}", "riemannlora", {"r": r}, "dyn", lr=f) for f in (50.0, 500.0)]
     return [a for a in arms if a.method in rw.REGISTRY]
 
 

@@ -76,7 +76,12 @@ def needs_data(method: str) -> bool:
     return spec.layer_cls.needs_grad(spec.make_config(r=RANK))
 
 
+#: options that make a method adapt every Conv1D (PLoP places adapters on its lowest-NFN module types only)
+EVERY_LAYER = {"plop": {"plop_types": 4}}
+
+
 def adapt(model: nn.Module, method: str, kind: str, **options) -> nn.Module:
+    options = {**EVERY_LAYER.get(method, {}), **options}
     return rw.adapt(model, method, r=RANK, init_data=batches(kind) if needs_data(method) else None, **options)
 
 

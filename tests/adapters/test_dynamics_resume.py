@@ -17,7 +17,9 @@ from ..test_train import Crash, CrashAt
 METHODS = {"allora": {"eta": 2.0}, "lora_pro": {}, "lora_dropout": {"param_dropout": 0.3}, "cola": {"chain_every": 2},
            "lora_ggpo": {"ggpo_sigma": 0.5, "ggpo_beta": 0.5}, "fast_forward": {"ff_every": 1},
            "bilora": {"upper_every": 2}, "loft": {}, "roselora": {"density": 0.25, "start": 0.0, "end": 0.5},
-           "ba_lora": {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1}}
+           "ba_lora": {"lambda1": 0.1, "lambda2": 0.1, "lambda3": 0.1, "svd_k": 1},
+           "riemannlora": {"init_data": cls_batches(n=2, seed=9)},
+           "autolora": {}}  # (rank allocation, but trained like BiLoRA: α on the eval batches)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -30,7 +32,7 @@ def test_resume_is_bit_identical(method, tmp_path):
         cfg = TrainConfig(max_steps=4, lr=1e-2, progress=False, measure_memory=False, output_dir=str(out),
                           checkpoint_every=2)
         # the eval batches are Fast Forward's tiny validation set
-        train(model, cls_batches(n=4), cls_batches(n=1, seed=5), config=cfg, callbacks=callbacks, resume_from=resume)
+        train(model, cls_batches(n=4), cls_batches(n=3, seed=5), config=cfg, callbacks=callbacks, resume_from=resume)
         return model
 
     straight = run(tmp_path / "a")

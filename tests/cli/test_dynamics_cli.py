@@ -44,6 +44,6 @@ def test_cli_trains_the_dynamics_methods(tmp_path, capsys, tiny_llama_dir):
     for method, option in (("allora", "eta=2"), ("lora_dropout", "param_dropout=0.2"),
                            ("lora_ggpo", "ggpo_sigma=0.1"), ("fast_forward", "ff_every=1"),
                            ("bilora", "upper_every=2"), ("loft", "damping=1e-6"),
-                           ("ba_lora", "lambda1=0.1")):
+                           ("ba_lora", "lambda1=0.1"), ("riemannlora", "momentum=0.5")):
         record = _train(capsys, tiny_llama_dir, tmp_path / method, method, "--option", option)
         assert record["result"]["steps"] == 2

@@ -18,6 +18,7 @@ from tests.cli.test_dynamics_cli import tiny_llama_dir  # noqa: F401  (the modul
     ("prilora", ["--option", "prune_interval=1", "--option", "r_start=1", "--option", "r_end=3"]),
     ("gora", ["--option", "min_r=1", "--option", "max_r=4"]),
     ("elalora", ["--option", "warmup=1", "--option", "adjust_interval=1", "--option", "adjust_k=1"]),
+    ("autolora", ["--option", "threshold=0.6"]),  # r = 2: weights start at 0.5, one component kept per layer
 ])
 def test_cli_trains_the_rank_allocation_methods(tmp_path, capsys, tiny_llama_dir, method, options):  # noqa: F811
     code, _, err = run_cli(capsys, "train", "--model", str(tiny_llama_dir), "--data", "stdlib-code", "--method",

@@ -34,6 +34,8 @@ from . import drs_lora  # noqa: F401  (continual learning: per-task rank selecti
 from . import prilora  # noqa: F401  (ranks rising with depth, A pruned by |w|·‖x‖)
 from . import gora  # noqa: F401  (ranks and init from the estimated gradient)
 from . import elalora  # noqa: F401  (ranks pruned and expanded by importance)
+from . import autolora  # noqa: F401  (bi-level: selection variables on validation batches)
+from . import plop  # noqa: F401  (adapter placement by module type, scored before training)
 from . import allora  # noqa: F401  (training dynamics)
 from . import roselora  # noqa: F401  (sparse+low-rank)
 from . import lors  # noqa: F401  (sparse+low-rank)
@@ -59,6 +61,7 @@ from . import lamda  # noqa: F401  (issue 14, part 2)
 from . import edora  # noqa: F401
 from . import lotr  # noqa: F401
 from . import reslora  # noqa: F401
+from . import riemannlora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)

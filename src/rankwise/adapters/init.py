@@ -165,6 +165,28 @@ def lora_one_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(u * root, root[:, None] * vh)
 
 
+def riemannlora_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
+    """RiemannLoRA's locally optimal initialization (Bogachev et al. 2025, arXiv 2507.12142): the point
+    X₀ ∈ M_r whose tangent space holds the largest part of the estimated full gradient G = U S Vᵀ. With
+    B₀ ∝ U[:, :r] and A₀ ∝ V[:, r:2r]ᵀ the tangent projection P_T(G) = UUᵀG + GVVᵀ − UUᵀGVVᵀ is the best
+    rank-2r approximation of G (the maximum of ‖P_T(G)‖ over M_r); X₀ = s·B₀A₀ has every singular value
+    equal to ``init_scale`` and is taken out of the base (W_base = W₀ − X₀), so the model starts at W₀."""
+    if ctx.grad is None:
+        raise ValueError("init='riemannlora' needs the estimated gradient (pass init_data to rw.adapt)")
+    r = ctx.r
+    out_features, in_features = weight.shape
+    if 2 * r > min(out_features, in_features):
+        raise ValueError(f"r={r} is too large for RiemannLoRA's init on '{ctx.name}' ({out_features}x{in_features}): "
+                         f"it uses 2r singular vectors; choose r <= {min(out_features, in_features) // 2}")
+    iters = int(getattr(ctx.config, "init_iters", 0))
+    grad = ctx.grad.to(device=weight.device, dtype=torch.float32)
+    u, s, vh = truncated_svd(grad, 2 * r, iters, context_generator(ctx) if iters else None)
+    if float(s[0]) == 0.0:
+        raise ValueError(f"init='riemannlora': the estimated gradient of '{ctx.name}' is zero (check init_data)")
+    root = math.sqrt(float(getattr(ctx.config, "init_scale", 1e-3)) / ctx.scale)
+    return Factors(root * u[:, :r], root * vh[r : 2 * r])
+
+
 def eva_init(weight: torch.Tensor, ctx: InitContext) -> Factors:
     """EVA (Paischer et al. 2024, arXiv 2410.07170): A = the layer's top right-singular vectors of its
     centred inputs X (tokens × in), computed over ``init_data`` by ``adapters.eva`` (incremental SVD and
@@ -342,6 +364,7 @@ INITS: dict[str, Init] = {
     "lora_ga": Init(lora_ga_init, moves_base=True, needs_grad=True),
     "eva": Init(eva_init),
     "lora_one": Init(lora_one_init, needs_grad=True, identity=False),
+    "riemannlora": Init(riemannlora_init, moves_base=True, needs_grad=True),
     "loftq": Init(loftq_init, moves_base=True, identity=False, quantizes=True),
     "lq_lora": Init(lq_lora_init, moves_base=True, identity=False, quantizes=True),
     "lora_xs": Init(lora_xs_init, core="full"),

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..checks import positive
 from .lora import LoRAConfig, LoRALayer
-from .lora_pro import adam_direction, lora_layers_and_params, pair_groups
+from .lora_pro import lora_layers_and_params, pair_groups, paired_step
 from .registry import MethodSpec, register
 
 
@@ -86,23 +86,14 @@ class LoFTAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not group["loft"]:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._apply(p, adam_direction(self.state[p], p.grad, group["betas"], group["eps"]),
-                                    group, group["lr"])
-                continue
-            ps = group["params"]
-            for i in range(0, len(ps), 2):
-                self._pair_step(ps[i], ps[i + 1], group)
-            if group["alternate"]:
-                group["update_a"] = not group["update_a"]
-        return loss
+        return paired_step(self, closure, "loft", self._pair_group)
+
+    def _pair_group(self, group: dict[str, Any]) -> None:
+        ps = group["params"]
+        for i in range(0, len(ps), 2):
+            self._pair_step(ps[i], ps[i + 1], group)
+        if group["alternate"]:
+            group["update_a"] = not group["update_a"]
 
     def _pair_step(self, a: torch.Tensor, b: torch.Tensor, group: dict[str, Any]) -> None:
         af, bf = a.detach().float().clone(), b.detach().float().clone()

@@ -24,7 +24,7 @@ by itself (``config.training_optimizer``); in a hand-written loop use ``lora_pro
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,27 @@ def pair_groups(params: Iterable[torch.Tensor], pairs: Sequence[tuple[Any, ...]]
     return paired, [p for p in params if id(p) not in ids]
 
 
+def paired_step(optimizer: torch.optim.Optimizer, closure: Any, key: str,
+                pair_group: Callable[[dict[str, Any]], None]) -> Any:
+    """One step of an optimizer built by :func:`pair_groups` (LoRA-Pro, LoFT, RiemannLoRA): ``pair_group(group)``
+    for the groups flagged ``group[key]``, a plain AdamW step (decoupled weight decay) for the others."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    for group in optimizer.param_groups:
+        if group[key]:
+            pair_group(group)
+            continue
+        for p in group["params"]:
+            if p.grad is not None:
+                direction = adam_direction(optimizer.state[p], p.grad, group["betas"], group["eps"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(direction, alpha=-group["lr"])
+    return loss
+
+
 class LoRAProAdamW(torch.optim.Optimizer):
     """LoRA-Pro with AdamW (module doc). ``pairs``: ``(A, B, s)`` of every LoRA layer, also listed in
     ``params``; the other parameters of ``params`` take plain AdamW steps. ``pro_eps`` damps BᵀB, AAᵀ."""
@@ -122,19 +143,11 @@ class LoRAProAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["lora_pro"]:
-                for i, s in enumerate(group["scales"]):
-                    self._pair_step(group["params"][2 * i], group["params"][2 * i + 1], s, group)
-            else:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._apply(p, adam_direction(self.state[p], p.grad, group["betas"], group["eps"]), group)
-        return loss
+        return paired_step(self, closure, "lora_pro", self._pair_group)
+
+    def _pair_group(self, group: dict[str, Any]) -> None:
+        for i, s in enumerate(group["scales"]):
+            self._pair_step(group["params"][2 * i], group["params"][2 * i + 1], s, group)
 
     def _pair_step(self, a: torch.Tensor, b: torch.Tensor, s: float, group: dict[str, Any]) -> None:
         if a.grad is None or b.grad is None:
