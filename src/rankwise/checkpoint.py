@@ -178,8 +178,8 @@ def _save_distributed(path: Path, state: TrainState, payload: dict[str, Any], in
     from .optim import checkpoint as dcp
 
     with atomic_directory(path) if rank == 0 else contextlib.nullcontext() as tmp:
-        where = [str(tmp) if rank == 0 else None]
-        dist.broadcast_object_list(where, src=0)
+        where: list[str] = [str(tmp) if rank == 0 else ""]
+        dist.broadcast_object_list(where, src=0)  # rank 0's temporary directory, to every rank
         tmp = Path(where[0])
         dcp.save(state.model, state.optimizer, str(tmp / DCP_DIR))
         with write_errors(path):
