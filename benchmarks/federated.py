@@ -22,7 +22,6 @@ Rows are appended to ``results/federated/runs.jsonl`` (an interrupted run resume
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import rankwise as rw
 from rankwise.data import classification_loader, load_classification
 from rankwise.federated import FederatedConfig, Federation, shard_dataset
 from rankwise.models import load_model, quiet_transformers
-from rankwise.report import Column, markdown_table, write_text
+from rankwise.report import Column, append_run, markdown_table, read_runs, write_text
 from rankwise.train import TrainConfig, evaluate, train
 
 OUT = Path(__file__).parent / "results" / "federated"
@@ -109,9 +108,6 @@ def run_arm(arm: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def read_runs(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
 
 def run(args: argparse.Namespace) -> None:
     quiet_transformers()
@@ -126,8 +122,7 @@ def run(args: argparse.Namespace) -> None:
         row = run_arm(arm, args)
         row["environment"] = {"torch": torch.__version__, "threads": args.threads,
                               "python": platform.python_version(), "machine": platform.machine()}
-        with runs.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_run(runs, row)
         print(f"{arm['arm']:<24} accuracy {row['accuracy']:.4f} ({row['seconds']:.0f} s)", flush=True)
 
 

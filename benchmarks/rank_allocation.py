@@ -48,7 +48,7 @@ from rankwise.data import (
     load_text,
 )
 from rankwise.models import load_model, quiet_transformers
-from rankwise.report import Column, markdown_table, write_text
+from rankwise.report import Column, append_run, markdown_table, read_runs, write_text
 from rankwise.train import TrainConfig, evaluate, prepare_model, train
 
 OUT = Path(__file__).parent / "results" / "rank_allocation"
@@ -191,13 +191,6 @@ def _labels(task: str) -> int:
     return load_classification(TASKS[task][2], "train", seed=0, limit=64).num_labels
 
 
-def read_runs(path: Path) -> list[dict[str, Any]]:
-    """The result rows appended so far to ``path`` (none when it does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def done_keys(path: Path) -> set[tuple[str, str, int]]:
     return {(r["task"], r["arm"], r["seed"]) for r in read_runs(path)}
 
@@ -218,8 +211,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             row = run_arm(args.task, arm, seed, args)
             row["study"], row["steps"], row["environment"] = args.study, args.steps, _env(args)
-            with runs.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_run(runs, row)
             print(f"{args.task:<12} seed {seed} {arm.label:<20} {row['metric_name']} {row['metric']:.4f} "
                   f"budget {row['budget_params']:>8} ({row['train_time_s']:.0f} s)", flush=True)
 

@@ -1,7 +1,8 @@
-"""Result tables (plain text and Markdown) and the accuracy-vs-parameters plot."""
+"""Result tables (plain text and Markdown), JSON-lines run logs and the accuracy-vs-parameters plot."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,21 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) ->
     out = ["| " + " | ".join(c.header for c in columns) + " |", "| " + " | ".join(rule) + " |"]
     out += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in cells]
     return "\n".join(out)
+
+
+def read_runs(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines run log (one JSON object per line; ``[]`` when it does not exist yet)."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_run(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append ``row`` as one line to a JSON-lines run log and fsync it, so an interrupted benchmark
+    resumes after the last finished run."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
