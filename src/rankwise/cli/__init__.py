@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import compress, demo, export, federate, merge, methods, plan, train
+from . import bench, compress, demo, export, federate, merge, methods, plan, train
 from .common import Formatter, Parser, run_command
 
 #: The subcommand modules, in the order ``rankwise --help`` lists them.
-COMMANDS = (methods, train, demo, compress, export, merge, plan, federate)
+COMMANDS = (methods, train, demo, compress, export, merge, plan, federate, bench)
 EPILOG = """\
 examples:
   rankwise methods                                  # every registered adapter method
@@ -27,6 +27,7 @@ examples:
   rankwise merge runs/lora --output merged/lora     # the adapter folded into a HF model directory
   rankwise plan --model smollm2 --method lora --dtype bf16 --memory 8GiB   # predicted memory per rank
   rankwise federate --method ffa_lora --clients 4   # federated LoRA on BBC shards, simulated in process
+  rankwise bench run --profile cpu-smoke --only lora,dora   # methods under one budget, lr swept on validation
 'rankwise COMMAND --help' explains each command."""
 
 

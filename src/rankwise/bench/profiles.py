@@ -1,0 +1,160 @@
+"""Bench profiles: the tasks, the shared budget (steps, batch, sequence length, schedule), the seeds, the
+learning-rate grids of the validation sweep and the built-in experiments of each ``rankwise bench`` profile.
+
+Every experiment of a profile trains the same number of optimizer steps on the same batches in the same
+order (per seed), with the same warm-up and linear decay; only the method and its learning rate (picked
+on a validation split held out of the training split, never on test) differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .experiments import FULL_FINETUNE, HEAD_ONLY, Experiment
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """One model on one packaged dataset: ``kind`` ``seq-cls`` (metric: accuracy, higher is better) or
+    ``causal-lm`` (metric: perplexity, lower is better)."""
+
+    name: str
+    model: str
+    data: str
+    kind: str
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.kind == "seq-cls" else "perplexity"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "seq-cls"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The shared budget of a bench: ``steps`` optimizer steps of ``batch_size`` examples (LM: blocks) of at
+    most ``max_length`` tokens, linear warm-up over ``warmup`` of the steps then linear decay, ``seeds``
+    seeds per experiment; ``val_size`` examples (LM: blocks) held out of the training split for the lr sweep,
+    ``test_size`` test examples (LM: blocks) scored; ``lr_grids`` per experiment kind (``adapter``, ``full``,
+    ``head``, ``structured``); ``needs_cuda``: refused on a machine without a GPU."""
+
+    name: str
+    description: str
+    tasks: tuple[BenchTask, ...]
+    steps: int
+    batch_size: int
+    max_length: int
+    seeds: int = 3
+    warmup: float = 0.1
+    val_size: int = 128
+    test_size: int = 512
+    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    needs_cuda: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that defines the profile's runs (stored with the results; a bench folder refuses others)."""
+        out = asdict(self)
+        out.pop("description")
+        return out
+
+    def tokens_per_run(self) -> int:
+        """Upper bound of the training tokens of one run (steps × batch × max_length)."""
+        return self.steps * self.batch_size * self.max_length
+
+
+ADAPTER_R = 8
+CLS_TASKS = (BenchTask("bbc", "minilm-l6", "bbc", "seq-cls"),
+             BenchTask("drug-reviews", "minilm-l6", "drug-reviews", "seq-cls"))
+LM_TASKS = (BenchTask("stdlib-code", "smollm2-135m", "stdlib-code", "causal-lm"),
+            BenchTask("bbc-text", "smollm2-135m", "bbc", "causal-lm"))
+
+PROFILES: dict[str, Profile] = {
+    "cpu-smoke": Profile(
+        "cpu-smoke", "MiniLM-L6 on BBC News and drug reviews (sequence classification): every adapter method, "
+        "full fine-tuning with every optimizer and sampler, head only; minutes per experiment on a CPU",
+        CLS_TASKS, steps=50, batch_size=8, max_length=64, val_size=96, test_size=384,
+        lr_grids={"adapter": (5e-4, 2e-3, 8e-3), "full": (2e-5, 1e-4, 5e-4), "head": (2e-3, 1e-2, 5e-2)}),
+    "cpu-lm": Profile(
+        "cpu-lm", "SmolLM2-135M on stdlib code and BBC text (causal LM): the LoRA family, QLoRA when bitsandbytes "
+        "is present, full fine-tuning with the GaLore family",
+        LM_TASKS, steps=40, batch_size=4, max_length=128, val_size=16, test_size=64,
+        lr_grids={"adapter": (2e-4, 1e-3, 5e-3), "full": (1e-5, 5e-5, 2.5e-4)}),
+    "pretrain": Profile(
+        "pretrain", "a 20M-parameter Llama trained from scratch on BBC News + Python stdlib source: every optimizer "
+        "and the structured models, 1.57M tokens per run (10x the pre-training benchmark's 153,600)",
+        (BenchTask("bbc+stdlib-code", "scratch-20m", "bbc+stdlib-code", "causal-lm"),),
+        steps=768, batch_size=16, max_length=128, val_size=32, test_size=128,
+        lr_grids={"full": (1e-3, 3e-3, 1e-2), "structured": (1e-3, 3e-3, 1e-2)}),
+    "gpu-small": Profile(
+        "gpu-small", "SmolLM2-135M on stdlib code (causal LM) with a GPU: the LoRA family and the GaLore family at a "
+        "longer budget", LM_TASKS[:1], steps=500, batch_size=16, max_length=256, val_size=64, test_size=256,
+        lr_grids={"adapter": (2e-4, 1e-3, 5e-3), "full": (1e-5, 5e-5, 2.5e-4)}, needs_cuda=True),
+}
+
+#: Optimizer settings of full training, per optimizer: (options, why). ``steps/K`` follows the budget; ``RANK``
+#: is the subspace rank, set per profile (GaLore's fine-tuning rank 8; hidden/4 for pre-training).
+RANK = "{rank}"
+FULL_FT_OPTIMIZERS: dict[str, tuple[dict[str, Any], str]] = {
+    "adamw": ({}, "the reference"),
+    **{name: ({"rank": RANK, "update_gap": "steps/4"}, "rank {rank}, four subspace refreshes within the budget")
+       for name in ("galore", "galore_adafactor", "galore_8bit", "q_galore", "fira", "frugal", "gradnormlorp",
+                    "flora_opt", "osd", "dct_proj", "coap", "natural_galore", "apollo")},
+    "apollo_mini": ({"update_gap": "steps/4"}, "APOLLO-Mini: rank 1, tensor-wise scaling"),
+    "badam": ({"switch_every": "steps/25"},
+              "25 block switches, so every block (embeddings, each layer, head) gets at least two turns"),
+    "lisa": ({"switch_every": "steps/10"}, "10 re-samplings of the active layers"),
+    "owlore": ({"switch_every": "steps/10"}, "10 re-samplings of the active layers"),
+    "ist": ({}, "its defaults: re-sampled every step by importance"),
+}
+LM_OPTIMIZERS = ("adamw", "galore", "fira", "apollo", "apollo_mini", "q_galore", "frugal")
+LM_ADAPTERS = ("lora", "dora", "rslora", "pissa", "olora", "vera", "lora_xs", "qlora")
+
+
+def _adapter_experiment(method: str) -> Experiment:
+    from ..adapters.registry import get_method
+
+    spec = get_method(method)
+    options = {"r": ADAPTER_R} if "r" in spec.config_cls.field_names() else {}
+    return Experiment(method, method, options)
+
+
+def adapter_methods() -> list[str]:
+    """Every registered adapter a bare model can take (not those built from other adapters), without a
+    quantized base unless bitsandbytes is importable."""
+    import importlib.util
+
+    from ..adapters.registry import REGISTRY
+
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    return sorted(n for n, s in REGISTRY.items()
+                  if not s.needs_adapters and (s.family != "quantization" or has_bnb))
+
+
+def full_ft_experiments(names: tuple[str, ...] | None = None, rank: int = 8) -> list[Experiment]:
+    """Full training with each optimizer of ``names`` (default: every one) at subspace ``rank``, named
+    ``full-<optimizer>``."""
+    out = []
+    for name in names or tuple(FULL_FT_OPTIMIZERS):
+        options, note = FULL_FT_OPTIMIZERS[name]
+        options = {k: rank if v == RANK else v for k, v in options.items()}
+        out.append(Experiment(f"full-{name}", FULL_FINETUNE, optimizer=name, optimizer_options=options,
+                              note=note.format(rank=rank)))
+    return out
+
+
+def builtin_experiments(profile: str) -> list[Experiment]:
+    """The experiments a profile runs when no ``--experiments`` folder is given."""
+    if profile == "cpu-smoke":
+        return ([Experiment("head", HEAD_ONLY)] + full_ft_experiments()
+                + [_adapter_experiment(m) for m in adapter_methods()])
+    if profile in ("cpu-lm", "gpu-small"):
+        adapters = [m for m in LM_ADAPTERS if m in adapter_methods()]
+        return [_adapter_experiment(m) for m in adapters] + full_ft_experiments(LM_OPTIMIZERS)
+    if profile == "pretrain":
+        return full_ft_experiments(("adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
+                                    "gradnormlorp", "badam", "lisa"), rank=64) + [
+            Experiment("sltrain", "sltrain", {"rank": 64}, note="SLTrain: rank hidden/4, its default 3% density")]
+    raise ValueError(f"profile={profile!r}; choose one of {list(PROFILES)}")

@@ -1,0 +1,450 @@
+"""Running a bench: the validation sweep, the seeds, one run's measurements, resumable and shardable.
+
+For each (task, experiment) the runner first trains seed 0 at every learning rate of the grid, scoring each
+on the validation split (held out of the training split; the test split is scored too but never read to
+choose), picks the lr with the best validation metric, then trains seeds 1..n−1 at that lr. The seed-0
+run at the chosen lr is the first of the n seeds. Every finished run is one JSON line appended (and
+fsync'd) to ``<out>/runs*.jsonl``; a restarted bench skips what is there. ``shard=(i, n)`` runs the
+(task, experiment) pairs whose index is i mod n, each shard writing its own ``runs.shard-i-of-n.jsonl``.
+``<out>/bench.json`` records the profile's settings: a bench folder never mixes two budgets, and the
+rows of an experiment whose settings changed are refused, not mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..report import append_run, read_runs
+from .experiments import FULL_FINETUNE, HEAD_ONLY, Experiment, resolve_budget
+from .profiles import BenchTask, Profile
+
+BENCH_FILE = "bench.json"
+RUNS_GLOB = "runs*.jsonl"
+CURVE_POINTS = 100
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class Splits:
+    """Loaders of one (task, seed): ``train`` (shuffled by the seed), ``val`` (held out of the training
+    split, the same for every seed), ``test`` and ``init`` (unshuffled training batches for data-driven inits)."""
+
+    train: Any
+    val: Any
+    test: Any
+    init: Any
+    num_labels: int | None
+
+
+def _cls_splits(task: BenchTask, profile: Profile, tok: Any, seed: int) -> Splits:
+    from torch.utils.data import DataLoader
+
+    from ..data import TextClassification, classification_loader, load_classification
+
+    full = load_classification(task.data, "train", seed=0)  # the same order (and validation set) for every seed
+    if len(full) <= profile.val_size:
+        raise ValueError(f"{task.data}: {len(full)} training examples cannot spare val_size={profile.val_size}")
+    val = TextClassification(full.texts[: profile.val_size], full.labels[: profile.val_size], full.label_names)
+    rest = TextClassification(full.texts[profile.val_size:], full.labels[profile.val_size:], full.label_names)
+    test = load_classification(task.data, "test", seed=0, limit=profile.test_size)
+    bs, n = profile.batch_size, profile.max_length
+    train = classification_loader(rest, tok, bs, n, shuffle=True, seed=seed)
+    return Splits(train, classification_loader(val, tok, 32, n, shuffle=False),
+                  classification_loader(test, tok, 32, n, shuffle=False),
+                  DataLoader(train.dataset, batch_size=bs, collate_fn=train.collate_fn), full.num_labels)
+
+
+def _lm_splits(task: BenchTask, profile: Profile, tok: Any, seed: int) -> Splits:
+    from ..data import lm_blocks, lm_loader, load_text
+
+    docs = load_text(task.data, "train", seed=0)
+    n_val = 1  # documents held out until they fill val_size blocks (whole documents: no block straddles the cut)
+    while n_val < len(docs) and len(lm_blocks(docs[:n_val], tok, profile.max_length)) < profile.val_size:
+        n_val = min(len(docs), 2 * n_val)
+    val = lm_blocks(docs[:n_val], tok, profile.max_length)[: profile.val_size]
+    train_blocks = lm_blocks(docs[n_val:], tok, profile.max_length)
+    test = lm_blocks(load_text(task.data, "test", seed=0), tok, profile.max_length)[: profile.test_size]
+    if len(train_blocks) == 0 or len(val) == 0 or len(test) == 0:
+        raise ValueError(f"{task.data}: too little text for blocks of {profile.max_length} tokens")
+    return Splits(lm_loader(train_blocks, profile.batch_size, shuffle=True, seed=seed),
+                  lm_loader(val, 8, shuffle=False), lm_loader(test, 8, shuffle=False),
+                  lm_loader(train_blocks, profile.batch_size, shuffle=False), None)
+
+
+class CountingLoader:
+    """``loader`` as the training loop sees it, counting the (unpadded) tokens of the batches it yields."""
+
+    def __init__(self, loader: Any):
+        self.loader, self.dataset, self.tokens = loader, loader.dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self.tokens += int(batch["attention_mask"].sum())
+            yield batch
+
+
+# ------------------------------------------------------------------------------------------ one run
+class Meter:
+    """Loop callback timing each step (``step_s``) and its optimizer part (after backward to step end:
+    clipping, ``optimizer.step()``, the schedule), and counting how many trainable entries get a gradient
+    per step (block samplers update only their active block)."""
+
+    def __init__(self) -> None:
+        self.step_s: list[float] = []
+        self.optimizer_s: list[float] = []
+        self.updated = 0
+        self._t0 = self._t1 = 0.0
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_begin(self, state: Any) -> None:
+        self.optimizer = state.optimizer
+        self._t0 = time.perf_counter()
+
+    def on_after_backward(self, state: Any) -> None:
+        self._t1 = time.perf_counter()
+        self.updated += sum(p.numel() for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None)
+
+    def on_step_end(self, state: Any) -> None:
+        now = time.perf_counter()
+        self.step_s.append(now - self._t0)
+        self.optimizer_s.append(now - self._t1)
+        self._t0 = now
+
+    def refresh_s(self) -> float | None:
+        """Mean optimizer-step time of the subspace-refresh steps (step k·update_gap, k ≥ 1; step 0 also
+        allocates the state) of a projected optimizer; None for others."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        gaps = {g.get("update_gap") for g in groups if g.get("update_gap")}
+        if len(gaps) != 1:
+            return None
+        gap = int(gaps.pop())
+        times = [t for i, t in enumerate(self.optimizer_s) if i % gap == 0 and i > 0] or self.optimizer_s[:1]
+        return statistics.fmean(times) if times else None
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+_SPLITS: dict[tuple[Any, ...], Splits] = {}
+
+
+def _build(task: BenchTask, profile: Profile, seed: int) -> tuple[Any, Any, Splits]:
+    """The model (seeded: the new head, or the scratch model's init), its tokenizer and the splits (tokenized
+    once per process; the training loader is rebuilt with a fresh seeded generator for every run)."""
+    from torch.utils.data import DataLoader
+
+    from ..data import load_classification
+    from ..models import load_model
+
+    torch.manual_seed(seed)
+    extra = {"num_labels": load_classification(task.data, "test", limit=1).num_labels} if task.kind == "seq-cls" else {}
+    model, tok = load_model(task.model, task=task.kind, **extra)
+    key = (task, profile.batch_size, profile.max_length, profile.val_size, profile.test_size, seed)
+    if key not in _SPLITS:
+        _SPLITS[key] = (_cls_splits if task.kind == "seq-cls" else _lm_splits)(task, profile, tok, seed)
+    s = _SPLITS[key]
+    train = DataLoader(s.train.dataset, batch_size=profile.batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed), collate_fn=s.train.collate_fn)
+    return model, tok, Splits(train, s.val, s.test, s.init, s.num_labels)
+
+
+def _prepare(model: Any, exp: Experiment, splits: Splits, seed: int) -> None:
+    """Make ``exp``'s parameters trainable: its adapter (seeded), full training, head only or a structured model."""
+    from ..train import prepare_model
+
+    if exp.kind == "structured":
+        from ..sparse.api import SPARSE_METHODS, sparsify
+
+        if SPARSE_METHODS[exp.method].controller:
+            raise ValueError(f"method {exp.method!r} needs its controller ({SPARSE_METHODS[exp.method].controller}) "
+                             "in the loop; rankwise bench runs structured methods without one (e.g. sltrain)")
+        sparsify(model, exp.method, targets=exp.targets, **exp.options)
+        return
+    options = dict(exp.options)
+    if exp.method not in (FULL_FINETUNE, HEAD_ONLY):
+        from ..adapters.registry import get_method
+
+        if "seed" in get_method(exp.method).config_cls.field_names():
+            options.setdefault("seed", seed)
+        prepare_model(model, exp.method, targets=exp.targets, init_data=splits.init, **options)
+    else:
+        prepare_model(model, exp.method, **options)
+
+
+def _saved_bytes(model: Any, exp: Experiment) -> int:
+    """Bytes of what a user keeps after training: the adapter directory (rankwise format), or the trainable
+    tensors (full training, head only)."""
+    if exp.kind != "adapter":  # full training (a block sampler's trainable set moves): every weight
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or exp.kind == "full")
+    from ..io import save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp) / "adapter")
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+_PLANS: dict[tuple[str, str], int | None] = {}
+
+
+def planned_peak(task: BenchTask, exp: Experiment, profile: Profile) -> int | None:
+    """``rw.plan``'s predicted peak bytes of this training setup (None where the planner has no model of it)."""
+    key = (task.name, exp.fingerprint())
+    if key not in _PLANS:
+        from ..planner import plan
+
+        method = None if exp.kind == "full" else exp.method
+        try:
+            if exp.kind in ("head", "structured"):
+                raise ValueError("not planned")
+            _PLANS[key] = plan(task.model, method, exp.optimizer, batch_size=profile.batch_size,
+                               seq_len=profile.max_length, task=task.kind, method_options=exp.options or None,
+                               optimizer_options=resolve_budget(exp.optimizer_options, profile.steps) or None).peak
+        except Exception:  # noqa: BLE001 - a setup the planner cannot trace is reported as unplanned
+            _PLANS[key] = None
+    return _PLANS[key]
+
+
+def _curve(values: list[float]) -> list[float]:
+    """At most CURVE_POINTS evenly spaced values (the first and last kept)."""
+    if len(values) <= CURVE_POINTS:
+        return values
+    idx = [round(i * (len(values) - 1) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)]
+    return [values[i] for i in idx]
+
+
+def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed: int,
+            device: str = "auto") -> dict[str, Any]:
+    """Train ``exp`` on ``task`` at ``lr`` with ``seed`` under ``profile``'s budget; the result row."""
+    from ..memory import peak_memory
+    from ..train import TrainConfig, evaluate, train
+
+    model, _, splits = _build(task, profile, seed)
+    _prepare(model, exp, splits, seed)
+    cfg = TrainConfig(lr=lr, max_steps=profile.steps, batch_size=profile.batch_size, max_length=profile.max_length,
+                      warmup_steps=max(1, round(profile.warmup * profile.steps)), schedule="linear",
+                      optimizer=exp.optimizer, optimizer_kwargs=resolve_budget(exp.optimizer_options, profile.steps),
+                      seed=seed, device=device, progress=False, task="lm" if task.kind == "causal-lm" else "auto")
+    loader, meter = CountingLoader(splits.train), Meter()
+    rss_before = _rss()
+    result = train(model, loader, None, cfg, callbacks=[meter])
+    peak, kind = peak_memory(torch.device(result.device))
+    eval_task = "lm" if task.kind == "causal-lm" else "classification"
+    val, test = evaluate(model, splits.val, task=eval_task), evaluate(model, splits.test, task=eval_task)
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    # parameters the run trains over its course: every weight for full training (a block sampler
+    # unfreezes one block at a time), else those trainable at the end
+    trained = result.total_params if exp.kind == "full" else result.trainable_params
+    return {
+        "val_metric": val[task.metric], "test_metric": test[task.metric], "test_loss": test["loss"],
+        "train_loss": statistics.fmean(losses[-10:]) if losses else None, "loss_curve": _curve(losses),
+        "steps": result.steps, "tokens": loader.tokens, "train_time_s": result.train_time_s,
+        "tokens_per_s": loader.tokens / result.train_time_s if result.train_time_s > 0 else None,
+        "step_s_median": statistics.median(meter.step_s) if meter.step_s else None,
+        "optimizer_step_s_median": statistics.median(meter.optimizer_s) if meter.optimizer_s else None,
+        "refresh_step_s": meter.refresh_s(),
+        "updates_per_param": meter.updated / max(1, trained),
+        "peak_memory_bytes": peak, "peak_memory_kind": kind, "rss_before_bytes": rss_before,
+        "planned_peak_bytes": planned_peak(task, exp, profile),
+        "optimizer_state_bytes": result.optimizer_state_bytes, "trainable_params": result.trainable_params,
+        "total_params": result.total_params, "trained_params": trained, "saved_bytes": _saved_bytes(model, exp),
+        "device": result.device,
+        "skipped_steps": result.history[-1].get("skipped_steps", 0) if result.history else 0,
+    }
+
+
+# ------------------------------------------------------------------------------------------ environment
+def environment() -> dict[str, Any]:
+    """Package versions and the machine (stored with every run)."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("rankwise", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"packages": versions, "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "commit": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# ------------------------------------------------------------------------------------------ the bench
+def read_rows(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run row of bench folder ``out`` (all its shards' logs)."""
+    return [row for log in sorted(Path(out).glob(RUNS_GLOB)) for row in read_runs(log)]
+
+
+def _better(metric: float, best: float | None, higher: bool) -> bool:
+    if not math.isfinite(metric):
+        return False
+    return best is None or (metric > best if higher else metric < best)
+
+
+def chosen_lr(rows: list[dict[str, Any]], higher: bool) -> float | None:
+    """The lr of the sweep row (seed 0) with the best validation metric; None if every sweep run failed."""
+    best, lr = None, None
+    for row in rows:
+        if row["role"] == "sweep" and row["status"] == "ok" and _better(row["val_metric"], best, higher):
+            best, lr = row["val_metric"], row["lr"]
+    return lr
+
+
+@dataclass
+class Bench:
+    """One bench folder: ``profile``'s budget, its ``experiments`` on ``tasks`` with ``seeds`` seeds, this
+    process's ``shard`` (index, count) of the (task, experiment) pairs."""
+
+    profile: Profile
+    experiments: list[Experiment]
+    out: Path
+    tasks: tuple[BenchTask, ...]
+    seeds: int
+    shard: tuple[int, int] = (0, 1)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        index, count = self.shard
+        if not (isinstance(count, int) and isinstance(index, int) and 0 <= index < count):
+            raise ValueError(f"shard={self.shard!r} must be (i, n) with 0 <= i < n")
+        if self.seeds < 1:
+            raise ValueError(f"seeds={self.seeds} must be at least 1")
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"experiment names must be unique; repeated: {repeated}")
+        for exp in self.experiments:
+            self.grid(exp)
+
+    def grid(self, exp: Experiment) -> tuple[float, ...]:
+        """The learning rates the sweep tries for ``exp``."""
+        if exp.lr_grid is not None:
+            return exp.lr_grid
+        if exp.kind not in self.profile.lr_grids:
+            raise ValueError(f"experiment {exp.name!r} ({exp.kind}) needs an lr_grid: profile {self.profile.name!r} "
+                             f"has default grids for {sorted(self.profile.lr_grids)} only")
+        return self.profile.lr_grids[exp.kind]
+
+    def pairs(self) -> list[tuple[BenchTask, Experiment]]:
+        """This shard's (task, experiment) pairs."""
+        index, count = self.shard
+        every = [(t, e) for t in self.tasks for e in self.experiments]
+        return [p for i, p in enumerate(every) if i % count == index]
+
+    def log(self) -> Path:
+        index, count = self.shard
+        return self.out / ("runs.jsonl" if count == 1 else f"runs.shard-{index}-of-{count}.jsonl")
+
+    def check_folder(self) -> list[dict[str, Any]]:
+        """Create or check ``bench.json`` (same profile settings) and the recorded rows (same experiment
+        settings); return the rows."""
+        from ..io import write_json
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = self.out / BENCH_FILE
+        settings = self.profile.settings()
+        settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+        if record.is_file():
+            held = json.loads(record.read_text()).get("profile")
+            if held != settings:
+                diff = sorted(k for k in set(held or {}) | set(settings) if (held or {}).get(k) != settings.get(k))
+                raise ValueError(f"{self.out} holds a bench with other settings ({', '.join(diff)}); use another --out")
+        else:
+            write_json(record, {"format": "rankwise-bench", "profile": settings})
+        rows = read_rows(self.out)
+        current = {e.name: e.fingerprint() for e in self.experiments}
+        for row in rows:
+            if row["experiment"] in current and row["fingerprint"] != current[row["experiment"]]:
+                raise ValueError(f"experiment {row['experiment']!r} changed since its runs in {self.out} were written; "
+                                 "restore its settings, rename it, or use another --out")
+        return rows
+
+    def planned_runs(self) -> int:
+        return sum(len(self.grid(e)) + self.seeds - 1 for _, e in self.pairs())
+
+    def run(self, say: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> None:
+        """Run every missing run of this shard (sweep first, then the seeds at the chosen lr)."""
+        if self.profile.needs_cuda and not torch.cuda.is_available():
+            raise ValueError(f"profile {self.profile.name!r} needs a CUDA GPU; this machine has none")
+        from ..models import quiet_transformers
+
+        quiet_transformers()
+        rows = self.check_folder()
+        env = environment()
+        done = {(r["task"], r["experiment"], r["lr"], r["seed"]) for r in rows}
+        total, count = self.planned_runs(), 0
+        for task, exp in self.pairs():
+            mine = [r for r in rows if r["task"] == task.name and r["experiment"] == exp.name]
+            plan = [(lr, 0, "sweep") for lr in self.grid(exp)]
+            for lr, seed, role in plan:
+                count += 1
+                if (task.name, exp.name, lr, seed) not in done:
+                    mine.append(self._run(task, exp, lr, seed, role, env, say, f"[{count}/{total}]"))
+            lr = chosen_lr(mine, task.higher_is_better)
+            for seed in range(1, self.seeds):
+                count += 1
+                if lr is not None and (task.name, exp.name, lr, seed) not in done:
+                    mine.append(self._run(task, exp, lr, seed, "seed", env, say, f"[{count}/{total}]"))
+
+    def _run(self, task: BenchTask, exp: Experiment, lr: float, seed: int, role: str, env: dict[str, Any],
+             say: Callable[[str], None], where: str) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "profile": self.profile.name, "task": task.name, "experiment": exp.name, "fingerprint": exp.fingerprint(),
+            "method": exp.method, "kind": exp.kind, "optimizer": exp.optimizer, "options": exp.options,
+            "optimizer_options": resolve_budget(exp.optimizer_options, self.profile.steps), "targets": exp.targets,
+            "note": exp.note, "lr": lr, "seed": seed, "role": role, "metric": task.metric,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": env,
+        }
+        t0 = time.perf_counter()
+        try:
+            row.update(run_one(self.profile, task, exp, lr, seed, self.device), status="ok", error=None)
+            summary = f"val {row['val_metric']:.4g}, test {row['test_metric']:.4g}"
+        except Exception as e:  # noqa: BLE001 - a method that fails is a result (PEFT's comparison records it too)
+            if os.environ.get("RANKWISE_DEBUG"):
+                traceback.print_exc()
+            row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            summary = f"FAILED: {row['error']}"
+        row["wall_s"] = time.perf_counter() - t0
+        append_run(self.log(), json.loads(json.dumps(row, default=str)))
+        say(f"{where} {task.name} {exp.name} lr={lr:g} seed={seed}: {summary} ({row['wall_s']:.0f} s)")
+        return row

@@ -1,0 +1,84 @@
+"""Report and gate: the 95% interval, Pareto fronts, the Markdown report and plots; the gate passes seed
+noise and fails a real regression in quality or memory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rankwise.bench import Bench, Experiment, runner
+from rankwise.bench.gate import gate, judge
+from rankwise.bench.summary import mean_ci, pareto, write_report
+from rankwise.cli import main
+
+from ..cli.cli_helpers import needs_assets, one_line, run_cli
+
+
+def test_mean_and_student_t_interval():
+    mean, ci = mean_ci([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9)
+    assert ci == pytest.approx(4.303 * 0.1 / math.sqrt(3))  # t(0.975, 2) · s / √n
+    assert mean_ci([0.5]) == (0.5, None)
+
+
+def test_pareto_front_keeps_only_unbeaten_points():
+    points = [(1.0, 0.8), (2.0, 0.9), (3.0, 0.85), (0.5, 0.5), (2.0, 0.7)]
+    assert pareto(points, higher=True) == [0, 1, 3]
+    assert pareto([(1.0, 10.0), (2.0, 5.0), (3.0, 7.0)], higher=False) == [0, 1]
+
+
+RECORDED = {"metric": "accuracy", "test_mean": 0.90, "test_spread": 0.02, "optimizer_state_bytes": 1000,
+            "trained_params": 50, "peak_memory_max_bytes": 1000}
+
+
+def _fresh(**changes):
+    return {"test_metric": 0.885, "optimizer_state_bytes": 1000, "trained_params": 50, "peak_memory_bytes": 1050,
+            **changes}
+
+
+def test_the_gate_passes_noise_and_fails_regressions():
+    assert judge(_fresh(), RECORDED) == ()  # within spread + floor, 5% more peak memory
+    assert "test accuracy 0.85" in judge(_fresh(test_metric=0.85), RECORDED)[0]  # 0.05 worse > 0.02 + 0.01
+    assert judge(_fresh(test_metric=math.nan), RECORDED)
+    assert "optimizer_state_bytes" in judge(_fresh(optimizer_state_bytes=1001), RECORDED)[0]
+    assert "peak memory" in judge(_fresh(peak_memory_bytes=1200), RECORDED)[0]
+    ppl = {**RECORDED, "metric": "perplexity", "test_mean": 20.0, "test_spread": 0.1}
+    assert judge(_fresh(test_metric=19.0), ppl) == ()  # lower perplexity is better
+    assert judge(_fresh(test_metric=20.6), ppl)  # 0.6 worse > 0.1 + 2% of 20
+
+
+@needs_assets
+def test_report_and_gate_on_a_real_tiny_bench(tiny_profile, tmp_path, monkeypatch, capsys):
+    """A real tiny bench: report.md holds every experiment with its chosen lr and interval, the Pareto plot is
+    written; the gate reproduces the recorded seed and passes; a degraded method fails it (exit 1)."""
+    exps = [Experiment("lora", "lora", {"r": 2}), Experiment("head", "head")]
+    Bench(tiny_profile, exps, tmp_path, tiny_profile.tasks, seeds=2, device="cpu").run(say=lambda _: None)
+    report = write_report(tmp_path).read_text()
+    assert "| lora |" in report and "| head |" in report and "±" in report
+    assert (tmp_path / "pareto-bbc.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {e["experiment"] for e in summary["entries"]} == {"lora", "head"}
+    verdicts = gate(tmp_path, exps[:1], device="cpu")
+    assert [v.ok for v in verdicts] == [True]
+    real = runner.run_one
+
+    def degraded(profile, task, exp, lr, seed, device="auto"):
+        row = real(profile, task, exp, lr, seed, device)
+        return {**row, "test_metric": row["test_metric"] - 0.5}
+
+    monkeypatch.setattr("rankwise.bench.gate.run_one", degraded)
+    assert not gate(tmp_path, exps[:1], device="cpu")[0].ok
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert one_line(*run_cli(capsys, "bench", "run", "--only", "nope")[::2], "--only", "allowed")
+    assert one_line(*run_cli(capsys, "bench", "run", "--shard", "2/2")[::2], "--shard")
+    assert one_line(*run_cli(capsys, "bench", "run", "--profile", "nope")[::2], "--profile")
+    assert one_line(*run_cli(capsys, "bench", "report", str(tmp_path))[::2], "not a bench folder")
+    assert one_line(*run_cli(capsys, "bench", "gate", str(tmp_path))[::2], "summary.json")
+    code, out, _ = run_cli(capsys, "bench", "list", "--profile", "cpu-lm")
+    assert code == 0 and "full-galore" in out and "lora" in out
+    assert main(["bench", "list", "--write", str(tmp_path / "exps")]) == 0
+    assert (tmp_path / "exps" / "full-badam" / "training.json").is_file()
