@@ -26,7 +26,7 @@ from ..checks import non_negative, positive
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController, rank_at_least_one
+from .rank_control import MethodController, param_lr, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
 __all__ = ["GateController", "GatedLoRALayer", "SoRAConfig", "SoRAController", "SoRALayer", "prune_zero_gates",
@@ -128,16 +128,6 @@ def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - tau, min=0.0)
 
 
-def _lr_of(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> float:
-    """The current learning rate of the optimizer group holding ``p``."""
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            if any(q is p for q in group["params"]):
-                return float(group["lr"])
-    raise ValueError("SoRA's gate is not in the optimizer: build the optimizer over every trainable parameter "
-                     "(the controller takes the gate out of its step and updates it by the proximal rule)")
-
-
 class GateController(MethodController):
     """What the controllers of gated layers share (SoRA, DRS-LoRA): ``layers`` of the adapter, the
     optimizer (the loop's, at train begin), and the removal of the zero-gate ranks at the end of a run."""
@@ -181,7 +171,7 @@ class SoRAController(GateController):
             g = layer.gate
             if g.grad is None:
                 continue
-            lr = _lr_of(self.optimizer, g)
+            lr = param_lr(self.optimizer, g, "SoRA's gate")
             g.copy_(soft_threshold(g - lr * g.grad, lr * layer.config.sparse_lambda))
             g.grad = None
 
