@@ -12,7 +12,7 @@ from rankwise.adapters.ard_lora import ARDLoRAController, head_ranks, prox_l1_tv
 from rankwise.callbacks import Callback
 from rankwise.train import TrainConfig, train
 
-from ..conftest import lm_batches, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama, straight_and_resumed
 
 R = 4
 
@@ -151,24 +151,12 @@ def test_the_compact_lora_drops_the_zero_components_with_equal_logits(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    batches, steps = lm_batches(3), 6
-
     def make():
         model = _ard(l1=1.0, tv=0.2)
         _spread(model)
         return model
 
-    full = make()
-    train(full, batches, config=TrainConfig(max_steps=steps, progress=False, lr=0.05))
-    cfg = TrainConfig(max_steps=steps, progress=False, lr=0.05, checkpoint_every=3, output_dir=str(tmp_path))
-
-    class Stop(Callback):
-        def on_step_end(self, state):
-            state.should_stop = state.step == 3
-
-    train(make(), batches, config=cfg, callbacks=[Stop()])
-    resumed = make()
-    train(resumed, batches, config=cfg, resume_from=str(tmp_path))
+    full, _, resumed, _ = straight_and_resumed(make, lm_batches(3), 6, 3, tmp_path, lr=0.05)
     for (_, a), (_, b) in zip(rw.adapter_layers(full), rw.adapter_layers(resumed), strict=True):
         for p in ("lora_A", "lora_B", "head_scale"):
             torch.testing.assert_close(getattr(a, p), getattr(b, p), atol=0, rtol=0)
