@@ -169,3 +169,24 @@ def test_bad_options_name_the_parameter():
         _ard(tv=-0.5)
     with pytest.raises(ValueError, match="heads"):
         _ard(heads=3)
+
+
+def test_rankwise_trainer_runs_the_controller(tmp_path):
+    import transformers
+
+    from rankwise.hf_trainer import RankwiseTrainer
+
+    from ..conftest import VOCAB, make_tiny_bert
+
+    model = rw.adapt(make_tiny_bert(0), "ard_lora", r=R, l1=20.0, tv=0.0)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": i % 3} for i in range(24)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", lr_scheduler_type="constant", weight_decay=0.0)
+    with torch.no_grad():
+        for _, layer in rw.adapter_layers(model):
+            layer.head_scale.fill_(0.5)
+    RankwiseTrainer(model=model, args=args, train_dataset=data).train()
+    # lr·λ = 0.2 per step dominates the task steps (≈ lr): every scale reaches 0 within 4 steps
+    assert all(bool((m.head_scale == 0).all()) for _, m in rw.adapter_layers(model))
