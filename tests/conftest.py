@@ -66,3 +66,21 @@ def tiny_bert():
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def straight_and_resumed(make, batches: list[dict], steps: int, stop: int, output_dir, **options):
+    """Train ``make()`` for ``steps`` straight, and ``make()`` stopped after step ``stop`` (checkpointed there)
+    then a fresh ``make()`` resumed from that checkpoint: ``(straight model, its result, resumed model, its
+    result)``, for resume tests of methods whose controllers carry state. ``options``: TrainConfig fields."""
+    from rankwise.train import TrainConfig, train
+
+    class Stop:
+        def on_step_end(self, state):
+            state.should_stop = state.step == stop
+
+    full = make()
+    straight = train(full, batches, config=TrainConfig(max_steps=steps, progress=False, **options))
+    cfg = TrainConfig(max_steps=steps, progress=False, checkpoint_every=stop, output_dir=str(output_dir), **options)
+    train(make(), batches, config=cfg, callbacks=[Stop()])
+    resumed = make()
+    return full, straight, resumed, train(resumed, batches, config=cfg, resume_from=str(output_dir))

@@ -13,7 +13,7 @@ from rankwise.adapters.sora import SoRAController, soft_threshold
 from rankwise.hf_trainer import RankwiseTrainer
 from rankwise.train import TrainConfig, train
 
-from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama
+from ..conftest import VOCAB, lm_batches, make_tiny_bert, make_tiny_llama, straight_and_resumed
 
 
 def _sora(**kw):
@@ -123,3 +123,72 @@ def test_pruning_keeps_the_scale_through_save_and_load(tmp_path):
     assert all(m.gate.numel() == 2 and m.scale == 2.0 for _, m in rw.adapter_layers(again))
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, logits, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- the sparsifying scheduler
+def test_the_scheduler_values_and_stages_are_the_authors_spacings():
+    import numpy as np
+
+    from rankwise.adapters.sora import SoRAConfig, lambda_at, lambda_values
+
+    lo, hi, n = 0.05, 3.0, 5
+    expected = {  # the authors' code: np.linspace / log of linspace of exp / exp of linspace of log
+        "linear": np.linspace(lo, hi, n),
+        "log_linear": np.log(np.linspace(np.exp(lo), np.exp(hi), n)),
+        "exp_linear": np.exp(np.linspace(np.log(lo), np.log(hi), n)),
+    }
+    for form, values in expected.items():
+        cfg = SoRAConfig(r=4, sparse_lambda=lo, lambda_schedule=form, max_lambda=hi, lambda_num=n)
+        np.testing.assert_allclose(lambda_values(cfg), values, rtol=1e-12)
+    cfg = SoRAConfig(r=4, sparse_lambda=0.0, lambda_schedule="linear", max_lambda=3.0, lambda_num=4)
+    # T = 10, n = 4: later stages ⌊10/4⌋ = 2 steps, the first 10 − 3·2 = 4
+    assert [lambda_at(t, 10, cfg) for t in range(12)] == [0.0] * 4 + [1.0] * 2 + [2.0] * 2 + [3.0] * 4
+    cfg = SoRAConfig(r=4, sparse_lambda=0.0, lambda_schedule="linear", max_lambda=2.0, lambda_num=3, stage_steps=3)
+    assert [lambda_at(t, 12, cfg) for t in range(12)] == [0.0] * 6 + [1.0] * 3 + [2.0] * 3
+    assert lambda_at(7, 12, SoRAConfig(r=4, sparse_lambda=0.3)) == 0.3  # no schedule: λ fixed
+
+
+def _scheduled(**kw):
+    model = _sora(**{"sparse_lambda": 0.0, "lambda_schedule": "linear", "max_lambda": 3.0, "lambda_num": 4, **kw})
+    with torch.no_grad():  # gates spread over (0, 1): the stages' thresholds lr·λ reach more of them as λ rises
+        for _, layer in rw.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.1)
+            layer.gate.copy_(torch.tensor([0.1, 0.3, 0.6, 1.0]))
+    return model
+
+
+def test_gate_sparsity_grows_stage_by_stage_as_lambda_rises():
+    steps = 16  # 4 stages of 4 steps, λ = 0, 1, 2, 3
+    zeros = {}
+
+    class Probe:
+        def on_step_end(self, state):
+            zeros[state.step] = sum(int((m.gate == 0).sum()) for _, m in rw.adapter_layers(state.model))
+
+    cfg = TrainConfig(max_steps=steps, progress=False, lr=0.05, schedule="constant")
+    res = train(_scheduled(), lm_batches(3), config=cfg, callbacks=[Probe()])
+    assert [h["sora_lambda"] for h in res.history] == [0.0] * 4 + [1.0] * 4 + [2.0] * 4 + [3.0] * 4
+    at_stage_ends = [zeros[t] for t in (4, 8, 12, 16)]
+    assert at_stage_ends[0] == 0  # λ = 0: no gate reaches 0
+    assert all(a < b for a, b in zip(at_stage_ends, at_stage_ends[1:], strict=False)), at_stage_ends
+
+
+def test_the_schedule_resumes_exactly_from_a_checkpoint(tmp_path):
+    full, straight, resumed, res = straight_and_resumed(_scheduled, lm_batches(3), 12, 5, tmp_path, lr=0.05)
+    assert [h["sora_lambda"] for h in res.history[-7:]] == [h["sora_lambda"] for h in straight.history[-7:]]
+    for (_, a), (_, b) in zip(rw.adapter_layers(full), rw.adapter_layers(resumed), strict=True):
+        for p in ("lora_A", "lora_B", "gate"):
+            torch.testing.assert_close(getattr(a, p), getattr(b, p), atol=0, rtol=0)
+
+
+def test_bad_scheduler_options_name_the_parameter():
+    with pytest.raises(ValueError, match="lambda_schedule"):
+        _sora(lambda_schedule="cubic", max_lambda=1.0)
+    with pytest.raises(ValueError, match="max_lambda"):
+        _sora(lambda_schedule="linear")
+    with pytest.raises(ValueError, match="sparse_lambda"):
+        _sora(lambda_schedule="exp_linear", sparse_lambda=0.0, max_lambda=1.0)
+    with pytest.raises(ValueError, match="lambda_num"):  # 5 stages do not fit in 3 steps, before training
+        train(_scheduled(lambda_num=5), lm_batches(3), config=TrainConfig(max_steps=3, progress=False))
+    with pytest.raises(ValueError, match="total_steps"):
+        SoRAController(_scheduled())

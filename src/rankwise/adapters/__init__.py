@@ -35,6 +35,7 @@ from . import prilora  # noqa: F401  (ranks rising with depth, A pruned by |w|·
 from . import gora  # noqa: F401  (ranks and init from the estimated gradient)
 from . import elalora  # noqa: F401  (ranks pruned and expanded by importance)
 from . import autolora  # noqa: F401  (bi-level: selection variables on validation batches)
+from . import ard_lora  # noqa: F401  (per-head rank r₀·α with ℓ1 + TV proximal steps on α)
 from . import plop  # noqa: F401  (adapter placement by module type, scored before training)
 from . import allora  # noqa: F401  (training dynamics)
 from . import roselora  # noqa: F401  (sparse+low-rank)

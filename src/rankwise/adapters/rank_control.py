@@ -25,8 +25,8 @@ from torch import nn
 from ..callbacks import Callback, RankController, TrainState, call
 from .registry import adapter_state, adapter_states, get_method
 
-__all__ = ["MethodController", "MethodControllers", "checkpoint_tensor", "rank_at_least_one", "scaled_update",
-           "with_method_controllers"]
+__all__ = ["MethodController", "MethodControllers", "checkpoint_tensor", "param_lr", "rank_at_least_one",
+           "scaled_update", "with_method_controllers"]
 
 #: ``controller(model, adapter_name, optimizer, total_steps)`` (optimizer None: read it at train begin)
 ControllerFactory = Callable[[nn.Module, str, "torch.optim.Optimizer | None", int], RankController]
@@ -193,3 +193,14 @@ def checkpoint_tensor(tensors: dict[str, torch.Tensor], layer_name: str, adapter
             return tensors[full]
     raise ValueError(f"tensors: no '{layer_name}.{key}' for the adapter layer {layer_name!r} "
                      f"(adapter {adapter_name!r})")
+
+
+def param_lr(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, what: str) -> float:
+    """The current learning rate η of the optimizer group holding ``p`` (the step size of a proximal step
+    on ``what``); a ValueError when ``p`` is in no group. Used by SoRA (gate) and ARD-LoRA (head scales)."""
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            if any(q is p for q in group["params"]):
+                return float(group["lr"])
+    raise ValueError(f"{what} is not in the optimizer: build the optimizer over every trainable parameter "
+                     "(the controller's proximal step uses the optimizer's learning rate for it)")

@@ -7,13 +7,16 @@ soft-threshold S_τ(x) = sign(x)·max(|x| − τ, 0) and η the optimizer's curr
 (``prune``), leaving a LoRA of the surviving rank per layer with the same outputs.
 
 Init: A as ``nn.Linear`` (LoRA's), B = 0, g = 1, so the model starts at the base and the gate
-starts as plain LoRA. The paper's sparsifying scheduler (a rising λ) is not implemented: λ is fixed.
-The step is the paper's proximal gradient step; the authors' code takes an AdamW step on g and then
-thresholds with λ unscaled, so its λ values do not carry over.
+starts as plain LoRA. The sparsifying scheduler (``lambda_schedule``) raises λ in stages over the run, from
+``sparse_lambda`` to ``max_lambda`` in ``lambda_num`` values spaced as in the authors' code (linear, log-linear
+or exponential-linear), to trace the sparsity / accuracy path. The step is the paper's proximal gradient
+step; the authors' code takes an AdamW step on g and then thresholds with λ unscaled, so its λ values do
+not carry over.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,32 +25,85 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState, clear_optimizer_state
-from ..checks import non_negative, positive
+from ..checks import choice, integer, non_negative, positive
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterConfig, AdapterLayer
 from .init import InitContext
-from .rank_control import MethodController, rank_at_least_one
+from .rank_control import MethodController, param_lr, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 
-__all__ = ["GateController", "GatedLoRALayer", "SoRAConfig", "SoRAController", "SoRALayer", "prune_zero_gates",
-           "soft_threshold"]
+__all__ = ["LAMBDA_SCHEDULES", "GateController", "GatedLoRALayer", "SoRAConfig", "SoRAController", "SoRALayer",
+           "lambda_at", "lambda_values", "prune_zero_gates", "soft_threshold"]
+
+#: spacings of the sparsifying scheduler's λ values (the authors' code's ``lambda_schedule``)
+LAMBDA_SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 
 @dataclass
 class SoRAConfig(AdapterConfig):
-    """``r`` the initial rank, ``alpha`` (None: α = r) with s = α/r, ``sparse_lambda`` λ of the L1 penalty on g."""
+    """``r`` the initial rank, ``alpha`` (None: α = r) with s = α/r, ``sparse_lambda`` λ of the L1 penalty on g.
+    Sparsifying scheduler (``lambda_schedule`` None: λ fixed): ``lambda_num`` stages whose λ goes from
+    ``sparse_lambda`` to ``max_lambda`` with the spacing ``lambda_schedule``; each stage after the first lasts
+    ``stage_steps`` steps (None: the run split in ``lambda_num`` equal stages), the first takes the rest."""
 
     alpha: float | None = None
     sparse_lambda: float = 0.1
+    lambda_schedule: str | None = None
+    max_lambda: float | None = None
+    lambda_num: int = 10
+    stage_steps: int | None = None
 
     def validate(self) -> None:
         super().validate()
         positive("alpha", self.alpha, optional=True)
         non_negative("sparse_lambda", self.sparse_lambda)
+        integer("lambda_num", self.lambda_num, 2)
+        integer("stage_steps", self.stage_steps, 1, optional=True)
+        if self.lambda_schedule is None:
+            return
+        choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
+        if self.max_lambda is None or non_negative("max_lambda", self.max_lambda) < self.sparse_lambda:
+            raise ValueError(f"max_lambda={self.max_lambda!r}: lambda_schedule needs a max_lambda >= sparse_lambda "
+                             f"({self.sparse_lambda})")
+        if self.lambda_schedule == "exp_linear" and self.sparse_lambda <= 0:
+            raise ValueError("sparse_lambda=0: the exp_linear schedule spaces λ geometrically and needs "
+                             "sparse_lambda > 0 (or use lambda_schedule='linear' / 'log_linear')")
 
     @property
     def scale(self) -> float:
         return float(self.r if self.alpha is None else self.alpha) / self.r
+
+
+def lambda_values(config: SoRAConfig) -> list[float]:
+    """The scheduler's ``lambda_num`` values from λ₀ = ``sparse_lambda`` to λ_max = ``max_lambda`` (the authors'
+    code): linear λₖ = λ₀ + k·(λ_max − λ₀)/(n − 1); log_linear log of the linear spacing of exp λ; exp_linear
+    exp of the linear spacing of log λ (geometric)."""
+    n, lo, hi = config.lambda_num, config.sparse_lambda, float(config.max_lambda or 0.0)
+
+    def spaced(a: float, b: float) -> list[float]:
+        return [a + k * (b - a) / (n - 1) for k in range(n)]
+
+    if config.lambda_schedule == "log_linear":
+        return [math.log(v) for v in spaced(math.exp(lo), math.exp(hi))]
+    if config.lambda_schedule == "exp_linear":
+        return [math.exp(v) for v in spaced(math.log(lo), math.log(hi))]
+    return spaced(lo, hi)
+
+
+def lambda_at(step: int, total_steps: int, config: SoRAConfig) -> float:
+    """λ of optimizer step ``step`` (0-based) of a ``total_steps`` run: ``sparse_lambda`` without a schedule;
+    else stage k's value, the stages after the first lasting S = ``stage_steps`` (default ⌊T/n⌋) steps and
+    the first F = T − (n − 1)·S (a ValueError when F < 1); after the run's last stage the last value."""
+    if config.lambda_schedule is None:
+        return config.sparse_lambda
+    n = config.lambda_num
+    stage = config.stage_steps or total_steps // n
+    first = total_steps - (n - 1) * stage
+    if stage < 1 or first < 1:
+        raise ValueError(f"the sparsifying scheduler's lambda_num={n} stages (stage_steps={config.stage_steps}) do "
+                         f"not fit in a run of {total_steps} steps: lower lambda_num or stage_steps")
+    k = 0 if step < first else min(n - 1, 1 + (step - first) // stage)
+    return lambda_values(config)[k]
 
 
 class GatedLoRALayer(AdapterLayer):
@@ -128,16 +184,6 @@ def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - tau, min=0.0)
 
 
-def _lr_of(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> float:
-    """The current learning rate of the optimizer group holding ``p``."""
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            if any(q is p for q in group["params"]):
-                return float(group["lr"])
-    raise ValueError("SoRA's gate is not in the optimizer: build the optimizer over every trainable parameter "
-                     "(the controller takes the gate out of its step and updates it by the proximal rule)")
-
-
 class GateController(MethodController):
     """What the controllers of gated layers share (SoRA, DRS-LoRA): ``layers`` of the adapter, the
     optimizer (the loop's, at train begin), and the removal of the zero-gate ranks at the end of a run."""
@@ -164,15 +210,29 @@ class SoRAController(GateController):
     to every gate with the current learning rate and clears the gate's gradient (the optimizer then
     skips it); ``on_train_end`` removes the zero-gate ranks and clears their optimizer state. In a
     hand-written loop call :meth:`proximal_step` between ``backward()`` and ``optimizer.step()``, and
-    :meth:`prune` at the end."""
+    :meth:`prune` at the end. With the sparsifying scheduler, λ of each step is :func:`lambda_at` of the
+    controller's step count (checkpointed in ``state_dict``) over ``total_steps`` (required then)."""
 
-    def __init__(self, model: nn.Module, name: str = "default", optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, model: nn.Module, name: str = "default", optimizer: torch.optim.Optimizer | None = None,
+                 total_steps: int | None = None) -> None:
         super().__init__(model, name)
         self.config, self.optimizer = self.adapter_config(SoRAConfig), optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, SoRALayer)]
+        self.total_steps, self.steps = total_steps, 0
+        if self.config.lambda_schedule is not None:
+            if total_steps is None:
+                raise ValueError("total_steps=None: SoRA's sparsifying scheduler (lambda_schedule="
+                                 f"{self.config.lambda_schedule!r}) needs the run's number of steps")
+            lambda_at(0, total_steps, self.config)  # the stages fit, before training
 
     def schedule(self) -> str:
         return f"sparse_lambda={self.config.sparse_lambda}, pruning at the end of training"
+
+    def current_lambda(self, layer: SoRALayer) -> float:
+        """λ of the step being taken: the scheduler's, else the layer's ``sparse_lambda``."""
+        if self.config.lambda_schedule is None:
+            return layer.config.sparse_lambda
+        return lambda_at(self.steps, int(self.total_steps or 0), self.config)
 
     @torch.no_grad()
     def proximal_step(self) -> None:
@@ -181,13 +241,16 @@ class SoRAController(GateController):
             g = layer.gate
             if g.grad is None:
                 continue
-            lr = _lr_of(self.optimizer, g)
-            g.copy_(soft_threshold(g - lr * g.grad, lr * layer.config.sparse_lambda))
+            lr = param_lr(self.optimizer, g, "SoRA's gate")
+            g.copy_(soft_threshold(g - lr * g.grad, lr * self.current_lambda(layer)))
             g.grad = None
+        self.steps += 1
 
     step = proximal_step
 
     def on_after_backward(self, state: TrainState) -> None:
+        if self.config.lambda_schedule is not None:
+            state.log["sora_lambda"] = lambda_at(self.steps, int(self.total_steps or 0), self.config)
         self.proximal_step()
         state.log["sora_nonzero_gates"] = sum(int((m.gate != 0).sum()) for _, m in self.layers)
 
@@ -195,14 +258,14 @@ class SoRAController(GateController):
         """Nothing after the optimizer step: the gates moved in ``on_after_backward``."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"allocations": self.allocations}
+        return {"allocations": self.allocations, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.allocations = state["allocations"]
+        self.allocations, self.steps = state["allocations"], state.get("steps", 0)
 
 
 def _controller(model: nn.Module, name: str, optimizer: Any, total_steps: int) -> SoRAController:
-    return SoRAController(model, name, optimizer)
+    return SoRAController(model, name, optimizer, total_steps)
 
 
 register(
@@ -212,7 +275,8 @@ register(
         "Ding et al. 2023, Sparse Low-rank Adaptation of Pre-trained Language Models",
         SoRAConfig,
         SoRALayer,
-        summary="ΔW = B·diag(g)·A, g by proximal L1 steps; zero-gate ranks removed at the end",
+        summary="ΔW = B·diag(g)·A, g by proximal L1 steps (λ fixed or raised in stages); zero-gate ranks removed "
+                "at the end",
         controller=_controller,
     )
 )
