@@ -161,9 +161,11 @@ def load_model_tensors(checkpoint_id: str, names: list[str]) -> dict[str, torch.
 
 def check_model_fits(model_state: dict[str, Any], checkpoint_id: str, hint: str = "") -> None:
     """ValueError naming the tensors of ``model_state`` (a model state dict, DTensors by their global
-    shape) that the checkpoint lacks, that it holds and the model lacks, or whose shape differs; DCP
-    itself would fail on a missing name with an error from inside its planner, and load the others."""
+    shape; other entries are not compared) that the checkpoint lacks, that it holds and the model
+    lacks, or whose shape differs. DCP alone raises a ``CheckpointException`` from inside its planner
+    for a shape or a missing name, and ignores a saved tensor the model lacks."""
     saved = model_shapes(checkpoint_id)
+    model_state = {n: t for n, t in model_state.items() if torch.is_tensor(t)}  # not a module's extra state
     missing, unexpected = sorted(set(model_state) - set(saved)), sorted(set(saved) - set(model_state))
     wrong = [f"{n}: {tuple(saved[n][0])} in the checkpoint, {tuple(t.shape)} in the model"
              for n, t in model_state.items() if n in saved and tuple(t.shape) != tuple(saved[n][0])]
