@@ -7,7 +7,8 @@ through ``torch.distributed.checkpoint``:
   layer at step 2) stopped after step 3 and resumed by a model built at the initial ranks (and
   initialised otherwise) end bit-identical to the uninterrupted 6-step run;
 * the IncreLoRA checkpoint loads into a fresh model resized before ``fully_shard`` (FSDP2), bit-exactly,
-  and a model sharded at the initial ranks is refused naming a tensor and its two shapes.
+  and a model sharded at the initial ranks is refused naming a tensor and its two shapes;
+* on one process: the mismatch message at a DCP load, and ElaLoRA resized from the DCP shapes alone.
 
 The controllers change ranks on full weights: each rank trains an unsharded model on the whole
 batches (their steps under FSDP2, on shards, are not supported; docs/distributed.md).
@@ -93,3 +94,31 @@ def test_a_shape_mismatch_at_dcp_load_names_the_tensor(tmp_path):
     a, n = tensors["model.layers.0.self_attn.q_proj.lora_A"], tensors["model.layers.0.self_attn.q_proj.ranknum"]
     assert a.is_meta and a.shape == (5, 32) and a.dtype == torch.float32
     assert not n.is_meta and float(n) == 3.0
+
+
+def test_elalora_resizes_from_the_dcp_shapes(tmp_path):
+    """ElaLoRA's ``before_load`` reads only shapes: given the meta tensors of a DCP checkpoint whose
+    layers hold 6 components, a fresh r=4 adapter takes 6, and the checkpoint then loads exactly."""
+    import rankwise as rw
+    from rankwise.adapters.elalora import ElaLoRAController, ElaLoRALayer
+    from rankwise.checkpoint import sharded_tensors
+    from rankwise.optim import checkpoint
+
+    from .fsdp_worker import make_model
+
+    def build() -> torch.nn.Module:
+        return rw.adapt(make_model(), "elalora", targets=["q_proj"], r=4)
+
+    saved = build()
+    layers = [m for m in saved.modules() if isinstance(m, ElaLoRALayer)]
+    for m in layers:  # grown to 6 components, with values
+        m.resize(6)
+        for p in (m.lora_A, m.lora_B, m.lora_E):
+            p.data.normal_()
+    checkpoint.save(saved, torch.optim.AdamW(saved.parameters()), str(tmp_path / "dcp"))
+    fresh = build()
+    ElaLoRAController(fresh, total_steps=100).before_load(fresh, sharded_tensors(tmp_path, fresh))
+    checkpoint.load(fresh, torch.optim.AdamW(fresh.parameters()), str(tmp_path / "dcp"))
+    assert all(m.lora_A.shape == (6, 32) for m in fresh.modules() if isinstance(m, ElaLoRALayer))
+    want, got = saved.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
