@@ -64,7 +64,10 @@ class Callback:
 
     def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """A resume is about to load the checkpoint's trained ``tensors`` into ``model``: a callback
-        that reshapes the model while training (IncreLoRA's rank growth) resizes it to fit them."""
+        that reshapes the model while training (IncreLoRA's rank growth) resizes it to fit them. For a
+        checkpoint written under ``torch.distributed`` the parameters come as ``meta`` tensors (shape
+        and dtype) and the buffers with their values (:func:`rankwise.checkpoint.sharded_tensors`);
+        under FSDP2 it runs before ``fully_shard`` (:func:`rankwise.train.reshape_for_resume`)."""
 
     def on_train_begin(self, state: TrainState) -> None:
         """Once, before the first step (after a resume: after the state is restored)."""

@@ -29,7 +29,8 @@ from .io import TMP_TAG, atomic_directory, save_tensors, write_errors, write_jso
 __all__ = [
     "CHECKPOINT_PREFIX", "UnreadableCheckpoint", "all_ranks", "checkpoints", "config_changes", "find_checkpoint",
     "load_checkpoint", "load_sharded", "load_trained_tensors", "loader_generators", "prune_checkpoints",
-    "read_checkpoint", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "trained_tensors", "world",
+    "read_checkpoint", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "sharded_tensors",
+    "trained_tensors", "world",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -191,11 +192,33 @@ def _save_distributed(path: Path, state: TrainState, payload: dict[str, Any], in
     return path
 
 
+#: How a model is made to fit a checkpoint of a run whose ranks changed (said by every shape error of a resume).
+RESHAPE_HINT = ("; a run whose ranks changed while training (IncreLoRA, ElaLoRA, Cuttlefish) is resized to the "
+                "checkpoint's shapes by its callbacks' before_load: build the model as for the first run, and under "
+                "FSDP2 resize it before fully_shard with rankwise.train.reshape_for_resume "
+                "(rankwise train --nproc does)")
+
+
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load the model and the optimizer of a checkpoint written under ``torch.distributed`` (every rank)."""
+    """Load the model and the optimizer of a checkpoint written under ``torch.distributed`` (every rank);
+    a model whose tensors differ from the saved ones (names, shapes) is a ValueError naming them."""
     from .optim import checkpoint as dcp
 
-    dcp.load(model, optimizer, str(path / DCP_DIR))
+    dcp.load(model, optimizer, str(path / DCP_DIR), RESHAPE_HINT)
+
+
+def sharded_tensors(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a resume hands the callbacks' ``before_load`` for a checkpoint written under
+    ``torch.distributed``: every model tensor in its ``dcp/`` by name, ``model``'s buffers with their
+    saved values (a layer's rank counter), the others as ``meta`` tensors of the saved shape and dtype
+    (only the metadata is read). Call on every rank."""
+    from .optim import checkpoint as dcp
+
+    where = str(path / DCP_DIR)
+    shapes = dcp.model_shapes(where)
+    buffers = dcp.load_model_tensors(where, sorted({n for n, _ in model.named_buffers()} & set(shapes)))
+    return {n: buffers[n] if n in buffers else torch.empty(shape, dtype=dtype, device="meta")
+            for n, (shape, dtype) in shapes.items()}
 
 
 def all_ranks(flag: bool) -> bool:

@@ -47,6 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    sharded_tensors,
     world,
 )
 from .checks import choice, integer, number
@@ -391,6 +392,26 @@ def _batches(loader: Iterable, skip: int) -> Iterator[Any]:
     return it
 
 
+def _read_newest(candidates: list[Path]) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest checkpoint that can be read; each unreadable one is reported on stderr and skipped."""
+    reasons = []
+    for ckpt in candidates:
+        try:
+            payload, tensors, old_cfg = read_checkpoint(ckpt)
+            error = None
+        except UnreadableCheckpoint as e:
+            error = str(e)
+        if not all_ranks(error is None):  # under torch.distributed every rank resumes from the same one
+            error = error or f"{ckpt}: unreadable on another rank"
+            reasons.append(error)
+            print(f"rankwise: checkpoint {ckpt} is unreadable ({error}); trying the previous one", file=sys.stderr)
+            continue
+        if reasons:
+            print(f"rankwise: resuming from {ckpt}", file=sys.stderr)
+        return ckpt, payload, tensors, old_cfg
+    raise ValueError(f"resume_from: no readable checkpoint in {candidates[0].parent}: {'; '.join(reasons)}")
+
+
 @contextlib.contextmanager
 def progress_bar(on: bool, total: int, initial: int = 0, desc: str = "train") -> Iterator[Any]:
     """A tqdm bar when ``on`` and stderr is a terminal, else None."""
@@ -448,28 +469,9 @@ class _Loop:
         self.epoch_rng = rng_state(self.device)
         self.epoch_gens = [g.get_state() for g in self.generators]
 
-    def _read(self, candidates: list[Path]) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-        """The newest checkpoint that can be read; each unreadable one is reported on stderr and skipped."""
-        reasons = []
-        for ckpt in candidates:
-            try:
-                payload, tensors, old_cfg = read_checkpoint(ckpt)
-                error = None
-            except UnreadableCheckpoint as e:
-                error = str(e)
-            if not all_ranks(error is None):  # under torch.distributed every rank resumes from the same one
-                error = error or f"{ckpt}: unreadable on another rank"
-                reasons.append(error)
-                print(f"rankwise: checkpoint {ckpt} is unreadable ({error}); trying the previous one", file=sys.stderr)
-                continue
-            if reasons:
-                print(f"rankwise: resuming from {ckpt}", file=sys.stderr)
-            return ckpt, payload, tensors, old_cfg
-        raise ValueError(f"resume_from: no readable checkpoint in {candidates[0].parent}: {'; '.join(reasons)}")
-
     def _resume(self, candidates: list[Path]) -> None:
         state = self.state
-        ckpt, payload, tensors, old_cfg = self._read(candidates)
+        ckpt, payload, tensors, old_cfg = _read_newest(candidates)
         changed = config_changes(old_cfg, self.cfg.to_dict(), self.allow_change,
                                  fixed=FIXED_KEYS if self.built_optimizer else ())
         if changed:
@@ -484,13 +486,14 @@ class _Loop:
             )
         if len(payload["loader_generators"]) != len(self.generators):
             raise ValueError("resume_from: the train loader's generators differ from the checkpointed run")
-        if "world_size" in payload:  # written under torch.distributed: model and optimizer through DCP
+        distributed = "world_size" in payload  # written under torch.distributed: model and optimizer through DCP
+        # a method that reshapes its model while training (IncreLoRA's growth, Cuttlefish's switch) resizes
+        # it to the checkpoint's shapes first, so the tensors and the optimizer state fit
+        _before_load(state.model, self.callbacks, sharded_tensors(ckpt, state.model) if distributed else tensors)
+        if distributed:
             state.optimizer.zero_grad(set_to_none=True)
             load_sharded(ckpt, state.model, state.optimizer)
         else:
-            # a method that reshapes its adapter while training (IncreLoRA's growth) resizes it to the
-            # checkpoint's shapes first, so the tensors and the optimizer state fit
-            call(self.callbacks, "before_load", state.model, tensors)
             load_trained_tensors(state.model, ckpt, tensors)
             state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
@@ -628,8 +631,31 @@ class _Loop:
         return metrics
 
 
-def _with_method_controllers(model: nn.Module, callbacks: Sequence[Any], optimizer: torch.optim.Optimizer,
-                            total_steps: int) -> list[Any]:
+def _before_load(model: nn.Module, callbacks: Sequence[Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The callbacks' ``before_load(model, tensors)``, unless ``model`` is sharded (FSDP2): a sharded
+    parameter cannot change shape, so such a model was resized before ``fully_shard``
+    (:func:`reshape_for_resume`), and a model that still does not fit fails its load naming the tensors."""
+    from .optim.sharding import is_dtensor
+
+    if not any(is_dtensor(p) for p in model.parameters()):
+        call(callbacks, "before_load", model, tensors)
+
+
+def reshape_for_resume(model: nn.Module, resume_from: str | Path, train_loader: Iterable,
+                       config: TrainConfig | None = None, callbacks: Sequence[Any] = ()) -> None:
+    """Resize an unsharded ``model`` to the newest checkpoint at ``resume_from`` as :func:`train`'s resume
+    does (``before_load`` of ``callbacks`` and of the model's method controllers, built for the run of
+    ``train_loader`` and ``config``), so that it can be sharded (``fully_shard``) and then resumed: under
+    FSDP2 the reshape comes first. Call on every rank of a checkpoint written under ``torch.distributed``."""
+    ckpt, payload, tensors, _ = _read_newest(checkpoints(resume_from))
+    if "world_size" in payload:
+        tensors = sharded_tensors(ckpt, model)
+    total_steps = _total_steps(train_loader, config or TrainConfig())[0]
+    _before_load(model, _with_method_controllers(model, callbacks, None, total_steps), tensors)
+
+
+def _with_method_controllers(model: nn.Module, callbacks: Sequence[Any], optimizer: torch.optim.Optimizer | None,
+                             total_steps: int) -> list[Any]:
     """The controllers and training callbacks of the model's adapter methods (AdaLoRA, SoRA, ALLoRA,
     COLA, ...: ``adapters.rank_control``), then ``callbacks``."""
     from .adapters.rank_control import with_method_controllers
@@ -671,7 +697,8 @@ def train(
     Under ``torch.distributed`` (world size > 1, e.g. FSDP2 by ``rankwise train --nproc N``) every rank
     calls ``train``: checkpoints hold the model and optimizer through ``torch.distributed.checkpoint``
     and each rank's loop state (RNG, loader, scheduler, callbacks), rank 0 holds the lock and renames
-    the directory, and a resume needs the same world size (:func:`rankwise.checkpoint.save_checkpoint`).
+    the directory, and a resume needs the same world size (:func:`rankwise.checkpoint.save_checkpoint`);
+    a model whose ranks changed while training is resized before ``fully_shard`` (:func:`reshape_for_resume`).
     """
     cfg = config or TrainConfig()
     cfg.validate()
@@ -723,5 +750,5 @@ __all__ = [
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
     "method_optimizer",
     "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model", "progress_bar",
-    "reset_peak_memory", "resolve_device", "save_checkpoint", "seed_everything", "train",
+    "reset_peak_memory", "reshape_for_resume", "resolve_device", "save_checkpoint", "seed_everything", "train",
 ]

@@ -14,6 +14,10 @@ and optimizer with ``torch.distributed.checkpoint`` (``get_state_dict``: paramet
 ``... fsdp_worker.py dcp-load ...``: fresh processes and a differently initialised model load
 ``D/<tag>_ckpt`` (``set_state_dict``) and train steps ``k..steps``; final weights to
 ``D/<tag>_resumed.pt``.
+
+``... fsdp_worker.py reshape ...``: ``rankwise.train`` of IncreLoRA / Cuttlefish (ranks change while
+training) straight, and stopped after the change and resumed from its DCP checkpoint
+(:func:`reshape_resume`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -279,6 +284,8 @@ def run(args: argparse.Namespace) -> None:
                      "gathered_in_step": gathered}))
         elif mode == "loop":
             loop_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, world, out)
+        elif mode == "reshape":
+            reshape_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, out)
         elif mode == "dcp-save":
             dcp_save(tag, method, kwargs, batches, args.split, mesh, rank, world, out, spec.get("api", "rankwise"))
         else:
@@ -381,6 +388,87 @@ def loop_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh:
         (out / f"{tag}.json").write_text(json.dumps({"changed_error": error, "files": files}))
 
 
+class _StopNow:
+    """A callback that stops the run before its first step (a resume that only loads)."""
+
+    def on_train_begin(self, state: Any) -> None:
+        state.should_stop = True
+
+
+def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, init_seed: int = 0,
+                 stop: int | None = None, resume: str | None = None, mesh: Any = None,
+                 stop_now: bool = False, resize: bool = True) -> torch.nn.Module:
+    """``rankwise.train`` of a method whose ranks change while training: ``increlora`` (its controller
+    grows the adapter) or ``cuttlefish`` (factorizes every layer once their stable ranks settle), AdamW,
+    float64, a checkpoint every 2 steps in ``out`` (through DCP: the world has 2 ranks). Each rank
+    trains an unsharded model on the whole batches (the controllers act on full weights: they do not
+    run on FSDP2's shards), so the ranks take the same steps. ``mesh``: the fresh model is resized to
+    the checkpoint (:func:`rankwise.train.reshape_for_resume`), then sharded with FSDP2, then resumed."""
+    from torch.utils.data import DataLoader
+
+    import rankwise as rw
+    from rankwise.sparse.cuttlefish import Cuttlefish
+    from rankwise.train import TrainConfig, reshape_for_resume
+    from rankwise.train import train as run
+
+    model = make_model(init_seed)
+    if method == "cuttlefish":
+        rw.sparsify(model, "cuttlefish")
+    else:
+        rw.adapt(model, method, **kwargs)
+    model.to(torch.float64)
+    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
+    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(max_steps=steps, lr=1e-2, checkpoint_every=2, output_dir=str(out), device=None,
+                      progress=False, measure_memory=False)
+    callbacks: list[Any] = [*([_StopAt(stop)] if stop else []), *([_StopNow()] if stop_now else [])]
+    if mesh is not None:
+        if resize:
+            reshape_for_resume(model, resume, loader, cfg)
+        shard(model, mesh)
+    optimizer = None
+    if method == "cuttlefish":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        callbacks.insert(0, Cuttlefish(model, optimizer, **kwargs))
+    run(model, loader, config=cfg, callbacks=callbacks, resume_from=resume, optimizer=optimizer)
+    return model
+
+
+def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int,
+                   out: Path) -> None:
+    """``steps`` steps straight vs stopped after step 3 (its ranks changed at step 2) and resumed by fresh
+    processes' state (a model initialised otherwise, at the initial ranks): final weights to
+    ``<tag>_straight.pt`` / ``<tag>_resumed.pt``. IncreLoRA also: the checkpoint at step 3 resumed into a
+    fresh model resized before ``fully_shard`` (loads, no step: ``<tag>_fsdp.pt`` vs ``<tag>_step3.pt``),
+    and into one sharded without the resize (its error to ``<tag>.json``)."""
+    import torch.distributed as dist
+
+    straight = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_a"))
+    step3 = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_b", stop=3))
+    if rank == 0:  # a copy of checkpoint-3 for the FSDP2 resumes (they write their own final checkpoint)
+        shutil.copytree(out / f"{tag}_b" / "checkpoints" / "checkpoint-3", out / f"{tag}_c" / "checkpoint-3")
+    dist.barrier()
+    resumed = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_b", init_seed=1,
+                                        resume=str(out / f"{tag}_b")))
+    info: dict[str, Any] = {"ranks": {n: list(t.shape) for n, t in step3.items() if "lora_A" in n or n.endswith(".U")}}
+    if method == "increlora":
+        fsdp = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_d", init_seed=1, mesh=mesh,
+                                         resume=str(out / f"{tag}_c"), stop_now=True))
+        try:  # sharded at the initial ranks: the load names the tensors that do not fit
+            reshaped_run(method, kwargs, steps, out / f"{tag}_e", init_seed=1, mesh=mesh, resume=str(out / f"{tag}_c"),
+                         stop_now=True, resize=False)
+            info["unresized_error"] = None
+        except ValueError as exc:
+            info["unresized_error"] = str(exc)
+        if rank == 0:
+            torch.save(fsdp, out / f"{tag}_fsdp.pt")
+    if rank == 0:
+        torch.save(straight, out / f"{tag}_straight.pt")
+        torch.save(step3, out / f"{tag}_step3.pt")
+        torch.save(resumed, out / f"{tag}_resumed.pt")
+        (out / f"{tag}.json").write_text(json.dumps(info))
+
+
 def dcp_save(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, api: str = "rankwise") -> None:
     """``split`` steps, save to ``<tag>_ckpt``, the remaining steps; final weights to ``<tag>_straight.pt``.
     ``mesh=None``: one process, a plain (unsharded) model, checkpoint ``<tag>_ckpt1``."""
@@ -411,7 +499,8 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "loop", "dcp-save", "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "loop", "reshape", "dcp-save",
+                                         "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

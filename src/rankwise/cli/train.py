@@ -377,8 +377,11 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = No
     if rank is not None:  # --nproc: this rank's slice of every batch, FSDP2 over all ranks
         import torch.distributed as dist
 
+        from ..train import reshape_for_resume
         from .distributed import RankSlices, gather_full, shard_model
 
+        if resume:  # a run whose ranks changed: its shapes, before the parameters are sharded
+            reshape_for_resume(model, resume, train_loader, tcfg)
         shard_model(model, tcfg.device)
         train_loader = RankSlices(train_loader, rank, dist.get_world_size())
     if not rank:

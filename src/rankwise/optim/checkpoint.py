@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["optimizer_state_dict", "save", "load"]
+__all__ = ["check_model_fits", "load", "load_model_tensors", "model_shapes", "optimizer_state_dict", "save"]
 
 _MAIN = ("state", "param_groups")
+_MODEL = "model."  # DCP flattens the nested ``{"model": {name: tensor}}`` to ``"model.<name>"`` keys
 
 
 def _names(model: nn.Module) -> dict[int, str]:
@@ -136,13 +137,57 @@ def _prime(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
             del optimizer.state[p]
 
 
-def load(model: nn.Module, optimizer: Optimizer, checkpoint_id: str) -> dict[str, Any]:
+def model_shapes(checkpoint_id: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """``{name: (global shape, dtype)}`` of every model tensor :func:`save` wrote (read from the
+    checkpoint's metadata; no tensor data is read)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    return {k[len(_MODEL):]: (v.size, v.properties.dtype) for k, v in meta.items()
+            if k.startswith(_MODEL) and isinstance(v, TensorStorageMetadata)}
+
+
+def load_model_tensors(checkpoint_id: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The saved model tensors ``names``, whole (plain tensors, the same on every rank). Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+
+    shapes = model_shapes(checkpoint_id)
+    state = {"model": {n: torch.empty(shapes[n][0], dtype=shapes[n][1]) for n in names}}
+    if names:
+        dcp.load(state, checkpoint_id=checkpoint_id)
+    return state["model"]
+
+
+def check_model_fits(model_state: dict[str, Any], checkpoint_id: str, hint: str = "") -> None:
+    """ValueError naming the tensors of ``model_state`` (a model state dict, DTensors by their global
+    shape; other entries are not compared) that the checkpoint lacks, that it holds and the model
+    lacks, or whose shape differs. DCP alone raises a ``CheckpointException`` from inside its planner
+    for a shape or a missing name, and ignores a saved tensor the model lacks."""
+    saved = model_shapes(checkpoint_id)
+    model_state = {n: t for n, t in model_state.items() if torch.is_tensor(t)}  # not a module's extra state
+    missing, unexpected = sorted(set(model_state) - set(saved)), sorted(set(saved) - set(model_state))
+    wrong = [f"{n}: {tuple(saved[n][0])} in the checkpoint, {tuple(t.shape)} in the model"
+             for n, t in model_state.items() if n in saved and tuple(t.shape) != tuple(saved[n][0])]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"the model does not fit the checkpoint {checkpoint_id}"
+            + (f"; shapes differ: {'; '.join(wrong[:3])}" if wrong else "")
+            + (f"; not in the checkpoint: {missing[:3]}" if missing else "")
+            + (f"; only in the checkpoint: {unexpected[:3]}" if unexpected else "") + hint
+        )
+
+
+def load(model: nn.Module, optimizer: Optimizer, checkpoint_id: str, hint: str = "") -> dict[str, Any]:
     """Load what :func:`save` wrote into ``model`` and ``optimizer`` (built as for the saved run, at
-    any world size, sharded or not); returns the ``extra`` entries. Call on every rank."""
+    any world size, sharded or not); returns the ``extra`` entries. Call on every rank. A model whose
+    tensors differ from the saved ones (names or shapes) is a ValueError naming them, ``hint`` appended,
+    before anything is loaded (:func:`check_model_fits`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     _check_supported(optimizer)
+    check_model_fits(get_model_state_dict(model), checkpoint_id, hint)
     head: dict[str, Any] = {"optim_extra": b""}
     dcp.load(head, checkpoint_id=checkpoint_id)
     meta = _unblob(head["optim_extra"])
