@@ -48,6 +48,7 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool]) -> list[dict[
             "optimizer": first["optimizer"], "metric": first["metric"], "note": first.get("note", ""),
             "options": first["options"], "optimizer_options": first["optimizer_options"], "lr": lr,
             "sweep": {str(r["lr"]): r.get("val_metric") for r in mine if r["role"] == "sweep"},
+            "lr_at_grid_edge": _at_edge(lr, [r["lr"] for r in mine if r["role"] == "sweep"]),
             "failures": [f"lr={r['lr']:g} seed={r['seed']}: {r['error']}" for r in mine if r["status"] != "ok"],
             "seeds": [r["seed"] for r in final], "test_values": [r["test_metric"] for r in final],
             "loss_curve": _mean_curve([r["loss_curve"] for r in final]),
@@ -62,6 +63,11 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool]) -> list[dict[
             entry["peak_memory_max_bytes"] = max(r["peak_memory_bytes"] for r in final)
         out.append(entry)
     return out
+
+
+def _at_edge(lr: float | None, grid: list[float]) -> bool:
+    """Whether the chosen lr is the smallest or largest of a grid of 3 or more (the best may lie outside it)."""
+    return lr is not None and len(set(grid)) >= 3 and lr in (min(grid), max(grid))
 
 
 def _mean_curve(curves: list[list[float]]) -> list[float]:
@@ -145,6 +151,10 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
         if plots:
             plot = plot_pareto(mine, out / f"pareto-{task}.png", higher[task], f"{profile['name']}: {task}")
             lines += [f"![Pareto fronts]({plot.name})", ""]
+        edge = [e["experiment"] for e in mine if e["lr_at_grid_edge"]]
+        if edge:
+            lines += [f"Chosen lr at the edge of its grid (the best may lie beyond it; widen `lr_grid`): "
+                      f"{', '.join(edge)}.", ""]
         failed = [f"- {e['experiment']}: {f}" for e in mine for f in e["failures"]]
         if failed:
             lines += ["Failed runs:", "", *failed, ""]

@@ -46,7 +46,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     profiles = ", ".join(f"{k} ({v.description.split(':')[0]})" for k, v in PROFILES.items())
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--only", metavar="NAMES", help="comma-separated experiment names [default: all]")
+        q.add_argument("--only", metavar="NAMES", help="comma-separated experiment names, run in this order "
+                                                   "[default: all]")
         q.add_argument("--tasks", metavar="NAMES", help="comma-separated task names [default: the profile's]")
         add_flag(q, "device", "auto, cpu, cuda or cuda:N [default: auto]", default="auto")
 
@@ -106,9 +107,8 @@ def _names(text: str | None, allowed: list[str], what: str) -> list[str]:
 def _experiments(profile: str, folder: str | None, only: str | None) -> list[Any]:
     from ..bench import builtin_experiments, load_experiments
 
-    found = load_experiments(folder) if folder else builtin_experiments(profile)
-    names = _names(only, [e.name for e in found], "only")
-    return [e for e in found if e.name in names]
+    found = {e.name: e for e in (load_experiments(folder) if folder else builtin_experiments(profile))}
+    return [found[name] for name in _names(only, list(found), "only")]  # in the order --only gives
 
 
 def _shard(text: str) -> tuple[int, int]:
