@@ -199,7 +199,8 @@ def test_measure_peak_memory_58m_llama():
 # ---------------------------------------------------------------------------- state allocated ahead
 
 PREALLOC = ["adamw", "galore", "galore_8bit", "galore_adafactor", "q_galore", "fira", "frugal", "apollo",
-            "apollo_mini", "gradnormlorp", "flora_opt", "osd", "dct_proj", "coap", "natural_galore"]
+            "apollo_mini", "gradnormlorp", "flora_opt", "osd", "dct_proj", "coap", "natural_galore",
+            "galore_plus"]
 
 
 def _factory(name):

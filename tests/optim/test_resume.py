@@ -36,6 +36,10 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("osd_lion", "osd", {"inner": "lion"}),
     ("natural_galore_reproject", "natural_galore", {"reproject_moments": True, "natural_history": 3}),
     ("coap_recompute", "coap", {"reproject_factor": 2}),  # recomputed at step 6, moved by Eq. 5 at step 3
+    # cross-head bases (head_dim 8 of up 32×16 rows / down 16×32 columns); the sparse residual's warm-up
+    # still running at the save (k = 4 < 6), or its moments already running (warm-up 2)
+    ("galore_plus_heads_warmup", "galore_plus", {"head_dim": 8, "residual_warmup": 6, "residual_density": 0.05}),
+    ("galore_plus_residual", "galore_plus", {"residual_warmup": 2, "reproject_moments": True}),
 ]
 CONFIGS: list[tuple[str, str, dict]] = [
     (r.name, r.name, SETTINGS.get(r.name, {})) for r in catalogue.records(family="optimizer", status="done")

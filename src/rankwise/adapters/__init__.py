@@ -63,6 +63,8 @@ from . import edora  # noqa: F401
 from . import lotr  # noqa: F401
 from . import reslora  # noqa: F401
 from . import riemannlora  # noqa: F401
+from . import lora_mini  # noqa: F401
+from . import denselora  # noqa: F401
 # isort: on
 from .base import AdapterConfig, AdapterLayer
 from .combine import lora_from_factors, merge_adapters  # (registers seq_merge, lora_lego)

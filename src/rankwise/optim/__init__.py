@@ -11,6 +11,7 @@ from .fira import Fira
 from .flora import Flora
 from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .galore_plus import GaLorePlus
 from .gradnormlorp import GradNormLoRP
 from .groups import param_groups
 from .guard import GuardedOptimizer, guard
@@ -48,6 +49,7 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "GaLorePlus",
     "GradNormLoRP",
     "NaturalGaLore",
     "OPTIMIZERS",

@@ -18,6 +18,7 @@ from .fira import Fira
 from .flora import Flora
 from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .galore_plus import GaLorePlus
 from .gradnormlorp import GradNormLoRP
 from .groups import decay_groups, param_groups
 from .guard import GUARD_OPTIONS, guard
@@ -62,6 +63,10 @@ _METHODS: list[tuple[str, str, type[torch.optim.Optimizer], str, str]] = [
     ("natural_galore", "optimizer", NaturalGaLore, "Das 2024, Natural GaLore: Accelerating GaLore for "
      "memory-efficient LLM Training and Fine-tuning", "GaLore whose low-rank gradient is preconditioned by the "
      "inverse empirical Fisher of its last s gradients (Woodbury identity) before AdamW"),
+    ("galore_plus", "optimizer", GaLorePlus, "Liao et al. 2024, GaLore+: Boosting Low-Rank Adaptation for LLMs "
+     "with Cross-Head Projection", "GaLore whose basis comes from randomized subspace iteration (no SVD) on one "
+     "head's gradient, shared by all heads of an attention weight, plus AdamW moments of the residual G − PPᵀG "
+     "on a sparse set of entries fixed after a warm-up (Ω and the default ρ, warm-up: our reading)"),
     ("adamw", "optimizer", torch.optim.AdamW, "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
      "full-state AdamW on every trainable parameter (the baseline)"),
     ("badam", "sampler", BAdam, "Luo et al. 2024, BAdam: A Memory Efficient Full Parameter Optimization Method for "

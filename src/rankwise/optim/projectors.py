@@ -38,6 +38,9 @@ Strategies (``PROJECTORS``):
   G), and every ``reproject_factor``-th time it is recomputed by a one-pass range finder started from
   the previous P (Xiao et al. 2025, "COAP: Memory-Efficient Training with Correlation-Aware Gradient
   Projection", Eq. 5–6); no SVD of G, only of an r×n sketch.
+* ``cross_head`` — one basis for all attention heads of a weight, found by the range finder on one
+  randomly drawn head's gradient block (GaLore+, Liao et al. 2024, cross-head projection); no exact
+  SVD, not even as a fallback.
 """
 
 from __future__ import annotations
@@ -785,6 +788,56 @@ class COAPProjector(Projector):
         if self.has_basis(state):
             return state["P"].clone()
         return identity_basis(self.dim, self.rank, self.side, G.device, G.dtype)
+
+
+def head_blocks(shape: tuple[int, int], side: str, rank: int, head_dim: int) -> int:
+    """The number of attention heads of a weight whose un-projected side (rows for a right projection,
+    columns for a left one) is split into blocks of ``head_dim``; a ValueError naming ``head_dim`` when
+    it does not divide that side or is smaller than ``rank``."""
+    heads_side = shape[0] if side == "right" else shape[1]
+    if head_dim < rank or heads_side % head_dim:
+        raise ValueError(
+            f"head_dim={head_dim} must divide the head axis ({heads_side}, the "
+            f"{'rows' if side == 'right' else 'columns'} of a {side}-projected weight of shape {tuple(shape)}) "
+            f"and be at least rank={rank}"
+        )
+    return heads_side // head_dim
+
+
+@_register
+class CrossHeadProjector(RandomizedSVDProjector):
+    """One basis for all attention heads of a weight (GaLore+, Liao et al. 2024, cross-head projection):
+    at each refresh the range finder (randomized subspace iteration, never a full SVD) runs on the
+    gradient block of one head j, drawn from the parameter's seed chain, and the resulting P projects
+    every head's block. Heads lie on the un-projected side: rows of a right-projected weight (q, k, v:
+    (heads·head_dim) × d, P r×d), columns of a left-projected one (o: d × (heads·head_dim), P d×r).
+    ``head_dim`` None: the whole G (the ``rsvd`` basis without its exact-SVD fallback).
+    State: ``P``, ``proj_seed``, ``head`` (j)."""
+
+    name = "cross_head"
+    options = (*RandomizedSVDProjector.options, "head_dim")
+    sharded_refresh = False  # a head's block is sliced from the gathered G
+    state_keys = ("P", "proj_seed", "head", "proj_version")
+
+    def __init__(
+        self, rank: int, side: str, shape: tuple[int, int], opts: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        shared: dict[Any, torch.Tensor] | None = None,
+    ):
+        super().__init__(rank, side, shape, opts, device, dtype, shared)
+        head_dim = self.opts.get("head_dim")
+        self.heads = 1 if head_dim is None else head_blocks(self.shape, side, self.rank, int(head_dim))
+
+    def compute(self, G: torch.Tensor, state: State) -> torch.Tensor | None:
+        block = G
+        if self.heads > 1:
+            j = advance_seed(int(state.get("seed", 0)) + int(state.get("proj_version", 0))) % self.heads
+            d = self.shape[0 if self.side == "right" else 1] // self.heads
+            block = G[j * d:(j + 1) * d] if self.side == "right" else G[:, j * d:(j + 1) * d]
+            state["head"] = j
+        state["P"], projected = self.robust_basis(block, state, ("randomized",), start=state.get("P"))
+        _bump(state)
+        return projected if self.heads == 1 else None
 
 
 #: The strategy names, in registration order.

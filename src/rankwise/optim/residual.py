@@ -17,6 +17,11 @@ step factor (Adam bias correction), α = ``scale``, lr the group learning rate.
   only used to estimate scaling factors s = ‖N‖/‖R‖ per channel (or for the whole tensor) and the
   raw gradient is applied, W ← W − lr·c·√α·NL(G ⊙ s), NL = Fira's norm-growth limiter (on by default,
   ``limiter_gamma``), √α as in apollo-torch.
+* ``sparse_code`` — GaLore+ (Liao et al. 2024, sparsely coded residuals): the subspace part as GaLore,
+  plus AdamW moments of the residual Δ = G − back(R) kept on a fixed set Ω of s = ⌈ρ·m·n⌉ entries
+  (ρ = ``residual_density``), the s largest of Σ|Δ| over the first ``residual_warmup`` steps:
+  m_Ω ← β₁m_Ω + (1−β₁)Δ_Ω, v_Ω ← β₂v_Ω + (1−β₂)Δ_Ω², W_Ω ← W_Ω − lr·α·c_t·m_Ω/(√v_Ω + ε); until Ω is
+  fixed the rule is GaLore's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from ..checks import choice
 from . import fused
 from .projectors import Projector
-from .sharding import placed_like, replicated
+from .sharding import full, is_dtensor, like, placed_like, replicated
 
 State = dict[str, Any]
 
@@ -197,9 +202,61 @@ class ApolloScaling(Residual):
         return True
 
 
+def sparse_code(values: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense matrix of ``shape`` holding ``values`` at the flat positions ``index``, zeros elsewhere."""
+    out = torch.zeros(math.prod(shape), device=values.device, dtype=values.dtype)
+    return out.index_copy_(0, index, values).view(shape)
+
+
+def residual_index(resid: torch.Tensor, state: State, group: dict) -> torch.Tensor | None:
+    """Ω, the flat positions of the sparse residual code: the ⌈ρ·m·n⌉ largest entries of Σ|Δ| over the
+    first ``residual_warmup`` steps (None while they run); fixing Ω also creates its zero moments."""
+    if "res_index" in state:
+        return state["res_index"]
+    score = resid.abs().float()
+    state["res_score"] = score if "res_score" not in state else state["res_score"].add_(score)
+    state["res_seen"] = int(state.get("res_seen", 0)) + 1
+    if state["res_seen"] < int(group.get("residual_warmup", 1)):
+        return None
+    count = max(1, math.ceil(float(group.get("residual_density", 0.01)) * resid.numel()))
+    index = torch.topk(state.pop("res_score").reshape(-1), count).indices.sort().values
+    del state["res_seen"]
+    state["res_index"], state["res_step"] = index, 0
+    state["res_m"] = torch.zeros(count, device=resid.device, dtype=torch.float32)
+    state["res_v"] = torch.zeros_like(state["res_m"])
+    return index
+
+
+class SparseCodedResidual(Residual):
+    """GaLore+'s sparsely coded residual (see the module docstring)."""
+
+    name = "sparse_code"
+    options = ("residual_density", "residual_warmup")
+
+    def apply(self, p, G, R, N, proj, state, group, c):
+        p.add_(proj.back(N, state).mul_(group["scale"]), alpha=-group["lr"] * c)
+        resid = full(_outside(G, R, proj, state))  # FSDP2: gathered, so every rank codes the same Ω
+        index = residual_index(resid, state, group)
+        if index is None:
+            return
+        d = resid.reshape(-1)[index].float()
+        (b1, b2), t = group["betas"], int(state["res_step"]) + 1
+        state["res_step"] = t
+        m, v = state["res_m"], state["res_v"]
+        m.mul_(b1).add_(d, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(d, d, value=1.0 - b2)
+        ct = math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if group.get("correct_bias", True) else 1.0
+        update = (m / (v.sqrt() + group["eps"])).to(p.dtype)
+        alpha = -group["lr"] * group["scale"] * ct
+        if is_dtensor(p):
+            p.add_(placed_like(like(sparse_code(update, index, tuple(p.shape)), p), p), alpha=alpha)
+        else:
+            p.view(-1).index_add_(0, index, update, alpha=alpha)
+
+
 _RULES: dict[str, Residual] = {rule.name: rule for rule in (
     Drop(), FiraResidual(), StateFree("sgd"), StateFree("sign_sgd"), ApolloScaling("apollo_channel"),
-    ApolloScaling("apollo_tensor"),
+    ApolloScaling("apollo_tensor"), SparseCodedResidual(),
 )}
 #: The residual-rule names.
 RESIDUALS = tuple(_RULES)
