@@ -101,3 +101,24 @@ def test_written_experiments_read_back_and_fingerprints_follow_settings(tmp_path
     assert Experiment("a", "lora", {"r": 5}).fingerprint() != exps[0].fingerprint()
     with pytest.raises(ValueError, match="neither"):
         load_experiment(tmp_path / "missing")
+
+
+def test_every_optimizer_has_bench_settings():
+    """cpu-smoke runs full fine-tuning with every optimizer and sampler: a new one needs its knobs here."""
+    from rankwise.bench.profiles import FULL_FT_OPTIMIZERS, builtin_experiments
+    from rankwise.train import optimizer_names
+
+    assert sorted(FULL_FT_OPTIMIZERS) == sorted(optimizer_names())
+    names = {e.name for e in builtin_experiments("cpu-smoke")}
+    assert {f"full-{n}" for n in optimizer_names()} | {"head", "lora", "dora", "vera"} <= names
+
+
+def test_steps_factor_scales_the_budget_and_leaves_default_fingerprints_alone():
+    """The equal-updates view: a sampler's steps multiplied, its steps/K knobs resolved against its own steps."""
+    exp = Experiment("full-badam-equal-updates", "none", optimizer="badam", steps_factor=6,
+                     optimizer_options={"switch_every": "steps/25"})
+    assert exp.steps(50) == 300
+    assert resolve_budget(exp.optimizer_options, exp.steps(50)) == {"switch_every": 12}
+    assert Experiment("a", "lora").fingerprint() != Experiment("a", "lora", steps_factor=2).fingerprint()
+    with pytest.raises(ValueError, match="steps_factor=0"):
+        Experiment("a", "lora", steps_factor=0)

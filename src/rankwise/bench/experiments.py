@@ -28,7 +28,7 @@ from typing import Any
 
 PEFT_CONFIG = "adapter_config.json"
 TRAINING = "training.json"
-TRAINING_KEYS = ("method", "options", "targets", "optimizer", "optimizer_options", "lr_grid", "note")
+TRAINING_KEYS = ("method", "options", "targets", "optimizer", "optimizer_options", "lr_grid", "steps_factor", "note")
 FULL_FINETUNE, HEAD_ONLY = "none", "head"
 _BUDGET = re.compile(r"steps/(\d+)")
 
@@ -37,7 +37,9 @@ _BUDGET = re.compile(r"steps/(\d+)")
 class Experiment:
     """One bench arm: ``method`` (an adapter, ``none`` or ``head``) with ``options`` on ``targets``,
     trained by ``optimizer`` with ``optimizer_options``; ``lr_grid`` (None: the profile's grid for its
-    kind) is what the validation sweep tries; ``note`` states how the method's own knobs were set."""
+    kind) is what the validation sweep tries; ``steps_factor`` multiplies the profile's step count (the
+    equal-updates view of a block sampler: each weight then gets as many updates as under AdamW);
+    ``note`` states how the method's own knobs were set."""
 
     name: str
     method: str = "lora"
@@ -46,6 +48,7 @@ class Experiment:
     optimizer: str = "adamw"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     lr_grid: tuple[float, ...] | None = None
+    steps_factor: float = 1.0
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -60,6 +63,9 @@ class Experiment:
                 raise ValueError(f"experiment {self.name!r}: lr_grid={self.lr_grid!r} must be a non-empty list "
                                  "of positive learning rates")
             object.__setattr__(self, "lr_grid", grid)
+        factor = self.steps_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= 1000:
+            raise ValueError(f"experiment {self.name!r}: steps_factor={factor!r} must be a number in (0, 1000]")
 
     @property
     def kind(self) -> str:
@@ -71,6 +77,10 @@ class Experiment:
             return "structured"
         return {FULL_FINETUNE: "full", HEAD_ONLY: "head"}.get(self.method, "adapter")
 
+    def steps(self, profile_steps: int) -> int:
+        """This experiment's optimizer steps under a profile of ``profile_steps``."""
+        return max(1, round(profile_steps * self.steps_factor))
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["lr_grid"] = list(self.lr_grid) if self.lr_grid is not None else None
@@ -79,6 +89,8 @@ class Experiment:
     def fingerprint(self) -> str:
         """A short hash of every setting (not the note): rows of a changed experiment never mix with new ones."""
         settings = {k: v for k, v in self.to_dict().items() if k not in ("name", "note")}
+        if self.steps_factor == 1:
+            del settings["steps_factor"]  # the default leaves fingerprints of earlier runs unchanged
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

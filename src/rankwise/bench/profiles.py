@@ -101,10 +101,12 @@ FULL_FT_OPTIMIZERS: dict[str, tuple[dict[str, Any], str]] = {
     "adamw": ({}, "the reference"),
     **{name: ({"rank": RANK, "update_gap": "steps/4"}, "rank {rank}, four subspace refreshes within the budget")
        for name in ("galore", "galore_adafactor", "galore_8bit", "q_galore", "fira", "frugal", "gradnormlorp",
-                    "flora_opt", "osd", "dct_proj", "coap", "natural_galore", "apollo")},
+                    "flora_opt", "osd", "dct_proj", "coap", "natural_galore", "galore_plus", "apollo")},
     "apollo_mini": ({"update_gap": "steps/4"}, "APOLLO-Mini: rank 1, tensor-wise scaling"),
-    "badam": ({"switch_every": "steps/25"},
-              "25 block switches, so every block (embeddings, each layer, head) gets at least two turns"),
+    "badam": ({"switch_every": "steps/25", "always_active": ["classifier"]},
+              "25 block switches, so every layer block gets several turns; embedding and head blocks frozen as in "
+              "the official BlockOptimizer, the freshly initialized classifier trained at every step (its "
+              "active_modules)"),
     "lisa": ({"switch_every": "steps/10"}, "10 re-samplings of the active layers"),
     "owlore": ({"switch_every": "steps/10"}, "10 re-samplings of the active layers"),
     "ist": ({}, "its defaults: re-sampled every step by importance"),
@@ -145,10 +147,27 @@ def full_ft_experiments(names: tuple[str, ...] | None = None, rank: int = 8) -> 
     return out
 
 
+#: Block samplers again at equal updates per parameter (cpu-smoke, MiniLM's 6 layers): BAdam trains one of 6
+#: layer blocks per step, LISA 2 of 6 layers.
+EQUAL_UPDATES = {"badam": 6.0, "lisa": 3.0}
+
+
+def equal_update_experiments() -> list[Experiment]:
+    """``full-<sampler>-equal-updates``: the sampler with its steps multiplied so each layer weight gets as
+    many updates as under AdamW (the run's ``updates_per_param`` shows it)."""
+    out = []
+    for exp in full_ft_experiments(tuple(EQUAL_UPDATES)):
+        factor = EQUAL_UPDATES[exp.optimizer]
+        out.append(Experiment(f"{exp.name}-equal-updates", exp.method, optimizer=exp.optimizer,
+                              optimizer_options=exp.optimizer_options, steps_factor=factor,
+                              note=f"{exp.note}; {factor:g}x the steps: equal updates per layer weight"))
+    return out
+
+
 def builtin_experiments(profile: str) -> list[Experiment]:
     """The experiments a profile runs when no ``--experiments`` folder is given."""
     if profile == "cpu-smoke":
-        return ([Experiment("head", HEAD_ONLY)] + full_ft_experiments()
+        return ([Experiment("head", HEAD_ONLY)] + full_ft_experiments() + equal_update_experiments()
                 + [_adapter_experiment(m) for m in adapter_methods()])
     if profile in ("cpu-lm", "gpu-small"):
         adapters = [m for m in LM_ADAPTERS if m in adapter_methods()]

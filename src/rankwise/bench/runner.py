@@ -242,9 +242,10 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
 
     model, _, splits = _build(task, profile, seed)
     _prepare(model, exp, splits, seed)
-    cfg = TrainConfig(lr=lr, max_steps=profile.steps, batch_size=profile.batch_size, max_length=profile.max_length,
-                      warmup_steps=max(1, round(profile.warmup * profile.steps)), schedule="linear",
-                      optimizer=exp.optimizer, optimizer_kwargs=resolve_budget(exp.optimizer_options, profile.steps),
+    steps = exp.steps(profile.steps)
+    cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=profile.batch_size, max_length=profile.max_length,
+                      warmup_steps=max(1, round(profile.warmup * steps)), schedule="linear",
+                      optimizer=exp.optimizer, optimizer_kwargs=resolve_budget(exp.optimizer_options, steps),
                       seed=seed, device=device, progress=False, task="lm" if task.kind == "causal-lm" else "auto")
     loader, meter = CountingLoader(splits.train), Meter()
     rss_before = _rss()
@@ -431,7 +432,8 @@ class Bench:
         row: dict[str, Any] = {
             "profile": self.profile.name, "task": task.name, "experiment": exp.name, "fingerprint": exp.fingerprint(),
             "method": exp.method, "kind": exp.kind, "optimizer": exp.optimizer, "options": exp.options,
-            "optimizer_options": resolve_budget(exp.optimizer_options, self.profile.steps), "targets": exp.targets,
+            "optimizer_options": resolve_budget(exp.optimizer_options, exp.steps(self.profile.steps)),
+            "targets": exp.targets,
             "note": exp.note, "lr": lr, "seed": seed, "role": role, "metric": task.metric,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": env,
         }
