@@ -98,4 +98,6 @@ def test_one_real_run_measures_what_the_report_needs(tiny_profile, tmp_path):
     assert row["trained_params"] == row["trainable_params"] == lora + 32 * 5 + 5
     assert row["updates_per_param"] == pytest.approx(tiny_profile.steps)
     assert row["saved_bytes"] > 4 * lora
+    # one more step's exact tensor peak: at least the fp32 weights + trained gradients + AdamW's two moments
+    assert row["tensor_peak_bytes"] > 4 * row["total_params"] + 3 * 4 * row["trainable_params"]
     json.dumps(row)

@@ -226,6 +226,26 @@ def planned_peak(task: BenchTask, exp: Experiment, profile: Profile) -> int | No
     return _PLANS[key]
 
 
+def tensor_peak(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> int:
+    """Exact peak bytes of live tensors over one more training step (forward, backward, optimizer step) on
+    ``batch``: the weights, buffers and optimizer state held before it plus every storage the step creates
+    while alive (``rankwise.memory.TensorMemoryTracker``), the quantity ``rw.plan`` predicts."""
+    from ..batches import loss_of, model_device, move_batch
+    from ..memory import TensorMemoryTracker, optimizer_state_bytes
+
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*model.parameters(), *model.buffers()]}
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    batch = move_batch(batch, model_device(model))
+    with TensorMemoryTracker(baseline=sum(held.values()) + optimizer_state_bytes(optimizer)) as tracker:
+        loss_of(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return tracker.peaks()["total"]
+
+
 def _curve(values: list[float]) -> list[float]:
     """At most CURVE_POINTS evenly spaced values (the first and last kept)."""
     if len(values) <= CURVE_POINTS:
@@ -253,6 +273,7 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
     peak, kind = peak_memory(torch.device(result.device))
     eval_task = "lm" if task.kind == "causal-lm" else "classification"
     val, test = evaluate(model, splits.val, task=eval_task), evaluate(model, splits.test, task=eval_task)
+    step_peak = tensor_peak(model, meter.optimizer, next(iter(splits.init))) if meter.optimizer is not None else None
     losses = [h["loss"] for h in result.history if "loss" in h]
     # parameters the run trains over its course: every weight for full training (a block sampler
     # unfreezes one block at a time), else those trainable at the end
@@ -267,6 +288,7 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
         "refresh_step_s": meter.refresh_s(),
         "updates_per_param": meter.updated / max(1, trained),
         "peak_memory_bytes": peak, "peak_memory_kind": kind, "rss_before_bytes": rss_before,
+        "tensor_peak_bytes": step_peak,
         "planned_peak_bytes": planned_peak(task, exp, profile),
         "optimizer_state_bytes": result.optimizer_state_bytes, "trainable_params": result.trainable_params,
         "total_params": result.total_params, "trained_params": trained, "saved_bytes": _saved_bytes(model, exp),

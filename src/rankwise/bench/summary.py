@@ -18,8 +18,8 @@ from .runner import BENCH_FILE, chosen_lr, read_rows
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 #: Measurements averaged over the seeds (besides the test metric).
 MEASURES = ("val_metric", "train_loss", "tokens_per_s", "train_time_s", "step_s_median", "optimizer_step_s_median",
-            "refresh_step_s", "peak_memory_bytes", "planned_peak_bytes", "optimizer_state_bytes", "trainable_params",
-            "trained_params", "total_params", "saved_bytes", "updates_per_param")
+            "refresh_step_s", "peak_memory_bytes", "tensor_peak_bytes", "planned_peak_bytes", "optimizer_state_bytes",
+            "trainable_params", "trained_params", "total_params", "saved_bytes", "updates_per_param")
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
@@ -106,8 +106,9 @@ COLUMNS = (
     Column("lr", "lr", lambda v: f"{v:g}"),
     Column("metric_text", "test (mean ± 95% CI, seeds)"),
     Column("trained_params", "trained params", human_count),
-    Column("peak_memory_bytes", "peak memory", human_bytes),
-    Column("planned_peak_bytes", "planned peak", human_bytes),
+    Column("peak_memory_bytes", "peak RSS", human_bytes),
+    Column("tensor_peak_bytes", "tensor peak", human_bytes),
+    Column("planned_peak_bytes", "rw.plan peak", human_bytes),
     Column("optimizer_state_bytes", "optimizer state", human_bytes),
     Column("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}"),
     Column("train_time_s", "train time", _seconds),
@@ -166,8 +167,10 @@ def _environment(env: dict[str, Any]) -> str:
     packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     return (f"Machine: {env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads)"
             f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; Python {env['python']}; {packages}; "
-            f"commit {env.get('commit') or '-'}. Peak memory: the process's peak RSS over the run on CPU "
-            "(includes the interpreter and the loaded model), CUDA max allocated on a GPU; planned peak: `rw.plan`.")
+            f"commit {env.get('commit') or '-'}. Peak RSS: the process's peak resident memory over the run on CPU "
+            "(includes the interpreter and libraries; CUDA max allocated on a GPU); tensor peak: the exact peak of "
+            "live tensors (weights, buffers, optimizer state, gradients, activations) over one more training step; "
+            "rw.plan peak: what `rw.plan` predicts for the same setup.")
 
 
 def _settings_section(entries: list[dict[str, Any]]) -> list[str]:
