@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState, clear_optimizer_state
-from ..checks import non_negative, positive
+from ..checks import non_negative
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, AlphaConfig
 from .init import InitContext
 from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -34,20 +34,14 @@ __all__ = ["GateController", "GatedLoRALayer", "SoRAConfig", "SoRAController", "
 
 
 @dataclass
-class SoRAConfig(AdapterConfig):
+class SoRAConfig(AlphaConfig):
     """``r`` the initial rank, ``alpha`` (None: α = r) with s = α/r, ``sparse_lambda`` λ of the L1 penalty on g."""
 
-    alpha: float | None = None
     sparse_lambda: float = 0.1
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("sparse_lambda", self.sparse_lambda)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class GatedLoRALayer(AdapterLayer):
