@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState
-from ..checks import fraction, integer, non_negative, positive
+from ..checks import fraction, integer, non_negative
 from ..rng import layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, register
@@ -43,7 +43,7 @@ __all__ = ["AdaLoRAConfig", "AdaLoRAController", "AdaLoRALayer", "budget_schedul
 
 
 @dataclass
-class AdaLoRAConfig(AdapterConfig):
+class AdaLoRAConfig(AlphaScale):
     """AdaLoRA options, PEFT's names: ``r`` (= ``init_r``) initial rank per layer, ``target_r`` the
     average final rank, ``tinit`` / ``tfinal`` the steps before / after the budget decreases,
     ``deltaT`` steps between allocations, ``beta1`` / ``beta2`` the EMA rates of sensitivity and
@@ -78,12 +78,11 @@ class AdaLoRAConfig(AdapterConfig):
         fraction("beta1", self.beta1, allow_one=False, what="a number in (0, 1)")
         fraction("beta2", self.beta2, allow_one=False, what="a number in (0, 1)")
         non_negative("orth_reg_weight", self.orth_reg_weight)
-        positive("alpha", self.alpha, optional=True)
 
     @property
     def scale(self) -> float:
         """s = α/(r + 1e-5): PEFT's ``scaling / (ranknum + 1e-5)`` with ranknum = r, fixed while λ is masked."""
-        return float(self.r if self.alpha is None else self.alpha) / (self.r + 1e-5)
+        return self.alpha_value / (self.r + 1e-5)
 
 
 class AdaLoRALayer(AdapterLayer):

@@ -28,8 +28,8 @@ from torch import nn
 
 from ..batches import LossFn, loss_of, model_device, move_batch
 from ..callbacks import TrainState
-from ..checks import fraction, positive
-from .base import AdapterConfig
+from ..checks import fraction
+from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
 from .sora import GateController, GatedLoRALayer
@@ -38,21 +38,15 @@ __all__ = ["AutoLoRAConfig", "AutoLoRAController", "AutoLoRALayer", "rank_patter
 
 
 @dataclass
-class AutoLoRAConfig(AdapterConfig):
+class AutoLoRAConfig(AlphaConfig):
     """``r`` the searched rank, ``alpha`` (None: α = r; s = α/r), ``threshold`` λ: a component is kept when its
     weight softmax(α)ᵢ ≥ λ (None: 1/r, the uniform weight)."""
 
-    alpha: float | None = None
     threshold: float | None = None
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         fraction("threshold", self.threshold, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
     @property
     def keep_threshold(self) -> float:

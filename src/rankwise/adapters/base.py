@@ -26,6 +26,7 @@ config's ``adapter_dtype`` (float32 by default, whatever the base dtype), like P
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import fraction, rank
+from ..checks import fraction, positive, rank
 from ..quant import Quantized, dequantize, dequantize_tensor, requantize_, restore_, stash
 from ..targets import KIND_LABELS, is_conv1d, is_factorized, is_linear4bit, kind_label, layer_kind, linear_weight
 from .batched import mixed_forward
@@ -95,6 +96,46 @@ class AdapterConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+class AlphaScale(AdapterConfig):
+    """A config with LoRA's scale s = α/r, ``alpha=None`` meaning α = r (s = 1) (Hu et al. 2021). The
+    config declares ``alpha: float | None = None`` where it stands in its fields, or inherits ``AlphaConfig``;
+    one that sets ``alpha_optional = False`` requires a number (its own default α, e.g. 1)."""
+
+    alpha: float | None
+    alpha_optional: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        positive("alpha", self.alpha, optional=self.alpha_optional)
+
+    @property
+    def alpha_value(self) -> float:
+        """α (r when ``alpha`` is None)."""
+        return float(self.r if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha_value / self.r
+
+
+@dataclass
+class AlphaConfig(AlphaScale):
+    """The shared fields, then ``alpha`` (None: α = r) with s = α/r."""
+
+    alpha: float | None = None
+
+
+@dataclass
+class RsAlphaConfig(AlphaConfig):
+    """``alpha`` and ``use_rslora``: s = α/√r (rsLoRA, Kalajdzievski 2023) instead of α/r."""
+
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha_value / math.sqrt(self.r) if self.use_rslora else self.alpha_value / self.r
 
 
 class AdapterLayer(nn.Module):

@@ -33,32 +33,26 @@ from torch import nn
 
 from ..batches import LossFn, loss_of, model_device, move_batch
 from ..callbacks import TrainState
-from ..checks import integer, non_negative, positive
+from ..checks import integer, non_negative
 from .adalora import AdaLoRALayer, orthogonal_regularizer
-from .base import AdapterConfig
+from .base import AlphaConfig
 from .rank_control import MethodController
 from .registry import MethodSpec, adapter_layers, register
 
 
 @dataclass
-class BiLoRAConfig(AdapterConfig):
+class BiLoRAConfig(AlphaConfig):
     """BiLoRA options: ``r``, ``alpha`` (None: α = r; s = α/r), ``orth_reg_weight`` γ of the
     orthogonality regulariser on P, Q, and ``upper_every`` k: every k-th training batch is a D₂ batch."""
 
     r: int = 8
-    alpha: float | None = None
     orth_reg_weight: float = 0.1
     upper_every: int = 2
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("orth_reg_weight", self.orth_reg_weight)
         integer("upper_every", self.upper_every, 2)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
     def training_callbacks(self, model: nn.Module, adapter_name: str, optimizer: Any = None) -> list[Any]:
         """What ``rankwise.train.train`` runs with this adapter: the two levels' gradient routing."""

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..checks import choice, fraction, integer, non_negative, positive
 from ..linalg import energy_rank
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, AlphaConfig
 from .init import INITS, Factors, InitContext
 from .registry import MethodSpec, register
 
@@ -63,21 +63,15 @@ class CoreConfig(AdapterConfig):
 
 
 @dataclass
-class LoRAXSConfig(CoreConfig):
+class LoRAXSConfig(AlphaConfig, CoreConfig):
     """LoRA-XS: s = α/r (``alpha=None``: α = r, s = 1); the r×r core starts ~ N(0, init_std²)."""
 
     init_name: ClassVar[str] = "lora_xs"
-    alpha: float | None = None
     init_std: float = 1e-5
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("init_std", self.init_std)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 @dataclass
@@ -95,19 +89,12 @@ class LoRASBConfig(CoreConfig):
 
 
 @dataclass
-class LoLDUConfig(CoreConfig):
+class LoLDUConfig(AlphaConfig, CoreConfig):
     """LoLDU: fixed scale σ = α/r on P·L_r·diag(z)·U_r (official code's default α = 1)."""
 
     init_name: ClassVar[str] = "loldu"
     alpha: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        positive("alpha", self.alpha)
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.r
+    alpha_optional: ClassVar[bool] = False
 
 
 @dataclass

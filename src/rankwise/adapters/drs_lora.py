@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState
-from ..checks import fraction, integer, non_negative, positive
+from ..checks import fraction, integer, non_negative
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig
+from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, adapter_state, register
 from .sora import GateController, GatedLoRALayer, prune_zero_gates, soft_threshold
@@ -44,13 +44,12 @@ __all__ = ["DRSLoRAConfig", "DRSLoRAController", "DRSLoRALayer", "kappa_schedule
 
 
 @dataclass
-class DRSLoRAConfig(AdapterConfig):
+class DRSLoRAConfig(AlphaConfig):
     """``r`` the rank every task starts with, ``alpha`` (None: α = r, s = 1 as the code), ``max_kappa`` the
     final soft threshold κ, ``kappa_steps`` its stages, ``dense_fraction`` the share of a task's steps
     before any threshold. ``task_ranks`` is per-layer state (the ranks merged by each finished task)."""
 
     r: int = 16
-    alpha: float | None = None
     max_kappa: float = 7e-4
     kappa_steps: int = 50
     dense_fraction: float = 0.5
@@ -58,15 +57,10 @@ class DRSLoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("max_kappa", self.max_kappa)
         integer("kappa_steps", self.kappa_steps, 1)
         fraction("dense_fraction", self.dense_fraction, allow_zero=True, allow_one=False, what="in [0, 1)")
         self.task_ranks = [integer("task_ranks", k, 0) for k in self.task_ranks]
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class DRSLoRALayer(GatedLoRALayer):

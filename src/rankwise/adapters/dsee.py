@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import choice, integer, positive
+from ..checks import choice, integer
 from ..linalg import truncated_svd
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 
@@ -36,13 +36,12 @@ HEAD_SCORES = ("update", "weight_update")
 
 
 @dataclass
-class DSEEConfig(AdapterConfig):
+class DSEEConfig(AlphaConfig):
     """``alpha`` (scale α/r on BA + S₂; None = r), ``nnz`` (non-zeros of S₂ per matrix), ``support``
     ("decomposition" of W₀ or "random"), ``support_rank`` (rank of L in W₀ ≈ L + S; None = r),
     ``support_iters`` (alternations), ``structure`` of the final sparsity ("unstructured" or
     "heads") and ``head_score`` ("update": Σ|ΔW| of a head, or "weight_update": Σ|W₀| + Σ|ΔW|)."""
 
-    alpha: float | None = None
     nnz: int = 64
     support: str = "decomposition"
     support_rank: int | None = None
@@ -56,13 +55,8 @@ class DSEEConfig(AdapterConfig):
         choice("structure", self.structure, STRUCTURES)
         choice("head_score", self.head_score, HEAD_SCORES)
         integer("nnz", self.nnz, 0)
-        positive("alpha", self.alpha, optional=True)
         integer("support_rank", self.support_rank, 1, optional=True)
         integer("support_iters", self.support_iters, 1)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 @torch.no_grad()

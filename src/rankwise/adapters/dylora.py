@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState
-from ..checks import integer, positive
+from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, scaled_update
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -39,7 +39,7 @@ __all__ = ["DyLoRAConfig", "DyLoRAController", "DyLoRALayer", "truncate_rank"]
 
 
 @dataclass
-class DyLoRAConfig(AdapterConfig):
+class DyLoRAConfig(AlphaScale):
     """``r`` the largest rank, ``r_min`` the smallest sampled rank, ``alpha`` (None: α = r) with scale
     α/b at rank b, ``frozen``: update only the b-th component at a step with rank b."""
 
@@ -50,13 +50,8 @@ class DyLoRAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         integer("r_min", self.r_min, 1, self.r)
-        positive("alpha", self.alpha, optional=True)
         if not isinstance(self.frozen, bool):
             raise ValueError(f"frozen={self.frozen!r} must be True or False")
-
-    @property
-    def alpha_value(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha)
 
 
 class DyLoRALayer(AdapterLayer):

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import choice, integer, positive
+from ..checks import choice, integer
 from ..rng import layer_generator
 from ..targets import matrix_shape
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .registry import MethodSpec, adapter_names, register
 from .sources import adapt_from_sources, check_sources_on, held_at
@@ -39,7 +39,7 @@ COEF_INITS = ("zero", "uniform")
 
 
 @dataclass
-class EigenLoRAxConfig(AdapterConfig):
+class EigenLoRAxConfig(AlphaScale):
     """``n_components`` K principal components per side from the sources, ``n_pseudo`` P random
     orthonormal pseudo-components beside them; ``sources``: the adapters read (None: every adapter
     with LoRA factors on each layer); ``init_from``: a source whose projection onto the components
@@ -67,16 +67,11 @@ class EigenLoRAxConfig(AdapterConfig):
         if self.init_from is not None and not isinstance(self.init_from, str):
             raise ValueError(f"init_from={self.init_from!r} must be an adapter name or None")
         choice("coef_init", self.coef_init, COEF_INITS)
-        positive("alpha", self.alpha, optional=True)
 
     @property
     def size(self) -> int:
         """K + P, the number of components per side."""
         return self.n_components + self.n_pseudo
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 def principal_subspace(vectors: torch.Tensor, k: int, p: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState, clear_optimizer_state
-from ..checks import fraction, integer, positive
+from ..checks import fraction, integer
 from .adalora import smooth_importance_, svd_form_parameters
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, checkpoint_tensor
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -37,7 +37,7 @@ __all__ = ["ElaLoRAConfig", "ElaLoRAController", "ElaLoRALayer", "rank_pattern"]
 
 
 @dataclass
-class ElaLoRAConfig(AdapterConfig):
+class ElaLoRAConfig(AlphaScale):
     """``r`` the initial rank per layer (r₀ of s = α/r₀), ``warmup`` steps before the first adjustment,
     ``adjust_interval`` steps between adjustments, ``adjust_k`` components pruned and added per adjustment,
     ``tfinal`` steps at the end without adjustment, ``total_step`` (None: the run's steps), ``beta1`` /
@@ -63,12 +63,7 @@ class ElaLoRAConfig(AdapterConfig):
         integer("total_step", self.total_step, 1, optional=True)
         fraction("beta1", self.beta1, allow_one=False, what="a number in (0, 1)")
         fraction("beta2", self.beta2, allow_one=False, what="a number in (0, 1)")
-        positive("alpha", self.alpha, optional=True)
         integer("rank_now", self.rank_now, 1, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class ElaLoRALayer(AdapterLayer):

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import integer, positive, rank
+from ..checks import integer, rank
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .registry import MethodSpec, register
 
 
 @dataclass
-class GraLoRAConfig(AdapterConfig):
+class GraLoRAConfig(AlphaScale):
     """GraLoRA hyper-parameters: ``r`` the total rank of the k×k block LoRAs (each block gets r/k),
     ``gralora_k`` the number of blocks per side, ``hybrid_r`` the rank of an extra plain LoRA,
     ``alpha`` (None: α = r + hybrid_r, scale 1; PEFT's default is 64 at r = 32)."""
@@ -44,7 +44,6 @@ class GraLoRAConfig(AdapterConfig):
         super().validate()
         rank("gralora_k", self.gralora_k)
         integer("hybrid_r", self.hybrid_r, 0)
-        positive("alpha", self.alpha, optional=True)
         if self.r % self.gralora_k:
             raise ValueError(f"r={self.r} must be divisible by gralora_k={self.gralora_k} (each block has rank r/k)")
 

@@ -46,10 +46,10 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState
-from ..checks import fraction, integer, non_negative, positive
+from ..checks import fraction, integer, non_negative
 from ..rng import layer_generator
 from .adalora import orthogonal_regularizer, smooth_importance_
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, checkpoint_tensor, scaled_update
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -61,7 +61,7 @@ RESERVE_LAMBDA = 1e-5  # λ of a reserve component under advance learning (the r
 
 
 @dataclass
-class IncreLoRAConfig(AdapterConfig):
+class IncreLoRAConfig(AlphaScale):
     """``r`` the initial rank per layer (also r₀ of the scale s = α/r₀), ``target_r`` the average final
     rank (budget = target_r × layers), ``init_warmup`` steps before the first growth, ``incre_interval``
     steps between growths, ``top_h`` modules grown each time, ``incre_rank_num`` components each gets,
@@ -97,13 +97,8 @@ class IncreLoRAConfig(AdapterConfig):
         fraction("beta2", self.beta2, allow_one=False, what="a number in (0, 1)")
         non_negative("orth_reg_weight", self.orth_reg_weight)
         integer("restart_warmup", self.restart_warmup, 0)
-        positive("alpha", self.alpha, optional=True)
         integer("grown", self.grown, 0)
         integer("reserve", self.reserve, 0, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
     @property
     def reserve_count(self) -> int:

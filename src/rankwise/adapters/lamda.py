@@ -23,29 +23,23 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback, TrainState
-from ..checks import fraction, positive
+from ..checks import fraction
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
 
 
 @dataclass
-class LaMDAConfig(AdapterConfig):
+class LaMDAConfig(AlphaConfig):
     """LaMDA: ``alpha`` the LoRA α (None: r; scale α/r); ``freeze_eta`` η: one more column of PMB is
     frozen every η·T steps (authors' default 0.3)."""
 
-    alpha: float | None = None
     freeze_eta: float = 0.3
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         fraction("freeze_eta", self.freeze_eta, what="in (0, 1]")
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
     def training_callbacks(self, model: nn.Module, adapter_name: str, optimizer: Any = None) -> list[Callback]:
         """What ``rankwise.train.train`` runs with this adapter: the gradual freezing of PMB."""

@@ -13,29 +13,26 @@ together from the full-precision W₀ (``adapters.init.loftq_init``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from ..checks import choice, integer, positive
+from ..checks import choice, integer
 from ..quant import SCHEMES, to_linear4bit
 from ..rng import kaiming_uniform_, layer_generator
 from ..targets import is_linear4bit, linear_weight
-from .base import AdapterConfig, AdapterLayer, check_base
+from .base import AdapterConfig, AdapterLayer, RsAlphaConfig, check_base
 from .experts import ExpertLoRALayer
 from .init import INITS, Factors, InitContext, lora_inits
 from .registry import MethodSpec, register
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(RsAlphaConfig):
     """LoRA hyper-parameters. ``alpha=None`` means α = r (scale 1 for plain LoRA). ``target_parameters``:
     names / suffixes of 3-D MoE expert parameters that get one LoRA pair per expert (``adapters.experts``)."""
 
-    alpha: float | None = None
-    use_rslora: bool = False
     init: str = "default"
     init_iters: int = 0  # power iterations for randomized SVD inits (0 = exact SVD)
     target_parameters: list[str] | None = None
@@ -45,13 +42,7 @@ class LoRAConfig(AdapterConfig):
         if isinstance(self.target_parameters, tuple):  # JSON-friendly (find_parameters checks the names)
             self.target_parameters = list(self.target_parameters)
         choice("init", self.init, lora_inits())
-        positive("alpha", self.alpha, optional=True)
         integer("init_iters", self.init_iters, 0)
-
-    @property
-    def scale(self) -> float:
-        alpha = float(self.r if self.alpha is None else self.alpha)
-        return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import choice, fraction, positive
+from ..checks import choice, fraction
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .named import target_modules
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -32,18 +32,8 @@ MASK_SCOPES = ("model", "matrix")  # where lori_masks ranks |B|: over the whole 
 
 
 @dataclass
-class LoRIConfig(AdapterConfig):
+class LoRIConfig(AlphaConfig):
     """LoRI hyper-parameters: ``alpha`` (None: α = r, scale 1) as LoRA's."""
-
-    alpha: float | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        positive("alpha", self.alpha, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class LoRILayer(AdapterLayer):

@@ -15,7 +15,6 @@ export to PEFT.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,31 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import positive
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig
+from .base import RsAlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 from .unmerge import KeepsBaseOnMerge
 
 
 @dataclass
-class LoRSConfig(AdapterConfig):
+class LoRSConfig(RsAlphaConfig):
     """``alpha`` (None = r) and ``use_rslora`` (scale α/√r, as the authors' code; default False: α/r)."""
-
-    alpha: float | None = None
-    use_rslora: bool = False
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora={self.use_rslora!r} must be True or False")
-
-    @property
-    def scale(self) -> float:
-        alpha = float(self.r if self.alpha is None else self.alpha)
-        return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
 
 
 def support(weight: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ export.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..checks import positive
 from ..targets import linear_shape, linear_weight
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 
@@ -29,18 +29,11 @@ Shared = dict[tuple[int, int], tuple[nn.Parameter, nn.Parameter]]
 
 
 @dataclass
-class LoTRConfig(AdapterConfig):
+class LoTRConfig(AlphaConfig):
     """LoTR: ``r`` the Tucker rank (core r×r), ``alpha`` the scale numerator (s = α/r; authors' default 1)."""
 
     alpha: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        positive("alpha", self.alpha)
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.r
+    alpha_optional: ClassVar[bool] = False
 
 
 def lotr_factors(seed: int, r: int, shapes: list[tuple[int, int]], like: torch.Tensor, dtype: torch.dtype) -> Shared:

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import integer, positive
+from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .registry import MethodSpec, register
 
 
 @dataclass
-class MELoRAConfig(AdapterConfig):
+class MELoRAConfig(AlphaScale):
     """MELoRA hyper-parameters: ``r`` the rank of each mini LoRA, ``n`` their number (it must divide
     both dimensions of every adapted layer), ``alpha`` the LoRA α of each (None: r; scale α/r)."""
 
@@ -36,11 +36,6 @@ class MELoRAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         integer("n", self.n, 1)
-        positive("alpha", self.alpha, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class MELoRALayer(AdapterLayer):

@@ -39,9 +39,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..checks import choice, positive
+from ..checks import choice
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import INITS, InitContext
 from .registry import MethodSpec, register
 
@@ -49,7 +49,7 @@ VARIANTS = ("nlora", "slora", "inttune")
 
 
 @dataclass
-class NLoRAConfig(AdapterConfig):
+class NLoRAConfig(AlphaScale):
     """``variant``: "nlora" (Nyström init, B, M, A trained), "slora" (random M, A, B = 0, all trained) or
     "inttune" (Nyström init, only M trained). s = α/r (``alpha=None``: s = 1). Nyström init options:
     ``core_init`` "intersection" (M = W₀[I, J], the official code) or "pinv" (M = W₀[I, J]⁺, s·B·M·A = the
@@ -68,13 +68,8 @@ class NLoRAConfig(AdapterConfig):
         choice("variant", self.variant, VARIANTS)
         choice("core_init", self.core_init, ("intersection", "pinv"))
         choice("sampling", self.sampling, ("first", "uniform"))
-        positive("alpha", self.alpha, optional=True)
         if not isinstance(self.residual, bool):
             raise ValueError(f"residual={self.residual!r} must be True or False")
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else float(self.alpha) / self.r
 
     @property
     def nystrom(self) -> bool:

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import integer, positive
+from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .registry import MethodSpec, register
 
 
 @dataclass
-class NOLAConfig(AdapterConfig):
+class NOLAConfig(AlphaScale):
     """NOLA hyper-parameters: ``num_basis_A`` (k) and ``num_basis_B`` (l) random bases per layer for
     A and B, ``alpha`` the LoRA α (None: r; scale α/r)."""
 
@@ -42,11 +42,6 @@ class NOLAConfig(AdapterConfig):
         super().validate()
         integer("num_basis_A", self.num_basis_A, 1)
         integer("num_basis_B", self.num_basis_B, 1)
-        positive("alpha", self.alpha, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 def nola_bases(

@@ -20,27 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import positive
 from ..rng import layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 
 
 @dataclass
-class PaCAConfig(AdapterConfig):
+class PaCAConfig(AlphaConfig):
     """``r``: connections (input columns) trained per matrix; ``alpha``: scale s = α/r of the trained
     columns (the official ``paca_alpha``; None = r, s = 1)."""
-
-    alpha: float | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        positive("alpha", self.alpha, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class PaCALayer(AdapterLayer):

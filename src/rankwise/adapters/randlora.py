@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import choice, positive
+from ..checks import choice
 from ..targets import linear_shape, linear_weight
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 
@@ -39,19 +39,17 @@ ROUTES = ("auto", "dense", "factored")
 
 
 @dataclass
-class RandLoRAConfig(AdapterConfig):
+class RandLoRAConfig(AlphaConfig):
     """RandLoRA hyper-parameters. ``alpha=None`` means α = 20·r (scale 20, PEFT's advice).
 
     ``sparse``: random bases are dense ("none") or ternary sparse ("sparse", "very_sparse").
     """
 
-    alpha: float | None = None
     sparse: str = "none"
 
     def validate(self) -> None:
         super().validate()
         choice("sparse", self.sparse, SPARSITY)
-        positive("alpha", self.alpha, optional=True)
 
     @property
     def scale(self) -> float:

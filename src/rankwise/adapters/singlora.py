@@ -21,29 +21,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import integer, positive
+from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 
 
 @dataclass
-class SingLoRAConfig(AdapterConfig):
+class SingLoRAConfig(AlphaConfig):
     """SingLoRA hyper-parameters: ``alpha`` (None: r; scale α/r) and ``ramp_steps`` T of u(t) = min(t/T, 1),
     counted in training-mode forward passes (with k-step gradient accumulation, use k·T)."""
 
-    alpha: float | None = None
     ramp_steps: int = 100
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         integer("ramp_steps", self.ramp_steps, 1)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 class SingLoRALayer(AdapterLayer):

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState, clear_optimizer_state
-from ..checks import choice, integer, non_negative, positive
+from ..checks import choice, integer, non_negative
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, AlphaConfig
 from .init import InitContext
 from .rank_control import MethodController, param_lr, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -40,13 +40,12 @@ LAMBDA_SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 
 @dataclass
-class SoRAConfig(AdapterConfig):
+class SoRAConfig(AlphaConfig):
     """``r`` the initial rank, ``alpha`` (None: α = r) with s = α/r, ``sparse_lambda`` λ of the L1 penalty on g.
     Sparsifying scheduler (``lambda_schedule`` None: λ fixed): ``lambda_num`` stages whose λ goes from
     ``sparse_lambda`` to ``max_lambda`` with the spacing ``lambda_schedule``; each stage after the first lasts
     ``stage_steps`` steps (None: the run split in ``lambda_num`` equal stages), the first takes the rest."""
 
-    alpha: float | None = None
     sparse_lambda: float = 0.1
     lambda_schedule: str | None = None
     max_lambda: float | None = None
@@ -55,7 +54,6 @@ class SoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("sparse_lambda", self.sparse_lambda)
         integer("lambda_num", self.lambda_num, 2)
         integer("stage_steps", self.stage_steps, 1, optional=True)
@@ -68,10 +66,6 @@ class SoRAConfig(AdapterConfig):
         if self.lambda_schedule == "exp_linear" and self.sparse_lambda <= 0:
             raise ValueError("sparse_lambda=0: the exp_linear schedule spaces λ geometrically and needs "
                              "sparse_lambda > 0 (or use lambda_schedule='linear' / 'log_linear')")
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 def lambda_values(config: SoRAConfig) -> list[float]:

@@ -29,31 +29,25 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback, TrainState
-from ..checks import integer, non_negative, positive
-from .base import AdapterConfig, AdapterLayer
+from ..checks import integer, non_negative
+from .base import AdapterLayer, AlphaConfig
 from .init import INITS, InitContext
 from .registry import MethodSpec, adapter_layers, register
 
 
 @dataclass
-class SORSAConfig(AdapterConfig):
+class SORSAConfig(AlphaConfig):
     """SORSA: scale s = α/r (``alpha=None``: s = 1, the official code's default), the regulariser's
     coefficient ``gamma`` (0: no regulariser, plain PiSSA-like training of U, σ, V) and ``init_iters``
     (power iterations of a randomized SVD, 0 = exact)."""
 
-    alpha: float | None = None
     gamma: float = 4e-4
     init_iters: int = 0
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("gamma", self.gamma)
         integer("init_iters", self.init_iters, 0)
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else float(self.alpha) / self.r
 
     def training_callbacks(self, model: nn.Module, adapter_name: str, optimizer: Any = None) -> list[Callback]:
         """What ``rankwise.train.train`` runs with this adapter: the orthonormal regulariser's gradient."""

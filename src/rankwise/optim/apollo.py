@@ -15,19 +15,16 @@ State bytes per m×n matrix (right side, fp32): 4·2·m·r + 4 (limiter) + the i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import choice
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 _PROJ_ALIASES = {"random": "gaussian", "svd": "svd", "gaussian": "gaussian"}
 SCALE_TYPES = ("channel", "tensor")
 
 
-class APOLLO(ProjectedOptimizer):
+class APOLLO(NamedProjected):
     """APOLLO-AdamW. ``scale_type``: ``'channel'`` (default) or ``'tensor'``; ``limiter_gamma=None`` disables NL.
 
     Group keys of apollo-torch are accepted too: ``proj`` ('random' | 'svd'), ``scale_type``,
@@ -35,32 +32,15 @@ class APOLLO(ProjectedOptimizer):
     """
 
     _forced_rank: int | None = None
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 1.0, "proj_side": "std", "scale_type": "channel",
+        "projector": "gaussian", "limiter_gamma": 1.01, "scale_front": False, "seed": 0,
+    }
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 1.0,
-        proj_side: str = "std",
-        scale_type: str = "channel",
-        projector: str = "gaussian",
-        limiter_gamma: float | None = 1.01,
-        scale_front: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        choice("scale_type", scale_type, SCALE_TYPES)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=_PROJ_ALIASES.get(projector, projector),
-            inner=options.pop("inner", "adamw"), residual=f"apollo_{scale_type}", seed=seed,
-            limiter_gamma=limiter_gamma, scale_front=scale_front, **options,
-        )
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        scale_type = choice("scale_type", args.pop("scale_type"), SCALE_TYPES)
+        return {**args, "projector": _PROJ_ALIASES.get(args["projector"], args["projector"]),
+                "residual": f"apollo_{scale_type}"}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)

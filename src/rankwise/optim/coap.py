@@ -12,41 +12,23 @@ carried over at a refresh). State bytes per m×n matrix (right side, fp32): 4·(
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import integer, number
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 
-class COAP(ProjectedOptimizer):
+class COAP(NamedProjected):
     """COAP-AdamW. ``reproject_factor``: recompute P every that many projection updates;
     ``proj_lr``: step size of the correlation-aware update of P."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 32,
-        reproject_factor: int = 5,
-        proj_lr: float = 0.1,
-        scale: float = 1.0,
-        proj_side: str = "std",
-        reproject_moments: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        integer("reproject_factor", reproject_factor, 1)
-        number("proj_lr", proj_lr, 0.0, low_open=True)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector="coap",
-            inner=options.pop("inner", "adamw"), residual="none", reproject_moments=reproject_moments,
-            seed=seed, reproject_factor=reproject_factor, proj_lr=proj_lr, **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 32, "reproject_factor": 5, "proj_lr": 0.1, "scale": 1.0, "proj_side": "std",
+        "reproject_moments": False, "seed": 0,
+    }
+    fixed = {"projector": "coap", "residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        integer("reproject_factor", args["reproject_factor"], 1)
+        number("proj_lr", args["proj_lr"], 0.0, low_open=True)
+        return args

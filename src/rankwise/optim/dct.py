@@ -10,38 +10,21 @@ State bytes per m×n matrix (right side): 4·2·m·r + 8·r (plus one shared N×
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import choice
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 
-class DCTGaLore(ProjectedOptimizer):
+class DCTGaLore(NamedProjected):
     """GaLore-style AdamW with DCT column selection instead of SVD (no SVD call anywhere)."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        dct_norm: float = 1.0,
-        reproject_moments: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        choice("dct_norm", dct_norm, (1, 2))
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector="dct",
-            inner=options.pop("inner", "adamw"), residual="none", reproject_moments=reproject_moments,
-            seed=seed, dct_norm=float(dct_norm), **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 0.25, "proj_side": "std", "dct_norm": 1.0,
+        "reproject_moments": False, "seed": 0,
+    }
+    fixed = {"projector": "dct", "residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        choice("dct_norm", args["dct_norm"], (1, 2))
+        return {**args, "dct_norm": float(args["dct_norm"])}

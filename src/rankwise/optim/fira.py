@@ -9,39 +9,21 @@ State bytes per m×n matrix (right side, fp32): 4·(2·m·r + r·n) + 4.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import number
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 
-class Fira(ProjectedOptimizer):
+class Fira(NamedProjected):
     """Fira-AdamW. ``limiter_gamma`` = γ of the norm-growth limiter (None disables it)."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        projector: str = "rsvd",
-        limiter_gamma: float | None = 1.01,
-        reproject_moments: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        number("limiter_gamma", limiter_gamma, 1.0, optional=True)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector,
-            inner=options.pop("inner", "adamw"), residual="fira", reproject_moments=reproject_moments,
-            seed=seed, limiter_gamma=limiter_gamma, **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 0.25, "proj_side": "std", "projector": "rsvd", "limiter_gamma": 1.01,
+        "reproject_moments": False, "seed": 0,
+    }
+    fixed = {"residual": "fira"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        number("limiter_gamma", args["limiter_gamma"], 1.0, optional=True)
+        return args

@@ -19,41 +19,27 @@ Not implemented: Flora's compressed gradient *accumulation* (the paper's other u
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..checks import fraction
 from .inner import adafactor_precondition, rms
-from .projected import ProjectedOptimizer
+from .named import ADAFACTOR_ARGS, NamedProjected
 
 
-class Flora(ProjectedOptimizer):
+class Flora(NamedProjected):
     """Flora optimizer: Adafactor with random-projection-compressed momentum resampled every ``update_gap`` steps."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        beta1: float = 0.9,
-        update_gap: int = 1000,
-        decay_rate: float = -0.8,
-        clip_threshold: float = 1.0,
-        adafactor_eps: tuple[float, float] = (1e-30, 1e-3),
-        scale_parameter: bool = False,
-        weight_decay: float = 0.0,
-        proj_side: str = "std",
-        seed: int = 0,
-        **options: Any,
-    ):
-        fraction("beta1", beta1, allow_one=False)  # not 0: Flora compresses the momentum
-        super().__init__(
-            params, lr=lr, weight_decay=weight_decay, update_gap=update_gap, proj_side=proj_side,
-            projector="gaussian", inner="adafactor", residual="none", seed=seed, beta1=beta1,
-            decay_rate=decay_rate, clip_threshold=clip_threshold, adafactor_eps=tuple(adafactor_eps),
-            scale_parameter=scale_parameter, **options,
-        )
+    takes = {
+        "lr": 1e-3, "beta1": 0.9, "update_gap": 1000, **ADAFACTOR_ARGS, "weight_decay": 0.0, "proj_side": "std",
+        "seed": 0,
+    }
+    fixed = {"projector": "gaussian", "inner": "adafactor", "residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        fraction("beta1", args["beta1"], allow_one=False)  # not 0: Flora compresses the momentum
+        return {**args, "adafactor_eps": tuple(args["adafactor_eps"])}
 
     def _projected_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         G, b1 = p.grad, group["beta1"]

@@ -23,14 +23,13 @@ State bytes per m×n matrix (svd/randk, right side, fp32): 4·2·m·r (+ P: 4·r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..checks import choice, fraction, non_negative
 from .inner import get_inner
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 from .projectors import Projector, next_proj_seed
 
 SELECTORS = {"svd": "rsvd", "randk": "coords", "block": "blocks"}
@@ -38,46 +37,29 @@ SVD_PROJECTORS = ("rsvd", "svd")  # the svd selector's basis: randomized (fast, 
 RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": "none"}
 
 
-class FRUGAL(ProjectedOptimizer):
+class FRUGAL(NamedProjected):
     """FRUGAL with AdamW as the state-full optimizer."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        density: float | None = 0.25,
-        selector: str = "svd",
-        inactive_update_rule: str = "sign_sgd",
-        inactive_lr_scale: float = 1.0,
-        reset_statistics: bool = True,
-        block_order: str = "random",
-        projector: str = "rsvd",
-        proj_side: str = "std",
-        scale: float = 1.0,
-        seed: int = 0,
-        **options: Any,
-    ):
+    takes = {
+        **ADAMW_ARGS, "eps": 1e-8, "update_gap": 200, "density": 0.25, "selector": "svd",
+        "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "reset_statistics": True, "block_order": "random",
+        "projector": "rsvd", "proj_side": "std", "scale": 1.0, "seed": 0,
+    }
+    fixed = {"inner": "adamw"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        selector, rule, density = args.pop("selector"), args.pop("inactive_update_rule"), args.pop("density")
         choice("selector", selector, SELECTORS)
-        choice("inactive_update_rule", inactive_update_rule, RULES)
+        choice("inactive_update_rule", rule, RULES)
         fraction("density", density, optional=True)
-        choice("block_order", block_order, ("random", "ascending"))
-        choice("projector", projector, SVD_PROJECTORS)
-        non_negative("inactive_lr_scale", inactive_lr_scale)
+        choice("block_order", args["block_order"], ("random", "ascending"))
+        choice("projector", args["projector"], SVD_PROJECTORS)
+        non_negative("inactive_lr_scale", args["inactive_lr_scale"])
         self.density, self.selector = density, selector
-        self.reset_statistics, self.block_order = bool(reset_statistics), block_order
-        self.inactive_update_rule = inactive_update_rule
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side,
-            projector=projector if selector == "svd" else SELECTORS[selector],
-            inner="adamw", residual=RULES[inactive_update_rule], seed=seed,
-            inactive_lr_scale=float(inactive_lr_scale), **options,
-        )
+        self.reset_statistics, self.block_order = bool(args.pop("reset_statistics")), args.pop("block_order")
+        self.inactive_update_rule = rule
+        return {**args, "projector": args["projector"] if selector == "svd" else SELECTORS[selector],
+                "residual": RULES[rule], "inactive_lr_scale": float(args["inactive_lr_scale"])}
 
     # -------------------------------------------------------------- svd / randk: density → rank
 

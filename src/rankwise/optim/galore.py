@@ -15,40 +15,20 @@ defaults follow the paper (α = 0.25, T = 200). Non-2-D parameters in a projecte
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import fraction
-from .projected import ProjectedOptimizer
+from .named import ADAFACTOR_ARGS, ADAMW_ARGS, NamedProjected
 
 
-class GaLoreAdamW(ProjectedOptimizer):
+class GaLoreAdamW(NamedProjected):
     """GaLore with AdamW in the subspace (galore-torch ``GaLoreAdamW`` numerics)."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        projector: str = "rsvd",
-        reproject_moments: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector,
-            inner=options.pop("inner", "adamw"), residual="none", reproject_moments=reproject_moments,
-            seed=seed, **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 0.25, "proj_side": "std", "projector": "rsvd",
+        "reproject_moments": False, "seed": 0,
+    }
+    fixed = {"residual": "none"}
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -58,33 +38,18 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         super().__init__(params, lr=lr, eps=eps, inner="adamw8bit", **kwargs)
 
 
-class GaLoreAdafactor(ProjectedOptimizer):
+class GaLoreAdafactor(NamedProjected):
     """GaLore with Adafactor (factored second moment, update clipping, optional β₁) in the subspace.
 
     ``lr`` is explicit (no relative step); ``scale_parameter=True`` multiplies it by max(ε₂, RMS(W)).
     """
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        beta1: float | None = None,
-        decay_rate: float = -0.8,
-        clip_threshold: float = 1.0,
-        adafactor_eps: tuple[float, float] = (1e-30, 1e-3),
-        scale_parameter: bool = False,
-        weight_decay: float = 0.0,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        projector: str = "rsvd",
-        seed: int = 0,
-        **options: Any,
-    ):
-        fraction("beta1", beta1, allow_zero=True, allow_one=False, optional=True)
-        super().__init__(
-            params, lr=lr, weight_decay=weight_decay, update_gap=update_gap, scale=scale, proj_side=proj_side,
-            projector=projector, inner="adafactor", residual="none", seed=seed, beta1=beta1,
-            decay_rate=decay_rate, clip_threshold=clip_threshold, adafactor_eps=tuple(adafactor_eps),
-            scale_parameter=scale_parameter, **options,
-        )
+    takes = {
+        "lr": 1e-3, "beta1": None, **ADAFACTOR_ARGS, "weight_decay": 0.0, "update_gap": 200, "scale": 0.25,
+        "proj_side": "std", "projector": "rsvd", "seed": 0,
+    }
+    fixed = {"inner": "adafactor", "residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        fraction("beta1", args["beta1"], allow_zero=True, allow_one=False, optional=True)
+        return {**args, "adafactor_eps": tuple(args["adafactor_eps"])}

@@ -18,14 +18,13 @@ State bytes per m×n matrix (right side, fp32): 4·(2·m·r + r·n) + 4·3·m.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..checks import choice
 from .inner import get_inner
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 
 def weight_norm_grads(V: torch.Tensor, g: torch.Tensor, grad_W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,31 +36,18 @@ def weight_norm_grads(V: torch.Tensor, g: torch.Tensor, grad_W: torch.Tensor) ->
     return grad_g, g.unsqueeze(1) * (grad_W - grad_g.unsqueeze(1) * V)
 
 
-class GradNormLoRP(ProjectedOptimizer):
+class GradNormLoRP(NamedProjected):
     """Weight-normalised low-rank projected AdamW (``inner='adamw8bit'`` is the 8-bit variant)."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 1.0,
-        proj_side: str = "std",
-        projector: str = "rsvd",
-        inner: str = "adamw",
-        seed: int = 0,
-        **options: Any,
-    ):
-        choice("inner", inner, ("adamw", "adamw8bit"))
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector, inner=inner,
-            residual="none", seed=seed, **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 1.0, "proj_side": "std", "projector": "rsvd", "inner": "adamw",
+        "seed": 0,
+    }
+    fixed = {"residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        choice("inner", args["inner"], ("adamw", "adamw8bit"))
+        return args
 
     def _projected_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         lr, (b1, b2) = group["lr"], group["betas"]

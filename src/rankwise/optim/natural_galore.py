@@ -12,45 +12,26 @@ refreshes, as in the official code. State bytes per m×n matrix (right side, fp3
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import integer, number
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 
-class NaturalGaLore(ProjectedOptimizer):
+class NaturalGaLore(NamedProjected):
     """Natural GaLore-AdamW. ``natural_history``: gradients s in the empirical Fisher;
     ``natural_damping``: its Tikhonov term λ."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        projector: str = "rsvd",
-        natural_history: int = 20,
-        natural_damping: float = 1e-3,
-        reproject_moments: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        integer("natural_history", natural_history, 1)
-        number("natural_damping", natural_damping, 0.0, low_open=True)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=projector,
-            inner="natural_adamw", residual="none", reproject_moments=reproject_moments, seed=seed,
-            natural_history=natural_history, natural_damping=natural_damping, **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 0.25, "proj_side": "std", "projector": "rsvd", "natural_history": 20,
+        "natural_damping": 1e-3, "reproject_moments": False, "seed": 0,
+    }
+    fixed = {"inner": "natural_adamw", "residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        integer("natural_history", args["natural_history"], 1)
+        number("natural_damping", args["natural_damping"], 0.0, low_open=True)
+        return args
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Groups without ``rank`` (embeddings, norms, biases, heads) use plain AdamW."""

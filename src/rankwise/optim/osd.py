@@ -10,45 +10,26 @@ State bytes per m×n matrix (right side, fp32): 4·(2·m·r + 3·r·n) (Adam mom
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import choice, number
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 
 
-class OnlineSubspaceDescent(ProjectedOptimizer):
+class OnlineSubspaceDescent(NamedProjected):
     """OSD with ``inner='adamw'`` (default) or ``'lion'`` (betas default to (0.9, 0.99) for Lion)."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] | None = None,
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        inner: str = "adamw",
-        proj_lr: float | None = None,
-        proj_weight_decay: float = 0.01,
-        osd_init: str = "random",
-        seed: int = 0,
-        **options: Any,
-    ):
-        choice("inner", inner, ("adamw", "lion"))
-        choice("osd_init", osd_init, ("random", "svd"))
+    takes = {
+        **ADAMW_ARGS, "betas": None, "update_gap": 200, "scale": 0.25, "proj_side": "std", "inner": "adamw",
+        "proj_lr": None, "proj_weight_decay": 0.01, "osd_init": "random", "seed": 0,
+    }
+    fixed = {"projector": "online", "residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        proj_lr = args.pop("proj_lr")
+        choice("inner", args["inner"], ("adamw", "lion"))
+        choice("osd_init", args["osd_init"], ("random", "svd"))
         number("proj_lr", proj_lr, 0.0, low_open=True, optional=True)
-        if betas is None:
-            betas = (0.9, 0.99) if inner == "lion" else (0.9, 0.999)
-        extra = {} if proj_lr is None else {"proj_lr": float(proj_lr)}
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector="online", inner=inner,
-            residual="none", seed=seed, proj_weight_decay=proj_weight_decay, osd_init=osd_init,
-            **extra, **options,
-        )
+        if args["betas"] is None:
+            args["betas"] = (0.9, 0.99) if args["inner"] == "lion" else (0.9, 0.999)
+        return args if proj_lr is None else {**args, "proj_lr": float(proj_lr)}

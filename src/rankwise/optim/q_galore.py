@@ -22,7 +22,6 @@ State bytes per m×n matrix (right side, 8-bit moments, m·r ≥ 4096): 2·m·r 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,50 +29,34 @@ import torch.nn.functional as F
 
 from ..checks import choice, integer, number
 from . import quant
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 from .projectors import Projector, advance_seed
 
 
-class QGaLoreAdamW(ProjectedOptimizer):
+class QGaLoreAdamW(NamedProjected):
     """Q-GaLore: INT4 projector + lazy layer-adaptive refresh (+ optional SR-quantized INT8 weights)."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        inner: str = "adamw8bit",
-        projector: str = "rsvd",
-        quant_group_size: int = 256,
-        cos_threshold: float = 0.4,
-        gamma_proj: float | None = 2.0,
-        queue_size: int = 5,
-        weight_quant: bool = False,
-        weight_group_size: int = 256,
-        seed: int = 0,
-        **options: Any,
-    ):
-        choice("projector", projector, ("rsvd", "svd"))
+    takes = {
+        **ADAMW_ARGS, "eps": 1e-8, "update_gap": 200, "scale": 0.25, "proj_side": "std", "inner": "adamw8bit",
+        "projector": "rsvd", "quant_group_size": 256, "cos_threshold": 0.4, "gamma_proj": 2.0, "queue_size": 5,
+        "weight_quant": False, "weight_group_size": 256, "seed": 0,
+    }
+    fixed = {"residual": "none"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        own = ("cos_threshold", "gamma_proj", "queue_size", "weight_quant", "weight_group_size")  # not the engine's
+        cos_threshold, gamma_proj, queue_size, weight_quant, weight_group_size = (args.pop(k) for k in own)
+        choice("projector", args["projector"], ("rsvd", "svd"))
         number("cos_threshold", cos_threshold, -1.0, 1.0)
         number("gamma_proj", gamma_proj, 1.0, optional=True)  # None freezes the projection
         integer("queue_size", queue_size, 1)
         even = "an even integer >= 2"
-        for name, value in (("quant_group_size", quant_group_size), ("weight_group_size", weight_group_size)):
+        for name, value in (("quant_group_size", args["quant_group_size"]), ("weight_group_size", weight_group_size)):
             if integer(name, value, 2, what=even) % 2:
                 raise ValueError(f"{name}={value!r} must be {even}")
         self.cos_threshold, self.gamma_proj, self.queue_size = float(cos_threshold), gamma_proj, queue_size
         self.weight_quant, self.weight_group_size = bool(weight_quant), weight_group_size
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector=f"{projector}_int4", inner=inner,
-            residual="none", seed=seed, quant_group_size=quant_group_size, **options,
-        )
+        return {**args, "projector": f"{args['projector']}_int4"}
 
     def _refresh_due(self, proj: Projector, group: dict[str, Any], state: dict[str, Any], step: int) -> bool:
         if not proj.has_basis(state):
