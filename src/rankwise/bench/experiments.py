@@ -7,7 +7,7 @@ An experiment folder holds up to two JSON files:
   GRALORA, RANDLORA), so a PEFT method-comparison config runs unchanged; it is translated to the rankwise
   method of the same forward (:func:`from_peft_config`). Absent: full fine-tuning (or ``method`` below).
 * ``training.json`` — the rest: ``method`` and ``options`` (any rankwise adapter, ``none`` = full
-  fine-tuning, ``head``, or a ``rw.sparsify`` method that needs no controller, e.g. ``sltrain``),
+  fine-tuning, ``head``, or a ``rw.sparsify`` method, its controller built from the other options),
   ``targets``, ``optimizer`` and ``optimizer_options`` (any ``rw.optim.make`` name), ``lr_grid`` (the
   learning rates the sweep tries), ``note`` (why the method's knobs are set so).
 

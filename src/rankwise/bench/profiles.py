@@ -164,6 +164,28 @@ def equal_update_experiments() -> list[Experiment]:
     return out
 
 
+def structured_experiments(rank: int) -> list[Experiment]:
+    """The structured models trained from scratch (``rw.sparsify`` + the method's controller in the loop), each
+    with its paper's pre-training settings at subspace ``rank`` (ReLoRA's warm start and jagged schedule are
+    not the loop's: ``benchmarks/pretrain.py`` runs it)."""
+    return [
+        Experiment("sltrain", "sltrain", {"rank": rank, "density": 0.03, "alpha": 32.0},
+                   note="SLTrain paper: W = (alpha/r)·BA + S, 3% random support, alpha 32"),
+        Experiment("sst", "sst", {"rank": rank, "iteration_steps": "steps/10"},
+                   note="SST paper: all singular values trained, the sampled singular vectors re-drawn 10 times"),
+        Experiment("trp", "trp", {"energy": 0.9, "period": 10, "nuclear_weight": 1e-4},
+                   note="TRP paper: energy-0.9 truncation every 10 steps + nuclear-norm sub-gradient 1e-4"),
+        Experiment("maestro", "maestro", {}, note="Maestro paper: ordered full-rank factors, one sampled "
+                   "(layer, rank) truncation per step added to the full loss"),
+        Experiment("cuttlefish", "cuttlefish", {"interval": "steps/20"},
+                   note="Cuttlefish: stable ranks measured 20 times; factorized once they settle"),
+        Experiment("lte", "lte", {"heads": 4, "rank": rank // 4, "merge_every": 10},
+                   note="LTE: 4 heads of rank hidden/16, merged every 10 steps"),
+        Experiment("slope", "slope", {"rank": rank // 4, "lazy_fraction": 0.01},
+                   note="SLoPe: 2:4 sparse weights, lazy low-rank adapters in the last 1% of the steps"),
+    ]
+
+
 def builtin_experiments(profile: str) -> list[Experiment]:
     """The experiments a profile runs when no ``--experiments`` folder is given."""
     if profile == "cpu-smoke":
@@ -174,6 +196,5 @@ def builtin_experiments(profile: str) -> list[Experiment]:
         return [_adapter_experiment(m) for m in adapters] + full_ft_experiments(LM_OPTIMIZERS)
     if profile == "pretrain":
         return full_ft_experiments(("adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
-                                    "gradnormlorp", "badam", "lisa"), rank=64) + [
-            Experiment("sltrain", "sltrain", {"rank": 64}, note="SLTrain: rank hidden/4, its default 3% density")]
+                                    "gradnormlorp", "badam", "lisa"), rank=64) + structured_experiments(rank=64)
     raise ValueError(f"profile={profile!r}; choose one of {list(PROFILES)}")

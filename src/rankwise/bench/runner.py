@@ -170,17 +170,22 @@ def _build(task: BenchTask, profile: Profile, seed: int) -> tuple[Any, Any, Spli
     return model, tok, Splits(train, s.val, s.test, s.init, s.num_labels)
 
 
+#: Structured methods the bench cannot run through the one loop: their paper's recipe needs a schedule of its own.
+OWN_SCHEDULE = {"relora": "a dense warm start and a jagged restart schedule (benchmarks/pretrain.py runs it)"}
+
+
 def _prepare(model: Any, exp: Experiment, splits: Splits, seed: int) -> None:
-    """Make ``exp``'s parameters trainable: its adapter (seeded), full training, head only or a structured model."""
+    """Make ``exp``'s parameters trainable: its adapter (seeded), full training, head only or a structured model
+    (``rw.sparsify`` with the options its method takes; :func:`structured_controller` adds its controller)."""
     from ..train import prepare_model
 
     if exp.kind == "structured":
         from ..sparse.api import SPARSE_METHODS, sparsify
 
-        if SPARSE_METHODS[exp.method].controller:
-            raise ValueError(f"method {exp.method!r} needs its controller ({SPARSE_METHODS[exp.method].controller}) "
-                             "in the loop; rankwise bench runs structured methods without one (e.g. sltrain)")
-        sparsify(model, exp.method, targets=exp.targets, **exp.options)
+        if exp.method in OWN_SCHEDULE:
+            raise ValueError(f"method {exp.method!r} needs {OWN_SCHEDULE[exp.method]}; rankwise bench does not run it")
+        own = SPARSE_METHODS[exp.method].options
+        sparsify(model, exp.method, targets=exp.targets, **{k: v for k, v in exp.options.items() if k in own})
         return
     options = dict(exp.options)
     if exp.method not in (FULL_FINETUNE, HEAD_ONLY):
@@ -191,6 +196,33 @@ def _prepare(model: Any, exp: Experiment, splits: Splits, seed: int) -> None:
         prepare_model(model, exp.method, targets=exp.targets, init_data=splits.init, **options)
     else:
         prepare_model(model, exp.method, **options)
+
+
+def structured_controller(model: Any, exp: Experiment, optimizer: torch.optim.Optimizer, steps: int
+                          ) -> tuple[list[Any], Any]:
+    """``([controller], loss_fn)`` of a structured method whose catalogue record names a controller class of
+    ``rankwise.sparse`` (none: ``([], None)``): built from the model, the loop's optimizer and step count where
+    its constructor takes them, and the experiment's options that ``rw.sparsify`` does not take (``steps/K``
+    resolved); a controller with a ``loss`` method (Maestro) wraps the loop's loss."""
+    import inspect
+
+    from .. import sparse
+    from ..batches import default_loss
+    from ..sparse.api import SPARSE_METHODS
+
+    spec = SPARSE_METHODS[exp.method]
+    if not spec.controller:
+        return [], None
+    cls = getattr(sparse, spec.controller)
+    takes = inspect.signature(cls).parameters
+    kwargs = resolve_budget({k: v for k, v in exp.options.items() if k not in spec.options}, steps)
+    kwargs.update({k: v for k, v in (("optimizer", optimizer), ("total_steps", steps)) if k in takes})
+    controller = cls(model, **kwargs)
+    loss_fn = None
+    if callable(getattr(controller, "loss", None)):
+        def loss_fn(m: Any, batch: Any) -> torch.Tensor:
+            return controller.loss(lambda: default_loss(m, batch))
+    return [controller], loss_fn
 
 
 def _saved_bytes(model: Any, exp: Experiment) -> int:
@@ -258,7 +290,7 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
             device: str = "auto") -> dict[str, Any]:
     """Train ``exp`` on ``task`` at ``lr`` with ``seed`` under ``profile``'s budget; the result row."""
     from ..memory import peak_memory
-    from ..train import TrainConfig, evaluate, train
+    from ..train import TrainConfig, build_optimizer, evaluate, place_model, train
 
     model, _, splits = _build(task, profile, seed)
     _prepare(model, exp, splits, seed)
@@ -269,7 +301,12 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
                       seed=seed, device=device, progress=False, task="lm" if task.kind == "causal-lm" else "auto")
     loader, meter = CountingLoader(splits.train), Meter()
     rss_before = _rss()
-    result = train(model, loader, None, cfg, callbacks=[meter])
+    optimizer, controllers, loss_fn = None, [], None
+    if exp.kind == "structured":  # its controller is built on the loop's optimizer
+        place_model(model, device)
+        optimizer = build_optimizer(model, cfg)
+        controllers, loss_fn = structured_controller(model, exp, optimizer, steps)
+    result = train(model, loader, None, cfg, callbacks=[*controllers, meter], optimizer=optimizer, loss_fn=loss_fn)
     peak, kind = peak_memory(torch.device(result.device))
     eval_task = "lm" if task.kind == "causal-lm" else "classification"
     val, test = evaluate(model, splits.val, task=eval_task), evaluate(model, splits.test, task=eval_task)
