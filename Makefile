@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/mixed_batch.py --threads 2
 	$(PY) benchmarks/eora_smollm2.py --threads 2
 	$(PY) benchmarks/quantized_lm.py --threads 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/rankwise bench run --profile cpu-smoke --out benchmarks/results/bench/cpu-smoke
 
 # every benchmark once at toy size, into $(BENCH_SMOKE) (checks they run; the numbers mean nothing)
 BENCH_SMOKE ?= /tmp/rankwise-bench-smoke

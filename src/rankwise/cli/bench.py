@@ -51,8 +51,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         q.add_argument("--tasks", metavar="NAMES", help="comma-separated task names [default: the profile's]")
         add_flag(q, "device", "auto, cpu, cuda or cuda:N [default: auto]", default="auto")
 
-    q = actions.add_parser("run", help="run (or continue) a bench", formatter_class=Formatter,
-                           description="Run every missing run of a profile's experiments into --out.")
+    q = actions.add_parser("run", help="run (or continue) a bench", formatter_class=Formatter, epilog=EPILOG,
+                           description="Run every missing run of a profile's experiments into --output: seed 0 at "
+                           "each lr of the grid (scored on validation), then the other seeds at the best lr.")
     q.add_argument("--profile", default="cpu-smoke", choices=list(PROFILES), metavar="NAME",
                    help=f"one of: {profiles} [default: cpu-smoke]")
     q.add_argument("--experiments", metavar="DIR", help="experiment folders to run instead of the built-in ones")
