@@ -82,3 +82,18 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert code == 0 and "full-galore" in out and "lora" in out
     assert main(["bench", "list", "--write", str(tmp_path / "exps")]) == 0
     assert (tmp_path / "exps" / "full-badam" / "training.json").is_file()
+
+
+def test_an_unfinished_sweep_chooses_nothing_yet():
+    """While a sweep runs, its best-so-far lr is not reported as chosen (the lr still to run may win)."""
+    from rankwise.bench.summary import summarise
+
+    row = {"task": "bbc", "experiment": "lora", "fingerprint": "f", "method": "lora", "kind": "adapter",
+           "optimizer": "adamw", "metric": "accuracy", "options": {}, "optimizer_options": {}, "role": "sweep",
+           "seed": 0, "status": "ok", "error": None, "test_metric": 0.8, "loss_curve": [1.0]}
+    rows = [{**row, "lr": 1e-3, "val_metric": 0.7}]
+    entry = summarise(rows, {"bbc": True}, {"adapter": [1e-3, 1e-2]})[0]
+    assert (entry["lr"], entry.get("test_mean"), entry["sweep_done"]) == (None, None, "1/2")
+    rows.append({**row, "lr": 1e-2, "val_metric": 0.9, "test_metric": 0.85})
+    entry = summarise(rows, {"bbc": True}, {"adapter": [1e-3, 1e-2]})[0]
+    assert (entry["lr"], entry["test_mean"], entry["sweep_done"]) == (1e-2, 0.85, "2/2")

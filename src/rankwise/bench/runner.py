@@ -493,7 +493,8 @@ class Bench:
             "method": exp.method, "kind": exp.kind, "optimizer": exp.optimizer, "options": exp.options,
             "optimizer_options": resolve_budget(exp.optimizer_options, exp.steps(self.profile.steps)),
             "targets": exp.targets,
-            "note": exp.note, "lr": lr, "seed": seed, "role": role, "metric": task.metric,
+            "note": exp.note, "lr_grid": list(self.grid(exp)), "lr": lr, "seed": seed, "role": role,
+            "metric": task.metric,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": env,
         }
         t0 = time.perf_counter()

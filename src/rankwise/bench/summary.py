@@ -30,16 +30,20 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def summarise(rows: list[dict[str, Any]], higher: dict[str, bool]) -> list[dict[str, Any]]:
+def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[str, list[float]]
+              ) -> list[dict[str, Any]]:
     """One entry per (task, experiment): chosen lr, the seeds' test metric (values, mean, 95% interval,
     spread = max |value − mean|), each measurement's mean, the sweep (lr → validation metric) and failures.
-    ``higher[task]``: whether a larger metric is better."""
+    ``higher[task]``: whether a larger metric is better; ``grids[kind]``: the profile's lr grid of a kind (for
+    rows that do not record theirs). An entry whose sweep is still running has no chosen lr or results yet."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["experiment"]), []).append(row)
     out = []
     for (task, name), mine in groups.items():
-        lr = chosen_lr(mine, higher[task])
+        grid = mine[0].get("lr_grid") or grids.get(mine[0]["kind"], [])
+        swept = {r["lr"] for r in mine if r["role"] == "sweep"}
+        lr = chosen_lr(mine, higher[task]) if swept >= set(grid) else None
         final = sorted((r for r in mine if r["status"] == "ok" and r["lr"] == lr), key=lambda r: r["seed"])
         first = mine[0]
         entry: dict[str, Any] = {
@@ -48,7 +52,7 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool]) -> list[dict[
             "optimizer": first["optimizer"], "metric": first["metric"], "note": first.get("note", ""),
             "options": first["options"], "optimizer_options": first["optimizer_options"], "lr": lr,
             "sweep": {str(r["lr"]): r.get("val_metric") for r in mine if r["role"] == "sweep"},
-            "lr_at_grid_edge": _at_edge(lr, [r["lr"] for r in mine if r["role"] == "sweep"]),
+            "lr_at_grid_edge": _at_edge(lr, grid), "sweep_done": f"{len(swept & set(grid))}/{len(grid)}",
             "failures": [f"lr={r['lr']:g} seed={r['seed']}: {r['error']}" for r in mine if r["status"] != "ok"],
             "seeds": [r["seed"] for r in final], "test_values": [r["test_metric"] for r in final],
             "loss_curve": _mean_curve([r["loss_curve"] for r in final]),
@@ -91,7 +95,7 @@ def pareto(points: list[tuple[float, float]], higher: bool) -> list[int]:
 # ------------------------------------------------------------------------------------------ report
 def _metric(entry: dict[str, Any]) -> str:
     if entry.get("test_mean") is None:
-        return "failed"
+        return "failed" if entry["lr"] is not None or entry["failures"] else f"sweep {entry['sweep_done']}"
     mean, ci = entry["test_mean"], entry["test_ci95"]
     fmt = "{:.3f}" if entry["metric"] == "accuracy" else "{:.2f}"
     return fmt.format(mean) + (f" ± {fmt.format(ci)}" if ci is not None else "") + f" ({len(entry['seeds'])})"
@@ -128,7 +132,7 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
     if not rows:
         raise ValueError(f"{out} holds no finished run yet")
     higher = {r["task"]: r["metric"] == "accuracy" for r in rows}
-    entries = summarise(rows, higher)
+    entries = summarise(rows, higher, record["profile"]["lr_grids"])
     from ..io import write_json
 
     write_json(out / "summary.json", {"profile": record["profile"], "entries": entries, "env": rows[-1]["env"]})
