@@ -64,7 +64,8 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[s
             for key in MEASURES:
                 present = [r[key] for r in final if r.get(key) is not None]
                 entry[key] = statistics.fmean(present) if present else None
-            entry["peak_memory_max_bytes"] = max(r["peak_memory_bytes"] for r in final)
+            entry["peak_memory_max_bytes"] = max((r["peak_memory_bytes"] for r in final if r.get("peak_memory_bytes")),
+                                                 default=None)
         out.append(entry)
     return out
 
