@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..callbacks import TrainState
-from ..checks import integer, non_negative, positive
+from ..checks import integer, non_negative
 from ..layout import STYLES, find_blocks
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .rank_control import MethodController, param_lr, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, register
@@ -37,27 +37,21 @@ __all__ = ["ARDLoRAConfig", "ARDLoRAController", "ARDLoRALayer", "component_mask
 
 
 @dataclass
-class ARDLoRAConfig(AdapterConfig):
+class ARDLoRAConfig(AlphaConfig):
     """``r`` the rank r₀ of every head (its maximum), ``alpha`` (None: α = r₀) with s = α/r₀, ``l1`` λ of the
     sparsity term, ``tv`` β of the Total-Variation term, ``heads`` the heads of a layer (None: from the model's
     attention layout, set per layer by ``adapt``; an int: that many equal output groups in every layer)."""
 
-    alpha: float | None = None
     l1: float = 0.5
     tv: float = 0.25
     heads: int | None = None
 
     def validate(self) -> None:
         super().validate()
-        positive("alpha", self.alpha, optional=True)
         non_negative("l1", self.l1)
         non_negative("tv", self.tv)
         if self.heads is not None:
             integer("heads", self.heads, 1)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 def component_mask(scales: torch.Tensor, r: int) -> torch.Tensor:

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import positive
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, register
 from .reslora import module_type
@@ -34,19 +33,13 @@ Shared = dict[tuple[str, int, int], tuple[nn.Parameter, nn.Parameter]]
 
 
 @dataclass
-class DenseLoRAConfig(AdapterConfig):
+class DenseLoRAConfig(AlphaConfig):
     """DenseLoRA: ``r`` the width of the shared code, ``alpha`` the scale numerator (α/r; None: 2r, the
     authors' example run r = 16, α = 32)."""
 
-    alpha: float | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        positive("alpha", self.alpha, optional=True)
-
     @property
-    def scale(self) -> float:
-        return (2.0 * self.r if self.alpha is None else float(self.alpha)) / self.r
+    def alpha_value(self) -> float:
+        return 2.0 * self.r if self.alpha is None else float(self.alpha)
 
 
 def encoder_decoder(seed: int, key: str, r: int, out_features: int, in_features: int, like: torch.Tensor,

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import integer, positive
+from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .registry import MethodSpec, register
 
 
 @dataclass
-class LoRAMiniConfig(AdapterConfig):
+class LoRAMiniConfig(AlphaScale):
     """LoRA-Mini: ``r`` the inner rank, ``a`` / ``b`` the widths of the frozen outer A_out (a × in) and
     B_out (out × b), ``alpha`` the LoRA α (None: r; scale α/r)."""
 
@@ -41,11 +41,6 @@ class LoRAMiniConfig(AdapterConfig):
         super().validate()
         integer("a", self.a, 1)
         integer("b", self.b, 1)
-        positive("alpha", self.alpha, optional=True)
-
-    @property
-    def scale(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha) / self.r
 
 
 def outer_matrices(seed: int, name: str, config: LoRAMiniConfig, out_features: int, in_features: int
