@@ -101,3 +101,15 @@ def test_one_real_run_measures_what_the_report_needs(tiny_profile, tmp_path):
     # one more step's exact tensor peak: at least the fp32 weights + trained gradients + AdamW's two moments
     assert row["tensor_peak_bytes"] > 4 * row["total_params"] + 3 * 4 * row["trainable_params"]
     json.dumps(row)
+
+
+def test_a_grown_grid_reuses_the_runs_at_the_lrs_it_keeps(tiny_profile, tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(runner, "run_one", _fake_run(calls))
+    Bench(tiny_profile, EXPS[:1], tmp_path, tiny_profile.tasks, seeds=2).run(say=lambda _: None)
+    assert calls == [("bbc", "lora", 1e-3, 0), ("bbc", "lora", 1e-2, 0), ("bbc", "lora", 1e-3, 1)]
+    calls.clear()
+    wider = dataclasses.replace(tiny_profile, lr_grids={**tiny_profile.lr_grids, "adapter": (1e-4, 1e-3)})
+    Bench(wider, EXPS[:1], tmp_path, wider.tasks, seeds=2).run(say=lambda _: None)
+    assert calls == [("bbc", "lora", 1e-4, 0)]  # 1e-3 stays the best on validation: its seeds are reused
+    assert json.loads((tmp_path / "bench.json").read_text())["profile"]["lr_grids"]["adapter"] == [1e-4, 1e-3]

@@ -76,7 +76,7 @@ PROFILES: dict[str, Profile] = {
         "cpu-smoke", "MiniLM-L6 on BBC News and drug reviews (sequence classification): every adapter method, "
         "full fine-tuning with every optimizer and sampler, head only; minutes per experiment on a CPU",
         CLS_TASKS, steps=50, batch_size=8, max_length=64, val_size=96, test_size=384,
-        lr_grids={"adapter": (5e-4, 2e-3, 8e-3), "full": (2e-5, 1e-4, 5e-4), "head": (2e-3, 1e-2, 5e-2)}),
+        lr_grids={"adapter": (2e-3, 8e-3, 3e-2), "full": (1e-4, 5e-4, 2e-3), "head": (1e-2, 5e-2, 2e-1)}),
     "cpu-lm": Profile(
         "cpu-lm", "SmolLM2-135M on stdlib code and BBC text (causal LM): the LoRA family, QLoRA when bitsandbytes "
         "is present, full fine-tuning with the GaLore family",

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,10 +380,13 @@ def _better(metric: float, best: float | None, higher: bool) -> bool:
     return best is None or (metric > best if higher else metric < best)
 
 
-def chosen_lr(rows: list[dict[str, Any]], higher: bool) -> float | None:
-    """The lr of the sweep row (seed 0) with the best validation metric; None if every sweep run failed."""
+def chosen_lr(rows: list[dict[str, Any]], higher: bool, grid: Sequence[float] | None = None) -> float | None:
+    """The lr of the sweep row (seed 0) with the best validation metric, among the lrs of ``grid`` (default:
+    every swept lr); None if every sweep run failed."""
     best, lr = None, None
     for row in rows:
+        if grid is not None and row["lr"] not in grid:
+            continue
         if row["role"] == "sweep" and row["status"] == "ok" and _better(row["val_metric"], best, higher):
             best, lr = row["val_metric"], row["lr"]
     return lr
@@ -436,20 +439,21 @@ class Bench:
         return self.out / ("runs.jsonl" if count == 1 else f"runs.shard-{index}-of-{count}.jsonl")
 
     def check_folder(self) -> list[dict[str, Any]]:
-        """Create or check ``bench.json`` (same profile settings) and the recorded rows (same experiment
-        settings); return the rows."""
+        """Create or check ``bench.json`` (same profile settings; the lr grids may change: they are the search
+        space, and runs at lrs still in it are reused) and the recorded rows (same experiment settings);
+        return the rows."""
         from ..io import write_json
 
         self.out.mkdir(parents=True, exist_ok=True)
         record = self.out / BENCH_FILE
         settings = self.profile.settings()
         settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
-        if record.is_file():
-            held = json.loads(record.read_text()).get("profile")
-            if held != settings:
-                diff = sorted(k for k in set(held or {}) | set(settings) if (held or {}).get(k) != settings.get(k))
+        held = json.loads(record.read_text()).get("profile") or {} if record.is_file() else None
+        if held is not None:
+            diff = sorted(k for k in set(held) | set(settings) if held.get(k) != settings.get(k) and k != "lr_grids")
+            if diff:
                 raise ValueError(f"{self.out} holds a bench with other settings ({', '.join(diff)}); use another --out")
-        else:
+        if held != settings:
             write_json(record, {"format": "rankwise-bench", "profile": settings})
         rows = read_rows(self.out)
         current = {e.name: e.fingerprint() for e in self.experiments}
@@ -480,7 +484,7 @@ class Bench:
                 count += 1
                 if (task.name, exp.name, lr, seed) not in done:
                     mine.append(self._run(task, exp, lr, seed, role, env, say, f"[{count}/{total}]"))
-            lr = chosen_lr(mine, task.higher_is_better)
+            lr = chosen_lr(mine, task.higher_is_better, self.grid(exp))
             for seed in range(1, self.seeds):
                 count += 1
                 if lr is not None and (task.name, exp.name, lr, seed) not in done:
@@ -493,7 +497,8 @@ class Bench:
             "method": exp.method, "kind": exp.kind, "optimizer": exp.optimizer, "options": exp.options,
             "optimizer_options": resolve_budget(exp.optimizer_options, exp.steps(self.profile.steps)),
             "targets": exp.targets,
-            "note": exp.note, "lr_grid": list(self.grid(exp)), "lr": lr, "seed": seed, "role": role,
+            "note": exp.note, "lr_grid": list(self.grid(exp)), "own_lr_grid": exp.lr_grid is not None, "lr": lr,
+            "seed": seed, "role": role,
             "metric": task.metric,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": env,
         }

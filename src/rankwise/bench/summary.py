@@ -41,9 +41,10 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[s
         groups.setdefault((row["task"], row["experiment"]), []).append(row)
     out = []
     for (task, name), mine in groups.items():
-        grid = mine[0].get("lr_grid") or grids.get(mine[0]["kind"], [])
+        own = mine[-1].get("own_lr_grid")  # the experiment's own grid (else the profile's, which may have grown)
+        grid = mine[-1]["lr_grid"] if own else grids.get(mine[0]["kind"], [])
         swept = {r["lr"] for r in mine if r["role"] == "sweep"}
-        lr = chosen_lr(mine, higher[task]) if swept >= set(grid) else None
+        lr = chosen_lr(mine, higher[task], grid) if swept >= set(grid) else None
         final = sorted((r for r in mine if r["status"] == "ok" and r["lr"] == lr), key=lambda r: r["seed"])
         first = mine[0]
         entry: dict[str, Any] = {
@@ -51,7 +52,7 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[s
             "kind": first["kind"],
             "optimizer": first["optimizer"], "metric": first["metric"], "note": first.get("note", ""),
             "options": first["options"], "optimizer_options": first["optimizer_options"], "lr": lr,
-            "sweep": {str(r["lr"]): r.get("val_metric") for r in mine if r["role"] == "sweep"},
+            "sweep": {str(r["lr"]): r.get("val_metric") for r in mine if r["role"] == "sweep" and r["lr"] in grid},
             "lr_at_grid_edge": _at_edge(lr, grid), "sweep_done": f"{len(swept & set(grid))}/{len(grid)}",
             "failures": [f"lr={r['lr']:g} seed={r['seed']}: {r['error']}" for r in mine if r["status"] != "ok"],
             "seeds": [r["seed"] for r in final], "test_values": [r["test_metric"] for r in final],
