@@ -147,12 +147,10 @@ def prune_copy(model: nn.Module, blocks: list[Block], units: list[BlockState]) -
     linear, the kept rows / columns of the original layer."""
     pruned = copy.deepcopy(model)
     state = LoRAPruneState(blocks, units)
-    kept = {}
-    for block in blocks:
-        for name, mask in state.row_masks().items():
-            if name in block.names:
-                kept[name] = Kept(linear_shape(model.get_submodule(name)), _input_side(block, name),
-                                  torch.nonzero(mask).flatten())
+    masks = state.row_masks()
+    kept = {name: Kept(linear_shape(model.get_submodule(name)), _input_side(block, name),
+                       torch.nonzero(masks[name]).flatten())
+            for block in blocks for name in block.names}
     remove_pruned_units(pruned, state)
     return pruned, kept
 
