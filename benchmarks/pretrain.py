@@ -110,9 +110,11 @@ STRUCTURED: dict[str, tuple[dict[str, Any], str]] = {
                 "per step added to the full loss; evaluated at full and at half rank"),
     "lowrank": ({"lr": 1e-3}, "W = B A trained from scratch (balanced SVD factors of the init), no controller: the "
                 "baseline of refactor_reset"),
-    "refactor_reset": ({"lr": 1e-3, "refactors": 6},
+    "refactor_reset": ({"lr": 1e-3, "refactors": 6, "resets": 6},
                        "Glentis et al. 2025: W = B A, refactorized (B, A <- U sqrt(S), sqrt(S) V^T of B A) and the "
                        "factors' Adam moments reset 6 times per run (interval not given in the abstract)"),
+    "refactor_only": ({"lr": 1e-3, "refactors": 6, "resets": 0}, "ablation of refactor_reset: no momentum reset"),
+    "reset_only": ({"lr": 1e-3, "refactors": 0, "resets": 6}, "ablation of refactor_reset: no refactorization"),
 }
 DEFAULT_METHODS = ["adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
                    "gradnormlorp", "badam", "lisa", "sltrain", "relora", "sst", "trp", "maestro"]
@@ -289,7 +291,7 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
         rw.sparsify(model, "sst", rank=rank)
     elif name in ("trp", "maestro"):
         rw.sparsify(model, name)
-    elif name in ("lowrank", "refactor_reset"):
+    elif name in ("lowrank", "refactor_reset", "refactor_only", "reset_only"):
         rw.sparsify(model, "refactor_reset", rank=rank)
     r["opt"] = plain_adamw(model, kw["lr"])
     r["sched"] = schedule(r["opt"])
@@ -300,11 +302,11 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
     elif name == "trp":
         trp = TRP(model, energy=kw["energy"], period=kw["period"], nuclear_weight=kw["nuclear_weight"])
         r["after"] = lambda step: trp.step()
-    elif name == "refactor_reset":
-        every = max(1, steps // kw["refactors"])
-        ctl = RefactorReset(model, r["opt"], refactor_every=every)
+    elif name in ("refactor_reset", "refactor_only", "reset_only"):
+        every = {k: max(1, steps // kw[k]) if kw[k] else steps + 1 for k in ("refactors", "resets")}
+        ctl = RefactorReset(model, r["opt"], refactor_every=every["refactors"], reset_every=every["resets"])
         r["after"] = lambda step: ctl.step()
-        r["notes"]["refactor_every"] = every
+        r["notes"].update(refactor_every=every["refactors"], reset_every=every["resets"])
     elif name == "maestro":
         maestro = Maestro(model, seed=seed)
 
