@@ -15,7 +15,8 @@ Two kinds of runs:
 * **structured models** (AdamW on a model whose linear layers are restructured with
   ``rw.sparsify``): sltrain (W = BA + S), relora (dense warm start, then merge-and-restart LoRA),
   sst (sparse spectral training), trp (trained rank pruning, decomposed before evaluation) and
-  maestro (ordered low-rank factors; also evaluated cut to half rank), at rank hidden/4 like the
+  maestro (ordered low-rank factors; also evaluated cut to half rank), lowrank (W = BA) and
+  refactor_reset (W = BA with periodic refactorization and momentum reset), at rank hidden/4 like the
   projected optimizers.
 
 Runs are *interleaved*: at step i every run takes its i-th step before any takes step i + 1 (in a
@@ -53,7 +54,7 @@ from rankwise.data.datasets import lm_blocks, load_text
 from rankwise.memory import count_params, optimizer_state_bytes, total_params
 from rankwise.models.loaders import ensure_smollm2_cache, llama_config
 from rankwise.optim.projectors import resolve_side
-from rankwise.sparse import SST, TRP, Maestro, ReLoRA, decompose, relora_schedule, truncate
+from rankwise.sparse import SST, TRP, Maestro, RefactorReset, ReLoRA, decompose, relora_schedule, truncate
 from rankwise.sparse.maestro import MaestroLinear
 from rankwise.sparse.sst import SpectralLinear
 
@@ -107,6 +108,13 @@ STRUCTURED: dict[str, tuple[dict[str, Any], str]] = {
             "decomposed (sigma < 1% sigma_1 dropped) before evaluation"),
     "maestro": ({"lr": 1e-3}, "Maestro paper: full-rank ordered factors, one sampled (layer, rank) truncation "
                 "per step added to the full loss; evaluated at full and at half rank"),
+    "lowrank": ({"lr": 1e-3}, "W = B A trained from scratch (balanced SVD factors of the init), no controller: the "
+                "baseline of refactor_reset"),
+    "refactor_reset": ({"lr": 1e-3, "refactors": 6, "resets": 6},
+                       "Glentis et al. 2025: W = B A, refactorized (B, A <- U sqrt(S), sqrt(S) V^T of B A) and the "
+                       "factors' Adam moments reset 6 times per run (interval not given in the abstract)"),
+    "refactor_only": ({"lr": 1e-3, "refactors": 6, "resets": 0}, "ablation of refactor_reset: no momentum reset"),
+    "reset_only": ({"lr": 1e-3, "refactors": 0, "resets": 6}, "ablation of refactor_reset: no refactorization"),
 }
 DEFAULT_METHODS = ["adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
                    "gradnormlorp", "badam", "lisa", "sltrain", "relora", "sst", "trp", "maestro"]
@@ -283,6 +291,8 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
         rw.sparsify(model, "sst", rank=rank)
     elif name in ("trp", "maestro"):
         rw.sparsify(model, name)
+    elif name in ("lowrank", "refactor_reset", "refactor_only", "reset_only"):
+        rw.sparsify(model, "refactor_reset", rank=rank)
     r["opt"] = plain_adamw(model, kw["lr"])
     r["sched"] = schedule(r["opt"])
     if name == "sst":
@@ -292,6 +302,11 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
     elif name == "trp":
         trp = TRP(model, energy=kw["energy"], period=kw["period"], nuclear_weight=kw["nuclear_weight"])
         r["after"] = lambda step: trp.step()
+    elif name in ("refactor_reset", "refactor_only", "reset_only"):
+        every = {k: max(1, steps // kw[k]) if kw[k] else steps + 1 for k in ("refactors", "resets")}
+        ctl = RefactorReset(model, r["opt"], refactor_every=every["refactors"], reset_every=every["resets"])
+        r["after"] = lambda step: ctl.step()
+        r["notes"].update(refactor_every=every["refactors"], reset_every=every["resets"])
     elif name == "maestro":
         maestro = Maestro(model, seed=seed)
 

@@ -27,11 +27,12 @@ FAMILIES = (
 )
 STATUSES = ("done", "planned")
 #: How a method is applied: ``rw.adapt``, ``rw.optim.make``, ``rw.sparsify``, ``rw.compress``, a
-#: compensation of a compressed model from its original (``rw.compression.eora`` / ``lrec``), a
+#: compensation of a compressed model from its original (``rw.compression.eora`` / ``lrec``), LoRA
+#: trained on a pruned copy and recovered onto the original (``rw.compression.loram``), a
 #: training-free merge of named adapters (``rw.merge_adapters(model, weights, how=name)``), serving
 #: many adapters from a bounded pool (``rw.AdapterServer``), or federated fine-tuning simulated in one
 #: process (``rw.federate(model, method, clients)``).
-APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "merge", "serve", "federate")
+APIS = ("adapt", "optim", "sparsify", "compress", "compensate", "train-pruned", "merge", "serve", "federate")
 #: What a trained or compressed result can be written as.
 EXPORTS = ("peft-lora", "peft-dora", "merge", "model", "compressed", "none")
 _PACKAGES = ("rankwise.adapters", "rankwise.optim", "rankwise.sparse", "rankwise.compress", "rankwise.serving",
@@ -178,6 +179,7 @@ _API_TITLES = {
     "compress": "Compression and pruning (`rw.compress`)",
     "compensate": "Compensation of compressed models from their original (`rw.compression.eora`, training-free; "
                   "`rw.compression.lrec`, by distillation)",
+    "train-pruned": "LoRA trained on a pruned copy, recovered onto the original model (`rw.compression.loram`)",
     "merge": "Merging named adapters (`rw.merge_adapters(model, weights, how=...)`)",
     "serve": "Serving many adapters from a bounded device pool (`rw.AdapterServer(model, pool_bytes)`)",
     "federate": "Federated fine-tuning, simulated in one process (`rw.federate(model, method, clients)`)",

@@ -14,7 +14,7 @@ from .checks import fraction
 
 __all__ = [
     "balanced_svd_factors", "deim_indices", "energy_rank", "factor_shape", "mpo_apply", "mpo_bond_dims",
-    "mpo_contract", "mpo_decompose", "randomized_svd", "svd_precision", "truncated_svd",
+    "mpo_contract", "mpo_decompose", "randomized_svd", "rebalanced_factors", "svd_precision", "truncated_svd",
 ]
 
 
@@ -59,6 +59,18 @@ def balanced_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     u, s, vh = torch.linalg.svd(svd_precision(weight), full_matrices=False)
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def rebalanced_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U √Σ, √Σ Vᵀ)`` with ``U Σ Vᵀ`` the thin SVD of ``b @ a`` (b: m×r, a: r×n, r ≤ m, n), found
+    without forming the product: ``b = Q_b R_b``, ``aᵀ = Q_a R_a``, SVD of the r×r core ``R_b R_aᵀ``
+    (cost O((m + n)·r²)). The product is unchanged and both factors hold √σ_i per direction, so
+    ‖B‖_F² = ‖A‖_F² = Σσ_i. Returned in fp32 (fp64 for fp64 input), like :func:`svd_precision`."""
+    qb, rb = torch.linalg.qr(svd_precision(b))
+    qa, ra = torch.linalg.qr(svd_precision(a).T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    root = s.sqrt()
+    return (qb @ u) * root, root[:, None] * (vh @ qa.T)
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:

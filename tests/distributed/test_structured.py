@@ -29,7 +29,7 @@ TOL = 1e-6
 STEPS = 3
 ADAPTERS = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 SPARSE_KWARGS = {"sltrain": {"rank": 4, "density": 0.1}, "sst": {"rank": 4}, "relora": {"rank": 4},
-                 "trp": {}, "maestro": {"rank": 8},
+                 "trp": {}, "maestro": {"rank": 8}, "refactor_reset": {"rank": 4},
                  # one head: under data parallel each rank chunks its own rows over the heads, so with H > 1
                  # a head sees other rows than in one process (docs/sparse.md)
                  "lte": {"heads": 1, "rank": 4}}

@@ -42,6 +42,7 @@ METHOD_CONFIGS = {
     "relora": {"rank": 4},
     "lte": {"heads": 2, "rank": 2},
     "slope": {"rank": 4},
+    "refactor_reset": {"rank": 4},
 }
 
 

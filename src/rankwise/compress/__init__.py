@@ -1,7 +1,8 @@
 """Compression of pretrained models: low-rank factorization (SVD baseline, WeLore, LoRD, PELA),
 structured pruning guided by LoRA (LoRAPrune), sparse-plus-low-rank tuning (DSEE, whose adapter
 layer lives in the adapter package), and compensation of a compressed model from its original
-(EoRA, training-free; INT2.1's LREC, by distillation).
+(EoRA, training-free; INT2.1's LREC, by distillation); LoRA trained on a pruned copy, then
+recovered onto the original (LoRAM / QLoRAM).
 
 ``rw.compress(model, method, ratio=0.5)`` is the entry point.
 """
@@ -21,6 +22,7 @@ from .dsee import attention_blocks, dsee_finetune, dsee_prune, prune_heads
 from .eora import EoRAState, eora, eora_factors
 from .evaluate import eval_blocks, evaluate_corpora, perplexity
 from .factorized import FactorizedLinear, densify, factorized_layers
+from .loram import LoRAMState, loram, recover_factors
 from .loraprune import cubic_sparsity, loraprune, loraprune_recover, remove_pruned_units
 from .lord import output_grams, second_moments
 from .lrec import LRECState, distill_kl, lrec, model_kl
@@ -35,9 +37,10 @@ __all__ = [
     "SVDCache", "apply_layout", "attention_blocks", "compress", "compressed_state", "cubic_sparsity", "densify",
     "dsee_finetune", "dsee_prune", "dsee_support", "eora", "eora_factors", "eval_blocks", "evaluate_corpora",
     "factorized_layers",
-    "find_blocks", "LRECState", "distill_kl", "lrec", "load_compressed", "model_kl",
-    "loraprune", "loraprune_recover", "output_grams", "pela_distill",
-    "pela_losses", "perplexity", "prune_heads", "rank_fraction_ranks", "recover", "remove_pruned_units",
+    "find_blocks", "LoRAMState", "LRECState", "distill_kl", "lrec", "load_compressed", "model_kl",
+    "loram", "loraprune", "loraprune_recover", "output_grams", "pela_distill",
+    "pela_losses", "perplexity", "prune_heads", "rank_fraction_ranks", "recover", "recover_factors",
+    "remove_pruned_units",
     "save_compressed", "second_moments", "sliced_linear", "thin_svd", "uniform_ratio_rank", "weight_perturbation",
     "welore_finetune_params", "welore_plan", "welore_ranks",
 ]

@@ -10,7 +10,8 @@ Structured layers (``layers``): :class:`FactorizedLinear` (W = U V) and :class:`
 * ``relora`` — LoRA merge-and-restart, :class:`ReLoRA` controller and :func:`relora_schedule`;
 * ``lte`` — LoRA-the-Explorer's parallel heads, :class:`LTE` controller (merges);
 * ``slope`` — N:M-sparse with a double-pruned backward, :class:`SLoPe` controller (lazy adapters);
-* ``cuttlefish`` — full-rank until stable ranks settle, then factorized: :class:`Cuttlefish` controller.
+* ``cuttlefish`` — full-rank until stable ranks settle, then factorized: :class:`Cuttlefish` controller;
+* ``refactor_reset`` — W = B A with periodic refactorization and momentum reset: :class:`RefactorReset`.
 
 Controllers are rank controllers (:class:`rankwise.callbacks.RankController`): pass them to
 ``rankwise.train.train(..., callbacks=[controller])``, or call their ``step()`` after
@@ -22,6 +23,7 @@ from .cuttlefish import Cuttlefish, stable_rank
 from .layers import FactorizedLinear, SparseLowRankLinear, random_support
 from .lte import LTE, LTELinear
 from .maestro import Maestro, MaestroLinear, truncate
+from .refactor_reset import RefactorReset
 from .relora import ReLoRA, prepare_relora, relora_schedule
 from .slope import SLoPe, SLoPeLinear, nm_mask
 from .sltrain import SLTrainConfig, sltrain_layer
@@ -30,7 +32,7 @@ from .trp import TRP, TRPLinear, decompose, nuclear_subgradient
 
 __all__ = [
     "LTE", "SPARSE_METHODS", "SST", "TRP", "Cuttlefish", "FactorizedLinear", "LTELinear", "Maestro",
-    "MaestroLinear", "ReLoRA", "SLoPe", "SLoPeLinear", "nm_mask",
+    "MaestroLinear", "RefactorReset", "ReLoRA", "SLoPe", "SLoPeLinear", "nm_mask",
     "SLTrainConfig", "SparseLowRankLinear", "SparseMethod", "SparseState", "SpectralLinear",
     "TRPLinear", "decompose", "densify", "nuclear_subgradient", "prepare_relora", "random_support",
     "relora_schedule", "sample_active", "sampling_probabilities", "sltrain_layer", "sparse_summary",

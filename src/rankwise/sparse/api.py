@@ -15,6 +15,8 @@ Methods and their options (``SPARSE_METHODS``):
   :class:`SLoPe`, which adds the adapters in the final steps.
 * ``cuttlefish`` — no options (the layers stay ``nn.Linear``); then :class:`Cuttlefish`, which
   factorizes them when their stable ranks settle.
+* ``refactor_reset`` — ``rank``: W = B A (:class:`FactorizedLinear`); then :class:`RefactorReset`
+  (periodic re-balancing of B, A by SVD and reset of their optimizer moments).
 """
 
 from __future__ import annotations
@@ -157,6 +159,16 @@ _METHODS = (
         "Huh et al. 2024, Training Neural Networks from Scratch with Parallel Low-Rank Adapters (LoRA-the-Explorer)",
         "frozen W, H LoRA heads each on its own batch chunk, W += mean of the heads' updates every T steps",
         {"heads": 4, "rank": 8, "alpha": 16.0, "seed": 0}, "LTE", _lte,
+    ),
+    SparseMethod(
+        "refactor_reset", "from-scratch",
+        "Glentis et al. 2025, Scalable Parameter and Memory Efficient Pretraining for LLM: Recent Algorithmic "
+        "Advances and Benchmarking",
+        "W = B A trained from scratch; every T steps B, A ← U√Σ, √ΣVᵀ of B A (product unchanged, balanced) and the "
+        "factors' Adam moments reset",
+        {"rank": 128}, "RefactorReset",
+        lambda model, targets, opts: swap_layers(
+            lambda name, lin: FactorizedLinear.from_linear(lin, opts["rank"]))(model, targets, opts),
     ),
     SparseMethod(
         "slope", "sparse+low-rank",
