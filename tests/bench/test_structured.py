@@ -33,6 +33,7 @@ CASES = {
     "cuttlefish": {"interval": 1, "window": 2, "tail": 2},
     "lte": {"heads": 2, "rank": 2, "merge_every": 2},
     "slope": {"rank": 2, "lazy_fraction": 0.5},
+    "refactor_reset": {"rank": 2, "refactor_every": "steps/2", "reset_every": 2},
 }
 
 

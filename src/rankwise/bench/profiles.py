@@ -183,6 +183,9 @@ def structured_experiments(rank: int) -> list[Experiment]:
                    note="LTE: 4 heads of rank hidden/16, merged every 10 steps"),
         Experiment("slope", "slope", {"rank": rank // 4, "lazy_fraction": 0.01},
                    note="SLoPe: 2:4 sparse weights, lazy low-rank adapters in the last 1% of the steps"),
+        Experiment("refactor_reset", "refactor_reset", {"rank": rank, "refactor_every": "steps/4",
+                                                        "reset_every": "steps/4"},
+                   note="W = B·A, balanced refactorization and momentum reset four times per run"),
     ]
 
 
