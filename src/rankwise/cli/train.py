@@ -98,9 +98,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction,
                    help="skip (and count in metrics.json) optimizer steps whose gradients hold NaN or inf, leaving "
                         "weights and optimizer state untouched [default: on]")
-    g.add_argument("--optimizer", help="adamw, or a memory-efficient optimizer from rankwise.optim: galore, "
-                   "galore_adafactor, galore_8bit, q_galore, fira, frugal, apollo, apollo_mini, gradnormlorp, "
-                   "flora_opt, osd, dct_proj, badam, lisa, owlore [default: adamw]")
+    from ..train import optimizer_names
+
+    g.add_argument("--optimizer", help="adamw, or a memory-efficient optimizer or layer sampler from rankwise.optim: "
+                   f"{', '.join(n for n in optimizer_names() if n != 'adamw')} [default: adamw]")
     g.add_argument("--update-gap", type=int, help="projected optimizers: steps between subspace refreshes")
     g.add_argument("--scale", type=float, help="projected optimizers: scale of the projected update")
     g.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
