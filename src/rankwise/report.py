@@ -136,6 +136,14 @@ def plot_accuracy_vs_params(
         dx, dy = (lx - to_px((px, py))[0]) / pt, (ly - to_px((px, py))[1]) / pt
         ax.annotate(name, (px, py), textcoords="offset points", xytext=(dx, dy), fontsize=9,
                     arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if dy < -4 else None)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write matplotlib figure ``fig`` as PNG to ``path`` atomically (a temporary sibling, then a rename) and
+    close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -145,5 +153,5 @@ def plot_accuracy_vs_params(
     return path
 
 
-__all__ = ["Column", "human_bytes", "human_count", "markdown_table", "plot_accuracy_vs_params",
+__all__ = ["Column", "human_bytes", "human_count", "markdown_table", "plot_accuracy_vs_params", "save_figure",
            "text_table", "write_text"]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..report import Column, human_bytes, human_count, markdown_table, write_text
+from ..report import Column, human_bytes, human_count, markdown_table, save_figure, write_text
 from .runner import BENCH_FILE, chosen_lr, read_rows
 
 #: Two-sided 95% Student t quantiles by degrees of freedom (n − 1); larger n uses 1.96.
@@ -223,9 +223,4 @@ def plot_pareto(entries: list[dict[str, Any]], path: Path, higher: bool, title: 
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"{title} — red: Pareto front (lower cost, {'higher' if higher else 'lower'} metric)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -14,48 +14,28 @@ without ``rank`` get plain AdamW. State bytes per m×n matrix (right side, fp32)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..checks import fraction, integer
-from .projected import ProjectedOptimizer
+from .named import ADAMW_ARGS, NamedProjected
 from .projectors import head_blocks, resolve_side
 
 
-class GaLorePlus(ProjectedOptimizer):
+class GaLorePlus(NamedProjected):
     """GaLore+-AdamW. ``head_dim``: head width of the attention weights in the group (None: no
     cross-head sharing); ``residual_density``: share ρ of a matrix's entries in the sparse residual code;
     ``residual_warmup``: steps whose residuals choose the coded entries."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        update_gap: int = 200,
-        scale: float = 0.25,
-        proj_side: str = "std",
-        head_dim: int | None = None,
-        residual_density: float = 0.01,
-        residual_warmup: int = 10,
-        reproject_moments: bool = False,
-        seed: int = 0,
-        **options: Any,
-    ):
-        fraction("residual_density", residual_density, allow_one=True, what="in (0, 1]")
-        integer("residual_warmup", residual_warmup, 1)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-            update_gap=update_gap, scale=scale, proj_side=proj_side, projector="cross_head",
-            inner=options.pop("inner", "adamw"), residual="sparse_code", reproject_moments=reproject_moments,
-            seed=seed, head_dim=head_dim, residual_density=residual_density, residual_warmup=residual_warmup,
-            **options,
-        )
+    takes = {
+        **ADAMW_ARGS, "update_gap": 200, "scale": 0.25, "proj_side": "std", "head_dim": None,
+        "residual_density": 0.01, "residual_warmup": 10, "reproject_moments": False, "seed": 0,
+    }
+    fixed = {"projector": "cross_head", "residual": "sparse_code"}
+
+    def _engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        fraction("residual_density", args["residual_density"], allow_one=True, what="in (0, 1]")
+        integer("residual_warmup", args["residual_warmup"], 1)
+        return args
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """The engine's checks, then ``head_dim`` against every weight of a projected group."""
