@@ -2,7 +2,9 @@
 of the real tensors after one real step), activations within 5% of the bytes saved for backward
 (saved-tensor hooks, each storage once) over methods, checkpointing and sequence lengths, and the
 peak within 2% of a real three-step CPU run whose every allocation is followed (the CPU stand-in for
-``max_memory_allocated``; the GPU check is ``benchmarks/plan_gpu_check.py``)."""
+``max_memory_allocated``; the GPU check is ``benchmarks/plan_gpu_check.py``), dropout included: the peak
+of a tiny BERT with hidden / attention dropout within 2% of ``TensorMemoryTracker`` under either
+device's dropout kernels."""
 
 from __future__ import annotations
 
@@ -143,6 +145,8 @@ def test_budget_and_errors():
         plan(config, None, "nope")
     with pytest.raises(ValueError, match="adapter method"):
         plan(config, None, "adamw", quant="nf4")
+    with pytest.raises(ValueError, match="device"):
+        plan(config, None, "adamw", device="gpu")
 
 
 def _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, checkpointing=False):
@@ -192,3 +196,60 @@ def test_gpu_check_script_dry_run(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--dry-run", "--only", "galore-svd"]) == 0
     assert "1 configurations ran on CPU" in capsys.readouterr().out
+
+
+def _bert_config(hidden_dropout, attention_dropout):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=128, num_labels=2, pad_token_id=0,
+                      hidden_dropout_prob=hidden_dropout, attention_probs_dropout_prob=attention_dropout)
+
+
+def _tracker_peak(config, steps=2, dropout=None):
+    """Peak bytes of a real CPU LoRA + AdamW run of the BERT classifier ``config`` (2 × 64 tokens),
+    measured by ``TensorMemoryTracker`` over ``steps`` steps (the optimizer state is held from the
+    second on, as the plan assumes); ``dropout`` replaces ``F.dropout`` for the run."""
+    from rankwise.memory import TensorMemoryTracker
+
+    model = _model(config, "lora", {"r": 4}, task="seq-cls")
+    opt = rw.optim.make("adamw", model)
+    inputs = batch_for(model, "seq-cls", 2, 64, "cpu")
+    params = unique_parameters(model)
+    real = torch.nn.functional.dropout
+    torch.nn.functional.dropout = dropout or real
+    try:
+        with TensorMemoryTracker(baseline=sum(p.numel() * p.element_size() for p in params)) as tracker:
+            for _ in range(steps):
+                loss_of(model(**inputs)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.nn.functional.dropout = real
+    return tracker.peaks()["total"]
+
+
+DROPOUT_GRID = [(0.1, 0.1), (0.1, 0.0), (0.0, 0.1), (0.0, 0.0)]
+
+
+@pytest.mark.parametrize(("hidden", "attention"), DROPOUT_GRID)
+def test_peak_with_dropout_matches_tracker_cpu(hidden, attention):
+    """CPU kernels: hidden dropout saves a float mask (ATen's composite dropout), attention dropout
+    sends SDPA to the math kernel (S×S scores, mask and dropped probabilities)."""
+    config = _bert_config(hidden, attention)
+    p = plan(config, "lora", "adamw", task="seq-cls", batch_size=2, seq_len=64, method_options={"r": 4},
+             device="cpu")
+    measured = _tracker_peak(config)
+    assert abs(p.peak - measured) <= 0.02 * measured, (p.peak, measured)
+
+
+def test_peak_with_fused_dropout_cuda_masks():
+    """CUDA kernels: ``F.dropout`` is ``native_dropout``, which keeps a bool mask; measured on CPU by
+    running the same fused op (attention dropout off: CUDA's attention keeps no mask, CPU's would)."""
+    config = _bert_config(0.1, 0.0)
+    p = plan(config, "lora", "adamw", task="seq-cls", batch_size=2, seq_len=64, method_options={"r": 4})
+    measured = _tracker_peak(config, dropout=lambda x, p=0.5, training=True, inplace=False:
+                             torch.native_dropout(x, p, training)[0])
+    assert abs(p.peak - measured) <= 0.02 * measured, (p.peak, measured)
+    assert p.peak < plan(config, "lora", "adamw", task="seq-cls", batch_size=2, seq_len=64,
+                         method_options={"r": 4}, device="cpu").peak

@@ -16,7 +16,9 @@ Nothing here is a hand formula where a real object can answer:
   once, parameters excluded) and a dispatch mode that follows every storage's life (so the
   backward's transients, gradient buffers and checkpoint recomputation are seen as they happen).
   Scaled-dot-product attention is run as a flash-style kernel (it saves q, k, v, the output and the
-  log-sum-exp, never the S×S matrix), which is what CUDA and CPU SDPA do.
+  log-sum-exp, never the S×S matrix), which is what CUDA and CPU SDPA do; dropout runs as the planned
+  ``device``'s kernels run it (CUDA: bool masks, none inside attention; CPU: masks in the input's dtype,
+  and the math attention kernel when SDPA has dropout).
 
 What is still a formula: the refresh-step transient of a projected optimizer (the SVD's factors and
 workspace, exact and randomized), the foreach AdamW temporary, FSDP2's gathered layer, and how sharded
@@ -83,6 +85,7 @@ class Plan:
     peak_phase: str
     budget: int | None = None
     notes: list[str] = field(default_factory=list)
+    device: str = "cuda"
 
     @property
     def fits(self) -> bool | None:
@@ -116,7 +119,8 @@ class Plan:
         lines = [f"rankwise plan: {self.model}, method {self.method or 'full'}, optimizer {self.optimizer}, "
                  f"batch {self.batch_size} x {self.seq_len}, {self.dtype}"
                  f"{', 4-bit ' + self.quant if self.quant else ''}{', checkpointing' if self.checkpointing else ''}"
-                 f"{', layer-wise' if self.layerwise else ''}, world size {self.world_size} (per rank)",
+                 f"{', layer-wise' if self.layerwise else ''}, world size {self.world_size} (per rank), "
+                 f"{self.device} kernels",
                  f"parameters: {self.params_total:,} total, {self.params_trainable:,} trainable", ""]
         width = max(len(r[0]) for r in self.rows())
         lines.append(f"{'item':{width}}  {'MiB':>10}  {'GiB':>7}  note")
@@ -369,8 +373,42 @@ class _FlashSDPA(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return _FlashSDPA.apply(query, key, value)
+#: Devices a plan can model: they differ in how dropout runs (see ``_dropout_ops``).
+DEVICES = ("cuda", "cpu")
+
+
+@contextlib.contextmanager
+def _dropout_ops(device: str) -> Iterator[None]:
+    """Attention and dropout in the meta pass as ``device`` runs them in training.
+
+    ``cuda``: SDPA is a flash / memory-efficient kernel whatever its ``dropout_p`` (the dropout is drawn
+    from a Philox seed inside the kernel, no mask is kept), and ``F.dropout`` is the fused
+    ``native_dropout``, which saves a bool mask (1 byte per element). ``cpu``: SDPA with
+    ``dropout_p > 0`` falls back to the math kernel (the S×S scores, softmax, float dropout mask and
+    dropped probabilities are real tensors, the real op on meta runs the same decomposition), and
+    ``F.dropout`` is ATen's composite ``x · (bernoulli(1-p) / (1-p))``, which saves a mask in the
+    input's dtype (what the meta device runs by itself)."""
+    real_sdpa, real_dropout = torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.dropout
+
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        dropout_p = kwargs.get("dropout_p", args[1] if len(args) > 1 else 0.0)
+        if device == "cpu" and dropout_p > 0:
+            return real_sdpa(query, key, value, *args, **kwargs)
+        return _FlashSDPA.apply(query, key, value)
+
+    def fused_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        if training and 0 < p < 1 and not inplace and x.numel() > 0:
+            return torch.native_dropout(x, p, True)[0]
+        return real_dropout(x, p, training, inplace)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    if device == "cuda":
+        torch.nn.functional.dropout = fused_dropout  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+        torch.nn.functional.dropout = real_dropout
 
 
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -479,30 +517,30 @@ def loss_of(out: Any) -> torch.Tensor:
 
 
 def trace(model: nn.Module, task: str, batch_size: int, seq_len: int, *,
-          drop_grads: bool = False) -> Trace:
+          drop_grads: bool = False, device: str = "cuda") -> Trace:
     """Forward + backward of ``model`` (on meta) at ``batch_size × seq_len``: saved bytes and the live
-    peak. ``drop_grads``: each gradient is freed as soon as it is complete (layer-wise stepping, or
-    FSDP2's reduce-scatter, whose sharded gradients the caller adds)."""
-    device = next(model.parameters()).device
-    inputs = batch_for(model, task, batch_size, seq_len, device)
+    peak, with attention and dropout run as on ``device`` (``_dropout_ops``). ``drop_grads``: each
+    gradient is freed as soon as it is complete (layer-wise stepping, or FSDP2's reduce-scatter, whose
+    sharded gradients the caller adds)."""
+    where = next(model.parameters()).device
+    inputs = batch_for(model, task, batch_size, seq_len, where)
     handles = []
     if drop_grads:
         for p in _unique(model):
             if p.requires_grad:
                 handles.append(p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None)))
-    real_sdpa, real_autocast = torch.nn.functional.scaled_dot_product_attention, torch.is_autocast_enabled
-    torch.nn.functional.scaled_dot_product_attention = _sdpa
+    real_autocast = torch.is_autocast_enabled
     # autocast has no meta dispatch key: asking whether it is on for "meta" raises
     torch.is_autocast_enabled = lambda *a: False if a and str(a[0]) == "meta" else real_autocast(*a)  # type: ignore
     try:
         # two passes: saved-tensor hooks keep every saved tensor alive until the forward ends, which
         # under activation checkpointing would inflate the live peak, so the peak is a pass without them
-        with _LiveBytes(model.parameters()):  # (it also answers the meta .item() calls)
-            layers, head = saved_bytes(model, lambda: model(**inputs), output_head(model))
-        with _LiveBytes(model.parameters()) as live:
-            loss_of(model(**inputs)).backward()
+        with _dropout_ops(device):
+            with _LiveBytes(model.parameters()):  # (it also answers the meta .item() calls)
+                layers, head = saved_bytes(model, lambda: model(**inputs), output_head(model))
+            with _LiveBytes(model.parameters()) as live:
+                loss_of(model(**inputs)).backward()
     finally:
-        torch.nn.functional.scaled_dot_product_attention = real_sdpa
         torch.is_autocast_enabled = real_autocast  # type: ignore[assignment]
         for h in handles:
             h.remove()
@@ -650,6 +688,7 @@ def plan(
     task: str | None = None,
     method_options: dict[str, Any] | None = None,
     optimizer_options: dict[str, Any] | None = None,
+    device: str = "cuda",
 ) -> Plan:
     """The per-rank memory plan of training ``model`` (a name, directory, config.json or transformers
     config) with adapter ``method`` (None: full training) and optimizer ``optimizer`` (a
@@ -662,11 +701,13 @@ def plan(
     parameter inside backward and frees its gradient (``rw.optim.LayerwiseOptimizer``);
     ``world_size``: FSDP2 ranks (parameters, gradients and per-parameter state sharded on dimension
     0, projectors replicated); ``memory``: a budget in bytes for ``Plan.fits``; ``task``:
-    ``causal-lm`` / ``seq-cls`` / ``base`` (default: the model's usual one).
+    ``causal-lm`` / ``seq-cls`` / ``base`` (default: the model's usual one); ``device``: ``cuda`` or
+    ``cpu``, whose attention and dropout kernels keep different tensors for backward (``_dropout_ops``).
     """
     from .optim import factory
 
     checks.choice("dtype", dtype, tuple(DTYPES))
+    checks.choice("device", device, DEVICES)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
         checks.integer(name, value, 1)
     checks.choice("optimizer", optimizer, factory.names())
@@ -698,7 +739,7 @@ def plan(
             meta.gradient_checkpointing_enable(  # type: ignore[operator]
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     meta.train()
-    t = trace(meta, task, batch_size, seq_len, drop_grads=layerwise or world_size > 1)
+    t = trace(meta, task, batch_size, seq_len, drop_grads=layerwise or world_size > 1, device=device)
     resident = weights + st.optimizer_state + st.projectors
     fwd_bwd = resident + t.live_peak
     if world_size > 1:
@@ -721,5 +762,5 @@ def plan(
         step_transient=st.step_transient, activations=t.activations, logits=t.logits, backward_peak=t.live_peak,
         forward_backward=fwd_bwd, step_phase=step_phase, peak=max(fwd_bwd, step_phase),
         peak_phase="forward+backward" if fwd_bwd >= step_phase else "optimizer step",
-        budget=int(memory) if memory is not None else None, notes=notes,
+        budget=int(memory) if memory is not None else None, notes=notes, device=device,
     )

@@ -237,12 +237,13 @@ def _saved_bytes(model: Any, exp: Experiment) -> int:
         return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
 
 
-_PLANS: dict[tuple[str, str], int | None] = {}
+_PLANS: dict[tuple[str, str, str], int | None] = {}
 
 
-def planned_peak(task: BenchTask, exp: Experiment, profile: Profile) -> int | None:
-    """``rw.plan``'s predicted peak bytes of this training setup (None where the planner has no model of it)."""
-    key = (task.name, exp.fingerprint())
+def planned_peak(task: BenchTask, exp: Experiment, profile: Profile, device: str = "cuda") -> int | None:
+    """``rw.plan``'s predicted peak bytes of this training setup on ``device``'s kernels (``cuda`` or ``cpu``;
+    None where the planner has no model of it)."""
+    key = (task.name, exp.fingerprint(), device)
     if key not in _PLANS:
         from ..planner import plan
 
@@ -252,7 +253,8 @@ def planned_peak(task: BenchTask, exp: Experiment, profile: Profile) -> int | No
                 raise ValueError("not planned")
             _PLANS[key] = plan(task.model, method, exp.optimizer, batch_size=profile.batch_size,
                                seq_len=profile.max_length, task=task.kind, method_options=exp.options or None,
-                               optimizer_options=resolve_budget(exp.optimizer_options, profile.steps) or None).peak
+                               optimizer_options=resolve_budget(exp.optimizer_options, profile.steps) or None,
+                               device=device).peak
         except Exception:  # noqa: BLE001 - a setup the planner cannot trace is reported as unplanned
             _PLANS[key] = None
     return _PLANS[key]
@@ -310,6 +312,7 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
     peak, kind = peak_memory(torch.device(result.device))
     eval_task = "lm" if task.kind == "causal-lm" else "classification"
     val, test = evaluate(model, splits.val, task=eval_task), evaluate(model, splits.test, task=eval_task)
+    kernels = "cpu" if torch.device(result.device).type == "cpu" else "cuda"  # whose dropout / attention to plan
     step_peak = tensor_peak(model, meter.optimizer, next(iter(splits.init))) if meter.optimizer is not None else None
     losses = [h["loss"] for h in result.history if "loss" in h]
     # parameters the run trains over its course: every weight for full training (a block sampler
@@ -326,7 +329,7 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
         "updates_per_param": meter.updated / max(1, trained),
         "peak_memory_bytes": peak, "peak_memory_kind": kind, "rss_before_bytes": rss_before,
         "tensor_peak_bytes": step_peak,
-        "planned_peak_bytes": planned_peak(task, exp, profile),
+        "planned_peak_bytes": planned_peak(task, exp, profile, kernels),
         "optimizer_state_bytes": result.optimizer_state_bytes, "trainable_params": result.trainable_params,
         "total_params": result.total_params, "trained_params": trained, "saved_bytes": _saved_bytes(model, exp),
         "device": result.device,

@@ -82,6 +82,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
     g.add_argument("--world-size", type=int, default=1, metavar="N",
                    help="FSDP2 ranks: parameters, gradients and state sharded, projectors replicated [default: 1]")
+    g.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="whose attention / dropout kernels: CUDA keeps bool dropout masks and no attention "
+                        "mask, CPU float masks and, with attention dropout, the S x S probabilities [default: cuda]")
     g = p.add_argument_group("output")
     g.add_argument("--memory", metavar="SIZE", help="budget per rank (24GiB, 80GB, 16 = GiB): say if the peak fits")
     g.add_argument("--format", default="table", choices=FORMATS, help="table or json [default: table]")
@@ -117,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         result = plan(args.model, method, args.optimizer, batch_size=args.batch_size, seq_len=args.max_length,
                       dtype=args.dtype, checkpointing=args.checkpointing, layerwise=args.layerwise,
                       quant=args.quantize, world_size=args.world_size, memory=budget, task=args.task,
-                      method_options=options, optimizer_options=optimizer_options)
+                      method_options=options, optimizer_options=optimizer_options,
+                      device=args.device)
     except TypeError as e:  # an option the method's config / optimizer's class does not take
         raise UsageError(str(e)) from None
     print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else result.table())
