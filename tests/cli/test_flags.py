@@ -15,7 +15,7 @@ from rankwise.cli import build_parser, main
 from rankwise.cli.common import FLAGS, UsageError, key_aliases
 from rankwise.cli.train_config import check_config, resolve_train_config
 
-COMMANDS = ("methods", "train", "demo", "compress", "export", "merge", "plan", "federate")
+COMMANDS = ("methods", "train", "demo", "compress", "export", "merge", "plan", "federate", "bench")
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -134,7 +134,7 @@ class Meter:
         gaps = {g.get("update_gap") for g in groups if g.get("update_gap")}
         if len(gaps) != 1:
             return None
-        gap = int(gaps.pop())
+        gap = int(gaps.pop() or 1)
         times = [t for i, t in enumerate(self.optimizer_s) if i % gap == 0 and i > 0] or self.optimizer_s[:1]
         return statistics.fmean(times) if times else None
 
@@ -159,8 +159,8 @@ def _build(task: BenchTask, profile: Profile, seed: int) -> tuple[Any, Any, Spli
     from ..models import load_model
 
     torch.manual_seed(seed)
-    extra = {"num_labels": load_classification(task.data, "test", limit=1).num_labels} if task.kind == "seq-cls" else {}
-    model, tok = load_model(task.model, task=task.kind, **extra)
+    labels = load_classification(task.data, "test", limit=1).num_labels if task.kind == "seq-cls" else None
+    model, tok = load_model(task.model, task=task.kind, num_labels=labels)
     key = (task, profile.batch_size, profile.max_length, profile.val_size, profile.test_size, seed)
     if key not in _SPLITS:
         _SPLITS[key] = (_cls_splits if task.kind == "seq-cls" else _lm_splits)(task, profile, tok, seed)
@@ -303,7 +303,8 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
                       seed=seed, device=device, progress=False, task="lm" if task.kind == "causal-lm" else "auto")
     loader, meter = CountingLoader(splits.train), Meter()
     rss_before = _rss()
-    optimizer, controllers, loss_fn = None, [], None
+    optimizer, loss_fn = None, None
+    controllers: list[Any] = []
     if exp.kind == "structured":  # its controller is built on the loop's optimizer
         place_model(model, device)
         optimizer = build_optimizer(model, cfg)
@@ -342,7 +343,7 @@ def environment() -> dict[str, Any]:
     """Package versions and the machine (stored with every run)."""
     from importlib import metadata
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("rankwise", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
         try:
             versions[package] = metadata.version(package)
@@ -487,11 +488,11 @@ class Bench:
                 count += 1
                 if (task.name, exp.name, lr, seed) not in done:
                     mine.append(self._run(task, exp, lr, seed, role, env, say, f"[{count}/{total}]"))
-            lr = chosen_lr(mine, task.higher_is_better, self.grid(exp))
+            best = chosen_lr(mine, task.higher_is_better, self.grid(exp))
             for seed in range(1, self.seeds):
                 count += 1
-                if lr is not None and (task.name, exp.name, lr, seed) not in done:
-                    mine.append(self._run(task, exp, lr, seed, "seed", env, say, f"[{count}/{total}]"))
+                if best is not None and (task.name, exp.name, best, seed) not in done:
+                    mine.append(self._run(task, exp, best, seed, "seed", env, say, f"[{count}/{total}]"))
 
     def _run(self, task: BenchTask, exp: Experiment, lr: float, seed: int, role: str, env: dict[str, Any],
              say: Callable[[str], None], where: str) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("bench", help="compare methods under one budget: run, report, gate, list",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True,
+                               help="run (or continue) a bench, report it, gate against it, list experiments")
     profiles = ", ".join(f"{k} ({v.description.split(':')[0]})" for k, v in PROFILES.items())
 
     def common(q: argparse.ArgumentParser) -> None:
