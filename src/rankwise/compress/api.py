@@ -13,7 +13,9 @@ norms are never compressed and not counted). What "kept" means per method:
 * ``ecoflap`` — the non-zero weights (block sparsities differ, their weighted mean is ``1 − ratio``);
 * ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
   is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
-  non-zero fraction of the targeted weights).
+  non-zero fraction of the targeted weights);
+* ``spqr`` — quantization keeps every entry: ``ratio`` is not used, the size is
+  ``details["bits_per_param"]`` (dequantized weights are stored, see docs/compress.md).
 
 Compressed-model format (``save_compressed``): a directory with the Hugging Face ``config.json``,
 ``model.safetensors`` (the full state dict, factor pairs as ``<layer>.U`` / ``<layer>.V``),
@@ -54,10 +56,11 @@ from .lord import lord_compress
 from .pela import PELAConfig, pela_compress, pela_distill
 from .resize import apply_layout
 from .slicegpt import SliceGPTConfig, apply_sliced_layout, slicegpt
+from .spqr import SpQRConfig, spqr
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 
-ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap")
+ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap", "spqr")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
@@ -276,15 +279,17 @@ def _slicegpt(model: nn.Module, req: Request) -> CompressState:
 
 
 def _calibrated_pruning(model: nn.Module, req: Request, method: str, options: Iterable[str], needs: str,
-                        prune: Callable[[list[str]], dict[str, Any]]) -> CompressState:
-    """The state of a method that prunes the targets in place on calibration data: ``prune(names) -> details``."""
+                        prune: Callable[[list[str]], dict[str, Any]], dense: bool = False) -> CompressState:
+    """The state of a method that prunes (or, ``dense``, quantizes: every entry kept) the targets in
+    place on calibration data: ``prune(names) -> details``."""
     _check_config(method, req.config, options)
     if req.data is None:
         raise ValueError(f"{method} needs data=...: calibration batches for {needs}")
     names = [n for n, _ in find_targets(model, req.targets, conv1d=False)]
     before = _weights(model, names)
     details = prune(names)
-    after = sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero()) for n in names)
+    after = before if dense else sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero())
+                                     for n in names)
     return CompressState(method, req.ratio, names, {}, before, after, details)
 
 
@@ -300,6 +305,12 @@ def _ecoflap(model: nn.Module, req: Request) -> CompressState:
                                "the zeroth-order scores and Wanda",
                                lambda names: ecoflap(model, req.data or [], req.ratio, names, req.progress,
                                                      req.loss_fn, **req.config))
+
+
+def _spqr(model: nn.Module, req: Request) -> CompressState:
+    return _calibrated_pruning(model, req, "spqr", SpQRConfig.__dataclass_fields__, "the GPTQ Hessians",
+                               lambda names: spqr(model, req.data or [], set(names), req.progress, **req.config),
+                               dense=True)
 
 
 Runner = Callable[[nn.Module, Request], CompressState]
@@ -325,6 +336,10 @@ _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     ("ecoflap", "Sung et al. 2024, ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models",
      "block sparsities from forward-only (zeroth-order) gradient × weight scores sharing the global budget, then "
      "Wanda inside each layer at its block's sparsity", _ecoflap),
+    ("spqr", "Dettmers et al. 2024, SpQR: A Sparse-Quantized Representation for Near-Lossless LLM Weight "
+     "Compression",
+     "GPTQ with 3-4-bit groups of 16 and 3-bit quantized scales/zeros; weights whose Hessian-aware error "
+     "exceeds a threshold kept as sparse fp16 outliers", _spqr),
 )
 for _name, _paper, _mechanism, _run in _METHODS:
     catalogue.register(catalogue.MethodRecord(
