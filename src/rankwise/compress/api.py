@@ -14,6 +14,8 @@ norms are never compressed and not counted). What "kept" means per method:
 * ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
   is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
   non-zero fraction of the targeted weights);
+* ``modegpt`` — the weights of the shrunk block linears (every module's inner dimension is ``ratio`` of its
+  size: MLP channels, per-head query/key and value widths; layout ``modular`` in the saved file);
 * ``spqr`` — quantization keeps every entry: ``ratio`` is not used, the size is
   ``details["bits_per_param"]`` (dequantized weights are stored, see docs/compress.md).
 
@@ -53,6 +55,7 @@ from .factorized import empty_factorized, factorized_layers
 from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
 from .lord import lord_compress
+from .modegpt import MoDeGPTConfig, apply_modular_layout, modegpt
 from .pela import PELAConfig, pela_compress, pela_distill
 from .resize import apply_layout
 from .slicegpt import SliceGPTConfig, apply_sliced_layout, slicegpt
@@ -60,7 +63,7 @@ from .spqr import SpQRConfig, spqr
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 
-ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap", "spqr")
+ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap", "spqr", "modegpt")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
@@ -262,14 +265,22 @@ def _dsee(model: nn.Module, req: Request) -> CompressState:
     return CompressState("dsee", req.ratio, names, {}, before, after, {"nnz": nnz, "history": history})
 
 
-def _slicegpt(model: nn.Module, req: Request) -> CompressState:
+def _block_linears(model: nn.Module, req: Request, method: str, options: Iterable[str], why: str,
+                   needs: str) -> tuple[list[str], int]:
+    """The checks of a calibrated method that restructures every block, then its block linears and their
+    weight count: ``why`` it needs all of them, what it ``needs`` the data for."""
     if not (isinstance(req.targets, str) and req.targets == "all-linear"):
-        raise ValueError("targets must be 'all-linear' for slicegpt: it slices the hidden width of the whole model")
-    _check_config("slicegpt", req.config, SliceGPTConfig.__dataclass_fields__)
+        raise ValueError(f"targets must be 'all-linear' for {method}: it {why}")
+    _check_config(method, req.config, options)
     if req.data is None:
-        raise ValueError("slicegpt needs data=...: calibration batches for the PCA of each block's input")
-    names = [n for b in find_blocks(model, "slicegpt") for n in b.names]
-    before = _weights(model, names)
+        raise ValueError(f"{method} needs data=...: calibration batches for {needs}")
+    names = [n for b in find_blocks(model, method) for n in b.names]
+    return names, _weights(model, names)
+
+
+def _slicegpt(model: nn.Module, req: Request) -> CompressState:
+    names, before = _block_linears(model, req, "slicegpt", SliceGPTConfig.__dataclass_fields__,
+                                   "slices the hidden width of the whole model", "the PCA of each block's input")
     layout = slicegpt(model, req.data, req.ratio, req.progress, **req.config)
     shortcuts = [f"model.layers.{i}.{s}" for i in range(len(layout["dims"])) for s in ("attn_shortcut", "mlp_shortcut")]
     details = {"hidden_size": layout["hidden_size"], "width": layout["width"],
@@ -307,6 +318,17 @@ def _ecoflap(model: nn.Module, req: Request) -> CompressState:
                                                      req.loss_fn, **req.config))
 
 
+def _modegpt(model: nn.Module, req: Request) -> CompressState:
+    names, before = _block_linears(model, req, "modegpt", MoDeGPTConfig.__dataclass_fields__,
+                                   "decomposes every block's modules", "the module correlations")
+    modular = modegpt(model, req.data, req.ratio, req.progress, **req.config)
+    linears = {n: {"in_features": lin.in_features, "out_features": lin.out_features, "bias": False}
+               for n in names for lin in [_linear_at(model, n, "modegpt")]}
+    details = {name: {"qk_dim": 2 * len(spec["pairs"][0]), "v_dim": spec["v_dim"]} for name, spec in modular.items()}
+    return CompressState("modegpt", req.ratio, names, {}, before, _weights(model, names), details,
+                         {"linears": linears, "modular": modular})
+
+
 def _spqr(model: nn.Module, req: Request) -> CompressState:
     return _calibrated_pruning(model, req, "spqr", SpQRConfig.__dataclass_fields__, "the GPTQ Hessians",
                                lambda names: spqr(model, req.data or [], set(names), req.progress, **req.config),
@@ -336,6 +358,9 @@ _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     ("ecoflap", "Sung et al. 2024, ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models",
      "block sparsities from forward-only (zeroth-order) gradient × weight scores sharing the global budget, then "
      "Wanda inside each layer at its block's sparsity", _ecoflap),
+    ("modegpt", "Lin et al. 2025, MoDeGPT: Modular Decomposition for Large Language Model Compression",
+     "per block, backprop-free: MLP channels by ridge leverage + Nyström refit of down, key-query RoPE pairs by "
+     "CR scores, value-output by SVD of C_x^1/2 W_v W_o: a smaller inner dimension in every module", _modegpt),
     ("spqr", "Dettmers et al. 2024, SpQR: A Sparse-Quantized Representation for Near-Lossless LLM Weight "
      "Compression",
      "GPTQ with 3-4-bit groups of 16 and 3-bit quantized scales/zeros; weights whose Hessian-aware error "
@@ -481,8 +506,9 @@ def _check_layout(model: nn.Module, info: dict[str, Any], info_file: Path) -> No
     choice(f"{where}: state.method", state.get("method"), sorted(COMPRESS_METHODS))
     resized = state.get("resized") or {}
     factorized = info.get("factorized")
-    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes", "sliced"}:
-        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes' (or 'sliced')")
+    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes", "sliced", "modular"}:
+        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes' (or 'sliced', "
+                         "'modular')")
     if not isinstance(factorized, dict):
         raise ValueError(f"{where}: 'factorized' must be a mapping of layer names")
     for name, spec in (resized.get("linears") or {}).items():
@@ -532,6 +558,8 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     apply_layout(model, state.resized)
     if "sliced" in state.resized:
         apply_sliced_layout(model, state.resized["sliced"], f"{info_file}: state.resized.sliced")
+    if "modular" in state.resized:
+        apply_modular_layout(model, state.resized["modular"], f"{info_file}: state.resized.modular")
     for name, spec in info["factorized"].items():
         old = model.get_submodule(name)
         layer = empty_factorized(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"],

@@ -39,6 +39,17 @@ class InputStats:
         return (self.sum_sq / self.count - self.mean.pow(2)).clamp_min(0)
 
 
+class GramStats:
+    """``XᵀX`` (float64) of one linear's inputs over every token position."""
+
+    def __init__(self, columns: int, device: torch.device) -> None:
+        self.gram = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        z = x.detach().reshape(-1, x.shape[-1]).double()
+        self.gram.addmm_(z.T, z)
+
+
 #: ``mask_fn(full name, name inside the layer, linear, its input statistics) -> pruned mask`` (True = pruned).
 MaskFn = Callable[[str, str, nn.Linear, InputStats], torch.Tensor]
 #: ``process(layer name, layer, forward)``: changes one decoder layer in place; ``forward()`` runs the

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from .layerwise import collect_inputs, process_layerwise
+from .layerwise import GramStats, collect_inputs, process_layerwise
 
 
 @dataclass
@@ -172,17 +172,6 @@ def spqr_quantize(weight: torch.Tensor, gram: torch.Tensor, cfg: SpQRConfig) -> 
     idx = outlier.nonzero().T
     sparse = torch.sparse_coo_tensor(idx, w[outlier].half(), (rows, cols), check_invariants=True).coalesce()
     return SpQRResult(dense.to(weight.dtype), sparse, codes.to(torch.uint8))
-
-
-class GramStats:
-    """``XᵀX`` (float64) of one linear's inputs over every token position."""
-
-    def __init__(self, columns: int, device: torch.device) -> None:
-        self.gram = torch.zeros(columns, columns, dtype=torch.float64, device=device)
-
-    def add(self, x: torch.Tensor) -> None:
-        z = x.detach().reshape(-1, x.shape[-1]).double()
-        self.gram.addmm_(z.T, z)
 
 
 def spqr(model: nn.Module, data: Iterable, targets: set[str], progress: bool = False,
