@@ -56,6 +56,16 @@ def test_dequantized_is_dense_plus_sparse_fp16_outliers():
     assert int(res.codes.max()) <= 2**cfg.bits - 1
 
 
+def test_scales_and_zeros_are_quantized_in_groups_of_rows():
+    """The second level: each group of ``stat_group`` rows shares a 2^stat_bits-level grid of scales and of zeros."""
+    w, _ = _problem(4, rows=64)
+    cfg = SpQRConfig(stat_bits=2, stat_group=16)
+    scale, zero = group_stats(w[:, :16], cfg)
+    for stat in (scale, zero):
+        assert all(len(set(stat[r:r + 16].tolist())) <= 4 for r in range(0, 64, 16))
+        assert len(set(stat.tolist())) > 4
+
+
 def test_outliers_follow_hessian_sensitivity_not_magnitude():
     """Columns 0..15 (one group) see almost no input and hold the largest weights (3x the others): their
     quantization error barely moves the output, so SpQR keeps no outlier there, only in the active columns."""
