@@ -139,9 +139,9 @@ def cr_query_key(q: nn.Linear, k: nn.Linear, corr: torch.Tensor, heads: int, kv_
     """Keep the selected rows of every query / key head; returns the kept pairs."""
     kept = cr_pairs(q.weight, k.weight, corr, heads, kv_heads, head_dim, pairs)
     index = rotary_index(kept, head_dim)
-    k_rows = (index + head_dim * torch.arange(kv_heads)[:, None]).flatten()
+    k_rows = (index + head_dim * torch.arange(kv_heads, device=index.device)[:, None]).flatten()
     q_index = index.repeat_interleave(heads // kv_heads, 0)
-    q_rows = (q_index + head_dim * torch.arange(heads)[:, None]).flatten()
+    q_rows = (q_index + head_dim * torch.arange(heads, device=index.device)[:, None]).flatten()
     set_weight(q, q.weight.double()[q_rows])
     set_weight(k, k.weight.double()[k_rows])
     return kept

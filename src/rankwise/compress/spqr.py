@@ -114,7 +114,10 @@ def leave_one_out_gain(w: torch.Tensor, r_diag: torch.Tensor, bits: int) -> torc
     """Per weight of a column group: ``Σ_k ((w_k − q(w_k))/R_kk)²`` with the row's min-max statistics
     fitted on all its weights, minus the same sum over the others with statistics fitted without it."""
     g = w.shape[1]
-    others = torch.arange(g)[None].expand(g, g)[~torch.eye(g, dtype=torch.bool)].reshape(g, g - 1)
+    if g < 2:  # a last group of one column: nothing to leave out
+        return torch.zeros_like(w)
+    eye = torch.eye(g, dtype=torch.bool, device=w.device)
+    others = torch.arange(g, device=w.device)[None].expand(g, g)[~eye].reshape(g, g - 1)
     loo = w[:, others]  # rows × left-out × (g − 1)
     scale, zero = minmax_stats(loo, bits)
     err_loo = ((fake_quant(loo, scale, zero, bits)[0] - loo) / r_diag[others]).square().sum(-1)
