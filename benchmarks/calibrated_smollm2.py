@@ -2,7 +2,7 @@
 20 / 30 % of the hidden width; PCA bases against random orthogonal bases) and ``dsnot`` (50 / 60 %
 unstructured sparsity; the Wanda mask alone, ``max_cycles=0``, against DSnoT's refinement), ``modegpt``
 (90 / 80 % of every module's inner dimension) and ``spqr`` (3-bit groups of 16 without and with the
-fp16 outliers), against the dense model.
+fp16 outliers; 4-bit groups without outliers), against the dense model.
 
 Calibration: ``--calibration`` seeded batches of 4×128 tokens from the BBC + stdlib-code train splits
 (``compress_smollm2.train_batches``). Held-out: the first ``--eval-blocks`` 128-token blocks of the
@@ -37,7 +37,8 @@ RUNS = {
     "slicegpt": [(0.9, {}), (0.8, {}), (0.7, {}), (0.9, {"basis": "random"})],
     "dsnot": [(0.5, {"max_cycles": 0}), (0.5, {}), (0.4, {"max_cycles": 0}), (0.4, {})],
     "modegpt": [(0.9, {}), (0.8, {})],
-    "spqr": [(1.0, {"threshold": None}), (1.0, {})],  # ratio unused: 3-bit GPTQ groups without / with outliers
+    # ratio unused: 3-bit GPTQ groups without / with outliers, and 4-bit groups without outliers
+    "spqr": [(1.0, {"threshold": None}), (1.0, {}), (1.0, {"bits": 4, "threshold": None})],
 }
 
 
