@@ -1,7 +1,8 @@
 """The calibrated one-shot methods on SmolLM2-135M: held-out perplexity of ``slicegpt`` (slicing 10 /
 20 / 30 % of the hidden width; PCA bases against random orthogonal bases) and ``dsnot`` (50 / 60 %
-unstructured sparsity; the Wanda mask alone, ``max_cycles=0``, against DSnoT's refinement), against
-the dense model.
+unstructured sparsity; the Wanda mask alone, ``max_cycles=0``, against DSnoT's refinement), ``modegpt``
+(90 / 80 % of every module's inner dimension) and ``spqr`` (3-bit groups of 16 without and with the
+fp16 outliers; 4-bit groups without outliers), against the dense model.
 
 Calibration: ``--calibration`` seeded batches of 4×128 tokens from the BBC + stdlib-code train splits
 (``compress_smollm2.train_batches``). Held-out: the first ``--eval-blocks`` 128-token blocks of the
@@ -9,6 +10,8 @@ BBC and stdlib-code test splits (as ``compress_smollm2.py``).
 
     python benchmarks/calibrated_smollm2.py --method slicegpt --threads 1   # results/slicegpt_smollm2.{json,md}
     python benchmarks/calibrated_smollm2.py --method dsnot --threads 1      # results/dsnot_smollm2.{json,md}
+    python benchmarks/calibrated_smollm2.py --method modegpt --threads 1    # results/modegpt_smollm2.{json,md}
+    python benchmarks/calibrated_smollm2.py --method spqr --threads 1       # results/spqr_smollm2.{json,md}
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = {
     "slicegpt": [(0.9, {}), (0.8, {}), (0.7, {}), (0.9, {"basis": "random"})],
     "dsnot": [(0.5, {"max_cycles": 0}), (0.5, {}), (0.4, {"max_cycles": 0}), (0.4, {})],
+    "modegpt": [(0.9, {}), (0.8, {})],
+    # ratio unused: 3-bit GPTQ groups without / with outliers, and 4-bit groups without outliers
+    "spqr": [(1.0, {"threshold": None}), (1.0, {}), (1.0, {"bits": 4, "threshold": None})],
 }
 
 
@@ -51,6 +57,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "default"
+        if "bits_per_param" in r["details"]:
+            opts += f" ({r['details']['bits_per_param']:.2f} bits/param)"
         lines.append(f"| {r['ratio']} | {opts} | {r['kept_fraction']:.3f} | {r['parameters'] / 1e6:.1f}M "
                      f"| {r['ppl']['bbc']:.4g} | {r['ppl']['stdlib-code']:.4g} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
@@ -82,7 +90,7 @@ def main() -> None:
         state = model.rankwise_compress
         row = {"ratio": ratio, "options": options, "parameters": total_params(model),
                "kept_fraction": state.kept_fraction, "seconds": round(time.perf_counter() - t0, 1),
-               "details": {k: v for k, v in state.details.items() if k != "mean_error"},
+               "details": {k: v for k, v in state.details.items() if k not in ("mean_error", "outliers")},
                "ppl": evaluate_corpora(model, None, blocks=blocks)}
         print(json.dumps(row))
         result["rows"].append(row)

@@ -26,7 +26,7 @@ from ..conftest import lm_batches, make_tiny_llama
 #: Settings for the methods that train while compressing; every catalogued method is round-tripped.
 TRAINING_SETTINGS = {"loraprune": {"steps": 2}}
 #: Methods that need calibration batches (``data=``) but do not train.
-CALIBRATED = ("slicegpt", "dsnot", "ecoflap")
+CALIBRATED = ("slicegpt", "dsnot", "ecoflap", "spqr", "modegpt")
 
 
 @pytest.mark.parametrize("method", list(COMPRESS_METHODS))

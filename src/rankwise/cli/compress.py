@@ -30,7 +30,7 @@ examples:
 TRAINING_METHODS = {"loraprune": 24, "dsee": 0, "pela": 0}
 #: Methods that take calibration batches (``--calibration-batches``), with their default counts
 #: (LoRD: optional, data-free without; SliceGPT, DSnoT and ECoFLaP need them).
-CALIBRATED_METHODS = {"lord": 0, "slicegpt": 16, "dsnot": 16, "ecoflap": 16}
+CALIBRATED_METHODS = {"lord": 0, "slicegpt": 16, "dsnot": 16, "ecoflap": 16, "modegpt": 16, "spqr": 16}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,8 +51,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="recovery fine-tuning steps after compression [default: 0]")
     p.add_argument("--calibration-batches", type=int, default=None, metavar="N",
                    help="calibration training batches: lord decomposes the layer outputs on them (data-aware LoRD; "
-                        "default 0: data-free truncated SVD); slicegpt (PCA), dsnot and ecoflap (input statistics) "
-                        "need them [default: 16]")
+                        "default 0: data-free truncated SVD); slicegpt (PCA), dsnot, ecoflap (input statistics), "
+                        "modegpt (module correlations) and spqr (Hessians) need them [default: 16]")
     add_flag(p, "lr", "learning rate of the method's training and the recovery [default: 1e-4]", default=1e-4)
     p.add_argument("--eval-blocks", type=int, default=16, metavar="N", help="held-out blocks per corpus [default: 16]")
     add_flag(p, "max_length", "tokens per LM block, for evaluation and training [default: 128]", default=128)

@@ -1,5 +1,6 @@
 """Compression of pretrained models: low-rank factorization (SVD baseline, WeLore, LoRD, PELA),
-structured pruning guided by LoRA (LoRAPrune), sparse-plus-low-rank tuning (DSEE, whose adapter
+structured pruning guided by LoRA (LoRAPrune), calibrated one-shot methods (SliceGPT, DSnoT, ECoFLaP,
+MoDeGPT's modular decomposition, SpQR's sparse-quantized weights), sparse-plus-low-rank tuning (DSEE, whose adapter
 layer lives in the adapter package), and compensation of a compressed model from its original
 (EoRA, training-free; INT2.1's LREC, by distillation); LoRA trained on a pruned copy, then
 recovered onto the original (LoRAM / QLoRAM).

@@ -13,7 +13,11 @@ norms are never compressed and not counted). What "kept" means per method:
 * ``ecoflap`` — the non-zero weights (block sparsities differ, their weighted mean is ``1 − ratio``);
 * ``dsee`` — the non-zero weights after magnitude pruning (with ``structure="heads"``, ``1 − ratio``
   is the fraction of heads pruned in each attention block; ``kept_fraction`` still reports the
-  non-zero fraction of the targeted weights).
+  non-zero fraction of the targeted weights);
+* ``modegpt`` — the weights of the shrunk block linears (every module's inner dimension is ``ratio`` of its
+  size: MLP channels, per-head query/key and value widths; layout ``modular`` in the saved file);
+* ``spqr`` — quantization keeps every entry: ``ratio`` is not used, the size is
+  ``details["bits_per_param"]`` (dequantized weights are stored, see docs/compress.md).
 
 Compressed-model format (``save_compressed``): a directory with the Hugging Face ``config.json``,
 ``model.safetensors`` (the full state dict, factor pairs as ``<layer>.U`` / ``<layer>.V``),
@@ -51,13 +55,15 @@ from .factorized import empty_factorized, factorized_layers
 from .finetune import finetune
 from .loraprune import LoRAPruneConfig, loraprune, loraprune_recover
 from .lord import lord_compress
+from .modegpt import MoDeGPTConfig, apply_modular_layout, modegpt
 from .pela import PELAConfig, pela_compress, pela_distill
 from .resize import apply_layout
 from .slicegpt import SliceGPTConfig, apply_sliced_layout, slicegpt
+from .spqr import SpQRConfig, spqr
 from .svd import SVDCache, factorize_layers, shapes_of, svd_ranks
 from .welore import welore_compress, welore_finetune_params
 
-ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap")
+ONE_SHOT = ("svd", "welore", "lord", "slicegpt", "dsnot", "ecoflap", "spqr", "modegpt")
 COMPRESSED_CONFIG = "rankwise_compressed.json"
 COMPRESSED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: adds the resized-layer layout (loraprune)
@@ -259,14 +265,22 @@ def _dsee(model: nn.Module, req: Request) -> CompressState:
     return CompressState("dsee", req.ratio, names, {}, before, after, {"nnz": nnz, "history": history})
 
 
-def _slicegpt(model: nn.Module, req: Request) -> CompressState:
+def _block_linears(model: nn.Module, req: Request, method: str, options: Iterable[str], why: str,
+                   needs: str) -> tuple[list[str], int]:
+    """The checks of a calibrated method that restructures every block, then its block linears and their
+    weight count: ``why`` it needs all of them, what it ``needs`` the data for."""
     if not (isinstance(req.targets, str) and req.targets == "all-linear"):
-        raise ValueError("targets must be 'all-linear' for slicegpt: it slices the hidden width of the whole model")
-    _check_config("slicegpt", req.config, SliceGPTConfig.__dataclass_fields__)
+        raise ValueError(f"targets must be 'all-linear' for {method}: it {why}")
+    _check_config(method, req.config, options)
     if req.data is None:
-        raise ValueError("slicegpt needs data=...: calibration batches for the PCA of each block's input")
-    names = [n for b in find_blocks(model, "slicegpt") for n in b.names]
-    before = _weights(model, names)
+        raise ValueError(f"{method} needs data=...: calibration batches for {needs}")
+    names = [n for b in find_blocks(model, method) for n in b.names]
+    return names, _weights(model, names)
+
+
+def _slicegpt(model: nn.Module, req: Request) -> CompressState:
+    names, before = _block_linears(model, req, "slicegpt", SliceGPTConfig.__dataclass_fields__,
+                                   "slices the hidden width of the whole model", "the PCA of each block's input")
     layout = slicegpt(model, req.data, req.ratio, req.progress, **req.config)
     shortcuts = [f"model.layers.{i}.{s}" for i in range(len(layout["dims"])) for s in ("attn_shortcut", "mlp_shortcut")]
     details = {"hidden_size": layout["hidden_size"], "width": layout["width"],
@@ -276,15 +290,17 @@ def _slicegpt(model: nn.Module, req: Request) -> CompressState:
 
 
 def _calibrated_pruning(model: nn.Module, req: Request, method: str, options: Iterable[str], needs: str,
-                        prune: Callable[[list[str]], dict[str, Any]]) -> CompressState:
-    """The state of a method that prunes the targets in place on calibration data: ``prune(names) -> details``."""
+                        prune: Callable[[list[str]], dict[str, Any]], dense: bool = False) -> CompressState:
+    """The state of a method that prunes (or, ``dense``, quantizes: every entry kept) the targets in
+    place on calibration data: ``prune(names) -> details``."""
     _check_config(method, req.config, options)
     if req.data is None:
         raise ValueError(f"{method} needs data=...: calibration batches for {needs}")
     names = [n for n, _ in find_targets(model, req.targets, conv1d=False)]
     before = _weights(model, names)
     details = prune(names)
-    after = sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero()) for n in names)
+    after = before if dense else sum(int(module_tensor(model.get_submodule(n), "weight").count_nonzero())
+                                     for n in names)
     return CompressState(method, req.ratio, names, {}, before, after, details)
 
 
@@ -300,6 +316,23 @@ def _ecoflap(model: nn.Module, req: Request) -> CompressState:
                                "the zeroth-order scores and Wanda",
                                lambda names: ecoflap(model, req.data or [], req.ratio, names, req.progress,
                                                      req.loss_fn, **req.config))
+
+
+def _modegpt(model: nn.Module, req: Request) -> CompressState:
+    names, before = _block_linears(model, req, "modegpt", MoDeGPTConfig.__dataclass_fields__,
+                                   "decomposes every block's modules", "the module correlations")
+    modular = modegpt(model, req.data, req.ratio, req.progress, **req.config)
+    linears = {n: {"in_features": lin.in_features, "out_features": lin.out_features, "bias": False}
+               for n in names for lin in [_linear_at(model, n, "modegpt")]}
+    details = {name: {"qk_dim": 2 * len(spec["pairs"][0]), "v_dim": spec["v_dim"]} for name, spec in modular.items()}
+    return CompressState("modegpt", req.ratio, names, {}, before, _weights(model, names), details,
+                         {"linears": linears, "modular": modular})
+
+
+def _spqr(model: nn.Module, req: Request) -> CompressState:
+    return _calibrated_pruning(model, req, "spqr", SpQRConfig.__dataclass_fields__, "the GPTQ Hessians",
+                               lambda names: spqr(model, req.data or [], set(names), req.progress, **req.config),
+                               dense=True)
 
 
 Runner = Callable[[nn.Module, Request], CompressState]
@@ -325,6 +358,13 @@ _METHODS: tuple[tuple[str, str, str, Runner], ...] = (
     ("ecoflap", "Sung et al. 2024, ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models",
      "block sparsities from forward-only (zeroth-order) gradient × weight scores sharing the global budget, then "
      "Wanda inside each layer at its block's sparsity", _ecoflap),
+    ("modegpt", "Lin et al. 2025, MoDeGPT: Modular Decomposition for Large Language Model Compression",
+     "per block, backprop-free: MLP channels by ridge leverage + Nyström refit of down, key-query RoPE pairs by "
+     "CR scores, value-output by SVD of C_x^1/2 W_v W_o: a smaller inner dimension in every module", _modegpt),
+    ("spqr", "Dettmers et al. 2024, SpQR: A Sparse-Quantized Representation for Near-Lossless LLM Weight "
+     "Compression",
+     "GPTQ with 3-4-bit groups of 16 and 3-bit quantized scales/zeros; weights whose Hessian-aware error "
+     "exceeds a threshold kept as sparse fp16 outliers", _spqr),
 )
 for _name, _paper, _mechanism, _run in _METHODS:
     catalogue.register(catalogue.MethodRecord(
@@ -466,8 +506,9 @@ def _check_layout(model: nn.Module, info: dict[str, Any], info_file: Path) -> No
     choice(f"{where}: state.method", state.get("method"), sorted(COMPRESS_METHODS))
     resized = state.get("resized") or {}
     factorized = info.get("factorized")
-    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes", "sliced"}:
-        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes' (or 'sliced')")
+    if not isinstance(resized, dict) or set(resized) - {"linears", "attributes", "sliced", "modular"}:
+        raise ValueError(f"{where}: state.resized must be a mapping with 'linears' and 'attributes' (or 'sliced', "
+                         "'modular')")
     if not isinstance(factorized, dict):
         raise ValueError(f"{where}: 'factorized' must be a mapping of layer names")
     for name, spec in (resized.get("linears") or {}).items():
@@ -517,6 +558,8 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     apply_layout(model, state.resized)
     if "sliced" in state.resized:
         apply_sliced_layout(model, state.resized["sliced"], f"{info_file}: state.resized.sliced")
+    if "modular" in state.resized:
+        apply_modular_layout(model, state.resized["modular"], f"{info_file}: state.resized.modular")
     for name, spec in info["factorized"].items():
         old = model.get_submodule(name)
         layer = empty_factorized(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"],

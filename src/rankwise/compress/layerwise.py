@@ -1,10 +1,12 @@
-"""Layer-by-layer pruning on calibration data (Wanda-style methods: DSnoT, ECoFLaP's local stage):
-each decoder layer's linears see the outputs of the already-pruned layers before it, and each gets
-a mask from its own input statistics."""
+"""Layer-by-layer compression on calibration data: each decoder layer is changed on the outputs of
+the already-compressed layers before it. Pruning (Wanda-style methods: DSnoT, ECoFLaP's local stage)
+gives each linear a mask from its own input statistics; SpQR and MoDeGPT process a layer their own way."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,35 +39,69 @@ class InputStats:
         return (self.sum_sq / self.count - self.mean.pow(2)).clamp_min(0)
 
 
+class GramStats:
+    """``XᵀX`` (float64) of one linear's inputs over every token position."""
+
+    def __init__(self, columns: int, device: torch.device) -> None:
+        self.gram = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        z = x.detach().reshape(-1, x.shape[-1]).double()
+        self.gram.addmm_(z.T, z)
+
+
 #: ``mask_fn(full name, name inside the layer, linear, its input statistics) -> pruned mask`` (True = pruned).
 MaskFn = Callable[[str, str, nn.Linear, InputStats], torch.Tensor]
+#: ``process(layer name, layer, forward)``: changes one decoder layer in place; ``forward()`` runs the
+#: layer as it is now on every calibration batch that reaches it (hooks registered around it see the inputs).
+ProcessFn = Callable[[str, nn.Module, Callable[[], object]], None]
 
 
 @torch.no_grad()
-def prune_layerwise(model: nn.Module, data: Iterable, targets: set[str], mask_fn: MaskFn, who: str,
-                    progress: bool = False) -> None:
-    """For each repeated layer in order: one pass of its (dense) inputs collects every targeted
-    linear's :class:`InputStats`, ``mask_fn`` gives each its mask, the masked weights are zeroed, and
-    the pruned layer's outputs become the next layer's inputs (as Wanda / DSnoT's official code)."""
+def process_layerwise(model: nn.Module, data: Iterable, process: ProcessFn, who: str, progress: bool = False) -> None:
+    """For each repeated layer in order: ``process`` changes it (seeing its inputs through ``forward``),
+    then the changed layer's outputs become the next layer's inputs (as Wanda / GPTQ / DSnoT's
+    official code: each layer is calibrated on the outputs of the already-compressed layers)."""
     prefix, layers = layer_list(model)
     was_training = model.training
     model.eval()
     captured = first_layer_inputs(model, layers[0], data, who)
     hidden = [h for h, _, _ in captured]
-    for i, layer in enumerate(tqdm(list(layers), desc=who, disable=not progress, leave=False)):
-        linears = {sub: m for sub, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and f"{prefix}.{i}.{sub}" in targets}
-        stats = {sub: InputStats(m.in_features, m.weight.device) for sub, m in linears.items()}
-        handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[sub]: s.add(inp[0]))
-                   for sub, m in linears.items()]
-        try:
-            for h, (_, kw, _) in zip(hidden, captured, strict=True):
-                layer(h, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for sub, lin in linears.items():
-            lin.weight.masked_fill_(mask_fn(f"{prefix}.{i}.{sub}", sub, lin, stats[sub]), 0)
+
+    def run(layer: nn.Module) -> list[torch.Tensor]:
         outs = [layer(h, **kw) for h, (_, kw, _) in zip(hidden, captured, strict=True)]
-        hidden = [o[0] if isinstance(o, tuple) else o for o in outs]
+        return [o[0] if isinstance(o, tuple) else o for o in outs]
+
+    for i, layer in enumerate(tqdm(list(layers), desc=who, disable=not progress, leave=False)):
+        process(f"{prefix}.{i}", layer, partial(run, layer))
+        hidden = run(layer)
     model.train(was_training)
+
+
+def collect_inputs(prefix: str, layer: nn.Module, targets: set[str], make_stats: Callable[[nn.Linear], Any],
+                   forward: Callable[[], object]) -> tuple[dict[str, nn.Linear], dict[str, Any]]:
+    """The targeted ``nn.Linear`` modules of one layer (by their name inside it) and, for each,
+    ``make_stats(linear)`` fed every input the layer's ``forward()`` gives it (``.add(x)``)."""
+    linears = {sub: m for sub, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{prefix}.{sub}" in targets}
+    stats = {sub: make_stats(m) for sub, m in linears.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[sub]: s.add(inp[0])) for sub, m in linears.items()]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return linears, stats
+
+
+def prune_layerwise(model: nn.Module, data: Iterable, targets: set[str], mask_fn: MaskFn, who: str,
+                    progress: bool = False) -> None:
+    """Layer by layer (:func:`process_layerwise`): one pass of its (dense) inputs collects every
+    targeted linear's :class:`InputStats`, ``mask_fn`` gives each its mask, the masked weights are zeroed."""
+
+    def process(prefix: str, layer: nn.Module, forward: Callable[[], object]) -> None:
+        linears, stats = collect_inputs(prefix, layer, targets, lambda m: InputStats(m.in_features, m.weight.device),
+                                        forward)
+        for sub, lin in linears.items():
+            lin.weight.masked_fill_(mask_fn(f"{prefix}.{sub}", sub, lin, stats[sub]), 0)
+
+    process_layerwise(model, data, process, who, progress)

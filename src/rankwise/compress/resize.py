@@ -28,6 +28,15 @@ def sliced_linear(lin: nn.Linear, keep: torch.Tensor, input_side: bool) -> nn.Li
     return out
 
 
+def set_weight(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Give ``lin`` a new (float64-computed) weight and bias of any shape, keeping dtype and flags."""
+    old = lin.weight
+    lin.weight = nn.Parameter(weight.to(old.dtype), requires_grad=old.requires_grad)
+    lin.out_features, lin.in_features = weight.shape
+    if bias is not None and lin.bias is not None:
+        lin.bias = nn.Parameter(bias.to(lin.bias.dtype), requires_grad=lin.bias.requires_grad)
+
+
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> None:
     """Give a freshly built model the shapes recorded by :func:`remove_pruned_units`: new (untrained)
     ``nn.Linear`` layers of the recorded sizes and the recorded attention / MLP attributes, ready

@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import checks
 from .layer_inputs import first_layer_inputs
+from .resize import set_weight
 
 BASES = ("pca", "random")
 
@@ -163,30 +164,21 @@ def _basis(signals: list[torch.Tensor], masks: list[torch.Tensor], basis: str, g
     return vectors[:, values.argsort(descending=True)]
 
 
-def _set(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Give ``lin`` a new (float64-computed) weight and bias of any shape, keeping dtype and flags."""
-    old = lin.weight
-    lin.weight = nn.Parameter(weight.to(old.dtype), requires_grad=old.requires_grad)
-    lin.out_features, lin.in_features = weight.shape
-    if bias is not None and lin.bias is not None:
-        lin.bias = nn.Parameter(bias.to(lin.bias.dtype), requires_grad=lin.bias.requires_grad)
-
-
 def _read_in(linears: list[nn.Linear], q: torch.Tensor, k: int) -> None:
     """Readers of the residual stream: ``W ← (W Q)[:, :k]``."""
     for lin in linears:
-        _set(lin, (lin.weight.double() @ q)[:, :k])
+        set_weight(lin, (lin.weight.double() @ q)[:, :k])
 
 
 def _write_out(lin: nn.Linear, q: torch.Tensor, k: int) -> None:
     """Writers of the residual stream: ``W ← (Qᵀ W)[:k]``, ``b ← (Qᵀ b)[:k]``."""
     bias = None if lin.bias is None else (q.T @ lin.bias.double())[:k]
-    _set(lin, (q.T @ lin.weight.double())[:k], bias)
+    set_weight(lin, (q.T @ lin.weight.double())[:k], bias)
 
 
 def _shortcut(lin: nn.Linear, q_from: torch.Tensor, k_from: int, q_to: torch.Tensor, k_to: int) -> None:
     """The shortcut between two bases: ``y = x Q_fromᵀ[:k_from] Q_to[:, :k_to]`` (paper Sec. 3.3)."""
-    _set(lin, (q_to[:, :k_to].T @ q_from[:, :k_from]))
+    set_weight(lin, (q_to[:, :k_to].T @ q_from[:, :k_from]))
 
 
 def sliced_width(d: int, ratio: float, round_to: int) -> int:
@@ -276,9 +268,9 @@ def apply_sliced_layout(model: nn.Module, layout: dict[str, Any], where: str = "
         attn, mlp = layer.self_attn, layer.mlp
         for lin, n_in in ((attn.q_proj, d_in), (attn.k_proj, d_in), (attn.v_proj, d_in),
                           (mlp.gate_proj, d_mid), (mlp.up_proj, d_mid)):
-            _set(lin, lin.weight.new_empty(lin.out_features, n_in))
+            set_weight(lin, lin.weight.new_empty(lin.out_features, n_in))
         for lin, n_out in ((attn.o_proj, d_mid), (mlp.down_proj, d_out)):
             bias = None if lin.bias is None else lin.bias.new_empty(n_out)
-            _set(lin, lin.weight.new_empty(n_out, lin.in_features), bias)
+            set_weight(lin, lin.weight.new_empty(n_out, lin.in_features), bias)
         inner.layers[i] = SlicedDecoderLayer(layer, float(layout["eps"]), d, (d_in, d_mid, d_out))
     inner.norm = SlicedRMSNorm(d, float(layout["final_eps"]))
