@@ -58,6 +58,7 @@ def test_report_and_gate_on_a_real_tiny_bench(tiny_profile, tmp_path, monkeypatc
     report = write_report(tmp_path).read_text()
     assert "| lora |" in report and "| head |" in report and "±" in report
     assert (tmp_path / "pareto-bbc.png").stat().st_size > 10_000
+    assert (tmp_path / "curves-bbc.png").stat().st_size > 10_000 and "curves-bbc.png" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {e["experiment"] for e in summary["entries"]} == {"lora", "head"}
     verdicts = gate(tmp_path, exps[:1], device="cpu")

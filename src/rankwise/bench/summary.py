@@ -157,7 +157,8 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
                   markdown_table(mine, COLUMNS), ""]
         if plots:
             plot = plot_pareto(mine, out / f"pareto-{task}.png", higher[task], f"{profile['name']}: {task}")
-            lines += [f"![Pareto fronts]({plot.name})", ""]
+            curves = plot_curves(mine, out / f"curves-{task}.png", f"{profile['name']}: {task}")
+            lines += [f"![Pareto fronts]({plot.name})", "", f"![Training loss]({curves.name})", ""]
         edge = [e["experiment"] for e in mine if e["lr_at_grid_edge"]]
         if edge:
             lines += [f"Chosen lr at the edge of its grid (the best may lie beyond it; widen `lr_grid`): "
@@ -194,6 +195,31 @@ def _settings_section(entries: list[dict[str, Any]]) -> list[str]:
             seen.add(text)
             lines.append(text)
     return [*lines, ""]
+
+
+def plot_curves(entries: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """The training loss of each experiment (mean over its seeds at the chosen lr) against the fraction of its
+    steps done, the ten with the lowest final loss labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    done = sorted((e for e in entries if e.get("loss_curve")), key=lambda e: e["loss_curve"][-1])
+    for i, e in enumerate(done):
+        curve = e["loss_curve"]
+        xs = [k / max(1, len(curve) - 1) for k in range(len(curve))]
+        ax.plot(xs, curve, lw=1.4 if i < 10 else 0.6, alpha=0.9 if i < 10 else 0.35,
+                label=e["experiment"] if i < 10 else None)
+    ax.set_xlabel("fraction of the run's steps")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_title(f"{title}: training loss at the chosen lr", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if done:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def plot_pareto(entries: list[dict[str, Any]], path: Path, higher: bool, title: str) -> Path:

@@ -281,7 +281,7 @@ def _block_linears(model: nn.Module, req: Request, method: str, options: Iterabl
 def _slicegpt(model: nn.Module, req: Request) -> CompressState:
     names, before = _block_linears(model, req, "slicegpt", SliceGPTConfig.__dataclass_fields__,
                                    "slices the hidden width of the whole model", "the PCA of each block's input")
-    layout = slicegpt(model, req.data, req.ratio, req.progress, **req.config)
+    layout = slicegpt(model, req.data or [], req.ratio, req.progress, **req.config)
     shortcuts = [f"model.layers.{i}.{s}" for i in range(len(layout["dims"])) for s in ("attn_shortcut", "mlp_shortcut")]
     details = {"hidden_size": layout["hidden_size"], "width": layout["width"],
                "shortcut_weights": _weights(model, shortcuts)}
@@ -321,7 +321,7 @@ def _ecoflap(model: nn.Module, req: Request) -> CompressState:
 def _modegpt(model: nn.Module, req: Request) -> CompressState:
     names, before = _block_linears(model, req, "modegpt", MoDeGPTConfig.__dataclass_fields__,
                                    "decomposes every block's modules", "the module correlations")
-    modular = modegpt(model, req.data, req.ratio, req.progress, **req.config)
+    modular = modegpt(model, req.data or [], req.ratio, req.progress, **req.config)
     linears = {n: {"in_features": lin.in_features, "out_features": lin.out_features, "bias": False}
                for n in names for lin in [_linear_at(model, n, "modegpt")]}
     details = {name: {"qk_dim": 2 * len(spec["pairs"][0]), "v_dim": spec["v_dim"]} for name, spec in modular.items()}
