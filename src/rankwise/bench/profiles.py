@@ -135,12 +135,22 @@ def adapter_methods() -> list[str]:
                   if not s.needs_adapters and (s.family != "quantization" or has_bnb))
 
 
-def full_ft_experiments(names: tuple[str, ...] | None = None, rank: int = 8) -> list[Experiment]:
+#: Pre-training from scratch overrides (options, why): the tied embedding is the input and the output layer and
+#: 65% of the 20M Llama's weights, so BAdam must train it (a block of its own, not frozen as in fine-tuning).
+PRETRAIN_OVERRIDES: dict[str, tuple[dict[str, Any], str]] = {
+    "badam": ({"switch_every": "steps/30", "include_embedding": True},
+              "the tied embedding is a block of its own (frozen in fine-tuning, but here it is untrained and 65% of "
+              "the weights); 30 switches, so each of the 9 blocks gets at least 3 turns"),
+}
+
+
+def full_ft_experiments(names: tuple[str, ...] | None = None, rank: int = 8,
+                        overrides: dict[str, tuple[dict[str, Any], str]] | None = None) -> list[Experiment]:
     """Full training with each optimizer of ``names`` (default: every one) at subspace ``rank``, named
-    ``full-<optimizer>``."""
+    ``full-<optimizer>``; ``overrides`` replace an optimizer's settings and note."""
     out = []
     for name in names or tuple(FULL_FT_OPTIMIZERS):
-        options, note = FULL_FT_OPTIMIZERS[name]
+        options, note = (overrides or {}).get(name, FULL_FT_OPTIMIZERS[name])
         options = {k: rank if v == RANK else v for k, v in options.items()}
         out.append(Experiment(f"full-{name}", FULL_FINETUNE, optimizer=name, optimizer_options=options,
                               note=note.format(rank=rank)))
@@ -199,5 +209,6 @@ def builtin_experiments(profile: str) -> list[Experiment]:
         return [_adapter_experiment(m) for m in adapters] + full_ft_experiments(LM_OPTIMIZERS)
     if profile == "pretrain":
         return full_ft_experiments(("adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
-                                    "gradnormlorp", "badam", "lisa"), rank=64) + structured_experiments(rank=64)
+                                    "gradnormlorp", "badam", "lisa"), rank=64, overrides=PRETRAIN_OVERRIDES
+                                   ) + structured_experiments(rank=64)
     raise ValueError(f"profile={profile!r}; choose one of {list(PROFILES)}")
