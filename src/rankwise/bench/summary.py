@@ -124,6 +124,28 @@ COLUMNS = (
 )
 
 
+#: The columns of the terminal summary (``terminal_table``).
+BRIEF = ("experiment", "lr", "metric_text", "trained_params", "tensor_peak_bytes", "tokens_per_s")
+
+
+def terminal_table(out: str | os.PathLike) -> str:
+    """Each task's experiments, best first, as a plain-text table (from the folder's ``summary.json``)."""
+    from ..report import text_table
+
+    data = json.loads((Path(out) / "summary.json").read_text())
+    columns = [c for c in COLUMNS if c.key in BRIEF]
+    blocks = []
+    for task in sorted({e["task"] for e in data["entries"]}):
+        mine = [e for e in data["entries"] if e["task"] == task]
+        higher = mine[0]["metric"] == "accuracy"
+        mine.sort(key=lambda e: (e.get("test_mean") is None,
+                                 -(e.get("test_mean") or 0) if higher else (e.get("test_mean") or 0)))
+        for e in mine:
+            e["metric_text"] = _metric(e)
+        blocks.append(f"{task} ({mine[0]['metric']})\n{text_table(mine, columns)}")
+    return "\n\n".join(blocks)
+
+
 def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
     """Write ``summary.json``, ``report.md`` and (``plots``) ``pareto-<task>.png`` into bench folder ``out``."""
     out = Path(out)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..bench import PROFILES, Bench
-    from ..bench.summary import write_report
+    from ..bench.summary import terminal_table, write_report
 
     profile = PROFILES[args.profile]
     experiments = _experiments(args.profile, args.experiments, args.only)
@@ -143,14 +143,18 @@ def run(args: argparse.Namespace) -> int:
           f"{bench.planned_runs()} runs ({profile.steps} steps each) -> {out}", file=sys.stderr)
     bench.run()
     if args.report:
-        print(f"report: {write_report(out)}", file=sys.stderr)
+        path = write_report(out)
+        print(terminal_table(out))
+        print(f"report: {path}", file=sys.stderr)
     return 0
 
 
 def report(args: argparse.Namespace) -> int:
-    from ..bench.summary import write_report
+    from ..bench.summary import terminal_table, write_report
 
-    print(write_report(args.folder, plots=args.plots))
+    path = write_report(args.folder, plots=args.plots)
+    print(terminal_table(args.folder))
+    print(f"report: {path}", file=sys.stderr)
     return 0
 
 
