@@ -338,6 +338,12 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
     }
 
 
+def _duration(seconds: float) -> str:
+    """3725 -> '1 h 02 min', 95 -> '2 min'."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 # ------------------------------------------------------------------------------------------ environment
 def environment() -> dict[str, Any]:
     """Package versions and the machine (stored with every run)."""
@@ -411,6 +417,7 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        self._left, self._walls = 0, list[float]()  # runs left in this shard, wall times of the runs done here
         index, count = self.shard
         if not (isinstance(count, int) and isinstance(index, int) and 0 <= index < count):
             raise ValueError(f"shard={self.shard!r} must be (i, n) with 0 <= i < n")
@@ -481,6 +488,9 @@ class Bench:
         env = environment()
         done = {(r["task"], r["experiment"], r["lr"], r["seed"]) for r in rows}
         total, count = self.planned_runs(), 0
+        mine_pairs = {(t.name, e.name) for t, e in self.pairs()}
+        self._left = max(0, total - sum((r["task"], r["experiment"]) in mine_pairs for r in rows))
+        self._walls = []
         for task, exp in self.pairs():
             mine = [r for r in rows if r["task"] == task.name and r["experiment"] == exp.name]
             plan = [(lr, 0, "sweep") for lr in self.grid(exp)]
@@ -517,5 +527,9 @@ class Bench:
             summary = f"FAILED: {row['error']}"
         row["wall_s"] = time.perf_counter() - t0
         append_run(self.log(), json.loads(json.dumps(row, default=str)))
-        say(f"{where} {task.name} {exp.name} lr={lr:g} seed={seed}: {summary} ({row['wall_s']:.0f} s)")
+        self._walls.append(row["wall_s"])
+        self._left = max(0, self._left - 1)
+        eta = statistics.fmean(self._walls) * self._left
+        say(f"{where} {task.name} {exp.name} lr={lr:g} seed={seed}: {summary} ({row['wall_s']:.0f} s; "
+            f"about {_duration(eta)} left in this shard)")
         return row
