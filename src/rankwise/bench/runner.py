@@ -47,7 +47,6 @@ class Splits:
     val: Any
     test: Any
     init: Any
-    num_labels: int | None
 
 
 def _cls_splits(task: BenchTask, profile: Profile, tok: Any, seed: int) -> Splits:
@@ -65,7 +64,7 @@ def _cls_splits(task: BenchTask, profile: Profile, tok: Any, seed: int) -> Split
     train = classification_loader(rest, tok, bs, n, shuffle=True, seed=seed)
     return Splits(train, classification_loader(val, tok, 32, n, shuffle=False),
                   classification_loader(test, tok, 32, n, shuffle=False),
-                  DataLoader(train.dataset, batch_size=bs, collate_fn=train.collate_fn), full.num_labels)
+                  DataLoader(train.dataset, batch_size=bs, collate_fn=train.collate_fn))
 
 
 def _lm_splits(task: BenchTask, profile: Profile, tok: Any, seed: int) -> Splits:
@@ -82,7 +81,7 @@ def _lm_splits(task: BenchTask, profile: Profile, tok: Any, seed: int) -> Splits
         raise ValueError(f"{task.data}: too little text for blocks of {profile.max_length} tokens")
     return Splits(lm_loader(train_blocks, profile.batch_size, shuffle=True, seed=seed),
                   lm_loader(val, 8, shuffle=False), lm_loader(test, 8, shuffle=False),
-                  lm_loader(train_blocks, profile.batch_size, shuffle=False), None)
+                  lm_loader(train_blocks, profile.batch_size, shuffle=False))
 
 
 class CountingLoader:
@@ -167,7 +166,7 @@ def _build(task: BenchTask, profile: Profile, seed: int) -> tuple[Any, Any, Spli
     s = _SPLITS[key]
     train = DataLoader(s.train.dataset, batch_size=profile.batch_size, shuffle=True,
                        generator=torch.Generator().manual_seed(seed), collate_fn=s.train.collate_fn)
-    return model, tok, Splits(train, s.val, s.test, s.init, s.num_labels)
+    return model, tok, Splits(train, s.val, s.test, s.init)
 
 
 #: Structured methods the bench cannot run through the one loop: their paper's recipe needs a schedule of its own.
