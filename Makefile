@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/optim_vs_galore_torch.py
 	$(PY) benchmarks/pretrain.py
 	$(PY) benchmarks/compress_smollm2.py
+	$(PY) benchmarks/compression_overview.py
 	$(PY) benchmarks/adapter_compile.py --threads 2
 	$(PY) benchmarks/mixed_precision.py
 	$(PY) benchmarks/mixed_precision.py --tasks minilm-galore --out benchmarks/results/mixed_precision_master
