@@ -25,7 +25,7 @@ from torch import nn
 
 from ..callbacks import TrainState
 from ..checks import integer, non_negative
-from ..layout import STYLES, find_blocks
+from ..layout import STYLES, attention_layout
 from ..rng import kaiming_uniform_, layer_generator
 from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
@@ -118,9 +118,9 @@ def head_counts(model: nn.Module) -> dict[str, int]:
     names = [n for n, _ in model.named_modules()]
     if not any(n == s["q"] or n.endswith("." + s["q"]) for s in STYLES.values() for n in names):
         return {}
-    counts = {}
-    for block in find_blocks(model, "ard_lora"):
-        counts.update({block.q: block.heads, block.k: block.kv_heads, block.v: block.kv_heads})
+    counts = {}  # from the config's head counts: the projections may already hold other adapters
+    for style, prefix, heads, kv_heads, _ in attention_layout(model, "ard_lora", "attention block"):
+        counts.update({prefix + style["q"]: heads, prefix + style["k"]: kv_heads, prefix + style["v"]: kv_heads})
     return counts
 
 
