@@ -80,3 +80,15 @@ def test_loraplus_bad_input(kwargs, message):
     assert message in str(err.value)
     with pytest.raises(ValueError, match="no trainable parameter named"):
         loraplus_groups(rw.adapt(make_tiny_bert(), "lora_xs", r=2), lr=1e-3)
+
+
+def test_the_training_loop_trains_loraplus_with_its_ratio():
+    """`rw.adapt(model, "loraplus")` is trained by the one loop with lr_B = ratio·lr_A (not plain AdamW)."""
+    from rankwise.train import TrainConfig, build_optimizer
+
+    from ..conftest import make_tiny_llama
+
+    model = rw.adapt(make_tiny_llama(0), "loraplus", r=2, ratio=8.0)
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, device=None, progress=False))
+    lrs = {g.get("name"): g["lr"] for g in opt.param_groups}
+    assert lrs["lora_B"] == pytest.approx(8e-3) and lrs["lora_A+other"] == pytest.approx(1e-3)

@@ -19,6 +19,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
 
 from ..checks import positive
 from .lora import LoRAConfig, LoRALayer, QLoRAConfig
@@ -104,14 +108,33 @@ register(
         summary="base Q_T, s·B·A = top-r SVD of W₀ − Q_T, alternating T = loftq_iter times; starts ≈ W₀",
     )
 )
+@dataclass
+class LoRAPlusConfig(LoRAConfig):
+    """Plain LoRA trained with η_B = ``ratio``·η_A (LoRA+, Hayou et al. 2024, Sec. 3; λ = 2⁴ recommended)."""
+
+    ratio: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        positive("ratio", self.ratio)
+
+    def training_optimizer(self, model: nn.Module, adapter_name: str, lr: float, weight_decay: float = 0.0,
+                           **kwargs: Any) -> torch.optim.Optimizer:
+        """What ``rankwise.train.train`` trains this adapter with: AdamW over
+        :func:`rankwise.optim.loraplus_groups` (``lora_B`` at ``ratio``·lr)."""
+        from ..optim.loraplus import loraplus_groups
+
+        return torch.optim.AdamW(loraplus_groups(model, lr, self.ratio, weight_decay), lr=lr, **kwargs)
+
+
 register(
     MethodSpec(
         "loraplus",
         "training-dynamics",
         "Hayou et al. 2024, LoRA+: Efficient Low Rank Adaptation of Large Models",
-        LoRAConfig,
+        LoRAPlusConfig,
         LoRALayer,
-        summary="plain LoRA; train with rankwise.optim.loraplus_groups(model, lr, ratio=16): lr_B = ratio·lr_A",
+        summary="plain LoRA trained by the loop with lr_B = ratio·lr_A (ratio 16; rankwise.optim.loraplus_groups)",
     )
 )
 register(

@@ -115,12 +115,17 @@ LM_OPTIMIZERS = ("adamw", "galore", "fira", "apollo", "apollo_mini", "q_galore",
 LM_ADAPTERS = ("lora", "dora", "rslora", "pissa", "olora", "vera", "lora_xs", "qlora")
 
 
+#: Adapters whose rank r is not the final one: AdaLoRA starts at 1.5× its target (the paper's ratio) and prunes.
+ADAPTER_OPTIONS = {"adalora": ({"r": 12, "target_r": ADAPTER_R}, "AdaLoRA: rank 12 pruned to 8 (the paper's 1.5x)")}
+
+
 def _adapter_experiment(method: str) -> Experiment:
     from ..adapters.registry import get_method
 
     spec = get_method(method)
-    options = {"r": ADAPTER_R} if "r" in spec.config_cls.field_names() else {}
-    return Experiment(method, method, options)
+    options, note = ({"r": ADAPTER_R}, "") if "r" in spec.config_cls.field_names() else ({}, "")
+    options, note = ADAPTER_OPTIONS.get(method, (options, note))
+    return Experiment(method, method, options, note=note)
 
 
 def adapter_methods() -> list[str]:
