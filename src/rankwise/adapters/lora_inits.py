@@ -120,11 +120,15 @@ class LoRAPlusConfig(LoRAConfig):
 
     def training_optimizer(self, model: nn.Module, adapter_name: str, lr: float, weight_decay: float = 0.0,
                            **kwargs: Any) -> torch.optim.Optimizer:
-        """What ``rankwise.train.train`` trains this adapter with: AdamW over
-        :func:`rankwise.optim.loraplus_groups` (``lora_B`` at ``ratio``·lr)."""
-        from ..optim.loraplus import loraplus_groups
-
-        return torch.optim.AdamW(loraplus_groups(model, lr, self.ratio, weight_decay), lr=lr, **kwargs)
+        """What ``rankwise.train.train`` trains this adapter with: AdamW with ``lora_B`` at ``ratio``·lr and every
+        other trainable parameter at lr (the groups of ``rankwise.optim.loraplus_groups``, which this package
+        may not import)."""
+        b = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("lora_B")]
+        taken = {id(p) for p in b}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        groups = [{"params": rest, "lr": lr, "name": "lora_A+other"},
+                  {"params": b, "lr": lr * self.ratio, "name": "lora_B"}]
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 register(

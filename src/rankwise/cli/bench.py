@@ -77,14 +77,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                "Rerun --only experiments on --tasks with --seed at the learning rates recorded in "
                                "BASELINE (a reported bench folder) and compare: the test metric may not be worse "
                                "than the recorded mean by more than the recorded spread plus a floor, optimizer "
-                               "state and trained parameters may not grow, peak memory may not grow by more than "
-                               "--memory-slack. Exit status 1 when anything regressed."))
+                               "state and trained parameters may not grow, the exact tensor peak of a training step "
+                               "may not grow by more than --memory-slack. Exit status 1 when anything regressed."))
     q.add_argument("baseline", help="reported bench folder (holding summary.json)")
     q.add_argument("--experiments", metavar="DIR", help="experiment folders [default: the built-in ones]")
     common(q)
     q.add_argument("--seed", type=int, default=0, help="seed of the rerun [default: 0]")
-    q.add_argument("--memory-slack", type=float, default=0.10, metavar="F",
-                   help="allowed growth of the measured peak memory [default: 0.10]")
+    q.add_argument("--memory-slack", type=float, default=0.05, metavar="F",
+                   help="allowed growth of the exact tensor peak of a training step [default: 0.05]")
     q.set_defaults(func=gate)
 
     q = actions.add_parser("list", help="the experiments of a profile (or write them out as folders)",
