@@ -128,22 +128,28 @@ COLUMNS = (
 BRIEF = ("experiment", "lr", "metric_text", "trained_params", "tensor_peak_bytes", "tokens_per_s")
 
 
+def ranked(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``{task: its entries, best test mean first (unfinished last)}``, each with its ``metric_text``."""
+    out = {}
+    for task in sorted({e["task"] for e in entries}):
+        mine = [e for e in entries if e["task"] == task]
+        higher = mine[0]["metric"] == "accuracy"
+        mine.sort(key=lambda e: (e.get("test_mean") is None,
+                                 -(e.get("test_mean") or 0) if higher else (e.get("test_mean") or 0)))
+        for e in mine:
+            e["metric_text"] = _metric(e)
+        out[task] = mine
+    return out
+
+
 def terminal_table(out: str | os.PathLike) -> str:
     """Each task's experiments, best first, as a plain-text table (from the folder's ``summary.json``)."""
     from ..report import text_table
 
     data = json.loads((Path(out) / "summary.json").read_text())
     columns = [c for c in COLUMNS if c.key in BRIEF]
-    blocks = []
-    for task in sorted({e["task"] for e in data["entries"]}):
-        mine = [e for e in data["entries"] if e["task"] == task]
-        higher = mine[0]["metric"] == "accuracy"
-        mine.sort(key=lambda e: (e.get("test_mean") is None,
-                                 -(e.get("test_mean") or 0) if higher else (e.get("test_mean") or 0)))
-        for e in mine:
-            e["metric_text"] = _metric(e)
-        blocks.append(f"{task} ({mine[0]['metric']})\n{text_table(mine, columns)}")
-    return "\n\n".join(blocks)
+    return "\n\n".join(f"{task} ({mine[0]['metric']})\n{text_table(mine, columns)}"
+                       for task, mine in ranked(data["entries"]).items())
 
 
 def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
@@ -169,12 +175,7 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
              f"({profile['test_size']} examples) is never used to choose. Test metric: mean ± 95% Student-t "
              "interval over the seeds (their count in brackets).", "",
              _environment(rows[-1]["env"]), ""]
-    for task in sorted({e["task"] for e in entries}):
-        mine = [e for e in entries if e["task"] == task]
-        mine.sort(key=lambda e: (e.get("test_mean") is None,
-                                 -(e.get("test_mean") or 0) if higher[task] else (e.get("test_mean") or 0)))
-        for e in mine:
-            e["metric_text"] = _metric(e)
+    for task, mine in ranked(entries).items():
         lines += [f"## {task} ({mine[0]['metric']}, {'higher' if higher[task] else 'lower'} is better)", "",
                   markdown_table(mine, COLUMNS), ""]
         if plots:
