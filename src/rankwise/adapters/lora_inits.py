@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..checks import positive
+from ..param_groups import loraplus_groups
 from .lora import LoRAConfig, LoRALayer, QLoRAConfig
 from .registry import MethodSpec, register
 
@@ -120,16 +121,10 @@ class LoRAPlusConfig(LoRAConfig):
 
     def training_optimizer(self, model: nn.Module, adapter_name: str, lr: float, weight_decay: float = 0.0,
                            **kwargs: Any) -> torch.optim.Optimizer:
-        """What ``rankwise.train.train`` trains this adapter with: AdamW with ``lora_B`` at ``ratio``·lr and every
-        other trainable parameter at lr (the groups of ``rankwise.optim.loraplus_groups``, which this package
-        may not import)."""
-        b = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("lora_B")]
-        taken = {id(p) for p in b}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-        groups = [{"params": rest, "lr": lr, "name": "lora_A+other"},
-                  {"params": b, "lr": lr * self.ratio, "name": "lora_B"}]
+        """What ``rankwise.train.train`` trains this adapter with: AdamW over ``loraplus_groups`` (``lora_B`` at
+        ``ratio``·lr, every other trainable parameter at lr)."""
+        groups = loraplus_groups(model, lr, ratio=self.ratio, weight_decay=weight_decay)
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
-
 
 register(
     MethodSpec(
