@@ -34,6 +34,7 @@ CASES = {
     "lte": {"heads": 2, "rank": 2, "merge_every": 2},
     "slope": {"rank": 2, "lazy_fraction": 0.5},
     "refactor_reset": {"rank": 2, "refactor_every": "steps/2", "reset_every": 2},
+    "relora": {"rank": 2, "warm_start": 0.25, "restarts": 0, "restart_warmup": 1},  # dense, switch, one merge
 }
 
 
@@ -57,6 +58,12 @@ def test_each_structured_method_trains_with_its_controller(method, lm_profile, m
     assert [len(calls) for calls in built] == ([] if method == "sltrain" else [STEPS])
 
 
-def test_relora_is_refused_with_the_reason(lm_profile):
-    with pytest.raises(ValueError, match="relora.*warm start.*pretrain.py"):
-        run_one(lm_profile, lm_profile.tasks[0], Experiment("relora", "relora", {"rank": 2}), 1e-3, 0, "cpu")
+@needs_assets
+def test_relora_starts_dense_then_merges_lora(lm_profile, monkeypatch):
+    built = []
+    real = runner.structured_controller
+    monkeypatch.setattr(runner, "structured_controller",
+                        lambda *a: (built.append(real(*a)) or built[-1]))
+    run_one(lm_profile, lm_profile.tasks[0], Experiment("relora", "relora", CASES["relora"]), 1e-3, 0, "cpu")
+    (controller,), _ = built[0]
+    assert controller.switch_at == 1 and controller.relora.merges == 1  # switch after step 1, merge at step 4

@@ -180,10 +180,15 @@ def equal_update_experiments() -> list[Experiment]:
 
 
 def structured_experiments(rank: int) -> list[Experiment]:
-    """The structured models trained from scratch (``rw.sparsify`` + the method's controller in the loop), each
-    with its paper's pre-training settings at subspace ``rank`` (ReLoRA's warm start and jagged schedule are
-    not the loop's: ``benchmarks/pretrain.py`` runs it)."""
+    """The structured models trained from scratch (``rw.sparsify`` + the method's controller in the loop; ReLoRA's
+    controller restructures the dense model after its warm start), each with its paper's pre-training settings at
+    subspace ``rank``."""
     return [
+        Experiment("relora", "relora", {"rank": rank, "alpha": 32.0, "warm_start": 0.2, "restarts": 4,
+                                        "prune_ratio": 0.999, "restart_warmup": "steps/100"},
+                   note="ReLoRA paper: dense warm start (20% of the steps), then LoRA merged and restarted 4 times "
+                   "with 99.9% magnitude pruning of its optimizer state; the lr re-warms from 0 over 1% of the steps "
+                   "after every restart (jagged schedule, on top of the shared one)"),
         Experiment("sltrain", "sltrain", {"rank": rank, "density": 0.03, "alpha": 32.0},
                    note="SLTrain paper: W = (alpha/r)·BA + S, 3% random support, alpha 32"),
         Experiment("sst", "sst", {"rank": rank, "iteration_steps": "steps/10"},

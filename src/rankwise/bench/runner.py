@@ -169,8 +169,9 @@ def _build(task: BenchTask, profile: Profile, seed: int) -> tuple[Any, Any, Spli
     return model, tok, Splits(train, s.val, s.test, s.init)
 
 
-#: Structured methods the bench cannot run through the one loop: their paper's recipe needs a schedule of its own.
-OWN_SCHEDULE = {"relora": "a dense warm start and a jagged restart schedule (benchmarks/pretrain.py runs it)"}
+#: Structured methods whose controller restructures the dense model itself after a warm start (ReLoRA's recipe:
+#: dense steps, then LoRA merged and restarted with a jagged lr); ``rw.sparsify`` is not called for them.
+DENSE_START = {"relora": "ReLoRAWarmStart"}
 
 
 def _prepare(model: Any, exp: Experiment, splits: Splits, seed: int) -> None:
@@ -181,8 +182,8 @@ def _prepare(model: Any, exp: Experiment, splits: Splits, seed: int) -> None:
     if exp.kind == "structured":
         from ..sparse.api import SPARSE_METHODS, sparsify
 
-        if exp.method in OWN_SCHEDULE:
-            raise ValueError(f"method {exp.method!r} needs {OWN_SCHEDULE[exp.method]}; rankwise bench does not run it")
+        if exp.method in DENSE_START:
+            return
         own = SPARSE_METHODS[exp.method].options
         sparsify(model, exp.method, targets=exp.targets, **{k: v for k, v in exp.options.items() if k in own})
         return
@@ -210,11 +211,13 @@ def structured_controller(model: Any, exp: Experiment, optimizer: torch.optim.Op
     from ..sparse.api import SPARSE_METHODS
 
     spec = SPARSE_METHODS[exp.method]
-    if not spec.controller:
+    name = DENSE_START.get(exp.method, spec.controller)
+    if not name:
         return [], None
-    cls = getattr(sparse, spec.controller)
+    cls = getattr(sparse, name)
     takes = inspect.signature(cls).parameters
-    kwargs = resolve_budget({k: v for k, v in exp.options.items() if k not in spec.options}, steps)
+    own = () if exp.method in DENSE_START else spec.options  # a dense start: every option is the controller's
+    kwargs = resolve_budget({k: v for k, v in exp.options.items() if k not in own}, steps)
     kwargs.update({k: v for k, v in (("optimizer", optimizer), ("total_steps", steps)) if k in takes})
     controller = cls(model, **kwargs)
     loss_fn = None

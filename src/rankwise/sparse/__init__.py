@@ -24,7 +24,7 @@ from .layers import FactorizedLinear, SparseLowRankLinear, random_support
 from .lte import LTE, LTELinear
 from .maestro import Maestro, MaestroLinear, truncate
 from .refactor_reset import RefactorReset
-from .relora import ReLoRA, prepare_relora, relora_schedule
+from .relora import ReLoRA, ReLoRAWarmStart, prepare_relora, relora_schedule
 from .slope import SLoPe, SLoPeLinear, nm_mask
 from .sltrain import SLTrainConfig, sltrain_layer
 from .sst import SST, SpectralLinear, sample_active, sampling_probabilities
@@ -32,7 +32,7 @@ from .trp import TRP, TRPLinear, decompose, nuclear_subgradient
 
 __all__ = [
     "LTE", "SPARSE_METHODS", "SST", "TRP", "Cuttlefish", "FactorizedLinear", "LTELinear", "Maestro",
-    "MaestroLinear", "RefactorReset", "ReLoRA", "SLoPe", "SLoPeLinear", "nm_mask",
+    "MaestroLinear", "RefactorReset", "ReLoRA", "ReLoRAWarmStart", "SLoPe", "SLoPeLinear", "nm_mask",
     "SLTrainConfig", "SparseLowRankLinear", "SparseMethod", "SparseState", "SpectralLinear",
     "TRPLinear", "decompose", "densify", "nuclear_subgradient", "prepare_relora", "random_support",
     "relora_schedule", "sample_active", "sampling_probabilities", "sltrain_layer", "sparse_summary",

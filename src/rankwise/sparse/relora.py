@@ -38,7 +38,7 @@ from .. import checks
 from ..adapters import LoRALayer, adapt, adapter_layers
 from ..callbacks import RankController, TrainState
 from ..rng import kaiming_uniform_, layer_generator
-from ..targets import Targets
+from ..targets import Targets, find_targets
 
 RESETS = ("prune", "random", "zero")
 
@@ -237,3 +237,113 @@ def lora_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
         if isinstance(layer, LoRALayer):
             yield layer.lora_A
             yield layer.lora_B
+
+
+class ReLoRAWarmStart(RankController):
+    """ReLoRA's whole recipe inside one training loop (§3, Alg. 1, Fig. 2): the model trains dense for the first
+    ``warm_start``·``total_steps`` steps; then LoRA of ``rank`` and ``alpha`` goes on ``targets``
+    (:func:`prepare_relora`), each target weight's place in ``optimizer`` is taken by its A and B (every other
+    parameter keeps its state), and :class:`ReLoRA` merges and restarts ``restarts`` times, evenly over the rest
+    of the run. After the switch and after every merge the lr re-warms linearly from 0 over ``restart_warmup``
+    steps on top of the loop's own schedule (ReLoRA's jagged schedule). Build it on the optimizer the loop steps,
+    and pass both to ``rankwise.train.train(..., optimizer=optimizer, callbacks=[controller])``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warm_start: float = 0.2,
+        restarts: int = 4,
+        rank: int = 128,
+        alpha: float | None = 32.0,
+        targets: Targets = "all-linear",
+        reset: str = "prune",
+        prune_ratio: float = 0.999,
+        restart_warmup: int = 5,
+        seed: int = 0,
+    ) -> None:
+        checks.integer("total_steps", total_steps, 1)
+        checks.fraction("warm_start", warm_start, allow_zero=True, allow_one=False)
+        checks.integer("restarts", restarts, 0)
+        checks.integer("rank", rank, 1)
+        checks.integer("restart_warmup", restart_warmup, 1)
+        checks.choice("reset", reset, RESETS)
+        self.model, self.optimizer = model, optimizer
+        self.switch_at = round(warm_start * total_steps)
+        self.merge_every = max(1, (total_steps - self.switch_at) // (restarts + 1))
+        if restart_warmup >= self.merge_every:
+            raise ValueError(f"restart_warmup={restart_warmup} must be < the {self.merge_every} steps between "
+                             f"merges ({total_steps} steps, warm_start={warm_start}, restarts={restarts})")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, lin in find_targets(model, targets, conv1d=False) if id(lin.weight) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the target weights of {missing[:3]}"
+                             f"{' ...' if len(missing) > 3 else ''}: build it on the dense model")
+        self.options = {"rank": rank, "alpha": alpha, "targets": targets, "seed": seed}
+        self.reset, self.prune_ratio, self.restart_warmup = reset, prune_ratio, restart_warmup
+        self.steps = 0
+        self.since_restart: int | None = None  # steps since the switch or the last merge, while re-warming
+        self.relora: ReLoRA | None = None
+        if self.switch_at == 0:
+            self.switch()
+
+    @property
+    def switched(self) -> bool:
+        return self.relora is not None
+
+    @torch.no_grad()
+    def switch(self) -> None:
+        """End the dense warm start: LoRA on the targets, A and B in the target weights' place in the optimizer."""
+        o = self.options
+        prepare_relora(self.model, o["rank"], o["targets"], alpha=o["alpha"], seed=o["seed"])
+        swap = {id(layer.base_layer.weight): [layer.lora_A, layer.lora_B] for _, layer in adapter_layers(self.model)
+                if isinstance(layer, LoRALayer)}
+        for group in self.optimizer.param_groups:
+            kept = []
+            for p in group["params"]:
+                if id(p) in swap:
+                    self.optimizer.state.pop(p, None)
+                    kept += swap.pop(id(p))
+                else:
+                    kept.append(p)
+            group["params"] = kept
+        self.relora = ReLoRA(self.model, self.optimizer, self.merge_every, self.reset, self.prune_ratio,
+                             seed=o["seed"])
+        self.since_restart = 0
+
+    def step(self) -> bool:
+        """One optimizer step done: switch at the end of the warm start, else count it for ReLoRA (True when it
+        merged); then scale the lr of the next step by the re-warm."""
+        self.steps += 1
+        restarted = False
+        if self.relora is None:
+            if self.steps >= self.switch_at:
+                self.switch()
+        elif self.relora.step():
+            restarted, self.since_restart = True, 0
+        if self.since_restart is not None:
+            self.since_restart += 1
+            factor = self.since_restart / self.restart_warmup
+            if factor >= 1:
+                self.since_restart = None
+            else:
+                for group in self.optimizer.param_groups:  # the loop's scheduler set it for the next step
+                    group["lr"] *= factor
+        return restarted
+
+    def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """A resume past the switch: put the LoRA factors in first, so the tensors and the optimizer state fit."""
+        if not self.switched and any(k.endswith("lora_A") for k in tensors):
+            self.switch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "since_restart": self.since_restart,
+                "relora": self.relora.state_dict() if self.relora is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["relora"] is not None) != self.switched:
+            raise ValueError("ReLoRAWarmStart state is from the other side of the switch: resume with before_load")
+        self.steps, self.since_restart = int(state["steps"]), state["since_restart"]
+        if self.relora is not None:
+            self.relora.load_state_dict(state["relora"])
