@@ -84,3 +84,26 @@ def test_bad_settings_name_the_parameter():
     with pytest.raises(ValueError, match=r"does not hold the target weights of \['model.layers.0.self_attn.q_proj'"):
         ReLoRAWarmStart(model, other, 20, warm_start=0.0, restart_warmup=1)
     assert not list(adapter_layers(model))  # refused before touching the model
+
+
+@pytest.mark.parametrize("stop", [1, 9])  # before the switch (after step 2) and between the merges at 7 and 12
+def test_resume_across_the_switch_and_a_merge_is_bit_exact(tmp_path, stop):
+    import dataclasses
+
+    def go(steps, out, resume=None):
+        torch.manual_seed(0)
+        model = make_tiny_llama(seed=0).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        controller = ReLoRAWarmStart(model, opt, STEPS, warm_start=WARM, restarts=RESTARTS, rank=RANK, alpha=4.0,
+                                     restart_warmup=REWARM)
+        cfg = dataclasses.replace(TrainConfig.plain(steps), lr=1e-2, checkpoint_every=1, output_dir=str(out))
+        train(model, lm_batches(n=STEPS, batch=2, seq=8), config=cfg, optimizer=opt, callbacks=[controller],
+              resume_from=resume)
+        return model, controller
+
+    full, c_full = go(12, tmp_path / "a")
+    go(stop, tmp_path / "b")
+    resumed, c_res = go(12, tmp_path / "c", resume=tmp_path / "b")
+    assert c_res.relora.merges == c_full.relora.merges == 2
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
