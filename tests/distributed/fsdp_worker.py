@@ -109,7 +109,7 @@ def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int =
     model = make_model(seed)
     if kind == "adapt":
         spec = rw.get_method(method)
-        needs = spec.layer_cls.needs_grad(spec.make_config(**kwargs))
+        needs = spec.layer_cls.needs_grad(spec.make_config(**{k: v for k, v in kwargs.items() if k != "targets"}))
         rw.adapt(model, method, init_data=make_batches(2, seed=5) if needs else None, **kwargs)
     else:
         rw.sparsify(model, method, **kwargs)
@@ -121,6 +121,28 @@ def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps
     model = structured_model(kind, method, kwargs)
     train(model, _adamw(model), make_batches(steps))
     return full_weights(model)
+
+
+def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = None, rank: int = 0,
+                   world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``rankwise.train`` (AdamW, lr 1e-2, which attaches the method's controller) of the float64 tiny Llama
+    adapted with ``method``; with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every
+    batch, else on the whole batches (the reference). Returns the final full weights and the loop's log
+    (the controllers' rank records) with the final trainable shapes; the weights include the buffers."""
+    from rankwise.cli.distributed import RankSlices
+    from rankwise.train import TrainConfig
+    from rankwise.train import train as run
+
+    model = structured_model("adapt", method, kwargs)
+    batches: Any = make_batches(steps)
+    if mesh is not None:
+        shard(model, mesh)
+        batches = RankSlices(batches, rank, world)
+    cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False)
+    result = run(model, batches, config=cfg)
+    shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # index sets, masks, running statistics
+    return {**full_weights(model), **buffers}, {"history": result.history, "shapes": shapes}
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -234,6 +256,15 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps({"error": error}))
+        elif mode == "controlled":  # an adapter whose controller changes ranks, trained by rankwise.train
+            try:
+                weights, info = controlled_run(method, kwargs, steps, mesh, rank, world)
+                info["error"] = None
+            except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
+                weights, info = {}, {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+                (out / f"{tag}.json").write_text(json.dumps(info))
         elif mode == "rsvd":  # the rsvd projector's range finder on a row-sharded matrix (never gathered)
             from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -499,8 +530,8 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "loop", "reshape", "dcp-save",
-                                         "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "controlled", "zero", "rsvd", "loop", "reshape",
+                                         "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)
