@@ -128,10 +128,13 @@ def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = 
     """``rankwise.train`` (AdamW, lr 1e-2, which attaches the method's controller) of the float64 tiny Llama
     adapted with ``method``; with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every
     batch, else on the whole batches (the reference). Returns the final full weights and the loop's log
-    (the controllers' rank records) with the final trainable shapes; the weights include the buffers."""
+    (the controllers' rank records), the final trainable shapes and the controller's ``state_dict`` (its
+    importance scores, ...); the weights include the buffers."""
     from rankwise.cli.distributed import RankSlices
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
+
+    import rankwise as rw
 
     model = structured_model("adapt", method, kwargs)
     batches: Any = make_batches(steps)
@@ -139,10 +142,13 @@ def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = 
         shard(model, mesh)
         batches = RankSlices(batches, rank, world)
     cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False)
-    result = run(model, batches, config=cfg)
+    controller = rw.get_method(method).controller(model, "default", None, steps)  # passed: the loop uses it
+    result = run(model, batches, config=cfg, callbacks=[controller])
     shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # index sets, masks, running statistics
-    return {**full_weights(model), **buffers}, {"history": result.history, "shapes": shapes}
+    weights = {**full_weights(model), **buffers}
+    state = controller.state_dict() if hasattr(controller, "state_dict") else None
+    return weights, {"history": result.history, "shapes": shapes, "controller": state}
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -261,9 +267,10 @@ def run(args: argparse.Namespace) -> None:
                 weights, info = controlled_run(method, kwargs, steps, mesh, rank, world)
                 info["error"] = None
             except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
-                weights, info = {}, {"error": f"{type(exc).__name__}: {exc}"[:800]}
+                weights, info = {}, {"error": f"{type(exc).__name__}: {exc}"[:800], "controller": None}
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
+                torch.save(info.pop("controller"), out / f"{tag}_controller.pt")
                 (out / f"{tag}.json").write_text(json.dumps(info))
         elif mode == "rsvd":  # the rsvd projector's range finder on a row-sharded matrix (never gathered)
             from torch.distributed.tensor import Shard, distribute_tensor

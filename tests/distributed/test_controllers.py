@@ -1,7 +1,8 @@
 """The rank controllers under FSDP2: ``rw.adapt`` then ``fully_shard`` per decoder layer + root, trained by
 ``rankwise.train`` (which attaches the method's controller) on 2 CPU processes (gloo) in one launch, match
 one process on the same global batches (float64 tiny Llama, AdamW, lr 1e-2; weights and buffers within
-1e-6), and each run changed its ranks (grown, pruned, masked, resampled) at least once. IncreLoRA, ElaLoRA
+1e-6, the controller's state — importance scores, counters — within a relative 1e-6), and each run changed
+its ranks (grown, pruned, masked, resampled) at least once. IncreLoRA, ElaLoRA
 and SoRA change parameter shapes mid-run: their factors are re-sharded (``rankwise.shards.set_parameter``).
 """
 
@@ -73,3 +74,25 @@ def test_controller_under_fsdp2_matches_one_process(controlled_dir, method, one_
     assert sharded.keys() == reference.keys()
     diff = max(float((sharded[k].double() - reference[k].double()).abs().max()) for k in reference)
     assert diff <= TOL, (method, diff)
+    # the controller's own state (importance scores, kept entries, counters) as on one process
+    _assert_same(torch.load(controlled_dir / f"{method}_controller.pt", weights_only=False), ref_info["controller"],
+                 method)
+
+
+def _assert_same(got: Any, want: Any, where: str) -> None:
+    if torch.is_tensor(want):
+        assert torch.is_tensor(got) and got.shape == want.shape, where
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, msg=where)
+        else:
+            assert torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            _assert_same(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
