@@ -125,25 +125,31 @@ def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps
 
 def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = None, rank: int = 0,
                    world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``rankwise.train`` (AdamW, lr 1e-2, which attaches the method's controller) of the float64 tiny Llama
-    adapted with ``method``; with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every
+    """``rankwise.train`` (AdamW, lr 1e-2) with the method's controller of the float64 tiny Llama adapted with
+    ``method`` (``"cuttlefish"``: ``rw.sparsify``-ed, its callback built on the optimizer with ``kwargs``); with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every
     batch, else on the whole batches (the reference). Returns the final full weights and the loop's log
     (the controllers' rank records), the final trainable shapes and the controller's ``state_dict`` (its
     importance scores, ...); the weights include the buffers."""
+    import rankwise as rw
     from rankwise.cli.distributed import RankSlices
+    from rankwise.sparse.cuttlefish import Cuttlefish
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    import rankwise as rw
-
-    model = structured_model("adapt", method, kwargs)
+    model = structured_model("sparsify" if method == "cuttlefish" else "adapt", method,
+                             {} if method == "cuttlefish" else kwargs)
     batches: Any = make_batches(steps)
     if mesh is not None:
         shard(model, mesh)
         batches = RankSlices(batches, rank, world)
     cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False)
-    controller = rw.get_method(method).controller(model, "default", None, steps)  # passed: the loop uses it
-    result = run(model, batches, config=cfg, callbacks=[controller])
+    optimizer = None
+    if method == "cuttlefish":  # a callback built on the optimizer (after sharding)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        controller: Any = Cuttlefish(model, optimizer, **kwargs)
+    else:  # the method's controller, passed so the loop uses this one
+        controller = rw.get_method(method).controller(model, "default", None, steps)
+    result = run(model, batches, config=cfg, callbacks=[controller], optimizer=optimizer)
     shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # index sets, masks, running statistics
     weights = {**full_weights(model), **buffers}
