@@ -125,11 +125,11 @@ def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps
 
 def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = None, rank: int = 0,
                    world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``rankwise.train`` (AdamW, lr 1e-2) with the method's controller of the float64 tiny Llama adapted with
-    ``method`` (``"cuttlefish"``: ``rw.sparsify``-ed, its callback built on the optimizer with ``kwargs``); with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every
-    batch, else on the whole batches (the reference). Returns the final full weights and the loop's log
-    (the controllers' rank records), the final trainable shapes and the controller's ``state_dict`` (its
-    importance scores, ...); the weights include the buffers."""
+    """``rankwise.train`` (AdamW, lr 1e-2) with the method's controller of the float64 tiny Llama adapted
+    with ``method`` (``"cuttlefish"``: ``rw.sparsify``-ed, its callback built on the optimizer with
+    ``kwargs``); with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every batch, else on
+    the whole batches (the reference). Returns the final full weights (with the buffers) and the loop's
+    log (the controllers' rank records), the final trainable shapes and the controller's ``state_dict``."""
     import rankwise as rw
     from rankwise.cli.distributed import RankSlices
     from rankwise.sparse.cuttlefish import Cuttlefish
