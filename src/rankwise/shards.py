@@ -13,8 +13,8 @@ place: FSDP2 fixes each parameter's padded shard when ``fully_shard`` runs. :fun
 re-shards it: the parameter's entry in its FSDP2 parameter group is rebuilt from the new full tensor,
 exactly as ``fully_shard`` builds it, while the group is resharded (between steps), and the
 ``nn.Parameter`` object is kept (so the optimizer's references and state keys stay valid).
-:func:`add_parameter` / :func:`drop_parameter` add a new parameter to / remove one from the group of
-the module that holds it. These use FSDP2's parameter-group internals (``FSDPParam``), which torch
+:func:`shard_replacement` moves a module's place in its group to the module that replaces it (a dense
+layer factorized into U, V). These use FSDP2's parameter-group internals (``FSDPParam``), which torch
 does not expose publicly (``fully_shard`` cannot be applied to a module twice).
 """
 
@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["add_parameter", "average_over_ranks_", "backward_full", "drop_parameter", "editing", "full", "is_dtensor",
-           "mesh_of", "set_parameter", "shard_like", "sharded", "sum_over_ranks_", "write_full_"]
+__all__ = ["average_over_ranks_", "backward_full", "editing", "full", "is_dtensor", "mesh_of", "set_parameter",
+           "shard_like", "shard_replacement", "sharded", "sum_over_ranks_", "write_full_"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -181,27 +181,32 @@ def set_parameter(model: nn.Module, module: nn.Module, name: str, value: torch.T
 
 
 @torch.no_grad()
-def add_parameter(model: nn.Module, owner: nn.Module, module: nn.Module, name: str, value: torch.Tensor,
-                  requires_grad: bool = True) -> nn.Parameter:
-    """Register a new parameter ``module.name`` = ``value`` (full); when ``model`` is sharded it joins the
-    FSDP2 group that holds ``owner.<owner_name>`` parameters (``owner``: a module whose parameters the group
-    already manages, e.g. the module ``module`` replaces). Returns the registered parameter."""
-    if not is_dtensor(next(owner.parameters(), None)):
-        module.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
-        return getattr(module, name)
-    owned = next(n for n, _ in owner.named_parameters(recurse=False))
-    group, _ = _entry(model, owner, owned)
-    fp = _build(group, module, name, value, requires_grad)
-    prefix = group.fsdp_params[0]._param_fqn or ""
-    fp._param_fqn = name if not prefix else prefix  # only used in messages
-    group.fsdp_params.append(fp)
-    return fp.sharded_param
-
-
-@torch.no_grad()
-def drop_parameter(model: nn.Module, module: nn.Module, name: str) -> None:
-    """Remove ``module.name`` from its FSDP2 group (when sharded) and from ``module``."""
-    if is_dtensor(getattr(module, name)):
-        group, i = _entry(model, module, name)
-        group.fsdp_params.pop(i)._post_load_hook_handle.remove()
-    delattr(module, name)
+def shard_replacement(model: nn.Module, old: nn.Module, new: nn.Module, keep: dict[str, nn.Parameter]) -> None:
+    """Before ``new`` takes ``old``'s place in ``model``: when ``old``'s parameters are FSDP2-sharded, every
+    parameter of ``new`` (plain, full) joins the parameter group that held ``old``'s, sharded as
+    ``fully_shard`` shards it, and ``old``'s entries leave it; ``keep[name]`` (a parameter of ``old``, e.g.
+    a bias that carries on) receives ``new.name``'s sharded tensor, so the optimizer keeps that object and
+    its state. Unsharded: ``new.name = keep[name]``."""
+    first = next(old.parameters())
+    if not is_dtensor(first):
+        for name, p in keep.items():
+            setattr(new, name, p)
+        return
+    group, _ = _entry(model, old, next(n for n, q in old.named_parameters() if q is first))
+    for name, value in list(new.named_parameters(recurse=False)):
+        fp = _build(group, new, name, value.detach(), value.requires_grad)
+        if name in keep:
+            torch.utils.swap_tensors(keep[name], fp.sharded_param)
+            fp.sharded_param = keep[name]
+            fp._setattr_on_modules(keep[name])
+        fp._param_fqn = name
+        group.fsdp_params.append(fp)
+    for fp in [fp for fp in group.fsdp_params if fp._module_info.module is old]:
+        group.fsdp_params.remove(fp)
+        fp._post_load_hook_handle.remove()
+    save, load = group._module_to_pre_save_state_dict_hook_handle, group._module_to_pre_load_state_dict_hook_handle
+    if old in save:  # FSDP2 reshards a group before a state dict is taken from a module it manages
+        save.pop(old).remove()
+        load.pop(old).remove()
+        save[new] = new.register_state_dict_pre_hook(lambda *a, **k: group._to_sharded())
+        load[new] = new._register_load_state_dict_pre_hook(lambda *a, **k: group._to_sharded())

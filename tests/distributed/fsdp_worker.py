@@ -147,6 +147,10 @@ def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = 
     if method == "cuttlefish":  # a callback built on the optimizer (after sharding)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
         controller: Any = Cuttlefish(model, optimizer, **kwargs)
+    elif method == "autolora":  # its selection variables step on validation batches (the same on every rank)
+        from rankwise.adapters.autolora import AutoLoRAController
+
+        controller = AutoLoRAController(model, val_data=make_batches(2, seed=9))
     else:  # the method's controller, passed so the loop uses this one
         controller = rw.get_method(method).controller(model, "default", None, steps)
     result = run(model, batches, config=cfg, callbacks=[controller], optimizer=optimizer)

@@ -30,6 +30,7 @@ CASES = {
     "prilora": ({"targets": QV, "r": 4, "r_start": 2, "r_end": 4, "prune_interval": 2}, 4),
     "ard_lora": ({"targets": QV, "r": 4, "l1": 20.0}, 4),
     "spiel": ({"targets": QV, "r": 4, "density": 0.1, "regrow_every": 2, "regrow_steps": 1}, 4),
+    "autolora": ({"targets": QV, "r": 4}, 4),
     "cuttlefish": ({"interval": 1, "window": 1, "tail": 1, "tolerance": 100.0}, 4),  # factorized at step 2
 }
 
@@ -51,6 +52,7 @@ CHANGED: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor]], bool]] = 
     "dylora": lambda info, _: len(set(_trace(info, "dylora_rank"))) > 1,
     "prilora": lambda info, _: _trace(info, "prilora_pruned")[-1] > 0,
     "ard_lora": lambda info, _: _trace(info, "ard_lora_rank")[-1] < _trace(info, "ard_lora_rank")[0],
+    "autolora": lambda info, _: min(_rows(info, "gate")) < 4,  # pruned at the end
     "cuttlefish": lambda info, _: any(n.endswith(".U") for n in info["shapes"]),
     "spiel": lambda _, w: any(not torch.equal(w[n], b) for n, b in structured_model(
         "adapt", "spiel", CASES["spiel"][0]).named_buffers() if n.endswith("sparse_index")),
