@@ -45,13 +45,13 @@ from tests.optim.ddp_worker import VOCAB, make_batches  # noqa: E402  (the DDP t
 N_LAYERS = 2
 
 
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64, **config: Any) -> LlamaForCausalLM:
     """The 2-layer tiny Llama (float64: float32 rounding of the sharded reductions would hide ~1e-6
-    differences behind Adam's ≈ lr·sign(g) first steps)."""
+    differences behind Adam's ≈ lr·sign(g) first steps); ``config``: other ``LlamaConfig`` settings."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config,
     )
     return LlamaForCausalLM(cfg).to(dtype)
 
@@ -100,13 +100,15 @@ def one_process(
     return full_weights(model), optimizer
 
 
-def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int = 0,
+                     **config: Any) -> torch.nn.Module:
     """The tiny Llama with ``rw.adapt(model, method, **kwargs)`` (``kind="adapt"``; a method whose
     init needs gradients gets 2 batches as ``init_data``) or ``rw.sparsify`` (``kind="sparsify"``),
-    then cast to float64 (adapters are created fp32; the comparison needs float64 everywhere)."""
+    then cast to float64 (adapters are created fp32; the comparison needs float64 everywhere); ``config``:
+    other ``LlamaConfig`` settings."""
     import rankwise as rw
 
-    model = make_model(seed)
+    model = make_model(seed, **config)
     if kind == "adapt":
         spec = rw.get_method(method)
         needs = spec.layer_cls.needs_grad(spec.make_config(**{k: v for k, v in kwargs.items() if k != "targets"}))
@@ -136,8 +138,10 @@ def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = 
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    model = structured_model("sparsify" if method == "cuttlefish" else "adapt", method,
-                             {} if method == "cuttlefish" else kwargs)
+    if method == "cuttlefish":  # with biases: they carry on past the factorization
+        model = structured_model("sparsify", method, {}, attention_bias=True)
+    else:
+        model = structured_model("adapt", method, kwargs)
     batches: Any = make_batches(steps)
     if mesh is not None:
         shard(model, mesh)
