@@ -452,13 +452,15 @@ def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, ini
                  stop_now: bool = False, resize: bool = True) -> torch.nn.Module:
     """``rankwise.train`` of a method whose ranks change while training: ``increlora`` (its controller
     grows the adapter) or ``cuttlefish`` (factorizes every layer once their stable ranks settle), AdamW,
-    float64, a checkpoint every 2 steps in ``out`` (through DCP: the world has 2 ranks). Each rank
-    trains an unsharded model on the whole batches (the controllers act on full weights: they do not
-    run on FSDP2's shards), so the ranks take the same steps. ``mesh``: the fresh model is resized to
-    the checkpoint (:func:`rankwise.train.reshape_for_resume`), then sharded with FSDP2, then resumed."""
+    float64, a checkpoint every 2 steps in ``out`` (through DCP: the world has 2 ranks). Without ``mesh``
+    each rank trains an unsharded model on the whole batches, so the ranks take the same steps. ``mesh``:
+    the fresh model is resized to the checkpoint (:func:`rankwise.train.reshape_for_resume`), then
+    sharded with FSDP2, then resumed, each rank on its half of every batch (the controller's steps run on
+    the shards)."""
     from torch.utils.data import DataLoader
 
     import rankwise as rw
+    from rankwise.cli.distributed import RankSlices
     from rankwise.sparse.cuttlefish import Cuttlefish
     from rankwise.train import TrainConfig, reshape_for_resume
     from rankwise.train import train as run
@@ -478,6 +480,7 @@ def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, ini
         if resize:
             reshape_for_resume(model, resume, loader, cfg)
         shard(model, mesh)
+        loader = RankSlices(loader, mesh.get_local_rank(), mesh.size())  # each rank trains on its half
     optimizer = None
     if method == "cuttlefish":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -491,8 +494,9 @@ def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, me
     """``steps`` steps straight vs stopped after step 3 (its ranks changed at step 2) and resumed by fresh
     processes' state (a model initialised otherwise, at the initial ranks): final weights to
     ``<tag>_straight.pt`` / ``<tag>_resumed.pt``. IncreLoRA also: the checkpoint at step 3 resumed into a
-    fresh model resized before ``fully_shard`` (loads, no step: ``<tag>_fsdp.pt`` vs ``<tag>_step3.pt``),
-    and into one sharded without the resize (its error to ``<tag>.json``)."""
+    fresh model resized before ``fully_shard`` (loads, no step: ``<tag>_fsdp.pt`` vs ``<tag>_step3.pt``;
+    and trained on to the end, growing on the shards: ``<tag>_fsdp_resumed.pt``), and into one sharded
+    without the resize (its error to ``<tag>.json``)."""
     import torch.distributed as dist
 
     straight = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_a"))
@@ -506,6 +510,8 @@ def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, me
     if method == "increlora":
         fsdp = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_d", init_seed=1, mesh=mesh,
                                          resume=str(out / f"{tag}_c"), stop_now=True))
+        resumed_fsdp = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_f", init_seed=1, mesh=mesh,
+                                                 resume=str(out / f"{tag}_c")))
         try:  # sharded at the initial ranks: the load names the tensors that do not fit
             reshaped_run(method, kwargs, steps, out / f"{tag}_e", init_seed=1, mesh=mesh, resume=str(out / f"{tag}_c"),
                          stop_now=True, resize=False)
@@ -514,6 +520,7 @@ def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, me
             info["unresized_error"] = str(exc)
         if rank == 0:
             torch.save(fsdp, out / f"{tag}_fsdp.pt")
+            torch.save(resumed_fsdp, out / f"{tag}_fsdp_resumed.pt")
     if rank == 0:
         torch.save(straight, out / f"{tag}_straight.pt")
         torch.save(step3, out / f"{tag}_step3.pt")
