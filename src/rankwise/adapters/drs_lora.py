@@ -34,6 +34,7 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer, non_negative
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import full
 from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -190,7 +191,7 @@ class DRSLoRAController(GateController):
     def on_step_end(self, state: TrainState) -> None:
         self.t = state.step - 1
         state.log["drs_lora_kappa"] = self.step()
-        state.log["drs_lora_rank"] = sum(int((m.gate != 0).sum()) for _, m in self.layers)
+        state.log["drs_lora_rank"] = sum(int((full(m.gate.detach()) != 0).sum()) for _, m in self.layers)
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "allocations": self.allocations}
