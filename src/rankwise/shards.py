@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["average_over_ranks_", "backward_full", "editing", "full", "is_dtensor", "mesh_of", "set_parameter",
-           "shard_like", "shard_replacement", "sharded", "sum_over_ranks_", "write_full_"]
+__all__ = ["average_over_ranks_", "backward_full", "editing", "full", "is_dtensor", "mesh_of", "require_resharding",
+           "set_parameter", "shard_like", "shard_replacement", "sharded", "sum_over_ranks_", "write_full_"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -124,6 +124,31 @@ def average_over_ranks_(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def mesh_of(t: torch.Tensor) -> Any:
     """The device mesh of a DTensor (None for a plain tensor)."""
     return t.device_mesh if is_dtensor(t) else None
+
+
+def require_resharding(model: nn.Module, method: str) -> None:
+    """At the setup of a controller that changes parameter shapes: when ``model`` is FSDP2-sharded, the
+    FSDP2 internals :func:`set_parameter` / :func:`shard_replacement` rebuild must be there (as in torch
+    2.13); otherwise a RuntimeError naming ``method`` and why, before any step (not a DTensor traceback
+    at its first rank change)."""
+    if not sharded(model):
+        return
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: F401
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam, ParamModuleInfo, ShardedState  # noqa: F401
+
+        groups = _groups(model)
+        fields = ("fsdp_params", "mesh_info", "post_forward_mesh_info", "mp_policy", "offload_policy",
+                  "_sharded_state", "_training_state", "_module_to_pre_save_state_dict_hook_handle")
+        ok = bool(groups) and all(hasattr(g, f) for g in groups for f in fields)
+    except (ImportError, AttributeError):
+        ok = False
+    if not ok:
+        raise RuntimeError(
+            f"{method} changes parameter shapes while it trains; under FSDP2 rankwise re-shards such a parameter "
+            f"by rebuilding its entry in FSDP2's parameter group (torch has no public API for it), and this torch "
+            f"({torch.__version__}) does not have the internals rankwise uses (checked with torch 2.13): train "
+            f"{method} without FSDP2, or with a torch whose FSDP2 matches")
 
 
 def _groups(model: nn.Module) -> list[Any]:

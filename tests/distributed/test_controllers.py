@@ -106,3 +106,21 @@ def _assert_same(got: Any, want: Any, where: str) -> None:
             _assert_same(g, w, f"{where}[{i}]")
     else:
         assert got == want, where
+
+
+@pytest.mark.parametrize("method", ["increlora", "elalora", "sora", "drs_lora", "autolora", "cuttlefish"])
+def test_a_shape_changing_controller_without_the_fsdp2_internals_refuses_at_setup(monkeypatch, method):
+    """One process: a model that looks sharded but whose FSDP2 parameter groups are not as rankwise re-shards
+    them (another torch) is refused when the controller is built, naming the method and the reason."""
+    import rankwise as rw
+    from rankwise import shards
+    from rankwise.sparse.cuttlefish import Cuttlefish
+
+    monkeypatch.setattr(shards, "sharded", lambda model: True)  # DTensor parameters, no FSDP2 group found
+    kwargs, _ = CASES[method]
+    with pytest.raises(RuntimeError, match=rf"^{method} changes parameter shapes while it trains; under FSDP2"):
+        if method == "cuttlefish":
+            model = structured_model("sparsify", method, {})
+            Cuttlefish(model, torch.optim.AdamW(model.parameters()), **kwargs)
+        else:
+            rw.get_method(method).controller(structured_model("adapt", method, kwargs), "default", None, 10)

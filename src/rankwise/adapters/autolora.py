@@ -29,7 +29,7 @@ from torch import nn
 from ..batches import LossFn, loss_of, model_device, move_batch
 from ..callbacks import TrainState
 from ..checks import fraction
-from ..shards import full, is_dtensor, set_parameter
+from ..shards import full, is_dtensor, require_resharding, set_parameter
 from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
@@ -118,6 +118,7 @@ class AutoLoRAController(GateController):
         super().__init__(model, name)
         self.config, self.optimizer = self.adapter_config(AutoLoRAConfig), optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, AutoLoRALayer)]
+        require_resharding(model, "autolora")  # its pruning at the end re-shards the factors
         self.val_data, self.loss_fn = val_data, loss_fn
         self.val_seen = 0
         self._val: Iterator[Any] | None = None

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..callbacks import TrainState, clear_optimizer_state
 from ..checks import fraction, integer
-from ..shards import full, set_parameter
+from ..shards import full, require_resharding, set_parameter
 from .adalora import smooth_importance_, svd_form_parameters
 from .base import AdapterLayer, AlphaScale
 from .init import InitContext
@@ -140,6 +140,7 @@ class ElaLoRAController(MethodController):
         self.config = cfg = self.adapter_config(ElaLoRAConfig)
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, ElaLoRALayer)]
+        require_resharding(model, "elalora")
         self.total_step = cfg.total_step if cfg.total_step is not None else total_steps
         if self.total_step is None:
             raise ValueError("ElaLoRA needs total_step (in the adapter's config) or the run's total_steps")

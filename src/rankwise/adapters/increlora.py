@@ -48,7 +48,7 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer, non_negative
 from ..rng import layer_generator
-from ..shards import average_over_ranks_, editing, full, set_parameter, shard_like
+from ..shards import average_over_ranks_, editing, full, require_resharding, set_parameter, shard_like
 from .adalora import orthogonality_backward, smooth_importance_
 from .base import AdapterLayer, AlphaScale
 from .init import InitContext
@@ -285,6 +285,7 @@ class IncreLoRAController(MethodController):
         self.config = cfg = self.adapter_config(IncreLoRAConfig)
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, IncreLoRALayer)]
+        require_resharding(model, "increlora")
         self.budget = cfg.target_r * len(self.layers)
         if self.budget <= cfg.r * len(self.layers):
             raise ValueError(f"IncreLoRA's budget target_r={cfg.target_r} x {len(self.layers)} layers is not above the "

@@ -27,7 +27,7 @@ from torch import nn
 from ..callbacks import TrainState, clear_optimizer_state
 from ..checks import choice, integer, non_negative
 from ..rng import kaiming_uniform_, layer_generator
-from ..shards import full, set_parameter
+from ..shards import full, require_resharding, set_parameter
 from .base import AdapterConfig, AdapterLayer, AlphaConfig
 from .init import InitContext
 from .rank_control import MethodController, param_lr, rank_at_least_one
@@ -214,6 +214,7 @@ class SoRAController(GateController):
         super().__init__(model, name)
         self.config, self.optimizer = self.adapter_config(SoRAConfig), optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, SoRALayer)]
+        require_resharding(model, "sora")  # its pruning at the end re-shards the factors
         self.total_steps, self.steps = total_steps, 0
         if self.config.lambda_schedule is not None:
             if total_steps is None:

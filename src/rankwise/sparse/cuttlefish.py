@@ -33,7 +33,7 @@ from torch import nn
 from .. import checks
 from ..callbacks import RankController, TrainState
 from ..linalg import svd_precision
-from ..shards import full, is_dtensor, shard_replacement
+from ..shards import full, is_dtensor, require_resharding, shard_replacement
 from ..targets import replace_module
 from .layers import FactorizedLinear
 
@@ -101,6 +101,7 @@ class Cuttlefish(RankController):
         self.tolerance = checks.non_negative("tolerance", tolerance)
         self.scaled = checks.choice("scaled", scaled, (True, False))
         self.model, self.optimizer = model, optimizer
+        require_resharding(model, "cuttlefish")  # its switch re-shards every target layer
         self.names: list[str] = list(state.layers)
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name in self.names:
