@@ -19,7 +19,7 @@ PACKAGES = ("optim", "adapters", "sparse", "compress", "federated")
 # Top-level modules of rankwise the packages may use (catalogue: each package registers its methods; callbacks,
 # memory: the loop's protocol and accounting; data / models: the compression loaders).
 TOP = {"batches", "callbacks", "catalogue", "checks", "data", "io", "layout", "linalg", "memory", "models",
-       "param_groups", "quant", "rng", "targets"}
+       "param_groups", "quant", "rng", "shards", "targets"}
 # Packages (and, for compress and federated, the one training loop ``rankwise.train``, which sits above optim
 # because it builds optimizers by name) whose public API a package may import: the package itself, not its
 # modules.

@@ -45,13 +45,13 @@ from tests.optim.ddp_worker import VOCAB, make_batches  # noqa: E402  (the DDP t
 N_LAYERS = 2
 
 
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64, **config: Any) -> LlamaForCausalLM:
     """The 2-layer tiny Llama (float64: float32 rounding of the sharded reductions would hide ~1e-6
-    differences behind Adam's ≈ lr·sign(g) first steps)."""
+    differences behind Adam's ≈ lr·sign(g) first steps); ``config``: other ``LlamaConfig`` settings."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config,
     )
     return LlamaForCausalLM(cfg).to(dtype)
 
@@ -100,16 +100,18 @@ def one_process(
     return full_weights(model), optimizer
 
 
-def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+def structured_model(kind: str, method: str, kwargs: dict[str, Any], seed: int = 0,
+                     **config: Any) -> torch.nn.Module:
     """The tiny Llama with ``rw.adapt(model, method, **kwargs)`` (``kind="adapt"``; a method whose
     init needs gradients gets 2 batches as ``init_data``) or ``rw.sparsify`` (``kind="sparsify"``),
-    then cast to float64 (adapters are created fp32; the comparison needs float64 everywhere)."""
+    then cast to float64 (adapters are created fp32; the comparison needs float64 everywhere); ``config``:
+    other ``LlamaConfig`` settings."""
     import rankwise as rw
 
-    model = make_model(seed)
+    model = make_model(seed, **config)
     if kind == "adapt":
         spec = rw.get_method(method)
-        needs = spec.layer_cls.needs_grad(spec.make_config(**kwargs))
+        needs = spec.layer_cls.needs_grad(spec.make_config(**{k: v for k, v in kwargs.items() if k != "targets"}))
         rw.adapt(model, method, init_data=make_batches(2, seed=5) if needs else None, **kwargs)
     else:
         rw.sparsify(model, method, **kwargs)
@@ -121,6 +123,46 @@ def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps
     model = structured_model(kind, method, kwargs)
     train(model, _adamw(model), make_batches(steps))
     return full_weights(model)
+
+
+def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = None, rank: int = 0,
+                   world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``rankwise.train`` (AdamW, lr 1e-2) with the method's controller of the float64 tiny Llama adapted
+    with ``method`` (``"cuttlefish"``: ``rw.sparsify``-ed, its callback built on the optimizer with
+    ``kwargs``); with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every batch, else on
+    the whole batches (the reference). Returns the final full weights (with the buffers) and the loop's
+    log (the controllers' rank records), the final trainable shapes and the controller's ``state_dict``."""
+    import rankwise as rw
+    from rankwise.cli.distributed import RankSlices
+    from rankwise.sparse.cuttlefish import Cuttlefish
+    from rankwise.train import TrainConfig
+    from rankwise.train import train as run
+
+    if method == "cuttlefish":  # with biases: they carry on past the factorization
+        model = structured_model("sparsify", method, {}, attention_bias=True)
+    else:
+        model = structured_model("adapt", method, kwargs)
+    batches: Any = make_batches(steps)
+    if mesh is not None:
+        shard(model, mesh)
+        batches = RankSlices(batches, rank, world)
+    cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False)
+    optimizer = None
+    if method == "cuttlefish":  # a callback built on the optimizer (after sharding)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        controller: Any = Cuttlefish(model, optimizer, **kwargs)
+    elif method == "autolora":  # its selection variables step on validation batches (the same on every rank)
+        from rankwise.adapters.autolora import AutoLoRAController
+
+        controller = AutoLoRAController(model, val_data=make_batches(2, seed=9))
+    else:  # the method's controller, passed so the loop uses this one
+        controller = rw.get_method(method).controller(model, "default", None, steps)
+    result = run(model, batches, config=cfg, callbacks=[controller], optimizer=optimizer)
+    shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # index sets, masks, running statistics
+    weights = {**full_weights(model), **buffers}
+    state = controller.state_dict() if hasattr(controller, "state_dict") else None
+    return weights, {"history": result.history, "shapes": shapes, "controller": state}
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -234,6 +276,16 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
                 (out / f"{tag}.json").write_text(json.dumps({"error": error}))
+        elif mode == "controlled":  # an adapter whose controller changes ranks, trained by rankwise.train
+            try:
+                weights, info = controlled_run(method, kwargs, steps, mesh, rank, world)
+                info["error"] = None
+            except Exception as exc:  # noqa: BLE001  (every rank fails alike: recorded for the test)
+                weights, info = {}, {"error": f"{type(exc).__name__}: {exc}"[:800], "controller": None}
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
+                torch.save(info.pop("controller"), out / f"{tag}_controller.pt")
+                (out / f"{tag}.json").write_text(json.dumps(info))
         elif mode == "rsvd":  # the rsvd projector's range finder on a row-sharded matrix (never gathered)
             from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -400,13 +452,15 @@ def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, ini
                  stop_now: bool = False, resize: bool = True) -> torch.nn.Module:
     """``rankwise.train`` of a method whose ranks change while training: ``increlora`` (its controller
     grows the adapter) or ``cuttlefish`` (factorizes every layer once their stable ranks settle), AdamW,
-    float64, a checkpoint every 2 steps in ``out`` (through DCP: the world has 2 ranks). Each rank
-    trains an unsharded model on the whole batches (the controllers act on full weights: they do not
-    run on FSDP2's shards), so the ranks take the same steps. ``mesh``: the fresh model is resized to
-    the checkpoint (:func:`rankwise.train.reshape_for_resume`), then sharded with FSDP2, then resumed."""
+    float64, a checkpoint every 2 steps in ``out`` (through DCP: the world has 2 ranks). Without ``mesh``
+    each rank trains an unsharded model on the whole batches, so the ranks take the same steps. ``mesh``:
+    the fresh model is resized to the checkpoint (:func:`rankwise.train.reshape_for_resume`), then
+    sharded with FSDP2, then resumed, each rank on its half of every batch (the controller's steps run on
+    the shards)."""
     from torch.utils.data import DataLoader
 
     import rankwise as rw
+    from rankwise.cli.distributed import RankSlices
     from rankwise.sparse.cuttlefish import Cuttlefish
     from rankwise.train import TrainConfig, reshape_for_resume
     from rankwise.train import train as run
@@ -426,6 +480,7 @@ def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, ini
         if resize:
             reshape_for_resume(model, resume, loader, cfg)
         shard(model, mesh)
+        loader = RankSlices(loader, mesh.get_local_rank(), mesh.size())  # each rank trains on its half
     optimizer = None
     if method == "cuttlefish":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -439,8 +494,9 @@ def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, me
     """``steps`` steps straight vs stopped after step 3 (its ranks changed at step 2) and resumed by fresh
     processes' state (a model initialised otherwise, at the initial ranks): final weights to
     ``<tag>_straight.pt`` / ``<tag>_resumed.pt``. IncreLoRA also: the checkpoint at step 3 resumed into a
-    fresh model resized before ``fully_shard`` (loads, no step: ``<tag>_fsdp.pt`` vs ``<tag>_step3.pt``),
-    and into one sharded without the resize (its error to ``<tag>.json``)."""
+    fresh model resized before ``fully_shard`` (loads, no step: ``<tag>_fsdp.pt`` vs ``<tag>_step3.pt``;
+    and trained on to the end, growing on the shards: ``<tag>_fsdp_resumed.pt``), and into one sharded
+    without the resize (its error to ``<tag>.json``)."""
     import torch.distributed as dist
 
     straight = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_a"))
@@ -454,6 +510,8 @@ def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, me
     if method == "increlora":
         fsdp = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_d", init_seed=1, mesh=mesh,
                                          resume=str(out / f"{tag}_c"), stop_now=True))
+        resumed_fsdp = full_weights(reshaped_run(method, kwargs, steps, out / f"{tag}_f", init_seed=1, mesh=mesh,
+                                                 resume=str(out / f"{tag}_c")))
         try:  # sharded at the initial ranks: the load names the tensors that do not fit
             reshaped_run(method, kwargs, steps, out / f"{tag}_e", init_seed=1, mesh=mesh, resume=str(out / f"{tag}_c"),
                          stop_now=True, resize=False)
@@ -462,6 +520,7 @@ def reshape_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, me
             info["unresized_error"] = str(exc)
         if rank == 0:
             torch.save(fsdp, out / f"{tag}_fsdp.pt")
+            torch.save(resumed_fsdp, out / f"{tag}_fsdp_resumed.pt")
     if rank == 0:
         torch.save(straight, out / f"{tag}_straight.pt")
         torch.save(step3, out / f"{tag}_step3.pt")
@@ -499,8 +558,8 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "structured", "zero", "rsvd", "loop", "reshape", "dcp-save",
-                                         "dcp-load"])
+    parser.add_argument("mode", choices=["parity", "structured", "controlled", "zero", "rsvd", "loop", "reshape",
+                                         "dcp-save", "dcp-load"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

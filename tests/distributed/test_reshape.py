@@ -7,11 +7,13 @@ through ``torch.distributed.checkpoint``:
   layer at step 2) stopped after step 3 and resumed by a model built at the initial ranks (and
   initialised otherwise) end bit-identical to the uninterrupted 6-step run;
 * the IncreLoRA checkpoint loads into a fresh model resized before ``fully_shard`` (FSDP2), bit-exactly,
-  and a model sharded at the initial ranks is refused naming a tensor and its two shapes;
+  and a model sharded at the initial ranks is refused naming a tensor and its two shapes; resumed so and
+  trained on sharded (its controller grows the adapter again at step 4, on the shards), it ends where
+  the uninterrupted unsharded run ends (within 1e-10);
 * on one process: the mismatch message at a DCP load, and ElaLoRA resized from the DCP shapes alone.
 
-The controllers change ranks on full weights: each rank trains an unsharded model on the whole
-batches (their steps under FSDP2, on shards, are not supported; docs/distributed.md).
+Apart from that sharded resume each rank trains an unsharded model on the whole batches (the controllers'
+steps on shards are tested in test_controllers.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def test_fsdp2_resume_resizes_before_sharding(reshape_dir):
     assert step3.keys() == fsdp.keys() and all(torch.equal(step3[k], fsdp[k]) for k in step3)
     error = json.loads((reshape_dir / "increlora.json").read_text())["unresized_error"]
     assert error is not None and "shapes differ" in error and "lora_A" in error and "reshape_for_resume" in error
+
+
+def test_increlora_resumed_into_fsdp2_grows_on_the_shards(reshape_dir):
+    straight, resumed = _load(reshape_dir, "increlora_straight.pt"), _load(reshape_dir, "increlora_fsdp_resumed.pt")
+    step3 = _load(reshape_dir, "increlora_step3.pt")
+    def reserve(w: dict[str, torch.Tensor]) -> int:  # frozen reserve components: λ = 1e-5 exactly (fp32 or fp64)
+        return sum(int(torch.isclose(w[k], torch.tensor(1e-5, dtype=w[k].dtype), rtol=1e-6, atol=0).sum())
+                   for k in w if k.endswith("lora_E"))
+
+    assert straight.keys() == resumed.keys()
+    assert reserve(step3) > 0 and reserve(resumed) == 0  # grown at step 4 (its reserve added, then dropped)
+    assert all(straight[k].shape == resumed[k].shape for k in straight)
+    assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-10
 
 
 def _increlora(r: int) -> torch.nn.Module:

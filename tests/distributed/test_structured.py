@@ -47,14 +47,6 @@ def structured_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("tag", list(CASES))
 def test_fsdp2_matches_one_process(structured_dir, tag, one_thread):
     kind, method, kwargs = CASES[tag]

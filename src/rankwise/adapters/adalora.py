@@ -24,6 +24,7 @@ paper's Eq. 4, as in the paper's own code and PEFT.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +34,14 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer, non_negative
 from ..rng import layer_generator
+from ..shards import backward_full, editing, full
 from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, rank_at_least_one
 from .registry import MethodSpec, adapter_layers, register
 
 __all__ = ["AdaLoRAConfig", "AdaLoRAController", "AdaLoRALayer", "budget_schedule", "orthogonal_regularizer",
-           "rank_pattern", "smooth_importance_", "svd_form_parameters"]
+           "orthogonality", "orthogonality_backward", "rank_pattern", "smooth_importance_", "svd_form_parameters"]
 
 
 @dataclass
@@ -104,7 +106,7 @@ class AdaLoRALayer(AdapterLayer):
 
     def kept(self) -> torch.Tensor:
         """Indices of the triplets with λᵢ ≠ 0 (the others add nothing to ΔW)."""
-        return torch.nonzero(self.lora_E.detach().view(-1)).view(-1)
+        return torch.nonzero(full(self.lora_E.detach()).view(-1)).view(-1)
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(P_k, Λ_k Q_k, s)`` over the kept triplets only: a LoRA pair of rank = the allocated rank
@@ -144,14 +146,29 @@ def smooth_importance_(ipt: torch.Tensor, unc: torch.Tensor, sens: torch.Tensor,
     unc.mul_(beta2).add_((sens - ipt).abs(), alpha=1 - beta2)
 
 
-def orthogonal_regularizer(layers: list[AdaLoRALayer]) -> torch.Tensor:
-    """R = mean over the matrices of ‖Q Qᵀ − I‖_F and ‖Pᵀ P − I‖_F (AdaLoRA's Eq. 4, unsquared as in its code)."""
+def orthogonality(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R = mean over the matrices of ‖Q Qᵀ − I‖_F and ‖Pᵀ P − I‖_F (AdaLoRA's Eq. 4, unsquared as in its code);
+    ``factors`` = Q₁, P₁, Q₂, P₂, ... (``lora_A``, ``lora_B`` of each layer)."""
     terms = []
-    for layer in layers:
-        for gram in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B):
+    for q, p in zip(factors[::2], factors[1::2], strict=True):
+        for gram in (q @ q.T, p.T @ p):
             eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
             terms.append(torch.linalg.matrix_norm(gram - eye, "fro"))
     return torch.stack(terms).mean()
+
+
+def orthogonal_regularizer(layers: Sequence[AdapterLayer]) -> torch.Tensor:
+    """:func:`orthogonality` of the layers' ``lora_A`` (Q) and ``lora_B`` (P)."""
+    return orthogonality([t for m in layers for t in (m.lora_A, m.lora_B)])
+
+
+def orthogonality_backward(layers: Sequence[AdapterLayer], weight: float) -> float:
+    """Add the gradient of w·R (:func:`orthogonality`) to the layers' ``lora_A`` / ``lora_B`` gradients and
+    return w·R; under FSDP2 R is taken over the gathered factors (:func:`rankwise.shards.backward_full`)."""
+    if weight == 0 or not layers:
+        return 0.0
+    factors = [t for m in layers for t in (m.lora_A, m.lora_B)]
+    return float(backward_full(lambda *f: weight * orthogonality(f), factors))
 
 
 def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int,
@@ -229,11 +246,11 @@ class AdaLoRAController(MethodController):
         b1, b2 = self.config.beta1, self.config.beta2
         params = self.params()
         if self.ipt_avg is None or self.unc_avg is None:
-            self.ipt_avg = [[torch.zeros_like(p) for p in trip] for trip in params]
-            self.unc_avg = [[torch.zeros_like(p) for p in trip] for trip in params]
+            self.ipt_avg = [[torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in trip] for trip in params]
+            self.unc_avg = [[torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in trip] for trip in params]
         for trip, ipts, uncs in zip(params, self.ipt_avg, self.unc_avg, strict=True):
-            for p, ipt, unc in zip(trip, ipts, uncs, strict=True):
-                sens = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
+            for p, ipt, unc in zip(trip, ipts, uncs, strict=True):  # whole matrices under FSDP2 (gathered)
+                sens = (full(p) * full(p.grad)).abs() if p.grad is not None else torch.zeros_like(ipt)
                 smooth_importance_(ipt, unc, sens, b1, b2)
 
     def triplet_scores(self) -> list[torch.Tensor]:
@@ -254,7 +271,8 @@ class AdaLoRAController(MethodController):
         kept = []
         for (_, layer), s in zip(self.layers, scores, strict=True):
             keep = s > threshold if threshold is not None else torch.ones_like(s, dtype=torch.bool)
-            layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+            with editing(layer.lora_E) as e:
+                e.masked_fill_(~keep.view(-1, 1), 0.0)
             kept.append(keep)
         self.allocations += 1
         return kept
@@ -264,7 +282,8 @@ class AdaLoRAController(MethodController):
         """Re-apply the final allocation (λᵢ = 0 outside it) after a step of the final phase."""
         assert self.pattern is not None
         for (_, layer), keep in zip(self.layers, self.pattern, strict=True):
-            layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+            with editing(layer.lora_E) as e:
+                e.masked_fill_(~keep.view(-1, 1), 0.0)
 
     def allocate(self, step: int) -> None:
         """PEFT's ``update_and_allocate(step)``: importance before the final phase, a mask at each
@@ -291,12 +310,7 @@ class AdaLoRAController(MethodController):
 
     def regularizer_backward(self) -> float:
         """Add the gradient of w·R (orthogonality) to the adapters' gradients; returns w·R."""
-        w = self.config.orth_reg_weight
-        if w == 0 or not self.layers:
-            return 0.0
-        reg = w * orthogonal_regularizer([m for _, m in self.layers])
-        reg.backward()
-        return float(reg.detach())
+        return orthogonality_backward([m for _, m in self.layers], self.config.orth_reg_weight)
 
     def on_after_backward(self, state: TrainState) -> None:
         if self.model.training:

@@ -27,6 +27,7 @@ from ..callbacks import TrainState
 from ..checks import integer, non_negative
 from ..layout import STYLES, attention_layout
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import editing, full
 from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .rank_control import MethodController, param_lr, rank_at_least_one
@@ -85,7 +86,7 @@ class ARDLoRALayer(AdapterLayer):
 
     def head_ranks(self) -> torch.Tensor:
         """⌈r·αₕ⌉ per head: the components with mₕᵢ > 0."""
-        return (self.mask() > 0).sum(dim=1)
+        return (component_mask(full(self.head_scale), self.config.r) > 0).sum(dim=1)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(B′, A, s)``: B′ (out × heads·r) block-diagonal, head h's block Bₕ·diag(mₕ) on its rows and columns."""
@@ -177,7 +178,7 @@ class ARDLoRAController(MethodController):
 
     def record(self) -> None:
         """Keep α(t−1), the head scales before this optimizer step."""
-        self.anchors = [m.head_scale.detach().clone() for m in self.layers]
+        self.anchors = [full(m.head_scale.detach()).clone() for m in self.layers]  # whole under FSDP2
 
     @torch.no_grad()
     def step(self) -> None:
@@ -188,8 +189,9 @@ class ARDLoRAController(MethodController):
         for layer, anchor in zip(self.layers, self.anchors, strict=True):
             p, cfg = layer.head_scale, layer.config
             lr = param_lr(self.optimizer, p, "ARD-LoRA's head_scale")
-            p.copy_(prox_l1_tv(p.detach(), anchor, lr * cfg.l1, lr * cfg.tv).clamp_(0.0, 1.0))
-            self.change += float((p - anchor).abs().sum())
+            with editing(p) as a:
+                a.copy_(prox_l1_tv(a, anchor, lr * cfg.l1, lr * cfg.tv).clamp_(0.0, 1.0))
+                self.change += float((a - anchor).abs().sum())
         self.anchors = None
         self.allocations += 1
 

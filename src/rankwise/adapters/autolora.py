@@ -29,6 +29,7 @@ from torch import nn
 from ..batches import LossFn, loss_of, model_device, move_batch
 from ..callbacks import TrainState
 from ..checks import fraction
+from ..shards import full, is_dtensor, require_resharding, set_parameter
 from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
@@ -80,22 +81,23 @@ class AutoLoRALayer(GatedLoRALayer):
 
     def kept(self) -> torch.Tensor:
         """Indices of the components with wᵢ ≥ λ (at least the largest one)."""
-        w = self.weights().detach()
+        w = torch.softmax(full(self.gate.detach()), dim=0)
         keep = torch.nonzero(w >= self.config.keep_threshold).view(-1)
         return keep if keep.numel() else w.argmax().view(1)
 
     @torch.no_grad()
-    def prune(self) -> bool:
+    def prune(self, root: nn.Module | None = None) -> bool:
         """Remove the components with wᵢ < λ in place: bᵢ ← k·wᵢ·bᵢ for the k kept ones and α = 0 (their new
-        weights are 1/k), so the kept components' contribution is unchanged. Returns whether the rank changed."""
+        weights are 1/k), so the kept components' contribution is unchanged. ``root``: the model, when FSDP2
+        sharded it (the factors are re-sharded at their new size). Returns whether the rank changed."""
         keep = self.kept()
         if keep.numel() == self.gate.numel():
             return False
         k = int(keep.numel())
-        self.lora_B.data = (self.lora_B.data[:, keep] * (k * self.weights()[keep])).clone()
-        self.lora_A.data = self.lora_A.data[keep].clone()
-        self.gate.data = torch.zeros(k, dtype=self.gate.dtype, device=self.gate.device)
-        self.lora_A.grad = self.lora_B.grad = self.gate.grad = None
+        a, b, gate = (full(p.detach()) for p in (self.lora_A, self.lora_B, self.gate))
+        for name, value in (("lora_B", b[:, keep] * (k * torch.softmax(gate, dim=0)[keep])), ("lora_A", a[keep]),
+                            ("gate", gate.new_zeros(k))):
+            set_parameter(root or self, self, name, value.clone())
         self.config = replace(self.config, r=k, alpha=self.scale * k)
         return True
 
@@ -116,6 +118,7 @@ class AutoLoRAController(GateController):
         super().__init__(model, name)
         self.config, self.optimizer = self.adapter_config(AutoLoRAConfig), optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, AutoLoRALayer)]
+        require_resharding(model, "autolora")  # its pruning at the end re-shards the factors
         self.val_data, self.loss_fn = val_data, loss_fn
         self.val_seen = 0
         self._val: Iterator[Any] | None = None
@@ -143,10 +146,26 @@ class AutoLoRAController(GateController):
         return batch
 
     def upper_gradient(self) -> None:
-        """α.grad ← ∂L_val/∂α on the next validation batch (the training batch's α gradient is discarded)."""
+        """α.grad ← ∂L_val/∂α on the next validation batch (the training batch's α gradient is discarded).
+        Under FSDP2 (whose gradients reach the sharded parameters through its own backward hooks, not
+        autograd) by a second backward with the other gradients set aside; every rank takes the same
+        validation batch, so FSDP2's mean over the ranks is its gradient."""
         batch = move_batch(self._next_val(), model_device(self.model))
         loss = loss_of(self.model, batch, self.loss_fn)
-        for p, g in zip(self.selection(), torch.autograd.grad(loss, self.selection()), strict=True):
+        selection = self.selection()
+        if not any(is_dtensor(p) for p in selection):
+            for p, g in zip(selection, torch.autograd.grad(loss, selection), strict=True):
+                p.grad = g
+            return
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        kept = [p.grad for p in trained]
+        for p in trained:
+            p.grad = None
+        loss.backward()
+        upper = [p.grad for p in selection]
+        for p, g in zip(trained, kept, strict=True):
+            p.grad = g
+        for p, g in zip(selection, upper, strict=True):
             p.grad = g
 
     def on_train_begin(self, state: TrainState) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer, non_negative
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import full, require_resharding
 from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, adapter_state, register
@@ -171,6 +172,7 @@ class DRSLoRAController(GateController):
                              "leaves no step for rank selection; lower dense_fraction or train longer")
         self.optimizer, self.total_steps, self.t = optimizer, total_steps, 0
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, DRSLoRALayer)]
+        require_resharding(model, "drs_lora")  # its pruning at the end re-shards the factors
 
     def schedule(self) -> str:
         c = self.config
@@ -190,7 +192,7 @@ class DRSLoRAController(GateController):
     def on_step_end(self, state: TrainState) -> None:
         self.t = state.step - 1
         state.log["drs_lora_kappa"] = self.step()
-        state.log["drs_lora_rank"] = sum(int((m.gate != 0).sum()) for _, m in self.layers)
+        state.log["drs_lora_rank"] = sum(int((full(m.gate.detach()) != 0).sum()) for _, m in self.layers)
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "allocations": self.allocations}

@@ -30,6 +30,7 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import integer
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import editing, full
 from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, scaled_update
@@ -163,7 +164,7 @@ class DyLoRAController(MethodController):
     @torch.no_grad()
     def keep_untrained(self) -> None:
         """Keep A, B as they are before the optimizer step (restored outside the step's rows after it)."""
-        self._kept = [(m.lora_A.detach().clone(), m.lora_B.detach().clone()) for _, m in self.layers]
+        self._kept = [(full(m.lora_A.detach()).clone(), full(m.lora_B.detach()).clone()) for _, m in self.layers]
 
     @torch.no_grad()
     def restore_untrained(self) -> None:
@@ -173,8 +174,10 @@ class DyLoRAController(MethodController):
             rows = m.updated_rows()
             trained = torch.zeros(a0.shape[0])
             trained[rows] = 1.0
-            m.lora_A.copy_(scaled_update(m.lora_A, a0, trained))
-            m.lora_B.copy_(scaled_update(m.lora_B, b0, trained, dim=1))
+            with editing(m.lora_A) as A:  # whole under FSDP2 (gathered), this rank's rows written back
+                A.copy_(scaled_update(A, a0, trained))
+            with editing(m.lora_B) as B:
+                B.copy_(scaled_update(B, b0, trained, dim=1))
         self._kept = None
 
     def step(self) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..callbacks import TrainState, clear_optimizer_state
 from ..checks import fraction, integer
+from ..shards import full, require_resharding, set_parameter
 from .adalora import smooth_importance_, svd_form_parameters
 from .base import AdapterLayer, AlphaScale
 from .init import InitContext
@@ -88,23 +89,26 @@ class ElaLoRALayer(AdapterLayer):
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale
 
     def sensitivity(self) -> torch.Tensor:
-        """Iᵢ = |λᵢ·∂λᵢ| + mean_j |Qᵢⱼ·∂Qᵢⱼ| + mean_j |Pⱼᵢ·∂Pⱼᵢ| (0 without gradients)."""
+        """Iᵢ = |λᵢ·∂λᵢ| + mean_j |Qᵢⱼ·∂Qᵢⱼ| + mean_j |Pⱼᵢ·∂Pⱼᵢ| (0 without gradients; whole matrices under
+        FSDP2, gathered)."""
         out = torch.zeros(self.rank, device=self.lora_A.device)
         for p, reduce in ((self.lora_E, lambda t: t.view(-1)), (self.lora_A, lambda t: t.mean(dim=1)),
                           (self.lora_B, lambda t: t.mean(dim=0))):
             if p.grad is not None:
-                out += reduce((p.detach() * p.grad).abs().float())
+                out += reduce((full(p.detach()) * full(p.grad)).abs().float())
         return out
 
     @torch.no_grad()
-    def keep_and_add(self, keep: torch.Tensor, add: int, generator: torch.Generator) -> None:
-        """Keep the components ``keep`` and append ``add`` new ones (p, q ~ N(0, 0.02²), λ = 0): in place."""
-        a = (torch.randn(add, self.in_features, generator=generator) * 0.02).to(self.lora_A)
-        b = (torch.randn(self.out_features, add, generator=generator) * 0.02).to(self.lora_B)
-        self.lora_A.data = torch.cat([self.lora_A.data[keep], a])
-        self.lora_B.data = torch.cat([self.lora_B.data[:, keep], b], dim=1)
-        self.lora_E.data = torch.cat([self.lora_E.data[keep], self.lora_E.data.new_zeros(add, 1)])
-        self.lora_A.grad = self.lora_B.grad = self.lora_E.grad = None
+    def keep_and_add(self, keep: torch.Tensor, add: int, generator: torch.Generator,
+                     root: nn.Module | None = None) -> None:
+        """Keep the components ``keep`` and append ``add`` new ones (p, q ~ N(0, 0.02²), λ = 0): in place.
+        ``root``: the model, when FSDP2 sharded it (the factors are re-sharded at their new size)."""
+        A, B, E = (full(p.detach()) for p in (self.lora_A, self.lora_B, self.lora_E))
+        a = (torch.randn(add, self.in_features, generator=generator) * 0.02).to(A)
+        b = (torch.randn(self.out_features, add, generator=generator) * 0.02).to(B)
+        for name, value in (("lora_A", torch.cat([A[keep], a])), ("lora_B", torch.cat([B[:, keep], b], dim=1)),
+                            ("lora_E", torch.cat([E[keep], E.new_zeros(add, 1)]))):
+            set_parameter(root or self, self, name, value)
 
     @torch.no_grad()
     def resize(self, rows: int) -> None:
@@ -136,6 +140,7 @@ class ElaLoRAController(MethodController):
         self.config = cfg = self.adapter_config(ElaLoRAConfig)
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, ElaLoRALayer)]
+        require_resharding(model, "elalora")
         self.total_step = cfg.total_step if cfg.total_step is not None else total_steps
         if self.total_step is None:
             raise ValueError("ElaLoRA needs total_step (in the adapter's config) or the run's total_steps")
@@ -187,7 +192,7 @@ class ElaLoRAController(MethodController):
             if not out and not add:
                 continue
             keep = torch.tensor([i for i in range(m.rank) if i not in out], dtype=torch.long)
-            m.keep_and_add(keep.to(m.lora_A.device), add, self.generator)
+            m.keep_and_add(keep.to(m.lora_A.device), add, self.generator, self.model)
             zeros = torch.zeros(add)
             self.ipt[li] = torch.cat([self.ipt[li][keep], zeros])
             self.unc[li] = torch.cat([self.unc[li][keep], zeros])

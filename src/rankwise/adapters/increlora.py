@@ -48,7 +48,8 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer, non_negative
 from ..rng import layer_generator
-from .adalora import orthogonal_regularizer, smooth_importance_
+from ..shards import average_over_ranks_, editing, full, require_resharding, set_parameter, shard_like
+from .adalora import orthogonality_backward, smooth_importance_
 from .base import AdapterLayer, AlphaScale
 from .init import InitContext
 from .rank_control import MethodController, checkpoint_tensor, scaled_update
@@ -168,43 +169,47 @@ class IncreLoRALayer(AdapterLayer):
         self.delta_grad = grad.detach().clone() if self.delta_grad is None else self.delta_grad + grad.detach()
 
     def sensitivity(self) -> torch.Tensor:
-        """I = Σ|ΔW ⊙ ∇ΔW| / √(d_out·d_in) of the last step's forward and backward (0 without one); resets."""
+        """I = Σ|ΔW ⊙ ∇ΔW| / √(d_out·d_in) of the last step's forward and backward (0 without one); resets.
+        Under FSDP2 ∇ΔW (this rank's batch) is first averaged over the ranks, as FSDP2 averages gradients."""
         if self.delta_seen is None or self.delta_grad is None:
             out = torch.zeros((), device=self.lora_A.device)
         else:
-            out = (self.delta_seen.float() * self.delta_grad.float()).abs().sum() / math.sqrt(self.delta_seen.numel())
+            grad = average_over_ranks_(self.delta_grad, self.lora_A)
+            out = (self.delta_seen.float() * grad.float()).abs().sum() / math.sqrt(self.delta_seen.numel())
         self.delta_seen = self.delta_grad = None
         return out
 
     @torch.no_grad()
-    def grow(self, n: int, generator: torch.Generator) -> None:
+    def grow(self, n: int, generator: torch.Generator, root: nn.Module | None = None) -> None:
         """Add ``n`` reserve components (their λ becomes trainable from its current value) and append
         ``n`` new reserve components (p, q ~ N(0, 0.02²), λ = the reserve value): ΔW changes only by
-        the new reserve's s·λ·p·qᵀ (0 without advance learning)."""
+        the new reserve's s·λ·p·qᵀ (0 without advance learning). ``root``: the model, when FSDP2 sharded
+        it (the factors are re-sharded at their new size, :func:`rankwise.shards.set_parameter`)."""
         if n > self.rows - self.rank:
             raise ValueError(f"cannot add {n} components: the reserve holds {self.rows - self.rank}")
-        a = (torch.randn(n, self.in_features, generator=generator) * 0.02).to(self.lora_A)
-        b = (torch.randn(self.out_features, n, generator=generator) * 0.02).to(self.lora_B)
-        e = torch.full((n, 1), self.config.reserve_lambda).to(self.lora_E)
-        self.lora_A.data = torch.cat([self.lora_A.data, a])
-        self.lora_B.data = torch.cat([self.lora_B.data, b], dim=1)
-        self.lora_E.data = torch.cat([self.lora_E.data, e])
+        A, B, E = (full(p.detach()) for p in (self.lora_A, self.lora_B, self.lora_E))
+        a = (torch.randn(n, self.in_features, generator=generator) * 0.02).to(A)
+        b = (torch.randn(self.out_features, n, generator=generator) * 0.02).to(B)
+        e = torch.full((n, 1), self.config.reserve_lambda).to(E)
+        self._set(root, torch.cat([A, a]), torch.cat([B, b], dim=1), torch.cat([E, e]))
         self.ranknum += n
 
     @torch.no_grad()
-    def drop_reserve(self) -> None:
+    def drop_reserve(self, root: nn.Module | None = None) -> None:
         """Remove the reserve components (the budget is spent)."""
         r = self.rank
-        self.lora_A.data = self.lora_A.data[:r].clone()
-        self.lora_B.data = self.lora_B.data[:, :r].clone()
-        self.lora_E.data = self.lora_E.data[:r].clone()
+        A, B, E = (full(p.detach()) for p in (self.lora_A, self.lora_B, self.lora_E))
+        self._set(root, A[:r].clone(), B[:, :r].clone(), E[:r].clone())
+
+    def _set(self, root: nn.Module | None, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> None:
+        for name, value in (("lora_A", a), ("lora_B", b), ("lora_E", e)):
+            set_parameter(root or self, self, name, value)
 
     @torch.no_grad()
     def resize(self, rank: int, rows: int) -> None:
         """Zero tensors of ``rows`` components of which ``rank`` are added (to load a checkpoint into)."""
-        self.lora_A.data = self.lora_A.data.new_zeros(rows, self.in_features)
-        self.lora_B.data = self.lora_B.data.new_zeros(self.out_features, rows)
-        self.lora_E.data = self.lora_E.data.new_zeros(rows, 1)
+        z = self.lora_A.new_zeros
+        self._set(None, z(rows, self.in_features), z(self.out_features, rows), z(rows, 1))
         self.ranknum.fill_(float(rank))
 
     def trainable_count(self) -> int:
@@ -245,7 +250,8 @@ def _resize_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, dim:
                   reset: slice | None = None) -> None:
     """Fit ``p``'s optimizer state to its new size along ``dim``: the first min(old, new) slices keep
     their values, new ones start at 0, the slices in ``reset`` are zeroed; a state entry of another
-    shape (not per-entry) is cleared, so the optimizer re-creates it."""
+    shape (not per-entry) is cleared, so the optimizer re-creates it. Under FSDP2 the state is resized
+    whole and sharded like the re-sharded ``p``."""
     if optimizer is None or p not in optimizer.state:
         return
     state = optimizer.state[p]
@@ -255,12 +261,13 @@ def _resize_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, dim:
         if value.dim() != p.dim() or value.shape[dim] != old:
             state.clear()
             return
+        value = full(value)
         new = value.new_zeros(p.shape)
         keep = min(old, p.shape[dim])
         new.narrow(dim, 0, keep).copy_(value.narrow(dim, 0, keep))
         if reset is not None:
             new.narrow(dim, reset.start, reset.stop - reset.start).zero_()
-        state[key] = new
+        state[key] = shard_like(new, p)
 
 
 class IncreLoRAController(MethodController):
@@ -278,6 +285,7 @@ class IncreLoRAController(MethodController):
         self.config = cfg = self.adapter_config(IncreLoRAConfig)
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, IncreLoRALayer)]
+        require_resharding(model, "increlora")
         self.budget = cfg.target_r * len(self.layers)
         if self.budget <= cfg.r * len(self.layers):
             raise ValueError(f"IncreLoRA's budget target_r={cfg.target_r} x {len(self.layers)} layers is not above the "
@@ -349,12 +357,7 @@ class IncreLoRAController(MethodController):
     # ------------------------------------------------------------------ per step
     def regularizer_backward(self) -> float:
         """Add the gradient of w·R (AdaLoRA's orthogonality term over the whole P, Q); returns w·R."""
-        w = self.config.orth_reg_weight
-        if w == 0 or not self.layers:
-            return 0.0
-        reg = w * orthogonal_regularizer([m for _, m in self.layers])  # type: ignore[arg-type]
-        reg.backward()
-        return float(reg.detach())
+        return orthogonality_backward([m for _, m in self.layers], self.config.orth_reg_weight)
 
     @torch.no_grad()
     def keep_scaled_entries(self) -> None:
@@ -363,8 +366,8 @@ class IncreLoRAController(MethodController):
         for (_, m), pq, e in zip(self.layers, self.born_pq, self.born_e, strict=True):
             rows_pq = torch.nonzero(self.factor(pq, self.t + 1) < 1).view(-1)
             rows_e = torch.nonzero(self.factor(e, self.t + 1) < 1).view(-1)
-            kept.append((rows_pq, m.lora_A[rows_pq].clone(), m.lora_B[:, rows_pq].clone(),
-                         rows_e, m.lora_E[rows_e].clone()))
+            A, B, E = (full(p.detach()) for p in (m.lora_A, m.lora_B, m.lora_E))  # whole under FSDP2
+            kept.append((rows_pq, A[rows_pq].clone(), B[:, rows_pq].clone(), rows_e, E[rows_e].clone()))
         self._kept = kept
 
     def after_backward(self) -> float:
@@ -384,10 +387,13 @@ class IncreLoRAController(MethodController):
                                                                 strict=True):
             if rows_pq.numel():
                 f = self.factor(pq, step)[rows_pq]
-                m.lora_A[rows_pq] = scaled_update(m.lora_A[rows_pq], a0, f)
-                m.lora_B[:, rows_pq] = scaled_update(m.lora_B[:, rows_pq], b0, f, dim=1)
+                with editing(m.lora_A) as A:
+                    A[rows_pq] = scaled_update(A[rows_pq], a0, f)
+                with editing(m.lora_B) as B:
+                    B[:, rows_pq] = scaled_update(B[:, rows_pq], b0, f, dim=1)
             if rows_e.numel():
-                m.lora_E[rows_e] = scaled_update(m.lora_E[rows_e], e0, self.factor(e, step)[rows_e])
+                with editing(m.lora_E) as E:
+                    E[rows_e] = scaled_update(E[rows_e], e0, self.factor(e, step)[rows_e])
         self._kept = None
 
     @torch.no_grad()
@@ -414,7 +420,7 @@ class IncreLoRAController(MethodController):
                 break
             name, m = self.layers[i]
             r, rows = m.rank, m.rows
-            m.grow(n, self.generator)
+            m.grow(n, self.generator, self.model)
             for p, dim in ((m.lora_A, 0), (m.lora_E, 0), (m.lora_B, 1)):
                 # the activated rows start fresh (their λ, and their p, q if they were frozen)
                 reset = slice(r, r + n) if (p is m.lora_E or not c.advance_learn) else None
@@ -439,7 +445,7 @@ class IncreLoRAController(MethodController):
         state = adapter_state(self.model, self.adapter_name)
         for i, (name, m) in enumerate(self.layers):
             rows = m.rows
-            m.drop_reserve()
+            m.drop_reserve(self.model)
             for p, dim in ((m.lora_A, 0), (m.lora_E, 0), (m.lora_B, 1)):
                 _resize_state(self.optimizer, p, dim, rows)
             self.born_pq[i] = self.born_pq[i][: m.rank]

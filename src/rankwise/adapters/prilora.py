@@ -30,6 +30,7 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer
 from ..layout import layer_list
+from ..shards import editing, full, mesh_of, sum_over_ranks_
 from .init import InitContext
 from .lora import LoRAConfig, LoRALayer
 from .rank_control import MethodController
@@ -73,6 +74,7 @@ class PRILoRALayer(LoRALayer):
         self.register_buffer("mask", torch.ones_like(self.lora_A))
         self.register_buffer("input_norm", torch.zeros(self.in_features, dtype=self.lora_A.dtype,
                                                        device=self.lora_A.device))
+        self.mesh: Any = None  # under FSDP2 (set by the controller): the column norms are summed over its ranks
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_B, self.lora_A * self.mask, self.scale
@@ -87,18 +89,21 @@ class PRILoRALayer(LoRALayer):
 
     @torch.no_grad()
     def accumulate(self, x: torch.Tensor) -> None:
-        """x̄ ← β·x̄ + (1 − β)·‖X_{:,j}‖₂ over the rows (tokens) of this input."""
-        norms = x.detach().reshape(-1, x.shape[-1]).to(self.input_norm.dtype).norm(dim=0)
+        """x̄ ← β·x̄ + (1 − β)·‖X_{:,j}‖₂ over the rows (tokens) of this input (under FSDP2 of every rank's
+        input: the squared norms are summed over the ranks)."""
+        rows = x.detach().reshape(-1, x.shape[-1]).to(self.input_norm.dtype)
+        norms = rows.norm(dim=0) if self.mesh is None else sum_over_ranks_(rows.pow(2).sum(0), self.mesh).sqrt()
         self.input_norm.mul_(self.config.beta).add_(norms, alpha=1 - self.config.beta)
 
     def scores(self) -> torch.Tensor:
         """S_ij = |A_ij|·x̄_j."""
-        return self.lora_A.detach().abs() * self.input_norm[None, :]
+        return full(self.lora_A.detach()).abs() * self.input_norm[None, :]
 
     @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero the stored A at the pruned entries (the forward already ignores them)."""
-        self.lora_A.mul_(self.mask)
+        with editing(self.lora_A) as a:
+            a.mul_(self.mask)
 
 
 def prune_rows(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,6 +160,8 @@ class PRILoRAController(MethodController):
             raise ValueError("PRILoRA's pruning schedule needs the run's total_steps")
         self.total_steps, self.t = total_steps, 0
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, PRILoRALayer)]
+        for _, m in self.layers:
+            m.mesh = mesh_of(m.lora_A)
 
     def schedule(self) -> str:
         c = self.config

@@ -27,6 +27,7 @@ from torch import nn
 from ..callbacks import TrainState, clear_optimizer_state
 from ..checks import choice, integer, non_negative
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import full, require_resharding, set_parameter
 from .base import AdapterConfig, AdapterLayer, AlphaConfig
 from .init import InitContext
 from .rank_control import MethodController, param_lr, rank_at_least_one
@@ -128,18 +129,19 @@ class GatedLoRALayer(AdapterLayer):
         return b, a, self.scale
 
     @torch.no_grad()
-    def prune(self) -> bool:
-        """Remove the ranks whose gate is 0, in place (same Parameter objects, smaller tensors); a layer
-        whose gates are all 0 keeps one rank with g = 0 (ΔW = 0). Returns whether the rank changed."""
-        keep = torch.nonzero(self.gate).view(-1)
+    def prune(self, root: nn.Module | None = None) -> bool:
+        """Remove the ranks whose gate is 0, in place (same Parameter objects, smaller tensors; a gradient
+        of the old shape is dropped); a layer whose gates are all 0 keeps one rank with g = 0 (ΔW = 0).
+        ``root``: the model, when FSDP2 sharded it (the factors are re-sharded at their new size).
+        Returns whether the rank changed."""
+        a, b, gate = (full(p.detach()) for p in (self.lora_A, self.lora_B, self.gate))
+        keep = torch.nonzero(gate).view(-1)
         if keep.numel() == 0:
             keep = keep.new_zeros(1)
-        if keep.numel() == self.gate.numel():
+        if keep.numel() == gate.numel():
             return False
-        self.lora_A.data = self.lora_A.data[keep].clone()
-        self.lora_B.data = self.lora_B.data[:, keep].clone()
-        self.gate.data = self.gate.data[keep].clone()
-        self.lora_A.grad = self.lora_B.grad = self.gate.grad = None  # a gradient of the old shape
+        for name, value in (("lora_A", a[keep]), ("lora_B", b[:, keep]), ("gate", gate[keep])):
+            set_parameter(root or self, self, name, value.clone())
         # the scale s stays as trained: α = s·r for the new r (the config's scale is α/r)
         self.config = replace(self.config, r=int(keep.numel()), alpha=self.scale * int(keep.numel()))
         return True
@@ -165,7 +167,7 @@ def prune_zero_gates(model: nn.Module, adapter_name: str, layers: Sequence[tuple
     state = adapter_state(model, adapter_name)
     ranks = {}
     for name, layer in layers:
-        if layer.prune() and optimizer is not None:
+        if layer.prune(model) and optimizer is not None:
             clear_optimizer_state(optimizer, [layer.lora_A, layer.lora_B, layer.gate])
         ranks[name] = layer.gate.numel()
         if ranks[name] != state.config.r:
@@ -212,6 +214,7 @@ class SoRAController(GateController):
         super().__init__(model, name)
         self.config, self.optimizer = self.adapter_config(SoRAConfig), optimizer
         self.layers = [(n, m) for n, m in adapter_layers(model, name) if isinstance(m, SoRALayer)]
+        require_resharding(model, "sora")  # its pruning at the end re-shards the factors
         self.total_steps, self.steps = total_steps, 0
         if self.config.lambda_schedule is not None:
             if total_steps is None:
@@ -246,7 +249,7 @@ class SoRAController(GateController):
         if self.config.lambda_schedule is not None:
             state.log["sora_lambda"] = lambda_at(self.steps, int(self.total_steps or 0), self.config)
         self.proximal_step()
-        state.log["sora_nonzero_gates"] = sum(int((m.gate != 0).sum()) for _, m in self.layers)
+        state.log["sora_nonzero_gates"] = sum(int((full(m.gate.detach()) != 0).sum()) for _, m in self.layers)
 
     def on_step_end(self, state: TrainState) -> None:
         """Nothing after the optimizer step: the gates moved in ``on_after_backward``."""

@@ -28,6 +28,7 @@ from torch import nn
 from ..callbacks import TrainState
 from ..checks import fraction, integer
 from ..rng import layer_generator
+from ..shards import editing, mesh_of, sum_over_ranks_
 from .init import InitContext
 from .rank_control import MethodController
 from .registry import MethodSpec, adapter_layers, register
@@ -76,13 +77,20 @@ class SpIELLayer(SparseDeltaLayer):
 @torch.no_grad()
 def regrow(layer: SpIELLayer, candidates: torch.Tensor, scores: torch.Tensor, p: float) -> torch.Tensor:
     """Drop the ⌊p·k⌋ smallest |δ|, regrow the best-scored candidates not active after the drop (δ = 0);
-    returns the slots whose index changed (their optimizer moments must be reset)."""
-    k, numel = layer.sparse_values.numel(), layer.out_features * layer.in_features
+    returns the slots whose index changed (their optimizer moments must be reset). Under FSDP2 on the
+    gathered δ, of which this rank keeps its slots."""
+    with editing(layer.sparse_values) as values:
+        return _regrow(layer, values, candidates, scores, p)
+
+
+def _regrow(layer: SpIELLayer, values: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor,
+            p: float) -> torch.Tensor:
+    k, numel = values.numel(), layer.out_features * layer.in_features
     n = int(k * p)
     if n == 0:
         return candidates.new_zeros(0)
     index = layer.sparse_index
-    drop = layer.sparse_values.abs().topk(n, largest=False).indices
+    drop = values.abs().topk(n, largest=False).indices
     outgoing = torch.zeros(numel, dtype=torch.bool, device=index.device)
     outgoing[index[drop]] = True
     remaining = torch.zeros_like(outgoing)
@@ -97,7 +105,7 @@ def regrow(layer: SpIELLayer, candidates: torch.Tensor, scores: torch.Tensor, p:
     incoming = incoming[~outgoing[incoming]]
     drop = drop[: incoming.numel()]
     index[drop] = incoming[: drop.numel()]
-    layer.sparse_values[drop] = 0.0
+    values[drop] = 0.0
     return drop
 
 
@@ -121,9 +129,13 @@ class SpIELController(MethodController):
     def schedule(self) -> str:
         return f"regrow_every={self.config.regrow_every}, regrow_steps={self.config.regrow_steps}"
 
-    def _sink(self, name: str, k: int) -> Callable[[torch.Tensor], None]:
+    def _sink(self, name: str, k: int, mesh: Any) -> Callable[[torch.Tensor], None]:
+        """Under FSDP2 (``mesh``) the dense gradient of this rank's batch is averaged over the ranks first."""
         def sink(grad: torch.Tensor) -> None:
-            flat = grad.detach().flatten().float()
+            flat = grad.detach().flatten()
+            if mesh is not None:
+                flat = sum_over_ranks_(flat.clone(), mesh).div_(mesh.size())
+            flat = flat.float()
             if name not in self.scores:  # candidates: the k largest |gradient| of the first step
                 candidates = flat.abs().topk(k).indices
                 self.scores[name] = (candidates, flat[candidates].clone())
@@ -134,7 +146,8 @@ class SpIELController(MethodController):
 
     def _collect(self, on: bool) -> None:
         for name, layer in self.layers:
-            layer.grad_sink = self._sink(name, layer.sparse_values.numel()) if on else None
+            values = layer.sparse_values
+            layer.grad_sink = self._sink(name, values.numel(), mesh_of(values)) if on else None
 
     def rate(self) -> float:
         """p for the update after the current step: 1 at the first, ζ·(1 − t/T) later."""
@@ -165,7 +178,8 @@ class SpIELController(MethodController):
             if self.optimizer is not None:
                 for value in self.optimizer.state.get(layer.sparse_values, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == layer.sparse_values.shape:
-                        value[changed] = 0
+                        with editing(value) as v:
+                            v[changed] = 0
         self.scores = {}
         self.allocations += 1
 

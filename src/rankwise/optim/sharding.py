@@ -23,22 +23,14 @@ from typing import Any
 
 import torch
 
+from ..shards import full, is_dtensor  # noqa: F401  (the engine's modules import both from here)
+
 try:  # torch.distributed may be absent from a build
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
-
-
-def is_dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor``."""
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The full (gathered) plain tensor of a DTensor; a plain tensor is returned as is."""
-    return t.full_tensor() if is_dtensor(t) else t
 
 
 def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,14 @@ from torch import nn
 from .. import checks
 from ..callbacks import RankController, TrainState
 from ..linalg import svd_precision
+from ..shards import full, is_dtensor, require_resharding, shard_replacement
 from ..targets import replace_module
 from .layers import FactorizedLinear
 
 
 def stable_rank(weight: torch.Tensor) -> int:
-    """``⌊‖W‖_F² / σ_max(W)²⌋`` (at least 1)."""
-    s = torch.linalg.svdvals(svd_precision(weight.detach()))
+    """``⌊‖W‖_F² / σ_max(W)²⌋`` (at least 1); of the gathered W under FSDP2."""
+    s = torch.linalg.svdvals(svd_precision(full(weight.detach())))
     if float(s[0]) == 0.0:
         return 1
     return max(1, int(float((s**2).sum()) / float(s[0]) ** 2))
@@ -61,6 +62,18 @@ def is_stable(history: list[int], window: int, tail: int, tolerance: float) -> b
         return False
     (slope,) = torch.gradient(ema(history, window))
     return float(slope.abs()[-tail:].mean()) <= tolerance
+
+
+def _whole(lin: nn.Linear) -> nn.Linear:
+    """``lin`` itself, or under FSDP2 an ``nn.Linear`` holding its gathered weight and bias."""
+    if not is_dtensor(lin.weight):
+        return lin
+    out = nn.utils.skip_init(nn.Linear, lin.in_features, lin.out_features, lin.bias is not None,
+                             device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(full(getattr(lin, name).detach()))
+    return out
 
 
 class Cuttlefish(RankController):
@@ -88,6 +101,7 @@ class Cuttlefish(RankController):
         self.tolerance = checks.non_negative("tolerance", tolerance)
         self.scaled = checks.choice("scaled", scaled, (True, False))
         self.model, self.optimizer = model, optimizer
+        require_resharding(model, "cuttlefish")  # its switch re-shards every target layer
         self.names: list[str] = list(state.layers)
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name in self.names:
@@ -133,11 +147,13 @@ class Cuttlefish(RankController):
 
     @torch.no_grad()
     def switch(self, ranks: dict[str, int]) -> None:
-        """Factorize every layer at ``ranks`` and put U, V in the weight's place in the optimizer."""
+        """Factorize every layer at ``ranks`` and put U, V in the weight's place in the optimizer. Under
+        FSDP2 the SVD is of the gathered weight and U, V are sharded into the layer's parameter group."""
         for name in self.names:
             lin = self.model.get_submodule(name)
-            fac = FactorizedLinear.from_linear(lin, ranks[name])
-            fac.bias = lin.bias  # the same Parameter: its optimizer state carries on
+            fac = FactorizedLinear.from_linear(_whole(lin), ranks[name])
+            # the same bias Parameter: its optimizer state carries on
+            shard_replacement(self.model, lin, fac, {"bias": lin.bias} if lin.bias is not None else {})
             replace_module(self.model, name, fac)
             for group in self.optimizer.param_groups:
                 params = group["params"]
