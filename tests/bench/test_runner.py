@@ -113,3 +113,34 @@ def test_a_grown_grid_reuses_the_runs_at_the_lrs_it_keeps(tiny_profile, tmp_path
     Bench(wider, EXPS[:1], tmp_path, wider.tasks, seeds=2).run(say=lambda _: None)
     assert calls == [("bbc", "lora", 1e-4, 0)]  # 1e-3 stays the best on validation: its seeds are reused
     assert json.loads((tmp_path / "bench.json").read_text())["profile"]["lr_grids"]["adapter"] == [1e-4, 1e-3]
+
+
+@pytest.mark.parametrize(("peak", "extensions"), [(1e-1, [1e-1, 1.0]), (1e2, [1e-1, 1.0]), (3e-2, [1e-1]),
+                                                  (1e-5, [1e-5, 1e-6]), (2e-3, [])])
+def test_the_grid_grows_past_its_edge_while_the_best_lies_there(tiny_profile, tmp_path, monkeypatch, peak,
+                                                                extensions):
+    """Grid 1e-4, 1e-3, 1e-2 (ratio 10), at most 2 extensions: a validation optimum beyond the top (or bottom)
+    adds 1e-1, then 1 (1e-5, then 1e-6) until the best is inside the grid or the extensions are used up; the
+    seeds run at the best of the grown grid and the report chooses the same lr."""
+    import math
+
+    from rankwise.bench.summary import summarise
+
+    calls: list = []
+
+    def run_one(profile, task, exp, lr, seed, device="auto"):
+        calls.append((lr, seed))
+        val = -abs(math.log10(lr) - math.log10(peak))
+        return {"val_metric": val, "test_metric": val, "loss_curve": [1.0]}
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    profile = dataclasses.replace(tiny_profile, lr_grids={"adapter": (1e-4, 1e-3, 1e-2)}, lr_extend=2)
+    Bench(profile, EXPS[:1], tmp_path, profile.tasks, seeds=2).run(say=lambda _: None)
+    swept = [lr for lr, seed in calls if seed == 0]
+    assert swept == [1e-4, 1e-3, 1e-2, *extensions]
+    grid = sorted([1e-4, 1e-3, 1e-2, *extensions])
+    best = max(grid, key=lambda lr: -abs(math.log10(lr) - math.log10(peak)))
+    assert [lr for lr, seed in calls if seed == 1] == [best]
+    entry = summarise(read_rows(tmp_path), {"bbc": True}, {"adapter": [1e-4, 1e-3, 1e-2]}, extend=2)[0]
+    assert entry["lr"] == best and entry["sweep_done"] == f"{len(grid)}/{len(grid)}"
+    assert entry["lr_at_grid_edge"] == (best in (grid[0], grid[-1]))

@@ -39,7 +39,8 @@ class Profile:
     most ``max_length`` tokens, linear warm-up over ``warmup`` of the steps then linear decay, ``seeds``
     seeds per experiment; ``val_size`` examples (LM: blocks) held out of the training split for the lr sweep,
     ``test_size`` test examples (LM: blocks) scored; ``lr_grids`` per experiment kind (``adapter``, ``full``,
-    ``head``, ``structured``); ``needs_cuda``: refused on a machine without a GPU."""
+    ``head``, ``structured``), grown past an edge up to ``lr_extend`` times while the best validated lr lies
+    there (``runner.sweep_grid``); ``needs_cuda``: refused on a machine without a GPU."""
 
     name: str
     description: str
@@ -52,6 +53,7 @@ class Profile:
     val_size: int = 128
     test_size: int = 512
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    lr_extend: int = 2
     needs_cuda: bool = False
 
     def settings(self) -> dict[str, Any]:

@@ -404,6 +404,30 @@ def chosen_lr(rows: list[dict[str, Any]], higher: bool, grid: Sequence[float] | 
     return lr
 
 
+def sweep_grid(base: Sequence[float], rows: list[dict[str, Any]], higher: bool, extend: int
+               ) -> tuple[list[float], float | None]:
+    """``(grid, next lr to sweep)``: the sweep's grid grown past its edge. Every lr of ``base`` is swept first;
+    then, while the lr with the best validation metric is the smallest or largest of a grid of 3 or more, the
+    next lr beyond it (the edge's own ratio, 2 significant digits) joins the grid, at most ``extend`` times.
+    The next lr is None once every lr of the grid has a sweep row (ok or failed) and the best is inside it
+    (or the extensions are used up). The runner and the report grow the grid from the same rows alike."""
+    grid = sorted(set(base))
+    swept = {r["lr"] for r in rows if r["role"] == "sweep"}
+    added = 0
+    while True:
+        missing = [lr for lr in grid if lr not in swept]
+        if missing:
+            return grid, missing[0]
+        best = chosen_lr(rows, higher, grid)
+        if best is None or len(grid) < 3 or added >= extend or best not in (grid[0], grid[-1]):
+            return grid, None
+        if best == grid[0]:
+            grid.insert(0, float(f"{grid[0] * grid[0] / grid[1]:.2g}"))
+        else:
+            grid.append(float(f"{grid[-1] * grid[-1] / grid[-2]:.2g}"))
+        added += 1
+
+
 @dataclass
 class Bench:
     """One bench folder: ``profile``'s budget, its ``experiments`` on ``tasks`` with ``seeds`` seeds, this
@@ -463,7 +487,8 @@ class Bench:
         settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
         held = json.loads(record.read_text()).get("profile") or {} if record.is_file() else None
         if held is not None:
-            diff = sorted(k for k in set(held) | set(settings) if held.get(k) != settings.get(k) and k != "lr_grids")
+            search = ("lr_grids", "lr_extend")  # the search space may change; the budget may not
+            diff = sorted(k for k in set(held) | set(settings) if held.get(k) != settings.get(k) and k not in search)
             if diff:
                 raise ValueError(f"{self.out} holds a bench with other settings ({', '.join(diff)}); use another --out")
         if held != settings:
@@ -495,12 +520,13 @@ class Bench:
         self._walls = []
         for task, exp in self.pairs():
             mine = [r for r in rows if r["task"] == task.name and r["experiment"] == exp.name]
-            plan = [(lr, 0, "sweep") for lr in self.grid(exp)]
-            for lr, seed, role in plan:
-                count += 1
-                if (task.name, exp.name, lr, seed) not in done:
-                    mine.append(self._run(task, exp, lr, seed, role, env, say, f"[{count}/{total}]"))
-            best = chosen_lr(mine, task.higher_is_better, self.grid(exp))
+            count += len(self.grid(exp))
+            while True:  # the grid's lrs, then past its edge while the best lies there
+                grid, lr = sweep_grid(self.grid(exp), mine, task.higher_is_better, self.profile.lr_extend)
+                if lr is None:
+                    break
+                mine.append(self._run(task, exp, lr, 0, "sweep", env, say, f"[{count}/{total}]"))
+            best = chosen_lr(mine, task.higher_is_better, grid)
             for seed in range(1, self.seeds):
                 count += 1
                 if best is not None and (task.name, exp.name, best, seed) not in done:

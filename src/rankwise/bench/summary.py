@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import Column, human_bytes, human_count, markdown_table, save_figure, write_text
-from .runner import BENCH_FILE, chosen_lr, read_rows
+from .runner import BENCH_FILE, chosen_lr, read_rows, sweep_grid
 
 #: Two-sided 95% Student t quantiles by degrees of freedom (n − 1); larger n uses 1.96.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -30,21 +30,23 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[str, list[float]]
+def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[str, list[float]], extend: int = 0
               ) -> list[dict[str, Any]]:
     """One entry per (task, experiment): chosen lr, the seeds' test metric (values, mean, 95% interval,
     spread = max |value − mean|), each measurement's mean, the sweep (lr → validation metric) and failures.
     ``higher[task]``: whether a larger metric is better; ``grids[kind]``: the profile's lr grid of a kind (for
-    rows that do not record theirs). An entry whose sweep is still running has no chosen lr or results yet."""
+    rows that do not record theirs), grown past its edge up to ``extend`` times as the runner grows it. An entry
+    whose sweep is still running has no chosen lr or results yet."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["experiment"]), []).append(row)
     out = []
     for (task, name), mine in groups.items():
         own = mine[-1].get("own_lr_grid")  # the experiment's own grid (else the profile's, which may have grown)
-        grid = mine[-1]["lr_grid"] if own else grids.get(mine[0]["kind"], [])
+        grid, pending = sweep_grid(mine[-1]["lr_grid"] if own else grids.get(mine[0]["kind"], []), mine,
+                                   higher[task], extend)
         swept = {r["lr"] for r in mine if r["role"] == "sweep"}
-        lr = chosen_lr(mine, higher[task], grid) if swept >= set(grid) else None
+        lr = chosen_lr(mine, higher[task], grid) if pending is None else None
         final = sorted((r for r in mine if r["status"] == "ok" and r["lr"] == lr), key=lambda r: r["seed"])
         first = mine[0]
         entry: dict[str, Any] = {
@@ -162,7 +164,7 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
     if not rows:
         raise ValueError(f"{out} holds no finished run yet")
     higher = {r["task"]: r["metric"] == "accuracy" for r in rows}
-    entries = summarise(rows, higher, record["profile"]["lr_grids"])
+    entries = summarise(rows, higher, record["profile"]["lr_grids"], record["profile"].get("lr_extend", 0))
     from ..io import write_json
 
     write_json(out / "summary.json", {"profile": record["profile"], "entries": entries, "env": rows[-1]["env"]})
@@ -184,7 +186,8 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
             lines += [f"![Pareto fronts]({plot.name})", "", f"![Training loss]({curves.name})", ""]
         edge = [e["experiment"] for e in mine if e["lr_at_grid_edge"]]
         if edge:
-            lines += [f"Chosen lr at the edge of its grid (the best may lie beyond it; widen `lr_grid`): "
+            lines += [f"Chosen lr at the edge of its grid after growing it {profile.get('lr_extend', 0)} times "
+                      f"(the best may lie beyond it; widen `lr_grid`): "
                       f"{', '.join(edge)}.", ""]
         failed = [f"- {e['experiment']}: {f}" for e in mine for f in e["failures"]]
         if failed:
