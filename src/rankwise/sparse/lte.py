@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import checks
 from ..callbacks import RankController, TrainState
+from ..shards import sharded
 from .layers import check_linear
 
 
@@ -97,6 +98,12 @@ class LTE(RankController):
         self.layers = [m for m in model.modules() if isinstance(m, LTELinear)]
         if not self.layers:
             raise ValueError("model has no LTE layers; call rw.sparsify(model, 'lte') first")
+        if sharded(model):
+            raise RuntimeError(
+                "lte cannot train a model sharded with FSDP2: its forward splits the batch it is given over the "
+                "heads (head h takes the h-th chunk of rows), so under data parallelism each rank would split only "
+                "its own slice and the heads would see other rows than on one process; the heads already simulate "
+                "the parallel workers: train lte in one process")
         self.steps = 0
 
     def step(self) -> bool:
