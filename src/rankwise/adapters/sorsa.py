@@ -94,17 +94,17 @@ class SORSALayer(AdapterLayer):
         """‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F of this layer (V_pᵀV_p = A·Aᵀ with A = V_pᵀ)."""
         return orthonormality(self.sorsa_B, self.sorsa_A)
 
-
-def orthonormality(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """‖BᵀB − I‖_F + ‖AAᵀ − I‖_F of one pair of factors (B out×r, A r×in)."""
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    return torch.linalg.matrix_norm(b.T @ b - eye) + torch.linalg.matrix_norm(a @ a.T - eye)
-
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features + 1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale={self.scale:g}"
+
+
+def orthonormality(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """‖BᵀB − I‖_F + ‖AAᵀ − I‖_F of one pair of factors (B out×r, A r×in)."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.matrix_norm(b.T @ b - eye) + torch.linalg.matrix_norm(a @ a.T - eye)
 
 
 def sorsa_layers(model: nn.Module, adapter_name: str | None = None) -> list[SORSALayer]:

@@ -35,8 +35,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .. import checks
-from ..adapters import LoRALayer, adapt, adapter_layers
-from ..adapters.base import ADAPTER_DTYPES, adapter_dtype_name
+from ..adapters import LoRALayer, adapt, adapter_layers, get_method
 from ..callbacks import RankController, TrainState
 from ..rng import layer_generator
 from ..shards import editing, full, require_resharding, shard_added, sharded, write_full_
@@ -288,14 +287,14 @@ class ReLoRAWarmStart(RankController):
         if missing:
             raise ValueError(f"the optimizer does not hold the target weights of {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''}: build it on the dense model")
+        lora = get_method("lora").make_config(r=rank, alpha=alpha, adapter_dtype=adapter_dtype)
         self.options = {"rank": rank, "alpha": alpha, "targets": targets, "seed": seed,
-                        "adapter_dtype": adapter_dtype_name(adapter_dtype)}
+                        "adapter_dtype": lora.adapter_dtype}
         dtypes = {lin.weight.dtype for _, lin in find_targets(model, targets, conv1d=False)}
-        wanted = self.options["adapter_dtype"]
-        if sharded(model) and wanted is not None and dtypes != {ADAPTER_DTYPES[wanted]}:
+        if sharded(model) and any(lora.dtype_for(d) != d for d in dtypes):
             raise RuntimeError(
                 f"relora: under FSDP2 the LoRA factors join their target layer's parameter group, whose gradients "
-                f"FSDP2 reduces in one dtype; adapter_dtype={wanted!r} differs from the target weights' "
+                f"FSDP2 reduces in one dtype; adapter_dtype={lora.adapter_dtype!r} differs from the target weights' "
                 f"{sorted(str(d) for d in dtypes)}: pass adapter_dtype='base'")
         self.reset, self.prune_ratio, self.restart_warmup = reset, prune_ratio, restart_warmup
         self.steps = 0
