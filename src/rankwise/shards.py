@@ -35,8 +35,9 @@ except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["average_over_ranks_", "backward_full", "editing", "full", "is_dtensor", "mesh_of", "require_resharding",
-           "set_parameter", "shard_like", "shard_replacement", "sharded", "sum_over_ranks_", "write_full_"]
+__all__ = ["average_over_ranks_", "backward_full", "editing", "full", "gather_rows", "gradients", "is_dtensor",
+           "mesh_of", "require_resharding", "set_parameter", "shard_added", "shard_like",
+           "shard_replacement", "sharded", "sum_over_ranks_", "write_full_"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -66,8 +67,9 @@ def shard_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def write_full_(p: torch.Tensor, value: torch.Tensor) -> None:
-    """``p ← value`` for a full ``value`` of ``p``'s shape: a DTensor keeps only its own rows of it."""
-    if is_dtensor(p):
+    """``p ← value`` for a full ``value`` of ``p``'s shape: a DTensor keeps only its own rows of it (a DTensor
+    ``value`` is copied as DTensors copy)."""
+    if is_dtensor(p) and not is_dtensor(value):
         p.to_local().copy_(shard_like(value.to(p.dtype), p).to_local())
     else:
         p.copy_(value)
@@ -84,23 +86,43 @@ def editing(p: torch.Tensor) -> Iterator[torch.Tensor]:
             write_full_(p, v)
 
 
-def backward_full(fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Add ∇ fn(*params) to the parameters' gradients and return fn's (detached) value. On DTensors fn runs
-    on their full tensors (gathered) and each parameter's gradient gets this rank's rows of the result, so
-    a regularizer over whole factors (AdaLoRA's orthogonality) is exact under FSDP2."""
+def backward_full(fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor],
+                  weight: float = 1.0) -> torch.Tensor:
+    """Add ``weight``·∇ fn(*params) to the parameters' gradients and return fn's (detached) value. On DTensors
+    fn runs on their full tensors (gathered) and each parameter's gradient gets this rank's rows of the result,
+    so a regularizer over whole factors (AdaLoRA's orthogonality) is exact under FSDP2."""
     if not any(is_dtensor(p) for p in params):
         out = fn(*params)
-        out.backward()
+        (out * weight).backward()
         return out.detach()
     fulls = [full(p.detach()).requires_grad_(p.requires_grad) for p in params]
     out = fn(*fulls)
-    grads = torch.autograd.grad(out, [f for f in fulls if f.requires_grad], allow_unused=True)
+    grads = torch.autograd.grad(out * weight, [f for f in fulls if f.requires_grad], allow_unused=True)
     for p, g in zip([p for p in params if p.requires_grad], grads, strict=True):
         if g is None:
             continue
         g = shard_like(g, p)
         p.grad = g if p.grad is None else p.grad + g
     return out.detach()
+
+
+def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], model: nn.Module) -> list[torch.Tensor | None]:
+    """∂loss/∂params, leaving every gradient of ``model`` as it was (a second loss in the same step: a
+    validation batch). Plain parameters: ``torch.autograd.grad``. FSDP2 hands gradients to its sharded
+    parameters through its own backward hooks, not autograd (``autograd.grad`` w.r.t. them finds nothing),
+    so there it is a second ``backward()`` with the model's gradients set aside and restored; the result is
+    FSDP2's mean over the ranks (the gradient itself when every rank takes the same batch)."""
+    if not any(is_dtensor(p) for p in params):
+        return list(torch.autograd.grad(loss, list(params), allow_unused=True))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.grad for p in trained]
+    for p in trained:
+        p.grad = None
+    loss.backward()
+    out = [p.grad for p in params]
+    for p, g in zip(trained, kept, strict=True):
+        p.grad = g
+    return out
 
 
 @torch.no_grad()
@@ -119,6 +141,26 @@ def average_over_ranks_(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if is_dtensor(ref):
         sum_over_ranks_(t, ref.device_mesh).div_(ref.device_mesh.size())
     return t
+
+
+def gather_rows(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The rows of ``t`` (a statistic of this rank's slice of the batch, e.g. its logits) from every rank of
+    ``model``'s FSDP2 mesh, concatenated in rank order, for a loss term over the whole batch (an SVD of its
+    outputs); differentiable: the backward sums the ranks' gradients (each rank takes the same term, and FSDP2's
+    mean of the gradients is then the term's gradient). ``t`` itself when ``model`` is not sharded."""
+    mesh = next((mesh_of(p) for p in model.parameters() if is_dtensor(p)), None)
+    if mesh is None:
+        return t
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"gather_rows over a {mesh.ndim}-D device mesh (only 1-D, FSDP2's data parallel)")
+    from torch.distributed.nn.functional import all_gather
+
+    group = mesh.get_group(0)
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(mesh.size())]
+    dist.all_gather(counts, torch.tensor([t.shape[0]]), group=group)
+    rows = [int(c) for c in counts]
+    padded = torch.cat([t, t.new_zeros(max(rows) - t.shape[0], *t.shape[1:])]) if max(rows) > t.shape[0] else t
+    return torch.cat([g[:n] for g, n in zip(all_gather(padded, group=group), rows, strict=True)])
 
 
 def mesh_of(t: torch.Tensor) -> Any:
@@ -205,6 +247,33 @@ def set_parameter(model: nn.Module, module: nn.Module, name: str, value: torch.T
     group.fsdp_params[i] = fp
 
 
+def _join(group: Any, module: nn.Module, name: str, keep: nn.Parameter | None = None) -> nn.Parameter:
+    """``module.name`` (a plain, full parameter) joins FSDP2 ``group``, sharded as ``fully_shard`` shards it;
+    ``keep`` (an existing Parameter object) receives the sharded tensor, so the optimizer keeps that object."""
+    value = getattr(module, name)
+    fp = _build(group, module, name, value.detach(), value.requires_grad)
+    if keep is not None:
+        torch.utils.swap_tensors(keep, fp.sharded_param)
+        fp.sharded_param = keep
+        fp._setattr_on_modules(keep)
+    fp._param_fqn = name
+    group.fsdp_params.append(fp)
+    return fp.sharded_param
+
+
+@torch.no_grad()
+def shard_added(model: nn.Module, near: nn.Module, module: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    """Parameters ``names`` just added to ``module`` (plain, full: a lazy adapter, LoRA put on a trained layer)
+    join the FSDP2 parameter group that holds ``near``'s parameters when those are sharded, sharded as
+    ``fully_shard`` shards them. Returns the parameters now registered on ``module`` (give those to the
+    optimizer); unsharded: ``module``'s own, unchanged."""
+    if is_dtensor(next(near.parameters())):
+        group, _ = _entry(model, near, next(n for n, _ in near.named_parameters()))
+        for name in names:
+            _join(group, module, name)
+    return [getattr(module, name) for name in names]
+
+
 @torch.no_grad()
 def shard_replacement(model: nn.Module, old: nn.Module, new: nn.Module, keep: dict[str, nn.Parameter]) -> None:
     """Before ``new`` takes ``old``'s place in ``model``: when ``old``'s parameters are FSDP2-sharded, every
@@ -218,14 +287,8 @@ def shard_replacement(model: nn.Module, old: nn.Module, new: nn.Module, keep: di
             setattr(new, name, p)
         return
     group, _ = _entry(model, old, next(n for n, q in old.named_parameters() if q is first))
-    for name, value in list(new.named_parameters(recurse=False)):
-        fp = _build(group, new, name, value.detach(), value.requires_grad)
-        if name in keep:
-            torch.utils.swap_tensors(keep[name], fp.sharded_param)
-            fp.sharded_param = keep[name]
-            fp._setattr_on_modules(keep[name])
-        fp._param_fqn = name
-        group.fsdp_params.append(fp)
+    for name, _ in list(new.named_parameters(recurse=False)):
+        _join(group, new, name, keep.get(name))
     for fp in [fp for fp in group.fsdp_params if fp._module_info.module is old]:
         group.fsdp_params.remove(fp)
         fp._post_load_hook_handle.remove()

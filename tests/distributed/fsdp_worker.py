@@ -125,21 +125,52 @@ def structured_one_process(kind: str, method: str, kwargs: dict[str, Any], steps
     return full_weights(model)
 
 
+#: The structured controllers of ``rw.sparsify`` that ``controlled_run`` builds (``relora_warm``: ReLoRAWarmStart on the
+#: dense model): name -> (the ``rw.sparsify`` method, or None for none).
+SPARSE_CONTROLLERS = {"cuttlefish": "cuttlefish", "relora": "relora", "relora_warm": None, "sst": "sst", "trp": "trp",
+                      "maestro": "maestro", "slope": "slope", "lte": "lte", "refactor_reset": "refactor_reset"}
+
+
+def sparse_controller(method: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      kwargs: dict[str, Any], steps: int) -> Any:
+    """The structured controller ``method`` on ``model`` and ``optimizer`` with options ``kwargs``."""
+    from rankwise import sparse
+
+    build = {"cuttlefish": lambda: sparse.Cuttlefish(model, optimizer, **kwargs),
+             "relora": lambda: sparse.ReLoRA(model, optimizer, **kwargs),
+             "relora_warm": lambda: sparse.ReLoRAWarmStart(model, optimizer, steps, **kwargs),
+             "sst": lambda: sparse.SST(model, optimizer, **kwargs),
+             "trp": lambda: sparse.TRP(model, **kwargs),
+             "maestro": lambda: sparse.Maestro(model, **kwargs),
+             "slope": lambda: sparse.SLoPe(model, steps, optimizer, **kwargs),
+             "lte": lambda: sparse.LTE(model, **kwargs),
+             "refactor_reset": lambda: sparse.RefactorReset(model, optimizer, **kwargs)}
+    return build[method]()
+
+
 def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = None, rank: int = 0,
                    world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``rankwise.train`` (AdamW, lr 1e-2) with the method's controller of the float64 tiny Llama adapted
-    with ``method`` (``"cuttlefish"``: ``rw.sparsify``-ed, its callback built on the optimizer with
-    ``kwargs``); with ``mesh`` sharded with FSDP2 and trained on this rank's slice of every batch, else on
-    the whole batches (the reference). Returns the final full weights (with the buffers) and the loop's
+    with ``method``, or, for a structured controller (:data:`SPARSE_CONTROLLERS`), ``rw.sparsify``-ed with
+    ``kwargs["sparsify"]`` (Cuttlefish: with attention biases) and the controller built on the optimizer with the
+    other ``kwargs``; an adapter without a controller trains with what the loop attaches (its training
+    callbacks or optimizer). With ``mesh`` sharded with FSDP2 and trained on this rank's slice of every batch,
+    else on the whole batches (the reference). Returns the final full weights (with the buffers) and the loop's
     log (the controllers' rank records), the final trainable shapes and the controller's ``state_dict``."""
     import rankwise as rw
+    from rankwise.batches import default_loss
     from rankwise.cli.distributed import RankSlices
-    from rankwise.sparse.cuttlefish import Cuttlefish
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    if method == "cuttlefish":  # with biases: they carry on past the factorization
-        model = structured_model("sparsify", method, {}, attention_bias=True)
+    kwargs = dict(kwargs)
+    options, d2 = kwargs.pop("sparsify", {}), kwargs.pop("d2_data", False)
+    if method in SPARSE_CONTROLLERS:
+        if SPARSE_CONTROLLERS[method] is None:
+            model: torch.nn.Module = make_model()
+        else:  # Cuttlefish with biases: they carry on past the factorization
+            model = structured_model("sparsify", SPARSE_CONTROLLERS[method], options,
+                                     attention_bias=method == "cuttlefish")
     else:
         model = structured_model("adapt", method, kwargs)
     batches: Any = make_batches(steps)
@@ -147,22 +178,37 @@ def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = 
         shard(model, mesh)
         batches = RankSlices(batches, rank, world)
     cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False)
-    optimizer = None
-    if method == "cuttlefish":  # a callback built on the optimizer (after sharding)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        controller: Any = Cuttlefish(model, optimizer, **kwargs)
+    optimizer, loss_fn, controllers = None, None, []
+    if method in SPARSE_CONTROLLERS:  # a callback built on the optimizer (after sharding)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        controllers.append(sparse_controller(method, model, optimizer, kwargs, steps))
+        if method == "maestro":  # its objective: full + sampled truncation + group lasso
+            loss_fn = lambda m, b: controllers[0].loss(lambda: default_loss(m, b))  # noqa: E731
     elif method == "autolora":  # its selection variables step on validation batches (the same on every rank)
         from rankwise.adapters.autolora import AutoLoRAController
 
-        controller = AutoLoRAController(model, val_data=make_batches(2, seed=9))
-    else:  # the method's controller, passed so the loop uses this one
-        controller = rw.get_method(method).controller(model, "default", None, steps)
-    result = run(model, batches, config=cfg, callbacks=[controller], optimizer=optimizer)
+        controllers.append(AutoLoRAController(model, val_data=make_batches(2, seed=9)))
+    elif method == "fast_forward":  # its stages on a tiny validation set (the same on every rank)
+        from rankwise.adapters.fast_forward import FastForward
+
+        controllers.append(FastForward(model, every=kwargs["ff_every"], val_data=make_batches(1, seed=9)))
+    elif d2:  # BiLoRA with a D₂ loader: λ's gradient from its batches (the same on every rank)
+        from rankwise.adapters.bilora import BiLoRALevels
+
+        controllers.append(BiLoRALevels(model, d2_data=make_batches(2, seed=9)))
+    elif rw.get_method(method).controller is not None:  # the method's controller, passed so the loop uses this one
+        controllers.append(rw.get_method(method).controller(model, "default", None, steps))
+    elif hasattr(rw.get_method(method).config_cls, "training_callbacks"):  # what the loop would attach, kept here
+        from rankwise.adapters.rank_control import MethodControllers
+
+        controllers.append(MethodControllers(model, ["default"]))
+    result = run(model, batches, config=cfg, callbacks=controllers, optimizer=optimizer, loss_fn=loss_fn)
     shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    frozen_grads = sorted(n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # index sets, masks, running statistics
     weights = {**full_weights(model), **buffers}
-    state = controller.state_dict() if hasattr(controller, "state_dict") else None
-    return weights, {"history": result.history, "shapes": shapes, "controller": state}
+    state = controllers[0].state_dict() if controllers and hasattr(controllers[0], "state_dict") else None
+    return weights, {"history": result.history, "shapes": shapes, "frozen_grads": frozen_grads, "controller": state}
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -8,18 +8,17 @@ and SoRA change parameter shapes mid-run: their factors are re-sharded (``rankwi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
-from .fsdp_worker import available, controlled_run, launch, structured_model
+from .fsdp_worker import available, launch, structured_model
+from .parity import compare
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
-TOL = 1e-6
 QV = ["q_proj", "v_proj"]
 CASES = {
     "increlora": ({"targets": QV, "r": 2, "target_r": 3, "incre_interval": 2, "top_h": 2}, 5),
@@ -71,41 +70,8 @@ def controlled_dir(tmp_path_factory):
 @pytest.mark.parametrize("method", list(CASES))
 def test_controller_under_fsdp2_matches_one_process(controlled_dir, method, one_thread):
     kwargs, steps = CASES[method]
-    info = json.loads((controlled_dir / f"{method}.json").read_text())
-    assert info["error"] is None, info["error"]
-    reference, ref_info = controlled_run(method, kwargs, steps)
-    sharded = torch.load(controlled_dir / f"{method}.pt", weights_only=True)
+    reference, ref_info = compare(controlled_dir, method, method, kwargs, steps)
     assert CHANGED[method](ref_info, reference), f"{method}: no rank change in the reference run"
-    assert info["shapes"] == ref_info["shapes"]
-    # the loop's log: the controllers' counts (ranks, pruned entries) per step as on one process
-    counts = [{k: v for k, v in h.items() if isinstance(v, int)} for h in info["history"]]
-    assert counts == [{k: v for k, v in h.items() if isinstance(v, int)} for h in ref_info["history"]]
-    assert sharded.keys() == reference.keys()
-    diff = max(float((sharded[k].double() - reference[k].double()).abs().max()) for k in reference
-               if reference[k].numel())
-    assert diff <= TOL, (method, diff)
-    # the controller's own state (importance scores, kept entries, counters) as on one process
-    _assert_same(torch.load(controlled_dir / f"{method}_controller.pt", weights_only=False), ref_info["controller"],
-                 method)
-
-
-def _assert_same(got: Any, want: Any, where: str) -> None:
-    if torch.is_tensor(want):
-        assert torch.is_tensor(got) and got.shape == want.shape, where
-        if want.is_floating_point():
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, msg=where)
-        else:
-            assert torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), where
-        for k in want:
-            _assert_same(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, list | tuple):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _assert_same(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, where
 
 
 @pytest.mark.parametrize("method", ["increlora", "elalora", "sora", "drs_lora", "autolora", "cuttlefish"])

@@ -29,7 +29,7 @@ from torch import nn
 from ..batches import LossFn, loss_of, model_device, move_batch
 from ..callbacks import TrainState
 from ..checks import fraction
-from ..shards import full, is_dtensor, require_resharding, set_parameter
+from ..shards import full, gradients, require_resharding, set_parameter
 from .base import AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
@@ -151,21 +151,9 @@ class AutoLoRAController(GateController):
         autograd) by a second backward with the other gradients set aside; every rank takes the same
         validation batch, so FSDP2's mean over the ranks is its gradient."""
         batch = move_batch(self._next_val(), model_device(self.model))
-        loss = loss_of(self.model, batch, self.loss_fn)
         selection = self.selection()
-        if not any(is_dtensor(p) for p in selection):
-            for p, g in zip(selection, torch.autograd.grad(loss, selection), strict=True):
-                p.grad = g
-            return
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        kept = [p.grad for p in trained]
-        for p in trained:
-            p.grad = None
-        loss.backward()
-        upper = [p.grad for p in selection]
-        for p, g in zip(trained, kept, strict=True):
-            p.grad = g
-        for p, g in zip(selection, upper, strict=True):
+        for p, g in zip(selection, gradients(loss_of(self.model, batch, self.loss_fn), selection, self.model),
+                        strict=True):
             p.grad = g
 
     def on_train_begin(self, state: TrainState) -> None:

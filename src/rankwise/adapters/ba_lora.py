@@ -30,6 +30,7 @@ from torch import nn
 
 from ..callbacks import Callback, TrainState
 from ..checks import integer, non_negative, positive
+from ..shards import gather_rows
 from .lora import LoRAConfig, LoRALayer
 from .ops import adapters_disabled
 from .registry import MethodSpec, register
@@ -83,20 +84,28 @@ def svd_term(logits: torch.Tensor, k: int, frobenius: bool) -> torch.Tensor:
 
 
 def regularizers(logits: torch.Tensor, base_logits: torch.Tensor | None, labels: torch.Tensor,
-                 cfg: BALoRAConfig) -> dict[str, torch.Tensor]:
+                 cfg: BALoRAConfig, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The weighted terms {"consistency", "diversity", "svd"} over the rows with labels ≠ −100 (a term with
-    λ = 0 is left out)."""
+    λ = 0 is left out). ``model`` sharded with FSDP2: the SVD term is of the whole batch's rows, gathered
+    from every rank (:func:`rankwise.shards.gather_rows`; the means are per rank, as the task loss's)."""
     mask = labels != -100
     z = logits[mask]
     terms: dict[str, torch.Tensor] = {}
-    if z.shape[0] == 0:
-        return terms
+    whole = z if cfg.lambda3 == 0 or model is None else gather_rows(z, model)  # every rank gathers, rows or not
+    if z.shape[0] > 0 and cfg.lambda1 > 0 and base_logits is not None:
+        terms["consistency"] = cfg.lambda1 * consistency(z, base_logits[mask], cfg.distill_temp)
+    if z.shape[0] > 0 and cfg.lambda2 > 0:
+        terms["diversity"] = cfg.lambda2 * diversity(z)
+    if cfg.lambda3 > 0 and min(whole.shape) > 1:
+        terms["svd"] = cfg.lambda3 * svd_term(whole, cfg.svd_k, cfg.svd_frob_norm)
+    return terms
     if cfg.lambda1 > 0 and base_logits is not None:
         terms["consistency"] = cfg.lambda1 * consistency(z, base_logits[mask], cfg.distill_temp)
     if cfg.lambda2 > 0:
         terms["diversity"] = cfg.lambda2 * diversity(z)
     if cfg.lambda3 > 0 and min(z.shape) > 1:
-        terms["svd"] = cfg.lambda3 * svd_term(z, cfg.svd_k, cfg.svd_frob_norm)
+        terms["svd"] = cfg.lambda3 * svd_term(z if model is None else gather_rows(z, model), cfg.svd_k,
+                                              cfg.svd_frob_norm)
     return terms
 
 
@@ -145,7 +154,7 @@ class BALoRARegularizers(Callback):
         if not self._active(module, kwargs) or getattr(output, "loss", None) is None:
             return output
         base, self._base = self._base, None
-        terms = regularizers(output.logits, base, kwargs["labels"], self.config)
+        terms = regularizers(output.logits, base, kwargs["labels"], self.config, self.model)
         if terms:
             output["loss"] = output.loss + sum(terms.values())
         self.last = {k: float(v.detach()) for k, v in terms.items()}

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..checks import fraction, positive, rank
 from ..quant import Quantized, dequantize, dequantize_tensor, requantize_, restore_, stash
+from ..shards import write_full_
 from ..targets import KIND_LABELS, is_conv1d, is_factorized, is_linear4bit, kind_label, layer_kind, linear_weight
 from .batched import mixed_forward
 from .kernels import low_rank_linear
@@ -437,11 +438,11 @@ class AdapterLayer(nn.Module):
                 "over it must stay unmerged (merge, and inits that move part of W₀ out of the base, need a dense "
                 "or 4-bit base)"
             )
-        if not self.base_quantized:
+        if not self.base_quantized:  # full w: on FSDP2 shards each rank keeps its rows
             if self.base_kind == "conv":
-                self.base_layer.weight.copy_(w.reshape(self.base_layer.weight.shape))
+                write_full_(self.base_layer.weight, w.reshape(self.base_layer.weight.shape))
             else:
-                self.base_weight.copy_(w)
+                write_full_(self.base_weight, w)
             return
         if merging:
             self._merge_stash = stash(self.base_layer)

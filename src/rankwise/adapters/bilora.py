@@ -34,7 +34,8 @@ from torch import nn
 from ..batches import LossFn, loss_of, model_device, move_batch
 from ..callbacks import TrainState
 from ..checks import integer, non_negative
-from .adalora import AdaLoRALayer, orthogonal_regularizer
+from ..shards import gradients
+from .adalora import AdaLoRALayer, orthogonality_backward
 from .base import AlphaConfig
 from .rank_control import MethodController
 from .registry import MethodSpec, adapter_layers, register
@@ -112,15 +113,12 @@ class BiLoRALevels(MethodController):
         return "both"
 
     def _regularize(self) -> None:
-        if self.weight == 0:
-            return
-        reg = self.weight * orthogonal_regularizer(self.layers)
-        grads = torch.autograd.grad(reg, self.lower())
-        for p, g in zip(self.lower(), grads, strict=True):
-            p.grad = g if p.grad is None else p.grad + g
+        """P, Q's gradients += γ∇R (of the gathered factors under FSDP2)."""
+        orthogonality_backward(self.layers, self.weight)
 
-    def _d2_gradients(self) -> tuple[torch.Tensor, ...]:
-        """∂L(D₂ batch)/∂λ for every layer, from the next batch of ``d2_data`` (cycled)."""
+    def _d2_gradients(self) -> list[torch.Tensor | None]:
+        """∂L(D₂ batch)/∂λ for every layer, from the next batch of ``d2_data`` (cycled); under FSDP2 the mean
+        over the ranks of their D₂ batches' gradients (:func:`rankwise.shards.gradients`)."""
         assert self.d2_data is not None
         if self._d2 is None:
             self._d2 = iter(self.d2_data)
@@ -130,7 +128,7 @@ class BiLoRALevels(MethodController):
             self._d2 = iter(self.d2_data)
             batch = next(self._d2)
         loss = loss_of(self.model, move_batch(batch, model_device(self.model)), self.loss_fn)
-        return torch.autograd.grad(loss, self.upper())
+        return gradients(loss, self.upper(), self.model)
 
     def on_train_begin(self, state: TrainState) -> None:
         if self.loss_fn is None:

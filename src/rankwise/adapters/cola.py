@@ -24,7 +24,8 @@ from torch import nn
 
 from ..callbacks import RankController, TrainState, clear_optimizer_state
 from ..checks import integer
-from ..rng import kaiming_uniform_, layer_generator
+from ..rng import layer_generator
+from ..shards import full
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, adapter_layers, register
 
@@ -85,16 +86,13 @@ class ChainOfLoRA(RankController):
                              "in a hand-written loop pass the optimizer")
         self.links += 1
         for name, layer in self.layers:
-            layer._set_base_weight(layer.base_weight + layer.delta_weight().to(layer.base_weight.dtype))
-            seed = int(getattr(layer.config, "seed", 0)) + self.links
-            kaiming_uniform_(layer.lora_A, generator=layer_generator(seed, name))
-            layer.lora_B.zero_()
+            layer.restart_(layer_generator(int(getattr(layer.config, "seed", 0)) + self.links, name))
             clear_optimizer_state(self.optimizer, (layer.lora_A, layer.lora_B))
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the base weights (the merged links), which a checkpoint of trainable tensors lacks."""
         return {"steps": self.steps, "links": self.links,
-                "base": {name: layer.base_weight.detach().clone() for name, layer in self.layers}}
+                "base": {name: full(layer.base_weight.detach()).clone() for name, layer in self.layers}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:

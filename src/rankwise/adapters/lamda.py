@@ -25,6 +25,7 @@ from torch import nn
 from ..callbacks import Callback, TrainState
 from ..checks import fraction
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import editing, full
 from .base import AdapterLayer, AlphaConfig
 from .init import InitContext
 from .registry import MethodSpec, adapter_layers, register
@@ -103,15 +104,17 @@ class LaMDAFreeze(Callback):
             if t >= b.shape[1]:
                 b.requires_grad_(False)
                 b.grad = None
-            elif t > 0 and b.grad is not None:
-                b.grad[:, :t] = 0
-                self._held.append((b, t, b[:, :t].clone()))
+            elif t > 0 and b.grad is not None:  # on FSDP2 shards: the gathered columns, each rank its rows
+                with editing(b.grad) as g:
+                    g[:, :t] = 0
+                self._held.append((b, t, full(b.detach())[:, :t].clone()))
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Put the frozen columns back as they were before the step."""
         for b, t, cols in self._held:
-            b[:, :t] = cols
+            with editing(b) as v:
+                v[:, :t] = cols
         self._held = []
 
     def on_after_backward(self, state: TrainState) -> None:

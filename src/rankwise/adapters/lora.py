@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import choice, integer
 from ..quant import SCHEMES, to_linear4bit
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import full, write_full_
 from ..targets import is_linear4bit, linear_weight
 from .base import AdapterConfig, AdapterLayer, RsAlphaConfig, check_base
 from .experts import ExpertLoRALayer
@@ -177,6 +178,18 @@ class LoRALayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
+
+    @torch.no_grad()
+    def restart_(self, generator: torch.Generator) -> None:
+        """Fold the update into the base and start afresh: W ← W + s·B·A, then A ← Kaiming-uniform drawn from
+        ``generator`` and B ← 0, so the output is unchanged (ReLoRA's merge, COLA's next link). On FSDP2 shards
+        the product is of the gathered factors and each rank keeps its rows of W and of the new A."""
+        w = full(self.base_weight.detach())
+        delta = (full(self.lora_B.detach()) @ full(self.lora_A.detach())) * self.scale
+        self._set_base_weight(w + delta.to(w.dtype))
+        a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        write_full_(self.lora_A, kaiming_uniform_(a, generator=generator))
+        self.lora_B.zero_()
 
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features)

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..callbacks import Callback, TrainState
 from ..checks import non_negative
+from ..shards import full
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, adapter_layers, register
 
@@ -86,14 +87,16 @@ class LoRAGGPOLayer(LoRALayer):
 
     def effective_weight(self) -> torch.Tensor:
         """W' = W₀ + s·B·A in fp32 (the weight ε perturbs)."""
-        return self.base_weight.detach().float() + self.delta_weight().detach().float()
+        b, a = full(self.lora_B.detach()), full(self.lora_A.detach())  # gathered under FSDP2
+        return full(self.base_weight.detach()).float() + ((b @ a) * self.scale).float()
 
     def weight_space_gradient(self) -> torch.Tensor | None:
         """G = s(g_B·A + B·g_A) from the factors' current gradients (None without gradients)."""
         ga, gb = self.lora_A.grad, self.lora_B.grad
         if ga is None or gb is None:
             return None
-        a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
+        ga, gb = full(ga), full(gb)  # FSDP2's reduced gradients, gathered
+        a, b = full(self.lora_A.detach()).float(), full(self.lora_B.detach()).float()
         return self.scale * (gb.float() @ a + b @ ga.float())
 
 

@@ -24,7 +24,8 @@ by itself (``config.training_optimizer``); in a hand-written loop use ``lora_pro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..checks import beta_pair, non_negative, number
+from ..shards import full, is_dtensor, write_full_
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, adapter_layers, register
 
@@ -97,6 +99,34 @@ def pair_groups(params: Iterable[torch.Tensor], pairs: Sequence[tuple[Any, ...]]
     return paired, [p for p in params if id(p) not in ids]
 
 
+@contextlib.contextmanager
+def gathered(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Iterator[None]:
+    """Under FSDP2, while a pair step runs: ``group``'s sharded factors are replaced by full plain stand-ins (values
+    and reduced gradients gathered, the optimizer's state moved onto them), since the step's r×r products and
+    inverses (AᵀA, B Bᵀ, ...) span a factor's whole rows; on exit each rank writes back its rows and the state
+    (whole, the same on every rank) returns to the parameters. Unsharded: nothing changes."""
+    params = group["params"]
+    if not any(is_dtensor(p) for p in params):
+        yield
+        return
+    stand_ins = []
+    for p in params:
+        q = full(p.detach()).clone().requires_grad_(p.requires_grad)
+        q.grad = None if p.grad is None else full(p.grad)
+        if p in optimizer.state:
+            optimizer.state[q] = optimizer.state.pop(p)
+        stand_ins.append(q)
+    group["params"] = stand_ins
+    try:
+        yield
+    finally:
+        group["params"] = params
+        for p, q in zip(params, stand_ins, strict=True):
+            write_full_(p, q.detach())
+            if q in optimizer.state:
+                optimizer.state[p] = optimizer.state.pop(q)
+
+
 def paired_step(optimizer: torch.optim.Optimizer, closure: Any, key: str,
                 pair_group: Callable[[dict[str, Any]], None]) -> Any:
     """One step of an optimizer built by :func:`pair_groups` (LoRA-Pro, LoFT, RiemannLoRA): ``pair_group(group)``
@@ -107,7 +137,8 @@ def paired_step(optimizer: torch.optim.Optimizer, closure: Any, key: str,
             loss = closure()
     for group in optimizer.param_groups:
         if group[key]:
-            pair_group(group)
+            with gathered(optimizer, group):
+                pair_group(group)
             continue
         for p in group["params"]:
             if p.grad is not None:

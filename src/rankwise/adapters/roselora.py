@@ -31,6 +31,7 @@ from torch import nn
 
 from ..callbacks import Callback, TrainState
 from ..checks import fraction
+from ..shards import editing, full
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, adapter_layers, register
 
@@ -107,7 +108,7 @@ class RoseLoRAPrune(Callback):
         for j, (p, _, config) in enumerate(self.factors):
             if p.grad is None:
                 continue
-            score = (p.detach() * p.grad).abs().float()
+            score = (full(p.detach()) * full(p.grad)).abs().float()  # whole columns / rows under FSDP2
             old = self.importance[j]
             self.importance[j] = score if old is None else config.beta * old + (1 - config.beta) * score
 
@@ -119,7 +120,8 @@ class RoseLoRAPrune(Callback):
             if rate >= 1 or score is None:
                 continue
             mask = top_mask(score, kept(p.shape[dim], rate), dim)
-            p.masked_fill_(~mask, 0)
+            with editing(p) as v:  # FSDP2: each rank keeps its rows
+                v.masked_fill_(~mask, 0)
 
     def on_after_backward(self, state: TrainState) -> None:
         self.accumulate()

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..callbacks import Callback, TrainState
 from ..checks import integer, non_negative
+from ..shards import backward_full
 from .base import AdapterLayer, AlphaConfig
 from .init import INITS, InitContext
 from .registry import MethodSpec, adapter_layers, register
@@ -91,15 +92,19 @@ class SORSALayer(AdapterLayer):
 
     def orthonormal_loss(self) -> torch.Tensor:
         """‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F of this layer (V_pᵀV_p = A·Aᵀ with A = V_pᵀ)."""
-        eye = torch.eye(self.config.r, dtype=self.sorsa_A.dtype, device=self.sorsa_A.device)
-        return torch.linalg.matrix_norm(self.sorsa_B.T @ self.sorsa_B - eye) + \
-            torch.linalg.matrix_norm(self.sorsa_A @ self.sorsa_A.T - eye)
+        return orthonormality(self.sorsa_B, self.sorsa_A)
 
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features + 1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale={self.scale:g}"
+
+
+def orthonormality(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """‖BᵀB − I‖_F + ‖AAᵀ − I‖_F of one pair of factors (B out×r, A r×in)."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.matrix_norm(b.T @ b - eye) + torch.linalg.matrix_norm(a @ a.T - eye)
 
 
 def sorsa_layers(model: nn.Module, adapter_name: str | None = None) -> list[SORSALayer]:
@@ -126,18 +131,15 @@ class SORSARegularizer(Callback):
         self.gamma = float(layers[0].config.gamma)
 
     def regularize(self) -> float:
-        """Add γ·∇L_reg to the factors' ``.grad``; returns L_reg."""
+        """Add γ·∇L_reg to the factors' ``.grad`` (of the gathered factors under FSDP2); returns L_reg."""
         params = [p for layer in sorsa_layers(self.model, self.adapter_name) for p in (layer.sorsa_B, layer.sorsa_A)]
+
+        def reg(*factors: torch.Tensor) -> torch.Tensor:  # orthonormal_loss of these factors
+            pairs = zip(factors[::2], factors[1::2], strict=True)
+            return torch.stack([orthonormality(b, a) for b, a in pairs]).sum() / len(factors)
+
         with torch.enable_grad():
-            loss = orthonormal_loss(self.model, self.adapter_name)
-            grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                if p.grad is None:
-                    p.grad = self.gamma * g
-                else:
-                    p.grad.add_(g, alpha=self.gamma)
-        return float(loss.detach())
+            return float(backward_full(reg, params, self.gamma))
 
     def on_after_backward(self, state: TrainState) -> None:
         self.regularize()

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import checks
 from ..callbacks import RankController, TrainState
+from ..shards import editing, full
 from .layers import check_linear
 
 
@@ -63,15 +64,18 @@ class LTELinear(nn.Module):
         return out + (self.scale * (new - old)).reshape(out.shape)
 
     def pending_delta(self) -> torch.Tensor:
-        """(s/H)·Σ_h (B_h A_h − B̂_h Â_h): what the next merge adds to W."""
-        return self.scale * (torch.bmm(self.lora_B, self.lora_A) - torch.bmm(self.merged_B, self.merged_A)).mean(0)
+        """(s/H)·Σ_h (B_h A_h − B̂_h Â_h): what the next merge adds to W (of the gathered heads under FSDP2)."""
+        b, a = full(self.lora_B.detach()), full(self.lora_A.detach())
+        return self.scale * (torch.bmm(b, a) - torch.bmm(self.merged_B, self.merged_A)).mean(0)
 
     @torch.no_grad()
     def merge_(self) -> None:
-        """W ← W + pending delta; the heads' current factors become the merged ones."""
-        self.weight.add_(self.pending_delta().to(self.weight.dtype))
-        self.merged_A.copy_(self.lora_A)
-        self.merged_B.copy_(self.lora_B)
+        """W ← W + pending delta; the heads' current factors become the merged ones (FSDP2: each rank keeps its
+        rows of W; the merged factors are buffers, whole on every rank)."""
+        with editing(self.weight) as w:
+            w.add_(self.pending_delta().to(w.dtype))
+        self.merged_A.copy_(full(self.lora_A.detach()))
+        self.merged_B.copy_(full(self.lora_B.detach()))
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import checks
 from ..callbacks import RankController
+from ..shards import full
 from ..targets import replace_module
 from .layers import FactorizedLinear, check_linear
 
@@ -66,7 +67,10 @@ class MaestroLinear(FactorizedLinear):
 
     def factors(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) restricted to the kept components, truncated to the first ``width`` of them."""
-        u, v = (self.U, self.V) if bool(self.keep.all()) else (self.U[:, self.keep], self.V[self.keep])
+        return self._select(self.U, self.V, width)
+
+    def _select(self, u: torch.Tensor, v: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, v = (u, v) if bool(self.keep.all()) else (u[:, self.keep], v[self.keep])
         return (u, v) if width is None else (u[:, :width], v[:width])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,11 +86,13 @@ class MaestroLinear(FactorizedLinear):
 
     def importance(self) -> torch.Tensor:
         """``‖U_{:,j}‖·‖V_{j,:}‖`` per component (the magnitude of the rank-1 term u_j v_jᵀ)."""
-        return (self.U.norm(dim=0) * self.V.norm(dim=1)).detach()
+        u, v = full(self.U.detach()), full(self.V.detach())  # gathered under FSDP2
+        return u.norm(dim=0) * v.norm(dim=1)
 
     def group_lasso(self, hierarchical: bool = True) -> torch.Tensor:
-        """Σ_j ‖U_{:,j:}‖_F + ‖V_{j:,:}‖_F (hierarchical: tail norms) or Σ_j ‖U_{:,j}‖ + ‖V_{j,:}‖."""
-        u, v = self.factors()
+        """Σ_j ‖U_{:,j:}‖_F + ‖V_{j:,:}‖_F (hierarchical: tail norms) or Σ_j ‖U_{:,j}‖ + ‖V_{j,:}‖. Under FSDP2
+        of the gathered factors (``full_tensor`` is differentiable: each rank's gradient is its rows')."""
+        u, v = self._select(full(self.U), full(self.V))
         if hierarchical:
             tail_u = u.pow(2).sum(0).flip(0).cumsum(0).flip(0)
             tail_v = v.pow(2).sum(1).flip(0).cumsum(0).flip(0)

@@ -34,6 +34,7 @@ from torch import nn
 from .. import checks
 from ..callbacks import RankController, TrainState
 from ..linalg import rebalanced_factors
+from ..shards import full, write_full_
 from .layers import FactorizedLinear, SparseLowRankLinear
 
 
@@ -48,10 +49,11 @@ def factor_pair(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
 
 @torch.no_grad()
 def refactorize_(b: torch.Tensor, a: torch.Tensor) -> None:
-    """``(B, A) ← (U √Σ, √Σ Vᵀ)`` in place, ``U Σ Vᵀ = B A``: same product, balanced factors."""
-    new_b, new_a = rebalanced_factors(b, a)
-    b.copy_(new_b)
-    a.copy_(new_a)
+    """``(B, A) ← (U √Σ, √Σ Vᵀ)`` in place, ``U Σ Vᵀ = B A``: same product, balanced factors (of the gathered
+    factors under FSDP2; each rank keeps its rows)."""
+    new_b, new_a = rebalanced_factors(full(b.detach()), full(a.detach()))
+    write_full_(b, new_b)
+    write_full_(a, new_a)
 
 
 @torch.no_grad()

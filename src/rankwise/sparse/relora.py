@@ -35,9 +35,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .. import checks
-from ..adapters import LoRALayer, adapt, adapter_layers
+from ..adapters import LoRALayer, adapt, adapter_layers, get_method
 from ..callbacks import RankController, TrainState
-from ..rng import kaiming_uniform_, layer_generator
+from ..rng import layer_generator
+from ..shards import editing, full, require_resharding, shard_added, sharded, write_full_
 from ..targets import Targets, find_targets
 
 RESETS = ("prune", "random", "zero")
@@ -52,10 +53,12 @@ def prepare_relora(
     dropout: float = 0.0,
     seed: int = 0,
     train_rest: bool = True,
+    adapter_dtype: str | torch.dtype | None = "float32",
 ) -> nn.Module:
-    """Put LoRA (A Kaiming, B = 0) on ``targets`` and, with ``train_rest``, unfreeze every other
-    parameter as the ReLoRA reference does (only the target weights are frozen)."""
-    adapt(model, "lora", targets=targets, r=rank, alpha=alpha, dropout=dropout, seed=seed, trainable=None)
+    """Put LoRA (A Kaiming, B = 0; ``adapter_dtype`` as ``rw.adapt``'s) on ``targets`` and, with ``train_rest``,
+    unfreeze every other parameter as the ReLoRA reference does (only the target weights are frozen)."""
+    adapt(model, "lora", targets=targets, r=rank, alpha=alpha, dropout=dropout, seed=seed, trainable=None,
+          adapter_dtype=adapter_dtype)
     if train_rest:
         frozen = {id(layer.base_layer.weight) for _, layer in adapter_layers(model)}
         for p in model.parameters():
@@ -187,33 +190,33 @@ class ReLoRA(RankController):
 
     @torch.no_grad()
     def merge_and_reinit(self) -> None:
-        """``W ← W + s·B A``; then A ← Kaiming-uniform (fresh draw), B ← 0, so the output is unchanged."""
+        """``W ← W + s·B A``; then A ← Kaiming-uniform (fresh draw), B ← 0, so the output is unchanged
+        (``LoRALayer.restart_``: on FSDP2 shards of the gathered factors)."""
         self.merges += 1
         for name, layer in self.layers:
-            w = layer.base_weight
-            w.add_(layer.delta_weight().to(w.dtype))
-            kaiming_uniform_(layer.lora_A, generator=layer_generator(self.seed + self.merges, name))
-            layer.lora_B.zero_()
+            layer.restart_(layer_generator(self.seed + self.merges, name))
 
     @torch.no_grad()
     def reset_optimizer_state(self, params: Sequence[torch.Tensor] | None = None) -> None:
-        """Prune (magnitude or random, ``prune_ratio``) or zero every tensor state of the LoRA factors."""
+        """Prune (magnitude or random, ``prune_ratio``) or zero every tensor state of the LoRA factors; under
+        FSDP2 the threshold (and the random draw) is over the whole gathered moment tensor."""
         for p in self.lora_params if params is None else params:
             for value in self.optimizer.state.get(p, {}).values():
                 if not torch.is_tensor(value) or value.shape != p.shape:
                     continue  # step counters and scalars stay
-                if self.reset == "zero":
-                    value.zero_()
-                elif self.reset == "prune":
-                    magnitude_prune_(value, self.prune_ratio)
-                else:
-                    random_prune_(value, self.prune_ratio, self._generator)
+                with editing(value) as v:
+                    if self.reset == "zero":
+                        v.zero_()
+                    elif self.reset == "prune":
+                        magnitude_prune_(v, self.prune_ratio)
+                    else:
+                        random_prune_(v, self.prune_ratio, self._generator)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the frozen base weights, which the merges changed (a checkpoint of the trainable
         tensors alone would resume from the un-merged base)."""
         return {"steps": self.steps, "merges": self.merges,
-                "base": {name: layer.base_layer.weight.detach().clone() for name, layer in self.layers}}
+                "base": {name: full(layer.base_layer.weight.detach()).clone() for name, layer in self.layers}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -227,7 +230,7 @@ class ReLoRA(RankController):
             if base[name].shape != w.shape:
                 raise ValueError(f"ReLoRA state: base weight of {name!r} has shape {tuple(base[name].shape)}, "
                                  f"the model's is {tuple(w.shape)}")
-            w.copy_(base[name])
+            write_full_(w, base[name])
         self.steps, self.merges = int(state["steps"]), int(state["merges"])
 
 
@@ -246,7 +249,9 @@ class ReLoRAWarmStart(RankController):
     parameter keeps its state), and :class:`ReLoRA` merges and restarts ``restarts`` times, evenly over the rest
     of the run. After the switch and after every merge the lr re-warms linearly from 0 over ``restart_warmup``
     steps on top of the loop's own schedule (ReLoRA's jagged schedule). Build it on the optimizer the loop steps,
-    and pass both to ``rankwise.train.train(..., optimizer=optimizer, callbacks=[controller])``."""
+    and pass both to ``rankwise.train.train(..., optimizer=optimizer, callbacks=[controller])``. ``adapter_dtype``:
+    of A and B (as ``rw.adapt``'s); on a model sharded with FSDP2 it must be the target weights' dtype
+    (``"base"``): A and B join their groups, sharded (:func:`rankwise.shards.shard_added`)."""
 
     def __init__(
         self,
@@ -262,6 +267,7 @@ class ReLoRAWarmStart(RankController):
         prune_ratio: float = 0.999,
         restart_warmup: int = 5,
         seed: int = 0,
+        adapter_dtype: str | torch.dtype | None = "float32",
     ) -> None:
         checks.integer("total_steps", total_steps, 1)
         checks.fraction("warm_start", warm_start, allow_zero=True, allow_one=False)
@@ -270,6 +276,7 @@ class ReLoRAWarmStart(RankController):
         checks.integer("restart_warmup", restart_warmup, 1)
         checks.choice("reset", reset, RESETS)
         self.model, self.optimizer = model, optimizer
+        require_resharding(model, "relora")  # the switch adds A and B to the sharded model
         self.switch_at = round(warm_start * total_steps)
         self.merge_every = max(1, (total_steps - self.switch_at) // (restarts + 1))
         if restart_warmup >= self.merge_every:
@@ -280,7 +287,15 @@ class ReLoRAWarmStart(RankController):
         if missing:
             raise ValueError(f"the optimizer does not hold the target weights of {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''}: build it on the dense model")
-        self.options = {"rank": rank, "alpha": alpha, "targets": targets, "seed": seed}
+        lora = get_method("lora").make_config(r=rank, alpha=alpha, adapter_dtype=adapter_dtype)
+        self.options = {"rank": rank, "alpha": alpha, "targets": targets, "seed": seed,
+                        "adapter_dtype": lora.adapter_dtype}
+        dtypes = {lin.weight.dtype for _, lin in find_targets(model, targets, conv1d=False)}
+        if sharded(model) and any(lora.dtype_for(d) != d for d in dtypes):
+            raise RuntimeError(
+                f"relora: under FSDP2 the LoRA factors join their target layer's parameter group, whose gradients "
+                f"FSDP2 reduces in one dtype; adapter_dtype={lora.adapter_dtype!r} differs from the target weights' "
+                f"{sorted(str(d) for d in dtypes)}: pass adapter_dtype='base'")
         self.reset, self.prune_ratio, self.restart_warmup = reset, prune_ratio, restart_warmup
         self.steps = 0
         self.since_restart: int | None = None  # steps since the switch or the last merge, while re-warming
@@ -296,9 +311,13 @@ class ReLoRAWarmStart(RankController):
     def switch(self) -> None:
         """End the dense warm start: LoRA on the targets, A and B in the target weights' place in the optimizer."""
         o = self.options
-        prepare_relora(self.model, o["rank"], o["targets"], alpha=o["alpha"], seed=o["seed"])
-        swap = {id(layer.base_layer.weight): [layer.lora_A, layer.lora_B] for _, layer in adapter_layers(self.model)
-                if isinstance(layer, LoRALayer)}
+        prepare_relora(self.model, o["rank"], o["targets"], alpha=o["alpha"], seed=o["seed"],
+                       adapter_dtype=o["adapter_dtype"])
+        swap = {}
+        for _, layer in adapter_layers(self.model):
+            if isinstance(layer, LoRALayer):  # under FSDP2: A, B join the target's parameter group, sharded
+                swap[id(layer.base_layer.weight)] = shard_added(self.model, layer.base_layer, layer,
+                                                                ["lora_A", "lora_B"])
         for group in self.optimizer.param_groups:
             kept = []
             for p in group["params"]:

@@ -24,6 +24,7 @@ from torch import nn
 from .. import checks
 from ..callbacks import RankController, TrainState
 from ..rng import kaiming_uniform_, layer_generator
+from ..shards import require_resharding, shard_added
 from .layers import check_linear
 
 
@@ -79,7 +80,8 @@ class SLoPeLinear(nn.Module):
         self.lora_B: nn.Parameter | None = None
 
     def add_adapter(self) -> list[nn.Parameter]:
-        """Create the lazy adapter (A Kaiming-uniform, B = 0) and return its new parameters."""
+        """Create the lazy adapter (A Kaiming-uniform, B = 0) and return its new parameters (on a sharded model
+        :class:`SLoPe` shards them with :func:`rankwise.shards.shard_added`)."""
         if self.lora_A is not None:
             raise ValueError("the SLoPe adapter is already added")
         dtype, device = self.weight.dtype, self.weight.device
@@ -138,14 +140,18 @@ class SLoPe(RankController):
         self.layers = [m for m in model.modules() if isinstance(m, SLoPeLinear)]
         if not self.layers:
             raise ValueError("model has no SLoPe layers; call rw.sparsify(model, 'slope') first")
-        self.optimizer, self.steps = optimizer, 0
+        require_resharding(model, "slope")  # the lazy adapters join the sharded model
+        self.model, self.optimizer, self.steps = model, optimizer, 0
 
     def step(self) -> bool:
         """Count one optimizer step; add the adapters when the lazy phase starts (True then)."""
         self.steps += 1
         if self.steps != self.start:
             return False
-        params = [p for layer in self.layers for p in layer.add_adapter()]
+        params = []
+        for layer in self.layers:  # under FSDP2 the adapter joins its layer's parameter group, sharded
+            layer.add_adapter()
+            params += shard_added(self.model, layer, layer, ["lora_A", "lora_B"])
         if self.optimizer is not None:  # joins the first group: the lr scheduler keeps its groups
             self.optimizer.param_groups[0]["params"].extend(params)
         return True

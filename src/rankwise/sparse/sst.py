@@ -30,6 +30,7 @@ from torch import nn
 from .. import checks
 from ..callbacks import RankController, TrainState, clear_optimizer_state
 from ..linalg import svd_precision
+from ..shards import editing, full, write_full_
 from .layers import check_linear
 
 
@@ -140,30 +141,34 @@ class SpectralLinear(nn.Module):
         u, s, vh = torch.linalg.svd(svd_precision(weight), full_matrices=False)
         self.U.copy_(u)
         self.Vh.copy_(vh)
-        self.sigma.copy_(s)
-        self.u_active.copy_(self.U[:, self.active])
-        self.vh_active.copy_(self.Vh[self.active])
+        write_full_(self.sigma, s)
+        self._load_active()
+
+    @torch.no_grad()
+    def _load_active(self) -> None:
+        """The active vectors ← their columns of ``U`` / rows of ``Vh`` (under FSDP2 each rank keeps its rows)."""
+        write_full_(self.u_active, self.U[:, self.active])
+        write_full_(self.vh_active, self.Vh[self.active])
 
     def full_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, Vᵀ) with the active vectors written in (detached)."""
         u, vh = self.U.clone(), self.Vh.clone()
-        u[:, self.active] = self.u_active.detach()
-        vh[self.active] = self.vh_active.detach()
+        u[:, self.active] = full(self.u_active.detach())
+        vh[self.active] = full(self.vh_active.detach())
         return u, vh
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Write the trained active vectors back into the ``U`` / ``Vh`` buffers."""
-        self.U[:, self.active] = self.u_active
-        self.Vh[self.active] = self.vh_active
+        """Write the trained active vectors back into the ``U`` / ``Vh`` buffers (gathered under FSDP2)."""
+        self.U[:, self.active] = full(self.u_active.detach())
+        self.Vh[self.active] = full(self.vh_active.detach())
 
     @torch.no_grad()
     def resample(self, generator: torch.Generator | None = None, uniform_mix: float = 0.5) -> torch.Tensor:
         """Commit, draw a new active set from the Σ-weighted multinomial, load its vectors."""
         self.commit()
-        self.active.copy_(sample_active(self.sigma, self.rank, generator, uniform_mix))
-        self.u_active.copy_(self.U[:, self.active])
-        self.vh_active.copy_(self.Vh[self.active])
+        self.active.copy_(sample_active(full(self.sigma.detach()), self.rank, generator, uniform_mix))
+        self._load_active()
         self._rebuild_mask()
         return self.active
 
@@ -174,15 +179,18 @@ class SpectralLinear(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """After an optimizer step: ``Σ ← max(Σ, 0)``, active vectors back to unit norm."""
+        """After an optimizer step: ``Σ ← max(Σ, 0)``, active vectors back to unit norm (of the gathered
+        vectors under FSDP2: a column of U is spread over the ranks)."""
         self.sigma.clamp_(min=0)
-        self.u_active.div_(self.u_active.norm(dim=0, keepdim=True).clamp_min(1e-12))
-        self.vh_active.div_(self.vh_active.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        with editing(self.u_active) as u:
+            u.div_(u.norm(dim=0, keepdim=True).clamp_min(1e-12))
+        with editing(self.vh_active) as vh:
+            vh.div_(vh.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def dense_weight(self) -> torch.Tensor:
         """``U diag(Σ) Vᵀ`` (out×in), detached."""
         u, vh = self.full_factors()
-        return (u * self.sigma.detach()) @ vh
+        return (u * full(self.sigma.detach())) @ vh
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -23,6 +23,7 @@ from torch import nn
 from .. import checks
 from ..callbacks import RankController
 from ..linalg import energy_rank, svd_precision
+from ..shards import full, write_full_
 from ..targets import replace_module
 from .layers import FactorizedLinear, check_linear
 
@@ -75,10 +76,11 @@ class TRPLinear(nn.Linear):
 
     @torch.no_grad()
     def low_rank_approx_(self, energy: float) -> int:
-        """``W ← U_k Σ_k V_kᵀ`` with the energy-criterion rank k; stores ``U_k V_kᵀ`` as the sub-gradient."""
-        u, s, vh = torch.linalg.svd(svd_precision(self.weight), full_matrices=False)
+        """``W ← U_k Σ_k V_kᵀ`` with the energy-criterion rank k; stores ``U_k V_kᵀ`` as the sub-gradient. Under
+        FSDP2 the SVD is of the gathered W (each rank keeps its rows); the sub-gradient is kept whole."""
+        u, s, vh = torch.linalg.svd(svd_precision(full(self.weight.detach())), full_matrices=False)
         k = energy_rank(s, energy)
-        self.weight.copy_((u[:, :k] * s[:k]) @ vh[:k])
+        write_full_(self.weight, (u[:, :k] * s[:k]) @ vh[:k])
         self.subgradient = (u[:, :k] @ vh[:k]).to(self.weight.dtype)
         self.last_rank = k
         return k
