@@ -106,10 +106,10 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
     start = math.ceil(1.5 * r)
     lambdas = (10.0, 8.5, 7.5, 5.0)  # the final budget is steep in λ: all pruned at 10, none at 5
     arms.extend(Arm(f"sora {start} λ{lam:g}", "sora", {"r": start, "sparse_lambda": lam}, "L1") for lam in lambdas)
-    # the sparsifying scheduler: λ rising 0 → 10 in 5 stages stops the all-or-nothing pruning in between
-    arms.append(Arm(f"sora {start} λ0→10", "sora",
-                    {"r": start, "sparse_lambda": 0.0, "lambda_schedule": "linear", "max_lambda": 10.0,
-                     "lambda_num": 5}, "L1"))
+    # the sparsifying scheduler: λ rising from 0 in 5 stages, to stop the all-or-nothing pruning in between
+    arms.extend(Arm(f"sora {start} λ0→{top:g}", "sora",
+                    {"r": start, "sparse_lambda": 0.0, "lambda_schedule": "linear", "max_lambda": top,
+                     "lambda_num": 5}, "L1") for top in (10.0, 20.0))
     # ARD-LoRA: per-head rank r·α under ℓ1 + TV; r per head, so the final budget is set by λ
     arms.extend(Arm(f"ard_lora r{r} λ{lam:g}", "ard_lora", {"r": r, "l1": lam}, "L1") for lam in (0.5, 2.0))
     return [a for a in arms if a.method in rw.REGISTRY]
