@@ -144,3 +144,19 @@ def test_the_grid_grows_past_its_edge_while_the_best_lies_there(tiny_profile, tm
     entry = summarise(read_rows(tmp_path), {"bbc": True}, {"adapter": [1e-4, 1e-3, 1e-2]}, extend=2)[0]
     assert entry["lr"] == best and entry["sweep_done"] == f"{len(grid)}/{len(grid)}"
     assert entry["lr_at_grid_edge"] == (best in (grid[0], grid[-1]))
+
+
+def test_a_tie_at_the_edge_does_not_grow_the_grid(tiny_profile, tmp_path, monkeypatch):
+    """A flat validation curve (every run predicting the majority class, say) picks the first lr of the grid,
+    but says nothing about the lrs beyond it: no extension."""
+    calls: list = []
+
+    def run_one(profile, task, exp, lr, seed, device="auto"):
+        calls.append((lr, seed))
+        return {"val_metric": 0.5 if lr < 1e-2 else 0.4, "test_metric": 0.5, "loss_curve": [1.0]}
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    profile = dataclasses.replace(tiny_profile, lr_grids={"adapter": (1e-4, 1e-3, 1e-2)}, lr_extend=2)
+    Bench(profile, EXPS[:1], tmp_path, profile.tasks, seeds=2).run(say=lambda _: None)
+    assert calls == [(1e-4, 0), (1e-3, 0), (1e-2, 0), (1e-4, 1)]
+

@@ -394,9 +394,9 @@ def _better(metric: float, best: float | None, higher: bool) -> bool:
 
 def chosen_lr(rows: list[dict[str, Any]], higher: bool, grid: Sequence[float] | None = None) -> float | None:
     """The lr of the sweep row (seed 0) with the best validation metric, among the lrs of ``grid`` (default:
-    every swept lr); None if every sweep run failed."""
+    every swept lr), the smallest lr on a tie; None if every sweep run failed."""
     best, lr = None, None
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["lr"]):
         if grid is not None and row["lr"] not in grid:
             continue
         if row["role"] == "sweep" and row["status"] == "ok" and _better(row["val_metric"], best, higher):
@@ -407,8 +407,9 @@ def chosen_lr(rows: list[dict[str, Any]], higher: bool, grid: Sequence[float] | 
 def sweep_grid(base: Sequence[float], rows: list[dict[str, Any]], higher: bool, extend: int
                ) -> tuple[list[float], float | None]:
     """``(grid, next lr to sweep)``: the sweep's grid grown past its edge. Every lr of ``base`` is swept first;
-    then, while the lr with the best validation metric is the smallest or largest of a grid of 3 or more, the
-    next lr beyond it (the edge's own ratio, 2 significant digits) joins the grid, at most ``extend`` times.
+    then, while the lr with the best validation metric is the smallest or largest of a grid of 3 or more and
+    strictly better than its neighbour (a tie says nothing about what lies beyond), the next lr beyond it (the
+    edge's own ratio, 2 significant digits) joins the grid, at most ``extend`` times.
     The next lr is None once every lr of the grid has a sweep row (ok or failed) and the best is inside it
     (or the extensions are used up). The runner and the report grow the grid from the same rows alike."""
     grid = sorted(set(base))
@@ -420,6 +421,10 @@ def sweep_grid(base: Sequence[float], rows: list[dict[str, Any]], higher: bool, 
             return grid, missing[0]
         best = chosen_lr(rows, higher, grid)
         if best is None or len(grid) < 3 or added >= extend or best not in (grid[0], grid[-1]):
+            return grid, None
+        neighbour = grid[1] if best == grid[0] else grid[-2]
+        val = {r["lr"]: r["val_metric"] for r in rows if r["role"] == "sweep" and r["status"] == "ok"}
+        if neighbour in val and not _better(val[best], val[neighbour], higher):
             return grid, None
         if best == grid[0]:
             grid.insert(0, float(f"{grid[0] * grid[0] / grid[1]:.2g}"))
