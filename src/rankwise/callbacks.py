@@ -121,6 +121,22 @@ class RankController(Callback):
         self.step()
 
 
+def replace_in_optimizer(optimizer: torch.optim.Optimizer, replacements: dict[torch.Tensor, list[torch.Tensor]]
+                         ) -> None:
+    """Put the tensors ``replacements[p]`` in parameter ``p``'s place in ``optimizer.param_groups`` (its group,
+    its position) and drop ``p``'s state: the contract for a parameter replaced by new tensors (Cuttlefish's
+    W → U, V; ReLoRA's W → A, B after its warm start)."""
+    for group in optimizer.param_groups:
+        kept: list[torch.Tensor] = []
+        for p in group["params"]:
+            if p in replacements:  # tensors hash by identity
+                optimizer.state.pop(p, None)
+                kept += replacements[p]
+            else:
+                kept.append(p)
+        group["params"] = kept
+
+
 def clear_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
     """Forget the optimizer state of ``params`` (it is re-created, at the current shape, at the next step)."""
     for p in params:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..callbacks import RankController, TrainState
+from ..callbacks import RankController, TrainState, replace_in_optimizer
 from ..linalg import svd_precision
 from ..shards import full, is_dtensor, require_resharding, shard_replacement
 from ..targets import replace_module
@@ -149,19 +149,15 @@ class Cuttlefish(RankController):
     def switch(self, ranks: dict[str, int]) -> None:
         """Factorize every layer at ``ranks`` and put U, V in the weight's place in the optimizer. Under
         FSDP2 the SVD is of the gathered weight and U, V are sharded into the layer's parameter group."""
+        factors = {}
         for name in self.names:
             lin = self.model.get_submodule(name)
             fac = FactorizedLinear.from_linear(_whole(lin), ranks[name])
             # the same bias Parameter: its optimizer state carries on
             shard_replacement(self.model, lin, fac, {"bias": lin.bias} if lin.bias is not None else {})
             replace_module(self.model, name, fac)
-            for group in self.optimizer.param_groups:
-                params = group["params"]
-                for i, p in enumerate(params):
-                    if p is lin.weight:
-                        params[i : i + 1] = [fac.U, fac.V]
-                        self.optimizer.state.pop(p, None)
-                        break
+            factors[lin.weight] = [fac.U, fac.V]
+        replace_in_optimizer(self.optimizer, factors)
         self.ranks = dict(ranks)
 
     def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

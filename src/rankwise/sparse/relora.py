@@ -36,7 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .. import checks
 from ..adapters import LoRALayer, adapt, adapter_layers, get_method
-from ..callbacks import RankController, TrainState
+from ..callbacks import RankController, TrainState, replace_in_optimizer
 from ..rng import layer_generator
 from ..shards import editing, full, require_resharding, shard_added, sharded, write_full_
 from ..targets import Targets, find_targets
@@ -283,14 +283,15 @@ class ReLoRAWarmStart(RankController):
             raise ValueError(f"restart_warmup={restart_warmup} must be < the {self.merge_every} steps between "
                              f"merges ({total_steps} steps, warm_start={warm_start}, restarts={restarts})")
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, lin in find_targets(model, targets, conv1d=False) if id(lin.weight) not in held]
+        found = find_targets(model, targets, conv1d=False)
+        missing = [name for name, lin in found if id(lin.weight) not in held]
         if missing:
             raise ValueError(f"the optimizer does not hold the target weights of {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''}: build it on the dense model")
         lora = get_method("lora").make_config(r=rank, alpha=alpha, adapter_dtype=adapter_dtype)
         self.options = {"rank": rank, "alpha": alpha, "targets": targets, "seed": seed,
                         "adapter_dtype": lora.adapter_dtype}
-        dtypes = {lin.weight.dtype for _, lin in find_targets(model, targets, conv1d=False)}
+        dtypes = {lin.weight.dtype for _, lin in found}
         if sharded(model) and any(lora.dtype_for(d) != d for d in dtypes):
             raise RuntimeError(
                 f"relora: under FSDP2 the LoRA factors join their target layer's parameter group, whose gradients "
@@ -316,17 +317,8 @@ class ReLoRAWarmStart(RankController):
         swap = {}
         for _, layer in adapter_layers(self.model):
             if isinstance(layer, LoRALayer):  # under FSDP2: A, B join the target's parameter group, sharded
-                swap[id(layer.base_layer.weight)] = shard_added(self.model, layer.base_layer, layer,
-                                                                ["lora_A", "lora_B"])
-        for group in self.optimizer.param_groups:
-            kept = []
-            for p in group["params"]:
-                if id(p) in swap:
-                    self.optimizer.state.pop(p, None)
-                    kept += swap.pop(id(p))
-                else:
-                    kept.append(p)
-            group["params"] = kept
+                swap[layer.base_layer.weight] = shard_added(self.model, layer.base_layer, layer, ["lora_A", "lora_B"])
+        replace_in_optimizer(self.optimizer, swap)
         self.relora = ReLoRA(self.model, self.optimizer, self.merge_every, self.reset, self.prune_ratio,
                              seed=o["seed"])
         self.since_restart = 0
