@@ -125,8 +125,8 @@ def _adapter_experiment(method: str) -> Experiment:
     from ..adapters.registry import get_method
 
     spec = get_method(method)
-    options, note = ({"r": ADAPTER_R}, "") if "r" in spec.config_cls.field_names() else ({}, "")
-    options, note = ADAPTER_OPTIONS.get(method, (options, note))
+    default = {"r": ADAPTER_R} if "r" in spec.config_cls.field_names() else {}
+    options, note = ADAPTER_OPTIONS.get(method, (default, ""))
     return Experiment(method, method, options, note=note)
 
 

@@ -186,8 +186,8 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
             lines += [f"![Pareto fronts]({plot.name})", "", f"![Training loss]({curves.name})", ""]
         edge = [e["experiment"] for e in mine if e["lr_at_grid_edge"]]
         if edge:
-            lines += [f"Chosen lr at the edge of its grid after growing it {profile.get('lr_extend', 0)} times "
-                      f"(the best may lie beyond it; widen `lr_grid`): "
+            lines += [f"Chosen lr at the edge of its grid, grown past its edge up to {profile.get('lr_extend', 0)} "
+                      "times (a tie at the edge stops the growth; the best may lie beyond it; widen `lr_grid`): "
                       f"{', '.join(edge)}.", ""]
         failed = [f"- {e['experiment']}: {f}" for e in mine for f in e["failures"]]
         if failed:
