@@ -13,6 +13,9 @@ SmolLM2-135M (causal LM on the stdlib-code corpus):
   rank between layers at a fixed total, PRILoRA ramps the rank with depth around the target (mean
   = target) and prunes half of A's entries by |w|·‖x‖.
 * ``dyn`` — every training-dynamics method at LoRA's rank, learning rate and steps; loss curves.
+* ``place`` — PLoP's claim: which module types get LoRA, at LoRA-on-every-linear-layer's budget
+  (rank ``--r``): PLoP (the 3 lowest-NFN types), its paper's ablation PLoP⁻¹ (the 3 highest), attention
+  only and MLP only; each placement's rank is raised so Σ rank·(in + out) matches that budget.
 
 Every arm sees the same batches, steps, schedule (AdamW, linear decay, 10% warm-up) and initial
 head; only the method differs. Seeds vary the adapter init, the head and the batch order. Results
@@ -79,6 +82,7 @@ class Arm:
     budget: str = "100%"
     truncate: int | None = None
     lr: float | None = None  # None: the model's LoRA learning rate (LR)
+    placement: str | None = None  # place study: which module types ("lowest", "highest", "attention", "mlp")
 
 
 def alloc_arms(r: int, steps: int) -> list[Arm]:
@@ -131,6 +135,42 @@ def dyn_arms(r: int, steps: int) -> list[Arm]:
     return [a for a in arms if a.method in rw.REGISTRY]
 
 
+#: Module types (the layer name after the block index) of the attention and the MLP, per model.
+ATTENTION = {"minilm-l6": ("attention.self.query", "attention.self.key", "attention.self.value",
+                           "attention.output.dense"),
+             "smollm2-135m": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
+MLP = {"minilm-l6": ("intermediate.dense", "output.dense"),
+       "smollm2-135m": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+PLOP_TYPES = 3  # the paper's default number of module types
+
+
+def place_arms(r: int, steps: int) -> list[Arm]:
+    """LoRA on every linear layer at rank r, and four placements at its budget (PLoP and its ablations)."""
+    return [Arm(f"lora all r{r}", "lora", {"r": r}, "place"),
+            Arm("plop (3 lowest NFN)", "plop", {"plop_types": PLOP_TYPES}, "place", placement="lowest"),
+            Arm("plop⁻¹ (3 highest NFN)", "lora", {}, "place", placement="highest"),
+            Arm("attention only", "lora", {}, "place", placement="attention"),
+            Arm("mlp only", "lora", {}, "place", placement="mlp")]
+
+
+def placed(model: torch.nn.Module, model_name: str, arm: Arm, r: int, train_loader: Any, seed: int
+           ) -> tuple[list[str], int, dict[str, float]]:
+    """The layers ``arm`` adapts among every linear layer of the blocks, the rank that gives them LoRA-r's
+    budget on all of them, and the NFN of every module type (PLoP's scores on the first training batch,
+    with the seed ``rw.adapt`` gives PLoP, so the ``lowest`` prediction is the set PLoP itself picks)."""
+    from rankwise.adapters.plop import choose_types, module_type, nfn_scores, type_scores
+    from rankwise.targets import find_targets, linear_shape
+
+    names = [n for n, _ in find_targets(model, "all-linear")]
+    scores = type_scores(nfn_scores(model, names, train_loader, 1, seed))
+    ranked = choose_types(scores, len(scores))
+    types = {"lowest": ranked[:PLOP_TYPES], "highest": ranked[-PLOP_TYPES:],
+             "attention": ATTENTION[model_name], "mlp": MLP[model_name]}[arm.placement or ""]
+    chosen = [n for n in names if module_type(n) in types]
+    io = {n: sum(linear_shape(model.get_submodule(n))) for n in names}
+    return chosen, max(1, round(r * sum(io.values()) / sum(io[n] for n in chosen))), scores
+
+
 def batches_for(task: str, tokenizer: Any, seed: int, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Train, test and tiny-validation loaders for ``task`` (the same for every arm of a seed). The
     validation batch (Fast Forward's stopping rule; otherwise only the loop's end-of-run loss) is held
@@ -170,7 +210,17 @@ def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[st
     model, tok = load_model(model_name, task="seq-cls" if kind == "cls" else "causal-lm",
                             **({"num_labels": _labels(task)} if kind == "cls" else {}))
     train_loader, test_loader, val_loader = batches_for(task, tok, seed, args)
-    prepare_model(model, arm.method, targets=TARGETS[model_name], init_data=train_loader, seed=seed, **arm.options)
+    targets, options, extra = TARGETS[model_name], dict(arm.options), {}
+    if arm.budget == "place":
+        targets = "all-linear"
+        if arm.placement is not None:
+            chosen, rank, scores = placed(model, model_name, arm, args.r, train_loader, seed)
+            options["r"] = rank
+            targets = "all-linear" if arm.method == "plop" else chosen
+            extra = {"placed_layers": chosen, "placed_rank": rank, "nfn": scores}
+    prepare_model(model, arm.method, targets=targets, init_data=train_loader, seed=seed, **options)
+    if extra and sorted(n for n, _ in rw.adapter_layers(model)) != sorted(extra["placed_layers"]):
+        raise RuntimeError(f"{arm.label}: the adapted layers differ from the predicted placement")
     lr = LR[model_name] * (arm.lr if arm.lr is not None else 1.0)
     cfg = TrainConfig(lr=lr, max_steps=args.steps, warmup_steps=max(1, args.steps // 10),
                       schedule="linear", seed=seed, device="cpu", progress=False,
@@ -190,6 +240,7 @@ def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[st
         "budget_params": sum(rk * io for rk, io in ranks.values()),
         "loss_curve": [h["loss"] for h in result.history if "loss" in h],
         "train_time_s": time.perf_counter() - t0,
+        **extra,
     }
 
 
@@ -207,7 +258,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs.jsonl"
-    arms = alloc_arms(args.r, args.steps) if args.study == "alloc" else dyn_arms(args.r, args.steps)
+    arms = {"alloc": alloc_arms, "dyn": dyn_arms, "place": place_arms}[args.study](args.r, args.steps)
     if args.arms:
         arms = [a for a in arms if a.label in args.arms or a.method in args.arms]
     done = done_keys(runs)
@@ -248,7 +299,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"study": study, "task": task, "arm": arm, "budget": rs[0]["budget"], "n": len(rs),
                     "metric_name": rs[0]["metric_name"], "mean": m, "ci": h, "budget_params": b,
                     "final_loss": statistics.fmean(statistics.fmean(r["loss_curve"][-10:]) for r in rs)})
-    levels = ["100%", "70%", "L1", "dyn"]
+    levels = ["100%", "70%", "L1", "dyn", "place"]
     return sorted(out, key=lambda s: levels.index(s["budget"]) if s["budget"] in levels else len(levels))
 
 
@@ -306,6 +357,25 @@ def loss_curves(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
     return True
 
 
+def placements(rows: list[dict[str, Any]], task: str) -> list[str]:
+    """Markdown lines: the module types' NFN and, per placement arm, its types and rank (first seed run)."""
+    from rankwise.adapters.plop import module_type
+
+    sel = [r for r in rows if r["task"] == task and r["study"] == "place" and "placed_layers" in r]
+    if not sel:
+        return []
+    first = min(sel, key=lambda r: r["seed"])
+    nfn = ", ".join(f"{t} {v:.3f}" for t, v in sorted(first["nfn"].items(), key=lambda kv: kv[1]))
+    lines = [f"NFN per module type (seed {first['seed']}, lowest first): {nfn}.", ""]
+    for arm in dict.fromkeys(r["arm"] for r in sel):
+        runs = [r for r in sel if r["arm"] == arm]
+        kinds = {tuple(sorted(dict.fromkeys(module_type(n) for n in r["placed_layers"]))) for r in runs}
+        ranks = sorted({r["placed_rank"] for r in runs})
+        lines.append(f"- {arm}: {' | '.join(', '.join(k) for k in sorted(kinds))} at rank "
+                     f"{', '.join(map(str, ranks))} ({len(kinds)} distinct placement(s) over {len(runs)} seeds)")
+    return lines + [""]
+
+
 def _short(name: str) -> str:
     return name.replace("encoder.layer.", "L").replace("model.layers.", "L").replace("attention.self.", "")
 
@@ -325,20 +395,22 @@ def report(out: Path) -> str:
              "Mean ± half-width of the 95% Student-t interval over seeds (n = seeds). *budget* is "
              "Σ_l rank(ΔW_l)·(in_l + out_l) at the end of training, in parameters.", ""]
     for task in TASKS:
-        for study in ("alloc", "dyn"):
+        for study in ("alloc", "dyn", "place"):
             sel = [s for s in summary if s["task"] == task and s["study"] == study]
             if not sel:
                 continue
             name = sel[0]["metric_name"]
             steps = next(r["steps"] for r in rows if r["task"] == task and r["study"] == study)
-            lines += [f"## {task}: {'rank allocation' if study == 'alloc' else 'training dynamics'} "
-                      f"({steps} steps)", "",
+            title = {"alloc": "rank allocation", "dyn": "training dynamics", "place": "placement (PLoP)"}[study]
+            lines += [f"## {task}: {title} ({steps} steps)", "",
                       markdown_table([{**s, "metric_ci": f"{s['mean']:.4f} ± {s['ci']:.4f}"} for s in sel],
                                      _columns(name)), ""]
             if study == "alloc" and heatmap(rows, task, out / f"ranks_{task}.png"):
                 lines += [f"![final per-layer ranks on {task}](ranks_{task}.png)", ""]
             if study == "dyn" and loss_curves(rows, task, out / f"loss_{task}.png"):
                 lines += [f"![loss curves on {task}](loss_{task}.png)", ""]
+            if study == "place":
+                lines += placements(rows, task)
     text = "\n".join(lines)
     write_text(out / "report.md", text)
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -347,7 +419,7 @@ def report(out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--study", choices=("alloc", "dyn"), default="alloc")
+    p.add_argument("--study", choices=("alloc", "dyn", "place"), default="alloc")
     p.add_argument("--task", choices=tuple(TASKS), default="bbc")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="*", help="only these arm labels or methods")

@@ -39,9 +39,10 @@ _BLOCK = re.compile(r"^.*?\.\d+\.")
 
 @dataclass
 class PLoPConfig(LoRAConfig):
-    """LoRA options plus PLoP's: ``plop_types`` the number of module types that get adapters (the lowest NFN)."""
+    """LoRA options plus PLoP's: ``plop_types`` the number of module types that get adapters (the lowest NFN;
+    3 as in the paper, e.g. value, output and down projections on Llama-3.2)."""
 
-    plop_types: int = 2
+    plop_types: int = 3
 
     def validate(self) -> None:
         super().validate()
