@@ -149,35 +149,42 @@ def sparse_controller(method: str, model: torch.nn.Module, optimizer: torch.opti
 
 
 def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = None, rank: int = 0,
-                   world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   world: int = 1, out: Path | None = None, stop: int | None = None, resume: bool = False,
+                   init_seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``rankwise.train`` (AdamW, lr 1e-2) with the method's controller of the float64 tiny Llama adapted
     with ``method``, or, for a structured controller (:data:`SPARSE_CONTROLLERS`), ``rw.sparsify``-ed with
     ``kwargs["sparsify"]`` (Cuttlefish: with attention biases) and the controller built on the optimizer with the
     other ``kwargs``; an adapter without a controller trains with what the loop attaches (its training
     callbacks or optimizer). With ``mesh`` sharded with FSDP2 and trained on this rank's slice of every batch,
     else on the whole batches (the reference). Returns the final full weights (with the buffers) and the loop's
-    log (the controllers' rank records), the final trainable shapes and the controller's ``state_dict``."""
+    log (the controllers' rank records), the final trainable shapes and the controller's ``state_dict``.
+    ``out``: a checkpoint every 2 steps there (DCP under ``torch.distributed``); ``stop``: stop after that step;
+    ``resume``: resume from ``out`` (the fresh model is resized to the checkpoint before it is sharded,
+    :func:`rankwise.train.reshape_for_resume`); ``init_seed``: the model's initialisation."""
     import rankwise as rw
     from rankwise.batches import default_loss
     from rankwise.cli.distributed import RankSlices
-    from rankwise.train import TrainConfig
+    from rankwise.train import TrainConfig, reshape_for_resume
     from rankwise.train import train as run
 
     kwargs = dict(kwargs)
     options, d2 = kwargs.pop("sparsify", {}), kwargs.pop("d2_data", False)
     if method in SPARSE_CONTROLLERS:
         if SPARSE_CONTROLLERS[method] is None:
-            model: torch.nn.Module = make_model()
+            model: torch.nn.Module = make_model(init_seed)
         else:  # Cuttlefish with biases: they carry on past the factorization
-            model = structured_model("sparsify", SPARSE_CONTROLLERS[method], options,
+            model = structured_model("sparsify", SPARSE_CONTROLLERS[method], options, seed=init_seed,
                                      attention_bias=method == "cuttlefish")
     else:
-        model = structured_model("adapt", method, kwargs)
+        model = structured_model("adapt", method, kwargs, seed=init_seed)
     batches: Any = make_batches(steps)
+    saving = {"checkpoint_every": 2, "output_dir": str(out)} if out is not None else {}
+    cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False, **saving)
+    if resume:  # resized to the checkpoint's shapes while still whole, then sharded
+        reshape_for_resume(model, str(out), batches, cfg)
     if mesh is not None:
         shard(model, mesh)
         batches = RankSlices(batches, rank, world)
-    cfg = TrainConfig(max_steps=steps, lr=1e-2, device=None, progress=False, measure_memory=False)
     optimizer, loss_fn, controllers = None, None, []
     if method in SPARSE_CONTROLLERS:  # a callback built on the optimizer (after sharding)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -202,7 +209,9 @@ def controlled_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any = 
         from rankwise.adapters.rank_control import MethodControllers
 
         controllers.append(MethodControllers(model, ["default"]))
-    result = run(model, batches, config=cfg, callbacks=controllers, optimizer=optimizer, loss_fn=loss_fn)
+    callbacks = [*controllers, *([_StopAt(stop)] if stop else [])]  # the controller first: states pair by position
+    result = run(model, batches, config=cfg, callbacks=callbacks, optimizer=optimizer, loss_fn=loss_fn,
+                 resume_from=str(out) if resume else None)
     shapes = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     frozen_grads = sorted(n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # index sets, masks, running statistics
@@ -332,6 +341,14 @@ def run(args: argparse.Namespace) -> None:
                 torch.save(weights, out / f"{tag}.pt")
                 torch.save(info.pop("controller"), out / f"{tag}_controller.pt")
                 (out / f"{tag}.json").write_text(json.dumps(info))
+        elif mode == "controlled-resume":  # the same, stopped after step 3 and resumed from its DCP checkpoint
+            straight, first = controlled_run(method, kwargs, steps, mesh, rank, world, out=out / f"{tag}_a")
+            controlled_run(method, kwargs, steps, mesh, rank, world, out=out / f"{tag}_b", stop=3)
+            resumed, info = controlled_run(method, kwargs, steps, mesh, rank, world, out=out / f"{tag}_b",
+                                           resume=True, init_seed=1)
+            if rank == 0:
+                torch.save({"straight": straight, "resumed": resumed, "straight_controller": first["controller"],
+                            "resumed_controller": info["controller"]}, out / f"{tag}_resume.pt")
         elif mode == "rsvd":  # the rsvd projector's range finder on a row-sharded matrix (never gathered)
             from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -605,7 +622,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["parity", "structured", "controlled", "zero", "rsvd", "loop", "reshape",
-                                         "dcp-save", "dcp-load"])
+                                         "dcp-save", "dcp-load", "controlled-resume"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)
