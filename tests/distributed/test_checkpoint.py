@@ -25,14 +25,18 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=str(available())
 
 TOL = 1e-8
 SPLIT = 3
+# The projected cases pin the exact SVD: with the default rsvd (a float32 range finder, bf16 power iterations on
+# AVX-512 CPUs) the third refresh (step 4) of the sharded and the one-process run picked bases whose runs end
+# 9e-4 apart on this tiny model — rounding of the range finder, not of the checkpoint, which this file tests
+# (with the exact SVD: 3e-16). Parity with rsvd over two refreshes is in test_fsdp.py.
 CASES = {  # tag -> (method, kwargs, steps, split)
-    "galore": ("galore", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 5, SPLIT),
+    "galore": ("galore", {"rank": 4, "lr": 1e-2, "update_gap": 2, "projector": "svd"}, 5, SPLIT),
     "apollo": ("apollo", {"rank": 4, "lr": 1e-2, "update_gap": 2}, 5, SPLIT),
     "badam": ("badam", {"lr": 1e-2, "switch_every": 2, "order": "random", "seed": 3}, 5, SPLIT),
     "badam_at_switch": ("badam", {"lr": 1e-2, "switch_every": 2, "order": "random", "seed": 3}, 5, 2),
     "lisa": ("lisa", {"lr": 1e-2, "n_layers": 1, "switch_every": 2, "seed": 3}, 5, SPLIT),
     "owlore": ("owlore", {"lr": 1e-2, "rank": 4, "n_layers": 1, "switch_every": 2, "update_gap": 2,
-                          "outlier_threshold": 3.0, "seed": 3}, 5, SPLIT),
+                          "outlier_threshold": 3.0, "seed": 3, "projector": "svd"}, 5, SPLIT),
 }
 
 

@@ -32,14 +32,30 @@ CASES = {  # the adapter controllers of test_controllers.py, over 6 steps (ranks
     "autolora": {"targets": QV, "r": 4},
     "drs_lora": {"targets": QV, "r": 4, "max_kappa": 0.3, "kappa_steps": 2, "dense_fraction": 0.25},
 }
+MLP = ["gate_proj", "up_proj", "down_proj"]
+STRUCTURED = {  # rw.sparsify's controllers (test_structured_controllers.py), acting at steps 2, 4 and 6
+    "relora": {"sparsify": {"rank": 4}, "merge_every": 2},
+    "sst": {"sparsify": {"rank": 2, "targets": MLP}, "iteration_steps": 1, "iterations_per_round": 2},
+    "trp": {"energy": 0.9, "period": 2, "nuclear_weight": 1e-3},
+    "maestro": {"lasso": 1e-3, "shrink_threshold": 0.05, "shrink_every": 2},
+    "refactor_reset": {"sparsify": {"rank": 4}, "refactor_every": 2},
+    "lte": {"sparsify": {"heads": 1, "rank": 2}, "merge_every": 2},
+}
+R4 = {"targets": QV, "r": 4}
+CALLBACKS = {  # the training-dynamics adapters' loop callbacks (test_training_callbacks.py)
+    "bilora": R4, "allora": R4, "ba_lora": R4, "cola": {**R4, "chain_every": 2}, "fast_forward": {**R4, "ff_every": 2},
+    "lamda": R4, "lora_ggpo": R4, "pst": R4, "roselora": R4, "sorsa": R4, "lora_dropout": R4, "loft": R4,
+    "lora_pro": R4, "loraplus": R4, "riemannlora": R4,
+}
+ALL = {**CASES, **STRUCTURED, **CALLBACKS}
 
 
 @pytest.fixture(scope="module")
 def resume_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_controller_resume")
     # one torchrun launch, 3 short runs per method (~30 s on 2 busy cores)
-    launch("controlled-resume", [{"tag": m, "method": m, "kwargs": kw, "steps": STEPS} for m, kw in CASES.items()],
-           out, timeout=600.0)
+    launch("controlled-resume", [{"tag": m, "method": m, "kwargs": kw, "steps": STEPS} for m, kw in ALL.items()],
+           out, timeout=900.0)
     return out
 
 
@@ -54,7 +70,7 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", list(ALL))
 def test_controller_resumed_under_fsdp2_is_bit_exact(resume_dir, method):
     saved = torch.load(resume_dir / f"{method}_resume.pt", weights_only=False)
     straight, resumed = saved["straight"], saved["resumed"]

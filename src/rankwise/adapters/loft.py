@@ -39,7 +39,7 @@ from torch import nn
 
 from ..checks import positive
 from .lora import LoRAConfig, LoRALayer
-from .lora_pro import lora_layers_and_params, pair_groups, paired_step
+from .lora_pro import PairOptimizer, lora_layers_and_params, pair_groups, paired_step
 from .registry import MethodSpec, register
 
 
@@ -68,7 +68,7 @@ def second_moment(other: torch.Tensor, p: torch.Tensor, is_a: bool) -> torch.Ten
     return torch.einsum("rj,irs,sj->ij", other, p, other).clamp(min=0)
 
 
-class LoFTAdamW(torch.optim.Optimizer):
+class LoFTAdamW(PairOptimizer):
     """LoFT's AdamW (module doc). ``pairs``: ``(A, B)`` of every LoRA layer (scale 1), also listed in
     ``params``; the other parameters take plain AdamW steps. ``damping`` δ, ``alternate``: one factor
     per step (B first)."""

@@ -127,6 +127,23 @@ def gathered(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Iterato
                 optimizer.state[p] = optimizer.state.pop(q)
 
 
+class PairOptimizer(torch.optim.Optimizer):
+    """Base of the pair optimizers (LoRA-Pro, LoFT, RiemannLoRA), whose state is computed in float32 whatever the
+    factors' dtype. ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
+    dtype, which would round bf16 factors' moments on a resume (no longer the uninterrupted run) and give float64
+    factors' moments another dtype than the step's: here the loaded state keeps the dtypes it was saved with."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"]), strict=True))
+        for i, saved in state_dict["state"].items():
+            state = self.state[params[i]]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key in state and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=state[key].device, copy=True)
+
+
 def paired_step(optimizer: torch.optim.Optimizer, closure: Any, key: str,
                 pair_group: Callable[[dict[str, Any]], None]) -> Any:
     """One step of an optimizer built by :func:`pair_groups` (LoRA-Pro, LoFT, RiemannLoRA): ``pair_group(group)``
@@ -149,7 +166,7 @@ def paired_step(optimizer: torch.optim.Optimizer, closure: Any, key: str,
     return loss
 
 
-class LoRAProAdamW(torch.optim.Optimizer):
+class LoRAProAdamW(PairOptimizer):
     """LoRA-Pro with AdamW (module doc). ``pairs``: ``(A, B, s)`` of every LoRA layer, also listed in
     ``params``; the other parameters of ``params`` take plain AdamW steps. ``pro_eps`` damps BᵀB, AAᵀ."""
 

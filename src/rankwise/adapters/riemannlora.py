@@ -33,7 +33,7 @@ from torch import nn
 from ..checks import choice, fraction, positive
 from .init import INITS, lora_inits
 from .lora import LoRAConfig, LoRALayer
-from .lora_pro import lora_layers_and_params, pair_groups, paired_step
+from .lora_pro import PairOptimizer, lora_layers_and_params, pair_groups, paired_step
 from .registry import MethodSpec, register
 
 __all__ = ["RiemannLoRAConfig", "RiemannLoRASGD", "retract", "riemannlora_optimizer", "tangent"]
@@ -83,7 +83,7 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, d: Tangent, lr: f
     return torch.cat([u, q_u], 1) @ p[:, :r], sigma[:r], torch.cat([v, q_v], 1) @ qh[:r].T
 
 
-class RiemannLoRASGD(torch.optim.Optimizer):
+class RiemannLoRASGD(PairOptimizer):
     """Riemannian SGD with heavy-ball momentum on the fixed-rank manifold (module doc). ``pairs``: the
     ``(A, B, s)`` of every LoRA layer, also listed in ``params``; the other parameters take AdamW steps
     (``betas``, ``eps``). ``momentum`` β; ``weight_decay`` λ shrinks X by (1 − ηλ) (and the other

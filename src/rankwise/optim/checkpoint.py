@@ -53,7 +53,8 @@ def _check_supported(optimizer: Optimizer) -> None:
 
 def optimizer_state_dict(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with the model's parameter names as keys (in ``state`` and in each
-    group's ``params``); every other entry (a sampler's ``"sampler"``) is kept. No step is run."""
+    group's ``params``; an empty state left out); every other entry (a sampler's ``"sampler"``) is kept.
+    No step is run."""
     _check_supported(optimizer)
     osd = optimizer.state_dict()
     names = _names(model)
@@ -66,7 +67,9 @@ def optimizer_state_dict(model: nn.Module, optimizer: Optimizer) -> dict[str, An
         raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the model")
     to_name = {k: names[id(p)] for k, p in zip(keys, params, strict=True)}
     out = {k: v for k, v in osd.items() if k not in _MAIN}
-    out["state"] = {to_name[k]: v for k, v in osd["state"].items()}
+    # an emptied state (``optimizer.state[p].clear()``: SST's resampling, a controller's reset) is no state —
+    # the next step re-creates it either way — and has no tensors for DCP to save, so it is left out
+    out["state"] = {to_name[k]: v for k, v in osd["state"].items() if v}
     out["param_groups"] = [{**g, "params": [to_name[k] for k in g["params"]]} for g in osd["param_groups"]]
     return out
 
@@ -112,11 +115,16 @@ def _stepper(optimizer: Optimizer) -> Optimizer:
 
 
 @torch.no_grad()
-def _prime(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
-    """Create the state of ``params`` with the structure a step creates: zero gradients on them
-    only, lr 0, one step (torch.distributed.checkpoint's ``_init_optim_state``), of a sampler's
-    inner optimizer."""
+def _prime(optimizer: Optimizer, wanted_params: list[torch.Tensor]) -> None:
+    """Create the state of ``wanted_params`` (and only theirs) with the structure a step creates: zero
+    gradients, lr 0, one step (torch.distributed.checkpoint's ``_init_optim_state``), of a sampler's inner
+    optimizer. Every parameter the step visits gets the zero gradient, not only the wanted ones: a pair
+    optimizer (LoRA-Pro, RiemannLoRA) keeps a pair's state on A but steps the pair only when B has a
+    gradient too; the other states are dropped afterwards."""
     stepper = _stepper(optimizer)
+    wanted = {id(p) for p in wanted_params}
+    visited = [q for g in stepper.param_groups for q in g["params"]]
+    params = list({id(p): p for p in [*wanted_params, *visited]}.values())
     if any(p.grad is not None for p in params):
         raise ValueError("load() needs an optimizer whose parameters hold no gradient; call zero_grad() first")
     for p in params:
@@ -131,7 +139,6 @@ def _prime(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
             g["lr"] = lr
         for p in params:
             p.grad = None
-    wanted = {id(p) for p in params}
     for p in list(optimizer.state):  # the projected engine writes a seed for every awake parameter
         if id(p) not in wanted:
             del optimizer.state[p]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,14 @@ class Maestro(RankController):
         if self.lasso > 0:
             total = total + self.lasso * self.group_lasso()
         return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter and the truncation sampler's generator (the kept widths are the model's buffers)."""
+        return {"steps": self.steps, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.generator.set_state(state["generator"])
 
     def step(self) -> None:
         """After ``optimizer.step()``: progressive shrinking every ``shrink_every`` steps (if enabled)."""

@@ -22,6 +22,7 @@ Call :class:`SST` ``.step()`` after every ``optimizer.step()``, or pass it to
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,14 @@ class SST(RankController):
         elif state.optimizer is not self.optimizer:
             raise ValueError("SST resets the state of the optimizer it was built with: pass that one to "
                              "train(..., optimizer=...)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the sampling generator (the active sets and Σ are the model's buffers and parameters)."""
+        return {"steps": self.steps, "iterations": self.iterations, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.iterations = int(state["steps"]), int(state["iterations"])
+        self.generator.set_state(state["generator"])
 
     def step(self) -> None:
         """Project (Σ ≥ 0, unit vectors); at iteration ends resample I and reset its state; at round ends re-SVD."""

@@ -16,6 +16,8 @@ call :class:`TRP` ``.step()`` after every ``optimizer.step()`` and :func:`decomp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,6 +120,24 @@ class TRP(RankController):
         """Truncate every layer by the energy criterion; returns the per-layer ranks."""
         self.ranks = {name: layer.low_rank_approx_(self.energy) for name, layer in self.layers}
         return self.ranks
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter, the ranks and each layer's pending nuclear sub-gradient (whole; None after a step
+        that was not a TRP step)."""
+        return {"steps": self.steps, "ranks": dict(self.ranks),
+                "layers": {name: {"last_rank": layer.last_rank,
+                                  "subgradient": None if layer.subgradient is None else layer.subgradient.clone()}
+                           for name, layer in self.layers}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(state["layers"]) != sorted(name for name, _ in self.layers):
+            raise ValueError("TRP state is of other layers than this model's TRPLinear layers")
+        self.steps, self.ranks = int(state["steps"]), dict(state["ranks"])
+        for name, layer in self.layers:
+            saved = state["layers"][name]
+            layer.last_rank = int(saved["last_rank"])
+            sub = saved["subgradient"]
+            layer.subgradient = None if sub is None else sub.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
     def step(self) -> None:
         """After ``optimizer.step()``: the next step is a TRP step when ``steps % period == 0``."""
