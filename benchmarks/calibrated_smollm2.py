@@ -1,8 +1,9 @@
 """The calibrated one-shot methods on SmolLM2-135M: held-out perplexity of ``slicegpt`` (slicing 10 /
 20 / 30 % of the hidden width; PCA bases against random orthogonal bases) and ``dsnot`` (50 / 60 %
 unstructured sparsity; the Wanda mask alone, ``max_cycles=0``, against DSnoT's refinement), ``modegpt``
-(90 / 80 % of every module's inner dimension) and ``spqr`` (3-bit groups of 16 without and with the
-fp16 outliers; 4-bit groups without outliers), against the dense model.
+(90 / 80 % of every module's inner dimension), ``spqr`` (3-bit groups of 16 without and with the
+fp16 outliers; 4-bit groups without outliers) and ``ecoflap`` (50 % sparsity, its zeroth-order block
+sparsities against Wanda at one uniform sparsity on the same batches), against the dense model.
 
 Calibration: ``--calibration`` seeded batches of 4×128 tokens from the BBC + stdlib-code train splits
 (``compress_smollm2.train_batches``). Held-out: the first ``--eval-blocks`` 128-token blocks of the
@@ -12,6 +13,7 @@ BBC and stdlib-code test splits (as ``compress_smollm2.py``).
     python benchmarks/calibrated_smollm2.py --method dsnot --threads 1      # results/dsnot_smollm2.{json,md}
     python benchmarks/calibrated_smollm2.py --method modegpt --threads 1    # results/modegpt_smollm2.{json,md}
     python benchmarks/calibrated_smollm2.py --method spqr --threads 1       # results/spqr_smollm2.{json,md}
+    python benchmarks/calibrated_smollm2.py --method ecoflap --calibration 2 --threads 1  # ecoflap_smollm2.*
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ RUNS = {
     "modegpt": [(0.9, {}), (0.8, {})],
     # ratio unused: 3-bit GPTQ groups without / with outliers, and 4-bit groups without outliers
     "spqr": [(1.0, {"threshold": None}), (1.0, {}), (1.0, {"bits": 4, "threshold": None})],
+    # block sparsities from zeroth-order scores, then Wanda in each layer; the control: Wanda at one uniform
+    # sparsity (DSnoT without its refinement cycles) on the same calibration batches
+    "ecoflap": [(0.5, {}), (0.5, {"max_cycles": 0}, "dsnot")],
 }
 
 
@@ -57,6 +62,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "default"
+        if r.get("method", cfg["method"]) != cfg["method"]:
+            opts = f"{r['method']} {opts} (control)"
         if "bits_per_param" in r["details"]:
             opts += f" ({r['details']['bits_per_param']:.2f} bits/param)"
         lines.append(f"| {r['ratio']} | {opts} | {r['kept_fraction']:.3f} | {r['parameters'] / 1e6:.1f}M "
@@ -83,12 +90,13 @@ def main() -> None:
               "base": {"parameters": total_params(base), "ppl": evaluate_corpora(base, None, blocks=blocks)},
               "rows": []}
     print(result["base"])
-    for ratio, options in RUNS[args.method]:
+    for ratio, options, *other in RUNS[args.method]:
+        method = other[0] if other else args.method  # a control row may run another method
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        rw.compress(model, args.method, ratio=ratio, data=batches, **options)
+        rw.compress(model, method, ratio=ratio, data=batches, **options)
         state = model.rankwise_compress
-        row = {"ratio": ratio, "options": options, "parameters": total_params(model),
+        row = {"ratio": ratio, "method": method, "options": options, "parameters": total_params(model),
                "kept_fraction": state.kept_fraction, "seconds": round(time.perf_counter() - t0, 1),
                "details": {k: v for k, v in state.details.items() if k not in ("mean_error", "outliers")},
                "ppl": evaluate_corpora(model, None, blocks=blocks)}
