@@ -99,6 +99,11 @@ def alloc_arms(r: int, steps: int) -> list[Arm]:
             Arm(f"increlora 2→{target}", "increlora",
                 {"r": 2, "target_r": target, "init_warmup": warm, "incre_interval": 3, "top_h": 8,
                  "incre_rank_num": 2}, budget),
+            # IncreLoRA growing 3× faster (24 ranks every 2 steps): reaches the budget of SmolLM2's 60 q/v layers
+            # within 40 steps, where the BBC settings' 23 growth rounds need 72 (the controller refuses those)
+            Arm(f"increlora 2→{target} fast", "increlora",
+                {"r": 2, "target_r": target, "init_warmup": warm, "incre_interval": 2, "top_h": 12,
+                 "incre_rank_num": 2}, budget),
             Arm(f"dylora r{r}@{target}", "dylora", {"r": r}, budget, truncate=target),
             Arm(f"gora r{target}", "gora", {"r": target}, budget),
             Arm(f"elalora r{target}", "elalora",
