@@ -239,12 +239,18 @@ def set_parameter(model: nn.Module, module: nn.Module, name: str, value: torch.T
         raise NotImplementedError(f"re-sharding {name!r} placed {old.fsdp_placement} (only Shard(0))")
     fp = _build(group, module, name, value.to(p.dtype), p.requires_grad)
     p.grad = None
-    torch.utils.swap_tensors(p, fp.sharded_param)  # p holds the new shards; the optimizer keeps p
-    fp.sharded_param = p
-    fp._setattr_on_modules(p)
+    _adopt(fp, p)  # p holds the new shards; the optimizer keeps p
     fp._param_fqn = old._param_fqn
     old._post_load_hook_handle.remove()
     group.fsdp_params[i] = fp
+
+
+def _adopt(fp: Any, p: nn.Parameter) -> None:
+    """The existing Parameter object ``p`` takes FSDP2 entry ``fp``'s new sharded tensor and becomes that entry's
+    parameter on its modules (references to ``p``, the optimizer's included, stay valid)."""
+    torch.utils.swap_tensors(p, fp.sharded_param)
+    fp.sharded_param = p
+    fp._setattr_on_modules(p)
 
 
 def _join(group: Any, module: nn.Module, name: str, keep: nn.Parameter | None = None) -> nn.Parameter:
@@ -253,9 +259,7 @@ def _join(group: Any, module: nn.Module, name: str, keep: nn.Parameter | None = 
     value = getattr(module, name)
     fp = _build(group, module, name, value.detach(), value.requires_grad)
     if keep is not None:
-        torch.utils.swap_tensors(keep, fp.sharded_param)
-        fp.sharded_param = keep
-        fp._setattr_on_modules(keep)
+        _adopt(fp, keep)
     fp._param_fqn = name
     group.fsdp_params.append(fp)
     return fp.sharded_param
