@@ -2,10 +2,11 @@
 
 Reads the committed results (nothing is recomputed): ``compress_smollm2.json`` (SVD, WeLore, LoRD, LoRD with
 data, LoRAPrune; each also after its short recovery fine-tuning), ``slicegpt_smollm2.json``,
-``dsnot_smollm2.json``, ``modegpt_smollm2.json`` (calibrated, training-free) and ``spqr_smollm2.json`` (4-bit-class
-quantization: not a weight ratio, so in the table with its bits per parameter). The x axis is the kept fraction
-of the compressed weights as each benchmark counts it (SliceGPT's includes its added shortcut matrices, so its
-0.9 setting keeps more than the dense model); the y axis the held-out perplexity (log), BBC News and stdlib code.
+``dsnot_smollm2.json``, ``modegpt_smollm2.json``, ``ecoflap_smollm2.json`` (calibrated, training-free) and
+``spqr_smollm2.json`` (4-bit-class quantization: not a weight ratio, so in the table with its bits per
+parameter). The x axis is the kept fraction of the compressed weights as each benchmark counts it (SliceGPT's
+includes its added shortcut matrices, so its 0.9 setting keeps more than the dense model); the y axis the
+held-out perplexity (log), BBC News and stdlib code.
 
     python benchmarks/compression_overview.py   # writes benchmarks/results/compression_overview.{md,png}
 """
@@ -19,7 +20,7 @@ from typing import Any
 from rankwise.report import Column, markdown_table, save_figure, write_text
 
 RESULTS = Path(__file__).parent / "results"
-CALIBRATED = ("slicegpt", "dsnot", "modegpt")
+CALIBRATED = ("slicegpt", "dsnot", "modegpt", "ecoflap")
 
 
 def rows() -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -34,7 +35,10 @@ def rows() -> tuple[dict[str, float], list[dict[str, Any]]]:
     for name in CALIBRATED:
         for r in json.loads((RESULTS / f"{name}_smollm2.json").read_text())["rows"]:
             variant = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
-            out.append({"method": name + (f" ({variant})" if variant else ""), "stage": "calibrated",
+            method = r.get("method", name)  # a control row of another method (ECoFLaP's uniform Wanda)
+            if method != name:
+                variant = f"{variant}; {name}'s control" if variant else f"{name}'s control"
+            out.append({"method": method + (f" ({variant})" if variant else ""), "stage": "calibrated",
                         "kept": r["kept_fraction"], **_ppl(r["ppl"])})
     for r in json.loads((RESULTS / "spqr_smollm2.json").read_text())["rows"]:
         variant = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
