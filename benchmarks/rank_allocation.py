@@ -346,12 +346,13 @@ def loss_curves(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm in dict.fromkeys(r["arm"] for r in sel):
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in sel)):
         curves = [r["loss_curve"] for r in sel if r["arm"] == arm]
         n = min(map(len, curves))
         mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
         smooth = [statistics.fmean(mean[max(0, i - 4): i + 1]) for i in range(n)]
-        ax.plot(range(1, n + 1), smooth, label=arm, lw=2.0 if arm == "lora" else 1.2)
+        ax.plot(range(1, n + 1), smooth, label=arm, lw=2.0 if arm == "lora" else 1.2,
+                color=plt.get_cmap("tab20")(i % 20))  # one colour per arm (tab10 repeats after 10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (5-step mean)")
     ax.set_title(f"{task}: training dynamics vs LoRA at equal steps", fontsize=9)
