@@ -325,8 +325,10 @@ def heatmap(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
         return False
     plt = _pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in sel))
-    layers = list(sel[0]["ranks"])
-    grid = [[statistics.fmean(r["ranks"][layer] for r in sel if r["arm"] == a) for a in arms] for layer in layers]
+    layers = list(dict.fromkeys(layer for r in sel for layer in r["ranks"]))  # ARD-LoRA adapts other modules
+    grid = [[statistics.fmean(r["ranks"][layer] for r in sel if r["arm"] == a)
+             if any(r["arm"] == a and layer in r["ranks"] for r in sel) else float("nan") for a in arms]
+            for layer in layers]
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(arms), 1.0 + 0.22 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(arms)), arms, rotation=60, ha="right", fontsize=7)
