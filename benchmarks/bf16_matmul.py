@@ -1,8 +1,8 @@
 """bfloat16 vs float32 matmul speed of the randomized range finder's power round, on this machine.
 
 The ``rsvd`` projector (docs/optimizers.md) runs its power round ``G·(Gᵀ·Q)`` in bfloat16 when
-``power_dtype="auto"`` finds native bf16 matmuls (a CUDA GPU with bf16, or a CPU whose torch
-capability is AVX512); elsewhere it stays in float32. This benchmark times that round in both dtypes
+``power_dtype="auto"`` finds a CUDA GPU with bf16, or when ``power_dtype="bfloat16"`` asks for it; on a
+CPU ``auto`` keeps float32. This benchmark times that round in both dtypes
 for SmolLM2-135M's weight shapes (rank 128 + 8 oversampling columns) and records the CPU capability
 and flags, so a speed claim in the docs has its measurement next to it.
 

@@ -404,15 +404,17 @@ POWER_DTYPES = ("auto", "float32", "bfloat16")
 
 def power_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """dtype of the range finder's power iterations (None = the float32 of A). ``auto`` picks bfloat16
-    where matmuls have native bf16 support (CUDA with bf16, CPUs with AVX-512), else float32: the
-    sketch only has to find the subspace, the Rayleigh-Ritz step and the projection stay in float32."""
+    on a CUDA device with bf16 (the sketch only has to find the subspace; the Rayleigh-Ritz step and the
+    projection stay in float32) and float32 on every CPU: a bf16 round on an AVX-512 CPU made a run's
+    bases depend on the machine (a sharded and a one-process run drifted apart by 9e-4 by the third
+    refresh, where float32 keeps them within 1e-8), so on CPU bf16 is opt-in (``"bfloat16"``)."""
     if name == "float32":
         return None
     if name == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512" else None
+    return None
 
 
 @_register
