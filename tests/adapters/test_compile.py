@@ -16,7 +16,7 @@ import torch
 
 import rankwise as rw
 
-from ..conftest import cls_batches, make_tiny_bert
+from ..conftest import cls_batches, make_tiny_bert, require_bnb_narrow_rows
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
 # not start at the full-precision base, which this matrix checks
@@ -115,6 +115,8 @@ def _randomized(model):
 def test_fullgraph_compile_of_stacked_adapters_and_a_4bit_base(kind):
     """Two named adapters on every layer (LoRA + DoRA, both active: the AdapterStack path) and LoRA over a
     bitsandbytes NF4 base compile in one graph, forward and backward equal to eager."""
+    if kind == "qlora":
+        require_bnb_narrow_rows()
     model = make_tiny_bert(0)
     if kind == "stacked":
         rw.adapt(model, "lora", r=4, name="a")

@@ -12,7 +12,7 @@ import rankwise as rw
 from rankwise.linalg import factor_shape, mpo_bond_dims, mpo_contract, mpo_decompose
 from rankwise.quant import dequantize
 
-from ..conftest import lm_batches, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama, require_bnb_narrow_rows
 from .peft_pairs import check_round_trip
 
 LAYER = "model.layers.0.mlp.gate_proj"  # 64 x 32
@@ -87,6 +87,7 @@ def test_save_load_round_trip_and_no_peft_export(tmp_path):
 
 
 def test_qdota_stores_the_residual_in_4_bit_and_reloads_it(tmp_path):
+    require_bnb_narrow_rows()
     base, data = make_tiny_llama(), lm_batches(n=1)
     w0 = base.get_submodule(LAYER).weight.detach().clone()
     model = rw.adapt(copy.deepcopy(base), "dota", r=4, quant_type="nf4")
@@ -103,6 +104,7 @@ def test_qdota_stores_the_residual_in_4_bit_and_reloads_it(tmp_path):
 
 
 def test_dota_over_a_quantized_base_writes_the_residual_back_in_4_bit():
+    require_bnb_narrow_rows()
     base = rw.quantize(make_tiny_llama())
     before = dequantize(base.get_submodule(LAYER)).float()
     layer = rw.adapt(base, "dota", r=4).get_submodule(LAYER)

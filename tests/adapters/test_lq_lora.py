@@ -11,6 +11,11 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
+
+@pytest.fixture(autouse=True)
+def _bnb_narrow_rows_quantize_correctly():
+    require_bnb_narrow_rows()
+
 import rankwise as rw  # noqa: E402
 from rankwise import quant  # noqa: E402
 from rankwise.adapters import knapsack  # noqa: E402
@@ -18,7 +23,7 @@ from rankwise.adapters.init import InitContext, quantized_low_rank  # noqa: E402
 from rankwise.adapters.lq_lora import LQLoRAConfig, allocate, candidate_errors, lq_lora_report  # noqa: E402
 from rankwise.quant import QuantConfig  # noqa: E402
 
-from ..conftest import lm_batches, make_tiny_llama  # noqa: E402
+from ..conftest import lm_batches, make_tiny_llama, require_bnb_narrow_rows  # noqa: E402
 
 CONFIGS = ("nf4-b32-dq", "nf4-b64-dq", "nf4-b256", "nf4-b512-dq")
 

@@ -149,7 +149,7 @@ def test_peft_add_weighted_adapter_loses_rslora_and_dora_where_rankwise_is_exact
         peft_error = float((_logits(pm) - reference).norm() / reference.norm())
         rw.merge_adapters(model, {"default": 1.0}, "linear")
         ours = float((_logits(model) - reference).norm() / reference.norm())
-        assert ours < 1e-6 < 1e-3 < peft_error, (method, ours, peft_error)
+        assert ours < 1e-5 < 1e-3 < peft_error, (method, ours, peft_error)  # float32 rounding: 1.1e-6 on AVX-512
 
 
 def test_bad_input_names_the_parameter(sources):

@@ -16,7 +16,7 @@ import torch
 
 import rankwise as rw
 
-from ..conftest import lm_batches, make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama, require_bnb_narrow_rows
 
 # the quantization family quantizes the layers it adapts (tests over a 4-bit base below)
 METHODS = sorted(
@@ -227,6 +227,7 @@ def test_errors_name_the_adapter():
 def test_named_adapters_share_a_4bit_base():
     """rw.quantize, then LoRA + DoRA: each alone equals the model holding only it, per-example
     adapters equal each alone, and unmerge gives the 4-bit codes back exactly."""
+    require_bnb_narrow_rows()
     pytest.importorskip("bitsandbytes")
     model = rw.quantize(make_tiny_llama(0))
     rw.adapt(model, "lora", r=RANK, name="a")

@@ -11,6 +11,11 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
+
+@pytest.fixture(autouse=True)
+def _bnb_narrow_rows_quantize_correctly():
+    require_bnb_narrow_rows()
+
 import bitsandbytes as bnb  # noqa: E402
 
 import rankwise as rw  # noqa: E402
@@ -18,7 +23,7 @@ from rankwise import quant  # noqa: E402
 from rankwise.adapters.init import InitContext, loftq_init  # noqa: E402
 from rankwise.adapters.lora import QLoRAConfig  # noqa: E402
 
-from ..conftest import lm_batches, make_tiny_llama  # noqa: E402
+from ..conftest import lm_batches, make_tiny_llama, require_bnb_narrow_rows  # noqa: E402
 
 
 def _logits(model, batch):

@@ -15,9 +15,16 @@ import rankwise as rw
 from rankwise.compress.finetune import finetune
 from rankwise.compress.lrec import distill_kl, model_kl
 
+from ..conftest import require_bnb_narrow_rows
 from .anisotropic import pattern_batches, trained_anisotropic_llama
 
 pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(autouse=True)
+def _bnb_narrow_rows_quantize_correctly():
+    require_bnb_narrow_rows()
+
 
 CALIBRATION = pattern_batches(4, seed=1)
 HELD_OUT = pattern_batches(4, seed=2)

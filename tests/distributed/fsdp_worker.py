@@ -278,7 +278,8 @@ def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, ti
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+    if done.returncode != 0 and ("terminate called without an active exception" in done.stderr
+                                 or "exitcode: -6" in done.stderr):
         # a worker aborted in a gloo thread (seen once on a heavily loaded 2-core machine; the same launch
         # passes when rerun): launch once more; a real failure fails again and reports both
         first = done.stderr[-2000:]
@@ -342,6 +343,10 @@ def run(args: argparse.Namespace) -> None:
                 torch.save(info.pop("controller"), out / f"{tag}_controller.pt")
                 (out / f"{tag}.json").write_text(json.dumps(info))
         elif mode == "controlled-resume":  # the same, stopped after step 3 and resumed from its DCP checkpoint
+            if rank == 0:  # a relaunch (launch retries an aborted one) starts from empty output folders
+                for part in ("_a", "_b"):
+                    shutil.rmtree(out / f"{tag}{part}", ignore_errors=True)
+            dist.barrier()
             straight, first = controlled_run(method, kwargs, steps, mesh, rank, world, out=out / f"{tag}_a")
             controlled_run(method, kwargs, steps, mesh, rank, world, out=out / f"{tag}_b", stop=3)
             resumed, info = controlled_run(method, kwargs, steps, mesh, rank, world, out=out / f"{tag}_b",
