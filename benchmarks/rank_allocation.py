@@ -216,12 +216,13 @@ def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[st
                             **({"num_labels": _labels(task)} if kind == "cls" else {}))
     train_loader, test_loader, val_loader = batches_for(task, tok, seed, args)
     targets, options, extra = TARGETS[model_name], dict(arm.options), {}
-    if arm.budget == "place":
+    if arm.budget == "place":  # candidates: every linear layer; PLoP picks among them itself
         targets = "all-linear"
         if arm.placement is not None:
             chosen, rank, scores = placed(model, model_name, arm, args.r, train_loader, seed)
             options["r"] = rank
-            targets = "all-linear" if arm.method == "plop" else chosen
+            if arm.method != "plop":
+                targets = chosen
             extra = {"placed_layers": chosen, "placed_rank": rank, "nfn": scores}
     prepare_model(model, arm.method, targets=targets, init_data=train_loader, seed=seed, **options)
     if extra and sorted(n for n, _ in rw.adapter_layers(model)) != sorted(extra["placed_layers"]):
@@ -348,13 +349,13 @@ def loss_curves(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in sel)):
+    for k, arm in enumerate(dict.fromkeys(r["arm"] for r in sel)):
         curves = [r["loss_curve"] for r in sel if r["arm"] == arm]
         n = min(map(len, curves))
         mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
         smooth = [statistics.fmean(mean[max(0, i - 4): i + 1]) for i in range(n)]
         ax.plot(range(1, n + 1), smooth, label=arm, lw=2.0 if arm == "lora" else 1.2,
-                color=plt.get_cmap("tab20")(i % 20))  # one colour per arm (tab10 repeats after 10)
+                color=plt.get_cmap("tab20")(k % 20))  # one colour per arm (tab10 repeats after 10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (5-step mean)")
     ax.set_title(f"{task}: training dynamics vs LoRA at equal steps", fontsize=9)

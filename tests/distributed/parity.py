@@ -38,23 +38,24 @@ def _discrete(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in h.items() if isinstance(v, int | str)} for h in history]
 
 
-def assert_same(got: Any, want: Any, where: str) -> None:
-    """``got`` equals ``want`` (nested dicts / lists; floating tensors to a relative 1e-6)."""
+def assert_same(got: Any, want: Any, where: str, exact: bool = False) -> None:
+    """``got`` equals ``want`` (nested dicts / lists; floating tensors and floats to a relative 1e-6, or bit for
+    bit with ``exact``)."""
     if torch.is_tensor(want):
-        assert torch.is_tensor(got) and got.shape == want.shape, where
-        if want.is_floating_point():
+        assert torch.is_tensor(got) and got.shape == want.shape and (not exact or got.dtype == want.dtype), where
+        if want.is_floating_point() and not exact:
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, msg=where)
         else:
             assert torch.equal(got, want), where
     elif isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), where
         for k in want:
-            assert_same(got[k], want[k], f"{where}.{k}")
+            assert_same(got[k], want[k], f"{where}.{k}", exact)
     elif isinstance(want, list | tuple):
         assert len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same(g, w, f"{where}[{i}]")
-    elif isinstance(want, float):
+            assert_same(g, w, f"{where}[{i}]", exact)
+    elif isinstance(want, float) and not exact:
         assert got == want or abs(got - want) <= 1e-6 * abs(want), where
     else:
         assert got == want, where

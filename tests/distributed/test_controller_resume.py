@@ -9,12 +9,11 @@ resume point as well as before it where the method allows.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
 from .fsdp_worker import available, launch
+from .parity import assert_same
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -59,17 +58,6 @@ def resume_dir(tmp_path_factory):
     return out
 
 
-def _equal(a: Any, b: Any) -> bool:
-    """Exact equality of nested containers of tensors and numbers."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
-
-
 @pytest.mark.parametrize("method", list(ALL))
 def test_controller_resumed_under_fsdp2_is_bit_exact(resume_dir, method):
     saved = torch.load(resume_dir / f"{method}_resume.pt", weights_only=False)
@@ -77,4 +65,4 @@ def test_controller_resumed_under_fsdp2_is_bit_exact(resume_dir, method):
     assert straight and straight.keys() == resumed.keys()
     different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
     assert not different, (method, different[:5])
-    assert _equal(saved["straight_controller"], saved["resumed_controller"]), method
+    assert_same(saved["resumed_controller"], saved["straight_controller"], method, exact=True)
