@@ -7,6 +7,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 import rankwise as rw
 from rankwise.bench import Experiment, from_peft_config, load_experiment, load_experiments, write_experiment
@@ -122,3 +123,28 @@ def test_steps_factor_scales_the_budget_and_leaves_default_fingerprints_alone():
     assert Experiment("a", "lora").fingerprint() != Experiment("a", "lora", steps_factor=2).fingerprint()
     with pytest.raises(ValueError, match="steps_factor=0"):
         Experiment("a", "lora", steps_factor=0)
+
+
+def test_every_cpu_smoke_controller_fits_the_profile_budget():
+    """An adapter whose controller checks its schedule against the run (IncreLoRA's growth rounds, AdaLoRA's
+    and ElaLoRA's phases, ...) is built on MiniLM with the cpu-smoke options at cpu-smoke's steps: an option
+    set that cannot fit would fail every run of the bench."""
+    from rankwise.adapters.rank_control import with_method_controllers
+    from rankwise.adapters.registry import get_method
+    from rankwise.bench.profiles import PROFILES, builtin_experiments
+    from rankwise.models import load_model
+
+    base, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+    steps = PROFILES["cpu-smoke"].steps
+    checked = []
+    for exp in builtin_experiments("cpu-smoke"):
+        if exp.method in ("none", "head"):
+            continue
+        spec = get_method(exp.method)
+        if spec.controller is None or spec.family == "quantization":
+            continue
+        model = rw.adapt(copy.deepcopy(base), exp.method, **resolve_budget(exp.options, steps))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with_method_controllers(model, [], opt, exp.steps(steps))
+        checked.append(exp.method)
+    assert {"adalora", "increlora", "elalora"} <= set(checked), checked

@@ -117,8 +117,23 @@ LM_OPTIMIZERS = ("adamw", "galore", "fira", "apollo", "apollo_mini", "q_galore",
 LM_ADAPTERS = ("lora", "dora", "rslora", "pissa", "olora", "vera", "lora_xs", "qlora")
 
 
-#: Adapters whose rank r is not the final one: AdaLoRA starts at 1.5× its target (the paper's ratio) and prunes.
-ADAPTER_OPTIONS = {"adalora": ({"r": 12, "target_r": ADAPTER_R}, "AdaLoRA: rank 12 pruned to 8 (the paper's 1.5x)")}
+#: Adapters whose rank r is not the final one: AdaLoRA starts at 1.5× its target (the paper's ratio) and prunes;
+#: IncreLoRA starts at 2 and grows, fast enough to reach its budget within cpu-smoke's 50 steps (its controller
+#: refuses a schedule whose growth rounds do not fit the run).
+ADAPTER_OPTIONS = {
+    "adalora": ({"r": 12, "target_r": ADAPTER_R}, "AdaLoRA: rank 12 pruned to 8 (the paper's 1.5x)"),
+    "increlora": ({"r": 2, "target_r": ADAPTER_R, "init_warmup": 5, "incre_interval": 2, "top_h": 12,
+                   "incre_rank_num": 2},
+                  "IncreLoRA: rank 2 grown to an average of 8 (24 ranks every 2 steps after 5 warm-up steps)"),
+}
+
+#: Adapters that need their own learning-rate grid (absolute; these run in cpu-smoke only), with the reason.
+ADAPTER_LR_GRIDS = {
+    "pst": ((1e-4, 3e-4, 1e-3),
+            "PST's update β·U·V starts from U ~ N(0, 1) (the authors' init), about √in times LoRA's A: at the adapter "
+            "grid's 2e-3 and above AdamW wrecks the model within a few steps (chance accuracy even at sparsity 0); "
+            "the authors fine-tune at 3e-5 to 5e-5"),
+}
 
 
 def _adapter_experiment(method: str) -> Experiment:
@@ -127,7 +142,8 @@ def _adapter_experiment(method: str) -> Experiment:
     spec = get_method(method)
     default = {"r": ADAPTER_R} if "r" in spec.config_cls.field_names() else {}
     options, note = ADAPTER_OPTIONS.get(method, (default, ""))
-    return Experiment(method, method, options, note=note)
+    grid, why = ADAPTER_LR_GRIDS.get(method, (None, ""))
+    return Experiment(method, method, options, lr_grid=grid, note="; ".join(n for n in (note, why) if n))
 
 
 def adapter_methods() -> list[str]:
