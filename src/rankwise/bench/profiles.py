@@ -125,6 +125,12 @@ ADAPTER_OPTIONS = {
     "increlora": ({"r": 2, "target_r": ADAPTER_R, "init_warmup": 5, "incre_interval": 2, "top_h": 12,
                    "incre_rank_num": 2},
                   "IncreLoRA: rank 2 grown to an average of 8 (24 ranks every 2 steps after 5 warm-up steps)"),
+    # ‖ΔW‖_F reaches λ·(column norm of W₀) after one step (B starts at 0 and every component is normalised), i.e.
+    # λ/√d_in of ‖W₀‖_F: PEFT's λ = 15 is 0.23 of it on a 4096-wide LLaMA but 0.77 on MiniLM (d_in 384), where it
+    # wrecks the model at every lr (chance accuracy); the same relative bound is λ = 15·√(384/4096) ≈ 4.6
+    "delora": ({"r": ADAPTER_R, "delora_lambda": 4.6},
+               "DeLoRA: λ = 4.6, PEFT's 15 scaled from a 4096-wide model to MiniLM's 384 (the same bound on "
+               "‖ΔW‖/‖W₀‖); at 15 it is at chance"),
 }
 
 #: Adapters that need their own learning-rate grid (absolute; these run in cpu-smoke only), with the reason.
