@@ -40,8 +40,9 @@ class TrainState:
 
     ``step`` counts finished optimizer steps (so in ``on_after_backward`` it is the 0-based index of
     the step being taken); ``log`` holds extra fields for the current step's history record.
-    ``eval_loader`` and ``loss_fn`` are the run's (None when it has none / uses ``model(**batch).loss``),
-    for methods that read held-out data while training (Fast Forward's tiny validation set).
+    ``eval_loader`` and ``loss_fn`` are the run's (None when it has none / uses ``model(**batch).loss``).
+    ``val_loader`` is the held-out data a method fits its own choices on while training (AutoLoRA's
+    selection variables, Fast Forward's stopping rule): ``train``'s ``val_loader``, else its ``eval_loader``.
     """
 
     model: nn.Module
@@ -57,6 +58,7 @@ class TrainState:
     log: dict[str, Any] = field(default_factory=dict)
     eval_loader: Any = None
     loss_fn: Any = None
+    val_loader: Any = None
 
 
 class Callback:

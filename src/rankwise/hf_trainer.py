@@ -169,6 +169,7 @@ class LoopCallbacks(transformers.TrainerCallback):
                 model=kwargs["model"], optimizer=_unwrapped(kwargs["optimizer"]), scheduler=kwargs.get("lr_scheduler"),
                 config=TrainConfig.plain(max(int(hf_state.max_steps), 1)), total_steps=int(hf_state.max_steps),
                 eval_loader=kwargs.get("eval_dataloader"),
+                val_loader=kwargs.get("eval_dataloader"),  # the Trainer's eval_dataset: its validation split
             )
         s = self.loop_state
         s.optimizer = _unwrapped(kwargs.get("optimizer", s.optimizer))

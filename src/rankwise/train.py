@@ -674,6 +674,7 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: LossFn | None = None,
     allow_change: Sequence[str] = (),
+    val_loader: Iterable[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_loader`` (batches: dicts; loss ``model(**batch).loss`` or ``loss_fn(model, batch)``).
 
@@ -684,6 +685,9 @@ def train(
     and loaders as for the first run. A fresh run seeds every RNG with ``config.seed`` (unless None).
     ``optimizer`` replaces the one ``config`` would build (``lr``, ``weight_decay`` and ``optimizer*``
     are then unused; the schedule scales its learning rates). ``callbacks``: :mod:`rankwise.callbacks`.
+    ``val_loader``: held-out data that methods which fit their own choices while training read
+    (AutoLoRA's selection variables, Fast Forward's stopping rule; ``MethodSpec.needs_validation``);
+    without it they read ``eval_loader``, so keep the test split out of both when you report on it.
 
     Run integrity: while checkpoints are written, ``output_dir`` is locked (a second run there fails
     naming the holder's pid); a fresh run refuses an ``output_dir`` that holds another run's
@@ -706,12 +710,12 @@ def train(
         if cfg.output_dir and cfg.checkpoint_every and world()[0] == 0:  # rank 0 holds it for all ranks
             stack.enter_context(directory_lock(cfg.output_dir))
         return _train(model, train_loader, eval_loader, cfg, callbacks, resume_from, optimizer, loss_fn,
-                      allow_change)
+                      allow_change, val_loader)
 
 
 def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig,
            callbacks: Sequence[Any], resume_from: str | Path | None, optimizer: torch.optim.Optimizer | None,
-           loss_fn: LossFn | None, allow_change: Sequence[str]) -> TrainResult:
+           loss_fn: LossFn | None, allow_change: Sequence[str], val_loader: Iterable | None = None) -> TrainResult:
     t_start = time.perf_counter()
     device = place_model(model, cfg.device)
     if cfg.measure_memory:
@@ -720,7 +724,8 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps,
-                       eval_loader=eval_loader, loss_fn=loss_fn)
+                       eval_loader=eval_loader, loss_fn=loss_fn,
+                       val_loader=val_loader if val_loader is not None else eval_loader)
     callbacks = _with_method_controllers(model, callbacks, optimizer, total_steps)
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)

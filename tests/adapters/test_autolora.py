@@ -50,9 +50,10 @@ def _cfg(steps: int, **kw) -> TrainConfig:
 def test_selection_variables_learn_from_validation_and_factors_from_training():
     model = _model()
     ref = copy.deepcopy(model)
-    train_data, val_data = cls_batches(n=1), cls_batches(n=1, seed=5)
+    train_data, val_data, test_data = cls_batches(n=1), cls_batches(n=1, seed=5), cls_batches(n=1, seed=9)
     probe = Probe()
-    train(model, train_data, val_data, config=_cfg(1), callbacks=[probe])
+    # α reads the run's val_loader, never its eval_loader (the split a runner reports on)
+    train(model, train_data, test_data, config=_cfg(1), callbacks=[probe], val_loader=val_data)
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     params = [p for p in ref.parameters() if p.requires_grad]
     ref.train()
@@ -98,7 +99,7 @@ def test_training_prunes_at_the_end_and_needs_validation_data():
     train(model, cls_batches(n=2), cls_batches(n=2, seed=5), config=_cfg(3))
     assert all(m.gate.numel() == rank_pattern(model)[n] for n, m in rw.adapter_layers(model))
     assert sum(rank_pattern(model).values()) < R * len(rw.adapter_layers(model))
-    with pytest.raises(ValueError, match="eval_loader"):
+    with pytest.raises(ValueError, match="val_loader"):
         train(_model(), cls_batches(n=2), config=_cfg(1))
 
 

@@ -105,6 +105,17 @@ def test_stages_every_t_steps_in_the_loop():
         train(m, cls_batches(n=2), config=TrainConfig(max_steps=2, progress=False, measure_memory=False))
 
 
+def test_the_tiny_validation_set_comes_from_val_loader_not_eval_loader():
+    """A runner reports on eval_loader (the CLI: the test split); the stopping rule reads val_loader."""
+    model = make_tiny_bert()
+    rw.adapt(model, "fast_forward", r=2, ff_every=2, ff_val_batches=1)
+    ff = FastForward(model, every=2, val_batches=1)
+    val, test = cls_batches(n=2, seed=3), cls_batches(n=2, seed=4)
+    train(model, cls_batches(n=4), test, callbacks=[ff], val_loader=val,
+          config=TrainConfig(max_steps=4, lr=1e-2, progress=False, measure_memory=False))
+    assert len(ff.val) == 1 and ff.val[0] is val[0]
+
+
 def test_a_passed_fast_forward_replaces_the_automatic_one():
     model = make_tiny_bert()
     rw.adapt(model, "fast_forward", r=2, ff_every=100)

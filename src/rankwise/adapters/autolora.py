@@ -6,7 +6,7 @@ r components (as the authors' code: ``lora_B * softmax(alpha)``; α = 0 at init,
 bi-level:
 
     lower level:  A, B ← step on L_train(A, B, α)        (the loop's training batches)
-    upper level:  α    ← step on L_val(A, B, α)          (batches of the validation set: the loop's eval_loader)
+    upper level:  α    ← step on L_val(A, B, α)          (batches of the validation set: the loop's val_loader)
 
 so α never sees the training loss and the factors never see the validation loss. The levels are solved by
 first-order alternation (α's gradient at the current A, B; the authors' code uses Betty's one-step-unrolled
@@ -109,7 +109,7 @@ def rank_pattern(model: nn.Module, name: str | None = None) -> dict[str, int]:
 
 class AutoLoRAController(GateController):
     """The two levels (module doc). ``on_after_backward`` (after the training batch's backward) replaces α's
-    gradient by ∂L_val/∂α on the next validation batch (``val_data``, else the loop's ``eval_loader``,
+    gradient by ∂L_val/∂α on the next validation batch (``val_data``, else the loop's ``val_loader``,
     cycled); the factors keep the training gradient. ``on_train_end`` prunes. In a hand-written loop call
     :meth:`upper_gradient` between ``backward()`` and ``optimizer.step()`` and :meth:`prune` at the end."""
 
@@ -131,7 +131,7 @@ class AutoLoRAController(GateController):
 
     def _next_val(self) -> Any:
         if self.val_data is None:
-            raise ValueError("autolora needs validation data for its selection variables: pass eval_loader to "
+            raise ValueError("autolora needs validation data for its selection variables: pass val_loader to "
                              "train() or an AutoLoRAController(model, val_data=...) callback")
         if self._val is None:  # (re)start, skipping what a resumed run has seen of this pass
             length = len(self.val_data) if hasattr(self.val_data, "__len__") else None
@@ -159,7 +159,7 @@ class AutoLoRAController(GateController):
     def on_train_begin(self, state: TrainState) -> None:
         super().on_train_begin(state)
         if self.val_data is None:
-            self.val_data = state.eval_loader
+            self.val_data = state.val_loader
         if self.loss_fn is None:
             self.loss_fn = state.loss_fn
         if self.val_data is None:
@@ -192,7 +192,8 @@ register(
         AutoLoRAConfig,
         AutoLoRALayer,
         summary="ΔW = s·B·diag(softmax(α))·A; A, B step on training batches, α on validation batches (the loop's "
-                "eval_loader); components with softmax(α)ᵢ < threshold removed at the end",
+                "val_loader); components with softmax(α)ᵢ < threshold removed at the end",
         controller=_controller,
+        needs_validation=True,
     )
 )

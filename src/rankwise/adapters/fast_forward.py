@@ -10,7 +10,7 @@ and the first repeat that does not lower L_val is undone, so the stage ends at �
 last improving τ (τ = 0: nothing changes). Optimizer state and the lr schedule are untouched by a
 stage (repeats are not optimizer steps).
 
-The tiny validation set is the first ``ff_val_batches`` batches of the run's ``eval_loader`` (or
+The tiny validation set is the first ``ff_val_batches`` batches of the run's ``val_loader`` (or
 ``val_data`` given to :class:`FastForward`); the loss is the run's ``loss_fn`` averaged over those
 batches, in eval mode. :class:`FastForward` is the loop callback (``config.training_callbacks``); in a
 hand-written loop call ``before_step()`` after ``backward()`` and ``after_step()`` after
@@ -60,7 +60,7 @@ class FastForward(MethodController):
     """Repeats the last optimizer step while the tiny-validation loss falls (module doc).
 
     ``val_data``: the tiny validation set (batches); None: the first ``val_batches`` batches of the
-    training loop's ``eval_loader``. ``history``: one ``(step, repeats)`` per stage. Passed to
+    training loop's ``val_loader``. ``history``: one ``(step, repeats)`` per stage. Passed to
     ``train(callbacks=[...])`` it replaces the one the loop would attach for ``adapter_name``."""
 
     def __init__(self, model: nn.Module, every: int = 6, val_data: Iterable[Any] | None = None,
@@ -104,7 +104,7 @@ class FastForward(MethodController):
     def val_loss(self) -> float:
         """Mean loss over the tiny validation set, in eval mode (the mode is restored)."""
         if not self.val:
-            raise ValueError("FastForward has no validation batches: give train() an eval_loader or pass val_data")
+            raise ValueError("FastForward has no validation batches: give train() a val_loader or pass val_data")
         was_training = self.model.training
         self.model.eval()
         device = model_device(self.model)
@@ -136,12 +136,12 @@ class FastForward(MethodController):
 
     # ---- loop hooks
     def on_train_begin(self, state: TrainState) -> None:
-        if self.val is None and state.eval_loader is not None:
-            self.val = list(itertools.islice(state.eval_loader, self.n_val))
+        if self.val is None and state.val_loader is not None:
+            self.val = list(itertools.islice(state.val_loader, self.n_val))
         if self.loss_fn is None:
             self.loss_fn = state.loss_fn
         if not self.val:
-            raise ValueError("fast_forward needs a tiny validation set: pass eval_loader to train() (its first "
+            raise ValueError("fast_forward needs a tiny validation set: pass val_loader to train() (its first "
                              "ff_val_batches batches are used) or a FastForward(model, val_data=...) callback")
 
     def on_after_backward(self, state: TrainState) -> None:
@@ -172,6 +172,8 @@ register(
         FastForwardConfig,
         LoRALayer,
         summary="plain LoRA; after every ff_every-th optimizer step the step is repeated while the loss on a tiny "
-                "validation set (first eval batches) falls, the first non-improving repeat undone (the loop runs it)",
+                "validation set (the run's first val batches) falls, the first non-improving repeat undone (the loop "
+                "runs it)",
+        needs_validation=True,
     )
 )

@@ -44,7 +44,9 @@ class MethodSpec:
     returns ``{layer: (config field overrides, data for the init)}``; it runs instead of the gradient
     estimate, layers it leaves out are not adapted, the fields become per-layer ``overrides`` (saved,
     exported as PEFT's ``rank_pattern`` / ``alpha_pattern``) and the data reaches the init as
-    ``ctx.extra["plan"]``."""
+    ``ctx.extra["plan"]``. ``needs_validation``: the method fits its own choices on held-out data while it
+    trains (AutoLoRA's selection variables, Fast Forward's stopping rule: ``train``'s ``val_loader``), so a
+    runner must hold some out of the training data (never the test split)."""
 
     name: str
     family: str
@@ -60,6 +62,7 @@ class MethodSpec:
     mergeable: bool = True
     controller: Callable[..., Any] | None = None
     plan: Callable[..., dict[str, tuple[dict[str, Any], Any]]] | None = None
+    needs_validation: bool = False
 
     def make_config(self, **kwargs: Any) -> AdapterConfig:
         checks.known_options(kwargs, self.config_cls.field_names(), f"method '{self.name}'")

@@ -120,7 +120,7 @@ LM_ADAPTERS = ("lora", "dora", "rslora", "pissa", "olora", "vera", "lora_xs", "q
 #: Adapters whose rank r is not the final one: AdaLoRA starts at 1.5× its target (the paper's ratio) and prunes;
 #: IncreLoRA starts at 2 and grows, fast enough to reach its budget within cpu-smoke's 50 steps (its controller
 #: refuses a schedule whose growth rounds do not fit the run).
-ADAPTER_OPTIONS = {
+ADAPTER_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "adalora": ({"r": 12, "target_r": ADAPTER_R}, "AdaLoRA: rank 12 pruned to 8 (the paper's 1.5x)"),
     "increlora": ({"r": 2, "target_r": ADAPTER_R, "init_warmup": 5, "incre_interval": 2, "top_h": 12,
                    "incre_rank_num": 2},
@@ -134,7 +134,7 @@ ADAPTER_OPTIONS = {
 }
 
 #: Adapters that need their own learning-rate grid (absolute; these run in cpu-smoke only), with the reason.
-ADAPTER_LR_GRIDS = {
+ADAPTER_LR_GRIDS: dict[str, tuple[tuple[float, ...], str]] = {
     "pst": ((1e-4, 3e-4, 1e-3),
             "PST's update β·U·V starts from U ~ N(0, 1) (the authors' init), about √in times LoRA's A: at the adapter "
             "grid's 2e-3 and above AdamW wrecks the model within a few steps (chance accuracy even at sparsity 0); "

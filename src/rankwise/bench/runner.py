@@ -311,7 +311,10 @@ def run_one(profile: Profile, task: BenchTask, exp: Experiment, lr: float, seed:
         place_model(model, device)
         optimizer = build_optimizer(model, cfg)
         controllers, loss_fn = structured_controller(model, exp, optimizer, steps)
-    result = train(model, loader, None, cfg, callbacks=[*controllers, meter], optimizer=optimizer, loss_fn=loss_fn)
+    # methods that fit their own choices on held-out data (AutoLoRA's α, Fast Forward's stops) read the
+    # validation split that also picks the lr; the test split stays unseen
+    result = train(model, loader, None, cfg, callbacks=[*controllers, meter], optimizer=optimizer, loss_fn=loss_fn,
+                   val_loader=splits.val)
     peak, kind = peak_memory(torch.device(result.device))
     eval_task = "lm" if task.kind == "causal-lm" else "classification"
     val, test = evaluate(model, splits.val, task=eval_task), evaluate(model, splits.test, task=eval_task)

@@ -115,6 +115,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("data, evaluation and output")
     g.add_argument("--train-limit", type=int, help="use only the first N training examples/documents")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test examples/documents")
+    g.add_argument("--val-size", type=int, help="methods that fit their own choices on held-out data while training "
+                   "(autolora's selection variables, fast_forward's stopping rule): N examples (causal LM: blocks) "
+                   "held out of the training data for them, never the test split; other methods train on "
+                   "everything [default: 64]")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (0 = only at the end) [default: 0]")
     g.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps under OUTPUT/checkpoints")
     add_flag(g, "output", "output directory [default: runs/<method>]")
@@ -161,12 +165,28 @@ def _check_max_length(model: Any, max_length: int) -> None:
                          f"choose --max-length <= {limit}")
 
 
+def _needs_validation(method: str) -> bool:
+    """Whether ``method`` fits its own choices on held-out data while training (``MethodSpec.needs_validation``)."""
+    from ..adapters.registry import REGISTRY
+
+    spec = REGISTRY.get(method)
+    return spec is not None and spec.needs_validation
+
+
+def _hold_out(n_items: int, val_size: int, what: str) -> None:
+    if val_size >= n_items:
+        raise UsageError(f"--val-size {val_size} leaves no training data: the training split has {n_items} {what}; "
+                         f"choose --val-size < {n_items}")
+
+
 def _build(cfg: dict[str, Any], task: str):
-    """(model, tokenizer, train loader, eval loader) for the run."""
+    """(model, tokenizer, train loader, eval loader, val loader) for the run. The eval loader is the test split;
+    the val loader (None unless the method needs one) holds the first ``val_size`` training items out of training."""
     from .. import data
     from ..models import load_model
 
-    seed = cfg["seed"]
+    seed, n_val = cfg["seed"], cfg["val_size"] if _needs_validation(cfg["method"]) else 0
+    val_loader = None
     if task == "seq-cls":
         if data.DATASETS.get(cfg["data"]) is None or data.DATASETS[cfg["data"]].kind != "classification":
             raise UsageError(f"dataset {cfg['data']!r} has no labels; use --task causal-lm")
@@ -177,15 +197,29 @@ def _build(cfg: dict[str, Any], task: str):
         torch.manual_seed(seed)  # the new classification head
         model, tok = load_model(cfg["model"], task="seq-cls", num_labels=train_ds.num_labels)
         _check_max_length(model, cfg["max_length"])
+        eval_batch = max(32, cfg["batch_size"])
+        if n_val:
+            _hold_out(len(train_ds), n_val, "examples")
+            names = train_ds.label_names
+            val_ds = data.TextClassification(train_ds.texts[:n_val], train_ds.labels[:n_val], names)
+            train_ds = data.TextClassification(train_ds.texts[n_val:], train_ds.labels[n_val:], names)
+            val_loader = data.classification_loader(val_ds, tok, eval_batch, cfg["max_length"], False)
         train_loader = data.classification_loader(train_ds, tok, cfg["batch_size"], cfg["max_length"], True, seed)
-        eval_loader = data.classification_loader(test_ds, tok, max(32, cfg["batch_size"]), cfg["max_length"], False)
+        eval_loader = data.classification_loader(test_ds, tok, eval_batch, cfg["max_length"], False)
     else:
         model, tok = load_model(cfg["model"], task="causal-lm")
         _check_max_length(model, cfg["max_length"])
         common = {"tokenizer": tok, "max_length": cfg["max_length"], "batch_size": cfg["batch_size"], "seed": seed}
         train_loader = text_loader(cfg["data"], "train", limit=cfg["train_limit"], shuffle=True, **common)
         eval_loader = text_loader(cfg["data"], "test", limit=cfg["test_limit"], shuffle=False, **common)
-    return model, tok, train_loader, eval_loader
+        if n_val:
+            import torch
+
+            blocks = torch.stack(list(train_loader.dataset))  # lm_loader's dataset: the blocks, in corpus order
+            _hold_out(len(blocks), n_val, "blocks")
+            train_loader = data.lm_loader(blocks[n_val:], batch_size=cfg["batch_size"], shuffle=True, seed=seed)
+            val_loader = data.lm_loader(blocks[:n_val], batch_size=cfg["batch_size"], shuffle=False)
+    return model, tok, train_loader, eval_loader, val_loader
 
 
 def _train_config(cfg: dict[str, Any]):
@@ -367,7 +401,7 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = No
 
     quiet_transformers()
     task = _resolve_task(cfg)
-    model, tok, train_loader, eval_loader = _build(cfg, task)
+    model, tok, train_loader, eval_loader, val_loader = _build(cfg, task)
     init_loader = DataLoader(train_loader.dataset, batch_size=cfg["batch_size"], collate_fn=train_loader.collate_fn)
     if cfg["quantize"] is not None:
         from ..quant import quantize
@@ -387,12 +421,14 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = No
         train_loader = RankSlices(train_loader, rank, dist.get_world_size())
     if not rank:
         print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "
-              f"{len(train_loader.dataset)} train, {len(eval_loader.dataset)} eval items -> {cfg['output']}"
+              f"{len(train_loader.dataset)} train, "
+              + (f"{len(val_loader.dataset)} validation (held out for the method), " if val_loader is not None else "")
+              + f"{len(eval_loader.dataset)} eval items -> {cfg['output']}"
               + (f" on {dist.get_world_size()} processes (FSDP2)" if rank is not None else ""), file=sys.stderr)
         write_run_config(cfg)
     train_fields = {f.name for f in fields(TrainConfig)}
     result = train(model, train_loader, eval_loader, tcfg, resume_from=resume,
-                   allow_change=[k for k in allow if k in train_fields])
+                   allow_change=[k for k in allow if k in train_fields], val_loader=val_loader)
     if rank is not None:
         gather_full(model)  # every rank: the full weights, so rank 0 saves what one process would
         if rank != 0:

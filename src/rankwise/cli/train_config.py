@@ -42,6 +42,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "train_limit": None,
     "test_limit": None,
+    "val_size": 64,  # held out of the training data for methods that fit choices on validation data
     "output": None,  # None: runs/<method>
     "resume": None,
     "progress": True,
@@ -242,6 +243,10 @@ def check_config(cfg: dict[str, Any]) -> None:
             integer(key, cfg[key], 1, optional=True)
         except ValueError as e:
             raise UsageError(f"{e} (or leave it out to use every example)") from None
+    try:
+        integer("val_size", cfg["val_size"], 1)
+    except ValueError as e:
+        raise UsageError(f"--val-size: {e}") from None
 
 
 def _check_quantize(cfg: dict[str, Any]) -> None:
