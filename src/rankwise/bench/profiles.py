@@ -114,7 +114,12 @@ FULL_FT_OPTIMIZERS: dict[str, tuple[dict[str, Any], str]] = {
     "ist": ({}, "its defaults: re-sampled every step by importance"),
 }
 LM_OPTIMIZERS = ("adamw", "galore", "fira", "apollo", "apollo_mini", "q_galore", "frugal")
-LM_ADAPTERS = ("lora", "dora", "rslora", "pissa", "olora", "vera", "lora_xs", "qlora")
+#: The causal-LM profiles' adapters: the LoRA family, QLoRA, and the breadth issue's adapters, sparse fine-tuning
+#: and sparse+low-rank methods (so each has a SmolLM2 row next to its MiniLM one).
+LM_ADAPTERS = ("lora", "dora", "rslora", "pissa", "olora", "vera", "lora_xs", "qlora",
+               "hra", "c3a", "gralora", "fourierft", "delora", "mora", "melora", "singlora", "nola", "lotr", "edora",
+               "lamda", "curlora", "lora_mini", "reslora", "denselora", "s2ft", "lt_sft", "spiel", "paca", "lors",
+               "roselora", "pst")
 
 
 #: Adapters whose rank r is not the final one: AdaLoRA starts at 1.5× its target (the paper's ratio) and prunes;
@@ -132,6 +137,12 @@ ADAPTER_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
                "DeLoRA: λ = 4.6, PEFT's 15 scaled from a 4096-wide model to MiniLM's 384 (the same bound on "
                "‖ΔW‖/‖W₀‖); at 15 it is at chance"),
 }
+#: The causal-LM profiles' own overrides (SmolLM2-135M, hidden 576), over ADAPTER_OPTIONS.
+LM_ADAPTER_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "delora": ({"r": ADAPTER_R, "delora_lambda": 5.6},
+               "DeLoRA: λ = 5.6, PEFT's 15 scaled from a 4096-wide model to SmolLM2's 576 (the same bound on "
+               "‖ΔW‖/‖W₀‖)"),
+}
 
 #: Adapters that need their own learning-rate grid (absolute; these run in cpu-smoke only), with the reason.
 ADAPTER_LR_GRIDS: dict[str, tuple[tuple[float, ...], str]] = {
@@ -142,12 +153,12 @@ ADAPTER_LR_GRIDS: dict[str, tuple[tuple[float, ...], str]] = {
 }
 
 
-def _adapter_experiment(method: str) -> Experiment:
+def _adapter_experiment(method: str, overrides: dict[str, tuple[dict[str, Any], str]] | None = None) -> Experiment:
     from ..adapters.registry import get_method
 
     spec = get_method(method)
     default = {"r": ADAPTER_R} if "r" in spec.config_cls.field_names() else {}
-    options, note = ADAPTER_OPTIONS.get(method, (default, ""))
+    options, note = {**ADAPTER_OPTIONS, **(overrides or {})}.get(method, (default, ""))
     grid, why = ADAPTER_LR_GRIDS.get(method, (None, ""))
     return Experiment(method, method, options, lr_grid=grid, note="; ".join(n for n in (note, why) if n))
 
@@ -240,7 +251,7 @@ def builtin_experiments(profile: str) -> list[Experiment]:
                 + [_adapter_experiment(m) for m in adapter_methods()])
     if profile in ("cpu-lm", "gpu-small"):
         adapters = [m for m in LM_ADAPTERS if m in adapter_methods()]
-        return [_adapter_experiment(m) for m in adapters] + full_ft_experiments(LM_OPTIMIZERS)
+        return [_adapter_experiment(m, LM_ADAPTER_OPTIONS) for m in adapters] + full_ft_experiments(LM_OPTIMIZERS)
     if profile == "pretrain":
         return full_ft_experiments(("adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
                                     "gradnormlorp", "badam", "lisa"), rank=64, overrides=PRETRAIN_OVERRIDES
