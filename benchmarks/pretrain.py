@@ -54,7 +54,19 @@ from rankwise.data.datasets import lm_blocks, load_text
 from rankwise.memory import count_params, optimizer_state_bytes, total_params
 from rankwise.models.loaders import ensure_smollm2_cache, llama_config
 from rankwise.optim.projectors import resolve_side
-from rankwise.sparse import SST, TRP, Maestro, RefactorReset, ReLoRA, decompose, relora_schedule, truncate
+from rankwise.sparse import (
+    LTE,
+    SST,
+    TRP,
+    Cuttlefish,
+    Maestro,
+    RefactorReset,
+    ReLoRA,
+    SLoPe,
+    decompose,
+    relora_schedule,
+    truncate,
+)
 from rankwise.sparse.maestro import MaestroLinear
 from rankwise.sparse.sst import SpectralLinear
 
@@ -115,6 +127,16 @@ STRUCTURED: dict[str, tuple[dict[str, Any], str]] = {
                        "factors' Adam moments reset 6 times per run (interval not given in the abstract)"),
     "refactor_only": ({"lr": 1e-3, "refactors": 6, "resets": 0}, "ablation of refactor_reset: no momentum reset"),
     "reset_only": ({"lr": 1e-3, "refactors": 0, "resets": 6}, "ablation of refactor_reset: no refactorization"),
+    "cuttlefish": ({"lr": 1e-3, "measurements": 20},
+                   "Cuttlefish paper: full-rank until every layer's stable rank settles (window 15, tail 11, tolerance "
+                   "0.1), then factorized at the scaled stable rank; stable ranks measured 20 times per run (the "
+                   "paper: every epoch)"),
+    "lte": ({"lr": 1e-3, "heads": 4, "merge_every": 10},
+            "LTE paper (LoRA-the-Explorer): frozen W, 4 parallel LoRA heads of rank hidden/16 (together the others' "
+            "rank hidden/4) on 4 chunks of each batch, averaged into W every 10 steps (reset-less variant)"),
+    "slope": ({"lr": 1e-3, "lazy_fraction": 0.01},
+              "SLoPe paper: 2:4 sparse weights with the double-pruned backward, low-rank adapters of rank hidden/16 "
+              "added for the last 1% of the steps"),
 }
 DEFAULT_METHODS = ["adamw", "galore", "fira", "frugal", "apollo", "apollo_mini", "q_galore",
                    "gradnormlorp", "badam", "lisa", "sltrain", "relora", "sst", "trp", "maestro"]
@@ -293,6 +315,12 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
         rw.sparsify(model, name)
     elif name in ("lowrank", "refactor_reset", "refactor_only", "reset_only"):
         rw.sparsify(model, "refactor_reset", rank=rank)
+    elif name == "cuttlefish":
+        rw.sparsify(model, "cuttlefish")
+    elif name == "lte":
+        rw.sparsify(model, "lte", heads=kw["heads"], rank=max(1, rank // kw["heads"]), seed=seed)
+    elif name == "slope":
+        rw.sparsify(model, "slope", rank=max(1, rank // 4), seed=seed)
     r["opt"] = plain_adamw(model, kw["lr"])
     r["sched"] = schedule(r["opt"])
     if name == "sst":
@@ -307,6 +335,17 @@ def setup_structured(name: str, model: torch.nn.Module, r: dict[str, Any], steps
         ctl = RefactorReset(model, r["opt"], refactor_every=every["refactors"], reset_every=every["resets"])
         r["after"] = lambda step: ctl.step()
         r["notes"].update(refactor_every=every["refactors"], reset_every=every["resets"])
+    elif name == "cuttlefish":
+        r["cuttlefish"] = ctl = Cuttlefish(model, r["opt"], interval=max(1, steps // kw["measurements"]))
+        r["after"] = lambda step: ctl.step()
+        r["notes"]["interval"] = ctl.interval
+    elif name == "lte":
+        r["lte"] = lte = LTE(model, merge_every=kw["merge_every"])
+        r["after"] = lambda step: lte.step()
+    elif name == "slope":
+        r["slope"] = slope = SLoPe(model, steps, r["opt"], lazy_fraction=kw["lazy_fraction"])
+        r["after"] = lambda step: slope.step()
+        r["notes"]["adapters_from_step"] = slope.start
     elif name == "maestro":
         maestro = Maestro(model, seed=seed)
 
@@ -359,6 +398,12 @@ def structured_extras(name: str, r: dict[str, Any], heldout: torch.Tensor, batch
         truncate(half, {n: max(1, m.kept // 2) for n, m in half.named_modules() if isinstance(m, MaestroLinear)})
         extra["ppl_half_rank"] = perplexity(half, heldout, batch)
         extra["params_half_rank"] = param_counts(half)["params_total"]
+    if name == "cuttlefish":
+        ctl = r["cuttlefish"]
+        extra["switch_step"] = ctl.switch_step
+        extra["mean_rank_after_switch"] = statistics.mean(ctl.ranks.values()) if ctl.ranks else None
+    if name == "lte" and r["lte"].steps % r["lte"].merge_every:  # the last heads' updates, as training's end does
+        r["lte"].merge()
     if name == "relora":
         extra["merges"] = r["relora"].merges
         extra["warm_start_peak_state_bytes"] = r.get("warm_peak_bytes", 0)
@@ -592,6 +637,15 @@ def _notes(r: dict[str, Any]) -> str:
     if r.get("frozen_basis_entries"):
         notes.append(f"+{r['frozen_basis_entries']:,} frozen singular-vector entries; resample every "
                      f"{r['notes']['iteration_steps']} steps")
+    if r["method"] == "cuttlefish":
+        notes.append(f"stable rank measured every {r['notes']['interval']} steps; " + (
+            f"factorized at step {r['switch_step']} (mean rank {r['mean_rank_after_switch']:.0f}, "
+            f"{r['params_at_eval']:,} params after)" if r["switch_step"] else "not every layer settled: stayed "
+            "full-rank"))
+    if r["method"] == "lte":
+        notes.append(f"{r['settings']['heads']} heads merged every {r['settings']['merge_every']} steps")
+    if r["method"] == "slope":
+        notes.append(f"2:4 sparse; adapters from step {r['notes']['adapters_from_step']}")
     return "; ".join(notes)
 
 

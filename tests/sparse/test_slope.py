@@ -47,6 +47,24 @@ def test_backward_uses_a_transposed_weight_that_is_n_of_m_too():
     assert torch.equal(layer.back_mask, nm_mask((layer.weight * layer.mask).t(), 2, 4).t())
 
 
+def test_bf16_autocast_backward_gives_each_gradient_its_input_dtype():
+    """Under bf16 autocast the forward GEMM runs in bf16; backward takes the bf16 output gradient with the
+    fp32 weight and gives x and W gradients in their own dtypes, within bf16 rounding of the fp32 ones."""
+    layer = _layer()
+    x = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(5, 12)
+    layer(x).backward(g)
+    ref_x, ref_w = x.grad.clone(), layer.weight.grad.clone()
+    x.grad = layer.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(g.to(y.dtype))
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, ref_x, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(layer.weight.grad, ref_w, atol=0.05, rtol=0.02)
+    assert bool((layer.weight.grad[~layer.mask] == 0).all())
+
+
 def test_pruned_weights_get_no_gradient_and_stay_zero():
     model = rw.sparsify(make_tiny_llama(), "slope", rank=4)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

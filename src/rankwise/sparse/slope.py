@@ -50,11 +50,16 @@ class _DoublePruned(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        # in the output gradient's dtype (bf16 under autocast, where the forward's GEMM ran in bf16), each
+        # gradient returned in its input's dtype
         x, weight, mask, back_mask = ctx.saved_tensors
-        grad_x = grad @ (weight * mask * back_mask) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ (weight * mask * back_mask).to(grad.dtype)).to(x.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) * mask
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            grad_w = (g2.t() @ x2).to(weight.dtype) * mask
         return grad_x, grad_w, None, None
 
 
