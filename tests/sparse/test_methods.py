@@ -81,6 +81,22 @@ def test_sparsify_trains_and_densify_keeps_the_function(method):
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj")))
 
 
+@pytest.mark.parametrize("method", [r.name for r in catalogue.records(api="sparsify")])
+def test_sparsified_model_trains_under_bf16_autocast(method):
+    """Generic: the forward under CPU bf16 autocast, the backward outside it (torch's AMP recipe): every
+    trainable gradient in its parameter's dtype, within bf16 rounding of the fp32 pass's."""
+    model = rw.sparsify(make_tiny_llama(), method, **METHOD_CONFIGS.get(method, {}))
+    batch = lm_batches(n=1, batch=2, seq=8)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    exact = torch.autograd.grad(model(**batch).loss, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g, want in zip(params, got, exact, strict=True):
+        assert g is not None and g.dtype == p.dtype
+        assert (g - want).norm() <= 0.08 * want.norm() + 1e-6
+
+
 @pytest.mark.parametrize("method", ["sltrain", "sst", "maestro"])
 def test_structured_layers_parameter_count_formula(method):
     model = rw.sparsify(make_tiny_llama(), method, **METHOD_CONFIGS[method])

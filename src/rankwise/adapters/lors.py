@@ -56,16 +56,18 @@ class _MaskedLowRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        # in the output gradient's dtype (bf16 under autocast, where the forward's GEMM ran in bf16), each
+        # gradient returned in its input's dtype
         x, weight, a, b = ctx.saved_tensors
-        s = ctx.scale
+        s, dt = ctx.scale, grad.dtype
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ((b @ a) * s * support(weight))
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_x = (grad @ ((b @ a) * s * support(weight)).to(dt)).to(x.dtype)
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(dt)
         if ctx.needs_input_grad[2]:
-            grad_a = s * (g2 @ b).t() @ x2
+            grad_a = (s * (g2 @ b.to(dt)).t() @ x2).to(a.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = s * g2.t() @ (x2 @ a.t())
+            grad_b = (s * g2.t() @ (x2 @ a.to(dt).t())).to(b.dtype)
         return grad_x, None, grad_a, grad_b, None
 
 
