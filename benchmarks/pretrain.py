@@ -433,12 +433,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
     ap.add_argument("--out", default=str(RESULTS / "pretrain"))
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge shard results (same settings) into --out")
+    ap.add_argument("--separate-runs", action="store_true",
+                    help="with --combine: the later JSONs were run separately (another time or machine), so their "
+                         "rows are marked: same data, init and schedule, but step times not comparable")
     ap.add_argument("--replot", action="store_true", help="only re-render the .md and .png from the .json of --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.combine or args.replot:
         if args.combine:
-            result = combine([Path(f) for f in args.combine])
+            result = combine([Path(f) for f in args.combine], separate=args.separate_runs)
         else:
             result = json.loads(out.with_suffix(".json").read_text())
         write(result, out)
@@ -598,10 +601,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def combine(paths: list[Path]) -> dict[str, Any]:
+def combine(paths: list[Path], separate: bool = False) -> dict[str, Any]:
     """One result from shards run in parallel processes with the same settings (rows concatenated in
-    DEFAULT_METHODS order; wall time = the longest shard)."""
+    DEFAULT_METHODS order; wall time = the longest shard). ``separate``: the parts after the first were run
+    at another time (perhaps on another machine): their rows say so."""
     parts = [json.loads(p.read_text()) for p in paths]
+    for part in parts[1:] if separate else []:
+        for row in part["rows"]:
+            row["separate_run"] = part["machine"]
     first = parts[0]
     for part in parts[1:]:
         for key in ("model", "data", "schedule", "rank", "update_gap", "seed", "precision", "threads"):
@@ -646,6 +653,9 @@ def _notes(r: dict[str, Any]) -> str:
         notes.append(f"{r['settings']['heads']} heads merged every {r['settings']['merge_every']} steps")
     if r["method"] == "slope":
         notes.append(f"2:4 sparse; adapters from step {r['notes']['adapters_from_step']}")
+    if "separate_run" in r:
+        notes.append("run separately (another time or machine): same data, init and schedule, but its times "
+                     "are not comparable with the other rows")
     return "; ".join(notes)
 
 
