@@ -144,7 +144,7 @@ LM_ADAPTER_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
                "‖ΔW‖/‖W₀‖)"),
 }
 
-#: Adapters that need their own learning-rate grid (absolute; these run in cpu-smoke only), with the reason.
+#: Adapters that need their own learning-rate grid (absolute, the same in every profile), with the reason.
 ADAPTER_LR_GRIDS: dict[str, tuple[tuple[float, ...], str]] = {
     "pst": ((1e-4, 3e-4, 1e-3),
             "PST's update β·U·V starts from U ~ N(0, 1) (the authors' init), about √in times LoRA's A: at the adapter "
