@@ -130,9 +130,10 @@ ADAPTER_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "increlora": ({"r": 2, "target_r": ADAPTER_R, "init_warmup": 5, "incre_interval": 2, "top_h": 12,
                    "incre_rank_num": 2},
                   "IncreLoRA: rank 2 grown to an average of 8 (24 ranks every 2 steps after 5 warm-up steps)"),
-    # ‖ΔW‖_F reaches λ·(column norm of W₀) after one step (B starts at 0 and every component is normalised), i.e.
-    # λ/√d_in of ‖W₀‖_F: PEFT's λ = 15 is 0.23 of it on a 4096-wide LLaMA but 0.77 on MiniLM (d_in 384), where it
-    # wrecks the model at every lr (chance accuracy); the same relative bound is λ = 15·√(384/4096) ≈ 4.6
+    # after one step ‖ΔW‖_F ≈ λ/√(r·d_in)·‖W₀‖_F (B starts at 0 and every rank-1 component is normalised, so it
+    # has its full size at once): at r 8 PEFT's λ = 15 is 0.08 of ‖W₀‖_F on a 4096-wide LLaMA but 0.27 on MiniLM
+    # (d_in 384; measured 0.27), where it wrecks the model at every lr (chance accuracy); the same relative size
+    # there is λ = 15·√(384/4096) ≈ 4.6
     "delora": ({"r": ADAPTER_R, "delora_lambda": 4.6},
                "DeLoRA: λ = 4.6, PEFT's 15 scaled from a 4096-wide model to MiniLM's 384 (the same bound on "
                "‖ΔW‖/‖W₀‖); at 15 it is at chance"),
