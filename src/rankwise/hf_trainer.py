@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +158,9 @@ class LoopCallbacks(transformers.TrainerCallback):
     Trainer; fields a callback puts in ``state.log`` are added to the Trainer's next log record.
     """
 
-    def __init__(self, callbacks: Sequence[Any]) -> None:
+    def __init__(self, callbacks: Sequence[Any], val_loader: Callable[[], Any] | None = None) -> None:
         self.callbacks = list(callbacks)
+        self.val_loader = val_loader  # builds the validation batches methods fit their choices on (lazily)
         self.loop_state: TrainState | None = None
         self._pending_log: dict[str, Any] = {}
 
@@ -169,7 +170,8 @@ class LoopCallbacks(transformers.TrainerCallback):
                 model=kwargs["model"], optimizer=_unwrapped(kwargs["optimizer"]), scheduler=kwargs.get("lr_scheduler"),
                 config=TrainConfig.plain(max(int(hf_state.max_steps), 1)), total_steps=int(hf_state.max_steps),
                 eval_loader=kwargs.get("eval_dataloader"),
-                val_loader=kwargs.get("eval_dataloader"),  # the Trainer's eval_dataset: its validation split
+                # the Trainer's eval_dataset (its validation split), for AutoLoRA's α and Fast Forward's stops
+                val_loader=kwargs.get("eval_dataloader") or (self.val_loader() if self.val_loader else None),
             )
         s = self.loop_state
         s.optimizer = _unwrapped(kwargs.get("optimizer", s.optimizer))
@@ -256,10 +258,15 @@ class RankwiseTrainer(transformers.Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, nn.Module):  # rank-allocating adapters bring their controller (built at train begin)
             loop_callbacks = with_method_controllers(model, loop_callbacks)
-        self.loop_callbacks = LoopCallbacks(loop_callbacks) if loop_callbacks else None
+        self.loop_callbacks = LoopCallbacks(loop_callbacks, self._validation_batches) if loop_callbacks else None
         if self.loop_callbacks is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.loop_callbacks]
         super().__init__(*args, **kwargs)
+
+    def _validation_batches(self) -> Any:
+        """The ``eval_dataset``'s dataloader (None without one): the validation data of methods that fit their
+        own choices while training (``MethodSpec.needs_validation``)."""
+        return self.get_eval_dataloader() if self.eval_dataset is not None else None
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.rankwise_optimizer is None or self.optimizer is not None:

@@ -103,6 +103,23 @@ def test_training_prunes_at_the_end_and_needs_validation_data():
         train(_model(), cls_batches(n=2), config=_cfg(1))
 
 
+def test_the_transformers_trainer_fits_selection_variables_on_its_eval_dataset(tmp_path):
+    """Without an explicit controller the Trainer's eval_dataset (its validation split) is the upper level's data."""
+    from rankwise.hf_trainer import RankwiseTrainer
+
+    from ..test_hf_trainer import _args, _base, _dataset
+
+    model = rw.adapt(_base(tmp_path), "autolora", r=R, threshold=0.3)
+    trainer = RankwiseTrainer(model=model, args=_args(tmp_path / "run", steps=3, save_steps=100),
+                              train_dataset=_dataset(), eval_dataset=_dataset(8))
+    trainer.train()
+    ctl = trainer.loop_callbacks.callbacks[0].controllers[0]
+    assert isinstance(ctl, AutoLoRAController) and ctl.val_seen == 3
+    with pytest.raises(ValueError, match="val_loader"):
+        RankwiseTrainer(model=rw.adapt(_base(tmp_path), "autolora", r=R), train_dataset=_dataset(),
+                        args=_args(tmp_path / "run2", steps=1, save_steps=100)).train()
+
+
 def test_trains_in_the_transformers_trainer(tmp_path):
     from rankwise.hf_trainer import RankwiseTrainer
 
