@@ -187,6 +187,18 @@ def test_lora_training_touches_only_adapters():
     assert res.trainable_params == rw.summary(model).trainable < res.total_params
 
 
+def test_the_parameter_counts_are_what_the_run_leaves():
+    """A growing adapter (IncreLoRA) ends with more trainable parameters than it starts with: the result
+    counts them when training ends, as the saved adapter holds them."""
+    from .conftest import cls_batches, make_tiny_bert
+
+    model = rw.adapt(make_tiny_bert(0), "increlora", r=2, target_r=4, init_warmup=2, incre_interval=1, top_h=4)
+    start = rw.summary(model).trainable
+    res = train(model, cls_batches(n=4), config=TrainConfig(max_steps=20, lr=1e-2, progress=False,
+                                                            measure_memory=False))
+    assert res.trainable_params == rw.summary(model).trainable > start
+
+
 def test_evaluate_classification_matches_manual():
     model = make("full")
     loader = cls_loader(n=10, batch=4, shuffle=False)  # uneven last batch: example-weighted mean

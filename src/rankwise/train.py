@@ -349,6 +349,8 @@ class TrainResult:
     steps). ``wall_time_s`` spans the whole call (and, after a resume, the time recorded
     before the checkpoint); ``train_time_s`` only this call's optimization loop. ``metrics`` is the
     final evaluation, or the mean of the last 10 training losses when there is no eval loader.
+    ``trainable_params`` / ``total_params`` are counted when training ends, so they describe what the run
+    leaves (IncreLoRA grows its ranks, AutoLoRA prunes at the end, ElaLoRA moves ranks between layers).
     """
 
     history: list[dict[str, float]]
@@ -730,7 +732,6 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)
     loop.start(resume_from)
-    trainable, total = count_params(model)
     optimizer.zero_grad(set_to_none=True)  # no gradient left over from before the run enters step 1
     model.train()
     call(loop.callbacks, "on_train_begin", state)
@@ -740,6 +741,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
             loop.run_epoch()
     train_time = time.perf_counter() - t_train
     metrics = loop.finish()
+    trainable, total = count_params(model)  # what the run leaves: growing / pruning adapters change it
     model.eval()
     peak, kind = peak_memory(device) if cfg.measure_memory else (0, "not_measured")
     return TrainResult(
