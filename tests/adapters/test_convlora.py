@@ -196,3 +196,24 @@ def test_refusals():
         model(target_batches(1)[0][:2])
     with pytest.raises(ValueError, match="no AdaBN layers"):
         adabn_pass(source_model(), target_batches(1))
+
+
+def test_a_checkpointing_recompute_leaves_the_adabn_statistics_alone():
+    """Activation checkpointing runs a block's forward again in backward: AdaBN's statistics take one update
+    per batch, as without checkpointing (and the same gradients)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = adapted_on_target(source_model(), r=1).train()
+    ref = copy.deepcopy(model)
+    x = target_batches(1)[0]
+    ref(x).square().mean().backward()
+    h = F.relu(model.bn(model.stem(x)))
+    for block in model.blocks:
+        h = checkpoint(block, h, use_reentrant=False)
+    model.fc(h.mean((2, 3))).square().mean().backward()
+    for (name, layer), (_, want) in zip(rw.adapter_layers(model), rw.adapter_layers(ref), strict=True):
+        if isinstance(layer, AdaBNLayer):
+            assert int(layer.num_batches_tracked) == int(want.num_batches_tracked), name
+            torch.testing.assert_close(layer.running_mean, want.running_mean, msg=name)
+    grads = [(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters(), strict=True) if p.requires_grad]
+    assert grads and all(torch.allclose(g, w, atol=1e-6) for g, w in grads)

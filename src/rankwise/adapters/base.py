@@ -139,6 +139,16 @@ class RsAlphaConfig(AlphaConfig):
         return self.alpha_value / math.sqrt(self.r) if self.use_rslora else self.alpha_value / self.r
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside autograd's backward, i.e. activation checkpointing recomputing a forward
+    that already ran (torch's own test, as FSDP2 and its module tracker use): running statistics must not be
+    updated a second time for the same batch. Inside ``torch.compile`` it is False (the query returns no tensor,
+    which dynamo cannot trace; compiled graphs are not re-entered from backward by checkpointing)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class AdapterLayer(nn.Module):
     """Frozen ``base_layer`` + trainable delta. Subclasses set ``method`` and build their tensors."""
 
@@ -152,7 +162,8 @@ class AdapterLayer(nn.Module):
     # FSDP2 must then keep the whole model in one group instead of one per transformer layer.
     crosses_layers: ClassVar[bool] = False
     # Buffers the training forward updates (running statistics, like BatchNorm's; PRILoRA's input norms):
-    # the only non-parameter tensors of an adapter that change while it trains.
+    # the only non-parameter tensors of an adapter that change while it trains. They are updated when
+    # ``updates_statistics`` (training, and not a checkpointing recompute of a forward that already ran).
     running_statistics: ClassVar[tuple[str, ...]] = ()
     # The base-layer kinds (``targets.layer_kind``) the method supports: "linear" (nn.Linear, Conv1D,
     # 4-bit), "embedding" (nn.Embedding), "conv" (nn.Conv1d / nn.Conv2d). The one declaration
@@ -383,6 +394,12 @@ class AdapterLayer(nn.Module):
             if p is not None:
                 return p.dtype
         return self._init_dtype
+
+    @property
+    def updates_statistics(self) -> bool:
+        """Whether this forward updates the ``running_statistics``: in training mode, once per batch (not when
+        activation checkpointing recomputes the forward during backward)."""
+        return self.training and not recomputing()
 
     @property
     def dropout_active(self) -> bool:

@@ -92,8 +92,8 @@ class AdaBNLayer(KeepsBaseLayer):
                              "(method 'convlora' on a model with BatchNorm layers)")
         if self.merged or not self.enabled:
             return self.base_layer(x)
-        factor = 0.0
-        if self.training:
+        factor = 0.0  # a checkpointing recompute normalizes with the batch again but leaves the statistics
+        if self.updates_statistics:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         bn = self.base_layer

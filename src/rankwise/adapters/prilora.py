@@ -83,7 +83,7 @@ class PRILoRALayer(LoRALayer):
         return (self.lora_B @ (self.lora_A * self.mask)) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.enabled and not self.merged:
+        if self.updates_statistics and self.enabled and not self.merged:  # once per batch (not in a recompute)
             self.accumulate(x)
         return super().forward(x)
 

@@ -8,8 +8,8 @@ For a square layer A* = A and ΔW is symmetric with rank ≤ r; for a non-square
 the first min(d, k) rows of A, so ΔW is the top-left d × k block of A Aᵀ. The ramp u(t) makes the
 adapted model start at the base model whatever A's init (U(±1/√n), ``nn.Linear``'s init of the map
 x ↦ Aᵀx) and brings the update in over T = ``ramp_steps`` steps. t is the layer's count of
-training-mode passes through its delta (``singlora_step``, saved with the adapter), advanced before the
-pass uses it, so the first training step already has u = 1/T and any training loop drives the ramp. The
+training-mode passes through its delta (``singlora_step``, saved with the adapter; an activation-checkpointing
+recompute of a pass does not count), advanced before the pass uses it, so the first training step already has u = 1/T and any training loop drives the ramp. The
 trainable count is n·r (about half of LoRA's). ΔW is the rank-r product B′A′ with B′ = (α/r)·u·A[:d],
 A′ = A[:k]ᵀ (PEFT LoRA export of the current state).
 """
@@ -76,8 +76,9 @@ class SingLoRALayer(AdapterLayer):
 
     def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """ΔW·dropout(x) at u(t), t advanced first in training mode (every path that applies the delta
-        comes here: the layer's forward, a stack of named adapters, a mixed batch)."""
-        if self.training:
+        comes here: the layer's forward, a stack of named adapters, a mixed batch), once per batch: not again
+        when activation checkpointing recomputes the forward (it then uses the same t)."""
+        if self.updates_statistics:
             with torch.no_grad():
                 self.singlora_step.add_(1)
         return super().delta_output(x, out_dtype)
