@@ -8,10 +8,11 @@ For a square layer A* = A and ΔW is symmetric with rank ≤ r; for a non-square
 the first min(d, k) rows of A, so ΔW is the top-left d × k block of A Aᵀ. The ramp u(t) makes the
 adapted model start at the base model whatever A's init (U(±1/√n), ``nn.Linear``'s init of the map
 x ↦ Aᵀx) and brings the update in over T = ``ramp_steps`` steps. t is the layer's count of
-training-mode passes through its delta (``singlora_step``, saved with the adapter; an activation-checkpointing
-recompute of a pass does not count), advanced before the pass uses it, so the first training step already has u = 1/T and any training loop drives the ramp. The
-trainable count is n·r (about half of LoRA's). ΔW is the rank-r product B′A′ with B′ = (α/r)·u·A[:d],
-A′ = A[:k]ᵀ (PEFT LoRA export of the current state).
+training-mode passes through its delta (``singlora_step``, saved with the adapter; an activation-
+checkpointing recompute of a pass does not count), advanced before the pass uses it, so the first
+training step already has u = 1/T and any training loop drives the ramp. The trainable count is n·r
+(about half of LoRA's). ΔW is the rank-r product B′A′ with B′ = (α/r)·u·A[:d], A′ = A[:k]ᵀ (PEFT LoRA
+export of the current state).
 """
 
 from __future__ import annotations
