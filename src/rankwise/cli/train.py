@@ -174,6 +174,7 @@ def _needs_validation(method: str) -> bool:
 
 
 def _hold_out(n_items: int, val_size: int, what: str) -> None:
+    """UsageError when holding ``val_size`` of the ``n_items`` training items out would leave none to train on."""
     if val_size >= n_items:
         raise UsageError(f"--val-size {val_size} leaves no training data: the training split has {n_items} {what}; "
                          f"choose --val-size < {n_items}")
