@@ -58,3 +58,12 @@ def test_a_validation_set_that_leaves_no_training_data_is_refused(capsys, tmp_pa
     code, _, err = run_cli(capsys, "train", "--method", "autolora", "--train-limit", "10", "--val-size", "10",
                            "--output", str(tmp_path / "run"))
     assert one_line(code, err, "--val-size 10", "choose --val-size < 10")
+
+
+def test_a_resume_compares_val_size_only_where_it_shapes_the_training_data():
+    from rankwise.cli.train_config import resume_changes
+
+    old = {**TRAIN_DEFAULTS, "val_size": 64}
+    assert resume_changes({**old, "method": "lora"}, {**old, "method": "lora", "val_size": 32}, []) == []
+    changed = resume_changes({**old, "method": "autolora"}, {**old, "method": "autolora", "val_size": 32}, [])
+    assert len(changed) == 1 and "val_size" in changed[0]
