@@ -98,6 +98,13 @@ def get_method(name: str) -> MethodSpec:
     return REGISTRY[name]
 
 
+def needs_validation(method: str) -> bool:
+    """Whether ``method`` is an adapter that fits its own choices on held-out data while training
+    (``MethodSpec.needs_validation``); False for any other name ('none', 'head', an unknown one)."""
+    spec = REGISTRY.get(method)
+    return spec is not None and spec.needs_validation
+
+
 @dataclass
 class AdapterState:
     """What ``adapt`` did to a model for one named adapter; ``model.rankwise_adapters`` maps each

@@ -165,14 +165,6 @@ def _check_max_length(model: Any, max_length: int) -> None:
                          f"choose --max-length <= {limit}")
 
 
-def _needs_validation(method: str) -> bool:
-    """Whether ``method`` fits its own choices on held-out data while training (``MethodSpec.needs_validation``)."""
-    from ..adapters.registry import REGISTRY
-
-    spec = REGISTRY.get(method)
-    return spec is not None and spec.needs_validation
-
-
 def _hold_out(n_items: int, val_size: int, what: str) -> None:
     """UsageError when holding ``val_size`` of the ``n_items`` training items out would leave none to train on."""
     if val_size >= n_items:
@@ -184,9 +176,10 @@ def _build(cfg: dict[str, Any], task: str):
     """(model, tokenizer, train loader, eval loader, val loader) for the run. The eval loader is the test split;
     the val loader (None unless the method needs one) holds the first ``val_size`` training items out of training."""
     from .. import data
+    from ..adapters.registry import needs_validation
     from ..models import load_model
 
-    seed, n_val = cfg["seed"], cfg["val_size"] if _needs_validation(cfg["method"]) else 0
+    seed, n_val = cfg["seed"], cfg["val_size"] if needs_validation(cfg["method"]) else 0
     val_loader = None
     if task == "seq-cls":
         if data.DATASETS.get(cfg["data"]) is None or data.DATASETS[cfg["data"]].kind != "classification":

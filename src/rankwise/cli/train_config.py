@@ -333,11 +333,10 @@ def parse_allow_change(text: str | None, settings: dict[str, Any]) -> list[str]:
 def resume_changes(old: dict[str, Any], new: dict[str, Any], allow: list[str]) -> list[str]:
     """``"key: old -> new"`` for each setting that differs from the recorded run and is not allowed to
     (``val_size`` only matters to a method that holds validation data out of the training data)."""
-    from ..adapters.registry import REGISTRY
+    from ..adapters.registry import needs_validation
     from ..checkpoint import config_changes
 
-    spec = REGISTRY.get(str(new.get("method")))
-    free = RUN_FREE_KEYS if spec is not None and spec.needs_validation else (*RUN_FREE_KEYS, "val_size")
+    free = RUN_FREE_KEYS if needs_validation(str(new.get("method"))) else (*RUN_FREE_KEYS, "val_size")
     return config_changes(old, new, allow, free=free, fixed=_fixed_keys({**old, **new}))
 
 
