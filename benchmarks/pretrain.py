@@ -402,8 +402,8 @@ def structured_extras(name: str, r: dict[str, Any], heldout: torch.Tensor, batch
         ctl = r["cuttlefish"]
         extra["switch_step"] = ctl.switch_step
         extra["mean_rank_after_switch"] = statistics.mean(ctl.ranks.values()) if ctl.ranks else None
-    if name == "lte" and r["lte"].steps % r["lte"].merge_every:  # the last heads' updates, as training's end does
-        r["lte"].merge()
+    if name == "lte":  # training's end: the heads' updates since the last merge go into W before evaluation
+        r["lte"].finish()
     if name == "relora":
         extra["merges"] = r["relora"].merges
         extra["warm_start_peak_state_bytes"] = r.get("warm_peak_bytes", 0)

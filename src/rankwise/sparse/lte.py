@@ -114,9 +114,13 @@ class LTE(RankController):
         for layer in self.layers:
             layer.merge_()
 
-    def on_train_end(self, state: TrainState) -> None:
+    def finish(self) -> None:
+        """The end of training: merge the heads' updates since the last scheduled merge (if any)."""
         if self.steps % self.merge_every:
             self.merge()
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.finish()
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
