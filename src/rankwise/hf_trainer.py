@@ -158,9 +158,9 @@ class LoopCallbacks(transformers.TrainerCallback):
     Trainer; fields a callback puts in ``state.log`` are added to the Trainer's next log record.
     """
 
-    def __init__(self, callbacks: Sequence[Any], val_loader: Callable[[], Any] | None = None) -> None:
+    def __init__(self, callbacks: Sequence[Any], make_val_loader: Callable[[], Any] | None = None) -> None:
         self.callbacks = list(callbacks)
-        self.val_loader = val_loader  # builds the validation batches methods fit their choices on (lazily)
+        self.make_val_loader = make_val_loader  # the validation batches methods fit their choices on, built lazily
         self.loop_state: TrainState | None = None
         self._pending_log: dict[str, Any] = {}
 
@@ -171,13 +171,20 @@ class LoopCallbacks(transformers.TrainerCallback):
                 config=TrainConfig.plain(max(int(hf_state.max_steps), 1)), total_steps=int(hf_state.max_steps),
                 eval_loader=kwargs.get("eval_dataloader"),
                 # the Trainer's eval_dataset (its validation split), for AutoLoRA's α and Fast Forward's stops
-                val_loader=kwargs.get("eval_dataloader") or (self.val_loader() if self.val_loader else None),
+                val_loader=self._val_loader(kwargs),
             )
         s = self.loop_state
         s.optimizer = _unwrapped(kwargs.get("optimizer", s.optimizer))
         s.scheduler = kwargs.get("lr_scheduler", s.scheduler)
         s.step, s.epoch = step, int(hf_state.epoch or 0)
         return s
+
+    def _val_loader(self, kwargs: dict[str, Any]) -> Any:
+        """The Trainer's eval dataloader when it passes one, else the one ``make_val_loader`` builds (None: none)."""
+        loader = kwargs.get("eval_dataloader")
+        if loader is None and self.make_val_loader is not None:
+            loader = self.make_val_loader()
+        return loader
 
     def _finish(self, control: Any) -> Any:
         s = self.loop_state
