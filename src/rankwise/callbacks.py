@@ -39,7 +39,8 @@ class TrainState:
     """What callbacks see: the live objects and the position in training.
 
     ``step`` counts finished optimizer steps (so in ``on_after_backward`` it is the 0-based index of
-    the step being taken); ``log`` holds extra fields for the current step's history record.
+    the step being taken); ``batch_in_epoch`` counts the loader batches consumed in this epoch (with
+    ``grad_accum`` = k, k per step); ``log`` holds extra fields for the current step's history record.
     ``eval_loader`` and ``loss_fn`` are the run's (None when it has none / uses ``model(**batch).loss``).
     ``val_loader`` is the held-out data a method fits its own choices on while training (AutoLoRA's
     selection variables, Fast Forward's stopping rule): ``train``'s ``val_loader``, else its ``eval_loader``.

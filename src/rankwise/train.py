@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,9 @@ class TrainConfig:
 
     ``batch_size`` and ``max_length`` are not used by :func:`train` itself (it is given loaders);
     they are recorded with the run and used by the CLI and the demo to build the loaders.
+    ``grad_accum``: loader batches (micro-batches) per optimizer step; the step's gradient is the mean of
+    their gradients (each loss scaled by 1/k), so k batches of b rows step as one batch of k·b rows when
+    the loss is a mean over equally weighted rows. ``max_steps`` counts optimizer steps.
     """
 
     lr: float = 1e-3
@@ -75,6 +78,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 8
     max_length: int = 128
+    grad_accum: int = 1
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"
@@ -106,7 +110,7 @@ class TrainConfig:
         number("max_grad_norm", self.max_grad_norm, 0, low_open=True, optional=True)
         integer("epochs", self.epochs, 1)
         integer("max_steps", self.max_steps, 1, optional=True)
-        for name in ("batch_size", "max_length", "log_every"):
+        for name in ("batch_size", "max_length", "grad_accum", "log_every"):
             integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             integer(name, getattr(self, name), 0)
@@ -136,6 +140,9 @@ class TrainConfig:
         no evaluation, checkpoint or memory window."""
         return cls(max_steps=steps, schedule="constant", max_grad_norm=None, seed=None, device=None,
                    progress=progress, measure_memory=False)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 def check_device(device: str) -> str:
@@ -373,12 +380,13 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- the loop
 def _total_steps(loader: Iterable, cfg: TrainConfig) -> tuple[int, int | None]:
-    """(optimizer steps of the run, batches per epoch or None for loaders without len())."""
+    """(optimizer steps of the run, batches per epoch or None for loaders without len()). An epoch of
+    n batches takes ⌈n / grad_accum⌉ steps (its last step accumulates the batches that are left)."""
     per_epoch = len(loader) if isinstance(loader, Sized) else None
     if cfg.max_steps is not None:
         total = cfg.max_steps
     elif per_epoch:
-        total = cfg.epochs * per_epoch
+        total = cfg.epochs * -(-per_epoch // cfg.grad_accum)
     else:
         raise ValueError("max_steps must be set when train_loader has no len()")
     if per_epoch == 0:
@@ -474,6 +482,7 @@ class _Loop:
     def _resume(self, candidates: list[Path]) -> None:
         state = self.state
         ckpt, payload, tensors, old_cfg = _read_newest(candidates)
+        old_cfg = {**_DEFAULTS, **old_cfg}  # a setting newer than the checkpoint: it ran with the default
         changed = config_changes(old_cfg, self.cfg.to_dict(), self.allow_change,
                                  fixed=FIXED_KEYS if self.built_optimizer else ())
         if changed:
@@ -545,9 +554,10 @@ class _Loop:
             set_rng_state(self.resume_rng, self.device)
             self.resume_rng = None
         empty = True
-        for batch in batches:
+        # a step takes grad_accum batches; the epoch's last step the ones left
+        while group := list(itertools.islice(batches, self.cfg.grad_accum)):
             empty = False
-            self._step(batch)
+            self._step(group)
             self._after_step()
             if self.done():
                 return
@@ -557,13 +567,18 @@ class _Loop:
         if self.state.batch_in_epoch:
             self._next_epoch()
 
-    def _step(self, batch: Any) -> None:
-        """loss, backward, clip, optimizer and scheduler step: one optimizer step and its record."""
+    def _step(self, group: list[Any]) -> None:
+        """loss and backward of each batch of ``group`` (the gradients summed, each loss scaled by 1/len), clip,
+        optimizer and scheduler step: one optimizer step and its record."""
         state, cfg, optimizer = self.state, self.cfg, self.state.optimizer
         state.log = {}
-        loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
-        loss.backward()
-        state.loss = float(loss.detach())
+        losses = []
+        for i, batch in enumerate(group):
+            with gradient_sync(state.model, on=i == len(group) - 1):
+                loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
+                (loss / len(group) if len(group) > 1 else loss).backward()
+            losses.append(float(loss.detach()))
+        state.loss = sum(losses) / len(losses)
         call(self.callbacks, "on_after_backward", state)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
@@ -571,7 +586,7 @@ class _Loop:
         optimizer.step()
         state.scheduler.step()
         state.step += 1
-        state.batch_in_epoch += 1
+        state.batch_in_epoch += len(group)
         call(self.callbacks, "on_step_end", state)
         optimizer.zero_grad(set_to_none=True)
         record = {"step": state.step, "loss": state.loss, "lr": lr, **state.log}
@@ -631,6 +646,28 @@ class _Loop:
             metrics = {"train_loss": sum(h["loss"] for h in tail) / max(1, len(tail))}
         call(self.callbacks, "on_train_end", state)
         return metrics
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, on: bool) -> Iterator[None]:
+    """With ``on=False`` (a micro-batch before the step's last), let DDP (``no_sync``) or FSDP2
+    (``set_requires_gradient_sync``) keep this backward's gradient local: the step's summed gradient is
+    reduced once, on the last micro-batch. Same update either way; elsewhere nothing changes."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if on:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 root (fully_shard)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _before_load(model: nn.Module, callbacks: Sequence[Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -725,6 +762,11 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     total_steps, per_epoch = _total_steps(train_loader, cfg)
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
+    if cfg.grad_accum > 1 and hasattr(optimizer, "accumulate"):  # a LayerwiseOptimizer
+        raise ValueError(
+            f"grad_accum={cfg.grad_accum}: {type(optimizer).__name__} steps each parameter inside backward, one "
+            "micro-batch at a time; use grad_accum=1 (or a larger batch) with a layer-wise optimizer"
+        )
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps,
                        eval_loader=eval_loader, loss_fn=loss_fn,
                        val_loader=val_loader if val_loader is not None else eval_loader)

@@ -130,6 +130,7 @@ def test_flags_beat_yaml_for_the_rank(tmp_path):
     (["train", "--rank", "4", "--option", "r=8"], ["the rank is given twice"]),
     (["compress", "--method", "nope"], ["invalid choice: 'nope'"]),
     (["train", "--rank", "eight"], ["invalid int value: 'eight'"]),
+    (["train", "--grad-accum", "0"], ["grad_accum=0 must be an integer >= 1"]),
     (["compress"], ["the following arguments are required: --method"]),
     (["nope"], ["invalid choice"]),
 ])

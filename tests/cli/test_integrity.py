@@ -114,6 +114,7 @@ def test_resume_refuses_changed_settings_before_loading(tmp_path, capsys, fake_r
     for flags, needles in [(["--lr", "2e-3"], ["lr: 0.001 -> 0.002", "--allow-change"]),
                            (["--seed", "3"], ["seed: 0 -> 3"]),
                            (["--batch-size", "2"], ["batch_size: 8 -> 2"]),
+                           (["--grad-accum", "2"], ["grad_accum: 1 -> 2"]),
                            (["--alpha", "32"], ["alpha: None -> 32"]),
                            (["--rank", "8"], ["r: 4 -> 8 (cannot change on resume)"]),
                            (["--max-steps", "5"], ["max_steps: 10 -> 5"])]:
@@ -130,6 +131,13 @@ def test_resume_refuses_changed_settings_before_loading(tmp_path, capsys, fake_r
     assert code == 0, err
     assert fake_run[-1][1] == ["lr"] and fake_run[-1][0]["lr"] == 2e-3
     assert json.loads((out / "run_config.json").read_text())["settings"]["lr"] == 2e-3  # the run now has it
+    # a run recorded before a setting existed (grad_accum) ran with its default: it resumes
+    record = json.loads((out / "run_config.json").read_text())
+    del record["settings"]["grad_accum"]
+    (out / "run_config.json").write_text(json.dumps(record))
+    code, _, err = run_cli(capsys, "train", "--output", out, "--rank", "4", "--max-steps", "20", "--lr", "2e-3",
+                           "--resume")
+    assert code == 0, err
 
 
 @needs_assets

@@ -404,6 +404,12 @@ def run(args: argparse.Namespace) -> None:
                      "gathered_in_step": gathered}))
         elif mode == "loop":
             loop_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, world, out)
+        elif mode == "accum":  # gradient accumulation: 2 batches of 2 rows per step == 1 batch of 4 rows
+            runs = {k: loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_{k}", batch=4 // k,
+                                dropout=0.0, wrap=spec["wrap"], grad_accum=k) for k in (1, 2)}
+            weights = {k: full_weights(m.module if spec["wrap"] == "ddp" else m) for k, m in runs.items()}
+            if rank == 0:
+                torch.save(weights, out / f"{tag}.pt")
         elif mode == "reshape":
             reshape_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, out)
         elif mode == "dcp-save":
@@ -462,10 +468,12 @@ class _RankNoise:
 
 
 def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int, out: Path,
-             init_seed: int = 0, stop: int | None = None, resume: bool = False, **config: Any) -> torch.nn.Module:
+             init_seed: int = 0, stop: int | None = None, resume: bool = False, batch: int = 4,
+             dropout: float = 0.1, wrap: str = "fsdp", **config: Any) -> torch.nn.Module:
     """``rankwise.train`` on the sharded tiny Llama (attention dropout 0.1, and RNG states that differ
-    by rank: each rank must resume its own) over a shuffled loader of this rank's slices, with a
-    checkpoint every 2 steps in ``out``."""
+    by rank: each rank must resume its own) over a shuffled loader of this rank's slices of ``batch`` rows,
+    with a checkpoint every 2 steps in ``out``; ``wrap="ddp"``: DistributedDataParallel instead of FSDP2."""
+    from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
     from rankwise.cli.distributed import RankSlices
@@ -473,12 +481,12 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     from rankwise.train import train as run
 
     model = make_model(init_seed)
-    model.config.attention_dropout = 0.1
+    model.config.attention_dropout = dropout
     for layer in model.model.layers:
-        layer.self_attn.attention_dropout = 0.1
-    shard(model, mesh)
+        layer.self_attn.attention_dropout = dropout
+    model = shard(model, mesh) if wrap == "fsdp" else DistributedDataParallel(model)
     rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
-    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(rows, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, checkpoint_every=2,
                       output_dir=str(out), device=None, progress=False, measure_memory=False, **config)
     callbacks = [_RankNoise(), *([_StopAt(stop)] if stop else [])]
@@ -627,7 +635,7 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["parity", "structured", "controlled", "zero", "rsvd", "loop", "reshape",
-                                         "dcp-save", "dcp-load", "controlled-resume"])
+                                         "dcp-save", "dcp-load", "controlled-resume", "accum"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

@@ -200,3 +200,21 @@ def _dcp_roundtrip(tmp_path, tags: list[str]) -> None:
 def test_dcp_resume_is_bit_exact(tmp_path):
     """GaLore (a basis in the state), Fira and APOLLO (limiter norms), APOLLO (seed chain), FRUGAL."""
     _dcp_roundtrip(tmp_path, ["galore", "fira", "apollo", "frugal"])
+
+
+def test_gradient_accumulation_under_fsdp2_and_ddp(tmp_path):
+    """``rankwise.train(grad_accum=2)`` on 2 processes, the earlier micro-batch's gradient kept local
+    (FSDP2 ``set_requires_gradient_sync(False)``, DDP ``no_sync``) and reduced with the last one: 4 steps of
+    2 batches of 2 rows == 4 steps of one batch of 4 rows (the loader's same order), under FSDP2 and DDP."""
+    specs = [{"tag": f"accum_{wrap}", "method": "galore", "kwargs": {"rank": 4, "update_gap": 2}, "steps": 4,
+              "mode": "accum", "wrap": wrap} for wrap in ("fsdp", "ddp")]
+    launch("accum", specs, tmp_path)
+    start = make_model()
+    for spec in specs:
+        weights = torch.load(tmp_path / f"{spec['tag']}.pt", weights_only=True)
+        one, two = weights[1], weights[2]
+        assert one.keys() == two.keys()
+        for name, value in one.items():
+            torch.testing.assert_close(two[name], value, rtol=0, atol=TOL, msg=f"{spec['tag']} {name}")
+        moved = dict(start.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+        assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], moved.detach())

@@ -89,7 +89,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_flag(g, "lr", "learning rate [default: 1e-3 adapters, 5e-5 none, 5e-3 head]")
     g.add_argument("--epochs", type=int, help="passes over the training data [default: 1]")
     add_flag(g, "max_steps", "optimizer steps (overrides --epochs)")
-    add_flag(g, "batch_size", "examples (or LM blocks) per step [default: 8]")
+    add_flag(g, "batch_size", "examples (or LM blocks) per batch; a step takes --grad-accum batches [default: 8]")
+    g.add_argument("--grad-accum", type=int, metavar="K",
+                   help="gradient accumulation: batches per optimizer step (their mean gradient), so a step sees "
+                        "K x --batch-size examples with one batch's activation memory; --max-steps counts "
+                        "optimizer steps [default: 1]")
     add_flag(g, "max_length", "tokens per example / LM block [default: 128]")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices [default: 0]")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps [default: 0]")
@@ -222,6 +226,7 @@ def _train_config(cfg: dict[str, Any]):
     try:
         return TrainConfig(
             lr=cfg["lr"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
+            grad_accum=cfg["grad_accum"],
             max_length=cfg["max_length"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
             schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
             skip_nonfinite=cfg["skip_nonfinite"],

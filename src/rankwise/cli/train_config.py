@@ -25,6 +25,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 1,
     "max_steps": None,
     "batch_size": 8,
+    "grad_accum": 1,  # batches per optimizer step (gradient accumulation)
     "max_length": 128,
     "weight_decay": 0.0,
     "warmup_steps": 0,
@@ -337,6 +338,8 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], allow: list[str]) -
     from ..checkpoint import config_changes
 
     free = RUN_FREE_KEYS if needs_validation(str(new.get("method"))) else (*RUN_FREE_KEYS, "val_size")
+    # a setting newer than the recorded run (absent from its run_config.json): that run had its default
+    old = {**{k: v for k, v in TRAIN_DEFAULTS.items() if k != "options"}, **old}
     return config_changes(old, new, allow, free=free, fixed=_fixed_keys({**old, **new}))
 
 
