@@ -19,7 +19,10 @@ cores orthonormal, singular values carried right) are our choices.
 
 The update ΔW = MPO(T) − MPO(T⁰) is not a fixed low-rank product of two matrices, so it does not export to
 PEFT; it merges into the base (``delta_weight`` contracts the cores) and saves / loads in rankwise format.
-The forward applies the cores to x one at a time (``linalg.mpo_apply``), never forming the dense ΔW.
+The forward (``linalg.mpo_linear``) applies the cores to x one at a time for a few rows (decoding) and
+through the dense MPO(T) for many (training: 8–12× faster on CPU), which it forms in forward and again in
+backward but never keeps: only x and the cores are saved for backward (2048 rows on a 384 × 384 layer, bond 8:
+3.2 MB against the core-by-core route's 78.7 MB of intermediate products).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, integer
-from ..linalg import factor_shape, mpo_apply, mpo_bond_dims, mpo_contract, mpo_decompose
+from ..linalg import factor_shape, mpo_bond_dims, mpo_contract, mpo_decompose, mpo_linear
 from ..quant import SCHEMES, dequantize, quantize_tensor, to_linear4bit
 from ..targets import is_linear4bit, linear_weight
 from .base import AdapterConfig, AdapterLayer, check_base
@@ -113,8 +116,8 @@ class DoTALayer(AdapterLayer):
         return mpo_contract(self.cores())
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """MPO(T)·x core by core (``linalg.mpo_apply``): the dense out × in ΔW is never formed in training."""
-        return mpo_apply(self.cores(), x)
+        """MPO(T)·x (``linalg.mpo_linear``): the dense out × in ΔW is never kept for backward."""
+        return mpo_linear(x, self.cores())
 
     def base_offset(self) -> torch.Tensor:
         """MPO(W₀), moved out of the base at init (the base holds W_res)."""
