@@ -60,6 +60,7 @@ class TrainState:
     eval_loader: Any = None
     loss_fn: Any = None
     val_loader: Any = None
+    scaler: Any = None  # the run's torch.amp.GradScaler under precision="fp16", else None
 
 
 class Callback:

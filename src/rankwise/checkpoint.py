@@ -151,6 +151,7 @@ def save_checkpoint(path: str | Path, state: TrainState, rng: dict[str, Any], lo
         "batch_in_epoch": state.batch_in_epoch,
         "total_steps": state.total_steps,
         "scheduler": state.scheduler.state_dict(),
+        "grad_scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": rng,
         "loader_generators": loader_states,
         "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],

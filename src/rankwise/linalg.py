@@ -14,7 +14,8 @@ from .checks import fraction
 
 __all__ = [
     "balanced_svd_factors", "deim_indices", "energy_rank", "factor_shape", "mpo_apply", "mpo_bond_dims",
-    "mpo_contract", "mpo_decompose", "mpo_linear", "randomized_svd", "rebalanced_factors", "svd_precision", "truncated_svd",
+    "mpo_contract", "mpo_decompose", "mpo_linear", "randomized_svd", "rebalanced_factors", "svd_precision",
+    "truncated_svd",
 ]
 
 

@@ -18,6 +18,7 @@ import itertools
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from os import PathLike
@@ -58,6 +59,9 @@ from .optim.factory import make as make_optimizer
 from .optim.factory import names as optimizer_names
 
 SCHEDULES = ("constant", "linear", "cosine")
+#: Mixed precision of the loop: the forward under ``torch.autocast`` in this dtype (weights, gradients and
+#: optimizer state keep their own dtypes); "fp16" also scales the loss (``torch.amp.GradScaler``).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = ("auto", "classification", "lm")
 
 
@@ -71,6 +75,10 @@ class TrainConfig:
     ``grad_accum``: loader batches (micro-batches) per optimizer step; the step's gradient is the mean of
     their gradients (each loss scaled by 1/k), so k batches of b rows step as one batch of k·b rows when
     the loss is a mean over equally weighted rows. ``max_steps`` counts optimizer steps.
+    ``precision``: "fp32", or "bf16" / "fp16" mixed precision (:data:`PRECISIONS`): forward and evaluation
+    under ``torch.autocast``, backward outside it; "fp16" scales the loss with a ``torch.amp.GradScaler``
+    (unscaled before the callbacks and clipping, a step with inf/NaN gradients skipped and the scale lowered;
+    its state is checkpointed) and needs fp32 trainable parameters.
     """
 
     lr: float = 1e-3
@@ -79,6 +87,7 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 128
     grad_accum: int = 1
+    precision: str = "fp32"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"
@@ -104,6 +113,7 @@ class TrainConfig:
     def validate(self) -> None:
         choice("schedule", self.schedule, SCHEDULES)
         choice("task", self.task, TASKS)
+        choice("precision", self.precision, tuple(PRECISIONS))
         choice("optimizer", self.optimizer, optimizer_names())
         number("lr", self.lr, 0, low_open=True)
         number("weight_decay", self.weight_decay, 0)
@@ -508,6 +518,8 @@ class _Loop:
             load_trained_tensors(state.model, ckpt, tensors)
             state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
+        if state.scaler is not None and payload.get("grad_scaler") is not None:
+            state.scaler.load_state_dict(payload["grad_scaler"])
         if self.built_optimizer:
             self._apply_changed_hyperparameters(old_cfg)
         # the resumed run may pass other callbacks than the checkpointed one (e.g. without the one
@@ -572,19 +584,31 @@ class _Loop:
         optimizer and scheduler step: one optimizer step and its record."""
         state, cfg, optimizer = self.state, self.cfg, self.state.optimizer
         state.log = {}
-        losses = []
+        losses, scaler = [], state.scaler
         for i, batch in enumerate(group):
             with gradient_sync(state.model, on=i == len(group) - 1):
-                loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
-                (loss / len(group) if len(group) > 1 else loss).backward()
+                with self.autocast():
+                    loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
+                part = loss / len(group) if len(group) > 1 else loss
+                (part if scaler is None else scaler.scale(part)).backward()  # outside autocast (torch's AMP recipe)
             losses.append(float(loss.detach()))
         state.loss = sum(losses) / len(losses)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the callbacks and the clipping see the true gradients
         call(self.callbacks, "on_after_backward", state)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        state.scheduler.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            state.log["loss_scale"] = float(scaler.get_scale())  # the scale this step's gradients carried
+            scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+            scaler.update()
+        with warnings.catch_warnings():
+            if scaler is not None:  # a step the scaler skipped still counts in the schedule (as in the Trainer)
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+            state.scheduler.step()
         state.step += 1
         state.batch_in_epoch += len(group)
         call(self.callbacks, "on_step_end", state)
@@ -617,8 +641,14 @@ class _Loop:
         self._mark_epoch_start()
 
     # ---- evaluation, checkpoints, end
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in the run's precision (a no-op context for "fp32")."""
+        dtype = PRECISIONS[self.cfg.precision]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
     def _evaluate(self, loader: Iterable[dict[str, Any]], max_batches: int | None) -> dict[str, float]:
-        metrics = evaluate(self.state.model, loader, self.cfg.task, max_batches)
+        with self.autocast():
+            metrics = evaluate(self.state.model, loader, self.cfg.task, max_batches)
         self.evals.append({"step": self.state.step, **metrics})
         call(self.callbacks, "on_evaluate", self.state, metrics)
         return metrics
@@ -648,6 +678,28 @@ class _Loop:
         return metrics
 
 
+def _check_step_settings(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError for settings the optimizer or the model cannot take: gradient accumulation or a GradScaler
+    with a layer-wise optimizer (it steps inside backward, per micro-batch, on scaled gradients), and fp16
+    loss scaling over fp16 trainable parameters (the scaler unscales fp32 gradients only)."""
+    if hasattr(optimizer, "accumulate"):  # a LayerwiseOptimizer
+        why = f"{type(optimizer).__name__} steps each parameter inside backward"
+        if cfg.grad_accum > 1:
+            raise ValueError(f"grad_accum={cfg.grad_accum}: {why}, one micro-batch at a time; use grad_accum=1 "
+                             "(or a larger batch) with a layer-wise optimizer")
+        if cfg.precision == "fp16":
+            raise ValueError(f"precision='fp16': {why}, on the scaled gradients before the GradScaler can check and "
+                             "unscale them; use precision='bf16' or 'fp32' with a layer-wise optimizer")
+    if cfg.precision == "fp16":
+        half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise ValueError(
+                f"precision='fp16' scales the loss with a GradScaler, which needs fp32 trainable parameters; "
+                f"{half[0]} (and {len(half) - 1} more) is float16: keep trainable weights in float32 "
+                "(autocast computes in fp16) or use precision='bf16'"
+            )
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, on: bool) -> Iterator[None]:
     """With ``on=False`` (a micro-batch before the step's last), let DDP (``no_sync``) or FSDP2
@@ -660,12 +712,12 @@ def gradient_sync(model: nn.Module, on: bool) -> Iterator[None]:
     elif isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 root (fully_shard)
-        model.set_requires_gradient_sync(False)
+    elif callable(set_sync := getattr(model, "set_requires_gradient_sync", None)):  # an FSDP2 root (fully_shard)
+        set_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            set_sync(True)
     else:
         yield
 
@@ -762,14 +814,11 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
     total_steps, per_epoch = _total_steps(train_loader, cfg)
     built = optimizer is None
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
-    if cfg.grad_accum > 1 and hasattr(optimizer, "accumulate"):  # a LayerwiseOptimizer
-        raise ValueError(
-            f"grad_accum={cfg.grad_accum}: {type(optimizer).__name__} steps each parameter inside backward, one "
-            "micro-batch at a time; use grad_accum=1 (or a larger batch) with a layer-wise optimizer"
-        )
+    _check_step_settings(cfg, model, optimizer)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, total_steps), cfg, total_steps=total_steps,
                        eval_loader=eval_loader, loss_fn=loss_fn,
-                       val_loader=val_loader if val_loader is not None else eval_loader)
+                       val_loader=val_loader if val_loader is not None else eval_loader,
+                       scaler=torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None)
     callbacks = _with_method_controllers(model, callbacks, optimizer, total_steps)
     loop = _Loop(state, train_loader, eval_loader, list(callbacks), loss_fn, device, per_epoch, t_start,
                  allow_change, built)
@@ -795,7 +844,7 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
 
 
 __all__ = [
-    "FULL_FINETUNE", "HEAD_ONLY", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
+    "FULL_FINETUNE", "HEAD_ONLY", "PRECISIONS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainState",
     "build_optimizer", "build_scheduler", "count_params", "evaluate", "find_checkpoint", "lr_factor",
     "method_optimizer",
     "optimizer_state_bytes", "peak_memory", "place_model", "prepare_model", "progress_bar",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import rankwise as rw
 from rankwise import catalogue
@@ -64,6 +65,10 @@ def test_methods_markdown_and_family_filter(capsys):
     (["train", "--device", "cuda:99"], "device='cuda:99'"),
     (["train", "--max-length", "100000", "--train-limit", "8", "--test-limit", "8"], "--max-length 100000 is more"),
     (["train", "--targets", "re:([", "--train-limit", "8", "--test-limit", "8"], "is not a valid regular expression"),
+    (["train", "--dtype", "float8"], "--dtype 'float8'; choose one of ['float32', 'bfloat16', 'float16']"),
+    (["train", "--dtype", "float16"], "--dtype float16 would train the classification head in fp16"),
+    (["train", "--dtype", "float16", "--method", "none", "--data", "stdlib-code"], "would train every weight"),
+    (["train", "--precision", "fp8"], "precision='fp8'"),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, argv, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --output (runs/<method>) must not depend on what the cwd holds
@@ -217,6 +222,27 @@ def test_demo_selection_prefers_registry_order():
     assert labels[:3] == ["head-only", "full-ft", "lora"]
     assert all(e.method in rw.REGISTRY or e.method in ("head", "none") for e in entries)
     assert [e.label for e in select_entries(["head", "none", "lora"])] == ["head-only", "full-ft", "lora"]
+
+
+@needs_assets
+def test_train_bf16_weights_mixed_precision_and_accumulation(tmp_path, capsys):
+    """`--dtype bfloat16 --precision bf16 --grad-accum 2`: MiniLM loaded in bf16, LoRA factors trained in fp32
+    (the saved adapter), 2 optimizer steps of 2 batches each, the settings recorded with the run."""
+    out = tmp_path / "bf16"
+    code, _, err = run_cli(capsys, "train", "--rank", "2", "--dtype", "bfloat16", "--precision", "bf16",
+                           "--grad-accum", "2", "--output", str(out), *TINY)
+    assert code == 0, err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["result"]["steps"] == 2 and math.isfinite(record["metrics"]["loss"])
+    settings = json.loads((out / "run_config.json").read_text())["settings"]
+    assert (settings["dtype"], settings["precision"], settings["grad_accum"]) == ("bfloat16", "bf16", 2)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(next((out / "adapter").glob("*.safetensors"))))
+    lora = {k: v.dtype for k, v in tensors.items() if "lora_" in k}
+    assert lora and set(lora.values()) == {torch.float32}
+    head = {k: v.dtype for k, v in tensors.items() if "classifier" in k}
+    assert head and set(head.values()) == {torch.bfloat16}  # trained in full, in the base's dtype
 
 
 @needs_assets

@@ -15,6 +15,7 @@ from .train_config import (
     check_config,
     check_optimizer,
     parse_allow_change,
+    resolve_task,
     resolve_train_config,
     resume_changes,
     run_settings,
@@ -90,6 +91,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="passes over the training data [default: 1]")
     add_flag(g, "max_steps", "optimizer steps (overrides --epochs)")
     add_flag(g, "batch_size", "examples (or LM blocks) per batch; a step takes --grad-accum batches [default: 8]")
+    g.add_argument("--dtype", help="dtype the model's weights are loaded in: float32, bfloat16 or float16 (half the "
+                   "weight memory; adapters stay float32; float16 only for a frozen base: adapter methods on a "
+                   "causal LM) [default: float32]")
+    g.add_argument("--precision", help="fp32, or mixed precision bf16 / fp16: forward and evaluation under "
+                   "torch.autocast, fp16 with a GradScaler (needs float32 trainable weights) [default: fp32]")
     g.add_argument("--grad-accum", type=int, metavar="K",
                    help="gradient accumulation: batches per optimizer step (their mean gradient), so a step sees "
                         "K x --batch-size examples with one batch's activation memory; --max-steps counts "
@@ -148,19 +154,6 @@ def _float_or_none(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
-def _resolve_task(cfg: dict[str, Any]) -> str:
-    from ..data.datasets import DATASETS
-    from ..models import MODELS, resolve_model_name
-
-    if cfg["task"] != "auto":
-        return cfg["task"]
-    info = DATASETS.get(cfg["data"])
-    classification = info is not None and info.kind == "classification"
-    if classification and not os.path.isdir(str(cfg["model"])):
-        return "seq-cls" if "seq-cls" in MODELS[resolve_model_name(cfg["model"])].tasks else "causal-lm"
-    return "seq-cls" if classification else "causal-lm"
-
-
 def _check_max_length(model: Any, max_length: int) -> None:
     """--max-length may not exceed the positions the model has (``config.max_position_embeddings``)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -179,21 +172,22 @@ def _hold_out(n_items: int, val_size: int, what: str) -> None:
 def _build(cfg: dict[str, Any], task: str):
     """(model, tokenizer, train loader, eval loader, val loader) for the run. The eval loader is the test split;
     the val loader (None unless the method needs one) holds the first ``val_size`` training items out of training."""
+    import torch
+
     from .. import data
     from ..adapters.registry import needs_validation
     from ..models import load_model
 
     seed, n_val = cfg["seed"], cfg["val_size"] if needs_validation(cfg["method"]) else 0
+    dtype = getattr(torch, cfg["dtype"])
     val_loader = None
     if task == "seq-cls":
         if data.DATASETS.get(cfg["data"]) is None or data.DATASETS[cfg["data"]].kind != "classification":
             raise UsageError(f"dataset {cfg['data']!r} has no labels; use --task causal-lm")
         train_ds = data.load_classification(cfg["data"], "train", seed=seed, limit=cfg["train_limit"])
         test_ds = data.load_classification(cfg["data"], "test", seed=seed, limit=cfg["test_limit"])
-        import torch
-
         torch.manual_seed(seed)  # the new classification head
-        model, tok = load_model(cfg["model"], task="seq-cls", num_labels=train_ds.num_labels)
+        model, tok = load_model(cfg["model"], task="seq-cls", num_labels=train_ds.num_labels, dtype=dtype)
         _check_max_length(model, cfg["max_length"])
         eval_batch = max(32, cfg["batch_size"])
         if n_val:
@@ -205,14 +199,12 @@ def _build(cfg: dict[str, Any], task: str):
         train_loader = data.classification_loader(train_ds, tok, cfg["batch_size"], cfg["max_length"], True, seed)
         eval_loader = data.classification_loader(test_ds, tok, eval_batch, cfg["max_length"], False)
     else:
-        model, tok = load_model(cfg["model"], task="causal-lm")
+        model, tok = load_model(cfg["model"], task="causal-lm", dtype=dtype)
         _check_max_length(model, cfg["max_length"])
         common = {"tokenizer": tok, "max_length": cfg["max_length"], "batch_size": cfg["batch_size"], "seed": seed}
         train_loader = text_loader(cfg["data"], "train", limit=cfg["train_limit"], shuffle=True, **common)
         eval_loader = text_loader(cfg["data"], "test", limit=cfg["test_limit"], shuffle=False, **common)
         if n_val:
-            import torch
-
             blocks = torch.stack(list(train_loader.dataset))  # lm_loader's dataset: the blocks, in corpus order
             _hold_out(len(blocks), n_val, "blocks")
             train_loader = data.lm_loader(blocks[n_val:], batch_size=cfg["batch_size"], shuffle=True, seed=seed)
@@ -226,7 +218,7 @@ def _train_config(cfg: dict[str, Any]):
     try:
         return TrainConfig(
             lr=cfg["lr"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
-            grad_accum=cfg["grad_accum"],
+            grad_accum=cfg["grad_accum"], precision=cfg["precision"],
             max_length=cfg["max_length"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
             schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
             skip_nonfinite=cfg["skip_nonfinite"],
@@ -377,6 +369,9 @@ def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool,
 
     if cfg["quantize"] is not None:
         raise UsageError("--quantize is not supported with --nproc > 1 yet (docs/distributed.md)")
+    if cfg["dtype"] != "float32":  # FSDP2 wants one dtype per group of trainable parameters: not checked yet
+        raise UsageError(f"--dtype {cfg['dtype']} is not supported with --nproc > 1 yet; use --precision bf16 "
+                         "(autocast over float32 weights) with --nproc (docs/distributed.md)")
     device = init(cfg["device"])
     tcfg.device, tcfg.progress = device, tcfg.progress and rank == 0
     if rank != 0:
@@ -399,7 +394,7 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = No
     from ..train import TrainConfig, prepare_model, train
 
     quiet_transformers()
-    task = _resolve_task(cfg)
+    task = resolve_task(cfg)
     model, tok, train_loader, eval_loader, val_loader = _build(cfg, task)
     init_loader = DataLoader(train_loader.dataset, batch_size=cfg["batch_size"], collate_fn=train_loader.collate_fn)
     if cfg["quantize"] is not None:

@@ -26,6 +26,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "batch_size": 8,
     "grad_accum": 1,  # batches per optimizer step (gradient accumulation)
+    "dtype": "float32",  # the dtype the model's weights are loaded in (adapters stay float32)
+    "precision": "fp32",  # fp32, or bf16 / fp16 mixed precision (autocast; fp16 with a GradScaler)
     "max_length": 128,
     "weight_decay": 0.0,
     "warmup_steps": 0,
@@ -59,7 +61,9 @@ TASK_NAMES = ("auto", "seq-cls", "causal-lm")
 #: Values kept as written in YAML (paths and names are never numbers).
 VERBATIM_KEYS = ("model", "data", "output", "resume")
 #: Settings that must be strings (names, paths and choices).
-STRING_KEYS = ("model", "data", "task", "method", "schedule", "optimizer", "device", "output")
+STRING_KEYS = ("model", "data", "task", "method", "schedule", "optimizer", "device", "output", "dtype", "precision")
+#: ``--dtype``: the dtypes the model's weights may be loaded in.
+DTYPES = ("float32", "bfloat16", "float16")
 #: The run's settings as written into its output directory (``--resume`` compares against them).
 RUN_CONFIG = "run_config.json"
 #: Settings that never change what is trained: a resume may give other values.
@@ -225,6 +229,7 @@ def check_config(cfg: dict[str, Any]) -> None:
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
     _check_quantize(cfg)
+    _check_dtype(cfg)
     check_model_name(cfg["model"])
     targets = cfg["targets"]
     if isinstance(targets, str) and targets != "all-linear":
@@ -248,6 +253,34 @@ def check_config(cfg: dict[str, Any]) -> None:
         integer("val_size", cfg["val_size"], 1)
     except ValueError as e:
         raise UsageError(f"--val-size: {e}") from None
+
+
+def _check_dtype(cfg: dict[str, Any]) -> None:
+    """``dtype`` one of :data:`DTYPES`; float16 weights only frozen (an adapter method on a causal LM: nothing
+    else trains in them), since Adam on fp16 weights diverges (docs/precision.md)."""
+    if cfg["dtype"] not in DTYPES:
+        raise UsageError(f"--dtype {cfg['dtype']!r}; choose one of {list(DTYPES)}")
+    if cfg["dtype"] != "float16":
+        return
+    trains_half = "every weight" if cfg["method"] == FULL_FINETUNE else "the classification head" if (
+        cfg["method"] == HEAD_ONLY or resolve_task(cfg) == "seq-cls") else None
+    if trains_half:
+        raise UsageError(f"--dtype float16 would train {trains_half} in fp16, where Adam's second moment underflows "
+                         "and the run diverges; use --dtype bfloat16, or float32 weights with --precision fp16")
+
+
+def resolve_task(cfg: dict[str, Any]) -> str:
+    """The run's task: ``--task``, or for 'auto' seq-cls on labelled data when the model has that head."""
+    from ..data.datasets import DATASETS
+    from ..models import MODELS, resolve_model_name
+
+    if cfg["task"] != "auto":
+        return cfg["task"]
+    info = DATASETS.get(cfg["data"])
+    classification = info is not None and info.kind == "classification"
+    if classification and not os.path.isdir(str(cfg["model"])):
+        return "seq-cls" if "seq-cls" in MODELS[resolve_model_name(cfg["model"])].tasks else "causal-lm"
+    return "seq-cls" if classification else "causal-lm"
 
 
 def _check_quantize(cfg: dict[str, Any]) -> None:
