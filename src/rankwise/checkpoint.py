@@ -305,7 +305,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 #: TrainConfig fields that never change what is trained: they may differ on resume.
 FREE_KEYS = ("progress", "log_every", "measure_memory", "eval_every", "eval_max_batches", "checkpoint_every",
-             "keep_checkpoints", "output_dir", "device")
+             "keep_checkpoints", "output_dir", "device", "gradient_checkpointing")
 #: Fields that may grow on resume without being allowed (the run is continued for longer).
 GROW_KEYS = ("max_steps", "epochs")
 #: Fields a resume cannot change even when allowed: the optimizer state is restored as it was saved.

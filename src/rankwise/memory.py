@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "TensorMemoryTracker", "count_params", "gradient_bytes", "optimizer_state_bytes", "peak_memory",
+    "TensorMemoryTracker", "count_params", "enable_activation_checkpointing", "gradient_bytes", "optimizer_state_bytes", "peak_memory",
     "reset_peak_memory", "tensor_bytes", "total_params", "unique_parameters",
 ]
 
@@ -68,6 +68,22 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     if callable(own):
         return int(own())
     return sum(_nested_bytes(s) for s in optimizer.state.values())
+
+
+def enable_activation_checkpointing(model: nn.Module, field: str = "gradient_checkpointing") -> None:
+    """Hugging Face activation checkpointing (non-reentrant, so frozen embeddings need no input-gradient hook):
+    each transformer block keeps only its input for backward and recomputes the rest (Chen et al. 2016), with
+    the RNG state of the first forward, so dropout masks and the update are unchanged. A ValueError naming
+    ``field`` for a model without ``gradient_checkpointing_enable``."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{field}=True needs a Hugging Face model that supports gradient checkpointing; "
+                         f"{type(model).__name__} does not")
+    import warnings
+
+    with warnings.catch_warnings():  # transformers' notes on use_cache / reentrancy
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(  # type: ignore[operator]
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def reset_peak_memory(device: torch.device) -> None:

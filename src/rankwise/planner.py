@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import checks
+from .memory import enable_activation_checkpointing
 
 __all__ = ["DTYPES", "Plan", "build_meta_model", "plan"]
 
@@ -730,14 +731,7 @@ def plan(
     st = _states(meta, optimizer, dict(optimizer_options or {}), world_size, layerwise, notes)
 
     if checkpointing:
-        if not getattr(meta, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(meta).__name__} does not support activation checkpointing")
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            meta.gradient_checkpointing_enable(  # type: ignore[operator]
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(meta, "checkpointing")
     meta.train()
     t = trace(meta, task, batch_size, seq_len, drop_grads=layerwise or world_size > 1, device=device)
     resident = weights + st.optimizer_state + st.projectors

@@ -54,7 +54,13 @@ from .checkpoint import (
 from .checks import choice, integer, number
 from .io import directory_lock
 from .layout import CLASSIFIER_NAMES
-from .memory import count_params, optimizer_state_bytes, peak_memory, reset_peak_memory
+from .memory import (
+    count_params,
+    enable_activation_checkpointing,
+    optimizer_state_bytes,
+    peak_memory,
+    reset_peak_memory,
+)
 from .optim.factory import make as make_optimizer
 from .optim.factory import names as optimizer_names
 
@@ -79,6 +85,8 @@ class TrainConfig:
     under ``torch.autocast``, backward outside it; "fp16" scales the loss with a ``torch.amp.GradScaler``
     (unscaled before the callbacks and clipping, a step with inf/NaN gradients skipped and the scale lowered;
     its state is checkpointed) and needs fp32 trainable parameters.
+    ``gradient_checkpointing``: recompute each transformer block's activations in backward instead of keeping
+    them (a Hugging Face model's ``gradient_checkpointing_enable``; same update, less activation memory).
     """
 
     lr: float = 1e-3
@@ -88,6 +96,7 @@ class TrainConfig:
     max_length: int = 128
     grad_accum: int = 1
     precision: str = "fp32"
+    gradient_checkpointing: bool = False  # HF activation checkpointing (memory.enable_activation_checkpointing)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"
@@ -127,7 +136,7 @@ class TrainConfig:
         integer("keep_checkpoints", self.keep_checkpoints, 1, optional=True)
         integer("eval_max_batches", self.eval_max_batches, 1, optional=True)
         integer("seed", self.seed, optional=True)
-        for name in ("progress", "measure_memory", "skip_nonfinite"):
+        for name in ("progress", "measure_memory", "skip_nonfinite", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.optimizer_kwargs, dict) or not all(isinstance(k, str) for k in self.optimizer_kwargs):
@@ -808,6 +817,8 @@ def _train(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | Non
            callbacks: Sequence[Any], resume_from: str | Path | None, optimizer: torch.optim.Optimizer | None,
            loss_fn: LossFn | None, allow_change: Sequence[str], val_loader: Iterable | None = None) -> TrainResult:
     t_start = time.perf_counter()
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     device = place_model(model, cfg.device)
     if cfg.measure_memory:
         reset_peak_memory(device)

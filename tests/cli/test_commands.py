@@ -226,16 +226,17 @@ def test_demo_selection_prefers_registry_order():
 
 @needs_assets
 def test_train_bf16_weights_mixed_precision_and_accumulation(tmp_path, capsys):
-    """`--dtype bfloat16 --precision bf16 --grad-accum 2`: MiniLM loaded in bf16, LoRA factors trained in fp32
-    (the saved adapter), 2 optimizer steps of 2 batches each, the settings recorded with the run."""
+    """`--dtype bfloat16 --precision bf16 --grad-accum 2 --gradient-checkpointing`: MiniLM loaded in bf16, LoRA
+    factors trained in fp32 (the saved adapter), 2 optimizer steps of 2 batches each, the settings recorded."""
     out = tmp_path / "bf16"
     code, _, err = run_cli(capsys, "train", "--rank", "2", "--dtype", "bfloat16", "--precision", "bf16",
-                           "--grad-accum", "2", "--output", str(out), *TINY)
+                           "--grad-accum", "2", "--gradient-checkpointing", "--output", str(out), *TINY)
     assert code == 0, err
     record = json.loads((out / "metrics.json").read_text())
     assert record["result"]["steps"] == 2 and math.isfinite(record["metrics"]["loss"])
     settings = json.loads((out / "run_config.json").read_text())["settings"]
     assert (settings["dtype"], settings["precision"], settings["grad_accum"]) == ("bfloat16", "bf16", 2)
+    assert settings["gradient_checkpointing"] is True
     from safetensors.torch import load_file
 
     tensors = load_file(str(next((out / "adapter").glob("*.safetensors"))))

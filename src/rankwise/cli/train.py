@@ -96,6 +96,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "causal LM) [default: float32]")
     g.add_argument("--precision", help="fp32, or mixed precision bf16 / fp16: forward and evaluation under "
                    "torch.autocast, fp16 with a GradScaler (needs float32 trainable weights) [default: fp32]")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each transformer block's activations in backward instead of keeping them: "
+                        "less activation memory for about one more forward; same update [default: off]")
     g.add_argument("--grad-accum", type=int, metavar="K",
                    help="gradient accumulation: batches per optimizer step (their mean gradient), so a step sees "
                         "K x --batch-size examples with one batch's activation memory; --max-steps counts "
@@ -219,6 +222,7 @@ def _train_config(cfg: dict[str, Any]):
         return TrainConfig(
             lr=cfg["lr"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], batch_size=cfg["batch_size"],
             grad_accum=cfg["grad_accum"], precision=cfg["precision"],
+            gradient_checkpointing=cfg["gradient_checkpointing"],
             max_length=cfg["max_length"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
             schedule=cfg["schedule"], max_grad_norm=cfg["max_grad_norm"], optimizer=cfg["optimizer"],
             skip_nonfinite=cfg["skip_nonfinite"],
