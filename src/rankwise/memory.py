@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "TensorMemoryTracker", "count_params", "enable_activation_checkpointing", "gradient_bytes", "optimizer_state_bytes", "peak_memory",
+    "TensorMemoryTracker", "count_params", "enable_activation_checkpointing", "gradient_bytes",
+    "optimizer_state_bytes", "peak_memory",
     "reset_peak_memory", "tensor_bytes", "total_params", "unique_parameters",
 ]
 
