@@ -105,3 +105,19 @@ def test_mpo_linear_values_and_gradients(dense, monkeypatch):
     if dense:
         assert (64, 32) not in saved and (32, 64) not in saved and sorted(map(tuple, saved)) == sorted(
             [tuple(x.shape), *(tuple(c.shape) for c in cores)])
+
+
+def test_kth_smallest_is_kthvalue():
+    """Exactly ``kthvalue`` for random, row-structured, sorted (a strided sample of it is biased) and tied
+    values, at the ends and in the middle; the bracket path and the fallback both taken."""
+    g = torch.Generator().manual_seed(5)
+    cases = {
+        "random": torch.randn(300, 200, generator=g),
+        "rows": torch.randn(300, 200, generator=g).abs() + torch.arange(300.0).unsqueeze(1),
+        "sorted": torch.arange(60000.0).flip(0),
+        "ties": torch.randint(0, 5, (300, 200), generator=g).float(),
+    }
+    for name, values in cases.items():
+        n = values.numel()
+        for k in (1, 2, n // 3, n // 2, n - 1, n):
+            assert linalg.kth_smallest(values, k) == values.flatten().kthvalue(k).values, (name, k)

@@ -94,3 +94,19 @@ def test_training_reaches_the_final_sparsity():
 def test_bad_options(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         rw.adapt(make_tiny_bert(0), "pst", r=2, **bad)
+
+
+def test_mask_drops_exactly_the_count_with_ties_and_without():
+    """The mask keeps the scores above the ⌊s·numel⌋-th smallest; with ties at that value (an all-equal
+    stretch of scores) it still drops exactly ⌊s·numel⌋ entries, all of them among the lowest."""
+    from rankwise.adapters.pst import _Binarize
+
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(16, 12, generator=g)
+    tied = distinct.clone()
+    tied.view(-1)[:100] = 0.0  # 100 equal scores straddle the 96th-smallest
+    tied.view(-1)[100:] = tied.view(-1)[100:].abs() + 1
+    for scores in (distinct, tied):
+        mask = _Binarize.apply(scores, 0.5)
+        assert int((mask == 0).sum()) == 96
+        assert scores[mask == 0].max() <= scores[mask == 1].min()
