@@ -61,7 +61,8 @@ def step_cost(exp, warmup: int, steps: int) -> dict:
     clock = StepClock(warmup + steps)
     # the run is planned at the profile's length (schedules such as IncreLoRA's growth rounds must fit it) and
     # stopped once the timed steps are taken
-    cfg = TrainConfig(lr=1e-4, max_steps=max(profile.steps, warmup + steps), schedule="constant", optimizer=exp.optimizer,
+    cfg = TrainConfig(lr=1e-4, max_steps=max(profile.steps, warmup + steps), schedule="constant",
+                      optimizer=exp.optimizer,
                       optimizer_kwargs=dict(exp.optimizer_options), seed=0, device="cpu", progress=False,
                       measure_memory=False)
     try:
