@@ -148,6 +148,21 @@ class WeightDecomposed(AdapterLayer):
         super().unmerge()
         self.merge_norm = None
 
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One fused node (``_DoRALinear``: the base GEMM once, the direction as r×N products) on a linear base
+        of one dtype, without adapter dropout or autocast; else the additive form (``delta_output``)."""
+        if self.merged or not self.enabled or self.batch_names is not None or self.base_kind != "linear":
+            return super().forward(x)
+        w, bias = self.base_weight, self.base_layer.bias
+        if not self.dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
+            (b, a), m = self.direction_factors(), self.magnitude
+            if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+                return _DoRALinear.apply(x, w, bias, a, b, m, self.scale)
+        # general path (adapter dropout, mixed dtypes, autocast, named adapters)
+        out = self.base_layer(x)
+        return out + self.delta_output(x, out.dtype)
+
     def delta_output(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """PEFT's additive form of DoRA: (g − 1)·W x_d + g·s·B A x_d with x_d = dropout(x), g = m / ‖W +
         sBA‖_c, so that W x + b plus this is the DoRA output; in the adapter dtype (W upcast to it, as
@@ -178,19 +193,6 @@ class DoRALayer(WeightDecomposed, LoRALayer):
 
     def trainable_count(self) -> int:
         return self.config.r * (self.in_features + self.out_features) + self.out_features
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled or self.batch_names is not None or self.base_kind != "linear":
-            return super().forward(x)
-        w, bias = self.base_weight, self.base_layer.bias
-        if not self.dropout_active and not w.requires_grad and (bias is None or not bias.requires_grad):
-            a, b, m = self.lora_A, self.lora_B, self.magnitude
-            if a.dtype == b.dtype == m.dtype == w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
-                return _DoRALinear.apply(x, w, bias, a, b, m, self.scale)
-        # general path (adapter dropout, mixed dtypes, autocast, named adapters)
-        out = self.base_layer(x)
-        return out + self.delta_output(x, out.dtype)
 
 
 register(
