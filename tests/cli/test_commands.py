@@ -65,9 +65,10 @@ def test_methods_markdown_and_family_filter(capsys):
     (["train", "--device", "cuda:99"], "device='cuda:99'"),
     (["train", "--max-length", "100000", "--train-limit", "8", "--test-limit", "8"], "--max-length 100000 is more"),
     (["train", "--targets", "re:([", "--train-limit", "8", "--test-limit", "8"], "is not a valid regular expression"),
-    (["train", "--dtype", "float8"], "--dtype 'float8'; choose one of ['float32', 'bfloat16', 'float16']"),
-    (["train", "--dtype", "float16"], "--dtype float16 would train the classification head in fp16"),
+    (["train", "--dtype", "float8"], "--dtype 'float8'; choose one of ['fp32', 'bf16', 'fp16']"),
+    (["train", "--dtype", "fp16"], "--dtype fp16 would train the classification head in fp16"),
     (["train", "--dtype", "float16", "--method", "none", "--data", "stdlib-code"], "would train every weight"),
+    (["plan", "--model", "minilm", "--dtype", "fp8"], "--dtype 'fp8'; choose one of ['fp32', 'bf16', 'fp16']"),
     (["train", "--precision", "fp8"], "precision='fp8'"),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, argv, needle, tmp_path, monkeypatch):
@@ -235,7 +236,8 @@ def test_train_bf16_weights_mixed_precision_and_accumulation(tmp_path, capsys):
     record = json.loads((out / "metrics.json").read_text())
     assert record["result"]["steps"] == 2 and math.isfinite(record["metrics"]["loss"])
     settings = json.loads((out / "run_config.json").read_text())["settings"]
-    assert (settings["dtype"], settings["precision"], settings["grad_accum"]) == ("bfloat16", "bf16", 2)
+    # the dtype alias is stored by its short name
+    assert (settings["dtype"], settings["precision"], settings["grad_accum"]) == ("bf16", "bf16", 2)
     assert settings["gradient_checkpointing"] is True
     from safetensors.torch import load_file
 

@@ -111,7 +111,8 @@ def test_yaml_keys_take_the_old_spellings(tmp_path):
     assert cfg["options"] == {"r": 4} and cfg["max_steps"] == 9 and cfg["max_length"] == 32
     y.write_text("method: none\noptimizer: galore\nrank: 64\n")
     assert train_config(str(y))["optimizer_options"] == {"rank": 64}
-    assert key_aliases() == {"r": "rank", "steps": "max_steps", "block_size": "max_length"}
+    assert key_aliases() == {"r": "rank", "steps": "max_steps", "block_size": "max_length",
+                             "checkpointing": "gradient_checkpointing"}
 
 
 def test_flags_beat_yaml_for_the_rank(tmp_path):

@@ -133,6 +133,20 @@ class Flag:
         return self.names[1:]
 
 
+#: ``--dtype`` values: the short names, and torch's names as aliases (``bfloat16`` = ``bf16``).
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def dtype_name(text: Any) -> str:
+    """The short dtype name of ``text`` (``fp32``/``bf16``/``fp16`` or ``float32``/``bfloat16``/``float16``);
+    UsageError naming the allowed values otherwise."""
+    name = DTYPE_ALIASES.get(str(text), str(text))
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"--dtype {text!r}; choose one of {list(DTYPE_NAMES)} (or {', '.join(DTYPE_ALIASES)})")
+    return name
+
+
 #: Every flag that more than one subcommand takes, defined once.
 FLAGS: dict[str, Flag] = {flag.dest: flag for flag in (
     Flag(("--model",), "model", {"metavar": "NAME_OR_DIR"}),
@@ -147,6 +161,8 @@ FLAGS: dict[str, Flag] = {flag.dest: flag for flag in (
     Flag(("--output",), "output", {"metavar": "DIR"}),
     Flag(("--overwrite",), "overwrite", {"action": "store_true"}),
     Flag(("--no-progress",), "progress", {"action": "store_false"}),
+    Flag(("--dtype",), "dtype", {"metavar": "DTYPE"}),
+    Flag(("--gradient-checkpointing", "--checkpointing"), "gradient_checkpointing", {"action": "store_true"}),
 )}
 
 

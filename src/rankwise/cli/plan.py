@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from .common import Formatter, UsageError, add_flag, key_values, parse_targets
+from .common import Formatter, UsageError, add_flag, dtype_name, key_values, parse_targets
 
 DESCRIPTION = """\
 Predict the memory one rank needs to train a model, without loading its weights: the model
@@ -29,7 +29,7 @@ item and what is still a formula."""
 EPILOG = """\
 examples:
   rankwise plan --model smollm2 --method lora --rank 8 --dtype bf16 --memory 8GiB
-  rankwise plan --model smollm2 --method lora --quantize nf4 --checkpointing
+  rankwise plan --model smollm2 --method lora --quantize nf4 --gradient-checkpointing
   rankwise plan --model scratch-60m --optimizer galore --rank 128 --batch-size 16 --max-length 1024
   rankwise plan --model path/to/config.json --optimizer apollo --world-size 8 --layerwise
   rankwise plan --model minilm --method lora --batch-size 32 --max-length 128 --format json"""
@@ -75,11 +75,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("shape and precision")
     add_flag(g, "batch_size", "sequences per rank per step [default: 8]", default=8)
     add_flag(g, "max_length", "tokens per sequence [default: 512]", default=512)
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="dtype of the base weights; adapters stay fp32 [default: fp32]")
+    add_flag(g, "dtype", "dtype of the base weights: fp32, bf16 or fp16 (or float32, bfloat16, float16); "
+                         "adapters stay fp32 [default: fp32]", default="fp32")
     g.add_argument("--quantize", metavar="FORMAT",
                    help="4-bit base under an adapter: nf4, fp4 or <scheme>-b<blocksize>[-dq] [default: none]")
-    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
+    add_flag(g, "gradient_checkpointing", "activation checkpointing of every layer [default: off]", default=False)
     g.add_argument("--world-size", type=int, default=1, metavar="N",
                    help="FSDP2 ranks: parameters, gradients and state sharded, projectors replicated [default: 1]")
     g.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {value}: give a positive number")
     try:
         result = plan(args.model, method, args.optimizer, batch_size=args.batch_size, seq_len=args.max_length,
-                      dtype=args.dtype, checkpointing=args.checkpointing, layerwise=args.layerwise,
+                      dtype=dtype_name(args.dtype), checkpointing=args.gradient_checkpointing,
+                      layerwise=args.layerwise,
                       quant=args.quantize, world_size=args.world_size, memory=budget, task=args.task,
                       method_options=options, optimizer_options=optimizer_options,
                       device=args.device)

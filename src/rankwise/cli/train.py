@@ -91,14 +91,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="passes over the training data [default: 1]")
     add_flag(g, "max_steps", "optimizer steps (overrides --epochs)")
     add_flag(g, "batch_size", "examples (or LM blocks) per batch; a step takes --grad-accum batches [default: 8]")
-    g.add_argument("--dtype", help="dtype the model's weights are loaded in: float32, bfloat16 or float16 (half the "
-                   "weight memory; adapters stay float32; float16 only for a frozen base: adapter methods on a "
-                   "causal LM) [default: float32]")
+    add_flag(g, "dtype", "dtype the model's weights are loaded in: fp32, bf16 or fp16 (or float32, bfloat16, "
+                         "float16; half the weight memory; adapters stay fp32; fp16 only for a frozen base: adapter "
+                         "methods on a causal LM) [default: fp32]")
     g.add_argument("--precision", help="fp32, or mixed precision bf16 / fp16: forward and evaluation under "
                    "torch.autocast, fp16 with a GradScaler (needs float32 trainable weights) [default: fp32]")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute each transformer block's activations in backward instead of keeping them: "
-                        "less activation memory for about one more forward; same update [default: off]")
+    add_flag(g, "gradient_checkpointing", "recompute each transformer block's activations in backward instead of "
+                                          "keeping them: less activation memory for about one more forward; same "
+                                          "update [default: off]")
     g.add_argument("--grad-accum", type=int, metavar="K",
                    help="gradient accumulation: batches per optimizer step (their mean gradient), so a step sees "
                         "K x --batch-size examples with one batch's activation memory; --max-steps counts "
@@ -182,7 +182,7 @@ def _build(cfg: dict[str, Any], task: str):
     from ..models import load_model
 
     seed, n_val = cfg["seed"], cfg["val_size"] if needs_validation(cfg["method"]) else 0
-    dtype = getattr(torch, cfg["dtype"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
     val_loader = None
     if task == "seq-cls":
         if data.DATASETS.get(cfg["data"]) is None or data.DATASETS[cfg["data"]].kind != "classification":
@@ -373,9 +373,9 @@ def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool,
 
     if cfg["quantize"] is not None:
         raise UsageError("--quantize is not supported with --nproc > 1 yet (docs/distributed.md)")
-    if cfg["dtype"] != "float32":  # FSDP2 wants one dtype per group of trainable parameters: not checked yet
+    if cfg["dtype"] != "fp32":  # FSDP2 wants one dtype per group of trainable parameters: not checked yet
         raise UsageError(f"--dtype {cfg['dtype']} is not supported with --nproc > 1 yet; use --precision bf16 "
-                         "(autocast over float32 weights) with --nproc (docs/distributed.md)")
+                         "(autocast over fp32 weights) with --nproc (docs/distributed.md)")
     device = init(cfg["device"])
     tcfg.device, tcfg.progress = device, tcfg.progress and rank == 0
     if rank != 0:

@@ -10,7 +10,15 @@ from typing import Any
 
 from ..checks import integer
 from ..train import FULL_FINETUNE, HEAD_ONLY
-from .common import UsageError, check_model_name, coerce_number, key_aliases, key_values, parse_targets
+from .common import (
+    UsageError,
+    check_model_name,
+    coerce_number,
+    dtype_name,
+    key_aliases,
+    key_values,
+    parse_targets,
+)
 
 #: Every key a run config (YAML file or flags) may set, with its default.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -26,7 +34,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "batch_size": 8,
     "grad_accum": 1,  # batches per optimizer step (gradient accumulation)
-    "dtype": "float32",  # the dtype the model's weights are loaded in (adapters stay float32)
+    "dtype": "fp32",  # the dtype the model's weights are loaded in (adapters stay fp32): fp32, bf16, fp16
     "precision": "fp32",  # fp32, or bf16 / fp16 mixed precision (autocast; fp16 with a GradScaler)
     "gradient_checkpointing": False,  # recompute activations in backward (Hugging Face models)
     "max_length": 128,
@@ -63,8 +71,7 @@ TASK_NAMES = ("auto", "seq-cls", "causal-lm")
 VERBATIM_KEYS = ("model", "data", "output", "resume")
 #: Settings that must be strings (names, paths and choices).
 STRING_KEYS = ("model", "data", "task", "method", "schedule", "optimizer", "device", "output", "dtype", "precision")
-#: ``--dtype``: the dtypes the model's weights may be loaded in.
-DTYPES = ("float32", "bfloat16", "float16")
+
 #: The run's settings as written into its output directory (``--resume`` compares against them).
 RUN_CONFIG = "run_config.json"
 #: Settings that never change what is trained: a resume may give other values.
@@ -258,17 +265,16 @@ def check_config(cfg: dict[str, Any]) -> None:
 
 
 def _check_dtype(cfg: dict[str, Any]) -> None:
-    """``dtype`` one of :data:`DTYPES`; float16 weights only frozen (an adapter method on a causal LM: nothing
-    else trains in them), since Adam on fp16 weights diverges (docs/precision.md)."""
-    if cfg["dtype"] not in DTYPES:
-        raise UsageError(f"--dtype {cfg['dtype']!r}; choose one of {list(DTYPES)}")
-    if cfg["dtype"] != "float16":
+    """``dtype`` a ``dtype_name`` (stored as its short name); fp16 weights only frozen (an adapter method on a
+    causal LM: nothing else trains in them), since Adam on fp16 weights diverges (docs/precision.md)."""
+    cfg["dtype"] = dtype_name(cfg["dtype"])
+    if cfg["dtype"] != "fp16":
         return
     trains_half = "every weight" if cfg["method"] == FULL_FINETUNE else "the classification head" if (
         cfg["method"] == HEAD_ONLY or resolve_task(cfg) == "seq-cls") else None
     if trains_half:
-        raise UsageError(f"--dtype float16 would train {trains_half} in fp16, where Adam's second moment underflows "
-                         "and the run diverges; use --dtype bfloat16, or float32 weights with --precision fp16")
+        raise UsageError(f"--dtype fp16 would train {trains_half} in fp16, where Adam's second moment underflows "
+                         "and the run diverges; use --dtype bf16, or fp32 weights with --precision fp16")
 
 
 def resolve_task(cfg: dict[str, Any]) -> str:
