@@ -147,3 +147,66 @@ def test_add_param_group_adds_a_group_that_step_updates(name):
         extra.grad = torch.ones_like(extra)
         opt.step()
         assert not torch.equal(extra.detach(), before), f"{name}: the added group was not updated"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_steps_exactly_and_skips_an_inf_step(name):
+    """``torch.amp.GradScaler`` with every catalogued optimizer and sampler (fp32 weights, as AMP keeps them): a
+    scaled step (loss × 2¹⁶, unscaled by the scaler) ends at the same weights as the unscaled step, over steps that
+    refresh subspaces and switch blocks; a step whose gradients hold inf is skipped (weights and optimizer state
+    untouched) and the scale halved."""
+    plain_model, scaled_model = make_tiny_llama(), make_tiny_llama()
+    plain, scaled = _build_lr(name, plain_model, LR), _build_lr(name, scaled_model, LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    _run(plain, plain_model, 3)
+    for batch in lm_batches(3):
+        scaled.zero_grad()
+        scaler.scale(scaled_model(**batch).loss).backward()
+        scaler.step(scaled)
+        scaler.update()
+    for a, b in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in scaled_model.parameters()]
+    state = copy.deepcopy(scaled.state_dict())
+    scaled.zero_grad()
+    scaler.scale(scaled_model(**lm_batches(1)[0]).loss * float("inf")).backward()
+    scaler.step(scaled)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    assert all(torch.equal(p, q) for p, q in zip(scaled_model.parameters(), before, strict=True))
+    _assert_same_state(scaled.state_dict(), state)
+
+
+def _assert_same_state(got, want) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for k in want:
+            _assert_same_state(got[k], want[k])
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            _assert_same_state(a, b)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_and_state_dict_hooks_run(name):
+    """torch.optim's hooks for every catalogued optimizer and sampler: step pre/post hooks run once per step,
+    state-dict pre/post hooks on ``state_dict()`` and load-state-dict pre/post hooks on ``load_state_dict``."""
+    model = make_tiny_llama()
+    opt = _build(name, model)
+    seen: list[str] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("step_pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append("step_post"))
+    opt.register_state_dict_pre_hook(lambda o: seen.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append("sd_post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+    _run(opt, model, 2)
+    assert seen == ["step_pre", "step_post"] * 2
+    seen.clear()
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["sd_pre", "sd_post", "load_pre", "load_post"]
