@@ -249,6 +249,31 @@ def test_train_bf16_weights_mixed_precision_and_accumulation(tmp_path, capsys):
 
 
 @needs_assets
+@pytest.mark.slow  # torch.compile of a tiny Llama on CPU: about a minute
+def test_train_compile_matches_eager_and_saves_the_adapter(tmp_path, capsys):
+    """`--compile` compiles the model in place: the run's losses match the eager run's and the saved adapter
+    (its names unchanged by compilation) loads back."""
+    from rankwise.models import load_model, tiny_llama
+
+    _, tok = load_model("minilm-l6", task="base")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(vocab_size=tok.vocab_size, seed=0).save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    losses = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flag else "eager")
+        code, _, err = run_cli(capsys, "train", "--model", str(model_dir), "--data", "stdlib-code", "--rank", "2",
+                               "--output", str(out), "--max-steps", "3", "--max-length", "32", "--train-limit", "2",
+                               "--test-limit", "1", "--no-progress", *flag)
+        assert code == 0, err
+        record = json.loads((out / "metrics.json").read_text())
+        losses[bool(flag)] = [h["loss"] for h in record["result"]["history"]]
+        assert record["run"]["compile"] is bool(flag)
+        assert rw.load_adapter(tiny_llama(vocab_size=tok.vocab_size, seed=0), str(out / "adapter")) is not None
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@needs_assets
 def test_train_causal_lm_on_a_local_model_dir(tmp_path, capsys):
     """The LM path: a tiny Llama saved with MiniLM's tokenizer, trained on stdlib code text."""
     from rankwise.models import load_model, tiny_llama

@@ -37,6 +37,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "dtype": "fp32",  # the dtype the model's weights are loaded in (adapters stay fp32): fp32, bf16, fp16
     "precision": "fp32",  # fp32, or bf16 / fp16 mixed precision (autocast; fp16 with a GradScaler)
     "gradient_checkpointing": False,  # recompute activations in backward (Hugging Face models)
+    "compile": False,  # torch.compile the model (nn.Module.compile: in place, same state-dict keys)
     "max_length": 128,
     "weight_decay": 0.0,
     "warmup_steps": 0,
@@ -76,7 +77,7 @@ STRING_KEYS = ("model", "data", "task", "method", "schedule", "optimizer", "devi
 RUN_CONFIG = "run_config.json"
 #: Settings that never change what is trained: a resume may give other values.
 RUN_FREE_KEYS = ("output", "resume", "progress", "device", "eval_every", "checkpoint_every", "test_limit",
-                 "gradient_checkpointing",
+                 "gradient_checkpointing", "compile",
                  *PROJECTED_KEYS)  # the routed flags: their values are compared in options / optimizer_options
 #: Settings a resume cannot change: the checkpoint's tensors and optimizer state depend on them.
 RUN_FIXED_KEYS = ("model", "task", "method", "targets", "quantize", "optimizer", "optimizer_options")
@@ -323,7 +324,7 @@ def check_types(cfg: dict[str, Any]) -> None:
         value = cfg.get(key)
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f"{key}={value!r} must be a non-empty string (a {_kind(value)} was given)")
-    for key in ("progress", "skip_nonfinite", "gradient_checkpointing"):
+    for key in ("progress", "skip_nonfinite", "gradient_checkpointing", "compile"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key}={cfg.get(key)!r} must be true or false")
     for key in ("options", "optimizer_options"):
