@@ -160,6 +160,20 @@ def _unpack_for_cpu(module: nn.Module) -> None:
         module.quant_state = w.quant_state
 
 
+def keep_exact(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of ``model`` (``model`` itself
+    included), unpacking a layer it repacked already. On an AVX512-BF16 CPU bitsandbytes repacks a layer's codes
+    on its first eval-mode, no-grad forward: the block scales are rounded to bf16 and double quantization is
+    redone (its inverse is "best-effort"), so the weights change, and later forwards run ``gemv_4bit``, which
+    has no autograd kernel, so training after an evaluation silently loses the gradient through the layer
+    (measured: the first layer's LoRA gradients off by half their size). Inference then dequantizes as training
+    does."""
+    for module in model.modules():
+        if is_linear4bit(module):
+            _unpack_for_cpu(module)
+            module.support_avx512bf16_for_cpu = False
+
+
 def layer_compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a 4-bit layer computes in: its ``compute_dtype``, else the dtype it was quantized from."""
     return module.compute_dtype or module.weight.quant_state.dtype
@@ -238,6 +252,7 @@ def to_linear4bit(
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     layer.train(module.training)
+    keep_exact(layer)
     return layer
 
 
@@ -316,6 +331,7 @@ def quantize(
 
 __all__ = [
     "BLOCKSIZE", "BLOCKSIZES", "SCHEMES", "QuantConfig", "Quantized", "QuantizedModel", "dense_linear", "dequantize",
-    "dequantize_tensor", "is_conv1d", "is_linear4bit", "layer_compute_dtype", "quantize", "quantize_tensor",
+    "dequantize_tensor", "is_conv1d", "is_linear4bit", "keep_exact", "layer_compute_dtype", "quantize",
+    "quantize_tensor",
     "relative_error", "requantize_", "require_bnb", "restore_", "stash", "stored_bits", "to_linear4bit",
 ]

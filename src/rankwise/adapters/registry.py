@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -468,5 +469,9 @@ def adapt(
     }
     state = AdapterState(method, cfg, names, trainable_names, overrides, originals, name)
     model.rankwise_adapters = {**adapter_states(model), name: state}  # type: ignore[assignment]  # Module attribute
+    if "bitsandbytes" in sys.modules:  # 4-bit layers, ours or from_pretrained's: exact and differentiable
+        from ..quant import keep_exact
+
+        keep_exact(model)
     install_batch_hook(model)
     return model
