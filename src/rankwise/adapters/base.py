@@ -425,15 +425,20 @@ class AdapterLayer(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Base GEMM (base dtype) + low-rank delta (adapter dtype) in one autograd node
         (``kernels.low_rank_linear``), when possible (not under autocast: the plain path lets
-        autocast pick each matmul's dtype)."""
+        autocast pick each matmul's dtype). A method whose delta is the dense ΔW (no factors, the default
+        ``delta_forward``) of the base's dtype and without adapter dropout runs one GEMM with W + ΔW instead of
+        two (the base's and the delta's), in forward and in the input's gradient."""
         if self.base_quantized or self.base_factorized or self.base_kind != "linear":  # the base's own GEMM(s)
             return None
         f = self.factors()
         w, bias = self.base_weight, self.base_layer.bias
-        if f is None or w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
+        if w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype:
             return None
         if torch.is_autocast_enabled(x.device.type):
             return None
+        if f is None:
+            dense = type(self).delta_forward is AdapterLayer.delta_forward and not self.dropout_active
+            return F.linear(x, w + self.delta_weight(), bias) if dense and self.adapter_dtype == w.dtype else None
         b, a, scale = f
         if a.dtype != b.dtype:
             return None
