@@ -110,3 +110,31 @@ def test_a_layerwise_optimizer_is_refused_with_accumulation():
             max_steps=2, grad_accum=2, progress=False, device=None, seed=None))
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
+
+
+def test_padded_lm_batches_weigh_by_their_predicted_tokens():
+    """Causal LM batches with different numbers of ignored (-100) labels: the accumulated step averages over
+    every predicted token of the step, as one batch of all the rows does (Hugging Face's token-mean loss), not
+    over the batches' means (plain SGD, float64 tiny Llama: the scale shows in the weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2)).double()
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[0, 3:] = -100  # batch 1: 2 + 11 predicted tokens; batch 2: 11 + 11
+    batches = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
+    whole = {"input_ids": ids, "labels": labels}
+    accumulated, reference = llama(), llama()
+    plain_cfg = {"max_steps": 1, "schedule": "constant", "max_grad_norm": None, "progress": False,
+                 "measure_memory": False, "seed": None, "device": None}
+    train(accumulated, batches, optimizer=torch.optim.SGD(accumulated.parameters(), lr=1.0),
+          config=TrainConfig(**plain_cfg, grad_accum=2))
+    train(reference, [whole], optimizer=torch.optim.SGD(reference.parameters(), lr=1.0),
+          config=TrainConfig(**plain_cfg))
+    for (name, a), b in zip(reference.named_parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10, msg=name)

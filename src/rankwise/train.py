@@ -78,9 +78,10 @@ class TrainConfig:
 
     ``batch_size`` and ``max_length`` are not used by :func:`train` itself (it is given loaders);
     they are recorded with the run and used by the CLI and the demo to build the loaders.
-    ``grad_accum``: loader batches (micro-batches) per optimizer step; the step's gradient is the mean of
-    their gradients (each loss scaled by 1/k), so k batches of b rows step as one batch of k·b rows when
-    the loss is a mean over equally weighted rows. ``max_steps`` counts optimizer steps.
+    ``grad_accum``: loader batches (micro-batches) per optimizer step, stepping as one batch of all their rows:
+    each ``model(**batch).loss`` is weighted by its batch's share of the step's labelled items (rows; a causal
+    LM's predicted tokens, :func:`micro_batch_shares`), a custom ``loss_fn`` by 1/k. ``max_steps`` counts
+    optimizer steps.
     ``precision``: "fp32", or "bf16" / "fp16" mixed precision (:data:`PRECISIONS`): forward and evaluation
     under ``torch.autocast``, backward outside it; "fp16" scales the loss with a ``torch.amp.GradScaler``
     (unscaled before the callbacks and clipping, a step with inf/NaN gradients skipped and the scale lowered;
@@ -594,14 +595,15 @@ class _Loop:
         state, cfg, optimizer = self.state, self.cfg, self.state.optimizer
         state.log = {}
         losses, scaler = [], state.scaler
-        for i, batch in enumerate(group):
+        shares = micro_batch_shares(group, cfg.task) if self.loss_fn is None else [None] * len(group)
+        for i, (batch, share) in enumerate(zip(group, shares, strict=True)):
             with gradient_sync(state.model, on=i == len(group) - 1):
                 with self.autocast():
                     loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
-                part = loss / len(group) if len(group) > 1 else loss
+                part = loss if len(group) == 1 else loss / len(group) if share is None else loss * share
                 (part if scaler is None else scaler.scale(part)).backward()  # outside autocast (torch's AMP recipe)
-            losses.append(float(loss.detach()))
-        state.loss = sum(losses) / len(losses)
+            losses.append(float(loss.detach()) * (1 / len(group) if share is None else share))
+        state.loss = sum(losses)
         if scaler is not None:
             scaler.unscale_(optimizer)  # the callbacks and the clipping see the true gradients
         call(self.callbacks, "on_after_backward", state)
@@ -685,6 +687,26 @@ class _Loop:
             metrics = {"train_loss": sum(h["loss"] for h in tail) / max(1, len(tail))}
         call(self.callbacks, "on_train_end", state)
         return metrics
+
+
+def micro_batch_shares(group: list[Any], task: str) -> list[float | None]:
+    """Each batch's share of an accumulated step whose losses are ``model(**batch).loss``, so that the step's
+    loss is the mean over all its labelled items (what one large batch would average): n_i / Σn with n_i the
+    items a Hugging Face loss averages over (a classification batch's labels; a causal LM batch's predicted
+    tokens, labels after the first position that are not -100), as :func:`evaluate` counts them. ``None`` each
+    (1/k, the mean of the batches' losses) for batches without labels or with equal counts (the same weight,
+    divided exactly)."""
+    if not all(isinstance(b, dict) and torch.is_tensor(b.get("labels")) for b in group):
+        return [None] * len(group)
+    counts = []
+    for b in group:
+        labels = b["labels"]
+        lm = labels.dim() >= 2 and task != "classification"
+        counts.append(int((labels[..., 1:] != -100).sum()) if lm else labels.numel())
+    if len(set(counts)) == 1:
+        return [None] * len(group)
+    total = sum(counts)
+    return [n / total for n in counts]
 
 
 def _check_step_settings(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
