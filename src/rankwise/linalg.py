@@ -185,16 +185,47 @@ def mpo_decompose(
 def mpo_contract(cores: list[torch.Tensor]) -> torch.Tensor:
     """The (Π o_k) × (Π i_k) matrix of MPO ``cores`` (each (D_{k−1}, o_k, i_k, D_k)): the inverse of
     :func:`mpo_decompose`'s reshaping, exact for any cores."""
+    return _mpo_matrix(_mpo_chain(cores)[-1], cores)
+
+
+def _mpo_chain(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The running products of the cores, T_k = (T_{k−1} · C_k) as (Π_{j≤k} o_j i_j) × D_k, a matmul per bond
+    (autocast casts both sides alike)."""
+    chain = [cores[0].reshape(-1, cores[0].shape[-1])]
+    for core in cores[1:]:
+        chain.append((chain[-1] @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1]))
+    return chain
+
+
+def _mpo_sites(cores: list[torch.Tensor]) -> tuple[list[int], list[int], int]:
+    """(the 2n site sizes o₁, i₁, …, o_n, i_n; the permutation to (o₁…o_n, i₁…i_n); Π o_k)."""
     n = len(cores)
-    t = cores[0].reshape(-1, cores[0].shape[-1])
-    for core in cores[1:]:  # a matmul per bond (autocast casts both sides alike)
-        t = (t @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
-    sites = [d for c in cores for d in c.shape[1:3]]
-    t = t.reshape(sites).permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))
     out = 1
     for c in cores:
         out *= c.shape[1]
-    return t.reshape(out, -1)
+    return [d for c in cores for d in c.shape[1:3]], [*range(0, 2 * n, 2), *range(1, 2 * n, 2)], out
+
+
+def _mpo_matrix(last: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+    sites, order, out = _mpo_sites(cores)
+    return last.reshape(sites).permute(*order).reshape(out, -1)
+
+
+def _mpo_contract_backward(cores: list[torch.Tensor], grad_m: torch.Tensor) -> list[torch.Tensor]:
+    """∂L/∂C_k for L with ∂L/∂M = ``grad_m``, M = mpo_contract(cores): the chain's matmuls run backwards
+    (∂C_k = T_{k−1}ᵀ G_k, ∂T_{k−1} = G_k C_kᵀ), with no autograd (so ``torch.compile`` traces it)."""
+    sites, order, _ = _mpo_sites(cores)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    chain = _mpo_chain(cores)
+    g = grad_m.reshape([sites[k] for k in order]).permute(*inverse)
+    grads: list[torch.Tensor] = [grad_m] * len(cores)
+    for k in range(len(cores) - 1, 0, -1):
+        core = cores[k].reshape(cores[k].shape[0], -1)
+        g = g.reshape(chain[k - 1].shape[0], -1)
+        grads[k] = (chain[k - 1].t() @ g).reshape(cores[k].shape)
+        g = g @ core.t()
+    grads[0] = g.reshape(cores[0].shape)
+    return grads
 
 
 def mpo_apply(cores: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +263,8 @@ def mpo_linear(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _MPOLinear(torch.autograd.Function):
-    """y = x·Mᵀ, M = mpo_contract(cores); backward: ∂x = g·M, ∂M = gᵀx, then ∂cores through a recomputed
-    contraction. Under autocast the forward's matmuls take autocast's dtype; the backward computes in the
+    """y = x·Mᵀ, M = mpo_contract(cores); backward: ∂x = g·M, ∂M = gᵀx, then ∂cores back through the
+    recomputed contraction (:func:`_mpo_contract_backward`). Under autocast the forward's matmuls take autocast's dtype; the backward computes in the
     output gradient's dtype and returns each gradient in its input's dtype."""
 
     @staticmethod
@@ -244,13 +275,11 @@ class _MPOLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, *cores = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [c.detach().requires_grad_(True) for c in cores]
-            m = mpo_contract(leaves)
+        m = mpo_contract(cores)
         g = grad.reshape(-1, grad.shape[-1])
-        grad_x = (g @ m.detach().to(g.dtype)).to(x.dtype).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = (g @ m.to(g.dtype)).to(x.dtype).reshape(x.shape) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[1:]):
             return grad_x, *(None for _ in cores)
         grad_m = (g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).to(m.dtype)
-        grad_cores = torch.autograd.grad(m, leaves, grad_m)
+        grad_cores = _mpo_contract_backward(cores, grad_m)
         return grad_x, *(gc.to(c.dtype) for gc, c in zip(grad_cores, cores, strict=True))
