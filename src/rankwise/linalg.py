@@ -264,8 +264,9 @@ def mpo_linear(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
 
 class _MPOLinear(torch.autograd.Function):
     """y = x·Mᵀ, M = mpo_contract(cores); backward: ∂x = g·M, ∂M = gᵀx, then ∂cores back through the
-    recomputed contraction (:func:`_mpo_contract_backward`). Under autocast the forward's matmuls take autocast's dtype; the backward computes in the
-    output gradient's dtype and returns each gradient in its input's dtype."""
+    recomputed contraction (:func:`_mpo_contract_backward`). Under autocast the forward's matmuls take
+    autocast's dtype; the backward computes in the output gradient's dtype and returns each gradient in its
+    input's dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, *cores: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
