@@ -143,6 +143,10 @@ LM_ADAPTER_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "delora": ({"r": ADAPTER_R, "delora_lambda": 5.6},
                "DeLoRA: λ = 5.6, PEFT's 15 scaled from a 4096-wide model to SmolLM2's 576 (the same bound on "
                "‖ΔW‖/‖W₀‖)"),
+    "fourierft": ({"zero_init": True},
+                  "FourierFT starts from zero coefficients (PEFT's init_weights=True): its default N(0, 1) "
+                  "coefficients at α = 150 raise SmolLM2's stdlib-code test perplexity from 12.08 to 18.89 before "
+                  "training, more than 40 steps recover (18.4 at lr 2e-4)"),
 }
 
 #: Adapters that need their own learning-rate grid (absolute, the same in every profile), with the reason.
