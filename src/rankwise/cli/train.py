@@ -44,6 +44,8 @@ examples:
   rankwise train --method none --optimizer galore --rank 128 --update-gap 200
   rankwise train --method head --lr 5e-3            # head only
   rankwise train --model smollm2 --data stdlib-code --method lora --max-length 256
+  rankwise train --model smollm2 --data stdlib-code --dtype bf16 --precision bf16 \
+      --batch-size 2 --grad-accum 8 --gradient-checkpointing   # a 16-block step in little memory
   rankwise train run.yaml --seed 1 --checkpoint-every 50 --output runs/a
   rankwise train run.yaml --output runs/a --resume  # continue from the newest checkpoint
   rankwise train run.yaml --output runs/a --resume --lr 5e-4 --allow-change lr
@@ -95,7 +97,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          "float16; half the weight memory; adapters stay fp32; fp16 only for a frozen base: adapter "
                          "methods on a causal LM) [default: fp32]")
     g.add_argument("--precision", help="fp32, or mixed precision bf16 / fp16: forward and evaluation under "
-                   "torch.autocast, fp16 with a GradScaler (needs float32 trainable weights) [default: fp32]")
+                   "torch.autocast, fp16 with a GradScaler (needs fp32 trainable weights) [default: fp32]")
     add_flag(g, "gradient_checkpointing", "recompute each transformer block's activations in backward instead of "
                                           "keeping them: less activation memory for about one more forward; same "
                                           "update [default: off]")
@@ -103,9 +105,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="torch.compile the model before training (in place: checkpoints and the saved adapter keep "
                         "their names); the first steps and evaluation compile, later ones run faster [default: off]")
     g.add_argument("--grad-accum", type=int, metavar="K",
-                   help="gradient accumulation: batches per optimizer step (their mean gradient), so a step sees "
-                        "K x --batch-size examples with one batch's activation memory; --max-steps counts "
-                        "optimizer steps [default: 1]")
+                   help="gradient accumulation: batches per optimizer step, stepping as one batch of all their "
+                        "rows (each loss weighted by its share of the step's labelled items), so a step sees K x "
+                        "--batch-size examples with one batch's activation memory; --max-steps counts optimizer "
+                        "steps [default: 1]")
     add_flag(g, "max_length", "tokens per example / LM block [default: 128]")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices [default: 0]")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps [default: 0]")
