@@ -105,7 +105,7 @@ def deim_indices(basis: torch.Tensor) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.long, device=basis.device)
 
 
-# ---------------------------------------------------------------------- matrix product operators
+# ---------------------------------------------------------------------- order statistics
 def kth_smallest(values: torch.Tensor, k: int, sample: int = 4096) -> torch.Tensor:
     """The k-th smallest entry (1-based) of ``values``, equal to ``values.flatten().kthvalue(k).values``: the
     selection runs over the entries between two order statistics of a strided sample of ``sample`` entries,
@@ -126,6 +126,7 @@ def kth_smallest(values: torch.Tensor, k: int, sample: int = 4096) -> torch.Tens
     return flat.kthvalue(k).values
 
 
+# ---------------------------------------------------------------------- matrix product operators
 def factor_shape(n: int, parts: int) -> tuple[int, ...]:
     """``n`` as a product of ``parts`` factors, as balanced as the prime factors allow (largest prime
     first onto the smallest factor; ascending; 1s when n has fewer prime factors than ``parts``)."""
@@ -211,12 +212,13 @@ def _mpo_matrix(last: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
     return last.reshape(sites).permute(*order).reshape(out, -1)
 
 
-def _mpo_contract_backward(cores: list[torch.Tensor], grad_m: torch.Tensor) -> list[torch.Tensor]:
-    """∂L/∂C_k for L with ∂L/∂M = ``grad_m``, M = mpo_contract(cores): the chain's matmuls run backwards
-    (∂C_k = T_{k−1}ᵀ G_k, ∂T_{k−1} = G_k C_kᵀ), with no autograd (so ``torch.compile`` traces it)."""
+def _mpo_contract_backward(cores: list[torch.Tensor], chain: list[torch.Tensor], grad_m: torch.Tensor
+                           ) -> list[torch.Tensor]:
+    """∂L/∂C_k for L with ∂L/∂M = ``grad_m``, M = mpo_contract(cores) and ``chain`` its :func:`_mpo_chain`: the
+    chain's matmuls run backwards (∂C_k = T_{k−1}ᵀ G_k, ∂T_{k−1} = G_k C_kᵀ), with no autograd (so
+    ``torch.compile`` traces it)."""
     sites, order, _ = _mpo_sites(cores)
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    chain = _mpo_chain(cores)
     g = grad_m.reshape([sites[k] for k in order]).permute(*inverse)
     grads: list[torch.Tensor] = [grad_m] * len(cores)
     for k in range(len(cores) - 1, 0, -1):
@@ -254,10 +256,7 @@ def mpo_linear(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
     core (:func:`mpo_apply`); many rows through the dense matrix, which is formed in forward and formed again in
     backward but never kept (only x and the cores are saved), so the memory is the core-by-core route's."""
     rows, inn = x.numel() // max(1, x.shape[-1]), x.shape[-1]
-    out = 1
-    for c in cores:
-        out *= c.shape[1]
-    if rows * MPO_DENSE_ROWS < out * inn:
+    if rows * MPO_DENSE_ROWS < _mpo_sites(cores)[2] * inn:
         return mpo_apply(cores, x)
     return _MPOLinear.apply(x, *cores)
 
@@ -276,11 +275,12 @@ class _MPOLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, *cores = ctx.saved_tensors
-        m = mpo_contract(cores)
+        chain = _mpo_chain(cores)  # formed again (not kept from forward) and used twice: M and ∂cores
+        m = _mpo_matrix(chain[-1], cores)
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = (g @ m.to(g.dtype)).to(x.dtype).reshape(x.shape) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[1:]):
             return grad_x, *(None for _ in cores)
         grad_m = (g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).to(m.dtype)
-        grad_cores = _mpo_contract_backward(cores, grad_m)
+        grad_cores = _mpo_contract_backward(cores, chain, grad_m)
         return grad_x, *(gc.to(c.dtype) for gc, c in zip(grad_cores, cores, strict=True))

@@ -310,6 +310,12 @@ def _infer_task(logits: torch.Tensor, labels: torch.Tensor) -> str:
     return "classification" if labels.dim() == 1 and logits.dim() == 2 else "lm"
 
 
+def labelled_items(labels: torch.Tensor, lm: bool) -> int:
+    """The items a Hugging Face loss averages over: a classification batch's labels, a causal LM batch's
+    predicted tokens (the labels after the first position that are not -100: the model shifts them by one)."""
+    return int((labels[..., 1:] != -100).sum()) if lm else labels.numel()
+
+
 @dataclass
 class _EvalSums:
     """Running sums of one evaluation: loss weighted by examples (classification) or predicted tokens (LM)."""
@@ -325,11 +331,9 @@ class _EvalSums:
         out = model(**batch)
         labels = batch["labels"]
         self.kind = self.kind or _infer_task(out.logits, labels)
+        n = labelled_items(labels, lm=self.kind != "classification")
         if self.kind == "classification":
-            n = labels.numel()
             self.correct += int((out.logits.argmax(-1) == labels).sum())
-        else:  # HF causal LMs shift labels by one and ignore -100
-            n = int((labels[:, 1:] != -100).sum())
         self.loss_sum += float(out.loss) * n
         self.weight += n
 
@@ -590,8 +594,8 @@ class _Loop:
             self._next_epoch()
 
     def _step(self, group: list[Any]) -> None:
-        """loss and backward of each batch of ``group`` (the gradients summed, each loss scaled by 1/len), clip,
-        optimizer and scheduler step: one optimizer step and its record."""
+        """loss and backward of each batch of ``group`` (the gradients summed, each loss weighted by its batch's
+        share, :func:`micro_batch_shares`), clip, optimizer and scheduler step: one optimizer step and its record."""
         state, cfg, optimizer = self.state, self.cfg, self.state.optimizer
         state.log = {}
         losses, scaler = [], state.scaler
@@ -602,7 +606,7 @@ class _Loop:
                     loss = loss_of(state.model, move_batch(batch, self.device), self.loss_fn)
                 part = loss if len(group) == 1 else loss / len(group) if share is None else loss * share
                 (part if scaler is None else scaler.scale(part)).backward()  # outside autocast (torch's AMP recipe)
-            losses.append(float(loss.detach()) * (1 / len(group) if share is None else share))
+            losses.append(float(part.detach()))
         state.loss = sum(losses)
         if scaler is not None:
             scaler.unscale_(optimizer)  # the callbacks and the clipping see the true gradients
@@ -692,17 +696,11 @@ class _Loop:
 def micro_batch_shares(group: list[Any], task: str) -> list[float | None]:
     """Each batch's share of an accumulated step whose losses are ``model(**batch).loss``, so that the step's
     loss is the mean over all its labelled items (what one large batch would average): n_i / Σn with n_i the
-    items a Hugging Face loss averages over (a classification batch's labels; a causal LM batch's predicted
-    tokens, labels after the first position that are not -100), as :func:`evaluate` counts them. ``None`` each
-    (1/k, the mean of the batches' losses) for batches without labels or with equal counts (the same weight,
-    divided exactly)."""
+    batch's :func:`labelled_items`, as :func:`evaluate` counts them. ``None`` each (1/k, the mean of the
+    batches' losses) for batches without labels or with equal counts (the same weight, divided exactly)."""
     if not all(isinstance(b, dict) and torch.is_tensor(b.get("labels")) for b in group):
         return [None] * len(group)
-    counts = []
-    for b in group:
-        labels = b["labels"]
-        lm = labels.dim() >= 2 and task != "classification"
-        counts.append(int((labels[..., 1:] != -100).sum()) if lm else labels.numel())
+    counts = [labelled_items(b["labels"], lm=b["labels"].dim() >= 2 and task != "classification") for b in group]
     if len(set(counts)) == 1:
         return [None] * len(group)
     total = sum(counts)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..callbacks import Callback, TrainState
@@ -136,29 +135,14 @@ class PSTLayer(KeepsBaseOnMerge):  # W₀ cannot be read back from M ⊙ W'
         return (weight.abs() + c.alpha1 * self.score_A @ self.score_B
                 + c.alpha2 * (self.score_R.unsqueeze(1) + self.score_C.unsqueeze(0)))
 
-    def _mask_and_update(self, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, β·U V) for the frozen weight ``w0`` (in the adapter dtype)."""
-        update = self.config.beta * self.weight_U @ self.weight_V
-        return _Binarize.apply(self.scores(w0 + update), self.sparsity), update
-
     def delta_weight(self) -> torch.Tensor:
-        """M ⊙ W' − W₀, written M ⊙ β·U V − (1 − M) ⊙ W₀ (no cancellation of W₀ in low precision)."""
+        """M ⊙ W' − W₀, written M ⊙ β·U V − (1 − M) ⊙ W₀ (no cancellation of W₀ in low precision). On a linear
+        base of the adapter dtype the layer runs one GEMM with W₀ + this = M ⊙ W' (``AdapterLayer``'s dense
+        route), not the base's and the delta's."""
         w0 = self.frozen_weight().to(self.adapter_dtype)
-        mask, update = self._mask_and_update(w0)
+        update = self.config.beta * self.weight_U @ self.weight_V
+        mask = _Binarize.apply(self.scores(w0 + update), self.sparsity)
         return mask * update - (1 - mask) * w0
-
-    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.delta_weight())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One GEMM with M ⊙ W' when the base is a plain linear layer of the adapter dtype (the base GEMM and
-        the delta's would both be full size: this saves one in forward and one in backward)."""
-        w = self.base_weight
-        if (self.merged or not self.enabled or self.batch_names is not None or self.base_kind != "linear"
-                or self.base_quantized or self.dropout_active or w.dtype != self.adapter_dtype):
-            return super().forward(x)
-        mask, update = self._mask_and_update(w)
-        return F.linear(x, mask * (w + update), self.base_layer.bias)
 
     def trainable_count(self) -> int:
         r, rm = self.config.r, self.config.mask_rank or self.config.r

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 
 from .. import catalogue, checks
 from ..layout import CLASSIFIER_NAMES
+from ..quant import keep_exact
 from ..targets import Targets, find_parameters, find_targets, matrix_shape, replace_module
 from .base import AdapterConfig, AdapterLayer, check_base
 from .experts import check_expert_config
@@ -469,9 +469,6 @@ def adapt(
     }
     state = AdapterState(method, cfg, names, trainable_names, overrides, originals, name)
     model.rankwise_adapters = {**adapter_states(model), name: state}  # type: ignore[assignment]  # Module attribute
-    if "bitsandbytes" in sys.modules:  # 4-bit layers, ours or from_pretrained's: exact and differentiable
-        from ..quant import keep_exact
-
-        keep_exact(model)
+    keep_exact(model)  # its 4-bit layers, ours or from_pretrained's: exact and differentiable after an evaluation
     install_batch_hook(model)
     return model

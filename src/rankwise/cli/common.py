@@ -133,17 +133,18 @@ class Flag:
         return self.names[1:]
 
 
-#: ``--dtype`` values: the short names, and torch's names as aliases (``bfloat16`` = ``bf16``).
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+#: torch's names of the ``--dtype`` values, accepted as aliases (``bfloat16`` = ``bf16``).
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def dtype_name(text: Any) -> str:
-    """The short dtype name of ``text`` (``fp32``/``bf16``/``fp16`` or ``float32``/``bfloat16``/``float16``);
-    UsageError naming the allowed values otherwise."""
+    """The short dtype name of ``text`` (a key of ``planner.DTYPES``: ``fp32``/``bf16``/``fp16``, or torch's
+    ``float32``/``bfloat16``/``float16``); UsageError naming the allowed values otherwise."""
+    from ..planner import DTYPES
+
     name = DTYPE_ALIASES.get(str(text), str(text))
-    if name not in DTYPE_NAMES:
-        raise UsageError(f"--dtype {text!r}; choose one of {list(DTYPE_NAMES)} (or {', '.join(DTYPE_ALIASES)})")
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {text!r}; choose one of {list(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     return name
 
 

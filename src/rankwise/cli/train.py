@@ -186,9 +186,10 @@ def _build(cfg: dict[str, Any], task: str):
     from .. import data
     from ..adapters.registry import needs_validation
     from ..models import load_model
+    from ..planner import DTYPES
 
     seed, n_val = cfg["seed"], cfg["val_size"] if needs_validation(cfg["method"]) else 0
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
+    dtype = DTYPES[cfg["dtype"]]
     val_loader = None
     if task == "seq-cls":
         if data.DATASETS.get(cfg["data"]) is None or data.DATASETS[cfg["data"]].kind != "classification":
