@@ -608,6 +608,8 @@ class _Loop:
                 (part if scaler is None else scaler.scale(part)).backward()  # outside autocast (torch's AMP recipe)
             losses.append(float(part.detach()))
         state.loss = sum(losses)
+        if world()[1] > 1:  # under torch.distributed: the global batch's loss, the ranks' mean (as their gradients)
+            state.loss = mean_over_ranks(state.loss, self.device)
         if scaler is not None:
             scaler.unscale_(optimizer)  # the callbacks and the clipping see the true gradients
         call(self.callbacks, "on_after_backward", state)
@@ -727,6 +729,16 @@ def _check_step_settings(cfg: TrainConfig, model: nn.Module, optimizer: torch.op
                 f"{half[0]} (and {len(half) - 1} more) is float16: keep trainable weights in float32 "
                 "(autocast computes in fp16) or use precision='bf16'"
             )
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the ranks of the ``torch.distributed`` process group (one all-reduce, on
+    ``device``: the training's, which the group's backend serves)."""
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
 
 
 @contextlib.contextmanager

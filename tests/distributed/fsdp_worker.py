@@ -410,6 +410,8 @@ def run(args: argparse.Namespace) -> None:
             weights = {k: full_weights(m.module if spec["wrap"] == "ddp" else m) for k, m in runs.items()}
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
+        elif mode == "precision":  # mixed precision (float32 weights): straight vs stopped after 2 and resumed
+            precision_resume(tag, method, kwargs, steps, mesh, rank, world, out, spec["precision"], spec["wrap"])
         elif mode == "reshape":
             reshape_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, out)
         elif mode == "dcp-save":
@@ -469,10 +471,12 @@ class _RankNoise:
 
 def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int, out: Path,
              init_seed: int = 0, stop: int | None = None, resume: bool = False, batch: int = 4,
-             dropout: float = 0.1, wrap: str = "fsdp", **config: Any) -> torch.nn.Module:
+             dropout: float = 0.1, wrap: str = "fsdp", dtype: torch.dtype = torch.float64,
+             history: list[dict[str, Any]] | None = None, **config: Any) -> torch.nn.Module:
     """``rankwise.train`` on the sharded tiny Llama (attention dropout 0.1, and RNG states that differ
     by rank: each rank must resume its own) over a shuffled loader of this rank's slices of ``batch`` rows,
-    with a checkpoint every 2 steps in ``out``; ``wrap="ddp"``: DistributedDataParallel instead of FSDP2."""
+    with a checkpoint every 2 steps in ``out``; ``wrap="ddp"``: DistributedDataParallel instead of FSDP2;
+    ``history`` receives the run's per-step logs."""
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
@@ -480,7 +484,7 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    model = make_model(init_seed)
+    model = make_model(init_seed, dtype)
     model.config.attention_dropout = dropout
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = dropout
@@ -490,9 +494,29 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, checkpoint_every=2,
                       output_dir=str(out), device=None, progress=False, measure_memory=False, **config)
     callbacks = [_RankNoise(), *([_StopAt(stop)] if stop else [])]
-    run(model, RankSlices(loader, rank, world), config=cfg, callbacks=callbacks,
-        resume_from=str(out) if resume else None)
+    result = run(model, RankSlices(loader, rank, world), config=cfg, callbacks=callbacks,
+                 resume_from=str(out) if resume else None)
+    if history is not None:
+        history.extend(result.history)
     return model
+
+
+def loop_one_process(method: str, kwargs: dict[str, Any], steps: int, **config: Any
+                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The reference of :func:`loop_run` without dropout: the float32 tiny Llama trained by ``rankwise.train``
+    in this process on the same loader (whole batches); its final weights and per-step logs."""
+    from torch.utils.data import DataLoader
+
+    from rankwise.train import TrainConfig
+    from rankwise.train import train as run
+
+    model = make_model(0, torch.float32)
+    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
+    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, device=None,
+                      progress=False, measure_memory=False, **config)
+    result = run(model, loader, config=cfg)
+    return full_weights(model), result.history
 
 
 def loop_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int,
@@ -514,6 +538,30 @@ def loop_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh:
         torch.save(resumed, out / f"{tag}_resumed.pt")
         files = sorted(p.name for p in (out / f"{tag}_b" / "checkpoints" / "checkpoint-2").iterdir())
         (out / f"{tag}.json").write_text(json.dumps({"changed_error": error, "files": files}))
+
+
+def precision_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int,
+                     world: int, out: Path, precision: str, wrap: str) -> None:
+    """``loop_resume`` of a float32 model under ``precision`` (no dropout): the straight and the resumed run's
+    final weights to ``<tag>_straight.pt`` / ``<tag>_resumed.pt``, every rank's per-step loss scales (fp16)
+    and the straight run's losses to ``<tag>.json``."""
+    import torch.distributed as dist
+
+    run = {"dropout": 0.0, "dtype": torch.float32, "precision": precision, "wrap": wrap}
+    unwrap = (lambda m: m.module) if wrap == "ddp" else (lambda m: m)
+    logs: list[dict[str, Any]] = []
+    straight = full_weights(unwrap(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_a",
+                                            history=logs, **run)))
+    loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", stop=2, **run)
+    resumed = full_weights(unwrap(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", init_seed=1,
+                                           resume=True, **run)))
+    scales: list[Any] = [None] * world
+    dist.all_gather_object(scales, [log.get("loss_scale") for log in logs])
+    if rank == 0:
+        torch.save(straight, out / f"{tag}_straight.pt")
+        torch.save(resumed, out / f"{tag}_resumed.pt")
+        (out / f"{tag}.json").write_text(json.dumps({"loss_scales": scales,
+                                                     "losses": [log["loss"] for log in logs]}))
 
 
 class _StopNow:
@@ -635,7 +683,8 @@ def dcp_load(tag, method, kwargs, batches, split, mesh, rank, world, out: Path, 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["parity", "structured", "controlled", "zero", "rsvd", "loop", "reshape",
-                                         "dcp-save", "dcp-load", "controlled-resume", "accum"])
+                                         "dcp-save", "dcp-load", "controlled-resume", "accum",
+                                         "precision"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

@@ -23,7 +23,7 @@ import torch
 import rankwise.optim as rwo
 from rankwise.optim.projected import ProjectedOptimizer
 
-from .fsdp_worker import available, launch, make_model, one_process
+from .fsdp_worker import available, launch, loop_one_process, make_model, one_process
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -200,6 +200,45 @@ def _dcp_roundtrip(tmp_path, tags: list[str]) -> None:
 def test_dcp_resume_is_bit_exact(tmp_path):
     """GaLore (a basis in the state), Fira and APOLLO (limiter norms), APOLLO (seed chain), FRUGAL."""
     _dcp_roundtrip(tmp_path, ["galore", "fira", "apollo", "frugal"])
+
+
+#: How far 4 GaLore steps on 2 processes may end from one process's, per precision: the ranks' half batches
+#: and the reductions' order round otherwise (measured: fp32 2.5e-7, bf16 4.5e-3, fp16 3.9e-4; a rank that
+#: ran fp32 instead would be 1.1e-2 from the bf16 reference, 3.4e-3 from the fp16 one).
+PRECISION_ATOL = {"fp32": 1e-6, "bf16": 7e-3, "fp16": 1.5e-3}
+
+
+def test_precision_and_logged_loss_under_fsdp2_and_ddp(tmp_path):
+    """``rankwise.train(precision=...)`` of float32 weights on 2 processes (FSDP2 and DDP: the CLI's
+    ``--precision`` with ``--nproc``) against the same run in one process on whole batches: the first step's
+    loss equal to 1.5e-6 (autocast on every rank: fp32, bf16 and fp16 differ by 4e-6 or more there), the logged
+    loss of every step the global batch's (the ranks' mean, not rank 0's half), the weights close
+    (``PRECISION_ATOL``); every rank steps with the same loss scale (fp16: the GradScaler's inf check is
+    reduced over the ranks); and a run stopped after step 2 and resumed from its checkpoint ends bit-identical
+    to the straight one (the scaler's scale restored)."""
+    kwargs = {"rank": 4, "update_gap": 2}
+    specs = [{"tag": f"{precision}_{wrap}", "method": "galore", "kwargs": kwargs, "steps": 4,
+              "mode": "precision", "precision": precision, "wrap": wrap}
+             for precision in PRECISION_ATOL for wrap in ("fsdp", "ddp")]
+    launch("precision", specs, tmp_path)
+    for precision, atol in PRECISION_ATOL.items():
+        reference, history = loop_one_process("galore", kwargs, 4, precision=precision)
+        for wrap in ("fsdp", "ddp"):
+            tag = f"{precision}_{wrap}"
+            straight = torch.load(tmp_path / f"{tag}_straight.pt", weights_only=True)
+            resumed = torch.load(tmp_path / f"{tag}_resumed.pt", weights_only=True)
+            info = json.loads((tmp_path / f"{tag}.json").read_text())
+            assert straight.keys() == resumed.keys() == reference.keys()
+            for name, value in straight.items():
+                assert torch.equal(resumed[name], value), f"{tag} {name}: resume is not exact"
+                torch.testing.assert_close(value, reference[name], rtol=0, atol=atol, msg=f"{tag} {name}")
+            losses = [log["loss"] for log in history]
+            assert info["losses"][0] == pytest.approx(losses[0], abs=1.5e-6), tag
+            assert info["losses"] == pytest.approx(losses, abs=2e-4 if precision != "fp32" else 1e-6), tag
+            scales = info["loss_scales"]
+            assert scales[0] == scales[1], f"{tag}: the ranks stepped with different loss scales"
+            expected = [log.get("loss_scale") for log in history]
+            assert scales[0] == expected and (None in expected) == (precision != "fp16"), tag
 
 
 def test_gradient_accumulation_under_fsdp2_and_ddp(tmp_path):
