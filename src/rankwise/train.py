@@ -325,17 +325,27 @@ class _EvalSums:
     weight: int = 0
     correct: int = 0
 
-    def add(self, model: nn.Module, batch: dict[str, Any]) -> None:
+    def add(self, model: nn.Module, batch: dict[str, Any], counted: bool = True) -> None:
         if "labels" not in batch:
             raise ValueError("evaluate: every batch needs a 'labels' entry (class ids or token ids)")
         out = model(**batch)
         labels = batch["labels"]
         self.kind = self.kind or _infer_task(out.logits, labels)
+        if not counted:  # a forward this rank takes part in, counted by another
+            return
         n = labelled_items(labels, lm=self.kind != "classification")
         if self.kind == "classification":
             self.correct += int((out.logits.argmax(-1) == labels).sum())
         self.loss_sum += float(out.loss) * n
         self.weight += n
+
+    def add_over_ranks(self, device: torch.device) -> None:
+        """Every rank's sums replaced by their totals over the ranks (one all-reduce)."""
+        import torch.distributed as dist
+
+        sums = torch.tensor([self.loss_sum, self.weight, self.correct], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        self.loss_sum, self.weight, self.correct = float(sums[0]), round(float(sums[1])), round(float(sums[2]))
 
     def metrics(self) -> dict[str, float]:
         if self.weight == 0:
@@ -354,19 +364,25 @@ def evaluate(
 
     The loss is averaged over examples (classification) or predicted tokens (LM), not over batches:
     perplexity = exp(Σ NLL / Σ predicted tokens), the one perplexity of rankwise. The model's
-    train/eval mode and the global RNG states are restored afterwards.
+    train/eval mode and the global RNG states are restored afterwards. A loader with ``eval_slices()``
+    (``(batch, counted)`` pairs: ``cli.distributed.RankSlices`` under ``torch.distributed``) is evaluated
+    split over the ranks, its sums added up over them.
     """
     choice("task", task, TASKS)
     device = model_device(model)
     was_training = model.training
     model.eval()
     sums = _EvalSums(None if task == "auto" else task)
+    split = hasattr(loader, "eval_slices")
+    pairs = loader.eval_slices() if split else ((batch, True) for batch in loader)  # type: ignore[attr-defined]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for batch in itertools.islice(loader, max_batches):
-                sums.add(model, move_batch(batch, device))
+            for batch, counted in itertools.islice(pairs, max_batches):
+                sums.add(model, move_batch(batch, device), counted)
     finally:
         model.train(was_training)
+    if split:
+        sums.add_over_ranks(device)
     return sums.metrics()
 
 

@@ -289,15 +289,11 @@ def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, ti
 
 
 def shard(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each decoder layer (unless an adapter's tensors cross layers), then the root."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2 as ``rankwise train --nproc`` shards: each decoder layer (unless an adapter's tensors cross layers),
+    then the root (``cli.distributed.shard_model``)."""
+    from rankwise.cli.distributed import shard_model
 
-    from rankwise.cli.distributed import crosses_layers
-
-    for layer in [] if crosses_layers(model) else model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return shard_model(model, "cpu", mesh)
 
 
 def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -411,7 +407,15 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 torch.save(weights, out / f"{tag}.pt")
         elif mode == "precision":  # mixed precision (float32 weights): straight vs stopped after 2 and resumed
-            precision_resume(tag, method, kwargs, steps, mesh, rank, world, out, spec["precision"], spec["wrap"])
+            precision_resume(tag, method, kwargs, steps, mesh, rank, world, out, spec["precision"], spec["wrap"],
+                             getattr(torch, spec.get("dtype", "float32")), spec.get("lora", False))
+        elif mode == "eval":  # rankwise.evaluate of RankSlices: each rank its rows, the sums added up
+            from rankwise.cli.distributed import RankSlices
+            from rankwise.train import evaluate
+
+            metrics = evaluate(_sharded(mesh), RankSlices(eval_loader(), rank, world))
+            if rank == 0:
+                (out / f"{tag}.json").write_text(json.dumps(metrics))
         elif mode == "reshape":
             reshape_resume(tag, method, kwargs, int(spec["steps"]), mesh, rank, out)
         elif mode == "dcp-save":
@@ -472,11 +476,11 @@ class _RankNoise:
 def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int, world: int, out: Path,
              init_seed: int = 0, stop: int | None = None, resume: bool = False, batch: int = 4,
              dropout: float = 0.1, wrap: str = "fsdp", dtype: torch.dtype = torch.float64,
-             history: list[dict[str, Any]] | None = None, **config: Any) -> torch.nn.Module:
+             history: list[dict[str, Any]] | None = None, lora: bool = False, **config: Any) -> torch.nn.Module:
     """``rankwise.train`` on the sharded tiny Llama (attention dropout 0.1, and RNG states that differ
     by rank: each rank must resume its own) over a shuffled loader of this rank's slices of ``batch`` rows,
     with a checkpoint every 2 steps in ``out``; ``wrap="ddp"``: DistributedDataParallel instead of FSDP2;
-    ``history`` receives the run's per-step logs."""
+    ``history`` receives the run's per-step logs; ``lora``: :func:`lora_and_norms` of the model."""
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
@@ -485,6 +489,8 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     from rankwise.train import train as run
 
     model = make_model(init_seed, dtype)
+    if lora:
+        lora_and_norms(model)
     model.config.attention_dropout = dropout
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = dropout
@@ -501,16 +507,42 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     return model
 
 
-def loop_one_process(method: str, kwargs: dict[str, Any], steps: int, **config: Any
-                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The reference of :func:`loop_run` without dropout: the float32 tiny Llama trained by ``rankwise.train``
-    in this process on the same loader (whole batches); its final weights and per-step logs."""
+def lora_and_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """LoRA (r=4, its factors float32) on every linear layer, and every RMSNorm trained in the model's dtype:
+    with a bfloat16 model, two dtypes of trainable parameters in each decoder layer."""
+    import rankwise as rw
+
+    rw.adapt(model, "lora", r=4)
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            module.requires_grad_(True)
+    return model
+
+
+def eval_loader() -> Any:
+    """7 rows of 12 tokens in batches of 3, a few labels -100: the last batch has fewer rows than 2 ranks."""
+    from torch.utils.data import DataLoader
+
+    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(2) for i in range(len(b["input_ids"]))][:7]
+    for i, row in enumerate(rows):
+        row["labels"] = row["labels"].clone()
+        row["labels"][: i % 4] = -100  # unequal predicted tokens per row
+    return DataLoader(rows, batch_size=3)
+
+
+def loop_one_process(method: str, kwargs: dict[str, Any], steps: int, dtype: torch.dtype = torch.float32,
+                     lora: bool = False, **config: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The reference of :func:`loop_run` without dropout: the tiny Llama (``lora``: with
+    :func:`lora_and_norms`) trained by ``rankwise.train`` in this process on the same loader (whole batches);
+    its final weights and per-step logs."""
     from torch.utils.data import DataLoader
 
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    model = make_model(0, torch.float32)
+    model = make_model(0, dtype)
+    if lora:
+        lora_and_norms(model)
     rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
     loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, device=None,
@@ -541,20 +573,20 @@ def loop_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh:
 
 
 def precision_resume(tag: str, method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: int,
-                     world: int, out: Path, precision: str, wrap: str) -> None:
-    """``loop_resume`` of a float32 model under ``precision`` (no dropout): the straight and the resumed run's
-    final weights to ``<tag>_straight.pt`` / ``<tag>_resumed.pt``, every rank's per-step loss scales (fp16)
-    and the straight run's losses to ``<tag>.json``."""
+                     world: int, out: Path, precision: str, wrap: str, dtype: torch.dtype, lora: bool) -> None:
+    """``loop_resume`` of a ``dtype`` model (``lora``: :func:`lora_and_norms`) under ``precision`` (no
+    dropout): the straight and the resumed run's final weights to ``<tag>_straight.pt`` / ``<tag>_resumed.pt``,
+    every rank's per-step loss scales (fp16) and the straight run's losses to ``<tag>.json``."""
     import torch.distributed as dist
 
-    run = {"dropout": 0.0, "dtype": torch.float32, "precision": precision, "wrap": wrap}
+    run = {"dropout": 0.0, "dtype": dtype, "precision": precision, "wrap": wrap, "lora": lora}
     unwrap = (lambda m: m.module) if wrap == "ddp" else (lambda m: m)
     logs: list[dict[str, Any]] = []
     straight = full_weights(unwrap(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_a",
                                             history=logs, **run)))
     loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", stop=2, **run)
-    resumed = full_weights(unwrap(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b", init_seed=1,
-                                           resume=True, **run)))
+    resumed = full_weights(unwrap(loop_run(method, kwargs, steps, mesh, rank, world, out / f"{tag}_b",
+                                           init_seed=0 if lora else 1, resume=True, **run)))
     scales: list[Any] = [None] * world
     dist.all_gather_object(scales, [log.get("loss_scale") for log in logs])
     if rank == 0:
@@ -684,7 +716,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["parity", "structured", "controlled", "zero", "rsvd", "loop", "reshape",
                                          "dcp-save", "dcp-load", "controlled-resume", "accum",
-                                         "precision"])
+                                         "precision", "eval"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--specs", required=True)
     parser.add_argument("--split", type=int, default=0)

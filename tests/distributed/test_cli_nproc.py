@@ -56,9 +56,11 @@ def _adapter(out: Path) -> dict:
 @pytest.mark.slow  # two MiniLM runs, ~2-3 min on 2 busy cores
 @needs_assets
 @pytest.mark.skipif(available() is not None, reason=str(available()))
-def test_train_nproc_2_runs_fsdp2_and_writes_the_run(tmp_path):
-    _train(tmp_path / "one")
-    _train(tmp_path / "two", "--nproc", "2")
+@pytest.mark.parametrize("extra", [(), ("--dtype", "bf16")], ids=["fp32", "bf16-weights"])
+def test_train_nproc_2_runs_fsdp2_and_writes_the_run(tmp_path, extra):
+    """fp32, and bf16 weights (the bf16 classifier trained beside fp32 LoRA factors: a group of its own)."""
+    _train(tmp_path / "one", *extra)
+    _train(tmp_path / "two", "--nproc", "2", *extra)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
     assert abs(one["loss"] - two["loss"]) < 0.01

@@ -23,7 +23,15 @@ import torch
 import rankwise.optim as rwo
 from rankwise.optim.projected import ProjectedOptimizer
 
-from .fsdp_worker import available, launch, loop_one_process, make_model, one_process
+from .fsdp_worker import (
+    available,
+    eval_loader,
+    launch,
+    loop_one_process,
+    lora_and_norms,
+    make_model,
+    one_process,
+)
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -239,6 +247,56 @@ def test_precision_and_logged_loss_under_fsdp2_and_ddp(tmp_path):
             assert scales[0] == scales[1], f"{tag}: the ranks stepped with different loss scales"
             expected = [log.get("loss_scale") for log in history]
             assert scales[0] == expected and (None in expected) == (precision != "fp16"), tag
+
+
+def test_bf16_base_with_fp32_adapters_under_fsdp2_and_ddp(tmp_path):
+    """A bfloat16 model with float32 LoRA factors and bfloat16 norms trained (``rankwise train --dtype bf16
+    --nproc 2``): two dtypes of trainable parameters in every decoder layer, which one FSDP2 group refuses;
+    ``shard_model`` gives the norms groups of their own. 4 AdamW steps on 2 processes equal one process's
+    (≤ 1e-6: the base's bf16 products are the same per row), every dtype kept, and resume is exact."""
+    specs = [{"tag": f"bf16_lora_{wrap}", "method": "adamw", "kwargs": {}, "steps": 4, "mode": "precision",
+              "precision": "fp32", "wrap": wrap, "dtype": "bfloat16", "lora": True} for wrap in ("fsdp", "ddp")]
+    launch("precision", specs, tmp_path)
+    reference, history = loop_one_process("adamw", {}, 4, dtype=torch.bfloat16, lora=True)
+    start = dict(lora_and_norms(make_model(0, torch.bfloat16)).named_parameters())
+    assert {p.dtype for n, p in start.items() if p.requires_grad} == {torch.float32, torch.bfloat16}
+    for spec in specs:
+        straight = torch.load(tmp_path / f"{spec['tag']}_straight.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"{spec['tag']}_resumed.pt", weights_only=True)
+        assert straight.keys() == resumed.keys() == reference.keys()
+        for name, value in straight.items():
+            assert value.dtype == reference[name].dtype == start[name].dtype, name
+            assert torch.equal(resumed[name], value), f"{spec['tag']} {name}: resume is not exact"
+            torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6, msg=f"{spec['tag']} {name}")
+        assert not torch.equal(straight["model.norm.weight"], start["model.norm.weight"].detach())
+        info = json.loads((tmp_path / f"{spec['tag']}.json").read_text())
+        assert info["losses"] == pytest.approx([log["loss"] for log in history], abs=1e-6)
+
+
+def test_evaluation_split_over_ranks_equals_one_process(tmp_path):
+    """``rankwise train --nproc``'s evaluation: each rank evaluates its rows of every batch (``RankSlices``), a
+    batch with fewer rows than ranks is evaluated whole and counted once, the sums are added over the ranks:
+    the one-process metrics (7 rows, batches of 3, unequal predicted tokens per row)."""
+    from rankwise.train import evaluate
+
+    launch("eval", [{"tag": "eval", "method": "adamw", "kwargs": {}, "steps": 0, "mode": "eval"}], tmp_path)
+    split = json.loads((tmp_path / "eval.json").read_text())
+    whole = evaluate(make_model(), eval_loader())
+    assert split["tokens"] == whole["tokens"] == sum(int((b["labels"][:, 1:] != -100).sum()) for b in eval_loader())
+    assert split["loss"] == pytest.approx(whole["loss"], abs=1e-6)  # HF computes the loss in float32
+
+
+def test_rank_slices_count_every_evaluation_row_once():
+    from rankwise.cli.distributed import RankSlices
+
+    loader = [{"labels": torch.arange(i, i + n), "note": "x"} for i, n in ((0, 3), (3, 3), (6, 1))]
+    counted = []
+    for rank in range(2):
+        pairs = list(RankSlices(loader, rank, 2).eval_slices())
+        assert len(pairs) == 3  # the same forwards on every rank
+        counted += [int(v) for batch, c in pairs if c for v in batch["labels"]]
+        assert [len(b["labels"]) for b in RankSlices(loader, rank, 2)] == [2 - rank, 2 - rank]  # training skips it
+    assert sorted(counted) == list(range(7))
 
 
 def test_gradient_accumulation_under_fsdp2_and_ddp(tmp_path):

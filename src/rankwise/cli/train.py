@@ -380,9 +380,6 @@ def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool,
 
     if cfg["quantize"] is not None:
         raise UsageError("--quantize is not supported with --nproc > 1 yet (docs/distributed.md)")
-    if cfg["dtype"] != "fp32":  # FSDP2 wants one dtype per group of trainable parameters: not checked yet
-        raise UsageError(f"--dtype {cfg['dtype']} is not supported with --nproc > 1 yet; use --precision bf16 "
-                         "(autocast over fp32 weights) with --nproc (docs/distributed.md)")
     device = init(cfg["device"])
     tcfg.device, tcfg.progress = device, tcfg.progress and rank == 0
     if rank != 0:
@@ -424,6 +421,7 @@ def _run(cfg: dict[str, Any], tcfg: Any, allow: list[str], rank: int | None = No
             reshape_for_resume(model, resume, train_loader, tcfg)
         shard_model(model, tcfg.device)
         train_loader = RankSlices(train_loader, rank, dist.get_world_size())
+        eval_loader = RankSlices(eval_loader, rank, dist.get_world_size())  # each rank evaluates its rows
     if not rank:
         print(f"rankwise train: {cfg['method']} on {cfg['model']} ({task}) / {cfg['data']}: "
               f"{len(train_loader.dataset)} train, "
