@@ -47,6 +47,8 @@ __all__ = ["DTYPES", "Plan", "build_meta_model", "plan"]
 
 #: ``dtype`` policies: the dtype of the base weights (adapter weights stay fp32 whatever it is).
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Adapter methods that quantize the base themselves: planned as LoRA over their 4-bit storage format.
+QUANTIZING = ("qlora", "loftq")
 #: Projector classes whose refresh runs an exact SVD / a randomized range finder.
 _EXACT = ("SVDProjector", "Int4SVDProjector")
 _RANDOMIZED = ("RandomizedSVDProjector", "Int4RandomizedSVDProjector")
@@ -566,8 +568,11 @@ def _refresh_bytes(m: int, n: int, rank: int, grad_esize: int, oversample: int =
 
 
 # ------------------------------------------------------------------------------------------------ plan
-def _inject(meta: nn.Module, method: str | None, options: dict[str, Any], quant: str | None) -> tuple[Any, set[int]]:
-    """Apply the adapter ``method`` on the meta model; ``(QuantConfig or None, ids of 4-bit weights)``."""
+def _inject(meta: nn.Module, method: str | None, options: dict[str, Any], quant: str | None,
+            structure_only: bool = False) -> tuple[Any, set[int]]:
+    """Apply the adapter ``method`` on the meta model; ``(QuantConfig or None, ids of 4-bit weights)``.
+    ``structure_only``: the layers are built without their initialization (``adapt``'s ``_skip_init``, as
+    when a saved adapter is loaded): the same tensors, their values not computed."""
     quant_cfg = None
     quantized: set[int] = set()
     if quant is not None:
@@ -581,16 +586,43 @@ def _inject(meta: nn.Module, method: str | None, options: dict[str, Any], quant:
     if method is not None:
         from .adapters import adapt, get_method
 
-        if method in ("qlora", "loftq"):
-            raise ValueError(f"method {method!r}: plan it as method 'lora' with quant 'nf4' (the 4-bit base is "
-                             "planned from bitsandbytes' storage format)")
         get_method(method)
         try:
-            adapt(meta, method, **options)
-        except (NotImplementedError, RuntimeError) as error:
-            raise ValueError(f"method {method!r} cannot be injected on the meta device ({error}); its "
-                             "initialization needs real weights or data") from None
+            adapt(meta, method, _skip_init=structure_only, **options)
+        except (NotImplementedError, RuntimeError, ValueError) as error:
+            raise _NeedsRealInit(str(error)) from None
     return quant_cfg, quantized
+
+
+class _NeedsRealInit(Exception):
+    """The method's initialization reads real weights or data (which a meta model has not)."""
+
+
+def _inject_planned(model: str | Any, task: str | None, dtype: torch.dtype, method: str | None,
+                    options: dict[str, Any], quant: str | None,
+                    notes: list[str]) -> tuple[nn.Module, str, Any, set[int]]:
+    """The meta model with ``method`` injected: ``(meta model, task, QuantConfig or None, ids of 4-bit
+    weights)``. A method whose initialization needs real weights or data (gradients, layer inputs, an SVD of
+    W) is built structure-only: its tensors' shapes do not depend on those values. A method whose data pass
+    chooses the layers' shapes (EVA's, GoRA's per-layer ranks: ``MethodSpec.plan``) cannot be planned."""
+    meta, task = build_meta_model(model, task, dtype)
+    try:
+        return (meta, task, *_inject(meta, method, options, quant))
+    except _NeedsRealInit as error:
+        from .adapters import get_method
+
+        why = str(error)
+        if get_method(str(method)).plan is not None:
+            raise ValueError(f"method {method!r} chooses each layer's shape from data ({why}); its memory "
+                             "cannot be planned without the data") from None
+        meta, task = build_meta_model(model, task, dtype)
+        try:
+            quant_cfg, quantized = _inject(meta, method, options, quant, structure_only=True)
+        except _NeedsRealInit as error:
+            raise ValueError(f"method {method!r} cannot be planned on the meta device: {error}") from None
+    notes.append(f"{method}: its initialization reads real weights or data ({why}); planned from the tensors "
+                 "it allocates, whose shapes do not depend on them")
+    return meta, task, quant_cfg, quantized
 
 
 @dataclass
@@ -606,6 +638,7 @@ class _States:
     refresh_randomized: int
     refresh_used: str
     step_transient: int
+    keeps_batch: bool  # the optimizer holds the last training batch between steps (IST's scoring batch)
 
 
 def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int, layerwise: bool,
@@ -616,6 +649,12 @@ def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int
     sampler = optimizer in factory.SAMPLERS
     if layerwise and sampler:
         raise ValueError(f"layer-wise stepping does not combine with the block sampler {optimizer!r}")
+    options = {"lr": 1e-3, **options}  # the learning rate does not change memory; samplers require one
+    if optimizer == "owlore" and "ratios" not in options:  # its layer odds read W; the plan takes the costliest
+        from .layout import layer_list, unwrap
+
+        _, repeated = layer_list(unwrap(meta), options.get("layers"))
+        options["ratios"] = [1.0] * len(list(repeated.children()))
     opt: Any = factory.make(optimizer, meta, **options)  # a sampler's units are read below
     kwargs = {k: v for k, v in options.items() if k not in ("rank", "targets")}
     build = (opt._make_inner if sampler
@@ -634,7 +673,7 @@ def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int
         return _per_rank(tuple(p.shape), p.element_size(), world)
 
     extra = 0
-    trained = trainable
+    trained = stateful = trainable
     if sampler:  # the worst selection: the always-awake parameters plus the k costliest units
         units: list[list[nn.Parameter]] = opt._units
         k = len(opt._current)
@@ -643,9 +682,13 @@ def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int
         trained = list({id(p): p for p in chosen}.values())
         extra = sum(_nbytes(t) for t in opt._sampler_tensors())
         awake = {id(p) for p in trained}
+        kept = opt._kept_on_switch()  # IST keeps a sleeping layer's state: every layer's, once each has woken
+        stateful = trained + [p for p in trainable if id(p) in kept and id(p) not in awake]
         for p in trainable:
             p.requires_grad_(id(p) in awake)
-        notes.append(f"{optimizer}: {k} of {len(units)} units awake at a time; the plan takes the costliest")
+        notes.append(f"{optimizer}: {k} of {len(units)} units awake at a time; the plan takes the costliest"
+                     + ("; the sleeping units' optimizer state is kept and counted" if len(stateful) > len(trained)
+                        else ""))
     grads_all = sum(grad(p) for p in trained)
 
     rank_of = {id(p): int(g["rank"]) for g in opt.param_groups if "rank" in g for p in g["params"]}
@@ -665,11 +708,11 @@ def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int
         # torch's foreach AdamW (the CUDA default) holds one temporary the size of the trained tensors
         transient = max(transient, grads_all)
     return _States(
-        optimizer_state=sum(moments(p) for p in trained) + probe.shared + extra,
+        optimizer_state=sum(moments(p) for p in stateful) + probe.shared + extra,
         projectors=sum(proj(p) for p in trained),
         gradients=max((grad(p) for p in trained), default=0) if layerwise else grads_all,
         gradients_all=grads_all, trained=trained, refresh_exact=exact, refresh_randomized=randomized,
-        refresh_used=used, step_transient=transient,
+        refresh_used=used, step_transient=transient, keeps_batch=bool(getattr(opt, "keeps_last_batch", False)),
     )
 
 
@@ -715,8 +758,20 @@ def plan(
     if memory is not None:
         checks.positive("memory", memory)
     notes: list[str] = []
-    meta, task = build_meta_model(model, task, DTYPES[dtype])
-    quant_cfg, quantized = _inject(meta, method, dict(method_options or {}), quant)
+    planned_method = method
+    if method in QUANTIZING:  # LoRA over the 4-bit base the method makes itself (its own storage options)
+        from .quant import QuantConfig
+
+        if quant is not None:
+            raise ValueError(f"quant={quant!r}: method {method!r} quantizes the base itself (its quant_type and "
+                             "double_quant options); leave quant unset")
+        method_options = dict(method_options or {})
+        scheme, dq = method_options.pop("quant_type", "nf4"), method_options.pop("double_quant", True)
+        method_options.pop("loftq_iter", None)
+        quant, method = QuantConfig(scheme, double_quant=dq).name, "lora"
+        notes.append(f"{planned_method}: planned as LoRA over its {quant} base")
+    meta, task, quant_cfg, quantized = _inject_planned(model, task, DTYPES[dtype], method, dict(method_options or {}),
+                                                       quant, notes)
     params = _unique(meta)
     if not any(p.requires_grad for p in params):
         raise ValueError("nothing to train: the method left no trainable parameter")
@@ -729,6 +784,10 @@ def plan(
 
     weights = sum(stored(p) for p in params)
     st = _states(meta, optimizer, dict(optimizer_options or {}), world_size, layerwise, notes)
+    if st.keeps_batch:
+        inputs = {id(t): t for t in batch_for(meta, task, batch_size, seq_len, "meta").values()}
+        st.optimizer_state += sum(_nbytes(t) for t in inputs.values())
+        notes.append(f"{optimizer} keeps the last training batch (its inputs) between steps: in its state")
 
     if checkpointing:
         enable_activation_checkpointing(meta, "checkpointing")
@@ -747,7 +806,7 @@ def plan(
         notes.append(f"4-bit base ({quant_cfg.name}): the per-layer dequantized weight of each matmul is not "
                      "in the meta trace")
     return Plan(
-        model=str(model) if isinstance(model, str | os.PathLike) else type(model).__name__, method=method,
+        model=str(model) if isinstance(model, str | os.PathLike) else type(model).__name__, method=planned_method,
         optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, dtype=dtype, checkpointing=checkpointing,
         layerwise=layerwise, quant=quant_cfg.name if quant_cfg else None, world_size=world_size,
         params_total=sum(p.numel() for p in params), params_trainable=trainable_count,

@@ -745,6 +745,11 @@ class IST(_SampledBlocks):
         """Indices (into ``layer_names``) of the layers the next ``step()`` updates."""
         return list(self._current)
 
+    @property
+    def keeps_last_batch(self) -> bool:
+        """Whether it holds the last training call's inputs between steps (its scoring batch without ``data``)."""
+        return self._data is None
+
     # ---- importance
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: remember the last call made with gradients on (a training step's; for the
