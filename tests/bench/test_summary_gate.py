@@ -98,3 +98,23 @@ def test_an_unfinished_sweep_chooses_nothing_yet():
     rows.append({**row, "lr": 1e-2, "val_metric": 0.9, "test_metric": 0.85})
     entry = summarise(rows, {"bbc": True}, {"adapter": [1e-3, 1e-2]})[0]
     assert (entry["lr"], entry["test_mean"], entry["sweep_done"]) == (1e-2, 0.85, "2/2")
+
+
+@needs_assets
+def test_rows_run_before_the_planner_could_plan_them_are_planned_at_report_time():
+    """A finished row without a plan (a sampler, QLoRA, a gradient-initialized adapter: run before rw.plan took
+    them) is planned from its stored settings; a row with a plan, a failed row and a row of an unknown task
+    are left as they are; the experiments filled are named (the report says so)."""
+    base = {"task": "bbc", "targets": "all-linear", "optimizer_options": {}, "options": {}, "status": "ok",
+            "device": "cpu", "planned_peak_bytes": None}
+    rows = [{**base, "experiment": "full-badam", "method": "none", "optimizer": "badam",
+             "optimizer_options": {"switch_every": "steps/25"}},
+            {**base, "experiment": "lora_ga", "method": "lora_ga", "optimizer": "adamw", "options": {"r": 8}},
+            {**base, "experiment": "lora", "method": "lora", "optimizer": "adamw", "planned_peak_bytes": 123},
+            {**base, "experiment": "broken", "method": "lora", "optimizer": "adamw", "status": "error"},
+            {**base, "experiment": "elsewhere", "method": "lora", "optimizer": "adamw", "task": "nope"},
+            {**base, "experiment": "eva", "method": "eva", "optimizer": "adamw"}]
+    assert runner.fill_planned_peaks(rows, "cpu-smoke") == ["full-badam", "lora_ga"]
+    assert all(r["planned_peak_bytes"] > 100 * 2**20 for r in rows[:2])  # MiniLM's weights alone are ~87 MiB
+    assert [r["planned_peak_bytes"] for r in rows[2:]] == [123, None, None, None]  # EVA: shapes from data
+    assert runner.fill_planned_peaks(rows, "no-such-profile") == []

@@ -30,7 +30,7 @@ import torch
 
 from ..report import append_run, read_runs
 from .experiments import FULL_FINETUNE, HEAD_ONLY, Experiment, resolve_budget
-from .profiles import BenchTask, Profile
+from .profiles import PROFILES, BenchTask, Profile
 
 BENCH_FILE = "bench.json"
 RUNS_GLOB = "runs*.jsonl"
@@ -260,6 +260,29 @@ def planned_peak(task: BenchTask, exp: Experiment, profile: Profile, device: str
         except Exception:  # noqa: BLE001 - a setup the planner cannot trace is reported as unplanned
             _PLANS[key] = None
     return _PLANS[key]
+
+
+def fill_planned_peaks(rows: list[dict[str, Any]], profile_name: str) -> list[str]:
+    """Plan now the finished rows that carry no plan (run before ``rw.plan`` could plan their setup: samplers,
+    QLoRA, initializations read from data); the plan reads only the model, the settings stored in the row and
+    the profile's batch (and the code as it is now, which may have changed since the run). Rows of an unknown
+    profile or task are left alone. Returns the experiments filled."""
+    profile = PROFILES.get(profile_name)
+    if profile is None:
+        return []
+    tasks = {t.name: t for t in profile.tasks}
+    filled: list[str] = []
+    for row in rows:
+        task = tasks.get(row.get("task", ""))
+        if task is None or row.get("planned_peak_bytes") is not None or row.get("status") != "ok":
+            continue
+        exp = Experiment(row["experiment"], row["method"], row.get("options") or {}, row.get("targets", "all-linear"),
+                         row.get("optimizer", "adamw"), row.get("optimizer_options") or {})
+        kernels = "cpu" if str(row.get("device", "cpu")).startswith("cpu") else "cuda"
+        row["planned_peak_bytes"] = planned_peak(task, exp, profile, kernels)
+        if row["planned_peak_bytes"] is not None and exp.name not in filled:
+            filled.append(exp.name)
+    return filled
 
 
 def tensor_peak(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> int:

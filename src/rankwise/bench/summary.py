@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import Column, human_bytes, human_count, markdown_table, save_figure, write_text
-from .runner import BENCH_FILE, chosen_lr, read_rows, sweep_grid
+from .runner import BENCH_FILE, chosen_lr, fill_planned_peaks, read_rows, sweep_grid
 
 #: Two-sided 95% Student t quantiles by degrees of freedom (n − 1); larger n uses 1.96.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -163,6 +163,7 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
     rows = read_rows(out)
     if not rows:
         raise ValueError(f"{out} holds no finished run yet")
+    planned_now = fill_planned_peaks(rows, record["profile"]["name"])
     higher = {r["task"]: r["metric"] == "accuracy" for r in rows}
     entries = summarise(rows, higher, record["profile"]["lr_grids"], record["profile"].get("lr_extend", 0))
     from ..io import write_json
@@ -192,6 +193,10 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> Path:
         failed = [f"- {e['experiment']}: {f}" for e in mine for f in e["failures"]]
         if failed:
             lines += ["Failed runs:", "", *failed, ""]
+    if planned_now:
+        lines += [f"rw.plan peak planned when this report was written, after the runs (the planner could not plan "
+                  f"their setup then; code changed since a run is planned as it is now): {', '.join(planned_now)}.",
+                  ""]
     lines += _settings_section(entries)
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
