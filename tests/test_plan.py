@@ -232,6 +232,8 @@ def test_budget_and_errors():
         assert plan(config, None, sampler, batch_size=2, seq_len=16, optimizer_options=options).peak > 0
     with pytest.raises(ValueError, match="chooses each layer's shape from data"):
         plan(config, "eva", "adamw")
+    with pytest.raises(ValueError, match="built from the adapters already on a model"):
+        plan(config, "meteora", "adamw")  # not built structure-only without its experts (an error in trace)
 
 
 def _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, checkpointing=False):

@@ -612,6 +612,9 @@ def _inject_planned(model: str | Any, task: str | None, dtype: torch.dtype, meth
         from .adapters import get_method
 
         why = str(error)
+        if get_method(str(method)).needs_adapters:
+            raise ValueError(f"method {method!r} is built from the adapters already on a model ({why}); "
+                             "rw.plan plans one method on a bare model") from None
         if get_method(str(method)).plan is not None:
             raise ValueError(f"method {method!r} chooses each layer's shape from data ({why}); its memory "
                              "cannot be planned without the data") from None
