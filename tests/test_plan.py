@@ -234,6 +234,9 @@ def test_budget_and_errors():
         plan(config, "eva", "adamw")
     with pytest.raises(ValueError, match="built from the adapters already on a model"):
         plan(config, "meteora", "adamw")  # not built structure-only without its experts (an error in trace)
+    for method in ("lora", "lora_ga", "eva"):  # wrong settings are said as they are, not as a meta-device limit
+        with pytest.raises(ValueError, match=r"^r=0 must be a positive integer"):
+            plan(config, method, "adamw", method_options={"r": 0})
 
 
 def _tracked_peak(config, method, mopts, optimizer, oopts, batch, seq, checkpointing=False):

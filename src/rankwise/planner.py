@@ -590,12 +590,17 @@ def _inject(meta: nn.Module, method: str | None, options: dict[str, Any], quant:
         try:
             adapt(meta, method, _skip_init=structure_only, **options)
         except (NotImplementedError, RuntimeError, ValueError) as error:
-            raise _NeedsRealInit(str(error)) from None
+            raise _NeedsRealInit(error) from None
     return quant_cfg, quantized
 
 
 class _NeedsRealInit(Exception):
-    """The method's initialization reads real weights or data (which a meta model has not)."""
+    """``adapt`` failed on the meta model: its initialization may read real weights or data (which a meta model
+    has not); ``cause`` is the error it raised."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _inject_planned(model: str | Any, task: str | None, dtype: torch.dtype, method: str | None,
@@ -611,18 +616,20 @@ def _inject_planned(model: str | Any, task: str | None, dtype: torch.dtype, meth
     except _NeedsRealInit as error:
         from .adapters import get_method
 
-        why = str(error)
-        if get_method(str(method)).needs_adapters:
-            raise ValueError(f"method {method!r} is built from the adapters already on a model ({why}); "
-                             "rw.plan plans one method on a bare model") from None
-        if get_method(str(method)).plan is not None:
-            raise ValueError(f"method {method!r} chooses each layer's shape from data ({why}); its memory "
-                             "cannot be planned without the data") from None
+        why, spec = str(error), get_method(str(method))
         meta, task = build_meta_model(model, task, dtype)
         try:
             quant_cfg, quantized = _inject(meta, method, options, quant, structure_only=True)
-        except _NeedsRealInit as error:
-            raise ValueError(f"method {method!r} cannot be planned on the meta device: {error}") from None
+        except _NeedsRealInit as again:
+            if isinstance(again.cause, ValueError):  # no data is asked for now: the settings are wrong
+                raise again.cause from None
+            raise ValueError(f"method {method!r} cannot be planned on the meta device: {again}") from None
+        if spec.needs_adapters:
+            raise ValueError(f"method {method!r} is built from the adapters already on a model ({why}); "
+                             "rw.plan plans one method on a bare model") from None
+        if spec.plan is not None:
+            raise ValueError(f"method {method!r} chooses each layer's shape from data ({why}); its memory "
+                             "cannot be planned without the data") from None
     notes.append(f"{method}: its initialization reads real weights or data ({why}); planned from the tensors "
                  "it allocates, whose shapes do not depend on them")
     return meta, task, quant_cfg, quantized
