@@ -47,8 +47,6 @@ __all__ = ["DTYPES", "Plan", "build_meta_model", "plan"]
 
 #: ``dtype`` policies: the dtype of the base weights (adapter weights stay fp32 whatever it is).
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: Adapter methods that quantize the base themselves: planned as LoRA over their 4-bit storage format.
-QUANTIZING = ("qlora", "loftq")
 #: Projector classes whose refresh runs an exact SVD / a randomized range finder.
 _EXACT = ("SVDProjector", "Int4SVDProjector")
 _RANDOMIZED = ("RandomizedSVDProjector", "Int4RandomizedSVDProjector")
@@ -594,6 +592,15 @@ def _inject(meta: nn.Module, method: str | None, options: dict[str, Any], quant:
     return quant_cfg, quantized
 
 
+def _quantizes_base(method: str) -> bool:
+    """Whether ``method`` is LoRA over a 4-bit base it quantizes itself (QLoRA, LoftQ: a ``QLoRAConfig``, whose
+    ``quant_type`` / ``double_quant`` fix the storage format)."""
+    from .adapters import get_method
+    from .adapters.lora import QLoRAConfig
+
+    return issubclass(get_method(method).config_cls, QLoRAConfig)
+
+
 class _NeedsRealInit(Exception):
     """``adapt`` failed on the meta model: its initialization may read real weights or data (which a meta model
     has not); ``cause`` is the error it raised."""
@@ -769,7 +776,7 @@ def plan(
         checks.positive("memory", memory)
     notes: list[str] = []
     planned_method = method
-    if method in QUANTIZING:  # LoRA over the 4-bit base the method makes itself (its own storage options)
+    if method is not None and _quantizes_base(method):  # LoRA over the 4-bit base it makes (its storage options)
         from .quant import QuantConfig
 
         if quant is not None:

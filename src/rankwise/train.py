@@ -341,11 +341,8 @@ class _EvalSums:
 
     def add_over_ranks(self, device: torch.device) -> None:
         """Every rank's sums replaced by their totals over the ranks (one all-reduce)."""
-        import torch.distributed as dist
-
-        sums = torch.tensor([self.loss_sum, self.weight, self.correct], dtype=torch.float64, device=device)
-        dist.all_reduce(sums)
-        self.loss_sum, self.weight, self.correct = float(sums[0]), round(float(sums[1])), round(float(sums[2]))
+        loss_sum, weight, correct = sum_over_ranks([self.loss_sum, self.weight, self.correct], device)
+        self.loss_sum, self.weight, self.correct = loss_sum, round(weight), round(correct)
 
     def metrics(self) -> dict[str, float]:
         if self.weight == 0:
@@ -625,7 +622,7 @@ class _Loop:
             losses.append(float(part.detach()))
         state.loss = sum(losses)
         if world()[1] > 1:  # under torch.distributed: the global batch's loss, the ranks' mean (as their gradients)
-            state.loss = mean_over_ranks(state.loss, self.device)
+            state.loss = sum_over_ranks([state.loss], self.device)[0] / world()[1]
         if scaler is not None:
             scaler.unscale_(optimizer)  # the callbacks and the clipping see the true gradients
         call(self.callbacks, "on_after_backward", state)
@@ -747,14 +744,14 @@ def _check_step_settings(cfg: TrainConfig, model: nn.Module, optimizer: torch.op
             )
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    """The mean of ``value`` over the ranks of the ``torch.distributed`` process group (one all-reduce, on
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """``values`` summed over the ranks of the ``torch.distributed`` process group (one float64 all-reduce, on
     ``device``: the training's, which the group's backend serves)."""
     import torch.distributed as dist
 
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+    total = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return float(total) / dist.get_world_size()
+    return total.tolist()
 
 
 @contextlib.contextmanager

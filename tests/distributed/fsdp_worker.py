@@ -482,21 +482,17 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     with a checkpoint every 2 steps in ``out``; ``wrap="ddp"``: DistributedDataParallel instead of FSDP2;
     ``history`` receives the run's per-step logs; ``lora``: :func:`lora_and_norms` of the model."""
     from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader
 
     from rankwise.cli.distributed import RankSlices
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    model = make_model(init_seed, dtype)
-    if lora:
-        lora_and_norms(model)
+    model = loop_model(init_seed, dtype, lora)
     model.config.attention_dropout = dropout
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = dropout
     model = shard(model, mesh) if wrap == "fsdp" else DistributedDataParallel(model)
-    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
-    loader = DataLoader(rows, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = shuffled_rows(batch)
     cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, checkpoint_every=2,
                       output_dir=str(out), device=None, progress=False, measure_memory=False, **config)
     callbacks = [_RankNoise(), *([_StopAt(stop)] if stop else [])]
@@ -505,6 +501,24 @@ def loop_run(method: str, kwargs: dict[str, Any], steps: int, mesh: Any, rank: i
     if history is not None:
         history.extend(result.history)
     return model
+
+
+def rows_of(n: int) -> list[dict[str, torch.Tensor]]:
+    """The rows of ``make_batches(n)``, one dict per sequence."""
+    return [{k: v[i] for k, v in b.items()} for b in make_batches(n) for i in range(len(b["input_ids"]))]
+
+
+def shuffled_rows(batch: int) -> Any:
+    """The loop tests' loader: the 16 rows of ``make_batches(4)`` in shuffled batches of ``batch`` (seed 0)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(rows_of(4), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def loop_model(seed: int, dtype: torch.dtype, lora: bool) -> torch.nn.Module:
+    """The loop tests' tiny Llama in ``dtype`` (``lora``: with :func:`lora_and_norms`)."""
+    model = make_model(seed, dtype)
+    return lora_and_norms(model) if lora else model
 
 
 def lora_and_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -523,7 +537,7 @@ def eval_loader() -> Any:
     """7 rows of 12 tokens in batches of 3, a few labels -100: the last batch has fewer rows than 2 ranks."""
     from torch.utils.data import DataLoader
 
-    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(2) for i in range(len(b["input_ids"]))][:7]
+    rows = rows_of(2)[:7]
     for i, row in enumerate(rows):
         row["labels"] = row["labels"].clone()
         row["labels"][: i % 4] = -100  # unequal predicted tokens per row
@@ -535,16 +549,10 @@ def loop_one_process(method: str, kwargs: dict[str, Any], steps: int, dtype: tor
     """The reference of :func:`loop_run` without dropout: the tiny Llama (``lora``: with
     :func:`lora_and_norms`) trained by ``rankwise.train`` in this process on the same loader (whole batches);
     its final weights and per-step logs."""
-    from torch.utils.data import DataLoader
-
     from rankwise.train import TrainConfig
     from rankwise.train import train as run
 
-    model = make_model(0, dtype)
-    if lora:
-        lora_and_norms(model)
-    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
-    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model, loader = loop_model(0, dtype, lora), shuffled_rows(4)
     cfg = TrainConfig(max_steps=steps, optimizer=method, optimizer_kwargs=kwargs, lr=1e-2, device=None,
                       progress=False, measure_memory=False, **config)
     result = run(model, loader, config=cfg)
@@ -613,8 +621,6 @@ def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, ini
     the fresh model is resized to the checkpoint (:func:`rankwise.train.reshape_for_resume`), then
     sharded with FSDP2, then resumed, each rank on its half of every batch (the controller's steps run on
     the shards)."""
-    from torch.utils.data import DataLoader
-
     import rankwise as rw
     from rankwise.cli.distributed import RankSlices
     from rankwise.sparse.cuttlefish import Cuttlefish
@@ -627,8 +633,7 @@ def reshaped_run(method: str, kwargs: dict[str, Any], steps: int, out: Path, ini
     else:
         rw.adapt(model, method, **kwargs)
     model.to(torch.float64)
-    rows = [{k: v[i] for k, v in b.items()} for b in make_batches(4) for i in range(len(b["input_ids"]))]
-    loader = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = shuffled_rows(4)
     cfg = TrainConfig(max_steps=steps, lr=1e-2, checkpoint_every=2, output_dir=str(out), device=None,
                       progress=False, measure_memory=False)
     callbacks: list[Any] = [*([_StopAt(stop)] if stop else []), *([_StopNow()] if stop_now else [])]

@@ -6,9 +6,9 @@ CUDA), builds the model as one process would (same seed: same adapters and initi
 shards it with ``fully_shard`` on every transformer layer and the root, takes its slice of every
 global batch (``--batch-size`` is the global batch), and trains; the optimizer is built after
 sharding. Evaluation is split over the ranks too (each its rows, the sums added up). At the end the
-weights are gathered and rank 0 alone writes the outputs. Checkpoints (``--checkpoint-every``) hold the model and the
-optimizer through ``torch.distributed.checkpoint`` and each rank's loop state; ``--resume`` needs
-the same number of processes. ``--quantize`` is refused across processes.
+weights are gathered and rank 0 alone writes the outputs. Checkpoints (``--checkpoint-every``) hold
+the model and the optimizer through ``torch.distributed.checkpoint`` and each rank's loop state;
+``--resume`` needs the same number of processes. ``--quantize`` is refused across processes.
 """
 
 from __future__ import annotations
