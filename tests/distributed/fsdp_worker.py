@@ -272,6 +272,7 @@ def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, ti
 
     spec_file = out / f"specs_{mode}.json"
     spec_file.write_text(json.dumps(specs))
+    before = set(out.iterdir())  # what earlier launches left (a dcp-load reads a dcp-save's checkpoints)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(Path(__file__)), mode, "--dir", str(out), "--specs", str(spec_file), "--split", str(split),
@@ -281,8 +282,11 @@ def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, ti
     if done.returncode != 0 and ("terminate called without an active exception" in done.stderr
                                  or "exitcode: -6" in done.stderr):
         # a worker aborted in a gloo thread (seen once on a heavily loaded 2-core machine; the same launch
-        # passes when rerun): launch once more; a real failure fails again and reports both
+        # passes when rerun): launch once more, from what there was before it (its half-written run folders
+        # would be refused as another run's); a real failure fails again and reports both
         first = done.stderr[-2000:]
+        for path in set(out.iterdir()) - before:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         assert done.returncode == 0, first + "\n--- second launch ---\n" + done.stderr[-2000:]
     assert done.returncode == 0, done.stderr[-4000:]
