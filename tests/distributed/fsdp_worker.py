@@ -264,32 +264,15 @@ def available() -> str | None:
 
 
 def launch(mode: str, specs: list[dict[str, Any]], out: Path, split: int = 0, timeout: float = 300.0) -> None:
-    """Run this script under ``torchrun --standalone --nproc_per_node 2`` (one thread per process);
-    raise AssertionError with the workers' stderr tail when it fails."""
-    import os
-    import subprocess
-    import sys
+    """Run this script under ``torchrun --standalone --nproc_per_node 2`` on ``specs`` (``tests/launch.py``:
+    retried when gloo aborts a worker); raise AssertionError with the workers' report when it fails."""
+    from ..launch import torchrun
 
     spec_file = out / f"specs_{mode}.json"
     spec_file.write_text(json.dumps(specs))
-    before = set(out.iterdir())  # what earlier launches left (a dcp-load reads a dcp-save's checkpoints)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(Path(__file__)), mode, "--dir", str(out), "--specs", str(spec_file), "--split", str(split),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0 and ("terminate called without an active exception" in done.stderr
-                                 or "exitcode: -6" in done.stderr):
-        # a worker aborted in a gloo thread (seen once on a heavily loaded 2-core machine; the same launch
-        # passes when rerun): launch once more, from what there was before it (its half-written run folders
-        # would be refused as another run's); a real failure fails again and reports both
-        first = done.stderr[-2000:]
-        for path in set(out.iterdir()) - before:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        assert done.returncode == 0, first + "\n--- second launch ---\n" + done.stderr[-2000:]
-    assert done.returncode == 0, done.stderr[-4000:]
+    # a retry starts from what earlier launches left (a dcp-load reads a dcp-save's checkpoints)
+    torchrun(Path(__file__), mode, "--dir", str(out), "--specs", str(spec_file), "--split", str(split),
+             timeout=timeout, scratch=out)
 
 
 def shard(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
@@ -322,6 +305,7 @@ def run(args: argparse.Namespace) -> None:
         batches = make_batches(steps)
         args.split = int(spec.get("split", split))
         mode = spec.get("mode", args.mode)  # one launch may mix modes
+        print(f"[rank {rank}] {mode} {tag}", file=sys.stderr, flush=True)  # where a failure happened
         if mode == "structured":  # an adapter / structured layer, then fully_shard; errors recorded
             try:
                 model = shard(structured_model(spec["kind"], method, kwargs), mesh)

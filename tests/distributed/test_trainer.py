@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from ..launch import run_retrying, torchrun
 from .fsdp_worker import available
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,19 +33,15 @@ def test_accelerate_config_is_fsdp2():
     assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
 
 
-def _run(cmd: list[str], timeout: float = 400) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
+ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.mark.slow  # two runs with transformers' start-up, ~1-2 min on 2 busy cores
 @pytest.mark.skipif(available() is not None, reason=str(available()))
 def test_trainer_two_processes_match_one_process(tmp_path):
-    _run([sys.executable, str(WORKER), str(tmp_path / "one"), "galore"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(WORKER), str(tmp_path / "two"), "galore"])
+    one = run_retrying([sys.executable, str(WORKER), str(tmp_path / "one"), "galore"], timeout=400, env=ENV, cwd=ROOT)
+    assert one.returncode == 0, one.report
+    torchrun(WORKER, str(tmp_path / "two"), "galore", timeout=400, env=ENV, cwd=ROOT, scratch=tmp_path)
     info = json.loads((tmp_path / "two" / "info.json").read_text())
     assert info["world"] == 2 and info["distributed_type"].endswith("MULTI_CPU") and info["optimizer"] == "GaLoreAdamW"
     one = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)

@@ -14,15 +14,13 @@ rounding (~1e-9), and Adam's first step after a block wakes up, ≈ lr·sign(g),
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 import rankwise.optim as rwo
 
+from ..launch import torchrun
 from .ddp_worker import make_batches, make_model, make_optimizer, train
 
 STEPS = 6
@@ -39,13 +37,8 @@ def methods() -> list[str]:
 def test_ddp_two_processes_match_one_process(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     names = methods()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(worker), "ddp", "--dir", str(tmp_path), "--methods", ",".join(names), "--steps", str(STEPS),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(worker, "ddp", "--dir", str(tmp_path), "--methods", ",".join(names), "--steps", str(STEPS),
+             timeout=600, scratch=tmp_path)
     for method in names:
         model = make_model(dtype=torch.float64)
         train(model, make_optimizer(method, model), make_batches(STEPS, batch=4))
