@@ -20,6 +20,7 @@ training, compression, projected optimizers) refuse it (``targets.find_targets(c
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -39,8 +40,18 @@ COMPUTE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def _hub_kernel_notice(record: logging.LogRecord) -> bool:
+    """False for bitsandbytes' notice that it could not fetch its CPU 4-bit GEMM from a model hub (it tries on
+    AVX512-BF16 CPUs; rankwise runs offline, ``HF_HUB_OFFLINE=1``): it then uses its own CPU kernel, and the
+    notice's advice (``pip install kernels``) does not apply."""
+    return "kernels-community" not in record.getMessage()
+
+
 def require_bnb() -> ModuleType:
     """The ``bitsandbytes`` module, or an ImportError saying how to get it."""
+    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _hub_kernel_notice not in notices.filters:
+        notices.addFilter(_hub_kernel_notice)
     try:
         import bitsandbytes
     except ImportError as e:
