@@ -38,6 +38,30 @@ def test_nproc_must_be_positive(tmp_path, capsys):
     assert "--nproc 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, held, says", [
+    (("--quantize", "nf4"), False, "--quantize is not supported with --nproc"),
+    (("--lr", "-1"), False, "lr=-1.0"),
+    ((), True, "holds another run"),
+    (("--resume",), False, "no checkpoint"),
+], ids=["quantize", "bad-lr", "output-taken", "resume-without-checkpoint"])
+def test_nproc_checks_everything_before_starting_processes(tmp_path, capsys, monkeypatch, extra, held, says):
+    """A wrong setting or output is one line and exit 2 from the launching process; torchrun never starts (each
+    of its processes would fail alike, and torchrun would print its own failure report)."""
+    import rankwise.cli.distributed as distributed
+
+    def launched(*_):
+        raise AssertionError("torchrun was started")
+
+    monkeypatch.setattr(distributed, "relaunch", launched)
+    out = tmp_path / "r"
+    if held:
+        out.mkdir()
+        (out / "metrics.json").write_text("{}")
+    assert main(["train", "--nproc", "2", "--output", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+
+
 def _train(out: Path, *extra: str, steps: int = 3, ok: bool = True) -> str:
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "rankwise", "train", "--model", "minilm", "--data", "bbc", "--method", "lora",

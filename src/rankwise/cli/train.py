@@ -294,14 +294,12 @@ def _recorded_settings(resume: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def prepare_output(cfg: dict[str, Any], overwrite: bool, allow_text: str | None) -> list[str]:
-    """Check ``--output`` and the run it may hold before anything is loaded (the caller holds its lock)
-    and return the settings a resume may change (:func:`write_run_config` records the run once it starts).
+def check_output(cfg: dict[str, Any], overwrite: bool, allow_text: str | None) -> list[str]:
+    """Check ``--output`` and the run it may hold, changing nothing, and return the settings a resume may change.
 
-    Fresh run: an output holding another run is refused unless ``--overwrite`` (which deletes its
-    checkpoints and record now, so a later ``--resume`` cannot bring them back). Resume: the newest
-    checkpoint must exist and the settings must be the recorded run's, except ``--allow-change`` ones and
-    a larger ``max_steps`` / ``epochs``."""
+    Fresh run: an output holding another run is refused unless ``--overwrite``. Resume: the newest checkpoint
+    must exist and the settings must be the recorded run's, except ``--allow-change`` ones and a larger
+    ``max_steps`` / ``epochs``."""
     from ..checkpoint import checkpoints
 
     out = Path(cfg["output"])
@@ -331,8 +329,17 @@ def prepare_output(cfg: dict[str, Any], overwrite: bool, allow_text: str | None)
         if held and not overwrite:
             raise UsageError(f"--output {str(out)!r} holds another run ({', '.join(held)}); pass --resume to "
                              "continue it or --overwrite to replace it")
+    return allow
+
+
+def prepare_output(cfg: dict[str, Any], overwrite: bool, allow_text: str | None) -> list[str]:
+    """:func:`check_output` before anything is loaded (the caller holds the output's lock), then, for a fresh
+    run, remove what ``--overwrite`` replaces (its checkpoints and record: a later ``--resume`` cannot bring them
+    back). :func:`write_run_config` records the run once it starts."""
+    allow = check_output(cfg, overwrite, allow_text)
+    if cfg["resume"] is None:
         for name in ("checkpoints", "metrics.json", RUN_CONFIG):
-            _remove(out / name)
+            _remove(Path(cfg["output"]) / name)
     return allow
 
 
@@ -353,18 +360,23 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(nproc, int) or nproc < 1:
         raise UsageError(f"--nproc {nproc} must be a positive number of processes")
     rank, size = world()
-    if nproc > 1 and size == 1:
-        return relaunch(nproc, ["train", *getattr(args, "argv", sys.argv[1:])[1:]])
     cfg = resolve_train_config(args)
     check_config(cfg)
     tcfg = _train_config(cfg)
     check_optimizer(cfg)
     check_writable(cfg["output"])
+    overwrite, allow_change = bool(getattr(args, "overwrite", False)), getattr(args, "allow_change", None)
+    if max(nproc, size) > 1 and cfg["quantize"] is not None:
+        raise UsageError("--quantize is not supported with --nproc > 1 yet (docs/distributed.md)")
+    if nproc > 1 and size == 1:
+        # every setting and the output are checked here, before the processes start (a wrong one is one line and
+        # exit 2, not a failure in each process); rank 0 checks the output again under its lock
+        check_output(cfg, overwrite, allow_change)
+        return relaunch(nproc, ["train", *getattr(args, "argv", sys.argv[1:])[1:]])
     if size > 1:
-        return _run_distributed(cfg, tcfg, rank, bool(getattr(args, "overwrite", False)),
-                                getattr(args, "allow_change", None))
+        return _run_distributed(cfg, tcfg, rank, overwrite, allow_change)
     with directory_lock(cfg["output"]):
-        allow = prepare_output(cfg, bool(getattr(args, "overwrite", False)), getattr(args, "allow_change", None))
+        allow = prepare_output(cfg, overwrite, allow_change)
         return _run(cfg, tcfg, allow)
 
 
@@ -378,8 +390,6 @@ def _run_distributed(cfg: dict[str, Any], tcfg: Any, rank: int, overwrite: bool,
     from ..io import directory_lock
     from .distributed import init
 
-    if cfg["quantize"] is not None:
-        raise UsageError("--quantize is not supported with --nproc > 1 yet (docs/distributed.md)")
     device = init(cfg["device"])
     tcfg.device, tcfg.progress = device, tcfg.progress and rank == 0
     if rank != 0:
