@@ -666,7 +666,6 @@ def _states(meta: nn.Module, optimizer: str, options: dict[str, Any], world: int
     sampler = optimizer in factory.SAMPLERS
     if layerwise and sampler:
         raise ValueError(f"layer-wise stepping does not combine with the block sampler {optimizer!r}")
-    options = {"lr": 1e-3, **options}  # the learning rate does not change memory; samplers require one
     if optimizer == "owlore" and "ratios" not in options:  # its layer odds read W; the plan takes the costliest
         from .layout import layer_list, unwrap
 

@@ -19,13 +19,14 @@ from ..conftest import lm_batches, make_tiny_llama
 NAMES = [r.name for r in catalogue.records(api="optim")]
 
 
-def _build(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _build(name: str, model: torch.nn.Module, lr: float | None = 1e-2) -> torch.optim.Optimizer:
+    """``name`` on ``model`` (a tiny Llama) at ``lr`` (None: the optimizer's default)."""
     record = catalogue.get(name)
     projected = isinstance(record.config, type) and issubclass(record.config, ProjectedOptimizer)
     options: dict = {"rank": 4} if projected else {}
     if name == "owlore":  # a tiny random model has no outliers: give the layers equal sampling weight
         options = {"rank": 4, "ratios": [1.0, 1.0], "n_layers": 1}
-    return record.build(model, lr=1e-2, **options)
+    return record.build(model, **options) if lr is None else record.build(model, lr=lr, **options)
 
 
 def _clone(opt: torch.optim.Optimizer, how: str) -> torch.optim.Optimizer:
@@ -210,3 +211,10 @@ def test_step_and_state_dict_hooks_run(name):
     seen.clear()
     opt.load_state_dict(opt.state_dict())
     assert seen == ["sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_defaults_to_torch_adams(name):
+    """Like ``torch.optim.Adam``/``AdamW``, every optimizer and sampler builds without an lr, at 1e-3."""
+    opt = _build(name, make_tiny_llama(), lr=None)
+    assert {group["lr"] for group in opt.param_groups} == {1e-3}

@@ -309,7 +309,7 @@ class BAdam(_SampledBlocks):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
+        lr: float = 1e-3,
         switch_every: int = 50,
         order: str = "random",
         *,
@@ -401,7 +401,7 @@ class LISA(_SampledBlocks):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
+        lr: float = 1e-3,
         n_layers: int = 2,
         switch_every: int = 20,
         *,
@@ -559,7 +559,7 @@ class OwLore(LISA):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
+        lr: float = 1e-3,
         rank: int = 256,
         n_layers: int = 5,
         switch_every: int = 50,
@@ -674,7 +674,7 @@ class IST(_SampledBlocks):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
+        lr: float = 1e-3,
         n_layers: int | None = None,
         switch_every: int = 1,
         *,
