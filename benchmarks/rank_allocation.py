@@ -13,6 +13,9 @@ SmolLM2-135M (causal LM on the stdlib-code corpus):
   rank between layers at a fixed total, PRILoRA ramps the rank with depth around the target (mean
   = target) and prunes half of A's entries by |w|·‖x‖.
 * ``dyn`` — every training-dynamics method at LoRA's rank, learning rate and steps; loss curves.
+* ``scale`` — rsLoRA's claim (Kalajdzievski 2023): at a fixed α (16) and lr, LoRA's scale α/r makes the
+  update, and so the learning, shrink as r grows, while rsLoRA's α/√r keeps higher ranks learning; LoRA and
+  rsLoRA at r = 4, 16, 64, 256 (the final loss and metric per rank; ‖ΔW‖_F averaged over the layers).
 * ``place`` — PLoP's claim: which module types get LoRA, at LoRA-on-every-linear-layer's budget
   (rank ``--r``): PLoP (the 3 lowest-NFN types), its paper's ablation PLoP⁻¹ (the 3 highest), attention
   only and MLP only; each placement's rank is raised so Σ rank·(in + out) matches that budget.
@@ -140,6 +143,16 @@ def dyn_arms(r: int, steps: int) -> list[Arm]:
     return [a for a in arms if a.method in rw.REGISTRY]
 
 
+SCALE_RANKS = (4, 16, 64, 256)
+SCALE_ALPHA = 16
+
+
+def scale_arms(r: int, steps: int) -> list[Arm]:
+    """LoRA (α/r) and rsLoRA (α/√r) at a fixed α and LoRA's lr, at every rank of ``SCALE_RANKS``."""
+    return [Arm(f"{m} r{rank}", m, {"r": rank, "alpha": SCALE_ALPHA}, "scale")
+            for rank in SCALE_RANKS for m in ("lora", "rslora")]
+
+
 #: Module types (the layer name after the block index) of the attention and the MLP, per model.
 ATTENTION = {"minilm-l6": ("attention.self.query", "attention.self.key", "attention.self.value",
                            "attention.output.dense"),
@@ -237,6 +250,9 @@ def run_arm(task: str, arm: Arm, seed: int, args: argparse.Namespace) -> dict[st
         rw.truncate_rank(model, arm.truncate)
     metrics = evaluate(model, test_loader, task="lm" if kind == "lm" else "classification")
     ranks = layer_ranks(model)
+    if arm.budget == "scale":
+        norms = [float(layer.delta_weight().detach().norm()) for _, layer in rw.adapter_layers(model)]
+        extra = {**extra, "delta_norm": statistics.fmean(norms)}
     return {
         "task": task, "arm": arm.label, "method": arm.method, "budget": arm.budget, "options": arm.options,
         "truncate": arm.truncate, "seed": seed,
@@ -264,7 +280,8 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs.jsonl"
-    arms = {"alloc": alloc_arms, "dyn": dyn_arms, "place": place_arms}[args.study](args.r, args.steps)
+    arms = {"alloc": alloc_arms, "dyn": dyn_arms, "place": place_arms, "scale": scale_arms}[args.study](
+        args.r, args.steps)
     if args.arms:
         arms = [a for a in arms if a.label in args.arms or a.method in args.arms]
     done = done_keys(runs)
@@ -366,6 +383,33 @@ def loss_curves(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
     return True
 
 
+def rank_scaling(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
+    """Final training loss (mean of the last 10 steps) and mean ‖ΔW‖_F against the rank, LoRA vs rsLoRA
+    (mean over seeds); False when matplotlib is missing."""
+    plt = _pyplot()
+    sel = [r for r in rows if r["task"] == task and r.get("study") == "scale"]
+    if plt is None or not sel:
+        return False
+    fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("lora", "rslora"):
+        ranks = sorted({r["options"]["r"] for r in sel if r["method"] == method})
+        mine = [[r for r in sel if r["method"] == method and r["options"]["r"] == k] for k in ranks]
+        ax_loss.plot(ranks, [statistics.fmean(statistics.fmean(r["loss_curve"][-10:]) for r in g) for g in mine],
+                     marker="o", label=method)
+        ax_norm.plot(ranks, [statistics.fmean(r["delta_norm"] for r in g) for g in mine], marker="o", label=method)
+    for ax, label in ((ax_loss, "training loss, last 10 steps"), (ax_norm, "mean ‖ΔW‖_F per layer")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(label)
+        ax.legend()
+    ax_norm.set_yscale("log")
+    fig.suptitle(f"{task}: LoRA (α/r) vs rsLoRA (α/√r), α = {SCALE_ALPHA}, same lr")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def placements(rows: list[dict[str, Any]], task: str) -> list[str]:
     """Markdown lines: the module types' NFN and, per placement arm, its types and rank (first seed run)."""
     from rankwise.adapters.plop import module_type
@@ -404,13 +448,14 @@ def report(out: Path) -> str:
              "Mean ± half-width of the 95% Student-t interval over seeds (n = seeds). *budget* is "
              "Σ_l rank(ΔW_l)·(in_l + out_l) at the end of training, in parameters.", ""]
     for task in TASKS:
-        for study in ("alloc", "dyn", "place"):
+        for study in ("alloc", "dyn", "place", "scale"):
             sel = [s for s in summary if s["task"] == task and s["study"] == study]
             if not sel:
                 continue
             name = sel[0]["metric_name"]
             steps = next(r["steps"] for r in rows if r["task"] == task and r["study"] == study)
-            title = {"alloc": "rank allocation", "dyn": "training dynamics", "place": "placement (PLoP)"}[study]
+            title = {"alloc": "rank allocation", "dyn": "training dynamics", "place": "placement (PLoP)",
+                     "scale": f"rank scaling at a fixed α = {SCALE_ALPHA} (rsLoRA)"}[study]
             lines += [f"## {task}: {title} ({steps} steps)", "",
                       markdown_table([{**s, "metric_ci": f"{s['mean']:.4f} ± {s['ci']:.4f}"} for s in sel],
                                      _columns(name)), ""]
@@ -420,6 +465,8 @@ def report(out: Path) -> str:
                 lines += [f"![loss curves on {task}](loss_{task}.png)", ""]
             if study == "place":
                 lines += placements(rows, task)
+            if study == "scale" and rank_scaling(rows, task, out / f"scaling_{task}.png"):
+                lines += [f"![final training loss and ‖ΔW‖ against the rank on {task}](scaling_{task}.png)", ""]
     text = "\n".join(lines)
     write_text(out / "report.md", text)
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -428,7 +475,7 @@ def report(out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--study", choices=("alloc", "dyn", "place"), default="alloc")
+    p.add_argument("--study", choices=("alloc", "dyn", "place", "scale"), default="alloc")
     p.add_argument("--task", choices=tuple(TASKS), default="bbc")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="*", help="only these arm labels or methods")
