@@ -621,8 +621,9 @@ class _Loop:
                 (part if scaler is None else scaler.scale(part)).backward()  # outside autocast (torch's AMP recipe)
             losses.append(float(part.detach()))
         state.loss = sum(losses)
-        if world()[1] > 1:  # under torch.distributed: the global batch's loss, the ranks' mean (as their gradients)
-            state.loss = sum_over_ranks([state.loss], self.device)[0] / world()[1]
+        size = world()[1]
+        if size > 1:  # under torch.distributed: the global batch's loss, the ranks' mean (as their gradients)
+            state.loss = sum_over_ranks([state.loss], self.device)[0] / size
         if scaler is not None:
             scaler.unscale_(optimizer)  # the callbacks and the clipping see the true gradients
         call(self.callbacks, "on_after_backward", state)
