@@ -18,6 +18,7 @@ from torch import nn
 
 from .base import AdapterLayer
 from .init import InitContext
+from .kernels import down_project
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, register
 
@@ -37,12 +38,12 @@ def row_norm(weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, s
 class _DoRALinear(torch.autograd.Function):
     """``y = g ⊙ (W x + s·B A x) + b``, g = m / ‖W + s·B·A‖_c (the norm constant), W, b frozen.
 
-    The LoRA kernel's GEMMs (``kernels``: the base GEMM, then the low-rank path as r×N products)
+    The LoRA kernel's GEMMs and layouts (``kernels``: the base GEMM, then the skinny low-rank GEMMs)
     with the output rescaled per channel; the norm comes from ``row_norm`` without the merged weight.
-    Saves x, A xᵀ (r×N) and u = W x + s·B A x (N × out). With ∂ŷ = ∂y ⊙ g, backward forms exactly the
+    Saves x, x Aᵀ (N×r) and u = W x + s·B A x (N × out). With ∂ŷ = ∂y ⊙ g, backward forms exactly the
     gradients DoRA needs:
 
-        g_x = ∂ŷ W + (s·Bᵀ∂ŷᵀ)ᵀ A,   g_B = s·∂ŷᵀ (x Aᵀ),   g_A = (s·Bᵀ∂ŷᵀ) x,   g_m = Σ_N ∂y ⊙ u / ‖·‖_c
+        g_x = ∂ŷ W + (s·∂ŷ B) A,   g_B = s·∂ŷᵀ (x Aᵀ),   g_A = (s·∂ŷ B)ᵀ x,   g_m = Σ_N ∂y ⊙ u / ‖·‖_c
 
     (g_m because y = m ⊙ u / ‖·‖_c with the norm constant). Keeping u rather than y makes g_m exact
     for rows with m = 0 too, with no data-dependent branch (so ``torch.compile`` traces it whole).
@@ -52,29 +53,29 @@ class _DoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        ax = lora_a @ x2.t()  # r×N
-        u = (x2 @ weight.t()).addmm_(ax.t(), lora_b.t(), alpha=scale)
+        xa = down_project(x2, lora_a)  # N×r
+        u = (x2 @ weight.t()).addmm_(xa, lora_b.t(), alpha=scale)
         norm = row_norm(weight, lora_b, lora_a, scale)
         g = magnitude / norm
         out = torch.addcmul(bias, u, g) if bias is not None else u * g
-        ctx.save_for_backward(x2, ax, u, weight, lora_a, lora_b, g, norm)
+        ctx.save_for_backward(x2, xa, u, weight, lora_a, lora_b, g, norm)
         ctx.scale, ctx.shape = scale, shape
         return out.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, ax, u, weight, lora_a, lora_b, g, norm = ctx.saved_tensors
+        x2, xa, u, weight, lora_a, lora_b, g, norm = ctx.saved_tensors
         s = ctx.scale
         gy = grad_out.reshape(-1, grad_out.shape[-1])
         gyg = gy * g
-        bg = (lora_b.t() @ gyg.t()).mul_(s)  # r×N: s·Bᵀ∂ŷᵀ
+        gb = (gyg @ lora_b).mul_(s)  # N×r: s·∂ŷ B
         grad_x = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gyg @ weight).addmm_(bg.t(), lora_a).reshape(ctx.shape)
+            grad_x = (gyg @ weight).addmm_(gb, lora_a).reshape(ctx.shape)
         if ctx.needs_input_grad[4]:
-            grad_b = (ax @ gyg).t().mul_(s)
+            grad_b = (xa.t() @ gyg).t().mul_(s)
         if ctx.needs_input_grad[3]:
-            grad_a = bg @ x2
+            grad_a = gb.t() @ x2
         if ctx.needs_input_grad[5]:
             grad_m = (gy * u).sum(0).div_(norm)
         return grad_x, None, None, grad_a, grad_b, grad_m, None
