@@ -27,10 +27,10 @@ from .registry import MethodSpec, register
 def row_norm(weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float) -> torch.Tensor:
     """‖W + s·B·A‖ per output row (length ``out``), without gradient (DoRA Sec. 4.3) and without
     forming W + s·B·A: ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ, one r×in×out GEMM and r×r work
-    instead of an out×in temporary."""
-    aw = lora_a @ weight.t()  # r×out
+    instead of an out×in temporary (W Aᵀ in the kernels' faster layout, ``down_project``)."""
+    wa = down_project(weight, lora_a)  # out×r
     sq = torch.linalg.vector_norm(weight, dim=1).square_()
-    sq.add_((lora_b * aw.t()).sum(1), alpha=2 * scale)
+    sq.add_((lora_b * wa).sum(1), alpha=2 * scale)
     sq.add_(((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1), alpha=scale * scale)
     return sq.clamp_(min=0).sqrt_()
 
