@@ -16,7 +16,7 @@ from rankwise.cli import build_parser, main
 from rankwise.cli.common import parse_targets
 from rankwise.cli.train_config import TRAIN_DEFAULTS, resolve_train_config
 from rankwise.demo import COLUMNS, PLOT_PNG, REPORT_MD, RESULTS_JSON, available_entries, select_entries
-from tests.cli.cli_helpers import needs_assets, run_cli
+from tests.cli.cli_helpers import needs_assets, one_line, run_cli
 
 
 # ----------------------------------------------------------------------------- methods
@@ -83,6 +83,17 @@ def test_bad_flag_type_is_argparse_exit_2(capsys):
         main(["train", "--r", "eight"])
     assert e.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, unknown, command", [
+    (["bench", "gate", "--profile", "cpu-lm"], "--profile", "rankwise bench gate"),
+    (["bench", "run", "--nope"], "--nope", "rankwise bench run"),
+    (["train", "--bogus"], "--bogus", "rankwise train"),
+    (["--nope", "methods"], "--nope", "rankwise"),
+])
+def test_an_unknown_flag_points_to_the_help_of_the_command_it_was_given_to(capsys, argv, unknown, command):
+    code, _, err = run_cli(capsys, *argv)
+    assert one_line(code, err, f"unrecognized arguments: {unknown} ", f"(see '{command} --help')")
 
 
 def test_python_dash_m_rankwise():

@@ -32,6 +32,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"rankwise: error: {message} (see '{self.prog} --help')\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """An unknown flag is reported by the (sub)command it was given to, so the error points to that
+        command's ``--help`` rather than to the top level's."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
 
 def _report(error: BaseException) -> int:
     if os.environ.get("RANKWISE_DEBUG"):
