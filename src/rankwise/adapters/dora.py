@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import AdapterLayer
 from .init import InitContext
-from .kernels import down_project
+from .kernels import down_project, low_rank_forward
 from .lora import LoRAConfig, LoRALayer
 from .registry import MethodSpec, register
 
@@ -53,8 +53,7 @@ class _DoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xa = down_project(x2, lora_a)  # N×r
-        u = (x2 @ weight.t()).addmm_(xa, lora_b.t(), alpha=scale)
+        u, _, xa = low_rank_forward(x2, None, weight, None, lora_a, lora_b, scale)  # W x + s·B A x, x Aᵀ (N×r)
         norm = row_norm(weight, lora_b, lora_a, scale)
         g = magnitude / norm
         out = torch.addcmul(bias, u, g) if bias is not None else u * g
@@ -151,7 +150,7 @@ class WeightDecomposed(AdapterLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One fused node (``_DoRALinear``: the base GEMM once, the direction as r×N products) on a linear base
+        """One fused node (``_DoRALinear``: the base GEMM once, then the direction's skinny GEMMs) on a linear base
         of one dtype, without adapter dropout or autocast; else the additive form (``delta_output``)."""
         if self.merged or not self.enabled or self.batch_names is not None or self.base_kind != "linear":
             return super().forward(x)

@@ -39,9 +39,9 @@ def down_project(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     return x2 @ lora_a.t()
 
 
-def _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale: float):
-    """``(y, x_d as a matrix, x_d Aᵀ)``: the forward's math, shared by the autograd node and the
-    no-grad path."""
+def low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale: float):
+    """``(y, x_d as a matrix, x_d Aᵀ)``: the forward's math, shared by the autograd node, the no-grad path
+    and DoRA's kernel (its unscaled output u)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xd2 = x2 if x_d is None else x_d.reshape(-1, shape[-1])
@@ -57,7 +57,7 @@ def _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale: float):
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_a, lora_b, scale: float):
-        out, xd2, xa = _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale)
+        out, xd2, xa = low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale)
         ctx.same_input = x_d is None
         ctx.scale = scale
         ctx.save_for_backward(xd2, xa, weight, lora_a, lora_b)
@@ -83,7 +83,7 @@ class _LowRankLinear(torch.autograd.Function):
                     grad_x.add_((gb @ lora_a).to(grad_x.dtype))
             grad_x = grad_x.reshape(ctx.shape)
         if not ctx.same_input and ctx.needs_input_grad[1]:
-            grad_xd = (gb @ lora_a).to(xd2.dtype).reshape(ctx.shape)
+            grad_xd = _cast(gb @ lora_a, xd2.dtype).reshape(ctx.shape)
         return grad_x, grad_xd, None, None, grad_a, grad_b, None
 
 
@@ -106,5 +106,5 @@ def low_rank_linear(
     if x_d is x:
         x_d = None
     if not torch.is_grad_enabled():  # inference: the same math without an autograd node
-        return _low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale)[0]
+        return low_rank_forward(x, x_d, weight, bias, lora_a, lora_b, scale)[0]
     return _LowRankLinear.apply(x, x_d, weight, bias, lora_a, lora_b, scale)
