@@ -160,6 +160,9 @@ class S2FTLayer(AdapterLayer):
         return self.out_features, self.in_features
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x[..., :k] Bᵀ for a consumer; zeros for a producer (its ΔW is 0: it only reorders the base's outputs)."""
+        if self.rows:
+            return x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.adapter_dtype)
         return F.linear(x[..., : self.width].contiguous(), self.s2ft_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
