@@ -15,6 +15,7 @@ import rankwise as rw
 from ..conftest import make_tiny_llama
 from .test_matrix import METHODS, RANK, _randomize
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_forward_equals_base_plus_delta_output(method):
     model = make_tiny_llama(0)
