@@ -12,7 +12,7 @@ import torch
 
 import rankwise as rw
 
-from ..conftest import make_tiny_llama
+from ..conftest import lm_batches, make_tiny_llama
 from .test_matrix import METHODS, RANK, _randomize
 
 
@@ -20,11 +20,7 @@ from .test_matrix import METHODS, RANK, _randomize
 def test_forward_equals_base_plus_delta_output(method):
     model = make_tiny_llama(0)
     spec = rw.get_method(method)
-    init_data = None
-    if spec.layer_cls.needs_grad(spec.make_config(r=RANK)):
-        from ..conftest import lm_batches
-
-        init_data = lm_batches(2)
+    init_data = lm_batches(2) if spec.layer_cls.needs_grad(spec.make_config(r=RANK)) else None
     rw.adapt(model, method, r=RANK, init_data=init_data)
     _randomize(model)
     for _, layer in rw.adapter_layers(model):  # a scale ≠ 1, so that dropping it shows
@@ -41,13 +37,13 @@ def test_forward_equals_base_plus_delta_output(method):
         fused = layer(x)
         general = layer.base_layer(x)
         general = general + layer.delta_output(x, general.dtype)
-        torch.testing.assert_close(fused, general, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(fused, general, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         w = torch.randn(fused.shape, generator=g)
         grads_f = torch.autograd.grad((fused * w).sum(), [x, *params], allow_unused=True)
         grads_g = torch.autograd.grad((general * w).sum(), [x, *params], allow_unused=True)
         for a, b in zip(grads_f, grads_g, strict=True):
             assert (a is None) == (b is None)
             if a is not None:
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} grad: {m}")
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name} grad: {m}")
         checked += 1
     assert checked > 0
