@@ -178,6 +178,28 @@ def test_grad_scaler_steps_exactly_and_skips_an_inf_step(name):
     _assert_same_state(scaled.state_dict(), state)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_step_runs_a_closure_and_returns_its_loss(name):
+    """``step(closure)``, as PyTorch Lightning's automatic optimization calls it, for every catalogued optimizer and
+    sampler: the closure (zero_grad, forward, backward) runs in grad mode even when ``step`` is called under
+    ``torch.no_grad()``, its loss comes back, and the run ends at the weights of the plain loop."""
+    plain_model, closure_model = make_tiny_llama(), make_tiny_llama()
+    plain, stepped = _build_lr(name, plain_model, LR), _build_lr(name, closure_model, LR)
+    _run(plain, plain_model, 3)
+    for batch in lm_batches(3):
+        def closure(batch=batch):
+            stepped.zero_grad()
+            loss = closure_model(**batch).loss
+            loss.backward()
+            return loss
+
+        with torch.no_grad():
+            loss = stepped.step(closure)
+        assert torch.is_tensor(loss) and loss.grad_fn is not None
+    for a, b in zip(plain_model.parameters(), closure_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def _assert_same_state(got, want) -> None:
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor) and torch.equal(got, want)
