@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,3 +33,10 @@ def test_factorized_dense_factorized_round_trip():
     densify(model)
     assert not factorized_layers(model)
     torch.testing.assert_close(model(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_base_moving_init_over_a_factorized_base_names_the_init():
+    """PiSSA is LoRA with init pissa, which moves the principal part out of W₀: over U·V the error names both."""
+    model = rw.compress(make_tiny_llama(0), "svd", ratio=0.6)
+    with pytest.raises(ValueError, match=r"\(lora, init pissa\) would write the base weight"):
+        rw.adapt(model, "pissa", r=2)

@@ -444,6 +444,11 @@ class AdapterLayer(nn.Module):
             return None
         return low_rank_linear(x, self.dropout(x) if self.dropout_active else None, w, bias, a, b, scale)
 
+    def _init_label(self) -> str:
+        """``", init NAME"`` when the config names a non-default initialization (PiSSA is LoRA with init pissa)."""
+        init = getattr(self.config, "init", "default")
+        return "" if init in ("default", None) else f", init {init}"
+
     @torch.no_grad()
     def _set_base_weight(self, w: torch.Tensor, *, merging: bool = False) -> None:
         """The one write path of the base weight: ``w`` (out, in) is copied into it in place, or, on a
@@ -455,10 +460,10 @@ class AdapterLayer(nn.Module):
         (≈ 1 when the update is below the 4-bit grid's resolution and the merge loses it)."""
         if self.base_factorized:
             raise ValueError(
-                f"adapter '{self.adapter_name}' ({self.method}) would write the base weight, but the base is a "
-                "factorized layer (FactorizedLinear from rw.compress: U·V cannot hold a dense weight); adapters "
-                "over it must stay unmerged (merge, and inits that move part of W₀ out of the base, need a dense "
-                "or 4-bit base)"
+                f"adapter '{self.adapter_name}' ({self.method}{self._init_label()}) would write the base weight, but "
+                "the base is a factorized layer (FactorizedLinear from rw.compress: U·V cannot hold a dense "
+                "weight); adapters over it must stay unmerged (merge, and inits that move part of W₀ out of the "
+                "base, need a dense or 4-bit base)"
             )
         if not self.base_quantized:  # full w: on FSDP2 shards each rank keeps its rows
             if self.base_kind == "conv":
