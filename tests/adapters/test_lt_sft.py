@@ -99,3 +99,15 @@ def test_lt_sft_needs_init_data_and_checks_its_options():
         rw.adapt(make_tiny_llama(0), "lt_sft", r=1, phase1_steps=0, init_data=lm_batches())
     with pytest.raises(ValueError, match="density"):
         rw.adapt(make_tiny_llama(0), "lt_sft", density=1.5, init_data=lm_batches())
+
+
+def test_a_4bit_base_is_refused_before_phase_1():
+    """Phase 1 fine-tunes the target weights, which 4-bit codes cannot take: a clear error, the model unchanged
+    (it was a load_state_dict error after phase 1)."""
+    pytest.importorskip("bitsandbytes")
+    model = rw.quantize(make_tiny_llama(0))
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="method 'lt_sft' fine-tunes the target weights .* 4-bit quantized"):
+        rw.adapt(model, "lt_sft", r=2, init_data=lm_batches(2))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..batches import default_loss
 from ..checks import integer, positive
-from ..targets import linear_weight
+from ..targets import is_linear4bit, linear_weight
 from .base import AdapterConfig
 from .init import InitContext
 from .registry import MethodSpec, register
@@ -84,6 +84,12 @@ def lt_sft_plan(model: nn.Module, layer_cfgs: dict[str, AdapterConfig], init_dat
     if init_data is None:
         raise ValueError("method 'lt_sft' fine-tunes the whole model first (phase 1) and needs init_data "
                          "(an iterable of batches, e.g. a DataLoader)")
+    quantized = [n for n in layer_cfgs if is_linear4bit(model.get_submodule(n))]
+    if quantized:
+        raise ValueError(
+            f"method 'lt_sft' fine-tunes the target weights themselves in phase 1, which 4-bit quantized layers "
+            f"({quantized[:3]}) cannot; adapt the full-precision model"
+        )
     cfgs = cast(dict[str, LTSFTConfig], layer_cfgs)
     cfg = next(iter(cfgs.values()))
     weights = {n: linear_weight(model.get_submodule(n)) for n in cfgs}
