@@ -9,6 +9,7 @@ import torch
 
 import rankwise as rw
 from rankwise.adapters.elalora import ElaLoRAController, rank_pattern
+from rankwise.callbacks import Callback
 from rankwise.train import TrainConfig, train
 
 from ..conftest import lm_batches, make_tiny_llama
@@ -88,8 +89,19 @@ def test_bad_options_and_a_run_before_the_first_adjustment_are_errors():
             _elalora(**bad)
     with pytest.raises(ValueError, match="adjust_k=7"):
         train(_elalora(adjust_k=7), lm_batches(1), config=TrainConfig(max_steps=2, progress=False))
-    with pytest.raises(RuntimeError, match="warmup=20"):
-        train(_elalora(warmup=20), lm_batches(1), config=TrainConfig(max_steps=3, progress=False))
+    # a schedule with no adjustment in the run's steps: refused before training, the model untouched
+    model = _elalora(warmup=20)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"warmup=20.*no rank re-allocation within the run's 3 steps"):
+        train(model, lm_batches(1), config=TrainConfig(max_steps=3, progress=False))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+
+    class Stop(Callback):  # a run that stops before the first adjustment its schedule has: an error at its end
+        def on_step_end(self, state):
+            state.should_stop = state.step >= 1
+
+    with pytest.raises(RuntimeError, match="without a single rank re-allocation.*warmup=2"):
+        train(_elalora(), lm_batches(1), config=TrainConfig(max_steps=6, progress=False), callbacks=[Stop()])
 
 
 def test_resume_across_an_adjustment_is_exact(tmp_path):

@@ -156,7 +156,8 @@ class ElaLoRAController(MethodController):
         return (f"warmup={c.warmup}, adjust_interval={c.adjust_interval}, tfinal={c.tfinal}, "
                 f"total_step={self.total_step}")
 
-    def adjusting(self, step: int) -> bool:
+    def allocates_at(self, step: int) -> bool:
+        """ElaLoRA adjusts ranks every ``adjust_interval`` steps from ``warmup`` to ``total_step − tfinal``."""
         c = self.config
         return c.warmup <= step <= self.total_step - c.tfinal and step % c.adjust_interval == 0
 
@@ -215,7 +216,7 @@ class ElaLoRAController(MethodController):
     def step(self) -> None:
         self.t += 1
         self.update_importance()
-        if self.adjusting(self.t):
+        if self.allocates_at(self.t):
             self.adjust()
 
     def on_train_begin(self, state: TrainState) -> None:

@@ -55,6 +55,23 @@ class MethodController(RankController):
         """The schedule parameters, for error messages."""
         return ""
 
+    def allocates_at(self, step: int) -> bool | None:
+        """Whether the schedule changes the rank structure at ``step`` (1-based), when that is known before
+        the run (None: it depends on the run). Lets :meth:`check_fits` refuse a run too short for it."""
+        return None
+
+    def check_fits(self, total_steps: int) -> None:
+        """A ValueError before training when the schedule is known and has no re-allocation in steps
+        1..``total_steps`` (the end-of-run check of :meth:`on_train_end` would only say so afterwards)."""
+        if self.allocates_at(1) is None:
+            return
+        if not any(self.allocates_at(step) for step in range(1, total_steps + 1)):
+            raise ValueError(
+                f"{type(self).__name__} (adapter {self.adapter_name!r}; {self.schedule()}) makes no rank "
+                f"re-allocation within the run's {total_steps} steps; train for more steps or move the "
+                "schedule earlier"
+            )
+
     def on_train_end(self, state: TrainState) -> None:
         if self.allocations == 0:
             raise RuntimeError(
@@ -89,7 +106,10 @@ class MethodControllers(Callback):
             for n in self.names:
                 factory = get_method(states[n].method).controller
                 if factory is not None:
-                    built.append(factory(self.model, n, optimizer, total_steps))
+                    controller = factory(self.model, n, optimizer, total_steps)
+                    if isinstance(controller, MethodController):
+                        controller.check_fits(total_steps)
+                    built.append(controller)
                 hook = getattr(states[n].config, "training_callbacks", None)
                 if hook is not None:
                     built.extend(hook(self.model, n, optimizer))
