@@ -104,8 +104,8 @@ def test_training_keeps_the_index_count_and_every_other_entry_at_w0():
     assert moved > 0  # the random start was replaced by gradient-chosen indices
 
 
-def test_a_run_too_short_for_an_update_is_an_error():
-    with pytest.raises(RuntimeError, match="regrow_every=4, regrow_steps=2"):
+def test_a_run_too_short_for_an_update_is_an_error_before_training():
+    with pytest.raises(ValueError, match="regrow_every=4, regrow_steps=2.*within the run's 1 steps"):
         _run(steps=1)
 
 

@@ -172,6 +172,10 @@ def with_method_controllers(
     With ``optimizer`` and ``total_steps`` the controllers are built now, so a schedule that cannot fit
     is an error before training."""
     owned = _owned(callbacks, model)
+    if total_steps is not None:  # the controllers passed in: their schedules must fit the run too
+        for cb in callbacks:
+            if isinstance(cb, MethodController) and cb.model is model:
+                cb.check_fits(total_steps)
     names = [
         n for n, s in adapter_states(model).items()
         if s.active and n not in owned

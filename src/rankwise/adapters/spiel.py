@@ -129,6 +129,10 @@ class SpIELController(MethodController):
     def schedule(self) -> str:
         return f"regrow_every={self.config.regrow_every}, regrow_steps={self.config.regrow_steps}"
 
+    def allocates_at(self, step: int) -> bool:
+        """SpIEL drops and regrows at the end of each window: steps ≡ ``regrow_steps`` (mod ``regrow_every``)."""
+        return step % self.config.regrow_every == self.config.regrow_steps
+
     def _sink(self, name: str, k: int, mesh: Any) -> Callable[[torch.Tensor], None]:
         """Under FSDP2 (``mesh``) the dense gradient of this rank's batch is averaged over the ranks first."""
         def sink(grad: torch.Tensor) -> None:
@@ -162,10 +166,9 @@ class SpIELController(MethodController):
     def step(self) -> None:
         """Count one optimizer step; drop and regrow when it ends an accumulation window."""
         self.steps += 1
-        every, window = self.config.regrow_every, self.config.regrow_steps
-        if self.steps % every == window:
+        if self.allocates_at(self.steps):
             self.update(self.rate())
-        self._collect(self.steps % every < window)
+        self._collect(self.steps % self.config.regrow_every < self.config.regrow_steps)
 
     @torch.no_grad()
     def update(self, p: float) -> None:
