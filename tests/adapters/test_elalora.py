@@ -92,7 +92,7 @@ def test_bad_options_and_a_run_before_the_first_adjustment_are_errors():
     # a schedule with no adjustment in the run's steps: refused before training, the model untouched
     model = _elalora(warmup=20)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"warmup=20.*no rank re-allocation within the run's 3 steps"):
+    with pytest.raises(ValueError, match=r"warmup=20.*no scheduled re-allocation within the run's 3 steps"):
         train(model, lm_batches(1), config=TrainConfig(max_steps=3, progress=False))
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 

@@ -67,7 +67,7 @@ class MethodController(RankController):
             return
         if not any(self.allocates_at(step) for step in range(1, total_steps + 1)):
             raise ValueError(
-                f"{type(self).__name__} (adapter {self.adapter_name!r}; {self.schedule()}) makes no rank "
+                f"{type(self).__name__} (adapter {self.adapter_name!r}; {self.schedule()}) makes no scheduled "
                 f"re-allocation within the run's {total_steps} steps; train for more steps or move the "
                 "schedule earlier"
             )
