@@ -310,7 +310,7 @@ def test_export_none_methods_refuse(method, tmp_path):
     model = rw.adapt(make_tiny_bert(), method, r=2, init_data=cls_batches(n=2) if needs_data else None)
     with pytest.raises(ValueError) as err:
         rw.export_peft(model, tmp_path / "x")
-    assert f"method '{method}' cannot be exported to PEFT" in str(err.value)
+    assert f"method '{method}' cannot be exported as a PEFT LoRA adapter" in str(err.value)
     assert ("rw.merge" in str(err.value)) == spec.mergeable  # a non-mergeable one (denselora) points to save
     assert not (tmp_path / "x").exists()
 
@@ -323,7 +323,7 @@ def test_export_bad_input(tmp_path, monkeypatch):
     model = rw.adapt(make_tiny_bert(), "dense_only_test", r=2)
     with pytest.raises(ValueError) as err:
         rw.export_peft(model, tmp_path / "x")
-    assert "method 'dense_only_test' cannot be exported to PEFT" in str(err.value)
+    assert "method 'dense_only_test' cannot be exported as a PEFT LoRA adapter" in str(err.value)
     assert "use rw.merge / rw.merge_and_unload or rw.save_adapter instead" in str(err.value)
     assert not (tmp_path / "x").exists()
     model = rw.adapt(make_tiny_bert(), "lora", r=2, trainable=["pooler"])

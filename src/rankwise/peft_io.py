@@ -189,7 +189,8 @@ def _exportable(model: nn.Module, name: str | None) -> tuple[AdapterState, Metho
         instead = ("rw.merge / rw.merge_and_unload or rw.save_adapter" if spec.mergeable
                    else "rw.save_adapter (its update depends on the input, so it cannot be merged either)")
         raise ValueError(
-            f"method '{state.method}' cannot be exported to PEFT (its delta is not a LoRA pair); use {instead} instead"
+            f"method '{state.method}' cannot be exported as a PEFT LoRA adapter (its delta is not a LoRA pair); use "
+            f"{instead} instead"
         )
     return state, spec
 

@@ -134,7 +134,7 @@ def test_merge_and_peft_export_are_refused_but_mixed_batches_and_save_load_work(
         rw.merge(model)
     with pytest.raises(ValueError, match="no fixed ΔW"):
         rw.merge_and_unload(copy.deepcopy(model))
-    with pytest.raises(ValueError, match="cannot be exported to PEFT.*rw.save_adapter .its update depends"):
+    with pytest.raises(ValueError, match="as a PEFT LoRA adapter.*rw.save_adapter .its update depends"):
         rw.export_peft(model, tmp_path / "p", name="meteora")
     assert not (tmp_path / "p").exists()
     names = ["meteora", "t1", None]

@@ -14,7 +14,9 @@ needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="MiniLM / BBC asset pa
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``rankwise ARGV``; argparse's own errors exit through SystemExit."""
+    """(exit status, stdout, stderr) of ``rankwise ARGV``; argparse's own errors exit through SystemExit.
+    Output captured before the call (a test's setup, e.g. transformers' progress bars) is dropped first."""
+    capsys.readouterr()
     try:
         code = main([str(a) for a in argv])
     except SystemExit as e:

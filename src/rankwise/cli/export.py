@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:
         raise UsageError(f"the adapter in {adapter.path} uses method {adapter.method!r}, which is not registered")
     if spec.export == "none":
-        raise UsageError(f"method {adapter.method!r} cannot be exported to PEFT (its update is not a low-rank "
-                         f"LoRA pair); use 'rankwise merge {args.adapter} --output DIR' for a merged model")
+        raise UsageError(f"method {adapter.method!r} cannot be exported as a PEFT LoRA adapter (its update is not a "
+                         f"low-rank LoRA pair); use 'rankwise merge {args.adapter} --output DIR' for a merged model")
     base = prepare(args, adapter)
     model, _ = load_adapted(adapter, base)
     out = export_peft(model, args.output)
