@@ -102,6 +102,10 @@ def test_rank_is_the_optimizer_rank_for_none_and_head():
     check_config(cfg)
     cfg = train_config("--method", "head", "--optimizer", "apollo", "--r", "16")
     assert cfg["optimizer_options"] == {"rank": 16}
+    # OwLore samples layers and projects their gradients (GaLore): it takes the rank too (it was refused)
+    cfg = train_config("--method", "none", "--optimizer", "owlore", "--rank", "4", "--update-gap", "2")
+    assert cfg["optimizer_options"] == {"rank": 4, "update_gap": 2}
+    check_config(cfg)
 
 
 def test_yaml_keys_take_the_old_spellings(tmp_path):

@@ -86,10 +86,14 @@ CHANGEABLE_OPTIONS = ("alpha", "dropout")
 
 
 def projected_optimizers() -> list[str]:
-    """Optimizers with a subspace rank (``rankwise.optim.OPTIMIZERS`` except plain AdamW)."""
-    from ..optim import OPTIMIZERS
+    """Optimizers with a subspace rank: ``rankwise.optim.OPTIMIZERS`` except plain AdamW, and the layer samplers
+    that project the sampled layers' gradients (OwLore: GaLore at ``rank``, ``update_gap``, ``scale``)."""
+    import inspect
 
-    return [name for name in OPTIMIZERS if name != "adamw"]
+    from ..optim.factory import OPTIMIZERS, SAMPLERS
+
+    samplers = [name for name, cls in SAMPLERS.items() if "rank" in inspect.signature(cls).parameters]
+    return [name for name in OPTIMIZERS if name != "adamw"] + samplers
 
 
 def _yaml_key(key: Any, where: str) -> str:
