@@ -84,6 +84,15 @@ def test_export_of_a_full_rank_method_says_to_merge(tmp_path, capsys):
     assert not (tmp_path / "peft").exists()
 
 
+def test_export_of_an_input_dependent_method_does_not_point_to_merge(tmp_path, capsys):
+    """DenseLoRA applies GELU inside its update: neither a LoRA pair nor a mergeable ΔW (it said to merge)."""
+    base_dir = model_dir(tmp_path, "llama")
+    adapted(base_dir, "llama", "denselora", tmp_path / "adapter")
+    code, _, err = run_cli(capsys, "export", tmp_path / "adapter", "--output", tmp_path / "peft")
+    assert one_line(code, err, "method 'denselora' cannot be exported", "cannot be merged either", "rw.load_adapter")
+    assert "rankwise merge" not in err
+
+
 # ----------------------------------------------------------------------------- merge
 @pytest.mark.parametrize("kind,method", [("bert", "lora"), ("llama", "dora"), ("llama", "randlora"), ("bert", "bone")])
 def test_merge_loads_with_from_pretrained_and_the_adapted_outputs(tmp_path, capsys, kind, method):

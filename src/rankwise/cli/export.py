@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:
         raise UsageError(f"the adapter in {adapter.path} uses method {adapter.method!r}, which is not registered")
     if spec.export == "none":
+        instead = (f"use 'rankwise merge {args.adapter} --output DIR' for a merged model" if spec.mergeable else
+                   f"its update depends on the input, so it cannot be merged either: load {args.adapter} with "
+                   "rw.load_adapter")
         raise UsageError(f"method {adapter.method!r} cannot be exported as a PEFT LoRA adapter (its update is not a "
-                         f"low-rank LoRA pair); use 'rankwise merge {args.adapter} --output DIR' for a merged model")
+                         f"low-rank LoRA pair); {instead}")
     base = prepare(args, adapter)
     model, _ = load_adapted(adapter, base)
     out = export_peft(model, args.output)
