@@ -79,3 +79,12 @@ def test_bad_input():
         rw.compress(make_tiny_llama(0), "ecoflap", ratio=0.5, data=lm_batches(1), max_sparsity=0.3)
     with pytest.raises(ValueError, match="noise=0"):
         rw.compress(make_tiny_llama(0), "ecoflap", ratio=0.5, data=lm_batches(1), noise=0)
+
+
+def test_the_zeroth_order_stage_shows_progress(capsys):
+    """Its forwards (2·batches·noise per tensor: minutes on SmolLM2) run under a bar when progress is on, silent
+    when it is off."""
+    rw.compress(make_tiny_llama(0), "ecoflap", ratio=0.5, data=lm_batches(1), progress=True)
+    assert "zeroth-order gradients" in capsys.readouterr().err
+    rw.compress(make_tiny_llama(0), "ecoflap", ratio=0.5, data=lm_batches(1), progress=False)
+    assert "zeroth-order gradients" not in capsys.readouterr().err
