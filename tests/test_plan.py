@@ -95,8 +95,7 @@ def test_model_states_exact(method, mopts, optimizer, oopts):
 #: Adapter methods rw.plan refuses, and why: their data pass chooses each layer's shape (MethodSpec.plan), or
 #: their layers compute from real weights even when built structure-only.
 UNPLANNED = {"eva": "ranks from data", "gora": "ranks from data", "plop": "placement from data",
-             "lt_sft": "mask from a phase-1 fine-tuning", "curlora": "reads W while built",
-             "lq_lora": "reads W while built"}
+             "lt_sft": "mask from a phase-1 fine-tuning", "lq_lora": "bit widths chosen from W while built"}
 EVERY_ADAPTER = sorted(n for n, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 
 

@@ -630,7 +630,8 @@ def _inject_planned(model: str | Any, task: str | None, dtype: torch.dtype, meth
         except _NeedsRealInit as again:
             if isinstance(again.cause, ValueError):  # no data is asked for now: the settings are wrong
                 raise again.cause from None
-            raise ValueError(f"method {method!r} cannot be planned on the meta device: {again}") from None
+            raise ValueError(f"method {method!r} cannot be planned on the meta device: its layers read the weights' "
+                             f"values when they are built ({again})") from None
         if spec.needs_adapters:
             raise ValueError(f"method {method!r} is built from the adapters already on a model ({why}); "
                              "rw.plan plans one method on a bare model") from None

@@ -69,7 +69,10 @@ class CURLoRALayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: CURLoRAConfig, ctx: InitContext) -> None:
         super().__init__(base_layer, config)
         w = self.base_weight.detach()
-        cols, rows = cur_indices(w, config.r, layer_generator(config.seed, ctx.name), config.eps)
+        if w.is_meta:  # rw.plan builds on the meta device: no values to draw from, and the shapes do not need them
+            cols = rows = torch.zeros(config.r, dtype=torch.long)
+        else:
+            cols, rows = cur_indices(w, config.r, layer_generator(config.seed, ctx.name), config.eps)
         dtype = self.adapter_dtype
         self.register_buffer("cur_C", w[:, cols.to(w.device)].to(dtype).contiguous(), persistent=False)
         self.register_buffer("cur_R", w[rows.to(w.device), :].to(dtype).contiguous(), persistent=False)
