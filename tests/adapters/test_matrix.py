@@ -45,6 +45,16 @@ def _randomize(model, seed: int = 1) -> None:
             layer.finish_warmup()
 
 
+def _randomize_feasibly(model, method: str) -> None:
+    """``_randomize``, then back into the method's feasible set where it has one: ARD-LoRA's scales α ∈ [0, 1]
+    (its controller projects there after every step; above 1 every component is fully on and ∂m/∂α = 0)."""
+    _randomize(model)
+    if method == "ard_lora":
+        with torch.no_grad():
+            for _, layer in rw.adapter_layers(model):
+                layer.head_scale.clamp_(0.0, 1.0)
+
+
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 @pytest.mark.parametrize("method", METHODS)
 def test_trainable_set_and_count(kind, method):

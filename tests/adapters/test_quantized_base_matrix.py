@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rankwise as rw
 
 from ..conftest import VOCAB, lm_batches
+from .test_matrix import _randomize_feasibly
 
 pytest.importorskip("bitsandbytes")
 
@@ -40,14 +41,7 @@ def test_every_method_over_a_4bit_base_trains_or_refuses_clearly(method):
             rw.adapt(model, method, r=2, init_data=init)
     else:
         rw.adapt(model, method, r=2, init_data=init)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _, layer in rw.adapter_layers(model):
-                for name, p in layer.named_parameters():
-                    if p.requires_grad and not name.startswith("base_layer."):
-                        p.add_(torch.randn(p.shape, generator=g) * 0.05)
-                if method == "ard_lora":  # its scales live in [0, 1] (tests/adapters/test_trainable_reach.py)
-                    layer.head_scale.clamp_(0.0, 1.0)
+        _randomize_feasibly(model, method)
         model.train()
         model(**lm_batches(1)[0]).loss.backward()
         dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
