@@ -72,6 +72,13 @@ def test_report_and_gate_on_a_real_tiny_bench(tiny_profile, tmp_path, monkeypatc
     monkeypatch.setattr("rankwise.bench.gate.run_one", degraded)
     assert not gate(tmp_path, exps[:1], device="cpu")[0].ok
 
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a rerun started before every experiment was checked against the baseline")
+
+    monkeypatch.setattr("rankwise.bench.gate.run_one", must_not_run)  # lora first, then one the bench never ran
+    with pytest.raises(ValueError, match="no finished runs of dora on bbc"):
+        gate(tmp_path, [exps[0], Experiment("dora", "dora", {"r": 2})], device="cpu")
+
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert one_line(*run_cli(capsys, "bench", "run", "--only", "nope")[::2], "--only", "allowed")

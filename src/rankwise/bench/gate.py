@@ -87,14 +87,19 @@ def gate(baseline: str | os.PathLike, experiments: list[Any], tasks: list[str] |
     unknown = sorted(set(names) - {t.name for t in profile.tasks})
     if unknown:
         raise ValueError(f"tasks {unknown} are not in the baseline; allowed: {[t.name for t in profile.tasks]}")
+    pairs = [(task, exp) for task in profile.tasks if task.name in names for exp in experiments]
+    # every pair checked before the first rerun (each takes minutes): one error that names them all
+    missing = [f"{exp.name} on {task.name}" for task, exp in pairs
+               if entries.get((task.name, exp.name), {}).get("test_mean") is None]
+    if missing:
+        raise ValueError(f"the baseline has no finished runs of {', '.join(missing)}; gate only what it recorded")
+    changed = sorted({exp.name for task, exp in pairs
+                      if entries[(task.name, exp.name)]["fingerprint"] != exp.fingerprint()})
+    if changed:
+        raise ValueError(f"experiments {changed} differ from the ones the baseline recorded")
     verdicts = []
-    for task in (t for t in profile.tasks if t.name in names):
-        for exp in experiments:
-            recorded = entries.get((task.name, exp.name))
-            if recorded is None or recorded.get("test_mean") is None:
-                raise ValueError(f"the baseline has no finished runs of {exp.name!r} on {task.name!r}")
-            if recorded["fingerprint"] != exp.fingerprint():
-                raise ValueError(f"experiment {exp.name!r} differs from the one the baseline recorded")
-            fresh = run_one(profile, task, exp, recorded["lr"], seed, device)
-            verdicts.append(Verdict(task.name, exp.name, fresh, recorded, judge(fresh, recorded, memory_slack)))
+    for task, exp in pairs:
+        recorded = entries[(task.name, exp.name)]
+        fresh = run_one(profile, task, exp, recorded["lr"], seed, device)
+        verdicts.append(Verdict(task.name, exp.name, fresh, recorded, judge(fresh, recorded, memory_slack)))
     return verdicts
