@@ -47,6 +47,10 @@ def test_the_gate_passes_noise_and_fails_regressions():
     ppl = {**RECORDED, "metric": "perplexity", "test_mean": 20.0, "test_spread": 0.1}
     assert judge(_fresh(test_metric=19.0), ppl) == ()  # lower perplexity is better
     assert judge(_fresh(test_metric=20.6), ppl)  # 0.6 worse > 0.1 + 2% of 20
+    # counts that move with the seed (ElaLoRA's re-allocated ranks): bounded by the largest recorded seed's
+    moving = {**RECORDED, "trained_params": 100.0, "trained_params_max": 110}
+    assert judge(_fresh(trained_params=110), moving) == ()
+    assert "trained_params 111 > recorded 110" in judge(_fresh(trained_params=111), moving)[0]
 
 
 @needs_assets

@@ -4,7 +4,8 @@ when a method's quality or memory moved beyond what the recorded seeds allow.
 Quality: the fresh test metric may not be worse than the recorded mean by more than the recorded spread
 (max |seed − mean|) plus a floor (``quality_floor``: 0.01 accuracy, 2% of a perplexity), so seed noise
 and a different machine's rounding pass and a real regression does not. Memory: the optimizer state
-and the trained-parameter count are exact and may not grow at all; the exact tensor peak of a training
+and the trained-parameter count are exact and may not exceed the largest recorded seed's (they move with
+the seed only where ranks are re-allocated from the data: ElaLoRA, IncreLoRA, ...); the exact tensor peak of a training
 step may not exceed the recorded one by more than ``memory_slack`` (5%). The process's peak RSS is not
 gated: it moves with the interpreter, the libraries loaded and the allocator, not with the method.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from .profiles import Profile
 from .runner import run_one
+from .summary import EXACT_COUNTS
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,10 @@ def judge(fresh: dict[str, Any], recorded: dict[str, Any], memory_slack: float =
     worse = mean - value if metric == "accuracy" else value - mean
     if not worse <= allowed:  # NaN fails too
         failures.append(f"test {metric} {value:.4g} vs recorded {mean:.4g} (allowed change {allowed:.3g})")
-    for key in ("optimizer_state_bytes", "trained_params"):
-        if recorded.get(key) is not None and fresh[key] > recorded[key]:
-            failures.append(f"{key} {fresh[key]:,} > recorded {recorded[key]:,.0f}")
+    for key in EXACT_COUNTS:  # bounded by the largest recorded seed's (dynamic ranks move them with the seed)
+        bound = recorded.get(f"{key}_max", recorded.get(key))
+        if bound is not None and fresh[key] > bound:
+            failures.append(f"{key} {fresh[key]:,} > recorded {bound:,.0f}")
     peak = recorded.get("tensor_peak_bytes")
     if peak and fresh.get("tensor_peak_bytes") and fresh["tensor_peak_bytes"] > peak * (1 + memory_slack):
         failures.append(f"tensor peak {fresh['tensor_peak_bytes'] / 2**20:.1f} MiB > recorded "

@@ -21,6 +21,9 @@ MEASURES = ("val_metric", "train_loss", "tokens_per_s", "train_time_s", "step_s_
             "refresh_step_s", "peak_memory_bytes", "tensor_peak_bytes", "planned_peak_bytes", "optimizer_state_bytes",
             "trainable_params", "trained_params", "total_params", "saved_bytes", "updates_per_param")
 
+#: Exact counts the gate bounds by the largest recorded seed's (``<key>_max``).
+EXACT_COUNTS = ("optimizer_state_bytes", "trained_params")
+
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     """``(mean, half-width of the 95% Student-t interval)``; the half-width is None for one value."""
@@ -69,6 +72,8 @@ def summarise(rows: list[dict[str, Any]], higher: dict[str, bool], grids: dict[s
                 entry[key] = statistics.fmean(present) if present else None
             entry["peak_memory_max_bytes"] = max((r["peak_memory_bytes"] for r in final if r.get("peak_memory_bytes")),
                                                  default=None)
+            for key in EXACT_COUNTS:  # the gate's bound: a method whose ranks move with the seed varies in these
+                entry[f"{key}_max"] = max((r[key] for r in final if r.get(key) is not None), default=None)
         out.append(entry)
     return out
 
