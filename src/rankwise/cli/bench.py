@@ -77,8 +77,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                "Rerun --only experiments on --tasks with --seed at the learning rates recorded in "
                                "BASELINE (a reported bench folder) and compare: the test metric may not be worse "
                                "than the recorded mean by more than the recorded spread plus a floor, optimizer "
-                               "state and trained parameters may not grow, the exact tensor peak of a training step "
-                               "may not grow by more than --memory-slack. Exit status 1 when anything regressed."))
+                               "state and trained parameters may not exceed the largest recorded seed's, the exact "
+                               "tensor peak of a training step may not grow by more than --memory-slack. Exit status "
+                               "1 when anything regressed."))
     q.add_argument("baseline", help="reported bench folder (holding summary.json)")
     q.add_argument("--experiments", metavar="DIR", help="experiment folders [default: the built-in ones]")
     common(q)
