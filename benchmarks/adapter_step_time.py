@@ -235,7 +235,7 @@ def smollm2_limits(args) -> None:
                              ("unmerged lora inference / bare", "rankwise-lora", False)):
         read, rmw = unfused_traffic_bytes(models[arm], tokens, training)
         traffic_s[k] = read * read_s + rmw * rmw_s
-    floors = {k: flop_ratios[k] + traffic_s[k] / med[pairs[k][1]] for k in traffic_s}
+    estimates = {k: flop_ratios[k] + traffic_s[k] / med[pairs[k][1]] for k in traffic_s}
     targets = {"lora / limit": 1.03, "dora / limit": 1.10, "lora / peft-lora": 0.90,
                "unmerged lora inference / bare": 1.03}
     result = {
@@ -245,7 +245,7 @@ def smollm2_limits(args) -> None:
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_at_end": os.getloadavg(),
                   "machine": platform.processor() or platform.machine()},
         "median_s": med, "all_s": times, "ratios": ratios, "targets": targets, "flops": flops,
-        "flop_ratios": flop_ratios, "paired_ratios": paired, "traffic_s": traffic_s, "unfused_estimates": floors,
+        "flop_ratios": flop_ratios, "paired_ratios": paired, "traffic_s": traffic_s, "unfused_estimates": estimates,
         "stream_s_per_gb": {"read": read_s * 1e9, "read_modify_write": rmw_s * 1e9},
     }
     lines = [
@@ -271,7 +271,7 @@ def smollm2_limits(args) -> None:
         "", "| ratio | measured (medians) | paired: median [q1, q3] | FLOPs | unfused estimate | target |",
         "|---|---|---|---|---|---|",
         *[f"| {k} | {v:.3f} | {statistics.median(paired[k]):.3f} [{quartiles[k][0]:.3f}, {quartiles[k][2]:.3f}] | "
-          f"{flop_ratios[k]:.3f} | {format(floors[k], '.3f') if k in floors else ''} | "
+          f"{flop_ratios[k]:.3f} | {format(estimates[k], '.3f') if k in estimates else ''} | "
           f"{'<= ' + format(targets[k], '.2f') if k in targets else ''} |" for k, v in ratios.items()],
     ]
     write(args.out + "_smollm2" if args.out.endswith("adapter_step_time") else args.out, result, lines)

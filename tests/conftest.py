@@ -60,6 +60,15 @@ MODEL_KINDS = {
 }
 
 
+def init_data_for(method: str, batches: list, r: int) -> list | None:
+    """``batches`` when ``method``'s layers need data to initialize (gradients, layer inputs, LT-SFT's phase 1),
+    else None: the ``init_data`` to give ``rw.adapt``."""
+    import rankwise as rw
+
+    spec = rw.get_method(method)
+    return batches if spec.layer_cls.needs_grad(spec.make_config(r=r)) else None
+
+
 @pytest.fixture
 def tiny_bert():
     return make_tiny_bert()

@@ -12,16 +12,12 @@ import torch
 
 import rankwise as rw
 
-from ..conftest import lm_batches, make_tiny_llama
-from .test_matrix import METHODS, RANK, _randomize
+from .test_matrix import METHODS, _adapt, _randomize
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_forward_equals_base_plus_delta_output(method):
-    model = make_tiny_llama(0)
-    spec = rw.get_method(method)
-    init_data = lm_batches(2) if spec.layer_cls.needs_grad(spec.make_config(r=RANK)) else None
-    rw.adapt(model, method, r=RANK, init_data=init_data)
+    model, _, _ = _adapt("llama", method)
     _randomize(model)
     for _, layer in rw.adapter_layers(model):  # a scale ≠ 1, so that dropping it shows
         if isinstance(vars(layer).get("scale"), float):

@@ -13,7 +13,7 @@ import torch
 
 import rankwise as rw
 
-from ..conftest import MODEL_KINDS, lm_batches, make_tiny_llama
+from ..conftest import MODEL_KINDS, init_data_for, lm_batches, make_tiny_llama
 from .peft_pairs import _close, _train
 
 # the quantized-base methods (qlora, loftq) have their own tests (tests/adapters/test_qlora.py): they do
@@ -29,8 +29,7 @@ def _adapt(kind: str, method: str, seed: int = 0):
     make, batches, logits = MODEL_KINDS[kind]
     model = make(seed)
     data = batches()
-    init_data = data if rw.get_method(method).layer_cls.needs_grad(rw.get_method(method).make_config(r=RANK)) else None
-    rw.adapt(model, method, r=RANK, init_data=init_data)
+    rw.adapt(model, method, r=RANK, init_data=init_data_for(method, data, RANK))
     return model, data, logits
 
 

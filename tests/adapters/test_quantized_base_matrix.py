@@ -10,14 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise as rw
 
-from ..conftest import VOCAB, lm_batches
-from .test_matrix import _randomize_feasibly
+from ..conftest import VOCAB, init_data_for, lm_batches
+from .test_matrix import METHODS, _randomize_feasibly
 
 pytest.importorskip("bitsandbytes")
 
 #: methods that need W₀ itself (its full gradient, or phase-1 fine-tuning of it), which a 4-bit base has not
 NEEDS_FULL_PRECISION_BASE = {"gora", "lora_ga", "lora_one", "lora_sb", "riemannlora", "lt_sft"}
-METHODS = sorted(m for m, s in rw.REGISTRY.items() if s.family != "quantization" and not s.needs_adapters)
 
 
 def _llama_64_wide() -> LlamaForCausalLM:
@@ -34,8 +33,7 @@ def test_every_method_over_a_4bit_base_trains_or_refuses_clearly(method):
     model = rw.quantize(_llama_64_wide())
     codes = {n: t.clone() for n, t in model.state_dict().items() if torch.is_tensor(t) and t.dtype == torch.uint8}
     assert codes
-    spec = rw.get_method(method)
-    init = lm_batches(2) if spec.layer_cls.needs_grad(spec.make_config(r=2)) else None
+    init = init_data_for(method, lm_batches(2), 2)
     if method in NEEDS_FULL_PRECISION_BASE:
         with pytest.raises(ValueError, match="4-bit quantized layers"):
             rw.adapt(model, method, r=2, init_data=init)

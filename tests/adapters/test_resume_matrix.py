@@ -10,7 +10,7 @@ import torch
 import rankwise as rw
 from rankwise.train import TrainConfig, train
 
-from ..conftest import cls_batches, make_tiny_bert
+from ..conftest import cls_batches, init_data_for, make_tiny_bert
 from ..test_train import Crash, CrashAt
 from .test_matrix import METHODS
 
@@ -23,9 +23,8 @@ OPTIONS = {"adalora": {"target_r": 1, "tinit": 1, "tfinal": 1, "deltaT": 1},
 
 def _run(method: str, out, callbacks=(), resume=None):
     model = make_tiny_bert()
-    spec = rw.get_method(method)
-    init = cls_batches(n=2, seed=9) if spec.layer_cls.needs_grad(spec.make_config(r=2)) else None
-    rw.adapt(model, method, r=2, init_data=init, **OPTIONS.get(method, {}))
+    init_data = init_data_for(method, cls_batches(n=2, seed=9), 2)
+    rw.adapt(model, method, r=2, init_data=init_data, **OPTIONS.get(method, {}))
     cfg = TrainConfig(max_steps=4, lr=1e-2, progress=False, measure_memory=False, output_dir=str(out),
                       checkpoint_every=2)
     train(model, cls_batches(n=4), cls_batches(n=3, seed=5), config=cfg, callbacks=callbacks, resume_from=resume)
