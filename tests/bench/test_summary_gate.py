@@ -65,6 +65,17 @@ def test_report_and_gate_on_a_real_tiny_bench(tiny_profile, tmp_path, monkeypatc
     assert (tmp_path / "curves-bbc.png").stat().st_size > 10_000 and "curves-bbc.png" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {e["experiment"] for e in summary["entries"]} == {"lora", "head"}
+    # a count that moves with the seed (as ElaLoRA's): the entry keeps the mean and the gate's bound, the largest seed's
+    log = next(tmp_path.glob(runner.RUNS_GLOB))
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    lora_lr = next(e["lr"] for e in summary["entries"] if e["experiment"] == "lora")
+    final = [r for r in rows if r["experiment"] == "lora" and r["status"] == "ok" and r["lr"] == lora_lr]
+    assert len(final) == 2
+    final[-1]["trained_params"] += 10
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    moved = next(e for e in json.loads((tmp_path / "summary.json").read_text())["entries"] if e["experiment"] == "lora")
+    assert moved["trained_params_max"] == final[-1]["trained_params"] > moved["trained_params"]
     verdicts = gate(tmp_path, exps[:1], device="cpu")
     assert [v.ok for v in verdicts] == [True]
     real = runner.run_one
